@@ -1,0 +1,76 @@
+# featscope workflow: one rule per stage, one job per shard (never per image).
+#   snakemake --cores 2                       # the demo run (config/default.yaml)
+#   snakemake --cores 2 --configfile my.yaml  # your own dataset and model
+# Every rule is one `featscope <stage>` call, so each step also runs by hand.
+
+import shlex
+import sys
+from pathlib import Path
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines import config as fsconfig
+from featscope.pipelines import manifest as fsmanifest
+from featscope.pipelines.rundir import RunDir
+
+configfile: "config/default.yaml"
+
+try:
+    CFG = fsconfig.validate(config, Path(workflow.basedir) / "config" / "schema.yaml")
+except FeatscopeError as e:
+    raise SystemExit(f"featscope: error: {e}")
+
+RD = RunDir(Path(CFG["runs_dir"]) / CFG["run"])
+LAYERS = CFG["layers"]
+MODEL = CFG["model"]
+EXTRACT = CFG["extract"]
+q = shlex.quote
+# The featscope installed beside the Python running Snakemake, so jobs need no activated venv.
+_beside = Path(sys.executable).with_name("featscope")
+FEATSCOPE = q(str(_beside)) if _beside.exists() else "featscope"
+
+MANIFEST_CMD = (
+    f"{FEATSCOPE} manifest --images {q(CFG['images'])} --run {q(str(RD.root))} --shard-size {CFG['shard_size']}"
+    f" --model {q(MODEL['arch'])} --weights {q(MODEL['weights'])}"
+)
+EXTRACT_CMD = (
+    f"{FEATSCOPE} extract --run {q(str(RD.root))} --layers {q(','.join(LAYERS))}"
+    f" --device {EXTRACT['device']} --precision {EXTRACT['precision']} --batch-size {EXTRACT['batch_size']}"
+    f" --seed {MODEL['seed']} --quiet" + (f" --workers {EXTRACT['workers']}" if "workers" in EXTRACT else "")
+)
+
+
+def extracted_parts(wildcards):
+    checkpoints.manifest.get()
+    return [str(RD.feature_part(layer, shard)) for shard in fsmanifest.shards(RD) for layer in LAYERS]
+
+
+localrules: all
+
+
+rule all:
+    input:
+        extracted_parts,
+
+
+# Reruns whenever the set of images changes (the listing is a param). `update`: Snakemake
+# must not delete the old manifest first, since it holds the ids that must stay stable.
+checkpoint manifest:
+    output:
+        update(RD.manifest),
+    params:
+        listing=lambda wildcards: fsmanifest.listing_fingerprint(CFG["images"]),
+    shell:
+        MANIFEST_CMD
+
+
+# `ancient`: a manifest updated for new images must not make finished shards look stale.
+rule extract:
+    input:
+        ancient(RD.manifest),
+    output:
+        [RD.feature_part_template(layer) for layer in LAYERS],
+    wildcard_constraints:
+        shard=r"\d{5}",
+    threads: EXTRACT["threads"]
+    shell:
+        EXTRACT_CMD + " --shard {wildcards.shard} --threads {threads}"

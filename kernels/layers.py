@@ -1,0 +1,106 @@
+"""Layer names and layer taps.
+
+Users name layers by the field's aliases (alexnet `fc7`, vgg16 `conv5_3`, resnet `layer4`,
+mobilenet_v2 `block13`) or by a raw module path (`classifier.4`). An alias always means the
+output *after* the non-linearity, as in the papers. `LayerTap` hooks the resolved modules
+for the duration of a `with` block and hands each output to a callback at once, before an
+in-place ReLU further down can overwrite it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from featscope.kernels.errors import FeatscopeError
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer resolved to a module: `kind` is "conv" (B,C,H,W) or "vector" (B,D)."""
+
+    name: str
+    module_path: str
+    kind: str
+
+
+def _vgg_aliases(features: nn.Sequential) -> dict[str, str]:
+    """conv<block>_<n> -> the ReLU after that conv; blocks end at each max-pool."""
+    aliases, block, conv = {}, 1, 0
+    modules = list(features.named_children())
+    for i, (name, module) in enumerate(modules):
+        if isinstance(module, nn.MaxPool2d):
+            block, conv = block + 1, 0
+        elif isinstance(module, nn.Conv2d):
+            conv += 1
+            after = (n for n, m in modules[i + 1 :] if isinstance(m, nn.ReLU))
+            aliases[f"conv{block}_{conv}"] = f"features.{next(after, name)}"
+    return aliases
+
+
+def _alexnet_aliases(model: nn.Module) -> dict[str, str]:
+    convs = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
+    aliases = {f"conv{n + 1}": f"features.{i + 1}" for n, i in enumerate(convs)}
+    aliases |= {"fc6": "classifier.2", "fc7": "classifier.5", "fc8": "classifier.6"}
+    return aliases
+
+
+def layer_aliases(arch: str, model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Alias -> (module path, kind) for a torchvision architecture (empty if unknown)."""
+    if arch == "alexnet":
+        raw = _alexnet_aliases(model)
+    elif arch.startswith("vgg"):
+        raw = _vgg_aliases(model.features) | {"fc6": "classifier.1", "fc7": "classifier.4", "fc8": "classifier.6"}
+    elif arch.startswith("resnet") or arch.startswith("resnext") or arch.startswith("wide_resnet"):
+        raw = {"stem": "relu"} | {f"layer{i}": f"layer{i}" for i in range(1, 5)} | {"pool": "avgpool", "fc": "fc"}
+    elif arch == "mobilenet_v2":
+        # torchvision pools with a functional call; in eval mode the classifier's Dropout
+        # passes the pooled 1280-d vector through unchanged, so it is where `pool` is tapped.
+        raw = {f"block{i}": f"features.{i}" for i in range(len(model.features))}
+        raw |= {"pool": "classifier.0", "fc": "classifier.1"}
+    else:
+        return {}
+    vector = {"fc", "fc6", "fc7", "fc8", "pool"}
+    return {name: (path, "vector" if name in vector else "conv") for name, path in raw.items()}
+
+
+def resolve_layer(arch: str, model: nn.Module, name: str) -> LayerSpec:
+    """Resolve an alias or raw module path to a `LayerSpec`, or raise a one-line error."""
+    aliases = layer_aliases(arch, model)
+    if name in aliases:
+        path, kind = aliases[name]
+        return LayerSpec(name, path, kind)
+    modules = dict(model.named_modules())
+    if name and name in modules:
+        return LayerSpec(name, name, "auto")
+    known = ", ".join(aliases) or "(none)"
+    raise FeatscopeError(
+        f"unknown layer '{name}' for {arch}: use one of {known}, or a module path such as "
+        f"'{next(n for n in modules if n)}'"
+    )
+
+
+@contextmanager
+def LayerTap(
+    model: nn.Module, layers: list[LayerSpec], on_output: Callable[[LayerSpec, torch.Tensor], None]
+) -> Iterator[None]:
+    """Call `on_output(spec, output)` for each layer during forward passes inside the block.
+
+    Hooks are removed on exit, also on error, so the model is left as it was found.
+    """
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for spec in layers:
+            def hook(_module, _inputs, output, spec=spec):
+                on_output(spec, output)
+
+            handles.append(modules[spec.module_path].register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

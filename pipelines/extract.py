@@ -1,0 +1,226 @@
+"""Stage `extract`: one pass over a shard's images -> features/<layer>/part-NNNNN.parquet.
+
+Fully-connected (vector) layers are stored whole; conv layers as per-channel spatial mean,
+max and argmax cell (see `kernels.summary`). Decoding runs in DataLoader workers, the model
+runs channels_last under bf16/fp16 autocast where the hardware has it, and Parquet writes
+happen on a background thread. A shard is finished when all its layer parts exist; parts
+are renamed into place only at the end, so a rerun resumes at the first unfinished shard.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.layers import LayerSpec, LayerTap
+from featscope.kernels.summary import conv_summary
+from featscope.pipelines import manifest
+from featscope.pipelines.dataset import default_workers, image_batches
+from featscope.pipelines.models import LoadedModel, load_model
+from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.store import FeaturePartWriter, RunIdentity, part_is_complete, write_errors
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExtractSummary:
+    layers: list[str]
+    device: str
+    precision: str
+    done: list[int] = field(default_factory=list)
+    already_done: list[int] = field(default_factory=list)
+    images: int = 0
+    bad: int = 0
+    seconds: float = 0.0
+
+    def line(self, rd: RunDir) -> str:
+        rate = self.images / self.seconds if self.seconds else 0.0
+        text = (f"extract: {self.images} images from {len(self.done)} shards -> {', '.join(self.layers)} in "
+                f"{self.seconds:.1f}s ({rate:.0f} img/s, {self.device} {self.precision})")
+        if self.already_done:
+            text += f"; {len(self.already_done)} shards already done"
+        if self.bad:
+            text += f"; {self.bad} unreadable images skipped (see {rd.errors_dir})"
+        return text
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FeatscopeError("--device cuda was asked for, but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise FeatscopeError(f"--device must be auto, cpu or cuda, got '{device}'")
+    return torch.device(device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX-BF16 instructions (where bf16 is ~2-4x fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in ("auto", *PRECISIONS):
+        raise FeatscopeError(f"--precision must be auto, fp32, bf16 or fp16, got '{precision}'")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def summarise(spec: LayerSpec, output: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A layer's output -> the tensors stored for it (computed at once, before in-place ops)."""
+    if spec.kind == "conv" or (spec.kind == "auto" and output.ndim == 4 and output.shape[2] * output.shape[3] > 1):
+        s = conv_summary(output)
+        return {"feature": s.mean, "max": s.max, "argmax_y": s.argmax_y, "argmax_x": s.argmax_x}
+    return {"feature": output.detach().flatten(1).float()}
+
+
+class FeatureExtractor:
+    """A model with its layer taps, ready to turn uint8 batches into stored summaries."""
+
+    def __init__(self, loaded: LoadedModel, layers: list[str], device: torch.device, precision: str):
+        self.loaded, self.device, self.precision = loaded, device, precision
+        self.specs = [loaded.layer(name) for name in layers]
+        self.model = loaded.module.to(device).to(memory_format=torch.channels_last)
+        probe = self(torch.zeros((1, 3, loaded.preprocessing.crop, loaded.preprocessing.crop), dtype=torch.uint8))
+        self.kinds = {name: "conv" if "max" in out else "vector" for name, out in probe.items()}
+        self.dims = {name: out["feature"].shape[1] for name, out in probe.items()}
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
+        """(B,3,H,W) uint8 -> {layer: {column: (B, D) array}}."""
+        x = self.loaded.preprocessing.normalize(pixels.to(self.device, non_blocking=True))
+        x = x.contiguous(memory_format=torch.channels_last)
+        captured: dict[str, dict[str, torch.Tensor]] = {}
+
+        def keep(spec: LayerSpec, output: torch.Tensor) -> None:
+            captured[spec.name] = summarise(spec, output)
+
+        dtype = PRECISIONS[self.precision]
+        with LayerTap(self.model, self.specs, keep), torch.autocast(self.device.type, dtype=dtype or torch.float32,
+                                                                      enabled=dtype is not None):
+            self.model(x)
+        return {name: {k: v.cpu().numpy() for k, v in cols.items()} for name, cols in captured.items()}
+
+
+def _identity(loaded: LoadedModel) -> RunIdentity:
+    return RunIdentity(model=loaded.arch, weights_sha256=loaded.weights_sha256,
+                       preprocessing=loaded.preprocessing.to_json())
+
+
+def _model_for_run(rd: RunDir, model: str | None, weights: str | None, seed: int) -> LoadedModel:
+    """Load the run's model; the first extraction records it in run.json, later ones must match."""
+    config = rd.read_config()
+    for key, given in (("model", model), ("weights", weights)):
+        recorded = config.get(key)
+        if given is not None and recorded is not None and given != recorded:
+            raise FeatscopeError(f"run {rd.root} uses {key} '{recorded}', not '{given}'; use another run directory")
+    arch, source = model or config.get("model"), weights or config.get("weights") or "imagenet"
+    if arch is None:
+        raise FeatscopeError(f"run {rd.root} records no model: pass --model")
+    loaded = load_model(arch, source, seed=seed)
+    identity = {"model": arch, "weights": source, "weights_sha256": loaded.weights_sha256,
+                "preprocessing": loaded.preprocessing.to_json()}
+    old = {k: config.get(k) for k in identity}
+    if old.get("weights_sha256") not in (None, loaded.weights_sha256):
+        raise FeatscopeError(f"the weights '{source}' changed since run {rd.root} began "
+                             f"(sha256 {old['weights_sha256'][:12]}… -> {loaded.weights_sha256[:12]}…)")
+    if old != identity:
+        rd.write_config(config | identity)
+    return loaded
+
+
+def run(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str | None = None,
+        shard: int | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
+        workers: int | None = None, threads: int | None = None, seed: int = 0,
+        progress: bool = True) -> ExtractSummary:
+    """Extract `layers` for one shard (or every unfinished shard) of the run."""
+    start = time.perf_counter()
+    if not layers:
+        raise FeatscopeError("no layers given: pass --layers, e.g. --layers fc7,conv5")
+    if batch_size < 1:
+        raise FeatscopeError("--batch-size must be at least 1")
+    if threads:
+        torch.set_num_threads(threads)
+    torch_device = resolve_device(device)
+    chosen_precision = resolve_precision(precision, torch_device)
+    loaded = _model_for_run(rd, model, weights, seed)
+    identity = _identity(loaded)
+    all_shards = manifest.shards(rd)
+    if shard is not None and shard not in all_shards:
+        raise FeatscopeError(f"shard {shard} is not in the manifest of {rd.root} (shards: 0-{max(all_shards, default=0)})")
+    wanted = [shard] if shard is not None else all_shards
+    summary = ExtractSummary(layers, torch_device.type, chosen_precision)
+    pending = []
+    for s in wanted:
+        if all(part_is_complete(rd.feature_part(layer, s), identity) for layer in layers):
+            summary.already_done.append(s)
+        else:
+            pending.append(s)
+    if pending:
+        extractor = FeatureExtractor(loaded, layers, torch_device, chosen_precision)
+        total = sum(len(manifest.read(rd, s)) for s in pending)
+        with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
+            for s in pending:
+                n, bad = _extract_shard(rd, s, extractor, identity, batch_size=batch_size,
+                                        workers=default_workers(torch_device) if workers is None else workers, bar=bar)
+                summary.done.append(s)
+                summary.images += n
+                summary.bad += bad
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _extract_shard(rd: RunDir, shard: int, extractor: FeatureExtractor, identity: RunIdentity, *,
+                   batch_size: int, workers: int, bar: tqdm) -> tuple[int, int]:
+    rows = manifest.read(rd, shard)
+    ids, paths = rows["image_id"].to_pylist(), rows["path"].to_pylist()
+    writers = {
+        layer: FeaturePartWriter(rd.feature_part(layer, shard), identity, layer=layer, kind=extractor.kinds[layer],
+                                 dims=extractor.dims[layer], extra={"shard": shard})
+        for layer in extractor.dims
+    }
+    errors: list[dict] = []
+    pending_writes: list[Future] = []
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as io:
+            loader = image_batches(ids, paths, extractor.loaded.preprocessing, batch_size=batch_size,
+                                   workers=workers, pin_memory=extractor.device.type == "cuda")
+            for batch in loader:
+                errors += [{"image_id": i, "path": p, "stage": "extract", "error": "bad_image", "message": m}
+                           for i, p, m in batch.errors]
+                if len(batch.image_ids):
+                    outputs = extractor(batch.pixels)
+                    batch_ids = batch.image_ids.numpy()
+                    for layer, cols in outputs.items():
+                        pending_writes.append(io.submit(writers[layer].write, batch_ids, cols["feature"], cols))
+                bar.update(len(batch.image_ids) + len(batch.errors))
+                bar.set_postfix(bad=len(errors), refresh=False)
+            for f in pending_writes:
+                f.result()
+        error_part = rd.error_part("extract", shard)
+        if errors:
+            write_errors(error_part, errors)
+        else:
+            error_part.unlink(missing_ok=True)
+        for w in writers.values():
+            w.commit()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return len(ids) - len(errors), len(errors)

@@ -1,0 +1,82 @@
+"""The one image loader every stage that reads pixels goes through.
+
+It turns any file into an RGB PIL image or raises `BadImage` with a reason fit for
+errors.parquet: empty, not an image, truncated, larger than the decompression-bomb limit.
+Odd modes (grayscale, 16-bit, CMYK, palette, alpha) are converted, never rejected; EXIF
+orientation is applied so a phone photo is seen upright.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as viewers do
+
+
+class BadImage(Exception):
+    """A file that cannot be read as an image; `str(e)` is the reason."""
+
+
+def is_image_name(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def open_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None) -> Image.Image:
+    """Open `path` as an upright RGB image.
+
+    min_size: the smallest side length the caller needs; JPEGs are then decoded with DCT
+    scaling (`draft`) to the smallest scale that still has both sides >= min_size.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage("empty file (0 bytes)")
+    except OSError as e:
+        raise BadImage(f"unreadable: {e.strerror}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise BadImage(f"too large: {width}x{height} pixels is over the limit of {max_pixels}")
+                if min_size and img.format == "JPEG":
+                    img.draft(None, (min_size, min_size))
+                img.load()
+                return to_rgb(ImageOps.exif_transpose(img))
+        except BadImage:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadImage(f"too large: {e}") from None
+        except UnidentifiedImageError:
+            raise BadImage("not an image (unrecognised file format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise BadImage(f"cannot decode: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB, scaling high bit depths and flattening alpha."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")

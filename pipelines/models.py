@@ -1,0 +1,130 @@
+"""The model registry: a torchvision architecture plus a weights source.
+
+Weights are `imagenet` (torchvision's IMAGENET1K_V1 files through its own cache,
+$TORCH_HOME), a local checkpoint path (loaded with weights_only=True), or `random` (seeded,
+for tests). Each model comes with the preprocessing that belongs to its weights and a
+fingerprint of the exact tensors, which every output file records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.layers import LayerSpec, resolve_layer
+
+TESTED_ARCHITECTURES = ("alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2")
+IMAGENET_WEIGHTS = "IMAGENET1K_V1"  # the one file every tested architecture has
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side, centre-crop, scale to [0,1], normalise (torchvision's recipe)."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def to_uint8(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> (3, crop, crop) uint8; cheap to send between processes."""
+        img = TF.resize(img, self.resize, interpolation=InterpolationMode(self.interpolation))
+        return TF.pil_to_tensor(TF.center_crop(img, self.crop))
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) uint8 -> float32 model input, on the batch's device."""
+        mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
+        return (batch.float() / 255.0 - mean) / std
+
+
+@dataclass
+class LoadedModel:
+    arch: str
+    weights: str
+    module: nn.Module
+    preprocessing: Preprocessing
+    weights_sha256: str
+
+    def layer(self, name: str) -> LayerSpec:
+        return resolve_layer(self.arch, self.module, name)
+
+
+def _check_arch(arch: str) -> None:
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        raise FeatscopeError(
+            f"unknown architecture '{arch}': use one of {', '.join(TESTED_ARCHITECTURES)} "
+            "(or another torchvision classification model)"
+        )
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in order."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_model(arch: str, weights: str = "imagenet", *, seed: int = 0) -> LoadedModel:
+    """Build `arch` with `weights` ("imagenet" | "random" | a checkpoint path), in eval mode."""
+    _check_arch(arch)
+    preprocessing = Preprocessing()
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(arch)
+        if not hasattr(enum, IMAGENET_WEIGHTS):
+            raise FeatscopeError(f"torchvision has no {IMAGENET_WEIGHTS} weights for {arch}")
+        tv_weights = enum[IMAGENET_WEIGHTS]
+        try:
+            module = torchvision.models.get_model(arch, weights=tv_weights)
+        except (urllib.error.URLError, OSError) as e:
+            raise FeatscopeError(
+                f"ImageNet weights for {arch} are not in torchvision's cache ({torch.hub.get_dir()}"
+                f"/checkpoints) and cannot be downloaded ({e}); run `featscope weights fetch {arch}` "
+                "or pass a local checkpoint path"
+            ) from None
+        t = tv_weights.transforms()
+        preprocessing = Preprocessing(
+            resize=t.resize_size[0], crop=t.crop_size[0], mean=tuple(t.mean), std=tuple(t.std),
+            interpolation=t.interpolation.value,
+        )
+    elif weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = torchvision.models.get_model(arch, weights=None)
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FeatscopeError(f"weights must be 'imagenet', 'random' or a checkpoint file; '{weights}' is none")
+        module = torchvision.models.get_model(arch, weights=None)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # any unreadable or unsafe checkpoint is the user's file, not a bug
+            raise FeatscopeError(f"cannot load checkpoint {path}: {e}") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        try:
+            module.load_state_dict(state)
+        except (RuntimeError, TypeError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise FeatscopeError(f"checkpoint {path} does not fit {arch}: {first}") from None
+    module.eval()
+    return LoadedModel(arch, weights, module, preprocessing, state_fingerprint(module))

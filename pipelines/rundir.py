@@ -1,0 +1,65 @@
+"""The run directory: the one place that knows where each stage's files live.
+
+Layout (see DESIGN.md): run.json, manifest.parquet, errors.parquet/ (a directory dataset
+with one part per stage and shard, so parallel jobs never write the same file),
+features/<layer>/part-NNNNN.parquet.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines.atomic import write_json_atomic
+
+
+class RunDir:
+    """Paths of one dataset x model run; creates nothing until a stage writes."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def errors_dir(self) -> Path:
+        return self.root / "errors.parquet"
+
+    def error_part(self, stage: str, shard: int) -> Path:
+        return self.errors_dir / f"{stage}-{shard:05d}.parquet"
+
+    def features_dir(self, layer: str) -> Path:
+        return self.root / "features" / layer
+
+    def feature_part(self, layer: str, shard: int) -> Path:
+        return self.features_dir(layer) / f"part-{shard:05d}.parquet"
+
+    def feature_part_template(self, layer: str) -> str:
+        """The part path with a `{shard}` placeholder (5 digits), for Snakemake rules."""
+        return str(self.features_dir(layer) / "part-{shard}.parquet")
+
+    def feature_parts(self, layer: str) -> list[Path]:
+        """Finished parts of a layer, in shard order."""
+        return sorted(self.features_dir(layer).glob("part-*.parquet"))
+
+    def read_config(self) -> dict:
+        if not self.run_json.exists():
+            raise FeatscopeError(f"{self.root} is not a run: no run.json (run `featscope manifest` first)")
+        return json.loads(self.run_json.read_text())
+
+    def write_config(self, config: dict) -> None:
+        write_json_atomic(self.run_json, config)

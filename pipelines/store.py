@@ -1,0 +1,198 @@
+"""The Parquet store: schemas, metadata checks, streamed atomic writes, batched reads.
+
+Every file carries key/value metadata naming the model, the weights fingerprint, the
+layer, the preprocessing and the featscope version. A reader given the run's identity
+refuses a file made by anything else, so features of two models are never mixed.
+Stages ask for `(image_ids, array)` batches and never touch pyarrow themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines.atomic import atomic_path, tmp_path_for
+from featscope.pipelines.version import FEATSCOPE_VERSION
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What makes two feature files comparable: same model, same weights, same pixels in."""
+
+    model: str
+    weights_sha256: str
+    preprocessing: str  # JSON
+
+    def metadata(self, **extra: object) -> dict[bytes, bytes]:
+        fields = asdict(self) | {"featscope_version": FEATSCOPE_VERSION} | extra
+        return {k.encode(): (v if isinstance(v, str) else json.dumps(v)).encode() for k, v in fields.items()}
+
+    def check(self, path: Path, meta: dict[str, str]) -> None:
+        for key, want in asdict(self).items():
+            got = meta.get(key)
+            if got != want:
+                raise FeatscopeError(
+                    f"{path} was written for {key}={_short(got)}, but this run has {key}={_short(want)}; "
+                    "remove it or use a run directory of its own"
+                )
+
+
+def _short(value: str | None) -> str:
+    return "(none)" if value is None else value if len(value) <= 24 else value[:16] + "…"
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    raw = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW")}
+
+
+# ---- feature parts ---------------------------------------------------------------------
+
+def feature_schema(kind: str, dims: int) -> pa.Schema:
+    """Vector layers: image_id, feature[D] float16. Conv layers: feature = per-channel spatial
+    mean, plus max and the (argmax_y, argmax_x) cell of the max, all of length C."""
+    fields = [pa.field("image_id", pa.int64(), nullable=False), pa.field("feature", pa.list_(pa.float16(), dims))]
+    if kind == "conv":
+        fields += [
+            pa.field("max", pa.list_(pa.float16(), dims)),
+            pa.field("argmax_y", pa.list_(pa.int16(), dims)),
+            pa.field("argmax_x", pa.list_(pa.int16(), dims)),
+        ]
+    return pa.schema(fields)
+
+
+def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
+    n, d = values.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=dtype), d)
+
+
+def to_float16(values: np.ndarray) -> np.ndarray:
+    """Store as float16, clamped so a rare huge activation saturates instead of becoming inf."""
+    return np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+
+
+class FeaturePartWriter:
+    """Streams one layer's rows of one shard to `<part>.tmp`; `commit()` renames it into place.
+
+    Rows are buffered into row groups of `row_group_rows`, so memory stays bounded however
+    large the shard is. A writer that is never committed leaves no file under the final name.
+    """
+
+    def __init__(self, path: Path, identity: RunIdentity, *, layer: str, kind: str, dims: int,
+                 extra: dict | None = None, row_group_rows: int = 2048):
+        self.path = Path(path)
+        self.schema = feature_schema(kind, dims).with_metadata(
+            identity.metadata(layer=layer, kind=kind, dims=dims, **(extra or {}))
+        )
+        self.kind = kind
+        self.row_group_rows = row_group_rows
+        self._buffer: list[pa.RecordBatch] = []
+        self._buffered = 0
+        self.rows = 0
+        self._tmp = tmp_path_for(self.path)
+        self._tmp.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+
+    def write(self, image_ids: np.ndarray, feature: np.ndarray, conv: dict[str, np.ndarray] | None = None) -> None:
+        columns = [pa.array(np.asarray(image_ids, dtype=np.int64)), _fixed_list(to_float16(feature), pa.float16())]
+        if self.kind == "conv":
+            columns += [
+                _fixed_list(to_float16(conv["max"]), pa.float16()),
+                _fixed_list(conv["argmax_y"].astype(np.int16), pa.int16()),
+                _fixed_list(conv["argmax_x"].astype(np.int16), pa.int16()),
+            ]
+        self._buffer.append(pa.RecordBatch.from_arrays(columns, schema=self.schema))
+        self._buffered += len(image_ids)
+        self.rows += len(image_ids)
+        if self._buffered >= self.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(pa.Table.from_batches(self._buffer, schema=self.schema))
+            self._buffer, self._buffered = [], 0
+
+    def commit(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._tmp.replace(self.path)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+
+def read_feature_part(path: Path, identity: RunIdentity | None = None) -> pa.Table:
+    """A whole part as a table, after checking its metadata against `identity`."""
+    if identity is not None:
+        identity.check(path, file_metadata(path))
+    return pq.read_table(path)
+
+
+def part_is_complete(path: Path, identity: RunIdentity) -> bool:
+    """True if `path` exists and was written for this run (a foreign file is an error)."""
+    if not path.exists():
+        return False
+    identity.check(path, file_metadata(path))
+    return True
+
+
+def column_array(table: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
+    """A fixed-size-list column as an (N, D) numpy array (zero-copy where possible)."""
+    column = table.column(name)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def iter_features(parts: list[Path], identity: RunIdentity, *, column: str = "feature",
+                  batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (image_ids int64 (N,), values (N, D)) batches over parts, one part open at a time."""
+    for path in parts:
+        identity.check(path, file_metadata(path))
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["image_id", column]):
+            yield batch.column(0).to_numpy(), column_array(batch, column)
+
+
+# ---- small tables (manifest, errors) ---------------------------------------------------
+
+def write_table(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a whole table atomically, with optional key/value metadata."""
+    if metadata:
+        merged = dict(table.schema.metadata or {}) | {k.encode(): v.encode() for k, v in metadata.items()}
+        table = table.replace_schema_metadata(merged)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+ERROR_SCHEMA = pa.schema([
+    pa.field("image_id", pa.int64()),
+    pa.field("path", pa.string()),
+    pa.field("stage", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("message", pa.string()),
+])
+
+
+def write_errors(path: Path, rows: list[dict]) -> None:
+    write_table(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), path)
+
+
+def read_errors(errors_dir: Path) -> pa.Table:
+    """All error rows of a run (every stage and shard), or an empty table."""
+    parts = sorted(errors_dir.glob("*.parquet")) if errors_dir.is_dir() else []
+    if not parts:
+        return ERROR_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(p, schema=ERROR_SCHEMA) for p in parts])

@@ -1,0 +1,108 @@
+"""The one loader: every odd file is either converted to RGB correctly or rejected with a reason."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featscope.pipelines.images import DEFAULT_MAX_PIXELS, BadImage, open_image
+
+
+def save(img: Image.Image, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def gradient(w=40, h=30):
+    x = np.linspace(0, 255, w, dtype=np.float64)
+    y = np.linspace(0, 255, h, dtype=np.float64)[:, None]
+    return np.stack([np.broadcast_to(x, (h, w)), np.broadcast_to(y, (h, w)), np.full((h, w), 90.0)], -1).astype(np.uint8)
+
+
+def test_rgb_png_is_returned_unchanged(tmp_path):
+    arr = gradient()
+    img = open_image(save(Image.fromarray(arr), tmp_path / "a.png"))
+    assert img.mode == "RGB" and np.array_equal(np.asarray(img), arr)
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path):
+    gray = gradient()[..., 0]
+    out = np.asarray(open_image(save(Image.fromarray(gray), tmp_path / "g.png")))
+    assert out.shape == (30, 40, 3) and all(np.array_equal(out[..., c], gray) for c in range(3))
+
+
+def test_16bit_png_is_scaled_to_8bit_not_clipped(tmp_path):
+    values = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    path = save(Image.fromarray(values), tmp_path / "deep.png")
+    assert Image.open(path).mode.startswith("I")
+    out = np.asarray(open_image(path))[..., 0]
+    assert out.tolist() == [[0, 100, 255]]
+
+
+def test_rgba_is_flattened_onto_white(tmp_path):
+    arr = np.zeros((2, 2, 4), dtype=np.uint8)
+    arr[0, 0] = (10, 20, 30, 255)  # opaque
+    arr[1, 1] = (200, 0, 0, 0)  # fully transparent
+    out = np.asarray(open_image(save(Image.fromarray(arr, "RGBA"), tmp_path / "alpha.png")))
+    assert out[0, 0].tolist() == [10, 20, 30] and out[1, 1].tolist() == [255, 255, 255]
+
+
+def test_palette_and_cmyk_are_converted(tmp_path):
+    rgb = Image.fromarray(gradient())
+    pal = open_image(save(rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), tmp_path / "p.png"))
+    assert pal.mode == "RGB" and pal.size == (40, 30)
+    cmyk = open_image(save(rgb.convert("CMYK"), tmp_path / "c.jpg", quality=95))
+    assert cmyk.mode == "RGB"
+    assert np.abs(np.asarray(cmyk, dtype=int) - gradient().astype(int)).mean() < 8
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.fromarray(gradient(40, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif.tobytes())
+    assert open_image(path).size == (30, 40)
+
+
+def test_jpeg_draft_keeps_both_sides_at_least_the_requested_size(tmp_path):
+    path = save(Image.fromarray(gradient(1200, 900)), tmp_path / "big.jpg")
+    img = open_image(path, min_size=256)
+    assert min(img.size) >= 256 and img.size[0] < 1200  # decoded at a reduced DCT scale
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: p.write_text("this is not an image\n"), "not an image"),
+        (lambda p: p.write_bytes(_jpeg_bytes()[:600]), "cannot decode"),
+    ],
+    ids=["zero-bytes", "text-named-jpg", "truncated-jpeg"],
+)
+def test_unreadable_files_raise_bad_image_with_a_reason(tmp_path, make, reason):
+    path = tmp_path / "bad.jpg"
+    make(path)
+    with pytest.raises(BadImage, match=reason):
+        open_image(path)
+
+
+def _jpeg_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(gradient(200, 150)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_images_over_the_pixel_limit_are_refused(tmp_path):
+    path = save(Image.fromarray(gradient(40, 30)), tmp_path / "a.png")
+    with pytest.raises(BadImage, match="too large: 40x30"):
+        open_image(path, max_pixels=1000)
+
+
+@pytest.mark.slow
+def test_a_real_decompression_bomb_is_refused_at_pillows_default_limit(tmp_path):
+    side = int(DEFAULT_MAX_PIXELS**0.5) + 100
+    path = save(Image.new("1", (side, side)), tmp_path / "bomb.png")
+    with pytest.raises(BadImage, match="too large"):
+        open_image(path)

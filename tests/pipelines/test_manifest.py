@@ -1,0 +1,94 @@
+"""Manifests: every source kind, stable ids as the dataset grows, removals marked, shards."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines import manifest
+from featscope.pipelines.rundir import RunDir
+
+
+def touch_images(root, names):
+    for name in names:
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")  # content is irrelevant to the manifest
+
+
+def rows(rd):
+    return {r["path"].rsplit("/images/", 1)[1]: r for r in pq.read_table(rd.manifest).to_pylist()}
+
+
+def test_label_folders_give_labels_and_flat_files_none(tmp_path):
+    touch_images(tmp_path / "images", ["cat/a.jpg", "cat/b.PNG", "dog/c.jpeg", "loose.png", "notes.txt"])
+    rd = RunDir(tmp_path / "run")
+    s = manifest.run(rd, tmp_path / "images", shard_size=2)
+    got = rows(rd)
+    assert set(got) == {"cat/a.jpg", "cat/b.PNG", "dog/c.jpeg", "loose.png"}
+    assert got["cat/a.jpg"]["label"] == "cat" and got["loose.png"]["label"] is None
+    assert sorted(r["image_id"] for r in got.values()) == [0, 1, 2, 3]
+    assert [r["shard"] for r in sorted(got.values(), key=lambda r: r["image_id"])] == [0, 0, 1, 1]
+    assert s.total == 4 and s.shards == 2
+    assert rd.read_config()["shard_size"] == 2
+
+
+def test_growth_keeps_old_ids_and_shards_and_puts_new_images_in_new_shards(tmp_path):
+    root = tmp_path / "images"
+    touch_images(root, ["a/1.png", "a/2.png", "b/3.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, root, shard_size=2)
+    before = rows(rd)
+    touch_images(root, ["a/0.png", "c/9.png"])  # "a/0" sorts before existing files
+    (root / "b/3.png").unlink()
+    s = manifest.run(rd, root)
+    after = rows(rd)
+    for path, row in before.items():
+        assert after[path]["image_id"] == row["image_id"] and after[path]["shard"] == row["shard"]
+    assert after["b/3.png"]["removed"] and not after["a/1.png"]["removed"]
+    assert {after["a/0.png"]["image_id"], after["c/9.png"]["image_id"]} == {3, 4}
+    assert after["a/0.png"]["shard"] == after["c/9.png"]["shard"] == 2  # a new shard, same shard size
+    assert s.added == 2 and s.removed == 1 and s.new_shards == [2]
+    assert manifest.shards(rd) == [0, 2]  # shard 1 held only the removed image
+
+
+def test_rerun_without_changes_leaves_the_manifest_file_untouched(tmp_path):
+    touch_images(tmp_path / "images", ["a/1.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    stamp = rd.manifest.stat().st_mtime_ns
+    assert manifest.run(rd, tmp_path / "images").added == 0
+    assert rd.manifest.stat().st_mtime_ns == stamp
+
+
+def test_text_list_and_tables_with_a_path_column(tmp_path):
+    touch_images(tmp_path / "images", ["x/1.png", "x/2.png"])
+    listing = tmp_path / "list.txt"
+    listing.write_text("# my images\nimages/x/1.png\n\n" + str(tmp_path / "images/x/2.png") + "\n")
+    rd = RunDir(tmp_path / "r1")
+    assert manifest.run(rd, listing).total == 2
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"path": ["images/x/1.png"], "label": ["one"]}), table)
+    rd2 = RunDir(tmp_path / "r2")
+    manifest.run(rd2, table)
+    assert pq.read_table(rd2.manifest)["label"].to_pylist() == ["one"]
+    csv = tmp_path / "t.csv"
+    csv.write_text("path\nimages/x/2.png\n")
+    assert manifest.run(RunDir(tmp_path / "r3"), csv).total == 1
+
+
+def test_num_shards_splits_evenly(tmp_path):
+    touch_images(tmp_path / "images", [f"a/{i}.png" for i in range(10)])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", num_shards=3)
+    shards = pq.read_table(rd.manifest)["shard"].to_pylist()
+    assert sorted(set(shards)) == [0, 1, 2] and max(shards.count(s) for s in set(shards)) == 4
+
+
+def test_bad_sources_are_named(tmp_path):
+    with pytest.raises(FeatscopeError, match="does not exist"):
+        manifest.run(RunDir(tmp_path / "r"), tmp_path / "nope")
+    csv = tmp_path / "t.csv"
+    csv.write_text("file\na.png\n")
+    with pytest.raises(FeatscopeError, match="no 'path' column"):
+        manifest.run(RunDir(tmp_path / "r"), csv)
