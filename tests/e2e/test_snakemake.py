@@ -1,0 +1,61 @@
+"""The workflow through `snakemake` itself: a run, a no-op rerun, growth, a config error."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from helpers import write_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def snakemake(workdir: Path, configfile: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(configfile), "--cores", "2"]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_workflow_runs_resumes_and_grows(tmp_path, digits):
+    images = tmp_path / "images"
+    write_dataset(images, digits, n_photos=4, labels=(0, 1, 2, 3))
+    cfg = {
+        "run": "e2e", "runs_dir": str(tmp_path / "runs"), "images": str(images), "shard_size": 3,
+        "model": {"arch": "resnet18", "weights": "random"}, "layers": ["pool", "layer3"],
+        "extract": {"batch_size": 4, "workers": 0, "threads": 1},
+    }
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "runs" / "e2e"
+
+    first = snakemake(tmp_path, configfile)
+    assert first.returncode == 0, first.stderr[-3000:]
+    parts = sorted(p.name for p in (run / "features" / "pool").iterdir())
+    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert pq.read_table(run / "features" / "layer3").num_rows == 8
+
+    again = snakemake(tmp_path, configfile)
+    assert again.returncode == 0 and "Nothing to be done" in again.stderr
+
+    write_dataset(images, digits, n_photos=0, labels=(8,), digits_per_label=2)
+    grown = snakemake(tmp_path, configfile)
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert grown.stderr.count("rule extract:") == 1  # only the new shard
+    assert (run / "features" / "pool" / "part-00003.parquet").exists()
+    ids = pq.read_table(run / "manifest.parquet")["image_id"].to_pylist()
+    assert sorted(ids) == list(range(10))
+
+
+def test_a_config_error_stops_the_workflow_before_any_job(tmp_path):
+    cfg = {"run": "bad", "images": str(tmp_path), "model": {"arch": "resnet18"}, "layers": ["pool"],
+           "extract": {"precision": "fp8"}}
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    done = snakemake(tmp_path, configfile)
+    assert done.returncode != 0
+    assert "config error at extract.precision: 'fp8' is not one of" in done.stderr + done.stdout
+    assert not (tmp_path / "runs").exists()

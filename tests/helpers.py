@@ -1,0 +1,36 @@
+"""Helpers for tests: tiny datasets built from images that ship in installed packages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from featscope.pipelines.demo_data import PHOTOS, _package_file
+
+
+def photo_paths() -> list[Path]:
+    return [_package_file(pkg, rel) for pkg, rel in PHOTOS]
+
+
+def write_dataset(root: Path, digits, *, n_photos: int = 6, digits_per_label: int = 1, labels=(0, 1, 7),
+                  photo_side: int = 120) -> list[Path]:
+    """Label folders: `photo/` with downscaled real photos (non-square, PNG so decoding is
+    exact), and one folder per digit label with MNIST PNGs."""
+    images, y = digits
+    written = []
+    for src in photo_paths()[:n_photos]:
+        img = Image.open(src).convert("RGB")
+        img.thumbnail((photo_side, photo_side))
+        path = root / "photo" / (src.stem + ".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        written.append(path)
+    for label in labels:
+        for k, i in enumerate(np.flatnonzero(y == label)[:digits_per_label]):
+            path = root / str(label) / f"digit-{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(path)
+            written.append(path)
+    return written

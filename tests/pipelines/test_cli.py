@@ -1,0 +1,55 @@
+"""The command line: stages run by hand, user mistakes are one line on stderr and exit 2."""
+
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+
+def featscope(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "featscope.pipelines.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_explains_every_stage():
+    out = featscope("--help").stdout
+    for command in ("data", "weights", "manifest", "extract"):
+        assert command in out
+    assert "--precision" in featscope("extract", "--help").stdout
+
+
+def test_manifest_and_extract_by_hand(tmp_path, small_dataset):
+    run = tmp_path / "run"
+    done = featscope("manifest", "--images", small_dataset, "--run", run, "--num-shards", 2)
+    assert done.returncode == 0 and "9 images in 2 shards" in done.stdout
+    done = featscope("extract", "--run", run, "--model", "resnet18", "--weights", "random", "--layers", "pool,layer4",
+                     "--workers", "0", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "extract: 9 images from 2 shards" in done.stdout
+    assert pq.read_table(run / "features" / "layer4").num_rows == 9
+    again = featscope("extract", "--run", run, "--layers", "pool,layer4", "--quiet")
+    assert "2 shards already done" in again.stdout
+
+
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, small_dataset):
+    cases = [
+        ("extract", "--run", tmp_path / "nowhere", "--layers", "fc7"),
+        ("manifest", "--images", tmp_path / "missing", "--run", tmp_path / "r"),
+    ]
+    for args in cases:
+        done = featscope(*args)
+        assert done.returncode == 2
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("featscope: error: ")
+    featscope("manifest", "--images", small_dataset, "--run", tmp_path / "r")
+    done = featscope("extract", "--run", tmp_path / "r", "--model", "resnet9000", "--layers", "pool")
+    assert done.returncode == 2 and "unknown architecture 'resnet9000'" in done.stderr
+
+
+def test_bad_images_end_with_a_warning_count_not_a_failure(tmp_path, small_dataset):
+    (small_dataset / "photo" / "broken.jpg").write_text("not a jpeg")
+    featscope("manifest", "--images", small_dataset, "--run", tmp_path / "r")
+    done = featscope("extract", "--run", tmp_path / "r", "--model", "resnet18", "--weights", "random",
+                     "--layers", "pool", "--workers", "0", "--quiet")
+    assert done.returncode == 0
+    assert "1 unreadable images skipped" in done.stdout
+    assert "warning: 1 images could not be read" in done.stderr

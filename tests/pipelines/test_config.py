@@ -1,0 +1,39 @@
+"""Config files are checked before any work, and errors name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines import config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def demo_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+
+
+def test_the_demo_config_is_valid_and_gets_defaults():
+    cfg = config.load(REPO / "config" / "default.yaml")
+    assert cfg["model"]["arch"] == "mobilenet_v2" and cfg["model"]["seed"] == 0
+    assert cfg["extract"]["batch_size"] == 64
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["extract"].update(batch_size=0), r"extract\.batch_size: 0 is less than the minimum of 1"),
+        (lambda c: c["extract"].update(device="tpu"), r"extract\.device: 'tpu' is not one of"),
+        (lambda c: c.update(shard_sise=10), r"\(top level\): Additional properties are not allowed \('shard_sise'"),
+        (lambda c: c.pop("layers"), r"'layers' is a required property"),
+        (lambda c: c["model"].update(arch="resnet9000"), r"model\.arch: unknown architecture 'resnet9000'"),
+        (lambda c: c.update(layers=["pool", "block99"]), r"layers\.1: unknown layer 'block99' for mobilenet_v2"),
+    ],
+)
+def test_bad_configs_name_the_offending_key(change, message):
+    cfg = demo_config()
+    change(cfg)
+    with pytest.raises(FeatscopeError, match=message):
+        config.validate(cfg)

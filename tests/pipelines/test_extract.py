@@ -1,0 +1,259 @@
+"""Extraction equals a plain torchvision forward pass with hooks; shards resume; datasets grow."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms as T
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines import extract, manifest
+from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.store import column_array, read_errors
+
+from helpers import write_dataset
+
+
+def calibrated_checkpoint(arch: str, path) -> str:
+    """Random weights whose BatchNorm statistics match their activations, as trained ones do.
+
+    (Freshly initialised MobileNet-V2 in eval mode shrinks activations to ~1e-9, below
+    float16's range, which would make the comparison meaningless.)
+    """
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, 224, 224))
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def reference_outputs(arch: str, checkpoint: str, paths: list[str], module_paths: list[str]) -> dict:
+    """What a tutorial would do: torchvision model + checkpoint, Resize/CenterCrop/Normalize, hooks, fp32."""
+    model = torchvision.models.get_model(arch, weights=None)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    model.eval()
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+    modules = dict(model.named_modules())
+    seen = {}
+    handles = [modules[m].register_forward_hook(lambda _m, _i, out, m=m: seen.setdefault(m, out.clone()))
+               for m in module_paths]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def read_layer(rd: RunDir, layer: str):
+    table = pq.read_table(rd.features_dir(layer))
+    order = np.argsort(table["image_id"].to_numpy())
+    cols = {name: column_array(table, name)[order] for name in table.column_names if name != "image_id"}
+    return table["image_id"].to_numpy()[order], cols
+
+
+def close_f16(ours: np.ndarray, ref: np.ndarray):
+    scale = float(np.abs(ref).max())
+    np.testing.assert_allclose(ours.astype(np.float32), ref, rtol=2e-3, atol=2e-3 * scale)
+
+
+@pytest.mark.parametrize(
+    "arch, vector_layer, vector_module, conv_layer, conv_module",
+    [
+        ("alexnet", "fc7", "classifier.5", "conv5", "features.11"),
+        ("resnet18", "pool", "avgpool", "layer3", "layer3"),
+        ("mobilenet_v2", "pool", "classifier.0", "block13", "features.13"),
+    ],
+)
+def test_features_equal_a_direct_torchvision_forward(tmp_path, small_dataset, arch, vector_layer, vector_module,
+                                                     conv_layer, conv_module):
+    rd = RunDir(tmp_path / "run")
+    checkpoint = calibrated_checkpoint(arch, tmp_path / f"{arch}.pth")
+    manifest.run(rd, small_dataset, shard_size=4)
+    summary = extract.run(rd, [vector_layer, conv_layer], model=arch, weights=checkpoint, device="cpu",
+                          precision="fp32", batch_size=3, workers=0, progress=False)
+    assert summary.done == [0, 1, 2] and summary.images == 9 and summary.bad == 0
+
+    rows = manifest.read(rd).sort_by("image_id")
+    ref = reference_outputs(arch, checkpoint, rows["path"].to_pylist(), [vector_module, conv_module])
+    ids, vec = read_layer(rd, vector_layer)
+    assert ids.tolist() == rows["image_id"].to_pylist()
+    ref_vec = ref[vector_module].flatten(1).numpy()
+    assert ref_vec.std() > 0  # the comparison means something
+    close_f16(vec["feature"], ref_vec)
+
+    _, conv = read_layer(rd, conv_layer)
+    maps = ref[conv_module].numpy()  # (N, C, H, W)
+    close_f16(conv["feature"], maps.mean(axis=(2, 3)))
+    close_f16(conv["max"], maps.max(axis=(2, 3)))
+    n, c = conv["argmax_y"].shape
+    at_cell = maps[np.arange(n)[:, None], np.arange(c)[None, :], conv["argmax_y"], conv["argmax_x"]]
+    np.testing.assert_allclose(at_cell, maps.max(axis=(2, 3)), rtol=1e-5, atol=1e-6)  # the cell holds the max
+    h, w = maps.shape[2:]
+    assert conv["argmax_y"].max() < h and conv["argmax_x"].max() < w
+
+
+def test_bf16_features_stay_close_to_fp32(tmp_path, small_dataset):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        rd = RunDir(tmp_path / precision)
+        manifest.run(rd, small_dataset)
+        extract.run(rd, ["pool"], model="resnet18", weights="random", device="cpu", precision=precision,
+                     workers=0, progress=False)
+        runs[precision] = read_layer(rd, "pool")[1]["feature"].astype(np.float32)
+    a, b = runs["fp32"], runs["bf16"]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_auto_precision_picks_bf16_only_where_the_cpu_has_it():
+    expected = "bf16" if extract.cpu_has_fast_bf16() else "fp32"
+    assert extract.resolve_precision("auto", torch.device("cpu")) == expected
+    assert extract.resolve_precision("fp16", torch.device("cpu")) == "fp16"
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_after_an_interrupted_run_redoes_only_missing_shards(tmp_path, small_dataset):
+    kwargs = dict(model="resnet18", weights="random", device="cpu", precision="fp32", workers=0, progress=False)
+    whole = RunDir(tmp_path / "whole")
+    manifest.run(whole, small_dataset, shard_size=3)
+    extract.run(whole, ["pool", "layer2"], **kwargs)
+
+    rd = RunDir(tmp_path / "interrupted")
+    manifest.run(rd, small_dataset, shard_size=3)
+    extract.run(rd, ["pool", "layer2"], shard=0, **kwargs)
+    # A job killed while writing shard 1 leaves only a .tmp file behind.
+    half = rd.feature_part("pool", 1).with_name("part-00001.parquet.tmp")
+    half.write_bytes(b"PAR1 half a file")
+    done_before = digest(rd.feature_part("pool", 0))
+
+    summary = extract.run(rd, ["pool", "layer2"], **kwargs)
+    assert summary.already_done == [0] and summary.done == [1, 2]
+    assert digest(rd.feature_part("pool", 0)) == done_before
+    assert not half.exists()
+    for layer in ("pool", "layer2"):
+        a, b = read_layer(whole, layer), read_layer(rd, layer)
+        assert a[0].tolist() == b[0].tolist()
+        for col in a[1]:
+            np.testing.assert_array_equal(a[1][col], b[1][col])
+
+
+def test_a_crash_inside_a_shard_leaves_no_finished_looking_file(tmp_path, small_dataset, monkeypatch):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=100)
+    calls = {"n": 0}
+    original = extract.FeatureExtractor.__call__
+
+    def flaky(self, pixels):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the probe, the first batch, then the crash
+            raise KeyboardInterrupt
+        return original(self, pixels)
+
+    monkeypatch.setattr(extract.FeatureExtractor, "__call__", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(rd, ["pool"], model="resnet18", weights="random", batch_size=4, workers=0, progress=False)
+    assert not list(rd.features_dir("pool").glob("*"))
+
+
+def test_growth_extracts_only_new_images_and_leaves_old_files_alone(tmp_path, digits):
+    root = tmp_path / "images"
+    write_dataset(root, digits, n_photos=3, labels=(0, 1))
+    rd = RunDir(tmp_path / "run")
+    kwargs = dict(model="resnet18", weights="random", device="cpu", workers=0, progress=False)
+    manifest.run(rd, root, shard_size=2)
+    extract.run(rd, ["pool"], **kwargs)
+    old = {p.name: (digest(p), p.stat().st_mtime_ns) for p in rd.feature_parts("pool")}
+    old_ids = read_layer(rd, "pool")[0].tolist()
+
+    write_dataset(root, digits, n_photos=0, labels=(4, 5), digits_per_label=2)
+    grown = manifest.run(rd, root)
+    summary = extract.run(rd, ["pool"], **kwargs)
+    assert summary.done == grown.new_shards == [3, 4] and summary.images == 4
+    for p in rd.feature_parts("pool"):
+        if p.name in old:
+            assert (digest(p), p.stat().st_mtime_ns) == old[p.name]
+    ids = read_layer(rd, "pool")[0].tolist()
+    assert ids[: len(old_ids)] == old_ids and ids[len(old_ids):] == [5, 6, 7, 8]
+
+
+def make_bad_inputs(root, digits):
+    """One file per bad-input case of the issue, plus odd modes that must be converted."""
+    write_dataset(root, digits, n_photos=2, labels=(3,))
+    d = root / "odd"
+    d.mkdir()
+    rgb = Image.open(next((root / "photo").iterdir())).convert("RGB")
+    buf = rgb.resize((300, 200))
+    buf.save(d / "good.jpg")
+    (d / "truncated.jpg").write_bytes((d / "good.jpg").read_bytes()[:700])
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "text.jpg").write_text("hello, I am not a picture")
+    rgb.convert("L").save(d / "gray.png")
+    rgb.convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)).save(d / "deep16.png")
+    rgb.convert("RGBA").save(d / "rgba.png")
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(d / "palette.png")
+    side = int(Image.MAX_IMAGE_PIXELS**0.5) + 100
+    Image.new("1", (side, side)).save(d / "bomb.png")
+    return {"truncated.jpg", "empty.jpg", "text.jpg", "bomb.png"}
+
+
+@pytest.mark.slow
+def test_bad_images_are_recorded_and_every_readable_image_is_extracted(tmp_path, digits):
+    root = tmp_path / "images"
+    bad = make_bad_inputs(root, digits)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, root, shard_size=5)
+    summary = extract.run(rd, ["pool"], model="resnet18", weights="random", workers=1, progress=False)
+    errors = read_errors(rd.errors_dir).to_pylist()
+    assert sorted(e["path"].rsplit("/", 1)[1] for e in errors) == sorted(bad)
+    reasons = {e["path"].rsplit("/", 1)[1]: e["message"] for e in errors}
+    assert "empty" in reasons["empty.jpg"] and "not an image" in reasons["text.jpg"]
+    assert "too large" in reasons["bomb.png"] and "decode" in reasons["truncated.jpg"]
+    assert all(e["stage"] == "extract" for e in errors)
+    rows = manifest.read(rd).to_pylist()
+    good_ids = {r["image_id"] for r in rows if r["path"].rsplit("/", 1)[1] not in bad}
+    assert set(read_layer(rd, "pool")[0].tolist()) == good_ids
+    assert summary.bad == len(bad) and summary.images == len(good_ids)
+
+
+def test_a_run_refuses_other_weights_and_foreign_feature_files(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset)
+    extract.run(rd, ["pool"], model="resnet18", weights="random", workers=0, progress=False)
+    with pytest.raises(FeatscopeError, match="uses model 'resnet18', not 'alexnet'"):
+        extract.run(rd, ["pool"], model="alexnet", workers=0, progress=False)
+    with pytest.raises(FeatscopeError, match="weights 'random' changed"):
+        extract.run(rd, ["pool"], seed=1, workers=0, progress=False)
+    other = RunDir(tmp_path / "other")
+    manifest.run(other, small_dataset)
+    extract.run(other, ["pool"], model="resnet18", weights="random", seed=2, workers=0, progress=False)
+    rd.feature_part("pool", 0).unlink()
+    rd.feature_part("pool", 0).write_bytes(other.feature_part("pool", 0).read_bytes())
+    with pytest.raises(FeatscopeError, match="written for weights_sha256="):
+        extract.run(rd, ["pool"], workers=0, progress=False)
+
+
+def test_unknown_layer_and_shard_are_one_line_errors(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset)
+    with pytest.raises(FeatscopeError, match="unknown layer 'fc7' for resnet18"):
+        extract.run(rd, ["fc7"], model="resnet18", weights="random", progress=False)
+    with pytest.raises(FeatscopeError, match="shard 7 is not in the manifest"):
+        extract.run(rd, ["pool"], model="resnet18", weights="random", shard=7, progress=False)
