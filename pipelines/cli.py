@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs that support it")
     ext.add_argument("--batch-size", type=int, default=64)
-    ext.add_argument("--workers", type=int, help="image decoding processes (default: by device and cores)")
+    ext.add_argument("--workers", type=int, help="image decoding threads (default: up to 4 on CPU, 16 with a GPU; 0 = inline)")
     ext.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ext.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     ext.add_argument("--quiet", action="store_true", help="no progress bar")

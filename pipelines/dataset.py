@@ -1,19 +1,26 @@
-"""Batches of preprocessed images, decoded in DataLoader worker processes.
+"""Batches of preprocessed images, decoded by threads while the model runs.
 
-Workers open each file through the one loader (`images.open_image`), resize and crop it,
-and send uint8 tensors (4x smaller than float) to the model's process; an unreadable file
-becomes an error entry in its batch instead of stopping the run.
+Each file goes through the one loader (`images.read_pixels`), is resized and cropped, and
+becomes a uint8 tensor; an unreadable file becomes an error entry in its batch instead of
+stopping the run. Decoding uses threads, not DataLoader worker processes: Pillow releases
+the GIL while decoding and resizing, and on a 2-core CPU worker processes measured slower
+than even decoding inline (every batch crossing processes through fresh shared memory
+page-faults on both sides), while low-priority threads fill the cycles the model's own
+threads leave idle. See benchmarks/extract_throughput.py.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from featscope.pipelines.images import DEFAULT_MAX_PIXELS, BadImage, open_image
+from featscope.pipelines.images import DEFAULT_MAX_PIXELS, BadImage, read_pixels
 from featscope.pipelines.models import Preprocessing
 
 
@@ -23,52 +30,66 @@ class ImageBatch(NamedTuple):
     errors: list[tuple[int, str, str]]  # (image_id, path, reason) of those that did not
 
 
-class ImageDataset(Dataset):
-    def __init__(self, image_ids: list[int], paths: list[str], preprocessing: Preprocessing,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.image_ids, self.paths = image_ids, paths
-        self.preprocessing, self.max_pixels = preprocessing, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, str, torch.Tensor | None, str | None]:
-        path = self.paths[i]
-        try:
-            img = open_image(path, max_pixels=self.max_pixels, min_size=self.preprocessing.resize)
-        except BadImage as e:
-            return self.image_ids[i], path, None, str(e)
-        return self.image_ids[i], path, self.preprocessing.to_uint8(img), None
-
-
-def _collate(items: list[tuple[int, str, torch.Tensor | None, str | None]], crop: int) -> ImageBatch:
-    good = [(i, t) for i, _, t, _ in items if t is not None]
-    ids = torch.tensor([i for i, _ in good], dtype=torch.int64)
-    pixels = torch.stack([t for _, t in good]) if good else torch.empty((0, 3, crop, crop), dtype=torch.uint8)
-    return ImageBatch(ids, pixels, [(i, p, err) for i, p, t, err in items if t is None])
-
-
-class _Collate:
-    """Picklable collate function (workers may be spawned, not forked)."""
-
-    def __init__(self, crop: int):
-        self.crop = crop
-
-    def __call__(self, items):
-        return _collate(items, self.crop)
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_workers(device: torch.device) -> int:
-    """Decode workers: on a CPU-only box leave the cores to the model; on a GPU box use them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
+    """Decode threads: every core on a CPU box (they run at low priority), up to 16 with a GPU."""
+    cores = available_cores()
+    return min(16, cores) if device.type == "cuda" else min(4, cores)
+
+
+def _lower_priority() -> None:
+    """Decoding yields to the model's threads (Linux nice values are per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (OSError, AttributeError):
+        pass
+
+
+def _load(path: str, preprocessing: Preprocessing, max_pixels: int) -> torch.Tensor | str:
+    try:
+        pixels = read_pixels(path, max_pixels=max_pixels, min_size=preprocessing.resize)
+    except BadImage as e:
+        return str(e)
+    return preprocessing.to_uint8(pixels)
+
+
+def _collate(ids: list[int], paths: list[str], loaded: list[torch.Tensor | str], crop: int,
+             pin_memory: bool) -> ImageBatch:
+    good = [i for i, item in enumerate(loaded) if isinstance(item, torch.Tensor)]
+    pixels = torch.empty((len(good), 3, crop, crop), dtype=torch.uint8, pin_memory=pin_memory)
+    for row, i in enumerate(good):
+        pixels[row] = loaded[i]
+    errors = [(ids[i], paths[i], item) for i, item in enumerate(loaded) if isinstance(item, str)]
+    return ImageBatch(torch.tensor([ids[i] for i in good], dtype=torch.int64), pixels, errors)
 
 
 def image_batches(image_ids: list[int], paths: list[str], preprocessing: Preprocessing, *, batch_size: int,
-                  workers: int, pin_memory: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> DataLoader:
-    """An iterable of `ImageBatch`es in manifest order."""
-    dataset = ImageDataset(image_ids, paths, preprocessing, max_pixels)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-        collate_fn=_Collate(preprocessing.crop), prefetch_factor=4 if workers else None,
-    )
+                  workers: int, pin_memory: bool = False, prefetch: int = 2,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[ImageBatch]:
+    """`ImageBatch`es in manifest order, decoded `prefetch` batches ahead by `workers` threads
+    (0: decode inline)."""
+    starts = iter(range(0, len(paths), batch_size))
+
+    def load_all(start: int, mapper) -> tuple[int, object]:
+        chunk = paths[start:start + batch_size]
+        return start, mapper(lambda p: _load(p, preprocessing, max_pixels), chunk)
+
+    def collate(start: int, loaded) -> ImageBatch:
+        end = start + batch_size
+        return _collate(image_ids[start:end], paths[start:end], list(loaded), preprocessing.crop, pin_memory)
+
+    if workers == 0:
+        for start in starts:
+            yield collate(*load_all(start, map))
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode", initializer=_lower_priority) as pool:
+        in_flight = deque(load_all(s, pool.map) for _, s in zip(range(prefetch + 1), starts))
+        while in_flight:
+            start, loaded = in_flight.popleft()
+            nxt = next(starts, None)
+            if nxt is not None:
+                in_flight.append(load_all(nxt, pool.map))
+            yield collate(start, loaded)

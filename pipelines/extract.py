@@ -25,6 +25,7 @@ from featscope.pipelines import manifest
 from featscope.pipelines.dataset import default_workers, image_batches
 from featscope.pipelines.models import LoadedModel, load_model
 from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.runtime import keep_freed_memory
 from featscope.pipelines.store import FeaturePartWriter, RunIdentity, part_is_complete, write_errors
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -154,6 +155,7 @@ def run(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str
         raise FeatscopeError("no layers given: pass --layers, e.g. --layers fc7,conv5")
     if batch_size < 1:
         raise FeatscopeError("--batch-size must be at least 1")
+    keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     torch_device = resolve_device(device)
@@ -198,9 +200,9 @@ def _extract_shard(rd: RunDir, shard: int, extractor: FeatureExtractor, identity
     pending_writes: list[Future] = []
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as io:
-            loader = image_batches(ids, paths, extractor.loaded.preprocessing, batch_size=batch_size,
-                                   workers=workers, pin_memory=extractor.device.type == "cuda")
-            for batch in loader:
+            batches = image_batches(ids, paths, extractor.loaded.preprocessing, batch_size=batch_size,
+                                    workers=workers, pin_memory=extractor.device.type == "cuda")
+            for batch in batches:
                 errors += [{"image_id": i, "path": p, "stage": "extract", "error": "bad_image", "message": m}
                            for i, p, m in batch.errors]
                 if len(batch.image_ids):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torchvision
-from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -41,10 +40,11 @@ class Preprocessing:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
-    def to_uint8(self, img: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> (3, crop, crop) uint8; cheap to send between processes."""
-        img = TF.resize(img, self.resize, interpolation=InterpolationMode(self.interpolation))
-        return TF.pil_to_tensor(TF.center_crop(img, self.crop))
+    def to_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(3,H,W) uint8 RGB -> (3, crop, crop) uint8, exactly as torchvision's
+        `ImageClassification` transform resizes (antialiased) and crops a tensor image."""
+        resized = TF.resize(pixels, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
+        return TF.center_crop(resized, [self.crop])
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) uint8 -> float32 model input, on the batch's device."""

@@ -40,12 +40,12 @@ def calibrated_checkpoint(arch: str, path) -> str:
 
 
 def reference_outputs(arch: str, checkpoint: str, paths: list[str], module_paths: list[str]) -> dict:
-    """What a tutorial would do: torchvision model + checkpoint, Resize/CenterCrop/Normalize, hooks, fp32."""
+    """torchvision's own recipe on tensor images (as `weights.transforms()` applies it), hooks, fp32."""
     model = torchvision.models.get_model(arch, weights=None)
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     model.eval()
-    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
-                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    tf = T.Compose([T.PILToTensor(), T.Resize(256, antialias=True), T.CenterCrop(224),
+                    T.ConvertImageDtype(torch.float), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
     modules = dict(model.named_modules())
     seen = {}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featscope.pipelines.images import DEFAULT_MAX_PIXELS, BadImage, open_image
+from featscope.pipelines.images import DEFAULT_MAX_PIXELS, BadImage, open_image, read_pixels
 
 
 def save(img: Image.Image, path, **kw):
@@ -81,11 +81,12 @@ def test_jpeg_draft_keeps_both_sides_at_least_the_requested_size(tmp_path):
     ],
     ids=["zero-bytes", "text-named-jpg", "truncated-jpeg"],
 )
-def test_unreadable_files_raise_bad_image_with_a_reason(tmp_path, make, reason):
+@pytest.mark.parametrize("loader", [open_image, read_pixels])
+def test_unreadable_files_raise_bad_image_with_a_reason(tmp_path, make, reason, loader):
     path = tmp_path / "bad.jpg"
     make(path)
     with pytest.raises(BadImage, match=reason):
-        open_image(path)
+        loader(path)
 
 
 def _jpeg_bytes() -> bytes:
@@ -106,3 +107,28 @@ def test_a_real_decompression_bomb_is_refused_at_pillows_default_limit(tmp_path)
     path = save(Image.new("1", (side, side)), tmp_path / "bomb.png")
     with pytest.raises(BadImage, match="too large"):
         open_image(path)
+
+
+def test_read_pixels_matches_open_image_on_every_decoder_path(tmp_path):
+    """JPEGs go to torchvision's decoder, everything else through Pillow: same pixels either way."""
+    arr = gradient(300, 200)
+    cases = {
+        "rgb.jpg": Image.fromarray(arr),
+        "gray.jpg": Image.fromarray(arr[..., 0]),
+        "cmyk.jpg": Image.fromarray(arr).convert("CMYK"),
+        "rgba.png": Image.fromarray(arr).convert("RGBA"),
+    }
+    for name, img in cases.items():
+        path = save(img, tmp_path / name, **({"quality": 95} if name.endswith(".jpg") else {}))
+        tensor = read_pixels(path, min_size=256).numpy().transpose(1, 2, 0).astype(int)
+        pil = np.asarray(open_image(path, min_size=256), dtype=int)
+        assert tensor.shape == pil.shape, name
+        assert np.abs(tensor - pil).max() <= 2, name  # two libjpeg-turbo builds may round differently
+
+
+def test_read_pixels_applies_exif_orientation_on_the_fast_path(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rot.jpg"
+    Image.fromarray(gradient(40, 30)).save(path, exif=exif.tobytes())
+    assert tuple(read_pixels(path).shape) == (3, 40, 30)
