@@ -167,18 +167,16 @@ def run(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str
         raise FeatscopeError(f"shard {shard} is not in the manifest of {rd.root} (shards: 0-{max(all_shards, default=0)})")
     wanted = [shard] if shard is not None else all_shards
     summary = ExtractSummary(layers, torch_device.type, chosen_precision)
-    pending = []
-    for s in wanted:
-        if all(part_is_complete(rd.feature_part(layer, s), identity) for layer in layers):
-            summary.already_done.append(s)
-        else:
-            pending.append(s)
+    missing = {s: [layer for layer in layers if not part_is_complete(rd.feature_part(layer, s), identity)]
+               for s in wanted}
+    summary.already_done = [s for s in wanted if not missing[s]]
+    pending = [s for s in wanted if missing[s]]
     if pending:
         extractor = FeatureExtractor(loaded, layers, torch_device, chosen_precision)
         total = sum(len(manifest.read(rd, s)) for s in pending)
         with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
             for s in pending:
-                n, bad = _extract_shard(rd, s, extractor, identity, batch_size=batch_size,
+                n, bad = _extract_shard(rd, s, missing[s], extractor, identity, batch_size=batch_size,
                                         workers=default_workers(torch_device) if workers is None else workers, bar=bar)
                 summary.done.append(s)
                 summary.images += n
@@ -187,14 +185,15 @@ def run(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str
     return summary
 
 
-def _extract_shard(rd: RunDir, shard: int, extractor: FeatureExtractor, identity: RunIdentity, *,
-                   batch_size: int, workers: int, bar: tqdm) -> tuple[int, int]:
+def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: FeatureExtractor, identity: RunIdentity,
+                   *, batch_size: int, workers: int, bar: tqdm) -> tuple[int, int]:
+    """Extract the shard's missing `layers` (finished parts of other layers are left alone)."""
     rows = manifest.read(rd, shard)
     ids, paths = rows["image_id"].to_pylist(), rows["path"].to_pylist()
     writers = {
         layer: FeaturePartWriter(rd.feature_part(layer, shard), identity, layer=layer, kind=extractor.kinds[layer],
                                  dims=extractor.dims[layer], extra={"shard": shard})
-        for layer in extractor.dims
+        for layer in layers
     }
     errors: list[dict] = []
     pending_writes: list[Future] = []
@@ -208,8 +207,9 @@ def _extract_shard(rd: RunDir, shard: int, extractor: FeatureExtractor, identity
                 if len(batch.image_ids):
                     outputs = extractor(batch.pixels)
                     batch_ids = batch.image_ids.numpy()
-                    for layer, cols in outputs.items():
-                        pending_writes.append(io.submit(writers[layer].write, batch_ids, cols["feature"], cols))
+                    for layer, writer in writers.items():
+                        cols = outputs[layer]
+                        pending_writes.append(io.submit(writer.write, batch_ids, cols["feature"], cols))
                 bar.update(len(batch.image_ids) + len(batch.errors))
                 bar.set_postfix(bad=len(errors), refresh=False)
             for f in pending_writes:

@@ -27,3 +27,13 @@ def small_dataset(tmp_path, digits) -> Path:
     root = tmp_path / "images"
     write_dataset(root, digits)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA; everywhere else (CI included) they are skipped with a reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -257,3 +257,16 @@ def test_unknown_layer_and_shard_are_one_line_errors(tmp_path, small_dataset):
         extract.run(rd, ["fc7"], model="resnet18", weights="random", progress=False)
     with pytest.raises(FeatscopeError, match="shard 7 is not in the manifest"):
         extract.run(rd, ["pool"], model="resnet18", weights="random", shard=7, progress=False)
+
+
+def test_adding_a_layer_later_extracts_only_that_layer(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=5)
+    kwargs = dict(model="resnet18", weights="random", workers=0, progress=False)
+    extract.run(rd, ["pool"], **kwargs)
+    before = {p.name: p.stat().st_mtime_ns for p in rd.feature_parts("pool")}
+    summary = extract.run(rd, ["pool", "layer2"], **kwargs)
+    assert summary.done == [0, 1] and summary.already_done == []
+    assert {p.name: p.stat().st_mtime_ns for p in rd.feature_parts("pool")} == before
+    assert len(rd.feature_parts("layer2")) == 2
+    assert extract.run(rd, ["pool", "layer2"], **kwargs).already_done == [0, 1]
