@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.layers import PIXELS
 from featscope.pipelines import config as fsconfig
 from featscope.pipelines import manifest as fsmanifest
 from featscope.pipelines.rundir import RunDir
@@ -23,6 +24,8 @@ RD = RunDir(Path(CFG["runs_dir"]) / CFG["run"])
 LAYERS = CFG["layers"]
 MODEL = CFG["model"]
 EXTRACT = CFG["extract"]
+INDEX = CFG["index"]
+EXTRACT_LAYERS = LAYERS + ([PIXELS] if INDEX["pixels"] else [])
 q = shlex.quote
 # The featscope installed beside the Python running Snakemake, so jobs need no activated venv.
 _beside = Path(sys.executable).with_name("featscope")
@@ -33,15 +36,27 @@ MANIFEST_CMD = (
     f" --model {q(MODEL['arch'])} --weights {q(MODEL['weights'])}"
 )
 EXTRACT_CMD = (
-    f"{FEATSCOPE} extract --run {q(str(RD.root))} --layers {q(','.join(LAYERS))}"
+    f"{FEATSCOPE} extract --run {q(str(RD.root))} --layers {q(','.join(EXTRACT_LAYERS))}"
     f" --device {EXTRACT['device']} --precision {EXTRACT['precision']} --batch-size {EXTRACT['batch_size']}"
     f" --seed {MODEL['seed']} --quiet" + (f" --workers {EXTRACT['workers']}" if "workers" in EXTRACT else "")
 )
 
 
-def extracted_parts(wildcards):
+INDEX_CMD = (
+    f"{FEATSCOPE} index build --run {q(str(RD.root))} --kind {INDEX['kind']} --metric {INDEX['metric']}"
+    f" --max-memory {q(INDEX['max_memory'])} --quiet"
+)
+RUN_ARG = q(str(RD.root))
+
+
+def parts_of(layers):
+    """Every shard's feature part of `layers` (known once the manifest checkpoint has run)."""
     checkpoints.manifest.get()
-    return [str(RD.feature_part(layer, shard)) for shard in fsmanifest.shards(RD) for layer in LAYERS]
+    return [str(RD.feature_part(layer, shard)) for shard in fsmanifest.shards(RD) for layer in layers]
+
+
+def index_meta(layer):
+    return str(RD.index_dir(layer) / "meta.json")
 
 
 localrules: all
@@ -49,7 +64,10 @@ localrules: all
 
 rule all:
     input:
-        extracted_parts,
+        lambda wildcards: parts_of(EXTRACT_LAYERS),
+        [index_meta(layer) for layer in EXTRACT_LAYERS],
+        RD.index_evaluation,
+        [str(RD.neighbor_sheet(layer)) for layer in LAYERS] if INDEX["queries"] else [],
 
 
 # Reruns whenever the set of images changes (the listing is a param). `update`: Snakemake
@@ -68,9 +86,40 @@ rule extract:
     input:
         ancient(RD.manifest),
     output:
-        [RD.feature_part_template(layer) for layer in LAYERS],
+        [RD.feature_part_template(layer) for layer in EXTRACT_LAYERS],
     wildcard_constraints:
         shard=r"\d{5}",
     threads: EXTRACT["threads"]
     shell:
         EXTRACT_CMD + " --shard {wildcards.shard} --threads {threads}"
+
+
+# One index per layer (and pixel space), rebuilt when shards are added.
+rule index:
+    input:
+        lambda wildcards: parts_of([wildcards.layer]),
+    output:
+        index_meta("{layer}"),
+    shell:
+        INDEX_CMD + " --layer {wildcards.layer}"
+
+
+rule evaluate:
+    input:
+        [index_meta(layer) for layer in EXTRACT_LAYERS],
+    output:
+        RD.index_evaluation,
+    shell:
+        f"{FEATSCOPE} index evaluate --run {RUN_ARG}"
+
+
+rule neighbors:
+    input:
+        index_meta("{layer}"),
+        [index_meta(PIXELS)] if INDEX["pixels"] else [],
+    output:
+        str(RD.neighbor_sheet("{layer}")),
+    params:
+        ids=",".join(map(str, INDEX["queries"])),
+    shell:
+        f"{FEATSCOPE} neighbors --run {RUN_ARG} --layer {{wildcards.layer}} --ids {{params.ids}} -k {INDEX['k']}"

@@ -1,5 +1,8 @@
 """Layer names and layer taps.
 
+The pseudo-layer `pixels` names the model input itself (see `summary.pixel_thumbnail`),
+so pixel-space and feature-space neighbours come from the same pass and the same code.
+
 Users name layers by the field's aliases (alexnet `fc7`, vgg16 `conv5_3`, resnet `layer4`,
 mobilenet_v2 `block13`) or by a raw module path (`classifier.4`). An alias always means the
 output *after* the non-linearity, as in the papers. `LayerTap` hooks the resolved modules
@@ -68,8 +71,13 @@ def layer_aliases(arch: str, model: nn.Module) -> dict[str, tuple[str, str]]:
     return {name: (path, "vector" if name in vector else "conv") for name, path in raw.items()}
 
 
+PIXELS = "pixels"  # pseudo-layer: the model input itself, downsampled (pixel-space neighbours)
+
+
 def resolve_layer(arch: str, model: nn.Module, name: str) -> LayerSpec:
     """Resolve an alias or raw module path to a `LayerSpec`, or raise a one-line error."""
+    if name == PIXELS:
+        return LayerSpec(PIXELS, "", "pixels")
     aliases = layer_aliases(arch, model)
     if name in aliases:
         path, kind = aliases[name]
@@ -77,7 +85,7 @@ def resolve_layer(arch: str, model: nn.Module, name: str) -> LayerSpec:
     modules = dict(model.named_modules())
     if name and name in modules:
         return LayerSpec(name, name, "auto")
-    known = ", ".join(aliases) or "(none)"
+    known = ", ".join([*aliases, PIXELS])
     raise FeatscopeError(
         f"unknown layer '{name}' for {arch}: use one of {known}, or a module path such as "
         f"'{next(n for n in modules if n)}'"
@@ -96,6 +104,8 @@ def LayerTap(
     handles = []
     try:
         for spec in layers:
+            if spec.kind == "pixels":
+                continue
             def hook(_module, _inputs, output, spec=spec):
                 on_output(spec, output)
 

@@ -37,3 +37,13 @@ def conv_summary(activation: torch.Tensor) -> ConvSummary:
         argmax_y=torch.div(where, w, rounding_mode="floor").to(torch.int16),
         argmax_x=(where % w).to(torch.int16),
     )
+
+
+def pixel_thumbnail(pixels: torch.Tensor, side: int = 32) -> torch.Tensor:
+    """(B,3,H,W) uint8 model input -> (B, 3*side*side) float32 in [0,1], area-averaged.
+
+    The pixel-space descriptor: neighbours in this space look alike pixel by pixel, the
+    contrast to neighbours in a CNN's feature space (which are alike in kind).
+    """
+    small = torch.nn.functional.adaptive_avg_pool2d(pixels.float(), side) / 255.0
+    return small.flatten(1)

@@ -50,6 +50,51 @@ def _cmd_extract(args: argparse.Namespace) -> None:
         print(f"warning: {summary.bad} images could not be read; see {rd.errors_dir}", file=sys.stderr)
 
 
+def _cmd_index_build(args: argparse.Namespace) -> None:
+    from featscope.pipelines import neighbors
+
+    summary = neighbors.build(RunDir(args.run), args.layer, kind=args.kind, metric=args.metric,
+                              max_memory=args.max_memory, seed=args.seed, progress=not args.quiet)
+    print(summary.line())
+
+
+def _cmd_index_evaluate(args: argparse.Namespace) -> None:
+    from featscope.pipelines import neighbors
+
+    layers = [x for x in (args.layers or "").split(",") if x] or None
+    result = neighbors.evaluate(RunDir(args.run), layers, k=args.k, max_queries=args.queries)
+    if "skipped" in result:
+        print(f"index evaluate: skipped, {result['skipped']}")
+        return
+    cells = [f"{layer} {v['precision_at_k']:.3f}" for layer, v in result["layers"].items()]
+    queries = max(v["queries"] for v in result["layers"].values())
+    print(f"precision@{args.k} of same-label neighbours (leave-one-out, {queries} queries): " + " | ".join(cells))
+
+
+def _cmd_query(args: argparse.Namespace) -> None:
+    from featscope.pipelines import neighbors
+
+    answer = neighbors.query(RunDir(args.run), args.layer, image_id=args.id, path=args.path, image=args.image,
+                             k=args.k, mmap=args.mmap)
+    print(neighbors.format_answer(answer, args.json))
+
+
+def _cmd_neighbors(args: argparse.Namespace) -> None:
+    from featscope.pipelines import sheets
+
+    ids = [int(x) for x in args.ids.split(",") if x.strip()]
+    path = sheets.render(RunDir(args.run), args.layer, ids, k=args.k, tile=args.tile, out=args.out)
+    print(f"neighbors: sheet of {len(ids)} queries x {args.k} neighbours at {path}")
+
+
+def _int_list(text: str) -> str:
+    try:
+        [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated image ids, got '{text}'") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featscope",
@@ -105,6 +150,47 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     ext.add_argument("--quiet", action="store_true", help="no progress bar")
     ext.set_defaults(func=_cmd_extract)
+
+    index = sub.add_parser("index", help="FAISS index of a layer's features").add_subparsers(
+        dest="what", required=True, metavar="WHAT")
+    ib = index.add_parser("build", help="build the neighbour index of one layer (or `pixels`)",
+                          description="auto: exact search up to 200k vectors within --max-memory, else PCA + IVF "
+                                      "(compressed with PQ if needed); recall@10 is measured against exact search.")
+    ib.add_argument("--run", required=True, type=Path)
+    ib.add_argument("--layer", required=True, help="an extracted layer, or `pixels` for pixel space")
+    ib.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"])
+    ib.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
+    ib.add_argument("--max-memory", default="4GB", help="memory budget of the index, e.g. 4GB (default)")
+    ib.add_argument("--seed", type=int, default=0, help="seed of the training and recall samples")
+    ib.add_argument("--quiet", action="store_true")
+    ib.set_defaults(func=_cmd_index_build)
+    ie = index.add_parser("evaluate", help="precision@k of same-label neighbours, feature vs pixel space")
+    ie.add_argument("--run", required=True, type=Path)
+    ie.add_argument("--layers", help="comma-separated (default: every built index)")
+    ie.add_argument("-k", type=int, default=10)
+    ie.add_argument("--queries", type=int, default=2000, help="labelled images to query (a seeded sample)")
+    ie.set_defaults(func=_cmd_index_evaluate)
+
+    q = sub.add_parser("query", help="nearest images to an image of the run or a new image file")
+    q.add_argument("--run", required=True, type=Path)
+    q.add_argument("--layer", required=True)
+    which = q.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", type=int, help="an image_id of the run")
+    which.add_argument("--path", help="the path of an image of the run")
+    which.add_argument("--image", type=Path, help="any image file: embedded with the run's model")
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--mmap", action="store_true", help="memory-map the index instead of reading it")
+    q.set_defaults(func=_cmd_query)
+
+    nb = sub.add_parser("neighbors", help="a JPEG sheet of neighbours in feature space and pixel space")
+    nb.add_argument("--run", required=True, type=Path)
+    nb.add_argument("--layer", required=True)
+    nb.add_argument("--ids", required=True, type=_int_list, help="comma-separated query image ids")
+    nb.add_argument("-k", "--k", type=int, default=8)
+    nb.add_argument("--tile", type=int, default=112, help="tile size in pixels")
+    nb.add_argument("--out", type=Path, help="output JPEG (default: <run>/neighbors/<layer>.jpg)")
+    nb.set_defaults(func=_cmd_neighbors)
     return parser
 
 

@@ -51,6 +51,8 @@ def validate(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict:
         raise FeatscopeError(f"config error at model.arch: unknown architecture '{arch}'")
     with torch.device("meta"):  # structure only: no weights allocated, no download
         skeleton = torchvision.models.get_model(arch, weights=None)
+    if "pixels" in config["layers"]:
+        raise FeatscopeError("config error at layers: 'pixels' is added by index.pixels, not listed as a layer")
     for i, layer in enumerate(config["layers"]):
         try:
             resolve_layer(arch, skeleton, layer)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import LayerSpec, LayerTap
-from featscope.kernels.summary import conv_summary
+from featscope.kernels.summary import conv_summary, pixel_thumbnail
 from featscope.pipelines import manifest
 from featscope.pipelines.dataset import default_workers, image_batches
 from featscope.pipelines.models import LoadedModel, load_model
@@ -104,17 +104,22 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
         """(B,3,H,W) uint8 -> {layer: {column: (B, D) array}}."""
-        x = self.loaded.preprocessing.normalize(pixels.to(self.device, non_blocking=True))
+        pixels = pixels.to(self.device, non_blocking=True)
+        x = self.loaded.preprocessing.normalize(pixels)
         x = x.contiguous(memory_format=torch.channels_last)
         captured: dict[str, dict[str, torch.Tensor]] = {}
 
         def keep(spec: LayerSpec, output: torch.Tensor) -> None:
             captured[spec.name] = summarise(spec, output)
 
+        for spec in self.specs:
+            if spec.kind == "pixels":
+                captured[spec.name] = {"feature": pixel_thumbnail(pixels)}
         dtype = PRECISIONS[self.precision]
-        with LayerTap(self.model, self.specs, keep), torch.autocast(self.device.type, dtype=dtype or torch.float32,
-                                                                      enabled=dtype is not None):
-            self.model(x)
+        if any(spec.kind != "pixels" for spec in self.specs):
+            with LayerTap(self.model, self.specs, keep), torch.autocast(self.device.type, enabled=dtype is not None,
+                                                                          dtype=dtype or torch.float32):
+                self.model(x)
         return {name: {k: v.cpu().numpy() for k, v in cols.items()} for name, cols in captured.items()}
 
 
@@ -135,7 +140,7 @@ def _model_for_run(rd: RunDir, model: str | None, weights: str | None, seed: int
         raise FeatscopeError(f"run {rd.root} records no model: pass --model")
     loaded = load_model(arch, source, seed=seed)
     identity = {"model": arch, "weights": source, "weights_sha256": loaded.weights_sha256,
-                "preprocessing": loaded.preprocessing.to_json()}
+                "preprocessing": loaded.preprocessing.to_json(), "seed": seed}
     old = {k: config.get(k) for k in identity}
     if old.get("weights_sha256") not in (None, loaded.weights_sha256):
         raise FeatscopeError(f"the weights '{source}' changed since run {rd.root} began "

@@ -2,7 +2,7 @@
 
 Layout (see DESIGN.md): run.json, manifest.parquet, errors.parquet/ (a directory dataset
 with one part per stage and shard, so parallel jobs never write the same file),
-features/<layer>/part-NNNNN.parquet.
+features/<layer>/part-NNNNN.parquet, index/<layer>/ (FAISS index), neighbors/<layer>.jpg.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from featscope.index.search import INDEX_SUBDIR
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.atomic import write_json_atomic
 
@@ -55,6 +56,20 @@ class RunDir:
     def feature_parts(self, layer: str) -> list[Path]:
         """Finished parts of a layer, in shard order."""
         return sorted(self.features_dir(layer).glob("part-*.parquet"))
+
+    @property
+    def index_root(self) -> Path:
+        return self.root / INDEX_SUBDIR
+
+    def index_dir(self, layer: str) -> Path:
+        return self.index_root / layer
+
+    @property
+    def index_evaluation(self) -> Path:
+        return self.index_root / "evaluation.json"
+
+    def neighbor_sheet(self, layer: str) -> Path:
+        return self.root / "neighbors" / f"{layer}.jpg"
 
     def read_config(self) -> dict:
         if not self.run_json.exists():

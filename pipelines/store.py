@@ -32,6 +32,13 @@ class RunIdentity:
     weights_sha256: str
     preprocessing: str  # JSON
 
+    @classmethod
+    def of_run(cls, config: dict) -> RunIdentity:
+        """The identity run.json records once features were extracted."""
+        if "weights_sha256" not in config:
+            raise FeatscopeError("this run has no features yet: run `featscope extract` first")
+        return cls(config["model"], config["weights_sha256"], config["preprocessing"])
+
     def metadata(self, **extra: object) -> dict[bytes, bytes]:
         fields = asdict(self) | {"featscope_version": FEATSCOPE_VERSION} | extra
         return {k.encode(): (v if isinstance(v, str) else json.dumps(v)).encode() for k, v in fields.items()}

@@ -1,5 +1,6 @@
 """The workflow through `snakemake` itself: a run, a no-op rerun, growth, a config error."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
         "run": "e2e", "runs_dir": str(tmp_path / "runs"), "images": str(images), "shard_size": 3,
         "model": {"arch": "resnet18", "weights": "random"}, "layers": ["pool", "layer3"],
         "extract": {"batch_size": 4, "workers": 0, "threads": 1},
+        "index": {"queries": [0, 5], "k": 3},
     }
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(cfg))
@@ -37,6 +39,10 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
     parts = sorted(p.name for p in (run / "features" / "pool").iterdir())
     assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert pq.read_table(run / "features" / "layer3").num_rows == 8
+    for layer in ("pool", "layer3", "pixels"):
+        assert json.loads((run / "index" / layer / "meta.json").read_text())["vectors"] == 8
+    assert set(json.loads((run / "index" / "evaluation.json").read_text())["layers"]) == {"pool", "layer3", "pixels"}
+    assert (run / "neighbors" / "pool.jpg").exists() and (run / "neighbors" / "layer3.jpg").exists()
 
     again = snakemake(tmp_path, configfile)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr
@@ -48,6 +54,7 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
     assert (run / "features" / "pool" / "part-00003.parquet").exists()
     ids = pq.read_table(run / "manifest.parquet")["image_id"].to_pylist()
     assert sorted(ids) == list(range(10))
+    assert json.loads((run / "index" / "pool" / "meta.json").read_text())["vectors"] == 10  # rebuilt
 
 
 def test_a_config_error_stops_the_workflow_before_any_job(tmp_path):

@@ -32,3 +32,13 @@ def test_channels_last_and_bf16_inputs_give_the_same_cells():
     cl = conv_summary(act.contiguous(memory_format=torch.channels_last))
     assert torch.equal(ref.argmax_y, cl.argmax_y) and torch.equal(ref.argmax_x, cl.argmax_x)
     assert conv_summary(act.bfloat16()).max.dtype == torch.float32
+
+
+def test_pixel_thumbnail_is_the_block_mean_of_the_input():
+    from featscope.kernels.summary import pixel_thumbnail
+
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    thumb = pixel_thumbnail(x, side=32)
+    expected = x.double().reshape(2, 3, 32, 2, 32, 2).mean(dim=(3, 5)) / 255
+    assert thumb.shape == (2, 3 * 32 * 32)
+    np.testing.assert_allclose(thumb.numpy(), expected.reshape(2, -1).numpy(), atol=1e-6)

@@ -1,0 +1,140 @@
+"""Build a FAISS index from vectors streamed in chunks, with recall measured, not assumed.
+
+Two passes over the chunks (e.g. Parquet shard by shard), never all vectors in memory at
+once: the first picks a random training sample and 1,000 recall queries; the second adds
+every vector to the index and, at the same time, finds the queries' exact neighbours.
+Then the search breadth (IVF nprobe, HNSW efSearch) is raised until recall@10 against
+exact search reaches the target, and the recall reached is recorded.
+
+Cosine similarity is L2 on unit vectors (the same ranking), so every index is built with
+L2 internally: PCA, being a centred orthogonal projection, keeps L2 distances but not
+inner products.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from featscope.index.factory import IndexPlan, choose_plan
+from featscope.index.recall import StreamingExactKnn, recall_at_k
+from featscope.kernels.errors import FeatscopeError
+
+Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+RECALL_K = 10
+
+
+@dataclass
+class BuildResult:
+    index: faiss.Index
+    ids: np.ndarray  # row -> image_id
+    meta: dict
+
+
+def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """float32, contiguous, and unit length for cosine."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if metric == "cosine":
+        x = x.copy() if x is vectors else x
+        faiss.normalize_L2(x)
+    return x
+
+
+def _train_size(plan: IndexPlan, n: int) -> int:
+    if not plan.trained:
+        return 0
+    need = max(10_000, 2 * plan.dims)
+    if plan.nlist:
+        need = max(need, 39 * plan.nlist)  # faiss warns below 39 points per centroid
+    return min(n, need, 250_000)
+
+
+def _sample_rows(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(n, size=size, replace=False)) if size else np.empty(0, dtype=np.int64)
+
+
+def _gather(chunks: Chunks, rows_wanted: list[np.ndarray], metric: str) -> list[np.ndarray]:
+    """First pass: the vectors at the given global row numbers, one array per request."""
+    out = [[] for _ in rows_wanted]
+    offset = 0
+    for _, vectors in chunks():
+        n = len(vectors)
+        for i, rows in enumerate(rows_wanted):
+            local = rows[(rows >= offset) & (rows < offset + n)] - offset
+            if len(local):
+                out[i].append(prepare(vectors[local], metric))
+        offset += n
+    return [np.concatenate(parts) if parts else np.empty((0, 0), np.float32) for parts in out]
+
+
+def _tune(index: faiss.Index, plan: IndexPlan, queries: np.ndarray, truth: np.ndarray, target: float) -> tuple[dict, float]:
+    """Smallest search breadth whose recall@10 reaches `target` (or the widest tried)."""
+    k = min(RECALL_K, index.ntotal)
+    if plan.kind == "flat":
+        _, found = index.search(queries, k)
+        return {}, recall_at_k(found, truth, k)
+    params = faiss.ParameterSpace()
+    if plan.kind == "hnsw":
+        name, values = "efSearch", [16, 32, 64, 128, 256, 512, 1024]
+    else:
+        name, values = "nprobe", [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if v < plan.nlist] + [plan.nlist]
+    recall = 0.0
+    for value in values:
+        params.set_index_parameter(index, name, value)
+        _, found = index.search(queries, k)
+        recall = recall_at_k(found, truth, k)
+        if recall >= target:
+            break
+    return {name: value}, recall
+
+
+def build_index(chunks: Chunks, *, n: int, dims: int, kind: str = "auto", metric: str = "cosine",
+                max_memory: int = 4 << 30, recall_queries: int = 1000, target_recall: float = 0.95,
+                seed: int = 0, on_chunk: Callable[[int], None] | None = None) -> BuildResult:
+    """Build an index over the `n` vectors that `chunks()` yields as (image_ids, vectors)."""
+    if metric not in ("cosine", "l2"):
+        raise FeatscopeError(f"--metric must be cosine or l2, got '{metric}'")
+    if n == 0:
+        raise FeatscopeError("there are no vectors to index")
+    start = time.perf_counter()
+    plan = choose_plan(n, dims, kind=kind, max_memory=max_memory)
+    rng = np.random.default_rng(seed)
+    train_rows = _sample_rows(n, _train_size(plan, n), rng)
+    query_rows = _sample_rows(n, min(n, recall_queries), rng)
+    train, queries = _gather(chunks, [train_rows, query_rows], metric)
+
+    index = faiss.index_factory(dims, plan.factory, faiss.METRIC_L2)
+    if plan.trained:
+        faiss.omp_set_num_threads(faiss.omp_get_max_threads())
+        index.train(train)
+    del train
+    exact = StreamingExactKnn(queries, min(RECALL_K, n), "l2")
+    ids = []
+    for image_ids, vectors in chunks():
+        x = prepare(vectors, metric)
+        if x.shape[1] != dims:
+            raise FeatscopeError(f"vectors of dimension {x.shape[1]} in a collection of dimension {dims}")
+        index.add(x)
+        exact.add(x)
+        ids.append(np.asarray(image_ids, dtype=np.int64))
+        if on_chunk:
+            on_chunk(len(x))
+    ids = np.concatenate(ids)
+    if len(ids) != n:
+        raise FeatscopeError(f"expected {n} vectors, the chunks held {len(ids)}")
+    if plan.nlist:  # lets NeighborIndex.search_ids reconstruct stored vectors
+        faiss.extract_index_ivf(index).make_direct_map()
+    _, truth = exact.result()
+    search_params, recall = _tune(index, plan, queries, truth, target_recall)
+    meta = {
+        "kind": plan.kind, "factory": plan.factory, "metric": metric, "dims": dims,
+        "pca_dims": plan.reduced_dims if plan.reduced_dims < dims else None, "nlist": plan.nlist or None,
+        "vectors": int(n), "search_params": search_params, "recall_at_10": round(recall, 4),
+        "recall_queries": int(len(queries)), "build_seconds": round(time.perf_counter() - start, 2),
+        "estimated_bytes": plan.estimated_bytes, "seed": seed,
+    }
+    return BuildResult(index, ids, meta)

@@ -1,0 +1,78 @@
+"""Which FAISS index to build, decided like a careful engineer (after autofaiss's rules).
+
+- Exact (`Flat`) while the collection is small (<= 200k vectors) and fits the memory budget:
+  no training, no tuning, recall 1.
+- Beyond that, PCA to at most 256 dimensions (CNN features are far from isotropic, so little
+  is lost) and an inverted file with about 4*sqrt(N) lists; the vectors stay uncompressed if
+  they fit the budget (`IVF,Flat`), else product-quantised to 64 bytes each (`IVF,PQ`).
+- `hnsw` on request: a graph index, fast to query, slow to build, memory-hungry.
+How many lists to visit (nprobe) or how wide to search (efSearch) is tuned at build time
+against exact search; see `build.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from featscope.kernels.errors import FeatscopeError
+
+KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+METRICS = ("cosine", "l2")
+EXACT_MAX_VECTORS = 200_000
+PCA_DIMS = 256
+PQ_BYTES = 64
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    kind: str  # flat | hnsw | ivf | ivfpq
+    factory: str  # faiss.index_factory string
+    dims: int  # input dimension
+    reduced_dims: int  # after PCA (== dims without PCA)
+    nlist: int = 0
+    estimated_bytes: int = 0
+
+    @property
+    def trained(self) -> bool:
+        return self.kind != "flat"
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4GB', '512MiB', '1e9' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise FeatscopeError(f"cannot read memory size '{text}': use e.g. 4GB or 512MB")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+def _nlist(n: int) -> int:
+    return max(16, 2 ** round(math.log2(4 * math.sqrt(n))))
+
+
+def choose_plan(n: int, dims: int, *, kind: str = "auto", max_memory: int = 4 << 30) -> IndexPlan:
+    """An index plan for n vectors of `dims` dimensions within `max_memory` bytes."""
+    if kind not in KINDS:
+        raise FeatscopeError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'")
+    flat_bytes = n * dims * 4
+    if kind == "flat" or (kind == "auto" and n <= EXACT_MAX_VECTORS and flat_bytes <= max_memory):
+        return IndexPlan("flat", "Flat", dims, dims, estimated_bytes=flat_bytes)
+    reduced = min(dims, PCA_DIMS)
+    pca = f"PCA{reduced}," if reduced < dims else ""
+    if kind == "hnsw":
+        return IndexPlan("hnsw", f"{pca}HNSW32", dims, reduced, estimated_bytes=n * (reduced * 4 + 32 * 2 * 4))
+    nlist = _nlist(n)
+    ivf_flat_bytes = n * (reduced * 4 + 8)
+    if kind == "ivf" or (kind == "auto" and ivf_flat_bytes <= max_memory):
+        return IndexPlan("ivf", f"{pca}IVF{nlist},Flat", dims, reduced, nlist, ivf_flat_bytes)
+    m = min(PQ_BYTES, reduced)
+    while reduced % m:
+        m -= 1
+    bytes_ = n * (m + 8)
+    if bytes_ > max_memory:
+        raise FeatscopeError(f"{n} vectors need at least {bytes_ / 1e9:.1f} GB even compressed; raise --max-memory")
+    return IndexPlan("ivfpq", f"{pca}IVF{nlist},PQ{m}x8", dims, reduced, nlist, bytes_)

@@ -1,0 +1,130 @@
+"""A built index on disk, opened for queries: `NeighborIndex`.
+
+    ix = NeighborIndex.open("runs/demo", "pool")
+    ix.search_ids([12, 40], k=10)          # neighbours of images already in the run
+    ix.search_vectors(array, k=10)         # neighbours of any vectors of the right dimension
+
+Files of `<run>/index/<layer>/`: index.faiss, ids.parquet (row -> image_id), meta.json.
+Distances are cosine distances (1 - cosine similarity) for cosine indexes, Euclidean
+distances for l2 ones; with PCA they are measured in the reduced space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from featscope.index.build import BuildResult, prepare
+from featscope.kernels.errors import FeatscopeError
+
+INDEX_SUBDIR = "index"
+INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "meta.json"
+
+
+class Neighbors(NamedTuple):
+    image_ids: np.ndarray  # (queries, k) int64, -1 where fewer than k exist
+    distances: np.ndarray  # (queries, k) float32
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+
+
+class NeighborIndex:
+    def __init__(self, index: faiss.Index, ids: np.ndarray, meta: dict, directory: Path | None = None):
+        self.index, self.ids, self.meta, self.directory = index, ids, meta, directory
+        self._order = np.argsort(ids, kind="stable")
+        self._apply_search_params()
+
+    @classmethod
+    def from_build(cls, result: BuildResult) -> NeighborIndex:
+        return cls(result.index, result.ids, result.meta)
+
+    @classmethod
+    def open(cls, run: str | Path, layer: str, *, mmap: bool = False) -> NeighborIndex:
+        """The index of `layer` in run directory `run`."""
+        directory = Path(run) / INDEX_SUBDIR / layer
+        if not (directory / META_FILE).exists():
+            raise FeatscopeError(f"index for layer '{layer}' not found in {run}: run "
+                                 f"`featscope index build --run {run} --layer {layer}` first")
+        return cls.load(directory, mmap=mmap)
+
+    @classmethod
+    def load(cls, directory: str | Path, *, mmap: bool = False) -> NeighborIndex:
+        directory = Path(directory)
+        meta = json.loads((directory / META_FILE).read_text())
+        flags = 0
+        if mmap:  # inverted lists map through the on-disk hook; flat codes through the mapped reader
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if meta.get("nlist") else faiss.IO_FLAG_MMAP_IFC
+        index = faiss.read_index(str(directory / INDEX_FILE), flags)
+        ids = pq.read_table(directory / IDS_FILE)["image_id"].to_numpy()
+        return cls(index, ids, meta, directory)
+
+    def save(self, directory: str | Path, extra_meta: dict | None = None) -> None:
+        """Write the three files atomically; meta.json last, so its presence means complete."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.meta = self.meta | (extra_meta or {})
+        tmp = directory / (INDEX_FILE + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        _replace(tmp, directory / INDEX_FILE)
+        tmp = directory / (IDS_FILE + ".tmp")
+        pq.write_table(pa.table({"image_id": pa.array(self.ids, pa.int64())}), tmp)
+        _replace(tmp, directory / IDS_FILE)
+        tmp = directory / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
+        _replace(tmp, directory / META_FILE)
+        self.directory = directory
+
+    def _apply_search_params(self) -> None:
+        params = faiss.ParameterSpace()
+        for name, value in self.meta.get("search_params", {}).items():
+            params.set_index_parameter(self.index, name, value)
+
+    @property
+    def dims(self) -> int:
+        return int(self.meta["dims"])
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def rows_of(self, image_ids) -> np.ndarray:
+        """Index rows of image ids; an unknown id is a one-line error."""
+        image_ids = np.atleast_1d(np.asarray(image_ids, dtype=np.int64))
+        pos = np.searchsorted(self.ids, image_ids, sorter=self._order)
+        pos = np.minimum(pos, len(self.ids) - 1)
+        rows = self._order[pos]
+        missing = image_ids[self.ids[rows] != image_ids]
+        if len(missing):
+            raise FeatscopeError(f"image_id {missing[0]} is not in this index ({len(self)} images)")
+        return rows
+
+    def vectors_of(self, image_ids) -> np.ndarray:
+        """The stored (prepared) vectors of image ids, as the index holds them."""
+        return np.stack([self.index.reconstruct(int(r)) for r in self.rows_of(image_ids)])
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> Neighbors:
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if vectors.shape[1] != self.dims:
+            raise FeatscopeError(f"query vectors have dimension {vectors.shape[1]}, the index expects {self.dims}")
+        return self._search(prepare(vectors, self.meta["metric"]), k)
+
+    def search_ids(self, image_ids, k: int = 10) -> Neighbors:
+        """Neighbours of images in the index (each image is its own first neighbour)."""
+        return self._search(self.vectors_of(image_ids), k)
+
+    def _search(self, prepared: np.ndarray, k: int) -> Neighbors:
+        if k < 1:
+            raise FeatscopeError("k must be at least 1")
+        dist, rows = self.index.search(np.ascontiguousarray(prepared), min(k, len(self)))
+        image_ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+        dist = np.maximum(dist, 0.0)
+        dist = dist / 2.0 if self.meta["metric"] == "cosine" else np.sqrt(dist)
+        return Neighbors(image_ids, dist.astype(np.float32))

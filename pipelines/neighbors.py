@@ -1,0 +1,170 @@
+"""Stages `index build`, `index evaluate` and `query`: feature-space neighbours of a run.
+
+The index of a layer is built from its feature parts (shard by shard, never all in
+memory), without images marked removed, and carries the run's identity so a query never
+mixes models. `pixels` is a layer like the others (downsampled model input), which is
+what lets every query compare feature space with pixel space.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from featscope.index import NeighborIndex, build_index, parse_bytes
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines import manifest
+from featscope.pipelines.atomic import write_json_atomic
+from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.store import RunIdentity, file_metadata, iter_features
+from featscope.pipelines.version import FEATSCOPE_VERSION
+
+
+@dataclass
+class IndexSummary:
+    layer: str
+    meta: dict
+
+    def line(self) -> str:
+        m = self.meta
+        return (f"index {self.layer}: {m['vectors']} vectors x {m['dims']} ({m['factory']}, {m['metric']}), "
+                f"recall@10 {m['recall_at_10']:.3f} vs exact on {m['recall_queries']} queries, "
+                f"{m['build_seconds']:.1f}s")
+
+
+def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine", max_memory: str | int = "4GB",
+          seed: int = 0, progress: bool = True) -> IndexSummary:
+    """Build and save the index of `layer`'s features."""
+    identity = RunIdentity.of_run(rd.read_config())
+    parts = rd.feature_parts(layer)
+    if not parts:
+        raise FeatscopeError(f"no features for layer '{layer}' in {rd.root}: run "
+                             f"`featscope extract --run {rd.root} --layers {layer}` first")
+    dims = int(file_metadata(parts[0])["dims"])
+    present = np.sort(np.asarray(manifest.read(rd)["image_id"].to_numpy(), dtype=np.int64))
+
+    def chunks():
+        for ids, vectors in iter_features(parts, identity):
+            keep = np.isin(ids, present, assume_unique=False)
+            yield ids[keep], vectors[keep]
+
+    n = sum(int(np.isin(pq.read_table(p, columns=["image_id"])["image_id"].to_numpy(), present).sum())
+            for p in parts)
+    with tqdm(total=n, unit="vec", desc=f"index {layer}", disable=not progress) as bar:
+        result = build_index(chunks, n=n, dims=dims, kind=kind, metric=metric, max_memory=parse_bytes(max_memory),
+                             seed=seed, on_chunk=bar.update)
+    extra = asdict(identity) | {"layer": layer, "featscope_version": FEATSCOPE_VERSION}
+    NeighborIndex.from_build(result).save(rd.index_dir(layer), extra_meta=extra)
+    return IndexSummary(layer, result.meta)
+
+
+def open_index(rd: RunDir, layer: str, *, mmap: bool = False) -> NeighborIndex:
+    """The layer's index, refused if it was built from another model, weights or preprocessing."""
+    index = NeighborIndex.open(rd.root, layer, mmap=mmap)
+    identity = RunIdentity.of_run(rd.read_config())
+    for key, want in asdict(identity).items():
+        if index.meta.get(key) != want:
+            raise FeatscopeError(f"the index of '{layer}' was built for another {key} than run {rd.root} has; "
+                                 f"rebuild it with `featscope index build --run {rd.root} --layer {layer}`")
+    return index
+
+
+def precision_at_k(index: NeighborIndex, labels: dict[int, str], *, k: int = 10, max_queries: int = 2000,
+                   seed: int = 0) -> tuple[float, int]:
+    """Leave-one-out precision@k: the share of each labelled image's k nearest other images
+    that carry its label, averaged over up to `max_queries` labelled images."""
+    ids = np.array(sorted(i for i in labels if labels[i] is not None), dtype=np.int64)
+    ids = ids[np.isin(ids, index.ids)]
+    if len(ids) == 0:
+        raise FeatscopeError("no labelled images in this run: precision@k needs labels")
+    if len(ids) > max_queries:
+        ids = np.sort(np.random.default_rng(seed).choice(ids, max_queries, replace=False))
+    found = index.search_ids(ids, k=k + 1).image_ids
+    scores = []
+    for query, row in zip(ids, found):
+        others = [i for i in row if i != query and i >= 0][:k]
+        scores.append(np.mean([labels.get(int(i)) == labels[int(query)] for i in others]) if others else 0.0)
+    return float(np.mean(scores)), len(ids)
+
+
+def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_queries: int = 2000) -> dict:
+    """precision@k per layer (pixels included where its index exists); written to index/evaluation.json."""
+    built = sorted(p.parent.name for p in rd.index_root.glob("*/meta.json"))
+    layers = layers or built
+    if not layers:
+        raise FeatscopeError(f"no index in {rd.root}: run `featscope index build` first")
+    rows = manifest.read(rd).to_pylist()
+    labels = {r["image_id"]: r["label"] for r in rows}
+    result = {"k": k, "layers": {}}
+    if not any(label is not None for label in labels.values()):
+        result["skipped"] = "the images have no labels"
+        write_json_atomic(rd.index_evaluation, result)
+        return result
+    for layer in layers:
+        score, queries = precision_at_k(open_index(rd, layer), labels, k=k, max_queries=max_queries)
+        result["layers"][layer] = {"precision_at_k": round(score, 4), "queries": queries}
+    write_json_atomic(rd.index_evaluation, result)
+    return result
+
+
+def image_row(rd: RunDir) -> dict[int, dict]:
+    return {r["image_id"]: r for r in manifest.read(rd, include_removed=True).to_pylist()}
+
+
+def embed_image(rd: RunDir, layer: str, image: str | Path) -> np.ndarray:
+    """A new image's vector at `layer`, by the run's own model, weights and preprocessing."""
+    from featscope.pipelines.extract import FeatureExtractor, resolve_device, resolve_precision
+    from featscope.pipelines.images import BadImage, read_pixels
+    from featscope.pipelines.models import load_model
+
+    config = rd.read_config()
+    identity = RunIdentity.of_run(config)
+    loaded = load_model(config["model"], config.get("weights", "imagenet"), seed=config.get("seed", 0))
+    if loaded.weights_sha256 != identity.weights_sha256:
+        raise FeatscopeError(f"the weights '{config.get('weights')}' no longer match run {rd.root}")
+    device = resolve_device("auto")
+    extractor = FeatureExtractor(loaded, [layer], device, resolve_precision("auto", device))
+    try:
+        pixels = read_pixels(image, min_size=loaded.preprocessing.resize)
+    except BadImage as e:
+        raise FeatscopeError(f"cannot read {image}: {e}") from None
+    return extractor(loaded.preprocessing.to_uint8(pixels)[None])[layer]["feature"][0]
+
+
+def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | None = None,
+          image: str | Path | None = None, k: int = 10, mmap: bool = False) -> list[dict]:
+    """Nearest images to an image id, a path in the run, or a new image file."""
+    if sum(x is not None for x in (image_id, path, image)) != 1:
+        raise FeatscopeError("give exactly one of --id, --path, --image")
+    index = open_index(rd, layer, mmap=mmap)
+    rows = image_row(rd)
+    if path is not None:
+        wanted = str(Path(path).resolve())
+        matches = [i for i, r in rows.items() if r["path"] == wanted]
+        if not matches:
+            raise FeatscopeError(f"{path} is not an image of run {rd.root}")
+        image_id = matches[0]
+    if image is not None:
+        found = index.search_vectors(embed_image(rd, layer, image), k=k)
+    else:
+        if image_id not in rows:
+            raise FeatscopeError(f"image_id {image_id} is not in run {rd.root}")
+        found = index.search_ids([image_id], k=k)
+    return [{"rank": rank + 1, "image_id": int(i), "path": rows[int(i)]["path"], "label": rows[int(i)]["label"],
+             "distance": float(d)}
+            for rank, (i, d) in enumerate(zip(found.image_ids[0], found.distances[0])) if i >= 0]
+
+
+def format_answer(answer: list[dict], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(answer, indent=2)
+    lines = [f"{'rank':>4}  {'image_id':>8}  {'distance':>9}  {'label':<10} path"]
+    lines += [f"{a['rank']:>4}  {a['image_id']:>8}  {a['distance']:>9.4f}  {str(a['label']):<10} {a['path']}"
+              for a in answer]
+    return "\n".join(lines)
+

@@ -1,0 +1,69 @@
+"""Neighbour sheets: for each query image, its nearest images in feature space and, beneath
+them, in pixel space — the seed's picture of why CNN features beat raw pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.layers import PIXELS
+from featscope.pipelines.atomic import atomic_path
+from featscope.pipelines.images import BadImage, open_image
+from featscope.pipelines.neighbors import image_row, open_index
+from featscope.pipelines.rundir import RunDir
+
+CAPTION = 14
+MARGIN = 6
+LEGEND = 120
+
+
+def _tile(path: str, side: int) -> Image.Image:
+    try:
+        return ImageOps.fit(open_image(path, min_size=side), (side, side))
+    except BadImage:
+        return Image.new("RGB", (side, side), (90, 90, 90))
+
+
+def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: int = 112,
+           out: str | Path | None = None) -> Path:
+    """Write a JPEG sheet: per query, a feature-space row and (if indexed) a pixel-space row."""
+    if not image_ids:
+        raise FeatscopeError("give at least one query image id")
+    spaces = [(layer, open_index(rd, layer))]
+    if layer != PIXELS and (rd.index_dir(PIXELS) / "meta.json").exists():
+        spaces.append((PIXELS, open_index(rd, PIXELS)))
+    rows = image_row(rd)
+    font = ImageFont.load_default(size=11)
+    row_h = tile + CAPTION + MARGIN
+    width = LEGEND + (k + 1) * (tile + MARGIN) + MARGIN
+    sheet = Image.new("RGB", (width, MARGIN + len(image_ids) * (len(spaces) * row_h + MARGIN)), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = MARGIN
+    for query in image_ids:
+        if query not in rows:
+            raise FeatscopeError(f"image_id {query} is not in run {rd.root}")
+        for s, (name, index) in enumerate(spaces):
+            found = index.search_ids([query], k=k + 1)
+            neighbours = [(int(i), float(d)) for i, d in zip(found.image_ids[0], found.distances[0])
+                          if i >= 0 and i != query][:k]
+            draw.text((MARGIN, y + tile // 2 - 6), "pixel space" if name == PIXELS else f"{name} features",
+                      fill="black", font=font)
+            x = LEGEND
+            if s == 0:
+                sheet.paste(_tile(rows[query]["path"], tile), (x, y))
+                draw.rectangle((x - 2, y - 2, x + tile + 1, y + tile + 1), outline=(220, 40, 40), width=2)
+                draw.text((x, y + tile + 1), f"query {query} {rows[query]['label'] or ''}", fill="black", font=font)
+            x += tile + MARGIN
+            for image_id, distance in neighbours:
+                sheet.paste(_tile(rows[image_id]["path"], tile), (x, y))
+                draw.text((x, y + tile + 1), f"{rows[image_id]['label'] or image_id} d={distance:.2f}",
+                          fill="black", font=font)
+                x += tile + MARGIN
+            y += row_h
+        y += MARGIN
+    path = Path(out) if out else rd.neighbor_sheet(layer)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="JPEG", quality=90)
+    return path

@@ -1,0 +1,119 @@
+"""FAISS indexes: exact search equals brute force, recall is measured right, files round-trip."""
+
+import numpy as np
+import pytest
+
+from featscope.index import NeighborIndex, build_index, choose_plan, parse_bytes, recall_at_k
+from featscope.index.recall import exact_knn
+from featscope.kernels.errors import FeatscopeError
+
+
+def clustered(n, dims, clusters=20, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dims)) * 4
+    return (centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, dims))).astype(np.float32)
+
+
+def as_chunks(x, ids, size=333):
+    return lambda: ((ids[i:i + size], x[i:i + size]) for i in range(0, len(x), size))
+
+
+def brute_force(x, q, k, metric):
+    if metric == "cosine":
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+        qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+        d = 1 - qn @ xn.T
+    else:
+        d = np.sqrt(((q[:, None, :] - x[None]) ** 2).sum(-1))
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(d, order, 1)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_flat_search_equals_brute_force_numpy(metric):
+    x = clustered(1000, 16)
+    ids = np.arange(1000) * 3 + 7  # image ids are not row numbers
+    ix = NeighborIndex.from_build(build_index(as_chunks(x, ids), n=1000, dims=16, kind="flat", metric=metric))
+    q = clustered(25, 16, seed=1)
+    found = ix.search_vectors(q, k=5)
+    rows, dist = brute_force(x, q, 5, metric)
+    np.testing.assert_array_equal(found.image_ids, ids[rows])
+    np.testing.assert_allclose(found.distances, dist, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_on_a_small_collection_is_exact():
+    x = clustered(500, 8)
+    result = build_index(as_chunks(x, np.arange(500)), n=500, dims=8)
+    assert result.meta["kind"] == "flat" and result.meta["recall_at_10"] == 1.0
+
+
+def test_recall_at_k_on_known_answers():
+    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert recall_at_k(truth, truth, k=4) == 1.0
+    assert recall_at_k(np.array([[4, 3, 9, 9], [5, 0, 0, 0]]), truth, k=4) == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert recall_at_k(np.array([[1, 9], [9, 9]]), truth[:, :2], k=2) == pytest.approx(0.25)
+
+
+def test_streamed_exact_knn_equals_one_shot():
+    x, q = clustered(900, 12), clustered(30, 12, seed=2)
+    from featscope.index.recall import StreamingExactKnn
+
+    knn = StreamingExactKnn(q, 7)
+    for i in range(0, 900, 250):
+        knn.add(x[i:i + 250])
+    d_stream, i_stream = knn.result()
+    d_once, i_once = exact_knn(x, q, 7)
+    np.testing.assert_array_equal(i_stream, i_once)
+    np.testing.assert_allclose(d_stream, d_once, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
+def test_approximate_indexes_reach_their_measured_recall_on_held_out_queries(kind):
+    x = clustered(8000, 32, clusters=40)
+    result = build_index(as_chunks(x, np.arange(8000), size=1000), n=8000, dims=32, kind=kind, metric="l2")
+    ix = NeighborIndex.from_build(result)
+    q = clustered(200, 32, clusters=40, seed=0)[:200] + np.random.default_rng(5).normal(size=(200, 32)) * 0.1
+    truth, _ = brute_force(x, q.astype(np.float32), 10, "l2")
+    measured = recall_at_k(ix.search_vectors(q, 10).image_ids, truth, 10)
+    assert result.meta["recall_at_10"] >= 0.95 and measured >= 0.85
+    assert result.meta["search_params"]  # nprobe / efSearch was tuned
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_saved_index_round_trips_including_memory_mapped(tmp_path, kind):
+    x = clustered(3000, 24)
+    ids = np.arange(3000) + 1000
+    ix = NeighborIndex.from_build(build_index(as_chunks(x, ids), n=3000, dims=24, kind=kind, metric="cosine"))
+    ix.save(tmp_path / "ix", extra_meta={"layer": "fc7"})
+    q = clustered(10, 24, seed=3)
+    before = ix.search_vectors(q, 6)
+    for mmap in (False, True):
+        again = NeighborIndex.load(tmp_path / "ix", mmap=mmap)
+        after = again.search_vectors(q, 6)
+        np.testing.assert_array_equal(before.image_ids, after.image_ids)
+        np.testing.assert_allclose(before.distances, after.distances, rtol=1e-5)
+        assert again.meta["layer"] == "fc7"
+    own = NeighborIndex.load(tmp_path / "ix").search_ids([1000, 3999], k=1).image_ids[:, 0]
+    assert own.tolist() == [1000, 3999]
+
+
+def test_bad_queries_are_one_line_errors(tmp_path):
+    x = clustered(100, 8)
+    ix = NeighborIndex.from_build(build_index(as_chunks(x, np.arange(100)), n=100, dims=8))
+    with pytest.raises(FeatscopeError, match="dimension 5, the index expects 8"):
+        ix.search_vectors(np.zeros((1, 5)), 3)
+    with pytest.raises(FeatscopeError, match="image_id 4242 is not in this index"):
+        ix.search_ids([4242])
+    with pytest.raises(FeatscopeError, match="index for layer 'fc7' not found"):
+        NeighborIndex.open(tmp_path, "fc7")
+
+
+def test_plans_follow_size_and_memory():
+    assert choose_plan(150_000, 1280).factory == "Flat"
+    big = choose_plan(1_000_000, 1280)
+    assert big.kind == "ivf" and big.factory.startswith("PCA256,IVF4096")
+    tight = choose_plan(10_000_000, 1280, max_memory=parse_bytes("2GB"))
+    assert tight.kind == "ivfpq" and tight.estimated_bytes <= parse_bytes("2GB")
+    assert parse_bytes("512MB") == 512 << 20 and parse_bytes("1.5GiB") == int(1.5 * (1 << 30))
+    with pytest.raises(FeatscopeError):
+        parse_bytes("lots")

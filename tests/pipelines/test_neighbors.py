@@ -1,0 +1,106 @@
+"""Index stages on a real run: queries by id, path and new image; errors; precision@k; sheets."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featscope.index import NeighborIndex, build_index
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines import extract, manifest, neighbors, sheets
+from featscope.pipelines.rundir import RunDir
+
+
+@pytest.fixture
+def indexed_run(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=4)
+    extract.run(rd, ["pool", "pixels"], model="resnet18", weights="random", workers=0, progress=False)
+    for layer in ("pool", "pixels"):
+        neighbors.build(rd, layer, progress=False)
+    return rd
+
+
+def featscope(*args):
+    return subprocess.run([sys.executable, "-m", "featscope.pipelines.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_a_new_image_that_is_already_in_the_run_finds_itself_first(indexed_run, tmp_path):
+    rows = manifest.read(indexed_run).to_pylist()
+    target = next(r for r in rows if r["label"] == "photo")
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(open(target["path"], "rb").read())
+    answer = neighbors.query(indexed_run, "pool", image=copy, k=3)
+    assert answer[0]["image_id"] == target["image_id"] and answer[0]["distance"] < 1e-2
+    by_path = neighbors.query(indexed_run, "pool", path=target["path"], k=3)
+    assert by_path[0]["image_id"] == target["image_id"] and by_path[0]["distance"] == pytest.approx(0, abs=1e-6)
+    pixels = neighbors.query(indexed_run, "pixels", image=copy, k=1)
+    assert pixels[0]["image_id"] == target["image_id"]
+
+
+def test_cli_query_prints_json_and_bad_queries_exit_2(indexed_run):
+    done = featscope("query", "--run", indexed_run.root, "--layer", "pool", "--id", 2, "-k", 4, "--json")
+    answer = json.loads(done.stdout)
+    assert done.returncode == 0 and [a["rank"] for a in answer] == [1, 2, 3, 4] and answer[0]["image_id"] == 2
+    assert {"image_id", "path", "label", "distance"} <= set(answer[0])
+    for args, message in [
+        (("--layer", "pool", "--id", 999), "image_id 999 is not in run"),
+        (("--layer", "pool", "--path", "/nowhere.png"), "is not an image of run"),
+        (("--layer", "layer4", "--id", 1), "index for layer 'layer4' not found"),
+    ]:
+        done = featscope("query", "--run", indexed_run.root, *args)
+        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_an_index_of_other_weights_is_refused(indexed_run):
+    meta_path = indexed_run.index_dir("pool") / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(meta | {"weights_sha256": "0" * 64}))
+    with pytest.raises(FeatscopeError, match="built for another weights_sha256"):
+        neighbors.query(indexed_run, "pool", image_id=1)
+
+
+def test_wrong_dimension_vectors_are_refused(indexed_run):
+    with pytest.raises(FeatscopeError, match="dimension 3, the index expects 512"):
+        neighbors.open_index(indexed_run, "pool").search_vectors(np.zeros((1, 3)))
+
+
+def test_removed_images_leave_the_index(indexed_run, small_dataset):
+    victim = next(small_dataset.glob("photo/*.png"))
+    victim_id = next(r["image_id"] for r in manifest.read(indexed_run).to_pylist() if r["path"] == str(victim))
+    victim.unlink()
+    manifest.run(indexed_run, small_dataset)
+    summary = neighbors.build(indexed_run, "pool", progress=False)
+    assert summary.meta["vectors"] == 8
+    assert victim_id not in neighbors.open_index(indexed_run, "pool").ids
+
+
+def test_precision_at_k_counts_same_label_neighbours_leaving_the_query_out():
+    # Four points on a line: a a b b. Nearest other of each: a->a, a->a, b->b, b->b; the
+    # second nearest crosses the label boundary for the inner points only.
+    x = np.array([[0.0], [1.0], [2.5], [3.5]], dtype=np.float32)
+    ids = np.array([10, 11, 12, 13])
+    ix = NeighborIndex.from_build(build_index(lambda: [(ids, x)], n=4, dims=1, kind="flat", metric="l2"))
+    labels = {10: "a", 11: "a", 12: "b", 13: "b"}
+    assert neighbors.precision_at_k(ix, labels, k=1)[0] == 1.0
+    # k=2: 10 -> {11, 12}: 1/2; 11 -> {10, 12}: 1/2; 12 -> {13, 11}: 1/2; 13 -> {12, 11}: 1/2
+    assert neighbors.precision_at_k(ix, labels, k=2)[0] == pytest.approx(0.5)
+
+
+def test_evaluate_writes_both_spaces(indexed_run):
+    result = neighbors.evaluate(indexed_run)
+    assert set(result["layers"]) == {"pool", "pixels"}
+    assert json.loads(indexed_run.index_evaluation.read_text()) == result
+
+
+def test_sheet_has_a_feature_and_a_pixel_row_per_query(indexed_run):
+    path = sheets.render(indexed_run, "pool", [1, 5], k=3, tile=40)
+    img = Image.open(path)
+    margin, caption = sheets.MARGIN, sheets.CAPTION
+    assert img.size == (sheets.LEGEND + 4 * (40 + margin) + margin, margin + 2 * (2 * (40 + caption + margin) + margin))
+    with pytest.raises(FeatscopeError, match="image_id 77 is not in run"):
+        sheets.render(indexed_run, "pool", [77])
