@@ -1,11 +1,13 @@
 """Which FAISS index to build, decided like a careful engineer (after autofaiss's rules).
 
-- Exact (`Flat`) while the collection is small (<= 200k vectors) and fits the memory budget:
-  no training, no tuning, recall 1.
-- Beyond that, PCA to at most 256 dimensions (CNN features are far from isotropic, so little
-  is lost) and an inverted file with about 4*sqrt(N) lists; the vectors stay uncompressed if
-  they fit the budget (`IVF,Flat`), else product-quantised to 64 bytes each (`IVF,PQ`).
-- `hnsw` on request: a graph index, fast to query, slow to build, memory-hungry.
+- Exact (`Flat`) while the collection is small (under 200k vectors) and fits the memory
+  budget: no training, no tuning, recall 1.
+- Beyond that an inverted file with about 4*sqrt(N) lists over the uncompressed vectors
+  (`IVF,Flat`) while they fit the budget; if not, first PCA to 256 dimensions (CNN features
+  are far from isotropic, so little is lost), and if even that does not fit, product
+  quantisation to 64 bytes a vector (`PCA,IVF,PQ`).
+- `hnsw` on request: a graph index, fast to query, slow to build, memory-hungry (PCA to 256
+  first for wider vectors, since its build cost grows with the dimension).
 How many lists to visit (nprobe) or how wide to search (efSearch) is tuned at build time
 against exact search; see `build.py`.
 """
@@ -59,16 +61,20 @@ def choose_plan(n: int, dims: int, *, kind: str = "auto", max_memory: int = 4 <<
     if kind not in KINDS:
         raise FeatscopeError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'")
     flat_bytes = n * dims * 4
-    if kind == "flat" or (kind == "auto" and n <= EXACT_MAX_VECTORS and flat_bytes <= max_memory):
+    if kind == "flat" or (kind == "auto" and n < EXACT_MAX_VECTORS and flat_bytes <= max_memory):
         return IndexPlan("flat", "Flat", dims, dims, estimated_bytes=flat_bytes)
     reduced = min(dims, PCA_DIMS)
     pca = f"PCA{reduced}," if reduced < dims else ""
     if kind == "hnsw":
         return IndexPlan("hnsw", f"{pca}HNSW32", dims, reduced, estimated_bytes=n * (reduced * 4 + 32 * 2 * 4))
     nlist = _nlist(n)
-    ivf_flat_bytes = n * (reduced * 4 + 8)
-    if kind == "ivf" or (kind == "auto" and ivf_flat_bytes <= max_memory):
-        return IndexPlan("ivf", f"{pca}IVF{nlist},Flat", dims, reduced, nlist, ivf_flat_bytes)
+    for width, prefix in ((dims, ""), (reduced, pca)):
+        ivf_flat_bytes = n * (width * 4 + 8)
+        if kind in ("auto", "ivf") and ivf_flat_bytes <= max_memory:
+            return IndexPlan("ivf", f"{prefix}IVF{nlist},Flat", dims, width, nlist, ivf_flat_bytes)
+    if kind == "ivf":
+        raise FeatscopeError(f"IVF,Flat over {n} vectors needs {n * (reduced * 4 + 8) / 1e9:.1f} GB even after "
+                             "PCA; raise --max-memory or use --kind ivfpq")
     m = min(PQ_BYTES, reduced)
     while reduced % m:
         m -= 1

@@ -110,6 +110,7 @@ def test_bad_queries_are_one_line_errors(tmp_path):
 
 def test_plans_follow_size_and_memory():
     assert choose_plan(150_000, 1280).factory == "Flat"
+    assert choose_plan(300_000, 1280).factory == "IVF2048,Flat"  # 1.5 GB fits the default 4 GB
     big = choose_plan(1_000_000, 1280)
     assert big.kind == "ivf" and big.factory.startswith("PCA256,IVF4096")
     tight = choose_plan(10_000_000, 1280, max_memory=parse_bytes("2GB"))
