@@ -26,6 +26,8 @@ MODEL = CFG["model"]
 EXTRACT = CFG["extract"]
 INDEX = CFG["index"]
 EXTRACT_LAYERS = LAYERS + ([PIXELS] if INDEX["pixels"] else [])
+TOPK = CFG["topk"]
+TOPK_LAYERS = TOPK.get("layers", LAYERS) if TOPK["k"] else []
 q = shlex.quote
 # The featscope installed beside the Python running Snakemake, so jobs need no activated venv.
 _beside = Path(sys.executable).with_name("featscope")
@@ -38,7 +40,8 @@ MANIFEST_CMD = (
 EXTRACT_CMD = (
     f"{FEATSCOPE} extract --run {q(str(RD.root))} --layers {q(','.join(EXTRACT_LAYERS))}"
     f" --device {EXTRACT['device']} --precision {EXTRACT['precision']} --batch-size {EXTRACT['batch_size']}"
-    f" --seed {MODEL['seed']} --quiet" + (f" --workers {EXTRACT['workers']}" if "workers" in EXTRACT else "")
+    f" --seed {MODEL['seed']} --topk {TOPK['k']} --quiet"
+    + (f" --workers {EXTRACT['workers']}" if "workers" in EXTRACT else "")
 )
 
 
@@ -49,10 +52,15 @@ INDEX_CMD = (
 RUN_ARG = q(str(RD.root))
 
 
-def parts_of(layers):
-    """Every shard's feature part of `layers` (known once the manifest checkpoint has run)."""
+def shards():
+    """The run's shards, known once the manifest checkpoint has run."""
     checkpoints.manifest.get()
-    return [str(RD.feature_part(layer, shard)) for shard in fsmanifest.shards(RD) for layer in layers]
+    return fsmanifest.shards(RD)
+
+
+def parts_of(layers):
+    """Every shard's feature part of `layers`."""
+    return [str(RD.feature_part(layer, shard)) for shard in shards() for layer in layers]
 
 
 def index_meta(layer):
@@ -68,6 +76,7 @@ rule all:
         [index_meta(layer) for layer in EXTRACT_LAYERS],
         RD.index_evaluation,
         [str(RD.neighbor_sheet(layer)) for layer in LAYERS] if INDEX["queries"] else [],
+        [str(RD.patch_sheet(layer)) for layer in TOPK_LAYERS],
 
 
 # Reruns whenever the set of images changes (the listing is a param). `update`: Snakemake
@@ -87,6 +96,7 @@ rule extract:
         ancient(RD.manifest),
     output:
         [RD.feature_part_template(layer) for layer in EXTRACT_LAYERS],
+        [RD.topk_candidates_template(layer) for layer in TOPK_LAYERS],
     wildcard_constraints:
         shard=r"\d{5}",
     threads: EXTRACT["threads"]
@@ -123,3 +133,22 @@ rule neighbors:
         ids=",".join(map(str, INDEX["queries"])),
     shell:
         f"{FEATSCOPE} neighbors --run {RUN_ARG} --layer {{wildcards.layer}} --ids {{params.ids}} -k {INDEX['k']}"
+
+
+# The dataset's top-k per unit from every shard's candidates; then the patch PNGs.
+rule topk_merge:
+    input:
+        lambda wildcards: [str(RD.topk_candidates_part(wildcards.layer, s)) for s in shards()],
+    output:
+        str(RD.topk("{layer}")),
+    shell:
+        f"{FEATSCOPE} topk merge --run {RUN_ARG} --layer {{wildcards.layer}}"
+
+
+rule topk_render:
+    input:
+        str(RD.topk("{layer}")),
+    output:
+        str(RD.patch_sheet("{layer}")),
+    shell:
+        f"{FEATSCOPE} topk render --run {RUN_ARG} --layer {{wildcards.layer}} --units {q(TOPK['units'])} --quiet"

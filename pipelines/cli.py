@@ -44,7 +44,7 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     summary = extract.run(rd, layers, model=args.model, weights=args.weights, shard=args.shard, device=args.device,
                           precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-                          threads=args.threads, seed=args.seed, progress=not args.quiet)
+                          threads=args.threads, seed=args.seed, topk=args.topk, progress=not args.quiet)
     print(summary.line(rd))
     if summary.bad:
         print(f"warning: {summary.bad} images could not be read; see {rd.errors_dir}", file=sys.stderr)
@@ -85,6 +85,20 @@ def _cmd_neighbors(args: argparse.Namespace) -> None:
     ids = [int(x) for x in args.ids.split(",") if x.strip()]
     path = sheets.render(RunDir(args.run), args.layer, ids, k=args.k, tile=args.tile, out=args.out)
     print(f"neighbors: sheet of {len(ids)} queries x {args.k} neighbours at {path}")
+
+
+def _cmd_topk_merge(args: argparse.Namespace) -> None:
+    from featscope.pipelines import topk
+
+    print(topk.merge(RunDir(args.run), args.layer, k=args.k).line())
+
+
+def _cmd_topk_render(args: argparse.Namespace) -> None:
+    from featscope.pipelines import topk
+
+    summary = topk.render(RunDir(args.run), args.layer, units=topk.parse_units(args.units), k=args.k,
+                          tile=args.tile, progress=not args.quiet)
+    print(summary.line())
 
 
 def _int_list(text: str) -> str:
@@ -148,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--workers", type=int, help="image decoding threads (default: up to 4 on CPU, 16 with a GPU; 0 = inline)")
     ext.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ext.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+    ext.add_argument("--topk", type=int, default=0, metavar="K",
+                     help="also keep each unit's top-K images of every shard, in the same pass (0: off)")
     ext.add_argument("--quiet", action="store_true", help="no progress bar")
     ext.set_defaults(func=_cmd_extract)
 
@@ -191,6 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--tile", type=int, default=112, help="tile size in pixels")
     nb.add_argument("--out", type=Path, help="output JPEG (default: <run>/neighbors/<layer>.jpg)")
     nb.set_defaults(func=_cmd_neighbors)
+
+    topk = sub.add_parser("topk", help="each unit's maximally activating images and patches").add_subparsers(
+        dest="what", required=True, metavar="WHAT")
+    tm = topk.add_parser("merge", help="merge the shards' top-k candidates of a layer, with patch boxes",
+                         description="Needs `featscope extract --topk K`. Writes topk/<layer>.parquet: channel, "
+                                     "rank, value, image_id, cell (fy, fx) and the box in original-image pixels.")
+    tm.add_argument("--run", required=True, type=Path)
+    tm.add_argument("--layer", required=True)
+    tm.add_argument("--k", type=int, help="keep the top k (default: what extraction kept)")
+    tm.set_defaults(func=_cmd_topk_merge)
+    tr = topk.add_parser("render", help="one PNG of top-k patches per unit, and a contact sheet")
+    tr.add_argument("--run", required=True, type=Path)
+    tr.add_argument("--layer", required=True)
+    tr.add_argument("--units", help="e.g. 0-63 or 3,7,10-12 (default: all)")
+    tr.add_argument("--k", type=int, help="patches per unit (default: all merged)")
+    tr.add_argument("--tile", type=int, default=64, help="patch size in the PNGs")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=_cmd_topk_render)
     return parser
 
 

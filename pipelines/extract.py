@@ -19,14 +19,22 @@ import torch
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.layers import LayerSpec, LayerTap
+from featscope.kernels.layers import PIXELS, LayerSpec, LayerTap
 from featscope.kernels.summary import conv_summary, pixel_thumbnail
+from featscope.kernels.topk import RunningTopK
 from featscope.pipelines import manifest
 from featscope.pipelines.dataset import default_workers, image_batches
 from featscope.pipelines.models import LoadedModel, load_model
 from featscope.pipelines.rundir import RunDir
 from featscope.pipelines.runtime import keep_freed_memory
-from featscope.pipelines.store import FeaturePartWriter, RunIdentity, part_is_complete, write_errors
+from featscope.pipelines.store import (
+    FeaturePartWriter,
+    RunIdentity,
+    part_is_complete,
+    topk_is_complete,
+    write_errors,
+    write_topk,
+)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,9 +109,13 @@ class FeatureExtractor:
         self.kinds = {name: "conv" if "max" in out else "vector" for name, out in probe.items()}
         self.dims = {name: out["feature"].shape[1] for name, out in probe.items()}
 
-    @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
         """(B,3,H,W) uint8 -> {layer: {column: (B, D) array}}."""
+        return {name: {k: v.cpu().numpy() for k, v in cols.items()} for name, cols in self.forward(pixels).items()}
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """(B,3,H,W) uint8 -> {layer: {column: (B, D) tensor on the model's device}}."""
         pixels = pixels.to(self.device, non_blocking=True)
         x = self.loaded.preprocessing.normalize(pixels)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -120,7 +132,7 @@ class FeatureExtractor:
             with LayerTap(self.model, self.specs, keep), torch.autocast(self.device.type, enabled=dtype is not None,
                                                                           dtype=dtype or torch.float32):
                 self.model(x)
-        return {name: {k: v.cpu().numpy() for k, v in cols.items()} for name, cols in captured.items()}
+        return captured
 
 
 def _identity(loaded: LoadedModel) -> RunIdentity:
@@ -152,9 +164,13 @@ def _model_for_run(rd: RunDir, model: str | None, weights: str | None, seed: int
 
 def run(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str | None = None,
         shard: int | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
-        workers: int | None = None, threads: int | None = None, seed: int = 0,
+        workers: int | None = None, threads: int | None = None, seed: int = 0, topk: int = 0,
         progress: bool = True) -> ExtractSummary:
-    """Extract `layers` for one shard (or every unfinished shard) of the run."""
+    """Extract `layers` for one shard (or every unfinished shard) of the run.
+
+    topk > 0 also collects, in the same pass, each unit's top-k images of the shard
+    (topk/candidates/), which `featscope topk merge` turns into the dataset's top-k.
+    """
     start = time.perf_counter()
     if not layers:
         raise FeatscopeError("no layers given: pass --layers, e.g. --layers fc7,conv5")
@@ -172,8 +188,15 @@ def run(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str
         raise FeatscopeError(f"shard {shard} is not in the manifest of {rd.root} (shards: 0-{max(all_shards, default=0)})")
     wanted = [shard] if shard is not None else all_shards
     summary = ExtractSummary(layers, torch_device.type, chosen_precision)
-    missing = {s: [layer for layer in layers if not part_is_complete(rd.feature_part(layer, s), identity)]
-               for s in wanted}
+    if topk < 0:
+        raise FeatscopeError("--topk must be 0 (off) or more")
+
+    def complete(layer: str, s: int) -> bool:
+        if not part_is_complete(rd.feature_part(layer, s), identity):
+            return False
+        return not topk or layer == PIXELS or topk_is_complete(rd.topk_candidates_part(layer, s), identity, topk)
+
+    missing = {s: [layer for layer in layers if not complete(layer, s)] for s in wanted}
     summary.already_done = [s for s in wanted if not missing[s]]
     pending = [s for s in wanted if missing[s]]
     if pending:
@@ -181,7 +204,7 @@ def run(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str
         total = sum(len(manifest.read(rd, s)) for s in pending)
         with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
             for s in pending:
-                n, bad = _extract_shard(rd, s, missing[s], extractor, identity, batch_size=batch_size,
+                n, bad = _extract_shard(rd, s, missing[s], extractor, identity, batch_size=batch_size, topk=topk,
                                         workers=default_workers(torch_device) if workers is None else workers, bar=bar)
                 summary.done.append(s)
                 summary.images += n
@@ -191,8 +214,10 @@ def run(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str
 
 
 def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: FeatureExtractor, identity: RunIdentity,
-                   *, batch_size: int, workers: int, bar: tqdm) -> tuple[int, int]:
+                   *, batch_size: int, workers: int, topk: int, bar: tqdm) -> tuple[int, int]:
     """Extract the shard's missing `layers` (finished parts of other layers are left alone)."""
+    trackers = {layer: RunningTopK(extractor.dims[layer], topk, extractor.device)
+                for layer in layers if topk and layer != PIXELS}
     rows = manifest.read(rd, shard)
     ids, paths = rows["image_id"].to_pylist(), rows["path"].to_pylist()
     writers = {
@@ -210,10 +235,14 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
                 errors += [{"image_id": i, "path": p, "stage": "extract", "error": "bad_image", "message": m}
                            for i, p, m in batch.errors]
                 if len(batch.image_ids):
-                    outputs = extractor(batch.pixels)
+                    outputs = extractor.forward(batch.pixels)
+                    for layer, tracker in trackers.items():
+                        cols = outputs[layer]
+                        tracker.update(cols.get("max", cols["feature"]), batch.image_ids, cols.get("argmax_y"),
+                                       cols.get("argmax_x"))
                     batch_ids = batch.image_ids.numpy()
                     for layer, writer in writers.items():
-                        cols = outputs[layer]
+                        cols = {k: v.cpu().numpy() for k, v in outputs[layer].items()}
                         pending_writes.append(io.submit(writer.write, batch_ids, cols["feature"], cols))
                 bar.update(len(batch.image_ids) + len(batch.errors))
                 bar.set_postfix(bad=len(errors), refresh=False)
@@ -224,6 +253,9 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
             write_errors(error_part, errors)
         else:
             error_part.unlink(missing_ok=True)
+        for layer, tracker in trackers.items():
+            columns = {name: t.numpy() for name, t in tracker.result().items()}
+            write_topk(rd.topk_candidates_part(layer, shard), columns, identity, layer=layer, k=topk, shard=shard)
         for w in writers.values():
             w.commit()
     except BaseException:

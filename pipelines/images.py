@@ -89,6 +89,21 @@ def read_pixels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_s
     return _decode(_read(path), max_pixels, min_size, tensor=True)
 
 
+_SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the upright image, from the header alone."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(0x0112) in _SWAPS_SIDES:
+                width, height = height, width
+            return width, height
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise BadImage(f"cannot read header: {e}") from None
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, scaling high bit depths and flattening alpha."""
     if img.mode == "RGB":

@@ -46,6 +46,27 @@ class Preprocessing:
         resized = TF.resize(pixels, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
         return TF.center_crop(resized, [self.crop])
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the shorter side is resized, by torchvision's own rule."""
+        if width <= height:
+            return self.resize, int(self.resize * height / width)
+        return int(self.resize * width / height), self.resize
+
+    def to_original(self, boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """(N,4) inclusive boxes x0,y0,x1,y1 in model-input pixels -> the same region in the
+        original (upright) image of width x height, undoing the centre crop and the resize."""
+        new_w, new_h = self.resized_size(width, height)
+        left, top = int(round((new_w - self.crop) / 2.0)), int(round((new_h - self.crop) / 2.0))
+        sx, sy = width / new_w, height / new_h
+        b = boxes.double()
+        x0 = torch.floor((b[:, 0] + left) * sx)
+        y0 = torch.floor((b[:, 1] + top) * sy)
+        x1 = torch.ceil((b[:, 2] + 1 + left) * sx) - 1
+        y1 = torch.ceil((b[:, 3] + 1 + top) * sy) - 1
+        out = torch.stack([x0, y0, x1, y1], dim=1).long()
+        return out.clamp(min=torch.zeros(4, dtype=torch.long),
+                         max=torch.tensor([width - 1, height - 1, width - 1, height - 1]))
+
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) uint8 -> float32 model input, on the batch's device."""
         mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)

@@ -2,7 +2,8 @@
 
 Layout (see DESIGN.md): run.json, manifest.parquet, errors.parquet/ (a directory dataset
 with one part per stage and shard, so parallel jobs never write the same file),
-features/<layer>/part-NNNNN.parquet, index/<layer>/ (FAISS index), neighbors/<layer>.jpg.
+features/<layer>/part-NNNNN.parquet, topk/ (candidates per shard, merged top-k per layer),
+patches/, index/<layer>/ (FAISS index), neighbors/<layer>.jpg.
 """
 
 from __future__ import annotations
@@ -56,6 +57,25 @@ class RunDir:
     def feature_parts(self, layer: str) -> list[Path]:
         """Finished parts of a layer, in shard order."""
         return sorted(self.features_dir(layer).glob("part-*.parquet"))
+
+    def topk_candidates_part(self, layer: str, shard: int) -> Path:
+        return self.root / "topk" / "candidates" / layer / f"part-{shard:05d}.parquet"
+
+    def topk_candidates_template(self, layer: str) -> str:
+        """The candidates path with a `{shard}` placeholder, for Snakemake rules."""
+        return str(self.root / "topk" / "candidates" / layer / "part-{shard}.parquet")
+
+    def topk_candidate_parts(self, layer: str) -> list[Path]:
+        return sorted((self.root / "topk" / "candidates" / layer).glob("part-*.parquet"))
+
+    def topk(self, layer: str) -> Path:
+        return self.root / "topk" / f"{layer}.parquet"
+
+    def patches_dir(self, layer: str) -> Path:
+        return self.root / "patches" / layer
+
+    def patch_sheet(self, layer: str) -> Path:
+        return self.root / "patches" / f"{layer}.png"
 
     @property
     def index_root(self) -> Path:

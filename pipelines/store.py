@@ -173,6 +173,32 @@ def iter_features(parts: list[Path], identity: RunIdentity, *, column: str = "fe
             yield batch.column(0).to_numpy(), column_array(batch, column)
 
 
+# ---- top-k tables ----------------------------------------------------------------------
+
+TOPK_CANDIDATE_SCHEMA = pa.schema([
+    pa.field("channel", pa.int32()), pa.field("rank", pa.int16()), pa.field("value", pa.float32()),
+    pa.field("image_id", pa.int64()), pa.field("fy", pa.int16()), pa.field("fx", pa.int16()),
+])
+TOPK_SCHEMA = pa.schema(list(TOPK_CANDIDATE_SCHEMA) + [pa.field(n, pa.int32()) for n in ("x0", "y0", "x1", "y1")])
+
+
+def write_topk(path: Path, columns: dict[str, np.ndarray], identity: RunIdentity, **meta: object) -> None:
+    """A top-k table (shard candidates, or the merged result with boxes) with run metadata."""
+    schema = TOPK_SCHEMA if "x0" in columns else TOPK_CANDIDATE_SCHEMA
+    table = pa.table({f.name: pa.array(np.asarray(columns[f.name]), f.type) for f in schema}, schema=schema)
+    table = table.replace_schema_metadata(identity.metadata(**meta))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def topk_is_complete(path: Path, identity: RunIdentity, k: int) -> bool:
+    if not path.exists():
+        return False
+    meta = file_metadata(path)
+    identity.check(path, meta)
+    return int(meta.get("k", -1)) == k
+
+
 # ---- small tables (manifest, errors) ---------------------------------------------------
 
 def write_table(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:

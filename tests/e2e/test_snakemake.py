@@ -29,6 +29,7 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
         "model": {"arch": "resnet18", "weights": "random"}, "layers": ["pool", "layer3"],
         "extract": {"batch_size": 4, "workers": 0, "threads": 1},
         "index": {"queries": [0, 5], "k": 3},
+        "topk": {"k": 3, "units": "0-3"},
     }
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(cfg))
@@ -43,6 +44,8 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
         assert json.loads((run / "index" / layer / "meta.json").read_text())["vectors"] == 8
     assert set(json.loads((run / "index" / "evaluation.json").read_text())["layers"]) == {"pool", "layer3", "pixels"}
     assert (run / "neighbors" / "pool.jpg").exists() and (run / "neighbors" / "layer3.jpg").exists()
+    assert pq.read_table(run / "topk" / "layer3.parquet").num_rows == 256 * 3
+    assert sorted(p.name for p in (run / "patches" / "layer3").iterdir()) == [f"unit-000{i}.png" for i in range(4)]
 
     again = snakemake(tmp_path, configfile)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr

@@ -1,0 +1,206 @@
+"""Stages `topk merge` and `topk render`: each unit's top-k images and image patches.
+
+The extraction pass leaves per-shard candidates (topk/candidates/<layer>/); `merge` takes
+the global top-k per unit from them (same tie rule: the smaller image_id wins), maps each
+conv unit's strongest cell to its receptive field and that box through the crop and resize
+back to the original image, and writes topk/<layer>.parquet. `render` crops those boxes
+(each image read once) into one PNG per unit and a contact sheet, as in Zeiler & Fergus.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torchvision
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from tqdm import tqdm
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.layers import resolve_layer
+from featscope.kernels.receptive_field import receptive_field
+from featscope.kernels.topk import merge_topk
+from featscope.pipelines import manifest
+from featscope.pipelines.atomic import atomic_path
+from featscope.pipelines.images import BadImage, image_size, open_image
+from featscope.pipelines.models import Preprocessing
+from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.store import RunIdentity, file_metadata, write_topk
+
+
+@dataclass
+class MergeSummary:
+    layer: str
+    units: int
+    k: int
+    images: int
+    seconds: float
+
+    def line(self) -> str:
+        return (f"topk merge {self.layer}: top-{self.k} of {self.units} units from {self.images} distinct images "
+                f"in {self.seconds:.1f}s")
+
+
+def _preprocessing(config: dict) -> Preprocessing:
+    import json
+
+    fields = json.loads(config["preprocessing"])
+    return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def merge(rd: RunDir, layer: str, *, k: int | None = None) -> MergeSummary:
+    """Merge every shard's candidates of `layer` into topk/<layer>.parquet with boxes."""
+    start = time.perf_counter()
+    config = rd.read_config()
+    identity = RunIdentity.of_run(config)
+    parts = rd.topk_candidate_parts(layer)
+    present = manifest.read(rd)
+    shards = sorted(set(present["shard"].to_pylist()))
+    have = {int(p.stem.split("-")[1]) for p in parts}
+    if not parts or not set(shards) <= have:
+        raise FeatscopeError(f"top-k candidates of layer '{layer}' are missing for {len(set(shards) - have)} shards: "
+                             f"run `featscope extract --run {rd.root} --layers {layer} --topk K` first")
+    shard_k = {int(file_metadata(p)["k"]) for p in parts}
+    k = k or min(shard_k)
+    if k > min(shard_k):
+        raise FeatscopeError(f"the shards kept only the top {min(shard_k)} per unit; ask for at most that")
+    for p in parts:
+        identity.check(p, file_metadata(p))
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    table = table.filter(pa.compute.is_in(table["image_id"], present["image_id"]))
+    cols = {name: torch.from_numpy(table[name].to_numpy()) for name in table.column_names}
+    keep = merge_topk(cols["channel"].long(), cols["value"], cols["image_id"], k)
+    out = {name: col[keep] for name, col in cols.items()}
+    channel = out["channel"].long()
+    first = torch.searchsorted(channel, channel)
+    out["rank"] = (torch.arange(len(channel)) - first).to(torch.int16)
+    boxes = _boxes(rd, config, layer, out)
+    columns = {name: t.numpy() for name, t in out.items()} | {n: boxes[:, i].numpy() for i, n in
+                                                             enumerate(("x0", "y0", "x1", "y1"))}
+    write_topk(rd.topk(layer), columns, identity, layer=layer, k=k)
+    return MergeSummary(layer, len(torch.unique(channel)), k, len(torch.unique(out["image_id"])),
+                        time.perf_counter() - start)
+
+
+def _boxes(rd: RunDir, config: dict, layer: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Boxes in original-image pixels: the receptive field of each conv cell; whole images for
+    vector units."""
+    with torch.device("meta"):
+        skeleton = torchvision.models.get_model(config["model"], weights=None)
+    spec = resolve_layer(config["model"], skeleton, layer)
+    prep = _preprocessing(config)
+    rf = receptive_field(skeleton, spec.module_path)
+    input_boxes = rf.box(out["fy"], out["fx"], prep.crop, prep.crop)
+    paths = {r["image_id"]: r["path"] for r in manifest.read(rd).to_pylist()}
+    boxes = torch.empty_like(input_boxes)
+    for image_id in torch.unique(out["image_id"]).tolist():
+        rows = out["image_id"] == image_id
+        try:
+            width, height = image_size(paths[image_id])
+        except BadImage as e:
+            raise FeatscopeError(f"{paths[image_id]} changed since extraction: {e}") from None
+        if rf.is_global:
+            boxes[rows] = torch.tensor([0, 0, width - 1, height - 1])
+        else:
+            boxes[rows] = prep.to_original(input_boxes[rows], width, height)
+    return boxes
+
+
+def parse_units(text: str | None) -> list[int] | None:
+    """'0-63' / '3,7,10-12' -> unit numbers; None -> all."""
+    if not text:
+        return None
+    units = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            units += list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise FeatscopeError(f"cannot read units '{text}': use e.g. 0-63 or 3,7,10-12") from None
+    return units
+
+
+@dataclass
+class RenderSummary:
+    layer: str
+    units: int
+    images: int
+    sheet: Path
+    seconds: float
+
+    def line(self) -> str:
+        return (f"topk render {self.layer}: {self.units} unit PNGs from {self.images} images read once, contact "
+                f"sheet {self.sheet}, {self.seconds:.1f}s")
+
+
+def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | None = None, tile: int = 64,
+           sheet_columns: int = 4, progress: bool = True) -> RenderSummary:
+    """patches/<layer>/unit-NNNN.png per unit (k patches with their activation) and a contact sheet."""
+    start = time.perf_counter()
+    if not rd.topk(layer).exists():
+        raise FeatscopeError(f"no top-k for layer '{layer}': run `featscope topk merge --run {rd.root} --layer {layer}`")
+    table = pq.read_table(rd.topk(layer)).to_pylist()
+    k = k or max(r["rank"] for r in table) + 1
+    all_units = sorted({r["channel"] for r in table})
+    units = [u for u in (units if units is not None else all_units) if u in set(all_units)]
+    if not units:
+        raise FeatscopeError(f"none of the requested units is in topk/{layer}.parquet (units 0-{all_units[-1]})")
+    wanted = [r for r in table if r["channel"] in set(units) and r["rank"] < k]
+    by_image = defaultdict(list)
+    for r in wanted:
+        by_image[r["image_id"]].append(r)
+    paths = {r["image_id"]: r["path"] for r in manifest.read(rd, include_removed=True).to_pylist()}
+    patches: dict[tuple[int, int], Image.Image] = {}
+    for image_id, rows in tqdm(by_image.items(), desc=f"patches {layer}", unit="img", disable=not progress):
+        try:
+            img = open_image(paths[image_id])
+        except BadImage:
+            img = None
+        for r in rows:
+            box = (r["x0"], r["y0"], r["x1"] + 1, r["y1"] + 1)
+            patch = img.crop(box) if img is not None else Image.new("RGB", (tile, tile), (90, 90, 90))
+            patches[(r["channel"], r["rank"])] = ImageOps.pad(patch, (tile, tile), color=(255, 255, 255))
+    values = {(r["channel"], r["rank"]): r["value"] for r in wanted}
+    font = ImageFont.load_default(size=10)
+    strips = {}
+    for unit in units:
+        strip = _strip(unit, k, tile, patches, values, font)
+        strips[unit] = strip
+        with atomic_path(rd.patches_dir(layer) / f"unit-{unit:04d}.png") as tmp:
+            strip.save(tmp, format="PNG")
+    sheet = _contact_sheet([strips[u] for u in units], sheet_columns)
+    with atomic_path(rd.patch_sheet(layer)) as tmp:
+        sheet.save(tmp, format="PNG")
+    return RenderSummary(layer, len(units), len(by_image), rd.patch_sheet(layer), time.perf_counter() - start)
+
+
+LABEL_W, CAPTION_H, GAP = 56, 12, 2
+
+
+def _strip(unit: int, k: int, tile: int, patches: dict, values: dict, font) -> Image.Image:
+    """One unit: its number, then its k patches left to right with the activation under each."""
+    strip = Image.new("RGB", (LABEL_W + k * (tile + GAP), tile + CAPTION_H), "white")
+    draw = ImageDraw.Draw(strip)
+    draw.text((4, tile // 2 - 6), f"unit {unit}", fill="black", font=font)
+    for rank in range(k):
+        if (unit, rank) not in patches:
+            continue
+        x = LABEL_W + rank * (tile + GAP)
+        strip.paste(patches[(unit, rank)], (x, 0))
+        draw.text((x + 2, tile), f"{values[(unit, rank)]:.2f}", fill="black", font=font)
+    return strip
+
+
+def _contact_sheet(strips: list[Image.Image], columns: int) -> Image.Image:
+    w, h = strips[0].size
+    rows = -(-len(strips) // columns)
+    sheet = Image.new("RGB", (columns * (w + 8), rows * (h + 4)), "white")
+    for i, strip in enumerate(strips):
+        sheet.paste(strip, ((i % columns) * (w + 8), (i // columns) * (h + 4)))
+    return sheet

@@ -1,0 +1,115 @@
+"""Top-k per unit: equal to brute force over full activation maps; boxes land on the image."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.layers import LayerTap
+from featscope.pipelines import extract, manifest, topk
+from featscope.pipelines.dataset import image_batches
+from featscope.pipelines.models import Preprocessing, load_model
+from featscope.pipelines.images import read_pixels
+from featscope.pipelines.rundir import RunDir
+
+
+def brute_force_topk(rd, arch, layer, k):
+    """Full activation maps of every image through the same model, layout and precision;
+    global top-k per channel by (value desc, image_id asc) over every cell's image maximum."""
+    loaded = load_model(arch, "random")
+    extractor = extract.FeatureExtractor(loaded, [layer], torch.device("cpu"), "fp32")
+    rows = manifest.read(rd).to_pylist()
+    maps, ids = [], []
+    for batch in image_batches([r["image_id"] for r in rows], [r["path"] for r in rows], loaded.preprocessing,
+                               batch_size=4, workers=0):
+        seen = {}
+        x = loaded.preprocessing.normalize(batch.pixels).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), LayerTap(extractor.model, extractor.specs, lambda s, o: seen.update(o=o.clone())):
+            extractor.model(x)
+        maps.append(seen["o"].float())
+        ids += batch.image_ids.tolist()
+    maps = torch.cat(maps)  # (N, C, H, W)
+    n, c, h, w = maps.shape
+    flat = maps.reshape(n, c, h * w)
+    cell = flat.argmax(dim=2)
+    peak = flat.max(dim=2).values
+    expected = {}
+    for ch in range(c):
+        order = sorted(range(n), key=lambda i: (-float(peak[i, ch]), ids[i]))[:k]
+        expected[ch] = [(float(peak[i, ch]), ids[i], int(cell[i, ch]) // w, int(cell[i, ch]) % w) for i in order]
+    return expected
+
+
+def test_streamed_topk_equals_brute_force_over_full_maps(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=4)
+    extract.run(rd, ["layer2", "pool"], model="resnet18", weights="random", precision="fp32", batch_size=3,
+                workers=0, topk=3, progress=False)
+    topk.merge(rd, "layer2")
+    table = pq.read_table(rd.topk("layer2")).to_pylist()
+    got = {}
+    for r in table:
+        got.setdefault(r["channel"], []).append((r["value"], r["image_id"], r["fy"], r["fx"]))
+    assert got == brute_force_topk(rd, "resnet18", "layer2", 3)
+    assert [r["rank"] for r in table[:3]] == [0, 1, 2]
+
+
+def test_vector_units_get_whole_image_boxes(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset)
+    extract.run(rd, ["pool"], model="resnet18", weights="random", workers=0, topk=2, progress=False)
+    topk.merge(rd, "pool")
+    rows = {r["image_id"]: r for r in manifest.read(rd).to_pylist()}
+    for r in pq.read_table(rd.topk("pool")).slice(0, 20).to_pylist():
+        w, h = Image.open(rows[r["image_id"]]["path"]).size
+        assert (r["x0"], r["y0"], r["x1"], r["y1"]) == (0, 0, w - 1, h - 1)
+
+
+@pytest.mark.parametrize("size", [(300, 200), (200, 300), (640, 427), (97, 413), (256, 256)])
+def test_boxes_map_back_to_the_same_spot_of_non_square_originals(tmp_path, size):
+    """A bright dot in the original must land inside the box mapped back from where the
+    preprocessed model input shows it."""
+    width, height = size
+    prep = Preprocessing()
+    rng = np.random.default_rng(width * height)
+    for _ in range(5):
+        img = np.zeros((height, width, 3), np.uint8)
+        new_w, new_h = prep.resized_size(width, height)
+        left, top = round((new_w - prep.crop) / 2), round((new_h - prep.crop) / 2)
+        # a dot inside the centre-cropped region, 3% of the shorter side
+        r = max(2, min(width, height) // 32)
+        cx = int(rng.uniform((left + 10) * width / new_w, (left + prep.crop - 10) * width / new_w))
+        cy = int(rng.uniform((top + 10) * height / new_h, (top + prep.crop - 10) * height / new_h))
+        img[cy - r:cy + r + 1, cx - r:cx + r + 1] = 255
+        path = tmp_path / "dot.png"
+        Image.fromarray(img).save(path)
+        seen = prep.to_uint8(read_pixels(path))[0].float()
+        y, x = divmod(int(seen.argmax()), seen.shape[1])
+        box = prep.to_original(torch.tensor([[x, y, x, y]]), width, height)[0].tolist()
+        assert box[0] <= cx + r and cx - r <= box[2] and box[1] <= cy + r and cy - r <= box[3], (box, cx, cy)
+        assert box[2] - box[0] <= width / new_w + 1 and box[3] - box[1] <= height / new_h + 1
+
+
+def test_render_writes_one_png_per_unit_and_a_contact_sheet(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset)
+    extract.run(rd, ["layer3"], model="resnet18", weights="random", workers=0, topk=4, progress=False)
+    topk.merge(rd, "layer3")
+    summary = topk.render(rd, "layer3", units=topk.parse_units("0-2,10"), tile=32, progress=False)
+    assert sorted(p.name for p in rd.patches_dir("layer3").iterdir()) == [
+        "unit-0000.png", "unit-0001.png", "unit-0002.png", "unit-0010.png"]
+    strip = Image.open(rd.patches_dir("layer3") / "unit-0000.png")
+    assert strip.size == (topk.LABEL_W + 4 * (32 + topk.GAP), 32 + topk.CAPTION_H)
+    assert summary.units == 4 and Image.open(rd.patch_sheet("layer3")).size[0] == 4 * (strip.size[0] + 8)
+
+
+def test_merge_without_candidates_says_how_to_get_them(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset)
+    extract.run(rd, ["pool"], model="resnet18", weights="random", workers=0, progress=False)
+    with pytest.raises(FeatscopeError, match="--topk K"):
+        topk.merge(rd, "pool")
+    with pytest.raises(FeatscopeError, match="cannot read units"):
+        topk.parse_units("a-b")
