@@ -40,6 +40,11 @@ class Preprocessing:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    @classmethod
+    def from_json(cls, text: str) -> Preprocessing:
+        fields = json.loads(text)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
     def to_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
         """(3,H,W) uint8 RGB -> (3, crop, crop) uint8, exactly as torchvision's
         `ImageClassification` transform resizes (antialiased) and crops a tensor image."""

@@ -14,8 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torchvision
@@ -47,13 +47,6 @@ class MergeSummary:
                 f"in {self.seconds:.1f}s")
 
 
-def _preprocessing(config: dict) -> Preprocessing:
-    import json
-
-    fields = json.loads(config["preprocessing"])
-    return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-
-
 def merge(rd: RunDir, layer: str, *, k: int | None = None) -> MergeSummary:
     """Merge every shard's candidates of `layer` into topk/<layer>.parquet with boxes."""
     start = time.perf_counter()
@@ -73,7 +66,7 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None) -> MergeSummary:
     for p in parts:
         identity.check(p, file_metadata(p))
     table = pa.concat_tables([pq.read_table(p) for p in parts])
-    table = table.filter(pa.compute.is_in(table["image_id"], present["image_id"]))
+    table = table.filter(pc.is_in(table["image_id"], present["image_id"]))
     cols = {name: torch.from_numpy(table[name].to_numpy()) for name in table.column_names}
     keep = merge_topk(cols["channel"].long(), cols["value"], cols["image_id"], k)
     out = {name: col[keep] for name, col in cols.items()}
@@ -94,7 +87,7 @@ def _boxes(rd: RunDir, config: dict, layer: str, out: dict[str, torch.Tensor]) -
     with torch.device("meta"):
         skeleton = torchvision.models.get_model(config["model"], weights=None)
     spec = resolve_layer(config["model"], skeleton, layer)
-    prep = _preprocessing(config)
+    prep = Preprocessing.from_json(config["preprocessing"])
     rf = receptive_field(skeleton, spec.module_path)
     input_boxes = rf.box(out["fy"], out["fx"], prep.crop, prep.crop)
     paths = {r["image_id"]: r["path"] for r in manifest.read(rd).to_pylist()}
