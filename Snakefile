@@ -28,6 +28,8 @@ INDEX = CFG["index"]
 EXTRACT_LAYERS = LAYERS + ([PIXELS] if INDEX["pixels"] else [])
 TOPK = CFG["topk"]
 TOPK_LAYERS = TOPK.get("layers", LAYERS) if TOPK["k"] else []
+EMBED = CFG["embed"]
+EMBED_LAYERS = EMBED.get("layers", LAYERS)
 q = shlex.quote
 # The featscope installed beside the Python running Snakemake, so jobs need no activated venv.
 _beside = Path(sys.executable).with_name("featscope")
@@ -70,6 +72,10 @@ def index_meta(layer):
 localrules: all
 
 
+wildcard_constraints:
+    layer=r"[^/]+",
+
+
 rule all:
     input:
         lambda wildcards: parts_of(EXTRACT_LAYERS),
@@ -77,6 +83,8 @@ rule all:
         RD.index_evaluation,
         [str(RD.neighbor_sheet(layer)) for layer in LAYERS] if INDEX["queries"] else [],
         [str(RD.patch_sheet(layer)) for layer in TOPK_LAYERS],
+        [str(RD.mosaic(layer, kind, suffix)) for layer in EMBED_LAYERS
+         for kind, suffix in (("grid", "jpg"), ("scatter", "jpg"), ("plot", "png"))],
 
 
 # Reruns whenever the set of images changes (the listing is a param). `update`: Snakemake
@@ -152,3 +160,29 @@ rule topk_render:
         str(RD.patch_sheet("{layer}")),
     shell:
         f"{FEATSCOPE} topk render --run {RUN_ARG} --layer {{wildcards.layer}} --units {q(TOPK['units'])} --quiet"
+
+
+rule embed:
+    input:
+        lambda wildcards: parts_of([wildcards.layer]),
+    output:
+        str(RD.embedding("{layer}")),
+    threads: workflow.cores
+    shell:
+        f"{FEATSCOPE} embed --run {RUN_ARG} --layer {{wildcards.layer}} --pca-dims {EMBED['pca_dims']}"
+        f" --perplexity {EMBED['perplexity']} --seed {EMBED['seed']} --max-exact {EMBED['max_exact']}"
+
+
+rule mosaic:
+    input:
+        str(RD.embedding("{layer}")),
+    output:
+        grid=str(RD.mosaic("{layer}", "grid")),
+        cells=str(RD.mosaic("{layer}", "grid", "parquet")),
+        scatter=str(RD.mosaic("{layer}", "scatter")),
+        plot=str(RD.mosaic("{layer}", "plot", "png")),
+    shell:
+        f"{FEATSCOPE} mosaic grid --run {RUN_ARG} --layer {{wildcards.layer}} --side {EMBED['grid_side']}"
+        f" --tile {EMBED['tile']} --seed {EMBED['seed']} --quiet"
+        f" && {FEATSCOPE} mosaic scatter --run {RUN_ARG} --layer {{wildcards.layer}} --seed {EMBED['seed']} --quiet"
+        f" && {FEATSCOPE} mosaic plot --run {RUN_ARG} --layer {{wildcards.layer}}"

@@ -101,6 +101,27 @@ def _cmd_topk_render(args: argparse.Namespace) -> None:
     print(summary.line())
 
 
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from featscope.pipelines import embed
+
+    print(embed.run(RunDir(args.run), args.layer, pca_dims=args.pca_dims, perplexity=args.perplexity, seed=args.seed,
+                    max_exact=args.max_exact).line())
+
+
+def _cmd_mosaic(args: argparse.Namespace) -> None:
+    from featscope.pipelines import mosaic
+
+    rd = RunDir(args.run)
+    if args.what == "grid":
+        summary = mosaic.grid(rd, args.layer, side=args.side, tile=args.tile, seed=args.seed, progress=not args.quiet)
+    elif args.what == "scatter":
+        summary = mosaic.scatter(rd, args.layer, size=args.size, tile=args.tile, seed=args.seed,
+                                 progress=not args.quiet)
+    else:
+        summary = mosaic.plot(rd, args.layer)
+    print(summary.line())
+
+
 def _int_list(text: str) -> str:
     try:
         [int(x) for x in text.split(",") if x.strip()]
@@ -225,6 +246,36 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--tile", type=int, default=64, help="patch size in the PNGs")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=_cmd_topk_render)
+
+    em = sub.add_parser("embed", help="2-D maps of a layer by PCA and t-SNE (openTSNE)",
+                        description="PCA (fitted on a sample) to --pca-dims, then seeded openTSNE with FFT "
+                                    "gradients. Prints trustworthiness and 10-NN label accuracy in 2-D.")
+    em.add_argument("--run", required=True, type=Path)
+    em.add_argument("--layer", required=True)
+    em.add_argument("--pca-dims", type=int, default=50)
+    em.add_argument("--perplexity", type=float, default=30.0)
+    em.add_argument("--seed", type=int, default=0)
+    em.add_argument("--max-exact", type=int, default=100_000,
+                    help="above this many images, embed a sample and place the rest into its map")
+    em.set_defaults(func=_cmd_embed)
+
+    mo = sub.add_parser("mosaic", help="draw the images on a layer's t-SNE map").add_subparsers(
+        dest="what", required=True, metavar="WHAT")
+    for name, text in (("grid", "every cell of a grid filled with an image, neighbours alike"),
+                       ("scatter", "thumbnails at their t-SNE positions on a large canvas"),
+                       ("plot", "t-SNE and PCA scatter plots coloured by label")):
+        m = mo.add_parser(name, help=text)
+        m.add_argument("--run", required=True, type=Path)
+        m.add_argument("--layer", required=True)
+        if name == "grid":
+            m.add_argument("--side", type=int, default=40, help="cells per side")
+        if name == "scatter":
+            m.add_argument("--size", type=int, default=4000, help="canvas side in pixels")
+        if name != "plot":
+            m.add_argument("--tile", type=int, default=48 if name == "grid" else 64, help="thumbnail size")
+            m.add_argument("--seed", type=int, default=0)
+            m.add_argument("--quiet", action="store_true")
+        m.set_defaults(func=_cmd_mosaic)
     return parser
 
 

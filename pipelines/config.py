@@ -58,9 +58,10 @@ def validate(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict:
             resolve_layer(arch, skeleton, layer)
         except FeatscopeError as e:
             raise FeatscopeError(f"config error at layers.{i}: {e}") from None
-    for i, layer in enumerate(config["topk"].get("layers", [])):
-        if layer not in config["layers"]:
-            raise FeatscopeError(f"config error at topk.layers.{i}: '{layer}' is not one of the extracted layers")
+    for section in ("topk", "embed"):
+        for i, layer in enumerate(config[section].get("layers", [])):
+            if layer not in config["layers"]:
+                raise FeatscopeError(f"config error at {section}.layers.{i}: '{layer}' is not one of the extracted layers")
     return config
 
 

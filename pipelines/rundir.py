@@ -77,6 +77,13 @@ class RunDir:
     def patch_sheet(self, layer: str) -> Path:
         return self.root / "patches" / f"{layer}.png"
 
+    def embedding(self, layer: str) -> Path:
+        return self.root / "embedding" / f"{layer}.parquet"
+
+    def mosaic(self, layer: str, kind: str, suffix: str = "jpg") -> Path:
+        """mosaic/<layer>-grid.jpg, -grid.parquet (cell -> image), -scatter.jpg, -plot.png."""
+        return self.root / "mosaic" / f"{layer}-{kind}.{suffix}"
+
     @property
     def index_root(self) -> Path:
         return self.root / INDEX_SUBDIR

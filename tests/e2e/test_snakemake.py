@@ -30,6 +30,7 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
         "extract": {"batch_size": 4, "workers": 0, "threads": 1},
         "index": {"queries": [0, 5], "k": 3},
         "topk": {"k": 3, "units": "0-3"},
+        "embed": {"layers": ["pool"], "perplexity": 2, "grid_side": 2, "tile": 16},
     }
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(cfg))
@@ -46,6 +47,9 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
     assert (run / "neighbors" / "pool.jpg").exists() and (run / "neighbors" / "layer3.jpg").exists()
     assert pq.read_table(run / "topk" / "layer3.parquet").num_rows == 256 * 3
     assert sorted(p.name for p in (run / "patches" / "layer3").iterdir()) == [f"unit-000{i}.png" for i in range(4)]
+    assert pq.read_table(run / "embedding" / "pool.parquet").num_rows == 8
+    assert sorted(p.name for p in (run / "mosaic").iterdir()) == [
+        "pool-grid.jpg", "pool-grid.parquet", "pool-plot.png", "pool-scatter.jpg"]
 
     again = snakemake(tmp_path, configfile)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr

@@ -1,0 +1,154 @@
+"""Stage `mosaic`: the images themselves drawn on a layer's 2-D map.
+
+`grid`: every cell of a side x side grid holds one image, similar images in neighbouring
+cells (cover sample + linear assignment, see grid_layout), plus a Parquet of
+(cell_row, cell_col, image_id) so a browser can link tiles to images. `scatter`:
+thumbnails at their t-SNE positions on a large canvas, skipping one that would mostly
+hide those already drawn. `plot`: the t-SNE and PCA maps as labelled scatter plots.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines import embed, manifest
+from featscope.pipelines.atomic import atomic_path
+from featscope.pipelines.grid_layout import assign, assign_exact, cell_centres, cover_sample, normalise, total_cost
+from featscope.pipelines.images import BadImage, open_image
+from featscope.pipelines.rundir import RunDir
+
+EXACT_RATIO_MAX_CELLS = 1024  # above this the exact optimum costs too long to report
+
+
+@dataclass
+class MosaicSummary:
+    path: Path
+    images: int
+    seconds: float
+    detail: str = ""
+
+    def line(self) -> str:
+        return f"mosaic: {self.images} images -> {self.path} ({self.detail}{self.seconds:.1f}s)"
+
+
+def _thumbnail(path: str, side: int) -> Image.Image | None:
+    try:
+        return ImageOps.fit(open_image(path, min_size=side), (side, side))
+    except BadImage:
+        return None
+
+
+def _save_jpeg(img: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="JPEG", quality=88)
+
+
+def _positions(rd: RunDir, layer: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    table = embed.read(rd, layer)
+    paths = {r["image_id"]: r["path"] for r in manifest.read(rd).to_pylist()}
+    ids = table["image_id"].to_numpy()
+    keep = np.array([int(i) in paths for i in ids], dtype=bool)
+    # y is negated so that images are drawn with the map's y axis pointing up, as in the plots
+    xy = np.stack([table["tsne_x"].to_numpy(), -table["tsne_y"].to_numpy()], axis=1)[keep]
+    return ids[keep], xy, paths
+
+
+def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 0,
+         progress: bool = True) -> MosaicSummary:
+    start = time.perf_counter()
+    ids, xy, paths = _positions(rd, layer)
+    side = min(side, int(np.sqrt(len(ids))))
+    if side < 1:
+        raise FeatscopeError("no images to place")
+    chosen = cover_sample(xy, side * side, seed=seed)
+    points = normalise(xy[chosen])
+    cells = assign(points, side, side)
+    cost = total_cost(points, cells, side, side)
+    detail = f"{side}x{side} grid, assignment cost {cost:.2f}"
+    if side * side <= EXACT_RATIO_MAX_CELLS:
+        optimum = total_cost(points, assign_exact(points, cell_centres(side, side)), side, side)
+        detail += f" ({cost / optimum:.3f} x the exact optimum)" if optimum else ""
+    canvas = Image.new("RGB", (side * tile, side * tile), (255, 255, 255))
+    for i in tqdm(range(len(chosen)), desc=f"grid {layer}", unit="img", disable=not progress):
+        thumb = _thumbnail(paths[int(ids[chosen[i]])], tile)
+        if thumb is not None:
+            row, col = divmod(int(cells[i]), side)
+            canvas.paste(thumb, (col * tile, row * tile))
+    _save_jpeg(canvas, rd.mosaic(layer, "grid"))
+    rows, cols = np.divmod(cells, side)
+    table = pa.table({"cell_row": pa.array(rows, pa.int32()), "cell_col": pa.array(cols, pa.int32()),
+                      "image_id": pa.array(ids[chosen], pa.int64())})
+    with atomic_path(rd.mosaic(layer, "grid", "parquet")) as tmp:
+        pq.write_table(table.replace_schema_metadata({"side": str(side), "tile": str(tile), "cost": str(cost)}), tmp)
+    return MosaicSummary(rd.mosaic(layer, "grid"), len(chosen), time.perf_counter() - start, detail + ", ")
+
+
+def scatter(rd: RunDir, layer: str, *, size: int = 4000, tile: int = 64, max_cover: float = 0.5,
+            max_images: int = 20_000, seed: int = 0, progress: bool = True) -> MosaicSummary:
+    """Thumbnails at their t-SNE positions; one that would cover more than `max_cover` of
+    its area with already drawn thumbnails is shrunk by half, and skipped if it still would."""
+    start = time.perf_counter()
+    ids, xy, paths = _positions(rd, layer)
+    chosen = cover_sample(xy, max_images, seed=seed)
+    p = normalise(xy[chosen]) * (size - tile)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    covered = np.zeros((size, size), dtype=bool)
+    drawn = skipped = 0
+    for i in tqdm(range(len(chosen)), desc=f"scatter {layer}", unit="img", disable=not progress):
+        x, y = int(p[i, 0]), int(p[i, 1])
+        for side in (tile, tile // 2):
+            cx, cy = x + (tile - side) // 2, y + (tile - side) // 2
+            if covered[cy:cy + side, cx:cx + side].mean() <= max_cover:
+                thumb = _thumbnail(paths[int(ids[chosen[i]])], side)
+                if thumb is not None:
+                    canvas.paste(thumb, (cx, cy))
+                    covered[cy:cy + side, cx:cx + side] = True
+                    drawn += 1
+                break
+        else:
+            skipped += 1
+    _save_jpeg(canvas, rd.mosaic(layer, "scatter"))
+    return MosaicSummary(rd.mosaic(layer, "scatter"), drawn, time.perf_counter() - start,
+                         f"{skipped} skipped as hidden, ")
+
+
+def plot(rd: RunDir, layer: str) -> MosaicSummary:
+    """t-SNE and PCA maps side by side, coloured by label, with a legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = time.perf_counter()
+    table = embed.read(rd, layer)
+    labels_by_id = {r["image_id"]: r["label"] for r in manifest.read(rd).to_pylist()}
+    labels = np.array([str(labels_by_id.get(int(i))) for i in table["image_id"].to_numpy()])
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.2))
+    names = sorted(set(labels))
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    for ax, (x, y, title) in zip(axes, (("tsne_x", "tsne_y", "t-SNE"), ("pca_x", "pca_y", "PCA"))):
+        for n, name in enumerate(names):
+            mask = labels == name
+            ax.scatter(table[x].to_numpy()[mask], table[y].to_numpy()[mask], s=3, color=colours(n % 20),
+                       label=name if name != "None" else "(no label)")
+        ax.set_title(f"{title} of {layer}")
+        ax.set_xticks([]), ax.set_yticks([])
+    axes[1].legend(markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(f"{rd.name}: {len(labels)} images; trustworthiness {meta.get('trustworthiness', '?')}, "
+                 f"10-NN label accuracy in 2-D {meta.get('knn_accuracy_2d', '?')}")
+    fig.tight_layout()
+    path = rd.mosaic(layer, "plot", "png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return MosaicSummary(path, len(labels), time.perf_counter() - start)

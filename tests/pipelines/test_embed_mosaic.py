@@ -1,0 +1,108 @@
+"""2-D maps and mosaics: seeded determinism, the large-data path, assignment optimality,
+even coverage, and tiles from odd images."""
+
+import itertools
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from featscope.pipelines import embed, extract, manifest, mosaic
+from featscope.pipelines.grid_layout import assign, assign_exact, cell_centres, cover_sample, normalise, total_cost
+from featscope.pipelines.rundir import RunDir
+
+from helpers import write_dataset
+
+
+@pytest.fixture
+def mapped_run(tmp_path, digits):
+    root = tmp_path / "images"
+    write_dataset(root, digits, n_photos=4, labels=(0, 1, 2, 3, 7), digits_per_label=8)
+    odd = root / "odd"
+    odd.mkdir()
+    Image.new("RGBA", (5, 3), (255, 0, 0, 255)).save(odd / "tiny-red.png")
+    Image.fromarray(np.full((40, 90), 40000, np.uint16)).save(odd / "deep16.png")
+    Image.new("L", (300, 20), 200).save(odd / "strip-gray.png")
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, root, shard_size=20)
+    extract.run(rd, ["pool"], model="resnet18", weights="random", workers=0, progress=False)
+    return rd
+
+
+def coords(rd):
+    t = pq.read_table(rd.embedding("pool"))
+    return t["image_id"].to_numpy(), np.stack([t["tsne_x"].to_numpy(), t["tsne_y"].to_numpy()], 1)
+
+
+def test_same_seed_same_map_and_quality_is_recorded(mapped_run):
+    first = embed.run(mapped_run, "pool", perplexity=10, seed=3)
+    ids_a, a = coords(mapped_run)
+    embed.run(mapped_run, "pool", perplexity=10, seed=3)
+    ids_b, b = coords(mapped_run)
+    assert np.array_equal(ids_a, ids_b) and np.array_equal(a, b)
+    meta = pq.read_schema(mapped_run.embedding("pool")).metadata
+    assert float(meta[b"trustworthiness"]) == pytest.approx(first.trustworthiness, abs=1e-4)
+    assert 0 < first.trustworthiness <= 1 and first.knn_accuracy is not None and len(ids_a) == 47
+
+
+def test_large_runs_embed_a_sample_and_place_the_rest(mapped_run):
+    summary = embed.run(mapped_run, "pool", perplexity=5, max_exact=25)
+    ids, xy = coords(mapped_run)
+    assert summary.sampled and len(ids) == 47 and np.isfinite(xy).all()
+    assert len(np.unique(xy, axis=0)) == 47
+
+
+def test_grid_is_a_bijection_onto_cells_and_odd_images_become_tiles(mapped_run):
+    embed.run(mapped_run, "pool", perplexity=10)
+    summary = mosaic.grid(mapped_run, "pool", side=6, tile=20, progress=False)
+    cells = pq.read_table(mapped_run.mosaic("pool", "grid", "parquet")).to_pylist()
+    assert len(cells) == 36 and len({(c["cell_row"], c["cell_col"]) for c in cells}) == 36
+    assert len({c["image_id"] for c in cells}) == 36 and "exact optimum" in summary.detail
+    assert Image.open(mapped_run.mosaic("pool", "grid")).size == (120, 120)
+    # every image, odd ones included, would be a well-formed tile
+    for row in manifest.read(mapped_run).to_pylist():
+        tile = mosaic._thumbnail(row["path"], 20)
+        assert tile.size == (20, 20) and tile.mode == "RGB"
+    red = mosaic._thumbnail(next(r["path"] for r in manifest.read(mapped_run).to_pylist()
+                                 if r["path"].endswith("tiny-red.png")), 20)
+    assert np.asarray(red)[10, 10].tolist() == [255, 0, 0]
+
+
+def test_scatter_and_plot_are_written(mapped_run):
+    embed.run(mapped_run, "pool", perplexity=10)
+    s = mosaic.scatter(mapped_run, "pool", size=400, tile=40, progress=False)
+    assert Image.open(s.path).size == (400, 400) and 0 < s.images <= 47
+    assert Image.open(mosaic.plot(mapped_run, "pool").path).format == "PNG"
+
+
+def test_exact_assignment_is_the_optimum_of_all_permutations():
+    rng = np.random.default_rng(0)
+    points = rng.random((6, 2))
+    cells = cell_centres(2, 3)
+    best = min(sum(((points[i] - cells[p[i]]) ** 2).sum() for i in range(6)) for p in itertools.permutations(range(6)))
+    assert total_cost(points, assign_exact(points, cells), 2, 3) == pytest.approx(best)
+
+
+def test_blockwise_assignment_stays_within_a_few_percent_of_exact():
+    rng = np.random.default_rng(1)
+    side = 32
+    points = normalise(np.concatenate([rng.normal(size=(side * side // 2, 2)),
+                                       rng.normal(size=(side * side // 2, 2)) + 3]))
+    exact = assign(points, side, side, exact_max=10**9)
+    blocks = assign(points, side, side, exact_max=0, block=16)
+    assert sorted(blocks.tolist()) == list(range(side * side))
+    assert total_cost(points, blocks, side, side) <= 1.05 * total_cost(points, exact, side, side)
+
+
+def test_cover_sample_leaves_no_quadrant_empty():
+    rng = np.random.default_rng(2)
+    dense = rng.random((5000, 2)) * 0.5  # everything in the lower-left quadrant ...
+    sparse = np.array([[0.9, 0.1], [0.1, 0.9], [0.8, 0.8], [0.95, 0.95]])  # ... but four points
+    points = np.concatenate([dense, sparse])
+    chosen = cover_sample(points, 100)
+    p = points[chosen]
+    assert len(set(chosen.tolist())) == 100
+    quadrants = {(x > 0.5, y > 0.5) for x, y in p}
+    assert quadrants == {(False, False), (True, False), (False, True), (True, True)}
+    assert not np.array_equal(chosen, np.arange(100))  # not simply the first N
