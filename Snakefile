@@ -34,25 +34,22 @@ q = shlex.quote
 # The featscope installed beside the Python running Snakemake, so jobs need no activated venv.
 _beside = Path(sys.executable).with_name("featscope")
 FEATSCOPE = q(str(_beside)) if _beside.exists() else "featscope"
+RUN_ARG = q(str(RD.root))
 
 MANIFEST_CMD = (
-    f"{FEATSCOPE} manifest --images {q(CFG['images'])} --run {q(str(RD.root))} --shard-size {CFG['shard_size']}"
+    f"{FEATSCOPE} manifest --images {q(CFG['images'])} --run {RUN_ARG} --shard-size {CFG['shard_size']}"
     f" --model {q(MODEL['arch'])} --weights {q(MODEL['weights'])}"
 )
 EXTRACT_CMD = (
-    f"{FEATSCOPE} extract --run {q(str(RD.root))} --layers {q(','.join(EXTRACT_LAYERS))}"
+    f"{FEATSCOPE} extract --run {RUN_ARG} --layers {q(','.join(EXTRACT_LAYERS))}"
     f" --device {EXTRACT['device']} --precision {EXTRACT['precision']} --batch-size {EXTRACT['batch_size']}"
     f" --seed {MODEL['seed']} --topk {TOPK['k']} --quiet"
     + (f" --workers {EXTRACT['workers']}" if "workers" in EXTRACT else "")
 )
-
-
 INDEX_CMD = (
-    f"{FEATSCOPE} index build --run {q(str(RD.root))} --kind {INDEX['kind']} --metric {INDEX['metric']}"
+    f"{FEATSCOPE} index build --run {RUN_ARG} --kind {INDEX['kind']} --metric {INDEX['metric']}"
     f" --max-memory {q(INDEX['max_memory'])} --quiet"
 )
-RUN_ARG = q(str(RD.root))
-
 
 def shards():
     """The run's shards, known once the manifest checkpoint has run."""
