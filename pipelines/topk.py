@@ -141,10 +141,12 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     table = pq.read_table(rd.topk(layer)).to_pylist()
     k = k or max(r["rank"] for r in table) + 1
     all_units = sorted({r["channel"] for r in table})
-    units = [u for u in (units if units is not None else all_units) if u in set(all_units)]
+    available = set(all_units)
+    units = [u for u in (units if units is not None else all_units) if u in available]
     if not units:
         raise FeatscopeError(f"none of the requested units is in topk/{layer}.parquet (units 0-{all_units[-1]})")
-    wanted = [r for r in table if r["channel"] in set(units) and r["rank"] < k]
+    chosen = set(units)
+    wanted = [r for r in table if r["channel"] in chosen and r["rank"] < k]
     by_image = defaultdict(list)
     for r in wanted:
         by_image[r["image_id"]].append(r)
