@@ -51,7 +51,7 @@ class RunDir:
         return self.features_dir(layer) / f"part-{shard:05d}.parquet"
 
     def feature_part_template(self, layer: str) -> str:
-        """The part path with a `{shard}` placeholder (5 digits), for Snakemake rules."""
+        """The part path with `{shard}` (5 digits) left for Snakemake to fill."""
         return str(self.features_dir(layer) / "part-{shard}.parquet")
 
     def feature_parts(self, layer: str) -> list[Path]:
@@ -62,7 +62,7 @@ class RunDir:
         return self.root / "topk" / "candidates" / layer / f"part-{shard:05d}.parquet"
 
     def topk_candidates_template(self, layer: str) -> str:
-        """The candidates path with a `{shard}` placeholder, for Snakemake rules."""
+        """The candidates path with `{shard}` left for Snakemake to fill."""
         return str(self.root / "topk" / "candidates" / layer / "part-{shard}.parquet")
 
     def topk_candidate_parts(self, layer: str) -> list[Path]:
