@@ -191,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="FAISS index of a layer's features").add_subparsers(
         dest="what", required=True, metavar="WHAT")
     ib = index.add_parser("build", help="build the neighbour index of one layer (or `pixels`)",
-                          description="auto: exact search up to 200k vectors within --max-memory, else PCA + IVF "
-                                      "(compressed with PQ if needed); recall@10 is measured against exact search.")
+                          description="auto: exact search below 200k vectors within --max-memory, else IVF (with PCA "
+                                      "to 256 dims, then PQ, only if needed to fit); recall@10 is measured against "
+                                      "exact search.")
     ib.add_argument("--run", required=True, type=Path)
     ib.add_argument("--layer", required=True, help="an extracted layer, or `pixels` for pixel space")
     ib.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"])
