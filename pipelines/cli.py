@@ -122,6 +122,18 @@ def _cmd_mosaic(args: argparse.Namespace) -> None:
     print(summary.line())
 
 
+def _cmd_saliency(args: argparse.Namespace) -> None:
+    from featscope.pipelines import saliency
+
+    options = saliency.SaliencyOptions(**{name: getattr(args, name) for name in saliency.OPTION_FIELDS})
+    summary = saliency.run(RunDir(args.run), options, selection=args.select, workers=args.workers,
+                           scheduler=args.scheduler, images_per_task=args.images_per_task, device=args.device,
+                           threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
+    print(summary.line())
+    if summary.bad:
+        print(f"warning: {summary.bad} images got no map; see {RunDir(args.run).errors_dir}", file=sys.stderr)
+
+
 def _int_list(text: str) -> str:
     try:
         [int(x) for x in text.split(",") if x.strip()]
@@ -277,6 +289,42 @@ def build_parser() -> argparse.ArgumentParser:
             m.add_argument("--seed", type=int, default=0)
             m.add_argument("--quiet", action="store_true")
         m.set_defaults(func=_cmd_mosaic)
+
+    sa = sub.add_parser("saliency", help="which pixels matter: saliency maps of a run's images, with Dask",
+                        description="Maps for the selected images (float16 .npz at the original size, a PNG "
+                                    "overlay, a GrabCut mask with --segment) in <run>/saliency/<method>/, and "
+                                    "saliency/summary.parquet. Images already done are skipped. Runs on a local "
+                                    "Dask cluster of --workers processes, or on the cluster at --scheduler.")
+    sa.add_argument("--run", required=True, type=Path)
+    sa.add_argument("--method", required=True, choices=["occlusion", "gradient", "guided", "smoothgrad", "gradcam"])
+    sa.add_argument("--select", default="all", help="all | label=NAME | ids=1,2,3 (default: all)")
+    sa.add_argument("--target", default="predicted",
+                    help="class to explain: predicted | label (the image's label as an ImageNet name or id) | "
+                         "a class id (default: predicted)")
+    sa.add_argument("--score", default="logit", choices=["logit", "probability"], help="the class score explained")
+    where = sa.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="local Dask worker processes (default: half the cores)")
+    where.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    sa.add_argument("--segment", action="store_true", help="also a GrabCut foreground mask per image")
+    sa.add_argument("--foreground", type=float, default=95.0, help="GrabCut: sure foreground above this percentile")
+    sa.add_argument("--background", type=float, default=30.0, help="GrabCut: sure background below this percentile")
+    sa.add_argument("--window", type=int, default=32, help="occlusion window side in model pixels")
+    sa.add_argument("--stride", type=int, default=16, help="occlusion stride")
+    sa.add_argument("--fill", default="zeros",
+                    help="occlusion fill: zeros (model input 0, i.e. the training mean colour) | mean (the "
+                         "image's mean colour) | blur (a blurred copy) | a number")
+    sa.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="occlusion forward passes; auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs")
+    sa.add_argument("--samples", type=int, default=16, help="smoothgrad: noisy copies averaged")
+    sa.add_argument("--noise", type=float, default=0.15, help="smoothgrad: noise sd as a fraction of the range")
+    sa.add_argument("--layer", help="gradcam layer (default: the last conv block, e.g. layer4, block18, conv5)")
+    sa.add_argument("--seed", type=int, default=0, help="smoothgrad noise seed")
+    sa.add_argument("--images-per-task", type=int, help="images per Dask task (default: by method, >= ~100 ms)")
+    sa.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sa.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    sa.add_argument("--overwrite", action="store_true", help="replace maps made with other options")
+    sa.add_argument("--quiet", action="store_true", help="no progress bar")
+    sa.set_defaults(func=_cmd_saliency)
     return parser
 
 

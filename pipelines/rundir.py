@@ -3,7 +3,8 @@
 Layout (see DESIGN.md): run.json, manifest.parquet, errors.parquet/ (a directory dataset
 with one part per stage and shard, so parallel jobs never write the same file),
 features/<layer>/part-NNNNN.parquet, topk/ (candidates per shard, merged top-k per layer),
-patches/, index/<layer>/ (FAISS index), neighbors/<layer>.jpg.
+patches/, index/<layer>/ (FAISS index), neighbors/<layer>.jpg, saliency/<method>/ (maps,
+overlays, masks) and saliency/summary.parquet/ (a directory dataset, one part per method).
 """
 
 from __future__ import annotations
@@ -97,6 +98,29 @@ class RunDir:
 
     def neighbor_sheet(self, layer: str) -> Path:
         return self.root / "neighbors" / f"{layer}.jpg"
+
+    def saliency_dir(self, method: str) -> Path:
+        return self.root / "saliency" / method
+
+    def saliency_map(self, method: str, image_id: int) -> Path:
+        """The map at the original image's size, float16, with its target and score (.npz)."""
+        return self.saliency_dir(method) / f"{image_id}.npz"
+
+    def saliency_overlay(self, method: str, image_id: int) -> Path:
+        return self.saliency_dir(method) / f"{image_id}.png"
+
+    def saliency_mask(self, method: str, image_id: int) -> Path:
+        return self.saliency_dir(method) / f"{image_id}-mask.png"
+
+    def saliency_options(self, method: str) -> Path:
+        return self.saliency_dir(method) / "options.json"
+
+    @property
+    def saliency_summary_dir(self) -> Path:
+        return self.root / "saliency" / "summary.parquet"
+
+    def saliency_summary(self, method: str) -> Path:
+        return self.saliency_summary_dir / f"{method}.parquet"
 
     def read_config(self) -> dict:
         if not self.run_json.exists():

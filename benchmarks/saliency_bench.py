@@ -1,0 +1,142 @@
+"""Saliency: featscope's kernels against a straightforward PyTorch loop and against Captum.
+
+Same model, images, targets, window and stride for every contender, one process, after a
+warm-up; each figure is the best of `--repeats`. Prints per method the ratio
+baseline time / featscope time (higher is better; targets: occlusion >= 3 against Captum's
+best `perturbations_per_eval`, gradient and guided >= 1), then images/s of the whole
+`featscope saliency` stage with 1 and 2 Dask workers. Captum is optional
+(`pip install captum`); without it only the plain-PyTorch baseline is printed.
+
+    python benchmarks/saliency_bench.py [--model mobilenet_v2] [--images 4] [--window 32 --stride 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from featscope.kernels.saliency import attribute
+from featscope.pipelines.models import load_model
+from featscope.pipelines.runtime import keep_freed_memory
+
+
+def best_of(repeats: int, fn) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def demo_batch(n: int, preprocessing) -> torch.Tensor:
+    """n real photos (scikit-image, scikit-learn, matplotlib), preprocessed to 224 px."""
+    from featscope.pipelines.demo_data import PHOTOS, _package_file
+    from featscope.pipelines.images import read_pixels
+
+    chosen = [PHOTOS[i] for i in (0, 1, 2, 5, 8, 9, 10, 11)][:n]  # chelsea, coffee, rocket, ...: objects
+    paths = [_package_file(package, relative) for package, relative in chosen]
+    return preprocessing.normalize(torch.stack([preprocessing.to_uint8(read_pixels(p)) for p in paths]))
+
+
+def plain_occlusion(model, x, target, window, stride):
+    """The straightforward loop: one forward pass per window position, float32."""
+    maps = torch.zeros(x.shape[0], *x.shape[2:])
+    count = torch.zeros(x.shape[2:])
+    with torch.no_grad():
+        clean = model(x)[torch.arange(len(x)), target]
+        for y in range(0, x.shape[2] - window + 1, stride):
+            for x0 in range(0, x.shape[3] - window + 1, stride):
+                covered = x.clone()
+                covered[:, :, y:y + window, x0:x0 + window] = 0
+                drop = clean - model(covered)[torch.arange(len(x)), target]
+                maps[:, y:y + window, x0:x0 + window] += drop.view(-1, 1, 1)
+                count[y:y + window, x0:x0 + window] += 1
+    return maps / count
+
+
+def plain_gradient(model, x, target):
+    x = x.clone().requires_grad_(True)
+    model(x)[torch.arange(len(x)), target].sum().backward()
+    return x.grad.abs().amax(1)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> str:
+    """Max abs difference as a fraction of the reference map's range, and correlation."""
+    a, b = a.float().flatten(), b.float().flatten()
+    err = (a - b).abs().max() / (b.max() - b.min())
+    corr = torch.corrcoef(torch.stack([a, b]))[0, 1]
+    return f"max err {err:.2%} of range, r={corr:.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mobilenet_v2")
+    parser.add_argument("--weights", default="imagenet")
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--stride", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    keep_freed_memory()
+    loaded = load_model(args.model, args.weights)
+    model = loaded.module
+    x = demo_batch(args.images, loaded.preprocessing)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    w, s, n = args.window, args.stride, args.images
+    print(f"# {args.model} ({args.weights}), {n} photos at 224 px, window {w} stride {s}, "
+          f"{torch.get_num_threads()} threads")
+
+    # featscope: the model as the stage runs it (channels_last), bf16 autocast where the CPU has it
+    fast = load_model(args.model, args.weights).module.to(memory_format=torch.channels_last)
+    ours_occ = lambda: attribute(fast, x, target, "occlusion", window=w, stride=s, dtype=torch.bfloat16)  # noqa: E731
+    ours_fp32 = attribute(fast, x, target, "occlusion", window=w, stride=s)
+    ours_occ()
+    t_ours, occ_bf16 = best_of(args.repeats, ours_occ)
+    t_plain, occ_plain = best_of(1, lambda: plain_occlusion(model, x, target, w, s))
+    print(f"saliency/occlusion vs plain loop: {t_plain / t_ours:.2f} "
+          f"(featscope bf16 {n / t_ours:.2f} img/s, plain fp32 {n / t_plain:.2f} img/s)")
+    print(f"  featscope fp32 vs plain loop: {agreement(ours_fp32, occ_plain)}")
+    print(f"  featscope bf16 vs fp32:       {agreement(occ_bf16, ours_fp32)}")
+
+    grad = lambda: attribute(fast, x, target, "gradient")  # noqa: E731
+    guided = lambda: attribute(fast, x, target, "guided")  # noqa: E731
+    grad(), guided()
+    t_grad, g_ours = best_of(args.repeats * 3, grad)
+    t_guided, gb_ours = best_of(args.repeats * 3, guided)
+    t_plain_grad, g_plain = best_of(args.repeats * 3, lambda: plain_gradient(model, x, target))
+    print(f"saliency/gradient vs plain autograd: {t_plain_grad / t_grad:.2f} "
+          f"(featscope {n / t_grad:.1f} img/s, plain {n / t_plain_grad:.1f} img/s; {agreement(g_ours, g_plain)})")
+
+    try:
+        from captum.attr import GuidedBackprop, Occlusion, Saliency
+    except ImportError:
+        print("captum not installed: `pip install captum` for the Captum comparison")
+        return
+    occ = Occlusion(model)
+    captum_times = {}
+    for per_eval in (16, 64, 169):
+        run = lambda: occ.attribute(x, target=target, sliding_window_shapes=(3, w, w), strides=(3, s, s),  # noqa: E731
+                                    baselines=0, perturbations_per_eval=per_eval)
+        captum_times[per_eval], captum_occ = best_of(1, run)
+        print(f"  captum Occlusion perturbations_per_eval={per_eval}: {n / captum_times[per_eval]:.2f} img/s")
+    best = min(captum_times, key=captum_times.get)
+    print(f"saliency/occlusion vs captum: {captum_times[best] / t_ours:.2f} "
+          f"(featscope {n / t_ours:.2f} img/s, captum best perturbations_per_eval={best} "
+          f"{n / captum_times[best]:.2f} img/s; captum vs featscope fp32: "
+          f"{agreement(captum_occ.amax(1), ours_fp32)})")
+    sal, gbp = Saliency(model), GuidedBackprop(model)
+    sal.attribute(x, target=target)
+    t_cs, c_grad = best_of(args.repeats * 3, lambda: sal.attribute(x, target=target, abs=True))
+    t_cg, c_guided = best_of(args.repeats * 3, lambda: gbp.attribute(x, target=target))
+    print(f"saliency/gradient vs captum: {t_cs / t_grad:.2f} (featscope {n / t_grad:.1f} img/s, "
+          f"captum Saliency {n / t_cs:.1f} img/s; {agreement(g_ours, c_grad.amax(1))})")
+    print(f"saliency/guided vs captum: {t_cg / t_guided:.2f} (featscope {n / t_guided:.1f} img/s, "
+          f"captum GuidedBackprop {n / t_cg:.1f} img/s; {agreement(gb_ours, c_guided.abs().amax(1))})")
+
+
+if __name__ == "__main__":
+    main()

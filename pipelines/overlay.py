@@ -1,0 +1,57 @@
+"""Heat-map overlays: a saliency map blended over its image, with a labelled colour scale.
+
+Drawn with Pillow and a matplotlib colour table (no figure per image, so thousands of
+overlays cost little). Maps that can be negative (occlusion: covering a window can raise
+the score) use a diverging scale centred on zero; the others run from zero up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+
+BAR_HEIGHT = 28
+_FONT = ImageFont.load_default()
+
+
+def _lut(name: str) -> np.ndarray:
+    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def _normalise(heat: np.ndarray, diverging: bool) -> tuple[np.ndarray, float, float]:
+    """heat -> values in [0,1] and the (low, high) the scale's ends stand for."""
+    finite = np.nan_to_num(heat.astype(np.float32))
+    if diverging:
+        extent = float(np.abs(finite).max()) or 1.0
+        return (finite / extent + 1) / 2, -extent, extent
+    low, high = 0.0, float(finite.max()) or 1.0
+    return np.clip(finite / high, 0, 1), low, high
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray, *, diverging: bool = False, title: str = "",
+                 alpha: float = 0.55, max_side: int = 512) -> Image.Image:
+    """image (H,W,3) uint8 and heat (H,W) -> RGB picture: the blend above a colour scale."""
+    picture = Image.fromarray(image)
+    if max(picture.size) > max_side:
+        scale = max_side / max(picture.size)
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        picture = picture.resize(size, Image.Resampling.BILINEAR)
+        heat = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
+    lut = _lut("RdBu_r" if diverging else "inferno")
+    values, low, high = _normalise(heat, diverging)
+    coloured = lut[(values * 255).round().astype(np.uint8)]
+    weight = alpha if diverging else alpha * np.sqrt(values)[..., None]  # faint where nothing matters
+    blend = (np.asarray(picture, np.float32) * (1 - weight) + coloured * weight).round().astype(np.uint8)
+    width, height = picture.size
+    canvas = Image.new("RGB", (width, height + BAR_HEIGHT), "white")
+    canvas.paste(Image.fromarray(blend), (0, 0))
+    bar = lut[np.linspace(0, 255, max(width - 8, 1)).astype(np.uint8)][None].repeat(8, axis=0)
+    canvas.paste(Image.fromarray(bar), (4, height + 3))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, height + 13), f"{low:.3g}", fill="black", font=_FONT)
+    right = f"{high:.3g}"
+    draw.text((width - 4 - draw.textlength(right, font=_FONT), height + 13), right, fill="black", font=_FONT)
+    if title:
+        draw.text(((width - draw.textlength(title, font=_FONT)) / 2, height + 13), title, fill="black", font=_FONT)
+    return canvas

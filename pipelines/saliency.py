@@ -1,0 +1,417 @@
+"""The saliency stage: maps for a set of a run's images, computed in parallel with Dask.
+
+The client selects images, skips those already done (their .npz exists: files are written
+atomically, the map last), splits the rest into tasks of several images and sends them to a
+Dask cluster: a local one of worker processes, or an existing one at `scheduler`. Each
+worker loads the model once (cached per process), reads its images itself, writes the map,
+the overlay and the GrabCut mask into the run directory, and sends back only small summary
+rows. A worker that dies mid-task loses nothing: the scheduler reruns its tasks elsewhere.
+
+Model view: the whole image, resized so its shorter side is the model's crop size (224),
+not centre-cropped, so the map covers every pixel; the map is then resized to the original
+image's size for the .npz.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.saliency import METHODS, attribute, class_score
+from featscope.kernels.segment import grabcut_mask
+from featscope.pipelines import manifest
+from featscope.pipelines.atomic import atomic_path, write_json_atomic
+from featscope.pipelines.extract import PRECISIONS, resolve_device, resolve_precision
+from featscope.pipelines.images import BadImage, read_pixels
+from featscope.pipelines.models import IMAGENET_WEIGHTS, LoadedModel, load_model
+from featscope.pipelines.overlay import heat_overlay
+from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.runtime import keep_freed_memory
+from featscope.pipelines.store import write_errors, write_table
+
+FILLS = ("zeros", "mean", "blur")
+GRADCAM_LAYERS = {"alexnet": "conv5", "vgg16": "conv5_3", "resnet": "layer4", "mobilenet_v2": "block18"}
+# Images per Dask task, so that each task takes well over ~100 ms on a CPU core.
+IMAGES_PER_TASK = {"occlusion": 1, "smoothgrad": 2, "gradcam": 8, "gradient": 8, "guided": 8}
+SEGMENT_MAX_SIDE = 400  # GrabCut runs on the model's view, not on a 20-megapixel original
+
+
+@dataclass(frozen=True)
+class SaliencyOptions:
+    """What a map depends on; CLI flags and config keys carry the same names."""
+
+    method: str = "gradcam"
+    target: str = "predicted"  # predicted | label | a class id
+    score: str = "logit"  # logit | probability
+    window: int = 32  # occlusion
+    stride: int = 16
+    fill: str = "zeros"  # zeros (model input 0) | mean (the image's mean colour) | blur | a number
+    samples: int = 16  # smoothgrad
+    noise: float = 0.15
+    layer: str | None = None  # gradcam (default: the architecture's last conv block)
+    precision: str = "auto"  # occlusion forward passes: bf16 where the hardware has it
+    segment: bool = False
+    foreground: float = 95.0  # GrabCut seeds: percentiles of the map
+    background: float = 30.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise FeatscopeError(f"unknown saliency method '{self.method}': use one of {', '.join(METHODS)}")
+        if self.target not in ("predicted", "label") and not self.target.isdigit():
+            raise FeatscopeError(f"--target must be predicted, label or a class id, not '{self.target}'")
+        if self.fill not in FILLS:
+            try:
+                float(self.fill)
+            except ValueError:
+                raise FeatscopeError(f"--fill must be one of {', '.join(FILLS)} or a number, not '{self.fill}'") from None
+        if self.window < 1 or self.stride < 1 or self.samples < 1:
+            raise FeatscopeError("--window, --stride and --samples must be at least 1")
+        if not 0 <= self.background < self.foreground <= 100:
+            raise FeatscopeError("need 0 <= --background < --foreground <= 100 (percentiles)")
+
+    def recorded(self) -> dict:
+        """The options a stored map depends on (segmenting only adds masks)."""
+        return {k: v for k, v in asdict(self).items() if k != "segment"}
+
+
+@dataclass
+class SaliencySummary:
+    method: str
+    selected: int
+    computed: int
+    skipped: int
+    bad: int
+    workers: int
+    seconds: float
+    out: Path
+
+    def line(self) -> str:
+        rate = self.computed / self.seconds if self.seconds else 0.0
+        text = (f"saliency {self.method}: {self.computed} maps in {self.seconds:.1f}s ({rate:.2f} img/s, "
+                f"{self.workers} workers) into {self.out}; {self.skipped} already done")
+        if self.bad:
+            text += f"; {self.bad} images failed (see errors.parquet)"
+        return text
+
+
+# ---- selection ---------------------------------------------------------------------------
+
+def select(rd: RunDir, selection: str = "all") -> list[dict]:
+    """Manifest rows (image_id, path, label) chosen by `all`, `label=NAME` or `ids=1,2,3`."""
+    rows = manifest.read(rd).select(["image_id", "path", "label"]).to_pylist()
+    if selection == "all":
+        return rows
+    key, _, value = selection.partition("=")
+    if key == "label" and value:
+        chosen = [r for r in rows if r["label"] == value]
+        if not chosen:
+            labels = sorted({str(r["label"]) for r in rows})
+            raise FeatscopeError(f"no image has label '{value}'; labels are: {', '.join(labels[:20])}")
+        return chosen
+    if key == "ids" and value:
+        try:
+            wanted = [int(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise FeatscopeError(f"--select ids= needs comma-separated integers, got '{value}'") from None
+        by_id = {r["image_id"]: r for r in rows}
+        unknown = [i for i in wanted if i not in by_id]
+        if unknown:
+            raise FeatscopeError(f"unknown image ids: {', '.join(map(str, unknown[:10]))}")
+        return [by_id[i] for i in dict.fromkeys(wanted)]
+    raise FeatscopeError(f"--select must be all, label=NAME or ids=1,2,3; got '{selection}'")
+
+
+# ---- the worker side ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a worker needs to load the run's model itself (small, sent with every task)."""
+
+    arch: str
+    weights: str
+    seed: int
+    weights_sha256: str | None
+    device: str = "auto"
+    threads: int | None = None
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_model(ref: ModelRef) -> tuple[LoadedModel, torch.device, list[str] | None]:
+    """The model, loaded once per worker process and kept for every later task."""
+    keep_freed_memory()
+    if ref.threads:
+        torch.set_num_threads(ref.threads)
+    loaded = load_model(ref.arch, ref.weights, seed=ref.seed)
+    if ref.weights_sha256 not in (None, loaded.weights_sha256):
+        raise FeatscopeError(f"the weights '{ref.weights}' are not the ones this run was extracted with")
+    device = resolve_device(ref.device)
+    loaded.module.to(device).to(memory_format=torch.channels_last)
+    categories = None
+    if ref.weights == "imagenet":
+        categories = torchvision.models.get_model_weights(ref.arch)[IMAGENET_WEIGHTS].meta["categories"]
+    return loaded, device, categories
+
+
+def _target_class(options: SaliencyOptions, logits: torch.Tensor, label: str | None,
+                  categories: list[str] | None) -> int:
+    classes = logits.shape[1]
+    if options.target == "predicted":
+        return int(logits.argmax(1))
+    wanted = label if options.target == "label" else options.target
+    if wanted is None:
+        raise ValueError("the image has no label")
+    if str(wanted).isdigit() and int(wanted) < classes:
+        return int(wanted)
+    names = {name.lower(): i for i, name in enumerate(categories or [])}
+    if str(wanted).lower() in names:
+        return names[str(wanted).lower()]
+    raise ValueError(f"'{wanted}' is not a class of the model (give a class id below {classes} or an ImageNet name)")
+
+
+def _kernel_options(options: SaliencyOptions, loaded: LoadedModel, x: torch.Tensor, device: torch.device) -> dict:
+    method = options.method
+    if method == "occlusion":
+        if options.fill == "zeros":
+            baseline = 0.0
+        elif options.fill == "mean":
+            baseline = x.mean(dim=(2, 3), keepdim=True)
+        elif options.fill == "blur":
+            sigma = options.window / 4
+            baseline = TF.gaussian_blur(x, kernel_size=2 * math.ceil(2 * sigma) + 1, sigma=sigma)
+        else:
+            baseline = float(options.fill)
+        dtype = PRECISIONS[resolve_precision(options.precision, device)]
+        return {"window": options.window, "stride": options.stride, "baseline": baseline, "score": options.score,
+                "dtype": dtype}
+    if method == "smoothgrad":
+        return {"samples": options.samples, "noise": options.noise, "seed": options.seed, "score": options.score}
+    if method == "gradcam":
+        name = options.layer or next((v for k, v in GRADCAM_LAYERS.items() if loaded.arch.startswith(k)), None)
+        if name is None:
+            raise FeatscopeError(f"no default Grad-CAM layer for {loaded.arch}: pass --layer")
+        spec = loaded.layer(name)
+        return {"layer": loaded.module.get_submodule(spec.module_path), "score": options.score}
+    return {"score": options.score}
+
+
+def _write_outputs(rd: RunDir, options: SaliencyOptions, image_id: int, view: torch.Tensor, heat: np.ndarray,
+                   original: tuple[int, int], fields_: dict) -> None:
+    """Overlay and mask first, the .npz last: its existence means the image is done."""
+    method = options.method
+    rgb = view.permute(1, 2, 0).numpy()
+    title = f"{method} · {fields_['target_name']}"
+    picture = heat_overlay(rgb, heat, diverging=method == "occlusion", title=title)
+    with atomic_path(rd.saliency_overlay(method, image_id)) as tmp:
+        picture.save(tmp, format="PNG")
+    height, width = original
+    if options.segment:
+        mask = grabcut_mask(rgb, heat, foreground=options.foreground, background=options.background)
+        full = Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST)
+        with atomic_path(rd.saliency_mask(method, image_id)) as tmp:
+            full.convert("1").save(tmp, format="PNG")
+    full_map = F.interpolate(torch.from_numpy(heat)[None, None], size=(height, width), mode="bilinear",
+                             align_corners=False)[0, 0].numpy()
+    with atomic_path(rd.saliency_map(method, image_id)) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, saliency=full_map.astype(np.float16), image_id=image_id, method=method,
+                            **{k: v for k, v in fields_.items()})
+
+
+def explain_batch(root: str, options: SaliencyOptions, ref: ModelRef, rows: list[dict]) -> dict:
+    """One Dask task: compute, render and write the maps of `rows`; return small summaries."""
+    rd = RunDir(root)
+    loaded, device, categories = _worker_model(ref)
+    model, prep = loaded.module, loaded.preprocessing
+    summaries, errors = [], []
+    for row in rows:
+        start = time.perf_counter()
+        try:
+            pixels = read_pixels(row["path"])
+        except BadImage as e:
+            errors.append({"image_id": row["image_id"], "path": row["path"], "stage": f"saliency-{options.method}",
+                           "error": "bad_image", "message": str(e)})
+            continue
+        view = TF.resize(pixels, [prep.crop], antialias=True, max_size=2 * prep.crop)
+        x = prep.normalize(view[None].to(device))
+        with torch.no_grad():
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        try:
+            target = _target_class(options, logits, row.get("label"), categories)
+        except ValueError as e:
+            errors.append({"image_id": row["image_id"], "path": row["path"], "stage": f"saliency-{options.method}",
+                           "error": "no_target", "message": str(e)})
+            continue
+        t = torch.tensor([target], device=device)
+        heat = attribute(model, x, t, options.method, **_kernel_options(options, loaded, x, device))[0]
+        fields_ = {
+            "target": target,
+            "target_name": categories[target] if categories else str(target),
+            "predicted": int(logits.argmax(1)),
+            "score": float(class_score(logits, t, options.score)),
+            "probability": float(class_score(logits, t, "probability")),
+        }
+        fields_["seconds"] = time.perf_counter() - start
+        _write_outputs(rd, options, row["image_id"], view, heat.float().cpu().numpy(), tuple(pixels.shape[1:]),
+                       fields_)
+        summaries.append({"image_id": row["image_id"], "method": options.method, **fields_,
+                          "seconds": time.perf_counter() - start})
+    return {"summaries": summaries, "errors": errors}
+
+
+# ---- the client side ---------------------------------------------------------------------
+
+SUMMARY_SCHEMA = pa.schema([
+    pa.field("image_id", pa.int64()),
+    pa.field("method", pa.string()),
+    pa.field("target", pa.int32()),
+    pa.field("target_name", pa.string()),
+    pa.field("predicted", pa.int32()),
+    pa.field("score", pa.float32()),
+    pa.field("probability", pa.float32()),
+    pa.field("seconds", pa.float32()),
+])
+
+
+def _summary_from_npz(path: Path) -> dict:
+    with np.load(path) as data:
+        row = {f.name: data[f.name].item() for f in SUMMARY_SCHEMA if f.name in data.files}
+    return row
+
+
+@contextmanager
+def dask_client(workers: int | None, scheduler: str | None, threads: int | None) -> Iterator[tuple[object, int]]:
+    """A Dask client: to the cluster at `scheduler`, or to a local cluster of worker processes."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as e:
+            raise FeatscopeError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
+        with client:
+            yield client, len(client.scheduler_info()["workers"])
+        return
+    workers = workers or max(1, (os.cpu_count() or 1) // 2)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client, workers
+
+
+def _check_options(rd: RunDir, options: SaliencyOptions, ref: ModelRef, overwrite: bool) -> None:
+    """Maps on disk must come from the same options and model, or be replaced on request."""
+    wanted = options.recorded() | {"model": ref.arch, "weights": ref.weights, "seed": ref.seed}
+    path = rd.saliency_options(options.method)
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            if not overwrite:
+                changed = ", ".join(f"{k}={found.get(k)!r}->{wanted.get(k)!r}" for k in wanted
+                                    if found.get(k) != wanted.get(k))
+                raise FeatscopeError(f"{rd.saliency_dir(options.method)} holds maps made with other options "
+                                     f"({changed}); pass --overwrite to replace them")
+            for old in rd.saliency_dir(options.method).iterdir():
+                old.unlink()
+            rd.saliency_summary(options.method).unlink(missing_ok=True)
+    write_json_atomic(path, wanted)
+
+
+def run(rd: RunDir, options: SaliencyOptions, *, selection: str = "all", workers: int | None = None,
+        scheduler: str | None = None, images_per_task: int | None = None, device: str = "auto",
+        threads: int | None = None, overwrite: bool = False, progress: bool = True) -> SaliencySummary:
+    """Compute the maps of the selected images that are not done yet, on a Dask cluster."""
+    start = time.perf_counter()
+    options.check()
+    config = rd.read_config()
+    if not config.get("model"):
+        raise FeatscopeError(f"run {rd.root} records no model: run `featscope manifest --model ...` first")
+    rows = select(rd, selection)
+    cores = os.cpu_count() or 1
+    if threads is None and not scheduler:
+        threads = max(1, cores // (workers or max(1, cores // 2)))
+    ref = ModelRef(config["model"], config.get("weights") or "imagenet", int(config.get("seed", 0)),
+                   config.get("weights_sha256"), device, threads)
+    _check_options(rd, options, ref, overwrite)
+    method = options.method
+
+    def done(row: dict) -> bool:
+        return rd.saliency_map(method, row["image_id"]).exists() and (
+            not options.segment or rd.saliency_mask(method, row["image_id"]).exists())
+
+    todo = [r for r in rows if not done(r)]
+    per_task = images_per_task or IMAGES_PER_TASK[method]
+    batches = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
+    summaries, errors, used_workers = [], [], 0
+    if batches:
+        from distributed import as_completed
+
+        with dask_client(workers, scheduler, threads) as (client, used_workers):
+            futures = client.map(explain_batch, [str(rd.root)] * len(batches), [options] * len(batches),
+                                 [ref] * len(batches), batches, pure=False, retries=1)
+            with tqdm(total=len(todo), unit="img", desc=f"saliency {method}", disable=not progress) as bar:
+                for future in as_completed(futures):
+                    result = future.result()
+                    summaries += result["summaries"]
+                    errors += result["errors"]
+                    bar.update(len(result["summaries"]) + len(result["errors"]))
+    _write_summary(rd, options, rows, summaries, ref)
+    _write_errors(rd, method, rows, errors, attempted={r["image_id"] for r in todo})
+    return SaliencySummary(method, len(rows), len(summaries), len(rows) - len(todo), len(errors), used_workers,
+                           time.perf_counter() - start, rd.saliency_dir(method))
+
+
+def _write_summary(rd: RunDir, options: SaliencyOptions, rows: list[dict], new: list[dict], ref: ModelRef) -> None:
+    """One part per method: earlier rows, this run's rows, and rows read back from any map
+    finished by a run that was killed before it wrote its summary."""
+    path = rd.saliency_summary(options.method)
+    by_id = {}
+    if path.exists():
+        by_id = {r["image_id"]: r for r in pq.read_table(path).to_pylist()}
+    by_id |= {r["image_id"]: r for r in new}
+    for row in rows:
+        map_path = rd.saliency_map(options.method, row["image_id"])
+        if row["image_id"] not in by_id and map_path.exists():
+            by_id[row["image_id"]] = _summary_from_npz(map_path) | {"method": options.method}
+    ordered = [by_id[k] for k in sorted(by_id) if rd.saliency_map(options.method, k).exists()]
+    table = pa.Table.from_pylist(ordered, schema=SUMMARY_SCHEMA)
+    write_table(table, path, {"model": ref.arch, "weights": ref.weights,
+                              "options": json.dumps(options.recorded(), sort_keys=True)})
+
+
+def _write_errors(rd: RunDir, method: str, rows: list[dict], new: list[dict], attempted: set[int]) -> None:
+    """Keep earlier error rows of images not retried this time; replace the rest."""
+    path = rd.error_part(f"saliency-{method}", 0)
+    old = pq.read_table(path).to_pylist() if path.exists() else []
+    kept = [r for r in old if r["image_id"] not in attempted
+            and not rd.saliency_map(method, r["image_id"]).exists()]
+    if kept or new or path.exists():
+        write_errors(path, kept + new)
+
+
+def read_summary(rd: RunDir) -> pa.Table:
+    """Every method's summary rows, or an empty table."""
+    parts = sorted(rd.saliency_summary_dir.glob("*.parquet")) if rd.saliency_summary_dir.is_dir() else []
+    if not parts:
+        return SUMMARY_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(p, schema=SUMMARY_SCHEMA) for p in parts])
+
+
+OPTION_FIELDS = [f.name for f in fields(SaliencyOptions)]

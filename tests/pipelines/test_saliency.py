@@ -1,0 +1,193 @@
+"""The saliency stage: maps at original size that match a direct computation, resume,
+bad input, a real Dask scheduler with worker processes, and a worker killed mid-run."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines import manifest, saliency
+from featscope.pipelines.cli import main as cli
+from featscope.pipelines.images import read_pixels
+from featscope.pipelines.models import load_model
+from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.store import read_errors
+
+ARCH = "resnet18"
+
+
+@pytest.fixture
+def run(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=100, model=ARCH, weights="random")
+    return rd
+
+
+def photo_rows(rd):
+    return saliency.select(rd, "label=photo")
+
+
+def direct_gradient_map(path):
+    """|d logit / d pixel| (max over channels) of the predicted class, on the stage's view
+    (shorter side 224), bilinearly resized to the original size: written out here. The model
+    runs channels_last as in the stage: max-pool gradients are discontinuous, so a layout
+    that rounds differently sends a few of them elsewhere (1% of the map's range)."""
+    loaded = load_model(ARCH, "random")
+    loaded.module.to(memory_format=torch.channels_last)
+    pixels = read_pixels(path)
+    view = TF.resize(pixels, [224], antialias=True, max_size=448)
+    x = loaded.preprocessing.normalize(view[None]).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    logits = loaded.module(x)
+    logits[0, logits.argmax()].backward()
+    heat = x.grad.abs().amax(1, keepdim=True)
+    return F.interpolate(heat, size=pixels.shape[1:], mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def test_worker_task_writes_maps_at_original_size_equal_to_a_direct_gradient(run):
+    rows = photo_rows(run)[:2]
+    options = saliency.SaliencyOptions(method="gradient", segment=True)
+    ref = saliency.ModelRef(ARCH, "random", 0, None)
+    result = saliency.explain_batch(str(run.root), options, ref, rows)
+    assert [s["image_id"] for s in result["summaries"]] == [r["image_id"] for r in rows] and not result["errors"]
+    for row, summary in zip(rows, result["summaries"]):
+        with np.load(run.saliency_map("gradient", row["image_id"])) as data:
+            stored = data["saliency"]
+            assert stored.dtype == np.float16 and int(data["target"]) == summary["target"]
+        width, height = Image.open(row["path"]).size
+        assert stored.shape == (height, width)
+        expected = direct_gradient_map(row["path"])
+        np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=2e-2, atol=2e-3 * expected.max())
+        assert summary["target"] == summary["predicted"]
+        mask = np.asarray(Image.open(run.saliency_mask("gradient", row["image_id"])))
+        assert mask.shape == (height, width) and 0 < mask.mean() < 1
+        overlay = Image.open(run.saliency_overlay("gradient", row["image_id"]))
+        assert overlay.mode == "RGB" and overlay.height > overlay.width * height / width  # the scale bar below
+
+
+def test_bad_images_and_missing_targets_become_error_rows_not_failures(run, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = photo_rows(run)[0]
+    rows = [{"image_id": 999, "path": str(broken), "label": None}, good]
+    ref = saliency.ModelRef(ARCH, "random", 0, None)
+    result = saliency.explain_batch(str(run.root), saliency.SaliencyOptions(method="gradcam"), ref, rows)
+    assert [e["image_id"] for e in result["errors"]] == [999] and result["errors"][0]["error"] == "bad_image"
+    assert [s["image_id"] for s in result["summaries"]] == [good["image_id"]]
+    labelled = saliency.explain_batch(str(run.root), saliency.SaliencyOptions(method="gradcam", target="label"), ref,
+                                      [good])
+    assert labelled["errors"][0]["error"] == "no_target" and "photo" in labelled["errors"][0]["message"]
+    fixed = saliency.explain_batch(str(run.root), saliency.SaliencyOptions(method="gradcam", target="7"), ref, [good])
+    assert fixed["summaries"][0]["target"] == 7
+
+
+def test_selection_by_label_and_ids_and_clear_errors(run):
+    assert {r["label"] for r in photo_rows(run)} == {"photo"}
+    ids = [r["image_id"] for r in manifest.read(run).to_pylist()][:2]
+    assert [r["image_id"] for r in saliency.select(run, f"ids={ids[1]},{ids[0]}")] == [ids[1], ids[0]]
+    with pytest.raises(FeatscopeError, match="unknown image ids: 12345"):
+        saliency.select(run, "ids=12345")
+    with pytest.raises(FeatscopeError, match="no image has label 'cat'"):
+        saliency.select(run, "label=cat")
+    with pytest.raises(FeatscopeError, match="--select must be"):
+        saliency.select(run, "everything")
+
+
+@pytest.mark.slow
+def test_local_cluster_run_resumes_and_guards_its_options(run):
+    summary = saliency.run(run, saliency.SaliencyOptions(method="gradcam"), selection="label=photo", workers=2,
+                           progress=False)
+    photos = photo_rows(run)
+    assert summary.computed == len(photos) and summary.workers == 2
+    table = pq.read_table(run.saliency_summary("gradcam"))
+    assert sorted(table["image_id"].to_pylist()) == sorted(r["image_id"] for r in photos)
+    assert saliency.read_summary(run).num_rows == len(photos)
+
+    again = saliency.run(run, saliency.SaliencyOptions(method="gradcam"), selection="label=photo", progress=False)
+    assert again.computed == 0 and again.skipped == len(photos)
+
+    lost = photos[1]["image_id"]
+    first_map = np.load(run.saliency_map("gradcam", photos[0]["image_id"]))["saliency"]
+    run.saliency_map("gradcam", lost).unlink()
+    redo = saliency.run(run, saliency.SaliencyOptions(method="gradcam"), selection="label=photo", workers=1,
+                        progress=False)
+    assert redo.computed == 1 and run.saliency_map("gradcam", lost).exists()
+    np.testing.assert_array_equal(np.load(run.saliency_map("gradcam", photos[0]["image_id"]))["saliency"], first_map)
+    assert pq.read_table(run.saliency_summary("gradcam")).num_rows == len(photos)
+
+    with pytest.raises(FeatscopeError, match="other options.*score='logit'->'probability'"):
+        saliency.run(run, saliency.SaliencyOptions(method="gradcam", score="probability"), selection="label=photo")
+    assert run.saliency_map("gradcam", lost).exists(), "a refused run must not lose maps"
+
+
+def test_cli_rejects_bad_input_with_one_line(run, capsys):
+    assert cli(["saliency", "--run", str(run.root), "--method", "occlusion", "--fill", "grey"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--fill must be one of zeros, mean, blur or a number" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dask_cluster():
+    """A real scheduler and two worker processes (each behind a nanny), on 127.0.0.1 only."""
+    dask = str(Path(sys.executable).with_name("dask"))
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              **quiet)]
+    procs += [subprocess.Popen([dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+                                "--no-dashboard", "--name", f"w{i}"], **quiet) for i in range(2)]
+    from distributed import Client
+
+    try:
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=120)
+            yield address, client
+            client.shutdown()  # scheduler and workers, faster than signalling each
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_stage_on_a_real_scheduler_survives_a_killed_worker(run, dask_cluster):
+    address, client = dask_cluster
+    photos = photo_rows(run)
+    cmd = [sys.executable, "-m", "featscope.pipelines.cli", "saliency", "--run", str(run.root), "--method",
+           "occlusion", "--select", "label=photo", "--scheduler", address, "--images-per-task", "1",
+           "--quiet"]
+    stage = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = [run.saliency_map("occlusion", r["image_id"]) for r in photos]
+    deadline = time.monotonic() + 300
+    while not any(m.exists() for m in maps) and stage.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done_at_kill = sum(m.exists() for m in maps)
+    pids = client.run(os.getpid)
+    victim = max(pids)  # any one of the two worker processes
+    os.kill(pids[victim], signal.SIGKILL)
+    out, err = stage.communicate(timeout=600)
+    assert stage.returncode == 0, err
+    assert 0 < done_at_kill < len(photos), "the worker was not killed mid-run"
+    assert all(m.exists() for m in maps)
+    assert f"saliency occlusion: {len(photos)} maps" in out
+    assert pq.read_table(run.saliency_summary("occlusion")).num_rows == len(photos)
+    assert read_errors(run.errors_dir).num_rows == 0
