@@ -30,6 +30,7 @@ TOPK = CFG["topk"]
 TOPK_LAYERS = TOPK.get("layers", LAYERS) if TOPK["k"] else []
 EMBED = CFG["embed"]
 EMBED_LAYERS = EMBED.get("layers", LAYERS)
+SALIENCY = CFG["saliency"]
 q = shlex.quote
 # The featscope installed beside the Python running Snakemake, so jobs need no activated venv.
 _beside = Path(sys.executable).with_name("featscope")
@@ -45,6 +46,12 @@ EXTRACT_CMD = (
     f" --device {EXTRACT['device']} --precision {EXTRACT['precision']} --batch-size {EXTRACT['batch_size']}"
     f" --seed {MODEL['seed']} --topk {TOPK['k']} --quiet"
     + (f" --workers {EXTRACT['workers']}" if "workers" in EXTRACT else "")
+)
+SALIENCY_CMD = (
+    f"{FEATSCOPE} saliency --run {RUN_ARG} --select {q(SALIENCY['select'])} --target {q(SALIENCY['target'])}"
+    f" --score {SALIENCY['score']} --window {SALIENCY['window']} --stride {SALIENCY['stride']}"
+    f" --fill {q(SALIENCY['fill'])} --quiet" + (" --segment" if SALIENCY["segment"] else "")
+    + (f" --scheduler {q(SALIENCY['scheduler'])}" if "scheduler" in SALIENCY else " --workers {threads}")
 )
 INDEX_CMD = (
     f"{FEATSCOPE} index build --run {RUN_ARG} --kind {INDEX['kind']} --metric {INDEX['metric']}"
@@ -71,6 +78,7 @@ localrules: all
 
 wildcard_constraints:
     layer=r"[^/]+",
+    method=r"occlusion|gradient|guided|smoothgrad|gradcam",
 
 
 rule all:
@@ -82,6 +90,7 @@ rule all:
         [str(RD.patch_sheet(layer)) for layer in TOPK_LAYERS],
         [str(RD.mosaic(layer, kind, suffix)) for layer in EMBED_LAYERS
          for kind, suffix in (("grid", "jpg"), ("scatter", "jpg"), ("plot", "png"))],
+        [str(RD.saliency_summary(method)) for method in SALIENCY["methods"]],
 
 
 # Reruns whenever the set of images changes (the listing is a param). `update`: Snakemake
@@ -183,3 +192,15 @@ rule mosaic:
         f" --tile {EMBED['tile']} --seed {EMBED['seed']} --quiet"
         f" && {FEATSCOPE} mosaic scatter --run {RUN_ARG} --layer {{wildcards.layer}} --seed {EMBED['seed']} --quiet"
         f" && {FEATSCOPE} mosaic plot --run {RUN_ARG} --layer {{wildcards.layer}}"
+
+
+# Saliency maps of the selected images, one job per method, on a local Dask cluster of
+# `workers` processes (or the cluster at saliency.scheduler). Finished images are skipped.
+rule saliency:
+    input:
+        ancient(RD.manifest),
+    output:
+        str(RD.saliency_summary("{method}")),
+    threads: SALIENCY["workers"]
+    shell:
+        SALIENCY_CMD + " --method {wildcards.method}"

@@ -322,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--images-per-task", type=int, help="images per Dask task (default: by method, >= ~100 ms)")
     sa.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sa.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
-    sa.add_argument("--overwrite", action="store_true", help="replace maps made with other options")
+    sa.add_argument("--overwrite", action="store_true",
+                    help="recompute the selected images even if done; needed to change the options of a method "
+                         "(its earlier maps are then deleted)")
     sa.add_argument("--quiet", action="store_true", help="no progress bar")
     sa.set_defaults(func=_cmd_saliency)
     return parser

@@ -2,7 +2,9 @@
 
 Drawn with Pillow and a matplotlib colour table (no figure per image, so thousands of
 overlays cost little). Maps that can be negative (occlusion: covering a window can raise
-the score) use a diverging scale centred on zero; the others run from zero up.
+the score) use a diverging scale centred on zero; the others run from zero up to their
+99th percentile, since gradient maps are heavy-tailed and a scale up to the single largest
+pixel would leave almost all of the map invisible.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _normalise(heat: np.ndarray, diverging: bool) -> tuple[np.ndarray, float, fl
     if diverging:
         extent = float(np.abs(finite).max()) or 1.0
         return (finite / extent + 1) / 2, -extent, extent
-    low, high = 0.0, float(finite.max()) or 1.0
+    low, high = 0.0, float(np.percentile(finite, 99)) or float(finite.max()) or 1.0
     return np.clip(finite / high, 0, 1), low, high
 
 
@@ -50,7 +52,7 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, *, diverging: bool = False
     canvas.paste(Image.fromarray(bar), (4, height + 3))
     draw = ImageDraw.Draw(canvas)
     draw.text((4, height + 13), f"{low:.3g}", fill="black", font=_FONT)
-    right = f"{high:.3g}"
+    right = f"{high:.3g}" if diverging else f"{high:.3g} (p99)"
     draw.text((width - 4 - draw.textlength(right, font=_FONT), height + 13), right, fill="black", font=_FONT)
     if title:
         draw.text(((width - draw.textlength(title, font=_FONT)) / 2, height + 13), title, fill="black", font=_FONT)

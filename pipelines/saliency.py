@@ -327,7 +327,7 @@ def _check_options(rd: RunDir, options: SaliencyOptions, ref: ModelRef, overwrit
                 changed = ", ".join(f"{k}={found.get(k)!r}->{wanted.get(k)!r}" for k in wanted
                                     if found.get(k) != wanted.get(k))
                 raise FeatscopeError(f"{rd.saliency_dir(options.method)} holds maps made with other options "
-                                     f"({changed}); pass --overwrite to replace them")
+                                     f"({changed}); pass --overwrite to replace them all")
             for old in rd.saliency_dir(options.method).iterdir():
                 old.unlink()
             rd.saliency_summary(options.method).unlink(missing_ok=True)
@@ -356,7 +356,7 @@ def run(rd: RunDir, options: SaliencyOptions, *, selection: str = "all", workers
         return rd.saliency_map(method, row["image_id"]).exists() and (
             not options.segment or rd.saliency_mask(method, row["image_id"]).exists())
 
-    todo = [r for r in rows if not done(r)]
+    todo = rows if overwrite else [r for r in rows if not done(r)]
     per_task = images_per_task or IMAGES_PER_TASK[method]
     batches = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
     summaries, errors, used_workers = [], [], 0

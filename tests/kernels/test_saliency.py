@@ -242,3 +242,21 @@ def test_grabcut_mask_of_a_salient_square_covers_the_square():
     mask = grabcut_mask(image, saliency, foreground=97, background=40)
     assert mask[square].mean() > 0.97
     assert mask[~square].mean() < 0.02
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_occlusion_recomputing_only_the_window_region_equals_the_loop_at_every_cut(models, arch):
+    """Cut after early, middle and late blocks; windows at the borders and overlapping."""
+    from featscope.kernels.occlusion import _trunk
+
+    model = models[arch]
+    x = torch.randn(1, 3, 80, 112, generator=torch.Generator().manual_seed(2))
+    t = targets(model, x)
+    expected = reference_occlusion(model, x, t, 24, 20, torch.zeros_like(x))
+    blocks = len(_trunk(model).blocks)
+    for cut in sorted({0, blocks // 4, blocks // 2, blocks - 2}):
+        close(attribute(model, x, t, "occlusion", window=24, stride=20, cut=cut, batch=7), expected)
+    names = [type(m).__name__ for m in model.modules()]
+    with pytest.raises(RuntimeError):  # class 5000 does not exist: raises inside the cut-model block
+        attribute(model, x, torch.tensor([5000]), "occlusion", window=24, stride=20, cut=blocks // 2)
+    assert [type(m).__name__ for m in model.modules()] == names, "a swapped block was left behind"
