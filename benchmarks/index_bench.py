@@ -18,7 +18,6 @@ import json
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np

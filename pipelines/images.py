@@ -9,7 +9,6 @@ alpha) are converted, never rejected; EXIF orientation is applied.
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from pathlib import Path
 

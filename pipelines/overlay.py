@@ -54,6 +54,9 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, *, diverging: bool = False
     draw.text((4, height + 13), f"{low:.3g}", fill="black", font=_FONT)
     right = f"{high:.3g}" if diverging else f"{high:.3g} (p99)"
     draw.text((width - 4 - draw.textlength(right, font=_FONT), height + 13), right, fill="black", font=_FONT)
-    if title:
+    room = width - 24 - draw.textlength(f"{low:.3g}", font=_FONT) - 2 * draw.textlength(right, font=_FONT)
+    if title and draw.textlength(title, font=_FONT) > room:
+        title = title.split(" · ")[0]  # narrow picture: the method only
+    if title and draw.textlength(title, font=_FONT) <= room:
         draw.text(((width - draw.textlength(title, font=_FONT)) / 2, height + 13), title, fill="black", font=_FONT)
     return canvas

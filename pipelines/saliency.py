@@ -83,7 +83,8 @@ class SaliencyOptions:
             try:
                 float(self.fill)
             except ValueError:
-                raise FeatscopeError(f"--fill must be one of {', '.join(FILLS)} or a number, not '{self.fill}'") from None
+                raise FeatscopeError(
+                    f"--fill must be one of {', '.join(FILLS)} or a number, not '{self.fill}'") from None
         if self.window < 1 or self.stride < 1 or self.samples < 1:
             raise FeatscopeError("--window, --stride and --samples must be at least 1")
         if not 0 <= self.background < self.foreground <= 100:
@@ -92,6 +93,9 @@ class SaliencyOptions:
     def recorded(self) -> dict:
         """The options a stored map depends on (segmenting only adds masks)."""
         return {k: v for k, v in asdict(self).items() if k != "segment"}
+
+
+OPTION_FIELDS = [f.name for f in fields(SaliencyOptions)]
 
 
 @dataclass
@@ -215,11 +219,11 @@ def _kernel_options(options: SaliencyOptions, loaded: LoadedModel, x: torch.Tens
 
 
 def _write_outputs(rd: RunDir, options: SaliencyOptions, image_id: int, view: torch.Tensor, heat: np.ndarray,
-                   original: tuple[int, int], fields_: dict) -> None:
+                   original: tuple[int, int], facts: dict) -> None:
     """Overlay and mask first, the .npz last: its existence means the image is done."""
     method = options.method
     rgb = view.permute(1, 2, 0).numpy()
-    title = f"{method} · {fields_['target_name']}"
+    title = f"{method} · {facts['target_name']}"
     picture = heat_overlay(rgb, heat, diverging=method == "occlusion", title=title)
     with atomic_path(rd.saliency_overlay(method, image_id)) as tmp:
         picture.save(tmp, format="PNG")
@@ -233,7 +237,7 @@ def _write_outputs(rd: RunDir, options: SaliencyOptions, image_id: int, view: to
                              align_corners=False)[0, 0].numpy()
     with atomic_path(rd.saliency_map(method, image_id)) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, saliency=full_map.astype(np.float16), image_id=image_id, method=method,
-                            **{k: v for k, v in fields_.items()})
+                            **{k: v for k, v in facts.items()})
 
 
 def explain_batch(root: str, options: SaliencyOptions, ref: ModelRef, rows: list[dict]) -> dict:
@@ -262,17 +266,17 @@ def explain_batch(root: str, options: SaliencyOptions, ref: ModelRef, rows: list
             continue
         t = torch.tensor([target], device=device)
         heat = attribute(model, x, t, options.method, **_kernel_options(options, loaded, x, device))[0]
-        fields_ = {
+        facts = {
             "target": target,
             "target_name": categories[target] if categories else str(target),
             "predicted": int(logits.argmax(1)),
             "score": float(class_score(logits, t, options.score)),
             "probability": float(class_score(logits, t, "probability")),
         }
-        fields_["seconds"] = time.perf_counter() - start
+        facts["seconds"] = time.perf_counter() - start
         _write_outputs(rd, options, row["image_id"], view, heat.float().cpu().numpy(), tuple(pixels.shape[1:]),
-                       fields_)
-        summaries.append({"image_id": row["image_id"], "method": options.method, **fields_,
+                       facts)
+        summaries.append({"image_id": row["image_id"], "method": options.method, **facts,
                           "seconds": time.perf_counter() - start})
     return {"summaries": summaries, "errors": errors}
 
@@ -412,6 +416,3 @@ def read_summary(rd: RunDir) -> pa.Table:
     if not parts:
         return SUMMARY_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(p, schema=SUMMARY_SCHEMA) for p in parts])
-
-
-OPTION_FIELDS = [f.name for f in fields(SaliencyOptions)]

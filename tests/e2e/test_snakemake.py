@@ -31,6 +31,7 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
         "index": {"queries": [0, 5], "k": 3},
         "topk": {"k": 3, "units": "0-3"},
         "embed": {"layers": ["pool"], "perplexity": 2, "grid_side": 2, "tile": 16},
+        "saliency": {"methods": ["gradcam"], "select": "label=photo", "workers": 1},
     }
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(cfg))
@@ -50,6 +51,11 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
     assert pq.read_table(run / "embedding" / "pool.parquet").num_rows == 8
     assert sorted(p.name for p in (run / "mosaic").iterdir()) == [
         "pool-grid.jpg", "pool-grid.parquet", "pool-plot.png", "pool-scatter.jpg"]
+    photo_ids = [r["image_id"] for r in pq.read_table(run / "manifest.parquet").to_pylist() if r["label"] == "photo"]
+    assert sorted(pq.read_table(run / "saliency" / "summary.parquet")["image_id"].to_pylist()) == sorted(photo_ids)
+    for i in photo_ids:
+        for name in (f"{i}.npz", f"{i}.png", f"{i}-mask.png"):
+            assert (run / "saliency" / "gradcam" / name).exists()
 
     again = snakemake(tmp_path, configfile)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr

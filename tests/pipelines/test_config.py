@@ -19,6 +19,7 @@ def test_the_demo_config_is_valid_and_gets_defaults():
     cfg = config.load(REPO / "config" / "default.yaml")
     assert cfg["model"]["arch"] == "mobilenet_v2" and cfg["model"]["seed"] == 0
     assert cfg["extract"]["batch_size"] == 64
+    assert cfg["saliency"]["target"] == "predicted" and cfg["saliency"]["window"] == 32
 
 
 @pytest.mark.parametrize(
@@ -30,6 +31,8 @@ def test_the_demo_config_is_valid_and_gets_defaults():
         (lambda c: c.pop("layers"), r"'layers' is a required property"),
         (lambda c: c["model"].update(arch="resnet9000"), r"model\.arch: unknown architecture 'resnet9000'"),
         (lambda c: c.update(layers=["pool", "block99"]), r"layers\.1: unknown layer 'block99' for mobilenet_v2"),
+        (lambda c: c["saliency"].update(methods=["lime"]), r"saliency\.methods\.0: 'lime' is not one of"),
+        (lambda c: c["saliency"].update(select="photos"), r"saliency\.select: 'photos' does not match"),
     ],
 )
 def test_bad_configs_name_the_offending_key(change, message):
