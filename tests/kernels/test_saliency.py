@@ -180,10 +180,11 @@ def test_occlusion_with_a_blurred_baseline_and_probabilities(models, images):
     close(actual, expected)
 
 
-def test_smoothgrad_is_the_mean_gradient_map_over_the_same_noise(models, images):
-    model = models["mobilenet_v2"]
+@pytest.mark.parametrize("arch", ARCHS)
+def test_smoothgrad_is_the_mean_gradient_map_over_the_same_noise(models, images, arch):
+    model = models[arch]
     t = targets(model, images)
-    samples, noise = 5, 0.2
+    samples, noise = 3, 0.2
     g = torch.Generator().manual_seed(3)
     expected = torch.zeros(len(images), SIZE, SIZE)
     for b in range(len(images)):
@@ -191,7 +192,9 @@ def test_smoothgrad_is_the_mean_gradient_map_over_the_same_noise(models, images)
         draws = torch.randn((samples, 3, SIZE, SIZE), generator=g) * spread
         for s in range(samples):
             expected[b] += plain_gradient_map(model, images[b:b + 1] + draws[s:s + 1], t[b:b + 1])[0] / samples
-    actual = attribute(model, images, t, "smoothgrad", samples=samples, noise=noise, seed=3, batch=2)
+    # batch=1: the reference runs one noisy copy at a time, and a batched forward pass rounds
+    # differently, which can send a max-pool gradient to another pixel
+    actual = attribute(model, images, t, "smoothgrad", samples=samples, noise=noise, seed=3, batch=1)
     close(actual, expected)
     assert differs(actual, plain_gradient_map(model, images, t))
 
