@@ -31,6 +31,7 @@ TOPK_LAYERS = TOPK.get("layers", LAYERS) if TOPK["k"] else []
 EMBED = CFG["embed"]
 EMBED_LAYERS = EMBED.get("layers", LAYERS)
 SALIENCY = CFG["saliency"]
+VIZ = CFG["viz"]
 q = shlex.quote
 # The featscope installed beside the Python running Snakemake, so jobs need no activated venv.
 _beside = Path(sys.executable).with_name("featscope")
@@ -73,6 +74,25 @@ def index_meta(layer):
     return str(RD.index_dir(layer) / "meta.json")
 
 
+def ids(values):
+    return ",".join(map(str, values))
+
+
+def viz_outputs(part=None):
+    """The toolbox pictures the config asks for (of one part, or all)."""
+    out = {
+        "filters": [str(RD.viz_filters(layer)) for layer in VIZ.get("filters", [])],
+        "activations": [str(RD.viz_activations(layer, i)) for layer in VIZ.get("activations", {}).get("layers", [])
+                        for i in VIZ.get("activations", {}).get("images", [])],
+        "class_models": [str(RD.viz_class_models)] if "class_models" in VIZ else [],
+        "adversarial": [str(RD.viz_adversarial(i, str(VIZ["adversarial"].get("target", "untargeted"))))
+                        for i in VIZ.get("adversarial", {}).get("images", [])],
+        "dream": [str(RD.viz_dream(i)) for i in VIZ.get("dream", {}).get("images", [])],
+        "inversion": [str(RD.viz_inversion(i)) for i in VIZ.get("inversion", {}).get("images", [])],
+    }
+    return out[part] if part else [path for paths in out.values() for path in paths]
+
+
 localrules: all
 
 
@@ -91,6 +111,7 @@ rule all:
         [str(RD.mosaic(layer, kind, suffix)) for layer in EMBED_LAYERS
          for kind, suffix in (("grid", "jpg"), ("scatter", "jpg"), ("plot", "png"))],
         [str(RD.saliency_summary(method)) for method in SALIENCY["methods"]],
+        viz_outputs(),
 
 
 # Reruns whenever the set of images changes (the listing is a param). `update`: Snakemake
@@ -204,3 +225,79 @@ rule saliency:
     threads: SALIENCY["workers"]
     shell:
         SALIENCY_CMD + " --method {wildcards.method}"
+
+
+# The visualisation toolbox: one job per configured part, every target of a part in one batch.
+def viz_command(method, **options):
+    flags = "".join(f" --{k.replace('_', '-')} {q(str(v))}" for k, v in options.items() if v is not None)
+    return f"{FEATSCOPE} viz {method} --run {RUN_ARG} --quiet{flags}" if method in ("class-model", "dream", "invert") \
+        else f"{FEATSCOPE} viz {method} --run {RUN_ARG}{flags}"
+
+
+if VIZ.get("filters"):
+    rule viz_filters:
+        input:
+            ancient(RD.manifest),
+        output:
+            viz_outputs("filters"),
+        shell:
+            viz_command("filters", layers=",".join(VIZ["filters"]))
+
+
+if "activations" in VIZ:
+    rule viz_activations:
+        input:
+            ancient(RD.manifest),
+        output:
+            viz_outputs("activations"),
+        shell:
+            viz_command("activations", layers=",".join(VIZ["activations"]["layers"]),
+                        ids=ids(VIZ["activations"]["images"]))
+
+
+if "class_models" in VIZ:
+    rule viz_class_models:
+        input:
+            ancient(RD.manifest),
+        output:
+            viz_outputs("class_models"),
+        threads: workflow.cores
+        shell:
+            viz_command("class-model", classes=ids(VIZ["class_models"]["classes"]),
+                        steps=VIZ["class_models"]["steps"], octaves=VIZ["class_models"]["octaves"])
+
+
+if "adversarial" in VIZ:
+    rule viz_adversarial:
+        input:
+            ancient(RD.manifest),
+        output:
+            viz_outputs("adversarial"),
+        shell:
+            viz_command("adversarial", ids=ids(VIZ["adversarial"]["images"]),
+                        target=VIZ["adversarial"].get("target"), epsilon=VIZ["adversarial"]["epsilon"],
+                        steps=VIZ["adversarial"]["steps"])
+
+
+if "dream" in VIZ:
+    rule viz_dream:
+        input:
+            ancient(RD.manifest),
+        output:
+            viz_outputs("dream"),
+        threads: workflow.cores
+        shell:
+            viz_command("dream", ids=ids(VIZ["dream"]["images"]), layers=",".join(VIZ["dream"]["layers"]),
+                        octaves=VIZ["dream"]["octaves"], steps=VIZ["dream"]["steps"])
+
+
+if "inversion" in VIZ:
+    rule viz_inversion:
+        input:
+            ancient(RD.manifest),
+        output:
+            viz_outputs("inversion"),
+        threads: workflow.cores
+        shell:
+            viz_command("invert", ids=ids(VIZ["inversion"]["images"]), layers=",".join(VIZ["inversion"]["layers"]),
+                        steps=VIZ["inversion"]["steps"], tv=VIZ["inversion"]["tv"])

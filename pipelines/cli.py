@@ -134,6 +134,33 @@ def _cmd_saliency(args: argparse.Namespace) -> None:
         print(f"warning: {summary.bad} images got no map; see {RunDir(args.run).errors_dir}", file=sys.stderr)
 
 
+def _cmd_viz(args: argparse.Namespace) -> None:
+    from featscope.pipelines import viz
+
+    rd = RunDir(args.run)
+    ids = viz.parse_ids(args.ids) if getattr(args, "ids", None) else []
+    layers = [x.strip() for x in getattr(args, "layers", "").split(",") if x.strip()]
+    if args.method == "filters":
+        summary = viz.filters(rd, layers)
+    elif args.method == "activations":
+        summary = viz.activations(rd, layers, ids)
+    elif args.method == "class-model":
+        summary = viz.class_model(rd, viz.parse_ids(args.classes), size=args.size, steps=args.steps, lr=args.lr,
+                                  l2=args.l2, jitter=args.jitter, blur_every=args.blur_every,
+                                  blur_sigma=args.blur_sigma, clip_percentile=args.clip_percentile,
+                                  octaves=args.octaves, noise=args.noise, seed=args.seed, progress=not args.quiet)
+    elif args.method == "adversarial":
+        summary = viz.adversarial(rd, ids, target=args.target, epsilon=args.epsilon, method=args.attack,
+                                  steps=args.steps, step=args.step)
+    elif args.method == "dream":
+        summary = viz.dream(rd, ids, layers, octaves=args.octaves, steps=args.steps, lr=args.lr, jitter=args.jitter,
+                            seed=args.seed, progress=not args.quiet)
+    else:
+        summary = viz.inversion(rd, ids, layers, steps=args.steps, lr=args.lr, tv=args.tv, beta=args.beta,
+                                seed=args.seed, progress=not args.quiet)
+    print(summary.line())
+
+
 def _int_list(text: str) -> str:
     try:
         [int(x) for x in text.split(",") if x.strip()]
@@ -327,6 +354,63 @@ def build_parser() -> argparse.ArgumentParser:
                          "(its earlier maps are then deleted)")
     sa.add_argument("--quiet", action="store_true", help="no progress bar")
     sa.set_defaults(func=_cmd_saliency)
+
+    vz = sub.add_parser("viz", help="the visualisation toolbox: filters, activations, class models, adversarial "
+                                    "examples, DeepDream, feature inversion").add_subparsers(
+        dest="method", required=True, metavar="METHOD")
+
+    def method(name: str, text: str, *, layers: bool = False, ids: bool = False) -> argparse.ArgumentParser:
+        p = vz.add_parser(name, help=text, description=text + " Pictures go to <run>/viz/.")
+        p.add_argument("--run", required=True, type=Path, help="run directory (its model and images are used)")
+        if layers:
+            p.add_argument("--layers", required=True, help="comma-separated aliases or module paths, e.g. block3,block13")
+        if ids:
+            p.add_argument("--ids", required=True, help="comma-separated image ids of the run")
+        p.set_defaults(func=_cmd_viz)
+        return p
+
+    method("filters", "Conv filters of layers as tiles: RGB for a first layer, grayscale per input channel deeper.",
+           layers=True)
+    method("activations", "Every channel's activation map of an image at a layer, as grayscale tiles.",
+           layers=True, ids=True)
+    cm = method("class-model", "Class models by gradient ascent on score_c(I) - l2 ||I||^2, all classes in one batch.")
+    cm.add_argument("--classes", required=True, help="comma-separated class ids, e.g. 130,309,417,980")
+    cm.add_argument("--size", type=int, default=224)
+    cm.add_argument("--steps", type=int, default=150)
+    cm.add_argument("--lr", type=float, default=0.02, help="step size (the gradient is normalised per image)")
+    cm.add_argument("--l2", type=float, default=3e-3, help="weight of ||I||^2 (I: image minus the mean colour)")
+    cm.add_argument("--jitter", type=int, default=16, help="random shift in pixels at each step")
+    cm.add_argument("--blur-every", type=int, default=4, help="Gaussian blur every N steps (0: never)")
+    cm.add_argument("--blur-sigma", type=float, default=0.7)
+    cm.add_argument("--clip-percentile", type=float, default=20.0,
+                    help="reset pixels whose norm is below this percentile to the mean colour (0: off)")
+    cm.add_argument("--octaves", type=int, default=3, help="optimise at this many growing scales")
+    cm.add_argument("--noise", type=float, default=0.0, help="start from the mean colour plus noise of this sd")
+    cm.add_argument("--seed", type=int, default=0)
+    cm.add_argument("--quiet", action="store_true")
+    ad = method("adversarial", "Adversarial examples within an L-inf budget, checked on the saved 8-bit PNG.",
+                ids=True)
+    ad.add_argument("--target", type=int, help="class to reach (targeted PGD); without it, untargeted")
+    ad.add_argument("--epsilon", type=int, default=4, help="L-inf budget in grey levels (0-255)")
+    ad.add_argument("--attack", default="pgd", choices=["pgd", "fgsm"], help="fgsm: one untargeted step")
+    ad.add_argument("--steps", type=int, default=20)
+    ad.add_argument("--step", type=int, default=1, help="PGD step in grey levels")
+    dr = method("dream", "Feature amplification (DeepDream) of images at layers, side by side.",
+                layers=True, ids=True)
+    dr.add_argument("--octaves", type=int, default=3)
+    dr.add_argument("--steps", type=int, default=10, help="steps per octave")
+    dr.add_argument("--lr", type=float, default=0.01)
+    dr.add_argument("--jitter", type=int, default=16)
+    dr.add_argument("--seed", type=int, default=0)
+    dr.add_argument("--quiet", action="store_true")
+    iv = method("invert", "Feature inversion with a total-variation prior, from each layer, side by side.",
+                layers=True, ids=True)
+    iv.add_argument("--steps", type=int, default=200)
+    iv.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (cosine decay)")
+    iv.add_argument("--tv", type=float, default=0.5, help="weight of the TV prior R_TV^beta / (H*W)")
+    iv.add_argument("--beta", type=float, default=2.0, help="TV exponent beta")
+    iv.add_argument("--seed", type=int, default=0)
+    iv.add_argument("--quiet", action="store_true")
     return parser
 
 

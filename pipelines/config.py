@@ -58,6 +58,15 @@ def validate(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict:
             resolve_layer(arch, skeleton, layer)
         except FeatscopeError as e:
             raise FeatscopeError(f"config error at layers.{i}: {e}") from None
+    viz = config.get("viz", {})
+    named = [("viz.filters", viz.get("filters", []))]
+    named += [(f"viz.{part}.layers", viz[part]["layers"]) for part in ("activations", "dream", "inversion") if part in viz]
+    for where, layers in named:
+        for i, layer in enumerate(layers):
+            try:
+                resolve_layer(arch, skeleton, layer)
+            except FeatscopeError as e:
+                raise FeatscopeError(f"config error at {where}.{i}: {e}") from None
     for section in ("topk", "embed"):
         for i, layer in enumerate(config[section].get("layers", [])):
             if layer not in config["layers"]:

@@ -4,7 +4,8 @@ Layout (see DESIGN.md): run.json, manifest.parquet, errors.parquet/ (a directory
 with one part per stage and shard, so parallel jobs never write the same file),
 features/<layer>/part-NNNNN.parquet, topk/ (candidates per shard, merged top-k per layer),
 patches/, index/<layer>/ (FAISS index), neighbors/<layer>.jpg, saliency/<method>/ (maps,
-overlays, masks) and saliency/summary.parquet/ (a directory dataset, one part per method).
+overlays, masks), saliency/summary.parquet/ (a directory dataset, one part per method) and
+viz/ (the toolbox's pictures).
 """
 
 from __future__ import annotations
@@ -121,6 +122,34 @@ class RunDir:
 
     def saliency_summary(self, method: str) -> Path:
         return self.saliency_summary_dir / f"{method}.parquet"
+
+    @property
+    def viz_dir(self) -> Path:
+        return self.root / "viz"
+
+    def viz_filters(self, layer: str) -> Path:
+        return self.viz_dir / "filters" / f"{layer}.png"
+
+    def viz_activations(self, layer: str, image_id: int) -> Path:
+        return self.viz_dir / "activations" / layer / f"{image_id}.png"
+
+    @property
+    def viz_class_models(self) -> Path:
+        """The gallery (.png) and, beside it, the scores (.json)."""
+        return self.viz_dir / "class-models.png"
+
+    def viz_class_model(self, class_id: int) -> Path:
+        return self.viz_dir / "class-models" / f"{class_id}.png"
+
+    def viz_adversarial(self, image_id: int, target: str, suffix: str = "", ext: str = ".png") -> Path:
+        """<image_id>-<target|untargeted><suffix><ext>: the panel, -adv.png, .json."""
+        return self.viz_dir / "adversarial" / f"{image_id}-{target}{suffix}{ext}"
+
+    def viz_dream(self, image_id: int) -> Path:
+        return self.viz_dir / "dream" / f"{image_id}.png"
+
+    def viz_inversion(self, image_id: int) -> Path:
+        return self.viz_dir / "inversion" / f"{image_id}.png"
 
     def read_config(self) -> dict:
         if not self.run_json.exists():

@@ -32,6 +32,11 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
         "topk": {"k": 3, "units": "0-3"},
         "embed": {"layers": ["pool"], "perplexity": 2, "grid_side": 2, "tile": 16},
         "saliency": {"methods": ["gradcam"], "select": "label=photo", "workers": 1},
+        "viz": {"filters": ["stem"], "activations": {"layers": ["layer1"], "images": [0]},
+                "class_models": {"classes": [1, 2], "steps": 3, "octaves": 1},
+                "adversarial": {"images": [0], "steps": 2}, "dream": {"layers": ["layer1"], "images": [0],
+                                                                     "octaves": 1, "steps": 2},
+                "inversion": {"layers": ["layer1", "layer2"], "images": [0], "steps": 3}},
     }
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(cfg))
@@ -56,6 +61,12 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
     for i in photo_ids:
         for name in (f"{i}.npz", f"{i}.png", f"{i}-mask.png"):
             assert (run / "saliency" / "gradcam" / name).exists()
+
+    viz = run / "viz"
+    assert sorted(str(p.relative_to(viz)) for p in viz.rglob("*.png")) == [
+        "activations/layer1/0.png", "adversarial/0-untargeted-adv.png", "adversarial/0-untargeted.png",
+        "class-models.png", "class-models/1.png", "class-models/2.png", "dream/0.png", "filters/stem.png",
+        "inversion/0.png"]
 
     again = snakemake(tmp_path, configfile)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr

@@ -33,6 +33,9 @@ def test_the_demo_config_is_valid_and_gets_defaults():
         (lambda c: c.update(layers=["pool", "block99"]), r"layers\.1: unknown layer 'block99' for mobilenet_v2"),
         (lambda c: c["saliency"].update(methods=["lime"]), r"saliency\.methods\.0: 'lime' is not one of"),
         (lambda c: c["saliency"].update(select="photos"), r"saliency\.select: 'photos' does not match"),
+        (lambda c: c["viz"]["dream"].update(layers=["block4", "conv5"]),
+         r"viz\.dream\.layers\.1: unknown layer 'conv5' for mobilenet_v2"),
+        (lambda c: c["viz"]["adversarial"].update(epsilon=0), r"viz\.adversarial\.epsilon: 0 is less than"),
     ],
 )
 def test_bad_configs_name_the_offending_key(change, message):

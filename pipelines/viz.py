@@ -1,0 +1,333 @@
+"""The visualisation toolbox stage: `featscope viz <method>` for a run's model and images.
+
+Each method reads the run's model (run.json) and, where it needs them, the run's images
+(the model's own 224-px view: resize and centre crop), calls its kernel with every target
+in one batch, and writes captioned PNGs (plus JSON with the numbers) under <run>/viz/:
+
+  filters/<layer>.png                      the layer's conv filters
+  activations/<layer>/<image_id>.png       every channel's activation map for an image
+  class-models.png, class-models/<class>.png, class-models.json   gradient-ascent class models
+  adversarial/<image_id>-<target>.png (+ -adv.png, the 8-bit adversarial image, and .json)
+  dream/<image_id>.png                     the image amplified at each layer, side by side
+  inversion/<image_id>.png (+ .json)       the image reconstructed from each layer's features
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from featscope.kernels.adversarial import pgd
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.filters import activation_grid, filter_grid
+from featscope.kernels.objectives import layer_energy, layer_outputs
+from featscope.kernels.render import class_models, deepdream, invert, layer_features
+from featscope.kernels.transforms import PixelModel
+from featscope.pipelines import manifest
+from featscope.pipelines.atomic import atomic_path, write_json_atomic
+from featscope.pipelines.images import BadImage, read_pixels
+from featscope.pipelines.models import IMAGENET_WEIGHTS, LoadedModel, load_model
+from featscope.pipelines.panels import curves, enlarge, panel, stack, to_image
+from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.runtime import keep_freed_memory
+
+TILE = 160  # side of each picture in the galleries
+
+
+@dataclass
+class VizSummary:
+    method: str
+    written: list[Path]
+    seconds: float
+
+    def line(self) -> str:
+        where = self.written[0].parent if self.written else "-"
+        return f"viz {self.method}: {len(self.written)} pictures in {self.seconds:.1f}s under {where}"
+
+
+# ---- the run's model and images ------------------------------------------------------------
+
+@dataclass
+class _Context:
+    rd: RunDir
+    loaded: LoadedModel
+    pixel_model: PixelModel
+    categories: list[str] | None
+
+    def name(self, class_id: int) -> str:
+        return self.categories[class_id] if self.categories else f"class {class_id}"
+
+    def module(self, layer: str) -> tuple[str, nn.Module]:
+        spec = self.loaded.layer(layer)
+        if spec.kind == "pixels":
+            raise FeatscopeError("`pixels` is the input itself, not a layer of the model")
+        return spec.module_path, self.loaded.module.get_submodule(spec.module_path)
+
+    def images(self, image_ids: list[int]) -> tuple[torch.Tensor, list[dict]]:
+        """The model's view of each image, (B,3,crop,crop) in [0,1] on the 8-bit grid."""
+        rows = {r["image_id"]: r for r in manifest.read(self.rd).to_pylist()}
+        unknown = [i for i in image_ids if i not in rows]
+        if unknown:
+            raise FeatscopeError(f"unknown image ids in run {self.rd.root}: {', '.join(map(str, unknown))}")
+        views = []
+        for i in image_ids:
+            try:
+                views.append(self.loaded.preprocessing.to_uint8(read_pixels(rows[i]["path"])))
+            except BadImage as e:
+                raise FeatscopeError(f"image {i} ({rows[i]['path']}) cannot be read: {e}") from None
+        return torch.stack(views).float() / 255, [rows[i] for i in image_ids]
+
+
+def _context(rd: RunDir, threads: int | None = None) -> _Context:
+    keep_freed_memory()
+    if threads:
+        torch.set_num_threads(threads)
+    config = rd.read_config()
+    if not config.get("model"):
+        raise FeatscopeError(f"run {rd.root} records no model: run `featscope manifest --model ...` first")
+    weights = config.get("weights") or "imagenet"
+    loaded = load_model(config["model"], weights, seed=int(config.get("seed", 0)))
+    if config.get("weights_sha256") not in (None, loaded.weights_sha256):
+        raise FeatscopeError(f"the weights '{weights}' are not the ones run {rd.root} was extracted with")
+    for p in loaded.module.parameters():
+        p.requires_grad_(False)  # only images are optimised
+    prep = loaded.preprocessing
+    categories = None
+    if weights == "imagenet":
+        categories = torchvision.models.get_model_weights(loaded.arch)[IMAGENET_WEIGHTS].meta["categories"]
+    return _Context(rd, loaded, PixelModel(loaded.module, prep.mean, prep.std), categories)
+
+
+def _save_png(picture: Image.Image, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+    return path
+
+
+def _conv_weight(ctx: _Context, layer: str) -> tuple[str, torch.Tensor]:
+    """The conv that makes `layer`: the first Conv2d inside it, or (for an alias that names
+    the ReLU after a conv) the last Conv2d before it in the model."""
+    path, module = ctx.module(layer)
+    inside = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    if inside:
+        name, conv = inside[0]
+        return f"{path}.{name}" if name else path, conv.weight
+    before = None
+    for name, m in ctx.loaded.module.named_modules():
+        if name == path:
+            break
+        if isinstance(m, nn.Conv2d):
+            before = (name, m.weight)
+    if before is None:
+        raise FeatscopeError(f"layer '{layer}' has no convolution to draw")
+    return before
+
+
+# ---- methods ------------------------------------------------------------------------------
+
+def filters(rd: RunDir, layers: list[str]) -> VizSummary:
+    """One PNG per layer: RGB tiles for a first layer, a row of grayscale tiles per filter deeper."""
+    start = time.perf_counter()
+    ctx = _context(rd)
+    written = []
+    for layer in layers:
+        path, weight = _conv_weight(ctx, layer)
+        o, i, kh, kw = weight.shape
+        zoom = max(1, 12 // kh)
+        picture = to_image(filter_grid(weight, zoom=zoom))
+        how = ("RGB, each filter min-max scaled" if i == 3 else
+               "one row per filter, one tile per input channel; grey = 0, scaled per filter")
+        title = f"{layer} = {path}: {o} filters x {i} channels x {kh}x{kw} ({how})"
+        written.append(_save_png(panel([enlarge(picture, 240)], [""], title), rd.viz_filters(layer)))
+    return VizSummary("filters", written, time.perf_counter() - start)
+
+
+def activations(rd: RunDir, layers: list[str], image_ids: list[int]) -> VizSummary:
+    """Per layer and image: the image, and every channel's map as a grayscale tile."""
+    start = time.perf_counter()
+    ctx = _context(rd)
+    images, rows = ctx.images(image_ids)
+    modules = [ctx.module(layer) for layer in layers]
+    with torch.no_grad():
+        outputs = layer_outputs(ctx.pixel_model, images, [m for _, m in modules])
+    written = []
+    for layer, (path, _), output in zip(layers, modules, outputs):
+        if output.dim() != 4:
+            raise FeatscopeError(f"layer '{layer}' gives vectors {tuple(output.shape[1:])}, not activation maps")
+        for b, row in enumerate(rows):
+            a = output[b]
+            grid = to_image(activation_grid(a, zoom=max(1, 24 // a.shape[-1])))
+            title = (f"{layer} = {path}: {a.shape[0]} maps of {a.shape[1]}x{a.shape[2]} for image {row['image_id']}; "
+                     f"black = 0, white = the layer's max {float(a.max()):.3g}")
+            picture = panel([to_image(images[b]), enlarge(grid, 224)], [str(row["label"] or row["image_id"]), ""],
+                            title)
+            written.append(_save_png(picture, rd.viz_activations(layer, row["image_id"])))
+    return VizSummary("activations", written, time.perf_counter() - start)
+
+
+def class_model(rd: RunDir, classes: list[int], *, size: int = 224, steps: int = 150, lr: float = 0.02,
+                l2: float = 3e-3, jitter: int = 16, blur_every: int = 4, blur_sigma: float = 0.7,
+                clip_percentile: float = 20.0, octaves: int = 3, noise: float = 0.0, seed: int = 0,
+                progress: bool = True) -> VizSummary:
+    """All classes in one batch; a gallery with final scores and the score curves."""
+    start = time.perf_counter()
+    ctx = _context(rd)
+    n_classes = ctx.loaded.module(torch.zeros(1, 3, 64, 64)).shape[1]
+    bad = [c for c in classes if not 0 <= c < n_classes]
+    if bad:
+        raise FeatscopeError(f"class ids must be in 0..{n_classes - 1}; got {bad}")
+    target = torch.tensor(classes)
+    with tqdm(total=1, desc="class models", disable=not progress):
+        images, scores = class_models(ctx.pixel_model, target, size=size, steps=steps, lr=lr, l2=l2,
+                                      jitter_pixels=jitter, blur_every=blur_every, blur_sigma=blur_sigma,
+                                      clip_percentile=clip_percentile, octaves=octaves, noise=noise, seed=seed)
+    with torch.no_grad():
+        logits = ctx.pixel_model(images)  # the final images as saved, without jitter
+    probabilities = logits.softmax(1)
+    written, pictures, captions, record = [], [], [], []
+    for b, c in enumerate(classes):
+        picture = to_image(images[b])
+        written.append(_save_png(picture, rd.viz_class_model(c)))
+        p, final = float(probabilities[b, c]), float(logits[b, c])
+        pictures.append(picture.resize((TILE, TILE), Image.Resampling.BICUBIC))
+        captions.append(f"{ctx.name(c)} ({c})\nscore {final:.1f}, p={p:.2f}")
+        record.append({"class": c, "name": ctx.name(c), "final_score": final, "probability": p,
+                       "scores": scores[:, b].tolist()})
+    curve = curves({f"{ctx.name(c)}": scores[:, b].tolist() for b, c in enumerate(classes)}, xlabel="step",
+                   ylabel="class score (logit)", title="score during gradient ascent")
+    gallery = stack([panel(pictures, captions, f"class models of {ctx.loaded.arch}: argmax_I score_c(I) - "
+                                               f"{l2:g} ||I||^2, {steps} steps, {octaves} octaves"),
+                     panel([curve], [""])])
+    written.insert(0, _save_png(gallery, rd.viz_class_models))
+    write_json_atomic(rd.viz_class_models.with_suffix(".json"), record)
+    return VizSummary("class-model", written, time.perf_counter() - start)
+
+
+def adversarial(rd: RunDir, image_ids: list[int], *, target: int | None = None, epsilon: int = 4,
+                method: str = "pgd", steps: int = 20, step: int = 1) -> VizSummary:
+    """Targeted (or untargeted) attacks on the images' model view, checked by re-reading
+    the saved 8-bit PNG: original, amplified perturbation and adversarial image, with the
+    predictions and probabilities of both."""
+    start = time.perf_counter()
+    if method not in ("pgd", "fgsm"):
+        raise FeatscopeError(f"--method must be pgd or fgsm, not '{method}'")
+    if method == "fgsm" and target is not None:
+        raise FeatscopeError("FGSM here is the untargeted one-step attack; use --method pgd with --target")
+    ctx = _context(rd)
+    images, rows = ctx.images(image_ids)
+    model = ctx.pixel_model
+    with torch.no_grad():
+        before = model(images).softmax(1)
+    labels = before.argmax(1)
+    if method == "fgsm":
+        steps, step = 1, epsilon
+    goal = torch.full_like(labels, target) if target is not None else None
+    adv, _history = pgd(model, images, epsilon=epsilon, target=goal, labels=None if goal is not None else labels,
+                        steps=steps, step=step)
+    written = []
+    for b, row in enumerate(rows):
+        name = str(target) if target is not None else "untargeted"
+        adv_path = _save_png(to_image(adv[b]), rd.viz_adversarial(row["image_id"], name, "-adv"))
+        reread = torch.from_numpy(np.array(Image.open(adv_path).convert("RGB"))).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            after = model(reread.float() / 255).softmax(1)[0]
+        predicted, was = int(after.argmax()), int(labels[b])
+        success = predicted == target if target is not None else predicted != was
+        difference = adv[b] - images[b]
+        amplified = (difference / max(epsilon / 255, 1e-12) * 0.5 + 0.5).clamp(0, 1)
+        goal_text = f"target {ctx.name(target)}" if target is not None else "untargeted"
+        title = (f"{method.upper()} {goal_text}, L-inf budget {epsilon}/255 ({steps} steps): "
+                 f"{'fooled' if success else 'not fooled'} (checked on the saved 8-bit PNG)")
+        picture = panel(
+            [to_image(images[b]).resize((224, 224)), to_image(amplified), to_image(adv[b])],
+            [f"original: {ctx.name(was)}\np={float(before[b, was]):.3f}",
+             f"perturbation x{255 / (2 * epsilon):.0f}\nmax |d| = {float(difference.abs().max() * 255):.0f}/255",
+             f"adversarial: {ctx.name(predicted)}\np={float(after[predicted]):.3f}"
+             + (f", {ctx.name(was)} p={float(after[was]):.3f}" if predicted != was else "")],
+            title)
+        written.append(_save_png(picture, rd.viz_adversarial(row["image_id"], name)))
+        write_json_atomic(rd.viz_adversarial(row["image_id"], name, "", ".json"), {
+            "image_id": row["image_id"], "method": method, "epsilon": epsilon, "steps": steps, "step": step,
+            "target": target, "original_class": was, "original_probability": float(before[b, was]),
+            "adversarial_class": predicted, "adversarial_probability": float(after[predicted]),
+            "target_probability": float(after[target]) if target is not None else None,
+            "max_abs_change": float(difference.abs().max() * 255), "fooled": bool(success)})
+    return VizSummary("adversarial", written, time.perf_counter() - start)
+
+
+def dream(rd: RunDir, image_ids: list[int], layers: list[str], *, octaves: int = 3, steps: int = 10,
+          lr: float = 0.01, jitter: int = 16, seed: int = 0, progress: bool = True) -> VizSummary:
+    """Each image amplified at each layer (all pairs in one batch), side by side."""
+    start = time.perf_counter()
+    ctx = _context(rd)
+    images, rows = ctx.images(image_ids)
+    modules = [ctx.module(layer)[1] for layer in layers]
+    batch = images.repeat_interleave(len(layers), dim=0)
+    with tqdm(total=1, desc="dream", disable=not progress):
+        dreamed, _energies = deepdream(ctx.pixel_model, batch, modules * len(rows), octaves=octaves, steps=steps,
+                                      lr=lr, jitter_pixels=jitter, seed=seed)
+    per_image = modules * len(rows)
+    with torch.no_grad():  # each layer's energy on the full-size image, before and after
+        before = [layer_energy(o[n:n + 1])[0] for n, o in enumerate(layer_outputs(ctx.pixel_model, batch, per_image))]
+        after = [layer_energy(o[n:n + 1])[0] for n, o in enumerate(layer_outputs(ctx.pixel_model, dreamed, per_image))]
+    written = []
+    for b, row in enumerate(rows):
+        pictures, captions = [to_image(images[b])], [f"image {row['image_id']}"]
+        for k, layer in enumerate(layers):
+            n = b * len(layers) + k
+            pictures.append(to_image(dreamed[n]))
+            captions.append(f"{layer}\nenergy x{float(after[n] / before[n].clamp_min(1e-12)):.1f}")
+        title = f"feature amplification (DeepDream): ascend mean squared activation, {octaves} octaves x {steps} steps"
+        written.append(_save_png(panel(pictures, captions, title), rd.viz_dream(row["image_id"])))
+    return VizSummary("dream", written, time.perf_counter() - start)
+
+
+def inversion(rd: RunDir, image_ids: list[int], layers: list[str], *, steps: int = 200, lr: float = 0.05,
+              tv: float = 0.5, beta: float = 2.0, seed: int = 0, progress: bool = True) -> VizSummary:
+    """Each image reconstructed from each layer's features (all in one batch), side by side
+    with the relative feature error and the pixel error of each."""
+    start = time.perf_counter()
+    ctx = _context(rd)
+    images, rows = ctx.images(image_ids)
+    modules = [ctx.module(layer)[1] for layer in layers]
+    batch = images.repeat_interleave(len(layers), dim=0)
+    per_image = modules * len(rows)
+    reference = layer_features(ctx.pixel_model, batch, per_image)
+    with tqdm(total=1, desc="inversion", disable=not progress):
+        recon, errors = invert(ctx.pixel_model, reference, per_image, tuple(images.shape[2:]), steps=steps, lr=lr,
+                               tv=tv, beta=beta, seed=seed)
+    written = []
+    for b, row in enumerate(rows):
+        pictures, captions, record = [to_image(images[b])], [f"image {row['image_id']}"], []
+        for k, layer in enumerate(layers):
+            n = b * len(layers) + k
+            pixel_error = float((recon[n] - images[b]).pow(2).sum() / images[b].pow(2).sum())
+            feature_error = float(errors[-1, n])
+            pictures.append(to_image(recon[n]))
+            captions.append(f"{layer}\nfeature err {feature_error:.3f}\npixel err {pixel_error:.3f}")
+            record.append({"layer": layer, "feature_error": feature_error, "pixel_error": pixel_error,
+                           "feature_errors": errors[:, n].tolist()})
+        title = (f"feature inversion: argmin ||Phi(x)-Phi0||^2/||Phi0||^2 + {tv:g} R_TV^{beta:g}(x)/HW, {steps} "
+                 "steps (errors relative: ||d||^2/||ref||^2)")
+        written.append(_save_png(panel(pictures, captions, title), rd.viz_inversion(row["image_id"])))
+        write_json_atomic(rd.viz_inversion(row["image_id"]).with_suffix(".json"),
+                          {"image_id": row["image_id"], "tv": tv, "beta": beta, "steps": steps, "layers": record})
+    return VizSummary("inversion", written, time.perf_counter() - start)
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FeatscopeError(f"expected comma-separated integers, got '{text}'") from None
+    if not values:
+        raise FeatscopeError("give at least one id")
+    return values
