@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo-data: install
 	$(BIN)/featscope data demo --out data/demo
+	$(BIN)/featscope data textures --out data/textures
 
 weights: install
 	$(BIN)/featscope weights fetch mobilenet_v2

@@ -32,6 +32,7 @@ EMBED = CFG["embed"]
 EMBED_LAYERS = EMBED.get("layers", LAYERS)
 SALIENCY = CFG["saliency"]
 VIZ = CFG["viz"]
+STYLE_NET = CFG.get("style_net")
 q = shlex.quote
 # The featscope installed beside the Python running Snakemake, so jobs need no activated venv.
 _beside = Path(sys.executable).with_name("featscope")
@@ -89,6 +90,11 @@ def viz_outputs(part=None):
                         for i in VIZ.get("adversarial", {}).get("images", [])],
         "dream": [str(RD.viz_dream(i)) for i in VIZ.get("dream", {}).get("images", [])],
         "inversion": [str(RD.viz_inversion(i)) for i in VIZ.get("inversion", {}).get("images", [])],
+        "texture": [str(RD.viz_texture(Path(p).stem)) for p in VIZ.get("texture", {}).get("images", [])],
+        "style_transfer": [str(RD.viz_style(i, Path(VIZ["style_transfer"]["style"]).stem))
+                           for i in VIZ.get("style_transfer", {}).get("images", [])],
+        "style_net": [str(RD.viz_style_switch(Path(STYLE_NET["image"]).stem)), str(RD.style_net_dir / "net.onnx")]
+                     if STYLE_NET else [],
     }
     return out[part] if part else [path for paths in out.values() for path in paths]
 
@@ -230,7 +236,8 @@ rule saliency:
 # The visualisation toolbox: one job per configured part, every target of a part in one batch.
 def viz_command(method, **options):
     flags = "".join(f" --{k.replace('_', '-')} {q(str(v))}" for k, v in options.items() if v is not None)
-    return f"{FEATSCOPE} viz {method} --run {RUN_ARG} --quiet{flags}" if method in ("class-model", "dream", "invert") \
+    return f"{FEATSCOPE} viz {method} --run {RUN_ARG} --quiet{flags}" if method in (
+        "class-model", "dream", "invert", "texture", "style") \
         else f"{FEATSCOPE} viz {method} --run {RUN_ARG}{flags}"
 
 
@@ -301,3 +308,56 @@ if "inversion" in VIZ:
         shell:
             viz_command("invert", ids=ids(VIZ["inversion"]["images"]), layers=",".join(VIZ["inversion"]["layers"]),
                         steps=VIZ["inversion"]["steps"], tv=VIZ["inversion"]["tv"])
+
+
+if "texture" in VIZ:
+    rule viz_texture:
+        input:
+            ancient(RD.manifest),
+            image=lambda wildcards: next(p for p in VIZ["texture"]["images"] if Path(p).stem == wildcards.name),
+        output:
+            str(RD.viz_texture("{name}")),
+        threads: workflow.cores
+        shell:
+            viz_command("texture", layers=",".join(VIZ["texture"]["layers"]), size=VIZ["texture"]["size"],
+                        steps=VIZ["texture"]["steps"]) + " --image {input.image:q}"
+
+
+if "style_transfer" in VIZ:
+    rule viz_style_transfer:
+        input:
+            ancient(RD.manifest),
+            VIZ["style_transfer"]["style"],
+        output:
+            viz_outputs("style_transfer"),
+        threads: workflow.cores
+        run:
+            part = VIZ["style_transfer"]
+            for image_id in part["images"]:
+                shell(viz_command("style", id=image_id, style=part["style"], content_layer=part["content_layer"],
+                                  style_layers=",".join(part["style_layers"]), steps=part["steps"]))
+
+
+# Fast style transfer: train one network for every style (resumable), then draw the
+# switch/mix strip and export the network to ONNX.
+if STYLE_NET:
+    rule style_train:
+        input:
+            STYLE_NET["styles"],
+        output:
+            str(RD.style_net_dir / "net.pt"),
+        threads: workflow.cores
+        shell:
+            f"{FEATSCOPE} style train --styles {' '.join(q(s) for s in STYLE_NET['styles'])}"
+            f" --content {q(STYLE_NET['content'])} --out {q(str(RD.style_net_dir))} --size {STYLE_NET['size']}"
+            f" --steps {STYLE_NET['steps']} --batch {STYLE_NET['batch']} --quiet"
+
+    rule style_outputs:
+        input:
+            str(RD.style_net_dir / "net.pt"),
+        output:
+            strip=str(RD.viz_style_switch(Path(STYLE_NET["image"]).stem)),
+            onnx=str(RD.style_net_dir / "net.onnx"),
+        shell:
+            f"{FEATSCOPE} style strip --checkpoint {{input}} --image {q(STYLE_NET['image'])} --out {{output.strip}}"
+            f" && {FEATSCOPE} style export --checkpoint {{input}} --out {{output.onnx}}"

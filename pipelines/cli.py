@@ -21,6 +21,13 @@ def _cmd_data_demo(args: argparse.Namespace) -> None:
     print(demo_data.build(args.out, digits=args.digits, force=args.force).line())
 
 
+def _cmd_data_textures(args: argparse.Namespace) -> None:
+    from featscope.pipelines import demo_data
+
+    paths = demo_data.textures(args.out)
+    print(f"textures: {len(paths)} example images in {args.out} ({', '.join(p.stem for p in paths)})")
+
+
 def _cmd_weights_fetch(args: argparse.Namespace) -> None:
     from featscope.pipelines import weights
 
@@ -155,10 +162,49 @@ def _cmd_viz(args: argparse.Namespace) -> None:
     elif args.method == "dream":
         summary = viz.dream(rd, ids, layers, octaves=args.octaves, steps=args.steps, lr=args.lr, jitter=args.jitter,
                             seed=args.seed, progress=not args.quiet)
-    else:
+    elif args.method == "invert":
         summary = viz.inversion(rd, ids, layers, steps=args.steps, lr=args.lr, tv=args.tv, beta=args.beta,
                                 seed=args.seed, progress=not args.quiet)
+    elif args.method == "texture":
+        weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+        summary = viz.texture(rd, args.image, layers, layer_weights=weights, size=args.size, steps=args.steps,
+                              lr=args.lr, seed=args.seed, progress=not args.quiet)
+    else:
+        summary = viz.style_transfer(rd, args.id, args.style, content_layer=args.content_layer,
+                                     style_layers=[x for x in args.style_layers.split(",") if x],
+                                     content_weight=args.content_weight, style_weight=args.style_weight, tv=args.tv,
+                                     init=args.init, steps=args.steps, lr=args.lr, seed=args.seed,
+                                     progress=not args.quiet)
     print(summary.line())
+
+
+def _cmd_style(args: argparse.Namespace) -> None:
+    from featscope.pipelines import style
+
+    if args.what == "train":
+        options = style.TrainOptions(size=args.size, steps=args.steps, batch=args.batch, lr=args.lr,
+                                     content_weight=args.content_weight, style_weight=args.style_weight,
+                                     tv_weight=args.tv_weight, width=args.width, blocks=args.blocks, model=args.model,
+                                     weights=args.weights, content_layer=args.content_layer,
+                                     style_layers=[x for x in (args.style_layers or "").split(",") if x],
+                                     checkpoint_every=args.checkpoint_every, seed=args.seed)
+        print(style.train(args.out, args.styles, args.content, options, progress=not args.quiet).line())
+    elif args.what == "add":
+        index = style.add_style(args.checkpoint, args.style)
+        options = style.TrainOptions(steps=style.load_checkpoint(args.checkpoint)["step"] + args.steps)
+        summary = style.train(Path(args.checkpoint).parent, [], args.content, options, train_style=index,
+                              progress=not args.quiet)
+        print(f"style add: style {index} ({args.style}); " + summary.line())
+    elif args.what == "apply":
+        mix = [float(x) for x in args.mix.split(",")] if args.mix else None
+        images = style.stylise(args.checkpoint, args.images, style=args.style, weights=mix, size=args.size)
+        outs = [Path(args.out) / f"{Path(p).stem}-{args.mix or args.style}.png" for p in args.images]
+        style.save_images(images, outs)
+        print(f"style apply: {len(outs)} images in {args.out}")
+    elif args.what == "strip":
+        print(f"style strip: {style.strip(args.checkpoint, args.image, args.out, size=args.size)}")
+    else:
+        print(f"style export: {style.export_onnx(args.checkpoint, args.out, size=args.size)}")
 
 
 def _int_list(text: str) -> str:
@@ -184,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--digits", type=int, default=5000, help="how many MNIST digits, spread over labels (max 5000)")
     demo.add_argument("--force", action="store_true", help="replace a different dataset already in --out")
     demo.set_defaults(func=_cmd_data_demo)
+    tex = data.add_parser("textures", help="example textures and style images (brick, grass, gravel, ...) from "
+                                           "scikit-image")
+    tex.add_argument("--out", type=Path, default=Path("data/textures"))
+    tex.set_defaults(func=_cmd_data_textures)
 
     weights = sub.add_parser("weights", help="manage model weights").add_subparsers(dest="what", required=True,
                                                                                     metavar="WHAT")
@@ -411,6 +461,81 @@ def build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--beta", type=float, default=2.0, help="TV exponent beta")
     iv.add_argument("--seed", type=int, default=0)
     iv.add_argument("--quiet", action="store_true")
+    tx = method("texture", "Texture synthesis by matching Gram matrices at several layers, and at each alone.",
+                layers=True)
+    tx.add_argument("--image", required=True, type=Path, help="the example texture")
+    tx.add_argument("--weights", help="one weight per layer (default: equal)")
+    tx.add_argument("--size", type=int, default=160)
+    tx.add_argument("--steps", type=int, default=300)
+    tx.add_argument("--lr", type=float, default=0.02)
+    tx.add_argument("--seed", type=int, default=0)
+    tx.add_argument("--quiet", action="store_true")
+    st = method("style", "Neural style transfer by optimisation (Gatys et al.), with its loss curve.")
+    st.add_argument("--id", required=True, type=int, help="content image id of the run")
+    st.add_argument("--style", required=True, type=Path, help="style image")
+    st.add_argument("--content-layer", required=True)
+    st.add_argument("--style-layers", required=True, help="comma-separated")
+    st.add_argument("--content-weight", type=float, default=1.0)
+    st.add_argument("--style-weight", type=float, default=20.0)
+    st.add_argument("--tv", type=float, default=0.5)
+    st.add_argument("--init", default="content", choices=["content", "style", "noise"])
+    st.add_argument("--steps", type=int, default=300)
+    st.add_argument("--lr", type=float, default=0.02)
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--quiet", action="store_true")
+
+    sty = sub.add_parser("style", help="fast feed-forward style transfer with conditional instance norm").add_subparsers(
+        dest="what", required=True, metavar="WHAT")
+    tr = sty.add_parser("train", help="train (or resume) one network for several styles",
+                        description="Checkpoints to OUT/net.pt every --checkpoint-every steps and resumes from it; "
+                                    "OUT/losses.csv logs every step.")
+    tr.add_argument("--styles", nargs="+", required=True, help="style images, one per style index")
+    tr.add_argument("--content", required=True, type=Path, help="folder of content images (random crops)")
+    tr.add_argument("--out", required=True, type=Path)
+    tr.add_argument("--size", type=int, default=128, help="crop size (256 on a GPU)")
+    tr.add_argument("--steps", type=int, default=300, help="total steps (a rerun continues up to this)")
+    tr.add_argument("--batch", type=int, default=4)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--content-weight", type=float, default=1.0)
+    tr.add_argument("--style-weight", type=float, default=4.0)
+    tr.add_argument("--tv-weight", type=float, default=1e-2)
+    tr.add_argument("--width", type=int, default=16, help="channels of the first layer (Johnson et al.: 32)")
+    tr.add_argument("--blocks", type=int, default=3, help="residual blocks (Johnson et al.: 5)")
+    tr.add_argument("--model", default="mobilenet_v2", help="loss network")
+    tr.add_argument("--weights", default="imagenet")
+    tr.add_argument("--content-layer", help="default: by architecture (mobilenet_v2 block6, vgg16 conv2_2)")
+    tr.add_argument("--style-layers", help="comma-separated; default by architecture")
+    tr.add_argument("--checkpoint-every", type=int, default=100)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=_cmd_style)
+    add = sty.add_parser("add", help="add a style to a trained network, training only its gamma and beta")
+    add.add_argument("--checkpoint", required=True, type=Path)
+    add.add_argument("--style", required=True, type=Path)
+    add.add_argument("--content", required=True, type=Path)
+    add.add_argument("--steps", type=int, default=200)
+    add.add_argument("--quiet", action="store_true")
+    add.set_defaults(func=_cmd_style)
+    ap = sty.add_parser("apply", help="stylise images with one style (--style N) or a mix (--mix 0.3,0.7)")
+    ap.add_argument("--checkpoint", required=True, type=Path)
+    pick = ap.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--style", type=int)
+    pick.add_argument("--mix", help="one weight per style, e.g. 0.3,0.7")
+    ap.add_argument("--images", nargs="+", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--size", type=int, default=256)
+    ap.set_defaults(func=_cmd_style)
+    sp = sty.add_parser("strip", help="one image through every style and mixes of the first two, as one PNG")
+    sp.add_argument("--checkpoint", required=True, type=Path)
+    sp.add_argument("--image", required=True, type=Path)
+    sp.add_argument("--out", required=True, type=Path)
+    sp.add_argument("--size", type=int, default=192)
+    sp.set_defaults(func=_cmd_style)
+    ex = sty.add_parser("export", help="export the network to ONNX (inputs: image, style weights)")
+    ex.add_argument("--checkpoint", required=True, type=Path)
+    ex.add_argument("--out", required=True, type=Path)
+    ex.add_argument("--size", type=int, default=256, help="example size (height and width stay dynamic)")
+    ex.set_defaults(func=_cmd_style)
     return parser
 
 

@@ -60,7 +60,11 @@ def validate(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict:
             raise FeatscopeError(f"config error at layers.{i}: {e}") from None
     viz = config.get("viz", {})
     named = [("viz.filters", viz.get("filters", []))]
-    named += [(f"viz.{part}.layers", viz[part]["layers"]) for part in ("activations", "dream", "inversion") if part in viz]
+    named += [(f"viz.{part}.layers", viz[part]["layers"]) for part in ("activations", "dream", "inversion", "texture")
+              if part in viz]
+    if "style_transfer" in viz:
+        named += [("viz.style_transfer.style_layers", [viz["style_transfer"]["content_layer"],
+                                                        *viz["style_transfer"]["style_layers"]])]
     for where, layers in named:
         for i, layer in enumerate(layers):
             try:

@@ -39,6 +39,31 @@ PHOTOS = (
 )
 
 
+# Example textures and style images for the toolbox (kept out of the demo dataset itself).
+TEXTURES = (
+    ("skimage", "data/brick.png"),
+    ("skimage", "data/grass.png"),
+    ("skimage", "data/gravel.png"),
+    ("skimage", "data/hubble_deep_field.jpg"),
+    ("skimage", "data/ihc.png"),
+)
+
+
+def textures(out: str | Path) -> list[Path]:
+    """Copy the example textures and style images into `out` (as RGB PNGs); idempotent."""
+    out = Path(out)
+    written = []
+    for package, relative in TEXTURES:
+        path = out / (Path(relative).stem + ".png")
+        if not path.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            rgb = Image.open(_package_file(package, relative)).convert("RGB")
+            rgb.save(path.with_name(path.name + ".tmp"), format="PNG")
+            path.with_name(path.name + ".tmp").replace(path)
+        written.append(path)
+    return written
+
+
 @dataclass
 class DemoSummary:
     out: Path

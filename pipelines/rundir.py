@@ -151,6 +151,21 @@ class RunDir:
     def viz_inversion(self, image_id: int) -> Path:
         return self.viz_dir / "inversion" / f"{image_id}.png"
 
+    def viz_texture(self, name: str) -> Path:
+        return self.viz_dir / "texture" / f"{name}.png"
+
+    def viz_style(self, content_id: int, style: str) -> Path:
+        return self.viz_dir / "style" / f"{content_id}-{style}.png"
+
+    def viz_style_switch(self, name: str) -> Path:
+        """The fast network's strip for an image: each style alone, then mixes."""
+        return self.viz_dir / "style" / f"switch-{name}.png"
+
+    @property
+    def style_net_dir(self) -> Path:
+        """The fast style network: net.pt (checkpoint), losses.csv, net.onnx."""
+        return self.root / "style-net"
+
     def read_config(self) -> dict:
         if not self.run_json.exists():
             raise FeatscopeError(f"{self.root} is not a run: no run.json (run `featscope manifest` first)")

@@ -10,6 +10,8 @@ in one batch, and writes captioned PNGs (plus JSON with the numbers) under <run>
   adversarial/<image_id>-<target>.png (+ -adv.png, the 8-bit adversarial image, and .json)
   dream/<image_id>.png                     the image amplified at each layer, side by side
   inversion/<image_id>.png (+ .json)       the image reconstructed from each layer's features
+  texture/<name>.png (+ .json)             a texture synthesised from an example, and from each layer alone
+  style/<content>-<style>.png (+ .json)    neural style transfer, with its loss curve
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.filters import activation_grid, filter_grid
 from featscope.kernels.objectives import layer_energy, layer_outputs
 from featscope.kernels.render import class_models, deepdream, invert, layer_features
+from featscope.kernels.texture import Term, gram, match, noise_like, targets_at
 from featscope.kernels.transforms import PixelModel
 from featscope.pipelines import manifest
 from featscope.pipelines.atomic import atomic_path, write_json_atomic
@@ -321,6 +324,82 @@ def inversion(rd: RunDir, image_ids: list[int], layers: list[str], *, steps: int
         write_json_atomic(rd.viz_inversion(row["image_id"]).with_suffix(".json"),
                           {"image_id": row["image_id"], "tv": tv, "beta": beta, "steps": steps, "layers": record})
     return VizSummary("inversion", written, time.perf_counter() - start)
+
+
+def _example(path: str | Path, size: int) -> torch.Tensor:
+    """An image file (a texture, a style) as (1,3,h,w) in [0,1], shorter side `size`."""
+    from torchvision.transforms import functional as TF
+
+    try:
+        pixels = read_pixels(path)
+    except BadImage as e:
+        raise FeatscopeError(f"cannot read {path}: {e}") from None
+    return TF.resize(pixels, [size], antialias=True)[None].float() / 255
+
+
+def texture(rd: RunDir, image: str | Path, layers: list[str], *, layer_weights: list[float] | None = None,
+            size: int = 160, steps: int = 300, lr: float = 0.02, seed: int = 0, progress: bool = True) -> VizSummary:
+    """Synthesise a texture from `image` by matching Gram matrices at all `layers`, and in
+    the same batch one texture per layer matching that layer alone (what each layer holds)."""
+    start = time.perf_counter()
+    ctx = _context(rd)
+    layer_weights = layer_weights or [1.0] * len(layers)
+    if len(layer_weights) != len(layers):
+        raise FeatscopeError(f"give one weight per layer: {len(layers)} layers, {len(layer_weights)} weights")
+    modules = [ctx.module(layer)[1] for layer in layers]
+    example = _example(image, size)
+    grams = [gram(f) for f in targets_at(ctx.pixel_model, example, modules)]
+    all_layers = [Term(k, grams[k], w / sum(layer_weights)) for k, w in enumerate(layer_weights)]
+    terms = [all_layers] + [[Term(k, grams[k], 1.0)] for k in range(len(layers))]
+    init = noise_like((len(terms), 3, size, size), seed)
+    with tqdm(total=1, desc="texture", disable=not progress):
+        images, losses = match(ctx.pixel_model, modules, terms, init, steps=steps, lr=lr)
+    name = Path(image).stem
+    captions = [f"example\n{name}", f"all layers\nGram err {float(losses[-1, 0]):.3f}"]
+    captions += [f"{layer} only\nGram err {float(losses[-1, k + 1]):.3f}" for k, layer in enumerate(layers)]
+    pictures = [to_image(example[0, :, :size, :size])] + [to_image(x) for x in images]
+    title = f"Gram-matrix texture synthesis from noise, {steps} Adam steps (errors: ||G-G0||^2/||G0||^2)"
+    written = [_save_png(panel(pictures, captions, title), rd.viz_texture(name))]
+    write_json_atomic(rd.viz_texture(name).with_suffix(".json"), {
+        "image": str(image), "layers": layers, "weights": layer_weights, "steps": steps,
+        "loss_all_layers": losses[:, 0].tolist(),
+        "loss_single_layer": {layer: losses[:, k + 1].tolist() for k, layer in enumerate(layers)}})
+    return VizSummary("texture", written, time.perf_counter() - start)
+
+
+def style_transfer(rd: RunDir, content_id: int, style: str | Path, *, content_layer: str, style_layers: list[str],
+                   content_weight: float = 1.0, style_weight: float = 20.0, tv: float = 0.5, init: str = "content",
+                   steps: int = 300, lr: float = 0.02, seed: int = 0, progress: bool = True) -> VizSummary:
+    """Gatys et al.'s optimisation: the content image's features at one layer, the style
+    image's Gram matrices at several, a TV prior; from the content, the style or noise."""
+    start = time.perf_counter()
+    if init not in ("content", "style", "noise"):
+        raise FeatscopeError(f"--init must be content, style or noise, not '{init}'")
+    ctx = _context(rd)
+    content, rows = ctx.images([content_id])
+    modules = [ctx.module(layer)[1] for layer in [content_layer, *style_layers]]
+    style_image = _example(style, content.shape[2])
+    content_features = targets_at(ctx.pixel_model, content, modules[:1])[0]
+    style_grams = [gram(f) for f in targets_at(ctx.pixel_model, style_image, modules[1:])]
+    terms = [[Term(0, content_features, content_weight, "content")]
+             + [Term(k + 1, g, style_weight / len(style_grams)) for k, g in enumerate(style_grams)]]
+    h, w = content.shape[2:]
+    start_image = {"content": content, "noise": noise_like((1, 3, h, w), seed),
+                   "style": torch.nn.functional.interpolate(style_image, size=(h, w), mode="bilinear")}[init]
+    with tqdm(total=1, desc="style transfer", disable=not progress):
+        images, losses = match(ctx.pixel_model, modules, terms, start_image, steps=steps, lr=lr, tv=tv)
+    name = Path(style).stem
+    curve = curves({"total loss": losses[:, 0].tolist()}, xlabel="step", ylabel="loss", title="style transfer loss",
+                   size=(3.2, 2.24))
+    title = (f"neural style transfer: content {content_layer} (w {content_weight:g}), style "
+             f"{','.join(style_layers)} (w {style_weight:g}), TV {tv:g}, from the {init}")
+    picture = panel([to_image(content[0]), to_image(style_image[0, :, :h, :w]), to_image(images[0]), curve],
+                    [f"content {rows[0]['image_id']}", f"style {name}", "stylised", ""], title)
+    path = rd.viz_style(content_id, name)
+    written = [_save_png(picture, path)]
+    write_json_atomic(path.with_suffix(".json"), {"content_id": content_id, "style": str(style), "losses":
+                                                  losses[:, 0].tolist(), "init": init, "steps": steps})
+    return VizSummary("style", written, time.perf_counter() - start)
 
 
 def parse_ids(text: str) -> list[int]:

@@ -77,7 +77,9 @@ def test_activation_grid_scales_per_layer_with_zero_black():
 
 def test_class_models_raise_their_class_scores_together(model):
     classes = torch.tensor([3, 500])
-    images, scores = class_models(model, classes, size=64, steps=40, lr=0.05, octaves=2, noise=0.05)
+    # priors milder than the defaults (tuned for ImageNet weights): this random network's logits are ~0.01
+    images, scores = class_models(model, classes, size=64, steps=40, lr=0.05, octaves=2, noise=0.05, l2=1e-4,
+                                  clip_percentile=10, jitter_pixels=8, blur_sigma=0.5)
     assert images.shape == (2, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
     with torch.no_grad():
         logits = model(images)

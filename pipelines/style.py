@@ -1,0 +1,318 @@
+"""Fast style transfer: train, extend, apply and export a multi-style `StyleNet`.
+
+Training (Johnson et al., 2016, with Dumoulin et al.'s conditional instance norm): each
+step takes a batch of random crops of the content images and gives each a random style;
+the loss is the relative feature error at the loss network's content layer, plus the
+relative Gram error at its style layers against that style's image, plus total variation.
+The loss network is any torchvision classifier of the registry (mobilenet_v2 ImageNet by
+default, vgg16's ReLU layers where its weights are available).
+
+A checkpoint (`net.pt`, loaded with weights_only=True) holds the network, the optimiser,
+the step, the loss log and the settings; training resumes from it. `losses.csv` beside it
+logs every step.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.objectives import layer_outputs, total_variation
+from featscope.kernels.style_net import StyleNet, mix, one_hot
+from featscope.kernels.texture import gram
+from featscope.kernels.transforms import PixelModel
+from featscope.pipelines.atomic import atomic_path
+from featscope.pipelines.images import BadImage, is_image_name, read_pixels
+from featscope.pipelines.models import load_model
+from featscope.pipelines.runtime import keep_freed_memory
+
+# Loss-network layers per architecture: (content layer, style layers).
+LOSS_LAYERS = {
+    "mobilenet_v2": ("block6", ["block1", "block3", "block6", "block10"]),
+    "vgg16": ("conv2_2", ["conv1_2", "conv2_2", "conv3_3", "conv4_3"]),
+    "vgg19": ("conv2_2", ["conv1_2", "conv2_2", "conv3_4", "conv4_4"]),
+    "resnet18": ("layer1", ["stem", "layer1", "layer2", "layer3"]),
+}
+
+
+@dataclass
+class TrainOptions:
+    size: int = 128
+    steps: int = 300
+    batch: int = 4
+    lr: float = 2e-3
+    content_weight: float = 1.0
+    style_weight: float = 4.0
+    tv_weight: float = 1e-2
+    width: int = 16
+    blocks: int = 3
+    model: str = "mobilenet_v2"
+    weights: str = "imagenet"
+    content_layer: str | None = None
+    style_layers: list[str] = field(default_factory=list)
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+@dataclass
+class TrainSummary:
+    checkpoint: Path
+    steps_done: int
+    new_steps: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+
+    def line(self) -> str:
+        rate = self.new_steps / self.seconds if self.seconds else 0.0
+        return (f"style train: step {self.steps_done} ({self.new_steps} new, {rate:.2f} steps/s); loss "
+                f"{self.first_loss:.3f} at the start -> {self.last_loss:.3f} (mean of the last 20); {self.checkpoint}")
+
+
+def _image_files(content: Path) -> list[Path]:
+    files = sorted(p for p in Path(content).rglob("*") if p.is_file() and is_image_name(p))
+    if not files:
+        raise FeatscopeError(f"no images under {content}")
+    return files
+
+
+def _pixels(path: Path, size: int) -> torch.Tensor:
+    """(3,h,w) in [0,1], shorter side resized to size."""
+    try:
+        pixels = read_pixels(path)
+    except BadImage as e:
+        raise FeatscopeError(f"cannot read {path}: {e}") from None
+    return TF.resize(pixels, [size], antialias=True).float() / 255
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class _LossNetwork:
+    """Features of the loss network at the content and style layers, and the style targets."""
+
+    def __init__(self, options: TrainOptions, styles: list[Path]):
+        loaded = load_model(options.model, options.weights)
+        for p in loaded.module.parameters():
+            p.requires_grad_(False)
+        self.model = PixelModel(loaded.module, loaded.preprocessing.mean, loaded.preprocessing.std)
+        default = LOSS_LAYERS.get(options.model)
+        content = options.content_layer or (default[0] if default else None)
+        style = options.style_layers or (default[1] if default else [])
+        if not content or not style:
+            raise FeatscopeError(f"no default loss layers for {options.model}: pass --content-layer and --style-layers")
+        self.names = [content, *style]
+        self.layers = [loaded.module.get_submodule(loaded.layer(n).module_path) for n in self.names]
+        self.targets = []
+        for path in styles:
+            image = _pixels(path, options.size)[None]
+            with torch.no_grad():
+                self.targets.append([gram(f) for f in layer_outputs(self.model, image, self.layers[1:])])
+
+    def losses(self, stylised: torch.Tensor, content: torch.Tensor, styles: list[int]) -> tuple[torch.Tensor, ...]:
+        """Per image: relative content error, mean relative Gram error, TV per pixel."""
+        out = layer_outputs(self.model, stylised, self.layers)
+        with torch.no_grad():
+            reference = layer_outputs(self.model, content, self.layers[:1])[0]
+        c = (out[0] - reference).pow(2).flatten(1).sum(1) / reference.pow(2).flatten(1).sum(1).clamp_min(1e-12)
+        s = torch.zeros(len(styles))
+        for k, feature in enumerate(out[1:]):
+            g = gram(feature)
+            target = torch.cat([self.targets[i][k] for i in styles])
+            s = s + (g - target).pow(2).flatten(1).sum(1) / target.pow(2).flatten(1).sum(1).clamp_min(1e-12)
+        tv = total_variation(stylised) / (stylised.shape[2] * stylised.shape[3])
+        return c, s / (len(out) - 1), tv
+
+
+def _crops(files: list[Path], size: int, batch: int, rng: random.Random) -> torch.Tensor:
+    crops = []
+    for path in rng.sample(files, k=min(batch, len(files))) if len(files) >= batch else rng.choices(files, k=batch):
+        pixels = _pixels(path, size)
+        top = rng.randint(0, pixels.shape[1] - size)
+        left = rng.randint(0, pixels.shape[2] - size)
+        crops.append(pixels[:, top:top + size, left:left + size])
+    return torch.stack(crops)
+
+
+def _save(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FeatscopeError(f"no checkpoint at {path}: run `featscope style train` first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unreadable or unsafe file is the user's, not a bug
+        raise FeatscopeError(f"cannot load checkpoint {path}: {e}") from None
+
+
+def network(state: dict) -> StyleNet:
+    settings = state["settings"]
+    net = StyleNet(len(state["styles"]), width=settings["width"], blocks=settings["blocks"])
+    net.load_state_dict(state["net"])
+    return net.eval()
+
+
+def train(out: str | Path, styles: list[str | Path], content: str | Path, options: TrainOptions, *,
+          train_style: int | None = None, progress: bool = True) -> TrainSummary:
+    """Train (or resume) the network in `out`/net.pt for `options.steps` steps in all.
+
+    train_style: train only that style's gamma/beta (after `add_style`); the rest is frozen.
+    """
+    start = time.perf_counter()
+    keep_freed_memory()
+    out = Path(out)
+    checkpoint = out / "net.pt"
+    files = _image_files(Path(content))
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        recorded = [s["path"] for s in state["styles"]]
+        if styles and [str(s) for s in styles] != recorded:
+            raise FeatscopeError(f"{checkpoint} was trained on styles {recorded}; use another --out to train others")
+        styles = recorded
+        options = TrainOptions(**state["settings"] | {"steps": options.steps})
+        net = network(state).train()
+    else:
+        if not styles:
+            raise FeatscopeError("give at least one --styles image")
+        state = {"step": 0, "losses": [], "styles": [{"path": str(s), "sha256": _sha(Path(s))} for s in styles]}
+        torch.manual_seed(options.seed)
+        net = StyleNet(len(styles), width=options.width, blocks=options.blocks).train()
+    loss_network = _LossNetwork(options, [Path(s) for s in styles])
+    if train_style is not None:
+        net.freeze_for_new_style(train_style)
+    optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=options.lr)
+    if "optimizer" in state and train_style is None and state.get("train_style") is None:
+        optimiser.load_state_dict(state["optimizer"])
+    rng = random.Random(options.seed + state["step"])
+    first_step = state["step"]
+    log = out / "losses.csv"
+    out.mkdir(parents=True, exist_ok=True)
+    new_log = not log.exists() or first_step == 0
+    with open(log, "w" if new_log else "a", newline="") as f, \
+            tqdm(total=options.steps, initial=first_step, desc="style train", disable=not progress) as bar:
+        writer = csv.writer(f)
+        if new_log:
+            writer.writerow(["step", "loss", "content", "style", "tv"])
+        for step in range(first_step, options.steps):
+            content_batch = _crops(files, options.size, options.batch, rng)
+            chosen = [train_style if train_style is not None else rng.randrange(len(styles))
+                      for _ in range(options.batch)]
+            weights = torch.stack([one_hot(i, len(styles))[0] for i in chosen])
+            stylised = net(content_batch, weights)
+            c, s, tv = loss_network.losses(stylised, content_batch, chosen)
+            loss = (options.content_weight * c + options.style_weight * s + options.tv_weight * tv).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            state["losses"].append(float(loss.detach()))
+            writer.writerow([step + 1, f"{loss.item():.5f}", f"{c.mean().item():.5f}", f"{s.mean().item():.5f}",
+                             f"{tv.mean().item():.5f}"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            state["step"] = step + 1
+            if state["step"] % options.checkpoint_every == 0 or state["step"] == options.steps:
+                f.flush()
+                _save(checkpoint, state | {"net": net.state_dict(), "optimizer": optimiser.state_dict(),
+                                           "settings": asdict(options), "train_style": train_style})
+    losses = state["losses"]
+    return TrainSummary(checkpoint, state["step"], state["step"] - first_step, losses[0] if losses else float("nan"),
+                        sum(losses[-20:]) / max(1, len(losses[-20:])), time.perf_counter() - start)
+
+
+def add_style(checkpoint: str | Path, style: str | Path, *, init_from: int | None = 0) -> int:
+    """Append a style to a trained network (its gamma/beta copied from style `init_from`);
+    then `train(..., train_style=index)` fits only those. Returns the new style's index."""
+    state = load_checkpoint(checkpoint)
+    net = network(state)
+    index = net.add_style(init_from)
+    state["styles"].append({"path": str(style), "sha256": _sha(Path(style))})
+    state.pop("optimizer", None)
+    _save(Path(checkpoint), state | {"net": net.state_dict()})
+    return index
+
+
+def stylise(checkpoint: str | Path, images: list[str | Path], *, style: int | None = None,
+            weights: list[float] | None = None, size: int = 256) -> torch.Tensor:
+    """Images (shorter side `size`, centre-cropped square) stylised with one style or a mix."""
+    state = load_checkpoint(checkpoint)
+    net = network(state)
+    n = len(state["styles"])
+    if (style is None) == (weights is None):
+        raise FeatscopeError("give either --style N or --mix w0,w1,...")
+    if style is not None and not 0 <= style < n:
+        raise FeatscopeError(f"--style must be in 0..{n - 1}")
+    if weights is not None and len(weights) != n:
+        raise FeatscopeError(f"--mix needs {n} weights, one per style, got {len(weights)}")
+    try:
+        w = one_hot(style, n) if style is not None else mix(weights)
+    except ValueError as e:
+        raise FeatscopeError(str(e)) from None
+    batch = torch.stack([TF.center_crop(_pixels(Path(p), size), [size]) for p in images])
+    with torch.no_grad():
+        return net(batch, w.expand(len(batch), -1))
+
+
+def save_images(images: torch.Tensor, paths: list[Path]) -> list[Path]:
+    for image, path in zip(images, paths):
+        with atomic_path(path) as tmp:
+            Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(tmp, format="PNG")
+    return paths
+
+
+def strip(checkpoint: str | Path, image: str | Path, out: str | Path, *, size: int = 192) -> Path:
+    """The image, each style alone, then mixes of styles 0 and 1 (0.25, 0.5, 0.75): switching
+    and mixing in one picture."""
+    from featscope.pipelines.panels import panel, to_image
+
+    state = load_checkpoint(checkpoint)
+    n = len(state["styles"])
+    settings = [(f"style {i}\n{Path(state['styles'][i]['path']).stem}", one_hot(i, n)[0]) for i in range(n)]
+    if n >= 2:
+        for a in (0.75, 0.5, 0.25):
+            w = torch.zeros(n)
+            w[0], w[1] = a, 1 - a
+            settings.append((f"mix {a:g} / {1 - a:g}", w))
+    net = network(state)
+    x = TF.center_crop(_pixels(Path(image), size), [size])[None]
+    with torch.no_grad():
+        y = net(x.expand(len(settings), -1, -1, -1), torch.stack([w for _, w in settings]))
+    picture = panel([to_image(x[0])] + [to_image(v) for v in y], ["content"] + [c for c, _ in settings],
+                    f"one network, {n} styles (conditional instance norm), {state['step']} training steps: "
+                    "switch and mix by the style weights")
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        picture.save(tmp, format="PNG")
+    return out
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, *, size: int = 256) -> Path:
+    """The network as ONNX (inputs `image` (B,3,H,W) in [0,1] and `style` (B,N) weights;
+    batch, height and width dynamic), by torch's TorchScript-based exporter."""
+    import warnings
+
+    net = network(load_checkpoint(checkpoint))
+    n = net.styles
+    example = (torch.rand(1, 3, size, size), one_hot(0, n))
+    out = Path(out)
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, example, str(tmp), input_names=["image", "style"], output_names=["stylised"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "style": {0: "batch"},
+                                        "stylised": {0: "batch", 2: "height", 3: "width"}},
+                          dynamo=False, opset_version=17)
+    return out

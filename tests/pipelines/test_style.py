@@ -1,0 +1,92 @@
+"""`featscope style`: training at a small size lowers the losses, resumes from its checkpoint,
+adds a style without touching the others, and exports to ONNX; `viz texture` and `viz style`."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from featscope.kernels.style_net import one_hot
+from featscope.pipelines import demo_data, manifest, style, viz
+from featscope.pipelines.rundir import RunDir
+
+# A random-weights ResNet-18 as loss network: no download, and its losses still fall.
+OPTIONS = dict(size=48, batch=2, width=8, blocks=1, model="resnet18", weights="random", content_layer="layer1",
+               style_layers=["stem", "layer1", "layer2"], lr=5e-3, checkpoint_every=10)
+
+
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory):
+    return {p.stem: p for p in demo_data.textures(tmp_path_factory.mktemp("textures"))}
+
+
+@pytest.fixture(scope="module")
+def content(tmp_path_factory, digits):
+    from helpers import write_dataset
+
+    root = tmp_path_factory.mktemp("content")
+    write_dataset(root, digits, n_photos=4, labels=())
+    return root
+
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_resumes_and_adds_a_style(tmp_path, textures, content):
+    out = tmp_path / "net"
+    styles = [textures["brick"], textures["ihc"]]
+    first = style.train(out, styles, content, style.TrainOptions(steps=20, **OPTIONS), progress=False)
+    assert first.steps_done == 20 and (out / "net.pt").exists()
+    resumed = style.train(out, styles, content, style.TrainOptions(steps=60, **OPTIONS), progress=False)
+    assert resumed.new_steps == 40 and resumed.steps_done == 60
+    log = rows(out / "losses.csv")
+    assert [int(r["step"]) for r in log] == list(range(1, 61))
+    losses = [float(r["loss"]) for r in log]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
+
+    image = textures["grass"]
+    net_before = style.network(style.load_checkpoint(out / "net.pt"))
+    index = style.add_style(out / "net.pt", textures["gravel"])
+    style.train(out, [], content, style.TrainOptions(steps=70, **OPTIONS), train_style=index, progress=False)
+    net_after = style.network(style.load_checkpoint(out / "net.pt"))
+    x = torch.rand(1, 3, 40, 40)
+    with torch.no_grad():
+        for s in range(2):
+            torch.testing.assert_close(net_after(x, one_hot(s, 3)), net_before(x, one_hot(s, 2)), rtol=0, atol=0)
+    twice = [style.stylise(out / "net.pt", [image], style=2, size=40) for _ in range(2)]
+    torch.testing.assert_close(twice[0], twice[1], rtol=0, atol=0)
+
+    ort = pytest.importorskip("onnxruntime")
+    onnx_path = style.export_onnx(out / "net.pt", tmp_path / "net.onnx", size=40)
+    w = torch.tensor([[0.2, 0.3, 0.5]])
+    got = ort.InferenceSession(str(onnx_path)).run(None, {"image": x.numpy(), "style": w.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), net_after(x, w), rtol=1e-4, atol=1e-5)
+    strip = style.strip(out / "net.pt", image, tmp_path / "strip.png", size=40)
+    assert strip.exists()
+
+
+def test_texture_and_style_transfer_write_their_panels_and_losses_fall(tmp_path, textures, content):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, content, shard_size=100, model="resnet18", weights="random")
+    viz.texture(rd, textures["brick"], ["layer1", "layer2"], size=48, steps=40, lr=0.05, progress=False)
+    record = json.loads(rd.viz_texture("brick").with_suffix(".json").read_text())
+    assert record["loss_all_layers"][-1] < record["loss_all_layers"][0] / 5
+    assert set(record["loss_single_layer"]) == {"layer1", "layer2"}
+    image_id = manifest.read(rd)["image_id"][0].as_py()
+    viz.style_transfer(rd, image_id, textures["ihc"], content_layer="layer2", style_layers=["layer1", "layer2"],
+                       steps=20, progress=False)
+    losses = json.loads(rd.viz_style(image_id, "ihc").with_suffix(".json").read_text())["losses"]
+    assert losses[-1] < losses[0] / 2 and rd.viz_style(image_id, "ihc").exists()
+
+
+def test_style_cli_errors_are_one_line(tmp_path, capsys):
+    from featscope.pipelines.cli import main as cli
+
+    assert cli(["style", "apply", "--checkpoint", str(tmp_path / "none.pt"), "--style", "0", "--images", "x.png",
+                "--out", str(tmp_path)]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
