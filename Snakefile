@@ -109,6 +109,12 @@ wildcard_constraints:
 
 rule all:
     input:
+        str(RD.report_dir / "index.html"),
+
+
+# The report comes last: it shows whatever the stages above produced.
+rule report:
+    input:
         lambda wildcards: parts_of(EXTRACT_LAYERS),
         [index_meta(layer) for layer in EXTRACT_LAYERS],
         RD.index_evaluation,
@@ -118,6 +124,10 @@ rule all:
          for kind, suffix in (("grid", "jpg"), ("scatter", "jpg"), ("plot", "png"))],
         [str(RD.saliency_summary(method)) for method in SALIENCY["methods"]],
         viz_outputs(),
+    output:
+        str(RD.report_dir / "index.html"),
+    shell:
+        f"{FEATSCOPE} report --run {RUN_ARG} --quiet"
 
 
 # Reruns whenever the set of images changes (the listing is a param). `update`: Snakemake

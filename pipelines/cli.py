@@ -207,6 +207,18 @@ def _cmd_style(args: argparse.Namespace) -> None:
         print(f"style export: {style.export_onnx(args.checkpoint, args.out, size=args.size)}")
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from featscope.pipelines import report
+
+    print(report.build(RunDir(args.run), k=args.k, progress=not args.quiet).line())
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from featscope.pipelines import serve
+
+    serve.run(RunDir(args.run), host=args.host, port=args.port, max_upload=args.max_upload)
+
+
 def _int_list(text: str) -> str:
     try:
         [int(x) for x in text.split(",") if x.strip()]
@@ -413,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = vz.add_parser(name, help=text, description=text + " Pictures go to <run>/viz/.")
         p.add_argument("--run", required=True, type=Path, help="run directory (its model and images are used)")
         if layers:
-            p.add_argument("--layers", required=True, help="comma-separated aliases or module paths, e.g. block3,block13")
+            p.add_argument("--layers", required=True,
+                           help="comma-separated aliases or module paths, e.g. block3,block13")
         if ids:
             p.add_argument("--ids", required=True, help="comma-separated image ids of the run")
         p.set_defaults(func=_cmd_viz)
@@ -484,8 +497,25 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--quiet", action="store_true")
 
-    sty = sub.add_parser("style", help="fast feed-forward style transfer with conditional instance norm").add_subparsers(
-        dest="what", required=True, metavar="WHAT")
+    rp = sub.add_parser("report", help="a static HTML report of a run (open report/index.html from disk)",
+                        description="Summary, bad inputs, stage timings, unit galleries with top-k patches, clickable "
+                                    "t-SNE mosaics, per-image neighbours and saliency, the toolbox gallery. "
+                                    "Thumbnails are made once and lazy-loaded.")
+    rp.add_argument("--run", required=True, type=Path)
+    rp.add_argument("-k", type=int, default=8, help="neighbours shown per image and space")
+    rp.add_argument("--quiet", action="store_true")
+    rp.set_defaults(func=_cmd_report)
+    sv = sub.add_parser("serve", help="serve a run's report and a JSON query API on 127.0.0.1",
+                        description="GET /api/neighbors?id=N&layer=L&k=K, POST /api/neighbors?layer=L&k=K with an "
+                                    "image as the body, GET /api/image/N. Serves only files inside the run directory.")
+    sv.add_argument("--run", required=True, type=Path)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload", type=int, default=16 * 2**20, help="largest upload in bytes (default 16 MiB)")
+    sv.set_defaults(func=_cmd_serve)
+
+    sty = sub.add_parser("style", help="fast feed-forward style transfer with conditional instance norm")
+    sty = sty.add_subparsers(dest="what", required=True, metavar="WHAT")
     tr = sty.add_parser("train", help="train (or resume) one network for several styles",
                         description="Checkpoints to OUT/net.pt every --checkpoint-every steps and resumes from it; "
                                     "OUT/losses.csv logs every step.")
@@ -539,13 +569,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stage_name(args: argparse.Namespace) -> str:
+    """e.g. extract-shard-00003, index-build-pool, saliency-occlusion, viz-dream."""
+    parts = [args.command] + [str(getattr(args, a)) for a in ("what", "method") if getattr(args, a, None)]
+    if getattr(args, "layer", None):
+        parts.append(args.layer)
+    if getattr(args, "shard", None) is not None:
+        parts.append(f"shard-{args.shard:05d}")
+    return "-".join(parts).replace("/", "_")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import time
+
     args = build_parser().parse_args(argv)
+    start = time.perf_counter()
     try:
         args.func(args)
     except FeatscopeError as e:
         print(f"featscope: error: {e}", file=sys.stderr)
         return 2
+    run = getattr(args, "run", None)
+    if run is not None and args.command not in ("serve", "report") and RunDir(run).run_json.exists():
+        from featscope.pipelines.timings import record
+
+        record(RunDir(run), _stage_name(args), time.perf_counter() - start)
     return 0
 
 

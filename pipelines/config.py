@@ -28,7 +28,9 @@ def _with_defaults(config: dict, schema: dict) -> dict:
         if key not in out and "default" in sub:
             out[key] = copy.deepcopy(sub["default"])
         if sub.get("type") == "object":
-            if key not in out and sub.get("properties"):
+            # A missing section is filled with its defaults, unless it has required keys: such a
+            # section (a toolbox part, style_net) is off when absent.
+            if key not in out and sub.get("properties") and not sub.get("required"):
                 out[key] = {}
             if isinstance(out.get(key), dict):
                 out[key] = _with_defaults(out[key], sub)

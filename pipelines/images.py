@@ -88,6 +88,13 @@ def read_pixels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_s
     return _decode(_read(path), max_pixels, min_size, tensor=True)
 
 
+def decode_pixels(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None) -> torch.Tensor:
+    """`read_pixels` for bytes already in memory (an upload)."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    return _decode(data, max_pixels, min_size, tensor=True)
+
+
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 
 

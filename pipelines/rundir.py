@@ -166,6 +166,14 @@ class RunDir:
         """The fast style network: net.pt (checkpoint), losses.csv, net.onnx."""
         return self.root / "style-net"
 
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def timings_dir(self) -> Path:
+        return self.root / "timings"
+
     def read_config(self) -> dict:
         if not self.run_json.exists():
             raise FeatscopeError(f"{self.root} is not a run: no run.json (run `featscope manifest` first)")

@@ -37,3 +37,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def reported_run(tmp_path_factory, digits):
+    """A small run through every stage that the report shows, then `featscope report`:
+    features, indexes (pool and pixels), top-k of layer3, a t-SNE grid, Grad-CAM overlays."""
+    from featscope.pipelines import embed, extract, manifest, mosaic, neighbors, report, saliency, topk
+    from featscope.pipelines.rundir import RunDir
+
+    root = tmp_path_factory.mktemp("reported")
+    write_dataset(root / "images", digits, n_photos=6, digits_per_label=3, labels=(0, 1, 7))
+    rd = RunDir(root / "run")
+    manifest.run(rd, root / "images", shard_size=8, model="resnet18", weights="random")
+    extract.run(rd, ["pool", "layer3", "pixels"], batch_size=8, workers=0, topk=3, progress=False)
+    for layer in ("pool", "pixels"):
+        neighbors.build(rd, layer, progress=False)
+    topk.merge(rd, "layer3")
+    topk.render(rd, "layer3", units=[0, 1, 2, 3], progress=False)
+    embed.run(rd, "pool", perplexity=3)
+    mosaic.grid(rd, "pool", side=3, tile=32, progress=False)
+    photos = saliency.select(rd, "label=photo")
+    saliency.explain_batch(str(rd.root), saliency.SaliencyOptions(method="gradcam"),
+                           saliency.ModelRef("resnet18", "random", 0, None), photos)
+    report.build(rd, k=4, progress=False)
+    return rd

@@ -68,6 +68,8 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
         "class-models.png", "class-models/1.png", "class-models/2.png", "dream/0.png", "filters/stem.png",
         "inversion/0.png"]
 
+    assert (run / "report" / "index.html").exists() and (run / "report" / "data" / "run.js").exists()
+
     again = snakemake(tmp_path, configfile)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr
 

@@ -1,0 +1,207 @@
+"""The static report: one folder of HTML that opens from disk and shows what a run holds.
+
+`build(rd)` writes runs/<name>/report/: the pages (copied from report_assets/), small
+JPEG thumbnails made once per image (report/thumbs/, lazy-loaded by the pages), and the
+data as JavaScript files loaded with <script> tags (browsers refuse fetch() from file://):
+
+  data/run.js             summary, bad inputs, stage timings, layers, mosaics, toolbox pictures
+  data/topk-<layer>.js    each unit's top-k images and values
+  data/images-NNNN.js     per 1,000 images: label, path name, neighbours per space, saliency methods
+  data/mosaic-<layer>.js  the grid mosaic's cell -> image_id table, for click-through
+
+Pages read only what they show (an image page loads one 1,000-image shard), so a report of
+100k images opens as fast as one of 100. Stages a run did not produce are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.layers import PIXELS
+from featscope.pipelines import manifest
+from featscope.pipelines.atomic import atomic_path, write_bytes_atomic
+from featscope.pipelines.images import BadImage, open_image
+from featscope.pipelines.neighbors import open_index
+from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.store import read_errors
+from featscope.pipelines.timings import read_timings
+
+ASSETS = Path(__file__).resolve().parent / "report_assets"
+SHARD = 1000  # images per data file and per thumbnail folder
+THUMB = 128
+
+
+@dataclass
+class ReportSummary:
+    path: Path
+    images: int
+    thumbnails_made: int
+    seconds: float
+
+    def line(self) -> str:
+        return (f"report: {self.path} ({self.images} images, {self.thumbnails_made} new thumbnails) in "
+                f"{self.seconds:.1f}s; open it in a browser, or `featscope serve --run {self.path.parent.parent}`")
+
+
+def thumb_path(rd: RunDir, image_id: int) -> Path:
+    return rd.report_dir / "thumbs" / f"{image_id // SHARD:04d}" / f"{image_id}.jpg"
+
+
+def _make_thumbnail(rd: RunDir, image_id: int, path: str) -> bool:
+    out = thumb_path(rd, image_id)
+    if out.exists():
+        return False
+    try:
+        img = ImageOps.contain(open_image(path, min_size=THUMB), (THUMB, THUMB))
+    except BadImage:
+        img = Image.new("RGB", (THUMB, THUMB), (90, 90, 90))
+    with atomic_path(out) as tmp:
+        img.save(tmp, format="JPEG", quality=82)
+    return True
+
+
+def _script(path: Path, variable: str, value: object) -> None:
+    """A data file the pages load with <script src>: it adds `value` to window[variable]."""
+    body = json.dumps(value, separators=(",", ":"))
+    write_bytes_atomic(path, f"window.{variable} = Object.assign(window.{variable} || {{}}, {body});\n".encode())
+
+
+def _relative(rd: RunDir, path: Path) -> str:
+    """A run file as the pages (in report/) link to it."""
+    return "../" + path.relative_to(rd.root).as_posix()
+
+
+def _index_layers(rd: RunDir) -> list[str]:
+    if not rd.index_root.is_dir():
+        return []
+    return sorted(p.name for p in rd.index_root.iterdir() if (p / "meta.json").exists())
+
+
+def _neighbours(rd: RunDir, ids: np.ndarray, k: int, progress: bool) -> dict[str, dict[int, list]]:
+    """Per indexed space: each image's k nearest other images, with distances."""
+    found: dict[str, dict[int, list]] = {}
+    for layer in _index_layers(rd):
+        index = open_index(rd, layer)
+        present = ids[np.isin(ids, index.ids)]
+        found[layer] = {}
+        for start in tqdm(range(0, len(present), 4096), desc=f"neighbours {layer}", disable=not progress):
+            chunk = present[start:start + 4096]
+            result = index.search_ids(chunk, k=k + 1)
+            for query, row_ids, row_d in zip(chunk, result.image_ids, result.distances):
+                found[layer][int(query)] = [[int(i), round(float(d), 4)] for i, d in zip(row_ids, row_d)
+                                            if i >= 0 and i != query][:k]
+    return found
+
+
+def _saliency(rd: RunDir) -> dict[int, list[str]]:
+    methods: dict[int, list[str]] = {}
+    root = rd.root / "saliency"
+    if not root.is_dir():
+        return methods
+    for method_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "summary.parquet"):
+        for overlay in method_dir.glob("*.png"):
+            if overlay.stem.isdigit():
+                methods.setdefault(int(overlay.stem), []).append(method_dir.name)
+    return methods
+
+
+def _layers(rd: RunDir) -> list[dict]:
+    """Layers with merged top-k: units, k, and which units have patch PNGs."""
+    layers = []
+    for path in sorted((rd.root / "topk").glob("*.parquet")):
+        layer = path.stem
+        table = pq.read_table(path, columns=["channel", "rank", "value", "image_id"])
+        channels = table["channel"].to_numpy()
+        units: dict[int, list] = {}
+        for c, v, i in zip(channels, table["value"].to_numpy(), table["image_id"].to_numpy()):
+            units.setdefault(int(c), []).append([int(i), round(float(v), 4)])
+        rendered = sorted(int(p.stem.split("-")[1]) for p in rd.patches_dir(layer).glob("unit-*.png"))
+        layers.append({"name": layer, "units": int(channels.max()) + 1 if len(channels) else 0,
+                       "k": max((len(v) for v in units.values()), default=0), "rendered": rendered})
+        _script(rd.report_dir / "data" / f"topk-{layer}.js", "FS_TOPK", {layer: units})
+    return layers
+
+
+def _mosaics(rd: RunDir) -> list[dict]:
+    mosaics = []
+    for cells in sorted((rd.root / "mosaic").glob("*-grid.parquet")):
+        layer = cells.name[: -len("-grid.parquet")]
+        table = pq.read_table(cells)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        side = int(meta.get("side", 0))
+        grid = [[-1] * side for _ in range(side)]
+        for r, c, i in zip(table["cell_row"].to_pylist(), table["cell_col"].to_pylist(), table["image_id"].to_pylist()):
+            grid[r][c] = i
+        _script(rd.report_dir / "data" / f"mosaic-{layer}.js", "FS_MOSAIC", {layer: grid})
+        entry = {"layer": layer, "side": side, "grid": _relative(rd, rd.mosaic(layer, "grid"))}
+        for kind, suffix in (("scatter", "jpg"), ("plot", "png")):
+            if rd.mosaic(layer, kind, suffix).exists():
+                entry[kind] = _relative(rd, rd.mosaic(layer, kind, suffix))
+        mosaics.append(entry)
+    return mosaics
+
+
+def _toolbox(rd: RunDir) -> list[dict]:
+    if not rd.viz_dir.is_dir():
+        return []
+    pictures = sorted(p for p in rd.viz_dir.rglob("*.png") if not p.name.endswith("-adv.png")
+                      and p.parent.name != "class-models")
+    return [{"src": _relative(rd, p), "title": p.relative_to(rd.viz_dir).with_suffix("").as_posix()} for p in pictures]
+
+
+def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) -> ReportSummary:
+    """Write (or refresh) runs/<name>/report/ from whatever stages the run has."""
+    start = time.perf_counter()
+    config = rd.read_config()
+    table = manifest.read(rd)
+    rows = table.to_pylist()
+    if not rows:
+        raise FeatscopeError(f"run {rd.root} has no images")
+    out = rd.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    for asset in ASSETS.iterdir():
+        shutil.copyfile(asset, out / asset.name)
+    with ThreadPoolExecutor(threads) as pool:
+        made = sum(tqdm(pool.map(lambda r: _make_thumbnail(rd, r["image_id"], r["path"]), rows), total=len(rows),
+                        desc="thumbnails", unit="img", disable=not progress))
+    ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
+    neighbours = _neighbours(rd, ids, k, progress)
+    saliency = _saliency(rd)
+    for shard in sorted({i // SHARD for i in ids.tolist()}):
+        entries = {}
+        for r in rows:
+            i = r["image_id"]
+            if i // SHARD != shard:
+                continue
+            entries[i] = {"label": r["label"], "name": Path(r["path"]).name, "shard": r["shard"],
+                          "neighbours": {space: found[i] for space, found in neighbours.items() if i in found},
+                          "saliency": saliency.get(i, [])}
+        _script(out / "data" / f"images-{shard:04d}.js", "FS_IMAGES", entries)
+    errors = read_errors(rd.errors_dir)
+    labels = table["label"].to_pylist()
+    summary = {
+        "name": rd.name, "images": len(rows), "labels": len({x for x in labels if x is not None}),
+        "dataset": config.get("images"), "model": config.get("model"), "weights": config.get("weights"),
+        "weights_sha256": config.get("weights_sha256"), "featscope_version": config.get("featscope_version"),
+        "layers": sorted({p.name for p in (rd.root / "features").iterdir()}) if (rd.root / "features").is_dir() else [],
+        "spaces": list(neighbours), "pixels": PIXELS, "shard": SHARD, "k": k,
+        "bad_inputs": errors.num_rows,
+        "errors": errors.slice(0, 200).to_pylist(),
+        "timings": read_timings(rd),
+        "topk": _layers(rd), "mosaics": _mosaics(rd), "toolbox": _toolbox(rd),
+        "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
+        "evaluation": json.loads(rd.index_evaluation.read_text()) if rd.index_evaluation.exists() else None,
+    }
+    _script(out / "data" / "run.js", "FS_RUN", summary)
+    return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start)

@@ -1,0 +1,178 @@
+// featscope report: pages rendered from the data/*.js files written by `featscope report`.
+// Works from disk (file://) and when served by `featscope serve` (which adds /api/).
+"use strict";
+const FS = (() => {
+  const params = new URLSearchParams(location.search);
+  const served = location.protocol.startsWith("http");
+  const pad = (n, w) => String(n).padStart(w, "0");
+  const shardOf = (id) => Math.floor(id / window.FS_RUN.shard);
+  const thumb = (id) => `thumbs/${pad(shardOf(id), 4)}/${id}.jpg`;
+  const el = (tag, attrs = {}, ...children) => {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (k === "text") node.textContent = v; else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      else node.setAttribute(k, v);
+    }
+    for (const child of children) node.append(child);
+    return node;
+  };
+  const loadScript = (src) => new Promise((resolve, reject) => {
+    const s = el("script", { src });
+    s.onload = resolve;
+    s.onerror = () => reject(new Error(`cannot load ${src}`));
+    document.head.append(s);
+  });
+  const main = () => document.getElementById("main");
+  const section = (title) => { const s = el("section", {}, el("h2", { text: title })); main().append(s); return s; };
+  const imageTile = (id, caption) => el("a", { class: "thumb", href: `image.html?id=${id}` },
+    el("img", { src: thumb(id), loading: "lazy", alt: `image ${id}` }), el("div", { text: caption }));
+  const table = (rows) => el("table", {}, ...rows.map((r) => el("tr", {}, ...r.map((c, i) =>
+    el(i === 0 ? "th" : "td", { text: c == null ? "" : String(c) })))));
+
+  function header() {
+    const run = window.FS_RUN;
+    document.title = `featscope · ${run.name}`;
+    const h = el("header", {}, el("strong", { text: `featscope · ${run.name}  ` }), el("a", { href: "index.html", text: "summary" }));
+    for (const layer of run.topk) h.append(el("a", { href: `layer.html?layer=${encodeURIComponent(layer.name)}`, text: `units ${layer.name}` }));
+    document.body.prepend(h);
+  }
+
+  async function index() {
+    header();
+    const run = window.FS_RUN;
+    const s = section("Run");
+    s.append(table([["dataset", run.dataset], ["images", run.images], ["labels", run.labels], ["model", run.model],
+      ["weights", `${run.weights} (sha256 ${(run.weights_sha256 || "").slice(0, 12)}…)`], ["layers", run.layers.join(", ")],
+      ["bad inputs", run.bad_inputs], ["featscope", run.featscope_version]]));
+    if (run.errors.length) {
+      const e = section(`Bad inputs (${run.bad_inputs})`);
+      e.append(table([["image_id", "stage", "error", "message", "path"],
+        ...run.errors.map((r) => [r.image_id, r.stage, r.error, r.message, r.path])]));
+    }
+    if (run.timings.length) {
+      const t = section("Stage timings");
+      t.append(table([["stage", "seconds", "finished"], ...run.timings.map((r) => [r.stage, r.seconds, r.finished])]));
+    }
+    if (run.evaluation) {
+      const v = section("Neighbours: feature space against pixel space");
+      v.append(table([["space", `precision@${run.evaluation.k || 10} of same-label neighbours`],
+        ...Object.entries(run.evaluation.layers).map(([l, r]) => [l, r.precision_at_k])]));
+    }
+    if (served && run.spaces.length) upload(section("Query by upload"));
+    for (const m of run.mosaics) {
+      const s2 = section(`t-SNE grid of ${m.layer} (click a tile)`);
+      const img = el("img", { class: "mosaic", id: `mosaic-${m.layer}`, src: m.grid, alt: `grid mosaic of ${m.layer}` });
+      img.addEventListener("click", (event) => openTile(event, m));
+      s2.append(img);
+      loadScript(`data/mosaic-${m.layer}.js`).catch((e) => console.warn(e.message));
+      const more = el("p");
+      if (m.scatter) more.append(el("a", { href: m.scatter, text: "scatter mosaic" }), " ");
+      if (m.plot) more.append(el("a", { href: m.plot, text: "labelled t-SNE and PCA plots" }));
+      s2.append(more);
+    }
+    if (run.topk.length) {
+      const u = section("Units");
+      u.append(el("p", { text: "Each unit's maximally activating images and patches, per layer:" }));
+      for (const layer of run.topk) u.append(el("a", { href: `layer.html?layer=${encodeURIComponent(layer.name)}`,
+        text: `${layer.name}: ${layer.units} units, top ${layer.k}` }), el("br"));
+    }
+    if (run.saliency_methods.length) {
+      const sa = section("Saliency");
+      sa.append(el("p", { text: `Methods: ${run.saliency_methods.join(", ")}. Open an image to see its overlays.` }));
+    }
+    if (run.toolbox.length) {
+      const g = section("Toolbox gallery");
+      g.classList.add("gallery");
+      for (const p of run.toolbox) g.append(el("h3", { text: p.title }), el("img", { src: p.src, loading: "lazy", alt: p.title }));
+    }
+  }
+
+  function openTile(event, mosaic) {
+    const grid = (window.FS_MOSAIC || {})[mosaic.layer];
+    if (!grid) return;
+    const box = event.target.getBoundingClientRect();
+    const col = Math.floor((event.clientX - box.left) / box.width * mosaic.side);
+    const row = Math.floor((event.clientY - box.top) / box.height * mosaic.side);
+    const id = (grid[row] || [])[col];
+    if (id !== undefined && id >= 0) location.href = `image.html?id=${id}`;
+  }
+
+  function upload(s) {
+    const run = window.FS_RUN;
+    const choose = el("select", { id: "upload-layer" }, ...run.spaces.map((l) => el("option", { value: l, text: l })));
+    const input = el("input", { type: "file", id: "upload", accept: "image/*" });
+    const status = el("p", { id: "upload-status", class: "muted" });
+    const results = el("div", { id: "upload-results", class: "thumbs" });
+    input.addEventListener("change", async () => {
+      const file = input.files[0];
+      if (!file) return;
+      status.textContent = "searching…";
+      results.replaceChildren();
+      const response = await fetch(`/api/neighbors?layer=${encodeURIComponent(choose.value)}&k=${run.k}`,
+        { method: "POST", body: file });
+      const answer = await response.json();
+      if (!response.ok) { status.textContent = `error: ${answer.error}`; return; }
+      status.textContent = `${answer.neighbors.length} nearest images in ${answer.layer}:`;
+      for (const n of answer.neighbors) results.append(imageTile(n.image_id, `${n.label ?? n.image_id} d=${n.distance.toFixed(3)}`));
+    });
+    s.append(el("p", { text: "An image of your own, embedded with the run's model: " }), choose, " ", input, status, results);
+  }
+
+  async function image() {
+    header();
+    const run = window.FS_RUN;
+    const id = Number(params.get("id"));
+    await loadScript(`data/images-${pad(shardOf(id), 4)}.js`).catch(() => {});
+    const entry = (window.FS_IMAGES || {})[id];
+    if (!entry) { main().append(el("p", { text: `no image ${id} in this report` })); return; }
+    const s = section(`Image ${id}`);
+    s.append(el("div", { class: "hero" }, el("img", { src: thumb(id), alt: `image ${id}` })),
+      table([["label", entry.label], ["file", entry.name], ["shard", entry.shard]]));
+    for (const [space, found] of Object.entries(entry.neighbours)) {
+      const title = space === run.pixels ? "Neighbours in pixel space" : `Neighbours in ${space} feature space`;
+      const n = section(title);
+      n.append(el("div", { class: "thumbs neighbours", "data-space": space },
+        ...found.map(([nid, d]) => imageTile(nid, `${nid} d=${d}`))));
+    }
+    if (entry.saliency.length) {
+      const sa = section("Saliency");
+      sa.append(el("div", { class: "overlays" }, ...entry.saliency.map((m) =>
+        el("img", { src: `../saliency/${m}/${id}.png`, alt: `${m} saliency`, loading: "lazy" }))));
+    }
+  }
+
+  async function layer() {
+    header();
+    const run = window.FS_RUN;
+    const name = params.get("layer");
+    const info = run.topk.find((l) => l.name === name);
+    if (!info) { main().append(el("p", { text: `no top-k for layer ${name}` })); return; }
+    await loadScript(`data/topk-${name}.js`);
+    const units = window.FS_TOPK[name];
+    const rendered = new Set(info.rendered);
+    const s = section(`${name}: ${info.units} units, each with its top ${info.k} images`);
+    for (let u = 0; u < info.units; u++) {
+      const link = el("a", { class: "unit", href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u}` }, el("div", { text: `unit ${u}` }));
+      if (rendered.has(u)) link.append(el("img", { src: `../patches/${name}/unit-${pad(u, 4)}.png`, loading: "lazy", alt: `unit ${u}` }));
+      else link.append(el("span", { class: "muted", text: (units[u] || []).map(([i]) => i).slice(0, 5).join(", ") }));
+      s.append(link);
+    }
+  }
+
+  async function unit() {
+    header();
+    const name = params.get("layer");
+    const u = Number(params.get("unit"));
+    await loadScript(`data/topk-${name}.js`);
+    const info = window.FS_RUN.topk.find((l) => l.name === name);
+    const s = section(`${name}, unit ${u}`);
+    if (info.rendered.includes(u)) s.append(el("img", { src: `../patches/${name}/unit-${pad(u, 4)}.png`, alt: "patches" }));
+    s.append(el("div", { class: "thumbs" }, ...(window.FS_TOPK[name][u] || []).map(([i, v]) => imageTile(i, `${i}: ${v}`))));
+    const nav = el("p");
+    if (u > 0) nav.append(el("a", { href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u - 1}`, text: "← previous" }), " ");
+    if (u + 1 < info.units) nav.append(el("a", { href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u + 1}`, text: "next →" }));
+    s.append(nav);
+  }
+
+  return { index, image, layer, unit };
+})();

@@ -1,0 +1,199 @@
+"""`featscope serve`: a run's report and a JSON query API over HTTP, for this machine by default.
+
+  GET  /                          -> the report (report/index.html)
+  GET  /<path>                    -> a file inside the run directory, nothing else
+  GET  /api/image/<id>            -> the image's manifest row
+  GET  /api/neighbors?id=N&layer=L&k=K
+  POST /api/neighbors?layer=L&k=K -> body: an image file; embedded with the run's own model
+
+Indexes and the model are loaded once and shared by every request; requests run on their
+own threads (searches run concurrently; the one model embeds one upload at a time).
+Safety: binds 127.0.0.1 unless told otherwise; every path is resolved (symlinks included)
+and must stay inside the run directory; uploads above --max-upload get 413, anything that
+is not an image 400 with the reason; unknown ids 404.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import numpy as np
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines.images import BadImage, decode_pixels
+from featscope.pipelines.neighbors import open_index
+from featscope.pipelines.report import _index_layers
+from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.store import RunIdentity
+
+
+class QueryService:
+    """The run's manifest, indexes and (when first needed) model, shared by all requests."""
+
+    def __init__(self, rd: RunDir, *, max_upload: int = 16 * 2**20, max_k: int = 100):
+        from featscope.pipelines import manifest
+
+        self.rd = rd
+        self.root = rd.root.resolve()
+        self.max_upload = max_upload
+        self.max_k = max_k
+        self.rows = {r["image_id"]: r for r in manifest.read(rd).to_pylist()}
+        self.layers = _index_layers(rd)
+        self.indexes = {layer: open_index(rd, layer) for layer in self.layers}
+        self._extractor = None
+        self._model_lock = threading.Lock()
+
+    def _embed(self, data: bytes, layer: str) -> np.ndarray:
+        from featscope.pipelines.extract import FeatureExtractor, resolve_device, resolve_precision
+        from featscope.pipelines.models import load_model
+
+        with self._model_lock:
+            if self._extractor is None:
+                config = self.rd.read_config()
+                identity = RunIdentity.of_run(config)
+                loaded = load_model(config["model"], config.get("weights", "imagenet"), seed=config.get("seed", 0))
+                if loaded.weights_sha256 != identity.weights_sha256:
+                    raise FeatscopeError("the run's weights changed since its features were extracted")
+                device = resolve_device("auto")
+                self._extractor = FeatureExtractor(loaded, self.layers, device, resolve_precision("auto", device))
+            prep = self._extractor.loaded.preprocessing
+            pixels = decode_pixels(data, min_size=prep.resize)
+            return self._extractor(prep.to_uint8(pixels)[None])[layer]["feature"][0]
+
+    def image(self, image_id: int) -> dict:
+        if image_id not in self.rows:
+            raise KeyError(f"no image {image_id} in this run")
+        row = self.rows[image_id]
+        return {"image_id": image_id, "label": row["label"], "name": Path(row["path"]).name, "shard": row["shard"]}
+
+    def neighbors(self, layer: str, k: int, *, image_id: int | None = None, upload: bytes | None = None) -> dict:
+        if layer not in self.indexes:
+            raise ValueError(f"no index for layer '{layer}'; indexed: {', '.join(self.layers) or 'none'}")
+        if not 1 <= k <= self.max_k:
+            raise ValueError(f"k must be between 1 and {self.max_k}")
+        index = self.indexes[layer]
+        if upload is not None:
+            found = index.search_vectors(self._embed(upload, layer), k=k)
+        else:
+            if image_id not in self.rows:
+                raise KeyError(f"no image {image_id} in this run")
+            found = index.search_ids([image_id], k=k + 1)
+        answer = [self.image(int(i)) | {"distance": float(d)}
+                  for i, d in zip(found.image_ids[0], found.distances[0]) if i >= 0 and int(i) != image_id]
+        return {"layer": layer, "query": image_id, "neighbors": answer[:k]}
+
+    def file(self, url_path: str) -> tuple[Path | None, int]:
+        """The file a URL path names and 200; or None and 403 if it resolves (after '..',
+        encoded characters and symlinks) outside the run directory, 404 if there is none."""
+        relative = unquote(url_path).lstrip("/")
+        if "\x00" in relative:
+            return None, 403
+        candidate = (self.root / relative).resolve()
+        if not candidate.is_relative_to(self.root):
+            return None, 403
+        return (candidate, 200) if candidate.is_file() else (None, 404)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    service: QueryService
+    server_version = "featscope"
+
+    def log_message(self, format: str, *args) -> None:  # one quiet line per request on stderr
+        if getattr(self.server, "verbose", False):
+            super().log_message(format, *args)
+
+    def _json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        try:
+            if url.path in ("", "/"):
+                self.send_response(HTTPStatus.FOUND)
+                self.send_header("Location", "/report/index.html")
+                self.end_headers()
+                return
+            if url.path.startswith("/api/image/"):
+                return self._json(200, self.service.image(int(url.path.rsplit("/", 1)[1])))
+            if url.path == "/api/neighbors":
+                layer, k = query.get("layer", [""])[0], int(query.get("k", ["10"])[0])
+                return self._json(200, self.service.neighbors(layer, k, image_id=int(query["id"][0])))
+        except KeyError as e:
+            return self._error(404, str(e).strip("'\"") if "no image" in str(e) else f"missing parameter {e}")
+        except ValueError as e:
+            return self._error(400, str(e))
+        if url.path.startswith("/api/"):
+            return self._error(404, f"no such API: {url.path}")
+        path, status = self.service.file(url.path)
+        if path is None:
+            return self._error(status, "outside the run directory" if status == 403 else "not found")
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        if url.path != "/api/neighbors":
+            return self._error(404, f"no such API: {url.path}")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return self._error(411, "send the image as the request body, with a Content-Length")
+        try:
+            length = int(length)
+        except ValueError:
+            return self._error(400, "bad Content-Length")
+        if length > self.service.max_upload:
+            self.close_connection = True
+            return self._error(413, f"upload of {length} bytes is over the limit of {self.service.max_upload}")
+        data = self.rfile.read(length)
+        query = parse_qs(url.query)
+        try:
+            answer = self.service.neighbors(query.get("layer", [""])[0], int(query.get("k", ["10"])[0]), upload=data)
+        except BadImage as e:
+            return self._error(400, f"not a readable image: {e}")
+        except ValueError as e:
+            return self._error(400, str(e))
+        except FeatscopeError as e:
+            return self._error(400, str(e))
+        self._json(200, answer)
+
+
+def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000,
+                max_upload: int = 16 * 2**20) -> ThreadingHTTPServer:
+    """A ready server (port 0 picks a free one: see server.server_address)."""
+    if not (rd.report_dir / "index.html").exists():
+        raise FeatscopeError(f"run {rd.root} has no report yet: run `featscope report --run {rd.root}` first")
+    handler = type("Handler", (_Handler,), {"service": QueryService(rd, max_upload=max_upload)})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: int = 16 * 2**20) -> None:
+    server = make_server(rd, host=host, port=port, max_upload=max_upload)
+    address = f"http://{server.server_address[0]}:{server.server_address[1]}/"
+    print(f"serving {rd.root} at {address} (report: {address}report/index.html); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

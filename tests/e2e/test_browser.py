@@ -1,0 +1,107 @@
+"""The report and the query service in a real headless Chromium (Debian's), driven by
+Playwright: no console errors, the mosaic renders, a click on a tile opens that image's
+neighbours, an upload through the page returns neighbours. `.ci/run` installs Chromium;
+in CI a missing browser fails these tests instead of skipping them."""
+
+import os
+import shutil
+import threading
+
+import pytest
+
+from featscope.pipelines import manifest, neighbors
+from featscope.pipelines.serve import make_server
+
+CHROMIUM = os.environ.get("FEATSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+# The flags a root, offline, headless machine needs (no sandbox; no calls home).
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        message = f"no Chromium at {CHROMIUM}: `apt-get install chromium` (.ci/run does)"
+        if os.environ.get("CI") or os.environ.get("FEATSCOPE_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Playwright is a test dependency: pip install 'featscope[test]'")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.errors = []
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    yield page
+    page.close()
+
+
+def expected_neighbours(rd, image_id, layer, k):
+    found = neighbors.open_index(rd, layer).search_ids([image_id], k=k + 1).image_ids[0]
+    return [str(int(i)) for i in found if i != image_id][:k]
+
+
+def test_report_from_disk_mosaic_click_opens_the_images_neighbours(reported_run, page, tmp_path):
+    rd = reported_run
+    page.goto((rd.report_dir / "index.html").as_uri())
+    mosaic = page.locator("#mosaic-pool")
+    mosaic.wait_for()
+    page.wait_for_function("document.getElementById('mosaic-pool').complete && window.FS_MOSAIC")
+    assert page.evaluate("document.getElementById('mosaic-pool').naturalWidth") == 3 * 32
+    grid = page.evaluate("window.FS_MOSAIC.pool")
+    row, col = next((r, c) for r in range(3) for c in range(3) if grid[r][c] >= 0)
+    box = mosaic.bounding_box()
+    mosaic.click(position={"x": (col + 0.5) * box["width"] / 3, "y": (row + 0.5) * box["height"] / 3})
+    page.wait_for_url(f"**/image.html?id={grid[row][col]}")
+    shown = page.locator(".neighbours[data-space=pool] .thumb div").all_inner_texts()
+    assert [s.split()[0] for s in shown] == expected_neighbours(rd, grid[row][col], "pool", 4)
+    assert page.locator(".neighbours[data-space=pixels] .thumb").count() == 4
+    page.wait_for_load_state("networkidle")
+    assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    page.screenshot(path=str(tmp_path / "image-page.png"))
+    assert page.errors == []
+
+
+def test_unit_gallery_and_unit_page(reported_run, page):
+    rd = reported_run
+    page.goto((rd.report_dir / "layer.html").as_uri() + "?layer=layer3")
+    page.locator("a.unit").first.wait_for()
+    assert page.locator("a.unit").count() == 256
+    page.wait_for_function("[...document.querySelectorAll('a.unit img')].slice(0, 4).every(i => i.complete)")
+    assert page.locator("a.unit img").count() == 4
+    page.locator("a.unit").nth(2).click()
+    page.wait_for_url("**/unit.html?layer=layer3&unit=2")
+    assert page.locator(".thumbs .thumb").count() == 3
+    assert page.errors == []
+
+
+@pytest.fixture(scope="module")
+def served(reported_run):
+    server = make_server(reported_run, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_served_page_queries_by_upload(reported_run, served, page, tmp_path):
+    rd = reported_run
+    photo = next(r for r in manifest.read(rd).to_pylist() if r["label"] == "photo")
+    page.goto(served + "/")
+    page.wait_for_url("**/report/index.html")
+    page.locator("#upload").set_input_files(photo["path"])
+    page.locator("#upload-results .thumb").first.wait_for(timeout=60_000)
+    tiles = page.locator("#upload-results .thumb")
+    assert tiles.count() == 4
+    assert tiles.first.get_attribute("href") == f"image.html?id={photo['image_id']}"  # the image finds itself
+    page.screenshot(path=str(tmp_path / "served.png"), full_page=True)
+    assert page.errors == []

@@ -1,0 +1,136 @@
+"""The report's data files, and the query service over real HTTP: answers, and refusals."""
+
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from featscope.pipelines import manifest, neighbors
+from featscope.pipelines.report import SHARD, thumb_path
+from featscope.pipelines.serve import make_server
+
+
+def load_script(path):
+    """The object a report data file assigns (window.X = Object.assign(..., {...}))."""
+    text = path.read_text()
+    return json.loads(text[text.index("}, ") + 3: text.rindex(")")])
+
+
+def test_report_holds_every_image_with_its_exact_neighbours(reported_run):
+    rd = reported_run
+    rows = manifest.read(rd).to_pylist()
+    index = neighbors.open_index(rd, "pool")
+    for row in rows:
+        i = row["image_id"]
+        assert thumb_path(rd, i).exists()
+        entry = load_script(rd.report_dir / "data" / f"images-{i // SHARD:04d}.js")[str(i)]
+        expected = [int(n) for n in index.search_ids([i], k=5).image_ids[0] if n != i][:4]
+        assert [n for n, _ in entry["neighbours"]["pool"]] == expected
+        assert set(entry["neighbours"]) == {"pool", "pixels"}
+        assert entry["saliency"] == (["gradcam"] if row["label"] == "photo" else [])
+    run = load_script(rd.report_dir / "data" / "run.js")
+    assert run["images"] == len(rows) and [m["layer"] for m in run["mosaics"]] == ["pool"]
+    assert run["topk"][0]["name"] == "layer3" and run["topk"][0]["rendered"] == [0, 1, 2, 3]
+    assert "viz" not in json.dumps(run["toolbox"])  # no toolbox in this run: the part is absent, not broken
+
+
+@pytest.fixture(scope="module")
+def server(reported_run):
+    server = make_server(reported_run, port=0, max_upload=200_000)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", reported_run
+    server.shutdown()
+    server.server_close()
+
+
+def fetch(url, data=None):
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_service_answers_by_id_and_by_upload(server):
+    base, rd = server
+    rows = manifest.read(rd).to_pylist()
+    photo = next(r for r in rows if r["label"] == "photo")
+    status, body = fetch(f"{base}/api/neighbors?id={photo['image_id']}&layer=pool&k=3")
+    expected = [int(n) for n in neighbors.open_index(rd, "pool").search_ids([photo["image_id"]], k=4).image_ids[0]
+                if n != photo["image_id"]][:3]
+    assert status == 200 and [n["image_id"] for n in json.loads(body)["neighbors"]] == expected
+    with open(photo["path"], "rb") as f:
+        status, body = fetch(f"{base}/api/neighbors?layer=pool&k=3", f.read())
+    answer = json.loads(body)
+    assert status == 200 and answer["neighbors"][0]["image_id"] == photo["image_id"]  # itself, distance ~0
+    assert answer["neighbors"][0]["distance"] < 1e-3
+    status, body = fetch(f"{base}/api/image/{photo['image_id']}")
+    assert status == 200 and json.loads(body)["label"] == "photo"
+    status, body = fetch(f"{base}/report/index.html")
+    assert status == 200 and b"FS.index()" in body
+
+
+def test_concurrent_queries_all_get_their_own_answer(server):
+    base, rd = server
+    ids = [r["image_id"] for r in manifest.read(rd).to_pylist()]
+    results = {}
+
+    def ask(i):
+        results[i] = json.loads(fetch(f"{base}/api/neighbors?id={i}&layer=pixels&k=2")[1])["query"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: i for i in ids}
+
+
+@pytest.mark.parametrize("path", ["/../run.json", "/%2e%2e/%2e%2e/etc/passwd", "/report/..%2f..%2f..%2fetc%2fpasswd",
+                                  "//etc/passwd", "/%2Fetc%2Fpasswd", "/report/%00index.html"])
+def test_paths_outside_the_run_are_refused(server, path):
+    base, _ = server
+    status, body = fetch(base + path)
+    assert status in (403, 404) and b"root:" not in body
+
+
+def test_a_symlink_leaving_the_run_is_refused(server, tmp_path):
+    base, rd = server
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    link = rd.report_dir / "leak.txt"
+    os.symlink(secret, link)
+    try:
+        status, body = fetch(f"{base}/report/leak.txt")
+        assert status == 403 and b"not yours" not in body
+    finally:
+        link.unlink()
+
+
+def test_bad_uploads_and_unknown_ids_get_clear_errors(server):
+    base, _ = server
+    status, body = fetch(f"{base}/api/neighbors?layer=pool", b"\x00" * 300_000)
+    assert status == 413 and b"over the limit" in body
+    status, body = fetch(f"{base}/api/neighbors?layer=pool", b"GIF89a not really")
+    assert status == 400 and b"not a readable image" in body
+    status, body = fetch(f"{base}/api/neighbors?layer=pool", b"")
+    assert status == 400 and b"empty" in body
+    status, body = fetch(f"{base}/api/neighbors?id=999999&layer=pool")
+    assert status == 404 and b"no image 999999" in body
+    status, body = fetch(f"{base}/api/neighbors?id=0&layer=fc9")
+    assert status == 400 and b"no index for layer 'fc9'" in body
+    status, body = fetch(f"{base}/api/nothing")
+    assert status == 404
+
+
+def test_served_files_are_byte_identical(server):
+    base, rd = server
+    status, body = fetch(f"{base}/mosaic/pool-grid.jpg")
+    assert status == 200 and body == rd.mosaic("pool", "grid").read_bytes()
+    assert np.frombuffer(body[:2], np.uint8).tolist() == [0xFF, 0xD8]
