@@ -7,6 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import PIXELS
 from featscope.pipelines import config as fsconfig
@@ -33,6 +35,42 @@ EMBED_LAYERS = EMBED.get("layers", LAYERS)
 SALIENCY = CFG["saliency"]
 VIZ = CFG["viz"]
 STYLE_NET = CFG.get("style_net")
+# Cluster resources per rule (Snakemake's mem_mb / runtime in minutes, and `gpu` for the SLURM
+# executor plugin), sized from measurements on this project's 2-core CPU machine with generous
+# headroom: extracting a 1,000-image shard peaked at 1.9 GB RSS and took 8 s (MobileNet-V2,
+# CPU, 3 layers); the demo's index build, top-k merge, t-SNE of 5k points and report each
+# stay under 1.5 GB and a minute. Extraction, saliency and style training ask for one GPU.
+# Override any of them in the config: `resources: {extract: {gpu: 0, mem_mb: 8000}}`.
+DEFAULT_RESOURCES = {
+    "manifest": {"mem_mb": 2000, "runtime": 30},
+    "extract": {"mem_mb": 4000, "runtime": 60, "gpu": 1},
+    "index": {"mem_mb": 8000, "runtime": 120},
+    "evaluate": {"mem_mb": 4000, "runtime": 30},
+    "neighbors": {"mem_mb": 2000, "runtime": 15},
+    "topk_merge": {"mem_mb": 4000, "runtime": 30},
+    "topk_render": {"mem_mb": 2000, "runtime": 30},
+    "embed": {"mem_mb": 16000, "runtime": 180},
+    "mosaic": {"mem_mb": 4000, "runtime": 60},
+    "saliency": {"mem_mb": 8000, "runtime": 240, "gpu": 1},
+    "viz": {"mem_mb": 4000, "runtime": 60},
+    "style_train": {"mem_mb": 8000, "runtime": 240, "gpu": 1},
+    "report": {"mem_mb": 4000, "runtime": 60},
+}
+
+
+def all_cores(per_job=4):
+    """Every core of a local run; on a cluster (no total number of cores) `per_job` threads."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return per_job
+
+
+def res(rule):
+    """The resources of `rule`: the defaults above, updated by the config's `resources`."""
+    return DEFAULT_RESOURCES[rule] | CFG["resources"].get(rule, {})
+
+
 q = shlex.quote
 # The featscope installed beside the Python running Snakemake, so jobs need no activated venv.
 _beside = Path(sys.executable).with_name("featscope")
@@ -53,7 +91,10 @@ SALIENCY_CMD = (
     f"{FEATSCOPE} saliency --run {RUN_ARG} --select {q(SALIENCY['select'])} --target {q(SALIENCY['target'])}"
     f" --score {SALIENCY['score']} --window {SALIENCY['window']} --stride {SALIENCY['stride']}"
     f" --fill {q(SALIENCY['fill'])} --quiet" + (" --segment" if SALIENCY["segment"] else "")
-    + (f" --scheduler {q(SALIENCY['scheduler'])}" if "scheduler" in SALIENCY else " --workers {threads}")
+    + (f" --scheduler {q(SALIENCY['scheduler'])}" if "scheduler" in SALIENCY
+       else f" --slurm-jobs {SALIENCY['slurm_jobs']}" + "".join(
+           f" --slurm-{k} {q(str(v))}" for k, v in SALIENCY.get("slurm_worker", {}).items())
+       if "slurm_jobs" in SALIENCY else " --workers {threads}")
 )
 INDEX_CMD = (
     f"{FEATSCOPE} index build --run {RUN_ARG} --kind {INDEX['kind']} --metric {INDEX['metric']}"
@@ -126,6 +167,8 @@ rule report:
         viz_outputs(),
     output:
         str(RD.report_dir / "index.html"),
+    resources:
+        **res("report"),
     shell:
         f"{FEATSCOPE} report --run {RUN_ARG} --quiet"
 
@@ -137,6 +180,8 @@ checkpoint manifest:
         update(RD.manifest),
     params:
         listing=lambda wildcards: fsmanifest.listing_fingerprint(CFG["images"]),
+    resources:
+        **res("manifest"),
     shell:
         MANIFEST_CMD
 
@@ -151,6 +196,8 @@ rule extract:
     wildcard_constraints:
         shard=r"\d{5}",
     threads: EXTRACT["threads"]
+    resources:
+        **res("extract"),
     shell:
         EXTRACT_CMD + " --shard {wildcards.shard} --threads {threads}"
 
@@ -161,6 +208,8 @@ rule index:
         lambda wildcards: parts_of([wildcards.layer]),
     output:
         index_meta("{layer}"),
+    resources:
+        **res("index"),
     shell:
         INDEX_CMD + " --layer {wildcards.layer}"
 
@@ -170,6 +219,8 @@ rule evaluate:
         [index_meta(layer) for layer in EXTRACT_LAYERS],
     output:
         RD.index_evaluation,
+    resources:
+        **res("evaluate"),
     shell:
         f"{FEATSCOPE} index evaluate --run {RUN_ARG}"
 
@@ -182,6 +233,8 @@ rule neighbors:
         str(RD.neighbor_sheet("{layer}")),
     params:
         ids=",".join(map(str, INDEX["queries"])),
+    resources:
+        **res("neighbors"),
     shell:
         f"{FEATSCOPE} neighbors --run {RUN_ARG} --layer {{wildcards.layer}} --ids {{params.ids}} -k {INDEX['k']}"
 
@@ -192,6 +245,8 @@ rule topk_merge:
         lambda wildcards: [str(RD.topk_candidates_part(wildcards.layer, s)) for s in shards()],
     output:
         str(RD.topk("{layer}")),
+    resources:
+        **res("topk_merge"),
     shell:
         f"{FEATSCOPE} topk merge --run {RUN_ARG} --layer {{wildcards.layer}}"
 
@@ -201,6 +256,8 @@ rule topk_render:
         str(RD.topk("{layer}")),
     output:
         str(RD.patch_sheet("{layer}")),
+    resources:
+        **res("topk_render"),
     shell:
         f"{FEATSCOPE} topk render --run {RUN_ARG} --layer {{wildcards.layer}} --units {q(TOPK['units'])} --quiet"
 
@@ -210,7 +267,9 @@ rule embed:
         lambda wildcards: parts_of([wildcards.layer]),
     output:
         str(RD.embedding("{layer}")),
-    threads: workflow.cores
+    threads: all_cores()
+    resources:
+        **res("embed"),
     shell:
         f"{FEATSCOPE} embed --run {RUN_ARG} --layer {{wildcards.layer}} --pca-dims {EMBED['pca_dims']}"
         f" --perplexity {EMBED['perplexity']} --seed {EMBED['seed']} --max-exact {EMBED['max_exact']}"
@@ -224,6 +283,8 @@ rule mosaic:
         cells=str(RD.mosaic("{layer}", "grid", "parquet")),
         scatter=str(RD.mosaic("{layer}", "scatter")),
         plot=str(RD.mosaic("{layer}", "plot", "png")),
+    resources:
+        **res("mosaic"),
     shell:
         f"{FEATSCOPE} mosaic grid --run {RUN_ARG} --layer {{wildcards.layer}} --side {EMBED['grid_side']}"
         f" --tile {EMBED['tile']} --seed {EMBED['seed']} --quiet"
@@ -239,6 +300,8 @@ rule saliency:
     output:
         str(RD.saliency_summary("{method}")),
     threads: SALIENCY["workers"]
+    resources:
+        **res("saliency"),
     shell:
         SALIENCY_CMD + " --method {wildcards.method}"
 
@@ -257,6 +320,8 @@ if VIZ.get("filters"):
             ancient(RD.manifest),
         output:
             viz_outputs("filters"),
+        resources:
+            **res("viz"),
         shell:
             viz_command("filters", layers=",".join(VIZ["filters"]))
 
@@ -267,6 +332,8 @@ if "activations" in VIZ:
             ancient(RD.manifest),
         output:
             viz_outputs("activations"),
+        resources:
+            **res("viz"),
         shell:
             viz_command("activations", layers=",".join(VIZ["activations"]["layers"]),
                         ids=ids(VIZ["activations"]["images"]))
@@ -278,7 +345,9 @@ if "class_models" in VIZ:
             ancient(RD.manifest),
         output:
             viz_outputs("class_models"),
-        threads: workflow.cores
+        threads: all_cores()
+        resources:
+            **res("viz"),
         shell:
             viz_command("class-model", classes=ids(VIZ["class_models"]["classes"]),
                         steps=VIZ["class_models"]["steps"], octaves=VIZ["class_models"]["octaves"])
@@ -290,6 +359,8 @@ if "adversarial" in VIZ:
             ancient(RD.manifest),
         output:
             viz_outputs("adversarial"),
+        resources:
+            **res("viz"),
         shell:
             viz_command("adversarial", ids=ids(VIZ["adversarial"]["images"]),
                         target=VIZ["adversarial"].get("target"), epsilon=VIZ["adversarial"]["epsilon"],
@@ -302,7 +373,9 @@ if "dream" in VIZ:
             ancient(RD.manifest),
         output:
             viz_outputs("dream"),
-        threads: workflow.cores
+        threads: all_cores()
+        resources:
+            **res("viz"),
         shell:
             viz_command("dream", ids=ids(VIZ["dream"]["images"]), layers=",".join(VIZ["dream"]["layers"]),
                         octaves=VIZ["dream"]["octaves"], steps=VIZ["dream"]["steps"])
@@ -314,7 +387,9 @@ if "inversion" in VIZ:
             ancient(RD.manifest),
         output:
             viz_outputs("inversion"),
-        threads: workflow.cores
+        threads: all_cores()
+        resources:
+            **res("viz"),
         shell:
             viz_command("invert", ids=ids(VIZ["inversion"]["images"]), layers=",".join(VIZ["inversion"]["layers"]),
                         steps=VIZ["inversion"]["steps"], tv=VIZ["inversion"]["tv"])
@@ -327,7 +402,9 @@ if "texture" in VIZ:
             image=lambda wildcards: next(p for p in VIZ["texture"]["images"] if Path(p).stem == wildcards.name),
         output:
             str(RD.viz_texture("{name}")),
-        threads: workflow.cores
+        threads: all_cores()
+        resources:
+            **res("viz"),
         shell:
             viz_command("texture", layers=",".join(VIZ["texture"]["layers"]), size=VIZ["texture"]["size"],
                         steps=VIZ["texture"]["steps"]) + " --image {input.image:q}"
@@ -340,7 +417,9 @@ if "style_transfer" in VIZ:
             VIZ["style_transfer"]["style"],
         output:
             viz_outputs("style_transfer"),
-        threads: workflow.cores
+        threads: all_cores()
+        resources:
+            **res("viz"),
         run:
             part = VIZ["style_transfer"]
             for image_id in part["images"]:
@@ -356,7 +435,9 @@ if STYLE_NET:
             STYLE_NET["styles"],
         output:
             str(RD.style_net_dir / "net.pt"),
-        threads: workflow.cores
+        threads: all_cores()
+        resources:
+            **res("style_train"),
         shell:
             f"{FEATSCOPE} style train --styles {' '.join(q(s) for s in STYLE_NET['styles'])}"
             f" --content {q(STYLE_NET['content'])} --out {q(str(RD.style_net_dir))} --size {STYLE_NET['size']}"
@@ -368,6 +449,8 @@ if STYLE_NET:
         output:
             strip=str(RD.viz_style_switch(Path(STYLE_NET["image"]).stem)),
             onnx=str(RD.style_net_dir / "net.onnx"),
+        resources:
+            **res("viz"),
         shell:
             f"{FEATSCOPE} style strip --checkpoint {{input}} --image {q(STYLE_NET['image'])} --out {{output.strip}}"
             f" && {FEATSCOPE} style export --checkpoint {{input}} --out {{output.onnx}}"

@@ -133,8 +133,14 @@ def _cmd_saliency(args: argparse.Namespace) -> None:
     from featscope.pipelines import saliency
 
     options = saliency.SaliencyOptions(**{name: getattr(args, name) for name in saliency.OPTION_FIELDS})
+    slurm = None
+    if args.slurm_jobs:
+        slurm = saliency.SlurmWorkers(jobs=args.slurm_jobs, cores=args.slurm_cores, memory=args.slurm_memory,
+                                      walltime=args.slurm_walltime, gpus=args.slurm_gpus, queue=args.slurm_partition,
+                                      account=args.slurm_account)
     summary = saliency.run(RunDir(args.run), options, selection=args.select, workers=args.workers,
-                           scheduler=args.scheduler, images_per_task=args.images_per_task, device=args.device,
+                           scheduler=args.scheduler, slurm=slurm, images_per_task=args.images_per_task,
+                           device=args.device,
                            threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
     print(summary.line())
     if summary.bad:
@@ -394,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     where = sa.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, help="local Dask worker processes (default: half the cores)")
     where.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    where.add_argument("--slurm-jobs", type=int, help="start Dask workers as this many SLURM jobs (dask-jobqueue)")
+    sa.add_argument("--slurm-cores", type=int, default=4, help="with --slurm-jobs: cores per worker job")
+    sa.add_argument("--slurm-memory", default="16GB", help="with --slurm-jobs: memory per worker job")
+    sa.add_argument("--slurm-walltime", default="02:00:00", help="with --slurm-jobs: time limit per worker job")
+    sa.add_argument("--slurm-gpus", type=int, default=0, help="with --slurm-jobs: GPUs per worker job (gres)")
+    sa.add_argument("--slurm-partition", help="with --slurm-jobs: partition (queue)")
+    sa.add_argument("--slurm-account", help="with --slurm-jobs: account")
     sa.add_argument("--segment", action="store_true", help="also a GrabCut foreground mask per image")
     sa.add_argument("--foreground", type=float, default=95.0, help="GrabCut: sure foreground above this percentile")
     sa.add_argument("--background", type=float, default=30.0, help="GrabCut: sure background below this percentile")

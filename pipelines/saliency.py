@@ -301,11 +301,40 @@ def _summary_from_npz(path: Path) -> dict:
     return row
 
 
+@dataclass(frozen=True)
+class SlurmWorkers:
+    """Dask workers as SLURM jobs (dask-jobqueue's SLURMCluster), one worker process per job."""
+
+    jobs: int = 2
+    cores: int = 4
+    memory: str = "16GB"
+    walltime: str = "02:00:00"
+    gpus: int = 0
+    queue: str | None = None
+    account: str | None = None
+
+    def cluster(self):
+        from dask_jobqueue import SLURMCluster
+
+        extra = [f"--gres=gpu:{self.gpus}"] if self.gpus else []
+        return SLURMCluster(cores=self.cores, processes=1, memory=self.memory, walltime=self.walltime,
+                            queue=self.queue, account=self.account, job_extra_directives=extra,
+                            scheduler_options={"dashboard_address": None}, silence_logs="error")
+
+
 @contextmanager
-def dask_client(workers: int | None, scheduler: str | None, threads: int | None) -> Iterator[tuple[object, int]]:
-    """A Dask client: to the cluster at `scheduler`, or to a local cluster of worker processes."""
+def dask_client(workers: int | None, scheduler: str | None, threads: int | None,
+                slurm: SlurmWorkers | None = None) -> Iterator[tuple[object, int]]:
+    """A Dask client: to the cluster at `scheduler`, to workers submitted as SLURM jobs, or
+    to a local cluster of worker processes."""
     from distributed import Client, LocalCluster
 
+    if slurm is not None:
+        with slurm.cluster() as cluster, Client(cluster) as client:
+            cluster.scale(jobs=slurm.jobs)
+            client.wait_for_workers(1, timeout=3600)
+            yield client, slurm.jobs
+        return
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")
@@ -339,8 +368,9 @@ def _check_options(rd: RunDir, options: SaliencyOptions, ref: ModelRef, overwrit
 
 
 def run(rd: RunDir, options: SaliencyOptions, *, selection: str = "all", workers: int | None = None,
-        scheduler: str | None = None, images_per_task: int | None = None, device: str = "auto",
-        threads: int | None = None, overwrite: bool = False, progress: bool = True) -> SaliencySummary:
+        scheduler: str | None = None, slurm: SlurmWorkers | None = None, images_per_task: int | None = None,
+        device: str = "auto", threads: int | None = None, overwrite: bool = False,
+        progress: bool = True) -> SaliencySummary:
     """Compute the maps of the selected images that are not done yet, on a Dask cluster."""
     start = time.perf_counter()
     options.check()
@@ -349,7 +379,9 @@ def run(rd: RunDir, options: SaliencyOptions, *, selection: str = "all", workers
         raise FeatscopeError(f"run {rd.root} records no model: run `featscope manifest --model ...` first")
     rows = select(rd, selection)
     cores = os.cpu_count() or 1
-    if threads is None and not scheduler:
+    if slurm is not None:
+        threads = threads or slurm.cores
+    elif threads is None and not scheduler:
         threads = max(1, cores // (workers or max(1, cores // 2)))
     ref = ModelRef(config["model"], config.get("weights") or "imagenet", int(config.get("seed", 0)),
                    config.get("weights_sha256"), device, threads)
@@ -367,7 +399,7 @@ def run(rd: RunDir, options: SaliencyOptions, *, selection: str = "all", workers
     if batches:
         from distributed import as_completed
 
-        with dask_client(workers, scheduler, threads) as (client, used_workers):
+        with dask_client(workers, scheduler, threads, slurm) as (client, used_workers):
             futures = client.map(explain_batch, [str(rd.root)] * len(batches), [options] * len(batches),
                                  [ref] * len(batches), batches, pure=False, retries=1)
             with tqdm(total=len(todo), unit="img", desc=f"saliency {method}", disable=not progress) as bar:

@@ -191,3 +191,15 @@ def test_stage_on_a_real_scheduler_survives_a_killed_worker(run, dask_cluster):
     assert f"saliency occlusion: {len(photos)} maps" in out
     assert pq.read_table(run.saliency_summary("occlusion")).num_rows == len(photos)
     assert read_errors(run.errors_dir).num_rows == 0
+
+
+def test_slurm_workers_job_script_asks_for_what_was_given():
+    """dask-jobqueue writes the sbatch script of one worker job; no SLURM is needed to read it."""
+    workers = saliency.SlurmWorkers(jobs=3, cores=8, memory="32GB", walltime="01:30:00", gpus=1, queue="gpu",
+                                    account="vision")
+    with workers.cluster() as cluster:
+        script = cluster.job_script()
+    for line in ("#SBATCH --cpus-per-task=8", "#SBATCH -t 01:30:00", "#SBATCH --gres=gpu:1", "#SBATCH -p gpu",
+                 "#SBATCH -A vision", "#SBATCH --mem=30G"):
+        assert line in script, script
+    assert "distributed.cli.dask_worker tcp://" in script and "--nthreads 8 --memory-limit 29.80GiB" in script

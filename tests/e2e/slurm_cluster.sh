@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# A one-node SLURM cluster on 127.0.0.1 for the tests: munged, slurmctld and slurmd, as root.
+#   slurm_cluster.sh start STATE_DIR   # writes /etc/slurm/slurm.conf, starts the daemons, waits for the node
+#   slurm_cluster.sh stop STATE_DIR
+# The config goes to /etc/slurm/slurm.conf because job steps (srun inside sbatch jobs) look for
+# it there, not at $SLURM_CONF. Without cgroups here, processes are tracked by linuxproc and
+# tasks are not confined (task/none); there is no accounting daemon, so job states come from
+# squeue (the plugin's --slurm-status-command squeue).
+set -euo pipefail
+action=$1
+state=$(realpath -m "$2")
+node=$(hostname -s)
+cpus=$(nproc)
+mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
+
+stop() {
+    pkill -x slurmd || true
+    pkill -x slurmctld || true
+    [ -f "$state/munged.pid" ] && kill "$(cat "$state/munged.pid")" 2>/dev/null || true
+}
+
+if [ "$action" = stop ]; then
+    stop
+    exit 0
+fi
+
+stop
+mkdir -p "$state"/{ctld,spool,log,munge} /etc/slurm /run/munge
+chown munge:munge /run/munge "$state/munge"
+if [ ! -s /etc/munge/munge.key ]; then
+    dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null
+    chown munge:munge /etc/munge/munge.key
+    chmod 400 /etc/munge/munge.key
+fi
+munged --force --pid-file="$state/munged.pid" --log-file="$state/log/munged.log" --seed-file="$state/munge/seed"
+cat > /etc/slurm/slurm.conf <<CONF
+ClusterName=featscope-test
+SlurmctldHost=$node(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation=$state/ctld
+SlurmdSpoolDir=$state/spool
+SlurmctldPidFile=$state/slurmctld.pid
+SlurmdPidFile=$state/slurmd.pid
+SlurmctldLogFile=$state/log/slurmctld.log
+SlurmdLogFile=$state/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+MpiDefault=none
+ReturnToService=2
+MinJobAge=3600
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+slurmctld
+slurmd
+for _ in $(seq 60); do
+    if sinfo -h -o %T 2>/dev/null | grep -qx idle; then
+        exit 0
+    fi
+    sleep 1
+done
+echo "the SLURM node did not become idle; see $state/log" >&2
+exit 1
