@@ -1,6 +1,7 @@
 """The static report: one folder of HTML that opens from disk and shows what a run holds.
 
-`build(rd)` writes runs/<name>/report/: the pages (copied from report_assets/), small
+`build(rd)` writes runs/<name>/report/: the pages (one shell, report_assets/page.html,
+rendered by report_assets/report.js), small
 JPEG thumbnails made once per image (report/thumbs/, lazy-loaded by the pages), and the
 data as JavaScript files loaded with <script> tags (browsers refuse fetch() from file://):
 
@@ -40,6 +41,7 @@ from featscope.pipelines.timings import read_timings
 ASSETS = Path(__file__).resolve().parent / "report_assets"
 SHARD = 1000  # images per data file and per thumbnail folder
 THUMB = 128
+PAGES = ("index", "image", "layer", "unit")
 
 
 @dataclass
@@ -170,8 +172,11 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         raise FeatscopeError(f"run {rd.root} has no images")
     out = rd.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    for asset in ASSETS.iterdir():
-        shutil.copyfile(asset, out / asset.name)
+    for asset in ("report.js", "report.css"):
+        shutil.copyfile(ASSETS / asset, out / asset)
+    shell = (ASSETS / "page.html").read_text()
+    for page in PAGES:  # every page is the same shell; report.js renders it by name
+        write_bytes_atomic(out / f"{page}.html", shell.replace("{page}", page).encode())
     with ThreadPoolExecutor(threads) as pool:
         made = sum(tqdm(pool.map(lambda r: _make_thumbnail(rd, r["image_id"], r["path"]), rows), total=len(rows),
                         desc="thumbnails", unit="img", disable=not progress))

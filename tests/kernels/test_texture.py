@@ -2,20 +2,16 @@
 
 import pytest
 import torch
-import torchvision
 
 from featscope.kernels.objectives import layer_outputs
 from featscope.kernels.style_net import StyleNet, mix, one_hot
 from featscope.kernels.texture import Term, gram, match, noise_like, targets_at
-from featscope.kernels.transforms import PixelModel
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return PixelModel(torchvision.models.resnet18(weights=None).eval(), MEAN, STD)
+def model(pixel_resnet):
+    return pixel_resnet
 
 
 @pytest.fixture(scope="module")

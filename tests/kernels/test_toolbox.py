@@ -6,21 +6,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from featscope.kernels.adversarial import fgsm, pgd
 from featscope.kernels.filters import activation_grid, filter_grid
 from featscope.kernels.objectives import layer_energy, layer_outputs, total_variation
 from featscope.kernels.render import class_models, deepdream, invert, layer_features
-from featscope.kernels.transforms import PixelModel
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return PixelModel(torchvision.models.resnet18(weights=None).eval(), MEAN, STD)
+def model(pixel_resnet):
+    return pixel_resnet
 
 
 @pytest.fixture(scope="module")
