@@ -102,6 +102,42 @@ def planning_time(work: Path, images: Path, shards: int) -> float:
     return time.perf_counter() - start
 
 
+def index_from_shards(work: Path, n: int, dims: int = 1280, shard: int = 50_000) -> tuple[float, float, dict]:
+    """Write n synthetic `dims`-d vectors (1,000 Gaussian clusters, float16) as feature
+    shards of a run, then time `featscope index build` over them (streamed: it never holds
+    all vectors). Returns (seconds, peak RSS MB, the index's meta.json)."""
+    from featscope.pipelines.rundir import RunDir
+    from featscope.pipelines.store import FeaturePartWriter, RunIdentity
+
+    rd = RunDir(work / f"vectors-{n}")
+    identity = RunIdentity(model="synthetic", weights_sha256="synthetic", preprocessing="{}")
+    rd.write_config({"model": "synthetic", "weights": "synthetic", "weights_sha256": "synthetic",
+                     "preprocessing": "{}"})
+    if not rd.manifest.exists():  # the index keeps only images the manifest still lists
+        import pyarrow as pa
+
+        from featscope.pipelines.manifest import MANIFEST_SCHEMA
+        from featscope.pipelines.store import write_table
+
+        ids = np.arange(n, dtype=np.int64)
+        write_table(pa.table({"image_id": ids, "path": pa.array([f"synthetic/{i}" for i in ids]),
+                              "label": pa.nulls(n, pa.string()), "shard": (ids // shard).astype(np.int32),
+                              "removed": np.zeros(n, dtype=bool)}, schema=MANIFEST_SCHEMA), rd.manifest)
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(0, 2, (1000, dims)).astype(np.float32)
+    for part, start in enumerate(range(0, n, shard)):
+        path = rd.feature_part("pool", part)
+        if path.exists():
+            continue
+        count = min(shard, n - start)
+        vectors = centres[rng.integers(0, 1000, count)] + rng.normal(0, 0.5, (count, dims)).astype(np.float32)
+        writer = FeaturePartWriter(path, identity, layer="pool", kind="vector", dims=dims)
+        writer.write(np.arange(start, start + count, dtype=np.int64), np.abs(vectors))
+        writer.commit()
+    seconds, rss = timed([FEATSCOPE, "index", "build", "--run", str(rd.root), "--layer", "pool", "--quiet"])
+    return seconds, rss, json.loads((rd.index_dir("pool") / "meta.json").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,50000")
@@ -109,7 +145,16 @@ def main() -> None:
     parser.add_argument("--model", default="mobilenet_v2")
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--plan-shards", type=int, default=2000)
+    parser.add_argument("--index-vectors", type=int, default=1_000_000,
+                        help="also build an index from this many synthetic 1,280-d vectors in shards (0: skip)")
+    parser.add_argument("--only-index", action="store_true", help="run the synthetic index build alone")
     args = parser.parse_args()
+    if args.only_index:
+        seconds, rss, meta = index_from_shards(args.out, args.index_vectors)
+        print(f"scale/index {args.index_vectors} x 1280-d from shards: {seconds:.0f} s, peak RSS {rss:.0f} MB "
+              f"(the float32 vectors alone: {args.index_vectors * 1280 * 4 / 2**20:.0f} MB); {meta['factory']}, "
+              f"recall@10 {meta['recall_at_10']}, {meta['estimated_bytes'] / 2**20:.0f} MB index")
+        return
     sizes = [int(x) for x in args.sizes.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     table = {n: rehearse(n, args.out, args.model, args.weights) for n in sizes}
@@ -123,6 +168,11 @@ def main() -> None:
         print(f"scale/{stage:<11} {per_image:10.2f} {m1 / m0:12.2f}   {flat}{note}")
     plan = planning_time(args.out, args.out / f"images-{small}", args.plan_shards)
     print(f"scale/plan snakemake -n for {args.plan_shards} shards: {plan:.1f} s")
+    if args.index_vectors:
+        seconds, rss, meta = index_from_shards(args.out, args.index_vectors)
+        print(f"scale/index {args.index_vectors} x 1280-d from shards: {seconds:.0f} s, peak RSS {rss:.0f} MB "
+              f"(the float32 vectors alone: {args.index_vectors * 1280 * 4 / 2**20:.0f} MB); {meta['factory']}, "
+              f"recall@10 {meta['recall_at_10']}")
     (args.out / "rehearsal.json").write_text(json.dumps({str(n): t for n, t in table.items()} | {"plan_s": plan}))
 
 

@@ -16,7 +16,9 @@ mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
 stop() {
     pkill -x slurmd || true
     pkill -x slurmctld || true
-    [ -f "$state/munged.pid" ] && kill "$(cat "$state/munged.pid")" 2>/dev/null || true
+    # one munged only: a second one on the same socket rejects the other's credentials
+    pkill -x munged || true
+    for _ in $(seq 20); do pgrep -x munged >/dev/null || break; sleep 0.2; done
 }
 
 if [ "$action" = stop ]; then
