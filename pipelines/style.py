@@ -223,7 +223,7 @@ def train(out: str | Path, styles: list[str | Path], content: str | Path, option
             writer.writerow([step + 1, f"{loss.item():.5f}", f"{c.mean().item():.5f}", f"{s.mean().item():.5f}",
                              f"{tv.mean().item():.5f}"])
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             state["step"] = step + 1
             if state["step"] % options.checkpoint_every == 0 or state["step"] == options.steps:
                 f.flush()
