@@ -154,3 +154,18 @@ def load_model(arch: str, weights: str = "imagenet", *, seed: int = 0) -> Loaded
             raise FeatscopeError(f"checkpoint {path} does not fit {arch}: {first}") from None
     module.eval()
     return LoadedModel(arch, weights, module, preprocessing, state_fingerprint(module))
+
+
+def load_run_model(config: dict, *, require_features: bool = False) -> LoadedModel:
+    """The model a run's run.json names, checked against the weights fingerprint recorded
+    when its features were extracted (required if `require_features`)."""
+    if not config.get("model"):
+        raise FeatscopeError("this run records no model: run `featscope manifest --model ...` first")
+    if require_features and "weights_sha256" not in config:
+        raise FeatscopeError("this run has no features yet: run `featscope extract` first")
+    weights = config.get("weights") or "imagenet"
+    loaded = load_model(config["model"], weights, seed=int(config.get("seed", 0)))
+    if config.get("weights_sha256") not in (None, loaded.weights_sha256):
+        raise FeatscopeError(f"the weights '{weights}' no longer match the ones this run's features were "
+                             "extracted with")
+    return loaded

@@ -120,13 +120,9 @@ def embed_image(rd: RunDir, layer: str, image: str | Path) -> np.ndarray:
     """A new image's vector at `layer`, by the run's own model, weights and preprocessing."""
     from featscope.pipelines.extract import FeatureExtractor, resolve_device, resolve_precision
     from featscope.pipelines.images import BadImage, read_pixels
-    from featscope.pipelines.models import load_model
+    from featscope.pipelines.models import load_run_model
 
-    config = rd.read_config()
-    identity = RunIdentity.of_run(config)
-    loaded = load_model(config["model"], config.get("weights", "imagenet"), seed=config.get("seed", 0))
-    if loaded.weights_sha256 != identity.weights_sha256:
-        raise FeatscopeError(f"the weights '{config.get('weights')}' no longer match run {rd.root}")
+    loaded = load_run_model(rd.read_config(), require_features=True)
     device = resolve_device("auto")
     extractor = FeatureExtractor(loaded, [layer], device, resolve_precision("auto", device))
     try:

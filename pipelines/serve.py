@@ -30,7 +30,6 @@ from featscope.pipelines.images import BadImage, decode_pixels
 from featscope.pipelines.neighbors import open_index
 from featscope.pipelines.report import _index_layers
 from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.store import RunIdentity
 
 
 class QueryService:
@@ -51,15 +50,11 @@ class QueryService:
 
     def _embed(self, data: bytes, layer: str) -> np.ndarray:
         from featscope.pipelines.extract import FeatureExtractor, resolve_device, resolve_precision
-        from featscope.pipelines.models import load_model
+        from featscope.pipelines.models import load_run_model
 
         with self._model_lock:
             if self._extractor is None:
-                config = self.rd.read_config()
-                identity = RunIdentity.of_run(config)
-                loaded = load_model(config["model"], config.get("weights", "imagenet"), seed=config.get("seed", 0))
-                if loaded.weights_sha256 != identity.weights_sha256:
-                    raise FeatscopeError("the run's weights changed since its features were extracted")
+                loaded = load_run_model(self.rd.read_config(), require_features=True)
                 device = resolve_device("auto")
                 self._extractor = FeatureExtractor(loaded, self.layers, device, resolve_precision("auto", device))
             prep = self._extractor.loaded.preprocessing

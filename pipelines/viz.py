@@ -37,7 +37,7 @@ from featscope.kernels.transforms import PixelModel
 from featscope.pipelines import manifest
 from featscope.pipelines.atomic import atomic_path, write_json_atomic
 from featscope.pipelines.images import BadImage, read_pixels
-from featscope.pipelines.models import IMAGENET_WEIGHTS, LoadedModel, load_model
+from featscope.pipelines.models import IMAGENET_WEIGHTS, LoadedModel, load_run_model
 from featscope.pipelines.panels import curves, enlarge, panel, stack, to_image
 from featscope.pipelines.rundir import RunDir
 from featscope.pipelines.runtime import keep_freed_memory
@@ -94,12 +94,8 @@ def _context(rd: RunDir, threads: int | None = None) -> _Context:
     if threads:
         torch.set_num_threads(threads)
     config = rd.read_config()
-    if not config.get("model"):
-        raise FeatscopeError(f"run {rd.root} records no model: run `featscope manifest --model ...` first")
+    loaded = load_run_model(config)
     weights = config.get("weights") or "imagenet"
-    loaded = load_model(config["model"], weights, seed=int(config.get("seed", 0)))
-    if config.get("weights_sha256") not in (None, loaded.weights_sha256):
-        raise FeatscopeError(f"the weights '{weights}' are not the ones run {rd.root} was extracted with")
     for p in loaded.module.parameters():
         p.requires_grad_(False)  # only images are optimised
     prep = loaded.preprocessing
