@@ -5,13 +5,17 @@ so pixel-space and feature-space neighbours come from the same pass and the same
 
 Users name layers by the field's aliases (alexnet `fc7`, vgg16 `conv5_3`, resnet `layer4`,
 mobilenet_v2 `block13`) or by a raw module path (`classifier.4`). An alias always means the
-output *after* the non-linearity, as in the papers. `LayerTap` hooks the resolved modules
+output *after* the non-linearity, as in the papers. A conv layer with a grid suffix,
+`block13@2x2`, is that layer's output average-pooled to a 2x2 grid and flattened: a vector
+that keeps coarse layout (where in the image each channel fired), which global pooling
+throws away; spatial-pyramid features for retrieval do the same (He et al., 2014). `LayerTap` hooks the resolved modules
 for the duration of a `with` block and hands each output to a callback at once, before an
 in-place ReLU further down can overwrite it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,11 +28,14 @@ from featscope.kernels.errors import FeatscopeError
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """A layer resolved to a module: `kind` is "conv" (B,C,H,W) or "vector" (B,D)."""
+    """A layer resolved to a module: `kind` is "conv" (B,C,H,W), "vector" (B,D), "auto"
+    (a raw module path: decided by its output) or "pixels". `grid` (rows, cols) means the
+    output is average-pooled to that grid and flattened channel-major into a vector."""
 
     name: str
     module_path: str
     kind: str
+    grid: tuple[int, int] | None = None
 
 
 def _vgg_aliases(features: nn.Sequential) -> dict[str, str]:
@@ -74,8 +81,22 @@ def layer_aliases(arch: str, model: nn.Module) -> dict[str, tuple[str, str]]:
 PIXELS = "pixels"  # pseudo-layer: the model input itself, downsampled (pixel-space neighbours)
 
 
+GRID_SUFFIX = re.compile(r"^(?P<base>.+)@(?P<rows>[1-9]\d*)x(?P<cols>[1-9]\d*)$")
+
+
 def resolve_layer(arch: str, model: nn.Module, name: str) -> LayerSpec:
-    """Resolve an alias or raw module path to a `LayerSpec`, or raise a one-line error."""
+    """Resolve an alias, raw module path or `<conv layer>@<rows>x<cols>` to a `LayerSpec`,
+    or raise a one-line error."""
+    grid = GRID_SUFFIX.match(name)
+    if grid:
+        base = resolve_layer(arch, model, grid["base"])
+        if base.kind not in ("conv", "auto"):
+            raise FeatscopeError(f"layer '{name}': only conv layers have a spatial grid to pool, "
+                                 f"'{grid['base']}' is a {base.kind} layer")
+        return LayerSpec(name, base.module_path, "vector", (int(grid["rows"]), int(grid["cols"])))
+    if "@" in name:
+        raise FeatscopeError(f"cannot read layer '{name}': a pooled layer is written <conv layer>@<rows>x<cols>, "
+                             "e.g. block13@2x2")
     if name == PIXELS:
         return LayerSpec(PIXELS, "", "pixels")
     aliases = layer_aliases(arch, model)

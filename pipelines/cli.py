@@ -73,9 +73,7 @@ def _cmd_index_evaluate(args: argparse.Namespace) -> None:
     if "skipped" in result:
         print(f"index evaluate: skipped, {result['skipped']}")
         return
-    cells = [f"{layer} {v['precision_at_k']:.3f}" for layer, v in result["layers"].items()]
-    queries = max(v["queries"] for v in result["layers"].values())
-    print(f"precision@{args.k} of same-label neighbours (leave-one-out, {queries} queries): " + " | ".join(cells))
+    print(neighbors.format_evaluation(result))
 
 
 def _cmd_query(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
@@ -92,6 +93,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def summarise(spec: LayerSpec, output: torch.Tensor) -> dict[str, torch.Tensor]:
     """A layer's output -> the tensors stored for it (computed at once, before in-place ops)."""
+    if spec.grid:
+        if output.ndim != 4:
+            raise FeatscopeError(f"layer '{spec.name}': '{spec.module_path}' has no spatial grid to pool "
+                                 f"(its output has shape {tuple(output.shape)})")
+        return {"feature": F.adaptive_avg_pool2d(output.float(), spec.grid).flatten(1)}
     if spec.kind == "conv" or (spec.kind == "auto" and output.ndim == 4 and output.shape[2] * output.shape[3] > 1):
         s = conv_summary(output)
         return {"feature": s.mean, "max": s.max, "argmax_y": s.argmax_y, "argmax_x": s.argmax_x}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -74,10 +75,19 @@ def open_index(rd: RunDir, layer: str, *, mmap: bool = False) -> NeighborIndex:
     return index
 
 
+class Precision(NamedTuple):
+    """Leave-one-out precision@k over `queries` images, overall and per label."""
+
+    overall: float
+    queries: int
+    per_label: dict[str, tuple[float, int]]  # label -> (precision, queries of that label)
+
+
 def precision_at_k(index: NeighborIndex, labels: dict[int, str], *, k: int = 10, max_queries: int = 2000,
-                   seed: int = 0) -> tuple[float, int]:
+                   seed: int = 0) -> Precision:
     """Leave-one-out precision@k: the share of each labelled image's k nearest other images
-    that carry its label, averaged over up to `max_queries` labelled images."""
+    that carry its label, averaged over up to `max_queries` labelled images, and over those of
+    each label (a small label can win or lose where the overall figure does not show it)."""
     ids = np.array(sorted(i for i in labels if labels[i] is not None), dtype=np.int64)
     ids = ids[np.isin(ids, index.ids)]
     if len(ids) == 0:
@@ -85,15 +95,19 @@ def precision_at_k(index: NeighborIndex, labels: dict[int, str], *, k: int = 10,
     if len(ids) > max_queries:
         ids = np.sort(np.random.default_rng(seed).choice(ids, max_queries, replace=False))
     found = index.search_ids(ids, k=k + 1).image_ids
-    scores = []
+    scores, by_label = [], {}
     for query, row in zip(ids, found):
         others = [i for i in row if i != query and i >= 0][:k]
-        scores.append(np.mean([labels.get(int(i)) == labels[int(query)] for i in others]) if others else 0.0)
-    return float(np.mean(scores)), len(ids)
+        score = np.mean([labels.get(int(i)) == labels[int(query)] for i in others]) if others else 0.0
+        scores.append(score)
+        by_label.setdefault(str(labels[int(query)]), []).append(score)
+    per_label = {label: (float(np.mean(s)), len(s)) for label, s in sorted(by_label.items())}
+    return Precision(float(np.mean(scores)), len(ids), per_label)
 
 
 def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_queries: int = 2000) -> dict:
-    """precision@k per layer (pixels included where its index exists); written to index/evaluation.json."""
+    """precision@k per layer (pixels included where its index exists), overall and per label;
+    written to index/evaluation.json."""
     built = sorted(p.parent.name for p in rd.index_root.glob("*/meta.json"))
     layers = layers or built
     if not layers:
@@ -106,10 +120,32 @@ def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_qu
         write_json_atomic(rd.index_evaluation, result)
         return result
     for layer in layers:
-        score, queries = precision_at_k(open_index(rd, layer), labels, k=k, max_queries=max_queries)
-        result["layers"][layer] = {"precision_at_k": round(score, 4), "queries": queries}
+        p = precision_at_k(open_index(rd, layer), labels, k=k, max_queries=max_queries)
+        result["layers"][layer] = {"precision_at_k": round(p.overall, 4), "queries": p.queries,
+                                   "per_label": {label: {"precision_at_k": round(v, 4), "queries": n}
+                                                 for label, (v, n) in p.per_label.items()}}
     write_json_atomic(rd.index_evaluation, result)
     return result
+
+
+def format_evaluation(result: dict, *, max_labels: int = 12) -> str:
+    """The evaluation as a table: one row per layer, overall precision then per label."""
+    layers = result["layers"]
+    queries = max(v["queries"] for v in layers.values())
+    labels = sorted({lab for v in layers.values() for lab in v.get("per_label", {})})
+    labels = labels if len(labels) <= max_labels else []
+    width = max(len(name) for name in layers) + 2
+    lines = [f"precision@{result['k']} of same-label neighbours (leave-one-out, {queries} queries)",
+             "".ljust(width) + "   all " + "".join(f"{lab[:6]:>7}" for lab in labels)]
+    for name, v in layers.items():
+        cells = "".join(f"{v['per_label'][lab]['precision_at_k']:7.3f}" if lab in v["per_label"] else "      -"
+                        for lab in labels)
+        lines.append(f"{name:<{width}}{v['precision_at_k']:6.3f} {cells}")
+    if labels:
+        first = next(iter(layers.values()))["per_label"]
+        lines.append("queries".ljust(width) + f"{queries:6d} " +
+                     "".join(f"{first[lab]['queries']:7d}" if lab in first else "      -" for lab in labels))
+    return "\n".join(lines)
 
 
 def image_row(rd: RunDir) -> dict[int, dict]:

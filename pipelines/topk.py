@@ -83,7 +83,7 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None) -> MergeSummary:
 
 def _boxes(rd: RunDir, config: dict, layer: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
     """Boxes in original-image pixels: the receptive field of each conv cell; whole images for
-    vector units."""
+    vector units (pooled grids such as `block13@2x2` included)."""
     with torch.device("meta"):
         skeleton = torchvision.models.get_model(config["model"], weights=None)
     spec = resolve_layer(config["model"], skeleton, layer)
@@ -98,7 +98,7 @@ def _boxes(rd: RunDir, config: dict, layer: str, out: dict[str, torch.Tensor]) -
             width, height = image_size(paths[image_id])
         except BadImage as e:
             raise FeatscopeError(f"{paths[image_id]} changed since extraction: {e}") from None
-        if rf.is_global:
+        if rf.is_global or spec.kind == "vector":
             boxes[rows] = torch.tensor([0, 0, width - 1, height - 1])
         else:
             boxes[rows] = prep.to_original(input_boxes[rows], width, height)

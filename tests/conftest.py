@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def reported_run(tmp_path_factory, digits):
     """A small run through every stage that the report shows, then `featscope report`:
-    features, indexes (pool and pixels), top-k of layer3, a t-SNE grid, Grad-CAM overlays."""
+    features, indexes (pool and pixels) and their evaluation, top-k of layer3, a t-SNE grid, Grad-CAM overlays."""
     from featscope.pipelines import embed, extract, manifest, mosaic, neighbors, report, saliency, topk
     from featscope.pipelines.rundir import RunDir
 
@@ -53,6 +53,7 @@ def reported_run(tmp_path_factory, digits):
     extract.run(rd, ["pool", "layer3", "pixels"], batch_size=8, workers=0, topk=3, progress=False)
     for layer in ("pool", "pixels"):
         neighbors.build(rd, layer, progress=False)
+    neighbors.evaluate(rd)
     topk.merge(rd, "layer3")
     topk.render(rd, "layer3", units=[0, 1, 2, 3], progress=False)
     embed.run(rd, "pool", perplexity=3)

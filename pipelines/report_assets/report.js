@@ -55,8 +55,11 @@ const FS = (() => {
     }
     if (run.evaluation) {
       const v = section("Neighbours: feature space against pixel space");
-      v.append(table([["space", `precision@${run.evaluation.k || 10} of same-label neighbours`],
-        ...Object.entries(run.evaluation.layers).map(([l, r]) => [l, r.precision_at_k])]));
+      const rows = Object.entries(run.evaluation.layers);
+      const labels = [...new Set(rows.flatMap(([, r]) => Object.keys(r.per_label || {})))].sort();
+      const shown = labels.length <= 12 ? labels : [];
+      v.append(table([["space", `precision@${run.evaluation.k || 10} of same-label neighbours`, ...shown],
+        ...rows.map(([l, r]) => [l, r.precision_at_k, ...shown.map((lab) => (r.per_label?.[lab] || {}).precision_at_k ?? "-")])]));
     }
     if (served && run.spaces.length) upload(section("Query by upload"));
     for (const m of run.mosaics) {

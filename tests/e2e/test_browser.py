@@ -3,6 +3,7 @@ Playwright: no console errors, the mosaic renders, a click on a tile opens that 
 neighbours, an upload through the page returns neighbours. `.ci/run` installs Chromium;
 in CI a missing browser fails these tests instead of skipping them."""
 
+import json
 import os
 import shutil
 import threading
@@ -68,6 +69,19 @@ def test_report_from_disk_mosaic_click_opens_the_images_neighbours(reported_run,
     page.wait_for_load_state("networkidle")
     assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
     page.screenshot(path=str(tmp_path / "image-page.png"))
+    assert page.errors == []
+
+
+def test_front_page_compares_spaces_per_label(reported_run, page):
+    evaluation = json.loads(reported_run.index_evaluation.read_text())
+    page.goto((reported_run.report_dir / "index.html").as_uri())
+    section = page.locator("section", has_text="feature space against pixel space")
+    rows = [r.split("\t") for r in section.locator("tr").all_inner_texts()]
+    assert rows[0][2:] == ["0", "1", "7", "photo"]
+    shown = {r[0]: [float(x) for x in r[1:]] for r in rows[1:]}
+    for layer, v in evaluation["layers"].items():
+        want = [v["precision_at_k"]] + [v["per_label"][lab]["precision_at_k"] for lab in ("0", "1", "7", "photo")]
+        assert shown[layer] == pytest.approx(want)
     assert page.errors == []
 
 

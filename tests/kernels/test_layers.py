@@ -49,6 +49,20 @@ def test_raw_module_paths_resolve_and_unknown_names_list_the_aliases():
         resolve_layer("alexnet", model, "fc9")
 
 
+def test_a_conv_layer_with_a_grid_suffix_is_a_pooled_vector_of_that_module():
+    model = skeleton("mobilenet_v2")
+    spec = resolve_layer("mobilenet_v2", model, "block13@2x2")
+    assert (spec.module_path, spec.kind, spec.grid) == ("features.13", "vector", (2, 2))
+    assert resolve_layer("mobilenet_v2", model, "features.7@3x1").grid == (3, 1)
+    with pytest.raises(FeatscopeError, match=r"only conv layers have a spatial grid to pool, 'pool' is a vector"):
+        resolve_layer("mobilenet_v2", model, "pool@2x2")
+    for bad in ("block13@", "block13@0x2", "block13@2"):
+        with pytest.raises(FeatscopeError, match=r"a pooled layer is written <conv layer>@<rows>x<cols>"):
+            resolve_layer("mobilenet_v2", model, bad)
+    with pytest.raises(FeatscopeError, match=r"unknown layer 'block99'"):
+        resolve_layer("mobilenet_v2", model, "block99@2x2")
+
+
 def test_alexnet_fc7_is_the_4096d_output_after_relu():
     model = torchvision.models.alexnet().eval()
     spec = resolve_layer("alexnet", model, "fc7")

@@ -83,8 +83,9 @@ def test_features_equal_a_direct_torchvision_forward(tmp_path, small_dataset, ar
     rd = RunDir(tmp_path / "run")
     checkpoint = calibrated_checkpoint(arch, tmp_path / f"{arch}.pth")
     manifest.run(rd, small_dataset, shard_size=4)
-    summary = extract.run(rd, [vector_layer, conv_layer], model=arch, weights=checkpoint, device="cpu",
-                          precision="fp32", batch_size=3, workers=0, progress=False)
+    pooled_layer = f"{conv_layer}@2x3"
+    summary = extract.run(rd, [vector_layer, conv_layer, pooled_layer], model=arch, weights=checkpoint,
+                          device="cpu", precision="fp32", batch_size=3, workers=0, progress=False)
     assert summary.done == [0, 1, 2] and summary.images == 9 and summary.bad == 0
 
     rows = manifest.read(rd).sort_by("image_id")
@@ -104,6 +105,23 @@ def test_features_equal_a_direct_torchvision_forward(tmp_path, small_dataset, ar
     np.testing.assert_allclose(at_cell, maps.max(axis=(2, 3)), rtol=1e-5, atol=1e-6)  # the cell holds the max
     h, w = maps.shape[2:]
     assert conv["argmax_y"].max() < h and conv["argmax_x"].max() < w
+
+    _, pooled = read_layer(rd, pooled_layer)
+    close_f16(pooled["feature"], grid_means(maps, 2, 3).reshape(n, -1))
+    assert set(pooled) == {"feature"}  # a pooled grid is stored as a vector
+
+
+def grid_means(maps: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """(N,C,H,W) -> (N,C,rows,cols): the mean of each cell of a rows x cols grid whose cell
+    i spans [floor(i*H/rows), ceil((i+1)*H/rows)), the bins of adaptive average pooling."""
+    h, w = maps.shape[2:]
+    out = np.empty(maps.shape[:2] + (rows, cols), dtype=np.float32)
+    for i in range(rows):
+        for j in range(cols):
+            y0, y1 = (i * h) // rows, -((-(i + 1) * h) // rows)
+            x0, x1 = (j * w) // cols, -((-(j + 1) * w) // cols)
+            out[:, :, i, j] = maps[:, :, y0:y1, x0:x1].mean(axis=(2, 3))
+    return out
 
 
 def test_bf16_features_stay_close_to_fp32(tmp_path, small_dataset):

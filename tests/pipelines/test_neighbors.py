@@ -91,9 +91,20 @@ def test_precision_at_k_counts_same_label_neighbours_leaving_the_query_out():
     assert neighbors.precision_at_k(ix, labels, k=2)[0] == pytest.approx(0.5)
 
 
+def test_precision_per_label_shows_which_label_loses():
+    # 0, 1 (a) and 1.5, 1.6 (b): nearest others 10->11 a, 11->12 b, 12->13 b, 13->12 b.
+    x = np.array([[0.0], [1.0], [1.5], [1.6]], dtype=np.float32)
+    ids = np.array([10, 11, 12, 13])
+    ix = NeighborIndex.from_build(build_index(lambda: [(ids, x)], n=4, dims=1, kind="flat", metric="l2"))
+    p = neighbors.precision_at_k(ix, {10: "a", 11: "a", 12: "b", 13: "b"}, k=1)
+    assert p.per_label == {"a": (0.5, 2), "b": (1.0, 2)} and p.overall == 0.75 and p.queries == 4
+
+
 def test_evaluate_writes_both_spaces(indexed_run):
     result = neighbors.evaluate(indexed_run)
     assert set(result["layers"]) == {"pool", "pixels"}
+    labels = {r["label"] for r in manifest.read(indexed_run).to_pylist()}
+    assert all(set(v["per_label"]) == labels for v in result["layers"].values())
     assert json.loads(indexed_run.index_evaluation.read_text()) == result
 
 
