@@ -2,10 +2,13 @@
 
 - Exact (`Flat`) while the collection is small (under 200k vectors) and fits the memory
   budget: no training, no tuning, recall 1.
-- Beyond that an inverted file with about 4*sqrt(N) lists over the uncompressed vectors
-  (`IVF,Flat`) while they fit the budget; if not, first PCA to 256 dimensions (CNN features
-  are far from isotropic, so little is lost), and if even that does not fit, product
-  quantisation to 64 bytes a vector (`PCA,IVF,PQ`).
+- Beyond that an inverted file with about 4*sqrt(N) lists, its vectors stored as compactly
+  as the budget needs, losing as little as it can, in this order: float32 (`IVF,Flat`);
+  float16 (`IVF,SQfp16`: lossless here, features are stored as float16); 8 bits a
+  dimension (`IVF,SQ8`); PCA to 256 dimensions at 8 bits (`PCA256,IVF,SQ8`: CNN features
+  are far from isotropic, so PCA loses little on them, but it scrambles the near-ties of
+  isotropic data, which is why the full dimension is kept while it fits); last, product
+  quantisation to 64 bytes a vector (`PCA256,IVF,PQ64`).
 - `hnsw` on request: a graph index, fast to query, slow to build, memory-hungry (PCA to 256
   first for wider vectors, since its build cost grows with the dimension).
 How many lists to visit (nprobe) or how wide to search (efSearch) is tuned at build time
@@ -53,7 +56,9 @@ def parse_bytes(text: str | int) -> int:
 
 
 def _nlist(n: int) -> int:
-    return max(16, 2 ** round(math.log2(4 * math.sqrt(n))))
+    """About 4*sqrt(n) lists (a power of two), but no more than n/39: k-means wants at least
+    39 training points per centroid."""
+    return max(16, min(2 ** round(math.log2(4 * math.sqrt(n))), 2 ** int(math.log2(max(n // 39, 1)))))
 
 
 def choose_plan(n: int, dims: int, *, kind: str = "auto", max_memory: int = 4 << 30) -> IndexPlan:
@@ -68,10 +73,14 @@ def choose_plan(n: int, dims: int, *, kind: str = "auto", max_memory: int = 4 <<
     if kind == "hnsw":
         return IndexPlan("hnsw", f"{pca}HNSW32", dims, reduced, estimated_bytes=n * (reduced * 4 + 32 * 2 * 4))
     nlist = _nlist(n)
-    for width, prefix in ((dims, ""), (reduced, pca)):
-        ivf_flat_bytes = n * (width * 4 + 8)
-        if kind in ("auto", "ivf") and ivf_flat_bytes <= max_memory:
-            return IndexPlan("ivf", f"{prefix}IVF{nlist},Flat", dims, width, nlist, ivf_flat_bytes)
+    # (width, prefix, codec, bytes a dimension); `ivf` forces uncompressed vectors.
+    steps = [(dims, "", "Flat", 4), (dims, "", "SQfp16", 2), (dims, "", "SQ8", 1), (reduced, pca, "SQ8", 1)]
+    if kind == "ivf":
+        steps = [(dims, "", "Flat", 4), (reduced, pca, "Flat", 4)]
+    for width, prefix, codec, per_dim in steps if kind in ("auto", "ivf") else []:
+        ivf_bytes = n * (width * per_dim + 8)
+        if ivf_bytes <= max_memory:
+            return IndexPlan("ivf", f"{prefix}IVF{nlist},{codec}", dims, width, nlist, ivf_bytes)
     if kind == "ivf":
         raise FeatscopeError(f"IVF,Flat over {n} vectors needs {n * (reduced * 4 + 8) / 1e9:.1f} GB even after "
                              "PCA; raise --max-memory or use --kind ivfpq")

@@ -50,15 +50,20 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
     present = np.sort(np.asarray(manifest.read(rd)["image_id"].to_numpy(), dtype=np.int64))
 
     def chunks():
-        for ids, vectors in iter_features(parts, identity):
+        for ids, vectors in iter_features(parts, identity, batch_rows=16_384):  # small temporaries
             keep = np.isin(ids, present, assume_unique=False)
             yield ids[keep], vectors[keep]
 
     n = sum(int(np.isin(pq.read_table(p, columns=["image_id"])["image_id"].to_numpy(), present).sum())
             for p in parts)
     with tqdm(total=n, unit="vec", desc=f"index {layer}", disable=not progress) as bar:
+
+        def show(read: int, to_read: int) -> None:  # every pass over the vectors counts
+            bar.total = to_read
+            bar.update(read - bar.n)
+
         result = build_index(chunks, n=n, dims=dims, kind=kind, metric=metric, max_memory=parse_bytes(max_memory),
-                             seed=seed, on_chunk=bar.update)
+                             seed=seed, on_progress=show)
     extra = asdict(identity) | {"layer": layer, "featscope_version": FEATSCOPE_VERSION}
     NeighborIndex.from_build(result).save(rd.index_dir(layer), extra_meta=extra)
     return IndexSummary(layer, result.meta)

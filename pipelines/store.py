@@ -166,11 +166,16 @@ def column_array(table: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
 
 def iter_features(parts: list[Path], identity: RunIdentity, *, column: str = "feature",
                   batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (image_ids int64 (N,), values (N, D)) batches over parts, one part open at a time."""
+    """Yield (image_ids int64 (N,), values (N, D)) batches over parts, one part open at a time.
+
+    Arrow's allocator keeps freed buffers for reuse; after each part they are handed back, so
+    a pass over many large parts (an index build) does not hold a part's worth of dead pages
+    next to what it builds."""
     for path in parts:
         identity.check(path, file_metadata(path))
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["image_id", column]):
             yield batch.column(0).to_numpy(), column_array(batch, column)
+        pa.default_memory_pool().release_unused()
 
 
 # ---- top-k tables ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """FAISS indexes: exact search equals brute force, recall is measured right, files round-trip."""
 
+import faiss
 import numpy as np
 import pytest
 
@@ -79,6 +80,44 @@ def test_approximate_indexes_reach_their_measured_recall_on_held_out_queries(kin
     assert result.meta["search_params"]  # nprobe / efSearch was tuned
 
 
+@pytest.mark.parametrize("budget, codec", [(600_000, "SQfp16"), (330_000, "SQ8")])
+def test_a_tight_budget_compresses_vectors_but_keeps_their_dimension_and_recall(tmp_path, budget, codec):
+    # Isotropic clusters, the case where PCA would lose the ranking: scalar codes keep it.
+    x = clustered(8000, 32, clusters=40)
+    ids = np.arange(8000) + 7
+    result = build_index(as_chunks(x, ids, size=1000), n=8000, dims=32, metric="cosine", max_memory=budget)
+    assert result.meta["factory"] == f"IVF128,{codec}" and result.meta["pca_dims"] is None  # 128 <= 8000/39
+    assert result.meta["estimated_bytes"] <= budget and result.index.ntotal == 8000
+    q = x[:300] + np.random.default_rng(1).normal(size=(300, 32)).astype(np.float32) * 0.1
+    truth, _ = brute_force(x, q, 10, "cosine")
+    ix = NeighborIndex.from_build(result)
+    assert result.meta["recall_at_10"] >= 0.95 and recall_at_k(ix.search_vectors(q, 10).image_ids, ids[truth], 10) >= 0.9
+    ix.save(tmp_path / "ix")
+    again = NeighborIndex.load(tmp_path / "ix", mmap=True)
+    assert again.search_ids([7, 8006], k=1).image_ids[:, 0].tolist() == [7, 8006]
+
+
+@pytest.mark.parametrize("dims, budget", [(300, 4000 * (300 * 4 + 8) - 1), (40, 4000 * (40 + 8))])
+def test_inverted_files_filled_in_two_passes_equal_faiss_own_add(dims, budget):
+    # PCA256,IVF,Flat (vectors over the budget at full dimension) and IVF,SQ8 (a tight budget).
+    x = clustered(4000, dims, clusters=30)
+    progress = []
+    result = build_index(as_chunks(x, np.arange(4000) + 5, size=700), n=4000, dims=dims, metric="l2",
+                         kind="ivf" if dims == 300 else "auto", max_memory=budget,
+                         on_progress=lambda done, total: progress.append((done, total)))
+    assert result.meta["factory"] in ("PCA256,IVF64,Flat", "IVF64,SQ8")
+    assert progress[-1] == (3 * 4000, 3 * 4000) and all(b[0] > a[0] for a, b in zip(progress, progress[1:]))
+    reference = faiss.clone_index(result.index)  # the same training, filled by faiss's own add
+    reference.reset()
+    reference.add(x)
+    q = x[::40] + 0.05
+    ours, theirs = result.index.search(q, 10), reference.search(q, 10)
+    np.testing.assert_array_equal(ours[1], theirs[1])
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)
+    ivf = faiss.extract_index_ivf(result.index)
+    assert sum(ivf.invlists.list_size(i) for i in range(ivf.nlist)) == 4000 == result.index.ntotal
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_saved_index_round_trips_including_memory_mapped(tmp_path, kind):
     x = clustered(3000, 24)
@@ -111,10 +150,16 @@ def test_bad_queries_are_one_line_errors(tmp_path):
 def test_plans_follow_size_and_memory():
     assert choose_plan(150_000, 1280).factory == "Flat"
     assert choose_plan(300_000, 1280).factory == "IVF2048,Flat"  # 1.5 GB fits the default 4 GB
-    big = choose_plan(1_000_000, 1280)
-    assert big.kind == "ivf" and big.factory.startswith("PCA256,IVF4096")
+    # 1M x 1,280: float32 (4.9 GB) does not fit 4 GB, float16 (2.6 GB) does, at full dimension.
+    assert choose_plan(1_000_000, 1280).factory == "IVF4096,SQfp16"
+    assert choose_plan(1_000_000, 1280, max_memory=parse_bytes("2GB")).factory == "IVF4096,SQ8"
+    assert choose_plan(10_000_000, 1280).factory == "PCA256,IVF16384,SQ8"
+    assert choose_plan(1_000_000, 1280, kind="ivf").factory == "PCA256,IVF4096,Flat"
     tight = choose_plan(10_000_000, 1280, max_memory=parse_bytes("2GB"))
     assert tight.kind == "ivfpq" and tight.estimated_bytes <= parse_bytes("2GB")
+    for n in (300_000, 10**6, 10**7):
+        for budget in (1 << 30, 4 << 30):
+            assert choose_plan(n, 1280, max_memory=budget).estimated_bytes <= budget
     assert parse_bytes("512MB") == 512 << 20 and parse_bytes("1.5GiB") == int(1.5 * (1 << 30))
     with pytest.raises(FeatscopeError):
         parse_bytes("lots")
