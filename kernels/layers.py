@@ -8,9 +8,10 @@ mobilenet_v2 `block13`) or by a raw module path (`classifier.4`). An alias alway
 output *after* the non-linearity, as in the papers. A conv layer with a grid suffix,
 `block13@2x2`, is that layer's output average-pooled to a 2x2 grid and flattened: a vector
 that keeps coarse layout (where in the image each channel fired), which global pooling
-throws away; spatial-pyramid features for retrieval do the same (He et al., 2014). `LayerTap` hooks the resolved modules
-for the duration of a `with` block and hands each output to a callback at once, before an
-in-place ReLU further down can overwrite it.
+throws away; spatial-pyramid features for retrieval do the same (He et al., 2014).
+
+`LayerTap` hooks the resolved modules for the duration of a `with` block and hands each
+output to a callback at once, before an in-place ReLU further down can overwrite it.
 """
 
 from __future__ import annotations
