@@ -1,12 +1,17 @@
-"""Batches of preprocessed images, decoded by threads while the model runs.
+"""Batches of preprocessed images, decoded by threads.
 
 Each file goes through the one loader (`images.read_pixels`), is resized and cropped, and
 becomes a uint8 tensor; an unreadable file becomes an error entry in its batch instead of
-stopping the run. Decoding uses threads, not DataLoader worker processes: Pillow releases
-the GIL while decoding and resizing, and on a 2-core CPU worker processes measured slower
-than even decoding inline (every batch crossing processes through fresh shared memory
-page-faults on both sides), while low-priority threads fill the cycles the model's own
-threads leave idle. See benchmarks/extract_throughput.py.
+stopping the run. Decoding uses threads, not DataLoader worker processes: the decoder and
+the resize release the GIL, and on a 2-core CPU worker processes measured slower than even
+decoding inline (every batch crossing processes through fresh shared memory page-faults on
+both sides).
+
+When the model runs on a GPU, decoding runs batches ahead, overlapped with it. When the
+model runs on the same CPU cores, it does not: each batch is decoded when asked for, on
+every core. Overlapped decode threads preempt the model's OpenMP threads, and every
+parallel region then waits for its slowest thread; on 2 cores the alternation measured
+5-12% faster end to end (benchmarks/extract_throughput.py).
 """
 
 from __future__ import annotations
@@ -35,9 +40,8 @@ def available_cores() -> int:
 
 
 def default_workers(device: torch.device) -> int:
-    """Decode threads: every core on a CPU box (they run at low priority), up to 16 with a GPU."""
-    cores = available_cores()
-    return min(16, cores) if device.type == "cuda" else min(4, cores)
+    """Decode threads: every core, up to 16."""
+    return min(16, available_cores())
 
 
 def _lower_priority() -> None:
@@ -67,10 +71,10 @@ def _collate(ids: list[int], paths: list[str], loaded: list[torch.Tensor | str],
 
 
 def image_batches(image_ids: list[int], paths: list[str], preprocessing: Preprocessing, *, batch_size: int,
-                  workers: int, pin_memory: bool = False, prefetch: int = 2,
+                  workers: int, pin_memory: bool = False, prefetch: int = 2, overlap: bool = True,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[ImageBatch]:
-    """`ImageBatch`es in manifest order, decoded `prefetch` batches ahead by `workers` threads
-    (0: decode inline)."""
+    """`ImageBatch`es in manifest order, decoded by `workers` threads (0: inline): `prefetch`
+    batches ahead at low priority with `overlap`, else each batch when asked for."""
     starts = iter(range(0, len(paths), batch_size))
 
     def load_all(start: int, mapper) -> tuple[int, object]:
@@ -84,6 +88,11 @@ def image_batches(image_ids: list[int], paths: list[str], preprocessing: Preproc
     if workers == 0:
         for start in starts:
             yield collate(*load_all(start, map))
+        return
+    if not overlap:
+        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+            for start in starts:
+                yield collate(*load_all(start, pool.map))
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="decode", initializer=_lower_priority) as pool:
         in_flight = deque(load_all(s, pool.map) for _, s in zip(range(prefetch + 1), starts))

@@ -1,9 +1,9 @@
 """Stage `extract`: one pass over a shard's images -> features/<layer>/part-NNNNN.parquet.
 
 Fully-connected (vector) layers are stored whole; conv layers as per-channel spatial mean,
-max and argmax cell (see `kernels.summary`). Decoding runs in DataLoader workers, the model
-runs channels_last under bf16/fp16 autocast where the hardware has it, and Parquet writes
-happen on a background thread. A shard is finished when all its layer parts exist; parts
+max and argmax cell (see `kernels.summary`). Decoding runs on threads (see `dataset`), the
+model runs channels_last under bf16/fp16 autocast where the hardware has it, and Parquet
+writes happen on a background thread. A shard is finished when all its layer parts exist; parts
 are renamed into place only at the end, so a rerun resumes at the first unfinished shard.
 """
 
@@ -236,7 +236,8 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as io:
             batches = image_batches(ids, paths, extractor.loaded.preprocessing, batch_size=batch_size,
-                                    workers=workers, pin_memory=extractor.device.type == "cuda")
+                                    workers=workers, pin_memory=extractor.device.type == "cuda",
+                                    overlap=extractor.device.type != "cpu")
             for batch in batches:
                 errors += [{"image_id": i, "path": p, "stage": "extract", "error": "bad_image", "message": m}
                            for i, p, m in batch.errors]

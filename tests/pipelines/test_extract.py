@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from torchvision import transforms as T
+from torchvision.transforms import v2 as T2
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines import extract, manifest
@@ -40,12 +40,12 @@ def calibrated_checkpoint(arch: str, path) -> str:
 
 
 def reference_outputs(arch: str, checkpoint: str, paths: list[str], module_paths: list[str]) -> dict:
-    """torchvision's own recipe on tensor images (as `weights.transforms()` applies it), hooks, fp32."""
+    """torchvision's own recipe on tensor images (its v2 transforms), hooks, fp32."""
     model = torchvision.models.get_model(arch, weights=None)
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     model.eval()
-    tf = T.Compose([T.PILToTensor(), T.Resize(256, antialias=True), T.CenterCrop(224),
-                    T.ConvertImageDtype(torch.float), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    tf = T2.Compose([T2.PILToTensor(), T2.Resize(256, antialias=True), T2.CenterCrop(224),
+                     T2.ToDtype(torch.float32, scale=True), T2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
     modules = dict(model.named_modules())
     seen = {}

@@ -132,3 +132,25 @@ def test_read_pixels_applies_exif_orientation_on_the_fast_path(tmp_path):
     path = tmp_path / "rot.jpg"
     Image.fromarray(gradient(40, 30)).save(path, exif=exif.tobytes())
     assert tuple(read_pixels(path).shape) == (3, 40, 30)
+
+
+def test_model_input_resize_is_pillows_within_one_level():
+    """Preprocessing resizes uint8 natively; on the real photos (down- and upscaled) it agrees
+    with Pillow's antialiased resize, as the ImageNet weights were trained with, to within
+    one grey level, and exactly on nearly every pixel."""
+    import torch
+    from torchvision.transforms import functional as TF
+
+    from featscope.pipelines.models import Preprocessing
+    from helpers import photo_paths
+
+    prep = Preprocessing()
+    for src, side in [(p, s) for p in photo_paths() for s in (120, 500)]:
+        img = Image.open(src).convert("RGB")
+        img.thumbnail((side, side))
+        ours = prep.to_uint8(TF.pil_to_tensor(img)).permute(1, 2, 0).numpy().astype(int)
+        pillow = np.asarray(TF.center_crop(TF.resize(img, [prep.resize], antialias=True), [prep.crop])).astype(int)
+        assert ours.shape == pillow.shape == (prep.crop, prep.crop, 3)
+        assert np.abs(ours - pillow).max() <= 1 and (ours != pillow).mean() < 0.01, src.name
+    assert torch.equal(prep.to_uint8(torch.full((3, 300, 400), 7, dtype=torch.uint8)),
+                       torch.full((3, 224, 224), 7, dtype=torch.uint8))
