@@ -11,7 +11,7 @@ When the model runs on a GPU, decoding runs batches ahead, overlapped with it. W
 model runs on the same CPU cores, it does not: each batch is decoded when asked for, on
 every core. Overlapped decode threads preempt the model's OpenMP threads, and every
 parallel region then waits for its slowest thread; on 2 cores the alternation measured
-5-12% faster end to end (benchmarks/extract_throughput.py).
+3-13% faster end to end (benchmarks/extract_throughput.py).
 """
 
 from __future__ import annotations
