@@ -138,6 +138,14 @@ def index_from_shards(work: Path, n: int, dims: int = 1280, shard: int = 50_000)
     return seconds, rss, json.loads((rd.index_dir("pool") / "meta.json").read_text())
 
 
+def index_line(work: Path, n: int) -> str:
+    """Build the index of n synthetic vectors from shards and say what it cost."""
+    seconds, rss, meta = index_from_shards(work, n)
+    return (f"scale/index {n} x 1280-d from shards: {seconds:.0f} s, peak RSS {rss:.0f} MB (the float32 vectors "
+            f"alone: {n * 1280 * 4 / 2**20:.0f} MB); {meta['factory']}, recall@10 {meta['recall_at_10']}, "
+            f"{meta['estimated_bytes'] / 2**20:.0f} MB index")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,50000")
@@ -150,10 +158,7 @@ def main() -> None:
     parser.add_argument("--only-index", action="store_true", help="run the synthetic index build alone")
     args = parser.parse_args()
     if args.only_index:
-        seconds, rss, meta = index_from_shards(args.out, args.index_vectors)
-        print(f"scale/index {args.index_vectors} x 1280-d from shards: {seconds:.0f} s, peak RSS {rss:.0f} MB "
-              f"(the float32 vectors alone: {args.index_vectors * 1280 * 4 / 2**20:.0f} MB); {meta['factory']}, "
-              f"recall@10 {meta['recall_at_10']}, {meta['estimated_bytes'] / 2**20:.0f} MB index")
+        print(index_line(args.out, args.index_vectors))
         return
     sizes = [int(x) for x in args.sizes.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -169,10 +174,7 @@ def main() -> None:
     plan = planning_time(args.out, args.out / f"images-{small}", args.plan_shards)
     print(f"scale/plan snakemake -n for {args.plan_shards} shards: {plan:.1f} s")
     if args.index_vectors:
-        seconds, rss, meta = index_from_shards(args.out, args.index_vectors)
-        print(f"scale/index {args.index_vectors} x 1280-d from shards: {seconds:.0f} s, peak RSS {rss:.0f} MB "
-              f"(the float32 vectors alone: {args.index_vectors * 1280 * 4 / 2**20:.0f} MB); {meta['factory']}, "
-              f"recall@10 {meta['recall_at_10']}")
+        print(index_line(args.out, args.index_vectors))
     (args.out / "rehearsal.json").write_text(json.dumps({str(n): t for n, t in table.items()} | {"plan_s": plan}))
 
 

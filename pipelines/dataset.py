@@ -39,7 +39,7 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_workers(device: torch.device) -> int:
+def default_workers() -> int:
     """Decode threads: every core, up to 16."""
     return min(16, available_cores())
 

@@ -211,7 +211,7 @@ def run(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str
         with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
             for s in pending:
                 n, bad = _extract_shard(rd, s, missing[s], extractor, identity, batch_size=batch_size, topk=topk,
-                                        workers=default_workers(torch_device) if workers is None else workers, bar=bar)
+                                        workers=default_workers() if workers is None else workers, bar=bar)
                 summary.done.append(s)
                 summary.images += n
                 summary.bad += bad

@@ -1,9 +1,9 @@
 """The static report: one folder of HTML that opens from disk and shows what a run holds.
 
 `build(rd)` writes runs/<name>/report/: the pages (one shell, report_assets/page.html,
-rendered by report_assets/report.js), small
-JPEG thumbnails made once per image (report/thumbs/, lazy-loaded by the pages), and the
-data as JavaScript files loaded with <script> tags (browsers refuse fetch() from file://):
+rendered by report_assets/report.js), small JPEG thumbnails made once per image
+(report/thumbs/, lazy-loaded by the pages), and the data as JavaScript files loaded with
+<script> tags (browsers refuse fetch() from file://):
 
   data/run.js             summary, bad inputs, stage timings, layers, mosaics, toolbox pictures
   data/topk-<layer>.js    each unit's top-k images and values

@@ -53,8 +53,8 @@ def test_workflow_runs_on_slurm_through_the_profile(tmp_path, digits, slurm):
     configfile.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--configfile", str(configfile), "--profile", str(REPO / "profiles" / "slurm"), "--jobs", "4",
-           "--slurm-no-account", "--slurm-keep-successful-logs", "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-           "--latency-wait", "10", "--max-threads", str(os.cpu_count())]  # jobs must fit the one node
+           "--slurm-no-account", "--slurm-keep-successful-logs", "--slurm-status-command", "squeue",
+           "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "10", "--max-threads", str(os.cpu_count())]  # jobs must fit the one node
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     run = tmp_path / "runs" / "cluster"
