@@ -2,7 +2,9 @@
 
 On the same JPEG photos (default 2,000 at about 500x375, made from the demo photographs),
 in one process run, after a warm-up:
-  model_only  the same model, batch size and precision on tensors already in memory
+  model_only  the same model, batch size and precision on tensors already in memory: the
+              module featscope runs (batch norms folded, kernels/batchnorm_folding.py),
+              and torchvision's module as shipped (`model_as_shipped`)
   featscope   `extract.run` end to end: decode, resize, forward, summaries, Parquet
   naive       torchvision ImageFolder + DataLoader + fp32 loop with forward hooks, in a
               fresh Python process as a notebook runs it
@@ -31,7 +33,7 @@ from torchvision import transforms as T
 
 from featscope.pipelines import extract, manifest
 from featscope.pipelines.demo_data import PHOTOS, _package_file
-from featscope.pipelines.models import load_model
+from featscope.pipelines.models import Preprocessing, load_model
 from featscope.pipelines.rundir import RunDir
 
 LAYERS = {"mobilenet_v2": ("pool", "classifier.0"), "resnet18": ("pool", "avgpool")}
@@ -56,15 +58,15 @@ def make_photos(out: Path, n: int, seed: int = 0) -> None:
         img.save(path, quality=90)
 
 
-def model_only(arch: str, n: int, batch: int, device: torch.device, precision: str) -> float:
-    loaded = load_model(arch, "random")
-    model = loaded.module.to(device).to(memory_format=torch.channels_last)
+def model_only(model: torch.nn.Module, preprocessing: Preprocessing, n: int, batch: int, device: torch.device,
+               precision: str) -> float:
+    model = model.to(device).to(memory_format=torch.channels_last)
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
     dtype = extract.PRECISIONS[precision]
     batches = -(-n // batch)
 
     def step():
-        inp = loaded.preprocessing.normalize(x).contiguous(memory_format=torch.channels_last)
+        inp = preprocessing.normalize(x).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
             model(inp)
 
@@ -143,11 +145,16 @@ def main() -> None:
             featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision, args.workers)  # warm-up
             naive(arch, images, args.batch_size, device, limit=args.batch_size)  # warm-up
             ours = featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision, args.workers)
-            alone = model_only(arch, args.images, args.batch_size, device, precision)
+            loaded = load_model(arch, "random")
+            same_model = extract.FeatureExtractor(loaded, [LAYERS[arch][0]], device, precision).model
+            alone = model_only(same_model, loaded.preprocessing, args.images, args.batch_size, device, precision)
+            shipped = model_only(loaded.module, loaded.preprocessing, args.images, args.batch_size, device, precision)
             same_process = naive(arch, images, args.batch_size, device)
             fresh = naive_fresh_process(arch, images, args.batch_size, device)
             print(f"pipeline/model_only {arch} {device.type} {precision}: {ours / alone:.2f} "
-                  f"(featscope {ours:.0f} img/s, model only {alone:.0f} img/s)")
+                  f"(featscope {ours:.0f} img/s, the same model alone {alone:.0f} img/s)")
+            print(f"pipeline/model_as_shipped {arch} {device.type} {precision}: {ours / shipped:.2f} "
+                  f"(featscope {ours:.0f} img/s, torchvision's module without folded batch norms {shipped:.0f} img/s)")
             print(f"pipeline/naive {arch} {device.type} {precision}: {ours / fresh:.2f} "
                   f"(featscope {ours:.0f} img/s, naive fp32 {fresh:.0f} img/s)")
             print(f"pipeline/naive_same_process {arch} {device.type} {precision}: {ours / same_process:.2f} "

@@ -2,13 +2,15 @@
 
 Fully-connected (vector) layers are stored whole; conv layers as per-channel spatial mean,
 max and argmax cell (see `kernels.summary`). Decoding runs on threads (see `dataset`), the
-model runs channels_last under bf16/fp16 autocast where the hardware has it, and Parquet
-writes happen on a background thread. A shard is finished when all its layer parts exist; parts
-are renamed into place only at the end, so a rerun resumes at the first unfinished shard.
+model runs with its batch norms folded into the convs, channels_last, under bf16/fp16
+autocast where the hardware has it, and Parquet writes happen on a background thread. A
+shard is finished when all its layer parts exist; parts are renamed into place only at the
+end, so a rerun resumes at the first unfinished shard.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from featscope.kernels.batchnorm_folding import fold_batchnorm
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import PIXELS, LayerSpec, LayerTap
 from featscope.kernels.summary import conv_summary, pixel_thumbnail
@@ -104,13 +107,21 @@ def summarise(spec: LayerSpec, output: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"feature": output.detach().flatten(1).float()}
 
 
+def inference_model(loaded: LoadedModel, specs: list[LayerSpec]) -> torch.nn.Module:
+    """A copy of the model for extraction: batch norms folded into their convs wherever
+    that leaves the tapped layers' outputs as they are (see `kernels.batchnorm_folding`)."""
+    model = copy.deepcopy(loaded.module).eval()
+    fold_batchnorm(model, keep=[spec.module_path for spec in specs if spec.kind != "pixels"])
+    return model
+
+
 class FeatureExtractor:
     """A model with its layer taps, ready to turn uint8 batches into stored summaries."""
 
     def __init__(self, loaded: LoadedModel, layers: list[str], device: torch.device, precision: str):
         self.loaded, self.device, self.precision = loaded, device, precision
         self.specs = [loaded.layer(name) for name in layers]
-        self.model = loaded.module.to(device).to(memory_format=torch.channels_last)
+        self.model = inference_model(loaded, self.specs).to(device).to(memory_format=torch.channels_last)
         probe = self(torch.zeros((1, 3, loaded.preprocessing.crop, loaded.preprocessing.crop), dtype=torch.uint8))
         self.kinds = {name: "conv" if "max" in out else "vector" for name, out in probe.items()}
         self.dims = {name: out["feature"].shape[1] for name, out in probe.items()}
