@@ -1,7 +1,8 @@
 """Extraction throughput: featscope end-to-end vs the model alone vs a tutorial-style loop.
 
 On the same JPEG photos (default 2,000 at about 500x375, made from the demo photographs),
-in one process run, after a warm-up:
+in one process run, after a warm-up (featscope and model-only interleaved `--repeats`
+times, medians compared):
   model_only  the same model, batch size and precision on tensors already in memory: the
               module featscope runs (batch norms folded, kernels/batchnorm_folding.py),
               and torchvision's module as shipped (`model_as_shipped`)
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--models", default="mobilenet_v2,resnet18")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="featscope and model-only runs per model, interleaved; medians are compared")
     parser.add_argument("--workers", type=int, help="featscope decode workers (default: its own choice)")
     parser.add_argument("--naive-only", metavar="ARCH", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -144,11 +147,17 @@ def main() -> None:
         for arch in args.models.split(","):
             featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision, args.workers)  # warm-up
             naive(arch, images, args.batch_size, device, limit=args.batch_size)  # warm-up
-            ours = featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision, args.workers)
             loaded = load_model(arch, "random")
             same_model = extract.FeatureExtractor(loaded, [LAYERS[arch][0]], device, precision).model
-            alone = model_only(same_model, loaded.preprocessing, args.images, args.batch_size, device, precision)
-            shipped = model_only(loaded.module, loaded.preprocessing, args.images, args.batch_size, device, precision)
+            runs = {"ours": [], "alone": [], "shipped": []}
+            for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits all three alike
+                runs["ours"].append(featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision,
+                                                  args.workers))
+                runs["alone"].append(model_only(same_model, loaded.preprocessing, args.images, args.batch_size,
+                                                device, precision))
+                runs["shipped"].append(model_only(loaded.module, loaded.preprocessing, args.images, args.batch_size,
+                                                  device, precision))
+            ours, alone, shipped = (float(np.median(runs[k])) for k in ("ours", "alone", "shipped"))
             same_process = naive(arch, images, args.batch_size, device)
             fresh = naive_fresh_process(arch, images, args.batch_size, device)
             print(f"pipeline/model_only {arch} {device.type} {precision}: {ours / alone:.2f} "
