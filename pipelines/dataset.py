@@ -59,10 +59,10 @@ def _decode_pool(workers: int, low_priority: bool) -> Iterator[ThreadPoolExecuto
     """Decode threads whose torch ops (the resize) run on the thread alone.
 
     Otherwise each decode thread starts its own OpenMP team, whose threads spin after
-    every resize and then slow the model's next forward pass: 5-8% end to end on 2 cores.
-    `torch.set_num_threads` also sets the default for threads started later, so the
-    caller's value is put back when the pool is gone; threads that already ran torch ops,
-    the caller's among them, keep their own."""
+    every resize and then slow the model's next forward pass: 9% end to end on 2 cores
+    over three paired runs. `torch.set_num_threads` also sets the default for threads
+    started later, so the caller's value is put back when the pool is gone; threads that
+    already ran torch ops, the caller's among them, keep their own."""
     threads = torch.get_num_threads()
 
     def start_thread() -> None:
