@@ -67,7 +67,7 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None) -> MergeSummary:
         identity.check(p, file_metadata(p))
     table = pa.concat_tables([pq.read_table(p) for p in parts])
     table = table.filter(pc.is_in(table["image_id"], present["image_id"]))
-    cols = {name: torch.from_numpy(table[name].to_numpy()) for name in table.column_names}
+    cols = {name: torch.from_numpy(table[name].to_numpy().copy()) for name in table.column_names}  # Arrow arrays are read-only
     keep = merge_topk(cols["channel"].long(), cols["value"], cols["image_id"], k)
     out = {name: col[keep] for name, col in cols.items()}
     channel = out["channel"].long()
