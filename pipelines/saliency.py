@@ -40,7 +40,7 @@ from featscope.kernels.saliency import METHODS, attribute, class_score
 from featscope.kernels.segment import grabcut_mask
 from featscope.pipelines import manifest
 from featscope.pipelines.atomic import atomic_path, write_json_atomic
-from featscope.pipelines.extract import PRECISIONS, resolve_device, resolve_precision
+from featscope.pipelines.extract import PRECISIONS, inference_model, resolve_device, resolve_precision
 from featscope.pipelines.images import BadImage, read_pixels
 from featscope.pipelines.models import IMAGENET_WEIGHTS, LoadedModel, load_model
 from featscope.pipelines.overlay import heat_overlay
@@ -176,6 +176,15 @@ def _worker_model(ref: ModelRef) -> tuple[LoadedModel, torch.device, list[str] |
     return loaded, device, categories
 
 
+@functools.lru_cache(maxsize=2)
+def _occlusion_model(ref: ModelRef) -> torch.nn.Module:
+    """The worker's model with its batch norms folded, for occlusion: forward passes only,
+    1.3x faster on MobileNet-V2 (see `kernels.batchnorm_folding`). The gradient methods keep
+    the model as it is: a fold rounds differently, which moves a few max-pool gradients."""
+    loaded, _, _ = _worker_model(ref)
+    return inference_model(loaded, []).to(memory_format=torch.channels_last)
+
+
 def _target_class(options: SaliencyOptions, logits: torch.Tensor, label: str | None,
                   categories: list[str] | None) -> int:
     classes = logits.shape[1]
@@ -244,7 +253,8 @@ def explain_batch(root: str, options: SaliencyOptions, ref: ModelRef, rows: list
     """One Dask task: compute, render and write the maps of `rows`; return small summaries."""
     rd = RunDir(root)
     loaded, device, categories = _worker_model(ref)
-    model, prep = loaded.module, loaded.preprocessing
+    model = _occlusion_model(ref) if options.method == "occlusion" else loaded.module
+    prep = loaded.preprocessing
     summaries, errors = [], []
     for row in rows:
         start = time.perf_counter()

@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.saliency import attribute
 from featscope.pipelines import manifest, saliency
 from featscope.pipelines.cli import main as cli
 from featscope.pipelines.images import read_pixels
@@ -74,6 +75,23 @@ def test_worker_task_writes_maps_at_original_size_equal_to_a_direct_gradient(run
         assert mask.shape == (height, width) and 0 < mask.mean() < 1
         overlay = Image.open(run.saliency_overlay("gradient", row["image_id"]))
         assert overlay.mode == "RGB" and overlay.height > overlay.width * height / width  # the scale bar below
+
+
+def test_occlusion_maps_on_the_folded_model_equal_the_kernel_on_the_model_as_loaded(run):
+    row = photo_rows(run)[0]
+    options = saliency.SaliencyOptions(method="occlusion", window=56, stride=56, precision="fp32")
+    result = saliency.explain_batch(str(run.root), options, saliency.ModelRef(ARCH, "random", 0, None), [row])
+    assert not result["errors"]
+    loaded = load_model(ARCH, "random")
+    pixels = read_pixels(row["path"])
+    view = TF.resize(pixels, [224], antialias=True, max_size=448)
+    x = loaded.preprocessing.normalize(view[None])
+    target = torch.tensor([result["summaries"][0]["target"]])
+    heat = attribute(loaded.module, x, target, "occlusion", window=56, stride=56, baseline=0.0)
+    expected = F.interpolate(heat[:, None].float(), size=pixels.shape[1:], mode="bilinear", align_corners=False)[0, 0]
+    with np.load(run.saliency_map("occlusion", row["image_id"])) as data:
+        stored = data["saliency"].astype(np.float32)
+    np.testing.assert_allclose(stored, expected.numpy(), rtol=1e-2, atol=1e-3 * float(expected.abs().max()))
 
 
 def test_bad_images_and_missing_targets_become_error_rows_not_failures(run, tmp_path):
