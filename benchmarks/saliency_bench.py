@@ -94,7 +94,8 @@ def main() -> None:
     print(f"# {args.model} ({args.weights}), {n} photos at 224 px, window {w} stride {s}, "
           f"{torch.get_num_threads()} threads")
 
-    # featscope: the model as the stage runs it (channels_last), bf16 autocast where the CPU has it
+    # featscope: the model as the stage loads it (channels_last), bf16 autocast where the CPU has it.
+    # The stage also folds batch norms for occlusion; left out here, so all contenders run one module.
     fast = load_model(args.model, args.weights).module.to(memory_format=torch.channels_last)
     ours_occ = lambda: attribute(fast, x, target, "occlusion", window=w, stride=s, dtype=torch.bfloat16)  # noqa: E731
     ours_fp32 = attribute(fast, x, target, "occlusion", window=w, stride=s)
