@@ -148,7 +148,7 @@ def main() -> None:
             featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision, args.workers)  # warm-up
             naive(arch, images, args.batch_size, device, limit=args.batch_size)  # warm-up
             loaded = load_model(arch, "random")
-            same_model = extract.FeatureExtractor(loaded, [LAYERS[arch][0]], device, precision).model
+            same_model = extract.inference_model(loaded, [loaded.layer(LAYERS[arch][0])])
             runs = {"ours": [], "alone": [], "shipped": []}
             for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits all three alike
                 runs["ours"].append(featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision,
