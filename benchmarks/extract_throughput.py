@@ -9,7 +9,11 @@ times, medians compared):
   featscope   `extract.run` end to end: decode, resize, forward, summaries, Parquet
   naive       torchvision ImageFolder + DataLoader + fp32 loop with forward hooks, in a
               fresh Python process as a notebook runs it
+  decode_only featscope's batches of decoded, resized, cropped pixels with no model
 and prints `pipeline/model_only` (target >= 0.85) and `pipeline/naive` (target >= 2.0).
+`ceiling/model_only` is the ratio featscope would reach if decoding shared the cores with
+the model at no cost beyond its own (1/ceiling = 1 + decode time / model time): on a CPU,
+where the two take turns on the same cores, `pipeline/model_only` cannot exceed it.
 `pipeline/naive_same_process` runs the naive loop inside this process too, where it also
 profits from featscope's allocator setting (pipelines/runtime.py), to separate that effect.
 
@@ -28,14 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
-from torch.utils.data import DataLoader
-from torchvision import transforms as T
-
 from featscope.pipelines import extract, manifest
+from featscope.pipelines.dataset import default_workers, image_batches
 from featscope.pipelines.demo_data import PHOTOS, _package_file
 from featscope.pipelines.models import Preprocessing, load_model
 from featscope.pipelines.rundir import RunDir
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
 
 LAYERS = {"mobilenet_v2": ("pool", "classifier.0"), "resnet18": ("pool", "avgpool")}
 
@@ -78,6 +82,17 @@ def model_only(model: torch.nn.Module, preprocessing: Preprocessing, n: int, bat
         step()
     _sync(device)
     return batches * batch / (time.perf_counter() - start)
+
+
+def decode_only(images: Path, batch: int, workers: int | None, preprocessing: Preprocessing) -> float:
+    """img/s of featscope's decode phase alone: the batches `extract` feeds to the model, on
+    every core and with no model between them."""
+    paths = sorted(str(p) for p in images.rglob("*.jpg"))
+    start = time.perf_counter()
+    for _ in image_batches(list(range(len(paths))), paths, preprocessing, batch_size=batch, overlap=False,
+                           workers=default_workers() if workers is None else workers):
+        pass
+    return len(paths) / (time.perf_counter() - start)
 
 
 def featscope_e2e(arch: str, images: Path, work: Path, batch: int, device: str, precision: str,
@@ -149,7 +164,7 @@ def main() -> None:
             naive(arch, images, args.batch_size, device, limit=args.batch_size)  # warm-up
             loaded = load_model(arch, "random")
             same_model = extract.inference_model(loaded, [loaded.layer(LAYERS[arch][0])])
-            runs = {"ours": [], "alone": [], "shipped": []}
+            runs = {"ours": [], "alone": [], "shipped": [], "decode": []}
             for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits all three alike
                 runs["ours"].append(featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision,
                                                   args.workers))
@@ -157,13 +172,17 @@ def main() -> None:
                                                 device, precision))
                 runs["shipped"].append(model_only(loaded.module, loaded.preprocessing, args.images, args.batch_size,
                                                   device, precision))
-            ours, alone, shipped = (float(np.median(runs[k])) for k in ("ours", "alone", "shipped"))
+                runs["decode"].append(decode_only(images, args.batch_size, args.workers, loaded.preprocessing))
+            ours, alone, shipped, decode = (float(np.median(runs[k])) for k in ("ours", "alone", "shipped", "decode"))
             same_process = naive(arch, images, args.batch_size, device)
             fresh = naive_fresh_process(arch, images, args.batch_size, device)
             print(f"pipeline/model_only {arch} {device.type} {precision}: {ours / alone:.2f} "
                   f"(featscope {ours:.0f} img/s, the same model alone {alone:.0f} img/s)")
             print(f"pipeline/model_as_shipped {arch} {device.type} {precision}: {ours / shipped:.2f} "
                   f"(featscope {ours:.0f} img/s, torchvision's module without folded batch norms {shipped:.0f} img/s)")
+            print(f"ceiling/model_only {arch} {device.type} {precision}: {1 / (1 + alone / decode):.2f} "
+                  f"(decoding alone {decode:.0f} img/s, {1e3 / decode:.2f} ms/img; the model alone "
+                  f"{1e3 / alone:.2f} ms/img)")
             print(f"pipeline/naive {arch} {device.type} {precision}: {ours / fresh:.2f} "
                   f"(featscope {ours:.0f} img/s, naive fp32 {fresh:.0f} img/s)")
             print(f"pipeline/naive_same_process {arch} {device.type} {precision}: {ours / same_process:.2f} "
