@@ -1,8 +1,8 @@
 """Extraction throughput: featscope end-to-end vs the model alone vs a tutorial-style loop.
 
 On the same JPEG photos (default 2,000 at about 500x375, made from the demo photographs),
-in one process run, after a warm-up (featscope and model-only interleaved `--repeats`
-times, medians compared):
+in one process run, after a warm-up (featscope, model-only and decode-only interleaved
+`--repeats` times, medians compared):
   model_only  the same model, batch size and precision on tensors already in memory: the
               module featscope runs (batch norms folded, kernels/batchnorm_folding.py),
               and torchvision's module as shipped (`model_as_shipped`)
@@ -32,14 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
 from featscope.pipelines import extract, manifest
 from featscope.pipelines.dataset import default_workers, image_batches
 from featscope.pipelines.demo_data import PHOTOS, _package_file
 from featscope.pipelines.models import Preprocessing, load_model
 from featscope.pipelines.rundir import RunDir
-from PIL import Image
-from torch.utils.data import DataLoader
-from torchvision import transforms as T
 
 LAYERS = {"mobilenet_v2": ("pool", "classifier.0"), "resnet18": ("pool", "avgpool")}
 
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3,
-                        help="featscope and model-only runs per model, interleaved; medians are compared")
+                        help="featscope, model-only and decode-only runs per model, interleaved; medians are compared")
     parser.add_argument("--workers", type=int, help="featscope decode workers (default: its own choice)")
     parser.add_argument("--naive-only", metavar="ARCH", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
