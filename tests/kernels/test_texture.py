@@ -81,6 +81,9 @@ def test_one_hot_style_equals_that_style_alone_and_mix_one_zero_equals_style_zer
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # the exporter's notes on constant folding
+# instance norm's check that a map has more than one value becomes a constant in the trace;
+# running the exported graph at another batch and size below shows it does not matter
+@pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean")
 def test_onnx_export_matches_pytorch_in_onnxruntime(net, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a test dependency (featscope[test])")
     x, w = torch.rand(2, 3, 48, 64), mix([0.2, 0.3, 0.5], 2)
