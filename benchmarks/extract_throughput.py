@@ -14,6 +14,9 @@ and prints `pipeline/model_only` (target >= 0.85) and `pipeline/naive` (target >
 `ceiling/model_only` is the ratio featscope would reach if decoding shared the cores with
 the model at no cost beyond its own (1/ceiling = 1 + decode time / model time): on a CPU,
 where the two take turns on the same cores, `pipeline/model_only` cannot exceed it.
+`ceiling_perfect_split/model_only` (CPU only) does the same with decoding timed on one core
+and divided by the number of cores: the ceiling even a decoder that split its work across
+the cores with no loss would put on the ratio.
 `pipeline/naive_same_process` runs the naive loop inside this process too, where it also
 profits from featscope's allocator setting (pipelines/runtime.py), to separate that effect.
 
@@ -37,7 +40,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from featscope.pipelines import extract, manifest
-from featscope.pipelines.dataset import default_workers, image_batches
+from featscope.pipelines.dataset import available_cores, default_workers, image_batches
 from featscope.pipelines.demo_data import PHOTOS, _package_file
 from featscope.pipelines.models import Preprocessing, load_model
 from featscope.pipelines.rundir import RunDir
@@ -87,13 +90,19 @@ def model_only(model: torch.nn.Module, preprocessing: Preprocessing, n: int, bat
 
 def decode_only(images: Path, batch: int, workers: int | None, preprocessing: Preprocessing) -> float:
     """img/s of featscope's decode phase alone: the batches `extract` feeds to the model, on
-    every core and with no model between them."""
+    every core and with no model between them (workers=0: inline, on one core)."""
     paths = sorted(str(p) for p in images.rglob("*.jpg"))
-    start = time.perf_counter()
-    for _ in image_batches(list(range(len(paths))), paths, preprocessing, batch_size=batch, overlap=False,
-                           workers=default_workers() if workers is None else workers):
-        pass
-    return len(paths) / (time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)  # the inline resize would otherwise use every core
+    try:
+        start = time.perf_counter()
+        for _ in image_batches(list(range(len(paths))), paths, preprocessing, batch_size=batch, overlap=False,
+                               workers=default_workers() if workers is None else workers):
+            pass
+        return len(paths) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def featscope_e2e(arch: str, images: Path, work: Path, batch: int, device: str, precision: str,
@@ -165,8 +174,8 @@ def main() -> None:
             naive(arch, images, args.batch_size, device, limit=args.batch_size)  # warm-up
             loaded = load_model(arch, "random")
             same_model = extract.inference_model(loaded, [loaded.layer(LAYERS[arch][0])])
-            runs = {"ours": [], "alone": [], "shipped": [], "decode": []}
-            for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits all three alike
+            runs = {"ours": [], "alone": [], "shipped": [], "decode": [], "one_core": []}
+            for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits them all alike
                 runs["ours"].append(featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision,
                                                   args.workers))
                 runs["alone"].append(model_only(same_model, loaded.preprocessing, args.images, args.batch_size,
@@ -174,7 +183,11 @@ def main() -> None:
                 runs["shipped"].append(model_only(loaded.module, loaded.preprocessing, args.images, args.batch_size,
                                                   device, precision))
                 runs["decode"].append(decode_only(images, args.batch_size, args.workers, loaded.preprocessing))
-            ours, alone, shipped, decode = (float(np.median(runs[k])) for k in ("ours", "alone", "shipped", "decode"))
+                if device.type == "cpu":
+                    runs["one_core"].append(decode_only(images, args.batch_size, 0, loaded.preprocessing))
+            ours, alone, shipped, decode, one_core = (float(np.median(runs[k])) if runs[k] else 0.0
+                                                      for k in ("ours", "alone", "shipped", "decode", "one_core"))
+            cores = available_cores()
             same_process = naive(arch, images, args.batch_size, device)
             fresh = naive_fresh_process(arch, images, args.batch_size, device)
             print(f"pipeline/model_only {arch} {device.type} {precision}: {ours / alone:.2f} "
@@ -184,6 +197,10 @@ def main() -> None:
             print(f"ceiling/model_only {arch} {device.type} {precision}: {1 / (1 + alone / decode):.2f} "
                   f"(decoding alone {decode:.0f} img/s, {1e3 / decode:.2f} ms/img; the model alone "
                   f"{1e3 / alone:.2f} ms/img)")
+            if device.type == "cpu":
+                print(f"ceiling_perfect_split/model_only {arch} {device.type} {precision}: "
+                      f"{1 / (1 + alone / (one_core * cores)):.2f} (decoding on one core {1e3 / one_core:.2f} ms/img, "
+                      f"split across {cores} cores with no loss {1e3 / (one_core * cores):.2f} ms/img)")
             print(f"pipeline/naive {arch} {device.type} {precision}: {ours / fresh:.2f} "
                   f"(featscope {ours:.0f} img/s, naive fp32 {fresh:.0f} img/s)")
             print(f"pipeline/naive_same_process {arch} {device.type} {precision}: {ours / same_process:.2f} "
