@@ -88,10 +88,9 @@ def model_only(model: torch.nn.Module, preprocessing: Preprocessing, n: int, bat
     return batches * batch / (time.perf_counter() - start)
 
 
-def decode_only(images: Path, batch: int, workers: int | None, preprocessing: Preprocessing) -> float:
+def decode_only(paths: list[str], batch: int, workers: int | None, preprocessing: Preprocessing) -> float:
     """img/s of featscope's decode phase alone: the batches `extract` feeds to the model, on
     every core and with no model between them (workers=0: inline, on one core)."""
-    paths = sorted(str(p) for p in images.rglob("*.jpg"))
     threads = torch.get_num_threads()
     if workers == 0:
         torch.set_num_threads(1)  # the inline resize would otherwise use every core
@@ -167,6 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "photos"
         make_photos(images, args.images)
+        paths = sorted(str(p) for p in images.rglob("*.jpg"))
         print(f"# {args.images} JPEG photos ~500x375, batch {args.batch_size}, {device.type} {precision}, "
               f"{torch.get_num_threads()} threads")
         for arch in args.models.split(","):
@@ -182,9 +182,9 @@ def main() -> None:
                                                 device, precision))
                 runs["shipped"].append(model_only(loaded.module, loaded.preprocessing, args.images, args.batch_size,
                                                   device, precision))
-                runs["decode"].append(decode_only(images, args.batch_size, args.workers, loaded.preprocessing))
+                runs["decode"].append(decode_only(paths, args.batch_size, args.workers, loaded.preprocessing))
                 if device.type == "cpu":
-                    runs["one_core"].append(decode_only(images, args.batch_size, 0, loaded.preprocessing))
+                    runs["one_core"].append(decode_only(paths, args.batch_size, 0, loaded.preprocessing))
             ours, alone, shipped, decode, one_core = (float(np.median(runs[k])) if runs[k] else 0.0
                                                       for k in ("ours", "alone", "shipped", "decode", "one_core"))
             cores = available_cores()
