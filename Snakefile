@@ -11,9 +11,9 @@ from snakemake.exceptions import WorkflowError
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import PIXELS
-from featscope.pipelines import config as fsconfig
-from featscope.pipelines import manifest as fsmanifest
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.core import config as fsconfig
+from featscope.pipelines.core import manifest as fsmanifest
+from featscope.pipelines.core.rundir import RunDir
 
 configfile: "config/default.yaml"
 

@@ -39,11 +39,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from featscope.pipelines import extract, manifest
-from featscope.pipelines.dataset import available_cores, default_workers, image_batches
-from featscope.pipelines.demo_data import PHOTOS, _package_file
-from featscope.pipelines.models import Preprocessing, load_model
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.stages import extract
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.dataset import available_cores, default_workers, image_batches
+from featscope.pipelines.data.demo import PHOTOS, _package_file
+from featscope.pipelines.core.models import Preprocessing, load_model
+from featscope.pipelines.core.rundir import RunDir
 
 LAYERS = {"mobilenet_v2": ("pool", "classifier.0"), "resnet18": ("pool", "avgpool")}
 

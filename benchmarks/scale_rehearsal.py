@@ -106,8 +106,8 @@ def index_from_shards(work: Path, n: int, dims: int = 1280, shard: int = 50_000)
     """Write n synthetic `dims`-d vectors (1,000 Gaussian clusters, float16) as feature
     shards of a run, then time `featscope index build` over them (streamed: it never holds
     all vectors). Returns (seconds, peak RSS MB, the index's meta.json)."""
-    from featscope.pipelines.rundir import RunDir
-    from featscope.pipelines.store import FeaturePartWriter, RunIdentity
+    from featscope.pipelines.core.rundir import RunDir
+    from featscope.pipelines.core.store import FeaturePartWriter, RunIdentity
 
     rd = RunDir(work / f"vectors-{n}")
     identity = RunIdentity(model="synthetic", weights_sha256="synthetic", preprocessing="{}")
@@ -116,8 +116,8 @@ def index_from_shards(work: Path, n: int, dims: int = 1280, shard: int = 50_000)
     if not rd.manifest.exists():  # the index keeps only images the manifest still lists
         import pyarrow as pa
 
-        from featscope.pipelines.manifest import MANIFEST_SCHEMA
-        from featscope.pipelines.store import write_table
+        from featscope.pipelines.core.manifest import MANIFEST_SCHEMA
+        from featscope.pipelines.core.store import write_table
 
         ids = np.arange(n, dtype=np.int64)
         write_table(pa.table({"image_id": ids, "path": pa.array([f"synthetic/{i}" for i in ids]),

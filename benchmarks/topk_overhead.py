@@ -16,8 +16,9 @@ from pathlib import Path
 
 from extract_throughput import make_photos
 
-from featscope.pipelines import extract, manifest
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.stages import extract
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.rundir import RunDir
 
 
 def timed(images: Path, work: Path, model: str, layers: list[str], k: int) -> float:

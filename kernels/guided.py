@@ -16,9 +16,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from featscope.kernels.architectures import PROFILES, profile_of_model
 from featscope.kernels.errors import FeatscopeError
 
-RECTIFIERS = (nn.ReLU, nn.ReLU6)
+# Modules whose output is a rectifier's: nn.ReLU / nn.ReLU6, and blocks that end in a
+# functional ReLU (GoogLeNet's BasicConv2d), as the architecture profiles list them.
+RECTIFIERS = tuple(dict.fromkeys(cls for p in PROFILES for cls in p.rectified)) or (nn.ReLU, nn.ReLU6)
 
 
 class _PositiveGradient(torch.autograd.Function):
@@ -39,14 +42,20 @@ def _guide(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Te
 
 @contextmanager
 def guided_relus(model: nn.Module) -> Iterator[int]:
-    """Within the block, every nn.ReLU / nn.ReLU6 of `model` back-propagates guided.
+    """Within the block, every rectifier of `model` back-propagates guided.
 
-    Yields the number of rectifier modules guided. Rectifiers called as functions
-    (`F.relu` inside a forward) cannot be seen; a model with no rectifier modules is refused.
+    Yields the number of rectifier modules guided. Guided backprop is defined for rectifiers
+    only: a family whose non-linearities are not ReLUs (ConvNeXt's GELU) is refused in one
+    line, never silently given a plain gradient.
     """
+    profile = profile_of_model(model)
+    if profile is not None and not profile.has_rectifiers:
+        raise FeatscopeError(f"guided backprop is not defined for {profile.family}: it needs ReLU rectifiers, "
+                             f"and {profile.family} uses {profile.nonlinearity}")
     rectifiers = [m for m in model.modules() if isinstance(m, RECTIFIERS)]
     if not rectifiers:
-        raise FeatscopeError(f"{type(model).__name__} has no nn.ReLU/nn.ReLU6 modules to guide")
+        raise FeatscopeError(f"guided backprop is not defined for {type(model).__name__}: it has no "
+                             "ReLU rectifier modules to guide")
     handles = []
     try:
         for module in rectifiers:

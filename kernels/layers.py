@@ -4,7 +4,8 @@ The pseudo-layer `pixels` names the model input itself (see `summary.pixel_thumb
 so pixel-space and feature-space neighbours come from the same pass and the same code.
 
 Users name layers by the field's aliases (alexnet `fc7`, vgg16 `conv5_3`, resnet `layer4`,
-mobilenet_v2 `block13`) or by a raw module path (`classifier.4`). An alias always means the
+mobilenet_v2 `block13`; each family's are in `kernels.architectures`) or by a raw module path
+(`classifier.4`). An alias always means the
 output *after* the non-linearity, as in the papers. A conv layer with a grid suffix,
 `block13@2x2`, is that layer's output average-pooled to a 2x2 grid and flattened: a vector
 that keeps coarse layout (where in the image each channel fired), which global pooling
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from featscope.kernels.architectures import profile_for
 from featscope.kernels.errors import FeatscopeError
 
 
@@ -39,44 +41,14 @@ class LayerSpec:
     grid: tuple[int, int] | None = None
 
 
-def _vgg_aliases(features: nn.Sequential) -> dict[str, str]:
-    """conv<block>_<n> -> the ReLU after that conv; blocks end at each max-pool."""
-    aliases, block, conv = {}, 1, 0
-    modules = list(features.named_children())
-    for i, (name, module) in enumerate(modules):
-        if isinstance(module, nn.MaxPool2d):
-            block, conv = block + 1, 0
-        elif isinstance(module, nn.Conv2d):
-            conv += 1
-            after = (n for n, m in modules[i + 1 :] if isinstance(m, nn.ReLU))
-            aliases[f"conv{block}_{conv}"] = f"features.{next(after, name)}"
-    return aliases
-
-
-def _alexnet_aliases(model: nn.Module) -> dict[str, str]:
-    convs = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
-    aliases = {f"conv{n + 1}": f"features.{i + 1}" for n, i in enumerate(convs)}
-    aliases |= {"fc6": "classifier.2", "fc7": "classifier.5", "fc8": "classifier.6"}
-    return aliases
-
-
 def layer_aliases(arch: str, model: nn.Module) -> dict[str, tuple[str, str]]:
-    """Alias -> (module path, kind) for a torchvision architecture (empty if unknown)."""
-    if arch == "alexnet":
-        raw = _alexnet_aliases(model)
-    elif arch.startswith("vgg"):
-        raw = _vgg_aliases(model.features) | {"fc6": "classifier.1", "fc7": "classifier.4", "fc8": "classifier.6"}
-    elif arch.startswith("resnet") or arch.startswith("resnext") or arch.startswith("wide_resnet"):
-        raw = {"stem": "relu"} | {f"layer{i}": f"layer{i}" for i in range(1, 5)} | {"pool": "avgpool", "fc": "fc"}
-    elif arch == "mobilenet_v2":
-        # torchvision pools with a functional call; in eval mode the classifier's Dropout
-        # passes the pooled 1280-d vector through unchanged, so it is where `pool` is tapped.
-        raw = {f"block{i}": f"features.{i}" for i in range(len(model.features))}
-        raw |= {"pool": "classifier.0", "fc": "classifier.1"}
-    else:
+    """Alias -> (module path, kind) for a torchvision architecture (empty if its family has
+    no profile in `kernels.architectures`)."""
+    profile = profile_for(arch)
+    if profile is None:
         return {}
-    vector = {"fc", "fc6", "fc7", "fc8", "pool"}
-    return {name: (path, "vector" if name in vector else "conv") for name, path in raw.items()}
+    return {name: (path, "vector" if name in profile.vector_aliases else "conv")
+            for name, path in profile.aliases(model).items()}
 
 
 PIXELS = "pixels"  # pseudo-layer: the model input itself, downsampled (pixel-space neighbours)

@@ -11,9 +11,10 @@ The model is cut into a prefix and a suffix at a block boundary; the clean image
 prefix once, and each occluded copy runs the prefix only on a crop around its window (the
 crop holds the whole receptive field of every changed cell and starts on the layer's stride
 grid, so those cells come out exactly as in the full image). The changed cells are pasted
-into the clean activation, and the suffix runs on those in large batches. The cut is chosen
-by a cost model (multiply-adds and activations of each block, crop area); architectures
-whose structure is not known here run whole, still batched.
+into the clean activation, and the suffix runs on those in large batches. The places to cut
+come from the architecture's profile (`kernels.architectures`), the cut itself is chosen by
+a cost model (multiply-adds and activations of each block, crop area); architectures
+without a profile run whole, still batched.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import nn
 
+from featscope.kernels import baselines
+from featscope.kernels.architectures import profile_of_model
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import Param
 from featscope.kernels.receptive_field import ReceptiveField, receptive_field
 from featscope.kernels.scoring import class_score, like_model
 
@@ -58,43 +63,29 @@ class _Trunk:
     @contextmanager
     def suffix(self, cut: int) -> Iterator[nn.Module]:
         """Within the block, calling the yielded model on the activation after block `cut`
-        runs the rest of the network. Modules are swapped back on exit, also on error."""
-        swaps = self._swaps(cut)
-        saved = {name: getattr(self.model, name) for name in swaps}
+        runs the rest of the network: the blocks up to the cut are swapped for identities,
+        and swapped back on exit, also on error."""
+        saved = []
         try:
-            for name, module in swaps.items():
-                setattr(self.model, name, module)
+            for path, block in zip(self.paths[: cut + 1], self.blocks):
+                parent, _, name = path.rpartition(".")
+                owner = self.model.get_submodule(parent) if parent else self.model
+                saved.append((owner, name, block))
+                setattr(owner, name, nn.Identity())
             yield self.model
         finally:
-            for name, module in saved.items():
-                setattr(self.model, name, module)
-
-    def _swaps(self, cut: int) -> dict[str, nn.Module]:
-        if self.paths[0].startswith("features."):
-            return {"features": nn.Sequential(*self.blocks[cut + 1:])}
-        swaps: dict[str, nn.Module] = {}
-        done = set(self.paths[: cut + 1])
-        for name in ("conv1", "bn1", "relu", "maxpool"):
-            if name in done:
-                swaps[name] = nn.Identity()
-        for layer in ("layer1", "layer2", "layer3", "layer4"):
-            left = [b for p, b in zip(self.paths, self.blocks) if p.startswith(layer + ".") and p not in done]
-            swaps[layer] = nn.Sequential(*left)
-        return swaps
+            for owner, name, block in reversed(saved):
+                setattr(owner, name, block)
 
 
 def _trunk(model: nn.Module) -> _Trunk | None:
-    """Blocks of the torchvision families whose forward is known: a `features` Sequential
-    followed by pooling and a classifier (alexnet, vgg, mobilenet), or a ResNet."""
-    features = getattr(model, "features", None)
-    if isinstance(features, nn.Sequential) and len(features) > 1:
-        return _Trunk(model, [f"features.{i}" for i in range(len(features))], list(features))
-    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
-    if all(hasattr(model, n) for n in names) and isinstance(model.layer1, nn.Sequential):
-        paths = ["conv1", "bn1", "relu", "maxpool"]
-        paths += [f"{layer}.{i}" for layer in names[4:8] for i in range(len(getattr(model, layer)))]
-        return _Trunk(model, paths, [model.get_submodule(p) for p in paths])
-    return None
+    """The blocks of a model whose family has a profile (see `kernels.architectures`), or
+    None: such a model runs whole."""
+    profile = profile_of_model(model)
+    paths = profile.trunk(model) if profile is not None else None
+    if not paths:
+        return None
+    return _Trunk(model, paths, [model.get_submodule(p) for p in paths])
 
 
 # ---- windows, crops and changed cells --------------------------------------------------------
@@ -256,16 +247,21 @@ def _image_drops_cut(trunk, cut, image, fill, target, ys, xs, window, score, bat
 
 
 @torch.no_grad()
-def occlusion(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *, window: int = 32, stride: int = 16,
-              baseline: torch.Tensor | float = 0.0, score: str = "logit", batch: int = 128,
+def occlusion(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
+              window: Annotated[int, Param("occlusion window side in model pixels", min=1)] = 32,
+              stride: Annotated[int, Param("occlusion stride in model pixels", min=1)] = 16,
+              fill: Annotated[str, Param("occlusion fill: " + baselines.HELP)] = "zeros",
+              baseline: torch.Tensor | float | None = None, score: str = "logit", batch: int = 128,
               dtype: torch.dtype | None = None, cut: int | str | None = "auto") -> torch.Tensor:
-    """Mean drop in class score when each window is covered with `baseline`.
+    """Mean drop in class score when each window is covered.
 
-    images (B,3,H,W) preprocessed; target (B,) class ids; baseline a scalar or a tensor that
-    broadcasts to images (e.g. a blurred copy) -> (B,H,W) float32 score drops.
+    images (B,3,H,W) preprocessed; target (B,) class ids -> (B,H,W) float32 score drops.
+    The window is covered with `fill` (see `kernels.baselines`; blur with sigma window/4),
+    or with `baseline`, a scalar or a tensor that broadcasts to images, when given.
     dtype: autocast dtype (torch.bfloat16) for the forward passes, or None for float32.
     cut: "auto" (cost model), None (always run the whole model), or a block index.
     """
+    baselines.check_kind("fill", fill)
     if window < 1 or stride < 1:
         raise FeatscopeError(f"occlusion window and stride must be >= 1, got {window} and {stride}")
     b, _, h, w = images.shape
@@ -277,7 +273,10 @@ def occlusion(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *, w
         for x in xs:
             coverage[y:y + wy, x:x + wx] += 1
     images = images.float()
-    fills = torch.as_tensor(baseline, dtype=torch.float32, device=device).expand_as(images)
+    if baseline is None:
+        fills = baselines.reference(images, fill, sigma=window / 4)
+    else:
+        fills = torch.as_tensor(baseline, dtype=torch.float32, device=device).expand_as(images)
     trunk = _trunk(model) if cut is not None else None
     maps = torch.zeros(b, h, w, device=device)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -6,9 +6,11 @@ and each layer maps (size, jump, start) forward (Araujo et al., "Computing Recep
 Fields of Convolutional Neural Networks", Distill 2019):
     conv / pool (kernel k, stride s, padding p, dilation d):
         size += (k - 1) * d * jump;  start -= p * jump;  jump *= s
-Residual and inverted-residual blocks take the union of their branches; element-wise
-layers (BN, ReLU, dropout) change nothing; global pooling and linear layers see everything.
-The walk follows the module tree in forward order, so it needs no tracing and no input.
+Blocks with branches (residual, inverted-residual, inception) take the union of their
+branches, as each architecture's profile (`kernels.architectures`) describes them;
+element-wise layers (BN, ReLU, dropout, per-position norms) change nothing; global pooling
+and linear layers see everything. The walk follows the module tree in forward order, so it
+needs no tracing and no input.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models.mobilenetv2 import InvertedResidual
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from featscope.kernels.architectures import Branches, block_rule, is_off_path, is_pointwise
 from featscope.kernels.errors import FeatscopeError
 
 _ELEMENTWISE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Dropout, nn.Identity, nn.LocalResponseNorm,
@@ -57,6 +58,9 @@ def _pair(v) -> tuple[int, int]:
 def _through(rf: ReceptiveField, module: nn.Module) -> ReceptiveField:
     if rf.is_global:
         return rf
+    rule = block_rule(module)
+    if rule is not None:
+        return _through_branches(rf, rule(module))
     if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
         k, s, p = _pair(module.kernel_size), _pair(module.stride), _pair(module.padding)
         d = _pair(getattr(module, "dilation", 1))
@@ -65,39 +69,30 @@ def _through(rf: ReceptiveField, module: nn.Module) -> ReceptiveField:
             jump=tuple(rf.jump[i] * s[i] for i in range(2)),
             start=tuple(rf.start[i] - p[i] * rf.jump[i] for i in range(2)),
         )
+    if isinstance(module, _ELEMENTWISE) or is_pointwise(module):
+        return rf
     if isinstance(module, _GLOBAL):
         return ReceptiveField(is_global=True)
-    if isinstance(module, _ELEMENTWISE):
-        return rf
     if isinstance(module, nn.Sequential):
         for child in module:
             rf = _through(rf, child)
         return rf
-    if isinstance(module, (BasicBlock, Bottleneck, InvertedResidual)):
-        return _union(_branch(rf, module, None), _shortcut(rf, module))
     raise FeatscopeError(f"cannot compute a receptive field through {type(module).__name__}")
 
 
-def _main_branch(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The children of a residual block's main path, in forward order."""
-    if isinstance(module, InvertedResidual):
-        return [("conv", module.conv)]
-    names = ["conv1", "bn1", "relu", "conv2", "bn2"] + (["conv3", "bn3"] if isinstance(module, Bottleneck) else [])
-    return [(n, getattr(module, n)) for n in names]
-
-
-def _branch(rf: ReceptiveField, module: nn.Module, stop: str | None) -> ReceptiveField:
-    for name, child in _main_branch(module):
+def _walk(rf: ReceptiveField, branch: list[tuple[str, nn.Module]], stop: str | None = None) -> ReceptiveField:
+    for name, child in branch:
         if name == stop:
             break
         rf = _through(rf, child)
     return rf
 
 
-def _shortcut(rf: ReceptiveField, module: nn.Module) -> ReceptiveField | None:
-    if isinstance(module, InvertedResidual):
-        return rf if module.use_res_connect else None
-    return _through(rf, module.downsample) if module.downsample is not None else rf
+def _through_branches(rf: ReceptiveField, block: Branches) -> ReceptiveField:
+    out = rf if block.identity else None
+    for branch in block.branches:
+        out = _union(_walk(rf, branch), out)
+    return out
 
 
 def _union(a: ReceptiveField, b: ReceptiveField | None) -> ReceptiveField:
@@ -113,8 +108,9 @@ def _union(a: ReceptiveField, b: ReceptiveField | None) -> ReceptiveField:
 
 
 def _forward_children(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Children in the order the model's forward uses them (torchvision registers them so)."""
-    return list(model.named_children())
+    """Children in the order the model's forward uses them (torchvision registers them so),
+    without those the forward pass never runs (auxiliary heads)."""
+    return [(n, m) for n, m in model.named_children() if m is not None and not is_off_path(m)]
 
 
 def receptive_field(model: nn.Module, module_path: str) -> ReceptiveField:
@@ -125,16 +121,14 @@ def receptive_field(model: nn.Module, module_path: str) -> ReceptiveField:
     container = model
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
-        if isinstance(container, (BasicBlock, Bottleneck, InvertedResidual)):
-            # Inside a residual block only the main branch leads to the named module.
-            names = [n for n, _ in _main_branch(container)]
-            if part not in names and part != "downsample":
+        rule = block_rule(container)
+        if rule is not None:
+            # Inside a block with branches, only the branch holding the named module leads to it.
+            branch = next((b for b in rule(container).branches if part in dict(b)), None)
+            if branch is None:
                 raise FeatscopeError(f"no module '{module_path}' on a known path")
-            if part == "downsample":
-                child = container.downsample
-            else:
-                rf = _branch(rf, container, part)
-                child = dict(_main_branch(container))[part]
+            rf = _walk(rf, branch, part)
+            child = dict(branch)[part]
         else:
             children = _forward_children(container)
             names = [n for n, _ in children]

@@ -10,19 +10,28 @@ method below is only what differs. All take preprocessed images (B,3,H,W) and cl
 - gradcam     ReLU(sum_c mean(dS/dA_c) * A_c) at a conv layer, upsampled (Selvaraju et al., 2017)
 - occlusion   the drop of the score when a window is covered (Zeiler & Fergus, 2014); see
               `featscope.kernels.occlusion`
+
+Adding a method is writing its function and one line in `METHODS`. A method's tunable
+parameters are its keyword arguments annotated `Annotated[T, Param(...)]`: the saliency
+stage's options, the command line and the config schema are derived from them. `score`
+(logit | probability) and `dtype` (autocast) are passed to every method that takes them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featscope.kernels.architectures import profile_of_model
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.guided import guided_relus
 from featscope.kernels.occlusion import occlusion
+from featscope.kernels.params import Declared, Param, declared_params
 from featscope.kernels.scoring import class_score, like_model
 
 
@@ -45,8 +54,11 @@ def guided(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *, scor
         return gradient(model, images, target, score=score)
 
 
-def smoothgrad(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *, samples: int = 16,
-               noise: float = 0.15, seed: int = 0, score: str = "logit", batch: int = 32) -> torch.Tensor:
+def smoothgrad(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
+               samples: Annotated[int, Param("smoothgrad: noisy copies averaged", min=1)] = 16,
+               noise: Annotated[float, Param("smoothgrad: noise sd as a fraction of the image's range", min=0)] = 0.15,
+               seed: Annotated[int, Param("smoothgrad: noise seed")] = 0,
+               score: str = "logit", batch: int = 32) -> torch.Tensor:
     """SmoothGrad: the mean `gradient` map of `samples` copies with Gaussian noise of standard
     deviation noise * (max - min) of each image. Noise is drawn from `seed`, so maps repeat."""
     if samples < 1:
@@ -64,9 +76,28 @@ def smoothgrad(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *, 
     return (total / samples).to(images.device)
 
 
-def gradcam(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *, layer: nn.Module,
+def gradcam_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
+    """The module Grad-CAM looks at: given, named (alias or module path), or by default the
+    last conv block of the model's family (its profile's `gradcam_layer`)."""
+    if isinstance(layer, nn.Module):
+        return layer
+    profile = profile_of_model(model)
+    name = layer or (profile.gradcam_layer if profile else None)
+    if name is None:
+        raise FeatscopeError(f"no default Grad-CAM layer for {type(model).__name__}: give the layer")
+    path = profile.aliases(model).get(name, name) if profile else name
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise FeatscopeError(f"unknown Grad-CAM layer '{name}'") from None
+
+
+def gradcam(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
+            layer: Annotated[str | None, Param("Grad-CAM layer (default: the last conv block, e.g. layer4, "
+                                               "block18, conv5)")] = None,
             score: str = "logit") -> torch.Tensor:
-    """Grad-CAM at `layer` (a module whose output is (B,C,h,w)), bilinearly upsampled to (H,W)."""
+    """Grad-CAM at `layer` (its output is (B,C,h,w)), bilinearly upsampled to (H,W)."""
+    layer = gradcam_layer(model, layer)
     captured: list[torch.Tensor] = []
 
     def keep(_module, _inputs, output):
@@ -88,12 +119,25 @@ def gradcam(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *, lay
     return F.interpolate(cam, size=images.shape[2:], mode="bilinear", align_corners=False).squeeze(1)
 
 
-METHODS: dict[str, Callable[..., torch.Tensor]] = {
-    "occlusion": occlusion,
-    "gradient": gradient,
-    "guided": guided,
-    "smoothgrad": smoothgrad,
-    "gradcam": gradcam,
+@dataclass(frozen=True)
+class Method:
+    """A saliency method: its function, and how many images one Dask task should take so
+    that it runs well over ~100 ms on a CPU core."""
+
+    function: Callable[..., torch.Tensor]
+    images_per_task: int
+
+    @property
+    def params(self) -> list[Declared]:
+        return declared_params(self.function)
+
+
+METHODS: dict[str, Method] = {
+    "occlusion": Method(occlusion, images_per_task=1),
+    "gradient": Method(gradient, images_per_task=8),
+    "guided": Method(guided, images_per_task=8),
+    "smoothgrad": Method(smoothgrad, images_per_task=2),
+    "gradcam": Method(gradcam, images_per_task=8),
 }
 
 
@@ -105,4 +149,4 @@ def attribute(model: nn.Module, images: torch.Tensor, target: torch.Tensor, meth
     if images.dim() != 4 or target.shape != images.shape[:1]:
         raise FeatscopeError(f"images must be (B,3,H,W) with one target each; got {tuple(images.shape)} "
                              f"and {tuple(target.shape)} targets")
-    return METHODS[method](model, images, target, **options)
+    return METHODS[method].function(model, images, target, **options)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from featscope.pipelines.demo_data import PHOTOS, _package_file
+from featscope.pipelines.data.demo import PHOTOS, _package_file
 
 
 def photo_paths() -> list[Path]:

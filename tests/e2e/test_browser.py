@@ -10,8 +10,9 @@ import threading
 
 import pytest
 
-from featscope.pipelines import manifest, neighbors
-from featscope.pipelines.serve import make_server
+from featscope.pipelines.core import manifest
+from featscope.pipelines.stages import index as neighbors
+from featscope.pipelines.app.serve import make_server
 
 CHROMIUM = os.environ.get("FEATSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # The flags a root, offline, headless machine needs (no sandbox; no calls home).

@@ -10,9 +10,12 @@ import os
 
 import pytest
 
-from featscope.pipelines import demo_data, extract, manifest, neighbors
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.weights import checkpoint_path
+from featscope.pipelines.data import demo as demo_data
+from featscope.pipelines.stages import extract
+from featscope.pipelines.core import manifest
+from featscope.pipelines.stages import index as neighbors
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.data.weights import checkpoint_path
 
 PER_DIGIT = 100
 

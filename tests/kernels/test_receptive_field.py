@@ -6,6 +6,7 @@ import torchvision
 
 from featscope.kernels.layers import resolve_layer
 from featscope.kernels.receptive_field import receptive_field
+from featscope.kernels.architectures import profile_for
 
 
 def skeleton(arch):
@@ -66,11 +67,15 @@ def gradient_support(model, module_path, side=224):
         ("vgg16", ["conv1_2", "conv2_2", "conv3_3", "conv4_1"]),
         ("resnet18", ["stem", "layer1", "layer2", "layer3.0.conv1", "layer3"]),
         ("mobilenet_v2", ["block1", "block3", "block6", "block13"]),
+        # Families added by a profile alone: inception branches concatenate; ConvNeXt's 7x7
+        # depthwise convs are followed by per-position LayerNorm and linear layers.
+        ("googlenet", ["conv1", "conv3", "inception3a", "inception3b"]),
+        ("convnext_tiny", ["stem", "stage1", "features.1.0", "stage2"]),
     ],
 )
 def test_computed_boxes_contain_every_pixel_with_gradient_and_are_no_larger_than_the_field(arch, layers):
     torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None).double()
+    model = torchvision.models.get_model(arch, weights=None, **profile_for(arch).build_options).double()
     for layer in layers:
         path = resolve_layer(arch, model, layer).module_path
         support, (fy, fx) = gradient_support(model, path)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 
 def featscope(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "featscope.pipelines.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "featscope.pipelines.app.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd)
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from featscope.pipelines.dataset import image_batches
-from featscope.pipelines.images import read_pixels
-from featscope.pipelines.models import load_model
+from featscope.pipelines.core.dataset import image_batches
+from featscope.pipelines.core.images import read_pixels
+from featscope.pipelines.core.models import load_model
 
 from helpers import write_dataset
 

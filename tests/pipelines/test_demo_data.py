@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines import demo_data
+from featscope.pipelines.data import demo as demo_data
 
 
 def tree_digest(root):

@@ -8,9 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from featscope.pipelines import embed, extract, manifest, mosaic
-from featscope.pipelines.grid_layout import assign, assign_exact, cell_centres, cover_sample, normalise, total_cost
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.stages import embed
+from featscope.pipelines.stages import extract
+from featscope.pipelines.core import manifest
+from featscope.pipelines.stages import mosaic
+from featscope.pipelines.render.grid_layout import assign, assign_exact, cell_centres, cover_sample, normalise, total_cost
+from featscope.pipelines.core.rundir import RunDir
 
 from helpers import write_dataset
 

@@ -13,9 +13,10 @@ from PIL import Image
 from torchvision.transforms import v2 as T2
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines import extract, manifest
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.store import column_array, read_errors
+from featscope.pipelines.stages import extract
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import column_array, read_errors
 
 from helpers import write_dataset
 

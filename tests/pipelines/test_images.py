@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featscope.pipelines.images import DEFAULT_MAX_PIXELS, BadImage, open_image, read_pixels
+from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, open_image, read_pixels
 
 
 def save(img: Image.Image, path, **kw):
@@ -141,7 +141,7 @@ def test_model_input_resize_is_pillows_within_one_level():
     import torch
     from torchvision.transforms import functional as TF
 
-    from featscope.pipelines.models import Preprocessing
+    from featscope.pipelines.core.models import Preprocessing
     from helpers import photo_paths
 
     prep = Preprocessing()

@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines import manifest
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.rundir import RunDir
 
 
 def touch_images(root, names):

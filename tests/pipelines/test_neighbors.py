@@ -10,8 +10,11 @@ from PIL import Image
 
 from featscope.index import NeighborIndex, build_index
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines import extract, manifest, neighbors, sheets
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.stages import extract
+from featscope.pipelines.core import manifest
+from featscope.pipelines.stages import index as neighbors
+from featscope.pipelines.stages import neighbours as sheets
+from featscope.pipelines.core.rundir import RunDir
 
 
 @pytest.fixture
@@ -25,7 +28,7 @@ def indexed_run(tmp_path, small_dataset):
 
 
 def featscope(*args):
-    return subprocess.run([sys.executable, "-m", "featscope.pipelines.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "featscope.pipelines.app.cli", *map(str, args)],
                           capture_output=True, text=True)
 
 

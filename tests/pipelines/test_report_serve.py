@@ -9,9 +9,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from featscope.pipelines import manifest, neighbors
-from featscope.pipelines.report import SHARD, thumb_path
-from featscope.pipelines.serve import make_server
+from featscope.pipelines.core import manifest
+from featscope.pipelines.stages import index as neighbors
+from featscope.pipelines.app.report import SHARD, thumb_path
+from featscope.pipelines.app.serve import make_server
 
 
 def load_script(path):

@@ -19,12 +19,13 @@ from torchvision.transforms import functional as TF
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.saliency import attribute
-from featscope.pipelines import manifest, saliency
-from featscope.pipelines.cli import main as cli
-from featscope.pipelines.images import read_pixels
-from featscope.pipelines.models import load_model
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.store import read_errors
+from featscope.pipelines.core import manifest
+from featscope.pipelines.stages import saliency
+from featscope.pipelines.app.cli import main as cli
+from featscope.pipelines.core.images import read_pixels
+from featscope.pipelines.core.models import load_model
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import read_errors
 
 ARCH = "resnet18"
 
@@ -190,7 +191,7 @@ def dask_cluster():
 def test_stage_on_a_real_scheduler_survives_a_killed_worker(run, dask_cluster):
     address, client = dask_cluster
     photos = photo_rows(run)
-    cmd = [sys.executable, "-m", "featscope.pipelines.cli", "saliency", "--run", str(run.root), "--method",
+    cmd = [sys.executable, "-m", "featscope.pipelines.app.cli", "saliency", "--run", str(run.root), "--method",
            "occlusion", "--select", "label=photo", "--scheduler", address, "--images-per-task", "1",
            "--quiet"]
     stage = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.store import (
+from featscope.pipelines.core.store import (
     FeaturePartWriter,
     RunIdentity,
     column_array,
@@ -16,7 +16,7 @@ from featscope.pipelines.store import (
     iter_features,
     read_feature_part,
 )
-from featscope.pipelines.version import FEATSCOPE_VERSION
+from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
 IDENTITY = RunIdentity(model="resnet18", weights_sha256="ab" * 32, preprocessing=json.dumps({"crop": 224}))
 

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from featscope.kernels.style_net import one_hot
-from featscope.pipelines import demo_data, manifest, style, viz
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.data import demo as demo_data
+from featscope.pipelines.core import manifest
+from featscope.pipelines.stages import style
+from featscope.pipelines.stages import viz
+from featscope.pipelines.core.rundir import RunDir
 
 # A random-weights ResNet-18 as loss network: no download, and its losses still fall.
 OPTIONS = dict(size=48, batch=2, width=8, blocks=1, model="resnet18", weights="random", content_layer="layer1",
@@ -85,7 +88,7 @@ def test_texture_and_style_transfer_write_their_panels_and_losses_fall(tmp_path,
 
 
 def test_style_cli_errors_are_one_line(tmp_path, capsys):
-    from featscope.pipelines.cli import main as cli
+    from featscope.pipelines.app.cli import main as cli
 
     assert cli(["style", "apply", "--checkpoint", str(tmp_path / "none.pt"), "--style", "0", "--images", "x.png",
                 "--out", str(tmp_path)]) == 2

@@ -8,11 +8,13 @@ from PIL import Image
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import LayerTap
-from featscope.pipelines import extract, manifest, topk
-from featscope.pipelines.dataset import image_batches
-from featscope.pipelines.models import Preprocessing, load_model
-from featscope.pipelines.images import read_pixels
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.stages import extract
+from featscope.pipelines.core import manifest
+from featscope.pipelines.stages import topk
+from featscope.pipelines.core.dataset import image_batches
+from featscope.pipelines.core.models import Preprocessing, load_model
+from featscope.pipelines.core.images import read_pixels
+from featscope.pipelines.core.rundir import RunDir
 
 
 def brute_force_topk(rd, arch, layer, k):

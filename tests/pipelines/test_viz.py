@@ -8,11 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from featscope.pipelines import manifest, viz
-from featscope.pipelines.cli import main as cli
-from featscope.pipelines.images import read_pixels
-from featscope.pipelines.models import load_model
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.core import manifest
+from featscope.pipelines.stages import viz
+from featscope.pipelines.app.cli import main as cli
+from featscope.pipelines.core.images import read_pixels
+from featscope.pipelines.core.models import load_model
+from featscope.pipelines.core.rundir import RunDir
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines import weights
+from featscope.pipelines.data import weights
 
 MEMBER = weights.OFFLINE_SOURCES["mobilenet_v2"].member
 

@@ -26,40 +26,25 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.images import BadImage, decode_pixels
-from featscope.pipelines.neighbors import open_index
-from featscope.pipelines.report import _index_layers
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.core.features import ImageEmbedder
+from featscope.pipelines.core.neighbours import neighbours_of, open_index
+from featscope.pipelines.core.rundir import RunDir
 
 
 class QueryService:
     """The run's manifest, indexes and (when first needed) model, shared by all requests."""
 
     def __init__(self, rd: RunDir, *, max_upload: int = 16 * 2**20, max_k: int = 100):
-        from featscope.pipelines import manifest
+        from featscope.pipelines.core import manifest
 
         self.rd = rd
         self.root = rd.root.resolve()
         self.max_upload = max_upload
         self.max_k = max_k
         self.rows = {r["image_id"]: r for r in manifest.read(rd).to_pylist()}
-        self.layers = _index_layers(rd)
+        self.layers = rd.index_layers()
         self.indexes = {layer: open_index(rd, layer) for layer in self.layers}
-        self._extractor = None
-        self._model_lock = threading.Lock()
-
-    def _embed(self, data: bytes, layer: str) -> np.ndarray:
-        from featscope.pipelines.extract import FeatureExtractor, resolve_device, resolve_precision
-        from featscope.pipelines.models import load_run_model
-
-        with self._model_lock:
-            if self._extractor is None:
-                loaded = load_run_model(self.rd.read_config(), require_features=True)
-                device = resolve_device("auto")
-                self._extractor = FeatureExtractor(loaded, self.layers, device, resolve_precision("auto", device))
-            prep = self._extractor.loaded.preprocessing
-            pixels = decode_pixels(data, min_size=prep.resize)
-            return self._extractor(prep.to_uint8(pixels)[None])[layer]["feature"][0]
+        self.embedder = ImageEmbedder(rd.read_config(), self.layers)
 
     def image(self, image_id: int) -> dict:
         if image_id not in self.rows:
@@ -74,13 +59,13 @@ class QueryService:
             raise ValueError(f"k must be between 1 and {self.max_k}")
         index = self.indexes[layer]
         if upload is not None:
-            found = index.search_vectors(self._embed(upload, layer), k=k)
+            found = index.search_vectors(self.embedder.embed(upload, layer), k=k)
         else:
             if image_id not in self.rows:
                 raise KeyError(f"no image {image_id} in this run")
-            found = index.search_ids([image_id], k=k + 1)
+            found = neighbours_of(index, [image_id], k)
         answer = [self.image(int(i)) | {"distance": float(d)}
-                  for i, d in zip(found.image_ids[0], found.distances[0]) if i >= 0 and int(i) != image_id]
+                  for i, d in zip(found.image_ids[0], found.distances[0]) if i >= 0]
         return {"layer": layer, "query": image_id, "neighbors": answer[:k]}
 
     def file(self, url_path: str) -> tuple[Path | None, int]:
@@ -162,8 +147,6 @@ class _Handler(BaseHTTPRequestHandler):
         query = parse_qs(url.query)
         try:
             answer = self.service.neighbors(query.get("layer", [""])[0], int(query.get("k", ["10"])[0]), upload=data)
-        except BadImage as e:
-            return self._error(400, f"not a readable image: {e}")
         except ValueError as e:
             return self._error(400, str(e))
         except FeatscopeError as e:

@@ -30,13 +30,13 @@ from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import PIXELS
-from featscope.pipelines import manifest
-from featscope.pipelines.atomic import atomic_path, write_bytes_atomic
-from featscope.pipelines.images import BadImage, open_image
-from featscope.pipelines.neighbors import open_index
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.store import read_errors
-from featscope.pipelines.timings import read_timings
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.atomic import atomic_path, write_bytes_atomic
+from featscope.pipelines.core.images import BadImage, open_image
+from featscope.pipelines.core.neighbours import neighbours_of, open_index
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import read_errors
+from featscope.pipelines.core.timings import read_timings
 
 ASSETS = Path(__file__).resolve().parent / "report_assets"
 SHARD = 1000  # images per data file and per thumbnail folder
@@ -84,25 +84,18 @@ def _relative(rd: RunDir, path: Path) -> str:
     return "../" + path.relative_to(rd.root).as_posix()
 
 
-def _index_layers(rd: RunDir) -> list[str]:
-    if not rd.index_root.is_dir():
-        return []
-    return sorted(p.name for p in rd.index_root.iterdir() if (p / "meta.json").exists())
-
-
 def _neighbours(rd: RunDir, ids: np.ndarray, k: int, progress: bool) -> dict[str, dict[int, list]]:
     """Per indexed space: each image's k nearest other images, with distances."""
     found: dict[str, dict[int, list]] = {}
-    for layer in _index_layers(rd):
+    for layer in rd.index_layers():
         index = open_index(rd, layer)
         present = ids[np.isin(ids, index.ids)]
         found[layer] = {}
         for start in tqdm(range(0, len(present), 4096), desc=f"neighbours {layer}", disable=not progress):
             chunk = present[start:start + 4096]
-            result = index.search_ids(chunk, k=k + 1)
+            result = neighbours_of(index, chunk, k)
             for query, row_ids, row_d in zip(chunk, result.image_ids, result.distances):
-                found[layer][int(query)] = [[int(i), round(float(d), 4)] for i, d in zip(row_ids, row_d)
-                                            if i >= 0 and i != query][:k]
+                found[layer][int(query)] = [[int(i), round(float(d), 4)] for i, d in zip(row_ids, row_d) if i >= 0]
     return found
 
 

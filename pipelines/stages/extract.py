@@ -26,12 +26,14 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import PIXELS, LayerSpec, LayerTap
 from featscope.kernels.summary import conv_summary, pixel_thumbnail
 from featscope.kernels.topk import RunningTopK
-from featscope.pipelines import manifest
-from featscope.pipelines.dataset import default_workers, image_batches
-from featscope.pipelines.models import LoadedModel, load_model
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.runtime import keep_freed_memory
-from featscope.pipelines.store import (
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.dataset import default_workers, image_batches
+from featscope.pipelines.core.device import resolve_device, resolve_precision
+from featscope.pipelines.core.features import FeatureExtractor
+from featscope.pipelines.core.models import LoadedModel, load_model
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.runtime import keep_freed_memory
+from featscope.pipelines.core.store import (
     FeaturePartWriter,
     RunIdentity,
     part_is_complete,
@@ -40,7 +42,6 @@ from featscope.pipelines.store import (
     write_topk,
 )
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -63,93 +64,6 @@ class ExtractSummary:
         if self.bad:
             text += f"; {self.bad} unreadable images skipped (see {rd.errors_dir})"
         return text
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FeatscopeError("--device cuda was asked for, but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise FeatscopeError(f"--device must be auto, cpu or cuda, got '{device}'")
-    return torch.device(device)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AVX512-BF16 or AMX-BF16 instructions (where bf16 is ~2-4x fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in ("auto", *PRECISIONS):
-        raise FeatscopeError(f"--precision must be auto, fp32, bf16 or fp16, got '{precision}'")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
-def summarise(spec: LayerSpec, output: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A layer's output -> the tensors stored for it (computed at once, before in-place ops)."""
-    if spec.grid:
-        if output.ndim != 4:
-            raise FeatscopeError(f"layer '{spec.name}': '{spec.module_path}' has no spatial grid to pool "
-                                 f"(its output has shape {tuple(output.shape)})")
-        return {"feature": F.adaptive_avg_pool2d(output.float(), spec.grid).flatten(1)}
-    if spec.kind == "conv" or (spec.kind == "auto" and output.ndim == 4 and output.shape[2] * output.shape[3] > 1):
-        s = conv_summary(output)
-        return {"feature": s.mean, "max": s.max, "argmax_y": s.argmax_y, "argmax_x": s.argmax_x}
-    return {"feature": output.detach().flatten(1).float()}
-
-
-def inference_model(loaded: LoadedModel, specs: list[LayerSpec]) -> torch.nn.Module:
-    """A copy of the model for extraction: batch norms folded into their convs wherever
-    that leaves the tapped layers' outputs as they are (see `kernels.batchnorm_folding`)."""
-    model = copy.deepcopy(loaded.module).eval()
-    fold_batchnorm(model, keep=[spec.module_path for spec in specs if spec.kind != "pixels"])
-    return model
-
-
-class FeatureExtractor:
-    """A model with its layer taps, ready to turn uint8 batches into stored summaries."""
-
-    def __init__(self, loaded: LoadedModel, layers: list[str], device: torch.device, precision: str):
-        self.loaded, self.device, self.precision = loaded, device, precision
-        self.specs = [loaded.layer(name) for name in layers]
-        self.model = inference_model(loaded, self.specs).to(device).to(memory_format=torch.channels_last)
-        probe = self(torch.zeros((1, 3, loaded.preprocessing.crop, loaded.preprocessing.crop), dtype=torch.uint8))
-        self.kinds = {name: "conv" if "max" in out else "vector" for name, out in probe.items()}
-        self.dims = {name: out["feature"].shape[1] for name, out in probe.items()}
-
-    def __call__(self, pixels: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
-        """(B,3,H,W) uint8 -> {layer: {column: (B, D) array}}."""
-        return {name: {k: v.cpu().numpy() for k, v in cols.items()} for name, cols in self.forward(pixels).items()}
-
-    @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        """(B,3,H,W) uint8 -> {layer: {column: (B, D) tensor on the model's device}}."""
-        pixels = pixels.to(self.device, non_blocking=True)
-        x = self.loaded.preprocessing.normalize(pixels)
-        x = x.contiguous(memory_format=torch.channels_last)
-        captured: dict[str, dict[str, torch.Tensor]] = {}
-
-        def keep(spec: LayerSpec, output: torch.Tensor) -> None:
-            captured[spec.name] = summarise(spec, output)
-
-        for spec in self.specs:
-            if spec.kind == "pixels":
-                captured[spec.name] = {"feature": pixel_thumbnail(pixels)}
-        dtype = PRECISIONS[self.precision]
-        if any(spec.kind != "pixels" for spec in self.specs):
-            with LayerTap(self.model, self.specs, keep), torch.autocast(self.device.type, enabled=dtype is not None,
-                                                                          dtype=dtype or torch.float32):
-                self.model(x)
-        return captured
 
 
 def _identity(loaded: LoadedModel) -> RunIdentity:

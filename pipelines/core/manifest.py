@@ -22,10 +22,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.images import is_image_name
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.store import write_table
-from featscope.pipelines.version import FEATSCOPE_VERSION
+from featscope.pipelines.core.images import is_image_name
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import write_table
+from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
 DEFAULT_SHARD_SIZE = 1000
 

@@ -19,11 +19,12 @@ from tqdm import tqdm
 
 from featscope.index import NeighborIndex, build_index, parse_bytes
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines import manifest
-from featscope.pipelines.atomic import write_json_atomic
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.store import RunIdentity, file_metadata, iter_features
-from featscope.pipelines.version import FEATSCOPE_VERSION
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.atomic import write_json_atomic
+from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features
+from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
 
 @dataclass
@@ -69,17 +70,6 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
     return IndexSummary(layer, result.meta)
 
 
-def open_index(rd: RunDir, layer: str, *, mmap: bool = False) -> NeighborIndex:
-    """The layer's index, refused if it was built from another model, weights or preprocessing."""
-    index = NeighborIndex.open(rd.root, layer, mmap=mmap)
-    identity = RunIdentity.of_run(rd.read_config())
-    for key, want in asdict(identity).items():
-        if index.meta.get(key) != want:
-            raise FeatscopeError(f"the index of '{layer}' was built for another {key} than run {rd.root} has; "
-                                 f"rebuild it with `featscope index build --run {rd.root} --layer {layer}`")
-    return index
-
-
 class Precision(NamedTuple):
     """Leave-one-out precision@k over `queries` images, overall and per label."""
 
@@ -113,7 +103,7 @@ def precision_at_k(index: NeighborIndex, labels: dict[int, str], *, k: int = 10,
 def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_queries: int = 2000) -> dict:
     """precision@k per layer (pixels included where its index exists), overall and per label;
     written to index/evaluation.json."""
-    built = sorted(p.parent.name for p in rd.index_root.glob("*/meta.json"))
+    built = rd.index_layers()
     layers = layers or built
     if not layers:
         raise FeatscopeError(f"no index in {rd.root}: run `featscope index build` first")
@@ -153,33 +143,13 @@ def format_evaluation(result: dict, *, max_labels: int = 12) -> str:
     return "\n".join(lines)
 
 
-def image_row(rd: RunDir) -> dict[int, dict]:
-    return {r["image_id"]: r for r in manifest.read(rd, include_removed=True).to_pylist()}
-
-
-def embed_image(rd: RunDir, layer: str, image: str | Path) -> np.ndarray:
-    """A new image's vector at `layer`, by the run's own model, weights and preprocessing."""
-    from featscope.pipelines.extract import FeatureExtractor, resolve_device, resolve_precision
-    from featscope.pipelines.images import BadImage, read_pixels
-    from featscope.pipelines.models import load_run_model
-
-    loaded = load_run_model(rd.read_config(), require_features=True)
-    device = resolve_device("auto")
-    extractor = FeatureExtractor(loaded, [layer], device, resolve_precision("auto", device))
-    try:
-        pixels = read_pixels(image, min_size=loaded.preprocessing.resize)
-    except BadImage as e:
-        raise FeatscopeError(f"cannot read {image}: {e}") from None
-    return extractor(loaded.preprocessing.to_uint8(pixels)[None])[layer]["feature"][0]
-
-
 def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | None = None,
           image: str | Path | None = None, k: int = 10, mmap: bool = False) -> list[dict]:
     """Nearest images to an image id, a path in the run, or a new image file."""
     if sum(x is not None for x in (image_id, path, image)) != 1:
         raise FeatscopeError("give exactly one of --id, --path, --image")
     index = open_index(rd, layer, mmap=mmap)
-    rows = image_row(rd)
+    rows = image_rows(rd)
     if path is not None:
         wanted = str(Path(path).resolve())
         matches = [i for i, r in rows.items() if r["path"] == wanted]
@@ -187,11 +157,13 @@ def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | No
             raise FeatscopeError(f"{path} is not an image of run {rd.root}")
         image_id = matches[0]
     if image is not None:
-        found = index.search_vectors(embed_image(rd, layer, image), k=k)
+        from featscope.pipelines.core.features import ImageEmbedder
+
+        found = index.search_vectors(ImageEmbedder(rd.read_config(), [layer]).embed(image, layer), k=k)
     else:
         if image_id not in rows:
             raise FeatscopeError(f"image_id {image_id} is not in run {rd.root}")
-        found = index.search_ids([image_id], k=k)
+        found = neighbours_of(index, [image_id], k)
     return [{"rank": rank + 1, "image_id": int(i), "path": rows[int(i)]["path"], "label": rows[int(i)]["label"],
              "distance": float(d)}
             for rank, (i, d) in enumerate(zip(found.image_ids[0], found.distances[0])) if i >= 0]

@@ -21,10 +21,10 @@ from sklearn.manifold import trustworthiness
 from sklearn.neighbors import KNeighborsClassifier
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines import manifest
-from featscope.pipelines.atomic import atomic_path
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.store import RunIdentity, iter_features
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import RunIdentity, iter_features, read_embedding
 
 EMBEDDING_SCHEMA = pa.schema([
     pa.field("image_id", pa.int64()), pa.field("tsne_x", pa.float32()), pa.field("tsne_y", pa.float32()),
@@ -128,7 +128,4 @@ def run(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.0,
     return EmbedSummary(layer, len(ids), trust, accuracy, sampled, time.perf_counter() - start)
 
 
-def read(rd: RunDir, layer: str) -> pa.Table:
-    if not rd.embedding(layer).exists():
-        raise FeatscopeError(f"no embedding of layer '{layer}': run `featscope embed --run {rd.root} --layer {layer}`")
-    return pq.read_table(rd.embedding(layer))
+read = read_embedding  # the reader lives in the store, where the mosaic stage finds it too

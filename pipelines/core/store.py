@@ -12,14 +12,18 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.atomic import atomic_path, tmp_path_for
-from featscope.pipelines.version import FEATSCOPE_VERSION
+from featscope.pipelines.core.atomic import atomic_path, tmp_path_for
+from featscope.pipelines.core.version import FEATSCOPE_VERSION
+
+if TYPE_CHECKING:
+    from featscope.pipelines.core.rundir import RunDir
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -234,3 +238,10 @@ def read_errors(errors_dir: Path) -> pa.Table:
     if not parts:
         return ERROR_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(p, schema=ERROR_SCHEMA) for p in parts])
+
+
+def read_embedding(rd: RunDir, layer: str) -> pa.Table:
+    """The 2-D map of a layer (image_id, tsne_x, tsne_y, pca_x, pca_y)."""
+    if not rd.embedding(layer).exists():
+        raise FeatscopeError(f"no embedding of layer '{layer}': run `featscope embed --run {rd.root} --layer {layer}`")
+    return pq.read_table(rd.embedding(layer))

@@ -26,12 +26,12 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import resolve_layer
 from featscope.kernels.receptive_field import receptive_field
 from featscope.kernels.topk import merge_topk
-from featscope.pipelines import manifest
-from featscope.pipelines.atomic import atomic_path
-from featscope.pipelines.images import BadImage, image_size, open_image
-from featscope.pipelines.models import Preprocessing
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.store import RunIdentity, file_metadata, write_topk
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.images import BadImage, image_size, open_image
+from featscope.pipelines.core.models import Preprocessing
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import RunIdentity, file_metadata, write_topk
 
 
 @dataclass

@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import torch
 
-from featscope.pipelines.images import DEFAULT_MAX_PIXELS, BadImage, read_pixels
-from featscope.pipelines.models import Preprocessing
+from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, read_pixels
+from featscope.pipelines.core.models import Preprocessing
 
 
 class ImageBatch(NamedTuple):

@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from featscope.index.search import INDEX_SUBDIR
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.atomic import write_json_atomic
+from featscope.pipelines.core.atomic import write_json_atomic
 
 
 class RunDir:
@@ -88,10 +87,21 @@ class RunDir:
 
     @property
     def index_root(self) -> Path:
-        return self.root / INDEX_SUBDIR
+        return self.root / "index"
 
     def index_dir(self, layer: str) -> Path:
+        """index.faiss, ids.parquet and meta.json of one layer (see `featscope.index`)."""
         return self.index_root / layer
+
+    def index_meta(self, layer: str) -> Path:
+        """Written last by an index build: its presence means the index is complete."""
+        return self.index_dir(layer) / "meta.json"
+
+    def index_layers(self) -> list[str]:
+        """Layers with a built index, sorted."""
+        if not self.index_root.is_dir():
+            return []
+        return sorted(p.name for p in self.index_root.iterdir() if (p / "meta.json").exists())
 
     @property
     def index_evaluation(self) -> Path:

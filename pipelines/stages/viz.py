@@ -34,13 +34,13 @@ from featscope.kernels.objectives import layer_energy, layer_outputs
 from featscope.kernels.render import class_models, deepdream, invert, layer_features
 from featscope.kernels.texture import Term, gram, match, noise_like, targets_at
 from featscope.kernels.transforms import PixelModel
-from featscope.pipelines import manifest
-from featscope.pipelines.atomic import atomic_path, write_json_atomic
-from featscope.pipelines.images import BadImage, read_pixels
-from featscope.pipelines.models import IMAGENET_WEIGHTS, LoadedModel, load_run_model
-from featscope.pipelines.panels import curves, enlarge, panel, stack, to_image
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.runtime import keep_freed_memory
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
+from featscope.pipelines.core.images import BadImage, read_pixels
+from featscope.pipelines.core.models import IMAGENET_WEIGHTS, LoadedModel, load_run_model
+from featscope.pipelines.render.panels import curves, enlarge, panel, stack, to_image
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.runtime import keep_freed_memory
 
 TILE = 160  # side of each picture in the galleries
 

@@ -9,10 +9,10 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import PIXELS
-from featscope.pipelines.atomic import atomic_path
-from featscope.pipelines.images import BadImage, open_image
-from featscope.pipelines.neighbors import image_row, open_index
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.images import BadImage, open_image
+from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
+from featscope.pipelines.core.rundir import RunDir
 
 CAPTION = 14
 MARGIN = 6
@@ -32,9 +32,9 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     if not image_ids:
         raise FeatscopeError("give at least one query image id")
     spaces = [(layer, open_index(rd, layer))]
-    if layer != PIXELS and (rd.index_dir(PIXELS) / "meta.json").exists():
+    if layer != PIXELS and rd.index_meta(PIXELS).exists():
         spaces.append((PIXELS, open_index(rd, PIXELS)))
-    rows = image_row(rd)
+    rows = image_rows(rd)
     font = ImageFont.load_default(size=11)
     row_h = tile + CAPTION + MARGIN
     width = LEGEND + (k + 1) * (tile + MARGIN) + MARGIN
@@ -45,9 +45,8 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
         if query not in rows:
             raise FeatscopeError(f"image_id {query} is not in run {rd.root}")
         for s, (name, index) in enumerate(spaces):
-            found = index.search_ids([query], k=k + 1)
-            neighbours = [(int(i), float(d)) for i, d in zip(found.image_ids[0], found.distances[0])
-                          if i >= 0 and i != query][:k]
+            found = neighbours_of(index, [query], k)
+            neighbours = [(int(i), float(d)) for i, d in zip(found.image_ids[0], found.distances[0]) if i >= 0]
             draw.text((MARGIN, y + tile // 2 - 6), "pixel space" if name == PIXELS else f"{name} features",
                       fill="black", font=font)
             x = LEGEND

@@ -11,8 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from featscope.pipelines.atomic import write_json_atomic
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.core.atomic import write_json_atomic
+from featscope.pipelines.core.rundir import RunDir
 
 
 def record(rd: RunDir, stage: str, seconds: float, detail: str = "") -> Path:

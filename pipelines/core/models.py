@@ -20,10 +20,11 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF2
 
+from featscope.kernels.architectures import profile_for, tested_architectures
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import LayerSpec, resolve_layer
 
-TESTED_ARCHITECTURES = ("alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2")
+TESTED_ARCHITECTURES = tested_architectures()
 IMAGENET_WEIGHTS = "IMAGENET1K_V1"  # the one file every tested architecture has
 
 
@@ -105,6 +106,12 @@ def _check_arch(arch: str) -> None:
         )
 
 
+def _build_options(arch: str) -> dict:
+    """Constructor arguments the architecture's profile asks for (e.g. GoogLeNet's weight init)."""
+    profile = profile_for(arch)
+    return dict(profile.build_options) if profile else {}
+
+
 def state_fingerprint(module: nn.Module) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape, bytes), in order."""
     digest = hashlib.sha256()
@@ -140,12 +147,12 @@ def load_model(arch: str, weights: str = "imagenet", *, seed: int = 0) -> Loaded
     elif weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            module = torchvision.models.get_model(arch, weights=None)
+            module = torchvision.models.get_model(arch, weights=None, **_build_options(arch))
     else:
         path = Path(weights)
         if not path.is_file():
             raise FeatscopeError(f"weights must be 'imagenet', 'random' or a checkpoint file; '{weights}' is none")
-        module = torchvision.models.get_model(arch, weights=None)
+        module = torchvision.models.get_model(arch, weights=None, **_build_options(arch))
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # any unreadable or unsafe checkpoint is the user's file, not a bug

@@ -38,15 +38,15 @@ from tqdm import tqdm
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.saliency import METHODS, attribute, class_score
 from featscope.kernels.segment import grabcut_mask
-from featscope.pipelines import manifest
-from featscope.pipelines.atomic import atomic_path, write_json_atomic
-from featscope.pipelines.extract import PRECISIONS, inference_model, resolve_device, resolve_precision
-from featscope.pipelines.images import BadImage, read_pixels
-from featscope.pipelines.models import IMAGENET_WEIGHTS, LoadedModel, load_model
-from featscope.pipelines.overlay import heat_overlay
-from featscope.pipelines.rundir import RunDir
-from featscope.pipelines.runtime import keep_freed_memory
-from featscope.pipelines.store import write_errors, write_table
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
+from featscope.pipelines.core.device import PRECISIONS, inference_model, resolve_device, resolve_precision
+from featscope.pipelines.core.images import BadImage, read_pixels
+from featscope.pipelines.core.models import IMAGENET_WEIGHTS, LoadedModel, load_model
+from featscope.pipelines.render.overlay import heat_overlay
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.runtime import keep_freed_memory
+from featscope.pipelines.core.store import write_errors, write_table
 
 FILLS = ("zeros", "mean", "blur")
 GRADCAM_LAYERS = {"alexnet": "conv5", "vgg16": "conv5_3", "resnet": "layer4", "mobilenet_v2": "block18"}

@@ -31,10 +31,10 @@ from featscope.kernels.objectives import layer_outputs, total_variation
 from featscope.kernels.style_net import StyleNet, mix, one_hot
 from featscope.kernels.texture import gram
 from featscope.kernels.transforms import PixelModel
-from featscope.pipelines.atomic import atomic_path
-from featscope.pipelines.images import BadImage, is_image_name, read_pixels
-from featscope.pipelines.models import load_model
-from featscope.pipelines.runtime import keep_freed_memory
+from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.images import BadImage, is_image_name, read_pixels
+from featscope.pipelines.core.models import load_model
+from featscope.pipelines.core.runtime import keep_freed_memory
 
 # Loss-network layers per architecture: (content layer, style layers).
 LOSS_LAYERS = {
@@ -277,7 +277,7 @@ def save_images(images: torch.Tensor, paths: list[Path]) -> list[Path]:
 def strip(checkpoint: str | Path, image: str | Path, out: str | Path, *, size: int = 192) -> Path:
     """The image, each style alone, then mixes of styles 0 and 1 (0.25, 0.5, 0.75): switching
     and mixing in one picture."""
-    from featscope.pipelines.panels import panel, to_image
+    from featscope.pipelines.render.panels import panel, to_image
 
     state = load_checkpoint(checkpoint)
     n = len(state["styles"])

@@ -20,11 +20,12 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines import embed, manifest
-from featscope.pipelines.atomic import atomic_path
-from featscope.pipelines.grid_layout import assign, assign_exact, cell_centres, cover_sample, normalise, total_cost
-from featscope.pipelines.images import BadImage, open_image
-from featscope.pipelines.rundir import RunDir
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.render.grid_layout import assign, assign_exact, cell_centres, cover_sample, normalise, total_cost
+from featscope.pipelines.core.images import BadImage, open_image
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import read_embedding
 
 EXACT_RATIO_MAX_CELLS = 1024  # above this the exact optimum costs too long to report
 
@@ -53,7 +54,7 @@ def _save_jpeg(img: Image.Image, path: Path) -> None:
 
 
 def _positions(rd: RunDir, layer: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    table = embed.read(rd, layer)
+    table = read_embedding(rd, layer)
     paths = {r["image_id"]: r["path"] for r in manifest.read(rd).to_pylist()}
     ids = table["image_id"].to_numpy()
     keep = np.array([int(i) in paths for i in ids], dtype=bool)
@@ -129,7 +130,7 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
     import matplotlib.pyplot as plt
 
     start = time.perf_counter()
-    table = embed.read(rd, layer)
+    table = read_embedding(rd, layer)
     labels_by_id = {r["image_id"]: r["label"] for r in manifest.read(rd).to_pylist()}
     labels = np.array([str(labels_by_id.get(int(i))) for i in table["image_id"].to_numpy()])
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}

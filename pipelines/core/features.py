@@ -1,0 +1,119 @@
+"""Turning images into stored features: the layer taps and what is kept of each layer.
+
+`FeatureExtractor` is used by the extract stage for whole shards and, through
+`ImageEmbedder`, by `featscope query --image` and the query service for single new images,
+so a new image is embedded exactly as the dataset was.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.layers import LayerSpec, LayerTap
+from featscope.kernels.summary import conv_summary, pixel_thumbnail
+from featscope.pipelines.core.device import PRECISIONS, inference_model, resolve_device, resolve_precision
+from featscope.pipelines.core.images import BadImage, decode_pixels, read_pixels
+from featscope.pipelines.core.models import LoadedModel, load_run_model
+
+
+def summarise(spec: LayerSpec, output: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A layer's output -> the tensors stored for it (computed at once, before in-place ops)."""
+    if spec.grid:
+        if output.ndim != 4:
+            raise FeatscopeError(f"layer '{spec.name}': '{spec.module_path}' has no spatial grid to pool "
+                                 f"(its output has shape {tuple(output.shape)})")
+        return {"feature": F.adaptive_avg_pool2d(output.float(), spec.grid).flatten(1)}
+    if spec.kind == "conv" or (spec.kind == "auto" and output.ndim == 4 and output.shape[2] * output.shape[3] > 1):
+        s = conv_summary(output)
+        return {"feature": s.mean, "max": s.max, "argmax_y": s.argmax_y, "argmax_x": s.argmax_x}
+    return {"feature": output.detach().flatten(1).float()}
+
+
+def inference_model(loaded: LoadedModel, specs: list[LayerSpec]) -> torch.nn.Module:
+    """A copy of the model for extraction: batch norms folded into their convs wherever
+    that leaves the tapped layers' outputs as they are (see `kernels.batchnorm_folding`)."""
+    model = copy.deepcopy(loaded.module).eval()
+    fold_batchnorm(model, keep=[spec.module_path for spec in specs if spec.kind != "pixels"])
+    return model
+
+
+class FeatureExtractor:
+    """A model with its layer taps, ready to turn uint8 batches into stored summaries."""
+
+    def __init__(self, loaded: LoadedModel, layers: list[str], device: torch.device, precision: str):
+        self.loaded, self.device, self.precision = loaded, device, precision
+        self.specs = [loaded.layer(name) for name in layers]
+        self.model = inference_model(loaded, self.specs).to(device).to(memory_format=torch.channels_last)
+        probe = self(torch.zeros((1, 3, loaded.preprocessing.crop, loaded.preprocessing.crop), dtype=torch.uint8))
+        self.kinds = {name: "conv" if "max" in out else "vector" for name, out in probe.items()}
+        self.dims = {name: out["feature"].shape[1] for name, out in probe.items()}
+
+    def __call__(self, pixels: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
+        """(B,3,H,W) uint8 -> {layer: {column: (B, D) array}}."""
+        return {name: {k: v.cpu().numpy() for k, v in cols.items()} for name, cols in self.forward(pixels).items()}
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """(B,3,H,W) uint8 -> {layer: {column: (B, D) tensor on the model's device}}."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        x = self.loaded.preprocessing.normalize(pixels)
+        x = x.contiguous(memory_format=torch.channels_last)
+        captured: dict[str, dict[str, torch.Tensor]] = {}
+
+        def keep(spec: LayerSpec, output: torch.Tensor) -> None:
+            captured[spec.name] = summarise(spec, output)
+
+        for spec in self.specs:
+            if spec.kind == "pixels":
+                captured[spec.name] = {"feature": pixel_thumbnail(pixels)}
+        dtype = PRECISIONS[self.precision]
+        if any(spec.kind != "pixels" for spec in self.specs):
+            with LayerTap(self.model, self.specs, keep), torch.autocast(self.device.type, enabled=dtype is not None,
+                                                                          dtype=dtype or torch.float32):
+                self.model(x)
+        return captured
+
+
+
+class ImageEmbedder:
+    """The run's model, loaded on first use, turning one new image into its stored vector
+    at a layer. Thread-safe: the model runs under a lock."""
+
+    def __init__(self, config: dict, layers: list[str], *, device: str = "auto"):
+        self.config, self.layers, self.device = config, list(layers), device
+        self._extractor: FeatureExtractor | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        with self._lock:
+            if self._extractor is None:
+                loaded = load_run_model(self.config, require_features=True)
+                device = resolve_device(self.device)
+                self._extractor = FeatureExtractor(loaded, self.layers, device, resolve_precision("auto", device))
+            return self._extractor
+
+    def pixels(self, source: str | Path | bytes) -> torch.Tensor:
+        """A file path or encoded bytes -> (3,H,W) uint8; a bad image is a one-line error."""
+        min_size = self.extractor.loaded.preprocessing.resize
+        try:
+            if isinstance(source, bytes):
+                return decode_pixels(source, min_size=min_size)
+            return read_pixels(source, min_size=min_size)
+        except BadImage as e:
+            if isinstance(source, bytes):
+                raise FeatscopeError(f"not a readable image: {e}") from None
+            raise FeatscopeError(f"cannot read {source}: {e}") from None
+
+    def embed(self, source: str | Path | bytes, layer: str) -> np.ndarray:
+        """The vector of a new image at `layer`, by the run's model, weights and preprocessing."""
+        extractor = self.extractor
+        pixels = extractor.loaded.preprocessing.to_uint8(self.pixels(source))[None]
+        with self._lock:
+            return extractor(pixels)[layer]["feature"][0]

@@ -1,0 +1,1 @@
+"""Pictures: heat-map overlays, captioned panels, grid layouts of maps."""
