@@ -1,7 +1,9 @@
 # featscope workflow: one rule per stage, one job per shard (never per image).
 #   snakemake --cores 2                       # the demo run (config/default.yaml)
 #   snakemake --cores 2 --configfile my.yaml  # your own dataset and model
-# Every rule is one `featscope <stage>` call, so each step also runs by hand.
+# Every rule is one `featscope <stage>` call, so each step also runs by hand. Each command
+# line is built from the config section's values by the command's own options declaration
+# (`command(...)` below), never written out here.
 
 import shlex
 import sys
@@ -11,16 +13,18 @@ from snakemake.exceptions import WorkflowError
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import PIXELS
-from featscope.pipelines.core import config as fsconfig
+from featscope.pipelines.app import cli as fscli
+from featscope.pipelines.app import config as fsconfig
 from featscope.pipelines.core import manifest as fsmanifest
 from featscope.pipelines.core.rundir import RunDir
 
 configfile: "config/default.yaml"
 
 try:
-    CFG = fsconfig.validate(config, Path(workflow.basedir) / "config" / "schema.yaml")
+    CFG = fsconfig.validate(config)
 except FeatscopeError as e:
     raise SystemExit(f"featscope: error: {e}")
+COMMANDS = fscli.commands()
 
 RD = RunDir(Path(CFG["runs_dir"]) / CFG["run"])
 LAYERS = CFG["layers"]
@@ -77,29 +81,25 @@ _beside = Path(sys.executable).with_name("featscope")
 FEATSCOPE = q(str(_beside)) if _beside.exists() else "featscope"
 RUN_ARG = q(str(RD.root))
 
-MANIFEST_CMD = (
-    f"{FEATSCOPE} manifest --images {q(CFG['images'])} --run {RUN_ARG} --shard-size {CFG['shard_size']}"
-    f" --model {q(MODEL['arch'])} --weights {q(MODEL['weights'])}"
-)
-EXTRACT_CMD = (
-    f"{FEATSCOPE} extract --run {RUN_ARG} --layers {q(','.join(EXTRACT_LAYERS))}"
-    f" --device {EXTRACT['device']} --precision {EXTRACT['precision']} --batch-size {EXTRACT['batch_size']}"
-    f" --seed {MODEL['seed']} --topk {TOPK['k']} --quiet"
-    + (f" --workers {EXTRACT['workers']}" if "workers" in EXTRACT else "")
-)
-SALIENCY_CMD = (
-    f"{FEATSCOPE} saliency --run {RUN_ARG} --select {q(SALIENCY['select'])} --target {q(SALIENCY['target'])}"
-    f" --score {SALIENCY['score']} --window {SALIENCY['window']} --stride {SALIENCY['stride']}"
-    f" --fill {q(SALIENCY['fill'])} --quiet" + (" --segment" if SALIENCY["segment"] else "")
-    + (f" --scheduler {q(SALIENCY['scheduler'])}" if "scheduler" in SALIENCY
-       else f" --slurm-jobs {SALIENCY['slurm_jobs']}" + "".join(
-           f" --slurm-{k} {q(str(v))}" for k, v in SALIENCY.get("slurm_worker", {}).items())
-       if "slurm_jobs" in SALIENCY else " --workers {threads}")
-)
-INDEX_CMD = (
-    f"{FEATSCOPE} index build --run {RUN_ARG} --kind {INDEX['kind']} --metric {INDEX['metric']}"
-    f" --max-memory {q(INDEX['max_memory'])} --quiet"
-)
+
+
+def command(name, section=None, quiet=True, **fixed):
+    """The shell command of featscope command `name`: the config section's options of that
+    command plus the values the workflow fixes (layer, shard, method, ...)."""
+    spec = COMMANDS[name]
+    options = fsconfig.options_for(section or {}, spec, **fixed)
+    flags = {"run": RUN_ARG} if spec.needs_run else {}
+    if quiet and "progress" in fscli.inspect.signature(spec.run).parameters:
+        flags["quiet"] = ""
+    return fscli.command_line(name, options, executable=FEATSCOPE, **flags)
+
+
+# Saliency runs on `workers` local Dask processes (Snakemake schedules the job by them), unless
+# the config names a scheduler or SLURM workers.
+SALIENCY_THREADS = SALIENCY.get("workers") or 2
+REMOTE = SALIENCY.get("scheduler") or SALIENCY.get("slurm_jobs")
+LOCAL_WORKERS = lambda threads: {} if REMOTE else {"workers": threads}
+
 
 def shards():
     """The run's shards, known once the manifest checkpoint has run."""
@@ -116,21 +116,17 @@ def index_meta(layer):
     return str(RD.index_dir(layer) / "meta.json")
 
 
-def ids(values):
-    return ",".join(map(str, values))
-
-
 def viz_outputs(part=None):
     """The toolbox pictures the config asks for (of one part, or all)."""
     out = {
         "filters": [str(RD.viz_filters(layer)) for layer in VIZ.get("filters", [])],
         "activations": [str(RD.viz_activations(layer, i)) for layer in VIZ.get("activations", {}).get("layers", [])
-                        for i in VIZ.get("activations", {}).get("images", [])],
+                        for i in VIZ.get("activations", {}).get("ids", [])],
         "class_models": [str(RD.viz_class_models)] if "class_models" in VIZ else [],
         "adversarial": [str(RD.viz_adversarial(i, str(VIZ["adversarial"].get("target", "untargeted"))))
-                        for i in VIZ.get("adversarial", {}).get("images", [])],
-        "dream": [str(RD.viz_dream(i)) for i in VIZ.get("dream", {}).get("images", [])],
-        "inversion": [str(RD.viz_inversion(i)) for i in VIZ.get("inversion", {}).get("images", [])],
+                        for i in VIZ.get("adversarial", {}).get("ids", [])],
+        "dream": [str(RD.viz_dream(i)) for i in VIZ.get("dream", {}).get("ids", [])],
+        "inversion": [str(RD.viz_inversion(i)) for i in VIZ.get("inversion", {}).get("ids", [])],
         "texture": [str(RD.viz_texture(Path(p).stem)) for p in VIZ.get("texture", {}).get("images", [])],
         "style_transfer": [str(RD.viz_style(i, Path(VIZ["style_transfer"]["style"]).stem))
                            for i in VIZ.get("style_transfer", {}).get("images", [])],
@@ -145,7 +141,7 @@ localrules: all
 
 wildcard_constraints:
     layer=r"[^/]+",
-    method=r"occlusion|gradient|guided|smoothgrad|gradcam",
+    method="|".join(COMMANDS["saliency"].options.__dataclass_fields__["method"].metadata["param"].choices),
 
 
 rule all:
@@ -169,8 +165,10 @@ rule report:
         str(RD.report_dir / "index.html"),
     resources:
         **res("report"),
+    params:
+        cmd=command("report"),
     shell:
-        f"{FEATSCOPE} report --run {RUN_ARG} --quiet"
+        "{params.cmd}"
 
 
 # Reruns whenever the set of images changes (the listing is a param). `update`: Snakemake
@@ -178,12 +176,14 @@ rule report:
 checkpoint manifest:
     output:
         update(RD.manifest),
-    params:
-        listing=lambda wildcards: fsmanifest.listing_fingerprint(CFG["images"]),
     resources:
         **res("manifest"),
+    params:
+        listing=lambda wildcards: fsmanifest.listing_fingerprint(CFG["images"]),
+        cmd=command("manifest", images=CFG["images"], shard_size=CFG["shard_size"], model=MODEL["arch"],
+                    weights=MODEL["weights"]),
     shell:
-        MANIFEST_CMD
+        "{params.cmd}"
 
 
 # `ancient`: a manifest updated for new images must not make finished shards look stale.
@@ -195,11 +195,14 @@ rule extract:
         [RD.topk_candidates_template(layer) for layer in TOPK_LAYERS],
     wildcard_constraints:
         shard=r"\d{5}",
-    threads: EXTRACT["threads"]
+    threads: EXTRACT.get("threads") or all_cores()
     resources:
         **res("extract"),
+    params:
+        cmd=lambda wildcards, threads: command("extract", EXTRACT | {"threads": threads}, layers=EXTRACT_LAYERS,
+                                               seed=MODEL["seed"], topk=TOPK["k"], shard=int(wildcards.shard)),
     shell:
-        EXTRACT_CMD + " --shard {wildcards.shard} --threads {threads}"
+        "{params.cmd}"
 
 
 # One index per layer (and pixel space), rebuilt when shards are added.
@@ -210,8 +213,10 @@ rule index:
         index_meta("{layer}"),
     resources:
         **res("index"),
+    params:
+        cmd=lambda wildcards: command("index build", INDEX, layer=wildcards.layer),
     shell:
-        INDEX_CMD + " --layer {wildcards.layer}"
+        "{params.cmd}"
 
 
 rule evaluate:
@@ -221,8 +226,10 @@ rule evaluate:
         RD.index_evaluation,
     resources:
         **res("evaluate"),
+    params:
+        cmd=command("index evaluate"),
     shell:
-        f"{FEATSCOPE} index evaluate --run {RUN_ARG}"
+        "{params.cmd}"
 
 
 rule neighbors:
@@ -231,12 +238,12 @@ rule neighbors:
         [index_meta(PIXELS)] if INDEX["pixels"] else [],
     output:
         str(RD.neighbor_sheet("{layer}")),
-    params:
-        ids=",".join(map(str, INDEX["queries"])),
     resources:
         **res("neighbors"),
+    params:
+        cmd=lambda wildcards: command("neighbours", layer=wildcards.layer, ids=INDEX["queries"], k=INDEX["k"]),
     shell:
-        f"{FEATSCOPE} neighbors --run {RUN_ARG} --layer {{wildcards.layer}} --ids {{params.ids}} -k {INDEX['k']}"
+        "{params.cmd}"
 
 
 # The dataset's top-k per unit from every shard's candidates; then the patch PNGs.
@@ -247,8 +254,10 @@ rule topk_merge:
         str(RD.topk("{layer}")),
     resources:
         **res("topk_merge"),
+    params:
+        cmd=lambda wildcards: command("topk merge", layer=wildcards.layer),
     shell:
-        f"{FEATSCOPE} topk merge --run {RUN_ARG} --layer {{wildcards.layer}}"
+        "{params.cmd}"
 
 
 rule topk_render:
@@ -258,8 +267,10 @@ rule topk_render:
         str(RD.patch_sheet("{layer}")),
     resources:
         **res("topk_render"),
+    params:
+        cmd=lambda wildcards: command("topk render", TOPK, layer=wildcards.layer, k=None),  # k: extraction's
     shell:
-        f"{FEATSCOPE} topk render --run {RUN_ARG} --layer {{wildcards.layer}} --units {q(TOPK['units'])} --quiet"
+        "{params.cmd}"
 
 
 rule embed:
@@ -270,9 +281,10 @@ rule embed:
     threads: all_cores()
     resources:
         **res("embed"),
+    params:
+        cmd=lambda wildcards: command("embed", EMBED, layer=wildcards.layer),
     shell:
-        f"{FEATSCOPE} embed --run {RUN_ARG} --layer {{wildcards.layer}} --pca-dims {EMBED['pca_dims']}"
-        f" --perplexity {EMBED['perplexity']} --seed {EMBED['seed']} --max-exact {EMBED['max_exact']}"
+        "{params.cmd}"
 
 
 rule mosaic:
@@ -285,11 +297,15 @@ rule mosaic:
         plot=str(RD.mosaic("{layer}", "plot", "png")),
     resources:
         **res("mosaic"),
+    params:
+        cmd=lambda wildcards: " && ".join([
+            command("mosaic grid", layer=wildcards.layer, side=EMBED["grid_side"], tile=EMBED["tile"],
+                    seed=EMBED["seed"]),
+            command("mosaic scatter", layer=wildcards.layer, seed=EMBED["seed"]),
+            command("mosaic plot", layer=wildcards.layer),
+        ]),
     shell:
-        f"{FEATSCOPE} mosaic grid --run {RUN_ARG} --layer {{wildcards.layer}} --side {EMBED['grid_side']}"
-        f" --tile {EMBED['tile']} --seed {EMBED['seed']} --quiet"
-        f" && {FEATSCOPE} mosaic scatter --run {RUN_ARG} --layer {{wildcards.layer}} --seed {EMBED['seed']} --quiet"
-        f" && {FEATSCOPE} mosaic plot --run {RUN_ARG} --layer {{wildcards.layer}}"
+        "{params.cmd}"
 
 
 # Saliency maps of the selected images, one job per method, on a local Dask cluster of
@@ -299,19 +315,19 @@ rule saliency:
         ancient(RD.manifest),
     output:
         str(RD.saliency_summary("{method}")),
-    threads: SALIENCY["workers"]
+    threads: SALIENCY_THREADS
     resources:
         **res("saliency"),
+    params:
+        cmd=lambda wildcards, threads: command("saliency", SALIENCY, method=wildcards.method,
+                                               **LOCAL_WORKERS(threads)),
     shell:
-        SALIENCY_CMD + " --method {wildcards.method}"
+        "{params.cmd}"
 
 
 # The visualisation toolbox: one job per configured part, every target of a part in one batch.
-def viz_command(method, **options):
-    flags = "".join(f" --{k.replace('_', '-')} {q(str(v))}" for k, v in options.items() if v is not None)
-    return f"{FEATSCOPE} viz {method} --run {RUN_ARG} --quiet{flags}" if method in (
-        "class-model", "dream", "invert", "texture", "style") \
-        else f"{FEATSCOPE} viz {method} --run {RUN_ARG}{flags}"
+def viz_command(method, part, **fixed):
+    return command(f"viz {method}", part, **fixed)
 
 
 if VIZ.get("filters"):
@@ -323,7 +339,7 @@ if VIZ.get("filters"):
         resources:
             **res("viz"),
         shell:
-            viz_command("filters", layers=",".join(VIZ["filters"]))
+            viz_command("filters", {}, layers=VIZ["filters"])
 
 
 if "activations" in VIZ:
@@ -335,8 +351,7 @@ if "activations" in VIZ:
         resources:
             **res("viz"),
         shell:
-            viz_command("activations", layers=",".join(VIZ["activations"]["layers"]),
-                        ids=ids(VIZ["activations"]["images"]))
+            viz_command("activations", VIZ["activations"])
 
 
 if "class_models" in VIZ:
@@ -349,8 +364,7 @@ if "class_models" in VIZ:
         resources:
             **res("viz"),
         shell:
-            viz_command("class-model", classes=ids(VIZ["class_models"]["classes"]),
-                        steps=VIZ["class_models"]["steps"], octaves=VIZ["class_models"]["octaves"])
+            viz_command("class-model", VIZ["class_models"])
 
 
 if "adversarial" in VIZ:
@@ -362,9 +376,7 @@ if "adversarial" in VIZ:
         resources:
             **res("viz"),
         shell:
-            viz_command("adversarial", ids=ids(VIZ["adversarial"]["images"]),
-                        target=VIZ["adversarial"].get("target"), epsilon=VIZ["adversarial"]["epsilon"],
-                        steps=VIZ["adversarial"]["steps"])
+            viz_command("adversarial", VIZ["adversarial"])
 
 
 if "dream" in VIZ:
@@ -377,8 +389,7 @@ if "dream" in VIZ:
         resources:
             **res("viz"),
         shell:
-            viz_command("dream", ids=ids(VIZ["dream"]["images"]), layers=",".join(VIZ["dream"]["layers"]),
-                        octaves=VIZ["dream"]["octaves"], steps=VIZ["dream"]["steps"])
+            viz_command("dream", VIZ["dream"])
 
 
 if "inversion" in VIZ:
@@ -391,8 +402,7 @@ if "inversion" in VIZ:
         resources:
             **res("viz"),
         shell:
-            viz_command("invert", ids=ids(VIZ["inversion"]["images"]), layers=",".join(VIZ["inversion"]["layers"]),
-                        steps=VIZ["inversion"]["steps"], tv=VIZ["inversion"]["tv"])
+            viz_command("invert", VIZ["inversion"])
 
 
 if "texture" in VIZ:
@@ -405,9 +415,10 @@ if "texture" in VIZ:
         threads: all_cores()
         resources:
             **res("viz"),
+        params:
+            cmd=lambda wildcards, input: viz_command("texture", VIZ["texture"], image=input.image),
         shell:
-            viz_command("texture", layers=",".join(VIZ["texture"]["layers"]), size=VIZ["texture"]["size"],
-                        steps=VIZ["texture"]["steps"]) + " --image {input.image:q}"
+            "{params.cmd}"
 
 
 if "style_transfer" in VIZ:
@@ -421,10 +432,8 @@ if "style_transfer" in VIZ:
         resources:
             **res("viz"),
         run:
-            part = VIZ["style_transfer"]
-            for image_id in part["images"]:
-                shell(viz_command("style", id=image_id, style=part["style"], content_layer=part["content_layer"],
-                                  style_layers=",".join(part["style_layers"]), steps=part["steps"]))
+            for image_id in VIZ["style_transfer"]["images"]:
+                shell(viz_command("style", VIZ["style_transfer"], id=image_id))
 
 
 # Fast style transfer: train one network for every style (resumable), then draw the
@@ -438,10 +447,10 @@ if STYLE_NET:
         threads: all_cores()
         resources:
             **res("style_train"),
+        params:
+            cmd=command("style train", STYLE_NET, out=RD.style_net_dir),
         shell:
-            f"{FEATSCOPE} style train --styles {' '.join(q(s) for s in STYLE_NET['styles'])}"
-            f" --content {q(STYLE_NET['content'])} --out {q(str(RD.style_net_dir))} --size {STYLE_NET['size']}"
-            f" --steps {STYLE_NET['steps']} --batch {STYLE_NET['batch']} --quiet"
+            "{params.cmd}"
 
     rule style_outputs:
         input:
@@ -451,6 +460,10 @@ if STYLE_NET:
             onnx=str(RD.style_net_dir / "net.onnx"),
         resources:
             **res("viz"),
+        params:
+            cmd=lambda wildcards, input, output: " && ".join([
+                command("style strip", checkpoint=input[0], image=STYLE_NET["image"], out=output.strip),
+                command("style export", checkpoint=input[0], out=output.onnx),
+            ]),
         shell:
-            f"{FEATSCOPE} style strip --checkpoint {{input}} --image {q(STYLE_NET['image'])} --out {{output.strip}}"
-            f" && {FEATSCOPE} style export --checkpoint {{input}} --out {{output.onnx}}"
+            "{params.cmd}"

@@ -110,7 +110,7 @@ def featscope_e2e(arch: str, images: Path, work: Path, batch: int, device: str, 
     rd = RunDir(work / f"run-{arch}-{time.monotonic_ns()}")
     n = manifest.run(rd, images, num_shards=1).total
     start = time.perf_counter()
-    extract.run(rd, [LAYERS[arch][0]], model=arch, weights="random", device=device, precision=precision,
+    extract.extract(rd, [LAYERS[arch][0]], model=arch, weights="random", device=device, precision=precision,
                 batch_size=batch, workers=workers, progress=False)
     return n / (time.perf_counter() - start)
 

@@ -171,7 +171,7 @@ def dask_throughput(n: int, method: str, model: str, weights: str) -> None:
         for workers in (1, 2):
             rd = RunDir(Path(tmp) / f"run{workers}")
             manifest.run(rd, Path(tmp) / "photos", num_shards=1, model=model, weights=weights)
-            summary = saliency.run(rd, saliency.SaliencyOptions(method=method), workers=workers, progress=False)
+            summary = saliency.run(rd, saliency.SaliencyOptions(method=method, workers=workers), progress=False)
             rates[workers] = summary.computed / summary.seconds
             print(f"saliency/dask {method} {workers} worker(s): {rates[workers]:.2f} img/s "
                   f"({n} images, {summary.seconds:.1f}s with cluster start)")

@@ -25,7 +25,7 @@ def timed(images: Path, work: Path, model: str, layers: list[str], k: int) -> fl
     rd = RunDir(work / f"run-{time.monotonic_ns()}")
     manifest.run(rd, images, num_shards=1, model=model, weights="random")
     start = time.perf_counter()
-    extract.run(rd, layers, topk=k, progress=False)
+    extract.extract(rd, layers, topk=k, progress=False)
     return time.perf_counter() - start
 
 

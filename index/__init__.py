@@ -5,11 +5,11 @@ The public surface is `build_index` (streamed build with measured recall) and
 """
 
 from featscope.index.build import BuildResult, build_index
-from featscope.index.factory import IndexPlan, choose_plan, parse_bytes
+from featscope.index.factory import KINDS, METRICS, IndexPlan, choose_plan, parse_bytes
 from featscope.index.recall import exact_knn, recall_at_k
-from featscope.index.search import INDEX_SUBDIR, NeighborIndex
+from featscope.index.search import INDEX_SUBDIR, NeighborIndex, Neighbors
 
 __all__ = [
-    "BuildResult", "INDEX_SUBDIR", "IndexPlan", "NeighborIndex", "build_index", "choose_plan", "exact_knn",
+    "BuildResult", "INDEX_SUBDIR", "IndexPlan", "KINDS", "METRICS", "NeighborIndex", "Neighbors", "build_index", "choose_plan", "exact_knn",
     "parse_bytes", "recall_at_k",
 ]

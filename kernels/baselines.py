@@ -14,7 +14,7 @@ import math
 import torch
 from torchvision.transforms import functional as TF
 
-from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 
 KINDS = ("zeros", "mean", "blur")
 HELP = "zeros (model input 0: the training mean colour) | mean (the image's mean colour) | blur | a number"
@@ -27,7 +27,7 @@ def check_kind(name: str, kind: str | float) -> None:
     try:
         float(kind)
     except (TypeError, ValueError):
-        raise FeatscopeError(f"{name} must be one of {', '.join(KINDS)} or a number, not {kind!r}") from None
+        raise ParamError(name, f"must be one of {', '.join(KINDS)} or a number, not {kind!r}") from None
 
 
 def reference(images: torch.Tensor, kind: str | float | torch.Tensor, *, sigma: float = 8.0) -> torch.Tensor:

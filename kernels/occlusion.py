@@ -250,7 +250,7 @@ def _image_drops_cut(trunk, cut, image, fill, target, ys, xs, window, score, bat
 def occlusion(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
               window: Annotated[int, Param("occlusion window side in model pixels", min=1)] = 32,
               stride: Annotated[int, Param("occlusion stride in model pixels", min=1)] = 16,
-              fill: Annotated[str, Param("occlusion fill: " + baselines.HELP)] = "zeros",
+              fill: Annotated[str, Param("occlusion fill: " + baselines.HELP, validate=baselines.check_kind)] = "zeros",
               baseline: torch.Tensor | float | None = None, score: str = "logit", batch: int = 128,
               dtype: torch.dtype | None = None, cut: int | str | None = "auto") -> torch.Tensor:
     """Mean drop in class score when each window is covered.

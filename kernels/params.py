@@ -8,6 +8,7 @@ derived. Nothing here knows about flags or files: a parameter has a name and a m
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,15 +24,21 @@ class Param:
     choices: tuple = ()
     min: float | None = None
     max: float | None = None
+    pattern: str | None = None  # a regular expression every text value must match
+    validate: Callable[[str, object], None] | None = None  # raises ParamError for a bad value
 
     def check(self, name: str, value: object) -> None:
         """Raise a one-line error naming the parameter when `value` is out of range."""
         if value is None or isinstance(value, bool):
             return
+        if self.validate is not None:
+            self.validate(name, value)
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
             if self.choices and v not in self.choices:
                 raise ParamError(name, f"must be one of {', '.join(map(str, self.choices))}, not {v!r}")
+            if self.pattern and isinstance(v, str) and not re.search(self.pattern, v):
+                raise ParamError(name, f"must match {self.pattern}, not {v!r}")
             if isinstance(v, (int, float)):
                 if self.min is not None and v < self.min:
                     raise ParamError(name, f"must be at least {self.min:g}, got {v}")

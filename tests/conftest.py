@@ -57,13 +57,13 @@ def reported_run(tmp_path_factory, digits):
     write_dataset(root / "images", digits, n_photos=6, digits_per_label=3, labels=(0, 1, 7))
     rd = RunDir(root / "run")
     manifest.run(rd, root / "images", shard_size=8, model="resnet18", weights="random")
-    extract.run(rd, ["pool", "layer3", "pixels"], batch_size=8, workers=0, topk=3, progress=False)
+    extract.extract(rd, ["pool", "layer3", "pixels"], batch_size=8, workers=0, topk=3, progress=False)
     for layer in ("pool", "pixels"):
         neighbors.build(rd, layer, progress=False)
     neighbors.evaluate(rd)
     topk.merge(rd, "layer3")
     topk.render(rd, "layer3", units=[0, 1, 2, 3], progress=False)
-    embed.run(rd, "pool", perplexity=3)
+    embed.embed(rd, "pool", perplexity=3)
     mosaic.grid(rd, "pool", side=3, tile=32, progress=False)
     photos = saliency.select(rd, "label=photo")
     saliency.explain_batch(str(rd.root), saliency.SaliencyOptions(method="gradcam"),

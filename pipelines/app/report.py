@@ -34,6 +34,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, write_bytes_atomic
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
+from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import read_errors
 from featscope.pipelines.core.timings import read_timings
@@ -203,3 +204,23 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     }
     _script(out / "data" / "run.js", "FS_RUN", summary)
     return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start)
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReportOptions(Options):
+    k: int = option(8, help="neighbours shown per image and space", min=1)
+
+
+def run(rd: RunDir, options: ReportOptions, progress: bool = True) -> ReportSummary:
+    return build(rd, k=options.k, progress=progress)
+
+
+COMMANDS = [
+    Command("report", ReportOptions, run, records_timing=False,
+            help="a static HTML report of a run (open report/index.html from disk)",
+            description="Summary, bad inputs, stage timings, unit galleries with top-k patches, clickable t-SNE "
+                        "mosaics, per-image neighbours and saliency, the toolbox gallery. Thumbnails are made once "
+                        "and lazy-loaded."),
+]

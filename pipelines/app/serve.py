@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import json
 import mimetypes
-import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import numpy as np
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core.features import ImageEmbedder
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
+from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 
 
@@ -175,3 +175,24 @@ def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: in
         pass
     finally:
         server.server_close()
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServeOptions(Options):
+    host: str = option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    port: int = option(8000, help="port to listen on", min=0, max=65535)
+    max_upload: int = option(16 * 2**20, help="largest upload in bytes", min=1)
+
+
+def _serve(rd: RunDir, options: ServeOptions) -> None:
+    run(rd, host=options.host, port=options.port, max_upload=options.max_upload)
+
+
+COMMANDS = [
+    Command("serve", ServeOptions, _serve, records_timing=False,
+            help="serve a run's report and a JSON query API on 127.0.0.1",
+            description="GET /api/neighbors?id=N&layer=L&k=K, POST /api/neighbors?layer=L&k=K with an image as the "
+                        "body, GET /api/image/N. Serves only files inside the run directory."),
+]

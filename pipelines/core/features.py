@@ -35,14 +35,6 @@ def summarise(spec: LayerSpec, output: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"feature": output.detach().flatten(1).float()}
 
 
-def inference_model(loaded: LoadedModel, specs: list[LayerSpec]) -> torch.nn.Module:
-    """A copy of the model for extraction: batch norms folded into their convs wherever
-    that leaves the tapped layers' outputs as they are (see `kernels.batchnorm_folding`)."""
-    model = copy.deepcopy(loaded.module).eval()
-    fold_batchnorm(model, keep=[spec.module_path for spec in specs if spec.kind != "pixels"])
-    return model
-
-
 class FeatureExtractor:
     """A model with its layer taps, ready to turn uint8 batches into stored summaries."""
 

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines.core.options import Command, Options, option
 
 # (package, path inside it) of every colour photograph used; the others in those folders
 # are grayscale, synthetic or drawings.
@@ -149,3 +150,34 @@ def build(out: str | Path, *, digits: int = 5000, force: bool = False) -> DemoSu
             path.write_bytes(content)
     n_photos = sum(rel.startswith("photo/") for rel in files)
     return DemoSummary(out, len(files) - n_photos, n_photos, len(to_write))
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DemoOptions(Options):
+    out: Path = option(Path("data/demo"), help="output folder")
+    digits: int = option(5000, help="how many MNIST digits, spread over labels", min=1, max=5000)
+    force: bool = option(False, help="replace a different dataset already in --out")
+
+
+@dataclass(frozen=True)
+class TexturesOptions(Options):
+    out: Path = option(Path("data/textures"), help="output folder")
+
+
+def _demo(options: DemoOptions) -> str:
+    return build(options.out, digits=options.digits, force=options.force).line()
+
+
+def _textures(options: TexturesOptions) -> str:
+    paths = textures(options.out)
+    return f"textures: {len(paths)} example images in {options.out} ({', '.join(p.stem for p in paths)})"
+
+
+COMMANDS = [
+    Command("data demo", DemoOptions, _demo, needs_run=False,
+            help="build the demo dataset (MNIST digits + photos) from installed packages"),
+    Command("data textures", TexturesOptions, _textures, needs_run=False,
+            help="example textures and style images (brick, grass, gravel, ...) from scikit-image"),
+]

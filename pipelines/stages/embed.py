@@ -23,6 +23,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, iter_features, read_embedding
 
@@ -103,7 +104,7 @@ def quality(x: np.ndarray, y2: np.ndarray, labels: list | None, *, sample: int =
     return trust, float(np.mean(votes))
 
 
-def run(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.0, seed: int = 0,
+def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.0, seed: int = 0,
         max_exact: int = 100_000) -> EmbedSummary:
     """Write embedding/<layer>.parquet (image_id, tsne_x, tsne_y, pca_x, pca_y)."""
     start = time.perf_counter()
@@ -129,3 +130,27 @@ def run(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.0,
 
 
 read = read_embedding  # the reader lives in the store, where the mosaic stage finds it too
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EmbedOptions(Options):
+    layer: str = option(help="an extracted layer", required=True)
+    pca_dims: int = option(50, help="PCA dimensions t-SNE starts from", min=2)
+    perplexity: float = option(30.0, help="t-SNE perplexity", min=1)
+    seed: int = option(0, help="seed of the PCA sample and t-SNE")
+    max_exact: int = option(100_000, help="above this many images, embed a sample and place the rest into its map",
+                            min=100)
+
+
+def run(rd: RunDir, options: EmbedOptions) -> EmbedSummary:
+    return embed(rd, options.layer, pca_dims=options.pca_dims, perplexity=options.perplexity, seed=options.seed,
+                 max_exact=options.max_exact)
+
+
+COMMANDS = [
+    Command("embed", EmbedOptions, run, help="2-D maps of a layer by PCA and t-SNE (openTSNE)",
+            description="PCA (fitted on a sample) to --pca-dims, then seeded openTSNE with FFT gradients. Prints "
+                        "trustworthiness and 10-NN label accuracy in 2-D."),
+]

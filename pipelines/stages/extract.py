@@ -10,25 +10,21 @@ end, so a rerun resumes at the first unfinished shard.
 
 from __future__ import annotations
 
-import copy
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
-from featscope.kernels.batchnorm_folding import fold_batchnorm
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.layers import PIXELS, LayerSpec, LayerTap
-from featscope.kernels.summary import conv_summary, pixel_thumbnail
+from featscope.kernels.layers import PIXELS
 from featscope.kernels.topk import RunningTopK
 from featscope.pipelines.core import manifest
+from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.dataset import default_workers, image_batches
-from featscope.pipelines.core.device import resolve_device, resolve_precision
+from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, resolve_device, resolve_precision
 from featscope.pipelines.core.features import FeatureExtractor
 from featscope.pipelines.core.models import LoadedModel, load_model
 from featscope.pipelines.core.rundir import RunDir
@@ -55,7 +51,13 @@ class ExtractSummary:
     bad: int = 0
     seconds: float = 0.0
 
-    def line(self, rd: RunDir) -> str:
+    errors_dir: Path | None = None
+
+    def warning(self) -> str:
+        return f"{self.bad} images could not be read; see {self.errors_dir}" if self.bad else ""
+
+    def line(self, rd: RunDir | None = None) -> str:
+        rd = rd or RunDir(self.errors_dir.parent)
         rate = self.images / self.seconds if self.seconds else 0.0
         text = (f"extract: {self.images} images from {len(self.done)} shards -> {', '.join(self.layers)} in "
                 f"{self.seconds:.1f}s ({rate:.0f} img/s, {self.device} {self.precision})")
@@ -93,7 +95,7 @@ def _model_for_run(rd: RunDir, model: str | None, weights: str | None, seed: int
     return loaded
 
 
-def run(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str | None = None,
+def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str | None = None,
         shard: int | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
         workers: int | None = None, threads: int | None = None, seed: int = 0, topk: int = 0,
         progress: bool = True) -> ExtractSummary:
@@ -118,7 +120,7 @@ def run(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str
     if shard is not None and shard not in all_shards:
         raise FeatscopeError(f"shard {shard} is not in the manifest of {rd.root} (shards: 0-{max(all_shards, default=0)})")
     wanted = [shard] if shard is not None else all_shards
-    summary = ExtractSummary(layers, torch_device.type, chosen_precision)
+    summary = ExtractSummary(layers, torch_device.type, chosen_precision, errors_dir=rd.errors_dir)
     if topk < 0:
         raise FeatscopeError("--topk must be 0 (off) or more")
 
@@ -195,3 +197,37 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
             w.abort()
         raise
     return len(ids) - len(errors), len(errors)
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExtractOptions(Options):
+    layers: list[str] = option(help="comma-separated aliases or module paths, e.g. fc7,conv5 (`pixels`: the "
+                                    "input at 32x32x3)", required=True)
+    model: str | None = option(help="torchvision architecture (default: the run's)")
+    weights: str | None = option(help="imagenet | random | checkpoint path (default: the run's, else imagenet)")
+    shard: int | None = option(help="only this shard (default: every unfinished shard)", min=0)
+    device: str = option("auto", help="where the model runs", choices=DEVICES)
+    precision: str = option("auto", help="auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs that support it",
+                            choices=PRECISION_CHOICES)
+    batch_size: int = option(64, help="images per forward pass", min=1)
+    workers: int | None = option(help="image decoding threads (default: min(16, cores); 0 = inline)", min=0)
+    threads: int | None = option(help="torch CPU threads (default: torch's)", min=1)
+    seed: int = option(0, help="seed for --weights random")
+    topk: int = option(0, help="also keep each unit's top-K images of every shard, in the same pass (0: off)",
+                       min=0)
+
+
+def run(rd: RunDir, options: ExtractOptions, progress: bool = True) -> ExtractSummary:
+    return extract(rd, options.layers, model=options.model, weights=options.weights, shard=options.shard,
+                   device=options.device, precision=options.precision, batch_size=options.batch_size,
+                   workers=options.workers, threads=options.threads, seed=options.seed, topk=options.topk,
+                   progress=progress)
+
+
+COMMANDS = [
+    Command("extract", ExtractOptions, run, help="extract layer features of a run's images into Parquet",
+            description="One pass over the images of a shard (or all unfinished shards). Finished shards are "
+                        "skipped; bad images go to errors.parquet."),
+]

@@ -24,6 +24,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.render.grid_layout import assign, assign_exact, cell_centres, cover_sample, normalise, total_cost
 from featscope.pipelines.core.images import BadImage, open_image
+from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import read_embedding
 
@@ -153,3 +154,45 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return MosaicSummary(path, len(labels), time.perf_counter() - start)
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GridOptions(Options):
+    layer: str = option(help="an embedded layer", required=True)
+    side: int = option(40, help="cells per side", min=1)
+    tile: int = option(48, help="thumbnail size", min=8)
+    seed: int = option(0, help="seed of the cover sample")
+
+
+@dataclass(frozen=True)
+class ScatterOptions(Options):
+    layer: str = option(help="an embedded layer", required=True)
+    size: int = option(4000, help="canvas side in pixels", min=64)
+    tile: int = option(64, help="thumbnail size", min=8)
+    seed: int = option(0, help="seed of the drawing order")
+
+
+@dataclass(frozen=True)
+class PlotOptions(Options):
+    layer: str = option(help="an embedded layer", required=True)
+
+
+def _grid(rd: RunDir, options: GridOptions, progress: bool = True) -> MosaicSummary:
+    return grid(rd, options.layer, side=options.side, tile=options.tile, seed=options.seed, progress=progress)
+
+
+def _scatter(rd: RunDir, options: ScatterOptions, progress: bool = True) -> MosaicSummary:
+    return scatter(rd, options.layer, size=options.size, tile=options.tile, seed=options.seed, progress=progress)
+
+
+def _plot(rd: RunDir, options: PlotOptions) -> MosaicSummary:
+    return plot(rd, options.layer)
+
+
+COMMANDS = [
+    Command("mosaic grid", GridOptions, _grid, help="every cell of a grid filled with an image, neighbours alike"),
+    Command("mosaic scatter", ScatterOptions, _scatter, help="thumbnails at their t-SNE positions on a large canvas"),
+    Command("mosaic plot", PlotOptions, _plot, help="t-SNE and PCA scatter plots coloured by label"),
+]

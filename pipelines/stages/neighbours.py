@@ -3,6 +3,7 @@ them, in pixel space — the seed's picture of why CNN features beat raw pixels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -12,6 +13,7 @@ from featscope.kernels.layers import PIXELS
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
+from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 
 CAPTION = 14
@@ -66,3 +68,25 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="JPEG", quality=90)
     return path
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NeighboursOptions(Options):
+    layer: str = option(help="an indexed layer", required=True)
+    ids: list[int] = option(help="comma-separated query image ids", required=True)
+    k: int = option(8, help="neighbours per row", min=1)
+    tile: int = option(112, help="tile size in pixels", min=8)
+    out: Path | None = option(help="output JPEG (default: <run>/neighbors/<layer>.jpg)")
+
+
+def run(rd: RunDir, options: NeighboursOptions) -> str:
+    path = render(rd, options.layer, options.ids, k=options.k, tile=options.tile, out=options.out)
+    return f"neighbours: sheet of {len(options.ids)} queries x {options.k} neighbours at {path}"
+
+
+COMMANDS = [
+    Command("neighbours", NeighboursOptions, run,
+            help="a JPEG sheet of neighbours in feature space and pixel space"),
+]

@@ -15,14 +15,14 @@ image's size for the .npz.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, make_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +36,20 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import Declared, ParamError
 from featscope.kernels.saliency import METHODS, attribute, class_score
 from featscope.kernels.segment import grabcut_mask
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
-from featscope.pipelines.core.device import PRECISIONS, inference_model, resolve_device, resolve_precision
+from featscope.pipelines.core.device import (
+    DEVICES,
+    PRECISION_CHOICES,
+    PRECISIONS,
+    inference_model,
+    resolve_device,
+    resolve_precision,
+)
+from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.models import IMAGENET_WEIGHTS, LoadedModel, load_model
 from featscope.pipelines.render.overlay import heat_overlay
@@ -48,54 +57,89 @@ from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.store import write_errors, write_table
 
-FILLS = ("zeros", "mean", "blur")
-GRADCAM_LAYERS = {"alexnet": "conv5", "vgg16": "conv5_3", "resnet": "layer4", "mobilenet_v2": "block18"}
-# Images per Dask task, so that each task takes well over ~100 ms on a CPU core.
-IMAGES_PER_TASK = {"occlusion": 1, "smoothgrad": 2, "gradcam": 8, "gradient": 8, "guided": 8}
 SEGMENT_MAX_SIDE = 400  # GrabCut runs on the model's view, not on a 20-megapixel original
 
 
 @dataclass(frozen=True)
-class SaliencyOptions:
-    """What a map depends on; CLI flags and config keys carry the same names."""
+class _StageOptions(Options):
+    """What the stage itself takes; each method's own parameters are added below."""
 
-    method: str = "gradcam"
-    target: str = "predicted"  # predicted | label | a class id
-    score: str = "logit"  # logit | probability
-    window: int = 32  # occlusion
-    stride: int = 16
-    fill: str = "zeros"  # zeros (model input 0) | mean (the image's mean colour) | blur | a number
-    samples: int = 16  # smoothgrad
-    noise: float = 0.15
-    layer: str | None = None  # gradcam (default: the architecture's last conv block)
-    precision: str = "auto"  # occlusion forward passes: bf16 where the hardware has it
-    segment: bool = False
-    foreground: float = 95.0  # GrabCut seeds: percentiles of the map
-    background: float = 30.0
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.method not in METHODS:
-            raise FeatscopeError(f"unknown saliency method '{self.method}': use one of {', '.join(METHODS)}")
-        if self.target not in ("predicted", "label") and not self.target.isdigit():
-            raise FeatscopeError(f"--target must be predicted, label or a class id, not '{self.target}'")
-        if self.fill not in FILLS:
-            try:
-                float(self.fill)
-            except ValueError:
-                raise FeatscopeError(
-                    f"--fill must be one of {', '.join(FILLS)} or a number, not '{self.fill}'") from None
-        if self.window < 1 or self.stride < 1 or self.samples < 1:
-            raise FeatscopeError("--window, --stride and --samples must be at least 1")
-        if not 0 <= self.background < self.foreground <= 100:
-            raise FeatscopeError("need 0 <= --background < --foreground <= 100 (percentiles)")
-
-    def recorded(self) -> dict:
-        """The options a stored map depends on (segmenting only adds masks)."""
-        return {k: v for k, v in asdict(self).items() if k != "segment"}
+    method: str = option(help="the saliency method", choices=tuple(METHODS), required=True)
+    select: str = option("all", help="which images: all | label=NAME | ids=1,2,3",
+                         pattern=r"^(all|label=.+|ids=[0-9, ]+)$")
+    target: str = option("predicted", help="class to explain: predicted | label (the image's label as an ImageNet "
+                                           "name or id) | a class id", pattern=r"^(predicted|label|[0-9]+)$")
+    score: str = option("logit", help="the class score explained", choices=("logit", "probability"))
+    precision: str = option("auto", help="forward passes of methods that only run forward (occlusion); auto: bf16 "
+                                         "on CPUs with AVX512-BF16/AMX and on GPUs", choices=PRECISION_CHOICES)
+    segment: bool = option(False, help="also a GrabCut foreground mask per image")
+    foreground: float = option(95.0, help="GrabCut: sure foreground above this percentile of the map", min=0,
+                               max=100)
+    background: float = option(30.0, help="GrabCut: sure background below this percentile of the map", min=0,
+                               max=100)
+    workers: int | None = option(help="local Dask worker processes (default: half the cores)", min=1)
+    scheduler: str | None = option(help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    slurm_jobs: int | None = option(help="start Dask workers as this many SLURM jobs (dask-jobqueue)", min=1)
+    slurm_cores: int = option(4, help="with slurm_jobs: cores per worker job", min=1)
+    slurm_memory: str = option("16GB", help="with slurm_jobs: memory per worker job")
+    slurm_walltime: str = option("02:00:00", help="with slurm_jobs: time limit per worker job")
+    slurm_gpus: int = option(0, help="with slurm_jobs: GPUs per worker job (gres)", min=0)
+    slurm_partition: str | None = option(help="with slurm_jobs: partition (queue)")
+    slurm_account: str | None = option(help="with slurm_jobs: account")
+    images_per_task: int | None = option(help="images per Dask task (default: by method, so a task takes >= "
+                                               "~100 ms)", min=1)
+    device: str = option("auto", help="where the workers run the model", choices=DEVICES)
+    threads: int | None = option(help="torch threads per worker (default: cores / workers)", min=1)
+    overwrite: bool = option(False, help="recompute the selected images even if done; needed to change the options "
+                                         "of a method (its earlier maps are then deleted)")
 
 
-OPTION_FIELDS = [f.name for f in fields(SaliencyOptions)]
+def _method_fields() -> list[tuple]:
+    """Every method's declared parameters (see `kernels.saliency`), once each: a name two
+    methods share must mean the same thing to both."""
+    found: dict[str, Declared] = {}
+    for name, method in METHODS.items():
+        for declared in method.params:
+            other = found.setdefault(declared.name, declared)
+            if (other.type, other.default) != (declared.type, declared.default):
+                raise TypeError(f"saliency parameter '{declared.name}' of {name} clashes with another method's")
+    return [(d.name, d.type, option(d.default, param=d.param)) for d in found.values()]
+
+
+# The stage's options and every method's parameters: one set of names for the command line
+# and the config's `saliency:` section.
+SaliencyOptions = make_dataclass("SaliencyOptions", _method_fields(), bases=(_StageOptions,), frozen=True)
+
+
+def recorded_options(options: SaliencyOptions) -> dict:
+    """What a stored map of `options.method` depends on (not segmenting, workers and the like)."""
+    method = METHODS[options.method]
+    names = ["target", "score"] + [d.name for d in method.params]
+    if "dtype" in inspect.signature(method.function).parameters:
+        names.append("precision")
+    return {"method": options.method} | {name: getattr(options, name) for name in names}
+
+
+def _check(options: SaliencyOptions) -> None:
+    if options.target not in ("predicted", "label") and not options.target.isdigit():
+        raise ParamError("target", f"must be predicted, label or a class id, not '{options.target}'")
+    if not options.background < options.foreground:
+        raise ParamError("background", "must be below foreground (both are percentiles of the map)")
+    given = [n for n in ("workers", "scheduler", "slurm_jobs") if getattr(options, n) is not None]
+    if len(given) > 1:
+        raise ParamError(given[1], f"cannot be given with {given[0]}")
+
+
+def _kernel_options(options: SaliencyOptions, device: torch.device) -> dict:
+    """The method's own parameters from the options, plus score and autocast dtype where it takes them."""
+    method = METHODS[options.method]
+    values = {d.name: getattr(options, d.name) for d in method.params}
+    accepted = inspect.signature(method.function).parameters
+    if "score" in accepted:
+        values["score"] = options.score
+    if "dtype" in accepted:
+        values["dtype"] = PRECISIONS[resolve_precision(options.precision, device)]
+    return values
 
 
 @dataclass
@@ -108,6 +152,9 @@ class SaliencySummary:
     workers: int
     seconds: float
     out: Path
+
+    def warning(self) -> str:
+        return f"{self.bad} images got no map; see {self.out.parent.parent / 'errors.parquet'}" if self.bad else ""
 
     def line(self) -> str:
         rate = self.computed / self.seconds if self.seconds else 0.0
@@ -201,39 +248,13 @@ def _target_class(options: SaliencyOptions, logits: torch.Tensor, label: str | N
     raise ValueError(f"'{wanted}' is not a class of the model (give a class id below {classes} or an ImageNet name)")
 
 
-def _kernel_options(options: SaliencyOptions, loaded: LoadedModel, x: torch.Tensor, device: torch.device) -> dict:
-    method = options.method
-    if method == "occlusion":
-        if options.fill == "zeros":
-            baseline = 0.0
-        elif options.fill == "mean":
-            baseline = x.mean(dim=(2, 3), keepdim=True)
-        elif options.fill == "blur":
-            sigma = options.window / 4
-            baseline = TF.gaussian_blur(x, kernel_size=2 * math.ceil(2 * sigma) + 1, sigma=sigma)
-        else:
-            baseline = float(options.fill)
-        dtype = PRECISIONS[resolve_precision(options.precision, device)]
-        return {"window": options.window, "stride": options.stride, "baseline": baseline, "score": options.score,
-                "dtype": dtype}
-    if method == "smoothgrad":
-        return {"samples": options.samples, "noise": options.noise, "seed": options.seed, "score": options.score}
-    if method == "gradcam":
-        name = options.layer or next((v for k, v in GRADCAM_LAYERS.items() if loaded.arch.startswith(k)), None)
-        if name is None:
-            raise FeatscopeError(f"no default Grad-CAM layer for {loaded.arch}: pass --layer")
-        spec = loaded.layer(name)
-        return {"layer": loaded.module.get_submodule(spec.module_path), "score": options.score}
-    return {"score": options.score}
-
-
 def _write_outputs(rd: RunDir, options: SaliencyOptions, image_id: int, view: torch.Tensor, heat: np.ndarray,
                    original: tuple[int, int], facts: dict) -> None:
     """Overlay and mask first, the .npz last: its existence means the image is done."""
     method = options.method
     rgb = view.permute(1, 2, 0).numpy()
     title = f"{method} · {facts['target_name']}"
-    picture = heat_overlay(rgb, heat, diverging=method == "occlusion", title=title)
+    picture = heat_overlay(rgb, heat, diverging=bool((heat < 0).any()), title=title)
     with atomic_path(rd.saliency_overlay(method, image_id)) as tmp:
         picture.save(tmp, format="PNG")
     height, width = original
@@ -275,7 +296,7 @@ def explain_batch(root: str, options: SaliencyOptions, ref: ModelRef, rows: list
                            "error": "no_target", "message": str(e)})
             continue
         t = torch.tensor([target], device=device)
-        heat = attribute(model, x, t, options.method, **_kernel_options(options, loaded, x, device))[0]
+        heat = attribute(model, x, t, options.method, **_kernel_options(options, device))[0]
         facts = {
             "target": target,
             "target_name": categories[target] if categories else str(target),
@@ -361,7 +382,7 @@ def dask_client(workers: int | None, scheduler: str | None, threads: int | None,
 
 def _check_options(rd: RunDir, options: SaliencyOptions, ref: ModelRef, overwrite: bool) -> None:
     """Maps on disk must come from the same options and model, or be replaced on request."""
-    wanted = options.recorded() | {"model": ref.arch, "weights": ref.weights, "seed": ref.seed}
+    wanted = recorded_options(options) | {"model": ref.arch, "weights": ref.weights, "model_seed": ref.seed}
     path = rd.saliency_options(options.method)
     if path.exists():
         found = json.loads(path.read_text())
@@ -377,13 +398,17 @@ def _check_options(rd: RunDir, options: SaliencyOptions, ref: ModelRef, overwrit
     write_json_atomic(path, wanted)
 
 
-def run(rd: RunDir, options: SaliencyOptions, *, selection: str = "all", workers: int | None = None,
-        scheduler: str | None = None, slurm: SlurmWorkers | None = None, images_per_task: int | None = None,
-        device: str = "auto", threads: int | None = None, overwrite: bool = False,
-        progress: bool = True) -> SaliencySummary:
+def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> SaliencySummary:
     """Compute the maps of the selected images that are not done yet, on a Dask cluster."""
     start = time.perf_counter()
-    options.check()
+    _check(options)
+    selection, workers, scheduler = options.select, options.workers, options.scheduler
+    threads, overwrite, images_per_task = options.threads, options.overwrite, options.images_per_task
+    slurm = None
+    if options.slurm_jobs:
+        slurm = SlurmWorkers(jobs=options.slurm_jobs, cores=options.slurm_cores, memory=options.slurm_memory,
+                             walltime=options.slurm_walltime, gpus=options.slurm_gpus, queue=options.slurm_partition,
+                             account=options.slurm_account)
     config = rd.read_config()
     if not config.get("model"):
         raise FeatscopeError(f"run {rd.root} records no model: run `featscope manifest --model ...` first")
@@ -394,7 +419,7 @@ def run(rd: RunDir, options: SaliencyOptions, *, selection: str = "all", workers
     elif threads is None and not scheduler:
         threads = max(1, cores // (workers or max(1, cores // 2)))
     ref = ModelRef(config["model"], config.get("weights") or "imagenet", int(config.get("seed", 0)),
-                   config.get("weights_sha256"), device, threads)
+                   config.get("weights_sha256"), options.device, threads)
     _check_options(rd, options, ref, overwrite)
     method = options.method
 
@@ -403,7 +428,7 @@ def run(rd: RunDir, options: SaliencyOptions, *, selection: str = "all", workers
             not options.segment or rd.saliency_mask(method, row["image_id"]).exists())
 
     todo = rows if overwrite else [r for r in rows if not done(r)]
-    per_task = images_per_task or IMAGES_PER_TASK[method]
+    per_task = images_per_task or METHODS[method].images_per_task
     batches = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
     summaries, errors, used_workers = [], [], 0
     if batches:
@@ -439,7 +464,7 @@ def _write_summary(rd: RunDir, options: SaliencyOptions, rows: list[dict], new: 
     ordered = [by_id[k] for k in sorted(by_id) if rd.saliency_map(options.method, k).exists()]
     table = pa.Table.from_pylist(ordered, schema=SUMMARY_SCHEMA)
     write_table(table, path, {"model": ref.arch, "weights": ref.weights,
-                              "options": json.dumps(options.recorded(), sort_keys=True)})
+                              "options": json.dumps(recorded_options(options), sort_keys=True)})
 
 
 def _write_errors(rd: RunDir, method: str, rows: list[dict], new: list[dict], attempted: set[int]) -> None:
@@ -458,3 +483,13 @@ def read_summary(rd: RunDir) -> pa.Table:
     if not parts:
         return SUMMARY_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(p, schema=SUMMARY_SCHEMA) for p in parts])
+
+
+COMMANDS = [
+    Command("saliency", SaliencyOptions, run, help="which pixels matter: saliency maps of a run's images, with Dask",
+            description="Maps for the selected images (float16 .npz at the original size, a PNG overlay, a GrabCut "
+                        "mask with --segment) in <run>/saliency/<method>/, and saliency/summary.parquet. Images "
+                        "already done are skipped. Runs on a local Dask cluster of --workers processes, on the "
+                        "cluster at --scheduler, or on workers started as SLURM jobs.",
+            groups=(Group(("workers", "scheduler", "slurm_jobs")),)),
+]

@@ -18,7 +18,7 @@ import csv
 import hashlib
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from featscope.kernels.architectures import profile_for
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.objectives import layer_outputs, total_variation
 from featscope.kernels.style_net import StyleNet, mix, one_hot
@@ -34,34 +35,28 @@ from featscope.kernels.transforms import PixelModel
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, is_image_name, read_pixels
 from featscope.pipelines.core.models import load_model
+from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.runtime import keep_freed_memory
 
-# Loss-network layers per architecture: (content layer, style layers).
-LOSS_LAYERS = {
-    "mobilenet_v2": ("block6", ["block1", "block3", "block6", "block10"]),
-    "vgg16": ("conv2_2", ["conv1_2", "conv2_2", "conv3_3", "conv4_3"]),
-    "vgg19": ("conv2_2", ["conv1_2", "conv2_2", "conv3_4", "conv4_4"]),
-    "resnet18": ("layer1", ["stem", "layer1", "layer2", "layer3"]),
-}
+@dataclass(frozen=True)
+class TrainOptions(Options):
+    """How the fast style network is trained (Johnson et al. 2016; Dumoulin et al. 2017)."""
 
-
-@dataclass
-class TrainOptions:
-    size: int = 128
-    steps: int = 300
-    batch: int = 4
-    lr: float = 2e-3
-    content_weight: float = 1.0
-    style_weight: float = 4.0
-    tv_weight: float = 1e-2
-    width: int = 16
-    blocks: int = 3
-    model: str = "mobilenet_v2"
-    weights: str = "imagenet"
-    content_layer: str | None = None
-    style_layers: list[str] = field(default_factory=list)
-    checkpoint_every: int = 100
-    seed: int = 0
+    size: int = option(128, help="crop size (256 on a GPU)", min=16)
+    steps: int = option(300, help="total steps (a rerun continues up to this)", min=1)
+    batch: int = option(4, help="content crops per step", min=1)
+    lr: float = option(2e-3, help="Adam learning rate", min=0)
+    content_weight: float = option(1.0, help="weight of the content loss", min=0)
+    style_weight: float = option(4.0, help="weight of the style loss", min=0)
+    tv_weight: float = option(1e-2, help="weight of the total-variation loss", min=0)
+    width: int = option(16, help="channels of the first layer (Johnson et al.: 32)", min=1)
+    blocks: int = option(3, help="residual blocks (Johnson et al.: 5)", min=0)
+    model: str = option("mobilenet_v2", help="loss network")
+    weights: str = option("imagenet", help="loss network weights: imagenet | random | checkpoint path")
+    content_layer: str | None = option(help="default: by architecture (mobilenet_v2 block6, vgg16 conv2_2)")
+    style_layers: list[str] = option([], help="comma-separated; default by architecture")
+    checkpoint_every: int = option(100, help="save a checkpoint every N steps", min=1)
+    seed: int = option(0, help="random seed")
 
 
 @dataclass
@@ -107,9 +102,9 @@ class _LossNetwork:
         for p in loaded.module.parameters():
             p.requires_grad_(False)
         self.model = PixelModel(loaded.module, loaded.preprocessing.mean, loaded.preprocessing.std)
-        default = LOSS_LAYERS.get(options.model)
-        content = options.content_layer or (default[0] if default else None)
-        style = options.style_layers or (default[1] if default else [])
+        profile = profile_for(options.model)
+        content = options.content_layer or (profile.content_layer if profile else None)
+        style = options.style_layers or (list(profile.style_layers) if profile else [])
         if not content or not style:
             raise FeatscopeError(f"no default loss layers for {options.model}: pass --content-layer and --style-layers")
         self.names = [content, *style]
@@ -316,3 +311,90 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, size: int = 256) -> 
                                         "stylised": {0: "batch", 2: "height", 3: "width"}},
                           dynamo=False, opset_version=17)
     return out
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StyleTrainOptions(TrainOptions):
+    styles: list[str] = option(help="style images, one per style index", required=True, spaced=True)
+    content: Path = option(help="folder of content images (random crops)", required=True)
+    out: Path = option(help="output folder: net.pt, losses.csv", required=True)
+
+
+@dataclass(frozen=True)
+class StyleAddOptions(Options):
+    checkpoint: Path = option(help="a trained network (net.pt)", required=True)
+    style: Path = option(help="the new style image", required=True)
+    content: Path = option(help="folder of content images (random crops)", required=True)
+    steps: int = option(200, help="steps that train only the new style's gamma and beta", min=1)
+
+
+@dataclass(frozen=True)
+class StyleApplyOptions(Options):
+    checkpoint: Path = option(help="a trained network (net.pt)", required=True)
+    style: int | None = option(help="one style, by index", min=0)
+    mix: list[float] | None = option(help="one weight per style, e.g. 0.3,0.7")
+    images: list[Path] = option(help="images to stylise", required=True, spaced=True)
+    out: Path = option(help="output folder", required=True)
+    size: int = option(256, help="shorter side of the output", min=16)
+
+
+@dataclass(frozen=True)
+class StyleStripOptions(Options):
+    checkpoint: Path = option(help="a trained network (net.pt)", required=True)
+    image: Path = option(help="the image drawn through every style and mix", required=True)
+    out: Path = option(help="output PNG", required=True)
+    size: int = option(192, help="side of each picture", min=16)
+
+
+@dataclass(frozen=True)
+class StyleExportOptions(Options):
+    checkpoint: Path = option(help="a trained network (net.pt)", required=True)
+    out: Path = option(help="output .onnx file", required=True)
+    size: int = option(256, help="example size (height and width stay dynamic)", min=16)
+
+
+def _train(o: StyleTrainOptions, progress: bool = True) -> TrainSummary:
+    training = TrainOptions(**{f.name: getattr(o, f.name) for f in fields(TrainOptions)})
+    return train(o.out, o.styles, o.content, training, progress=progress)
+
+
+def _add(o: StyleAddOptions, progress: bool = True) -> str:
+    index = add_style(o.checkpoint, o.style)
+    options = TrainOptions(steps=load_checkpoint(o.checkpoint)["step"] + o.steps)
+    summary = train(Path(o.checkpoint).parent, [], o.content, options, train_style=index, progress=progress)
+    return f"style add: style {index} ({o.style}); " + summary.line()
+
+
+def _apply(o: StyleApplyOptions) -> str:
+    images = stylise(o.checkpoint, o.images, style=o.style, weights=o.mix, size=o.size)
+    tag = ",".join(f"{w:g}" for w in o.mix) if o.mix else o.style
+    outs = [Path(o.out) / f"{Path(p).stem}-{tag}.png" for p in o.images]
+    save_images(images, outs)
+    return f"style apply: {len(outs)} images in {o.out}"
+
+
+def _strip(o: StyleStripOptions) -> str:
+    return f"style strip: {strip(o.checkpoint, o.image, o.out, size=o.size)}"
+
+
+def _export(o: StyleExportOptions) -> str:
+    return f"style export: {export_onnx(o.checkpoint, o.out, size=o.size)}"
+
+
+COMMANDS = [
+    Command("style train", StyleTrainOptions, _train, needs_run=False,
+            help="train (or resume) one network for several styles",
+            description="Checkpoints to OUT/net.pt every --checkpoint-every steps and resumes from it; "
+                        "OUT/losses.csv logs every step."),
+    Command("style add", StyleAddOptions, _add, needs_run=False,
+            help="add a style to a trained network, training only its gamma and beta"),
+    Command("style apply", StyleApplyOptions, _apply, needs_run=False,
+            help="stylise images with one style (--style N) or a mix (--mix 0.3,0.7)",
+            groups=(Group(("style", "mix"), required=True),)),
+    Command("style strip", StyleStripOptions, _strip, needs_run=False,
+            help="one image through every style and mixes of the first two, as one PNG"),
+    Command("style export", StyleExportOptions, _export, needs_run=False,
+            help="export the network to ONNX (inputs: image, style weights)"),
+]

@@ -30,6 +30,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, image_size, open_image
 from featscope.pipelines.core.models import Preprocessing
+from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, file_metadata, write_topk
 
@@ -199,3 +200,37 @@ def _contact_sheet(strips: list[Image.Image], columns: int) -> Image.Image:
     for i, strip in enumerate(strips):
         sheet.paste(strip, ((i % columns) * (w + 8), (i // columns) * (h + 4)))
     return sheet
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TopkMergeOptions(Options):
+    layer: str = option(help="a layer extracted with --topk", required=True)
+    k: int | None = option(help="keep the top k (default: what extraction kept)", min=1)
+
+
+@dataclass(frozen=True)
+class TopkRenderOptions(Options):
+    layer: str = option(help="a merged layer", required=True)
+    units: str | None = option(help="e.g. 0-63 or 3,7,10-12 (default: all)")
+    k: int | None = option(help="patches per unit (default: all merged)", min=1)
+    tile: int = option(64, help="patch size in the PNGs", min=8)
+
+
+def _merge(rd: RunDir, options: TopkMergeOptions) -> MergeSummary:
+    return merge(rd, options.layer, k=options.k)
+
+
+def _render(rd: RunDir, options: TopkRenderOptions, progress: bool = True) -> RenderSummary:
+    return render(rd, options.layer, units=parse_units(options.units), k=options.k, tile=options.tile,
+                  progress=progress)
+
+
+COMMANDS = [
+    Command("topk merge", TopkMergeOptions, _merge,
+            help="merge the shards' top-k candidates of a layer, with patch boxes",
+            description="Needs `featscope extract --topk K`. Writes topk/<layer>.parquet: channel, rank, value, "
+                        "image_id, cell (fy, fx) and the box in original-image pixels."),
+    Command("topk render", TopkRenderOptions, _render, help="one PNG of top-k patches per unit, and a contact sheet"),
+]

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from featscope.kernels.adversarial import pgd
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.kernels.filters import activation_grid, filter_grid
 from featscope.kernels.objectives import layer_energy, layer_outputs
 from featscope.kernels.render import class_models, deepdream, invert, layer_features
@@ -39,6 +40,7 @@ from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.models import IMAGENET_WEIGHTS, LoadedModel, load_run_model
 from featscope.pipelines.render.panels import curves, enlarge, panel, stack, to_image
+from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 
@@ -217,9 +219,9 @@ def adversarial(rd: RunDir, image_ids: list[int], *, target: int | None = None, 
     predictions and probabilities of both."""
     start = time.perf_counter()
     if method not in ("pgd", "fgsm"):
-        raise FeatscopeError(f"--method must be pgd or fgsm, not '{method}'")
+        raise ParamError("attack", f"must be pgd or fgsm, not '{method}'")
     if method == "fgsm" and target is not None:
-        raise FeatscopeError("FGSM here is the untargeted one-step attack; use --method pgd with --target")
+        raise ParamError("attack", "fgsm here is the untargeted one-step attack; use pgd with a target")
     ctx = _context(rd)
     images, rows = ctx.images(image_ids)
     model = ctx.pixel_model
@@ -370,7 +372,7 @@ def style_transfer(rd: RunDir, content_id: int, style: str | Path, *, content_la
     image's Gram matrices at several, a TV prior; from the content, the style or noise."""
     start = time.perf_counter()
     if init not in ("content", "style", "noise"):
-        raise FeatscopeError(f"--init must be content, style or noise, not '{init}'")
+        raise ParamError("init", f"must be content, style or noise, not '{init}'")
     ctx = _context(rd)
     content, rows = ctx.images([content_id])
     modules = [ctx.module(layer)[1] for layer in [content_layer, *style_layers]]
@@ -406,3 +408,158 @@ def parse_ids(text: str) -> list[int]:
     if not values:
         raise FeatscopeError("give at least one id")
     return values
+
+
+# ---- commands: one per method, all pictures under <run>/viz/ ---------------------------------
+
+LAYERS_HELP = "comma-separated aliases or module paths, e.g. block3,block13"
+IDS_HELP = "comma-separated image ids of the run"
+
+
+@dataclass(frozen=True)
+class FiltersOptions(Options):
+    layers: list[str] = option(help=LAYERS_HELP, required=True)
+
+
+@dataclass(frozen=True)
+class ActivationsOptions(Options):
+    layers: list[str] = option(help=LAYERS_HELP, required=True)
+    ids: list[int] = option(help=IDS_HELP, required=True)
+
+
+@dataclass(frozen=True)
+class ClassModelOptions(Options):
+    classes: list[int] = option(help="comma-separated class ids, e.g. 130,309,417,980", required=True)
+    size: int = option(224, help="image side in pixels", min=16)
+    steps: int = option(150, help="gradient-ascent steps", min=1)
+    lr: float = option(0.02, help="step size (the gradient is normalised per image)", min=0)
+    l2: float = option(3e-3, help="weight of ||I||^2 (I: image minus the mean colour)", min=0)
+    jitter: int = option(16, help="random shift in pixels at each step", min=0)
+    blur_every: int = option(4, help="Gaussian blur every N steps (0: never)", min=0)
+    blur_sigma: float = option(0.7, help="sigma of that blur", min=0)
+    clip_percentile: float = option(20.0, help="reset pixels whose norm is below this percentile to the mean "
+                                               "colour (0: off)", min=0, max=100)
+    octaves: int = option(3, help="optimise at this many growing scales", min=1)
+    noise: float = option(0.0, help="start from the mean colour plus noise of this sd", min=0)
+    seed: int = option(0, help="random seed")
+
+
+@dataclass(frozen=True)
+class AdversarialOptions(Options):
+    ids: list[int] = option(help=IDS_HELP, required=True)
+    target: int | None = option(help="class to reach (targeted PGD); without it, untargeted", min=0)
+    epsilon: int = option(4, help="L-inf budget in grey levels (0-255)", min=1, max=255)
+    attack: str = option("pgd", help="pgd, or fgsm: one untargeted step", choices=("pgd", "fgsm"))
+    steps: int = option(20, help="PGD steps", min=1)
+    step: int = option(1, help="PGD step in grey levels", min=1)
+
+
+@dataclass(frozen=True)
+class DreamOptions(Options):
+    layers: list[str] = option(help=LAYERS_HELP, required=True)
+    ids: list[int] = option(help=IDS_HELP, required=True)
+    octaves: int = option(3, help="scales, smallest first", min=1)
+    steps: int = option(10, help="steps per octave", min=1)
+    lr: float = option(0.01, help="step size", min=0)
+    jitter: int = option(16, help="random shift in pixels at each step", min=0)
+    seed: int = option(0, help="random seed")
+
+
+@dataclass(frozen=True)
+class InvertOptions(Options):
+    layers: list[str] = option(help=LAYERS_HELP, required=True)
+    ids: list[int] = option(help=IDS_HELP, required=True)
+    steps: int = option(200, help="Adam steps", min=1)
+    lr: float = option(0.05, help="Adam learning rate (cosine decay)", min=0)
+    tv: float = option(0.5, help="weight of the TV prior R_TV^beta / (H*W)", min=0)
+    beta: float = option(2.0, help="TV exponent beta", min=1)
+    seed: int = option(0, help="random seed")
+
+
+@dataclass(frozen=True)
+class TextureOptions(Options):
+    layers: list[str] = option(help=LAYERS_HELP, required=True)
+    image: Path = option(help="the example texture", required=True)
+    weights: list[float] | None = option(help="one weight per layer (default: equal)")
+    size: int = option(160, help="side of the synthesised texture", min=16)
+    steps: int = option(300, help="Adam steps", min=1)
+    lr: float = option(0.02, help="Adam learning rate", min=0)
+    seed: int = option(0, help="random seed")
+
+
+@dataclass(frozen=True)
+class StyleTransferOptions(Options):
+    id: int = option(help="content image id of the run", required=True, min=0)
+    style: Path = option(help="style image", required=True)
+    content_layer: str = option(help="layer whose activations the result keeps", required=True)
+    style_layers: list[str] = option(help="comma-separated layers whose Gram matrices the result matches",
+                                     required=True)
+    content_weight: float = option(1.0, help="weight of the content loss", min=0)
+    style_weight: float = option(20.0, help="weight of the style loss", min=0)
+    tv: float = option(0.5, help="weight of the total-variation prior", min=0)
+    init: str = option("content", help="starting image", choices=("content", "style", "noise"))
+    steps: int = option(300, help="Adam steps", min=1)
+    lr: float = option(0.02, help="Adam learning rate", min=0)
+    seed: int = option(0, help="random seed")
+
+
+def _filters(rd: RunDir, o: FiltersOptions) -> VizSummary:
+    return filters(rd, o.layers)
+
+
+def _activations(rd: RunDir, o: ActivationsOptions) -> VizSummary:
+    return activations(rd, o.layers, o.ids)
+
+
+def _class_model(rd: RunDir, o: ClassModelOptions, progress: bool = True) -> VizSummary:
+    return class_model(rd, o.classes, size=o.size, steps=o.steps, lr=o.lr, l2=o.l2, jitter=o.jitter,
+                       blur_every=o.blur_every, blur_sigma=o.blur_sigma, clip_percentile=o.clip_percentile,
+                       octaves=o.octaves, noise=o.noise, seed=o.seed, progress=progress)
+
+
+def _adversarial(rd: RunDir, o: AdversarialOptions) -> VizSummary:
+    return adversarial(rd, o.ids, target=o.target, epsilon=o.epsilon, method=o.attack, steps=o.steps, step=o.step)
+
+
+def _dream(rd: RunDir, o: DreamOptions, progress: bool = True) -> VizSummary:
+    return dream(rd, o.ids, o.layers, octaves=o.octaves, steps=o.steps, lr=o.lr, jitter=o.jitter, seed=o.seed,
+                 progress=progress)
+
+
+def _invert(rd: RunDir, o: InvertOptions, progress: bool = True) -> VizSummary:
+    return inversion(rd, o.ids, o.layers, steps=o.steps, lr=o.lr, tv=o.tv, beta=o.beta, seed=o.seed,
+                     progress=progress)
+
+
+def _texture(rd: RunDir, o: TextureOptions, progress: bool = True) -> VizSummary:
+    return texture(rd, o.image, o.layers, layer_weights=o.weights, size=o.size, steps=o.steps, lr=o.lr, seed=o.seed,
+                   progress=progress)
+
+
+def _style(rd: RunDir, o: StyleTransferOptions, progress: bool = True) -> VizSummary:
+    return style_transfer(rd, o.id, o.style, content_layer=o.content_layer, style_layers=o.style_layers,
+                          content_weight=o.content_weight, style_weight=o.style_weight, tv=o.tv, init=o.init,
+                          steps=o.steps, lr=o.lr, seed=o.seed, progress=progress)
+
+
+def _command(name: str, options: type, run, text: str) -> Command:
+    return Command(f"viz {name}", options, run, help=text, description=text + " Pictures go to <run>/viz/.")
+
+
+COMMANDS = [
+    _command("filters", FiltersOptions, _filters,
+             "Conv filters of layers as tiles: RGB for a first layer, grayscale per input channel deeper."),
+    _command("activations", ActivationsOptions, _activations,
+             "Every channel's activation map of an image at a layer, as grayscale tiles."),
+    _command("class-model", ClassModelOptions, _class_model,
+             "Class models by gradient ascent on score_c(I) - l2 ||I||^2, all classes in one batch."),
+    _command("adversarial", AdversarialOptions, _adversarial,
+             "Adversarial examples within an L-inf budget, checked on the saved 8-bit PNG."),
+    _command("dream", DreamOptions, _dream, "Feature amplification (DeepDream) of images at layers, side by side."),
+    _command("invert", InvertOptions, _invert,
+             "Feature inversion with a total-variation prior, from each layer, side by side."),
+    _command("texture", TextureOptions, _texture,
+             "Texture synthesis by matching Gram matrices at several layers, and at each alone."),
+    _command("style", StyleTransferOptions, _style,
+             "Neural style transfer by optimisation (Gatys et al.), with its loss curve."),
+]

@@ -50,7 +50,7 @@ def test_spatially_pooled_features_beat_pixels_on_the_demo(tmp_path, imagenet_we
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, tmp_path / "subset.csv", shard_size=512, model="mobilenet_v2", weights="imagenet")
     layers = ["block13@2x2", "pool", "pixels"]
-    summary = extract.run(rd, layers, workers=0, progress=False)
+    summary = extract.extract(rd, layers, workers=0, progress=False)
     assert summary.images == 10 * PER_DIGIT + 12 and summary.bad == 0
     for layer in layers:
         neighbors.build(rd, layer, progress=False)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.core import config
+from featscope.pipelines.app import config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -29,7 +29,7 @@ def mapped_run(tmp_path, digits):
     Image.new("L", (300, 20), 200).save(odd / "strip-gray.png")
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, root, shard_size=20)
-    extract.run(rd, ["pool"], model="resnet18", weights="random", workers=0, progress=False)
+    extract.extract(rd, ["pool"], model="resnet18", weights="random", workers=0, progress=False)
     return rd
 
 
@@ -39,9 +39,9 @@ def coords(rd):
 
 
 def test_same_seed_same_map_and_quality_is_recorded(mapped_run):
-    first = embed.run(mapped_run, "pool", perplexity=10, seed=3)
+    first = embed.embed(mapped_run, "pool", perplexity=10, seed=3)
     ids_a, a = coords(mapped_run)
-    embed.run(mapped_run, "pool", perplexity=10, seed=3)
+    embed.embed(mapped_run, "pool", perplexity=10, seed=3)
     ids_b, b = coords(mapped_run)
     assert np.array_equal(ids_a, ids_b) and np.array_equal(a, b)
     meta = pq.read_schema(mapped_run.embedding("pool")).metadata
@@ -50,14 +50,14 @@ def test_same_seed_same_map_and_quality_is_recorded(mapped_run):
 
 
 def test_large_runs_embed_a_sample_and_place_the_rest(mapped_run):
-    summary = embed.run(mapped_run, "pool", perplexity=5, max_exact=25)
+    summary = embed.embed(mapped_run, "pool", perplexity=5, max_exact=25)
     ids, xy = coords(mapped_run)
     assert summary.sampled and len(ids) == 47 and np.isfinite(xy).all()
     assert len(np.unique(xy, axis=0)) == 47
 
 
 def test_grid_is_a_bijection_onto_cells_and_odd_images_become_tiles(mapped_run):
-    embed.run(mapped_run, "pool", perplexity=10)
+    embed.embed(mapped_run, "pool", perplexity=10)
     summary = mosaic.grid(mapped_run, "pool", side=6, tile=20, progress=False)
     cells = pq.read_table(mapped_run.mosaic("pool", "grid", "parquet")).to_pylist()
     assert len(cells) == 36 and len({(c["cell_row"], c["cell_col"]) for c in cells}) == 36
@@ -73,7 +73,7 @@ def test_grid_is_a_bijection_onto_cells_and_odd_images_become_tiles(mapped_run):
 
 
 def test_scatter_and_plot_are_written(mapped_run):
-    embed.run(mapped_run, "pool", perplexity=10)
+    embed.embed(mapped_run, "pool", perplexity=10)
     s = mosaic.scatter(mapped_run, "pool", size=400, tile=40, progress=False)
     assert Image.open(s.path).size == (400, 400) and 0 < s.images <= 47
     assert Image.open(mosaic.plot(mapped_run, "pool").path).format == "PNG"

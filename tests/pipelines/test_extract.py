@@ -85,7 +85,7 @@ def test_features_equal_a_direct_torchvision_forward(tmp_path, small_dataset, ar
     checkpoint = calibrated_checkpoint(arch, tmp_path / f"{arch}.pth")
     manifest.run(rd, small_dataset, shard_size=4)
     pooled_layer = f"{conv_layer}@2x3"
-    summary = extract.run(rd, [vector_layer, conv_layer, pooled_layer], model=arch, weights=checkpoint,
+    summary = extract.extract(rd, [vector_layer, conv_layer, pooled_layer], model=arch, weights=checkpoint,
                           device="cpu", precision="fp32", batch_size=3, workers=0, progress=False)
     assert summary.done == [0, 1, 2] and summary.images == 9 and summary.bad == 0
 
@@ -130,7 +130,7 @@ def test_bf16_features_stay_close_to_fp32(tmp_path, small_dataset):
     for precision in ("fp32", "bf16"):
         rd = RunDir(tmp_path / precision)
         manifest.run(rd, small_dataset)
-        extract.run(rd, ["pool"], model="resnet18", weights="random", device="cpu", precision=precision,
+        extract.extract(rd, ["pool"], model="resnet18", weights="random", device="cpu", precision=precision,
                      workers=0, progress=False)
         runs[precision] = read_layer(rd, "pool")[1]["feature"].astype(np.float32)
     a, b = runs["fp32"], runs["bf16"]
@@ -152,17 +152,17 @@ def test_resume_after_an_interrupted_run_redoes_only_missing_shards(tmp_path, sm
     kwargs = dict(model="resnet18", weights="random", device="cpu", precision="fp32", workers=0, progress=False)
     whole = RunDir(tmp_path / "whole")
     manifest.run(whole, small_dataset, shard_size=3)
-    extract.run(whole, ["pool", "layer2"], **kwargs)
+    extract.extract(whole, ["pool", "layer2"], **kwargs)
 
     rd = RunDir(tmp_path / "interrupted")
     manifest.run(rd, small_dataset, shard_size=3)
-    extract.run(rd, ["pool", "layer2"], shard=0, **kwargs)
+    extract.extract(rd, ["pool", "layer2"], shard=0, **kwargs)
     # A job killed while writing shard 1 leaves only a .tmp file behind.
     half = rd.feature_part("pool", 1).with_name("part-00001.parquet.tmp")
     half.write_bytes(b"PAR1 half a file")
     done_before = digest(rd.feature_part("pool", 0))
 
-    summary = extract.run(rd, ["pool", "layer2"], **kwargs)
+    summary = extract.extract(rd, ["pool", "layer2"], **kwargs)
     assert summary.already_done == [0] and summary.done == [1, 2]
     assert digest(rd.feature_part("pool", 0)) == done_before
     assert not half.exists()
@@ -187,7 +187,7 @@ def test_a_crash_inside_a_shard_leaves_no_finished_looking_file(tmp_path, small_
 
     monkeypatch.setattr(extract.FeatureExtractor, "forward", flaky)
     with pytest.raises(KeyboardInterrupt):
-        extract.run(rd, ["pool"], model="resnet18", weights="random", batch_size=4, workers=0, progress=False)
+        extract.extract(rd, ["pool"], model="resnet18", weights="random", batch_size=4, workers=0, progress=False)
     assert not list(rd.features_dir("pool").glob("*"))
 
 
@@ -197,13 +197,13 @@ def test_growth_extracts_only_new_images_and_leaves_old_files_alone(tmp_path, di
     rd = RunDir(tmp_path / "run")
     kwargs = dict(model="resnet18", weights="random", device="cpu", workers=0, progress=False)
     manifest.run(rd, root, shard_size=2)
-    extract.run(rd, ["pool"], **kwargs)
+    extract.extract(rd, ["pool"], **kwargs)
     old = {p.name: (digest(p), p.stat().st_mtime_ns) for p in rd.feature_parts("pool")}
     old_ids = read_layer(rd, "pool")[0].tolist()
 
     write_dataset(root, digits, n_photos=0, labels=(4, 5), digits_per_label=2)
     grown = manifest.run(rd, root)
-    summary = extract.run(rd, ["pool"], **kwargs)
+    summary = extract.extract(rd, ["pool"], **kwargs)
     assert summary.done == grown.new_shards == [3, 4] and summary.images == 4
     for p in rd.feature_parts("pool"):
         if p.name in old:
@@ -239,7 +239,7 @@ def test_bad_images_are_recorded_and_every_readable_image_is_extracted(tmp_path,
     bad = make_bad_inputs(root, digits)
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, root, shard_size=5)
-    summary = extract.run(rd, ["pool"], model="resnet18", weights="random", workers=1, progress=False)
+    summary = extract.extract(rd, ["pool"], model="resnet18", weights="random", workers=1, progress=False)
     errors = read_errors(rd.errors_dir).to_pylist()
     assert sorted(e["path"].rsplit("/", 1)[1] for e in errors) == sorted(bad)
     reasons = {e["path"].rsplit("/", 1)[1]: e["message"] for e in errors}
@@ -255,37 +255,37 @@ def test_bad_images_are_recorded_and_every_readable_image_is_extracted(tmp_path,
 def test_a_run_refuses_other_weights_and_foreign_feature_files(tmp_path, small_dataset):
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset)
-    extract.run(rd, ["pool"], model="resnet18", weights="random", workers=0, progress=False)
+    extract.extract(rd, ["pool"], model="resnet18", weights="random", workers=0, progress=False)
     with pytest.raises(FeatscopeError, match="uses model 'resnet18', not 'alexnet'"):
-        extract.run(rd, ["pool"], model="alexnet", workers=0, progress=False)
+        extract.extract(rd, ["pool"], model="alexnet", workers=0, progress=False)
     with pytest.raises(FeatscopeError, match="weights 'random' changed"):
-        extract.run(rd, ["pool"], seed=1, workers=0, progress=False)
+        extract.extract(rd, ["pool"], seed=1, workers=0, progress=False)
     other = RunDir(tmp_path / "other")
     manifest.run(other, small_dataset)
-    extract.run(other, ["pool"], model="resnet18", weights="random", seed=2, workers=0, progress=False)
+    extract.extract(other, ["pool"], model="resnet18", weights="random", seed=2, workers=0, progress=False)
     rd.feature_part("pool", 0).unlink()
     rd.feature_part("pool", 0).write_bytes(other.feature_part("pool", 0).read_bytes())
     with pytest.raises(FeatscopeError, match="written for weights_sha256="):
-        extract.run(rd, ["pool"], workers=0, progress=False)
+        extract.extract(rd, ["pool"], workers=0, progress=False)
 
 
 def test_unknown_layer_and_shard_are_one_line_errors(tmp_path, small_dataset):
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset)
     with pytest.raises(FeatscopeError, match="unknown layer 'fc7' for resnet18"):
-        extract.run(rd, ["fc7"], model="resnet18", weights="random", progress=False)
+        extract.extract(rd, ["fc7"], model="resnet18", weights="random", progress=False)
     with pytest.raises(FeatscopeError, match="shard 7 is not in the manifest"):
-        extract.run(rd, ["pool"], model="resnet18", weights="random", shard=7, progress=False)
+        extract.extract(rd, ["pool"], model="resnet18", weights="random", shard=7, progress=False)
 
 
 def test_adding_a_layer_later_extracts_only_that_layer(tmp_path, small_dataset):
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset, shard_size=5)
     kwargs = dict(model="resnet18", weights="random", workers=0, progress=False)
-    extract.run(rd, ["pool"], **kwargs)
+    extract.extract(rd, ["pool"], **kwargs)
     before = {p.name: p.stat().st_mtime_ns for p in rd.feature_parts("pool")}
-    summary = extract.run(rd, ["pool", "layer2"], **kwargs)
+    summary = extract.extract(rd, ["pool", "layer2"], **kwargs)
     assert summary.done == [0, 1] and summary.already_done == []
     assert {p.name: p.stat().st_mtime_ns for p in rd.feature_parts("pool")} == before
     assert len(rd.feature_parts("layer2")) == 2
-    assert extract.run(rd, ["pool", "layer2"], **kwargs).already_done == [0, 1]
+    assert extract.extract(rd, ["pool", "layer2"], **kwargs).already_done == [0, 1]

@@ -22,7 +22,7 @@ def test_cuda_features_match_cpu_fp32(tmp_path, small_dataset, precision):
     for device, prec in (("cpu", "fp32"), ("cuda", precision)):
         rd = RunDir(tmp_path / device)
         manifest.run(rd, small_dataset)
-        summary = extract.run(rd, ["pool", "layer3"], model="resnet18", weights="random", device=device,
+        summary = extract.extract(rd, ["pool", "layer3"], model="resnet18", weights="random", device=device,
                               precision=prec, progress=False)
         assert summary.device == device
         out[device] = features(rd, "pool")

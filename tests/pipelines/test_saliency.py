@@ -125,7 +125,7 @@ def test_selection_by_label_and_ids_and_clear_errors(run):
 
 @pytest.mark.slow
 def test_local_cluster_run_resumes_and_guards_its_options(run):
-    summary = saliency.run(run, saliency.SaliencyOptions(method="gradcam"), selection="label=photo", workers=2,
+    summary = saliency.run(run, saliency.SaliencyOptions(method="gradcam", select="label=photo", workers=2),
                            progress=False)
     photos = photo_rows(run)
     assert summary.computed == len(photos) and summary.workers == 2
@@ -133,20 +133,20 @@ def test_local_cluster_run_resumes_and_guards_its_options(run):
     assert sorted(table["image_id"].to_pylist()) == sorted(r["image_id"] for r in photos)
     assert saliency.read_summary(run).num_rows == len(photos)
 
-    again = saliency.run(run, saliency.SaliencyOptions(method="gradcam"), selection="label=photo", progress=False)
+    again = saliency.run(run, saliency.SaliencyOptions(method="gradcam", select="label=photo"), progress=False)
     assert again.computed == 0 and again.skipped == len(photos)
 
     lost = photos[1]["image_id"]
     first_map = np.load(run.saliency_map("gradcam", photos[0]["image_id"]))["saliency"]
     run.saliency_map("gradcam", lost).unlink()
-    redo = saliency.run(run, saliency.SaliencyOptions(method="gradcam"), selection="label=photo", workers=1,
+    redo = saliency.run(run, saliency.SaliencyOptions(method="gradcam", select="label=photo", workers=1),
                         progress=False)
     assert redo.computed == 1 and run.saliency_map("gradcam", lost).exists()
     np.testing.assert_array_equal(np.load(run.saliency_map("gradcam", photos[0]["image_id"]))["saliency"], first_map)
     assert pq.read_table(run.saliency_summary("gradcam")).num_rows == len(photos)
 
     with pytest.raises(FeatscopeError, match="other options.*score='logit'->'probability'"):
-        saliency.run(run, saliency.SaliencyOptions(method="gradcam", score="probability"), selection="label=photo")
+        saliency.run(run, saliency.SaliencyOptions(method="gradcam", score="probability", select="label=photo"))
     assert run.saliency_map("gradcam", lost).exists(), "a refused run must not lose maps"
 
 

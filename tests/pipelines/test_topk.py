@@ -47,7 +47,7 @@ def brute_force_topk(rd, arch, layer, k):
 def test_streamed_topk_equals_brute_force_over_full_maps(tmp_path, small_dataset):
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset, shard_size=4)
-    extract.run(rd, ["layer2", "pool"], model="resnet18", weights="random", precision="fp32", batch_size=3,
+    extract.extract(rd, ["layer2", "pool"], model="resnet18", weights="random", precision="fp32", batch_size=3,
                 workers=0, topk=3, progress=False)
     topk.merge(rd, "layer2")
     table = pq.read_table(rd.topk("layer2")).to_pylist()
@@ -61,7 +61,7 @@ def test_streamed_topk_equals_brute_force_over_full_maps(tmp_path, small_dataset
 def test_vector_units_get_whole_image_boxes(tmp_path, small_dataset):
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset)
-    extract.run(rd, ["pool"], model="resnet18", weights="random", workers=0, topk=2, progress=False)
+    extract.extract(rd, ["pool"], model="resnet18", weights="random", workers=0, topk=2, progress=False)
     topk.merge(rd, "pool")
     rows = {r["image_id"]: r for r in manifest.read(rd).to_pylist()}
     for r in pq.read_table(rd.topk("pool")).slice(0, 20).to_pylist():
@@ -97,7 +97,7 @@ def test_boxes_map_back_to_the_same_spot_of_non_square_originals(tmp_path, size)
 def test_render_writes_one_png_per_unit_and_a_contact_sheet(tmp_path, small_dataset):
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset)
-    extract.run(rd, ["layer3"], model="resnet18", weights="random", workers=0, topk=4, progress=False)
+    extract.extract(rd, ["layer3"], model="resnet18", weights="random", workers=0, topk=4, progress=False)
     topk.merge(rd, "layer3")
     summary = topk.render(rd, "layer3", units=topk.parse_units("0-2,10"), tile=32, progress=False)
     assert sorted(p.name for p in rd.patches_dir("layer3").iterdir()) == [
@@ -110,7 +110,7 @@ def test_render_writes_one_png_per_unit_and_a_contact_sheet(tmp_path, small_data
 def test_merge_without_candidates_says_how_to_get_them(tmp_path, small_dataset):
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset)
-    extract.run(rd, ["pool"], model="resnet18", weights="random", workers=0, progress=False)
+    extract.extract(rd, ["pool"], model="resnet18", weights="random", workers=0, progress=False)
     with pytest.raises(FeatscopeError, match="--topk K"):
         topk.merge(rd, "pool")
     with pytest.raises(FeatscopeError, match="cannot read units"):

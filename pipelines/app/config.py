@@ -1,0 +1,164 @@
+"""Workflow config: YAML checked against config/schema.yaml before any job runs.
+
+The schema ships inside the package (`featscope.config`). Its stage sections name a
+featscope command (`x-options: saliency`) and take that command's options as keys, with
+the same names, types, defaults, choices and bounds: they are filled in here from the
+options dataclasses, so an option is declared once. `options_for` turns a section back
+into the command's options, which is how the Snakefile builds its command lines.
+
+Errors name the offending key (`model.arch`, `extract.batch_size`) and what was expected;
+layer names are checked against the chosen architecture too, so a typo fails in the first
+second rather than in the first extraction job.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines.core import options as opts
+
+
+def _option_schema(spec: opts.Spec) -> dict:
+    kind = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "string"}[spec.type]
+    item: dict = {"type": kind}
+    if spec.param.choices:
+        item = {"enum": list(spec.param.choices)}
+    if spec.param.min is not None:
+        item["minimum"] = spec.param.min
+    if spec.param.max is not None:
+        item["maximum"] = spec.param.max
+    if spec.param.pattern:
+        item["pattern"] = spec.param.pattern
+    out = {"type": "array", "items": item} if spec.is_list else dict(item)
+    if spec.optional and not spec.required:
+        out = {"anyOf": [out, {"type": "null"}]}
+    if spec.default is not None and not spec.required:
+        out["default"] = [str(v) if isinstance(v, Path) else v for v in spec.default] if spec.is_list \
+            else str(spec.default) if isinstance(spec.default, Path) else spec.default
+    out["description"] = spec.help
+    return out
+
+
+def _expand(node: object, commands: dict[str, opts.Command]) -> object:
+    """The schema with every `x-options` section's properties filled from the command."""
+    if isinstance(node, list):
+        return [_expand(v, commands) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _expand(v, commands) for k, v in node.items()}
+    if "x-choices-of" in node:
+        name, _, field = node.pop("x-choices-of").partition(".")
+        spec = next(s for s in opts.specs(commands[name].options) if s.name == field)
+        node["enum"] = list(spec.param.choices)
+    if "x-options" in node:
+        command = commands[node["x-options"]]
+        fixed = set(node.get("x-fixed", []))
+        own = node.setdefault("properties", {})
+        required = list(node.get("required", []))
+        for spec in opts.specs(command.options):
+            if spec.name in fixed:
+                continue
+            if spec.name in own:
+                raise ValueError(f"schema: '{spec.name}' is both an option of `{command.name}` and a workflow key")
+            own[spec.name] = _option_schema(spec)
+            if spec.required:
+                required.append(spec.name)
+        node["additionalProperties"] = False
+        if required:
+            node["required"] = required
+    return node
+
+
+def schema() -> dict:
+    """The full config schema: schema.yaml with the commands' options filled in."""
+    from featscope.pipelines.app.cli import commands
+
+    text = resources.files("featscope.config").joinpath("schema.yaml").read_text()
+    return _expand(yaml.safe_load(text), commands())
+
+
+def _with_defaults(config: dict, schema: dict) -> dict:
+    """Fill `default`s of the schema's object properties (jsonschema only checks, never fills)."""
+    out = copy.deepcopy(config)
+    for key, sub in schema.get("properties", {}).items():
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        if sub.get("type") == "object":
+            # A missing section is filled with its defaults, unless it has required keys: such a
+            # section (a toolbox part, style_net) is off when absent.
+            if key not in out and sub.get("properties") and not sub.get("required"):
+                out[key] = {}
+            if isinstance(out.get(key), dict):
+                out[key] = _with_defaults(out[key], sub)
+    return out
+
+
+def validate(config: dict, full_schema: dict | None = None) -> dict:
+    """Return `config` with defaults filled in, or raise FeatscopeError naming the bad key."""
+    import torch
+    import torchvision
+
+    from featscope.kernels.layers import resolve_layer
+
+    full_schema = full_schema or schema()
+    if not isinstance(config, dict):
+        raise FeatscopeError("config error: the config must be a mapping of keys to values")
+    errors = sorted(jsonschema.Draft202012Validator(full_schema).iter_errors(config), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise FeatscopeError(f"config error at {where}: {err.message}")
+    config = _with_defaults(config, full_schema)
+    arch = config["model"]["arch"]
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise FeatscopeError(f"config error at model.arch: unknown architecture '{arch}'")
+    with torch.device("meta"):  # structure only: no weights allocated, no download
+        skeleton = torchvision.models.get_model(arch, weights=None)
+    if "pixels" in config["layers"]:
+        raise FeatscopeError("config error at layers: 'pixels' is added by index.pixels, not listed as a layer")
+    for i, layer in enumerate(config["layers"]):
+        try:
+            resolve_layer(arch, skeleton, layer)
+        except FeatscopeError as e:
+            raise FeatscopeError(f"config error at layers.{i}: {e}") from None
+    viz = config.get("viz", {})
+    named = [("viz.filters", viz.get("filters", []))]
+    named += [(f"viz.{part}.layers", viz[part]["layers"]) for part in ("activations", "dream", "inversion", "texture")
+              if part in viz]
+    if "style_transfer" in viz:
+        named += [("viz.style_transfer.style_layers", [viz["style_transfer"]["content_layer"],
+                                                        *viz["style_transfer"]["style_layers"]])]
+    for where, layers in named:
+        for i, layer in enumerate(layers):
+            try:
+                resolve_layer(arch, skeleton, layer)
+            except FeatscopeError as e:
+                raise FeatscopeError(f"config error at {where}.{i}: {e}") from None
+    for section in ("topk", "embed"):
+        for i, layer in enumerate(config[section].get("layers", [])):
+            if layer not in config["layers"]:
+                raise FeatscopeError(f"config error at {section}.layers.{i}: '{layer}' is not one of the extracted layers")
+    return config
+
+
+def load(path: str | Path) -> dict:
+    """Read and validate a YAML config file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise FeatscopeError(f"cannot read config {path}: {e}") from None
+    return validate(raw)
+
+
+def options_for(section: dict, command: opts.Command, **fixed: object) -> opts.Options:
+    """The options of `command` from a validated config section and the values the workflow
+    fixes itself (layer, method, ...); keys of the section that are no option are skipped."""
+    names = {s.name for s in opts.specs(command.options)}
+    values = {k: v for k, v in section.items() if k in names} | fixed
+    return opts.build(command.options, values)

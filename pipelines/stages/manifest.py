@@ -1,0 +1,35 @@
+"""Stage `manifest`: list a dataset's images with stable ids and shards (see `core.manifest`).
+
+Rerun it as the dataset grows: new images get new ids in new shards; vanished ones are
+marked removed, never renumbered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.options import Command, Group, Options, option
+from featscope.pipelines.core.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class ManifestOptions(Options):
+    images: str = option(help="image folder (label subfolders or flat), text list of paths, or Parquet/CSV with "
+                              "a 'path' (and optional 'label') column", required=True)
+    num_shards: int | None = option(help="split the new images into N shards", min=1)
+    shard_size: int | None = option(help="images per shard (default 1000, or the run's)", min=1)
+    model: str | None = option(help="record the run's architecture (extract then uses it)")
+    weights: str | None = option(help="record the run's weights: imagenet | random | checkpoint path")
+
+
+def run(rd: RunDir, options: ManifestOptions) -> manifest.ManifestSummary:
+    return manifest.run(rd, options.images, num_shards=options.num_shards, shard_size=options.shard_size,
+                        model=options.model, weights=options.weights)
+
+
+COMMANDS = [
+    Command("manifest", ManifestOptions, run, help="list a dataset's images with stable ids and shards",
+            description=__doc__.split("\n\n")[1].replace("\n", " "),
+            groups=(Group(("num_shards", "shard_size")),)),
+]
