@@ -10,6 +10,7 @@ method below is only what differs. All take preprocessed images (B,3,H,W) and cl
 - gradcam     ReLU(sum_c mean(dS/dA_c) * A_c) at a conv layer, upsampled (Selvaraju et al., 2017)
 - occlusion   the drop of the score when a window is covered (Zeiler & Fergus, 2014); see
               `featscope.kernels.occlusion`
+- guided_gradcam  guided backprop times the upsampled Grad-CAM map (Selvaraju et al., 2017)
 - integrated_gradients  (x - x') times the mean gradient on the path from a baseline x'
               (Sundararajan et al., 2017); signed
 
@@ -147,6 +148,15 @@ def integrated_gradients(model: nn.Module, images: torch.Tensor, target: torch.T
     return maps
 
 
+def guided_gradcam(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
+                   layer: Annotated[str | None, Param("Grad-CAM layer (default: the last conv block, e.g. layer4, "
+                                                      "block18, conv5)")] = None,
+                   score: str = "logit") -> torch.Tensor:
+    """Guided Grad-CAM (Selvaraju et al., 2017): the guided-backprop map times the upsampled
+    Grad-CAM map, fine detail where the class evidence is."""
+    return guided(model, images, target, score=score) * gradcam(model, images, target, layer=layer, score=score)
+
+
 @dataclass(frozen=True)
 class Method:
     """A saliency method: its function, and how many images one Dask task should take so
@@ -167,6 +177,7 @@ METHODS: dict[str, Method] = {
     "smoothgrad": Method(smoothgrad, images_per_task=2),
     "gradcam": Method(gradcam, images_per_task=8),
     "integrated_gradients": Method(integrated_gradients, images_per_task=1),
+    "guided_gradcam": Method(guided_gradcam, images_per_task=8),
 }
 
 

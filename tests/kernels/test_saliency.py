@@ -283,3 +283,18 @@ def test_integrated_gradients_is_complete_and_matches_captum():
         assert np.corrcoef(ours.flatten().numpy(), ref.detach().flatten().numpy())[0, 1] >= 0.99
     blurred = attribute(model, x, t, "integrated_gradients", steps=64, baseline="blur")
     assert not torch.allclose(blurred, maps)  # the baseline option reaches the kernel
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_guided_gradcam_is_the_swapped_relu_guided_map_times_the_hand_split_gradcam(models, images, arch):
+    """Selvaraju et al.: guided backprop (the independent swapped-ReLU reference above) times
+    Grad-CAM (the hand-split formula above), at the default layer of the architecture."""
+    model = models[arch]
+    t = targets(model, images)
+    body, head, _ = _split(model, arch)
+    a = body(images).detach().requires_grad_(True)
+    head(a)[torch.arange(len(a)), t].sum().backward()
+    cam = F.relu((a.grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].detach()
+    expected = plain_gradient_map(swapped_guided_model(model), images, t) * cam
+    close(attribute(model, images, t, "guided_gradcam"), expected)
