@@ -32,11 +32,11 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
         "topk": {"k": 3, "units": "0-3"},
         "embed": {"layers": ["pool"], "perplexity": 2, "grid_side": 2, "tile": 16},
         "saliency": {"methods": ["gradcam"], "select": "label=photo", "workers": 1},
-        "viz": {"filters": ["stem"], "activations": {"layers": ["layer1"], "images": [0]},
+        "viz": {"filters": ["stem"], "activations": {"layers": ["layer1"], "ids": [0]},
                 "class_models": {"classes": [1, 2], "steps": 3, "octaves": 1},
-                "adversarial": {"images": [0], "steps": 2}, "dream": {"layers": ["layer1"], "images": [0],
+                "adversarial": {"ids": [0], "steps": 2}, "dream": {"layers": ["layer1"], "ids": [0],
                                                                      "octaves": 1, "steps": 2},
-                "inversion": {"layers": ["layer1", "layer2"], "images": [0], "steps": 3}},
+                "inversion": {"layers": ["layer1", "layer2"], "ids": [0], "steps": 3}},
     }
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(cfg))
