@@ -39,6 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+from featscope.pipelines.core import device as device_mod
 from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.dataset import available_cores, default_workers, image_batches
@@ -72,7 +73,7 @@ def model_only(model: torch.nn.Module, preprocessing: Preprocessing, n: int, bat
                precision: str) -> float:
     model = model.to(device).to(memory_format=torch.channels_last)
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
-    dtype = extract.PRECISIONS[precision]
+    dtype = device_mod.PRECISIONS[precision]
     batches = -(-n // batch)
 
     def step():
@@ -158,12 +159,12 @@ def main() -> None:
     parser.add_argument("--naive-only", metavar="ARCH", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = extract.resolve_device(args.device)
+    device = device_mod.resolve_device(args.device)
     if args.naive_only:  # the fresh-process baseline
         naive(args.naive_only, args.dir, args.batch_size, device, limit=args.batch_size)
         print(naive(args.naive_only, args.dir, args.batch_size, device))
         return
-    precision = extract.resolve_precision("auto", device)
+    precision = device_mod.resolve_precision("auto", device)
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "photos"
         make_photos(images, args.images)
@@ -174,7 +175,7 @@ def main() -> None:
             featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision, args.workers)  # warm-up
             naive(arch, images, args.batch_size, device, limit=args.batch_size)  # warm-up
             loaded = load_model(arch, "random")
-            same_model = extract.inference_model(loaded, [loaded.layer(LAYERS[arch][0])])
+            same_model = device_mod.inference_model(loaded, [loaded.layer(LAYERS[arch][0])])
             runs = {"ours": [], "alone": [], "shipped": [], "decode": [], "one_core": []}
             for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits them all alike
                 runs["ours"].append(featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision,

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T2
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines.core import device as device_mod
 from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
@@ -139,9 +140,9 @@ def test_bf16_features_stay_close_to_fp32(tmp_path, small_dataset):
 
 
 def test_auto_precision_picks_bf16_only_where_the_cpu_has_it():
-    expected = "bf16" if extract.cpu_has_fast_bf16() else "fp32"
-    assert extract.resolve_precision("auto", torch.device("cpu")) == expected
-    assert extract.resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    expected = "bf16" if device_mod.cpu_has_fast_bf16() else "fp32"
+    assert device_mod.resolve_precision("auto", torch.device("cpu")) == expected
+    assert device_mod.resolve_precision("fp16", torch.device("cpu")) == "fp16"
 
 
 def digest(path) -> str:

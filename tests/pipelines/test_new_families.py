@@ -62,7 +62,7 @@ def run_family(arch: str, tmp: str) -> None:
         options = saliency.SaliencyOptions(method=method, window=64, stride=64, steps=4, samples=2,
                                            precision="fp32")
         if method in NEEDS_RECTIFIERS and arch.startswith("convnext"):
-            with pytest.raises(FeatscopeError, match=f"guided backprop is not defined for convnext.*GELU"):
+            with pytest.raises(FeatscopeError, match="guided backprop is not defined for convnext.*GELU"):
                 saliency.explain_batch(str(rd.root), options, ref, [row])
             continue
         result = saliency.explain_batch(str(rd.root), options, ref, [row])
