@@ -31,7 +31,7 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
         "index": {"queries": [0, 5], "k": 3},
         "topk": {"k": 3, "units": "0-3"},
         "embed": {"layers": ["pool"], "perplexity": 2, "grid_side": 2, "tile": 16},
-        "saliency": {"methods": ["gradcam"], "select": "label=photo", "workers": 1},
+        "saliency": {"methods": ["gradcam"], "select": "label=photo", "workers": 1, "segment": True},
         "viz": {"filters": ["stem"], "activations": {"layers": ["layer1"], "ids": [0]},
                 "class_models": {"classes": [1, 2], "steps": 3, "octaves": 1},
                 "adversarial": {"ids": [0], "steps": 2}, "dream": {"layers": ["layer1"], "ids": [0],
