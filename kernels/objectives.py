@@ -70,7 +70,8 @@ def layer_energy(activation: torch.Tensor) -> torch.Tensor:
     return activation.float().pow(2).flatten(1).mean(1)
 
 
-def feature_distance(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """||Phi(x) - Phi0||^2 / ||Phi0||^2 per image, (B,): the relative feature error."""
-    diff = (features.float() - reference.float()).flatten(1).pow(2).sum(1)
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """||x - x0||^2 / ||x0||^2 per image, (B,): the error relative to the reference, so one
+    weight suits every layer (features, Gram matrices and pixels alike)."""
+    diff = (x.float() - reference.float()).flatten(1).pow(2).sum(1)
     return diff / reference.float().flatten(1).pow(2).sum(1).clamp_min(1e-12)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from featscope.kernels.objectives import feature_distance, layer_energy, layer_outputs, total_variation
+from featscope.kernels.objectives import layer_energy, layer_outputs, relative_error, total_variation
 from featscope.kernels.scoring import class_score
 from featscope.kernels.transforms import PixelModel, blur, jitter, octave_sizes, resize
 
@@ -127,7 +127,7 @@ def invert(model: PixelModel, reference: Sequence[torch.Tensor], layers: Sequenc
         shifted, _offset = jitter(x, jitter_pixels, generator)
         with torch.enable_grad():
             outputs = layer_outputs(model, shifted, list(layers))
-            error = torch.stack([feature_distance(out[i:i + 1], reference[i])[0] for i, out in enumerate(outputs)])
+            error = torch.stack([relative_error(out[i:i + 1], reference[i])[0] for i, out in enumerate(outputs)])
             loss = error + tv * total_variation(x, beta) / pixels
             optimiser.zero_grad()
             loss.sum().backward()

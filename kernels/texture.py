@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from featscope.kernels.objectives import layer_outputs, total_variation
+from featscope.kernels.objectives import layer_outputs, relative_error, total_variation
 from featscope.kernels.transforms import PixelModel
 
 
@@ -26,11 +26,6 @@ def gram(features: torch.Tensor) -> torch.Tensor:
     b, c, h, w = features.shape
     flat = features.float().reshape(b, c, h * w)
     return flat @ flat.transpose(1, 2) / (h * w)
-
-
-def gram_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """||a - b||^2 / ||b||^2 per image (B,): relative, so one weight suits every layer."""
-    return (a - b).pow(2).flatten(1).sum(1) / b.pow(2).flatten(1).sum(1).clamp_min(1e-12)
 
 
 @dataclass(frozen=True)
@@ -71,12 +66,11 @@ def match(model: PixelModel, layers: Sequence[nn.Module], terms: Sequence[Sequen
                 for term in image_terms:
                     feature = outputs[term.layer][i:i + 1]
                     if term.kind == "content":
-                        diff = (feature.float() - term.target.float()).pow(2).sum()
-                        value = diff / term.target.float().pow(2).sum().clamp_min(1e-12)
+                        value = relative_error(feature, term.target)[0]
                     else:
                         if term.layer not in grams:
                             grams[term.layer] = gram(outputs[term.layer])
-                        value = gram_distance(grams[term.layer][i:i + 1], term.target)[0]
+                        value = relative_error(grams[term.layer][i:i + 1], term.target)[0]
                     loss = loss + term.weight * value
                 losses.append(loss)
             total = torch.stack(losses)

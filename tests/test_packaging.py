@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,8 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_the_wheel_holds_the_code_the_schema_and_the_report_assets_and_validates_configs(tmp_path):
+    leftovers = [REPO / "build", REPO / "featscope.egg-info"]
+    before = [p.exists() for p in leftovers]
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True)
+    for path, existed in zip(leftovers, before):  # setuptools builds inside the checkout
+        if path.exists() and not existed:
+            shutil.rmtree(path)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("featscope-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

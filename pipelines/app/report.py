@@ -35,12 +35,12 @@ from featscope.pipelines.core.atomic import atomic_path, write_bytes_atomic
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
-from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir
 from featscope.pipelines.core.store import read_errors
 from featscope.pipelines.core.timings import read_timings
 
 ASSETS = Path(__file__).resolve().parent / "report_assets"
-SHARD = 1000  # images per data file and per thumbnail folder
+SHARD = THUMB_FOLDER  # images per data file, as per thumbnail folder (the pages compute both)
 THUMB = 128
 PAGES = ("index", "image", "layer", "unit")
 
@@ -57,12 +57,8 @@ class ReportSummary:
                 f"{self.seconds:.1f}s; open it in a browser, or `featscope serve --run {self.path.parent.parent}`")
 
 
-def thumb_path(rd: RunDir, image_id: int) -> Path:
-    return rd.report_dir / "thumbs" / f"{image_id // SHARD:04d}" / f"{image_id}.jpg"
-
-
 def _make_thumbnail(rd: RunDir, image_id: int, path: str) -> bool:
-    out = thumb_path(rd, image_id)
+    out = rd.thumbnail(image_id)
     if out.exists():
         return False
     try:
@@ -102,27 +98,22 @@ def _neighbours(rd: RunDir, ids: np.ndarray, k: int, progress: bool) -> dict[str
 
 def _saliency(rd: RunDir) -> dict[int, list[str]]:
     methods: dict[int, list[str]] = {}
-    root = rd.root / "saliency"
-    if not root.is_dir():
-        return methods
-    for method_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "summary.parquet"):
-        for overlay in method_dir.glob("*.png"):
-            if overlay.stem.isdigit():
-                methods.setdefault(int(overlay.stem), []).append(method_dir.name)
+    for method in rd.saliency_methods():
+        for image_id in rd.saliency_overlays(method):
+            methods.setdefault(image_id, []).append(method)
     return methods
 
 
 def _layers(rd: RunDir) -> list[dict]:
     """Layers with merged top-k: units, k, and which units have patch PNGs."""
     layers = []
-    for path in sorted((rd.root / "topk").glob("*.parquet")):
-        layer = path.stem
-        table = pq.read_table(path, columns=["channel", "rank", "value", "image_id"])
+    for layer in rd.topk_layers():
+        table = pq.read_table(rd.topk(layer), columns=["channel", "rank", "value", "image_id"])
         channels = table["channel"].to_numpy()
         units: dict[int, list] = {}
         for c, v, i in zip(channels, table["value"].to_numpy(), table["image_id"].to_numpy()):
             units.setdefault(int(c), []).append([int(i), round(float(v), 4)])
-        rendered = sorted(int(p.stem.split("-")[1]) for p in rd.patches_dir(layer).glob("unit-*.png"))
+        rendered = rd.rendered_units(layer)
         layers.append({"name": layer, "units": int(channels.max()) + 1 if len(channels) else 0,
                        "k": max((len(v) for v in units.values()), default=0), "rendered": rendered})
         _script(rd.report_dir / "data" / f"topk-{layer}.js", "FS_TOPK", {layer: units})
@@ -131,9 +122,8 @@ def _layers(rd: RunDir) -> list[dict]:
 
 def _mosaics(rd: RunDir) -> list[dict]:
     mosaics = []
-    for cells in sorted((rd.root / "mosaic").glob("*-grid.parquet")):
-        layer = cells.name[: -len("-grid.parquet")]
-        table = pq.read_table(cells)
+    for layer in rd.mosaic_layers():
+        table = pq.read_table(rd.mosaic(layer, "grid", "parquet"))
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         side = int(meta.get("side", 0))
         grid = [[-1] * side for _ in range(side)]

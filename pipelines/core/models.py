@@ -96,6 +96,19 @@ class LoadedModel:
     def layer(self, name: str) -> LayerSpec:
         return resolve_layer(self.arch, self.module, name)
 
+    @property
+    def categories(self) -> list[str] | None:
+        """Class names of the model's outputs (ImageNet's for `imagenet` weights), or None."""
+        return class_names(self.arch, self.weights)
+
+
+def class_names(arch: str, weights: str) -> list[str] | None:
+    """The one category lookup: ImageNet's class names for torchvision's ImageNet weights,
+    None for other weights (class ids are then shown as numbers)."""
+    if weights != "imagenet":
+        return None
+    return list(torchvision.models.get_model_weights(arch)[IMAGENET_WEIGHTS].meta["categories"])
+
 
 def _check_arch(arch: str) -> None:
     known = torchvision.models.list_models(module=torchvision.models)

@@ -17,6 +17,9 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core.atomic import write_json_atomic
 
 
+THUMB_FOLDER = 1000  # thumbnails per folder of the report (the pages compute the same path)
+
+
 class RunDir:
     """Paths of one dataset x model run; creates nothing until a stage writes."""
 
@@ -72,8 +75,20 @@ class RunDir:
     def topk(self, layer: str) -> Path:
         return self.root / "topk" / f"{layer}.parquet"
 
+    def topk_layers(self) -> list[str]:
+        """Layers with a merged top-k table, sorted."""
+        return sorted(p.stem for p in (self.root / "topk").glob("*.parquet"))
+
     def patches_dir(self, layer: str) -> Path:
         return self.root / "patches" / layer
+
+    def unit_patches(self, layer: str, unit: int) -> Path:
+        """The strip of one unit's top-k patches."""
+        return self.patches_dir(layer) / f"unit-{unit:04d}.png"
+
+    def rendered_units(self, layer: str) -> list[int]:
+        """Units of a layer whose patch strip exists, sorted."""
+        return sorted(int(p.stem.split("-")[1]) for p in self.patches_dir(layer).glob("unit-*.png"))
 
     def patch_sheet(self, layer: str) -> Path:
         return self.root / "patches" / f"{layer}.png"
@@ -84,6 +99,10 @@ class RunDir:
     def mosaic(self, layer: str, kind: str, suffix: str = "jpg") -> Path:
         """mosaic/<layer>-grid.jpg, -grid.parquet (cell -> image), -scatter.jpg, -plot.png."""
         return self.root / "mosaic" / f"{layer}-{kind}.{suffix}"
+
+    def mosaic_layers(self) -> list[str]:
+        """Layers with a grid mosaic (its cell table), sorted."""
+        return sorted(p.name[: -len("-grid.parquet")] for p in (self.root / "mosaic").glob("*-grid.parquet"))
 
     @property
     def index_root(self) -> Path:
@@ -122,6 +141,16 @@ class RunDir:
 
     def saliency_mask(self, method: str, image_id: int) -> Path:
         return self.saliency_dir(method) / f"{image_id}-mask.png"
+
+    def saliency_methods(self) -> list[str]:
+        """Methods with a saliency folder, sorted."""
+        root = self.root / "saliency"
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and p != self.saliency_summary_dir) \
+            if root.is_dir() else []
+
+    def saliency_overlays(self, method: str) -> dict[int, Path]:
+        """image_id -> overlay PNG of a method."""
+        return {int(p.stem): p for p in self.saliency_dir(method).glob("*.png") if p.stem.isdigit()}
 
     def saliency_options(self, method: str) -> Path:
         return self.saliency_dir(method) / "options.json"
@@ -179,6 +208,10 @@ class RunDir:
     @property
     def report_dir(self) -> Path:
         return self.root / "report"
+
+    def thumbnail(self, image_id: int) -> Path:
+        """The report's thumbnail of an image: thumbs/<image_id // 1000>/<image_id>.jpg."""
+        return self.report_dir / "thumbs" / f"{image_id // THUMB_FOLDER:04d}" / f"{image_id}.jpg"
 
     @property
     def timings_dir(self) -> Path:

@@ -30,7 +30,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
@@ -51,7 +50,7 @@ from featscope.pipelines.core.device import (
 )
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.images import BadImage, read_pixels
-from featscope.pipelines.core.models import IMAGENET_WEIGHTS, LoadedModel, load_model
+from featscope.pipelines.core.models import LoadedModel, load_model
 from featscope.pipelines.render.overlay import heat_overlay
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
@@ -217,10 +216,7 @@ def _worker_model(ref: ModelRef) -> tuple[LoadedModel, torch.device, list[str] |
         raise FeatscopeError(f"the weights '{ref.weights}' are not the ones this run was extracted with")
     device = resolve_device(ref.device)
     loaded.module.to(device).to(memory_format=torch.channels_last)
-    categories = None
-    if ref.weights == "imagenet":
-        categories = torchvision.models.get_model_weights(ref.arch)[IMAGENET_WEIGHTS].meta["categories"]
-    return loaded, device, categories
+    return loaded, device, loaded.categories
 
 
 @functools.lru_cache(maxsize=2)

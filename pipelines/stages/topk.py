@@ -168,7 +168,7 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     for unit in units:
         strip = _strip(unit, k, tile, patches, values, font)
         strips[unit] = strip
-        with atomic_path(rd.patches_dir(layer) / f"unit-{unit:04d}.png") as tmp:
+        with atomic_path(rd.unit_patches(layer, unit)) as tmp:
             strip.save(tmp, format="PNG")
     sheet = _contact_sheet([strips[u] for u in units], sheet_columns)
     with atomic_path(rd.patch_sheet(layer)) as tmp:

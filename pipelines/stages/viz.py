@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
@@ -31,14 +30,14 @@ from featscope.kernels.adversarial import pgd
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.kernels.filters import activation_grid, filter_grid
-from featscope.kernels.objectives import layer_energy, layer_outputs
+from featscope.kernels.objectives import layer_energy, layer_outputs, relative_error
 from featscope.kernels.render import class_models, deepdream, invert, layer_features
 from featscope.kernels.texture import Term, gram, match, noise_like, targets_at
 from featscope.kernels.transforms import PixelModel
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
 from featscope.pipelines.core.images import BadImage, read_pixels
-from featscope.pipelines.core.models import IMAGENET_WEIGHTS, LoadedModel, load_run_model
+from featscope.pipelines.core.models import LoadedModel, load_run_model
 from featscope.pipelines.render.panels import curves, enlarge, panel, stack, to_image
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
@@ -97,14 +96,10 @@ def _context(rd: RunDir, threads: int | None = None) -> _Context:
         torch.set_num_threads(threads)
     config = rd.read_config()
     loaded = load_run_model(config)
-    weights = config.get("weights") or "imagenet"
     for p in loaded.module.parameters():
         p.requires_grad_(False)  # only images are optimised
     prep = loaded.preprocessing
-    categories = None
-    if weights == "imagenet":
-        categories = torchvision.models.get_model_weights(loaded.arch)[IMAGENET_WEIGHTS].meta["categories"]
-    return _Context(rd, loaded, PixelModel(loaded.module, prep.mean, prep.std), categories)
+    return _Context(rd, loaded, PixelModel(loaded.module, prep.mean, prep.std), loaded.categories)
 
 
 def _save_png(picture: Image.Image, path: Path) -> Path:
@@ -310,7 +305,7 @@ def inversion(rd: RunDir, image_ids: list[int], layers: list[str], *, steps: int
         pictures, captions, record = [to_image(images[b])], [f"image {row['image_id']}"], []
         for k, layer in enumerate(layers):
             n = b * len(layers) + k
-            pixel_error = float((recon[n] - images[b]).pow(2).sum() / images[b].pow(2).sum())
+            pixel_error = float(relative_error(recon[n:n + 1], images[b:b + 1])[0])
             feature_error = float(errors[-1, n])
             pictures.append(to_image(recon[n]))
             captions.append(f"{layer}\nfeature err {feature_error:.3f}\npixel err {pixel_error:.3f}")

@@ -11,7 +11,7 @@ import pytest
 
 from featscope.pipelines.core import manifest
 from featscope.pipelines.stages import index as neighbors
-from featscope.pipelines.app.report import SHARD, thumb_path
+from featscope.pipelines.app.report import SHARD
 from featscope.pipelines.app.serve import make_server
 
 
@@ -27,7 +27,7 @@ def test_report_holds_every_image_with_its_exact_neighbours(reported_run):
     index = neighbors.open_index(rd, "pool")
     for row in rows:
         i = row["image_id"]
-        assert thumb_path(rd, i).exists()
+        assert rd.thumbnail(i).exists()
         entry = load_script(rd.report_dir / "data" / f"images-{i // SHARD:04d}.js")[str(i)]
         expected = [int(n) for n in index.search_ids([i], k=5).image_ids[0] if n != i][:4]
         assert [n for n, _ in entry["neighbours"]["pool"]] == expected
