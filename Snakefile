@@ -50,7 +50,7 @@ DEFAULT_RESOURCES = {
     "extract": {"mem_mb": 4000, "runtime": 60, "gpu": 1},
     "index": {"mem_mb": 8000, "runtime": 120},
     "evaluate": {"mem_mb": 4000, "runtime": 30},
-    "neighbors": {"mem_mb": 2000, "runtime": 15},
+    "neighbours": {"mem_mb": 2000, "runtime": 15},
     "topk_merge": {"mem_mb": 4000, "runtime": 30},
     "topk_render": {"mem_mb": 2000, "runtime": 30},
     "embed": {"mem_mb": 16000, "runtime": 180},
@@ -68,6 +68,12 @@ def all_cores(per_job=4):
         return workflow.cores
     except WorkflowError:
         return per_job
+
+
+unknown = sorted(set(CFG["resources"]) - set(DEFAULT_RESOURCES))
+if unknown:
+    raise SystemExit(f"featscope: error: config error at resources.{unknown[0]}: no such rule; rules with "
+                     f"resources are {', '.join(DEFAULT_RESOURCES)}")
 
 
 def res(rule):
@@ -155,7 +161,7 @@ rule report:
         lambda wildcards: parts_of(EXTRACT_LAYERS),
         [index_meta(layer) for layer in EXTRACT_LAYERS],
         RD.index_evaluation,
-        [str(RD.neighbor_sheet(layer)) for layer in LAYERS] if INDEX["queries"] else [],
+        [str(RD.neighbour_sheet(layer)) for layer in LAYERS] if INDEX["queries"] else [],
         [str(RD.patch_sheet(layer)) for layer in TOPK_LAYERS],
         [str(RD.mosaic(layer, kind, suffix)) for layer in EMBED_LAYERS
          for kind, suffix in (("grid", "jpg"), ("scatter", "jpg"), ("plot", "png"))],
@@ -232,14 +238,14 @@ rule evaluate:
         "{params.cmd}"
 
 
-rule neighbors:
+rule neighbours:
     input:
         index_meta("{layer}"),
         [index_meta(PIXELS)] if INDEX["pixels"] else [],
     output:
-        str(RD.neighbor_sheet("{layer}")),
+        str(RD.neighbour_sheet("{layer}")),
     resources:
-        **res("neighbors"),
+        **res("neighbours"),
     params:
         cmd=lambda wildcards: command("neighbours", layer=wildcards.layer, ids=INDEX["queries"], k=INDEX["k"]),
     shell:

@@ -22,7 +22,7 @@ import time
 import faiss
 import numpy as np
 
-from featscope.index import NeighborIndex, build_index, recall_at_k
+from featscope.index import NeighbourIndex, build_index, recall_at_k
 from featscope.index.build import prepare
 
 AUTOFAISS_SCRIPT = """
@@ -79,7 +79,7 @@ def run_set(n: int, dims: int, autofaiss_python: str | None) -> None:
     result = build_index(lambda: ((np.arange(i, min(i + chunk, n)), x[i:i + chunk]) for i in range(0, n, chunk)),
                          n=n, dims=dims, kind="auto", metric="cosine", max_memory=4 << 30)
     build = time.perf_counter() - start
-    ix = NeighborIndex.from_build(result)
+    ix = NeighbourIndex.from_build(result)
     rows, qps = timed_search(ix.index, qn)
     recall = recall_at_k(rows, truth, 10)
     size = len(faiss.serialize_index(ix.index))

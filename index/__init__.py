@@ -1,15 +1,15 @@
 """Feature-space neighbour search with FAISS: choose, build, open, query, measure recall.
 
 The public surface is `build_index` (streamed build with measured recall) and
-`NeighborIndex` (open a built index and ask it for neighbours of ids or vectors).
+`NeighbourIndex` (open a built index and ask it for neighbours of ids or vectors).
 """
 
 from featscope.index.build import BuildResult, build_index
 from featscope.index.factory import KINDS, METRICS, IndexPlan, choose_plan, parse_bytes
 from featscope.index.recall import exact_knn, recall_at_k
-from featscope.index.search import INDEX_SUBDIR, NeighborIndex, Neighbors
+from featscope.index.search import NeighbourIndex, Neighbours
 
 __all__ = [
-    "BuildResult", "INDEX_SUBDIR", "IndexPlan", "KINDS", "METRICS", "NeighborIndex", "Neighbors", "build_index", "choose_plan", "exact_knn",
-    "parse_bytes", "recall_at_k",
+    "BuildResult", "IndexPlan", "KINDS", "METRICS", "NeighbourIndex", "Neighbours", "build_index", "choose_plan",
+    "exact_knn", "parse_bytes", "recall_at_k",
 ]

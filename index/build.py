@@ -24,6 +24,7 @@ import numpy as np
 from featscope.index.factory import IndexPlan, choose_plan
 from featscope.index.recall import StreamingExactKnn, recall_at_k
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 
 Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 RECALL_K = 10
@@ -148,7 +149,7 @@ def _add_to_ivf(index: faiss.Index, chunks: Chunks, n: int, dims: int, metric: s
         offset += len(xt)
         advance(len(xt))
     index.ntotal = ivf.ntotal
-    ivf.make_direct_map()  # lets NeighborIndex.search_ids reconstruct stored vectors
+    ivf.make_direct_map()  # lets NeighbourIndex.search_ids reconstruct stored vectors
     return ids, exact.result()[1]
 
 
@@ -160,7 +161,7 @@ def build_index(chunks: Chunks, *, n: int, dims: int, kind: str = "auto", metric
     `on_progress(rows_read, rows_to_read)` follows the passes over the chunks: two, or three
     for an inverted file."""
     if metric not in ("cosine", "l2"):
-        raise FeatscopeError(f"--metric must be cosine or l2, got '{metric}'")
+        raise ParamError("metric", f"must be cosine or l2, got '{metric}'")
     if n == 0:
         raise FeatscopeError("there are no vectors to index")
     start = time.perf_counter()

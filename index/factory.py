@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 METRICS = ("cosine", "l2")
@@ -64,7 +65,7 @@ def _nlist(n: int) -> int:
 def choose_plan(n: int, dims: int, *, kind: str = "auto", max_memory: int = 4 << 30) -> IndexPlan:
     """An index plan for n vectors of `dims` dimensions within `max_memory` bytes."""
     if kind not in KINDS:
-        raise FeatscopeError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'")
+        raise ParamError("kind", f"must be one of {', '.join(KINDS)}, got '{kind}'")
     flat_bytes = n * dims * 4
     if kind == "flat" or (kind == "auto" and n < EXACT_MAX_VECTORS and flat_bytes <= max_memory):
         return IndexPlan("flat", "Flat", dims, dims, estimated_bytes=flat_bytes)
@@ -83,11 +84,12 @@ def choose_plan(n: int, dims: int, *, kind: str = "auto", max_memory: int = 4 <<
             return IndexPlan("ivf", f"{prefix}IVF{nlist},{codec}", dims, width, nlist, ivf_bytes)
     if kind == "ivf":
         raise FeatscopeError(f"IVF,Flat over {n} vectors needs {n * (reduced * 4 + 8) / 1e9:.1f} GB even after "
-                             "PCA; raise --max-memory or use --kind ivfpq")
+                             "PCA; raise <max_memory> or use <kind> ivfpq")
     m = min(PQ_BYTES, reduced)
     while reduced % m:
         m -= 1
     bytes_ = n * (m + 8)
     if bytes_ > max_memory:
-        raise FeatscopeError(f"{n} vectors need at least {bytes_ / 1e9:.1f} GB even compressed; raise --max-memory")
+        raise ParamError("max_memory", f"is too small: {n} vectors need at least {bytes_ / 1e9:.1f} GB even "
+                         "compressed")
     return IndexPlan("ivfpq", f"{pca}IVF{nlist},PQ{m}x8", dims, reduced, nlist, bytes_)

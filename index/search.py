@@ -1,6 +1,6 @@
-"""A built index on disk, opened for queries: `NeighborIndex`.
+"""A built index on disk, opened for queries: `NeighbourIndex`.
 
-    ix = NeighborIndex.open("runs/demo", "pool")
+    ix = NeighbourIndex.load("runs/demo/index/pool")
     ix.search_ids([12, 40], k=10)          # neighbours of images already in the run
     ix.search_vectors(array, k=10)         # neighbours of any vectors of the right dimension
 
@@ -24,11 +24,10 @@ import pyarrow.parquet as pq
 from featscope.index.build import BuildResult, prepare
 from featscope.kernels.errors import FeatscopeError
 
-INDEX_SUBDIR = "index"
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "meta.json"
 
 
-class Neighbors(NamedTuple):
+class Neighbours(NamedTuple):
     image_ids: np.ndarray  # (queries, k) int64, -1 where fewer than k exist
     distances: np.ndarray  # (queries, k) float32
 
@@ -37,28 +36,22 @@ def _replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-class NeighborIndex:
+class NeighbourIndex:
     def __init__(self, index: faiss.Index, ids: np.ndarray, meta: dict, directory: Path | None = None):
         self.index, self.ids, self.meta, self.directory = index, ids, meta, directory
         self._order = np.argsort(ids, kind="stable")
         self._apply_search_params()
 
     @classmethod
-    def from_build(cls, result: BuildResult) -> NeighborIndex:
+    def from_build(cls, result: BuildResult) -> NeighbourIndex:
         return cls(result.index, result.ids, result.meta)
 
     @classmethod
-    def open(cls, run: str | Path, layer: str, *, mmap: bool = False) -> NeighborIndex:
-        """The index of `layer` in run directory `run`."""
-        directory = Path(run) / INDEX_SUBDIR / layer
-        if not (directory / META_FILE).exists():
-            raise FeatscopeError(f"index for layer '{layer}' not found in {run}: run "
-                                 f"`featscope index build --run {run} --layer {layer}` first")
-        return cls.load(directory, mmap=mmap)
-
-    @classmethod
-    def load(cls, directory: str | Path, *, mmap: bool = False) -> NeighborIndex:
+    def load(cls, directory: str | Path, *, mmap: bool = False) -> NeighbourIndex:
+        """The index saved in `directory` (index.faiss, ids.parquet, meta.json)."""
         directory = Path(directory)
+        if not (directory / META_FILE).exists():
+            raise FeatscopeError(f"no index in {directory}: it has no {META_FILE}")
         meta = json.loads((directory / META_FILE).read_text())
         flags = 0
         if mmap:  # inverted lists map through the on-disk hook; flat codes through the mapped reader
@@ -110,21 +103,21 @@ class NeighborIndex:
         """The stored (prepared) vectors of image ids, as the index holds them."""
         return np.stack([self.index.reconstruct(int(r)) for r in self.rows_of(image_ids)])
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> Neighbors:
+    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> Neighbours:
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if vectors.shape[1] != self.dims:
             raise FeatscopeError(f"query vectors have dimension {vectors.shape[1]}, the index expects {self.dims}")
         return self._search(prepare(vectors, self.meta["metric"]), k)
 
-    def search_ids(self, image_ids, k: int = 10) -> Neighbors:
+    def search_ids(self, image_ids, k: int = 10) -> Neighbours:
         """Neighbours of images in the index (each image is its own first neighbour)."""
         return self._search(self.vectors_of(image_ids), k)
 
-    def _search(self, prepared: np.ndarray, k: int) -> Neighbors:
+    def _search(self, prepared: np.ndarray, k: int) -> Neighbours:
         if k < 1:
             raise FeatscopeError("k must be at least 1")
         dist, rows = self.index.search(np.ascontiguousarray(prepared), min(k, len(self)))
         image_ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
         dist = np.maximum(dist, 0.0)
         dist = dist / 2.0 if self.meta["metric"] == "cosine" else np.sqrt(dist)
-        return Neighbors(image_ids, dist.astype(np.float32))
+        return Neighbours(image_ids, dist.astype(np.float32))

@@ -47,11 +47,16 @@ class Param:
 
 
 class ParamError(FeatscopeError):
-    """A parameter out of range; `param` names it, so the CLI can say which flag."""
+    """A parameter out of range; `param` names it, so the CLI can say which flag. Other
+    parameters the problem mentions are written `<name>`: `said_as` renders every name."""
 
     def __init__(self, param: str, problem: str):
-        super().__init__(f"{param} {problem}")
         self.param, self.problem = param, problem
+        super().__init__(self.said_as(str))
+
+    def said_as(self, name: Callable[[str], str]) -> str:
+        """The message with each parameter called name(param), e.g. a flag."""
+        return f"{name(self.param)} " + re.sub(r"<([a-z_0-9]+)>", lambda m: name(m.group(1)), self.problem)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def reported_run(tmp_path_factory, digits):
     from featscope.pipelines.stages import extract
     from featscope.pipelines.core import manifest
     from featscope.pipelines.stages import mosaic
-    from featscope.pipelines.stages import index as neighbors
+    from featscope.pipelines.stages import index as neighbours
     from featscope.pipelines.app import report
     from featscope.pipelines.stages import saliency
     from featscope.pipelines.stages import topk
@@ -59,8 +59,8 @@ def reported_run(tmp_path_factory, digits):
     manifest.run(rd, root / "images", shard_size=8, model="resnet18", weights="random")
     extract.extract(rd, ["pool", "layer3", "pixels"], batch_size=8, workers=0, topk=3, progress=False)
     for layer in ("pool", "pixels"):
-        neighbors.build(rd, layer, progress=False)
-    neighbors.evaluate(rd)
+        neighbours.build(rd, layer, progress=False)
+    neighbours.evaluate(rd)
     topk.merge(rd, "layer3")
     topk.render(rd, "layer3", units=[0, 1, 2, 3], progress=False)
     embed.embed(rd, "pool", perplexity=3)

@@ -70,3 +70,18 @@ def test_only_the_run_directory_spells_run_file_names():
     spelled = [name for name, path in MODULES.items()
                if '"meta.json"' in path.read_text() and not name.endswith(("core.rundir", "index.search"))]
     assert not spelled
+
+
+def test_one_spelling_of_neighbour():
+    """Code, JSON keys, file names and docs say "neighbour"; the US spelling is left only in
+    third-party names and in the aliases kept for this release."""
+    allowed = ("KNeighbors", "kneighbors", "n_neighbors", "neighbors_to_retrieve", '"neighbors": "neighbours"',
+               '"/api/neighbors")', "`neighbors` still works", "ALIASES")
+    us = "neigh" + "bor"  # written so that this file does not match itself
+    files = [*MODULES.values(), *(REPO / "tests").rglob("*.py"), REPO / "README.md", REPO / "Snakefile",
+             *(REPO / "docs").glob("*.md"), *(REPO / "pipelines" / "app" / "report_assets").iterdir()]
+    found = [f"{path.relative_to(REPO)}: {line.strip()}" for path in files
+             for line in path.read_text().splitlines() if us in line.lower() and not any(a in line for a in allowed)]
+    assert not found, found[:5]
+    assert not [p for p in REPO.rglob(f"*{us}*") if ".venv" not in p.parts and ".git" not in p.parts
+                and "egg-info" not in str(p) and "runs" not in p.parts]

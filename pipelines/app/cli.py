@@ -57,7 +57,7 @@ GROUPS = {
     "config": "the workflow config: its schema",
 }
 # Old command names kept working for this release.
-ALIASES = {"neighbors": "neighbours"}
+ALIASES = {"neighbors": "neighbours"}  # the US spelling, for this release
 
 
 def commands() -> dict[str, opts.Command]:
@@ -80,7 +80,7 @@ def _argument_type(spec: opts.Spec):
         try:
             return spec.convert(text)
         except ParamError as e:
-            raise argparse.ArgumentTypeError(e.problem) from None
+            raise argparse.ArgumentTypeError(e.said_as(flag).split(" ", 1)[1]) from None
     convert.__name__ = spec.type_name  # argparse names the type in its error
     return convert
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, args, options = parse(argv)
     except ParamError as e:
-        print(f"featscope: error: {flag(e.param)} {e.problem}", file=sys.stderr)
+        print(f"featscope: error: {e.said_as(flag)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     run = getattr(args, "run", None)
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = command.run(RunDir(run), options, **call) if command.needs_run else command.run(options, **call)
     except ParamError as e:
-        print(f"featscope: error: {flag(e.param)} {e.problem}", file=sys.stderr)
+        print(f"featscope: error: {e.said_as(flag)}", file=sys.stderr)
         return 2
     except FeatscopeError as e:
         print(f"featscope: error: {e}", file=sys.stderr)

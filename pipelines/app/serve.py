@@ -3,8 +3,8 @@
   GET  /                          -> the report (report/index.html)
   GET  /<path>                    -> a file inside the run directory, nothing else
   GET  /api/image/<id>            -> the image's manifest row
-  GET  /api/neighbors?id=N&layer=L&k=K
-  POST /api/neighbors?layer=L&k=K -> body: an image file; embedded with the run's own model
+  GET  /api/neighbours?id=N&layer=L&k=K
+  POST /api/neighbours?layer=L&k=K -> body: an image file; embedded with the run's own model
 
 Indexes and the model are loaded once and shared by every request; requests run on their
 own threads (searches run concurrently; the one model embeds one upload at a time).
@@ -31,6 +31,9 @@ from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 
 
+API_NEIGHBOURS = ("/api/neighbours", "/api/neighbors")  # the US spelling still answers, for this release
+
+
 class QueryService:
     """The run's manifest, indexes and (when first needed) model, shared by all requests."""
 
@@ -52,7 +55,7 @@ class QueryService:
         row = self.rows[image_id]
         return {"image_id": image_id, "label": row["label"], "name": Path(row["path"]).name, "shard": row["shard"]}
 
-    def neighbors(self, layer: str, k: int, *, image_id: int | None = None, upload: bytes | None = None) -> dict:
+    def neighbours(self, layer: str, k: int, *, image_id: int | None = None, upload: bytes | None = None) -> dict:
         if layer not in self.indexes:
             raise ValueError(f"no index for layer '{layer}'; indexed: {', '.join(self.layers) or 'none'}")
         if not 1 <= k <= self.max_k:
@@ -66,7 +69,7 @@ class QueryService:
             found = neighbours_of(index, [image_id], k)
         answer = [self.image(int(i)) | {"distance": float(d)}
                   for i, d in zip(found.image_ids[0], found.distances[0]) if i >= 0]
-        return {"layer": layer, "query": image_id, "neighbors": answer[:k]}
+        return {"layer": layer, "query": image_id, "neighbours": answer[:k]}
 
     def file(self, url_path: str) -> tuple[Path | None, int]:
         """The file a URL path names and 200; or None and 403 if it resolves (after '..',
@@ -110,9 +113,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if url.path.startswith("/api/image/"):
                 return self._json(200, self.service.image(int(url.path.rsplit("/", 1)[1])))
-            if url.path == "/api/neighbors":
+            if url.path in API_NEIGHBOURS:
                 layer, k = query.get("layer", [""])[0], int(query.get("k", ["10"])[0])
-                return self._json(200, self.service.neighbors(layer, k, image_id=int(query["id"][0])))
+                return self._json(200, self.service.neighbours(layer, k, image_id=int(query["id"][0])))
         except KeyError as e:
             return self._error(404, str(e).strip("'\"") if "no image" in str(e) else f"missing parameter {e}")
         except ValueError as e:
@@ -131,7 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
-        if url.path != "/api/neighbors":
+        if url.path not in API_NEIGHBOURS:
             return self._error(404, f"no such API: {url.path}")
         length = self.headers.get("Content-Length")
         if length is None:
@@ -146,7 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
         data = self.rfile.read(length)
         query = parse_qs(url.query)
         try:
-            answer = self.service.neighbors(query.get("layer", [""])[0], int(query.get("k", ["10"])[0]), upload=data)
+            answer = self.service.neighbours(query.get("layer", [""])[0], int(query.get("k", ["10"])[0]), upload=data)
         except ValueError as e:
             return self._error(400, str(e))
         except FeatscopeError as e:
@@ -193,6 +196,6 @@ def _serve(rd: RunDir, options: ServeOptions) -> None:
 COMMANDS = [
     Command("serve", ServeOptions, _serve, records_timing=False,
             help="serve a run's report and a JSON query API on 127.0.0.1",
-            description="GET /api/neighbors?id=N&layer=L&k=K, POST /api/neighbors?layer=L&k=K with an image as the "
+            description="GET /api/neighbours?id=N&layer=L&k=K, POST /api/neighbours?layer=L&k=K with an image as the "
                         "body, GET /api/image/N. Serves only files inside the run directory."),
 ]

@@ -22,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.pipelines.core.images import is_image_name
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_table
@@ -107,9 +108,9 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
     """Create or update `manifest.parquet` and `run.json` for the images in `images`."""
     start = time.perf_counter()
     if num_shards is not None and shard_size is not None:
-        raise FeatscopeError("give --num-shards or --shard-size, not both")
+        raise ParamError("num_shards", "cannot be given with <shard_size>")
     if (num_shards is not None and num_shards < 1) or (shard_size is not None and shard_size < 1):
-        raise FeatscopeError("--num-shards and --shard-size must be at least 1")
+        raise ParamError("num_shards", "and <shard_size> must be at least 1")
     found = scan(images)
     config = rd.read_config() if rd.run_json.exists() else {}
     old = pq.read_table(rd.manifest).to_pylist() if rd.manifest.exists() else []

@@ -12,20 +12,20 @@ from dataclasses import asdict
 
 import numpy as np
 
-from featscope.index import NeighborIndex, Neighbors
+from featscope.index import NeighbourIndex, Neighbours
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity
 
 
-def open_index(rd: RunDir, layer: str, *, mmap: bool = False) -> NeighborIndex:
+def open_index(rd: RunDir, layer: str, *, mmap: bool = False) -> NeighbourIndex:
     """The layer's index, refused if it was built from another model, weights or preprocessing."""
     directory = rd.index_dir(layer)
     if not rd.index_meta(layer).exists():
         raise FeatscopeError(f"index for layer '{layer}' not found in {rd.root}: run "
                              f"`featscope index build --run {rd.root} --layer {layer}` first")
-    index = NeighborIndex.load(directory, mmap=mmap)
+    index = NeighbourIndex.load(directory, mmap=mmap)
     identity = RunIdentity.of_run(rd.read_config())
     for key, want in asdict(identity).items():
         if index.meta.get(key) != want:
@@ -34,7 +34,7 @@ def open_index(rd: RunDir, layer: str, *, mmap: bool = False) -> NeighborIndex:
     return index
 
 
-def neighbours_of(index: NeighborIndex, image_ids, k: int, *, exclude_self: bool = True) -> Neighbors:
+def neighbours_of(index: NeighbourIndex, image_ids, k: int, *, exclude_self: bool = True) -> Neighbours:
     """The k nearest images of each image id in `index`; without the image itself unless
     `exclude_self` is False."""
     image_ids = np.atleast_1d(np.asarray(image_ids, dtype=np.int64))
@@ -47,7 +47,7 @@ def neighbours_of(index: NeighborIndex, image_ids, k: int, *, exclude_self: bool
         keep = (found.image_ids[row] >= 0) & (found.image_ids[row] != query)
         kept_ids, kept_d = found.image_ids[row][keep][:k], found.distances[row][keep][:k]
         ids[row, :len(kept_ids)], dist[row, :len(kept_d)] = kept_ids, kept_d
-    return Neighbors(ids, dist)
+    return Neighbours(ids, dist)
 
 
 def image_rows(rd: RunDir) -> dict[int, dict]:

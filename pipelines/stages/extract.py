@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.kernels.layers import PIXELS
 from featscope.kernels.topk import RunningTopK
 from featscope.pipelines.core import manifest
@@ -82,7 +83,7 @@ def _model_for_run(rd: RunDir, model: str | None, weights: str | None, seed: int
             raise FeatscopeError(f"run {rd.root} uses {key} '{recorded}', not '{given}'; use another run directory")
     arch, source = model or config.get("model"), weights or config.get("weights") or "imagenet"
     if arch is None:
-        raise FeatscopeError(f"run {rd.root} records no model: pass --model")
+        raise ParamError("model", f"is needed: run {rd.root} records no model")
     loaded = load_model(arch, source, seed=seed)
     identity = {"model": arch, "weights": source, "weights_sha256": loaded.weights_sha256,
                 "preprocessing": loaded.preprocessing.to_json(), "seed": seed}
@@ -106,9 +107,9 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
     """
     start = time.perf_counter()
     if not layers:
-        raise FeatscopeError("no layers given: pass --layers, e.g. --layers fc7,conv5")
+        raise ParamError("layers", "are needed, e.g. fc7,conv5")
     if batch_size < 1:
-        raise FeatscopeError("--batch-size must be at least 1")
+        raise ParamError("batch_size", "must be at least 1")
     keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
@@ -122,7 +123,7 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
     wanted = [shard] if shard is not None else all_shards
     summary = ExtractSummary(layers, torch_device.type, chosen_precision, errors_dir=rd.errors_dir)
     if topk < 0:
-        raise FeatscopeError("--topk must be 0 (off) or more")
+        raise ParamError("topk", "must be 0 (off) or more")
 
     def complete(layer: str, s: int) -> bool:
         if not part_is_complete(rd.feature_part(layer, s), identity):

@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from featscope.index import KINDS, METRICS, NeighborIndex, build_index, parse_bytes
+from featscope.index import KINDS, METRICS, NeighbourIndex, build_index, parse_bytes
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import write_json_atomic
 from featscope.pipelines.core.options import Command, Group, Options, option
@@ -67,7 +68,7 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
         result = build_index(chunks, n=n, dims=dims, kind=kind, metric=metric, max_memory=parse_bytes(max_memory),
                              seed=seed, on_progress=show)
     extra = asdict(identity) | {"layer": layer, "featscope_version": FEATSCOPE_VERSION}
-    NeighborIndex.from_build(result).save(rd.index_dir(layer), extra_meta=extra)
+    NeighbourIndex.from_build(result).save(rd.index_dir(layer), extra_meta=extra)
     return IndexSummary(layer, result.meta)
 
 
@@ -79,7 +80,7 @@ class Precision(NamedTuple):
     per_label: dict[str, tuple[float, int]]  # label -> (precision, queries of that label)
 
 
-def precision_at_k(index: NeighborIndex, labels: dict[int, str], *, k: int = 10, max_queries: int = 2000,
+def precision_at_k(index: NeighbourIndex, labels: dict[int, str], *, k: int = 10, max_queries: int = 2000,
                    seed: int = 0) -> Precision:
     """Leave-one-out precision@k: the share of each labelled image's k nearest other images
     that carry its label, averaged over up to `max_queries` labelled images, and over those of
@@ -148,7 +149,7 @@ def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | No
           image: str | Path | None = None, k: int = 10, mmap: bool = False) -> list[dict]:
     """Nearest images to an image id, a path in the run, or a new image file."""
     if sum(x is not None for x in (image_id, path, image)) != 1:
-        raise FeatscopeError("give exactly one of --id, --path, --image")
+        raise ParamError("id", "or <path> or <image>: give exactly one")
     index = open_index(rd, layer, mmap=mmap)
     rows = image_rows(rd)
     if path is not None:

@@ -64,7 +64,7 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
                 x += tile + MARGIN
             y += row_h
         y += MARGIN
-    path = Path(out) if out else rd.neighbor_sheet(layer)
+    path = Path(out) if out else rd.neighbour_sheet(layer)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="JPEG", quality=90)
     return path
@@ -78,7 +78,7 @@ class NeighboursOptions(Options):
     ids: list[int] = option(help="comma-separated query image ids", required=True)
     k: int = option(8, help="neighbours per row", min=1)
     tile: int = option(112, help="tile size in pixels", min=8)
-    out: Path | None = option(help="output JPEG (default: <run>/neighbors/<layer>.jpg)")
+    out: Path | None = option(help="output JPEG (default: <run>/neighbours/<layer>.jpg)")
 
 
 def run(rd: RunDir, options: NeighboursOptions) -> str:

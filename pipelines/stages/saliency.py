@@ -182,13 +182,13 @@ def select(rd: RunDir, selection: str = "all") -> list[dict]:
         try:
             wanted = [int(x) for x in value.split(",") if x.strip()]
         except ValueError:
-            raise FeatscopeError(f"--select ids= needs comma-separated integers, got '{value}'") from None
+            raise ParamError("select", f"ids= needs comma-separated integers, got '{value}'") from None
         by_id = {r["image_id"]: r for r in rows}
         unknown = [i for i in wanted if i not in by_id]
         if unknown:
             raise FeatscopeError(f"unknown image ids: {', '.join(map(str, unknown[:10]))}")
         return [by_id[i] for i in dict.fromkeys(wanted)]
-    raise FeatscopeError(f"--select must be all, label=NAME or ids=1,2,3; got '{selection}'")
+    raise ParamError("select", f"must be all, label=NAME or ids=1,2,3; got '{selection}'")
 
 
 # ---- the worker side ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from featscope.kernels.architectures import profile_for
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.kernels.objectives import layer_outputs, total_variation
 from featscope.kernels.style_net import StyleNet, mix, one_hot
 from featscope.kernels.texture import gram
@@ -106,7 +107,8 @@ class _LossNetwork:
         content = options.content_layer or (profile.content_layer if profile else None)
         style = options.style_layers or (list(profile.style_layers) if profile else [])
         if not content or not style:
-            raise FeatscopeError(f"no default loss layers for {options.model}: pass --content-layer and --style-layers")
+            raise ParamError("content_layer", f"and <style_layers> are needed: {options.model} has no default loss "
+                             "layers")
         self.names = [content, *style]
         self.layers = [loaded.module.get_submodule(loaded.layer(n).module_path) for n in self.names]
         self.targets = []
@@ -177,13 +179,13 @@ def train(out: str | Path, styles: list[str | Path], content: str | Path, option
         state = load_checkpoint(checkpoint)
         recorded = [s["path"] for s in state["styles"]]
         if styles and [str(s) for s in styles] != recorded:
-            raise FeatscopeError(f"{checkpoint} was trained on styles {recorded}; use another --out to train others")
+            raise ParamError("out", f"holds a network trained on styles {recorded}; use another one to train others")
         styles = recorded
         options = TrainOptions(**state["settings"] | {"steps": options.steps})
         net = network(state).train()
     else:
         if not styles:
-            raise FeatscopeError("give at least one --styles image")
+            raise ParamError("styles", "needs at least one image")
         state = {"step": 0, "losses": [], "styles": [{"path": str(s), "sha256": _sha(Path(s))} for s in styles]}
         torch.manual_seed(options.seed)
         net = StyleNet(len(styles), width=options.width, blocks=options.blocks).train()
@@ -248,11 +250,11 @@ def stylise(checkpoint: str | Path, images: list[str | Path], *, style: int | No
     net = network(state)
     n = len(state["styles"])
     if (style is None) == (weights is None):
-        raise FeatscopeError("give either --style N or --mix w0,w1,...")
+        raise ParamError("style", "or <mix>: give one of them")
     if style is not None and not 0 <= style < n:
-        raise FeatscopeError(f"--style must be in 0..{n - 1}")
+        raise ParamError("style", f"must be in 0..{n - 1}")
     if weights is not None and len(weights) != n:
-        raise FeatscopeError(f"--mix needs {n} weights, one per style, got {len(weights)}")
+        raise ParamError("mix", f"needs {n} weights, one per style, got {len(weights)}")
     try:
         w = one_hot(style, n) if style is not None else mix(weights)
     except ValueError as e:

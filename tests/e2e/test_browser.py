@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from featscope.pipelines.core import manifest
-from featscope.pipelines.stages import index as neighbors
+from featscope.pipelines.stages import index as neighbours
 from featscope.pipelines.app.serve import make_server
 
 CHROMIUM = os.environ.get("FEATSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -48,7 +48,7 @@ def page(browser):
 
 
 def expected_neighbours(rd, image_id, layer, k):
-    found = neighbors.open_index(rd, layer).search_ids([image_id], k=k + 1).image_ids[0]
+    found = neighbours.open_index(rd, layer).search_ids([image_id], k=k + 1).image_ids[0]
     return [str(int(i)) for i in found if i != image_id][:k]
 
 

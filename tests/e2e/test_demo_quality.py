@@ -13,7 +13,7 @@ import pytest
 from featscope.pipelines.data import demo as demo_data
 from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
-from featscope.pipelines.stages import index as neighbors
+from featscope.pipelines.stages import index as neighbours
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.data.weights import checkpoint_path
 
@@ -53,9 +53,9 @@ def test_spatially_pooled_features_beat_pixels_on_the_demo(tmp_path, imagenet_we
     summary = extract.extract(rd, layers, workers=0, progress=False)
     assert summary.images == 10 * PER_DIGIT + 12 and summary.bad == 0
     for layer in layers:
-        neighbors.build(rd, layer, progress=False)
-    result = neighbors.evaluate(rd)["layers"]
-    print(neighbors.format_evaluation({"k": 10, "layers": result}))
+        neighbours.build(rd, layer, progress=False)
+    result = neighbours.evaluate(rd)["layers"]
+    print(neighbours.format_evaluation({"k": 10, "layers": result}))
     assert result["pixels"]["queries"] == 10 * PER_DIGIT + 12
     # Measured here: block13@2x2 0.872, pixels 0.824, pool 0.807 (the full demo: 0.945, 0.909, 0.887).
     assert result["block13@2x2"]["precision_at_k"] > result["pixels"]["precision_at_k"] + 0.02

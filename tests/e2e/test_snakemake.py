@@ -50,7 +50,7 @@ def test_workflow_runs_resumes_and_grows(tmp_path, digits):
     for layer in ("pool", "layer3", "pixels"):
         assert json.loads((run / "index" / layer / "meta.json").read_text())["vectors"] == 8
     assert set(json.loads((run / "index" / "evaluation.json").read_text())["layers"]) == {"pool", "layer3", "pixels"}
-    assert (run / "neighbors" / "pool.jpg").exists() and (run / "neighbors" / "layer3.jpg").exists()
+    assert (run / "neighbours" / "pool.jpg").exists() and (run / "neighbours" / "layer3.jpg").exists()
     assert pq.read_table(run / "topk" / "layer3.parquet").num_rows == 256 * 3
     assert sorted(p.name for p in (run / "patches" / "layer3").iterdir()) == [f"unit-000{i}.png" for i in range(4)]
     assert pq.read_table(run / "embedding" / "pool.parquet").num_rows == 8

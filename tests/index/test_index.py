@@ -4,7 +4,7 @@ import faiss
 import numpy as np
 import pytest
 
-from featscope.index import NeighborIndex, build_index, choose_plan, parse_bytes, recall_at_k
+from featscope.index import NeighbourIndex, build_index, choose_plan, parse_bytes, recall_at_k
 from featscope.index.recall import exact_knn
 from featscope.kernels.errors import FeatscopeError
 
@@ -34,7 +34,7 @@ def brute_force(x, q, k, metric):
 def test_flat_search_equals_brute_force_numpy(metric):
     x = clustered(1000, 16)
     ids = np.arange(1000) * 3 + 7  # image ids are not row numbers
-    ix = NeighborIndex.from_build(build_index(as_chunks(x, ids), n=1000, dims=16, kind="flat", metric=metric))
+    ix = NeighbourIndex.from_build(build_index(as_chunks(x, ids), n=1000, dims=16, kind="flat", metric=metric))
     q = clustered(25, 16, seed=1)
     found = ix.search_vectors(q, k=5)
     rows, dist = brute_force(x, q, 5, metric)
@@ -72,7 +72,7 @@ def test_streamed_exact_knn_equals_one_shot():
 def test_approximate_indexes_reach_their_measured_recall_on_held_out_queries(kind):
     x = clustered(8000, 32, clusters=40)
     result = build_index(as_chunks(x, np.arange(8000), size=1000), n=8000, dims=32, kind=kind, metric="l2")
-    ix = NeighborIndex.from_build(result)
+    ix = NeighbourIndex.from_build(result)
     q = clustered(200, 32, clusters=40, seed=0)[:200] + np.random.default_rng(5).normal(size=(200, 32)) * 0.1
     truth, _ = brute_force(x, q.astype(np.float32), 10, "l2")
     measured = recall_at_k(ix.search_vectors(q, 10).image_ids, truth, 10)
@@ -90,10 +90,10 @@ def test_a_tight_budget_compresses_vectors_but_keeps_their_dimension_and_recall(
     assert result.meta["estimated_bytes"] <= budget and result.index.ntotal == 8000
     q = x[:300] + np.random.default_rng(1).normal(size=(300, 32)).astype(np.float32) * 0.1
     truth, _ = brute_force(x, q, 10, "cosine")
-    ix = NeighborIndex.from_build(result)
+    ix = NeighbourIndex.from_build(result)
     assert result.meta["recall_at_10"] >= 0.95 and recall_at_k(ix.search_vectors(q, 10).image_ids, ids[truth], 10) >= 0.9
     ix.save(tmp_path / "ix")
-    again = NeighborIndex.load(tmp_path / "ix", mmap=True)
+    again = NeighbourIndex.load(tmp_path / "ix", mmap=True)
     assert again.search_ids([7, 8006], k=1).image_ids[:, 0].tolist() == [7, 8006]
 
 
@@ -122,29 +122,29 @@ def test_inverted_files_filled_in_two_passes_equal_faiss_own_add(dims, budget):
 def test_saved_index_round_trips_including_memory_mapped(tmp_path, kind):
     x = clustered(3000, 24)
     ids = np.arange(3000) + 1000
-    ix = NeighborIndex.from_build(build_index(as_chunks(x, ids), n=3000, dims=24, kind=kind, metric="cosine"))
+    ix = NeighbourIndex.from_build(build_index(as_chunks(x, ids), n=3000, dims=24, kind=kind, metric="cosine"))
     ix.save(tmp_path / "ix", extra_meta={"layer": "fc7"})
     q = clustered(10, 24, seed=3)
     before = ix.search_vectors(q, 6)
     for mmap in (False, True):
-        again = NeighborIndex.load(tmp_path / "ix", mmap=mmap)
+        again = NeighbourIndex.load(tmp_path / "ix", mmap=mmap)
         after = again.search_vectors(q, 6)
         np.testing.assert_array_equal(before.image_ids, after.image_ids)
         np.testing.assert_allclose(before.distances, after.distances, rtol=1e-5)
         assert again.meta["layer"] == "fc7"
-    own = NeighborIndex.load(tmp_path / "ix").search_ids([1000, 3999], k=1).image_ids[:, 0]
+    own = NeighbourIndex.load(tmp_path / "ix").search_ids([1000, 3999], k=1).image_ids[:, 0]
     assert own.tolist() == [1000, 3999]
 
 
 def test_bad_queries_are_one_line_errors(tmp_path):
     x = clustered(100, 8)
-    ix = NeighborIndex.from_build(build_index(as_chunks(x, np.arange(100)), n=100, dims=8))
+    ix = NeighbourIndex.from_build(build_index(as_chunks(x, np.arange(100)), n=100, dims=8))
     with pytest.raises(FeatscopeError, match="dimension 5, the index expects 8"):
         ix.search_vectors(np.zeros((1, 5)), 3)
     with pytest.raises(FeatscopeError, match="image_id 4242 is not in this index"):
         ix.search_ids([4242])
-    with pytest.raises(FeatscopeError, match="index for layer 'fc7' not found"):
-        NeighborIndex.open(tmp_path, "fc7")
+    with pytest.raises(FeatscopeError, match="no index in .*: it has no meta.json"):
+        NeighbourIndex.load(tmp_path / "index" / "fc7")
 
 
 def test_plans_follow_size_and_memory():

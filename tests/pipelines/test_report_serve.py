@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from featscope.pipelines.core import manifest
-from featscope.pipelines.stages import index as neighbors
+from featscope.pipelines.stages import index as neighbours
 from featscope.pipelines.app.report import SHARD
 from featscope.pipelines.app.serve import make_server
 
@@ -24,7 +24,7 @@ def load_script(path):
 def test_report_holds_every_image_with_its_exact_neighbours(reported_run):
     rd = reported_run
     rows = manifest.read(rd).to_pylist()
-    index = neighbors.open_index(rd, "pool")
+    index = neighbours.open_index(rd, "pool")
     for row in rows:
         i = row["image_id"]
         assert rd.thumbnail(i).exists()
@@ -62,15 +62,15 @@ def test_service_answers_by_id_and_by_upload(server):
     base, rd = server
     rows = manifest.read(rd).to_pylist()
     photo = next(r for r in rows if r["label"] == "photo")
-    status, body = fetch(f"{base}/api/neighbors?id={photo['image_id']}&layer=pool&k=3")
-    expected = [int(n) for n in neighbors.open_index(rd, "pool").search_ids([photo["image_id"]], k=4).image_ids[0]
+    status, body = fetch(f"{base}/api/neighbours?id={photo['image_id']}&layer=pool&k=3")
+    expected = [int(n) for n in neighbours.open_index(rd, "pool").search_ids([photo["image_id"]], k=4).image_ids[0]
                 if n != photo["image_id"]][:3]
-    assert status == 200 and [n["image_id"] for n in json.loads(body)["neighbors"]] == expected
+    assert status == 200 and [n["image_id"] for n in json.loads(body)["neighbours"]] == expected
     with open(photo["path"], "rb") as f:
-        status, body = fetch(f"{base}/api/neighbors?layer=pool&k=3", f.read())
+        status, body = fetch(f"{base}/api/neighbours?layer=pool&k=3", f.read())
     answer = json.loads(body)
-    assert status == 200 and answer["neighbors"][0]["image_id"] == photo["image_id"]  # itself, distance ~0
-    assert answer["neighbors"][0]["distance"] < 1e-3
+    assert status == 200 and answer["neighbours"][0]["image_id"] == photo["image_id"]  # itself, distance ~0
+    assert answer["neighbours"][0]["distance"] < 1e-3
     status, body = fetch(f"{base}/api/image/{photo['image_id']}")
     assert status == 200 and json.loads(body)["label"] == "photo"
     status, body = fetch(f"{base}/report/index.html")
@@ -83,7 +83,7 @@ def test_concurrent_queries_all_get_their_own_answer(server):
     results = {}
 
     def ask(i):
-        results[i] = json.loads(fetch(f"{base}/api/neighbors?id={i}&layer=pixels&k=2")[1])["query"]
+        results[i] = json.loads(fetch(f"{base}/api/neighbours?id={i}&layer=pixels&k=2")[1])["query"]
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in ids]
     for t in threads:
@@ -116,15 +116,15 @@ def test_a_symlink_leaving_the_run_is_refused(server, tmp_path):
 
 def test_bad_uploads_and_unknown_ids_get_clear_errors(server):
     base, _ = server
-    status, body = fetch(f"{base}/api/neighbors?layer=pool", b"\x00" * 300_000)
+    status, body = fetch(f"{base}/api/neighbours?layer=pool", b"\x00" * 300_000)
     assert status == 413 and b"over the limit" in body
-    status, body = fetch(f"{base}/api/neighbors?layer=pool", b"GIF89a not really")
+    status, body = fetch(f"{base}/api/neighbours?layer=pool", b"GIF89a not really")
     assert status == 400 and b"not a readable image" in body
-    status, body = fetch(f"{base}/api/neighbors?layer=pool", b"")
+    status, body = fetch(f"{base}/api/neighbours?layer=pool", b"")
     assert status == 400 and b"empty" in body
-    status, body = fetch(f"{base}/api/neighbors?id=999999&layer=pool")
+    status, body = fetch(f"{base}/api/neighbours?id=999999&layer=pool")
     assert status == 404 and b"no image 999999" in body
-    status, body = fetch(f"{base}/api/neighbors?id=0&layer=fc9")
+    status, body = fetch(f"{base}/api/neighbours?id=0&layer=fc9")
     assert status == 400 and b"no index for layer 'fc9'" in body
     status, body = fetch(f"{base}/api/nothing")
     assert status == 404

@@ -119,7 +119,7 @@ def test_selection_by_label_and_ids_and_clear_errors(run):
         saliency.select(run, "ids=12345")
     with pytest.raises(FeatscopeError, match="no image has label 'cat'"):
         saliency.select(run, "label=cat")
-    with pytest.raises(FeatscopeError, match="--select must be"):
+    with pytest.raises(FeatscopeError, match="select must be"):
         saliency.select(run, "everything")
 
 

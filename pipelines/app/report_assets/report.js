@@ -111,12 +111,12 @@ const FS = (() => {
       if (!file) return;
       status.textContent = "searching…";
       results.replaceChildren();
-      const response = await fetch(`/api/neighbors?layer=${encodeURIComponent(choose.value)}&k=${run.k}`,
+      const response = await fetch(`/api/neighbours?layer=${encodeURIComponent(choose.value)}&k=${run.k}`,
         { method: "POST", body: file });
       const answer = await response.json();
       if (!response.ok) { status.textContent = `error: ${answer.error}`; return; }
-      status.textContent = `${answer.neighbors.length} nearest images in ${answer.layer}:`;
-      for (const n of answer.neighbors) results.append(imageTile(n.image_id, `${n.label ?? n.image_id} d=${n.distance.toFixed(3)}`));
+      status.textContent = `${answer.neighbours.length} nearest images in ${answer.layer}:`;
+      for (const n of answer.neighbours) results.append(imageTile(n.image_id, `${n.label ?? n.image_id} d=${n.distance.toFixed(3)}`));
     });
     s.append(el("p", { text: "An image of your own, embedded with the run's model: " }), choose, " ", input, status, results);
   }

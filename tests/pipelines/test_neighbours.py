@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featscope.index import NeighborIndex, build_index
+from featscope.index import NeighbourIndex, build_index
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
-from featscope.pipelines.stages import index as neighbors
+from featscope.pipelines.stages import index as neighbours
 from featscope.pipelines.stages import neighbours as sheets
 from featscope.pipelines.core.rundir import RunDir
 
@@ -23,7 +23,7 @@ def indexed_run(tmp_path, small_dataset):
     manifest.run(rd, small_dataset, shard_size=4)
     extract.extract(rd, ["pool", "pixels"], model="resnet18", weights="random", workers=0, progress=False)
     for layer in ("pool", "pixels"):
-        neighbors.build(rd, layer, progress=False)
+        neighbours.build(rd, layer, progress=False)
     return rd
 
 
@@ -37,14 +37,14 @@ def test_a_new_image_that_is_already_in_the_run_finds_itself_first(indexed_run, 
     target = next(r for r in rows if r["label"] == "photo")
     copy = tmp_path / "copy.png"
     copy.write_bytes(open(target["path"], "rb").read())
-    answer = neighbors.query(indexed_run, "pool", image=copy, k=3)
+    answer = neighbours.query(indexed_run, "pool", image=copy, k=3)
     assert answer[0]["image_id"] == target["image_id"] and answer[0]["distance"] < 1e-2
     # An image of the run asked by id or path is not its own neighbour (the same convention
     # as sheets, report and service): the answer is its k nearest *other* images.
-    by_path = neighbors.query(indexed_run, "pool", path=target["path"], k=3)
+    by_path = neighbours.query(indexed_run, "pool", path=target["path"], k=3)
     assert len(by_path) == 3 and target["image_id"] not in [a["image_id"] for a in by_path]
     assert [a["image_id"] for a in by_path] == [a["image_id"] for a in answer[1:3]] + [by_path[2]["image_id"]]
-    pixels = neighbors.query(indexed_run, "pixels", image=copy, k=1)
+    pixels = neighbours.query(indexed_run, "pixels", image=copy, k=1)
     assert pixels[0]["image_id"] == target["image_id"]
 
 
@@ -67,12 +67,12 @@ def test_an_index_of_other_weights_is_refused(indexed_run):
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps(meta | {"weights_sha256": "0" * 64}))
     with pytest.raises(FeatscopeError, match="built for another weights_sha256"):
-        neighbors.query(indexed_run, "pool", image_id=1)
+        neighbours.query(indexed_run, "pool", image_id=1)
 
 
 def test_wrong_dimension_vectors_are_refused(indexed_run):
     with pytest.raises(FeatscopeError, match="dimension 3, the index expects 512"):
-        neighbors.open_index(indexed_run, "pool").search_vectors(np.zeros((1, 3)))
+        neighbours.open_index(indexed_run, "pool").search_vectors(np.zeros((1, 3)))
 
 
 def test_removed_images_leave_the_index(indexed_run, small_dataset):
@@ -80,9 +80,9 @@ def test_removed_images_leave_the_index(indexed_run, small_dataset):
     victim_id = next(r["image_id"] for r in manifest.read(indexed_run).to_pylist() if r["path"] == str(victim))
     victim.unlink()
     manifest.run(indexed_run, small_dataset)
-    summary = neighbors.build(indexed_run, "pool", progress=False)
+    summary = neighbours.build(indexed_run, "pool", progress=False)
     assert summary.meta["vectors"] == 8
-    assert victim_id not in neighbors.open_index(indexed_run, "pool").ids
+    assert victim_id not in neighbours.open_index(indexed_run, "pool").ids
 
 
 def test_precision_at_k_counts_same_label_neighbours_leaving_the_query_out():
@@ -90,24 +90,24 @@ def test_precision_at_k_counts_same_label_neighbours_leaving_the_query_out():
     # second nearest crosses the label boundary for the inner points only.
     x = np.array([[0.0], [1.0], [2.5], [3.5]], dtype=np.float32)
     ids = np.array([10, 11, 12, 13])
-    ix = NeighborIndex.from_build(build_index(lambda: [(ids, x)], n=4, dims=1, kind="flat", metric="l2"))
+    ix = NeighbourIndex.from_build(build_index(lambda: [(ids, x)], n=4, dims=1, kind="flat", metric="l2"))
     labels = {10: "a", 11: "a", 12: "b", 13: "b"}
-    assert neighbors.precision_at_k(ix, labels, k=1)[0] == 1.0
+    assert neighbours.precision_at_k(ix, labels, k=1)[0] == 1.0
     # k=2: 10 -> {11, 12}: 1/2; 11 -> {10, 12}: 1/2; 12 -> {13, 11}: 1/2; 13 -> {12, 11}: 1/2
-    assert neighbors.precision_at_k(ix, labels, k=2)[0] == pytest.approx(0.5)
+    assert neighbours.precision_at_k(ix, labels, k=2)[0] == pytest.approx(0.5)
 
 
 def test_precision_per_label_shows_which_label_loses():
     # 0, 1 (a) and 1.5, 1.6 (b): nearest others 10->11 a, 11->12 b, 12->13 b, 13->12 b.
     x = np.array([[0.0], [1.0], [1.5], [1.6]], dtype=np.float32)
     ids = np.array([10, 11, 12, 13])
-    ix = NeighborIndex.from_build(build_index(lambda: [(ids, x)], n=4, dims=1, kind="flat", metric="l2"))
-    p = neighbors.precision_at_k(ix, {10: "a", 11: "a", 12: "b", 13: "b"}, k=1)
+    ix = NeighbourIndex.from_build(build_index(lambda: [(ids, x)], n=4, dims=1, kind="flat", metric="l2"))
+    p = neighbours.precision_at_k(ix, {10: "a", 11: "a", 12: "b", 13: "b"}, k=1)
     assert p.per_label == {"a": (0.5, 2), "b": (1.0, 2)} and p.overall == 0.75 and p.queries == 4
 
 
 def test_evaluate_writes_both_spaces(indexed_run):
-    result = neighbors.evaluate(indexed_run)
+    result = neighbours.evaluate(indexed_run)
     assert set(result["layers"]) == {"pool", "pixels"}
     labels = {r["label"] for r in manifest.read(indexed_run).to_pylist()}
     assert all(set(v["per_label"]) == labels for v in result["layers"].values())
