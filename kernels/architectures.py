@@ -95,6 +95,10 @@ def _features_trunk(model: nn.Module) -> list[str]:
 
 # ---- ResNet ------------------------------------------------------------------------------------
 
+def _resnet_aliases(model: nn.Module) -> dict[str, str]:
+    return {"stem": "relu"} | {f"layer{i}": f"layer{i}" for i in range(1, 5)} | {"pool": "avgpool", "fc": "fc"}
+
+
 def _resnet_trunk(model: nn.Module) -> list[str]:
     paths = ["conv1", "bn1", "relu", "maxpool"]
     return paths + [f"layer{n}.{i}" for n in range(1, 5) for i in range(len(getattr(model, f"layer{n}")))]
@@ -170,33 +174,37 @@ def _cnblock(block: nn.Module) -> Branches:
 
 PROFILES: tuple[Profile, ...] = (
     Profile(
-        family="alexnet", model_type=models.AlexNet, matches=lambda arch: arch == "alexnet", aliases=_alexnet_aliases,
+        family="alexnet", model_type=models.AlexNet,
+        matches=lambda arch: arch == "alexnet", aliases=_alexnet_aliases,
         vector_aliases=frozenset({"fc6", "fc7", "fc8"}), gradcam_layer="conv5",
         content_layer="conv3", style_layers=("conv1", "conv2", "conv3", "conv4"), trunk=_features_trunk,
         tested=("alexnet",),
     ),
     Profile(
-        family="vgg", model_type=models.VGG, matches=lambda arch: arch.startswith("vgg"), aliases=_vgg_aliases,
+        family="vgg", model_type=models.VGG,
+        matches=lambda arch: arch.startswith("vgg"), aliases=_vgg_aliases,
         vector_aliases=frozenset({"fc6", "fc7", "fc8"}), gradcam_layer="conv5_3",
         content_layer="conv2_2", style_layers=("conv1_2", "conv2_2", "conv3_3", "conv4_3"), trunk=_features_trunk,
         tested=("vgg16",),
     ),
     Profile(
-        family="resnet", model_type=models.ResNet, matches=lambda arch: arch.startswith(("resnet", "resnext", "wide_resnet")),
-        aliases=lambda model: {"stem": "relu"} | {f"layer{i}": f"layer{i}" for i in range(1, 5)}
-        | {"pool": "avgpool", "fc": "fc"},
+        family="resnet", model_type=models.ResNet,
+        matches=lambda arch: arch.startswith(("resnet", "resnext", "wide_resnet")),
+        aliases=_resnet_aliases,
         vector_aliases=frozenset({"pool", "fc"}), gradcam_layer="layer4",
         content_layer="layer1", style_layers=("stem", "layer1", "layer2", "layer3"), trunk=_resnet_trunk,
         blocks={BasicBlock: _residual, Bottleneck: _residual}, tested=("resnet18", "resnet50"),
     ),
     Profile(
-        family="mobilenet_v2", model_type=models.MobileNetV2, matches=lambda arch: arch == "mobilenet_v2", aliases=_mobilenet_aliases,
+        family="mobilenet_v2", model_type=models.MobileNetV2,
+        matches=lambda arch: arch == "mobilenet_v2", aliases=_mobilenet_aliases,
         vector_aliases=frozenset({"pool", "fc"}), gradcam_layer="block18",
         content_layer="block6", style_layers=("block1", "block3", "block6", "block10"), trunk=_features_trunk,
         blocks={InvertedResidual: _inverted_residual}, tested=("mobilenet_v2",),
     ),
     Profile(
-        family="googlenet", model_type=models.GoogLeNet, matches=lambda arch: arch == "googlenet", aliases=_googlenet_aliases,
+        family="googlenet", model_type=models.GoogLeNet,
+        matches=lambda arch: arch == "googlenet", aliases=_googlenet_aliases,
         vector_aliases=frozenset({"pool", "fc"}), gradcam_layer="inception5b",
         content_layer="inception3a", style_layers=("conv2", "inception3a", "inception4a", "inception4d"),
         trunk=_googlenet_trunk, blocks={Inception: _inception, BasicConv2d: _basic_conv},
@@ -204,7 +212,8 @@ PROFILES: tuple[Profile, ...] = (
         build_options={"init_weights": True}, tested=("googlenet",),
     ),
     Profile(
-        family="convnext", model_type=models.ConvNeXt, matches=lambda arch: arch.startswith("convnext"), aliases=_convnext_aliases,
+        family="convnext", model_type=models.ConvNeXt,
+        matches=lambda arch: arch.startswith("convnext"), aliases=_convnext_aliases,
         vector_aliases=frozenset({"pool", "fc"}), gradcam_layer="stage4",
         content_layer="stage1", style_layers=("stem", "stage1", "stage2", "stage3"), trunk=_convnext_trunk,
         blocks={CNBlock: _cnblock}, pointwise=(LayerNorm2d, nn.LayerNorm, Permute, StochasticDepth),

@@ -55,8 +55,10 @@ class ParamError(FeatscopeError):
         super().__init__(self.said_as(str))
 
     def said_as(self, name: Callable[[str], str]) -> str:
-        """The message with each parameter called name(param), e.g. a flag."""
-        return f"{name(self.param)} " + re.sub(r"<([a-z_0-9]+)>", lambda m: name(m.group(1)), self.problem)
+        """The message with each parameter called name(param), e.g. a flag. It starts with the
+        parameter unless the problem names it itself (`<param>`)."""
+        text = re.sub(r"<([a-z_0-9]+)>", lambda m: name(m.group(1)), self.problem)
+        return text if f"<{self.param}>" in self.problem else f"{name(self.param)} {text}"
 
 
 @dataclass(frozen=True)

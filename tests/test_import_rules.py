@@ -85,3 +85,16 @@ def test_one_spelling_of_neighbour():
     assert not found, found[:5]
     assert not [p for p in REPO.rglob(f"*{us}*") if ".venv" not in p.parts and ".git" not in p.parts
                 and "egg-info" not in str(p) and "runs" not in p.parts]
+
+
+def test_library_errors_name_parameters_not_flags():
+    """Outside app/, an error never spells a flag (`--name`): it raises ParamError naming the
+    parameter, and the CLI says the flag. Help texts of command declarations may, and so may a
+    whole command suggested in backquotes (`featscope index build --run R --layer L`)."""
+    import re
+
+    pattern = re.compile(r"(FeatscopeError|ParamError)\((?:[^()]|\([^()]*\))*?--[a-z]", re.S)
+    found = [name for name, path in MODULES.items()
+             if not name.startswith("featscope.pipelines.app")
+             and pattern.search(re.sub(r"`[^`]*`", "``", path.read_text()))]
+    assert not found

@@ -143,7 +143,8 @@ def validate(config: dict, full_schema: dict | None = None) -> dict:
     for section in ("topk", "embed"):
         for i, layer in enumerate(config[section].get("layers", [])):
             if layer not in config["layers"]:
-                raise FeatscopeError(f"config error at {section}.layers.{i}: '{layer}' is not one of the extracted layers")
+                raise FeatscopeError(f"config error at {section}.layers.{i}: '{layer}' is not one of the extracted "
+                                     "layers")
     return config
 
 

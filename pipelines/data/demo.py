@@ -133,9 +133,9 @@ def build(out: str | Path, *, digits: int = 5000, force: bool = False) -> DemoSu
     changed = sorted(rel for rel in existing & set(files) if _digest((out / rel)) != _digest(files[rel]))
     if (foreign or changed) and not force:
         example = (foreign or changed)[0]
-        raise FeatscopeError(
-            f"{out} holds a different dataset ({len(foreign)} extra, {len(changed)} changed files, e.g. "
-            f"{example}); choose another --out or pass --force to replace it"
+        raise ParamError(
+            "force", f"{out} holds a different dataset ({len(foreign)} extra, {len(changed)} changed files, e.g. "
+            f"{example}); choose another <out> or pass <force> to replace it"
         )
     if force:
         for rel in foreign:

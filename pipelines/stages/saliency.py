@@ -386,8 +386,8 @@ def _check_options(rd: RunDir, options: SaliencyOptions, ref: ModelRef, overwrit
             if not overwrite:
                 changed = ", ".join(f"{k}={found.get(k)!r}->{wanted.get(k)!r}" for k in wanted
                                     if found.get(k) != wanted.get(k))
-                raise FeatscopeError(f"{rd.saliency_dir(options.method)} holds maps made with other options "
-                                     f"({changed}); pass --overwrite to replace them all")
+                raise ParamError("overwrite", f"{rd.saliency_dir(options.method)} holds maps made with other "
+                                 f"options ({changed}); pass <overwrite> to replace them all")
             for old in rd.saliency_dir(options.method).iterdir():
                 old.unlink()
             rd.saliency_summary(options.method).unlink(missing_ok=True)

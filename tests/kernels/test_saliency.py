@@ -213,15 +213,21 @@ def _split(model, arch):
     return (model.features, lambda a: model.classifier(F.adaptive_avg_pool2d(a, 1).flatten(1)), model.features[-1])
 
 
+def hand_gradcam(model, arch, images, t):
+    """Grad-CAM by its formula on the hand-split model, upsampled to the input."""
+    body, head, _ = _split(model, arch)
+    a = body(images).detach().requires_grad_(True)
+    head(a)[torch.arange(len(a)), t].sum().backward()
+    cam = F.relu((a.grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
+    return F.interpolate(cam, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].detach()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradcam_equals_the_formula_on_a_hand_split_model(models, images, arch):
     model = models[arch]
     t = targets(model, images)
-    body, head, layer = _split(model, arch)
-    a = body(images).detach().requires_grad_(True)
-    head(a)[torch.arange(len(a)), t].sum().backward()
-    cam = F.relu((a.grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
-    expected = F.interpolate(cam, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].detach()
+    _, _, layer = _split(model, arch)
+    expected = hand_gradcam(model, arch, images, t)
     if arch in ("alexnet", "vgg16"):
         layer = model.features[len(model.features) - 2]  # that ReLU's module
     close(attribute(model, images, t, "gradcam", layer=layer), expected)
@@ -291,10 +297,5 @@ def test_guided_gradcam_is_the_swapped_relu_guided_map_times_the_hand_split_grad
     Grad-CAM (the hand-split formula above), at the default layer of the architecture."""
     model = models[arch]
     t = targets(model, images)
-    body, head, _ = _split(model, arch)
-    a = body(images).detach().requires_grad_(True)
-    head(a)[torch.arange(len(a)), t].sum().backward()
-    cam = F.relu((a.grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].detach()
-    expected = plain_gradient_map(swapped_guided_model(model), images, t) * cam
+    expected = plain_gradient_map(swapped_guided_model(model), images, t) * hand_gradcam(model, arch, images, t)
     close(attribute(model, images, t, "guided_gradcam"), expected)
