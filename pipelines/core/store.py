@@ -41,7 +41,10 @@ class RunIdentity:
         """The identity run.json records once features were extracted."""
         if "weights_sha256" not in config:
             raise FeatscopeError("this run has no features yet: run `featscope extract` first")
-        return cls(config["model"], config["weights_sha256"], config["preprocessing"])
+        preprocessing = config["preprocessing"]
+        if not isinstance(preprocessing, str):  # run.json holds an object; runs before 0.2 a JSON string
+            preprocessing = json.dumps(preprocessing, sort_keys=True)
+        return cls(config["model"], config["weights_sha256"], preprocessing)
 
     def metadata(self, **extra: object) -> dict[bytes, bytes]:
         fields = asdict(self) | {"featscope_version": FEATSCOPE_VERSION} | extra

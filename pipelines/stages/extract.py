@@ -10,6 +10,7 @@ end, so a rerun resumes at the first unfinished shard.
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,7 +87,7 @@ def _model_for_run(rd: RunDir, model: str | None, weights: str | None, seed: int
         raise ParamError("model", f"is needed: run {rd.root} records no model")
     loaded = load_model(arch, source, seed=seed)
     identity = {"model": arch, "weights": source, "weights_sha256": loaded.weights_sha256,
-                "preprocessing": loaded.preprocessing.to_json(), "seed": seed}
+                "preprocessing": json.loads(loaded.preprocessing.to_json()), "seed": seed}
     old = {k: config.get(k) for k in identity}
     if old.get("weights_sha256") not in (None, loaded.weights_sha256):
         raise FeatscopeError(f"the weights '{source}' changed since run {rd.root} began "

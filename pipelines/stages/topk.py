@@ -88,7 +88,7 @@ def _boxes(rd: RunDir, config: dict, layer: str, out: dict[str, torch.Tensor]) -
     with torch.device("meta"):
         skeleton = torchvision.models.get_model(config["model"], weights=None)
     spec = resolve_layer(config["model"], skeleton, layer)
-    prep = Preprocessing.from_json(config["preprocessing"])
+    prep = Preprocessing.from_json(RunIdentity.of_run(config).preprocessing)
     rf = receptive_field(skeleton, spec.module_path)
     input_boxes = rf.box(out["fy"], out["fx"], prep.crop, prep.crop)
     paths = {r["image_id"]: r["path"] for r in manifest.read(rd).to_pylist()}

@@ -88,3 +88,13 @@ def test_iter_features_streams_parts_in_order(tmp_path):
     ids = np.concatenate([b[0] for b in batches])
     assert ids.tolist() == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23]
     assert max(len(b[0]) for b in batches) == 3
+
+
+def test_run_json_holds_preprocessing_as_an_object_and_old_runs_with_a_string_still_read():
+    from featscope.pipelines.core.models import Preprocessing
+    from featscope.pipelines.core.store import RunIdentity
+
+    text = Preprocessing().to_json()
+    new = RunIdentity.of_run({"model": "m", "weights_sha256": "s", "preprocessing": json.loads(text)})
+    old = RunIdentity.of_run({"model": "m", "weights_sha256": "s", "preprocessing": text})
+    assert new == old and Preprocessing.from_json(new.preprocessing) == Preprocessing()
