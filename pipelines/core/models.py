@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as TF2
 
 from featscope.kernels.architectures import profile_for, tested_architectures
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.kernels.layers import LayerSpec, resolve_layer
 
 TESTED_ARCHITECTURES = tested_architectures()
@@ -92,14 +93,46 @@ class LoadedModel:
     module: nn.Module
     preprocessing: Preprocessing
     weights_sha256: str
+    class_names: list[str] | None = None  # the run's own names for its classes (a fine-tuned model)
 
     def layer(self, name: str) -> LayerSpec:
         return resolve_layer(self.arch, self.module, name)
 
     @property
     def categories(self) -> list[str] | None:
-        """Class names of the model's outputs (ImageNet's for `imagenet` weights), or None."""
-        return class_names(self.arch, self.weights)
+        """Class names of the model's outputs: the run's own, else ImageNet's for `imagenet`
+        weights, else None."""
+        return self.class_names or class_names(self.arch, self.weights)
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from a text file (one per line) or a JSON list, in class-id order."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamError("classes", f"cannot be read from {path}: {e}") from None
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ParamError("classes", f"file {path} is not a JSON list: {e}") from None
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ParamError("classes", f"file {path} holds no class names (one per line, or a JSON list)")
+    return names
+
+
+def checked_class_names(loaded: LoadedModel, names: list[str] | None) -> list[str] | None:
+    """The run's class names, refused in one line if their count is not the model's."""
+    if not names:
+        return None
+    with torch.no_grad():
+        size = loaded.preprocessing.crop
+        outputs = loaded.module(torch.zeros(1, 3, size, size)).shape[-1]
+    if outputs != len(names):
+        raise ParamError("classes", f"names {len(names)} classes, but the model has {outputs} outputs")
+    return list(names)
 
 
 def class_names(arch: str, weights: str) -> list[str] | None:
@@ -123,6 +156,62 @@ def _build_options(arch: str) -> dict:
     """Constructor arguments the architecture's profile asks for (e.g. GoogLeNet's weight init)."""
     profile = profile_for(arch)
     return dict(profile.build_options) if profile else {}
+
+
+def check_weights(weights: str) -> None:
+    """A one-line error unless `weights` is imagenet, random or an existing file."""
+    if weights not in ("imagenet", "random") and not Path(weights).is_file():
+        raise ParamError("weights", f"must be imagenet, random or a checkpoint file; '{weights}' is none of them")
+
+
+def _classifier_path(arch: str) -> str | None:
+    """The module path of the architecture's final classifier layer (its profile's `fc`)."""
+    profile = profile_for(arch)
+    if profile is None:
+        return None
+    with torch.device("meta"):
+        skeleton = torchvision.models.get_model(arch, weights=None, **_build_options(arch))
+    return profile.aliases(skeleton).get("fc")
+
+
+def _from_checkpoint(arch: str, path: Path) -> nn.Module:
+    """`arch` with the state dict saved at `path`; the number of classes is read from the
+    checkpoint's classifier, so a fine-tuned model of any class count loads."""
+    check_weights(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable or unsafe checkpoint is the user's file, not a bug
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise FeatscopeError(f"{path} holds a pickled model, not a state dict: save the weights with "
+                                 "torch.save(model.state_dict(), path) and pass that file") from None
+        raise FeatscopeError(f"cannot load checkpoint {path}: {first}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FeatscopeError(f"{path} is not a state dict of tensors: save the weights with "
+                             "torch.save(model.state_dict(), path)")
+    options = _build_options(arch)
+    classifier = _classifier_path(arch)
+    if classifier and f"{classifier}.weight" in state:
+        options["num_classes"] = int(state[f"{classifier}.weight"].shape[0])
+    module = torchvision.models.get_model(arch, weights=None, **options)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and expected[k] != found[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{wrong[0]} is {found[wrong[0]]} in the file but {expected[wrong[0]]} in {arch}")
+        if missing:
+            parts.append(f"{len(missing)} keys missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+        raise FeatscopeError(f"checkpoint {path} does not fit {arch}: " + "; ".join(parts))
+    module.load_state_dict(state)
+    return module
 
 
 def state_fingerprint(module: nn.Module) -> str:
@@ -162,21 +251,7 @@ def load_model(arch: str, weights: str = "imagenet", *, seed: int = 0) -> Loaded
             torch.manual_seed(seed)
             module = torchvision.models.get_model(arch, weights=None, **_build_options(arch))
     else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FeatscopeError(f"weights must be 'imagenet', 'random' or a checkpoint file; '{weights}' is none")
-        module = torchvision.models.get_model(arch, weights=None, **_build_options(arch))
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # any unreadable or unsafe checkpoint is the user's file, not a bug
-            raise FeatscopeError(f"cannot load checkpoint {path}: {e}") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        try:
-            module.load_state_dict(state)
-        except (RuntimeError, TypeError) as e:
-            first = str(e).strip().splitlines()[0]
-            raise FeatscopeError(f"checkpoint {path} does not fit {arch}: {first}") from None
+        module = _from_checkpoint(arch, Path(weights))
     module.eval()
     return LoadedModel(arch, weights, module, preprocessing, state_fingerprint(module))
 
@@ -190,6 +265,7 @@ def load_run_model(config: dict, *, require_features: bool = False) -> LoadedMod
         raise FeatscopeError("this run has no features yet: run `featscope extract` first")
     weights = config.get("weights") or "imagenet"
     loaded = load_model(config["model"], weights, seed=int(config.get("seed", 0)))
+    loaded.class_names = checked_class_names(loaded, config.get("class_names"))
     if config.get("weights_sha256") not in (None, loaded.weights_sha256):
         raise FeatscopeError(f"the weights '{weights}' no longer match the ones this run's features were "
                              "extracted with")

@@ -28,7 +28,7 @@ from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.dataset import default_workers, image_batches
 from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, resolve_device, resolve_precision
 from featscope.pipelines.core.features import FeatureExtractor
-from featscope.pipelines.core.models import LoadedModel, load_model
+from featscope.pipelines.core.models import LoadedModel, checked_class_names, load_model
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.store import (
@@ -86,6 +86,7 @@ def _model_for_run(rd: RunDir, model: str | None, weights: str | None, seed: int
     if arch is None:
         raise ParamError("model", f"is needed: run {rd.root} records no model")
     loaded = load_model(arch, source, seed=seed)
+    loaded.class_names = checked_class_names(loaded, config.get("class_names"))
     identity = {"model": arch, "weights": source, "weights_sha256": loaded.weights_sha256,
                 "preprocessing": json.loads(loaded.preprocessing.to_json()), "seed": seed}
     old = {k: config.get(k) for k in identity}

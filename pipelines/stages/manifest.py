@@ -7,8 +7,10 @@ marked removed, never renumbered.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from featscope.pipelines.core import manifest
+from featscope.pipelines.core.models import check_weights, read_class_names
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
 
@@ -20,12 +22,21 @@ class ManifestOptions(Options):
     num_shards: int | None = option(help="split the new images into N shards", min=1)
     shard_size: int | None = option(help="images per shard (default 1000, or the run's)", min=1)
     model: str | None = option(help="record the run's architecture (extract then uses it)")
-    weights: str | None = option(help="record the run's weights: imagenet | random | checkpoint path")
+    weights: str | None = option(help="record the run's weights: imagenet | random | checkpoint path (a "
+                                      "state dict; the number of classes is read from it)")
+    classes: Path | None = option(help="the model's class names, one per line or a JSON list (for a model of "
+                                       "your own; ImageNet weights have theirs)")
 
 
 def run(rd: RunDir, options: ManifestOptions) -> manifest.ManifestSummary:
-    return manifest.run(rd, options.images, num_shards=options.num_shards, shard_size=options.shard_size,
-                        model=options.model, weights=options.weights)
+    if options.weights is not None:
+        check_weights(options.weights)
+    names = read_class_names(options.classes) if options.classes else None
+    summary = manifest.run(rd, options.images, num_shards=options.num_shards, shard_size=options.shard_size,
+                           model=options.model, weights=options.weights)
+    if names:
+        rd.write_config(rd.read_config() | {"class_names": names})
+    return summary
 
 
 COMMANDS = [

@@ -203,6 +203,7 @@ class ModelRef:
     weights_sha256: str | None
     device: str = "auto"
     threads: int | None = None
+    class_names: tuple[str, ...] | None = None  # the run's own names of its classes
 
 
 @functools.lru_cache(maxsize=2)
@@ -216,7 +217,7 @@ def _worker_model(ref: ModelRef) -> tuple[LoadedModel, torch.device, list[str] |
         raise FeatscopeError(f"the weights '{ref.weights}' are not the ones this run was extracted with")
     device = resolve_device(ref.device)
     loaded.module.to(device).to(memory_format=torch.channels_last)
-    return loaded, device, loaded.categories
+    return loaded, device, list(ref.class_names) if ref.class_names else loaded.categories
 
 
 @functools.lru_cache(maxsize=2)
@@ -241,7 +242,7 @@ def _target_class(options: SaliencyOptions, logits: torch.Tensor, label: str | N
     names = {name.lower(): i for i, name in enumerate(categories or [])}
     if str(wanted).lower() in names:
         return names[str(wanted).lower()]
-    raise ValueError(f"'{wanted}' is not a class of the model (give a class id below {classes} or an ImageNet name)")
+    raise ValueError(f"'{wanted}' is not a class of the model (give a class id below {classes} or a class name)")
 
 
 def _write_outputs(rd: RunDir, options: SaliencyOptions, image_id: int, view: torch.Tensor, heat: np.ndarray,
@@ -415,7 +416,8 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
     elif threads is None and not scheduler:
         threads = max(1, cores // (workers or max(1, cores // 2)))
     ref = ModelRef(config["model"], config.get("weights") or "imagenet", int(config.get("seed", 0)),
-                   config.get("weights_sha256"), options.device, threads)
+                   config.get("weights_sha256"), options.device, threads,
+                   tuple(config["class_names"]) if config.get("class_names") else None)
     _check_options(rd, options, ref, overwrite)
     method = options.method
 
