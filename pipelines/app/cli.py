@@ -214,11 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         warning = getattr(result, "warning", None)
         if callable(warning) and warning():
             print(f"warning: {warning()}", file=sys.stderr)
+    failed = bool(getattr(result, "failed", False))  # a run in which every item it tried failed
     if run is not None and command.records_timing and RunDir(run).run_json.exists():
         from featscope.pipelines.core.timings import record
 
         record(RunDir(run), _stage_name(command, options), time.perf_counter() - start)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

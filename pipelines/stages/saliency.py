@@ -89,8 +89,8 @@ class _StageOptions(Options):
                                                "~100 ms)", min=1)
     device: str = option("auto", help="where the workers run the model", choices=DEVICES)
     threads: int | None = option(help="torch threads per worker (default: cores / workers)", min=1)
-    overwrite: bool = option(False, help="recompute the selected images even if done; needed to change the options "
-                                         "of a method (its earlier maps are then deleted)")
+    overwrite: bool = option(False, help="replace the selected images' maps made with other options (each is "
+                                         "replaced once its new map is written; other images are left alone)")
 
 
 def _method_fields() -> list[tuple]:
@@ -117,6 +117,12 @@ def recorded_options(options: SaliencyOptions) -> dict:
     if "dtype" in inspect.signature(method.function).parameters:
         names.append("precision")
     return {"method": options.method} | {name: getattr(options, name) for name in names}
+
+
+def map_options(options: SaliencyOptions, ref: ModelRef) -> str:
+    """What one stored map was made with, as the JSON each .npz and summary row records."""
+    wanted = recorded_options(options) | {"model": ref.arch, "weights": ref.weights, "model_seed": ref.seed}
+    return json.dumps(wanted, sort_keys=True)
 
 
 def _check(options: SaliencyOptions) -> None:
@@ -151,6 +157,11 @@ class SaliencySummary:
     workers: int
     seconds: float
     out: Path
+
+    @property
+    def failed(self) -> bool:
+        """Every image it tried failed: the command exits non-zero."""
+        return self.bad > 0 and self.computed == 0
 
     def warning(self) -> str:
         return f"{self.bad} images got no map; see {self.out.parent.parent / 'errors.parquet'}" if self.bad else ""
@@ -302,6 +313,7 @@ def explain_batch(root: str, options: SaliencyOptions, ref: ModelRef, rows: list
             "probability": float(class_score(logits, t, "probability")),
         }
         facts["seconds"] = time.perf_counter() - start
+        facts["options"] = map_options(options, ref)
         _write_outputs(rd, options, row["image_id"], view, heat.float().cpu().numpy(), tuple(pixels.shape[1:]),
                        facts)
         summaries.append({"image_id": row["image_id"], "method": options.method, **facts,
@@ -320,6 +332,7 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("score", pa.float32()),
     pa.field("probability", pa.float32()),
     pa.field("seconds", pa.float32()),
+    pa.field("options", pa.string()),  # what the map was made with (map_options)
 ])
 
 
@@ -377,22 +390,18 @@ def dask_client(workers: int | None, scheduler: str | None, threads: int | None,
         yield client, workers
 
 
-def _check_options(rd: RunDir, options: SaliencyOptions, ref: ModelRef, overwrite: bool) -> None:
-    """Maps on disk must come from the same options and model, or be replaced on request."""
-    wanted = recorded_options(options) | {"model": ref.arch, "weights": ref.weights, "model_seed": ref.seed}
-    path = rd.saliency_options(options.method)
-    if path.exists():
-        found = json.loads(path.read_text())
-        if found != wanted:
-            if not overwrite:
-                changed = ", ".join(f"{k}={found.get(k)!r}->{wanted.get(k)!r}" for k in wanted
-                                    if found.get(k) != wanted.get(k))
-                raise ParamError("overwrite", f"{rd.saliency_dir(options.method)} holds maps made with other "
-                                 f"options ({changed}); pass <overwrite> to replace them all")
-            for old in rd.saliency_dir(options.method).iterdir():
-                old.unlink()
-            rd.saliency_summary(options.method).unlink(missing_ok=True)
-    write_json_atomic(path, wanted)
+def _check_options(rd: RunDir, options: SaliencyOptions, made_with: dict[int, str | None], wanted: str,
+                   overwrite: bool) -> None:
+    """Replacing maps made with other options needs --overwrite, which then recomputes the
+    selected images only; nothing is deleted (each map records its own options, and a new
+    map replaces the old one only once it is written)."""
+    stale = [i for i, made in made_with.items() if made != wanted]
+    if stale and not overwrite:
+        found, want = json.loads(made_with[stale[0]]), json.loads(wanted)
+        changed = ", ".join(f"{k}={found.get(k)!r}->{want.get(k)!r}" for k in want if found.get(k) != want.get(k))
+        raise ParamError("overwrite", f"{rd.saliency_dir(options.method)} holds {len(stale)} selected maps made "
+                         f"with other options ({changed}); pass <overwrite> to recompute them with these")
+    write_json_atomic(rd.saliency_options(options.method), json.loads(wanted))
 
 
 def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> SaliencySummary:
@@ -418,14 +427,17 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
     ref = ModelRef(config["model"], config.get("weights") or "imagenet", int(config.get("seed", 0)),
                    config.get("weights_sha256"), options.device, threads,
                    tuple(config["class_names"]) if config.get("class_names") else None)
-    _check_options(rd, options, ref, overwrite)
     method = options.method
+    made_with = _stored_options(rd, method, rows)
+    wanted = map_options(options, ref)
+    _check_options(rd, options, made_with, wanted, overwrite)
 
     def done(row: dict) -> bool:
-        return rd.saliency_map(method, row["image_id"]).exists() and (
+        """Its map exists, was made with these options, and has its mask if one is wanted."""
+        return made_with.get(row["image_id"]) == wanted and (
             not options.segment or rd.saliency_mask(method, row["image_id"]).exists())
 
-    todo = rows if overwrite else [r for r in rows if not done(r)]
+    todo = [r for r in rows if not done(r)]
     per_task = images_per_task or METHODS[method].images_per_task
     batches = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
     summaries, errors, used_workers = [], [], 0
@@ -445,6 +457,28 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
     _write_errors(rd, method, rows, errors, attempted={r["image_id"] for r in todo})
     return SaliencySummary(method, len(rows), len(summaries), len(rows) - len(todo), len(errors), used_workers,
                            time.perf_counter() - start, rd.saliency_dir(method))
+
+
+def _stored_options(rd: RunDir, method: str, rows: list[dict]) -> dict[int, str | None]:
+    """image_id -> the options its stored map was made with (from the summary, else the .npz;
+    for maps of featscope before 0.2, which record none, the method's options.json)."""
+    legacy = rd.saliency_options(method)
+    legacy = json.dumps(json.loads(legacy.read_text()), sort_keys=True) if legacy.exists() else None
+    path = rd.saliency_summary(method)
+    known = {}
+    if path.exists():
+        table = pq.read_table(path)
+        if "options" in table.column_names:
+            known = dict(zip(table["image_id"].to_pylist(), table["options"].to_pylist()))
+    found = {}
+    for row in rows:
+        image_id = row["image_id"]
+        if not rd.saliency_map(method, image_id).exists():
+            continue
+        if known.get(image_id) is None:
+            known[image_id] = _summary_from_npz(rd.saliency_map(method, image_id)).get("options")
+        found[image_id] = known[image_id] or legacy
+    return found
 
 
 def _write_summary(rd: RunDir, options: SaliencyOptions, rows: list[dict], new: list[dict], ref: ModelRef) -> None:

@@ -222,3 +222,32 @@ def test_slurm_workers_job_script_asks_for_what_was_given():
                  "#SBATCH -A vision", "#SBATCH --mem=30G"):
         assert line in script, script
     assert "distributed.cli.dask_worker tcp://" in script and "--nthreads 8 --memory-limit 29.80GiB" in script
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_only_the_selected_maps_and_only_once_the_new_ones_exist(run):
+    photos = [r["image_id"] for r in photo_rows(run)][:3]
+    first = saliency.run(run, saliency.SaliencyOptions(method="gradient", select="ids=" + ",".join(map(str, photos)),
+                                                       workers=1), progress=False)
+    assert first.computed == 3
+    before = {i: run.saliency_map("gradient", i).read_bytes() for i in photos}
+    # New options for one image only: that image is redone, the other two are left as they were.
+    redo = saliency.run(run, saliency.SaliencyOptions(method="gradient", select=f"ids={photos[0]}",
+                                                      score="probability", overwrite=True, workers=1),
+                        progress=False)
+    assert redo.computed == 1
+    assert run.saliency_map("gradient", photos[0]).read_bytes() != before[photos[0]]
+    assert [run.saliency_map("gradient", i).read_bytes() for i in photos[1:]] == [before[i] for i in photos[1:]]
+    # A run in which every selected image fails keeps the old maps and exits non-zero.
+    kept = run.saliency_map("gradient", photos[1]).read_bytes()
+    code = cli(["saliency", "--run", str(run.root), "--method", "gradient", "--select", f"ids={photos[1]}",
+                "--target", "999999", "--overwrite", "--workers", "1", "--quiet"])
+    assert code == 1 and run.saliency_map("gradient", photos[1]).read_bytes() == kept
+    # The two maps made with the old options are not "done" for the new ones: asked for all
+    # three, a rerun refuses without --overwrite, and with it redoes exactly those two.
+    ids = "ids=" + ",".join(map(str, photos))
+    with pytest.raises(FeatscopeError, match="holds 2 selected maps made with other options"):
+        saliency.run(run, saliency.SaliencyOptions(method="gradient", select=ids, score="probability", workers=1))
+    again = saliency.run(run, saliency.SaliencyOptions(method="gradient", select=ids, score="probability",
+                                                       overwrite=True, workers=1), progress=False)
+    assert again.computed == 2 and again.skipped == 1
