@@ -125,23 +125,25 @@ def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_qu
     return result
 
 
-def format_evaluation(result: dict, *, max_labels: int = 12) -> str:
-    """The evaluation as a table: one row per layer, overall precision then per label."""
+def format_evaluation(result: dict) -> str:
+    """The evaluation as a table: a row per label (full names, every label), a column per
+    layer, the overall precision first."""
     layers = result["layers"]
     queries = max(v["queries"] for v in layers.values())
     labels = sorted({lab for v in layers.values() for lab in v.get("per_label", {})})
-    labels = labels if len(labels) <= max_labels else []
-    width = max(len(name) for name in layers) + 2
+    first = next(iter(layers.values())).get("per_label", {})
+    names = ["(all)", *labels]
+    width = max(len(n) for n in names) + 2
+    columns = [max(len(layer), 6) + 2 for layer in layers]
     lines = [f"precision@{result['k']} of same-label neighbours (leave-one-out, {queries} queries)",
-             "".ljust(width) + "   all " + "".join(f"{lab[:6]:>7}" for lab in labels)]
-    for name, v in layers.items():
-        cells = "".join(f"{v['per_label'][lab]['precision_at_k']:7.3f}" if lab in v["per_label"] else "      -"
-                        for lab in labels)
-        lines.append(f"{name:<{width}}{v['precision_at_k']:6.3f} {cells}")
-    if labels:
-        first = next(iter(layers.values()))["per_label"]
-        lines.append("queries".ljust(width) + f"{queries:6d} " +
-                     "".join(f"{first[lab]['queries']:7d}" if lab in first else "      -" for lab in labels))
+             "label".ljust(width) + "queries" + "".join(layer.rjust(w) for layer, w in zip(layers, columns))]
+    lines.append("(all)".ljust(width) + f"{queries:7d}" +
+                 "".join(f"{v['precision_at_k']:{w}.3f}" for v, w in zip(layers.values(), columns)))
+    for lab in labels:
+        cells = "".join(f"{v['per_label'][lab]['precision_at_k']:{w}.3f}" if lab in v.get("per_label", {})
+                        else "-".rjust(w) for v, w in zip(layers.values(), columns))
+        count = first[lab]["queries"] if lab in first else 0
+        lines.append(lab.ljust(width) + f"{count:7d}" + cells)
     return "\n".join(lines)
 
 

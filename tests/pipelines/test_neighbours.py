@@ -121,3 +121,16 @@ def test_sheet_has_a_feature_and_a_pixel_row_per_query(indexed_run):
     assert img.size == (sheets.LEGEND + 4 * (40 + margin) + margin, margin + 2 * (2 * (40 + caption + margin) + margin))
     with pytest.raises(FeatscopeError, match="image_id 77 is not in run"):
         sheets.render(indexed_run, "pool", [77])
+
+
+def test_the_evaluation_table_shows_every_label_by_its_full_name():
+    """Labels are never cut (golden_retriever and golden_eagle stay apart) or dropped (20 labels)."""
+    labels = ["golden_retriever", "golden_eagle", "scene/aerial"] + [f"class{i:02d}" for i in range(17)]
+    per_label = {lab: {"precision_at_k": round(0.01 * n, 4), "queries": n + 1} for n, lab in enumerate(labels)}
+    result = {"k": 10, "layers": {"pool": {"precision_at_k": 0.5, "queries": 210, "per_label": per_label},
+                                  "pixels": {"precision_at_k": 0.25, "queries": 210, "per_label": per_label}}}
+    table = neighbours.format_evaluation(result).splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in table[2:]}
+    assert set(rows) == {"(all)", *labels}
+    assert rows["golden_eagle"] == ["2", "0.010", "0.010"] and rows["(all)"] == ["210", "0.500", "0.250"]
+    assert table[1].split() == ["label", "queries", "pool", "pixels"]
