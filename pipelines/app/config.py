@@ -26,7 +26,7 @@ from featscope.pipelines.core import options as opts
 
 def _option_schema(spec: opts.Spec) -> dict:
     kind = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "string"}[spec.type]
-    item: dict = {"type": kind}
+    item: dict = {"type": list(spec.json_type) if spec.json_type else kind}
     if spec.param.choices:
         item = {"enum": list(spec.param.choices)}
     if spec.param.min is not None:

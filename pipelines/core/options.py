@@ -31,12 +31,14 @@ SCALARS = (str, int, float, bool, Path)
 
 def option(default: object = MISSING, *, help: str = "", choices: tuple | list = (), min: float | None = None,
            max: float | None = None, pattern: str | None = None, required: bool = False, positional: bool = False,
-           spaced: bool = False, param: Param | None = None) -> dataclasses.Field:
+           spaced: bool = False, param: Param | None = None,
+           json_type: tuple[str, ...] = ()) -> dataclasses.Field:
     """A declared option. `required`: no default, must be given. `positional`: given without
     a name on the command line. `spaced`: a list given as separate words, not comma-joined.
-    `param`: a whole description instead (a kernel parameter's)."""
-    meta = {"param": param or Param(help, tuple(choices), min, max, pattern), "required": required, "positional": positional,
-            "spaced": spaced}
+    `param`: a whole description instead (a kernel parameter's). `json_type`: the JSON types a
+    config file may use for it (or each item), where they are wider than the field's type."""
+    meta = {"param": param or Param(help, tuple(choices), min, max, pattern), "required": required,
+            "positional": positional, "spaced": spaced, "json_type": json_type}
     if required:
         default = None
     if isinstance(default, list):
@@ -57,6 +59,7 @@ class Spec:
     required: bool
     positional: bool
     spaced: bool
+    json_type: tuple[str, ...] = ()
 
     @property
     def help(self) -> str:
@@ -113,9 +116,10 @@ def _resolve(hint: object) -> tuple[type, bool, bool]:
 
 
 def spec_of(name: str, hint: object, default: object, param: Param, *, required: bool = False,
-            positional: bool = False, spaced: bool = False) -> Spec:
+            positional: bool = False, spaced: bool = False, json_type: tuple[str, ...] = ()) -> Spec:
     scalar, is_list, optional = _resolve(hint)
-    return Spec(name, scalar, is_list, optional or default is None, default, param, required, positional, spaced)
+    return Spec(name, scalar, is_list, optional or default is None, default, param, required, positional, spaced,
+                json_type)
 
 
 def specs(cls: type) -> list[Spec]:
@@ -128,7 +132,8 @@ def specs(cls: type) -> list[Spec]:
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
                                                                else None)
         out.append(spec_of(f.name, hints[f.name], default, f.metadata["param"], required=f.metadata["required"],
-                           positional=f.metadata["positional"], spaced=f.metadata["spaced"]))
+                           positional=f.metadata["positional"], spaced=f.metadata["spaced"],
+                           json_type=f.metadata.get("json_type", ())))
     return out
 
 

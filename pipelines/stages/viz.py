@@ -75,19 +75,27 @@ class _Context:
             raise FeatscopeError("`pixels` is the input itself, not a layer of the model")
         return spec.module_path, self.loaded.module.get_submodule(spec.module_path)
 
-    def images(self, image_ids: list[int]) -> tuple[torch.Tensor, list[dict]]:
-        """The model's view of each image, (B,3,crop,crop) in [0,1] on the 8-bit grid."""
+    def images(self, images: list[int | str]) -> tuple[torch.Tensor, list[dict]]:
+        """The model's view of each image, (B,3,crop,crop) in [0,1] on the 8-bit grid. An image
+        is a run's image id, or any image file (its pictures are then named by its stem)."""
         rows = {r["image_id"]: r for r in manifest.read(self.rd).to_pylist()}
-        unknown = [i for i in image_ids if i not in rows]
-        if unknown:
-            raise FeatscopeError(f"unknown image ids in run {self.rd.root}: {', '.join(map(str, unknown))}")
+        chosen = []
+        for ref in images:
+            if isinstance(ref, int) or str(ref).isdigit():
+                if int(ref) not in rows:
+                    raise ParamError("ids", f"holds {ref}, which is no image id of run {self.rd.root} (nor a file)")
+                chosen.append(rows[int(ref)])
+            elif Path(ref).is_file():
+                chosen.append({"image_id": Path(ref).stem, "path": str(ref), "label": None})
+            else:
+                raise ParamError("ids", f"holds '{ref}': neither an image id of the run nor an image file")
         views = []
-        for i in image_ids:
+        for row in chosen:
             try:
-                views.append(self.loaded.preprocessing.to_uint8(read_pixels(rows[i]["path"])))
+                views.append(self.loaded.preprocessing.to_uint8(read_pixels(row["path"])))
             except BadImage as e:
-                raise FeatscopeError(f"image {i} ({rows[i]['path']}) cannot be read: {e}") from None
-        return torch.stack(views).float() / 255, [rows[i] for i in image_ids]
+                raise FeatscopeError(f"image {row['image_id']} ({row['path']}) cannot be read: {e}") from None
+        return torch.stack(views).float() / 255, chosen
 
 
 def _context(rd: RunDir, threads: int | None = None) -> _Context:
@@ -395,20 +403,10 @@ def style_transfer(rd: RunDir, content_id: int, style: str | Path, *, content_la
     return VizSummary("style", written, time.perf_counter() - start)
 
 
-def parse_ids(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise FeatscopeError(f"expected comma-separated integers, got '{text}'") from None
-    if not values:
-        raise FeatscopeError("give at least one id")
-    return values
-
-
 # ---- commands: one per method, all pictures under <run>/viz/ ---------------------------------
 
 LAYERS_HELP = "comma-separated aliases or module paths, e.g. block3,block13"
-IDS_HELP = "comma-separated image ids of the run"
+IDS_HELP = "comma-separated image ids of the run, or image files"
 
 
 @dataclass(frozen=True)
@@ -419,7 +417,7 @@ class FiltersOptions(Options):
 @dataclass(frozen=True)
 class ActivationsOptions(Options):
     layers: list[str] = option(help=LAYERS_HELP, required=True)
-    ids: list[int] = option(help=IDS_HELP, required=True)
+    ids: list[str] = option(help=IDS_HELP, required=True, json_type=("integer", "string"))
 
 
 @dataclass(frozen=True)
@@ -441,7 +439,7 @@ class ClassModelOptions(Options):
 
 @dataclass(frozen=True)
 class AdversarialOptions(Options):
-    ids: list[int] = option(help=IDS_HELP, required=True)
+    ids: list[str] = option(help=IDS_HELP, required=True, json_type=("integer", "string"))
     target: int | None = option(help="class to reach (targeted PGD); without it, untargeted", min=0)
     epsilon: int = option(4, help="L-inf budget in grey levels (0-255)", min=1, max=255)
     attack: str = option("pgd", help="pgd, or fgsm: one untargeted step", choices=("pgd", "fgsm"))
@@ -452,7 +450,7 @@ class AdversarialOptions(Options):
 @dataclass(frozen=True)
 class DreamOptions(Options):
     layers: list[str] = option(help=LAYERS_HELP, required=True)
-    ids: list[int] = option(help=IDS_HELP, required=True)
+    ids: list[str] = option(help=IDS_HELP, required=True, json_type=("integer", "string"))
     octaves: int = option(3, help="scales, smallest first", min=1)
     steps: int = option(10, help="steps per octave", min=1)
     lr: float = option(0.01, help="step size", min=0)
@@ -463,7 +461,7 @@ class DreamOptions(Options):
 @dataclass(frozen=True)
 class InvertOptions(Options):
     layers: list[str] = option(help=LAYERS_HELP, required=True)
-    ids: list[int] = option(help=IDS_HELP, required=True)
+    ids: list[str] = option(help=IDS_HELP, required=True, json_type=("integer", "string"))
     steps: int = option(200, help="Adam steps", min=1)
     lr: float = option(0.05, help="Adam learning rate (cosine decay)", min=0)
     tv: float = option(0.5, help="weight of the TV prior R_TV^beta / (H*W)", min=0)
@@ -484,7 +482,8 @@ class TextureOptions(Options):
 
 @dataclass(frozen=True)
 class StyleTransferOptions(Options):
-    id: int = option(help="content image id of the run", required=True, min=0)
+    id: str = option(help="content image: an image id of the run, or an image file", required=True,
+                     json_type=("integer", "string"))
     style: Path = option(help="style image", required=True)
     content_layer: str = option(help="layer whose activations the result keeps", required=True)
     style_layers: list[str] = option(help="comma-separated layers whose Gram matrices the result matches",

@@ -90,3 +90,19 @@ def test_viz_cli_names_bad_input_in_one_line(run, capsys):
     assert "unknown layer 'layer9' for resnet18" in capsys.readouterr().err
     assert cli(["viz", "class-model", "--run", str(run.root), "--classes", "1000"]) == 2
     assert "class ids must be in 0..999" in capsys.readouterr().err
+
+
+def test_viz_takes_image_files_as_well_as_ids(run, tmp_path):
+    """A new file is drawn exactly as the same picture given by its run id would be."""
+    row = next(r for r in manifest.read(run).to_pylist() if r["label"] == "photo")
+    copy = tmp_path / "new-photo.png"
+    Image.open(row["path"]).save(copy)
+    by_id = viz.activations(run, ["layer1"], [row["image_id"]]).written[0]
+    by_file = viz.activations(run, ["layer1"], [str(copy)]).written[0]
+    assert by_file.name == "new-photo.png"
+    from featscope.pipelines.render.panels import LINE, MARGIN
+
+    top = LINE + 6 + MARGIN  # below the title; the pictures are 224 (image) and 224 (its maps) high
+    a, b = np.asarray(Image.open(by_file)), np.asarray(Image.open(by_id))
+    np.testing.assert_array_equal(a[top:top + 224, :2 * 224 + 3 * MARGIN], b[top:top + 224, :2 * 224 + 3 * MARGIN])
+    assert cli(["viz", "activations", "--run", str(run.root), "--layers", "layer1", "--ids", "nowhere.png"]) == 2
