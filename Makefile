@@ -23,7 +23,7 @@ weights: install
 setup: install demo-data weights
 
 demo: setup
-	$(BIN)/snakemake --cores $(CORES) --configfile config/default.yaml
+	$(BIN)/snakemake --cores $(CORES) --configfile config/demo.yaml
 	@echo "featscope: demo results are in runs/demo/"
 
 test: setup

@@ -1,6 +1,7 @@
 # featscope workflow: one rule per stage, one job per shard (never per image).
-#   snakemake --cores 2                       # the demo run (config/default.yaml)
-#   snakemake --cores 2 --configfile my.yaml  # your own dataset and model
+#   snakemake --cores 2 --configfile config/demo.yaml  # the demo run (make demo does this)
+#   snakemake --cores 2 --configfile my.yaml           # your own dataset and model
+# The config given is the whole config: only the schema's defaults are added to it.
 # Every rule is one `featscope <stage>` call, so each step also runs by hand. Each command
 # line is built from the config section's values by the command's own options declaration
 # (`command(...)` below), never written out here.
@@ -18,8 +19,9 @@ from featscope.pipelines.app import config as fsconfig
 from featscope.pipelines.core import manifest as fsmanifest
 from featscope.pipelines.core.rundir import RunDir
 
-configfile: "config/default.yaml"
-
+if not config:
+    raise SystemExit("featscope: error: no config: pass --configfile FILE (config/demo.yaml is the demo's; "
+                     "`featscope config schema` lists every key)")
 try:
     CFG = fsconfig.validate(config)
 except FeatscopeError as e:

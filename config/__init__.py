@@ -1,1 +1,1 @@
-"""Workflow configs: schema.yaml (shipped as package data) and the demo run's default.yaml."""
+"""Workflow configs: schema.yaml (shipped as package data) and the demo run's demo.yaml."""

@@ -25,7 +25,7 @@ def test_the_wheel_holds_the_code_the_schema_and_the_report_assets_and_validates
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("featscope-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for expected in ("featscope/config/schema.yaml", "featscope/config/default.yaml",
+    for expected in ("featscope/config/schema.yaml", "featscope/config/demo.yaml",
                      "featscope/pipelines/app/report_assets/report.js", "featscope/pipelines/app/cli.py",
                      "featscope/pipelines/stages/saliency.py", "featscope/kernels/architectures.py",
                      "featscope/index/search.py"):

@@ -84,12 +84,14 @@ def schema() -> dict:
 
 
 def _with_defaults(config: dict, schema: dict) -> dict:
-    """Fill `default`s of the schema's object properties (jsonschema only checks, never fills)."""
-    out = copy.deepcopy(config)
+    """Fill `default`s of the schema's object properties (jsonschema only checks, never fills).
+    A section given as null is taken as left out."""
+    out = {k: v for k, v in copy.deepcopy(config).items() if v is not None}
     for key, sub in schema.get("properties", {}).items():
         if key not in out and "default" in sub:
             out[key] = copy.deepcopy(sub["default"])
-        if sub.get("type") == "object":
+        kinds = sub.get("type") if isinstance(sub.get("type"), list) else [sub.get("type")]
+        if "object" in kinds:
             # A missing section is filled with its defaults, unless it has required keys: such a
             # section (a toolbox part, style_net) is off when absent.
             if key not in out and sub.get("properties") and not sub.get("required"):

@@ -12,11 +12,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def demo_config() -> dict:
-    return yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+    return yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
 
 
 def test_the_demo_config_is_valid_and_gets_defaults():
-    cfg = config.load(REPO / "config" / "default.yaml")
+    cfg = config.load(REPO / "config" / "demo.yaml")
     assert cfg["model"]["arch"] == "mobilenet_v2" and cfg["model"]["seed"] == 0
     assert cfg["extract"]["batch_size"] == 64
     assert cfg["saliency"]["target"] == "predicted" and cfg["saliency"]["window"] == 32
