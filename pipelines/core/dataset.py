@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, read_pixels
+from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.models import Preprocessing
 
 
@@ -38,7 +39,8 @@ class ImageBatch(NamedTuple):
 
 
 def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The CPU threads this job may use (see `core.cpus`)."""
+    return usable_cpus()
 
 
 def default_workers() -> int:

@@ -25,6 +25,7 @@ from featscope.kernels.layers import PIXELS
 from featscope.kernels.topk import RunningTopK
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.options import Command, Options, option
+from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.dataset import default_workers, image_batches
 from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, resolve_device, resolve_precision
 from featscope.pipelines.core.features import FeatureExtractor
@@ -113,8 +114,7 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
     if batch_size < 1:
         raise ParamError("batch_size", "must be at least 1")
     keep_freed_memory()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or usable_cpus())  # torch's own default counts every core of the node
     torch_device = resolve_device(device)
     chosen_precision = resolve_precision(precision, torch_device)
     loaded = _model_for_run(rd, model, weights, seed)
@@ -216,7 +216,8 @@ class ExtractOptions(Options):
                             choices=PRECISION_CHOICES)
     batch_size: int = option(64, help="images per forward pass", min=1)
     workers: int | None = option(help="image decoding threads (default: min(16, cores); 0 = inline)", min=0)
-    threads: int | None = option(help="torch CPU threads (default: torch's)", min=1)
+    threads: int | None = option(help="torch CPU threads (default: the CPUs this job may use: affinity, cgroup "
+                                      "quota, OMP_NUM_THREADS)", min=1)
     seed: int = option(0, help="seed for --weights random")
     topk: int = option(0, help="also keep each unit's top-K images of every shard, in the same pass (0: off)",
                        min=0)

@@ -18,7 +18,6 @@ import functools
 import inspect
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from featscope.kernels.saliency import METHODS, attribute, class_score
 from featscope.kernels.segment import grabcut_mask
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
+from featscope.pipelines.core.cpus import split
 from featscope.pipelines.core.device import (
     DEVICES,
     PRECISION_CHOICES,
@@ -76,7 +76,8 @@ class _StageOptions(Options):
                                max=100)
     background: float = option(30.0, help="GrabCut: sure background below this percentile of the map", min=0,
                                max=100)
-    workers: int | None = option(help="local Dask worker processes (default: half the cores)", min=1)
+    workers: int | None = option(help="local Dask worker processes (default: one per usable CPU, up to 8, each "
+                                      "single-threaded)", min=1)
     scheduler: str | None = option(help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
     slurm_jobs: int | None = option(help="start Dask workers as this many SLURM jobs (dask-jobqueue)", min=1)
     slurm_cores: int = option(4, help="with slurm_jobs: cores per worker job", min=1)
@@ -88,7 +89,8 @@ class _StageOptions(Options):
     images_per_task: int | None = option(help="images per Dask task (default: by method, so a task takes >= "
                                                "~100 ms)", min=1)
     device: str = option("auto", help="where the workers run the model", choices=DEVICES)
-    threads: int | None = option(help="torch threads per worker (default: cores / workers)", min=1)
+    threads: int | None = option(help="torch threads per worker (default: the usable CPUs / workers, 1 if "
+                                      "workers is not given)", min=1)
     overwrite: bool = option(False, help="replace the selected images' maps made with other options (each is "
                                          "replaced once its new map is written; other images are left alone)")
 
@@ -384,7 +386,7 @@ def dask_client(workers: int | None, scheduler: str | None, threads: int | None,
         with client:
             yield client, len(client.scheduler_info()["workers"])
         return
-    workers = workers or max(1, (os.cpu_count() or 1) // 2)
+    workers = workers or split(None, threads)[0]
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         yield client, workers
@@ -419,11 +421,10 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
     if not config.get("model"):
         raise FeatscopeError(f"run {rd.root} records no model: run `featscope manifest --model ...` first")
     rows = select(rd, selection)
-    cores = os.cpu_count() or 1
     if slurm is not None:
         threads = threads or slurm.cores
-    elif threads is None and not scheduler:
-        threads = max(1, cores // (workers or max(1, cores // 2)))
+    elif not scheduler:
+        workers, threads = split(workers, threads)
     ref = ModelRef(config["model"], config.get("weights") or "imagenet", int(config.get("seed", 0)),
                    config.get("weights_sha256"), options.device, threads,
                    tuple(config["class_names"]) if config.get("class_names") else None)

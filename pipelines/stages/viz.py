@@ -37,6 +37,7 @@ from featscope.kernels.transforms import PixelModel
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
 from featscope.pipelines.core.images import BadImage, read_pixels
+from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.models import LoadedModel, load_run_model
 from featscope.pipelines.render.panels import curves, enlarge, panel, stack, to_image
 from featscope.pipelines.core.options import Command, Options, option
@@ -100,8 +101,7 @@ class _Context:
 
 def _context(rd: RunDir, threads: int | None = None) -> _Context:
     keep_freed_memory()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or usable_cpus())
     config = rd.read_config()
     loaded = load_run_model(config)
     for p in loaded.module.parameters():
