@@ -40,12 +40,12 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from featscope.pipelines.core import device as device_mod
-from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.dataset import available_cores, default_workers, image_batches
-from featscope.pipelines.data.demo import PHOTOS, _package_file
 from featscope.pipelines.core.models import Preprocessing, load_model
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.data.demo import PHOTOS, _package_file
+from featscope.pipelines.stages import extract
 
 LAYERS = {"mobilenet_v2": ("pool", "classifier.0"), "resnet18": ("pool", "avgpool")}
 

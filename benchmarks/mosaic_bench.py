@@ -16,8 +16,8 @@ import time
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from featscope.pipelines.stages.embed import tsne
 from featscope.pipelines.render.grid_layout import assign, cell_centres, normalise, total_cost
+from featscope.pipelines.stages.embed import tsne
 
 EXACT_MAX_SIDE = 64  # a 128x128 exact solve needs a 2 GB cost matrix and hours
 

@@ -34,8 +34,8 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
 
 def demo_batch(n: int, preprocessing) -> torch.Tensor:
     """n real photos (scikit-image, scikit-learn, matplotlib), preprocessed to 224 px."""
-    from featscope.pipelines.data.demo import PHOTOS, _package_file
     from featscope.pipelines.core.images import read_pixels
+    from featscope.pipelines.data.demo import PHOTOS, _package_file
 
     chosen = [PHOTOS[i] for i in (0, 1, 2, 5, 8, 9, 10, 11)][:n]  # chelsea, coffee, rocket, ...: objects
     paths = [_package_file(package, relative) for package, relative in chosen]
@@ -162,8 +162,8 @@ def dask_throughput(n: int, method: str, model: str, weights: str) -> None:
     from extract_throughput import make_photos
 
     from featscope.pipelines.core import manifest
-    from featscope.pipelines.stages import saliency
     from featscope.pipelines.core.rundir import RunDir
+    from featscope.pipelines.stages import saliency
 
     with tempfile.TemporaryDirectory() as tmp:
         make_photos(Path(tmp) / "photos", n)

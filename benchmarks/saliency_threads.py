@@ -55,7 +55,7 @@ def main() -> None:
         finally:
             competitor.kill()
     medians = {name: statistics.median(t) for name, t in times.items()}
-    workers, threads = saliency.split(None, None)
+    workers, threads = saliency.split(None, None)  # as the default runs computed it
     for name, median in medians.items():
         shown = f"{workers}x{threads}" if name == "defaults" else name
         print(f"saliency_threads/{name} ({shown} workers x threads) occlusion busy: {median:.1f}s "

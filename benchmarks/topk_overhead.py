@@ -16,9 +16,9 @@ from pathlib import Path
 
 from extract_throughput import make_photos
 
-from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.stages import extract
 
 
 def timed(images: Path, work: Path, model: str, layers: list[str], k: int) -> float:

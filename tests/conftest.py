@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import write_dataset
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -43,15 +42,11 @@ def pytest_collection_modifyitems(config, items):
 def reported_run(tmp_path_factory, digits):
     """A small run through every stage that the report shows, then `featscope report`:
     features, indexes (pool and pixels) and their evaluation, top-k of layer3, a t-SNE grid, Grad-CAM overlays."""
-    from featscope.pipelines.stages import embed
-    from featscope.pipelines.stages import extract
-    from featscope.pipelines.core import manifest
-    from featscope.pipelines.stages import mosaic
-    from featscope.pipelines.stages import index as neighbours
     from featscope.pipelines.app import report
-    from featscope.pipelines.stages import saliency
-    from featscope.pipelines.stages import topk
+    from featscope.pipelines.core import manifest
     from featscope.pipelines.core.rundir import RunDir
+    from featscope.pipelines.stages import embed, extract, mosaic, saliency, topk
+    from featscope.pipelines.stages import index as neighbours
 
     root = tmp_path_factory.mktemp("reported")
     write_dataset(root / "images", digits, n_photos=6, digits_per_label=3, labels=(0, 1, 7))

@@ -18,6 +18,9 @@ import os
 from pathlib import Path
 
 MAX_LOCAL_WORKERS = 8  # each worker holds its own copy of the model
+# OMP_NUM_THREADS as the job was started with: a Dask LocalCluster sets it to 1 in the
+# process that starts it (for its workers), which must not shrink this process's budget.
+OMP_AT_START = os.environ.get("OMP_NUM_THREADS", "")
 
 
 def _affinity() -> int:
@@ -45,7 +48,7 @@ def usable_cpus() -> int:
     quota = _cgroup_quota()
     if quota is not None:
         budget = min(budget, max(1, math.floor(quota)))
-    omp = os.environ.get("OMP_NUM_THREADS", "")
+    omp = OMP_AT_START
     if omp.isdigit() and int(omp) > 0:
         budget = min(budget, int(omp))
     return max(1, budget)

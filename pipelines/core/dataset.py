@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import torch
 
-from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, read_pixels
 from featscope.pipelines.core.cpus import usable_cpus
+from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, read_pixels
 from featscope.pipelines.core.models import Preprocessing
 
 

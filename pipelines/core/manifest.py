@@ -26,6 +26,7 @@ from featscope.kernels.params import ParamError
 from featscope.pipelines.core.images import is_image_name
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_table
+from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
 DEFAULT_SHARD_SIZE = 1000
@@ -49,7 +50,7 @@ class ManifestSummary:
     seconds: float
 
     def line(self) -> str:
-        return (f"manifest: {self.total} images in {self.shards} shards; {self.added} new "
+        return (f"manifest: {plural(self.total, 'image')} in {plural(self.shards, 'shard')}; {self.added} new "
                 f"(shards {_ranges(self.new_shards) or 'none'}), {self.removed} removed; {self.seconds:.1f}s")
 
 

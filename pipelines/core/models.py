@@ -22,8 +22,8 @@ from torchvision.transforms.v2 import functional as TF2
 
 from featscope.kernels.architectures import profile_for, tested_architectures
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.params import ParamError
 from featscope.kernels.layers import LayerSpec, resolve_layer
+from featscope.kernels.params import ParamError
 
 TESTED_ARCHITECTURES = tested_architectures()
 IMAGENET_WEIGHTS = "IMAGENET1K_V1"  # the one file every tested architecture has

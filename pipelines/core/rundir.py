@@ -16,7 +16,6 @@ from pathlib import Path
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core.atomic import write_json_atomic
 
-
 THUMB_FOLDER = 1000  # thumbnails per folder of the report (the pages compute the same path)
 
 

@@ -20,16 +20,16 @@ import torch
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.params import ParamError
 from featscope.kernels.layers import PIXELS
+from featscope.kernels.params import ParamError
 from featscope.kernels.topk import RunningTopK
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.dataset import default_workers, image_batches
 from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, resolve_device, resolve_precision
 from featscope.pipelines.core.features import FeatureExtractor
 from featscope.pipelines.core.models import LoadedModel, checked_class_names, load_model
+from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.store import (
@@ -40,7 +40,7 @@ from featscope.pipelines.core.store import (
     write_errors,
     write_topk,
 )
-
+from featscope.pipelines.core.text import plural
 
 
 @dataclass
@@ -57,17 +57,17 @@ class ExtractSummary:
     errors_dir: Path | None = None
 
     def warning(self) -> str:
-        return f"{self.bad} images could not be read; see {self.errors_dir}" if self.bad else ""
+        return f"{plural(self.bad, 'image')} could not be read; see {self.errors_dir}" if self.bad else ""
 
     def line(self, rd: RunDir | None = None) -> str:
         rd = rd or RunDir(self.errors_dir.parent)
         rate = self.images / self.seconds if self.seconds else 0.0
-        text = (f"extract: {self.images} images from {len(self.done)} shards -> {', '.join(self.layers)} in "
-                f"{self.seconds:.1f}s ({rate:.0f} img/s, {self.device} {self.precision})")
+        text = (f"extract: {plural(self.images, 'image')} from {plural(len(self.done), 'shard')} -> "
+                f"{', '.join(self.layers)} in {self.seconds:.1f}s ({rate:.0f} img/s, {self.device} {self.precision})")
         if self.already_done:
-            text += f"; {len(self.already_done)} shards already done"
+            text += f"; {plural(len(self.already_done), 'shard')} already done"
         if self.bad:
-            text += f"; {self.bad} unreadable images skipped (see {rd.errors_dir})"
+            text += f"; {plural(self.bad, 'unreadable image')} skipped (see {rd.errors_dir})"
         return text
 
 

@@ -22,8 +22,8 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import write_json_atomic
-from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
+from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features
 from featscope.pipelines.core.version import FEATSCOPE_VERSION

@@ -22,11 +22,19 @@ from tqdm import tqdm
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
-from featscope.pipelines.render.grid_layout import assign, assign_exact, cell_centres, cover_sample, normalise, total_cost
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import read_embedding
+from featscope.pipelines.core.text import plural
+from featscope.pipelines.render.grid_layout import (
+    assign,
+    assign_exact,
+    cell_centres,
+    cover_sample,
+    normalise,
+    total_cost,
+)
 
 EXACT_RATIO_MAX_CELLS = 1024  # above this the exact optimum costs too long to report
 
@@ -40,6 +48,14 @@ class MosaicSummary:
 
     def line(self) -> str:
         return f"mosaic: {self.images} images -> {self.path} ({self.detail}{self.seconds:.1f}s)"
+
+
+def _number(text: str | None) -> str:
+    """A metadata figure for a title: three decimals, or '-' where there is none."""
+    try:
+        return f"{float(text):.3f}"
+    except (TypeError, ValueError):
+        return "-"
 
 
 def _thumbnail(path: str, side: int) -> Image.Image | None:
@@ -146,8 +162,8 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
         ax.set_title(f"{title} of {layer}")
         ax.set_xticks([]), ax.set_yticks([])
     axes[1].legend(markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(f"{rd.name}: {len(labels)} images; trustworthiness {meta.get('trustworthiness', '?')}, "
-                 f"10-NN label accuracy in 2-D {meta.get('knn_accuracy_2d', '?')}")
+    fig.suptitle(f"{rd.name}: {plural(len(labels), 'image')}; trustworthiness {_number(meta.get('trustworthiness'))}, "
+                 f"10-NN label accuracy in 2-D {_number(meta.get('knn_accuracy_2d'))}")
     fig.tight_layout()
     path = rd.mosaic(layer, "plot", "png")
     with atomic_path(path) as tmp:

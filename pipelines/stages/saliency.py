@@ -48,13 +48,14 @@ from featscope.pipelines.core.device import (
     resolve_device,
     resolve_precision,
 )
-from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.models import LoadedModel, load_model
-from featscope.pipelines.render.overlay import heat_overlay
+from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.store import write_errors, write_table
+from featscope.pipelines.core.text import plural
+from featscope.pipelines.render.overlay import heat_overlay
 
 SEGMENT_MAX_SIDE = 400  # GrabCut runs on the model's view, not on a 20-megapixel original
 
@@ -166,14 +167,15 @@ class SaliencySummary:
         return self.bad > 0 and self.computed == 0
 
     def warning(self) -> str:
-        return f"{self.bad} images got no map; see {self.out.parent.parent / 'errors.parquet'}" if self.bad else ""
+        return (f"{plural(self.bad, 'image')} got no map; see {self.out.parent.parent / 'errors.parquet'}"
+                if self.bad else "")
 
     def line(self) -> str:
         rate = self.computed / self.seconds if self.seconds else 0.0
-        text = (f"saliency {self.method}: {self.computed} maps in {self.seconds:.1f}s ({rate:.2f} img/s, "
+        text = (f"saliency {self.method}: {plural(self.computed, 'map')} in {self.seconds:.1f}s ({rate:.2f} img/s, "
                 f"{self.workers} workers) into {self.out}; {self.skipped} already done")
         if self.bad:
-            text += f"; {self.bad} images failed (see errors.parquet)"
+            text += f"; {plural(self.bad, 'image')} failed (see errors.parquet)"
         return text
 
 

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from featscope.kernels.architectures import profile_for
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.params import ParamError
 from featscope.kernels.objectives import layer_outputs, total_variation
+from featscope.kernels.params import ParamError
 from featscope.kernels.style_net import StyleNet, mix, one_hot
 from featscope.kernels.texture import gram
 from featscope.kernels.transforms import PixelModel
@@ -38,6 +38,7 @@ from featscope.pipelines.core.images import BadImage, is_image_name, read_pixels
 from featscope.pipelines.core.models import load_model
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.runtime import keep_freed_memory
+
 
 @dataclass(frozen=True)
 class TrainOptions(Options):

@@ -28,21 +28,22 @@ from tqdm import tqdm
 
 from featscope.kernels.adversarial import pgd
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.params import ParamError
 from featscope.kernels.filters import activation_grid, filter_grid
 from featscope.kernels.objectives import layer_energy, layer_outputs, relative_error
+from featscope.kernels.params import ParamError
 from featscope.kernels.render import class_models, deepdream, invert, layer_features
 from featscope.kernels.texture import Term, gram, match, noise_like, targets_at
 from featscope.kernels.transforms import PixelModel
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
-from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.cpus import usable_cpus
+from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.models import LoadedModel, load_run_model
-from featscope.pipelines.render.panels import curves, enlarge, panel, stack, to_image
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
+from featscope.pipelines.core.text import plural
+from featscope.pipelines.render.panels import curves, enlarge, panel, stack, to_image
 
 TILE = 160  # side of each picture in the galleries
 
@@ -55,7 +56,7 @@ class VizSummary:
 
     def line(self) -> str:
         where = self.written[0].parent if self.written else "-"
-        return f"viz {self.method}: {len(self.written)} pictures in {self.seconds:.1f}s under {where}"
+        return f"viz {self.method}: {plural(len(self.written), 'picture')} in {self.seconds:.1f}s under {where}"
 
 
 # ---- the run's model and images ------------------------------------------------------------

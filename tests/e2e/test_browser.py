@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
+from featscope.pipelines.app.serve import make_server
 from featscope.pipelines.core import manifest
 from featscope.pipelines.stages import index as neighbours
-from featscope.pipelines.app.serve import make_server
 
 CHROMIUM = os.environ.get("FEATSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # The flags a root, offline, headless machine needs (no sandbox; no calls home).

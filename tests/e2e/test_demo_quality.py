@@ -10,12 +10,12 @@ import os
 
 import pytest
 
-from featscope.pipelines.data import demo as demo_data
-from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
-from featscope.pipelines.stages import index as neighbours
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.data import demo as demo_data
 from featscope.pipelines.data.weights import checkpoint_path
+from featscope.pipelines.stages import extract
+from featscope.pipelines.stages import index as neighbours
 
 PER_DIGIT = 100
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from helpers import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torchvision
 
+from featscope.kernels.architectures import profile_for
 from featscope.kernels.layers import resolve_layer
 from featscope.kernels.receptive_field import receptive_field
-from featscope.kernels.architectures import profile_for
 
 
 def skeleton(arch):

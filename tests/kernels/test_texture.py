@@ -8,7 +8,6 @@ from featscope.kernels.style_net import StyleNet, mix, one_hot
 from featscope.kernels.texture import Term, gram, match, noise_like, targets_at
 
 
-
 @pytest.fixture(scope="module")
 def model(pixel_resnet):
     return pixel_resnet

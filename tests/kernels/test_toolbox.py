@@ -13,7 +13,6 @@ from featscope.kernels.objectives import layer_energy, layer_outputs, total_vari
 from featscope.kernels.render import class_models, deepdream, invert, layer_features
 
 
-
 @pytest.fixture(scope="module")
 def model(pixel_resnet):
     return pixel_resnet

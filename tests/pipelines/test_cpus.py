@@ -12,9 +12,9 @@ from featscope.pipelines.core import cpus
 def test_the_budget_is_the_smallest_of_affinity_quota_and_omp(monkeypatch, tmp_path):
     monkeypatch.setattr(cpus, "_affinity", lambda: 16)
     monkeypatch.setattr(cpus, "_cgroup_quota", lambda: 6.5)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpus, "OMP_AT_START", "")
     assert cpus.usable_cpus() == 6
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setattr(cpus, "OMP_AT_START", "3")
     assert cpus.usable_cpus() == 3
     monkeypatch.setattr(cpus, "_cgroup_quota", lambda: 0.5)
     assert cpus.usable_cpus() == 1

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import write_dataset
 from PIL import Image
 
 from featscope.pipelines.core.dataset import image_batches
 from featscope.pipelines.core.images import read_pixels
 from featscope.pipelines.core.models import load_model
-
-from helpers import write_dataset
 
 
 @pytest.fixture(scope="module")

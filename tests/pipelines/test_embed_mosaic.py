@@ -6,16 +6,20 @@ import itertools
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_dataset
 from PIL import Image
 
-from featscope.pipelines.stages import embed
-from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
-from featscope.pipelines.stages import mosaic
-from featscope.pipelines.render.grid_layout import assign, assign_exact, cell_centres, cover_sample, normalise, total_cost
 from featscope.pipelines.core.rundir import RunDir
-
-from helpers import write_dataset
+from featscope.pipelines.render.grid_layout import (
+    assign,
+    assign_exact,
+    cell_centres,
+    cover_sample,
+    normalise,
+    total_cost,
+)
+from featscope.pipelines.stages import embed, extract, mosaic
 
 
 @pytest.fixture

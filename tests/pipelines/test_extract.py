@@ -9,17 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
+from helpers import write_dataset
 from PIL import Image
 from torchvision.transforms import v2 as T2
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import device as device_mod
-from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import column_array, read_errors
-
-from helpers import write_dataset
+from featscope.pipelines.stages import extract
 
 
 def calibrated_checkpoint(arch: str, path) -> str:

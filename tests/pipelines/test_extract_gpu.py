@@ -4,10 +4,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import column_array
+from featscope.pipelines.stages import extract
 
 
 def features(rd, layer):

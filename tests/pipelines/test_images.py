@@ -139,10 +139,10 @@ def test_model_input_resize_is_pillows_within_one_level():
     with Pillow's antialiased resize, as the ImageNet weights were trained with, to within
     one grey level, and exactly on nearly every pixel."""
     import torch
+    from helpers import photo_paths
     from torchvision.transforms import functional as TF
 
     from featscope.pipelines.core.models import Preprocessing
-    from helpers import photo_paths
 
     prep = Preprocessing()
     for src, side in [(p, s) for p in photo_paths() for s in (120, 500)]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
+from helpers import write_dataset
 
 from featscope.pipelines import load_features
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.stages import extract
-from helpers import write_dataset
 
 
 def test_load_features_matches_the_parts_and_joins_the_labels(tmp_path, digits):

@@ -10,11 +10,11 @@ from PIL import Image
 
 from featscope.index import NeighbourIndex, build_index
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.stages import extract
 from featscope.pipelines.stages import index as neighbours
 from featscope.pipelines.stages import neighbours as sheets
-from featscope.pipelines.core.rundir import RunDir
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_dataset
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.saliency import METHODS
@@ -18,7 +19,6 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.stages import embed, extract, saliency, topk, viz
 from featscope.pipelines.stages import index as index_stage
-from helpers import write_dataset
 
 FAMILIES = {"googlenet": ("inception4a", "pool"), "convnext_tiny": ("stage2", "pool")}
 NEEDS_RECTIFIERS = {"guided", "guided_gradcam"}

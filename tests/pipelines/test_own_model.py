@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import write_dataset
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.models import load_model
 from featscope.pipelines.core.rundir import RunDir
-from helpers import write_dataset
 
 
 def featscope(*args):

@@ -9,10 +9,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from featscope.pipelines.core import manifest
-from featscope.pipelines.stages import index as neighbours
 from featscope.pipelines.app.report import SHARD
 from featscope.pipelines.app.serve import make_server
+from featscope.pipelines.core import manifest
+from featscope.pipelines.stages import index as neighbours
 
 
 def load_script(path):

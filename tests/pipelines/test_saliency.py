@@ -19,13 +19,13 @@ from torchvision.transforms import functional as TF
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.saliency import attribute
-from featscope.pipelines.core import manifest
-from featscope.pipelines.stages import saliency
 from featscope.pipelines.app.cli import main as cli
+from featscope.pipelines.core import manifest
 from featscope.pipelines.core.images import read_pixels
 from featscope.pipelines.core.models import load_model
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import read_errors
+from featscope.pipelines.stages import saliency
 
 ARCH = "resnet18"
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from featscope.kernels.style_net import one_hot
-from featscope.pipelines.data import demo as demo_data
 from featscope.pipelines.core import manifest
-from featscope.pipelines.stages import style
-from featscope.pipelines.stages import viz
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.data import demo as demo_data
+from featscope.pipelines.stages import style, viz
 
 # A random-weights ResNet-18 as loss network: no download, and its losses still fall.
 OPTIONS = dict(size=48, batch=2, width=8, blocks=1, model="resnet18", weights="random", content_layer="layer1",

@@ -8,13 +8,12 @@ from PIL import Image
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import LayerTap
-from featscope.pipelines.stages import extract
 from featscope.pipelines.core import manifest
-from featscope.pipelines.stages import topk
 from featscope.pipelines.core.dataset import image_batches
-from featscope.pipelines.core.models import Preprocessing, load_model
 from featscope.pipelines.core.images import read_pixels
+from featscope.pipelines.core.models import Preprocessing, load_model
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.stages import extract, topk
 
 
 def brute_force_topk(rd, arch, layer, k):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from featscope.pipelines.core import manifest
-from featscope.pipelines.stages import viz
 from featscope.pipelines.app.cli import main as cli
+from featscope.pipelines.core import manifest
 from featscope.pipelines.core.images import read_pixels
 from featscope.pipelines.core.models import load_model
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.stages import viz
 
 
 @pytest.fixture(scope="module")
