@@ -12,6 +12,10 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+if not config:
+    raise SystemExit("featscope: error: no config: pass --configfile FILE (config/demo.yaml is the demo's; "
+                     "`featscope config schema` lists every key)")
+
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import PIXELS
 from featscope.pipelines.app import cli as fscli
@@ -19,9 +23,6 @@ from featscope.pipelines.app import config as fsconfig
 from featscope.pipelines.core import manifest as fsmanifest
 from featscope.pipelines.core.rundir import RunDir
 
-if not config:
-    raise SystemExit("featscope: error: no config: pass --configfile FILE (config/demo.yaml is the demo's; "
-                     "`featscope config schema` lists every key)")
 try:
     CFG = fsconfig.validate(config)
 except FeatscopeError as e:
@@ -338,79 +339,28 @@ def viz_command(method, part, **fixed):
     return command(f"viz {method}", part, **fixed)
 
 
-if VIZ.get("filters"):
-    rule viz_filters:
+VIZ_COMMANDS = {"filters": "filters", "activations": "activations", "class_models": "class-model",
+                "adversarial": "adversarial", "dream": "dream", "inversion": "invert"}
+OPTIMISING = ("class-model", "dream", "invert")  # these optimise images: every core helps
+
+for part, method in VIZ_COMMANDS.items():
+    if not VIZ.get(part):
+        continue
+
+    rule:
+        name:
+            f"viz_{part}"
         input:
             ancient(RD.manifest),
         output:
-            viz_outputs("filters"),
+            viz_outputs(part),
+        threads: all_cores() if method in OPTIMISING else 1
         resources:
             **res("viz"),
+        params:  # evaluated now; a shell expression would be evaluated at run time, after the loop
+            cmd=viz_command(method, {}, layers=VIZ[part]) if part == "filters" else viz_command(method, VIZ[part]),
         shell:
-            viz_command("filters", {}, layers=VIZ["filters"])
-
-
-if "activations" in VIZ:
-    rule viz_activations:
-        input:
-            ancient(RD.manifest),
-        output:
-            viz_outputs("activations"),
-        resources:
-            **res("viz"),
-        shell:
-            viz_command("activations", VIZ["activations"])
-
-
-if "class_models" in VIZ:
-    rule viz_class_models:
-        input:
-            ancient(RD.manifest),
-        output:
-            viz_outputs("class_models"),
-        threads: all_cores()
-        resources:
-            **res("viz"),
-        shell:
-            viz_command("class-model", VIZ["class_models"])
-
-
-if "adversarial" in VIZ:
-    rule viz_adversarial:
-        input:
-            ancient(RD.manifest),
-        output:
-            viz_outputs("adversarial"),
-        resources:
-            **res("viz"),
-        shell:
-            viz_command("adversarial", VIZ["adversarial"])
-
-
-if "dream" in VIZ:
-    rule viz_dream:
-        input:
-            ancient(RD.manifest),
-        output:
-            viz_outputs("dream"),
-        threads: all_cores()
-        resources:
-            **res("viz"),
-        shell:
-            viz_command("dream", VIZ["dream"])
-
-
-if "inversion" in VIZ:
-    rule viz_inversion:
-        input:
-            ancient(RD.manifest),
-        output:
-            viz_outputs("inversion"),
-        threads: all_cores()
-        resources:
-            **res("viz"),
-        shell:
-            viz_command("invert", VIZ["inversion"])
+            "{params.cmd}"
 
 
 if "texture" in VIZ:

@@ -85,7 +85,8 @@ def test_class_models_dream_and_inversion_move_their_objectives(run):
 
 def test_viz_cli_names_bad_input_in_one_line(run, capsys):
     assert cli(["viz", "dream", "--run", str(run.root), "--ids", "123456", "--layers", "layer1"]) == 2
-    assert capsys.readouterr().err.strip() == f"featscope: error: unknown image ids in run {run.root}: 123456"
+    assert capsys.readouterr().err.strip() == (f"featscope: error: --ids holds 123456, which is no image id of run "
+                                               f"{run.root} (nor a file)")
     assert cli(["viz", "filters", "--run", str(run.root), "--layers", "layer9"]) == 2
     assert "unknown layer 'layer9' for resnet18" in capsys.readouterr().err
     assert cli(["viz", "class-model", "--run", str(run.root), "--classes", "1000"]) == 2
