@@ -21,7 +21,7 @@ from featscope.kernels.errors import FeatscopeError
 
 # Modules whose output is a rectifier's: nn.ReLU / nn.ReLU6, and blocks that end in a
 # functional ReLU (GoogLeNet's BasicConv2d), as the architecture profiles list them.
-RECTIFIERS = tuple(dict.fromkeys(cls for p in PROFILES for cls in p.rectified)) or (nn.ReLU, nn.ReLU6)
+RECTIFIERS = tuple(dict.fromkeys(cls for p in PROFILES for cls in p.rectified))
 
 
 class _PositiveGradient(torch.autograd.Function):

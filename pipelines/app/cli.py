@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_line(name: str, options: opts.Options, *, executable: str = "featscope", **fixed: str) -> str:
-    """The shell command that runs command `name` with `options` (only values that differ
-    from the defaults are written). `fixed` adds flags verbatim (`run=`, `quiet=""`), e.g.
-    Snakemake placeholders."""
+    """The shell command that runs command `name` with `options`; only values that differ
+    from the defaults are written. `fixed` adds flags that are no option of the command, as
+    given: `run=PATH` becomes `--run PATH`, `quiet=""` becomes `--quiet`."""
     words = [executable, *name.split()]
     for key, value in fixed.items():
         words.append(flag(key) if value == "" else f"{flag(key)} {value}")

@@ -148,10 +148,6 @@ class Options:
             spec.param.check(spec.name, value)
             object.__setattr__(self, spec.name, value)
 
-    def changed(self) -> dict[str, object]:
-        """The options whose value differs from the declared default, in field order."""
-        return {s.name: getattr(self, s.name) for s in specs(type(self)) if getattr(self, s.name) != s.default}
-
 
 def build(cls: type, values: Mapping[str, object]) -> Options:
     """An options object from a mapping of names to values (a config section, parsed flags);

@@ -25,7 +25,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import RunIdentity, iter_features, read_embedding
+from featscope.pipelines.core.store import RunIdentity, iter_features
 
 EMBEDDING_SCHEMA = pa.schema([
     pa.field("image_id", pa.int64()), pa.field("tsne_x", pa.float32()), pa.field("tsne_y", pa.float32()),
@@ -127,9 +127,6 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
     with atomic_path(rd.embedding(layer)) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp)
     return EmbedSummary(layer, len(ids), trust, accuracy, sampled, time.perf_counter() - start)
-
-
-read = read_embedding  # the reader lives in the store, where the mosaic stage finds it too
 
 
 # ---- the command ----------------------------------------------------------------------------
