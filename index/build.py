@@ -121,7 +121,7 @@ def _transformed(index: faiss.Index, x: np.ndarray) -> np.ndarray:
 
 
 def _add_to_ivf(index: faiss.Index, chunks: Chunks, n: int, dims: int, metric: str,
-                exact: StreamingExactKnn, advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray]:
+                exact: StreamingExactKnn, advance: Callable[[int, str], None]) -> tuple[np.ndarray, np.ndarray]:
     """Fill an inverted file in two passes, so its lists end exactly as large as their codes.
 
     Added chunk by chunk, each list is a vector that grows by doubling, which leaves up to
@@ -136,7 +136,7 @@ def _add_to_ivf(index: faiss.Index, chunks: Chunks, n: int, dims: int, metric: s
         exact.add(x)
         assigned.append(ivf.quantizer.assign(_transformed(index, x), 1).ravel())
         ids.append(image_ids)
-        advance(len(x))
+        advance(len(x), "assign")
     assigned, ids = np.concatenate(assigned).astype(np.int64), np.concatenate(ids)
     lists = faiss.downcast_InvertedLists(ivf.invlists)
     for list_no, size in enumerate(np.bincount(assigned, minlength=ivf.nlist).tolist()):
@@ -147,7 +147,7 @@ def _add_to_ivf(index: faiss.Index, chunks: Chunks, n: int, dims: int, metric: s
         xt = np.ascontiguousarray(_transformed(index, x))
         ivf.add_core(len(xt), faiss.swig_ptr(xt), None, faiss.swig_ptr(assigned[offset:offset + len(xt)]))
         offset += len(xt)
-        advance(len(xt))
+        advance(len(xt), "encode")
     index.ntotal = ivf.ntotal
     ivf.make_direct_map()  # lets NeighbourIndex.search_ids reconstruct stored vectors
     return ids, exact.result()[1]
@@ -155,11 +155,12 @@ def _add_to_ivf(index: faiss.Index, chunks: Chunks, n: int, dims: int, metric: s
 
 def build_index(chunks: Chunks, *, n: int, dims: int, kind: str = "auto", metric: str = "cosine",
                 max_memory: int = 4 << 30, recall_queries: int = 1000, target_recall: float = 0.95,
-                seed: int = 0, on_progress: Callable[[int, int], None] | None = None) -> BuildResult:
+                seed: int = 0, on_progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
     """Build an index over the `n` vectors that `chunks()` yields as (image_ids, vectors).
 
-    `on_progress(rows_read, rows_to_read)` follows the passes over the chunks: two, or three
-    for an inverted file."""
+    `on_progress(step, vectors_read, n)` follows each pass over the chunks, by name: "sample"
+    (training and recall-query vectors), then "add", or for an inverted file "assign" and
+    "encode"; vectors_read starts again at 0 for each step."""
     if metric not in ("cosine", "l2"):
         raise ParamError("metric", f"must be cosine or l2, got '{metric}'")
     if n == 0:
@@ -169,15 +170,15 @@ def build_index(chunks: Chunks, *, n: int, dims: int, kind: str = "auto", metric
     rng = np.random.default_rng(seed)
     train_rows = _sample_rows(n, _train_size(plan, n), rng)
     query_rows = _sample_rows(n, min(n, recall_queries), rng)
-    to_read, read = n * (3 if plan.nlist else 2), 0
+    step, read = "", 0
 
-    def advance(rows: int) -> None:
-        nonlocal read
-        read += rows
+    def advance(rows: int, name: str) -> None:
+        nonlocal step, read
+        step, read = name, (read if name == step else 0) + rows
         if on_progress:
-            on_progress(read, to_read)
+            on_progress(step, read, n)
 
-    train, queries = _gather(chunks, [train_rows, query_rows], metric, advance)
+    train, queries = _gather(chunks, [train_rows, query_rows], metric, lambda rows: advance(rows, "sample"))
 
     index = faiss.index_factory(dims, plan.factory, faiss.METRIC_L2)
     if plan.trained:
@@ -193,7 +194,7 @@ def build_index(chunks: Chunks, *, n: int, dims: int, kind: str = "auto", metric
             index.add(x)
             exact.add(x)
             ids.append(image_ids)
-            advance(len(x))
+            advance(len(x), "add")
         ids, (_, truth) = np.concatenate(ids), exact.result()
     search_params, recall = _tune(index, plan, queries, truth, target_recall)
     meta = {

@@ -86,7 +86,7 @@ def _argument_type(spec: opts.Spec):
 
 
 def _add_option(parser, spec: opts.Spec) -> None:
-    help_text = spec.help
+    help_text = spec.help.replace("%", "%%")  # argparse formats help with %
     if spec.default not in (None, False, []) and not spec.required:
         shown = ",".join(map(str, spec.default)) if spec.is_list else spec.default
         help_text += f" (default: {shown})"

@@ -40,7 +40,7 @@ from featscope.pipelines.core.store import (
     write_errors,
     write_topk,
 )
-from featscope.pipelines.core.text import plural
+from featscope.pipelines.core.text import plural, rate
 
 
 @dataclass
@@ -61,9 +61,9 @@ class ExtractSummary:
 
     def line(self, rd: RunDir | None = None) -> str:
         rd = rd or RunDir(self.errors_dir.parent)
-        rate = self.images / self.seconds if self.seconds else 0.0
         text = (f"extract: {plural(self.images, 'image')} from {plural(len(self.done), 'shard')} -> "
-                f"{', '.join(self.layers)} in {self.seconds:.1f}s ({rate:.0f} img/s, {self.device} {self.precision})")
+                f"{', '.join(self.layers)} in {self.seconds:.1f}s ({rate(self.images, self.seconds)}, {self.device} "
+                f"{self.precision})")
         if self.already_done:
             text += f"; {plural(len(self.already_done), 'shard')} already done"
         if self.bad:

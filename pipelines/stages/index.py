@@ -61,8 +61,13 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
             for p in parts)
     with tqdm(total=n, unit="vec", desc=f"index {layer}", disable=not progress) as bar:
 
-        def show(read: int, to_read: int) -> None:  # every pass over the vectors counts
-            bar.total = to_read
+        steps = []
+
+        def show(step: str, read: int, total: int) -> None:  # one bar per pass over the vectors, named
+            if steps[-1:] != [step]:
+                steps.append(step)
+                bar.reset(total)
+                bar.set_description(f"index {layer}: {step}")
             bar.update(read - bar.n)
 
         result = build_index(chunks, n=n, dims=dims, kind=kind, metric=metric, max_memory=parse_bytes(max_memory),

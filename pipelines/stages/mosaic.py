@@ -3,8 +3,8 @@
 `grid`: every cell of a side x side grid holds one image, similar images in neighbouring
 cells (cover sample + linear assignment, see grid_layout), plus a Parquet of
 (cell_row, cell_col, image_id) so a browser can link tiles to images. `scatter`:
-thumbnails at their t-SNE positions on a large canvas, skipping one that would mostly
-hide those already drawn. `plot`: the t-SNE and PCA maps as labelled scatter plots.
+thumbnails at their t-SNE positions on a canvas sized to the number of images (see
+scatter_layout). `plot`: the t-SNE and PCA maps as labelled scatter plots.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from featscope.pipelines.render.grid_layout import (
     normalise,
     total_cost,
 )
+from featscope.pipelines.render.scatter_layout import fit
 
 EXACT_RATIO_MAX_CELLS = 1024  # above this the exact optimum costs too long to report
 
@@ -110,33 +111,35 @@ def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 
     return MosaicSummary(rd.mosaic(layer, "grid"), len(chosen), time.perf_counter() - start, detail + ", ")
 
 
-def scatter(rd: RunDir, layer: str, *, size: int = 4000, tile: int = 64, max_cover: float = 0.5,
-            max_images: int = 20_000, seed: int = 0, progress: bool = True) -> MosaicSummary:
-    """Thumbnails at their t-SNE positions; one that would cover more than `max_cover` of
-    its area with already drawn thumbnails is shrunk by half, and skipped if it still would."""
+def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None = None, max_cover: float = 0.5,
+            max_images: int = 60_000, seed: int = 0, progress: bool = True) -> MosaicSummary:
+    """Thumbnails at their t-SNE positions (see scatter_layout: a covered spot moves a
+    thumbnail nearby or halves it before it is skipped). Sizes left out are chosen so that at
+    most 2% of the images are skipped; above `max_images` an even-cover sample is drawn."""
     start = time.perf_counter()
     ids, xy, paths = _positions(rd, layer)
+    if not len(ids):
+        raise FeatscopeError("no images to place")
     chosen = cover_sample(xy, max_images, seed=seed)
-    p = normalise(xy[chosen]) * (size - tile)
+    chosen = chosen[np.random.default_rng(seed).permutation(len(chosen))]  # drawing order
+    size, tile, layout = fit(normalise(xy[chosen]), size=size, tile=tile, max_cover=max_cover)
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    covered = np.zeros((size, size), dtype=bool)
-    drawn = skipped = 0
-    for i in tqdm(range(len(chosen)), desc=f"scatter {layer}", unit="img", disable=not progress):
-        x, y = int(p[i, 0]), int(p[i, 1])
-        for side in (tile, tile // 2):
-            cx, cy = x + (tile - side) // 2, y + (tile - side) // 2
-            if covered[cy:cy + side, cx:cx + side].mean() <= max_cover:
-                thumb = _thumbnail(paths[int(ids[chosen[i]])], side)
-                if thumb is not None:
-                    canvas.paste(thumb, (cx, cy))
-                    covered[cy:cy + side, cx:cx + side] = True
-                    drawn += 1
-                break
-        else:
-            skipped += 1
+    drawn = unreadable = 0
+    for i in tqdm(np.flatnonzero(layout.side), desc=f"scatter {layer}", unit="img", disable=not progress):
+        thumb = _thumbnail(paths[int(ids[chosen[i]])], int(layout.side[i]))
+        if thumb is None:
+            unreadable += 1
+            continue
+        canvas.paste(thumb, (int(layout.x[i]), int(layout.y[i])))
+        drawn += 1
     _save_jpeg(canvas, rd.mosaic(layer, "scatter"))
+    left_out = [f"{layout.skipped} ({layout.skipped / len(chosen):.1%}) skipped as hidden"]
+    if len(chosen) < len(ids):
+        left_out.append(f"{len(ids) - len(chosen)} left out of the sample of {len(chosen)}")
+    if unreadable:
+        left_out.append(f"{unreadable} unreadable")
     return MosaicSummary(rd.mosaic(layer, "scatter"), drawn, time.perf_counter() - start,
-                         f"{skipped} skipped as hidden, ")
+                         f"{size} px canvas, {tile} px thumbnails; {', '.join(left_out)}; ")
 
 
 def plot(rd: RunDir, layer: str) -> MosaicSummary:
@@ -185,9 +188,11 @@ class GridOptions(Options):
 @dataclass(frozen=True)
 class ScatterOptions(Options):
     layer: str = option(help="an embedded layer", required=True)
-    size: int = option(4000, help="canvas side in pixels", min=64)
-    tile: int = option(64, help="thumbnail size", min=8)
-    seed: int = option(0, help="seed of the drawing order")
+    size: int | None = option(help="canvas side in pixels (default: grows until at most 2% of the images are "
+                                   "hidden, up to 8192)", min=64)
+    tile: int | None = option(help="thumbnail side (default: 96 px at 150 images, 40 at 5,000, 22 at 50,000)",
+                              min=8)
+    seed: int = option(0, help="seed of the sample and the drawing order")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.store import write_errors, write_table
-from featscope.pipelines.core.text import plural
+from featscope.pipelines.core.text import plural, rate
 from featscope.pipelines.render.overlay import heat_overlay
 
 SEGMENT_MAX_SIDE = 400  # GrabCut runs on the model's view, not on a 20-megapixel original
@@ -171,8 +171,8 @@ class SaliencySummary:
                 if self.bad else "")
 
     def line(self) -> str:
-        rate = self.computed / self.seconds if self.seconds else 0.0
-        text = (f"saliency {self.method}: {plural(self.computed, 'map')} in {self.seconds:.1f}s ({rate:.2f} img/s, "
+        text = (f"saliency {self.method}: {plural(self.computed, 'map')} in {self.seconds:.1f}s "
+                f"({rate(self.computed, self.seconds)}, "
                 f"{self.workers} workers) into {self.out}; {self.skipped} already done")
         if self.bad:
             text += f"; {plural(self.bad, 'image')} failed (see errors.parquet)"

@@ -9,6 +9,7 @@ back to the original image, and writes topk/<layer>.parquet. `render` crops thos
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -133,8 +134,8 @@ class RenderSummary:
                 f"sheet {self.sheet}, {self.seconds:.1f}s")
 
 
-def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | None = None, tile: int = 64,
-           sheet_columns: int = 4, progress: bool = True) -> RenderSummary:
+def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | None = None, tile: int = 96,
+           progress: bool = True) -> RenderSummary:
     """patches/<layer>/unit-NNNN.png per unit (k patches with their activation) and a contact sheet."""
     start = time.perf_counter()
     if not rd.topk(layer).exists():
@@ -170,7 +171,7 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
         strips[unit] = strip
         with atomic_path(rd.unit_patches(layer, unit)) as tmp:
             strip.save(tmp, format="PNG")
-    sheet = _contact_sheet([strips[u] for u in units], sheet_columns)
+    sheet = _contact_sheet([strips[u] for u in units])
     with atomic_path(rd.patch_sheet(layer)) as tmp:
         sheet.save(tmp, format="PNG")
     return RenderSummary(layer, len(units), len(by_image), rd.patch_sheet(layer), time.perf_counter() - start)
@@ -193,8 +194,19 @@ def _strip(unit: int, k: int, tile: int, patches: dict, values: dict, font) -> I
     return strip
 
 
-def _contact_sheet(strips: list[Image.Image], columns: int) -> Image.Image:
+SHEET_MAX_WIDTH = 2000
+
+
+def sheet_columns(count: int, strip_width: int, strip_height: int, max_width: int = SHEET_MAX_WIDTH) -> int:
+    """Columns of strips for a sheet about as tall as it is wide, never wider than max_width
+    (unless one strip is)."""
+    square = round(math.sqrt(count * strip_height / strip_width))
+    return max(1, min(square, max_width // (strip_width + 8), count))
+
+
+def _contact_sheet(strips: list[Image.Image]) -> Image.Image:
     w, h = strips[0].size
+    columns = sheet_columns(len(strips), w, h + 4)
     rows = -(-len(strips) // columns)
     sheet = Image.new("RGB", (columns * (w + 8), rows * (h + 4)), "white")
     for i, strip in enumerate(strips):
@@ -215,7 +227,7 @@ class TopkRenderOptions(Options):
     layer: str = option(help="a merged layer", required=True)
     units: str | None = option(help="e.g. 0-63 or 3,7,10-12 (default: all)")
     k: int | None = option(help="patches per unit (default: all merged)", min=1)
-    tile: int = option(64, help="patch size in the PNGs", min=8)
+    tile: int = option(96, help="patch size in the PNGs", min=8)
 
 
 def _merge(rd: RunDir, options: TopkMergeOptions) -> MergeSummary:

@@ -208,8 +208,8 @@ def class_model(rd: RunDir, classes: list[int], *, size: int = 224, steps: int =
                        "scores": scores[:, b].tolist()})
     curve = curves({f"{ctx.name(c)}": scores[:, b].tolist() for b, c in enumerate(classes)}, xlabel="step",
                    ylabel="class score (logit)", title="score during gradient ascent")
-    gallery = stack([panel(pictures, captions, f"class models of {ctx.loaded.arch}: argmax_I score_c(I) - "
-                                               f"{l2:g} ||I||^2, {steps} steps, {octaves} octaves"),
+    gallery = stack([panel(pictures, captions, f"class models of {ctx.loaded.arch}: argmax_x score_c(x) - "
+                                               f"{l2:g} ||x||^2, {steps} steps, {octaves} octaves"),
                      panel([curve], [""])])
     written.insert(0, _save_png(gallery, rd.viz_class_models))
     write_json_atomic(rd.viz_class_models.with_suffix(".json"), record)

@@ -104,9 +104,11 @@ def test_inverted_files_filled_in_two_passes_equal_faiss_own_add(dims, budget):
     progress = []
     result = build_index(as_chunks(x, np.arange(4000) + 5, size=700), n=4000, dims=dims, metric="l2",
                          kind="ivf" if dims == 300 else "auto", max_memory=budget,
-                         on_progress=lambda done, total: progress.append((done, total)))
+                         on_progress=lambda step, done, total: progress.append((step, done, total)))
     assert result.meta["factory"] in ("PCA256,IVF64,Flat", "IVF64,SQ8")
-    assert progress[-1] == (3 * 4000, 3 * 4000) and all(b[0] > a[0] for a, b in zip(progress, progress[1:]))
+    # three passes, each counting the vectors from 0 to n
+    assert [p[0] for p in progress if p[1] == 4000] == ["sample", "assign", "encode"]
+    assert all(b[1] > a[1] for a, b in zip(progress, progress[1:]) if a[0] == b[0]) and {p[2] for p in progress} == {4000}
     reference = faiss.clone_index(result.index)  # the same training, filled by faiss's own add
     reference.reset()
     reference.add(x)

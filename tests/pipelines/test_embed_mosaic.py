@@ -19,6 +19,7 @@ from featscope.pipelines.render.grid_layout import (
     normalise,
     total_cost,
 )
+from featscope.pipelines.render.scatter_layout import default_tile, fit, place
 from featscope.pipelines.stages import embed, extract, mosaic
 
 
@@ -80,7 +81,54 @@ def test_scatter_and_plot_are_written(mapped_run):
     embed.embed(mapped_run, "pool", perplexity=10)
     s = mosaic.scatter(mapped_run, "pool", size=400, tile=40, progress=False)
     assert Image.open(s.path).size == (400, 400) and 0 < s.images <= 47
+    assert "skipped as hidden" in s.line() and "400 px canvas, 40 px thumbnails" in s.line()
+    chosen = mosaic.scatter(mapped_run, "pool", progress=False)  # sizes chosen: nearly all drawn
+    assert chosen.images >= 46 and Image.open(chosen.path).size[0] >= 4 * default_tile(47)
     assert Image.open(mosaic.plot(mapped_run, "pool").path).format == "PNG"
+
+
+def _coverage(layout, size):
+    counts = np.zeros((size, size), dtype=np.int32)
+    for x, y, side in zip(layout.x, layout.y, layout.side):
+        counts[y:y + side, x:x + side] += 1
+    return counts
+
+
+def test_scatter_layout_keeps_every_thumbnail_mostly_visible_and_near_its_spot():
+    rng = np.random.default_rng(3)
+    points = normalise(rng.normal(size=(400, 2)))
+    size, tile = 900, 40
+    layout = place(points, size, tile)
+    drawn = layout.side > 0
+    assert set(layout.side[drawn].tolist()) <= {tile, tile // 2}
+    # drawn in order, each one at most half covered by those before it when it was placed
+    covered = np.zeros((size, size), dtype=bool)
+    for i in np.flatnonzero(drawn):
+        x, y, side = layout.x[i], layout.y[i], layout.side[i]
+        assert covered[y:y + side, x:x + side].mean() <= 0.5
+        covered[y:y + side, x:x + side] = True
+    # never further than one thumbnail (plus rounding) from its own spot
+    spot = points * (size - tile)
+    centre = np.stack([layout.x + layout.side / 2 - tile / 2, layout.y + layout.side / 2 - tile / 2], 1)
+    assert np.abs(centre[drawn] - spot[drawn]).max() <= tile + 1
+
+
+def test_near_duplicates_are_placed_beside_each_other_not_skipped():
+    points = np.repeat(np.random.default_rng(4).random((30, 2)), 5, axis=0)  # five copies of each
+    layout = place(points, 2000, 48)
+    assert layout.skipped == 0
+
+
+def test_fit_chooses_sizes_that_skip_at_most_the_allowed_share():
+    rng = np.random.default_rng(5)
+    for n in (150, 3000):
+        centres = rng.normal(size=(8, 2)) * 5
+        points = normalise(centres[rng.integers(0, 8, n)] + rng.normal(size=(n, 2)))
+        size, tile, layout = fit(points, max_skipped=0.02)
+        assert tile == default_tile(n) and layout.skipped <= 0.02 * n
+        given = fit(points, size=600)  # a given canvas: thumbnails shrink instead
+        assert given[0] == 600 and (given[2].skipped <= 0.02 * n or given[1] == 16)
+    assert default_tile(150) == 96 and default_tile(50_000) == 22
 
 
 def test_exact_assignment_is_the_optimum_of_all_permutations():

@@ -103,7 +103,18 @@ def test_render_writes_one_png_per_unit_and_a_contact_sheet(tmp_path, small_data
         "unit-0000.png", "unit-0001.png", "unit-0002.png", "unit-0010.png"]
     strip = Image.open(rd.patches_dir("layer3") / "unit-0000.png")
     assert strip.size == (topk.LABEL_W + 4 * (32 + topk.GAP), 32 + topk.CAPTION_H)
-    assert summary.units == 4 and Image.open(rd.patch_sheet("layer3")).size[0] == 4 * (strip.size[0] + 8)
+    # four strips four times as wide as tall: one column, a square sheet, not one wide row
+    sheet = Image.open(rd.patch_sheet("layer3"))
+    assert summary.units == 4 and sheet.size == (strip.size[0] + 8, 4 * (strip.size[1] + 4))
+
+
+def test_contact_sheets_are_about_square_and_never_too_wide():
+    assert topk.sheet_columns(4, 584, 80) == 1  # four long strips: one column
+    assert topk.sheet_columns(64, 584, 80) == 3
+    assert topk.sheet_columns(512, 300, 80) == topk.SHEET_MAX_WIDTH // 308
+    for count in (1, 7, 64, 512):
+        columns = topk.sheet_columns(count, 938, 110)
+        assert 1 <= columns <= count and (columns == 1 or columns * 946 <= topk.SHEET_MAX_WIDTH)
 
 
 def test_merge_without_candidates_says_how_to_get_them(tmp_path, small_dataset):
