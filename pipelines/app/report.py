@@ -7,7 +7,8 @@ rendered by report_assets/report.js), small JPEG thumbnails made once per image
 
   data/run.js             summary, bad inputs, stage timings, layers, mosaics, toolbox pictures
   data/topk-<layer>.js    each unit's top-k images and values
-  data/images-NNNN.js     per 1,000 images: label, path name, neighbours per space, saliency methods
+  data/images-NNNN.js     per 1,000 images: label, path name, the model's top classes, neighbours
+                          per space, saliency methods
   data/mosaic-<layer>.js  the grid mosaic's cell -> image_id table, for click-through
 
 Pages read only what they show (an image page loads one 1,000-image shard), so a report of
@@ -33,10 +34,11 @@ from featscope.kernels.layers import PIXELS
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, write_bytes_atomic
 from featscope.pipelines.core.images import BadImage, open_image
+from featscope.pipelines.core.models import class_names
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir
-from featscope.pipelines.core.store import read_errors
+from featscope.pipelines.core.store import read_errors, read_predictions
 from featscope.pipelines.core.timings import read_timings
 
 ASSETS = Path(__file__).resolve().parent / "report_assets"
@@ -138,12 +140,61 @@ def _mosaics(rd: RunDir) -> list[dict]:
     return mosaics
 
 
+TOOLBOX = {  # folder (or file stem) under viz/ -> heading, in the order the gallery shows them
+    "filters": "Filters", "activations": "Activations", "class-models": "Class models",
+    "adversarial": "Adversarial examples", "dream": "DeepDream", "inversion": "Feature inversion",
+    "texture": "Texture synthesis", "style": "Style transfer",
+}
+
+
+def _toolbox_item(rd: RunDir, path: Path) -> dict:
+    """A gallery picture: its link, its caption in words, and the image it shows (if one)."""
+    parts = path.relative_to(rd.viz_dir).with_suffix("").parts
+    kind, name = parts[0], parts[-1]
+    item = {"src": _relative(rd, path), "caption": name}
+    first, _, rest = name.partition("-")
+    if kind == "activations":
+        item["caption"], item["image"] = f"layer {parts[1]}, image {name}", int(name)
+    elif kind == "filters":
+        item["caption"] = f"layer {name}"
+    elif kind == "adversarial" and first.isdigit():
+        item["caption"] = f"image {first}, " + ("untargeted" if rest == "untargeted" else f"target class {rest}")
+        item["image"] = int(first)
+    elif kind in ("dream", "inversion") and name.isdigit():
+        item["caption"], item["image"] = f"image {name}", int(name)
+    elif kind == "style" and first == "switch":
+        item["caption"] = f"style switching and mixing: {rest}"
+    elif kind == "style" and first.isdigit():
+        item["caption"], item["image"] = f"image {first} in the style of {rest}", int(first)
+    elif kind == "class-models":
+        item["caption"] = ""
+    return item
+
+
 def _toolbox(rd: RunDir) -> list[dict]:
+    """The toolbox pictures grouped under TOOLBOX headings (single-class models and the bare
+    adversarial images are left out: the galleries show them)."""
     if not rd.viz_dir.is_dir():
         return []
-    pictures = sorted(p for p in rd.viz_dir.rglob("*.png") if not p.name.endswith("-adv.png")
-                      and p.parent.name != "class-models")
-    return [{"src": _relative(rd, p), "title": p.relative_to(rd.viz_dir).with_suffix("").as_posix()} for p in pictures]
+    groups: dict[str, list[dict]] = {}
+    for path in sorted(rd.viz_dir.rglob("*.png")):
+        kind = path.relative_to(rd.viz_dir).with_suffix("").parts[0]
+        if path.name.endswith("-adv.png") or path.parent.name == "class-models":
+            continue
+        groups.setdefault(kind, []).append(_toolbox_item(rd, path))
+    order = list(TOOLBOX)
+    return [{"heading": TOOLBOX.get(kind, kind), "items": items}
+            for kind, items in sorted(groups.items(), key=lambda g: order.index(g[0]) if g[0] in order else 99)]
+
+
+def _predictions(rd: RunDir, config: dict, top: int = 3) -> dict[int, list]:
+    """image_id -> [[class name, probability], ...] of the model's top classes (from extract)."""
+    predicted = read_predictions(rd)
+    if not predicted:
+        return {}
+    names = config.get("class_names") or class_names(config.get("model"), config.get("weights"))
+    name = (lambda c: names[c] if names and c < len(names) else f"class {c}")
+    return {i: [[name(c), round(p, 3)] for c, p in found[:top]] for i, found in predicted.items()}
 
 
 def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) -> ReportSummary:
@@ -167,6 +218,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
     neighbours = _neighbours(rd, ids, k, progress)
     saliency = _saliency(rd)
+    predictions = _predictions(rd, config)
     for shard in sorted({i // SHARD for i in ids.tolist()}):
         entries = {}
         for r in rows:
@@ -175,7 +227,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
                 continue
             entries[i] = {"label": r["label"], "name": Path(r["path"]).name, "shard": r["shard"],
                           "neighbours": {space: found[i] for space, found in neighbours.items() if i in found},
-                          "saliency": saliency.get(i, [])}
+                          "saliency": saliency.get(i, []), "prediction": predictions.get(i)}
         _script(out / "data" / f"images-{shard:04d}.js", "FS_IMAGES", entries)
     errors = read_errors(rd.errors_dir)
     labels = table["label"].to_pylist()

@@ -21,6 +21,8 @@ from featscope.pipelines.core.device import PRECISIONS, inference_model, resolve
 from featscope.pipelines.core.images import BadImage, decode_pixels, read_pixels
 from featscope.pipelines.core.models import LoadedModel, load_run_model
 
+PREDICTED_CLASSES = 5  # the model's top classes kept per image by extract
+
 
 def summarise(spec: LayerSpec, output: torch.Tensor) -> dict[str, torch.Tensor]:
     """A layer's output -> the tensors stored for it (computed at once, before in-place ops)."""
@@ -50,9 +52,16 @@ class FeatureExtractor:
         """(B,3,H,W) uint8 -> {layer: {column: (B, D) array}}."""
         return {name: {k: v.cpu().numpy() for k, v in cols.items()} for name, cols in self.forward(pixels).items()}
 
-    @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """(B,3,H,W) uint8 -> {layer: {column: (B, D) tensor on the model's device}}."""
+        return self.forward_with_predictions(pixels)[0]
+
+    @torch.inference_mode()
+    def forward_with_predictions(self, pixels: torch.Tensor, top: int = PREDICTED_CLASSES
+                                 ) -> tuple[dict[str, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor] | None]:
+        """As `forward`, plus the model's `top` classes and their softmax probabilities, (B, top)
+        each: the taps run the whole model, so its output comes free (None for pixels only, or
+        a model whose output is not a (B, classes) score)."""
         pixels = pixels.to(self.device, non_blocking=True)
         x = self.loaded.preprocessing.normalize(pixels)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -65,11 +74,15 @@ class FeatureExtractor:
             if spec.kind == "pixels":
                 captured[spec.name] = {"feature": pixel_thumbnail(pixels)}
         dtype = PRECISIONS[self.precision]
+        predictions = None
         if any(spec.kind != "pixels" for spec in self.specs):
             with LayerTap(self.model, self.specs, keep), torch.autocast(self.device.type, enabled=dtype is not None,
                                                                           dtype=dtype or torch.float32):
-                self.model(x)
-        return captured
+                output = self.model(x)
+            if isinstance(output, torch.Tensor) and output.ndim == 2:
+                probabilities, classes = output.float().softmax(1).topk(min(top, output.shape[1]), dim=1)
+                predictions = (classes, probabilities)
+        return captured, predictions
 
 
 

@@ -61,6 +61,14 @@ class RunDir:
         """Finished parts of a layer, in shard order."""
         return sorted(self.features_dir(layer).glob("part-*.parquet"))
 
+    @property
+    def predictions_dir(self) -> Path:
+        return self.root / "predictions"
+
+    def prediction_part(self, shard: int) -> Path:
+        """The model's top classes for a shard's images, written by extract."""
+        return self.predictions_dir / f"part-{shard:05d}.parquet"
+
     def topk_candidates_part(self, layer: str, shard: int) -> Path:
         return self.root / "topk" / "candidates" / layer / f"part-{shard:05d}.parquet"
 

@@ -211,6 +211,44 @@ def topk_is_complete(path: Path, identity: RunIdentity, k: int) -> bool:
     return int(meta.get("k", -1)) == k
 
 
+PREDICTION_SCHEMA = pa.schema([
+    pa.field("image_id", pa.int64()),
+    pa.field("classes", pa.list_(pa.int32())),  # the model's top classes, best first
+    pa.field("probabilities", pa.list_(pa.float32())),  # their softmax probabilities
+])
+
+
+def write_predictions(path: Path, image_ids: np.ndarray, classes: np.ndarray, probabilities: np.ndarray,
+                      identity: RunIdentity, **meta: object) -> None:
+    """One shard's predictions (image_id, top classes, probabilities) with run metadata."""
+    table = pa.table({"image_id": pa.array(image_ids, pa.int64()),
+                      "classes": pa.array(classes.tolist(), pa.list_(pa.int32())),
+                      "probabilities": pa.array(probabilities.tolist(), pa.list_(pa.float32()))},
+                     schema=PREDICTION_SCHEMA)
+    with atomic_path(path) as tmp:
+        pq.write_table(table.replace_schema_metadata(identity.metadata(**meta)), tmp, compression="zstd")
+
+
+def read_predictions(rd: RunDir) -> dict[int, list[tuple[int, float]]]:
+    """image_id -> [(class, probability), ...] best first, from the parts written for the run's
+    current model (parts of another model are left out, not mixed in)."""
+    parts = sorted(rd.predictions_dir.glob("part-*.parquet")) if rd.predictions_dir.is_dir() else []
+    if not parts:
+        return {}
+    identity = RunIdentity.of_run(rd.read_config())
+    out: dict[int, list[tuple[int, float]]] = {}
+    for part in parts:
+        try:
+            identity.check(part, file_metadata(part))
+        except FeatscopeError:
+            continue
+        table = pq.read_table(part, schema=PREDICTION_SCHEMA)
+        for i, c, p in zip(table["image_id"].to_pylist(), table["classes"].to_pylist(),
+                           table["probabilities"].to_pylist()):
+            out[i] = list(zip(c, p))
+    return out
+
+
 # ---- small tables (manifest, errors) ---------------------------------------------------
 
 def write_table(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:

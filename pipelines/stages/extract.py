@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -38,6 +39,7 @@ from featscope.pipelines.core.store import (
     part_is_complete,
     topk_is_complete,
     write_errors,
+    write_predictions,
     write_topk,
 )
 from featscope.pipelines.core.text import plural, rate
@@ -162,6 +164,7 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
         for layer in layers
     }
     errors: list[dict] = []
+    predicted: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (ids, classes, probabilities) per batch
     pending_writes: list[Future] = []
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as io:
@@ -172,12 +175,14 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
                 errors += [{"image_id": i, "path": p, "stage": "extract", "error": "bad_image", "message": m}
                            for i, p, m in batch.errors]
                 if len(batch.image_ids):
-                    outputs = extractor.forward(batch.pixels)
+                    outputs, predictions = extractor.forward_with_predictions(batch.pixels)
                     for layer, tracker in trackers.items():
                         cols = outputs[layer]
                         tracker.update(cols.get("max", cols["feature"]), batch.image_ids, cols.get("argmax_y"),
                                        cols.get("argmax_x"))
                     batch_ids = batch.image_ids.numpy()
+                    if predictions is not None:
+                        predicted.append((batch_ids, *(t.cpu().numpy() for t in predictions)))
                     for layer, writer in writers.items():
                         cols = {k: v.cpu().numpy() for k, v in outputs[layer].items()}
                         pending_writes.append(io.submit(writer.write, batch_ids, cols["feature"], cols))
@@ -193,6 +198,9 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
         for layer, tracker in trackers.items():
             columns = {name: t.numpy() for name, t in tracker.result().items()}
             write_topk(rd.topk_candidates_part(layer, shard), columns, identity, layer=layer, k=topk, shard=shard)
+        if predicted:
+            write_predictions(rd.prediction_part(shard), *(np.concatenate(c) for c in zip(*predicted)), identity,
+                              shard=shard)
         for w in writers.values():
             w.commit()
     except BaseException:

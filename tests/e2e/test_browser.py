@@ -5,13 +5,16 @@ in CI a missing browser fails these tests instead of skipping them."""
 
 import json
 import os
+import re
 import shutil
 import threading
 
+import pyarrow.parquet as pq
 import pytest
 
 from featscope.pipelines.app.serve import make_server
 from featscope.pipelines.core import manifest
+from featscope.pipelines.core.store import read_predictions
 from featscope.pipelines.stages import index as neighbours
 
 CHROMIUM = os.environ.get("FEATSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -92,10 +95,31 @@ def test_unit_gallery_and_unit_page(reported_run, page):
     page.locator("a.unit").first.wait_for()
     assert page.locator("a.unit").count() == 256
     page.wait_for_function("[...document.querySelectorAll('a.unit img')].slice(0, 4).every(i => i.complete)")
-    assert page.locator("a.unit img").count() == 4
+    assert page.locator("a.unit > img").count() == 4  # the rendered patch strips ...
+    assert page.locator("a.unit .strip img").count() == 252 * 3  # ... and top images for the other units
     page.locator("a.unit").nth(2).click()
     page.wait_for_url("**/unit.html?layer=layer3&unit=2")
-    assert page.locator(".thumbs .thumb").count() == 3
+    # one caption format for every unit: the image and the activation to three figures
+    captions = [re.fullmatch(r"image (\d+) · (-?[\d.]+(?:e[+-]\d+)?)", c)
+                for c in page.locator(".thumbs .thumb div").all_inner_texts()]
+    top = pq.read_table(rd.topk("layer3")).to_pylist()
+    expected = sorted((r["rank"], r["image_id"], r["value"]) for r in top if r["channel"] == 2)
+    assert [int(c[1]) for c in captions] == [i for _, i, _ in expected]
+    assert [float(c[2]) for c in captions] == pytest.approx([v for *_, v in expected], rel=5e-3)
+    assert page.errors == []
+
+
+def test_image_page_shows_the_prediction_and_timings_start_collapsed(reported_run, page):
+    rd = reported_run
+    image_id = manifest.read(rd).to_pylist()[0]["image_id"]
+    page.goto((rd.report_dir / "image.html").as_uri() + f"?id={image_id}")
+    row = page.locator("tr", has_text="predicted").inner_text()
+    best = read_predictions(rd)[image_id][0]
+    assert f"class {best[0]} ({best[1]:.2f})" in row  # random weights: classes shown by number
+    page.goto((rd.report_dir / "index.html").as_uri())
+    details = page.locator("section", has_text="Stage timings").locator("details")
+    assert details.count() == 1 and details.get_attribute("open") is None
+    assert not page.locator("section", has_text="Stage timings").locator("table").is_visible()
     assert page.errors == []
 
 

@@ -17,7 +17,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import device as device_mod
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import column_array, read_errors
+from featscope.pipelines.core.store import column_array, read_errors, read_predictions
 from featscope.pipelines.stages import extract
 
 
@@ -41,7 +41,8 @@ def calibrated_checkpoint(arch: str, path) -> str:
 
 
 def reference_outputs(arch: str, checkpoint: str, paths: list[str], module_paths: list[str]) -> dict:
-    """torchvision's own recipe on tensor images (its v2 transforms), hooks, fp32."""
+    """torchvision's own recipe on tensor images (its v2 transforms), hooks, fp32; the
+    model's output under the key "output"."""
     model = torchvision.models.get_model(arch, weights=None)
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     model.eval()
@@ -53,7 +54,7 @@ def reference_outputs(arch: str, checkpoint: str, paths: list[str], module_paths
     handles = [modules[m].register_forward_hook(lambda _m, _i, out, m=m: seen.setdefault(m, out.clone()))
                for m in module_paths]
     with torch.no_grad():
-        model(x)
+        seen["output"] = model(x)
     for h in handles:
         h.remove()
     return seen
@@ -110,6 +111,15 @@ def test_features_equal_a_direct_torchvision_forward(tmp_path, small_dataset, ar
     _, pooled = read_layer(rd, pooled_layer)
     close_f16(pooled["feature"], grid_means(maps, 2, 3).reshape(n, -1))
     assert set(pooled) == {"feature"}  # a pooled grid is stored as a vector
+
+    # the model's top-5 classes come free with the taps, and match its own softmax
+    predictions = read_predictions(rd)
+    assert sorted(predictions) == rows["image_id"].to_pylist()
+    probabilities, classes = ref["output"].softmax(1).topk(5, dim=1)
+    for row, image_id in enumerate(rows["image_id"].to_pylist()):
+        ours = np.array(predictions[image_id])
+        assert ours[0, 0] == classes[row, 0]
+        np.testing.assert_allclose(ours[:, 1], probabilities[row].numpy(), atol=2e-4)
 
 
 def grid_means(maps: np.ndarray, rows: int, cols: int) -> np.ndarray:

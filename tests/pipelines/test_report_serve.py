@@ -9,9 +9,12 @@ import urllib.request
 import numpy as np
 import pytest
 
+from featscope.pipelines.app import report
 from featscope.pipelines.app.report import SHARD
 from featscope.pipelines.app.serve import make_server
 from featscope.pipelines.core import manifest
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import read_predictions
 from featscope.pipelines.stages import index as neighbours
 
 
@@ -33,10 +36,30 @@ def test_report_holds_every_image_with_its_exact_neighbours(reported_run):
         assert [n for n, _ in entry["neighbours"]["pool"]] == expected
         assert set(entry["neighbours"]) == {"pool", "pixels"}
         assert entry["saliency"] == (["gradcam"] if row["label"] == "photo" else [])
+        best = read_predictions(rd)[i][:3]  # the model's top classes, by number (random weights)
+        assert entry["prediction"] == [[f"class {c}", pytest.approx(p, abs=1e-3)] for c, p in best]
     run = load_script(rd.report_dir / "data" / "run.js")
     assert run["images"] == len(rows) and [m["layer"] for m in run["mosaics"]] == ["pool"]
     assert run["topk"][0]["name"] == "layer3" and run["topk"][0]["rendered"] == [0, 1, 2, 3]
     assert "viz" not in json.dumps(run["toolbox"])  # no toolbox in this run: the part is absent, not broken
+
+
+def test_toolbox_pictures_are_grouped_under_headings_with_captions(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    for name in ("filters/block0", "activations/block13/5002", "adversarial/135-untargeted", "adversarial/5002-309",
+                 "adversarial/5002-309-adv", "class-models", "class-models/130", "style/5002-ihc",
+                 "style/switch-skimage-chelsea", "dream/5010", "texture/brick"):
+        path = rd.viz_dir / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    groups = {g["heading"]: [(i["caption"], i.get("image")) for i in g["items"]] for g in report._toolbox(rd)}
+    assert list(groups) == ["Filters", "Activations", "Class models", "Adversarial examples", "DeepDream",
+                            "Texture synthesis", "Style transfer"]
+    assert groups["Adversarial examples"] == [("image 135, untargeted", 135), ("image 5002, target class 309", 5002)]
+    assert groups["Activations"] == [("layer block13, image 5002", 5002)]
+    assert groups["Style transfer"] == [("image 5002 in the style of ihc", 5002),
+                                        ("style switching and mixing: skimage-chelsea", None)]
+    assert groups["Class models"] == [("", None)]  # the gallery only, not each class's picture
 
 
 @pytest.fixture(scope="module")

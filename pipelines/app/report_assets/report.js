@@ -26,6 +26,8 @@ const FS = (() => {
   const section = (title) => { const s = el("section", {}, el("h2", { text: title })); main().append(s); return s; };
   const imageTile = (id, caption) => el("a", { class: "thumb", href: `image.html?id=${id}` },
     el("img", { src: thumb(id), loading: "lazy", alt: `image ${id}` }), el("div", { text: caption }));
+  // activations and distances with the same look everywhere: three significant figures
+  const figure = (v) => (Math.abs(v) >= 1000 ? v.toFixed(0) : Number(v).toPrecision(3));
   const table = (rows) => el("table", {}, ...rows.map((r) => el("tr", {}, ...r.map((c, i) =>
     el(i === 0 ? "th" : "td", { text: c == null ? "" : String(c) })))));
 
@@ -50,16 +52,25 @@ const FS = (() => {
         ...run.errors.map((r) => [r.image_id, r.stage, r.error, r.message, r.path])]));
     }
     if (run.timings.length) {
+      const total = run.timings.reduce((sum, r) => sum + r.seconds, 0);
       const t = section("Stage timings");
-      t.append(table([["stage", "seconds", "finished"], ...run.timings.map((r) => [r.stage, r.seconds, r.finished])]));
+      t.append(el("details", {}, el("summary", { text: `${run.timings.length} stage records, ${total.toFixed(0)} s in all` }),
+        table([["stage", "seconds", "finished"], ...run.timings.map((r) => [r.stage, r.seconds, r.finished])])));
     }
     if (run.evaluation) {
       const v = section("Neighbours: feature space against pixel space");
       const rows = Object.entries(run.evaluation.layers);
       const labels = [...new Set(rows.flatMap(([, r]) => Object.keys(r.per_label || {})))].sort();
-      const shown = labels.length <= 12 ? labels : [];
-      v.append(table([["space", `precision@${run.evaluation.k || 10} of same-label neighbours`, ...shown],
-        ...rows.map(([l, r]) => [l, r.precision_at_k, ...shown.map((lab) => (r.per_label?.[lab] || {}).precision_at_k ?? "-")])]));
+      const k = run.evaluation.k || 10;
+      const at = (r, lab) => (r.per_label?.[lab] || {}).precision_at_k ?? "-";
+      if (labels.length <= 12) {  // one row per space, a column per label
+        v.append(table([["space", `precision@${k} of same-label neighbours`, ...labels],
+          ...rows.map(([l, r]) => [l, r.precision_at_k, ...labels.map((lab) => at(r, lab))])]));
+      } else {  // many labels: one row per label, a column per space, every label shown
+        v.append(table([[`precision@${k} of same-label neighbours`, ...rows.map(([l]) => l)],
+          ["all labels", ...rows.map(([, r]) => r.precision_at_k)],
+          ...labels.map((lab) => [lab, ...rows.map(([, r]) => at(r, lab))])]));
+      }
     }
     if (served && run.spaces.length) upload(section("Query by upload"));
     for (const m of run.mosaics) {
@@ -86,7 +97,15 @@ const FS = (() => {
     if (run.toolbox.length) {
       const g = section("Toolbox gallery");
       g.classList.add("gallery");
-      for (const p of run.toolbox) g.append(el("h3", { text: p.title }), el("img", { src: p.src, loading: "lazy", alt: p.title }));
+      for (const group of run.toolbox) {
+        g.append(el("h3", { text: group.heading }));
+        for (const item of group.items) {
+          const caption = el("figcaption", { text: item.caption });
+          if (item.image !== undefined) caption.append(" · ", el("a", { href: `image.html?id=${item.image}`, text: "image page" }));
+          g.append(el("figure", {}, el("img", { src: item.src, loading: "lazy", alt: `${group.heading}: ${item.caption}` }),
+            ...(item.caption ? [caption] : [])));
+        }
+      }
     }
   }
 
@@ -116,7 +135,7 @@ const FS = (() => {
       const answer = await response.json();
       if (!response.ok) { status.textContent = `error: ${answer.error}`; return; }
       status.textContent = `${answer.neighbours.length} nearest images in ${answer.layer}:`;
-      for (const n of answer.neighbours) results.append(imageTile(n.image_id, `${n.label ?? n.image_id} d=${n.distance.toFixed(3)}`));
+      for (const n of answer.neighbours) results.append(imageTile(n.image_id, `${n.label ?? n.image_id} · d ${figure(n.distance)}`));
     });
     s.append(el("p", { text: "An image of your own, embedded with the run's model: " }), choose, " ", input, status, results);
   }
@@ -130,12 +149,13 @@ const FS = (() => {
     if (!entry) { main().append(el("p", { text: `no image ${id} in this report` })); return; }
     const s = section(`Image ${id}`);
     s.append(el("div", { class: "hero" }, el("img", { src: thumb(id), alt: `image ${id}` })),
-      table([["label", entry.label], ["file", entry.name], ["shard", entry.shard]]));
+      table([["label", entry.label], ["predicted", (entry.prediction || []).map(([name, p]) => `${name} (${p.toFixed(2)})`).join(", ") || "-"],
+        ["file", entry.name], ["shard", entry.shard]]));
     for (const [space, found] of Object.entries(entry.neighbours)) {
       const title = space === run.pixels ? "Neighbours in pixel space" : `Neighbours in ${space} feature space`;
       const n = section(title);
       n.append(el("div", { class: "thumbs neighbours", "data-space": space },
-        ...found.map(([nid, d]) => imageTile(nid, `${nid} d=${d}`))));
+        ...found.map(([nid, d]) => imageTile(nid, `${nid} · d ${figure(d)}`))));
     }
     if (entry.saliency.length) {
       const sa = section("Saliency");
@@ -157,7 +177,8 @@ const FS = (() => {
     for (let u = 0; u < info.units; u++) {
       const link = el("a", { class: "unit", href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u}` }, el("div", { text: `unit ${u}` }));
       if (rendered.has(u)) link.append(el("img", { src: `../patches/${name}/unit-${pad(u, 4)}.png`, loading: "lazy", alt: `unit ${u}` }));
-      else link.append(el("span", { class: "muted", text: (units[u] || []).map(([i]) => i).slice(0, 5).join(", ") }));
+      else link.append(el("div", { class: "strip" }, ...(units[u] || []).slice(0, 5).map(([i]) =>
+        el("img", { src: thumb(i), loading: "lazy", alt: `image ${i}` }))));
       s.append(link);
     }
   }
@@ -170,7 +191,8 @@ const FS = (() => {
     const info = window.FS_RUN.topk.find((l) => l.name === name);
     const s = section(`${name}, unit ${u}`);
     if (info.rendered.includes(u)) s.append(el("img", { src: `../patches/${name}/unit-${pad(u, 4)}.png`, alt: "patches" }));
-    s.append(el("div", { class: "thumbs" }, ...(window.FS_TOPK[name][u] || []).map(([i, v]) => imageTile(i, `${i}: ${v}`))));
+    s.append(el("p", { class: "muted", text: "Its top images, each with the unit's activation:" }),
+      el("div", { class: "thumbs" }, ...(window.FS_TOPK[name][u] || []).map(([i, v]) => imageTile(i, `image ${i} · ${figure(v)}`))));
     const nav = el("p");
     if (u > 0) nav.append(el("a", { href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u - 1}`, text: "← previous" }), " ");
     if (u + 1 < info.units) nav.append(el("a", { href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u + 1}`, text: "next →" }));
