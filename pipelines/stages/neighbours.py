@@ -55,11 +55,13 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
             if s == 0:
                 sheet.paste(_tile(rows[query]["path"], tile), (x, y))
                 draw.rectangle((x - 2, y - 2, x + tile + 1, y + tile + 1), outline=(220, 40, 40), width=2)
-                draw.text((x, y + tile + 1), f"query {query} {rows[query]['label'] or ''}", fill="black", font=font)
+                label = rows[query]["label"]
+                draw.text((x, y + tile + 1), f"query {query}" + (f" ({label})" if label else ""), fill="black",
+                          font=font)
             x += tile + MARGIN
             for image_id, distance in neighbours:
                 sheet.paste(_tile(rows[image_id]["path"], tile), (x, y))
-                draw.text((x, y + tile + 1), f"{rows[image_id]['label'] or image_id} d={distance:.2f}",
+                draw.text((x, y + tile + 1), f"{rows[image_id]['label'] or image_id} · d {distance:.2f}",
                           fill="black", font=font)
                 x += tile + MARGIN
             y += row_h
