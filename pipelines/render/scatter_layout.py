@@ -37,9 +37,9 @@ class Placement:
 
 
 def _offsets(tile: int) -> list[tuple[int, int]]:
-    """The spot itself, then rings at half and one thumbnail away, nearest first."""
+    """The spot itself, then rings from half a thumbnail to two thumbnails away, nearest first."""
     rings = []
-    for radius, count in ((tile / 2, 8), (tile, 16)):
+    for radius, count in ((tile / 2, 8), (tile, 16), (1.5 * tile, 24), (2 * tile, 32)):
         for k in range(count):
             angle = 2 * math.pi * k / count
             rings.append((round(radius * math.cos(angle)), round(radius * math.sin(angle))))

@@ -157,14 +157,15 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
     fig, axes = plt.subplots(1, 2, figsize=(13, 6.2))
     names = sorted(set(labels))
     colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    marker = float(np.clip(20 * (150 / max(len(labels), 1)) ** 0.5, 1, 20))  # 20 at 150 points, 3.5 at 5,000
     for ax, (x, y, title) in zip(axes, (("tsne_x", "tsne_y", "t-SNE"), ("pca_x", "pca_y", "PCA"))):
         for n, name in enumerate(names):
             mask = labels == name
-            ax.scatter(table[x].to_numpy()[mask], table[y].to_numpy()[mask], s=3, color=colours(n % 20),
+            ax.scatter(table[x].to_numpy()[mask], table[y].to_numpy()[mask], s=marker, color=colours(n % 20),
                        label=name if name != "None" else "(no label)")
         ax.set_title(f"{title} of {layer}")
         ax.set_xticks([]), ax.set_yticks([])
-    axes[1].legend(markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[1].legend(markerscale=max(1.0, 12 / marker), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"{rd.name}: {plural(len(labels), 'image')}; trustworthiness {_number(meta.get('trustworthiness'))}, "
                  f"10-NN label accuracy in 2-D {_number(meta.get('knn_accuracy_2d'))}")
     fig.tight_layout()

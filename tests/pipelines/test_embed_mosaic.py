@@ -107,10 +107,10 @@ def test_scatter_layout_keeps_every_thumbnail_mostly_visible_and_near_its_spot()
         x, y, side = layout.x[i], layout.y[i], layout.side[i]
         assert covered[y:y + side, x:x + side].mean() <= 0.5
         covered[y:y + side, x:x + side] = True
-    # never further than one thumbnail (plus rounding) from its own spot
+    # never further than two thumbnails (plus rounding) from its own spot
     spot = points * (size - tile)
     centre = np.stack([layout.x + layout.side / 2 - tile / 2, layout.y + layout.side / 2 - tile / 2], 1)
-    assert np.abs(centre[drawn] - spot[drawn]).max() <= tile + 1
+    assert np.abs(centre[drawn] - spot[drawn]).max() <= 2 * tile + 1
 
 
 def test_near_duplicates_are_placed_beside_each_other_not_skipped():

@@ -62,13 +62,14 @@ const FS = (() => {
       const rows = Object.entries(run.evaluation.layers);
       const labels = [...new Set(rows.flatMap(([, r]) => Object.keys(r.per_label || {})))].sort();
       const k = run.evaluation.k || 10;
-      const at = (r, lab) => (r.per_label?.[lab] || {}).precision_at_k ?? "-";
+      const share = (v) => (typeof v === "number" ? v.toFixed(3) : "-");
+      const at = (r, lab) => share((r.per_label?.[lab] || {}).precision_at_k);
       if (labels.length <= 12) {  // one row per space, a column per label
         v.append(table([["space", `precision@${k} of same-label neighbours`, ...labels],
-          ...rows.map(([l, r]) => [l, r.precision_at_k, ...labels.map((lab) => at(r, lab))])]));
+          ...rows.map(([l, r]) => [l, share(r.precision_at_k), ...labels.map((lab) => at(r, lab))])]));
       } else {  // many labels: one row per label, a column per space, every label shown
         v.append(table([[`precision@${k} of same-label neighbours`, ...rows.map(([l]) => l)],
-          ["all labels", ...rows.map(([, r]) => r.precision_at_k)],
+          ["all labels", ...rows.map(([, r]) => share(r.precision_at_k))],
           ...labels.map((lab) => [lab, ...rows.map(([, r]) => at(r, lab))])]));
       }
     }
