@@ -116,6 +116,24 @@ def shards():
     return fsmanifest.shards(RD)
 
 
+def live_ids(wildcards=None):
+    """The live-id list: rewritten by the manifest only when images are added, removed or
+    edited, so the rules that describe the whole dataset rerun then, and only then (it is not
+    a declared output, so its time, not the manifest job's running, decides)."""
+    checkpoints.manifest.get()
+    return str(RD.live_ids)
+
+
+# What the image source holds now (paths, sizes, mtimes), looked at on every invocation of
+# the workflow (not in its jobs): the manifest rule reruns when it changed, whatever
+# `.snakemake/` remembers. It is an observation, so a dry run records it too.
+if workflow.is_main_process:
+    try:
+        fsmanifest.write_listing(RD, CFG["images"])
+    except FeatscopeError as e:
+        raise SystemExit(f"featscope: error: {e}")
+
+
 def parts_of(layers):
     """Every shard's feature part of `layers`."""
     return [str(RD.feature_part(layer, shard)) for shard in shards() for layer in layers]
@@ -161,6 +179,7 @@ rule all:
 # The report comes last: it shows whatever the stages above produced.
 rule report:
     input:
+        live_ids,
         lambda wildcards: parts_of(EXTRACT_LAYERS),
         [index_meta(layer) for layer in EXTRACT_LAYERS],
         RD.index_evaluation,
@@ -180,15 +199,18 @@ rule report:
         "{params.cmd}"
 
 
-# Reruns whenever the set of images changes (the listing is a param). `update`: Snakemake
-# must not delete the old manifest first, since it holds the ids that must stay stable.
+# Reruns whenever the image source changed (listing.sha256, see above). `update`: Snakemake
+# must not delete the old manifest first, since it holds the ids that must stay stable. A
+# shard that lost images has its extracted files deleted by the manifest, so extract below
+# redoes exactly those shards.
 checkpoint manifest:
+    input:
+        RD.listing,
     output:
         update(RD.manifest),
     resources:
         **res("manifest"),
     params:
-        listing=lambda wildcards: fsmanifest.listing_fingerprint(CFG["images"]),
         cmd=command("manifest", images=CFG["images"], shard_size=CFG["shard_size"], model=MODEL["arch"],
                     weights=MODEL["weights"]),
     shell:
@@ -214,9 +236,10 @@ rule extract:
         "{params.cmd}"
 
 
-# One index per layer (and pixel space), rebuilt when shards are added.
+# One index per layer (and pixel space), rebuilt when the dataset changes.
 rule index:
     input:
+        live_ids,
         lambda wildcards: parts_of([wildcards.layer]),
     output:
         index_meta("{layer}"),
@@ -258,6 +281,7 @@ rule neighbours:
 # The dataset's top-k per unit from every shard's candidates; then the patch PNGs.
 rule topk_merge:
     input:
+        live_ids,
         lambda wildcards: [str(RD.topk_candidates_part(wildcards.layer, s)) for s in shards()],
     output:
         str(RD.topk("{layer}")),
@@ -284,6 +308,7 @@ rule topk_render:
 
 rule embed:
     input:
+        live_ids,
         lambda wildcards: parts_of([wildcards.layer]),
     output:
         str(RD.embedding("{layer}")),
@@ -318,10 +343,11 @@ rule mosaic:
 
 
 # Saliency maps of the selected images, one job per method, on a local Dask cluster of
-# `workers` processes (or the cluster at saliency.scheduler). Finished images are skipped.
+# `workers` processes (or the cluster at saliency.scheduler). Finished images are skipped,
+# maps of images that left the dataset deleted.
 rule saliency:
     input:
-        ancient(RD.manifest),
+        live_ids,
     output:
         str(RD.saliency_summary("{method}")),
     threads: SALIENCY_THREADS

@@ -72,6 +72,20 @@ def _make_thumbnail(rd: RunDir, image_id: int, path: str) -> bool:
     return True
 
 
+def _drop_retired(rd: RunDir, live: set[int]) -> None:
+    """Delete thumbnails and per-image data files that only hold images no longer in the
+    dataset: the report must not show an image that was removed or replaced."""
+    thumbs = rd.report_dir / "thumbs"
+    for path in thumbs.glob("*/*.jpg") if thumbs.is_dir() else []:
+        if path.stem.isdigit() and int(path.stem) not in live:
+            path.unlink()
+    shards = {i // SHARD for i in live}
+    for path in (rd.report_dir / "data").glob("images-*.js"):
+        number = path.stem.removeprefix("images-")
+        if number.isdigit() and int(number) not in shards:
+            path.unlink()
+
+
 def _script(path: Path, variable: str, value: object) -> None:
     """A data file the pages load with <script src>: it adds `value` to window[variable]."""
     body = json.dumps(value, separators=(",", ":"))
@@ -229,6 +243,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
                           "neighbours": {space: found[i] for space, found in neighbours.items() if i in found},
                           "saliency": saliency.get(i, []), "prediction": predictions.get(i)}
         _script(out / "data" / f"images-{shard:04d}.js", "FS_IMAGES", entries)
+    _drop_retired(rd, set(ids.tolist()))
     errors = read_errors(rd.errors_dir)
     labels = table["label"].to_pylist()
     summary = {

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, iter_features
@@ -60,10 +59,7 @@ class Features:
 def load_features(run: str | Path | RunDir, layer: str, *, include_removed: bool = False) -> Features:
     """Every extracted vector of `layer` in run directory `run`, as float32, in image_id order."""
     rd = run if isinstance(run, RunDir) else RunDir(run)
-    parts = rd.feature_parts(layer)
-    if not parts:
-        raise FeatscopeError(f"no features for layer '{layer}' in {rd.root}: run "
-                             f"`featscope extract --run {rd.root} --layers {layer}` first")
+    parts = manifest.feature_parts(rd, layer)
     identity = RunIdentity.of_run(rd.read_config())
     ids, chunks = [], []
     for batch_ids, values in iter_features(parts, identity):

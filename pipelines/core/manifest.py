@@ -1,10 +1,19 @@
 """Stage `manifest`: list a dataset's images with stable ids, assigned to shards.
 
 Sources: an image folder (one subfolder per label, or flat), a text file of paths, or a
-Parquet/CSV table with a `path` (and optional `label`) column. Datasets grow between
-scheduled runs: a path keeps its image_id forever, new paths get new ids in new shards
-(old shards are never reshuffled, so their features stay valid), and paths that vanished
-are marked `removed` rather than renumbered.
+Parquet/CSV table with a `path` (and optional `label`) column. Datasets change between
+scheduled runs, and the manifest follows them:
+
+- Paths are stored relative to the source (the folder, or the list's folder), so a moved or
+  re-mounted dataset keeps its ids: give `manifest` the new location.
+- An image's identity is its path *and* its content: size and modification time are the
+  fast check, a sha256 of the bytes confirms. A file whose bytes changed is a new image: it
+  gets a new id (in a new shard) and the old id is retired (`removed`, `replaced_by` the
+  new id). A file only touched keeps its id.
+- New paths get new ids in new shards; vanished ones are retired, never renumbered.
+- A shard that lost an image has its extracted files deleted (`RunDir.shard_files`), so
+  extract redoes that shard without it: every shard's files describe exactly its live images,
+  and a unit's top-k never needs a candidate the shard did not keep.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +32,7 @@ import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
+from featscope.pipelines.core.atomic import write_bytes_atomic
 from featscope.pipelines.core.images import is_image_name
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_table
@@ -33,10 +43,14 @@ DEFAULT_SHARD_SIZE = 1000
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("image_id", pa.int64(), nullable=False),
-    pa.field("path", pa.string(), nullable=False),
+    pa.field("path", pa.string(), nullable=False),  # relative to the source's root (absolute if outside it)
     pa.field("label", pa.string()),
     pa.field("shard", pa.int32(), nullable=False),
     pa.field("removed", pa.bool_(), nullable=False),
+    pa.field("size", pa.int64()),  # bytes, and ...
+    pa.field("mtime_ns", pa.int64()),  # ... modification time: the fast check for an edit
+    pa.field("sha256", pa.string()),  # of the file's bytes: the confirmation
+    pa.field("replaced_by", pa.int64()),  # for an image retired because its file changed: the new id
 ])
 
 
@@ -48,14 +62,40 @@ class ManifestSummary:
     shards: int
     new_shards: list[int]
     seconds: float
+    edited: int = 0
+    retired_now: int = 0
+    invalidated_shards: list[int] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"manifest: {plural(self.total, 'image')} in {plural(self.shards, 'shard')}; {self.added} new "
-                f"(shards {_ranges(self.new_shards) or 'none'}), {self.removed} removed; {self.seconds:.1f}s")
+        text = (f"manifest: {plural(self.total, 'image')} in {plural(self.shards, 'shard')}; {self.added} new "
+                f"(shards {_ranges(self.new_shards) or 'none'}), {self.edited} edited, {self.retired_now} retired "
+                f"now ({self.removed} in all)")
+        if self.invalidated_shards:
+            text += f"; shards {','.join(map(str, self.invalidated_shards))} to extract again"
+        return text + f"; {self.seconds:.1f}s"
 
 
 def _ranges(shards: list[int]) -> str:
     return f"{shards[0]}-{shards[-1]}" if len(shards) > 1 else ",".join(map(str, shards))
+
+
+def source_root(source: str | Path) -> Path:
+    """The folder that manifest paths are relative to: the image folder, or a list's folder."""
+    source = Path(source).resolve()
+    return source if source.is_dir() else source.parent
+
+
+def relative_key(path: str, root: Path) -> str:
+    """A path as the manifest stores it: relative to root (posix) when inside it."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def scan(source: str | Path) -> list[tuple[str, str | None]]:
@@ -113,12 +153,35 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
     if (num_shards is not None and num_shards < 1) or (shard_size is not None and shard_size < 1):
         raise ParamError("num_shards", "and <shard_size> must be at least 1")
     found = scan(images)
+    root = source_root(images)
     config = rd.read_config() if rd.run_json.exists() else {}
-    old = pq.read_table(rd.manifest).to_pylist() if rd.manifest.exists() else []
-    known = {row["path"]: row for row in old}
-    present = {path for path, _ in found}
-    rows = [row | {"removed": row["path"] not in present} for row in old]
-    new = [(path, label) for path, label in found if path not in known]
+    old = read_rows(rd, root)
+    rows = [dict(r) for r in old]
+    live = {r["path"]: r for r in rows if not r["removed"]}
+    present = set()
+    new, edited = [], 0
+    for path, label in found:
+        key = relative_key(path, root)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # vanished while listing: retired below
+        present.add(key)
+        row = live.get(key)
+        if row is not None and (row["size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+            continue
+        digest = file_sha256(path)
+        if row is None:
+            new.append((key, label, st, digest))
+        elif row["sha256"] in (None, digest):  # touched, or a manifest from before content checks
+            row.update(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
+        else:  # the same path with other bytes: a new image; the old id is retired
+            new.append((key, label, st, digest))
+            row["replaced_by"] = -1  # filled in with the new id below
+            edited += 1
+    retired = [r for r in rows if not r["removed"] and (r["path"] not in present or r["replaced_by"] == -1)]
+    for r in retired:
+        r["removed"] = True
     if shard_size is None:
         if num_shards is not None:
             shard_size = max(1, math.ceil(len(new) / num_shards))
@@ -126,28 +189,73 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
             shard_size = config.get("shard_size", DEFAULT_SHARD_SIZE)
     next_id = max((r["image_id"] for r in old), default=-1) + 1
     next_shard = max((r["shard"] for r in old), default=-1) + 1
-    for offset, (path, label) in enumerate(new):
-        rows.append({"image_id": next_id + offset, "path": path, "label": label,
-                     "shard": next_shard + offset // shard_size, "removed": False})
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    if rows != old or not rd.manifest.exists():  # unchanged datasets leave the file untouched
-        write_table(table, rd.manifest, {"featscope_version": FEATSCOPE_VERSION})
+    successor = {}
+    for offset, (key, label, st, digest) in enumerate(new):
+        successor[key] = next_id + offset
+        rows.append({"image_id": next_id + offset, "path": key, "label": label,
+                     "shard": next_shard + offset // shard_size, "removed": False, "size": st.st_size,
+                     "mtime_ns": st.st_mtime_ns, "sha256": digest, "replaced_by": None})
+    for r in retired:
+        if r["replaced_by"] == -1:
+            r["replaced_by"] = successor[r["path"]]
+    if rows != old or not rd.manifest.exists():  # an unchanged dataset leaves the file untouched
+        write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), rd.manifest,
+                    {"featscope_version": FEATSCOPE_VERSION})
+    invalidated = sorted({r["shard"] for r in retired})
+    for shard in invalidated:
+        for path in rd.shard_files(shard):
+            path.unlink(missing_ok=True)
+    write_live_ids(rd, [r["image_id"] for r in rows if not r["removed"]])
     if model is not None:
         config["model"] = model
     if weights is not None:
         config["weights"] = weights
-    config |= {"name": rd.name, "images": str(Path(images).resolve()), "shard_size": shard_size,
+    config |= {"name": rd.name, "images": str(Path(images).resolve()), "images_root": str(root), "shard_size": shard_size,
                "featscope_version": FEATSCOPE_VERSION}
     rd.write_config(config)
     new_shards = sorted({r["shard"] for r in rows[len(old):]})
     return ManifestSummary(
-        total=sum(not r["removed"] for r in rows), added=len(new), removed=sum(r["removed"] for r in rows),
-        shards=len({r["shard"] for r in rows}), new_shards=new_shards, seconds=time.perf_counter() - start,
+        total=sum(not r["removed"] for r in rows), added=len(new) - edited, removed=sum(r["removed"] for r in rows),
+        shards=len({r["shard"] for r in rows if not r["removed"]}), new_shards=new_shards,
+        seconds=time.perf_counter() - start, edited=edited, retired_now=len(retired) - edited,
+        invalidated_shards=invalidated,
     )
 
 
+def read_rows(rd: RunDir, root: Path) -> list[dict]:
+    """The stored manifest as rows with every column (older manifests: new columns None,
+    absolute paths inside `root` made relative)."""
+    if not rd.manifest.exists():
+        return []
+    table = pq.read_table(rd.manifest)
+    rows = table.to_pylist()
+    for r in rows:
+        for name in MANIFEST_SCHEMA.names:
+            r.setdefault(name, None)
+        if os.path.isabs(r["path"]):
+            r["path"] = relative_key(r["path"], root)
+    return rows
+
+
+def write_live_ids(rd: RunDir, ids: list[int]) -> None:
+    """manifest-live.txt: rewritten only when the set of live ids changes (see RunDir.live_ids)."""
+    text = "".join(f"{i}\n" for i in sorted(ids)).encode()
+    if not rd.live_ids.exists() or rd.live_ids.read_bytes() != text:
+        write_bytes_atomic(rd.live_ids, text)
+
+
+def write_listing(rd: RunDir, source: str | Path) -> bool:
+    """listing.sha256 from the source's current listing; rewritten (True) only when it changed."""
+    text = (listing_fingerprint(source) + "\n").encode()
+    if rd.listing.exists() and rd.listing.read_bytes() == text:
+        return False
+    write_bytes_atomic(rd.listing, text)
+    return True
+
+
 def read(rd: RunDir, shard: int | None = None, *, include_removed: bool = False) -> pa.Table:
-    """The manifest (optionally one shard), without removed images unless asked."""
+    """The manifest (optionally one shard), without removed images unless asked; `path`
+    is absolute (stored paths are relative to the run's image source)."""
     if not rd.manifest.exists():
         raise FeatscopeError(f"no manifest in {rd.root}: run `featscope manifest --images DIR --run {rd.root}` first")
     table = pq.read_table(rd.manifest)
@@ -157,7 +265,39 @@ def read(rd: RunDir, shard: int | None = None, *, include_removed: bool = False)
     if not include_removed:
         keep = pc.invert(table["removed"])
         mask = keep if mask is None else pc.and_(mask, keep)
-    return table if mask is None else table.filter(mask)
+    table = table if mask is None else table.filter(mask)
+    return _absolute_paths(rd, table)
+
+
+def _absolute_paths(rd: RunDir, table: pa.Table) -> pa.Table:
+    paths = table["path"]
+    relative = pc.invert(pc.starts_with(paths, "/"))
+    if not pc.any(relative).as_py():
+        return table
+    config = rd.read_config()
+    if "images_root" not in config and "images" not in config:
+        return table
+    root = config.get("images_root") or str(source_root(config["images"]))
+    joined = pc.binary_join_element_wise(pa.scalar(root), paths, "/")
+    return table.set_column(table.schema.get_field_index("path"), "path", pc.if_else(relative, joined, paths))
+
+
+def feature_parts(rd: RunDir, layer: str) -> list[Path]:
+    """The feature parts of every shard with live images, in shard order; refused in one line
+    if any is missing, so no stage silently describes part of the dataset (a half-extracted
+    run, or shards whose images changed since)."""
+    wanted = shards(rd)
+    parts = [rd.feature_part(layer, s) for s in wanted]
+    missing = [s for s, p in zip(wanted, parts) if not p.exists()]
+    if len(missing) == len(wanted):
+        raise FeatscopeError(f"no features for layer '{layer}' in {rd.root}: run "
+                             f"`featscope extract --run {rd.root} --layers {layer}` first")
+    if missing:
+        raise FeatscopeError(f"layer '{layer}' is not extracted for {plural(len(missing), 'shard')} of {len(wanted)} "
+                             f"({_ranges(missing) if len(missing) < 3 else ', '.join(map(str, missing[:5]))}"
+                             f"{', ...' if len(missing) > 5 else ''}): run `featscope extract --run {rd.root} "
+                             f"--layers {layer}` first")
+    return parts
 
 
 def shards(rd: RunDir) -> list[int]:

@@ -41,6 +41,27 @@ class RunDir:
         return self.root / "manifest.parquet"
 
     @property
+    def live_ids(self) -> Path:
+        """The live image ids, one per line: rewritten only when that set changes, so rules
+        that describe the whole dataset rerun on additions, removals and edits, and only then."""
+        return self.root / "manifest-live.txt"
+
+    @property
+    def listing(self) -> Path:
+        """What the image source held when last looked at (path, size, mtime digest): the
+        workflow's manifest rule reruns when it changes, whatever `.snakemake/` remembers."""
+        return self.root / "listing.sha256"
+
+    def shard_files(self, shard: int) -> list[Path]:
+        """Every file extract writes for a shard (of every layer): removed together when an
+        image of the shard is retired, so the shard is extracted again without it."""
+        layers = sorted(p for p in (self.root / "features").glob("*") if p.is_dir())
+        candidates = sorted(p for p in (self.root / "topk" / "candidates").glob("*") if p.is_dir())
+        return ([self.feature_part(layer.name, shard) for layer in layers]
+                + [self.topk_candidates_part(layer.name, shard) for layer in candidates]
+                + [self.prediction_part(shard), self.error_part("extract", shard)])
+
+    @property
     def errors_dir(self) -> Path:
         return self.root / "errors.parquet"
 

@@ -59,9 +59,7 @@ def fit_pca(sample: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
 def read_layer(rd: RunDir, layer: str) -> tuple[np.ndarray, np.ndarray]:
     """All (image_ids, float32 features) of a layer, without removed images, shard by shard."""
     identity = RunIdentity.of_run(rd.read_config())
-    parts = rd.feature_parts(layer)
-    if not parts:
-        raise FeatscopeError(f"no features for layer '{layer}': run `featscope extract --layers {layer}` first")
+    parts = manifest.feature_parts(rd, layer)
     present = manifest.read(rd)["image_id"].to_numpy()
     ids, chunks = [], []
     for batch_ids, values in iter_features(parts, identity):

@@ -45,10 +45,7 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
           seed: int = 0, progress: bool = True) -> IndexSummary:
     """Build and save the index of `layer`'s features."""
     identity = RunIdentity.of_run(rd.read_config())
-    parts = rd.feature_parts(layer)
-    if not parts:
-        raise FeatscopeError(f"no features for layer '{layer}' in {rd.root}: run "
-                             f"`featscope extract --run {rd.root} --layers {layer}` first")
+    parts = manifest.feature_parts(rd, layer)
     dims = int(file_metadata(parts[0])["dims"])
     present = np.sort(np.asarray(manifest.read(rd)["image_id"].to_numpy(), dtype=np.int64))
 

@@ -10,11 +10,13 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import PIXELS
+from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.text import plural
 
 CAPTION = 14
 MARGIN = 6
@@ -28,6 +30,21 @@ def _tile(path: str, side: int) -> Image.Image:
         return Image.new("RGB", (side, side), (90, 90, 90))
 
 
+def live_queries(rd: RunDir, image_ids: list[int]) -> tuple[list[int], list[int]]:
+    """(queries still in the dataset, queries retired since they were chosen); an id the run
+    never had is an error, a retired one is left out so a scheduled run goes on."""
+    ever = set(manifest.read(rd, include_removed=True)["image_id"].to_pylist())
+    for query in image_ids:
+        if query not in ever:
+            raise FeatscopeError(f"image_id {query} is not in run {rd.root}")
+    present = set(manifest.read(rd)["image_id"].to_pylist())
+    live = [q for q in image_ids if q in present]
+    if not live:
+        raise FeatscopeError(f"every query image ({', '.join(map(str, image_ids))}) has left the dataset of "
+                             f"run {rd.root}: choose others")
+    return live, [q for q in image_ids if q not in present]
+
+
 def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: int = 112,
            out: str | Path | None = None) -> Path:
     """Write a JPEG sheet: per query, a feature-space row and (if indexed) a pixel-space row."""
@@ -37,6 +54,7 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     if layer != PIXELS and rd.index_meta(PIXELS).exists():
         spaces.append((PIXELS, open_index(rd, PIXELS)))
     rows = image_rows(rd)
+    image_ids, _ = live_queries(rd, image_ids)
     font = ImageFont.load_default(size=11)
     row_h = tile + CAPTION + MARGIN
     width = LEGEND + (k + 1) * (tile + MARGIN) + MARGIN
@@ -44,8 +62,6 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     draw = ImageDraw.Draw(sheet)
     y = MARGIN
     for query in image_ids:
-        if query not in rows:
-            raise FeatscopeError(f"image_id {query} is not in run {rd.root}")
         for s, (name, index) in enumerate(spaces):
             found = neighbours_of(index, [query], k)
             neighbours = [(int(i), float(d)) for i, d in zip(found.image_ids[0], found.distances[0]) if i >= 0]
@@ -84,8 +100,12 @@ class NeighboursOptions(Options):
 
 
 def run(rd: RunDir, options: NeighboursOptions) -> str:
-    path = render(rd, options.layer, options.ids, k=options.k, tile=options.tile, out=options.out)
-    return f"neighbours: sheet of {len(options.ids)} queries x {options.k} neighbours at {path}"
+    live, retired = live_queries(rd, options.ids)
+    path = render(rd, options.layer, live, k=options.k, tile=options.tile, out=options.out)
+    line = f"neighbours: sheet of {plural(len(live), 'query', 'queries')} x {options.k} neighbours at {path}"
+    if retired:
+        line += f"; left out {plural(len(retired), 'query')} no longer in the dataset ({', '.join(map(str, retired))})"
+    return line
 
 
 COMMANDS = [

@@ -160,6 +160,7 @@ class SaliencySummary:
     workers: int
     seconds: float
     out: Path
+    retired: int = 0  # maps deleted because their image left the dataset
 
     @property
     def failed(self) -> bool:
@@ -176,6 +177,8 @@ class SaliencySummary:
                 f"{self.workers} workers) into {self.out}; {self.skipped} already done")
         if self.bad:
             text += f"; {plural(self.bad, 'image')} failed (see errors.parquet)"
+        if self.retired:
+            text += f"; {plural(self.retired, 'map')} of retired images deleted"
         return text
 
 
@@ -423,6 +426,8 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
     if not config.get("model"):
         raise FeatscopeError(f"run {rd.root} records no model: run `featscope manifest --model ...` first")
     rows = select(rd, selection)
+    live = set(manifest.read(rd)["image_id"].to_pylist())
+    retired = _drop_retired_maps(rd, options.method, live)
     if slurm is not None:
         threads = threads or slurm.cores
     elif not scheduler:
@@ -457,9 +462,23 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
                     errors += result["errors"]
                     bar.update(len(result["summaries"]) + len(result["errors"]))
     _write_summary(rd, options, rows, summaries, ref)
-    _write_errors(rd, method, rows, errors, attempted={r["image_id"] for r in todo})
+    _write_errors(rd, method, live, errors, attempted={r["image_id"] for r in todo})
     return SaliencySummary(method, len(rows), len(summaries), len(rows) - len(todo), len(errors), used_workers,
-                           time.perf_counter() - start, rd.saliency_dir(method))
+                           time.perf_counter() - start, rd.saliency_dir(method), retired)
+
+
+def _drop_retired_maps(rd: RunDir, method: str, live: set[int]) -> int:
+    """Delete the maps, overlays and masks of images no longer in the dataset (removed, or
+    replaced by an edited file): the summary and the report then never show them."""
+    folder = rd.saliency_dir(method)
+    dropped = 0
+    for npz in folder.glob("*.npz") if folder.is_dir() else []:
+        if npz.stem.isdigit() and int(npz.stem) not in live:
+            image_id = int(npz.stem)
+            for path in (rd.saliency_overlay(method, image_id), rd.saliency_mask(method, image_id), npz):
+                path.unlink(missing_ok=True)
+            dropped += 1
+    return dropped
 
 
 def _stored_options(rd: RunDir, method: str, rows: list[dict]) -> dict[int, str | None]:
@@ -502,11 +521,11 @@ def _write_summary(rd: RunDir, options: SaliencyOptions, rows: list[dict], new: 
                               "options": json.dumps(recorded_options(options), sort_keys=True)})
 
 
-def _write_errors(rd: RunDir, method: str, rows: list[dict], new: list[dict], attempted: set[int]) -> None:
-    """Keep earlier error rows of images not retried this time; replace the rest."""
+def _write_errors(rd: RunDir, method: str, live: set[int], new: list[dict], attempted: set[int]) -> None:
+    """Keep earlier error rows of live images not retried this time; replace the rest."""
     path = rd.error_part(f"saliency-{method}", 0)
     old = pq.read_table(path).to_pylist() if path.exists() else []
-    kept = [r for r in old if r["image_id"] not in attempted
+    kept = [r for r in old if r["image_id"] not in attempted and r["image_id"] in live
             and not rd.saliency_map(method, r["image_id"]).exists()]
     if kept or new or path.exists():
         write_errors(path, kept + new)

@@ -187,7 +187,7 @@ def test_a_crash_inside_a_shard_leaves_no_finished_looking_file(tmp_path, small_
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset, shard_size=100)
     calls = {"n": 0}
-    original = extract.FeatureExtractor.forward
+    original = extract.FeatureExtractor.forward_with_predictions
 
     def flaky(self, pixels):
         calls["n"] += 1
@@ -195,7 +195,7 @@ def test_a_crash_inside_a_shard_leaves_no_finished_looking_file(tmp_path, small_
             raise KeyboardInterrupt
         return original(self, pixels)
 
-    monkeypatch.setattr(extract.FeatureExtractor, "forward", flaky)
+    monkeypatch.setattr(extract.FeatureExtractor, "forward_with_predictions", flaky)
     with pytest.raises(KeyboardInterrupt):
         extract.extract(rd, ["pool"], model="resnet18", weights="random", batch_size=4, workers=0, progress=False)
     assert not list(rd.features_dir("pool").glob("*"))

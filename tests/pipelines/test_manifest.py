@@ -1,4 +1,8 @@
-"""Manifests: every source kind, stable ids as the dataset grows, removals marked, shards."""
+"""Manifests: every source kind, stable ids as the dataset grows, removals marked, shards;
+an image's identity is its path and content: edits retire the old id, moves keep ids."""
+
+import os
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +21,11 @@ def touch_images(root, names):
 
 
 def rows(rd):
-    return {r["path"].rsplit("/images/", 1)[1]: r for r in pq.read_table(rd.manifest).to_pylist()}
+    """path under images/ -> the live row (or the last row, for a path with none live)."""
+    out = {}
+    for r in sorted(manifest.read(rd, include_removed=True).to_pylist(), key=lambda r: (not r["removed"], r["image_id"])):
+        out[r["path"].rsplit("/images/", 1)[1]] = r
+    return out
 
 
 def test_label_folders_give_labels_and_flat_files_none(tmp_path):
@@ -92,3 +100,74 @@ def test_bad_sources_are_named(tmp_path):
     csv.write_text("file\na.png\n")
     with pytest.raises(FeatscopeError, match="no 'path' column"):
         manifest.run(RunDir(tmp_path / "r"), csv)
+
+
+def test_paths_are_stored_relative_so_a_moved_dataset_keeps_its_ids(tmp_path):
+    touch_images(tmp_path / "images", ["a/1.png", "b/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    assert sorted(pq.read_table(rd.manifest)["path"].to_pylist()) == ["a/1.png", "b/2.png"]
+    before = {k: r["image_id"] for k, r in rows(rd).items()}
+    shutil.move(tmp_path / "images", tmp_path / "moved" / "images")
+    s = manifest.run(rd, tmp_path / "moved" / "images")
+    assert s.added == 0 and s.removed == 0 and s.invalidated_shards == []
+    after = manifest.read(rd).to_pylist()
+    assert {r["path"].rsplit("/images/", 1)[1]: r["image_id"] for r in after} == before
+    assert all(os.path.exists(r["path"]) and "/moved/" in r["path"] for r in after)  # read() gives usable paths
+
+
+def test_an_edited_file_is_a_new_image_and_its_old_shard_is_extracted_again(tmp_path):
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png", "b/3.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=2)
+    rd.feature_part("pool", 0).parent.mkdir(parents=True)
+    for s in (0, 1):  # what extract would have written
+        rd.feature_part("pool", s).write_bytes(b"part")
+    live_before = rd.live_ids.read_text()
+    (tmp_path / "images/a/2.png").write_bytes(b"other bytes")
+    s = manifest.run(rd, tmp_path / "images")
+    got = manifest.read(rd, include_removed=True).to_pylist()
+    old = next(r for r in got if r["image_id"] == 1)
+    assert old["removed"] and old["replaced_by"] == 3
+    new = next(r for r in got if r["image_id"] == 3)
+    assert not new["removed"] and new["path"].endswith("a/2.png") and new["shard"] == 2
+    assert s.edited == 1 and s.added == 0 and s.invalidated_shards == [0]
+    assert not rd.feature_part("pool", 0).exists() and rd.feature_part("pool", 1).exists()
+    assert rd.live_ids.read_text().split() == ["0", "2", "3"] != live_before.split()
+
+
+def test_a_touched_file_keeps_its_id_and_the_live_set_file_its_time(tmp_path):
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    stamp = rd.live_ids.stat().st_mtime_ns
+    path = tmp_path / "images/a/2.png"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    s = manifest.run(rd, tmp_path / "images")
+    assert s.edited == 0 and s.removed == 0 and s.invalidated_shards == []
+    assert rows(rd)["a/2.png"]["mtime_ns"] == path.stat().st_mtime_ns  # the fast check is up to date
+    assert rd.live_ids.stat().st_mtime_ns == stamp
+
+
+def test_removals_invalidate_their_shards_and_a_vanished_shard_leaves_the_run(tmp_path):
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png", "b/3.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=2)
+    rd.topk_candidates_part("pool", 1).parent.mkdir(parents=True)
+    rd.topk_candidates_part("pool", 1).write_bytes(b"candidates")
+    (tmp_path / "images/b/3.png").unlink()
+    s = manifest.run(rd, tmp_path / "images")
+    assert s.retired_now == 1 and s.invalidated_shards == [1] and manifest.shards(rd) == [0]
+    assert not rd.topk_candidates_part("pool", 1).exists()
+
+
+def test_a_manifest_from_before_content_checks_is_migrated_without_renumbering(tmp_path):
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    legacy = manifest.read(rd, include_removed=True).select(["image_id", "path", "label", "shard", "removed"])
+    pq.write_table(legacy, rd.manifest)  # absolute paths, no sizes or hashes
+    s = manifest.run(rd, tmp_path / "images")
+    assert s.added == s.edited == s.removed == 0
+    stored = pq.read_table(rd.manifest).to_pylist()
+    assert [r["path"] for r in stored] == ["a/1.png", "a/2.png"] and all(r["sha256"] for r in stored)
