@@ -17,7 +17,7 @@ if not config:
                      "`featscope config schema` lists every key)")
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.layers import PIXELS
+from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app import cli as fscli
 from featscope.pipelines.app import config as fsconfig
 from featscope.pipelines.core import manifest as fsmanifest

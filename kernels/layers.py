@@ -51,8 +51,7 @@ def layer_aliases(arch: str, model: nn.Module) -> dict[str, tuple[str, str]]:
             for name, path in profile.aliases(model).items()}
 
 
-PIXELS = "pixels"  # pseudo-layer: the model input itself, downsampled (pixel-space neighbours)
-
+from featscope.kernels.spaces import PIXELS  # noqa: E402  (the pseudo-layer, named where torch is not needed)
 
 GRID_SUFFIX = re.compile(r"^(?P<base>.+)@(?P<rows>[1-9]\d*)x(?P<cols>[1-9]\d*)$")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +36,13 @@ def write_dataset(root: Path, digits, *, n_photos: int = 6, digits_per_label: in
             Image.fromarray(images[i]).save(path)
             written.append(path)
     return written
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snakemake(workdir: Path, configfile: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The workflow run by `snakemake` itself (2 cores), from `workdir`."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(configfile), "--cores", "2", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True)

@@ -26,47 +26,63 @@ from featscope.pipelines.core import options as opts
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
-# Modules that declare commands (`COMMANDS`), in the order `featscope --help` lists them.
-COMMAND_MODULES = (
-    "featscope.pipelines.data.demo",
-    "featscope.pipelines.data.weights",
-    "featscope.pipelines.stages.manifest",
-    "featscope.pipelines.stages.extract",
-    "featscope.pipelines.stages.index",
-    "featscope.pipelines.stages.neighbours",
-    "featscope.pipelines.stages.topk",
-    "featscope.pipelines.stages.embed",
-    "featscope.pipelines.stages.mosaic",
-    "featscope.pipelines.stages.saliency",
-    "featscope.pipelines.stages.viz",
-    "featscope.pipelines.stages.style",
-    "featscope.pipelines.app.report",
-    "featscope.pipelines.app.serve",
-    "featscope.pipelines.app.config_command",
-)
-# Help of the command groups (the first word of two-word commands).
-GROUPS = {
+# The first word of every command -> the module that declares it (its `COMMANDS`), in the
+# order `featscope --help` lists them. A command imports only its own module, so the stages
+# without a model (manifest, index, neighbours, mosaic, report, ...) never load torch.
+COMMAND_MODULES = {
+    "data": "featscope.pipelines.data.demo",
+    "weights": "featscope.pipelines.data.weights",
+    "manifest": "featscope.pipelines.stages.manifest",
+    "extract": "featscope.pipelines.stages.extract",
+    "index": "featscope.pipelines.stages.index",
+    "query": "featscope.pipelines.stages.index",
+    "neighbours": "featscope.pipelines.stages.neighbours",
+    "topk": "featscope.pipelines.stages.topk",
+    "embed": "featscope.pipelines.stages.embed",
+    "mosaic": "featscope.pipelines.stages.mosaic",
+    "saliency": "featscope.pipelines.stages.saliency",
+    "viz": "featscope.pipelines.stages.viz",
+    "style": "featscope.pipelines.stages.style",
+    "report": "featscope.pipelines.app.report",
+    "serve": "featscope.pipelines.app.serve",
+    "config": "featscope.pipelines.app.config_command",
+}
+# What each first word does, for `featscope --help`, which lists them without importing any
+# stage. For a group it is the group's help; for a single command it repeats the command's
+# own `help` (tests/pipelines/test_declarations.py checks that they agree).
+WORD_HELP = {
     "data": "prepare datasets",
     "weights": "manage model weights",
+    "manifest": "list a dataset's images with stable ids and shards",
+    "extract": "extract layer features of a run's images into Parquet",
     "index": "FAISS index of a layer's features",
+    "query": "nearest images to an image of the run or a new image file",
+    "neighbours": "a JPEG sheet of neighbours in feature space and pixel space",
     "topk": "each unit's maximally activating images and patches",
+    "embed": "2-D maps of a layer by PCA and t-SNE (openTSNE)",
     "mosaic": "draw the images on a layer's t-SNE map",
+    "saliency": "which pixels matter: saliency maps of a run's images, with Dask",
     "viz": "the visualisation toolbox: filters, activations, class models, adversarial examples, DeepDream, "
            "feature inversion, textures, style transfer",
     "style": "fast feed-forward style transfer with conditional instance norm",
+    "report": "a static HTML report of a run (open report/index.html from disk)",
+    "serve": "serve a run's report and a JSON query API on 127.0.0.1",
     "config": "the workflow config: its schema",
 }
 # Old command names kept working for this release.
 ALIASES = {"neighbors": "neighbours"}  # the US spelling, for this release
 
 
-def commands() -> dict[str, opts.Command]:
-    """Every command, by its words ("index build")."""
+def commands(first_word: str | None = None) -> dict[str, opts.Command]:
+    """Every command by its words ("index build"), or only those starting with `first_word`
+    (importing only the module that declares them)."""
+    modules = [COMMAND_MODULES[first_word]] if first_word else list(dict.fromkeys(COMMAND_MODULES.values()))
     found: dict[str, opts.Command] = {}
-    for name in COMMAND_MODULES:
+    for name in modules:
         for command in importlib.import_module(name).COMMANDS:
-            found[command.name] = command
-    return found
+            if first_word is None or command.name.split()[0] == first_word:
+                found[command.name] = command
+    return dict(sorted(found.items(), key=lambda item: list(COMMAND_MODULES).index(item[0].split()[0])))
 
 
 def flag(name: str) -> str:
@@ -114,20 +130,36 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _top_parser() -> _Parser:
     parser = _Parser(
         prog="featscope",
         description="Dataset-scale analysis of what CNNs learn. Each subcommand is one pipeline stage "
                     "working on a run directory (runs/<name>/); the Snakefile chains them.",
     )
     parser.add_argument("--version", action="version", version=f"featscope {FEATSCOPE_VERSION}")
+    return parser
+
+
+def word_parser() -> argparse.ArgumentParser:
+    """The top level alone: every first word with its help, no stage imported (`--help`,
+    `--version`, and the one-line error for an unknown command)."""
+    parser = _top_parser()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for word, text in WORD_HELP.items():
+        sub.add_parser(word, help=text, aliases=[old for old, new in ALIASES.items() if new == word], add_help=False)
+    return parser
+
+
+def build_parser(first_word: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI, or (given the command's first word) just that command's part of it."""
+    parser = _top_parser()
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     groups: dict[str, argparse._SubParsersAction] = {}
-    for name, command in commands().items():
+    for name, command in commands(first_word).items():
         first, _, second = name.partition(" ")
         if second:
             if first not in groups:
-                groups[first] = sub.add_parser(first, help=GROUPS[first]).add_subparsers(
+                groups[first] = sub.add_parser(first, help=WORD_HELP[first]).add_subparsers(
                     dest="what", required=True, metavar="WHAT", parser_class=_Parser)
             where, word = groups[first], second
         else:
@@ -172,7 +204,10 @@ def command_line(name: str, options: opts.Options, *, executable: str = "featsco
 
 def parse(argv: list[str]) -> tuple[opts.Command, argparse.Namespace, opts.Options]:
     """argv -> (command, raw namespace, its options), or exit 2 with one line."""
-    parser = build_parser()
+    first = next((a for a in argv[:1] if a in COMMAND_MODULES), None)
+    if first is None:
+        word_parser().parse_args(argv)  # --help, --version or an error: each exits here
+    parser = build_parser(first)
     args = parser.parse_args(argv)
     command = args.command_obj
     values = {s.name: getattr(args, s.name) for s in opts.specs(command.options)}

@@ -30,11 +30,10 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.layers import PIXELS
+from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, write_bytes_atomic
 from featscope.pipelines.core.images import BadImage, open_image
-from featscope.pipelines.core.models import class_names
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir
@@ -206,7 +205,11 @@ def _predictions(rd: RunDir, config: dict, top: int = 3) -> dict[int, list]:
     predicted = read_predictions(rd)
     if not predicted:
         return {}
-    names = config.get("class_names") or class_names(config.get("model"), config.get("weights"))
+    names = config.get("class_names")
+    if not names:
+        from featscope.pipelines.core.models import class_names  # torchvision's list: imported only here
+
+        names = class_names(config.get("model"), config.get("weights"))
     name = (lambda c: names[c] if names and c < len(names) else f"class {c}")
     return {i: [[name(c), round(p, 3)] for c, p in found[:top]] for i, found in predicted.items()}
 

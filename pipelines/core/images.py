@@ -11,12 +11,13 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import functional as TF
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: a manifest never needs it
+    import torch
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -57,13 +58,20 @@ def _decode(data: bytes, max_pixels: int, min_size: int | None, *, tensor: bool)
                     # tensor resize measured 2.2x faster than Pillow's decode + resize here.
                     scaled = min_size is not None and min(width, height) >= 2 * min_size
                     if tensor and not scaled and img.mode in ("RGB", "L", "CMYK"):
+                        import torch
+                        from torchvision.io import ImageReadMode, decode_jpeg
+
                         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                            mode=ImageReadMode.RGB, apply_exif_orientation=True)
                     if scaled:
                         img.draft(None, (min_size, min_size))
                 img.load()
                 rgb = to_rgb(ImageOps.exif_transpose(img))
-                return TF.pil_to_tensor(rgb) if tensor else rgb
+                if tensor:
+                    from torchvision.transforms import functional as TF
+
+                    return TF.pil_to_tensor(rgb)
+                return rgb
         except BadImage:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

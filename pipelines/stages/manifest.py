@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.models import check_weights, read_class_names
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
 
@@ -29,6 +28,8 @@ class ManifestOptions(Options):
 
 
 def run(rd: RunDir, options: ManifestOptions) -> manifest.ManifestSummary:
+    from featscope.pipelines.core.models import check_weights, read_class_names  # torch, only when asked
+
     if options.weights is not None:
         check_weights(options.weights)
     names = read_class_names(options.classes) if options.classes else None

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.layers import PIXELS
+from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, open_image

@@ -1,22 +1,11 @@
 """The workflow through `snakemake` itself: a run, a no-op rerun, growth, a config error."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import write_dataset
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def snakemake(workdir: Path, configfile: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(configfile), "--cores", "2"]
-    return subprocess.run(cmd, capture_output=True, text=True)
+from helpers import snakemake, write_dataset
 
 
 @pytest.mark.slow

@@ -115,3 +115,26 @@ def test_snakefile_commands_of_the_demo_config_parse_back_into_the_configured_op
         assert parsed == expected, (call, parsed, expected)
         checked.add(command.name)
     assert {"manifest", "index build", "saliency", "embed", "topk render", "viz dream", "style train"} <= checked
+
+
+def test_each_first_word_names_its_module_and_its_help():
+    words = {name.split()[0] for name in COMMANDS}
+    assert set(cli.COMMAND_MODULES) == set(cli.WORD_HELP) == words
+    for name, command in COMMANDS.items():
+        first = name.split()[0]
+        assert name in cli.commands(first)  # found through its own module alone
+        if " " not in name:
+            assert cli.WORD_HELP[first] == command.help, name  # the top-level listing repeats it
+
+
+def test_commands_without_a_model_start_without_torch():
+    """`featscope --help` and the stages that run no model import neither torch nor openTSNE."""
+    code = ("import sys\n"
+            "from featscope.pipelines.app import cli\n"
+            "cli.word_parser()\n"
+            "for word in ('manifest', 'index', 'neighbours', 'mosaic', 'report', 'config'):\n"
+            "    cli.build_parser(word)\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'openTSNE') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

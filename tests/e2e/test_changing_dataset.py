@@ -1,0 +1,126 @@
+"""A dataset that changes between scheduled runs, through `snakemake` itself: after a seeded
+random sequence of additions, removals and in-place edits, each followed by a rerun, every
+output equals a run from scratch on the final files, and a further rerun has nothing to do."""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from helpers import snakemake, write_dataset
+from PIL import Image
+
+from featscope.pipelines import load_features
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.neighbours import neighbours_of, open_index
+from featscope.pipelines.core.rundir import RunDir
+
+SEED = 7
+
+
+def config(tmp_path: Path, images: Path, run: str) -> Path:
+    cfg = {
+        "run": run, "runs_dir": str(tmp_path / "runs"), "images": str(images), "shard_size": 3,
+        "model": {"arch": "resnet18", "weights": "random"}, "layers": ["pool"],
+        "extract": {"batch_size": 4, "workers": 0, "threads": 1, "precision": "fp32"},
+        "index": {"queries": [0, 4], "k": 3, "pixels": False},
+        "topk": {"k": 2, "units": "0-3"},
+        "embed": {"layers": ["pool"], "perplexity": 2, "grid_side": 2, "tile": 16},
+        "saliency": {"methods": ["gradcam"], "select": "label=photo", "workers": 1},
+    }
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def change(images: Path, rng: random.Random, digits, step: int) -> str:
+    """One random change of the image folder: add, remove or edit in place."""
+    files = sorted(p for p in images.rglob("*.png"))
+    kind = rng.choice(["add", "remove", "edit"])
+    if kind == "add":
+        write_dataset(images / f"new{step}", digits, n_photos=0, labels=(rng.choice([2, 3]),), digits_per_label=2)
+    elif kind == "remove":
+        for p in rng.sample(files, 2):
+            p.unlink()
+    else:  # the same path, other bytes: a different picture
+        victim = rng.choice(files)
+        other = rng.choice([p for p in files if p != victim])
+        Image.open(other).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(victim)
+    return kind
+
+
+def by_path(rd: RunDir) -> dict[int, str]:
+    return {r["image_id"]: r["path"].rsplit("/images/", 1)[1] for r in manifest.read(rd).to_pylist()}
+
+
+def report_ids(rd: RunDir) -> set[int]:
+    """Every image id the report's data files mention (pages, neighbours, thumbnails)."""
+    ids = set()
+    for path in (rd.report_dir / "data").glob("images-*.js"):
+        text = path.read_text()
+        entries = json.loads(text[text.index("}, ") + 3: text.rindex(")")])
+        for key, entry in entries.items():
+            ids.add(int(key))
+            ids |= {n for found in entry["neighbours"].values() for n, _ in found}
+    ids |= {int(p.stem) for p in (rd.report_dir / "thumbs").rglob("*.jpg")}
+    return ids
+
+
+@pytest.mark.slow
+def test_random_changes_then_reruns_equal_a_run_from_scratch(tmp_path, digits):
+    images = tmp_path / "images"
+    write_dataset(images, digits, n_photos=3, labels=(0, 1, 7), digits_per_label=3)
+    configfile = config(tmp_path, images, "scheduled")
+    first = snakemake(tmp_path, configfile)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rng = random.Random(SEED)
+    kinds = []
+    for step in range(3):
+        kinds.append(change(images, rng, digits, step))
+        rerun = snakemake(tmp_path, configfile)
+        assert rerun.returncode == 0, (kinds, rerun.stderr[-3000:])
+        again = snakemake(tmp_path, configfile, "-n")
+        assert "Nothing to be done" in again.stdout + again.stderr, (kinds, again.stdout[-2000:])
+    assert len(set(kinds)) >= 2, kinds  # the seed mixes kinds of change
+
+    scratch_images = tmp_path / "scratch" / "images"  # the same files, fresh
+    shutil.copytree(images, scratch_images)
+    fresh = snakemake(tmp_path, config(tmp_path, scratch_images, "fresh"))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    ours, theirs = RunDir(tmp_path / "runs" / "scheduled"), RunDir(tmp_path / "runs" / "fresh")
+    our_paths, their_paths = by_path(ours), by_path(theirs)
+    assert sorted(our_paths.values()) == sorted(their_paths.values())  # the same live images
+
+    # features: every live image from its current bytes, nothing else
+    a, b = load_features(ours, "pool"), load_features(theirs, "pool")
+    va = {our_paths[i]: v for i, v in zip(a.image_ids, a.vectors)}
+    vb = {their_paths[i]: v for i, v in zip(b.image_ids, b.vectors)}
+    assert sorted(va) == sorted(vb)
+    for path in va:
+        np.testing.assert_allclose(va[path], vb[path], rtol=1e-2, atol=1e-2)
+
+    # exact index: the same neighbours for every image
+    ia, ib = open_index(ours, "pool"), open_index(theirs, "pool")
+    assert sorted(our_paths[i] for i in ia.ids) == sorted(their_paths.values())
+    their_id = {p: i for i, p in their_paths.items()}
+    for image_id, path in our_paths.items():
+        found_a = [our_paths[int(i)] for i in neighbours_of(ia, [image_id], 3).image_ids[0]]
+        found_b = [their_paths[int(i)] for i in neighbours_of(ib, [their_id[path]], 3).image_ids[0]]
+        assert found_a == found_b, path
+
+    # top-k: the same values per unit, from live images only
+    ta, tb = pq.read_table(ours.topk("pool")).to_pylist(), pq.read_table(theirs.topk("pool")).to_pylist()
+    assert {r["image_id"] for r in ta} <= set(our_paths)
+    values = lambda rows: sorted((r["channel"], r["rank"], round(r["value"], 2)) for r in rows)  # noqa: E731
+    assert values(ta) == values(tb)
+
+    # map, saliency and report: live images only
+    assert set(pq.read_table(ours.embedding("pool"))["image_id"].to_pylist()) == set(our_paths)
+    photos = {i for i, p in our_paths.items() if p.startswith("photo/")}
+    assert {int(p.stem) for p in ours.saliency_dir("gradcam").glob("*.npz")} == photos
+    assert set(pq.read_table(ours.saliency_summary("gradcam"))["image_id"].to_pylist()) == photos
+    assert report_ids(ours) <= set(our_paths)
