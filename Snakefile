@@ -8,6 +8,7 @@
 
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -20,6 +21,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app import cli as fscli
 from featscope.pipelines.app import config as fsconfig
+from featscope.pipelines.core import history as fshistory
 from featscope.pipelines.core import manifest as fsmanifest
 from featscope.pipelines.core.rundir import RunDir
 
@@ -122,6 +124,19 @@ def live_ids(wildcards=None):
     a declared output, so its time, not the manifest job's running, decides)."""
     checkpoints.manifest.get()
     return str(RD.live_ids)
+
+
+# Each workflow run leaves one line in the run's history (history.jsonl): when, what the
+# manifest changed, which jobs ran, how long, and whether it succeeded.
+STARTED = time.time()
+
+
+onsuccess:
+    fshistory.record_run(RD, STARTED, "ok")
+
+
+onerror:
+    fshistory.record_run(RD, STARTED, "failed")
 
 
 # What the image source holds now (paths, sizes, mtimes), looked at on every invocation of

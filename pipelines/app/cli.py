@@ -45,6 +45,7 @@ COMMAND_MODULES = {
     "style": "featscope.pipelines.stages.style",
     "report": "featscope.pipelines.app.report",
     "serve": "featscope.pipelines.app.serve",
+    "status": "featscope.pipelines.app.status",
     "config": "featscope.pipelines.app.config_command",
 }
 # What each first word does, for `featscope --help`, which lists them without importing any
@@ -67,6 +68,7 @@ WORD_HELP = {
     "style": "fast feed-forward style transfer with conditional instance norm",
     "report": "a static HTML report of a run (open report/index.html from disk)",
     "serve": "serve a run's report and a JSON query API on 127.0.0.1",
+    "status": "where a run stands and what a rerun of the workflow would do",
     "config": "the workflow config: its schema",
 }
 # Old command names kept working for this release.

@@ -144,17 +144,27 @@ def _resolve(path: str, base: Path) -> str:
     return str((p if p.is_absolute() else base / p).resolve())
 
 
-def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_size: int | None = None,
-        model: str | None = None, weights: str | None = None) -> ManifestSummary:
-    """Create or update `manifest.parquet` and `run.json` for the images in `images`."""
-    start = time.perf_counter()
-    if num_shards is not None and shard_size is not None:
-        raise ParamError("num_shards", "cannot be given with <shard_size>")
-    if (num_shards is not None and num_shards < 1) or (shard_size is not None and shard_size < 1):
-        raise ParamError("num_shards", "and <shard_size> must be at least 1")
+@dataclass
+class Comparison:
+    """The image source against the stored manifest: what an update would change."""
+
+    root: Path
+    old: list[dict]  # the stored rows
+    rows: list[dict]  # the same rows brought up to date (retired ones marked, stats refreshed)
+    new: list[tuple[str, str | None, os.stat_result, str]]  # (path key, label, stat, sha256) to add
+    edited: int  # of `new`, paths whose bytes changed
+    retired: list[dict]  # rows retired now (vanished or edited)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.new or self.retired)
+
+
+def compare(rd: RunDir, images: str | Path) -> Comparison:
+    """Compare the source with the manifest, writing nothing (files whose size or mtime
+    changed are hashed to tell an edit from a touch)."""
     found = scan(images)
     root = source_root(images)
-    config = rd.read_config() if rd.run_json.exists() else {}
     old = read_rows(rd, root)
     rows = [dict(r) for r in old]
     live = {r["path"]: r for r in rows if not r["removed"]}
@@ -177,11 +187,26 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
             row.update(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
         else:  # the same path with other bytes: a new image; the old id is retired
             new.append((key, label, st, digest))
-            row["replaced_by"] = -1  # filled in with the new id below
+            row["replaced_by"] = -1  # filled in with the new id by `run`
             edited += 1
     retired = [r for r in rows if not r["removed"] and (r["path"] not in present or r["replaced_by"] == -1)]
     for r in retired:
         r["removed"] = True
+    return Comparison(root, old, rows, new, edited, retired)
+
+
+def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_size: int | None = None,
+        model: str | None = None, weights: str | None = None) -> ManifestSummary:
+    """Create or update `manifest.parquet` and `run.json` for the images in `images`."""
+    start = time.perf_counter()
+    if num_shards is not None and shard_size is not None:
+        raise ParamError("num_shards", "cannot be given with <shard_size>")
+    if (num_shards is not None and num_shards < 1) or (shard_size is not None and shard_size < 1):
+        raise ParamError("num_shards", "and <shard_size> must be at least 1")
+    config = rd.read_config() if rd.run_json.exists() else {}
+    found = compare(rd, images)
+    root, old, rows, new, edited, retired = (found.root, found.old, found.rows, found.new, found.edited,
+                                             found.retired)
     if shard_size is None:
         if num_shards is not None:
             shard_size = max(1, math.ceil(len(new) / num_shards))
@@ -210,8 +235,11 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
         config["model"] = model
     if weights is not None:
         config["weights"] = weights
-    config |= {"name": rd.name, "images": str(Path(images).resolve()), "images_root": str(root), "shard_size": shard_size,
-               "featscope_version": FEATSCOPE_VERSION}
+    config |= {"name": rd.name, "images": str(Path(images).resolve()), "images_root": str(root),
+               "shard_size": shard_size, "featscope_version": FEATSCOPE_VERSION}
+    if found.changed or not old:  # what the last real update did, for the run's history
+        config["last_update"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "added": len(new) - edited,
+                                 "edited": edited, "retired": len(retired) - edited}
     rd.write_config(config)
     new_shards = sorted({r["shard"] for r in rows[len(old):]})
     return ManifestSummary(

@@ -62,6 +62,11 @@ class RunDir:
                 + [self.prediction_part(shard), self.error_part("extract", shard)])
 
     @property
+    def history(self) -> Path:
+        """One JSON line per workflow run: when, what changed, which jobs ran, how long."""
+        return self.root / "history.jsonl"
+
+    @property
     def errors_dir(self) -> Path:
         return self.root / "errors.parquet"
 

@@ -15,7 +15,9 @@ from helpers import snakemake, write_dataset
 from PIL import Image
 
 from featscope.pipelines import load_features
+from featscope.pipelines.app.status import status
 from featscope.pipelines.core import manifest
+from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.rundir import RunDir
 
@@ -37,10 +39,9 @@ def config(tmp_path: Path, images: Path, run: str) -> Path:
     return path
 
 
-def change(images: Path, rng: random.Random, digits, step: int) -> str:
-    """One random change of the image folder: add, remove or edit in place."""
+def change(images: Path, rng: random.Random, digits, step: int, kind: str) -> None:
+    """One change of the image folder: add, remove or edit in place, at random places."""
     files = sorted(p for p in images.rglob("*.png"))
-    kind = rng.choice(["add", "remove", "edit"])
     if kind == "add":
         write_dataset(images / f"new{step}", digits, n_photos=0, labels=(rng.choice([2, 3]),), digits_per_label=2)
     elif kind == "remove":
@@ -50,7 +51,6 @@ def change(images: Path, rng: random.Random, digits, step: int) -> str:
         victim = rng.choice(files)
         other = rng.choice([p for p in files if p != victim])
         Image.open(other).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(victim)
-    return kind
 
 
 def by_path(rd: RunDir) -> dict[int, str]:
@@ -79,13 +79,30 @@ def test_random_changes_then_reruns_equal_a_run_from_scratch(tmp_path, digits):
     assert first.returncode == 0, first.stderr[-3000:]
     rng = random.Random(SEED)
     kinds = []
-    for step in range(3):
-        kinds.append(change(images, rng, digits, step))
+    run = RunDir(tmp_path / "runs" / "scheduled")
+    for step in range(2):  # each step: two different kinds of change, then a rerun
+        for kind in rng.sample(["add", "remove", "edit"], 2):
+            change(images, rng, digits, step, kind)
+            kinds.append(kind)
+        before = manifest.read(run, include_removed=True).to_pylist()
         rerun = snakemake(tmp_path, configfile)
         assert rerun.returncode == 0, (kinds, rerun.stderr[-3000:])
+        # work in proportion: only the shards that lost an image, and the new ones, are extracted
+        after = manifest.read(run, include_removed=True).to_pylist()
+        was_live = {r["image_id"] for r in before if not r["removed"]}
+        touched = {r["shard"] for r in after if r["removed"] and r["image_id"] in was_live}
+        touched |= {r["shard"] for r in after[len(before):]}
+        live_shards = {r["shard"] for r in after if not r["removed"]}
+        assert rerun.stderr.count("rule extract:") == len(touched & live_shards), kinds
         again = snakemake(tmp_path, configfile, "-n")
         assert "Nothing to be done" in again.stdout + again.stderr, (kinds, again.stdout[-2000:])
-    assert len(set(kinds)) >= 2, kinds  # the seed mixes kinds of change
+    assert set(kinds) == {"add", "remove", "edit"}, kinds  # the seed covers every kind of change
+    history = read_history(run)  # one line per run that did work, with what changed
+    assert [h["status"] for h in history] == ["ok"] * 3 and history[0]["added"] == 12
+    assert all(h["added"] + h["edited"] + h["retired"] > 0 for h in history[1:])
+    assert all(any(j.startswith("extract-shard") for j in h["jobs"]) for h in history)
+    now = status(run)
+    assert now.stale == [] and now.pending == {"new": 0, "edited": 0, "vanished": 0}
 
     scratch_images = tmp_path / "scratch" / "images"  # the same files, fresh
     shutil.copytree(images, scratch_images)

@@ -1,0 +1,141 @@
+"""`featscope status`: where a run stands, and what a rerun of the workflow would do.
+
+It compares the image folder with the manifest (new, edited and vanished images, without
+writing anything), then each stage's outputs with the live images: a layer's shards
+extracted, an index or a map that holds exactly the live images (else "stale"), top-k,
+saliency maps, the report; and it ends with the last runs of the history. It imports no
+model and reads only small files, so it answers in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.history import read_history
+from featscope.pipelines.core.options import Command, Options, option
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.text import plural
+
+
+@dataclass
+class Status:
+    """The lines `featscope status` prints, and the facts behind them for tests."""
+
+    lines: list[str] = field(default_factory=list)
+    pending: dict[str, int] = field(default_factory=dict)  # new, edited, vanished
+    stale: list[str] = field(default_factory=list)  # outputs that do not describe the live images
+
+    def line(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _ids(path: Path, column: str = "image_id") -> np.ndarray:
+    return np.unique(pq.read_table(path, columns=[column])[column].to_numpy())
+
+
+def status(rd: RunDir, *, history: int = 5) -> Status:
+    config = rd.read_config()
+    out = Status()
+    table = manifest.read(rd, include_removed=True)
+    removed = table["removed"].to_numpy()
+    live = np.sort(table["image_id"].to_numpy()[~removed])
+    shards = manifest.shards(rd)
+    out.lines.append(f"run {rd.root}: {config.get('model') or 'no model yet'} ({config.get('weights') or '-'}), "
+                     f"{plural(len(live), 'live image')} ({int(removed.sum())} retired) in "
+                     f"{plural(len(shards), 'shard')}")
+
+    source = config.get("images")
+    if source and Path(source).exists():
+        found = manifest.compare(rd, source)
+        vanished = len(found.retired) - found.edited
+        out.pending = {"new": len(found.new) - found.edited, "edited": found.edited, "vanished": vanished}
+        if found.changed:
+            again = sorted({r["shard"] for r in found.retired})
+            out.lines.append(f"images {source}: {out.pending['new']} new, {found.edited} edited, {vanished} vanished "
+                             f"since the manifest; a rerun updates the manifest, extracts the new images"
+                             + (f", extracts shards {', '.join(map(str, again))} again" if again else "")
+                             + " and redoes every whole-dataset stage")
+        else:
+            out.lines.append(f"images {source}: as the manifest lists them")
+    else:
+        out.lines.append(f"images {source or '-'}: not found (moved? give `featscope manifest` the new place)")
+
+    for layer_dir in sorted(p for p in (rd.root / "features").glob("*") if p.is_dir()):
+        layer = layer_dir.name
+        done = [s for s in shards if rd.feature_part(layer, s).exists()]
+        missing = len(shards) - len(done)
+        out.lines.append(f"features {layer}: {len(done)}/{len(shards)} shards" + (f", {missing} to extract" if missing
+                                                                                 else ""))
+        if missing:
+            out.stale.append(f"features {layer}")
+
+    def describe(kind: str, name: str, ids: np.ndarray, extra: str = "") -> None:
+        current = np.array_equal(ids, live)
+        if not current:
+            out.stale.append(f"{kind} {name}")
+        gone = int(np.isin(ids, live, invert=True).sum())
+        lacking = int(np.isin(live, ids, invert=True).sum())
+        state = "current" if current else f"stale: {gone} retired images in it, {lacking} live images missing"
+        out.lines.append(f"{kind} {name}: {plural(len(ids), 'image')}{extra}, {state}")
+
+    for layer in rd.index_layers():
+        meta = json.loads(rd.index_meta(layer).read_text())
+        describe("index", layer, _ids(rd.index_dir(layer) / "ids.parquet"), f" ({meta.get('factory')})")
+    for layer in rd.topk_layers():
+        ids = _ids(rd.topk(layer))
+        gone = int(np.isin(ids, live, invert=True).sum())
+        older = rd.live_ids.exists() and rd.topk(layer).stat().st_mtime < rd.live_ids.stat().st_mtime
+        state = ("stale: made before the last change of the dataset" if older
+                 else f"stale: {gone} retired images in it" if gone else "current")
+        if state != "current":
+            out.stale.append(f"top-k {layer}")
+        out.lines.append(f"top-k {layer}: {plural(len(ids), 'distinct image')}, {state}")
+    for path in sorted((rd.root / "embedding").glob("*.parquet")):
+        describe("map", path.stem, _ids(path))
+    for method in rd.saliency_methods():
+        maps = rd.saliency_overlays(method)
+        gone = sum(i not in set(live.tolist()) for i in maps)
+        out.lines.append(f"saliency {method}: {plural(len(maps), 'map')}" + (f", {gone} of retired images" if gone
+                                                                               else ""))
+        if gone:
+            out.stale.append(f"saliency {method}")
+    run_js = rd.report_dir / "data" / "run.js"
+    if run_js.exists():
+        older = rd.live_ids.exists() and run_js.stat().st_mtime < rd.live_ids.stat().st_mtime
+        out.lines.append("report: " + ("stale: made before the last change of the dataset" if older else "current"))
+        if older:
+            out.stale.append("report")
+    runs = read_history(rd)
+    if runs:
+        out.lines.append(f"history: {plural(len(runs), 'workflow run')}; the last {min(history, len(runs))}:")
+        for r in runs[-history:]:
+            out.lines.append(f"  {r['finished']}  {r['status']:<6} {r['seconds']:>7.1f}s  {r['images']} images, "
+                             f"+{r['added']} ~{r['edited']} -{r['retired']}, {plural(len(r['jobs']), 'job')}")
+    if out.stale:
+        out.lines.append(f"not current: {', '.join(out.stale)}; rerun the workflow")
+    return out
+
+
+@dataclass(frozen=True)
+class StatusOptions(Options):
+    history: int = option(5, help="workflow runs of the history to show", min=0)
+
+
+def run(rd: RunDir, options: StatusOptions) -> Status:
+    if not rd.run_json.exists():
+        raise FeatscopeError(f"{rd.root} is not a run: no run.json")
+    return status(rd, history=options.history)
+
+
+COMMANDS = [
+    Command("status", StatusOptions, run, records_timing=False,
+            help="where a run stands and what a rerun of the workflow would do",
+            description=__doc__.split("\n\n")[1].replace("\n", " ")),
+]

@@ -1,0 +1,56 @@
+"""`featscope status`: pending changes of the image folder and stale outputs are named; the
+history records each workflow run."""
+
+import time
+
+from helpers import write_dataset
+
+from featscope.pipelines.app.status import status
+from featscope.pipelines.core import manifest, timings
+from featscope.pipelines.core.history import read_history, record_run
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.stages import extract
+from featscope.pipelines.stages import index as neighbours
+
+
+def test_status_names_pending_changes_and_stale_outputs_until_the_rerun(tmp_path, digits):
+    images = tmp_path / "images"
+    write_dataset(images, digits, n_photos=2, labels=(0, 1), digits_per_label=2)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, images, shard_size=3, model="resnet18", weights="random")
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    clean = status(rd)
+    assert clean.stale == [] and clean.pending == {"new": 0, "edited": 0, "vanished": 0}
+    assert "index pool: 6 images (Flat), current" in clean.line()
+
+    next(images.glob("0/*.png")).unlink()
+    write_dataset(images, digits, n_photos=0, labels=(7,), digits_per_label=1)
+    pending = status(rd)
+    assert pending.pending == {"new": 1, "edited": 0, "vanished": 1} and "extracts shards 0 again" in pending.line()
+
+    manifest.run(rd, images)  # the manifest alone: shard 0 is to be extracted again, the index is stale
+    after = status(rd)
+    assert after.pending == {"new": 0, "edited": 0, "vanished": 0}
+    assert after.stale == ["features pool", "index pool"]
+    assert "stale: 1 retired images in it, 1 live images missing" in after.line()
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    assert status(rd).stale == []
+
+
+def test_history_records_what_each_run_changed_and_which_jobs_ran(tmp_path, digits):
+    images = tmp_path / "images"
+    write_dataset(images, digits, n_photos=1, labels=(0,), digits_per_label=2)
+    rd = RunDir(tmp_path / "run")
+    started = time.time() - 1
+    manifest.run(rd, images)
+    timings.record(rd, "manifest", 0.1)
+    row = record_run(rd, started, "ok")
+    assert (row["added"], row["retired"], row["images"], row["jobs"]) == (3, 0, 3, ["manifest"])
+    later = time.time() + 1
+    assert record_run(rd, later, "ok")["jobs"] == [] and len(read_history(rd)) == 2
+    with open(rd.history, "a") as f:
+        f.write('{"torn": ')  # a crash mid-line loses that line only
+    assert len(read_history(rd)) == 2
+    assert "history: 2 workflow runs" in status(rd).line()
