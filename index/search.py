@@ -11,8 +11,10 @@ distances for l2 ones; with PCA they are measured in the reduced space.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +38,16 @@ def _replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _tmp(path: Path) -> Path:
+    """A temporary name of this process and call: concurrent saves never share a file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 class NeighbourIndex:
     def __init__(self, index: faiss.Index, ids: np.ndarray, meta: dict, directory: Path | None = None):
         self.index, self.ids, self.meta, self.directory = index, ids, meta, directory
@@ -48,30 +60,47 @@ class NeighbourIndex:
 
     @classmethod
     def load(cls, directory: str | Path, *, mmap: bool = False) -> NeighbourIndex:
-        """The index saved in `directory` (index.faiss, ids.parquet, meta.json)."""
+        """The index saved in `directory` (index.faiss, ids.parquet, meta.json), refused in one
+        line if the three files do not belong together (see `save`)."""
         directory = Path(directory)
         if not (directory / META_FILE).exists():
             raise FeatscopeError(f"no index in {directory}: it has no {META_FILE}")
         meta = json.loads((directory / META_FILE).read_text())
+        for name in (INDEX_FILE, IDS_FILE):
+            want = (meta.get("files") or {}).get(name)
+            if want and _file_digest(directory / name) != want:
+                raise FeatscopeError(f"{directory / name} is not the file its {META_FILE} describes (changed or "
+                                     f"damaged since the build): rebuild the index with `featscope index build`")
         flags = 0
         if mmap:  # inverted lists map through the on-disk hook; flat codes through the mapped reader
             flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if meta.get("nlist") else faiss.IO_FLAG_MMAP_IFC
         index = faiss.read_index(str(directory / INDEX_FILE), flags)
         ids = pq.read_table(directory / IDS_FILE)["image_id"].to_numpy()
+        counts = {"index.faiss": int(index.ntotal), "ids.parquet": len(ids), "meta.json": meta.get("vectors")}
+        if len({v for v in counts.values() if v is not None}) > 1 or index.d != meta.get("dims", index.d):
+            raise FeatscopeError(f"the files of {directory} do not belong together ("
+                                 + ", ".join(f"{k} {v} vectors" for k, v in counts.items())
+                                 + f"; dimension {index.d}, meta.json {meta.get('dims')}): rebuild the index")
         return cls(index, ids, meta, directory)
 
     def save(self, directory: str | Path, extra_meta: dict | None = None) -> None:
-        """Write the three files atomically; meta.json last, so its presence means complete."""
+        """Write the three files, each atomically; meta.json last, recording the other two's
+        sha256, so its presence means complete and a set mixed by a crash between two
+        renames, or a file copied in from elsewhere, is refused when loaded."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.meta = self.meta | (extra_meta or {})
-        tmp = directory / (INDEX_FILE + ".tmp")
+        files = {}
+        tmp = _tmp(directory / INDEX_FILE)
         faiss.write_index(self.index, str(tmp))
+        files[INDEX_FILE] = _file_digest(tmp)
+        (directory / META_FILE).unlink(missing_ok=True)  # from here until the end, the set is incomplete
         _replace(tmp, directory / INDEX_FILE)
-        tmp = directory / (IDS_FILE + ".tmp")
+        tmp = _tmp(directory / IDS_FILE)
         pq.write_table(pa.table({"image_id": pa.array(self.ids, pa.int64())}), tmp)
+        files[IDS_FILE] = _file_digest(tmp)
         _replace(tmp, directory / IDS_FILE)
-        tmp = directory / (META_FILE + ".tmp")
+        self.meta = self.meta | (extra_meta or {}) | {"files": files}
+        tmp = _tmp(directory / META_FILE)
         tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
         _replace(tmp, directory / META_FILE)
         self.directory = directory

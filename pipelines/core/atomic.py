@@ -1,20 +1,25 @@
-"""Atomic file writes: write `<name>.tmp`, then rename.
+"""Atomic file writes: write `.<name>.<pid>.<random>.tmp`, then rename.
 
 A killed job leaves at most a `.tmp` file behind, never a half file under the final name,
-so "the file exists" can be trusted to mean "the work is done".
+so "the file exists" can be trusted to mean "the work is done". The temporary name is
+unique to the process and the call: two jobs writing the same output at once (a requeued
+cluster job whose first copy still runs) each write their own file, and the last rename
+wins with a whole file, instead of both writing into one. The leading dot keeps it out of
+what Parquet readers list in a folder (`pq.read_table("features/pool")`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 def tmp_path_for(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 @contextmanager

@@ -65,7 +65,12 @@ def _short(value: str | None) -> str:
 
 
 def file_metadata(path: Path) -> dict[str, str]:
-    raw = pq.read_schema(path).metadata or {}
+    """A Parquet file's key/value metadata; a truncated or foreign file is a one-line error."""
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as e:
+        raise FeatscopeError(f"{path} is not a whole Parquet file ({str(e).splitlines()[0][:100]}): delete it "
+                             f"and rerun the stage that writes it") from None
     return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW")}
 
 
@@ -114,7 +119,7 @@ class FeaturePartWriter:
         self.rows = 0
         self._tmp = tmp_path_for(self.path)
         self._tmp.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd", write_page_checksum=True)
 
     def write(self, image_ids: np.ndarray, feature: np.ndarray, conv: dict[str, np.ndarray] | None = None) -> None:
         columns = [pa.array(np.asarray(image_ids, dtype=np.int64)), _fixed_list(to_float16(feature), pa.float16())]
@@ -180,7 +185,16 @@ def iter_features(parts: list[Path], identity: RunIdentity, *, column: str = "fe
     next to what it builds."""
     for path in parts:
         identity.check(path, file_metadata(path))
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["image_id", column]):
+        batches = pq.ParquetFile(path, page_checksum_verification=True).iter_batches(
+            batch_size=batch_rows, columns=["image_id", column])
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (OSError, pa.ArrowException) as e:  # a damaged page: never read back as numbers
+                raise FeatscopeError(f"{path} is damaged ({str(e).splitlines()[0][:120]}): delete it and run "
+                                     f"`featscope extract` again for its shard") from None
             yield batch.column(0).to_numpy(), column_array(batch, column)
         pa.default_memory_pool().release_unused()
 
@@ -200,7 +214,7 @@ def write_topk(path: Path, columns: dict[str, np.ndarray], identity: RunIdentity
     table = pa.table({f.name: pa.array(np.asarray(columns[f.name]), f.type) for f in schema}, schema=schema)
     table = table.replace_schema_metadata(identity.metadata(**meta))
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
 
 
 def topk_is_complete(path: Path, identity: RunIdentity, k: int) -> bool:
@@ -226,7 +240,8 @@ def write_predictions(path: Path, image_ids: np.ndarray, classes: np.ndarray, pr
                       "probabilities": pa.array(probabilities.tolist(), pa.list_(pa.float32()))},
                      schema=PREDICTION_SCHEMA)
     with atomic_path(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(identity.metadata(**meta)), tmp, compression="zstd")
+        pq.write_table(table.replace_schema_metadata(identity.metadata(**meta)), tmp, compression="zstd",
+                       write_page_checksum=True)
 
 
 def read_predictions(rd: RunDir) -> dict[int, list[tuple[int, float]]]:
@@ -257,7 +272,7 @@ def write_table(table: pa.Table, path: Path, metadata: dict[str, str] | None = N
         merged = dict(table.schema.metadata or {}) | {k.encode(): v.encode() for k, v in metadata.items()}
         table = table.replace_schema_metadata(merged)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
 
 
 ERROR_SCHEMA = pa.schema([

@@ -1,5 +1,7 @@
 """FAISS indexes: exact search equals brute force, recall is measured right, files round-trip."""
 
+import json
+
 import faiss
 import numpy as np
 import pytest
@@ -147,6 +149,38 @@ def test_bad_queries_are_one_line_errors(tmp_path):
         ix.search_ids([4242])
     with pytest.raises(FeatscopeError, match="no index in .*: it has no meta.json"):
         NeighbourIndex.load(tmp_path / "index" / "fc7")
+
+
+def test_an_index_whose_files_do_not_belong_together_is_refused(tmp_path):
+    """A crash between two renames, a file of another layer copied in, or a damaged file:
+    each is refused when loaded, never answered from."""
+    small = NeighbourIndex.from_build(build_index(as_chunks(clustered(100, 8), np.arange(100)), n=100, dims=8))
+    large = NeighbourIndex.from_build(build_index(as_chunks(clustered(300, 8, seed=1), np.arange(300)), n=300, dims=8))
+    small.save(tmp_path / "a")
+    large.save(tmp_path / "b")
+    assert len(NeighbourIndex.load(tmp_path / "a")) == 100
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("ids.parquet", "meta.json"):
+        (mixed / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    (mixed / "index.faiss").write_bytes((tmp_path / "b" / "index.faiss").read_bytes())  # another build's
+    with pytest.raises(FeatscopeError, match="index.faiss is not the file its meta.json describes"):
+        NeighbourIndex.load(mixed)
+    data = bytearray((tmp_path / "a" / "index.faiss").read_bytes())
+    data[len(data) // 2] ^= 0x10  # one flipped bit in the vectors
+    (tmp_path / "a" / "index.faiss").write_bytes(bytes(data))
+    with pytest.raises(FeatscopeError, match="changed or damaged since the build"):
+        NeighbourIndex.load(tmp_path / "a")
+    # an index saved before checksums were recorded is still checked by its counts
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "index.faiss").write_bytes((tmp_path / "b" / "index.faiss").read_bytes())
+    (old / "ids.parquet").write_bytes((tmp_path / "b" / "ids.parquet").read_bytes())
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    del meta["files"]
+    (old / "meta.json").write_text(json.dumps(meta | {"vectors": 100}))
+    with pytest.raises(FeatscopeError, match="do not belong together .index.faiss 300 vectors, ids.parquet 300"):
+        NeighbourIndex.load(old)
 
 
 def test_plans_follow_size_and_memory():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,6 +16,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T2
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines import load_features
 from featscope.pipelines.core import device as device_mod
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
@@ -167,15 +170,15 @@ def test_resume_after_an_interrupted_run_redoes_only_missing_shards(tmp_path, sm
     rd = RunDir(tmp_path / "interrupted")
     manifest.run(rd, small_dataset, shard_size=3)
     extract.extract(rd, ["pool", "layer2"], shard=0, **kwargs)
-    # A job killed while writing shard 1 leaves only a .tmp file behind.
-    half = rd.feature_part("pool", 1).with_name("part-00001.parquet.tmp")
+    # A job killed while writing shard 1 leaves only a .tmp file (named for its process) behind.
+    half = rd.feature_part("pool", 1).with_name(".part-00001.parquet.99999.dead.tmp")
     half.write_bytes(b"PAR1 half a file")
     done_before = digest(rd.feature_part("pool", 0))
 
     summary = extract.extract(rd, ["pool", "layer2"], **kwargs)
     assert summary.already_done == [0] and summary.done == [1, 2]
     assert digest(rd.feature_part("pool", 0)) == done_before
-    assert not half.exists()
+    assert half not in rd.feature_parts("pool")  # never taken for a part
     for layer in ("pool", "layer2"):
         a, b = read_layer(whole, layer), read_layer(rd, layer)
         assert a[0].tolist() == b[0].tolist()
@@ -299,3 +302,42 @@ def test_adding_a_layer_later_extracts_only_that_layer(tmp_path, small_dataset):
     assert {p.name: p.stat().st_mtime_ns for p in rd.feature_parts("pool")} == before
     assert len(rd.feature_parts("layer2")) == 2
     assert extract.extract(rd, ["pool", "layer2"], **kwargs).already_done == [0, 1]
+
+
+def test_two_processes_extracting_the_same_shard_leave_a_whole_part(tmp_path, small_dataset):
+    """A requeued cluster job whose first copy still runs: both write their own temporary
+    files, and the part that ends up in place reads back equal to a clean run's."""
+    clean = RunDir(tmp_path / "clean")
+    manifest.run(clean, small_dataset, shard_size=100, model="resnet18", weights="random")
+    extract.extract(clean, ["pool", "pixels"], precision="fp32", workers=0, progress=False)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=100, model="resnet18", weights="random")
+    command = [sys.executable, "-m", "featscope.pipelines.app.cli", "extract", "--run", str(rd.root), "--layers",
+               "pool,pixels", "--shard", "0", "--precision", "fp32", "--workers", "0", "--batch-size", "2", "--quiet"]
+    jobs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err
+    for layer in ("pool", "pixels"):
+        a, b = read_layer(clean, layer), read_layer(rd, layer)
+        assert a[0].tolist() == b[0].tolist()
+        for col in a[1]:
+            np.testing.assert_array_equal(a[1][col], b[1][col])
+    assert not list(rd.features_dir("pool").glob(".*.tmp"))  # each cleaned up its own
+
+
+def test_damaged_and_truncated_parts_are_named_never_read_as_numbers(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=100, model="resnet18", weights="random")
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    part = rd.feature_part("pool", 0)
+    data = bytearray(part.read_bytes())
+    data[200] ^= 0x01  # one flipped bit inside the first data page
+    part.write_bytes(bytes(data))
+    with pytest.raises(FeatscopeError, match=r"part-00000.parquet is damaged .*: delete it and run `featscope extract"):
+        load_features(rd, "pool")
+    part.write_bytes(bytes(data[: len(data) // 2]))  # a truncated copy
+    with pytest.raises(FeatscopeError, match="part-00000.parquet is not a whole Parquet file"):
+        load_features(rd, "pool")
+    with pytest.raises(FeatscopeError, match="is not a whole Parquet file"):
+        extract.extract(rd, ["pool"], workers=0, progress=False)  # its completeness check names it too
