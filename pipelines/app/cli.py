@@ -13,6 +13,7 @@ exits 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import inspect
 import shlex
@@ -239,12 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     run = getattr(args, "run", None)
     call = {"progress": not args.quiet} if "progress" in inspect.signature(command.run).parameters else {}
     try:
+        if run is not None:
+            _check_run_path(run)
         result = command.run(RunDir(run), options, **call) if command.needs_run else command.run(options, **call)
     except ParamError as e:
         print(f"featscope: error: {e.said_as(flag)}", file=sys.stderr)
         return 2
     except FeatscopeError as e:
         print(f"featscope: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only or missing folder: the path, and what to do
+        what = "free some space there" if e.errno == errno.ENOSPC else "check it and its permissions"
+        print(f"featscope: error: {e.strerror or e} at {e.filename or run}: {what}", file=sys.stderr)
         return 2
     if result is not None:
         print(result if isinstance(result, str) else result.line())
@@ -255,8 +262,22 @@ def main(argv: list[str] | None = None) -> int:
     if run is not None and command.records_timing and RunDir(run).run_json.exists():
         from featscope.pipelines.core.timings import record
 
-        record(RunDir(run), _stage_name(command, options), time.perf_counter() - start)
+        try:
+            record(RunDir(run), _stage_name(command, options), time.perf_counter() - start)
+        except OSError as e:  # the work is done; a record that cannot be written never fails it
+            print(f"warning: timing not recorded ({e.strerror or e})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_run_path(run: Path) -> None:
+    """A run directory must be a folder, or creatable as one: not a file, nor under a file."""
+    if run.exists() and not run.is_dir():
+        raise ParamError("run", f"{run} is a file, not a run directory")
+    for parent in run.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ParamError("run", f"{run} cannot be a run directory: {parent} is a file")
+            break
 
 
 if __name__ == "__main__":

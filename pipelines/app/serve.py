@@ -15,8 +15,10 @@ is not an image 400 with the reason; unknown ids 404.
 
 from __future__ import annotations
 
+import errno
 import json
 import mimetypes
+import socket
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +26,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.pipelines.core.features import ImageEmbedder
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
@@ -160,8 +163,17 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000,
     """A ready server (port 0 picks a free one: see server.server_address)."""
     if not (rd.report_dir / "index.html").exists():
         raise FeatscopeError(f"run {rd.root} has no report yet: run `featscope report --run {rd.root}` first")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OverflowError):
+        raise ParamError("host", f"'{host}' is not an address or a host name of this network") from None
     handler = type("Handler", (_Handler,), {"service": QueryService(rd, max_upload=max_upload)})
-    server = ThreadingHTTPServer((host, port), handler)
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ParamError("port", f"{port} is in use on {host}: choose another, or 0 for any free one") from None
+        raise ParamError("host", f"cannot listen on {host}:{port}: {e.strerror}") from None
     server.daemon_threads = True
     return server
 

@@ -35,7 +35,7 @@ from featscope.kernels.params import ParamError
 from featscope.pipelines.core.atomic import write_bytes_atomic
 from featscope.pipelines.core.images import is_image_name
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import write_table
+from featscope.pipelines.core.store import write_errors, write_table
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
@@ -65,6 +65,14 @@ class ManifestSummary:
     edited: int = 0
     retired_now: int = 0
     invalidated_shards: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def warning(self) -> str:
+        if not self.skipped:
+            return ""
+        path, reason = self.skipped[0]
+        return (f"{plural(len(self.skipped), 'file')} or folders left out (first: {path}: {reason}); see "
+                f"errors.parquet/manifest-00000.parquet")
 
     def line(self) -> str:
         text = (f"manifest: {plural(self.total, 'image')} in {plural(self.shards, 'shard')}; {self.added} new "
@@ -98,15 +106,41 @@ def file_sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def scan(source: str | Path) -> list[tuple[str, str | None]]:
-    """(absolute path, label or None) of every image a source names, sorted by path."""
+def _walk(source: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
+    """Images under a folder, label = the folder relative to it. Symlinked folders are
+    followed (each real folder once: no loops); featscope runs inside it (a folder with a
+    run.json) are never read as images; unreadable folders and names that are not UTF-8
+    are left out and listed in `skipped` as (path, reason)."""
+    items, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(source, followlinks=True,
+                                                onerror=lambda e: skipped.append((e.filename, "unreadable folder"))):
+        real = os.path.realpath(dirpath)
+        if real in seen or (dirpath != str(source) and "run.json" in filenames):
+            dirnames[:] = []  # a loop through a symlink, or a featscope run: not images
+            continue
+        seen.add(real)
+        dirnames.sort()
+        parent = Path(dirpath).relative_to(source).as_posix()
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:
+                skipped.append((path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+                                "name is not UTF-8"))
+                continue
+            if is_image_name(name) and os.path.isfile(path):
+                items.append((path, None if parent == "." else parent))
+    return items
+
+
+def scan(source: str | Path, skipped: list[tuple[str, str]] | None = None) -> list[tuple[str, str | None]]:
+    """(absolute path, label or None) of every image a source names, sorted by path; files
+    left out for a reason are added to `skipped`."""
     source = Path(source)
+    skipped = [] if skipped is None else skipped
     if source.is_dir():
-        items = []
-        for path in source.rglob("*"):
-            if path.is_file() and is_image_name(path):
-                parent = path.parent.relative_to(source).as_posix()
-                items.append((str(path.resolve()), None if parent == "." else parent))
+        items = _walk(source.resolve(), skipped)
     elif source.is_file() and source.suffix.lower() in (".parquet", ".csv"):
         table = pq.read_table(source) if source.suffix.lower() == ".parquet" else pacsv.read_csv(source)
         if "path" not in table.column_names:
@@ -115,7 +149,14 @@ def scan(source: str | Path) -> list[tuple[str, str | None]]:
         labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(paths)
         items = [(_resolve(p, source.parent), None if lab is None else str(lab)) for p, lab in zip(paths, labels)]
     elif source.is_file():
-        lines = [ln.strip() for ln in source.read_text().splitlines()]
+        try:
+            text = source.read_text()
+        except UnicodeDecodeError:
+            text = "\0"
+        if "\0" in text:
+            raise FeatscopeError(f"{source} is not an image folder, a text list of paths, or a table (.parquet or "
+                                 f".csv): it is not text")
+        lines = [ln.strip() for ln in text.splitlines()]
         items = [(_resolve(ln, source.parent), None) for ln in lines if ln and not ln.startswith("#")]
     else:
         raise FeatscopeError(f"image source {source} does not exist")
@@ -154,6 +195,7 @@ class Comparison:
     new: list[tuple[str, str | None, os.stat_result, str]]  # (path key, label, stat, sha256) to add
     edited: int  # of `new`, paths whose bytes changed
     retired: list[dict]  # rows retired now (vanished or edited)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out of the listing
 
     @property
     def changed(self) -> bool:
@@ -163,7 +205,8 @@ class Comparison:
 def compare(rd: RunDir, images: str | Path) -> Comparison:
     """Compare the source with the manifest, writing nothing (files whose size or mtime
     changed are hashed to tell an edit from a touch)."""
-    found = scan(images)
+    skipped: list[tuple[str, str]] = []
+    found = scan(images, skipped)
     root = source_root(images)
     old = read_rows(rd, root)
     rows = [dict(r) for r in old]
@@ -192,7 +235,7 @@ def compare(rd: RunDir, images: str | Path) -> Comparison:
     retired = [r for r in rows if not r["removed"] and (r["path"] not in present or r["replaced_by"] == -1)]
     for r in retired:
         r["removed"] = True
-    return Comparison(root, old, rows, new, edited, retired)
+    return Comparison(root, old, rows, new, edited, retired, skipped)
 
 
 def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_size: int | None = None,
@@ -226,6 +269,12 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
     if rows != old or not rd.manifest.exists():  # an unchanged dataset leaves the file untouched
         write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), rd.manifest,
                     {"featscope_version": FEATSCOPE_VERSION})
+    error_part = rd.error_part("manifest", 0)
+    if found.skipped:
+        write_errors(error_part, [{"image_id": None, "path": p, "stage": "manifest", "error": "skipped",
+                                   "message": reason} for p, reason in found.skipped])
+    else:
+        error_part.unlink(missing_ok=True)
     invalidated = sorted({r["shard"] for r in retired})
     for shard in invalidated:
         for path in rd.shard_files(shard):
@@ -246,7 +295,7 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
         total=sum(not r["removed"] for r in rows), added=len(new) - edited, removed=sum(r["removed"] for r in rows),
         shards=len({r["shard"] for r in rows if not r["removed"]}), new_shards=new_shards,
         seconds=time.perf_counter() - start, edited=edited, retired_now=len(retired) - edited,
-        invalidated_shards=invalidated,
+        invalidated_shards=invalidated, skipped=found.skipped,
     )
 
 

@@ -143,7 +143,8 @@ def class_names(arch: str, weights: str) -> list[str] | None:
     return list(torchvision.models.get_model_weights(arch)[IMAGENET_WEIGHTS].meta["categories"])
 
 
-def _check_arch(arch: str) -> None:
+def check_arch(arch: str) -> None:
+    """A one-line error unless torchvision has a classification model of that name."""
     known = torchvision.models.list_models(module=torchvision.models)
     if arch not in known:
         raise FeatscopeError(
@@ -226,7 +227,7 @@ def state_fingerprint(module: nn.Module) -> str:
 
 def load_model(arch: str, weights: str = "imagenet", *, seed: int = 0) -> LoadedModel:
     """Build `arch` with `weights` ("imagenet" | "random" | a checkpoint path), in eval mode."""
-    _check_arch(arch)
+    check_arch(arch)
     preprocessing = Preprocessing()
     if weights == "imagenet":
         enum = torchvision.models.get_model_weights(arch)

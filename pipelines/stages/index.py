@@ -193,7 +193,8 @@ class IndexBuildOptions(Options):
     kind: str = option("auto", help="auto: exact below 200k vectors within max_memory, else IVF with the most "
                                     "compact codes that fit", choices=KINDS)
     metric: str = option("cosine", help="distance between feature vectors", choices=METRICS)
-    max_memory: str = option("4GB", help="memory budget of the index, e.g. 4GB")
+    max_memory: str = option("4GB", help="memory budget of the index, e.g. 4GB or 512MB",
+                             pattern=r"^\s*[0-9.eE+]+\s*[KMGTkmgt]?(i?[Bb])?\s*$")
     seed: int = option(0, help="seed of the training and recall samples")
 
 

@@ -28,8 +28,14 @@ class ManifestOptions(Options):
 
 
 def run(rd: RunDir, options: ManifestOptions) -> manifest.ManifestSummary:
-    from featscope.pipelines.core.models import check_weights, read_class_names  # torch, only when asked
+    from featscope.pipelines.core.models import (  # torch, only when asked
+        check_arch,
+        check_weights,
+        read_class_names,
+    )
 
+    if options.model is not None:
+        check_arch(options.model)
     if options.weights is not None:
         check_weights(options.weights)
     names = read_class_names(options.classes) if options.classes else None
