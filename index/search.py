@@ -96,7 +96,7 @@ class NeighbourIndex:
         (directory / META_FILE).unlink(missing_ok=True)  # from here until the end, the set is incomplete
         _replace(tmp, directory / INDEX_FILE)
         tmp = _tmp(directory / IDS_FILE)
-        pq.write_table(pa.table({"image_id": pa.array(self.ids, pa.int64())}), tmp)
+        pq.write_table(pa.table({"image_id": pa.array(self.ids, pa.int64())}), tmp, write_page_checksum=True)
         files[IDS_FILE] = _file_digest(tmp)
         _replace(tmp, directory / IDS_FILE)
         self.meta = self.meta | (extra_meta or {}) | {"files": files}

@@ -47,6 +47,7 @@ COMMAND_MODULES = {
     "report": "featscope.pipelines.app.report",
     "serve": "featscope.pipelines.app.serve",
     "status": "featscope.pipelines.app.status",
+    "verify": "featscope.pipelines.app.verify",
     "config": "featscope.pipelines.app.config_command",
 }
 # What each first word does, for `featscope --help`, which lists them without importing any
@@ -70,6 +71,7 @@ WORD_HELP = {
     "report": "a static HTML report of a run (open report/index.html from disk)",
     "serve": "serve a run's report and a JSON query API on 127.0.0.1",
     "status": "where a run stands and what a rerun of the workflow would do",
+    "verify": "read every file of a run back; name each damaged one and the command that rebuilds it",
     "config": "the workflow config: its schema",
 }
 # Old command names kept working for this release.

@@ -6,16 +6,54 @@ unique to the process and the call: two jobs writing the same output at once (a 
 cluster job whose first copy still runs) each write their own file, and the last rename
 wins with a whole file, instead of both writing into one. The leading dot keeps it out of
 what Parquet readers list in a folder (`pq.read_table("features/pool")`).
+
+Every file put in place is registered with its size and sha256 in its folder's
+`.checksums.jsonl` (one appended line per write; the last line of a name counts), so
+`featscope verify` can tell any changed byte of any output, footers and pictures included.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+REGISTRY = ".checksums.jsonl"
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def put_in_place(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary file onto `path` and register what it holds."""
+    digest, size = file_digest(tmp), tmp.stat().st_size
+    os.replace(tmp, path)
+    line = json.dumps({"name": path.name, "sha256": digest, "size": size}) + "\n"
+    fd = os.open(path.parent / REGISTRY, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())  # one short write: lines of concurrent writers never interleave
+    finally:
+        os.close(fd)
+
+
+def registered(folder: Path) -> dict[str, dict]:
+    """name -> {"sha256", "size"} of the files last put in place in `folder` (torn lines skipped)."""
+    out = {}
+    path = Path(folder) / REGISTRY
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                out[entry["name"]] = entry
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return out
 
 
 def tmp_path_for(path: Path) -> Path:
@@ -30,7 +68,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = tmp_path_for(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        put_in_place(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.core.atomic import atomic_path, tmp_path_for
+from featscope.pipelines.core.atomic import atomic_path, put_in_place, tmp_path_for
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class FeaturePartWriter:
     def commit(self) -> None:
         self._flush()
         self._writer.close()
-        self._tmp.replace(self.path)
+        put_in_place(self._tmp, self.path)
 
     def abort(self) -> None:
         try:
@@ -294,6 +294,12 @@ def read_errors(errors_dir: Path) -> pa.Table:
     if not parts:
         return ERROR_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(p, schema=ERROR_SCHEMA) for p in parts])
+
+
+EMBEDDING_SCHEMA = pa.schema([
+    pa.field("image_id", pa.int64()), pa.field("tsne_x", pa.float32()), pa.field("tsne_y", pa.float32()),
+    pa.field("pca_x", pa.float32()), pa.field("pca_y", pa.float32()),
+])
 
 
 def read_embedding(rd: RunDir, layer: str) -> pa.Table:

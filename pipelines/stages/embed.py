@@ -25,12 +25,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import RunIdentity, iter_features
-
-EMBEDDING_SCHEMA = pa.schema([
-    pa.field("image_id", pa.int64()), pa.field("tsne_x", pa.float32()), pa.field("tsne_y", pa.float32()),
-    pa.field("pca_x", pa.float32()), pa.field("pca_y", pa.float32()),
-])
+from featscope.pipelines.core.store import EMBEDDING_SCHEMA, RunIdentity, iter_features
 
 
 @dataclass
@@ -123,7 +118,7 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
     meta = identity.metadata(layer=layer, pca_dims=int(components.shape[0]), perplexity=perplexity, seed=seed,
                              trustworthiness=round(trust, 4), knn_accuracy_2d=accuracy, sampled=sampled)
     with atomic_path(rd.embedding(layer)) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp)
+        pq.write_table(table.replace_schema_metadata(meta), tmp, write_page_checksum=True)
     return EmbedSummary(layer, len(ids), trust, accuracy, sampled, time.perf_counter() - start)
 
 

@@ -11,6 +11,7 @@ import pytest
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import read_errors
 
 
 def touch_images(root, names):
@@ -171,3 +172,32 @@ def test_a_manifest_from_before_content_checks_is_migrated_without_renumbering(t
     assert s.added == s.edited == s.removed == 0
     stored = pq.read_table(rd.manifest).to_pylist()
     assert [r["path"] for r in stored] == ["a/1.png", "a/2.png"] and all(r["sha256"] for r in stored)
+
+
+def test_odd_folders_and_names_are_followed_skipped_or_reported_never_a_crash(tmp_path):
+    images = tmp_path / "images"
+    touch_images(images, ["cat/1.png"])
+    touch_images(tmp_path / "elsewhere", ["2.png"])
+    os.symlink(tmp_path / "elsewhere", images / "dog")  # a symlinked label folder: followed
+    os.symlink(images, images / "cat" / "loop")  # a loop back up: each real folder read once
+    rd = RunDir(images / "run")  # a run inside the image folder: never read as images
+    manifest.run(rd, images)
+    touch_images(images / "run" / "report" / "thumbs", ["0.jpg"])
+    odd = os.fsencode(images / "cat") + b"/caf\xe9.png"  # a Latin-1 name, not UTF-8
+    with open(odd, "wb") as f:
+        f.write(b"x")
+    locked = images / "locked"
+    locked.mkdir()
+    touch_images(locked, ["3.png"])
+    locked.chmod(0)
+    try:
+        s = manifest.run(rd, images)
+    finally:
+        locked.chmod(0o755)
+    root_reads_all = os.geteuid() == 0
+    paths = sorted(r["path"] for r in pq.read_table(rd.manifest).to_pylist())
+    assert paths == ["cat/1.png", "dog/2.png"] + (["locked/3.png"] if root_reads_all else [])
+    reasons = sorted(reason for _, reason in s.skipped)
+    expected = ["name is not UTF-8"] + ([] if root_reads_all else ["unreadable folder"])
+    assert reasons == expected and "left out" in s.warning()
+    assert read_errors(rd.errors_dir).num_rows == len(expected)

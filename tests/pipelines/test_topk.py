@@ -99,7 +99,7 @@ def test_render_writes_one_png_per_unit_and_a_contact_sheet(tmp_path, small_data
     extract.extract(rd, ["layer3"], model="resnet18", weights="random", workers=0, topk=4, progress=False)
     topk.merge(rd, "layer3")
     summary = topk.render(rd, "layer3", units=topk.parse_units("0-2,10"), tile=32, progress=False)
-    assert sorted(p.name for p in rd.patches_dir("layer3").iterdir()) == [
+    assert sorted(p.name for p in rd.patches_dir("layer3").glob("unit-*")) == [
         "unit-0000.png", "unit-0001.png", "unit-0002.png", "unit-0010.png"]
     strip = Image.open(rd.patches_dir("layer3") / "unit-0000.png")
     assert strip.size == (topk.LABEL_W + 4 * (32 + topk.GAP), 32 + topk.CAPTION_H)

@@ -1,0 +1,186 @@
+"""`featscope verify`: read every file of a run back and name each damaged one with the
+command that rebuilds it.
+
+Parquet files are read whole with page-checksum verification (they are written with
+checksums) and their columns compared with their kind's, feature parts are checked against
+the run's model, each index set against the sha256 its meta.json records, saliency maps are
+opened; and every file featscope put in place (see core.atomic) is compared with the size
+and sha256 registered when it was written: footers, metadata and pictures included. Nothing
+is written, so it runs on a read-only copy; it exits 1 when anything is damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines.core.atomic import REGISTRY, file_digest, registered
+from featscope.pipelines.core.manifest import MANIFEST_SCHEMA
+from featscope.pipelines.core.options import Command, Options
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import (
+    EMBEDDING_SCHEMA,
+    PREDICTION_SCHEMA,
+    TOPK_CANDIDATE_SCHEMA,
+    TOPK_SCHEMA,
+    RunIdentity,
+    feature_schema,
+    file_metadata,
+)
+from featscope.pipelines.core.text import plural
+
+
+@dataclass
+class Verification:
+    checked: int = 0
+    damaged: list[tuple[Path, str, str]] = field(default_factory=list)  # (file, what is wrong, the fix)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.damaged)
+
+    def line(self) -> str:
+        lines = [f"verify: {plural(self.checked, 'file')} checked in {self.seconds:.1f}s, "
+                 f"{plural(len(self.damaged), 'damaged file')}"]
+        lines += [f"  {path}: {problem}; fix: {fix}" for path, problem, fix in self.damaged]
+        return "\n".join(lines)
+
+
+def _read_parquet(path: Path, schema: pa.Schema | None = None) -> None:
+    """Every page read with its checksum verified; the columns, if given, as written."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PAR1":
+            raise ValueError("not a Parquet file: its first bytes are not PAR1")
+    table = pq.ParquetFile(path, page_checksum_verification=True).read()
+    if schema is not None:
+        got = [(f.name, f.type) for f in table.schema]
+        want = [(f.name, f.type) for f in schema]
+        if got != want:
+            wrong = next((g for g, w in zip(got, want) if g != w), None)
+            raise ValueError(f"its columns are not those of its kind (first differing: {wrong})")
+
+
+def _as(schema: pa.Schema) -> Callable[[Path], None]:
+    return lambda path: _read_parquet(path, schema)
+
+
+def _files(rd: RunDir) -> Iterator[tuple[Path, Callable[[Path], None], str]]:
+    """(file, how to check it, the command that rebuilds it) for every file verify knows."""
+    run = f"--run {rd.root}"
+    yield rd.manifest, _as(MANIFEST_SCHEMA), f"featscope manifest --images DIR {run} (ids are kept)"
+    config = rd.read_config()
+    identity = RunIdentity.of_run(config) if "weights_sha256" in config else None
+
+    def feature_part(path: Path) -> None:
+        meta = file_metadata(path)
+        if identity is not None:
+            identity.check(path, meta)
+        _read_parquet(path, feature_schema(meta.get("kind", ""), int(meta.get("dims", 0))))
+
+    def candidates(path: Path) -> None:
+        if identity is not None:
+            identity.check(path, file_metadata(path))
+        _read_parquet(path, TOPK_CANDIDATE_SCHEMA)
+
+    for layer_dir in sorted(p for p in (rd.root / "features").glob("*") if p.is_dir()):
+        for part in sorted(layer_dir.glob("part-*.parquet")):
+            yield part, feature_part, (f"delete it, then featscope extract {run} --layers {layer_dir.name} "
+                                       f"--shard {int(part.stem.split('-')[1])}")
+    for part in sorted((rd.root / "topk" / "candidates").glob("*/part-*.parquet")):
+        yield part, candidates, f"delete it, then featscope extract {run} --topk K --shard {int(part.stem[5:])}"
+    for layer in rd.topk_layers():
+        yield rd.topk(layer), _as(TOPK_SCHEMA), f"featscope topk merge {run} --layer {layer}"
+    for part in sorted(rd.predictions_dir.glob("part-*.parquet")) if rd.predictions_dir.is_dir() else []:
+        yield part, _as(PREDICTION_SCHEMA), f"delete it, then featscope extract {run} --shard {int(part.stem[5:])}"
+    for path in sorted((rd.root / "embedding").glob("*.parquet")):
+        yield path, _as(EMBEDDING_SCHEMA), f"featscope embed {run} --layer {path.stem}"
+    for layer_dir in sorted(p for p in rd.index_root.glob("*") if p.is_dir()) if rd.index_root.is_dir() else []:
+        def index_set(path: Path) -> None:
+            from featscope.index import NeighbourIndex
+
+            NeighbourIndex.load(path.parent)
+
+        yield layer_dir / "meta.json", index_set, f"featscope index build {run} --layer {layer_dir.name}"
+    for method in rd.saliency_methods():
+        for npz in sorted(rd.saliency_dir(method).glob("*.npz")):
+            yield npz, _read_npz, f"featscope saliency {run} --method {method} --select ids={npz.stem} --overwrite"
+    for part in sorted(rd.saliency_summary_dir.glob("*.parquet")) if rd.saliency_summary_dir.is_dir() else []:
+        yield part, _read_parquet, f"featscope saliency {run} --method {part.stem}"
+
+
+def _read_npz(path: Path) -> None:
+    with np.load(path) as data:
+        for name in data.files:
+            data[name]
+
+
+def _generic_fix(rd: RunDir, path: Path) -> str:
+    if path == rd.run_json:
+        return "restore it from a backup, or rerun `featscope manifest` and `featscope extract` (ids are kept)"
+    top = path.relative_to(rd.root).parts[0]
+    return f"delete it and rerun the workflow (or the stage that writes {top}/)"
+
+
+def verify(rd: RunDir) -> Verification:
+    """Check each known file by its kind (readable, checksummed pages, the columns of its
+    kind, the run's model), and every file featscope registered (see core.atomic) against
+    its recorded size and sha256."""
+    start = time.perf_counter()
+    if not rd.run_json.exists():
+        raise FeatscopeError(f"{rd.root} is not a run: no run.json")
+    try:
+        json.loads(rd.run_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FeatscopeError(f"{rd.run_json} is damaged ({e}): restore it from a backup, or start the run "
+                             f"again") from None
+    out = Verification()
+    damaged: dict[Path, tuple[str, str]] = {}
+    fixes: dict[Path, str] = {}
+    for path, check, fix in _files(rd):
+        out.checked += 1
+        fixes[path] = fix
+        if not path.exists():
+            damaged[path] = ("missing", fix)
+            continue
+        try:
+            check(path)
+        except (OSError, pa.ArrowException, FeatscopeError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            damaged[path] = (str(e).splitlines()[0][:160] or type(e).__name__, fix)
+    for registry in sorted(rd.root.rglob(REGISTRY)):
+        for name, entry in registered(registry.parent).items():
+            path = registry.parent / name
+            if not path.exists() or path in damaged:
+                continue  # deleted on purpose (a retired image's map), or already named
+            out.checked += path not in fixes
+            if path.stat().st_size != entry.get("size") or file_digest(path) != entry.get("sha256"):
+                fix = fixes.get(path) or fixes.get(path.parent / "meta.json") or _generic_fix(rd, path)
+                damaged[path] = ("changed or damaged since it was written (sha256 differs)", fix)
+    out.damaged = [(path, problem, fix) for path, (problem, fix) in sorted(damaged.items())]
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+@dataclass(frozen=True)
+class VerifyOptions(Options):
+    pass
+
+
+def run(rd: RunDir, options: VerifyOptions) -> Verification:
+    return verify(rd)
+
+
+COMMANDS = [
+    Command("verify", VerifyOptions, run, records_timing=False,
+            help="read every file of a run back; name each damaged one and the command that rebuilds it",
+            description=__doc__.split("\n\n")[1].replace("\n", " ")),
+]
