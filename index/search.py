@@ -5,6 +5,8 @@
     ix.search_vectors(array, k=10)         # neighbours of any vectors of the right dimension
 
 Files of `<run>/index/<layer>/`: index.faiss, ids.parquet (row -> image_id), meta.json.
+`<layer>` is a symbolic link to the current version folder (`.<layer>.<pid>.<random>`), which
+a save replaces in one atomic rename.
 Distances are cosine distances (1 - cosine similarity) for cosine indexes, Euclidean
 distances for l2 ones; with PCA they are measured in the reduced space.
 """
@@ -15,6 +17,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,18 +37,17 @@ class Neighbours(NamedTuple):
     distances: np.ndarray  # (queries, k) float32
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)
-
-
 def _file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _tmp(path: Path) -> Path:
-    """A temporary name of this process and call: concurrent saves never share a file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+_STEP_HOOK = None  # tests: called with the step number between the file operations of `save`
+
+
+def _step(number: int) -> None:
+    if _STEP_HOOK is not None:
+        _STEP_HOOK(number)
 
 
 class NeighbourIndex:
@@ -61,21 +63,33 @@ class NeighbourIndex:
     @classmethod
     def load(cls, directory: str | Path, *, mmap: bool = False) -> NeighbourIndex:
         """The index saved in `directory` (index.faiss, ids.parquet, meta.json), refused in one
-        line if the three files do not belong together (see `save`)."""
+        line if the three files do not belong together (see `save`). The directory is
+        resolved once, so a save switching to a new version meanwhile is not mixed in."""
         directory = Path(directory)
-        if not (directory / META_FILE).exists():
+        for attempt in range(3):
+            real = directory.resolve()
+            try:
+                return cls._load(directory, real, mmap)
+            except FileNotFoundError:  # the version just replaced, removed while being read
+                if attempt == 2 or real == directory.resolve():
+                    raise FeatscopeError(f"no index in {directory}: it has no {META_FILE}") from None
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load(cls, directory: Path, real: Path, mmap: bool) -> NeighbourIndex:
+        if not (real / META_FILE).exists():
             raise FeatscopeError(f"no index in {directory}: it has no {META_FILE}")
-        meta = json.loads((directory / META_FILE).read_text())
+        meta = json.loads((real / META_FILE).read_text())
         for name in (INDEX_FILE, IDS_FILE):
             want = (meta.get("files") or {}).get(name)
-            if want and _file_digest(directory / name) != want:
+            if want and _file_digest(real / name) != want:
                 raise FeatscopeError(f"{directory / name} is not the file its {META_FILE} describes (changed or "
                                      f"damaged since the build): rebuild the index with `featscope index build`")
         flags = 0
         if mmap:  # inverted lists map through the on-disk hook; flat codes through the mapped reader
             flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if meta.get("nlist") else faiss.IO_FLAG_MMAP_IFC
-        index = faiss.read_index(str(directory / INDEX_FILE), flags)
-        ids = pq.read_table(directory / IDS_FILE)["image_id"].to_numpy()
+        index = faiss.read_index(str(real / INDEX_FILE), flags)
+        ids = pq.read_table(real / IDS_FILE)["image_id"].to_numpy()
         counts = {"index.faiss": int(index.ntotal), "ids.parquet": len(ids), "meta.json": meta.get("vectors")}
         if len({v for v in counts.values() if v is not None}) > 1 or index.d != meta.get("dims", index.d):
             raise FeatscopeError(f"the files of {directory} do not belong together ("
@@ -84,25 +98,37 @@ class NeighbourIndex:
         return cls(index, ids, meta, directory)
 
     def save(self, directory: str | Path, extra_meta: dict | None = None) -> None:
-        """Write the three files, each atomically; meta.json last, recording the other two's
-        sha256, so its presence means complete and a set mixed by a crash between two
-        renames, or a file copied in from elsewhere, is refused when loaded."""
+        """Write the three files into a fresh version folder beside `directory`, then make
+        `directory` (a symbolic link) point to it with one atomic rename: a reader sees the
+        old complete index or the new one, never a mix, whenever the writer stops. meta.json
+        records the other two files' sha256, so a file changed later is refused too."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        files = {}
-        tmp = _tmp(directory / INDEX_FILE)
-        faiss.write_index(self.index, str(tmp))
-        files[INDEX_FILE] = _file_digest(tmp)
-        (directory / META_FILE).unlink(missing_ok=True)  # from here until the end, the set is incomplete
-        _replace(tmp, directory / INDEX_FILE)
-        tmp = _tmp(directory / IDS_FILE)
-        pq.write_table(pa.table({"image_id": pa.array(self.ids, pa.int64())}), tmp, write_page_checksum=True)
-        files[IDS_FILE] = _file_digest(tmp)
-        _replace(tmp, directory / IDS_FILE)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        version = directory.with_name(f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        version.mkdir()
+        _step(1)
+        faiss.write_index(self.index, str(version / INDEX_FILE))
+        _step(2)
+        pq.write_table(pa.table({"image_id": pa.array(self.ids, pa.int64())}), version / IDS_FILE,
+                       write_page_checksum=True)
+        _step(3)
+        files = {name: _file_digest(version / name) for name in (INDEX_FILE, IDS_FILE)}
         self.meta = self.meta | (extra_meta or {}) | {"files": files}
-        tmp = _tmp(directory / META_FILE)
-        tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
-        _replace(tmp, directory / META_FILE)
+        (version / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
+        _step(4)
+        previous = directory.resolve() if directory.is_symlink() else None
+        if directory.exists() and not directory.is_symlink():  # an index saved before versions
+            retired = directory.with_name(f".{directory.name}.old.{os.getpid()}.{secrets.token_hex(4)}")
+            os.replace(directory, retired)
+            previous = retired
+        _step(5)
+        link = directory.with_name(f".{directory.name}.link.{os.getpid()}.{secrets.token_hex(4)}")
+        os.symlink(version.name, link)
+        _step(6)
+        os.replace(link, directory)  # the switch
+        _step(7)
+        if previous is not None and previous != version and previous.name.startswith("."):
+            shutil.rmtree(previous, ignore_errors=True)
         self.directory = directory
 
     def _apply_search_params(self) -> None:

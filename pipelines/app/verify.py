@@ -104,13 +104,13 @@ def _files(rd: RunDir) -> Iterator[tuple[Path, Callable[[Path], None], str]]:
         yield part, _as(PREDICTION_SCHEMA), f"delete it, then featscope extract {run} --shard {int(part.stem[5:])}"
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         yield path, _as(EMBEDDING_SCHEMA), f"featscope embed {run} --layer {path.stem}"
-    for layer_dir in sorted(p for p in rd.index_root.glob("*") if p.is_dir()) if rd.index_root.is_dir() else []:
+    for layer in rd.index_layers():
         def index_set(path: Path) -> None:
             from featscope.index import NeighbourIndex
 
             NeighbourIndex.load(path.parent)
 
-        yield layer_dir / "meta.json", index_set, f"featscope index build {run} --layer {layer_dir.name}"
+        yield rd.index_meta(layer), index_set, f"featscope index build {run} --layer {layer}"
     for method in rd.saliency_methods():
         for npz in sorted(rd.saliency_dir(method).glob("*.npz")):
             yield npz, _read_npz, f"featscope saliency {run} --method {method} --select ids={npz.stem} --overwrite"
@@ -163,7 +163,7 @@ def verify(rd: RunDir) -> Verification:
                 continue  # deleted on purpose (a retired image's map), or already named
             out.checked += path not in fixes
             if path.stat().st_size != entry.get("size") or file_digest(path) != entry.get("sha256"):
-                fix = fixes.get(path) or fixes.get(path.parent / "meta.json") or _generic_fix(rd, path)
+                fix = fixes.get(path) or _generic_fix(rd, path)
                 damaged[path] = ("changed or damaged since it was written (sha256 differs)", fix)
     out.damaged = [(path, problem, fix) for path, (problem, fix) in sorted(damaged.items())]
     out.seconds = time.perf_counter() - start

@@ -153,7 +153,8 @@ class RunDir:
         """Layers with a built index, sorted."""
         if not self.index_root.is_dir():
             return []
-        return sorted(p.name for p in self.index_root.iterdir() if (p / "meta.json").exists())
+        return sorted(p.name for p in self.index_root.iterdir()
+                      if not p.name.startswith(".") and (p / "meta.json").exists())  # .<layer>.*: versions
 
     @property
     def index_evaluation(self) -> Path:

@@ -199,3 +199,45 @@ def test_plans_follow_size_and_memory():
     assert parse_bytes("512MB") == 512 << 20 and parse_bytes("1.5GiB") == int(1.5 * (1 << 30))
     with pytest.raises(FeatscopeError):
         parse_bytes("lots")
+
+
+@pytest.mark.parametrize("stop_after", range(1, 8))
+def test_a_save_stopped_at_any_step_leaves_the_old_index_or_the_new_one(tmp_path, monkeypatch, stop_after):
+    """Fault injection: the writer stops after step i of `save` (not by timing: a hook), and a
+    reader then opens a complete index, the old one or the new one, never a mix."""
+    from featscope.index import search
+
+    old = NeighbourIndex.from_build(build_index(as_chunks(clustered(100, 8), np.arange(100)), n=100, dims=8))
+    new = NeighbourIndex.from_build(build_index(as_chunks(clustered(300, 8, seed=1), np.arange(300) + 1000),
+                                                n=300, dims=8))
+    old.save(tmp_path / "pool")
+
+    def stop(step):
+        if step == stop_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "_STEP_HOOK", stop)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(tmp_path / "pool")
+    monkeypatch.setattr(search, "_STEP_HOOK", None)
+    seen = NeighbourIndex.load(tmp_path / "pool")
+    assert seen.ids.tolist() in (old.ids.tolist(), new.ids.tolist())
+    assert len(seen) == len(seen.ids) == seen.meta["vectors"]
+    assert seen.search_ids([seen.ids[0]], k=1).image_ids[0, 0] == seen.ids[0]
+    new.save(tmp_path / "pool")  # the rerun completes it
+    assert NeighbourIndex.load(tmp_path / "pool").ids.tolist() == new.ids.tolist()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["pool"]
+
+
+def test_an_index_saved_before_versions_is_replaced_in_place(tmp_path):
+    ix = NeighbourIndex.from_build(build_index(as_chunks(clustered(100, 8), np.arange(100)), n=100, dims=8))
+    legacy = tmp_path / "pool"
+    legacy.mkdir()  # a plain folder, as featscope wrote indexes before
+    import faiss as _faiss
+    _faiss.write_index(ix.index, str(legacy / "index.faiss"))
+    ix.save(tmp_path / "tmp-copy")
+    for name in ("ids.parquet", "meta.json"):
+        (legacy / name).write_bytes((tmp_path / "tmp-copy" / name).read_bytes())
+    assert len(NeighbourIndex.load(legacy)) == 100
+    ix.save(legacy)
+    assert legacy.is_symlink() and len(NeighbourIndex.load(legacy)) == 100

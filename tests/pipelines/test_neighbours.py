@@ -138,3 +138,18 @@ def test_the_evaluation_table_shows_every_label_by_its_full_name():
     assert set(rows) == {"(all)", *labels}
     assert rows["golden_eagle"] == ["2", "0.010", "0.010"] and rows["(all)"] == ["210", "0.500", "0.250"]
     assert table[1].split() == ["label", "queries", "pool", "pixels"]
+
+
+def test_two_index_builds_of_one_layer_at_once_leave_a_whole_index(indexed_run):
+    before = neighbours.open_index(indexed_run, "pool")
+    command = [sys.executable, "-m", "featscope.pipelines.app.cli", "index", "build", "--run", str(indexed_run.root),
+               "--layer", "pool", "--quiet"]
+    for _ in range(2):  # twice over, two builders each time
+        jobs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for job in jobs:
+            _, err = job.communicate(timeout=300)
+            assert job.returncode == 0, err
+        after = neighbours.open_index(indexed_run, "pool")
+        assert sorted(after.ids.tolist()) == sorted(before.ids.tolist())
+        assert after.search_ids(before.ids[:3], k=4).image_ids.tolist() == \
+            before.search_ids(before.ids[:3], k=4).image_ids.tolist()
