@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def reported_run(tmp_path_factory, digits):
     """A small run through every stage that the report shows, then `featscope report`:
     features, indexes (pool and pixels) and their evaluation, top-k of layer3, a t-SNE grid, Grad-CAM overlays."""
     from featscope.pipelines.app import report
-    from featscope.pipelines.core import manifest, timings
+    from featscope.pipelines.core import history, manifest, timings
     from featscope.pipelines.core.rundir import RunDir
     from featscope.pipelines.stages import embed, extract, mosaic, saliency, topk
     from featscope.pipelines.stages import index as neighbours
@@ -64,5 +65,6 @@ def reported_run(tmp_path_factory, digits):
     saliency.explain_batch(str(rd.root), saliency.SaliencyOptions(method="gradcam"),
                            saliency.ModelRef("resnet18", "random", 0, None), photos)
     timings.record(rd, "extract-shard-00000", 1.5)  # as the CLI would have
+    history.record_run(rd, time.time() - 60, "ok")  # as the workflow would have
     report.build(rd, k=4, progress=False)
     return rd

@@ -5,7 +5,7 @@ rendered by report_assets/report.js), small JPEG thumbnails made once per image
 (report/thumbs/, lazy-loaded by the pages), and the data as JavaScript files loaded with
 <script> tags (browsers refuse fetch() from file://):
 
-  data/run.js             summary, bad inputs, stage timings, layers, mosaics, toolbox pictures
+  data/run.js             summary, bad inputs, stage timings, run history, layers, mosaics, toolbox
   data/topk-<layer>.js    each unit's top-k images and values
   data/images-NNNN.js     per 1,000 images: label, path name, the model's top classes, neighbours
                           per space, saliency methods
@@ -33,6 +33,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, write_bytes_atomic
+from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
@@ -258,6 +259,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "bad_inputs": errors.num_rows,
         "errors": errors.slice(0, 200).to_pylist(),
         "timings": read_timings(rd),
+        "history": read_history(rd)[-50:],
         "topk": _layers(rd), "mosaics": _mosaics(rd), "toolbox": _toolbox(rd),
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
         "evaluation": json.loads(rd.index_evaluation.read_text()) if rd.index_evaluation.exists() else None,

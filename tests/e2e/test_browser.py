@@ -109,7 +109,7 @@ def test_unit_gallery_and_unit_page(reported_run, page):
     assert page.errors == []
 
 
-def test_image_page_shows_the_prediction_and_timings_start_collapsed(reported_run, page):
+def test_image_page_shows_the_prediction_and_timings_and_history_start_collapsed(reported_run, page):
     rd = reported_run
     image_id = manifest.read(rd).to_pylist()[0]["image_id"]
     page.goto((rd.report_dir / "image.html").as_uri() + f"?id={image_id}")
@@ -117,6 +117,8 @@ def test_image_page_shows_the_prediction_and_timings_start_collapsed(reported_ru
     best = read_predictions(rd)[image_id][0]
     assert f"class {best[0]} ({best[1]:.2f})" in row  # random weights: classes shown by number
     page.goto((rd.report_dir / "index.html").as_uri())
+    history = page.locator("section", has_text="Run history").locator("summary").inner_text()
+    assert history.startswith("1 workflow run; the last ") and ": ok, +" in history
     details = page.locator("section", has_text="Stage timings").locator("details")
     assert details.count() == 1 and details.get_attribute("open") is None
     assert not page.locator("section", has_text="Stage timings").locator("table").is_visible()

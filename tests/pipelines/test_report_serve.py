@@ -42,6 +42,7 @@ def test_report_holds_every_image_with_its_exact_neighbours(reported_run):
     assert run["images"] == len(rows) and [m["layer"] for m in run["mosaics"]] == ["pool"]
     assert run["topk"][0]["name"] == "layer3" and run["topk"][0]["rendered"] == [0, 1, 2, 3]
     assert "viz" not in json.dumps(run["toolbox"])  # no toolbox in this run: the part is absent, not broken
+    assert [h["status"] for h in run["history"]] == ["ok"] and run["history"][0]["images"] == len(rows)
 
 
 def test_toolbox_pictures_are_grouped_under_headings_with_captions(tmp_path):

@@ -57,6 +57,15 @@ const FS = (() => {
       t.append(el("details", {}, el("summary", { text: `${run.timings.length} stage records, ${total.toFixed(0)} s in all` }),
         table([["stage", "seconds", "finished"], ...run.timings.map((r) => [r.stage, r.seconds, r.finished])])));
     }
+    if ((run.history || []).length) {
+      const h = section("Run history");
+      const last = run.history[run.history.length - 1];
+      h.append(el("details", {}, el("summary", { text: `${run.history.length} workflow run${run.history.length === 1 ? "" : "s"}; the last ${last.finished}: ` +
+          `${last.status}, +${last.added} new, ${last.edited} edited, ${last.retired} retired, ${last.jobs.length} jobs` }),
+        table([["finished", "status", "seconds", "images", "added", "edited", "retired", "jobs"],
+          ...run.history.slice().reverse().map((r) => [r.finished, r.status, r.seconds, r.images, r.added, r.edited,
+            r.retired, r.jobs.length])])));
+    }
     if (run.evaluation) {
       const v = section("Neighbours: feature space against pixel space");
       const rows = Object.entries(run.evaluation.layers);
