@@ -99,9 +99,10 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         out.lines.append(f"top-k {layer}: {plural(len(ids), 'distinct image')}, {state}")
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         describe("map", path.stem, _ids(path))
+    live_set = set(live.tolist())
     for method in rd.saliency_methods():
         maps = rd.saliency_overlays(method)
-        gone = sum(i not in set(live.tolist()) for i in maps)
+        gone = sum(i not in live_set for i in maps)
         out.lines.append(f"saliency {method}: {plural(len(maps), 'map')}" + (f", {gone} of retired images" if gone
                                                                                else ""))
         if gone:

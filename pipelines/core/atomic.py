@@ -34,10 +34,14 @@ def put_in_place(tmp: Path, path: Path) -> None:
     """Rename a finished temporary file onto `path` and register what it holds."""
     digest, size = file_digest(tmp), tmp.stat().st_size
     os.replace(tmp, path)
-    line = json.dumps({"name": path.name, "sha256": digest, "size": size}) + "\n"
-    fd = os.open(path.parent / REGISTRY, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    append_line(path.parent / REGISTRY, json.dumps({"name": path.name, "sha256": digest, "size": size}))
+
+
+def append_line(path: Path, text: str) -> None:
+    """Append one line with a single write: lines of concurrent writers never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line.encode())  # one short write: lines of concurrent writers never interleave
+        os.write(fd, (text + "\n").encode())
     finally:
         os.close(fd)
 

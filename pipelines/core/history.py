@@ -8,9 +8,9 @@ whether it succeeded, so a scheduled run's record answers "what did last night's
 from __future__ import annotations
 
 import json
-import os
 import time
 
+from featscope.pipelines.core.atomic import append_line
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.timings import read_timings
 
@@ -31,12 +31,7 @@ def record_run(rd: RunDir, started: float, status: str) -> dict:
         "jobs": sorted(t["stage"] for t in read_timings(rd) if t["finished"] >= since),
     }
     rd.root.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(row, sort_keys=True) + "\n").encode()
-    fd = os.open(rd.history, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # one write: lines never interleave
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    append_line(rd.history, json.dumps(row, sort_keys=True))
     return row
 
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
-from featscope.pipelines.core.atomic import write_bytes_atomic
+from featscope.pipelines.core.atomic import file_digest, write_bytes_atomic
 from featscope.pipelines.core.images import is_image_name
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_errors, write_table
@@ -99,11 +99,6 @@ def relative_key(path: str, root: Path) -> str:
         return Path(path).relative_to(root).as_posix()
     except ValueError:
         return path
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _walk(source: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
@@ -223,7 +218,7 @@ def compare(rd: RunDir, images: str | Path) -> Comparison:
         row = live.get(key)
         if row is not None and (row["size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
             continue
-        digest = file_sha256(path)
+        digest = file_digest(path)
         if row is None:
             new.append((key, label, st, digest))
         elif row["sha256"] in (None, digest):  # touched, or a manifest from before content checks

@@ -33,11 +33,12 @@ def _tile(path: str, side: int) -> Image.Image:
 def live_queries(rd: RunDir, image_ids: list[int]) -> tuple[list[int], list[int]]:
     """(queries still in the dataset, queries retired since they were chosen); an id the run
     never had is an error, a retired one is left out so a scheduled run goes on."""
-    ever = set(manifest.read(rd, include_removed=True)["image_id"].to_pylist())
+    table = manifest.read(rd, include_removed=True)
+    removed = dict(zip(table["image_id"].to_pylist(), table["removed"].to_pylist()))
     for query in image_ids:
-        if query not in ever:
+        if query not in removed:
             raise FeatscopeError(f"image_id {query} is not in run {rd.root}")
-    present = set(manifest.read(rd)["image_id"].to_pylist())
+    present = {i for i, gone in removed.items() if not gone}
     live = [q for q in image_ids if q in present]
     if not live:
         raise FeatscopeError(f"every query image ({', '.join(map(str, image_ids))}) has left the dataset of "
