@@ -57,7 +57,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         vanished = len(found.retired) - found.edited
         out.pending = {"new": len(found.new) - found.edited, "edited": found.edited, "vanished": vanished}
         if found.changed:
-            again = sorted({r["shard"] for r in found.retired})
+            again = manifest.shards_to_redo(rd, found.retired, found.rows)
             out.lines.append(f"images {source}: {out.pending['new']} new, {found.edited} edited, {vanished} vanished "
                              f"since the manifest; a rerun updates the manifest, extracts the new images"
                              + (f", extracts shards {', '.join(map(str, again))} again" if again else "")

@@ -11,9 +11,10 @@ scheduled runs, and the manifest follows them:
   gets a new id (in a new shard) and the old id is retired (`removed`, `replaced_by` the
   new id). A file only touched keeps its id.
 - New paths get new ids in new shards; vanished ones are retired, never renumbered.
-- A shard that lost an image has its extracted files deleted (`RunDir.shard_files`), so
-  extract redoes that shard without it: every shard's files describe exactly its live images,
-  and a unit's top-k never needs a candidate the shard did not keep.
+- A shard that lost images keeps its extracted files (every stage reads them without retired
+  images) unless a unit's top-k candidates ran short there (shards keep 2k a unit): then its
+  files are deleted (`RunDir.shard_files`) and extract redoes it, so a unit's top-k never
+  needs a candidate the shard did not keep.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -35,7 +37,7 @@ from featscope.kernels.params import ParamError
 from featscope.pipelines.core.atomic import file_digest, write_bytes_atomic
 from featscope.pipelines.core.images import is_image_name
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import write_errors, write_table
+from featscope.pipelines.core.store import candidates_run_short, file_metadata, write_errors, write_table
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
@@ -270,7 +272,7 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
                                    "message": reason} for p, reason in found.skipped])
     else:
         error_part.unlink(missing_ok=True)
-    invalidated = sorted({r["shard"] for r in retired})
+    invalidated = shards_to_redo(rd, retired, rows)
     for shard in invalidated:
         for path in rd.shard_files(shard):
             path.unlink(missing_ok=True)
@@ -292,6 +294,38 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
         seconds=time.perf_counter() - start, edited=edited, retired_now=len(retired) - edited,
         invalidated_shards=invalidated, skipped=found.skipped,
     )
+
+
+def shards_to_redo(rd: RunDir, retired: list[dict], rows: list[dict]) -> list[int]:
+    """Shards whose extracted files must go now that `retired` images left them: those with no
+    live image left, and those where some unit's top-k candidates ran short (see
+    `candidates_run_short`). The others keep their files; every stage reads them without the
+    retired images, so a removal costs no re-extraction."""
+    by_shard: dict[int, list[int]] = {}
+    for r in retired:
+        by_shard.setdefault(r["shard"], []).append(r["image_id"])
+    live_shards = {r["shard"] for r in rows if not r["removed"]}
+    return [shard for shard, ids in sorted(by_shard.items())
+            if shard not in live_shards or _candidates_short(rd, shard, np.asarray(ids, dtype=np.int64))]
+
+
+def _candidates_short(rd: RunDir, shard: int, gone: np.ndarray) -> bool:
+    """True if, without the images `gone`, some layer's candidates of `shard` run short (or
+    cannot be read: extracting again is the safe answer)."""
+    for layer in rd.topk_candidate_layers():
+        part = rd.topk_candidates_part(layer, shard)
+        if not part.exists():
+            continue
+        try:
+            meta = file_metadata(part)
+            table = pq.read_table(part, columns=["channel", "image_id"])
+        except (FeatscopeError, OSError, pa.ArrowException):
+            return True
+        k = int(meta.get("k", 0))
+        if len(candidates_run_short(table["channel"].to_numpy(), table["image_id"].to_numpy(), gone, k,
+                                    int(meta.get("depth", k)))):
+            return True
+    return False
 
 
 def read_rows(rd: RunDir, root: Path) -> list[dict]:

@@ -53,12 +53,11 @@ class RunDir:
         return self.root / "listing.sha256"
 
     def shard_files(self, shard: int) -> list[Path]:
-        """Every file extract writes for a shard (of every layer): removed together when an
-        image of the shard is retired, so the shard is extracted again without it."""
+        """Every file extract writes for a shard (of every layer): removed together when the
+        shard must be extracted again (see `manifest.shards_to_redo`)."""
         layers = sorted(p for p in (self.root / "features").glob("*") if p.is_dir())
-        candidates = sorted(p for p in (self.root / "topk" / "candidates").glob("*") if p.is_dir())
         return ([self.feature_part(layer.name, shard) for layer in layers]
-                + [self.topk_candidates_part(layer.name, shard) for layer in candidates]
+                + [self.topk_candidates_part(layer, shard) for layer in self.topk_candidate_layers()]
                 + [self.prediction_part(shard), self.error_part("extract", shard)])
 
     @property
@@ -101,6 +100,10 @@ class RunDir:
     def topk_candidates_template(self, layer: str) -> str:
         """The candidates path with `{shard}` left for Snakemake to fill."""
         return str(self.root / "topk" / "candidates" / layer / "part-{shard}.parquet")
+
+    def topk_candidate_layers(self) -> list[str]:
+        """Layers that have top-k candidate folders."""
+        return sorted(p.name for p in (self.root / "topk" / "candidates").glob("*") if p.is_dir())
 
     def topk_candidate_parts(self, layer: str) -> list[Path]:
         return sorted((self.root / "topk" / "candidates" / layer).glob("part-*.parquet"))

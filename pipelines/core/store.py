@@ -217,12 +217,31 @@ def write_topk(path: Path, columns: dict[str, np.ndarray], identity: RunIdentity
         pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
 
 
+TOPK_DEPTH = 2  # shards keep 2k candidates a unit, so retiring images rarely forces a re-extraction
+
+
 def topk_is_complete(path: Path, identity: RunIdentity, k: int) -> bool:
+    """True if a shard's candidates exist for this run and the top-k asked (files written
+    before TOPK_DEPTH kept exactly k: still right, only re-extracted sooner on removals)."""
     if not path.exists():
         return False
     meta = file_metadata(path)
     identity.check(path, meta)
     return int(meta.get("k", -1)) == k
+
+
+def candidates_run_short(channel: np.ndarray, image_id: np.ndarray, retired: np.ndarray, k: int,
+                         depth: int) -> np.ndarray:
+    """Units of one shard whose kept candidates, without the `retired` images, may no longer
+    hold the shard's top-k live images: the list was full (`depth` deep, so deeper images
+    were dropped) and fewer than k live candidates are left. Empty: the merge stays exact."""
+    channel = np.asarray(channel, dtype=np.int64)
+    if len(channel) == 0:
+        return channel
+    live = ~np.isin(image_id, retired)
+    kept = np.bincount(channel, minlength=channel.max() + 1)
+    left = np.bincount(channel[live], minlength=len(kept))
+    return np.flatnonzero((kept >= depth) & (left < k))
 
 
 PREDICTION_SCHEMA = pa.schema([

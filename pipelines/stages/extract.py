@@ -35,6 +35,7 @@ from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.store import (
     FeaturePartWriter,
+    TOPK_DEPTH,
     RunIdentity,
     part_is_complete,
     topk_is_complete,
@@ -154,7 +155,7 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
 def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: FeatureExtractor, identity: RunIdentity,
                    *, batch_size: int, workers: int, topk: int, bar: tqdm) -> tuple[int, int]:
     """Extract the shard's missing `layers` (finished parts of other layers are left alone)."""
-    trackers = {layer: RunningTopK(extractor.dims[layer], topk, extractor.device)
+    trackers = {layer: RunningTopK(extractor.dims[layer], topk * TOPK_DEPTH, extractor.device)
                 for layer in layers if topk and layer != PIXELS}
     rows = manifest.read(rd, shard)
     ids, paths = rows["image_id"].to_pylist(), rows["path"].to_pylist()
@@ -197,7 +198,8 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
             error_part.unlink(missing_ok=True)
         for layer, tracker in trackers.items():
             columns = {name: t.numpy() for name, t in tracker.result().items()}
-            write_topk(rd.topk_candidates_part(layer, shard), columns, identity, layer=layer, k=topk, shard=shard)
+            write_topk(rd.topk_candidates_part(layer, shard), columns, identity, layer=layer, k=topk,
+                       depth=topk * TOPK_DEPTH, shard=shard)
         if predicted:
             write_predictions(rd.prediction_part(shard), *(np.concatenate(c) for c in zip(*predicted)), identity,
                               shard=shard)

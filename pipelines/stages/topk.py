@@ -33,7 +33,8 @@ from featscope.pipelines.core.images import BadImage, image_size, open_image
 from featscope.pipelines.core.models import Preprocessing
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import RunIdentity, file_metadata, write_topk
+from featscope.pipelines.core.store import RunIdentity, candidates_run_short, file_metadata, write_topk
+from featscope.pipelines.core.text import plural
 
 
 @dataclass
@@ -65,10 +66,22 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None) -> MergeSummary:
     k = k or min(shard_k)
     if k > min(shard_k):
         raise FeatscopeError(f"the shards kept only the top {min(shard_k)} per unit; ask for at most that")
+    tables, short = [], []
     for p in parts:
-        identity.check(p, file_metadata(p))
-    table = pa.concat_tables([pq.read_table(p) for p in parts])
-    table = table.filter(pc.is_in(table["image_id"], present["image_id"]))
+        meta = file_metadata(p)
+        identity.check(p, meta)
+        part = pq.read_table(p)
+        live = pc.is_in(part["image_id"], present["image_id"])
+        ids = part["image_id"].to_numpy()
+        if len(candidates_run_short(part["channel"].to_numpy(), ids, ids[~live.to_numpy(zero_copy_only=False)], k,
+                                    int(meta.get("depth", meta["k"])))):
+            short.append(int(meta.get("shard", p.stem.split("-")[1])))
+        tables.append(part.filter(live))
+    if short:  # the manifest re-extracts such shards; this guards runs it did not update
+        raise FeatscopeError(f"the candidates of {plural(len(short), 'shard')} ({', '.join(map(str, short[:5]))}) lost "
+                             f"too many retired images to give an exact top-{k}: rerun `featscope manifest`, "
+                             "then extract them again")
+    table = pa.concat_tables(tables)
     cols = {name: torch.from_numpy(table[name].to_numpy().copy()) for name in table.column_names}  # Arrow arrays are read-only
     keep = merge_topk(cols["channel"].long(), cols["value"], cols["image_id"], k)
     out = {name: col[keep] for name, col in cols.items()}

@@ -4,6 +4,7 @@ an image's identity is its path and content: edits retire the old id, moves keep
 import os
 import shutil
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import read_errors
+from featscope.pipelines.core.store import RunIdentity, candidates_run_short, read_errors, write_topk
 
 
 def touch_images(root, names):
@@ -117,7 +118,7 @@ def test_paths_are_stored_relative_so_a_moved_dataset_keeps_its_ids(tmp_path):
     assert all(os.path.exists(r["path"]) and "/moved/" in r["path"] for r in after)  # read() gives usable paths
 
 
-def test_an_edited_file_is_a_new_image_and_its_old_shard_is_extracted_again(tmp_path):
+def test_an_edited_file_is_a_new_image_and_its_old_shard_keeps_its_files(tmp_path):
     touch_images(tmp_path / "images", ["a/1.png", "a/2.png", "b/3.png"])
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, tmp_path / "images", shard_size=2)
@@ -132,8 +133,8 @@ def test_an_edited_file_is_a_new_image_and_its_old_shard_is_extracted_again(tmp_
     assert old["removed"] and old["replaced_by"] == 3
     new = next(r for r in got if r["image_id"] == 3)
     assert not new["removed"] and new["path"].endswith("a/2.png") and new["shard"] == 2
-    assert s.edited == 1 and s.added == 0 and s.invalidated_shards == [0]
-    assert not rd.feature_part("pool", 0).exists() and rd.feature_part("pool", 1).exists()
+    assert s.edited == 1 and s.added == 0 and s.invalidated_shards == []  # no top-k candidates ran short
+    assert rd.feature_part("pool", 0).exists() and rd.feature_part("pool", 1).exists()
     assert rd.live_ids.read_text().split() == ["0", "2", "3"] != live_before.split()
 
 
@@ -148,6 +149,36 @@ def test_a_touched_file_keeps_its_id_and_the_live_set_file_its_time(tmp_path):
     assert s.edited == 0 and s.removed == 0 and s.invalidated_shards == []
     assert rows(rd)["a/2.png"]["mtime_ns"] == path.stat().st_mtime_ns  # the fast check is up to date
     assert rd.live_ids.stat().st_mtime_ns == stamp
+
+
+def write_candidates(rd, shard, channel, image_id, k, depth):
+    """A shard's top-k candidates as extract writes them (values and cells do not matter here)."""
+    n = len(channel)
+    columns = {"channel": channel, "rank": np.zeros(n), "value": np.zeros(n), "image_id": image_id,
+               "fy": np.zeros(n), "fx": np.zeros(n)}
+    rd.topk_candidates_part("pool", shard).parent.mkdir(parents=True, exist_ok=True)
+    write_topk(rd.topk_candidates_part("pool", shard), columns, RunIdentity("m", "w", "{}"), k=k, depth=depth)
+
+
+def test_candidates_run_short_only_where_a_full_list_lost_too_many():
+    channel = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])  # depth 4: units 0 and 1 full, unit 2 held every image
+    image_id = np.array([1, 2, 3, 4, 1, 5, 6, 7, 1, 2])
+    assert list(candidates_run_short(channel, image_id, np.array([1, 2]), k=2, depth=4)) == []
+    assert list(candidates_run_short(channel, image_id, np.array([1, 2, 3]), k=2, depth=4)) == [0]
+    assert list(candidates_run_short(channel, image_id, np.array([1, 5, 6]), k=2, depth=4)) == [1]
+
+
+def test_a_removal_reextracts_a_shard_only_where_its_candidates_ran_short(tmp_path):
+    touch_images(tmp_path / "images", [f"a/{i}.png" for i in range(8)])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=4)  # shard 0: ids 0-3, shard 1: ids 4-7
+    write_candidates(rd, 0, np.array([0, 0]), np.array([0, 1]), k=1, depth=2)
+    write_candidates(rd, 1, np.array([0, 0]), np.array([4, 5]), k=1, depth=2)
+    for name in ("a/0.png", "a/4.png", "a/5.png"):  # shard 0 keeps id 1; shard 1 lost both candidates
+        (tmp_path / "images" / name).unlink()
+    s = manifest.run(rd, tmp_path / "images")
+    assert s.invalidated_shards == [1] and manifest.shards(rd) == [0, 1]
+    assert rd.topk_candidates_part("pool", 0).exists() and not rd.topk_candidates_part("pool", 1).exists()
 
 
 def test_removals_invalidate_their_shards_and_a_vanished_shard_leaves_the_run(tmp_path):

@@ -1,6 +1,10 @@
 """Top-k per unit: equal to brute force over full activation maps; boxes land on the image."""
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -125,3 +129,37 @@ def test_merge_without_candidates_says_how_to_get_them(tmp_path, small_dataset):
         topk.merge(rd, "pool")
     with pytest.raises(FeatscopeError, match="cannot read units"):
         topk.parse_units("a-b")
+
+
+def test_merge_after_removals_equals_brute_force_over_the_live_images(tmp_path, small_dataset):
+    """Shards keep 2k candidates a unit: a shard that lost one image keeps its files, one that
+    lost more than a unit's spare candidates is extracted again, and the merge stays exact."""
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=8)
+    extract.extract(rd, ["layer2"], model="resnet18", weights="random", precision="fp32", batch_size=4,
+                    workers=0, topk=2, progress=False)
+    rows = manifest.read(rd).to_pylist()
+    for r in [r for r in rows if r["shard"] == 0][:1] + [r for r in rows if r["shard"] == 1][:4]:
+        Path(r["path"]).unlink()
+    summary = manifest.run(rd, small_dataset)
+    assert 0 not in summary.invalidated_shards and rd.topk_candidates_part("layer2", 0).exists()
+    extract.extract(rd, ["layer2"], precision="fp32", batch_size=4, workers=0, topk=2, progress=False)
+    topk.merge(rd, "layer2")
+    got = {}
+    for r in pq.read_table(rd.topk("layer2")).to_pylist():
+        got.setdefault(r["channel"], []).append((r["value"], r["image_id"], r["fy"], r["fx"]))
+    assert got == brute_force_topk(rd, "resnet18", "layer2", 2)
+
+
+def test_merge_refuses_candidates_that_ran_short(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=8)
+    extract.extract(rd, ["layer2"], model="resnet18", weights="random", precision="fp32", batch_size=4,
+                    workers=0, topk=1, progress=False)
+    table = pq.read_table(rd.topk_candidates_part("layer2", 0))
+    best = table.filter(pc.equal(table["channel"], 0))["image_id"].to_pylist()
+    rows = pq.read_table(rd.manifest)
+    removed = pc.or_(rows["removed"], pc.is_in(rows["image_id"], pa.array(best)))  # behind the manifest's back
+    pq.write_table(rows.set_column(rows.schema.get_field_index("removed"), "removed", removed), rd.manifest)
+    with pytest.raises(FeatscopeError, match="ran short|lost too many"):
+        topk.merge(rd, "layer2")
