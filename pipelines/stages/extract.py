@@ -34,8 +34,8 @@ from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.store import (
-    FeaturePartWriter,
     TOPK_DEPTH,
+    FeaturePartWriter,
     RunIdentity,
     part_is_complete,
     topk_is_complete,
