@@ -74,12 +74,18 @@ def _gather(chunks: Chunks, rows_wanted: list[np.ndarray], metric: str, advance:
     return [np.concatenate(parts) if parts else np.empty((0, 0), np.float32) for parts in out]
 
 
-def _tune(index: faiss.Index, plan: IndexPlan, queries: np.ndarray, truth: np.ndarray, target: float) -> tuple[dict, float]:
-    """Smallest search breadth whose recall@10 reaches `target` (or the widest tried)."""
+def _tune(index: faiss.Index, plan: IndexPlan, queries: np.ndarray, truth: np.ndarray, target: float,
+          truth_row: np.ndarray | None = None) -> tuple[dict, float]:
+    """Smallest search breadth whose recall@10 reaches `target` (or the widest tried).
+    `truth_row` maps index rows to the rows `truth` counts in, where they differ (an update)."""
     k = min(RECALL_K, index.ntotal)
-    if plan.kind == "flat":
+
+    def search() -> np.ndarray:
         _, found = index.search(queries, k)
-        return {}, recall_at_k(found, truth, k)
+        return found if truth_row is None else np.where(found >= 0, truth_row[np.maximum(found, 0)], -1)
+
+    if plan.kind == "flat":
+        return {}, recall_at_k(search(), truth, k)
     params = faiss.ParameterSpace()
     if plan.kind == "hnsw":
         name, values = "efSearch", [16, 32, 64, 128, 256, 512, 1024]
@@ -88,11 +94,15 @@ def _tune(index: faiss.Index, plan: IndexPlan, queries: np.ndarray, truth: np.nd
     recall = 0.0
     for value in values:
         params.set_index_parameter(index, name, value)
-        _, found = index.search(queries, k)
-        recall = recall_at_k(found, truth, k)
+        recall = recall_at_k(search(), truth, k)
         if recall >= target:
             break
     return {name: value}, recall
+
+
+def options_of(kind: str, metric: str, max_memory: int, seed: int) -> dict:
+    """The build options an index records, so an update can tell they are unchanged."""
+    return {"kind": kind, "metric": metric, "max_memory": int(max_memory), "seed": int(seed)}
 
 
 ADD_ROWS = 16_384  # vectors handled at once: bounds the temporaries next to the index
@@ -203,5 +213,6 @@ def build_index(chunks: Chunks, *, n: int, dims: int, kind: str = "auto", metric
         "vectors": int(n), "search_params": search_params, "recall_at_10": round(recall, 4),
         "recall_queries": int(len(queries)), "build_seconds": round(time.perf_counter() - start, 2),
         "estimated_bytes": plan.estimated_bytes, "seed": seed,
+        "options": options_of(kind, metric, max_memory, seed), "trained_vectors": int(n),
     }
     return BuildResult(index, ids, meta)

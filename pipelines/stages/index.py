@@ -17,7 +17,16 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from featscope.index import KINDS, METRICS, NeighbourIndex, build_index, parse_bytes
+from featscope.index import (
+    KINDS,
+    METRICS,
+    NeighbourIndex,
+    build_index,
+    options_of,
+    parse_bytes,
+    update_index,
+    why_rebuild,
+)
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.pipelines.core import manifest
@@ -33,31 +42,39 @@ from featscope.pipelines.core.version import FEATSCOPE_VERSION
 class IndexSummary:
     layer: str
     meta: dict
+    how: str = "built"  # "built", "built (why not updated)" or "updated"
 
     def line(self) -> str:
         m = self.meta
+        if self.how == "updated":
+            u = m["last_update"]
+            how = f"updated (+{u['added']} -{u['removed']} vectors, {u['seconds']:.1f}s)"
+        else:
+            how = f"{self.how}, {m['build_seconds']:.1f}s"
         return (f"index {self.layer}: {m['vectors']} vectors x {m['dims']} ({m['factory']}, {m['metric']}), "
-                f"recall@10 {m['recall_at_10']:.3f} vs exact on {m['recall_queries']} queries, "
-                f"{m['build_seconds']:.1f}s")
+                f"recall@10 {m['recall_at_10']:.3f} vs exact on {m['recall_queries']} queries; {how}")
 
 
 def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine", max_memory: str | int = "4GB",
-          seed: int = 0, progress: bool = True) -> IndexSummary:
-    """Build and save the index of `layer`'s features."""
+          seed: int = 0, rebuild: bool = False, progress: bool = True) -> IndexSummary:
+    """Bring the index of `layer`'s features up to date with the live images: update the
+    previous index where `why_rebuild` allows (and recall holds), else build it anew."""
     identity = RunIdentity.of_run(rd.read_config())
     parts = manifest.feature_parts(rd, layer)
     dims = int(file_metadata(parts[0])["dims"])
     present = np.sort(np.asarray(manifest.read(rd)["image_id"].to_numpy(), dtype=np.int64))
+    part_ids = [pq.read_table(p, columns=["image_id"])["image_id"].to_numpy() for p in parts]
+    indexed = np.sort(np.concatenate([ids[np.isin(ids, present)] for ids in part_ids]))
+    n = len(indexed)
 
-    def chunks():
-        for ids, vectors in iter_features(parts, identity, batch_rows=16_384):  # small temporaries
-            keep = np.isin(ids, present, assume_unique=False)
+    def chunks(selected: list[Path] = parts, wanted: np.ndarray = indexed):
+        for ids, vectors in iter_features(selected, identity, batch_rows=16_384):  # small temporaries
+            keep = np.isin(ids, wanted)
             yield ids[keep], vectors[keep]
 
-    n = sum(int(np.isin(pq.read_table(p, columns=["image_id"])["image_id"].to_numpy(), present).sum())
-            for p in parts)
+    options = options_of(kind, metric, parse_bytes(max_memory), seed)
+    previous, how, result = None if rebuild else _previous(rd, layer, identity), "built", None
     with tqdm(total=n, unit="vec", desc=f"index {layer}", disable=not progress) as bar:
-
         steps = []
 
         def show(step: str, read: int, total: int) -> None:  # one bar per pass over the vectors, named
@@ -67,11 +84,35 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
                 bar.set_description(f"index {layer}: {step}")
             bar.update(read - bar.n)
 
-        result = build_index(chunks, n=n, dims=dims, kind=kind, metric=metric, max_memory=parse_bytes(max_memory),
-                             seed=seed, on_progress=show)
+        if previous is not None:
+            removed = previous.ids[~np.isin(previous.ids, indexed)]
+            added = indexed[~np.isin(indexed, previous.ids)]
+            reason = why_rebuild(previous.meta, n=n, removed=len(removed), options=options)
+            if reason is None:
+                with_new = [p for p, ids in zip(parts, part_ids) if np.isin(ids, added).any()]
+                result = update_index(previous.index, previous.ids, previous.meta, removed_ids=removed,
+                                      added=lambda: chunks(with_new, added), collection=chunks, n=n,
+                                      on_progress=show)
+                reason = "recall fell below the target after an update" if result is None else None
+            how = "updated" if result is not None else f"built ({reason})"
+        if result is None:
+            result = build_index(chunks, n=n, dims=dims, kind=kind, metric=metric, max_memory=parse_bytes(max_memory),
+                                 seed=seed, on_progress=show)
     extra = asdict(identity) | {"layer": layer, "featscope_version": FEATSCOPE_VERSION}
     NeighbourIndex.from_build(result).save(rd.index_dir(layer), extra_meta=extra)
-    return IndexSummary(layer, result.meta)
+    return IndexSummary(layer, result.meta, how)
+
+
+def _previous(rd: RunDir, layer: str, identity: RunIdentity) -> NeighbourIndex | None:
+    """The layer's saved index if it can be updated: readable, same model and layer."""
+    if not rd.index_meta(layer).exists():
+        return None
+    try:
+        previous = NeighbourIndex.load(rd.index_dir(layer))
+    except FeatscopeError:
+        return None  # damaged or mismatched files: a fresh build replaces them
+    same = {key: previous.meta.get(key) for key in (*asdict(identity), "layer")} == asdict(identity) | {"layer": layer}
+    return previous if same else None
 
 
 class Precision(NamedTuple):
@@ -196,6 +237,7 @@ class IndexBuildOptions(Options):
     max_memory: str = option("4GB", help="memory budget of the index, e.g. 4GB or 512MB",
                              pattern=r"^\s*[0-9.eE+]+\s*[KMGTkmgt]?(i?[Bb])?\s*$")
     seed: int = option(0, help="seed of the training and recall samples")
+    rebuild: bool = option(False, help="build anew even where the previous index can be updated")
 
 
 @dataclass(frozen=True)
@@ -218,7 +260,7 @@ class QueryOptions(Options):
 
 def _build(rd: RunDir, options: IndexBuildOptions, progress: bool = True) -> IndexSummary:
     return build(rd, options.layer, kind=options.kind, metric=options.metric, max_memory=options.max_memory,
-                 seed=options.seed, progress=progress)
+                 seed=options.seed, rebuild=options.rebuild, progress=progress)
 
 
 def _evaluate(rd: RunDir, options: IndexEvaluateOptions) -> str:
@@ -237,7 +279,9 @@ def _query(rd: RunDir, options: QueryOptions) -> str:
 COMMANDS = [
     Command("index build", IndexBuildOptions, _build, help="build the neighbour index of one layer (or `pixels`)",
             description="auto: exact search below 200k vectors within --max-memory, else IVF (with PCA to 256 "
-                        "dims, then PQ, only if needed to fit); recall@10 is measured against exact search."),
+                        "dims, then PQ, only if needed to fit); recall@10 is measured against exact search. "
+                        "A previous index of the layer is updated (retired images out, new ones in) unless the "
+                        "options changed, the collection doubled since training, or recall fell: then rebuilt."),
     Command("index evaluate", IndexEvaluateOptions, _evaluate,
             help="precision@k of same-label neighbours, feature vs pixel space"),
     Command("query", QueryOptions, _query, help="nearest images to an image of the run or a new image file",

@@ -3,9 +3,11 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_dataset
 from PIL import Image
 
 from featscope.index import NeighbourIndex, build_index
@@ -79,11 +81,7 @@ def test_removed_images_leave_the_index(indexed_run, small_dataset):
     victim = next(small_dataset.glob("photo/*.png"))
     victim_id = next(r["image_id"] for r in manifest.read(indexed_run).to_pylist() if r["path"] == str(victim))
     victim.unlink()
-    manifest.run(indexed_run, small_dataset)
-    # the victim's shard is to be extracted again: until it is, no index is built from the rest
-    with pytest.raises(FeatscopeError, match=r"not extracted for 1 shard of 3 \(\d\): run `featscope extract"):
-        neighbours.build(indexed_run, "pool", progress=False)
-    extract.extract(indexed_run, ["pool"], workers=0, progress=False)
+    assert manifest.run(indexed_run, small_dataset).invalidated_shards == []  # no top-k: nothing to redo
     summary = neighbours.build(indexed_run, "pool", progress=False)
     assert summary.meta["vectors"] == 8
     assert victim_id not in neighbours.open_index(indexed_run, "pool").ids
@@ -153,3 +151,23 @@ def test_two_index_builds_of_one_layer_at_once_leave_a_whole_index(indexed_run):
         assert sorted(after.ids.tolist()) == sorted(before.ids.tolist())
         assert after.search_ids(before.ids[:3], k=4).image_ids.tolist() == \
             before.search_ids(before.ids[:3], k=4).image_ids.tolist()
+
+
+def test_a_rerun_updates_the_index_and_answers_as_a_fresh_build(indexed_run, small_dataset, digits):
+    rows = manifest.read(indexed_run).to_pylist()
+    for r in rows[1:3]:
+        Path(r["path"]).unlink()
+    write_dataset(small_dataset, digits, n_photos=0, labels=(3, 5), digits_per_label=2)
+    manifest.run(indexed_run, small_dataset)
+    extract.extract(indexed_run, ["pool"], workers=0, progress=False)
+    summary = neighbours.build(indexed_run, "pool", progress=False)
+    assert summary.how == "updated" and "updated (+4 -2 vectors" in summary.line()
+    updated = NeighbourIndex.load(indexed_run.index_dir("pool"))
+    live = manifest.read(indexed_run)["image_id"].to_numpy()
+    assert sorted(updated.ids) == sorted(live)
+    got = updated.search_ids(live, k=5)
+    assert neighbours.build(indexed_run, "pool", rebuild=True, progress=False).how == "built"
+    want = NeighbourIndex.load(indexed_run.index_dir("pool")).search_ids(live, k=5)
+    np.testing.assert_array_equal(got.image_ids, want.image_ids)
+    np.testing.assert_allclose(got.distances, want.distances, atol=1e-5)
+    assert neighbours.build(indexed_run, "pool", metric="l2", progress=False).how == "built (the build options changed)"
