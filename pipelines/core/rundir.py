@@ -132,6 +132,10 @@ class RunDir:
     def embedding(self, layer: str) -> Path:
         return self.root / "embedding" / f"{layer}.parquet"
 
+    def embedding_pca(self, layer: str) -> Path:
+        """The PCA (mean, components) of a layer's map, so later images are placed into it."""
+        return self.root / "embedding" / f"{layer}.pca.npz"
+
     def mosaic(self, layer: str, kind: str, suffix: str = "jpg") -> Path:
         """mosaic/<layer>-grid.jpg, -grid.parquet (cell -> image), -scatter.jpg, -plot.png."""
         return self.root / "mosaic" / f"{layer}-{kind}.{suffix}"

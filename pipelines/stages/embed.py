@@ -6,26 +6,39 @@ initialisation, seeded, so the same input gives the same map. Above `max_exact` 
 follows openTSNE's own large-data recipe: embed a sample, then place the other points into
 that map (`prepare_partial`) and optimise them. The map's trustworthiness (sklearn) and,
 where labels exist, the 10-NN label accuracy in 2-D are printed and stored as metadata.
+
+Scheduled reruns keep the map: the PCA is stored beside it (embedding/<layer>.pca.npz), new
+images are placed into the previous map by the same recipe with every old point fixed, and
+retired ones simply leave. A full fit happens on `--refit` or once the images number more
+than `--refit-growth` times those the map was fitted on; PCA signs are fixed and the new map
+is rotated onto the old one (Procrustes), and how far the old points moved is printed.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from openTSNE import TSNE
+from openTSNE import TSNE, TSNEEmbedding
+from openTSNE.affinity import PerplexityBasedNN
+from scipy.linalg import orthogonal_procrustes
 from sklearn.manifold import trustworthiness
 from sklearn.neighbors import KNeighborsClassifier
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.atomic import atomic_path, file_digest
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import EMBEDDING_SCHEMA, RunIdentity, iter_features
+from featscope.pipelines.core.store import EMBEDDING_SCHEMA, RunIdentity, file_metadata, iter_features
+
+REFIT_GROWTH = 2.0  # a map is fitted anew once the images number this many times those it was fitted on
 
 
 @dataclass
@@ -36,19 +49,31 @@ class EmbedSummary:
     knn_accuracy: float | None
     sampled: bool
     seconds: float
+    how: str = "fitted"  # "fitted", "placed" (new points into the kept map) or "refitted" (and aligned)
+    placed: int = 0
+    displacement: float | None = None  # old points' mean shift, share of the map's diagonal
 
     def line(self) -> str:
         acc = f", 10-NN label accuracy in 2-D {self.knn_accuracy:.3f}" if self.knn_accuracy is not None else ""
         how = " (sample embedded, the rest placed into it)" if self.sampled else ""
-        return (f"embed {self.layer}: {self.points} points{how}; trustworthiness {self.trustworthiness:.3f}{acc}; "
-                f"{self.seconds:.1f}s")
+        if self.how == "placed":
+            how = f" ({self.placed} new placed into the previous map, old points fixed)"
+        elif self.how == "refitted":
+            how = " (refitted, aligned to the previous map)"
+        moved = f"; old points moved {100 * self.displacement:.2f}% of the map's diagonal" \
+            if self.displacement is not None else ""
+        return (f"embed {self.layer}: {self.points} points{how}; trustworthiness {self.trustworthiness:.3f}{acc}"
+                f"{moved}; {self.seconds:.1f}s")
 
 
 def fit_pca(sample: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, components (dims, D)) of a sample, by SVD."""
+    """(mean, components (dims, D)) of a sample, by SVD. Each component's sign is fixed (its
+    largest loading positive), so a refit on similar data does not mirror the map."""
     mean = sample.mean(axis=0)
     _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
-    return mean, vt[:dims]
+    vt = vt[:dims]
+    signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])
+    return mean, vt * np.where(signs == 0, 1, signs)[:, None]
 
 
 def read_layer(rd: RunDir, layer: str) -> tuple[np.ndarray, np.ndarray]:
@@ -64,27 +89,74 @@ def read_layer(rd: RunDir, layer: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(ids), np.concatenate(chunks)
 
 
+def _tsne_model(perplexity: float, seed: int) -> TSNE:
+    return TSNE(perplexity=perplexity, n_jobs=-1, negative_gradient_method="fft", initialization="pca",
+                random_state=seed, verbose=False)
+
+
+def _perplexity(perplexity: float, n: int) -> float:
+    return min(perplexity, max(2.0, (n - 1) / 3))
+
+
+def _place(embedding: TSNEEmbedding, x_new: np.ndarray) -> np.ndarray:
+    """openTSNE's recipe for new points: start each at the median of its 25 nearest reference
+    points, then optimise them alone with the reference map held fixed."""
+    placed = embedding.prepare_partial(x_new, initialization="median", k=25)
+    return np.asarray(placed.optimize(n_iter=250, learning_rate=0.1, momentum=0.8), dtype=np.float32)
+
+
 def tsne(x: np.ndarray, *, perplexity: float, seed: int, max_exact: int) -> tuple[np.ndarray, bool]:
     """openTSNE map of x; above max_exact points, a sample's map with the rest placed into it."""
-    perplexity = min(perplexity, max(2.0, (len(x) - 1) / 3))
-    model = TSNE(perplexity=perplexity, n_jobs=-1, negative_gradient_method="fft", initialization="pca",
-                 random_state=seed, verbose=False)
+    model = _tsne_model(_perplexity(perplexity, len(x)), seed)
     if len(x) <= max_exact:
         return np.asarray(model.fit(x), dtype=np.float32), False
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(x), max_exact, replace=False))
     rest = np.setdiff1d(np.arange(len(x)), sample)
     embedding = model.fit(x[sample])
-    placed = embedding.prepare_partial(x[rest], initialization="median", k=25)
-    placed = placed.optimize(n_iter=250, learning_rate=0.1, momentum=0.8)
     out = np.empty((len(x), 2), np.float32)
-    out[sample], out[rest] = np.asarray(embedding), np.asarray(placed)
+    out[sample], out[rest] = np.asarray(embedding), _place(embedding, x[rest])
     return out, True
+
+
+def place_into(reference_x: np.ndarray, reference_map: np.ndarray, x_new: np.ndarray, *, perplexity: float,
+               seed: int, max_reference: int) -> np.ndarray:
+    """Map positions for `x_new` in an existing map whose points (`reference_x` at
+    `reference_map`) stay where they are; up to `max_reference` of them (a seeded sample) serve
+    as the reference."""
+    if len(reference_x) > max_reference:
+        keep = np.sort(np.random.default_rng(seed).choice(len(reference_x), max_reference, replace=False))
+        reference_x, reference_map = reference_x[keep], reference_map[keep]
+    affinities = PerplexityBasedNN(reference_x, perplexity=_perplexity(perplexity, len(reference_x)), n_jobs=-1,
+                                   random_state=seed)
+    embedding = TSNEEmbedding(np.ascontiguousarray(reference_map, dtype=np.float64), affinities,
+                              negative_gradient_method="fft", random_state=seed)
+    return _place(embedding, x_new)
+
+
+def align(points: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """`points` moved by the rotation (or mirror) and shift that best take `source` onto
+    `target` (the same points in two maps; orthogonal Procrustes). t-SNE's scale is kept."""
+    rotation, _ = orthogonal_procrustes(source - source.mean(axis=0), target - target.mean(axis=0))
+    return ((points - source.mean(axis=0)) @ rotation + target.mean(axis=0)).astype(np.float32)
+
+
+def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Positions of `wanted` ids (all present) in `ids`."""
+    order = np.argsort(ids, kind="stable")
+    return order[np.searchsorted(ids, wanted, sorter=order)]
+
+
+def displacement(before: np.ndarray, after: np.ndarray) -> float:
+    """Mean distance each point moved, as a share of the diagonal of the `before` map."""
+    diagonal = float(np.linalg.norm(before.max(axis=0) - before.min(axis=0))) or 1.0
+    return float(np.linalg.norm(after - before, axis=1).mean() / diagonal)
 
 
 def quality(x: np.ndarray, y2: np.ndarray, labels: list | None, *, sample: int = 5000,
             seed: int = 0) -> tuple[float, float | None]:
-    """Trustworthiness of the 2-D map (k=10) and 10-NN label accuracy in it, on a sample."""
+    """Trustworthiness of the 2-D map (k=10) and 10-NN label accuracy in it, on a sample.
+    A tied vote goes to the label of the nearest of the tied neighbours (never to set order)."""
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(x), min(sample, len(x)), replace=False))
     trust = float(trustworthiness(x[idx], y2[idx], n_neighbors=min(10, max(1, len(idx) // 2 - 1))))
@@ -93,33 +165,97 @@ def quality(x: np.ndarray, y2: np.ndarray, labels: list | None, *, sample: int =
     lab = np.array(["" if label is None else str(label) for label in labels])
     knn = KNeighborsClassifier(n_neighbors=min(11, len(y2))).fit(y2, lab)
     neighbours = knn.kneighbors(y2[idx], return_distance=False)[:, 1:]  # leave the point itself out
-    votes = [max(set(lab[n]), key=list(lab[n]).count) == lab[i] for i, n in zip(idx, neighbours)]
+    votes = [majority(lab[near].tolist()) == lab[i] for i, near in zip(idx, neighbours)]
     return trust, float(np.mean(votes))
 
 
+def majority(labels_nearest_first: list[str]) -> str:
+    """The most frequent label; a tie goes to the tied label met first (the nearest)."""
+    counts = Counter(labels_nearest_first)
+    top = max(counts.values())
+    return next(label for label in labels_nearest_first if counts[label] == top)
+
+
+class PreviousMap(NamedTuple):
+    ids: np.ndarray
+    coords: np.ndarray  # (N, 2) t-SNE
+    mean: np.ndarray
+    components: np.ndarray
+    fitted_points: int
+
+
+def _previous_map(rd: RunDir, layer: str, identity: RunIdentity, settings: dict) -> PreviousMap | None:
+    """The layer's stored map and its PCA, if made by this model with these settings."""
+    path, pca_path = rd.embedding(layer), rd.embedding_pca(layer)
+    if not (path.exists() and pca_path.exists()):
+        return None
+    try:
+        meta = file_metadata(path)
+        identity.check(path, meta)
+        if json.loads(meta.get("settings", "null")) != settings or meta.get("pca_sha256") != file_digest(pca_path):
+            return None
+        table = pq.read_table(path)
+        with np.load(pca_path) as pca:
+            mean, components = pca["mean"], pca["components"]
+    except (FeatscopeError, OSError, ValueError, KeyError, pa.ArrowException):
+        return None  # unreadable or foreign: a fresh fit replaces it
+    coords = np.stack([table["tsne_x"].to_numpy(), table["tsne_y"].to_numpy()], axis=1)
+    return PreviousMap(table["image_id"].to_numpy(), coords, mean, components, int(meta.get("fitted_points", 0)))
+
+
 def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.0, seed: int = 0,
-        max_exact: int = 100_000) -> EmbedSummary:
-    """Write embedding/<layer>.parquet (image_id, tsne_x, tsne_y, pca_x, pca_y)."""
+          max_exact: int = 100_000, refit: bool = False, refit_growth: float = REFIT_GROWTH) -> EmbedSummary:
+    """Write embedding/<layer>.parquet (image_id, tsne_x, tsne_y, pca_x, pca_y) and the PCA
+    beside it. With a previous map of the same settings, new images are placed into it and
+    the old points keep their places; a full fit happens on `refit`, or once the images
+    number more than `refit_growth` times those the map was fitted on, and is then aligned
+    to the previous map."""
     start = time.perf_counter()
     ids, x = read_layer(rd, layer)
     if len(ids) < 5:
         raise FeatscopeError(f"t-SNE needs at least 5 images, layer '{layer}' has {len(ids)}")
-    rng = np.random.default_rng(seed)
-    fit_rows = np.sort(rng.choice(len(x), min(len(x), 50_000), replace=False))
-    mean, components = fit_pca(x[fit_rows], min(pca_dims, x.shape[1], len(fit_rows)))
-    reduced = ((x - mean) @ components.T).astype(np.float32)
-    coords, sampled = tsne(reduced, perplexity=perplexity, seed=seed, max_exact=max_exact)
+    identity = RunIdentity.of_run(rd.read_config())
+    settings = {"pca_dims": pca_dims, "perplexity": perplexity, "seed": seed, "max_exact": max_exact}
+    previous = _previous_map(rd, layer, identity, settings)
+    kept = np.isin(ids, previous.ids) if previous is not None else np.zeros(len(ids), bool)
+    how, moved, sampled = "fitted", None, False
+    if previous is not None and not refit and kept.sum() >= 5 and len(ids) <= refit_growth * previous.fitted_points:
+        how, mean, components, fitted_points = "placed", previous.mean, previous.components, previous.fitted_points
+        reduced = ((x - mean) @ components.T).astype(np.float32)
+        coords = np.empty((len(ids), 2), np.float32)
+        coords[kept] = previous.coords[_rows_of(previous.ids, ids[kept])]
+        if (~kept).any():
+            coords[~kept] = place_into(reduced[kept], coords[kept], reduced[~kept], perplexity=perplexity, seed=seed,
+                                       max_reference=max_exact)
+        moved = 0.0
+    else:
+        rng = np.random.default_rng(seed)
+        fit_rows = np.sort(rng.choice(len(x), min(len(x), 50_000), replace=False))
+        mean, components = fit_pca(x[fit_rows], min(pca_dims, x.shape[1], len(fit_rows)))
+        reduced = ((x - mean) @ components.T).astype(np.float32)
+        coords, sampled = tsne(reduced, perplexity=perplexity, seed=seed, max_exact=max_exact)
+        fitted_points = len(ids)
+        if previous is not None and kept.sum() >= 3:
+            how = "refitted"
+            before = previous.coords[_rows_of(previous.ids, ids[kept])]
+            coords = align(coords, coords[kept], before)  # fitted on the kept points, moves them all
+            moved = displacement(before, coords[kept])
     labels_by_id = {r["image_id"]: r["label"] for r in manifest.read(rd).to_pylist()}
     trust, accuracy = quality(x, coords, [labels_by_id.get(int(i)) for i in ids], seed=seed)
     table = pa.table({"image_id": ids, "tsne_x": coords[:, 0], "tsne_y": coords[:, 1],
                       "pca_x": reduced[:, 0], "pca_y": reduced[:, 1] if reduced.shape[1] > 1 else 0 * reduced[:, 0]},
                      schema=EMBEDDING_SCHEMA)
-    identity = RunIdentity.of_run(rd.read_config())
+    with atomic_path(rd.embedding_pca(layer)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mean=mean.astype(np.float32), components=components.astype(np.float32))
     meta = identity.metadata(layer=layer, pca_dims=int(components.shape[0]), perplexity=perplexity, seed=seed,
-                             trustworthiness=round(trust, 4), knn_accuracy_2d=accuracy, sampled=sampled)
+                             trustworthiness=round(trust, 4), knn_accuracy_2d=accuracy, sampled=sampled,
+                             settings=json.dumps(settings, sort_keys=True), fitted_points=fitted_points,
+                             pca_sha256=file_digest(rd.embedding_pca(layer)), how=how,
+                             displacement=None if moved is None else round(moved, 6))
     with atomic_path(rd.embedding(layer)) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp, write_page_checksum=True)
-    return EmbedSummary(layer, len(ids), trust, accuracy, sampled, time.perf_counter() - start)
+    return EmbedSummary(layer, len(ids), trust, accuracy, sampled, time.perf_counter() - start, how,
+                        int((~kept).sum()) if how == "placed" else 0, moved)
 
 
 # ---- the command ----------------------------------------------------------------------------
@@ -132,15 +268,21 @@ class EmbedOptions(Options):
     seed: int = option(0, help="seed of the PCA sample and t-SNE")
     max_exact: int = option(100_000, help="above this many images, embed a sample and place the rest into its map",
                             min=100)
+    refit: bool = option(False, help="fit the map anew (aligned to the previous one) instead of placing new images "
+                                     "into it")
+    refit_growth: float = option(REFIT_GROWTH, help="fit anew once the images number this many times those the map "
+                                                    "was fitted on", min=1)
 
 
 def run(rd: RunDir, options: EmbedOptions) -> EmbedSummary:
     return embed(rd, options.layer, pca_dims=options.pca_dims, perplexity=options.perplexity, seed=options.seed,
-                 max_exact=options.max_exact)
+                 max_exact=options.max_exact, refit=options.refit, refit_growth=options.refit_growth)
 
 
 COMMANDS = [
     Command("embed", EmbedOptions, run, help="2-D maps of a layer by PCA and t-SNE (openTSNE)",
             description="PCA (fitted on a sample) to --pca-dims, then seeded openTSNE with FFT gradients. Prints "
-                        "trustworthiness and 10-NN label accuracy in 2-D."),
+                        "trustworthiness and 10-NN label accuracy in 2-D. A rerun places new images into the "
+                        "previous map (old points fixed) until the images grow past --refit-growth times those "
+                        "it was fitted on, or on --refit."),
 ]

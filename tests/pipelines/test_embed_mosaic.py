@@ -4,6 +4,7 @@ even coverage, and tiles from odd images."""
 import itertools
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import write_dataset
@@ -46,9 +47,10 @@ def coords(rd):
 def test_same_seed_same_map_and_quality_is_recorded(mapped_run):
     first = embed.embed(mapped_run, "pool", perplexity=10, seed=3)
     ids_a, a = coords(mapped_run)
-    embed.embed(mapped_run, "pool", perplexity=10, seed=3)
+    again = embed.embed(mapped_run, "pool", perplexity=10, seed=3, refit=True)  # fitted anew, then aligned
     ids_b, b = coords(mapped_run)
-    assert np.array_equal(ids_a, ids_b) and np.array_equal(a, b)
+    assert again.how == "refitted" and again.displacement < 1e-5
+    assert np.array_equal(ids_a, ids_b) and np.allclose(a, b, atol=1e-3)
     meta = pq.read_schema(mapped_run.embedding("pool")).metadata
     assert float(meta[b"trustworthiness"]) == pytest.approx(first.trustworthiness, abs=1e-4)
     assert 0 < first.trustworthiness <= 1 and first.knn_accuracy is not None and len(ids_a) == 47
@@ -59,6 +61,66 @@ def test_large_runs_embed_a_sample_and_place_the_rest(mapped_run):
     ids, xy = coords(mapped_run)
     assert summary.sampled and len(ids) == 47 and np.isfinite(xy).all()
     assert len(np.unique(xy, axis=0)) == 47
+
+
+def test_a_rerun_places_new_images_into_the_map_and_old_points_stay_put(mapped_run, digits):
+    embed.embed(mapped_run, "pool", perplexity=10)
+    ids_a, a = coords(mapped_run)
+    images = mapped_run.root.parent / "images"
+    write_dataset(images, digits, n_photos=0, labels=(0, 1, 2, 3, 7), digits_per_label=10)  # 2 new per label
+    next(images.glob("odd/*.png")).unlink()
+    manifest.run(mapped_run, images)
+    extract.extract(mapped_run, ["pool"], workers=0, progress=False)
+    summary = embed.embed(mapped_run, "pool", perplexity=10)
+    assert summary.how == "placed" and summary.placed == 10 and summary.displacement == 0
+    assert "10 new placed into the previous map, old points fixed" in summary.line()
+    ids_b, b = coords(mapped_run)
+    live = manifest.read(mapped_run)["image_id"].to_numpy()
+    assert sorted(ids_b) == sorted(live) and len(ids_b) == 47 - 1 + 10
+    old = np.isin(ids_b, ids_a)
+    np.testing.assert_array_equal(b[old], a[np.searchsorted(ids_a, ids_b[old])])  # not moved at all
+    # each new point lands nearer the map positions of its nearest old images in feature space
+    # than the old points lie from each other on average
+    x = {int(i): v for i, v in zip(*embed.read_layer(mapped_run, "pool"))}
+    new_ids, old_ids = ids_b[~old], ids_b[old]
+    feats_old = np.stack([x[int(i)] for i in old_ids])
+    spread = np.mean(np.linalg.norm(b[old][:, None] - b[old][None], axis=2))
+    for i, p in zip(new_ids, b[~old]):
+        nearest = np.argsort(np.linalg.norm(feats_old - x[int(i)], axis=1))[:3]
+        assert np.linalg.norm(b[old][nearest] - p, axis=1).mean() < 0.5 * spread
+
+
+def test_a_refit_past_the_growth_factor_is_aligned_to_the_previous_map(mapped_run):
+    embed.embed(mapped_run, "pool", perplexity=10)
+    table = pq.read_table(mapped_run.embedding("pool"))
+    mirrored = table.set_column(1, "tsne_x", pa.array(-table["tsne_x"].to_numpy()))
+    pq.write_table(mirrored.replace_schema_metadata(table.schema.metadata), mapped_run.embedding("pool"))
+    summary = embed.embed(mapped_run, "pool", perplexity=10, refit_growth=0.5)  # "grown" past 0.5x: refit
+    assert summary.how == "refitted" and summary.displacement < 1e-5
+    _, xy = coords(mapped_run)
+    np.testing.assert_allclose(xy[:, 0], mirrored["tsne_x"].to_numpy(), atol=1e-3)  # the mirror was followed
+
+
+def test_align_recovers_a_rotation_mirror_and_shift():
+    rng = np.random.default_rng(0)
+    old = rng.normal(size=(50, 2))
+    angle = 1.1
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ np.diag([1, -1])
+    new = old @ turn + [5, -3]
+    np.testing.assert_allclose(embed.align(new, new, old), old, atol=1e-9)
+    assert embed.displacement(old, old + [0.0, 0.0]) == 0
+
+
+def test_pca_signs_do_not_depend_on_row_order():
+    x = np.random.default_rng(1).normal(size=(200, 6)) * [5, 4, 3, 2, 1, 0.5]
+    _, a = embed.fit_pca(x, 3)
+    _, b = embed.fit_pca(x[::-1].copy(), 3)
+    np.testing.assert_allclose(a, b, atol=1e-9)
+
+
+def test_a_tied_label_vote_goes_to_the_nearest_neighbours_label():
+    assert embed.majority(["b", "a", "a", "b"]) == "b" and embed.majority(["a", "b", "b", "a"]) == "a"
+    assert embed.majority(["a", "b", "b"]) == "b"
 
 
 def test_grid_is_a_bijection_onto_cells_and_odd_images_become_tiles(mapped_run):
