@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from tqdm import tqdm
@@ -53,9 +55,12 @@ class ReportSummary:
     images: int
     thumbnails_made: int
     seconds: float
+    chunks_written: int = 0
+    chunks: int = 0
 
     def line(self) -> str:
-        return (f"report: {self.path} ({self.images} images, {self.thumbnails_made} new thumbnails) in "
+        return (f"report: {self.path} ({self.images} images, {self.thumbnails_made} new thumbnails, "
+                f"{self.chunks_written} of {self.chunks} image data files changed) in "
                 f"{self.seconds:.1f}s; open it in a browser, or `featscope serve --run {self.path.parent.parent}`")
 
 
@@ -86,10 +91,16 @@ def _drop_retired(rd: RunDir, live: set[int]) -> None:
             path.unlink()
 
 
-def _script(path: Path, variable: str, value: object) -> None:
-    """A data file the pages load with <script src>: it adds `value` to window[variable]."""
+def _script(path: Path, variable: str, value: object) -> bool:
+    """A data file the pages load with <script src>: it adds `value` to window[variable].
+    Left untouched when its bytes would not change (a rerun rewrites only changed chunks);
+    returns whether it was written."""
     body = json.dumps(value, separators=(",", ":"))
-    write_bytes_atomic(path, f"window.{variable} = Object.assign(window.{variable} || {{}}, {body});\n".encode())
+    data = f"window.{variable} = Object.assign(window.{variable} || {{}}, {body});\n".encode()
+    if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    write_bytes_atomic(path, data)
+    return True
 
 
 def _relative(rd: RunDir, path: Path) -> str:
@@ -237,7 +248,9 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     neighbours = _neighbours(rd, ids, k, progress)
     saliency = _saliency(rd)
     predictions = _predictions(rd, config)
-    for shard in sorted({i // SHARD for i in ids.tolist()}):
+    chunks = sorted({i // SHARD for i in ids.tolist()})
+    written = 0
+    for shard in chunks:
         entries = {}
         for r in rows:
             i = r["image_id"]
@@ -246,9 +259,10 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
             entries[i] = {"label": r["label"], "name": Path(r["path"]).name, "shard": r["shard"],
                           "neighbours": {space: found[i] for space, found in neighbours.items() if i in found},
                           "saliency": saliency.get(i, []), "prediction": predictions.get(i)}
-        _script(out / "data" / f"images-{shard:04d}.js", "FS_IMAGES", entries)
+        written += _script(out / "data" / f"images-{shard:04d}.js", "FS_IMAGES", entries)
     _drop_retired(rd, set(ids.tolist()))
     errors = read_errors(rd.errors_dir)
+    errors = errors.filter(pc.or_kleene(pc.is_null(errors["image_id"]), pc.is_in(errors["image_id"], pa.array(ids))))
     labels = table["label"].to_pylist()
     summary = {
         "name": rd.name, "images": len(rows), "labels": len({x for x in labels if x is not None}),
@@ -265,7 +279,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "evaluation": json.loads(rd.index_evaluation.read_text()) if rd.index_evaluation.exists() else None,
     }
     _script(out / "data" / "run.js", "FS_RUN", summary)
-    return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start)
+    return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start, written, len(chunks))
 
 
 # ---- the command ----------------------------------------------------------------------------

@@ -45,6 +45,15 @@ def test_report_holds_every_image_with_its_exact_neighbours(reported_run):
     assert [h["status"] for h in run["history"]] == ["ok"] and run["history"][0]["images"] == len(rows)
 
 
+def test_a_rerun_rewrites_only_the_data_files_that_change(reported_run):
+    rd = reported_run
+    stamps = {p: p.stat().st_mtime_ns for p in (rd.report_dir / "data").glob("images-*.js")}
+    again = report.build(rd, k=4, progress=False)
+    assert again.chunks_written == 0 and again.chunks == len(stamps) and again.thumbnails_made == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert "0 of" in again.line()
+
+
 def test_toolbox_pictures_are_grouped_under_headings_with_captions(tmp_path):
     rd = RunDir(tmp_path / "run")
     for name in ("filters/block0", "activations/block13/5002", "adversarial/135-untargeted", "adversarial/5002-309",
