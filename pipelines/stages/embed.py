@@ -1,7 +1,8 @@
 """Stage `embed`: 2-D maps of a layer's feature space, by PCA and by t-SNE (openTSNE).
 
 PCA is fitted on a sample and applied shard by shard; it gives the 2-D PCA map and the
-50-d input of t-SNE. openTSNE runs with FFT gradients on all cores from a PCA
+50-d input of t-SNE. openTSNE runs with FFT gradients (Barnes-Hut under 1,000 points,
+where the FFT grid's fixed cost dominates) on all cores from a PCA
 initialisation, seeded, so the same input gives the same map. Above `max_exact` points it
 follows openTSNE's own large-data recipe: embed a sample, then place the other points into
 that map (`prepare_partial`) and optimise them. The map's trustworthiness (sklearn) and,
@@ -89,9 +90,15 @@ def read_layer(rd: RunDir, layer: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(ids), np.concatenate(chunks)
 
 
-def _tsne_model(perplexity: float, seed: int) -> TSNE:
-    return TSNE(perplexity=perplexity, n_jobs=-1, negative_gradient_method="fft", initialization="pca",
-                random_state=seed, verbose=False)
+def _gradient_method(n: int) -> str:
+    """FFT-interpolated gradients, whose cost is flat in n but has a floor of seconds;
+    Barnes-Hut below 1,000 points, where it takes milliseconds."""
+    return "fft" if n >= 1000 else "bh"
+
+
+def _tsne_model(perplexity: float, seed: int, n: int) -> TSNE:
+    return TSNE(perplexity=perplexity, n_jobs=-1, negative_gradient_method=_gradient_method(n),
+                initialization="pca", random_state=seed, verbose=False)
 
 
 def _perplexity(perplexity: float, n: int) -> float:
@@ -101,13 +108,13 @@ def _perplexity(perplexity: float, n: int) -> float:
 def _place(embedding: TSNEEmbedding, x_new: np.ndarray) -> np.ndarray:
     """openTSNE's recipe for new points: start each at the median of its 25 nearest reference
     points, then optimise them alone with the reference map held fixed."""
-    placed = embedding.prepare_partial(x_new, initialization="median", k=25)
+    placed = embedding.prepare_partial(x_new, initialization="median", k=min(25, len(embedding)))
     return np.asarray(placed.optimize(n_iter=250, learning_rate=0.1, momentum=0.8), dtype=np.float32)
 
 
 def tsne(x: np.ndarray, *, perplexity: float, seed: int, max_exact: int) -> tuple[np.ndarray, bool]:
     """openTSNE map of x; above max_exact points, a sample's map with the rest placed into it."""
-    model = _tsne_model(_perplexity(perplexity, len(x)), seed)
+    model = _tsne_model(_perplexity(perplexity, len(x)), seed, min(len(x), max_exact))
     if len(x) <= max_exact:
         return np.asarray(model.fit(x), dtype=np.float32), False
     rng = np.random.default_rng(seed)
@@ -130,7 +137,7 @@ def place_into(reference_x: np.ndarray, reference_map: np.ndarray, x_new: np.nda
     affinities = PerplexityBasedNN(reference_x, perplexity=_perplexity(perplexity, len(reference_x)), n_jobs=-1,
                                    random_state=seed)
     embedding = TSNEEmbedding(np.ascontiguousarray(reference_map, dtype=np.float64), affinities,
-                              negative_gradient_method="fft", random_state=seed)
+                              negative_gradient_method=_gradient_method(len(reference_x)), random_state=seed)
     return _place(embedding, x_new)
 
 
