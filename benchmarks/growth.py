@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["pool", "block13"]
 
 
-def config(work: Path, run: str, weights: str) -> Path:
+def config(work: Path, run: str, weights: str, n: int) -> Path:
     path = work / f"{run}.yaml"
     path.write_text(json.dumps({
         "run": run, "runs_dir": str(work / "runs"), "images": str(work / "images"), "shard_size": 1000,
@@ -48,7 +47,7 @@ def config(work: Path, run: str, weights: str) -> Path:
         "extract": {"batch_size": 64, "threads": 2},
         "embed": {"layers": ["pool"]},
         "topk": {"k": 9, "layers": ["block13"], "units": "0-63"},
-        "index": {"pixels": False, "queries": [0, 5000], "k": 8},
+        "index": {"pixels": False, "queries": [0, n // 2], "k": 8},
         "saliency": {"methods": ["gradient"], "select": "label=probe", "workers": 1},
     }, indent=1))
     return path
@@ -91,9 +90,14 @@ def jobs_of_last_run(rd: RunDir) -> list[str]:
     return json.loads(lines[-1])["jobs"] if lines else []
 
 
-def displacement(line_text: str) -> str:
-    found = re.search(r"old points moved ([0-9.]+)%", line_text)
-    return f"{found.group(1)}%" if found else "(embed did not run)"
+def map_update(rd: RunDir, since: float) -> str:
+    """How embed made the map in the last run, and how far the old points moved."""
+    path = rd.embedding("pool")
+    if path.stat().st_mtime < since:
+        return "map not remade"
+    meta = pq.read_schema(path).metadata
+    moved = meta.get(b"displacement", b"null").decode()
+    return f"map {meta[b'how'].decode()}, old points moved " + ("-" if moved == "null" else f"{100 * float(moved):.2f}%")
 
 
 def compare(updated: RunDir, scratch: RunDir) -> list[str]:
@@ -167,7 +171,7 @@ def main() -> None:
     print(f"making {n} images in {images} ...", flush=True)
     make_images(images, n)
     probes(images, 0, 20)
-    cfg = config(work, "growth", args.weights)
+    cfg = config(work, "growth", args.weights, n)
     rd = RunDir(work / "runs" / "growth")
 
     full, _ = snakemake(work, cfg)
@@ -178,19 +182,19 @@ def main() -> None:
                  sorted(images.glob("class*/img*.jpg")), n // 200, replace=False)])]  # spread over every shard
     for name, change in steps:
         change()
+        started = time.time()
         seconds, log = snakemake(work, cfg)
         _, dry = snakemake(work, cfg, "-n")
         nothing = "Nothing to be done" in dry
         jobs = jobs_of_last_run(rd)
-        embed_line = next((line for line in log.splitlines() if line.startswith("embed pool")), "")
-        print(f"{name}: rerun {seconds:.1f}s, {len(jobs)} jobs ({', '.join(jobs)}); old map points moved "
-              f"{displacement(embed_line)}; then `snakemake -n`: "
+        print(f"{name}: rerun {seconds:.1f}s, {len(jobs)} jobs ({', '.join(jobs)}); {map_update(rd, started)}; "
+              "then `snakemake -n`: "
               f"{'Nothing to be done' if nothing else 'WORK LEFT'}")
         print(f"growth/rerun_vs_full {name}: {seconds / full:.3f}", flush=True)
 
     if args.skip_scratch:
         return
-    scratch_cfg = config(work, "scratch", args.weights)
+    scratch_cfg = config(work, "scratch", args.weights, n)
     seconds, _ = snakemake(work, scratch_cfg)
     print(f"from scratch on the final files: {seconds:.1f}s; comparing ...")
     problems = compare(rd, RunDir(work / "runs" / "scratch"))

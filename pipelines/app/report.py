@@ -34,7 +34,7 @@ from tqdm import tqdm
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, write_bytes_atomic
+from featscope.pipelines.core.atomic import atomic_path, file_digest, write_bytes_atomic
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
@@ -152,6 +152,11 @@ def _mosaics(rd: RunDir) -> list[dict]:
     for layer in rd.mosaic_layers():
         table = pq.read_table(rd.mosaic(layer, "grid", "parquet"))
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        picture = rd.mosaic(layer, "grid")
+        if "grid_sha256" in meta and (not picture.exists() or file_digest(picture) != meta["grid_sha256"]):
+            raise FeatscopeError(f"{picture} is not the picture {rd.mosaic(layer, 'grid', 'parquet').name} describes "
+                                 f"(a mosaic run stopped between its two files?): rerun `featscope mosaic grid --run "
+                                 f"{rd.root} --layer {layer}`")
         side = int(meta.get("side", 0))
         grid = [[-1] * side for _ in range(side)]
         for r, c, i in zip(table["cell_row"].to_pylist(), table["cell_col"].to_pylist(), table["image_id"].to_pylist()):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.atomic import atomic_path, file_digest
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
@@ -106,8 +106,10 @@ def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 
     rows, cols = np.divmod(cells, side)
     table = pa.table({"cell_row": pa.array(rows, pa.int32()), "cell_col": pa.array(cols, pa.int32()),
                       "image_id": pa.array(ids[chosen], pa.int64())})
+    meta = {"side": str(side), "tile": str(tile), "cost": str(cost),
+            "grid_sha256": file_digest(rd.mosaic(layer, "grid"))}  # the picture this table describes
     with atomic_path(rd.mosaic(layer, "grid", "parquet")) as tmp:
-        pq.write_table(table.replace_schema_metadata({"side": str(side), "tile": str(tile), "cost": str(cost)}), tmp)
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
     return MosaicSummary(rd.mosaic(layer, "grid"), len(chosen), time.perf_counter() - start, detail + ", ")
 
 

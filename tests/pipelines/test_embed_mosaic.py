@@ -223,3 +223,15 @@ def test_cover_sample_leaves_no_quadrant_empty():
     quadrants = {(x > 0.5, y > 0.5) for x, y in p}
     assert quadrants == {(False, False), (True, False), (False, True), (True, True)}
     assert not np.array_equal(chosen, np.arange(100))  # not simply the first N
+
+
+def test_a_grid_picture_that_is_not_the_one_its_table_describes_is_refused(mapped_run):
+    from featscope.kernels.errors import FeatscopeError
+    from featscope.pipelines.app import report
+
+    embed.embed(mapped_run, "pool", perplexity=10)
+    mosaic.grid(mapped_run, "pool", side=4, tile=16, progress=False)
+    picture = mapped_run.mosaic("pool", "grid")
+    Image.new("RGB", (64, 64)).save(picture, format="JPEG")  # as if a later run stopped after the picture
+    with pytest.raises(FeatscopeError, match="is not the picture pool-grid.parquet describes"):
+        report.build(mapped_run, progress=False)
