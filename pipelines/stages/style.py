@@ -143,6 +143,17 @@ def _crops(files: list[Path], size: int, batch: int, rng: random.Random) -> torc
     return torch.stack(crops)
 
 
+def _cut_log(log: Path, last_step: int) -> None:
+    """Drop the loss rows past the checkpoint's step: a run stopped between a row and the next
+    checkpoint left rows that the resumed run writes again."""
+    with open(log, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
+    if len(kept) != len(rows):
+        with atomic_path(log) as tmp, open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+
 def _save(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -201,6 +212,8 @@ def train(out: str | Path, styles: list[str | Path], content: str | Path, option
     log = out / "losses.csv"
     out.mkdir(parents=True, exist_ok=True)
     new_log = not log.exists() or first_step == 0
+    if not new_log:
+        _cut_log(log, first_step)
     with open(log, "w" if new_log else "a", newline="") as f, \
             tqdm(total=options.steps, initial=first_step, desc="style train", disable=not progress) as bar:
         writer = csv.writer(f)
