@@ -13,6 +13,7 @@ distances for l2 ones; with PCA they are measured in the reduced space.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -106,16 +107,25 @@ class NeighbourIndex:
         directory.parent.mkdir(parents=True, exist_ok=True)
         version = directory.with_name(f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}")
         version.mkdir()
-        _step(1)
-        faiss.write_index(self.index, str(version / INDEX_FILE))
-        _step(2)
-        pq.write_table(pa.table({"image_id": pa.array(self.ids, pa.int64())}), version / IDS_FILE,
-                       write_page_checksum=True)
-        _step(3)
-        files = {name: _file_digest(version / name) for name in (INDEX_FILE, IDS_FILE)}
-        self.meta = self.meta | (extra_meta or {}) | {"files": files}
-        (version / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
-        _step(4)
+        try:
+            _step(1)
+            faiss.write_index(self.index, str(version / INDEX_FILE))
+            _step(2)
+            pq.write_table(pa.table({"image_id": pa.array(self.ids, pa.int64())}), version / IDS_FILE,
+                           write_page_checksum=True)
+            _step(3)
+            files = {name: _file_digest(version / name) for name in (INDEX_FILE, IDS_FILE)}
+            meta = self.meta | (extra_meta or {}) | {"files": files}
+            (version / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            _step(4)
+        except Exception as e:  # a full disk: leave no half-written version behind
+            shutil.rmtree(version, ignore_errors=True)
+            if isinstance(e, RuntimeError) and "write error" in str(e):  # how faiss reports a failed write
+                full = "No space left on device" in str(e)
+                raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else
+                              "write error", str(directory.parent)) from None
+            raise
+        self.meta = meta
         previous = directory.resolve() if directory.is_symlink() else None
         if directory.exists() and not directory.is_symlink():  # an index saved before versions
             retired = directory.with_name(f".{directory.name}.old.{os.getpid()}.{secrets.token_hex(4)}")
