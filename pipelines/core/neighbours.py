@@ -20,7 +20,9 @@ from featscope.pipelines.core.store import RunIdentity
 
 
 def open_index(rd: RunDir, layer: str, *, mmap: bool = False) -> NeighbourIndex:
-    """The layer's index, refused if it was built from another model, weights or preprocessing."""
+    """The layer's index, refused if it was built from another model, weights or
+    preprocessing, or if it still holds images the manifest has retired since (its answers
+    would name images that are gone)."""
     directory = rd.index_dir(layer)
     if not rd.index_meta(layer).exists():
         raise FeatscopeError(f"index for layer '{layer}' not found in {rd.root}: run "
@@ -31,6 +33,12 @@ def open_index(rd: RunDir, layer: str, *, mmap: bool = False) -> NeighbourIndex:
         if index.meta.get(key) != want:
             raise FeatscopeError(f"the index of '{layer}' was built for another {key} than run {rd.root} has; "
                                  f"rebuild it with `featscope index build --run {rd.root} --layer {layer}`")
+    live = manifest.read(rd).column("image_id").to_numpy()
+    retired = int(np.isin(index.ids, live, invert=True).sum())
+    if retired:
+        raise FeatscopeError(f"the index of '{layer}' still holds {retired} images retired from run {rd.root} "
+                             f"since it was built: update it with `featscope index build --run {rd.root} "
+                             f"--layer {layer}`")
     return index
 
 

@@ -171,3 +171,13 @@ def test_a_rerun_updates_the_index_and_answers_as_a_fresh_build(indexed_run, sma
     np.testing.assert_array_equal(got.image_ids, want.image_ids)
     np.testing.assert_allclose(got.distances, want.distances, atol=1e-5)
     assert neighbours.build(indexed_run, "pool", metric="l2", progress=False).how == "built (the build options changed)"
+
+
+def test_an_index_that_still_holds_retired_images_is_refused_until_updated(indexed_run, small_dataset):
+    victim = next(small_dataset.glob("photo/*.png"))
+    victim.unlink()
+    manifest.run(indexed_run, small_dataset)
+    with pytest.raises(FeatscopeError, match="still holds 1 images retired .* update it with `featscope index build"):
+        neighbours.query(indexed_run, "pool", image_id=0, k=3)
+    neighbours.build(indexed_run, "pool", progress=False)
+    assert len(neighbours.query(indexed_run, "pool", image_id=0, k=3)) == 3
