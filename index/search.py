@@ -153,6 +153,10 @@ class NeighbourIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
+    def __contains__(self, image_id: object) -> bool:
+        pos = int(np.searchsorted(self.ids, image_id, sorter=self._order))
+        return pos < len(self.ids) and self.ids[self._order[pos]] == image_id
+
     def rows_of(self, image_ids) -> np.ndarray:
         """Index rows of image ids; an unknown id is a one-line error."""
         image_ids = np.atleast_1d(np.asarray(image_ids, dtype=np.int64))

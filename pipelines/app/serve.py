@@ -1,191 +1,436 @@
-"""`featscope serve`: a run's report and a JSON query API over HTTP, for this machine by default.
+"""`featscope serve`: a run's report and a JSON query API over HTTP (FastAPI under uvicorn).
 
-  GET  /                          -> the report (report/index.html)
-  GET  /<path>                    -> a file inside the run directory, nothing else
-  GET  /api/image/<id>            -> the image's manifest row
+  GET  /                             -> the report (redirect to /report/index.html)
+  GET  /report/..., /mosaic/..., ... -> the report and the pictures its pages show
+  GET  /api/image/{id}               -> the image's label, file name and shard
   GET  /api/neighbours?id=N&layer=L&k=K
-  POST /api/neighbours?layer=L&k=K -> body: an image file; embedded with the run's own model
+  POST /api/neighbours?layer=L&k=K   -> body: an image file; embedded with the run's own model
+  GET  /docs, /openapi.json          -> the API's description
 
-Indexes and the model are loaded once and shared by every request; requests run on their
-own threads (searches run concurrently; the one model embeds one upload at a time).
-Safety: binds 127.0.0.1 unless told otherwise; every path is resolved (symlinks included)
-and must stay inside the run directory; uploads above --max-upload get 413, anything that
-is not an image 400 with the reason; unknown ids 404.
+What it is built to survive: a 2048-connection backlog, keep-alive with idle, header and
+body deadlines (a client that does not finish its headers or body in time is answered 408
+and let go), a cap on requests in flight (503 past it), and graceful shutdown on SIGTERM
+(uvicorn's). Bodies are counted as they arrive, whatever Content-Length says; an upload's
+pixel count is checked from its header before it is decoded. Every error is a JSON body
+{"error": ...} with its status.
+
+Uploads decode on a pool of threads, outside the model's lock, and the model embeds them in
+dynamic batches (`EmbedBatcher`: the first waiting upload opens a batch that takes whoever
+arrives within a few milliseconds), so throughput grows with concurrency; GETs run on their
+own threads and never wait for the model. Memory does not grow with the dataset beyond
+Arrow columns of the manifest (`Catalogue`) and the indexes, memory-mapped where the kind
+allows. Only the report and the pictures it shows are served: raw run files (manifest,
+run.json, features, indexes, checkpoints) only with `--expose-run-files`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
-import json
-import mimetypes
+import os
+import queue
 import socket
-from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
-from featscope.pipelines.core.features import ImageEmbedder
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 
 API_NEIGHBOURS = ("/api/neighbours", "/api/neighbors")  # the US spelling still answers, for this release
+PUBLIC_FOLDERS = {"report", "mosaic", "patches", "saliency", "viz", "neighbours"}  # what report pages show
+PUBLIC_SUFFIXES = {".html", ".js", ".css", ".png", ".jpg", ".jpeg", ".svg", ".gif", ".webp"}
+DEFAULT_MAX_PIXELS = 50_000_000  # an upload may declare at most this many pixels (Pillow's bomb limit: 89M)
+HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE = 10.0, 30.0, 5
+
+
+class ApiError(Exception):
+    """An answer other than 200: its status and a one-line reason."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# ---- the data the service answers from ----------------------------------------------------
+
+class Catalogue:
+    """The live manifest as Arrow columns sorted by image_id: lookups by binary search, no
+    Python object per image (at 10M images a dict of rows would take about 10 GB)."""
+
+    def __init__(self, rd: RunDir):
+        from featscope.pipelines.core import manifest
+
+        table = manifest.read(rd).select(["image_id", "path", "label", "shard"]).sort_by("image_id")
+        self.ids = table["image_id"].to_numpy()
+        self.paths, self.labels, self.shards = (table[c].combine_chunks() for c in ("path", "label", "shard"))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row(self, image_id: int) -> int | None:
+        at = int(np.searchsorted(self.ids, image_id))
+        return at if at < len(self.ids) and self.ids[at] == image_id else None
+
+    def describe(self, image_id: int) -> dict:
+        at = self.row(image_id)
+        if at is None:
+            raise ApiError(404, f"no image {image_id} in this run")
+        return {"image_id": int(image_id), "label": self.labels[at].as_py(),
+                "name": Path(self.paths[at].as_py()).name, "shard": int(self.shards[at].as_py())}
+
+
+class EmbedBatcher:
+    """Embeds model inputs in dynamic batches on one thread: the first request waiting opens
+    a batch, which takes every request that arrives within `wait_s` (up to `max_batch`)."""
+
+    def __init__(self, embed_batch, *, max_batch: int = 16, wait_s: float = 0.004):
+        self.embed_batch, self.max_batch, self.wait_s = embed_batch, max_batch, wait_s
+        self.waiting: queue.Queue = queue.Queue()
+        self.batches: list[int] = []  # sizes, for the load test and tests
+        threading.Thread(target=self._loop, name="embed-batcher", daemon=True).start()
+
+    def submit(self, model_input) -> Future:
+        done: Future = Future()
+        self.waiting.put((model_input, done))
+        return done
+
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            batch = [self.waiting.get()]
+            deadline = time.perf_counter() + self.wait_s
+            while len(batch) < self.max_batch:
+                left = deadline - time.perf_counter()
+                try:
+                    batch.append(self.waiting.get(timeout=left) if left > 0 else self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            self.batches.append(len(batch))
+            try:
+                out = self.embed_batch(torch.stack([x for x, _ in batch]))
+            except Exception as e:  # every waiting request gets the failure, none hangs
+                for _, done in batch:
+                    done.set_exception(e)
+                continue
+            for i, (_, done) in enumerate(batch):
+                done.set_result({layer: vectors[i] for layer, vectors in out.items()})
 
 
 class QueryService:
-    """The run's manifest, indexes and (when first needed) model, shared by all requests."""
+    """The run's catalogue, indexes and (when first needed) model, shared by all requests."""
 
-    def __init__(self, rd: RunDir, *, max_upload: int = 16 * 2**20, max_k: int = 100):
-        from featscope.pipelines.core import manifest
+    def __init__(self, rd: RunDir, *, max_upload: int = 16 * 2**20, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_k: int = 100, expose_run_files: bool = False, decode_threads: int | None = None):
+        from featscope.pipelines.core.features import ImageEmbedder
 
-        self.rd = rd
-        self.root = rd.root.resolve()
-        self.max_upload = max_upload
-        self.max_k = max_k
-        self.rows = {r["image_id"]: r for r in manifest.read(rd).to_pylist()}
+        self.rd, self.root = rd, rd.root.resolve()
+        self.max_upload, self.max_pixels, self.max_k = max_upload, max_pixels, max_k
+        self.expose_run_files = expose_run_files
+        self.catalogue = Catalogue(rd)
         self.layers = rd.index_layers()
-        self.indexes = {layer: open_index(rd, layer) for layer in self.layers}
+        self.indexes = {layer: _open_mapped(rd, layer) for layer in self.layers}
         self.embedder = ImageEmbedder(rd.read_config(), self.layers)
+        self.decoders = ThreadPoolExecutor(decode_threads or os.cpu_count() or 2, thread_name_prefix="decode")
+        self._batcher: EmbedBatcher | None = None
+        self._batcher_lock = threading.Lock()
 
-    def image(self, image_id: int) -> dict:
-        if image_id not in self.rows:
-            raise KeyError(f"no image {image_id} in this run")
-        row = self.rows[image_id]
-        return {"image_id": image_id, "label": row["label"], "name": Path(row["path"]).name, "shard": row["shard"]}
+    @property
+    def batcher(self) -> EmbedBatcher:
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = EmbedBatcher(self.embedder.embed_batch)
+            return self._batcher
 
-    def neighbours(self, layer: str, k: int, *, image_id: int | None = None, upload: bytes | None = None) -> dict:
+    def _index(self, layer: str, k: int):
         if layer not in self.indexes:
-            raise ValueError(f"no index for layer '{layer}'; indexed: {', '.join(self.layers) or 'none'}")
+            raise ApiError(400, f"no index for layer '{layer}'; indexed: {', '.join(self.layers) or 'none'}")
         if not 1 <= k <= self.max_k:
-            raise ValueError(f"k must be between 1 and {self.max_k}")
-        index = self.indexes[layer]
-        if upload is not None:
-            found = index.search_vectors(self.embedder.embed(upload, layer), k=k)
-        else:
-            if image_id not in self.rows:
-                raise KeyError(f"no image {image_id} in this run")
-            found = neighbours_of(index, [image_id], k)
-        answer = [self.image(int(i)) | {"distance": float(d)}
-                  for i, d in zip(found.image_ids[0], found.distances[0]) if i >= 0]
-        return {"layer": layer, "query": image_id, "neighbours": answer[:k]}
+            raise ApiError(400, f"k must be between 1 and {self.max_k}")
+        return self.indexes[layer]
 
-    def file(self, url_path: str) -> tuple[Path | None, int]:
-        """The file a URL path names and 200; or None and 403 if it resolves (after '..',
-        encoded characters and symlinks) outside the run directory, 404 if there is none."""
+    def _answer(self, layer: str, query: int | None, found, k: int) -> dict:
+        answer = [self.catalogue.describe(int(i)) | {"distance": float(d)}
+                  for i, d in zip(found.image_ids[0], found.distances[0]) if i >= 0]
+        return {"layer": layer, "query": query, "neighbours": answer[:k]}
+
+    def neighbours_of_id(self, image_id: int, layer: str, k: int) -> dict:
+        index = self._index(layer, k)
+        self.catalogue.describe(image_id)  # 404 for an id the run does not have
+        if image_id not in index:
+            raise ApiError(404, f"image {image_id} is in the run but not in the '{layer}' index (it could not be "
+                                "read when features were extracted)")
+        return self._answer(layer, image_id, neighbours_of(index, [image_id], k), k)
+
+    def model_input(self, upload: bytes):
+        """Decode an upload (on a decoder thread): 400 empty, 415 not an image, 422 too many pixels."""
+        if not upload:
+            raise ApiError(400, "empty upload: send the image file as the request body")
+        try:
+            return self.embedder.model_input(upload, max_pixels=self.max_pixels)
+        except FeatscopeError as e:
+            message = str(e)
+            raise ApiError(422 if "too large" in message else 415, message) from None
+
+    def neighbours_of_vector(self, vector: np.ndarray, layer: str, k: int) -> dict:
+        return self._answer(layer, None, self.indexes[layer].search_vectors(vector, k=k), k)
+
+    def file(self, url_path: str) -> Path:
+        """The file a URL path names, if it may be served: inside the run directory (after '..',
+        encoded characters and symlinks: else 403), and one the report shows (else 404 unless
+        raw run files are exposed)."""
         relative = unquote(url_path).lstrip("/")
         if "\x00" in relative:
-            return None, 403
+            raise ApiError(403, "outside the run directory")
         candidate = (self.root / relative).resolve()
         if not candidate.is_relative_to(self.root):
-            return None, 403
-        return (candidate, 200) if candidate.is_file() else (None, 404)
+            raise ApiError(403, "outside the run directory")
+        if not candidate.is_file():
+            raise ApiError(404, "not found")
+        inside = candidate.relative_to(self.root)
+        public = inside.parts[0] in PUBLIC_FOLDERS and candidate.suffix.lower() in PUBLIC_SUFFIXES
+        if not (public or self.expose_run_files):
+            raise ApiError(404, "not served: raw run files are served only with `featscope serve --expose-run-files`")
+        return candidate
 
 
-class _Handler(BaseHTTPRequestHandler):
-    service: QueryService
-    server_version = "featscope"
+def _open_mapped(rd: RunDir, layer: str):
+    """The layer's index memory-mapped (its pages shared with the page cache), or read if the
+    kind cannot be mapped."""
+    try:
+        return open_index(rd, layer, mmap=True)
+    except RuntimeError:
+        return open_index(rd, layer)
 
-    def log_message(self, format: str, *args) -> None:  # one quiet line per request on stderr
-        if getattr(self.server, "verbose", False):
-            super().log_message(format, *args)
 
-    def _json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+# ---- HTTP ---------------------------------------------------------------------------------
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout: float = BODY_TIMEOUT):
+    """The ASGI application over `service`."""
+    app = FastAPI(title="featscope query service", version="1",
+                  description="Neighbours in feature space of a featscope run, by image id or by uploaded image.")
+    in_flight = 0
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        url = urlsplit(self.path)
-        query = parse_qs(url.query)
+    @app.middleware("http")
+    async def bounded(request: Request, call_next):
+        nonlocal in_flight
+        if in_flight >= max_in_flight:
+            return JSONResponse({"error": f"busy: {in_flight} requests in flight, try again"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        in_flight += 1
         try:
-            if url.path in ("", "/"):
-                self.send_response(HTTPStatus.FOUND)
-                self.send_header("Location", "/report/index.html")
-                self.end_headers()
+            return await call_next(request)
+        finally:
+            in_flight -= 1
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        status = 400 if first.get("type") == "missing" else 422
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception):
+        return JSONResponse({"error": f"internal error: {type(e).__name__}: {str(e)[:200]}"}, status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    def home():
+        return RedirectResponse("/report/index.html", status_code=302)
+
+    @app.get("/api/image/{image_id}", summary="An image's label, file name and shard")
+    def image(image_id: int) -> dict:
+        return service.catalogue.describe(image_id)
+
+    @app.get("/api/neighbours", summary="Nearest images to an image of the run")
+    @app.get("/api/neighbors", include_in_schema=False)
+    def neighbours(id: int = Query(description="an image id of the run"),  # noqa: A002 (the API's name)
+                   layer: str = Query(description="an indexed layer"),
+                   k: int = Query(10, description="neighbours returned")) -> dict:
+        return service.neighbours_of_id(id, layer, k)
+
+    @app.post("/api/neighbours", summary="Nearest images to an uploaded image (the request body)")
+    @app.post("/api/neighbors", include_in_schema=False)
+    async def neighbours_of_upload(request: Request, layer: str = Query(description="an indexed layer"),
+                                   k: int = Query(10, description="neighbours returned")) -> dict:
+        service._index(layer, k)
+        upload = await _read_body(request, service.max_upload, body_timeout)
+        loop = asyncio.get_running_loop()
+        model_input = await loop.run_in_executor(service.decoders, service.model_input, upload)
+        vectors = await asyncio.wrap_future(service.batcher.submit(model_input))
+        return await loop.run_in_executor(service.decoders, service.neighbours_of_vector, vectors[layer], layer, k)
+
+    @app.get("/{path:path}", include_in_schema=False)
+    def file(path: str):
+        if path.startswith("api/"):
+            raise ApiError(404, f"no such API: /{path}")
+        return FileResponse(service.file(path))
+
+    return app
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, counted as it arrives (Content-Length may lie or be absent): 413 past
+    `limit`, 408 if it stalls for `timeout` seconds."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"upload of {declared} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the body did not arrive within {timeout:g}s") from None
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"upload over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _guarded_protocol(header_timeout: float = HEADER_TIMEOUT):
+    """uvicorn's h11 protocol with a deadline for each request's headers: a connection that
+    has not sent a whole request head within `header_timeout` seconds is answered 408 and
+    closed (slow-header clients would otherwise hold connections for ever); and a malformed
+    request (a negative Content-Length, say) is answered in JSON like every other error."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = ('{"error": "malformed request: ' + msg.replace('"', "'")[:200] + '"}').encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                       (b"content-length", str(len(body)).encode())]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._head_deadline = self.loop.call_later(header_timeout, self._head_timeout)
+
+        def _disarm(self) -> None:
+            if getattr(self, "_head_deadline", None) is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # a whole request head arrived
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._disarm()
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _head_timeout(self) -> None:
+            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
                 return
-            if url.path.startswith("/api/image/"):
-                return self._json(200, self.service.image(int(url.path.rsplit("/", 1)[1])))
-            if url.path in API_NEIGHBOURS:
-                layer, k = query.get("layer", [""])[0], int(query.get("k", ["10"])[0])
-                return self._json(200, self.service.neighbours(layer, k, image_id=int(query["id"][0])))
-        except KeyError as e:
-            return self._error(404, str(e).strip("'\"") if "no image" in str(e) else f"missing parameter {e}")
-        except ValueError as e:
-            return self._error(400, str(e))
-        if url.path.startswith("/api/"):
-            return self._error(404, f"no such API: {url.path}")
-        path, status = self.service.file(url.path)
-        if path is None:
-            return self._error(status, "outside the run directory" if status == 403 else "not found")
-        data = path.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+            body = b'{"error": "request head not received in time"}'
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.transport.close()
 
-    def do_POST(self) -> None:  # noqa: N802
-        url = urlsplit(self.path)
-        if url.path not in API_NEIGHBOURS:
-            return self._error(404, f"no such API: {url.path}")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            return self._error(411, "send the image as the request body, with a Content-Length")
+    return GuardedH11Protocol
+
+
+@dataclass
+class Server:
+    """A bound, ready server: `serve_forever()` runs it (on this thread), `shutdown()` stops it
+    from another; `server_address` is where it listens (port 0 picks a free port)."""
+
+    server: object  # uvicorn.Server
+    sock: socket.socket
+    stopped: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+    def serve_forever(self) -> None:
         try:
-            length = int(length)
-        except ValueError:
-            return self._error(400, "bad Content-Length")
-        if length > self.service.max_upload:
-            self.close_connection = True
-            return self._error(413, f"upload of {length} bytes is over the limit of {self.service.max_upload}")
-        data = self.rfile.read(length)
-        query = parse_qs(url.query)
-        try:
-            answer = self.service.neighbours(query.get("layer", [""])[0], int(query.get("k", ["10"])[0]), upload=data)
-        except ValueError as e:
-            return self._error(400, str(e))
-        except FeatscopeError as e:
-            return self._error(400, str(e))
-        self._json(200, answer)
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop serving (graceful: requests in flight finish) and wait until it has."""
+        self.server.should_exit = True
+        self.stopped.wait(timeout=15)
+
+    def server_close(self) -> None:
+        self.sock.close()
 
 
-def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000,
-                max_upload: int = 16 * 2**20) -> ThreadingHTTPServer:
-    """A ready server (port 0 picks a free one: see server.server_address)."""
+def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: int = 16 * 2**20,
+                max_pixels: int = DEFAULT_MAX_PIXELS, expose_run_files: bool = False, verbose: bool = False,
+                header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT) -> Server:
+    """A bound server over the run (bad hosts and ports in use are one-line errors here)."""
+    import uvicorn
+
     if not (rd.report_dir / "index.html").exists():
         raise FeatscopeError(f"run {rd.root} has no report yet: run `featscope report --run {rd.root}` first")
     try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except (socket.gaierror, UnicodeError, OverflowError):
         raise ParamError("host", f"'{host}' is not an address or a host name of this network") from None
-    handler = type("Handler", (_Handler,), {"service": QueryService(rd, max_upload=max_upload)})
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        sock = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise ParamError("port", f"{port} is in use on {host}: choose another, or 0 for any free one") from None
         raise ParamError("host", f"cannot listen on {host}:{port}: {e.strerror}") from None
-    server.daemon_threads = True
-    return server
+    service = QueryService(rd, max_upload=max_upload, max_pixels=max_pixels, expose_run_files=expose_run_files)
+    config = uvicorn.Config(create_app(service, body_timeout=body_timeout), http=_guarded_protocol(header_timeout),
+                            backlog=2048,
+                            timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=10,
+                            log_level="info" if verbose else "warning", access_log=verbose, lifespan="off")
+    return Server(uvicorn.Server(config), sock)
 
 
-def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: int = 16 * 2**20) -> None:
-    server = make_server(rd, host=host, port=port, max_upload=max_upload)
+def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: int = 16 * 2**20,
+        max_pixels: int = DEFAULT_MAX_PIXELS, expose_run_files: bool = False) -> None:
+    server = make_server(rd, host=host, port=port, max_upload=max_upload, max_pixels=max_pixels,
+                         expose_run_files=expose_run_files)
     address = f"http://{server.server_address[0]}:{server.server_address[1]}/"
-    print(f"serving {rd.root} at {address} (report: {address}report/index.html); Ctrl-C stops", flush=True)
+    print(f"serving {rd.root} at {address} (report: {address}report/index.html, API: {address}docs); "
+          "Ctrl-C or SIGTERM stops", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
 
@@ -197,15 +442,22 @@ class ServeOptions(Options):
     host: str = option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     port: int = option(8000, help="port to listen on", min=0, max=65535)
     max_upload: int = option(16 * 2**20, help="largest upload in bytes", min=1)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, help="most pixels an upload may declare (checked before decoding)",
+                             min=1)
+    expose_run_files: bool = option(False, help="also serve raw run files (manifest, run.json, features, indexes, "
+                                                "checkpoints); by default only the report and its pictures")
 
 
 def _serve(rd: RunDir, options: ServeOptions) -> None:
-    run(rd, host=options.host, port=options.port, max_upload=options.max_upload)
+    run(rd, host=options.host, port=options.port, max_upload=options.max_upload, max_pixels=options.max_pixels,
+        expose_run_files=options.expose_run_files)
 
 
 COMMANDS = [
     Command("serve", ServeOptions, _serve, records_timing=False,
             help="serve a run's report and a JSON query API on 127.0.0.1",
             description="GET /api/neighbours?id=N&layer=L&k=K, POST /api/neighbours?layer=L&k=K with an image as the "
-                        "body, GET /api/image/N. Serves only files inside the run directory."),
+                        "body, GET /api/image/N; the API is described at /docs. Serves the report and the pictures "
+                        "its pages show; raw run files only with --expose-run-files. Uploads are embedded in "
+                        "dynamic batches."),
 ]

@@ -18,7 +18,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import LayerSpec, LayerTap
 from featscope.kernels.summary import conv_summary, pixel_thumbnail
 from featscope.pipelines.core.device import PRECISIONS, inference_model, resolve_device, resolve_precision
-from featscope.pipelines.core.images import BadImage, decode_pixels, read_pixels
+from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, decode_pixels, read_pixels
 from featscope.pipelines.core.models import LoadedModel, load_run_model
 
 PREDICTED_CLASSES = 5  # the model's top classes kept per image by extract
@@ -104,21 +104,31 @@ class ImageEmbedder:
                 self._extractor = FeatureExtractor(loaded, self.layers, device, resolve_precision("auto", device))
             return self._extractor
 
-    def pixels(self, source: str | Path | bytes) -> torch.Tensor:
-        """A file path or encoded bytes -> (3,H,W) uint8; a bad image is a one-line error."""
+    def pixels(self, source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """A file path or encoded bytes -> (3,H,W) uint8; a bad image is a one-line error.
+        An image declaring more than `max_pixels` is refused from its header, undecoded."""
         min_size = self.extractor.loaded.preprocessing.resize
         try:
             if isinstance(source, bytes):
-                return decode_pixels(source, min_size=min_size)
-            return read_pixels(source, min_size=min_size)
+                return decode_pixels(source, min_size=min_size, max_pixels=max_pixels)
+            return read_pixels(source, min_size=min_size, max_pixels=max_pixels)
         except BadImage as e:
             if isinstance(source, bytes):
                 raise FeatscopeError(f"not a readable image: {e}") from None
             raise FeatscopeError(f"cannot read {source}: {e}") from None
 
+    def model_input(self, source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """Decoded, resized and cropped as the run's preprocessing does: (3, crop, crop) uint8.
+        Runs outside the model's lock, so many uploads decode at once."""
+        return self.extractor.loaded.preprocessing.to_uint8(self.pixels(source, max_pixels=max_pixels))
+
+    def embed_batch(self, inputs: torch.Tensor) -> dict[str, np.ndarray]:
+        """(B, 3, crop, crop) uint8 model inputs -> {layer: (B, D) vectors}, one forward pass."""
+        extractor = self.extractor
+        with self._lock:
+            out = extractor(inputs)
+        return {layer: out[layer]["feature"] for layer in self.layers}
+
     def embed(self, source: str | Path | bytes, layer: str) -> np.ndarray:
         """The vector of a new image at `layer`, by the run's model, weights and preprocessing."""
-        extractor = self.extractor
-        pixels = extractor.loaded.preprocessing.to_uint8(self.pixels(source))[None]
-        with self._lock:
-            return extractor(pixels)[layer]["feature"][0]
+        return self.embed_batch(self.model_input(source)[None])[layer][0]

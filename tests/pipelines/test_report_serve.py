@@ -1,7 +1,6 @@
 """The report's data files, and the query service over real HTTP: answers, and refusals."""
 
 import json
-import os
 import threading
 import urllib.error
 import urllib.request
@@ -102,7 +101,7 @@ def test_service_answers_by_id_and_by_upload(server):
     with open(photo["path"], "rb") as f:
         status, body = fetch(f"{base}/api/neighbours?layer=pool&k=3", f.read())
     answer = json.loads(body)
-    assert status == 200 and answer["neighbours"][0]["image_id"] == photo["image_id"]  # itself, distance ~0
+    assert status == 200 and answer["neighbours"][0]["image_id"] == photo["image_id"], answer  # itself, distance ~0
     assert answer["neighbours"][0]["distance"] < 1e-3
     status, body = fetch(f"{base}/api/image/{photo['image_id']}")
     assert status == 200 and json.loads(body)["label"] == "photo"
@@ -124,43 +123,6 @@ def test_concurrent_queries_all_get_their_own_answer(server):
     for t in threads:
         t.join()
     assert results == {i: i for i in ids}
-
-
-@pytest.mark.parametrize("path", ["/../run.json", "/%2e%2e/%2e%2e/etc/passwd", "/report/..%2f..%2f..%2fetc%2fpasswd",
-                                  "//etc/passwd", "/%2Fetc%2Fpasswd", "/report/%00index.html"])
-def test_paths_outside_the_run_are_refused(server, path):
-    base, _ = server
-    status, body = fetch(base + path)
-    assert status in (403, 404) and b"root:" not in body
-
-
-def test_a_symlink_leaving_the_run_is_refused(server, tmp_path):
-    base, rd = server
-    secret = tmp_path / "secret.txt"
-    secret.write_text("not yours")
-    link = rd.report_dir / "leak.txt"
-    os.symlink(secret, link)
-    try:
-        status, body = fetch(f"{base}/report/leak.txt")
-        assert status == 403 and b"not yours" not in body
-    finally:
-        link.unlink()
-
-
-def test_bad_uploads_and_unknown_ids_get_clear_errors(server):
-    base, _ = server
-    status, body = fetch(f"{base}/api/neighbours?layer=pool", b"\x00" * 300_000)
-    assert status == 413 and b"over the limit" in body
-    status, body = fetch(f"{base}/api/neighbours?layer=pool", b"GIF89a not really")
-    assert status == 400 and b"not a readable image" in body
-    status, body = fetch(f"{base}/api/neighbours?layer=pool", b"")
-    assert status == 400 and b"empty" in body
-    status, body = fetch(f"{base}/api/neighbours?id=999999&layer=pool")
-    assert status == 404 and b"no image 999999" in body
-    status, body = fetch(f"{base}/api/neighbours?id=0&layer=fc9")
-    assert status == 400 and b"no index for layer 'fc9'" in body
-    status, body = fetch(f"{base}/api/nothing")
-    assert status == 404
 
 
 def test_served_files_are_byte_identical(server):

@@ -1,0 +1,143 @@
+"""The query service under hostile or broken requests, over raw sockets: every case gets an
+HTTP answer with a JSON error and the right status (never a dropped connection), raw run
+files are not served by default, and slow clients are let go."""
+
+import io
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from featscope.pipelines.app.serve import make_server
+
+
+@pytest.fixture(scope="module")
+def port(reported_run):
+    server = make_server(reported_run, port=0, max_upload=200_000, max_pixels=1_000_000, header_timeout=1,
+                         body_timeout=1)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def exchange(port: int, request: bytes, *, pause: float = 0.0, rest: bytes = b"") -> tuple[int | None, dict | bytes]:
+    """Send raw bytes (then, after `pause`, `rest`); read until the server closes. (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        if pause:
+            time.sleep(pause)
+            try:
+                s.sendall(rest)
+            except OSError:
+                pass
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    if not data:
+        return None, b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+
+
+def post(path: str, body: bytes, length: str | None = None, extra: str = "") -> bytes:
+    length = str(len(body)) if length is None else length
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {length}\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (width, height)).save(out, format="PNG")  # zeros: a few KB for millions of pixels
+    return out.getvalue()
+
+
+UPLOAD = "/api/neighbours?layer=pool&k=3"
+CASES = [  # (name, request, expected statuses, phrase in the JSON error)
+    ("dot-dot", get("/../run.json"), (403, 404), ""),
+    ("encoded dot-dot", get("/%2e%2e/%2e%2e/etc/passwd"), (403, 404), ""),
+    ("encoded slashes", get("/report/..%2f..%2f..%2fetc%2fpasswd"), (403, 404), ""),
+    ("double slash", get("//etc/passwd"), (403, 404), ""),
+    ("encoded root", get("/%2Fetc%2Fpasswd"), (403, 404), ""),
+    ("NUL", get("/report/%00index.html"), (403, 404), ""),
+    ("run.json", get("/run.json"), (404,), "expose-run-files"),
+    ("manifest", get("/manifest.parquet"), (404,), "expose-run-files"),
+    ("index meta", get("/index/pool/meta.json"), (404,), "expose-run-files"),
+    ("features", get("/features/pool/part-00000.parquet"), (404,), "expose-run-files"),
+    ("negative length", post(UPLOAD, b"abc", "-1"), (400,), "malformed"),
+    ("declared over the limit", post(UPLOAD, b"\0" * 1000, "300000"), (413,), "over the limit"),
+    ("chunked over the limit", f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+     "Transfer-Encoding: chunked\r\n\r\n".encode() + b"".join(b"10000\r\n" + b"\0" * 65536 + b"\r\n"
+                                                                for _ in range(5)) + b"0\r\n\r\n", (413,),
+     "over the limit"),
+    ("too many pixels", post(UPLOAD, png_declaring(2000, 2000)), (422,), "too large"),
+    ("not an image", post(UPLOAD, b"GIF89a not really"), (415,), "not a readable image"),
+    ("empty upload", post(UPLOAD, b""), (400,), "empty"),
+    ("upload to an unknown layer", post("/api/neighbours?layer=fc9", b"x"), (400,), "no index for layer"),
+    ("missing id", get("/api/neighbours?layer=pool"), (400,), "id"),
+    ("id not a number", get("/api/neighbours?id=abc&layer=pool"), (422,), "id"),
+    ("unknown id", get("/api/neighbours?id=999999&layer=pool"), (404,), "no image 999999"),
+    ("k zero", get("/api/neighbours?id=0&layer=pool&k=0"), (400,), "k must be"),
+    ("k huge", get("/api/neighbours?id=0&layer=pool&k=100000"), (400,), "k must be"),
+    ("unknown layer", get("/api/neighbours?id=0&layer=fc9"), (400,), "no index for layer 'fc9'"),
+    ("unknown image", get("/api/image/424242"), (404,), "no image"),
+    ("unknown API", get("/api/nothing"), (404,), "no such API"),
+    ("not a request", b"HELLO THERE\r\n\r\n", (400,), "malformed"),
+]
+
+
+@pytest.mark.parametrize("name, request_bytes, statuses, phrase", CASES, ids=[c[0] for c in CASES])
+def test_every_bad_request_gets_a_json_error(port, name, request_bytes, statuses, phrase):
+    status, body = exchange(port, request_bytes)
+    assert status in statuses, (name, status, body)
+    assert isinstance(body, dict) and "error" in body, (name, body)
+    assert phrase in body["error"], (name, body)
+    assert b"root:" not in json.dumps(body).encode()
+
+
+def test_a_body_that_stalls_and_headers_that_never_end_are_answered_408(port):
+    start = time.perf_counter()
+    status, body = exchange(port, post(UPLOAD, b"12345", "10"), pause=3, rest=b"67890")
+    assert status == 408 and "did not arrive" in body["error"]
+    status, body = exchange(port, b"GET /report/index.html HTTP/1.1\r\nHost: x\r\n", pause=3, rest=b"\r\n")
+    assert status == 408 and "head not received" in body["error"]
+    assert time.perf_counter() - start < 9
+
+
+def test_raw_run_files_are_served_only_when_exposed(reported_run):
+    server = make_server(reported_run, port=0, expose_run_files=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        status, body = exchange(server.server_address[1], get("/run.json"))
+        assert status == 200 and body == json.loads((reported_run.root / "run.json").read_text())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_symlink_out_of_the_run_stays_refused(port, reported_run, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    link = reported_run.report_dir / "leak.html"
+    os.symlink(secret, link)
+    try:
+        status, body = exchange(port, get("/report/leak.html"))
+        assert status == 403 and b"not yours" not in json.dumps(body).encode()
+    finally:
+        link.unlink()
