@@ -155,7 +155,9 @@ def parts_of(layers):
 
 
 def index_meta(layer):
-    return str(RD.index_dir(layer) / "meta.json")
+    """The stamp an index build leaves (not meta.json: Snakemake deletes a job's outputs
+    before it runs, and an update starts from the previous index)."""
+    return str(RD.index_stamp(layer))
 
 
 def viz_outputs(part=None):

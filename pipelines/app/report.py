@@ -21,7 +21,7 @@ import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
+from featscope.pipelines.app.report_lists import neighbour_lists, save_state
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest, write_bytes_atomic
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.images import BadImage, open_image
-from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir
 from featscope.pipelines.core.store import read_errors, read_predictions
@@ -57,9 +57,12 @@ class ReportSummary:
     seconds: float
     chunks_written: int = 0
     chunks: int = 0
+    lists_recomputed: dict[str, int] = field(default_factory=dict)  # space -> neighbour lists computed afresh
 
     def line(self) -> str:
+        lists = ", ".join(f"{n} {space}" for space, n in self.lists_recomputed.items())
         return (f"report: {self.path} ({self.images} images, {self.thumbnails_made} new thumbnails, "
+                f"neighbour lists recomputed: {lists or 'none'}, "
                 f"{self.chunks_written} of {self.chunks} image data files changed) in "
                 f"{self.seconds:.1f}s; open it in a browser, or `featscope serve --run {self.path.parent.parent}`")
 
@@ -106,21 +109,6 @@ def _script(path: Path, variable: str, value: object) -> bool:
 def _relative(rd: RunDir, path: Path) -> str:
     """A run file as the pages (in report/) link to it."""
     return "../" + path.relative_to(rd.root).as_posix()
-
-
-def _neighbours(rd: RunDir, ids: np.ndarray, k: int, progress: bool) -> dict[str, dict[int, list]]:
-    """Per indexed space: each image's k nearest other images, with distances."""
-    found: dict[str, dict[int, list]] = {}
-    for layer in rd.index_layers():
-        index = open_index(rd, layer)
-        present = ids[np.isin(ids, index.ids)]
-        found[layer] = {}
-        for start in tqdm(range(0, len(present), 4096), desc=f"neighbours {layer}", disable=not progress):
-            chunk = present[start:start + 4096]
-            result = neighbours_of(index, chunk, k)
-            for query, row_ids, row_d in zip(chunk, result.image_ids, result.distances):
-                found[layer][int(query)] = [[int(i), round(float(d), 4)] for i, d in zip(row_ids, row_d) if i >= 0]
-    return found
 
 
 def _saliency(rd: RunDir) -> dict[int, list[str]]:
@@ -250,7 +238,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         made = sum(tqdm(pool.map(lambda r: _make_thumbnail(rd, r["image_id"], r["path"]), rows), total=len(rows),
                         desc="thumbnails", unit="img", disable=not progress))
     ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
-    neighbours = _neighbours(rd, ids, k, progress)
+    neighbours, recomputed, lists_state = neighbour_lists(rd, ids, k, progress)
     saliency = _saliency(rd)
     predictions = _predictions(rd, config)
     chunks = sorted({i // SHARD for i in ids.tolist()})
@@ -266,6 +254,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
                           "saliency": saliency.get(i, []), "prediction": predictions.get(i)}
         written += _script(out / "data" / f"images-{shard:04d}.js", "FS_IMAGES", entries)
     _drop_retired(rd, set(ids.tolist()))
+    save_state(rd, lists_state)
     errors = read_errors(rd.errors_dir)
     errors = errors.filter(pc.or_kleene(pc.is_null(errors["image_id"]), pc.is_in(errors["image_id"], pa.array(ids))))
     labels = table["label"].to_pylist()
@@ -284,7 +273,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "evaluation": json.loads(rd.index_evaluation.read_text()) if rd.index_evaluation.exists() else None,
     }
     _script(out / "data" / "run.js", "FS_RUN", summary)
-    return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start, written, len(chunks))
+    return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start, written, len(chunks),
+                         recomputed)
 
 
 # ---- the command ----------------------------------------------------------------------------

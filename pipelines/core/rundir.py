@@ -156,6 +156,12 @@ class RunDir:
         """Written last by an index build: its presence means the index is complete."""
         return self.index_dir(layer) / "meta.json"
 
+    def index_stamp(self, layer: str) -> Path:
+        """index/<layer>.built: written after each build or update of the layer's index. The
+        workflow declares it as the rule's output, not the index's own files: Snakemake
+        deletes a job's outputs before it runs, and an update needs the previous index."""
+        return self.index_root / f"{layer}.built"
+
     def index_layers(self) -> list[str]:
         """Layers with a built index, sorted."""
         if not self.index_root.is_dir():

@@ -8,7 +8,8 @@ follows openTSNE's own large-data recipe: embed a sample, then place the other p
 that map (`prepare_partial`) and optimise them. The map's trustworthiness (sklearn) and,
 where labels exist, the 10-NN label accuracy in 2-D are printed and stored as metadata.
 
-Scheduled reruns keep the map: the PCA is stored beside it (embedding/<layer>.pca.npz), new
+Scheduled reruns keep the map: its state (PCA, ids, positions) is stored beside it
+(embedding/<layer>.pca.npz), new
 images are placed into the previous map by the same recipe with every old point fixed, and
 retired ones simply leave. A full fit happens on `--refit` or once the images number more
 than `--refit-growth` times those the map was fitted on; PCA signs are fixed and the new map
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -37,7 +38,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import EMBEDDING_SCHEMA, RunIdentity, file_metadata, iter_features
+from featscope.pipelines.core.store import EMBEDDING_SCHEMA, RunIdentity, iter_features
 
 REFIT_GROWTH = 2.0  # a map is fitted anew once the images number this many times those it was fitted on
 
@@ -192,22 +193,21 @@ class PreviousMap(NamedTuple):
 
 
 def _previous_map(rd: RunDir, layer: str, identity: RunIdentity, settings: dict) -> PreviousMap | None:
-    """The layer's stored map and its PCA, if made by this model with these settings."""
-    path, pca_path = rd.embedding(layer), rd.embedding_pca(layer)
-    if not (path.exists() and pca_path.exists()):
+    """The layer's last map and its PCA, from embedding/<layer>.pca.npz, if made by this
+    model with these settings. The .npz holds the whole state (the workflow deletes the
+    Parquet map before embed reruns, as it does every job's outputs)."""
+    path = rd.embedding_pca(layer)
+    if not path.exists():
         return None
     try:
-        meta = file_metadata(path)
-        identity.check(path, meta)
-        if json.loads(meta.get("settings", "null")) != settings or meta.get("pca_sha256") != file_digest(pca_path):
-            return None
-        table = pq.read_table(path)
-        with np.load(pca_path) as pca:
-            mean, components = pca["mean"], pca["components"]
-    except (FeatscopeError, OSError, ValueError, KeyError, pa.ArrowException):
-        return None  # unreadable or foreign: a fresh fit replaces it
-    coords = np.stack([table["tsne_x"].to_numpy(), table["tsne_y"].to_numpy()], axis=1)
-    return PreviousMap(table["image_id"].to_numpy(), coords, mean, components, int(meta.get("fitted_points", 0)))
+        with np.load(path) as state:
+            if (json.loads(str(state["settings"])) != settings
+                    or json.loads(str(state["identity"])) != asdict(identity)):
+                return None
+            return PreviousMap(state["ids"], state["coords"], state["mean"], state["components"],
+                               int(state["fitted_points"]))
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or from before: a fresh fit replaces it
 
 
 def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.0, seed: int = 0,
@@ -252,8 +252,10 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
     table = pa.table({"image_id": ids, "tsne_x": coords[:, 0], "tsne_y": coords[:, 1],
                       "pca_x": reduced[:, 0], "pca_y": reduced[:, 1] if reduced.shape[1] > 1 else 0 * reduced[:, 0]},
                      schema=EMBEDDING_SCHEMA)
-    with atomic_path(rd.embedding_pca(layer)) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mean=mean.astype(np.float32), components=components.astype(np.float32))
+    with atomic_path(rd.embedding_pca(layer)) as tmp, open(tmp, "wb") as f:  # the state a rerun starts from
+        np.savez(f, mean=mean.astype(np.float32), components=components.astype(np.float32), ids=ids, coords=coords,
+                 fitted_points=fitted_points, settings=json.dumps(settings, sort_keys=True),
+                 identity=json.dumps(asdict(identity), sort_keys=True))
     meta = identity.metadata(layer=layer, pca_dims=int(components.shape[0]), perplexity=perplexity, seed=seed,
                              trustworthiness=round(trust, 4), knn_accuracy_2d=accuracy, sampled=sampled,
                              settings=json.dumps(settings, sort_keys=True), fitted_points=fitted_points,

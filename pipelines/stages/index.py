@@ -99,7 +99,11 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
             result = build_index(chunks, n=n, dims=dims, kind=kind, metric=metric, max_memory=parse_bytes(max_memory),
                                  seed=seed, on_progress=show)
     extra = asdict(identity) | {"layer": layer, "featscope_version": FEATSCOPE_VERSION}
-    NeighbourIndex.from_build(result).save(rd.index_dir(layer), extra_meta=extra)
+    saved = NeighbourIndex.from_build(result)
+    saved.save(rd.index_dir(layer), extra_meta=extra)
+    stamp = {"layer": layer, "version": rd.index_dir(layer).resolve().name, "vectors": int(result.meta["vectors"]),
+             "how": how}
+    write_json_atomic(rd.index_stamp(layer), stamp)
     return IndexSummary(layer, result.meta, how)
 
 

@@ -78,7 +78,7 @@ def test_random_changes_then_reruns_equal_a_run_from_scratch(tmp_path, digits):
     first = snakemake(tmp_path, configfile)
     assert first.returncode == 0, first.stderr[-3000:]
     rng = random.Random(SEED)
-    kinds = []
+    kinds, made = [], []
     run = RunDir(tmp_path / "runs" / "scheduled")
     for step in range(2):  # each step: two different kinds of change, then a rerun
         for kind in rng.sample(["add", "remove", "edit"], 2):
@@ -100,7 +100,12 @@ def test_random_changes_then_reruns_equal_a_run_from_scratch(tmp_path, digits):
         assert rerun.stderr.count("rule extract:") == len(new | (redone & live_shards)), kinds
         again = snakemake(tmp_path, configfile, "-n")
         assert "Nothing to be done" in again.stdout + again.stderr, (kinds, again.stdout[-2000:])
+        made.append((json.loads(run.index_stamp("pool").read_text())["how"],
+                     pq.read_schema(run.embedding("pool")).metadata[b"how"].decode()))
     assert set(kinds) == {"add", "remove", "edit"}, kinds  # the seed covers every kind of change
+    # through Snakemake too (which deletes a job's outputs before it runs) the reruns update
+    # the index and place new images into the map instead of starting over
+    assert all(how == ("updated", "placed") for how in made), made
     history = read_history(run)  # one line per run that did work, with what changed
     assert [h["status"] for h in history] == ["ok"] * 3 and history[0]["added"] == 12
     assert all(h["added"] + h["edited"] + h["retired"] > 0 for h in history[1:])
