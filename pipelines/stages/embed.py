@@ -24,11 +24,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+import faiss
 import numpy as np
+import scipy.sparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 from openTSNE import TSNE, TSNEEmbedding
-from openTSNE.affinity import PerplexityBasedNN
+from openTSNE.affinity import joint_probabilities_nn
 from scipy.linalg import orthogonal_procrustes
 from sklearn.manifold import trustworthiness
 from sklearn.neighbors import KNeighborsClassifier
@@ -127,6 +129,30 @@ def tsne(x: np.ndarray, *, perplexity: float, seed: int, max_exact: int) -> tupl
     return out, True
 
 
+class ReferenceNeighbours:
+    """The part of openTSNE's affinities that placing new points uses (`to_new`: each new
+    point's perplexity-calibrated affinities to its nearest reference points), over an exact
+    FAISS search, without computing the reference points' own affinities as
+    `PerplexityBasedNN` would: 8.5 s of 10 for 200 new points into a 20k map here. The
+    affinities equal `PerplexityBasedNN(method="exact").to_new`'s (tested)."""
+
+    def __init__(self, reference: np.ndarray, perplexity: float, n_jobs: int = -1):
+        self.n_samples, self.perplexity, self.n_jobs = len(reference), perplexity, n_jobs
+        self.P = scipy.sparse.csr_matrix((self.n_samples, self.n_samples))  # shape only: TSNEEmbedding checks it
+        self.index = faiss.IndexFlatL2(reference.shape[1])
+        self.index.add(np.ascontiguousarray(reference, dtype=np.float32))
+
+    def to_new(self, data: np.ndarray, perplexity: float | None = None, return_distances: bool = False,
+               k_neighbors: int | str = "auto"):
+        perplexity = perplexity or self.perplexity
+        k = min(self.n_samples, int(3 * perplexity)) if k_neighbors == "auto" else int(k_neighbors)
+        squared, neighbours = self.index.search(np.ascontiguousarray(data, dtype=np.float32), k)
+        distances = np.sqrt(np.maximum(squared, 0))
+        p = joint_probabilities_nn(neighbours, distances, [min(perplexity, k / 3)], symmetrize=False,
+                                   normalization="point-wise", n_reference_samples=self.n_samples, n_jobs=self.n_jobs)
+        return (p, neighbours, distances) if return_distances else p
+
+
 def place_into(reference_x: np.ndarray, reference_map: np.ndarray, x_new: np.ndarray, *, perplexity: float,
                seed: int, max_reference: int) -> np.ndarray:
     """Map positions for `x_new` in an existing map whose points (`reference_x` at
@@ -135,8 +161,7 @@ def place_into(reference_x: np.ndarray, reference_map: np.ndarray, x_new: np.nda
     if len(reference_x) > max_reference:
         keep = np.sort(np.random.default_rng(seed).choice(len(reference_x), max_reference, replace=False))
         reference_x, reference_map = reference_x[keep], reference_map[keep]
-    affinities = PerplexityBasedNN(reference_x, perplexity=_perplexity(perplexity, len(reference_x)), n_jobs=-1,
-                                   random_state=seed)
+    affinities = ReferenceNeighbours(reference_x, _perplexity(perplexity, len(reference_x)))
     embedding = TSNEEmbedding(np.ascontiguousarray(reference_map, dtype=np.float64), affinities,
                               negative_gradient_method=_gradient_method(len(reference_x)), random_state=seed)
     return _place(embedding, x_new)

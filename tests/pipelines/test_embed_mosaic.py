@@ -236,3 +236,15 @@ def test_a_grid_picture_that_is_not_the_one_its_table_describes_is_refused(mappe
     Image.new("RGB", (64, 64)).save(picture, format="JPEG")  # as if a later run stopped after the picture
     with pytest.raises(FeatscopeError, match="is not the picture pool-grid.parquet describes"):
         report.build(mapped_run, progress=False)
+
+
+def test_reference_neighbours_give_opentsne_s_affinities_for_new_points():
+    from openTSNE.affinity import PerplexityBasedNN
+
+    rng = np.random.default_rng(0)
+    reference, new = rng.normal(size=(600, 12)), rng.normal(size=(20, 12))
+    want, want_n, _ = PerplexityBasedNN(reference, perplexity=10, method="exact", random_state=0).to_new(
+        new, return_distances=True)
+    got, got_n, _ = embed.ReferenceNeighbours(reference, 10).to_new(new, return_distances=True)
+    np.testing.assert_array_equal(got_n, want_n)
+    np.testing.assert_allclose(got.toarray(), want.toarray(), atol=1e-6)
