@@ -46,3 +46,16 @@ def snakemake(workdir: Path, configfile: Path, *extra: str) -> subprocess.Comple
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(configfile), "--cores", "2", *extra]
     return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def clustered(n: int, dims: int, clusters: int = 20, seed: int = 0) -> np.ndarray:
+    """Vectors around `clusters` random centres: neighbour structure like real features."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dims)) * 4
+    return (centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, dims))).astype(np.float32)
+
+
+def as_chunks(x: np.ndarray, ids: np.ndarray, size: int = 333):
+    """The `chunks()` callable index builds take: (ids, vectors) pieces of `size` rows."""
+    return lambda: ((ids[i:i + size], x[i:i + size]) for i in range(0, len(x), size))
+

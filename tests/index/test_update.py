@@ -4,19 +4,10 @@ leave the index outside its plan is refused with the reason."""
 
 import numpy as np
 import pytest
+from helpers import as_chunks, clustered
 
 from featscope.index import NeighbourIndex, build_index, options_of, recall_at_k, update_index, why_rebuild
 from featscope.index.recall import exact_knn
-
-
-def clustered(n, dims, clusters=20, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dims)) * 4
-    return (centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, dims))).astype(np.float32)
-
-
-def as_chunks(x, ids, size=333):
-    return lambda: ((ids[i:i + size], x[i:i + size]) for i in range(0, len(x), size))
 
 
 def changed_collection(x, n_old, removed, rng):
