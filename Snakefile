@@ -349,12 +349,8 @@ rule mosaic:
     resources:
         **res("mosaic"),
     params:
-        cmd=lambda wildcards: " && ".join([
-            command("mosaic grid", layer=wildcards.layer, side=EMBED["grid_side"], tile=EMBED["tile"],
-                    seed=EMBED["seed"]),
-            command("mosaic scatter", layer=wildcards.layer, seed=EMBED["seed"]),
-            command("mosaic plot", layer=wildcards.layer),
-        ]),
+        cmd=lambda wildcards: command("mosaic all", layer=wildcards.layer, side=EMBED["grid_side"],
+                                      tile=EMBED["tile"], seed=EMBED["seed"]),
     shell:
         "{params.cmd}"
 

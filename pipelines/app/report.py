@@ -28,24 +28,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app.report_lists import neighbour_lists, save_state
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, file_digest, write_bytes_atomic
+from featscope.pipelines.core.atomic import file_digest, write_bytes_atomic
 from featscope.pipelines.core.history import read_history
-from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir
 from featscope.pipelines.core.store import read_errors, read_predictions
 from featscope.pipelines.core.timings import read_timings
+from featscope.pipelines.render.thumbnails import ensure_thumbnail
 
 ASSETS = Path(__file__).resolve().parent / "report_assets"
 SHARD = THUMB_FOLDER  # images per data file, as per thumbnail folder (the pages compute both)
-THUMB = 128
 PAGES = ("index", "image", "layer", "unit")
 
 
@@ -65,19 +63,6 @@ class ReportSummary:
                 f"neighbour lists recomputed: {lists or 'none'}, "
                 f"{self.chunks_written} of {self.chunks} image data files changed) in "
                 f"{self.seconds:.1f}s; open it in a browser, or `featscope serve --run {self.path.parent.parent}`")
-
-
-def _make_thumbnail(rd: RunDir, image_id: int, path: str) -> bool:
-    out = rd.thumbnail(image_id)
-    if out.exists():
-        return False
-    try:
-        img = ImageOps.contain(open_image(path, min_size=THUMB), (THUMB, THUMB))
-    except BadImage:
-        img = Image.new("RGB", (THUMB, THUMB), (90, 90, 90))
-    with atomic_path(out) as tmp:
-        img.save(tmp, format="JPEG", quality=82)
-    return True
 
 
 def _drop_retired(rd: RunDir, live: set[int]) -> None:
@@ -210,8 +195,8 @@ def _predictions(rd: RunDir, config: dict, top: int = 3) -> dict[int, list]:
     predicted = read_predictions(rd)
     if not predicted:
         return {}
-    names = config.get("class_names")
-    if not names:
+    names = config.get("class_names") or config.get("categories")  # recorded by extract
+    if not names:  # a run extracted before categories were recorded
         from featscope.pipelines.core.models import class_names  # torchvision's list: imported only here
 
         names = class_names(config.get("model"), config.get("weights"))
@@ -235,7 +220,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     for page in PAGES:  # every page is the same shell; report.js renders it by name
         write_bytes_atomic(out / f"{page}.html", shell.replace("{page}", page).encode())
     with ThreadPoolExecutor(threads) as pool:
-        made = sum(tqdm(pool.map(lambda r: _make_thumbnail(rd, r["image_id"], r["path"]), rows), total=len(rows),
+        made = sum(tqdm(pool.map(lambda r: ensure_thumbnail(rd, r["image_id"], r["path"]), rows), total=len(rows),
                         desc="thumbnails", unit="img", disable=not progress))
     ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
     neighbours, recomputed, lists_state = neighbour_lists(rd, ids, k, progress)

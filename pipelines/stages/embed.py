@@ -26,9 +26,9 @@ from typing import NamedTuple
 
 import faiss
 import numpy as np
-import scipy.sparse
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.sparse
 from openTSNE import TSNE, TSNEEmbedding
 from openTSNE.affinity import joint_probabilities_nn
 from scipy.linalg import orthogonal_procrustes

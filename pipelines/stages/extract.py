@@ -92,7 +92,8 @@ def _model_for_run(rd: RunDir, model: str | None, weights: str | None, seed: int
     loaded = load_model(arch, source, seed=seed)
     loaded.class_names = checked_class_names(loaded, config.get("class_names"))
     identity = {"model": arch, "weights": source, "weights_sha256": loaded.weights_sha256,
-                "preprocessing": json.loads(loaded.preprocessing.to_json()), "seed": seed}
+                "preprocessing": json.loads(loaded.preprocessing.to_json()), "seed": seed,
+                "categories": loaded.categories}  # the names of the model's classes, for the report
     old = {k: config.get(k) for k in identity}
     if old.get("weights_sha256") not in (None, loaded.weights_sha256):
         raise FeatscopeError(f"the weights '{source}' changed since run {rd.root} began "

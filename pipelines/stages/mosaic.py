@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest
-from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import read_embedding
@@ -36,6 +35,7 @@ from featscope.pipelines.render.grid_layout import (
     total_cost,
 )
 from featscope.pipelines.render.scatter_layout import fit
+from featscope.pipelines.render.thumbnails import square_tiles
 
 EXACT_RATIO_MAX_CELLS = 1024  # above this the exact optimum costs too long to report
 
@@ -57,13 +57,6 @@ def _number(text: str | None) -> str:
         return f"{float(text):.3f}"
     except (TypeError, ValueError):
         return "-"
-
-
-def _thumbnail(path: str, side: int) -> Image.Image | None:
-    try:
-        return ImageOps.fit(open_image(path, min_size=side), (side, side))
-    except BadImage:
-        return None
 
 
 def _save_jpeg(img: Image.Image, path: Path) -> None:
@@ -97,8 +90,8 @@ def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 
         optimum = total_cost(points, assign_exact(points, cell_centres(side, side)), side, side)
         detail += f" ({cost / optimum:.3f} x the exact optimum)" if optimum else ""
     canvas = Image.new("RGB", (side * tile, side * tile), (255, 255, 255))
-    for i in tqdm(range(len(chosen)), desc=f"grid {layer}", unit="img", disable=not progress):
-        thumb = _thumbnail(paths[int(ids[chosen[i]])], tile)
+    tiles = square_tiles(rd, [(int(ids[c]), paths[int(ids[c])], tile) for c in chosen])
+    for i, thumb in enumerate(tqdm(tiles, desc=f"grid {layer}", unit="img", disable=not progress)):
         if thumb is not None:
             row, col = divmod(int(cells[i]), side)
             canvas.paste(thumb, (col * tile, row * tile))
@@ -127,8 +120,9 @@ def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None
     size, tile, layout = fit(normalise(xy[chosen]), size=size, tile=tile, max_cover=max_cover)
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
     drawn = unreadable = 0
-    for i in tqdm(np.flatnonzero(layout.side), desc=f"scatter {layer}", unit="img", disable=not progress):
-        thumb = _thumbnail(paths[int(ids[chosen[i]])], int(layout.side[i]))
+    shown = np.flatnonzero(layout.side)
+    tiles = square_tiles(rd, [(int(ids[chosen[i]]), paths[int(ids[chosen[i]])], int(layout.side[i])) for i in shown])
+    for i, thumb in zip(tqdm(shown, desc=f"scatter {layer}", unit="img", disable=not progress), tiles):
         if thumb is None:
             unreadable += 1
             continue
@@ -215,8 +209,25 @@ def _plot(rd: RunDir, options: PlotOptions) -> MosaicSummary:
     return plot(rd, options.layer)
 
 
+@dataclass(frozen=True)
+class AllOptions(Options):
+    layer: str = option(help="an embedded layer", required=True)
+    side: int = option(40, help="grid cells per side", min=1)
+    tile: int = option(48, help="grid thumbnail size", min=8)
+    seed: int = option(0, help="seed of the samples and the scatter's drawing order")
+
+
+def _all(rd: RunDir, options: AllOptions, progress: bool = True) -> str:
+    """The three pictures in one process (the workflow's mosaic job: one start-up, not three)."""
+    return "\n".join(summary.line() for summary in (
+        grid(rd, options.layer, side=options.side, tile=options.tile, seed=options.seed, progress=progress),
+        scatter(rd, options.layer, seed=options.seed, progress=progress),
+        plot(rd, options.layer)))
+
+
 COMMANDS = [
     Command("mosaic grid", GridOptions, _grid, help="every cell of a grid filled with an image, neighbours alike"),
     Command("mosaic scatter", ScatterOptions, _scatter, help="thumbnails at their t-SNE positions on a large canvas"),
     Command("mosaic plot", PlotOptions, _plot, help="t-SNE and PCA scatter plots coloured by label"),
+    Command("mosaic all", AllOptions, _all, help="the grid, the scatter mosaic and the plots, in one process"),
 ]

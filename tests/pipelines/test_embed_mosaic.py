@@ -20,6 +20,7 @@ from featscope.pipelines.render.grid_layout import (
     total_cost,
 )
 from featscope.pipelines.render.scatter_layout import default_tile, fit, place
+from featscope.pipelines.render.thumbnails import square_tiles
 from featscope.pipelines.stages import embed, extract, mosaic
 
 
@@ -131,13 +132,13 @@ def test_grid_is_a_bijection_onto_cells_and_odd_images_become_tiles(mapped_run):
     assert len(cells) == 36 and len({(c["cell_row"], c["cell_col"]) for c in cells}) == 36
     assert len({c["image_id"] for c in cells}) == 36 and "exact optimum" in summary.detail
     assert Image.open(mapped_run.mosaic("pool", "grid")).size == (120, 120)
-    # every image, odd ones included, would be a well-formed tile
-    for row in manifest.read(mapped_run).to_pylist():
-        tile = mosaic._thumbnail(row["path"], 20)
-        assert tile.size == (20, 20) and tile.mode == "RGB"
-    red = mosaic._thumbnail(next(r["path"] for r in manifest.read(mapped_run).to_pylist()
-                                 if r["path"].endswith("tiny-red.png")), 20)
-    assert np.asarray(red)[10, 10].tolist() == [255, 0, 0]
+    # every image, odd ones included, would be a well-formed tile, drawn from its shared thumbnail
+    rows = manifest.read(mapped_run).to_pylist()
+    tiles = square_tiles(mapped_run, [(r["image_id"], r["path"], 20) for r in rows])
+    assert all(t.size == (20, 20) and t.mode == "RGB" for t in tiles)
+    assert all(mapped_run.thumbnail(r["image_id"]).exists() for r in rows)
+    red = tiles[next(n for n, r in enumerate(rows) if r["path"].endswith("tiny-red.png"))]
+    assert np.abs(np.asarray(red)[10, 10].astype(int) - [255, 0, 0]).max() <= 3  # a JPEG thumbnail
 
 
 def test_scatter_and_plot_are_written(mapped_run):
