@@ -9,28 +9,27 @@ back to the original image, and writes topk/<layer>.parquet. `render` crops thos
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
-import torchvision
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.layers import resolve_layer
-from featscope.kernels.receptive_field import receptive_field
-from featscope.kernels.topk import merge_topk
+
+if TYPE_CHECKING:
+    import torch
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
 from featscope.pipelines.core.images import BadImage, image_size, open_image
-from featscope.pipelines.core.models import Preprocessing
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, candidates_run_short, file_metadata, write_topk
@@ -52,6 +51,10 @@ class MergeSummary:
 
 def merge(rd: RunDir, layer: str, *, k: int | None = None) -> MergeSummary:
     """Merge every shard's candidates of `layer` into topk/<layer>.parquet with boxes."""
+    import torch  # here, not at the top: `topk render` runs without torch
+
+    from featscope.kernels.topk import merge_topk
+
     start = time.perf_counter()
     config = rd.read_config()
     identity = RunIdentity.of_run(config)
@@ -99,6 +102,13 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None) -> MergeSummary:
 def _boxes(rd: RunDir, config: dict, layer: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
     """Boxes in original-image pixels: the receptive field of each conv cell; whole images for
     vector units (pooled grids such as `block13@2x2` included)."""
+    import torch
+    import torchvision
+
+    from featscope.kernels.layers import resolve_layer
+    from featscope.kernels.receptive_field import receptive_field
+    from featscope.pipelines.core.models import Preprocessing
+
     with torch.device("meta"):
         skeleton = torchvision.models.get_model(config["model"], weights=None)
     spec = resolve_layer(config["model"], skeleton, layer)
@@ -141,10 +151,12 @@ class RenderSummary:
     images: int
     sheet: Path
     seconds: float
+    drawn: int | None = None  # strips drawn anew (the others' top-k did not change)
 
     def line(self) -> str:
-        return (f"topk render {self.layer}: {self.units} unit PNGs from {self.images} images read once, contact "
-                f"sheet {self.sheet}, {self.seconds:.1f}s")
+        fresh = f" ({self.drawn} drawn anew, the others unchanged)" if self.drawn not in (None, self.units) else ""
+        return (f"topk render {self.layer}: {self.units} unit PNGs{fresh} from {self.images} images read once, "
+                f"contact sheet {self.sheet}, {self.seconds:.1f}s")
 
 
 def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | None = None, tile: int = 96,
@@ -160,7 +172,15 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     units = [u for u in (units if units is not None else all_units) if u in available]
     if not units:
         raise FeatscopeError(f"none of the requested units is in topk/{layer}.parquet (units 0-{all_units[-1]})")
-    chosen = set(units)
+    drawn = _drawn(rd, layer, k, tile)
+    rows_of = defaultdict(list)
+    for r in table:
+        if r["rank"] < k:
+            rows_of[r["channel"]].append([r["rank"], r["image_id"], r["x0"], r["y0"], r["x1"], r["y1"],
+                                          round(r["value"], 6)])
+    signature = {unit: sorted(rows_of[unit]) for unit in units}
+    kept = {u for u in units if drawn.get(str(u)) == signature[u] and rd.unit_patches(layer, u).exists()}
+    chosen = set(units) - kept
     wanted = [r for r in table if r["channel"] in chosen and r["rank"] < k]
     by_image = defaultdict(list)
     for r in wanted:
@@ -180,14 +200,33 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     font = ImageFont.load_default(size=10)
     strips = {}
     for unit in units:
+        if unit in kept:  # its top-k did not change since it was drawn
+            with Image.open(rd.unit_patches(layer, unit)) as png:
+                strips[unit] = png.convert("RGB")
+            continue
         strip = _strip(unit, k, tile, patches, values, font)
         strips[unit] = strip
         with atomic_path(rd.unit_patches(layer, unit)) as tmp:
             strip.save(tmp, format="PNG")
+    write_json_atomic(_drawn_path(rd, layer), {"k": k, "tile": tile, "units": {str(u): signature[u] for u in units}})
     sheet = _contact_sheet([strips[u] for u in units])
     with atomic_path(rd.patch_sheet(layer)) as tmp:
         sheet.save(tmp, format="PNG")
-    return RenderSummary(layer, len(units), len(by_image), rd.patch_sheet(layer), time.perf_counter() - start)
+    return RenderSummary(layer, len(units), len(by_image), rd.patch_sheet(layer), time.perf_counter() - start,
+                         len(units) - len(kept))
+
+
+def _drawn_path(rd: RunDir, layer: str) -> Path:
+    return rd.patches_dir(layer) / "drawn.json"
+
+
+def _drawn(rd: RunDir, layer: str, k: int, tile: int) -> dict[str, list]:
+    """unit -> the rows its strip was drawn from, when drawn with this k and tile size."""
+    try:
+        drawn = json.loads(_drawn_path(rd, layer).read_text())
+    except (OSError, ValueError):
+        return {}
+    return drawn.get("units", {}) if (drawn.get("k"), drawn.get("tile")) == (k, tile) else {}
 
 
 LABEL_W, CAPTION_H, GAP = 56, 12, 2

@@ -110,6 +110,12 @@ def test_render_writes_one_png_per_unit_and_a_contact_sheet(tmp_path, small_data
     # four strips four times as wide as tall: one column, a square sheet, not one wide row
     sheet = Image.open(rd.patch_sheet("layer3"))
     assert summary.units == 4 and sheet.size == (strip.size[0] + 8, 4 * (strip.size[1] + 4))
+    # a rerun draws only the strips whose top-k changed: none here, so the same pictures
+    before = {p.name: p.read_bytes() for p in rd.patches_dir("layer3").glob("unit-*")}
+    again = topk.render(rd, "layer3", units=topk.parse_units("0-2,10"), tile=32, progress=False)
+    assert again.drawn == 0 and "0 drawn anew" in again.line()
+    assert {p.name: p.read_bytes() for p in rd.patches_dir("layer3").glob("unit-*")} == before
+    assert topk.render(rd, "layer3", units=[0, 1], tile=40, progress=False).drawn == 2  # another size: redrawn
 
 
 def test_contact_sheets_are_about_square_and_never_too_wide():
