@@ -112,10 +112,17 @@ REMOTE = SALIENCY.get("scheduler") or SALIENCY.get("slurm_jobs")
 LOCAL_WORKERS = lambda threads: {} if REMOTE else {"workers": threads}
 
 
+_SHARDS = {}
+
+
 def shards():
-    """The run's shards, known once the manifest checkpoint has run."""
+    """The run's shards, known once the manifest checkpoint has run (read once per version of
+    the manifest: every rule's input asks)."""
     checkpoints.manifest.get()
-    return fsmanifest.shards(RD)
+    version = RD.manifest.stat().st_mtime_ns
+    if version not in _SHARDS:
+        _SHARDS[version] = fsmanifest.shards(RD)
+    return _SHARDS[version]
 
 
 def live_ids(wildcards=None):
