@@ -170,7 +170,11 @@ class NeighbourIndex:
 
     def vectors_of(self, image_ids) -> np.ndarray:
         """The stored (prepared) vectors of image ids, as the index holds them."""
-        return np.stack([self.index.reconstruct(int(r)) for r in self.rows_of(image_ids)])
+        rows = self.rows_of(image_ids)
+        try:
+            return self.index.reconstruct_batch(rows)  # one call: the report asks for thousands at once
+        except RuntimeError:  # an index kind without batch reconstruction
+            return np.stack([self.index.reconstruct(int(r)) for r in rows])
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> Neighbours:
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))

@@ -17,13 +17,16 @@ THUMB = 128  # longest side
 PLACEHOLDER = (90, 90, 90)  # the report's square for an image that cannot be read
 
 
-def make_thumbnail(rd: RunDir, image_id: int, path: str) -> Image.Image | None:
+def make_thumbnail(rd: RunDir, image_id: int, path: str, at_least: int = THUMB) -> Image.Image | None:
     """The image's thumbnail (its longest side THUMB px), made and stored if missing; None if
-    the image cannot be read (the report then stores a grey square in its place)."""
+    the image cannot be read (the report then stores a grey square in its place). A stored
+    one is decoded at the smallest JPEG scale whose sides stay >= `at_least` (a 22-px mosaic
+    tile needs an eighth of the pixels)."""
     out = rd.thumbnail(image_id)
     if out.exists():
         try:
             with Image.open(out) as cached:
+                cached.draft("RGB", (at_least, at_least))
                 return cached.convert("RGB")
         except OSError:
             pass  # damaged: made again below
@@ -52,7 +55,7 @@ def square_tiles(rd: RunDir, items: list[tuple[int, str, int]], threads: int = 4
     (None if unreadable), loaded on `threads` threads."""
     def tile(item: tuple[int, str, int]) -> Image.Image | None:
         image_id, path, side = item
-        thumb = make_thumbnail(rd, image_id, path)
+        thumb = make_thumbnail(rd, image_id, path, at_least=side)
         return None if thumb is None else ImageOps.fit(thumb, (side, side))
 
     with ThreadPoolExecutor(threads) as pool:
