@@ -225,6 +225,7 @@ rule report:
         viz_outputs(),
     output:
         str(RD.report_dir / "index.html"),
+    priority: 10  # on the longest path of a rerun (extract, embed, mosaic, report): first when ready
     resources:
         **res("report"),
     params:
@@ -347,6 +348,7 @@ rule embed:
     output:
         str(RD.embedding("{layer}")),
     threads: all_cores()
+    priority: 10  # on the longest path of a rerun (extract, embed, mosaic, report): first when ready
     resources:
         **res("embed"),
     params:
@@ -363,6 +365,7 @@ rule mosaic:
         cells=str(RD.mosaic("{layer}", "grid", "parquet")),
         scatter=str(RD.mosaic("{layer}", "scatter")),
         plot=str(RD.mosaic("{layer}", "plot", "png")),
+    priority: 10  # on the longest path of a rerun (extract, embed, mosaic, report): first when ready
     resources:
         **res("mosaic"),
     params:

@@ -217,7 +217,7 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
 
 
 def _drawn_path(rd: RunDir, layer: str) -> Path:
-    return rd.patches_dir(layer) / "drawn.json"
+    return rd.patches_dir(layer) / ".drawn.json"  # hidden: bookkeeping, not a picture
 
 
 def _drawn(rd: RunDir, layer: str, k: int, tile: int) -> dict[str, list]:
