@@ -66,20 +66,26 @@ def start(kind: str, run: Path, port: int) -> subprocess.Popen:
     raise SystemExit(f"{kind} server did not start")
 
 
-async def request(reader, writer, method: str, path: str, body: bytes = b"") -> int:
+async def request(reader, writer, method: str, path: str, body: bytes = b"") -> tuple[int, bool]:
+    """(status, whether the server closes the connection after this answer: HTTP/1.0 does)."""
     head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n"
     writer.write(head.encode() + body)
     await writer.drain()
     status_line = await reader.readline()
     if not status_line:
         raise ConnectionError("closed")
-    length = 0
+    length, closes = None, status_line.startswith(b"HTTP/1.0")
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.decode("latin-1").partition(":")
         if name.lower() == "content-length":
             length = int(value)
-    await reader.readexactly(length)
-    return int(status_line.split()[1])
+        elif name.lower() == "connection":
+            closes = value.strip().lower() == "close"
+    if length is None:
+        await reader.read()  # the body runs to the close
+    else:
+        await reader.readexactly(length)
+    return int(status_line.split()[1]), closes
 
 
 async def client(port: int, until: float, make, latencies: list, counts: dict) -> None:
@@ -92,16 +98,20 @@ async def client(port: int, until: float, make, latencies: list, counts: dict) -
         method, path, body = make()
         start = time.perf_counter()
         try:
-            status = await asyncio.wait_for(request(reader, writer, method, path, body), 30)
+            status, closes = await asyncio.wait_for(request(reader, writer, method, path, body), 30)
         except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-            counts["dropped"] += 1
+            counts["dropped"] += 1  # no answer: a reset, a timeout or a close mid-request
+            closes, status = True, None
+        if status is not None:
+            latencies.append(time.perf_counter() - start)
+            counts["ok" if status == 200 else "errors"] += 1
+        if closes:  # the server ends connections after each answer (HTTP/1.0): open the next one
+            writer.close()
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
             except OSError:
+                counts["dropped"] += 1
                 return
-            continue
-        latencies.append(time.perf_counter() - start)
-        counts["ok" if status == 200 else "errors"] += 1
     writer.close()
 
 

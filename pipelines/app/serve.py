@@ -94,10 +94,11 @@ class Catalogue:
 
 class EmbedBatcher:
     """Embeds model inputs in dynamic batches on one thread: the first request waiting opens
-    a batch, which takes every request that arrives within `wait_s` (up to `max_batch`)."""
+    a batch, which takes every request that arrives within `wait_s` (up to `max_batch`) while
+    `coming()` says more uploads are being decoded; a lone upload does not wait."""
 
-    def __init__(self, embed_batch, *, max_batch: int = 16, wait_s: float = 0.004):
-        self.embed_batch, self.max_batch, self.wait_s = embed_batch, max_batch, wait_s
+    def __init__(self, embed_batch, *, max_batch: int = 16, wait_s: float = 0.004, coming=lambda: 1):
+        self.embed_batch, self.max_batch, self.wait_s, self.coming = embed_batch, max_batch, wait_s, coming
         self.waiting: queue.Queue = queue.Queue()
         self.batches: list[int] = []  # sizes, for the load test and tests
         threading.Thread(target=self._loop, name="embed-batcher", daemon=True).start()
@@ -114,7 +115,7 @@ class EmbedBatcher:
             batch = [self.waiting.get()]
             deadline = time.perf_counter() + self.wait_s
             while len(batch) < self.max_batch:
-                left = deadline - time.perf_counter()
+                left = deadline - time.perf_counter() if self.coming() > 0 else 0
                 try:
                     batch.append(self.waiting.get(timeout=left) if left > 0 else self.waiting.get_nowait())
                 except queue.Empty:
@@ -146,13 +147,14 @@ class QueryService:
         self.embedder = ImageEmbedder(rd.read_config(), self.layers)
         self.decoders = ThreadPoolExecutor(decode_threads or os.cpu_count() or 2, thread_name_prefix="decode")
         self._batcher: EmbedBatcher | None = None
+        self.decoding = 0  # uploads between arrival and the batcher (read by it, so lone ones never wait)
         self._batcher_lock = threading.Lock()
 
     @property
     def batcher(self) -> EmbedBatcher:
         with self._batcher_lock:
             if self._batcher is None:
-                self._batcher = EmbedBatcher(self.embedder.embed_batch)
+                self._batcher = EmbedBatcher(self.embedder.embed_batch, coming=lambda: self.decoding)
             return self._batcher
 
     def _index(self, layer: str, k: int):
@@ -222,19 +224,7 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
     """The ASGI application over `service`."""
     app = FastAPI(title="featscope query service", version="1",
                   description="Neighbours in feature space of a featscope run, by image id or by uploaded image.")
-    in_flight = 0
-
-    @app.middleware("http")
-    async def bounded(request: Request, call_next):
-        nonlocal in_flight
-        if in_flight >= max_in_flight:
-            return JSONResponse({"error": f"busy: {in_flight} requests in flight, try again"}, status_code=503,
-                                headers={"Retry-After": "1"})
-        in_flight += 1
-        try:
-            return await call_next(request)
-        finally:
-            in_flight -= 1
+    app.add_middleware(InFlightLimit, limit=max_in_flight)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -259,13 +249,15 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
     def home():
         return RedirectResponse("/report/index.html", status_code=302)
 
+    # GETs run on the event loop itself: a lookup or an exact search of one vector takes about
+    # a millisecond, less than a hop to a worker thread costs; the model never runs here
     @app.get("/api/image/{image_id}", summary="An image's label, file name and shard")
-    def image(image_id: int) -> dict:
+    async def image(image_id: int) -> dict:
         return service.catalogue.describe(image_id)
 
     @app.get("/api/neighbours", summary="Nearest images to an image of the run")
     @app.get("/api/neighbors", include_in_schema=False)
-    def neighbours(id: int = Query(description="an image id of the run"),  # noqa: A002 (the API's name)
+    async def neighbours(id: int = Query(description="an image id of the run"),  # noqa: A002 (the API's name)
                    layer: str = Query(description="an indexed layer"),
                    k: int = Query(10, description="neighbours returned")) -> dict:
         return service.neighbours_of_id(id, layer, k)
@@ -277,7 +269,11 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
         service._index(layer, k)
         upload = await _read_body(request, service.max_upload, body_timeout)
         loop = asyncio.get_running_loop()
-        model_input = await loop.run_in_executor(service.decoders, service.model_input, upload)
+        service.decoding += 1
+        try:
+            model_input = await loop.run_in_executor(service.decoders, service.model_input, upload)
+        finally:
+            service.decoding -= 1
         vectors = await asyncio.wrap_future(service.batcher.submit(model_input))
         return await loop.run_in_executor(service.decoders, service.neighbours_of_vector, vectors[layer], layer, k)
 
@@ -288,6 +284,28 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
         return FileResponse(service.file(path))
 
     return app
+
+
+class InFlightLimit:
+    """ASGI middleware: past `limit` requests in flight, answer 503 (JSON, Retry-After) at once
+    instead of queueing without bound. (Plain ASGI: Starlette's BaseHTTPMiddleware costs a task
+    and a stream per request.)"""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit, self.in_flight = app, limit, 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            response = JSONResponse({"error": f"busy: {self.in_flight} requests in flight, try again"},
+                                    status_code=503, headers={"Retry-After": "1"})
+            return await response(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
@@ -332,6 +350,12 @@ def _guarded_protocol(header_timeout: float = HEADER_TIMEOUT):
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # asyncio sets this only for sockets made with proto=IPPROTO_TCP, which a bound
+                # socket handed to uvicorn is not: without it a response's second segment waits
+                # for the client's delayed ACK (40 ms a request)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._arm()
 
         def _arm(self) -> None:
