@@ -62,8 +62,10 @@ def synthetic_run(demo: RunDir, work: Path, n: int, dims: int = 128) -> RunDir:
     return rd
 
 
-def rss_of_server(rd: RunDir, queries: int = 500) -> float:
-    """MB resident in a `featscope serve` of the run after `queries` neighbour queries."""
+def rss_of_server(rd: RunDir, queries: int = 500) -> tuple[float, float, float]:
+    """MB resident in a `featscope serve` of the run after `queries` neighbour queries: in
+    all, anonymous (the process's own), and file-backed (mapped index pages, shared with the
+    page cache)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -82,7 +84,9 @@ def rss_of_server(rd: RunDir, queries: int = 500) -> float:
                                         timeout=30) as r:
                 r.read()
         status = Path(f"/proc/{server.pid}/status").read_text()
-        return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+        mb = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status.splitlines()
+              if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
+        return mb["VmRSS"], mb["RssAnon"], mb["RssFile"]
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=20)
@@ -101,10 +105,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/serve-memory"))
     args = parser.parse_args()
     demo = RunDir(args.demo)
-    print(f"serve/rss_mb demo ({len(_ids(demo))} images, 4 indexes): {rss_of_server(demo):.0f}", flush=True)
+    line = "serve/rss_mb {}: {:.0f} (own {:.0f}, mapped files {:.0f})"
+    print(line.format(f"demo, {len(_ids(demo))} images, {len(demo.index_layers())} indexes", *rss_of_server(demo)),
+          flush=True)
     big = synthetic_run(demo, args.work, args.images)
-    print(f"serve/rss_mb synthetic ({args.images} images, one exact 128-d index, memory-mapped): "
-          f"{rss_of_server(big):.0f}")
+    print(line.format(f"synthetic, {args.images} images, one exact 128-d index", *rss_of_server(big)))
 
 
 if __name__ == "__main__":
