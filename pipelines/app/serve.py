@@ -157,7 +157,8 @@ class QueryService:
                 self._batcher = EmbedBatcher(self.embedder.embed_batch, coming=lambda: self.decoding)
             return self._batcher
 
-    def _index(self, layer: str, k: int):
+    def checked_index(self, layer: str, k: int):
+        """The index of `layer`, if there is one and k is in range (else 400)."""
         if layer not in self.indexes:
             raise ApiError(400, f"no index for layer '{layer}'; indexed: {', '.join(self.layers) or 'none'}")
         if not 1 <= k <= self.max_k:
@@ -170,7 +171,7 @@ class QueryService:
         return {"layer": layer, "query": query, "neighbours": answer[:k]}
 
     def neighbours_of_id(self, image_id: int, layer: str, k: int) -> dict:
-        index = self._index(layer, k)
+        index = self.checked_index(layer, k)
         self.catalogue.describe(image_id)  # 404 for an id the run does not have
         if image_id not in index:
             raise ApiError(404, f"image {image_id} is in the run but not in the '{layer}' index (it could not be "
@@ -266,7 +267,7 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
     @app.post("/api/neighbors", include_in_schema=False)
     async def neighbours_of_upload(request: Request, layer: str = Query(description="an indexed layer"),
                                    k: int = Query(10, description="neighbours returned")) -> dict:
-        service._index(layer, k)
+        service.checked_index(layer, k)
         upload = await _read_body(request, service.max_upload, body_timeout)
         loop = asyncio.get_running_loop()
         service.decoding += 1

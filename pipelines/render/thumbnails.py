@@ -6,6 +6,7 @@ drawn from the same pixels whatever the run's history."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from PIL import Image, ImageOps
 
@@ -23,13 +24,9 @@ def make_thumbnail(rd: RunDir, image_id: int, path: str, at_least: int = THUMB) 
     one is decoded at the smallest JPEG scale whose sides stay >= `at_least` (a 22-px mosaic
     tile needs an eighth of the pixels)."""
     out = rd.thumbnail(image_id)
-    if out.exists():
-        try:
-            with Image.open(out) as cached:
-                cached.draft("RGB", (at_least, at_least))
-                return cached.convert("RGB")
-        except OSError:
-            pass  # damaged: made again below
+    stored = _stored(out, at_least)
+    if stored is not None:
+        return stored
     try:
         img = ImageOps.contain(open_image(path, min_size=THUMB), (THUMB, THUMB))
     except BadImage:
@@ -37,6 +34,19 @@ def make_thumbnail(rd: RunDir, image_id: int, path: str, at_least: int = THUMB) 
     with atomic_path(out) as tmp:
         img.save(tmp, format="JPEG", quality=82)
     return img
+
+
+def _stored(path: Path, at_least: int) -> Image.Image | None:
+    """The stored thumbnail at `path`, decoded no larger than needed; None if it is missing or
+    cannot be read (then it is made again from the image)."""
+    if not path.exists():
+        return None
+    try:
+        with Image.open(path) as stored:
+            stored.draft("RGB", (at_least, at_least))
+            return stored.convert("RGB")
+    except OSError:
+        return None
 
 
 def ensure_thumbnail(rd: RunDir, image_id: int, path: str) -> bool:
