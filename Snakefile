@@ -21,24 +21,18 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app import cli as fscli
 from featscope.pipelines.app import config as fsconfig
+from featscope.pipelines.app.workflow_cache import WorkflowCache, default_directory
 from featscope.pipelines.core import history as fshistory
 from featscope.pipelines.core import manifest as fsmanifest
 from featscope.pipelines.core.rundir import RunDir
 
+# The validated config and every job's command line are kept between starts (see
+# workflow_cache): working them out imports every stage module, torch included.
+CACHE = WorkflowCache(default_directory(), config)
 try:
-    CFG = fsconfig.validate(config)
+    CFG = CACHE.get("config", None, lambda: fsconfig.validate(config))
 except FeatscopeError as e:
     raise SystemExit(f"featscope: error: {e}")
-_COMMANDS = {}
-
-
-def command_spec(name):
-    """The declaration of featscope command `name`, importing only the module that declares
-    it, when a job of the DAG first needs it (the stages that run a model import torch: a
-    rerun that needs none of them starts seconds sooner)."""
-    if name not in _COMMANDS:
-        _COMMANDS.update(fscli.commands(name.split()[0]))
-    return _COMMANDS[name]
 
 
 RD = RunDir(Path(CFG["runs_dir"]) / CFG["run"])
@@ -107,7 +101,11 @@ RUN_ARG = q(str(RD.root))
 def command(name, section=None, quiet=True, **fixed):
     """The shell command of featscope command `name`: the config section's options of that
     command plus the values the workflow fixes (layer, shard, method, ...)."""
-    spec = command_spec(name)
+    return CACHE.get("command", [name, section, quiet, fixed], lambda: _command(name, section, quiet, fixed))
+
+
+def _command(name, section, quiet, fixed):
+    spec = fscli.commands(name.split()[0])[name]
     options = fsconfig.options_for(section or {}, spec, **fixed)
     flags = {"run": RUN_ARG} if spec.needs_run else {}
     if quiet and "progress" in fscli.inspect.signature(spec.run).parameters:

@@ -48,6 +48,28 @@ def snakemake(workdir: Path, configfile: Path, *extra: str) -> subprocess.Comple
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
+# Runs Snakemake's own entry point, then names the model libraries its process imported.
+_IMPORT_PROBE = """
+import runpy, sys
+sys.argv = ["snakemake", *sys.argv[1:]]
+try:
+    runpy.run_module("snakemake", run_name="__main__", alter_sys=True)
+finally:
+    heavy = sorted(m for m in ("torch", "torchvision", "openTSNE", "sklearn") if m in sys.modules)
+    print("IMPORTED:" + ",".join(heavy), file=sys.stderr)
+"""
+
+
+def snakemake_imports(workdir: Path, configfile: Path, *extra: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`snakemake(...)`, and which of torch, torchvision, openTSNE and scikit-learn the process
+    running the workflow (not its jobs) imported."""
+    cmd = [sys.executable, "-c", _IMPORT_PROBE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(configfile), "--cores", "2", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    line = next(x for x in done.stderr.splitlines() if x.startswith("IMPORTED:"))
+    return done, [m for m in line.removeprefix("IMPORTED:").split(",") if m]
+
+
 def clustered(n: int, dims: int, clusters: int = 20, seed: int = 0) -> np.ndarray:
     """Vectors around `clusters` random centres: neighbour structure like real features."""
     rng = np.random.default_rng(seed)

@@ -18,6 +18,7 @@ Pages read only what they show (an image page loads one 1,000-image shard), so a
 from __future__ import annotations
 
 import json
+import posixpath
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +41,7 @@ from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir
 from featscope.pipelines.core.store import read_errors, read_predictions
 from featscope.pipelines.core.timings import read_timings
-from featscope.pipelines.render.thumbnails import ensure_thumbnail
+from featscope.pipelines.render.thumbnails import ensure_thumbnail, stored_thumbnails
 
 ASSETS = Path(__file__).resolve().parent / "report_assets"
 SHARD = THUMB_FOLDER  # images per data file, as per thumbnail folder (the pages compute both)
@@ -65,13 +66,12 @@ class ReportSummary:
                 f"{self.seconds:.1f}s; open it in a browser, or `featscope serve --run {self.path.parent.parent}`")
 
 
-def _drop_retired(rd: RunDir, live: set[int]) -> None:
-    """Delete thumbnails and per-image data files that only hold images no longer in the
-    dataset: the report must not show an image that was removed or replaced."""
-    thumbs = rd.report_dir / "thumbs"
-    for path in thumbs.glob("*/*.jpg") if thumbs.is_dir() else []:
-        if path.stem.isdigit() and int(path.stem) not in live:
-            path.unlink()
+def _drop_retired(rd: RunDir, live: set[int], thumbnails: set[int]) -> None:
+    """Delete thumbnails (of `thumbnails`, the stored ones) and per-image data files that only
+    hold images no longer in the dataset: the report must not show an image that was removed
+    or replaced."""
+    for image_id in thumbnails - live:
+        rd.thumbnail(image_id).unlink(missing_ok=True)
     shards = {i // SHARD for i in live}
     for path in (rd.report_dir / "data").glob("images-*.js"):
         number = path.stem.removeprefix("images-")
@@ -219,26 +219,26 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     shell = (ASSETS / "page.html").read_text()
     for page in PAGES:  # every page is the same shell; report.js renders it by name
         write_bytes_atomic(out / f"{page}.html", shell.replace("{page}", page).encode())
+    stored = stored_thumbnails(rd)
+    missing = [r for r in rows if r["image_id"] not in stored]
     with ThreadPoolExecutor(threads) as pool:
-        made = sum(tqdm(pool.map(lambda r: ensure_thumbnail(rd, r["image_id"], r["path"]), rows), total=len(rows),
-                        desc="thumbnails", unit="img", disable=not progress))
+        made = sum(tqdm(pool.map(lambda r: ensure_thumbnail(rd, r["image_id"], r["path"]), missing),
+                        total=len(missing), desc="thumbnails", unit="img", disable=not progress))
     ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
     neighbours, recomputed, lists_state = neighbour_lists(rd, ids, k, progress)
     saliency = _saliency(rd)
     predictions = _predictions(rd, config)
-    chunks = sorted({i // SHARD for i in ids.tolist()})
-    written = 0
-    for shard in chunks:
-        entries = {}
-        for r in rows:
-            i = r["image_id"]
-            if i // SHARD != shard:
-                continue
-            entries[i] = {"label": r["label"], "name": Path(r["path"]).name, "shard": r["shard"],
-                          "neighbours": {space: found[i] for space, found in neighbours.items() if i in found},
-                          "saliency": saliency.get(i, []), "prediction": predictions.get(i)}
-        written += _script(out / "data" / f"images-{shard:04d}.js", "FS_IMAGES", entries)
-    _drop_retired(rd, set(ids.tolist()))
+    by_chunk: dict[int, dict[int, dict]] = {}
+    for r in rows:
+        i = r["image_id"]
+        by_chunk.setdefault(i // SHARD, {})[i] = {
+            "label": r["label"], "name": posixpath.basename(r["path"]), "shard": r["shard"],
+            "neighbours": {space: found[i] for space, found in neighbours.items() if i in found},
+            "saliency": saliency.get(i, []), "prediction": predictions.get(i)}
+    written = sum(_script(out / "data" / f"images-{chunk:04d}.js", "FS_IMAGES", entries)
+                  for chunk, entries in sorted(by_chunk.items()))
+    chunks = sorted(by_chunk)
+    _drop_retired(rd, set(ids.tolist()), stored)
     save_state(rd, lists_state)
     errors = read_errors(rd.errors_dir)
     errors = errors.filter(pc.or_kleene(pc.is_null(errors["image_id"]), pc.is_in(errors["image_id"], pa.array(ids))))

@@ -256,9 +256,17 @@ class RunDir:
     def report_dir(self) -> Path:
         return self.root / "report"
 
+    @property
+    def thumbnails_dir(self) -> Path:
+        return self.report_dir / "thumbs"
+
     def thumbnail(self, image_id: int) -> Path:
         """The report's thumbnail of an image: thumbs/<image_id // 1000>/<image_id>.jpg."""
-        return self.report_dir / "thumbs" / f"{image_id // THUMB_FOLDER:04d}" / f"{image_id}.jpg"
+        return self.thumbnails_dir / f"{image_id // THUMB_FOLDER:04d}" / f"{image_id}.jpg"
+
+    def thumbnail_tiles(self, name: str) -> Path:
+        """Square tiles cut from the thumbnails for one picture, kept for its next drawing."""
+        return self.thumbnails_dir / f"tiles-{name}.npz"
 
     @property
     def timings_dir(self) -> Path:

@@ -121,7 +121,8 @@ def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
     drawn = unreadable = 0
     shown = np.flatnonzero(layout.side)
-    tiles = square_tiles(rd, [(int(ids[chosen[i]]), paths[int(ids[chosen[i]])], int(layout.side[i])) for i in shown])
+    tiles = square_tiles(rd, [(int(ids[chosen[i]]), paths[int(ids[chosen[i]])], int(layout.side[i])) for i in shown],
+                         keep_as=f"scatter-{layer}")
     for i, thumb in zip(tqdm(shown, desc=f"scatter {layer}", unit="img", disable=not progress), tiles):
         if thumb is None:
             unreadable += 1

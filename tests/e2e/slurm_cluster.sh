@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on 127.0.0.1 for the tests: munged, slurmctld and slurmd, as root.
 #   slurm_cluster.sh start STATE_DIR   # writes /etc/slurm/slurm.conf, starts the daemons, waits for the node
-#   slurm_cluster.sh stop STATE_DIR
+#   slurm_cluster.sh stop STATE_DIR    # stops them and puts back the machine's own slurm.conf (or none)
 # The config goes to /etc/slurm/slurm.conf because job steps (srun inside sbatch jobs) look for
 # it there, not at $SLURM_CONF. Without cgroups here, processes are tracked by linuxproc and
 # tasks are not confined (task/none); there is no accounting daemon, so job states come from
 # squeue (the plugin's --slurm-status-command squeue).
+# The config must not outlive the cluster: with a slurm.conf naming a dead controller, every
+# `scontrol` call (the SLURM executor plugin runs one whenever Snakemake starts) waits 9 s.
 set -euo pipefail
 action=$1
 state=$(realpath -m "$2")
@@ -21,12 +23,25 @@ stop() {
     for _ in $(seq 20); do pgrep -x munged >/dev/null || break; sleep 0.2; done
 }
 
+restore_config() {
+    if [ -e "$state/slurm.conf.before" ]; then
+        mv "$state/slurm.conf.before" /etc/slurm/slurm.conf
+    elif grep -qs '^ClusterName=featscope-test$' /etc/slurm/slurm.conf; then
+        rm -f /etc/slurm/slurm.conf
+    fi
+}
+
 if [ "$action" = stop ]; then
     stop
+    restore_config
     exit 0
 fi
 
 stop
+mkdir -p "$state"
+if [ -e /etc/slurm/slurm.conf ] && ! grep -qs '^ClusterName=featscope-test$' /etc/slurm/slurm.conf; then
+    cp -p /etc/slurm/slurm.conf "$state/slurm.conf.before"
+fi
 mkdir -p "$state"/{ctld,spool,log,munge} /etc/slurm /run/munge
 chown munge:munge /run/munge "$state/munge"
 if [ ! -s /etc/munge/munge.key ]; then

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import snakemake, write_dataset
+from helpers import snakemake, snakemake_imports, write_dataset
 from PIL import Image
 
 from featscope.pipelines import load_features
@@ -150,3 +150,22 @@ def test_random_changes_then_reruns_equal_a_run_from_scratch(tmp_path, digits):
     assert {int(p.stem) for p in ours.saliency_dir("gradcam").glob("*.npz")} == photos
     assert set(pq.read_table(ours.saliency_summary("gradcam"))["image_id"].to_pylist()) == photos
     assert report_ids(ours) <= set(our_paths)
+
+    # A start of the workflow with config and code unchanged imports no model library (the
+    # validated config and the job commands come from workflow_cache), and what it derives
+    # equals what a start without the cache derives.
+    change(images, rng, digits, 9, "add")
+    cached, imported = snakemake_imports(tmp_path, configfile, "-n")
+    assert cached.returncode == 0 and imported == [], (imported, cached.stderr[-2000:])
+    cache_dir = tmp_path / ".snakemake" / "featscope"
+    [kept] = [p for p in cache_dir.glob("*.json") if "/runs/scheduled" in p.read_text()]
+    kept_entries = json.loads(kept.read_text())
+    shutil.rmtree(cache_dir)
+    uncached, imported = snakemake_imports(tmp_path, configfile, "-n")
+    assert uncached.returncode == 0 and "torch" in imported
+    derived = json.loads(kept.read_text())  # (the runs before derived more: the jobs they ran)
+    assert derived == {key: kept_entries[key] for key in derived}
+    assert "config:null" in derived and any(k.startswith('command:["manifest"') for k in derived)
+    jobs = lambda done: sorted(line for line in (done.stdout + done.stderr).splitlines()  # noqa: E731
+                               if line.startswith(("rule ", "checkpoint ", "localrule ")))
+    assert jobs(cached) == jobs(uncached) and "checkpoint manifest:" in jobs(cached)

@@ -151,6 +151,29 @@ def test_scatter_and_plot_are_written(mapped_run):
     assert Image.open(mosaic.plot(mapped_run, "pool").path).format == "PNG"
 
 
+def test_kept_tiles_equal_fresh_ones_and_follow_the_images_asked_for(mapped_run):
+    rows = manifest.read(mapped_run).to_pylist()
+    items = [(r["image_id"], r["path"], 24 if r["image_id"] % 3 else 12) for r in rows]
+    fresh = square_tiles(mapped_run, items)
+    first = square_tiles(mapped_run, items, keep_as="t")
+    store = mapped_run.thumbnail_tiles("t")
+    for thumb in mapped_run.report_dir.glob("thumbs/*/*.jpg"):
+        thumb.unlink()  # kept tiles need no thumbnail: a call that decoded one would fail here
+    for r in rows:
+        r["path"] = "/nonexistent"
+    kept = square_tiles(mapped_run, [(i, "/nonexistent", side) for i, _, side in items], keep_as="t")
+    assert [np.asarray(t).tolist() for t in kept] == [np.asarray(t).tolist() for t in fresh]
+    assert [np.asarray(t).tolist() for t in first] == [np.asarray(t).tolist() for t in fresh]
+    fewer = items[: len(items) // 2]  # retired images leave the kept file
+    square_tiles(mapped_run, fewer, keep_as="t")
+    with np.load(store) as stored:
+        assert sorted(int(i) for key in stored.files if key.startswith("ids_") for i in stored[key]) == \
+            sorted(i for i, _, _ in fewer)
+    store.write_bytes(b"damaged")  # a damaged file is made again
+    again = square_tiles(mapped_run, [(i, p, s) for i, p, s in fewer], keep_as="t")
+    assert [np.asarray(t).tolist() for t in again] == [np.asarray(t).tolist() for t in fresh[: len(fewer)]]
+
+
 def _coverage(layout, size):
     counts = np.zeros((size, size), dtype=np.int32)
     for x, y, side in zip(layout.x, layout.y, layout.side):
