@@ -28,7 +28,7 @@ from featscope.pipelines.core.rundir import RunDir
 
 # The validated config and every job's command line are kept between starts (see
 # workflow_cache): working them out imports every stage module, torch included.
-CACHE = WorkflowCache(default_directory(), config)
+CACHE = WorkflowCache(default_directory(), config, code=(Path(workflow.main_snakefile),))
 try:
     CFG = CACHE.get("config", None, lambda: fsconfig.validate(config))
 except FeatscopeError as e:
@@ -260,6 +260,7 @@ rule extract:
     wildcard_constraints:
         shard=r"\d{5}",
     threads: EXTRACT.get("threads") or all_cores()
+    priority: 20  # every later job but saliency waits for the features: first when ready
     resources:
         **res("extract"),
     params:
@@ -345,7 +346,9 @@ rule embed:
         lambda wildcards: parts_of([wildcards.layer]),
     output:
         str(RD.embedding("{layer}")),
-    threads: all_cores()
+    # a fit uses every core; placing a rerun's new images into the previous map is mostly one
+    # thread's work, and the other cores serve the rerun's other jobs meanwhile
+    threads: lambda wildcards: 1 if RD.embedding_pca(wildcards.layer).exists() else all_cores()
     priority: 10  # on the longest path of a rerun (extract, embed, mosaic, report): first when ready
     resources:
         **res("embed"),
@@ -382,6 +385,7 @@ rule saliency:
     output:
         str(RD.saliency_summary("{method}")),
     threads: SALIENCY_THREADS
+    priority: 10  # it needs only the manifest: started early, it never holds up the report at the end
     resources:
         **res("saliency"),
     params:

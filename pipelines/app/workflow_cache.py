@@ -5,8 +5,8 @@ torchvision and openTSNE among them): 6-10 s at each `snakemake` start, paid aga
 scheduled rerun although neither the config nor the code changed, and paid before the first
 job can start. The results are pure functions of the config, the arguments and the code, so
 they are kept in one JSON file per config under `.snakemake/featscope/`, named by a
-fingerprint of featscope's source files (path, size, modification time), the Python running
-the workflow and torchvision's version (its model list decides which architectures exist):
+fingerprint of featscope's source files and the Snakefile (path, size, modification time),
+the Python running the workflow and torchvision's version (its model list decides which architectures exist):
 an edit, an upgrade or another interpreter starts a new file, and older files are deleted.
 
 This is an accelerator, never a source of truth: only JSON values that read back equal are
@@ -32,11 +32,14 @@ T = TypeVar("T")
 PACKAGES = ("featscope.kernels", "featscope.index", "featscope.pipelines", "featscope.config")
 
 
-def code_fingerprint() -> str:
-    """A digest of every source and data file of featscope (path, size, mtime), the running
-    interpreter and torchvision's version: what a cached result was derived with."""
+def code_fingerprint(*files: Path) -> str:
+    """A digest of every source and data file of featscope and of `files` (path, size, mtime),
+    the running interpreter and torchvision's version: what a cached result was derived with."""
     digest = hashlib.sha256()
     digest.update(sys.executable.encode())
+    for path in files:
+        stat = Path(path).stat()
+        digest.update(f"{Path(path).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     try:
         digest.update(metadata.version("torchvision").encode())
     except metadata.PackageNotFoundError:
@@ -58,9 +61,10 @@ class WorkflowCache:
     """Results keyed by (kind, arguments) for one config; `get` computes what is missing.
     New entries are written once, when the process exits."""
 
-    def __init__(self, directory: Path, config: dict) -> None:
+    def __init__(self, directory: Path, config: dict, code: tuple[Path, ...] = ()) -> None:
+        """`code`: files besides featscope's own that the results depend on (the Snakefile)."""
         self.directory = directory
-        self.fingerprint = code_fingerprint()
+        self.fingerprint = code_fingerprint(*code)
         config_key = hashlib.sha256(_canonical(config).encode()).hexdigest()[:16]
         self.path = directory / f"{self.fingerprint}-{config_key}.json"
         try:

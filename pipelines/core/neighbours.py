@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import faiss
 import numpy as np
 
 from featscope.index import NeighbourIndex, Neighbours
@@ -56,6 +57,50 @@ def neighbours_of(index: NeighbourIndex, image_ids, k: int, *, exclude_self: boo
         kept_ids, kept_d = found.image_ids[row][keep][:k], found.distances[row][keep][:k]
         ids[row, :len(kept_ids)], dist[row, :len(kept_d)] = kept_ids, kept_d
     return Neighbours(ids, dist)
+
+
+TIE = 1e-4  # stored distances may be rounded to 4 decimals: a new image this close to the k-th may enter
+
+
+def list_identity(index: NeighbourIndex) -> dict:
+    """What stored neighbour lists were computed with: the same kind, metric and vectors'
+    model keep them valid (updates included)."""
+    m = index.meta
+    return {"kind": m.get("kind"), "metric": m.get("metric"), "dims": m.get("dims"),
+            "weights_sha256": m.get("weights_sha256"), "preprocessing": m.get("preprocessing")}
+
+
+def _distances(metric: str, squared_l2: np.ndarray) -> np.ndarray:
+    """Squared L2 between prepared vectors -> the distances the index reports."""
+    d = np.maximum(squared_l2, 0.0)
+    return d / 2.0 if metric == "cosine" else np.sqrt(d)
+
+
+def lists_to_redo(index: NeighbourIndex, old: dict[int, list], queries: np.ndarray, k: int,
+                  added: np.ndarray) -> np.ndarray:
+    """The queries whose k-nearest lists ([[id, distance], ...], `neighbours_of`'s) must be
+    computed, when `old` lists were computed on this exact (flat) index before the images
+    `added` entered it: a list can change only if one of its neighbours was retired, or an
+    added image is at least as near as its k-th neighbour. Queries without an old list are
+    computed too. Searching the old queries against the few added images is all it costs."""
+    have = np.array(sorted(i for i in old if i in index), dtype=np.int64)
+    have = have[np.isin(have, queries)]
+    missing = queries[~np.isin(queries, have)]
+    live = set(index.ids.tolist())
+    want = min(k, len(index) - 1)
+    stale = [i for i in have.tolist() if len(old[i]) != want or any(n not in live for n, _ in old[i])]
+    affected = []
+    added = np.asarray(added, dtype=np.int64)
+    if len(added) and len(have):
+        fresh = faiss.IndexFlatL2(index.dims)
+        fresh.add(np.ascontiguousarray(index.vectors_of(added), dtype=np.float32))
+        for start in range(0, len(have), 8192):
+            chunk = have[start:start + 8192]
+            squared, _ = fresh.search(np.ascontiguousarray(index.vectors_of(chunk), dtype=np.float32), 1)
+            nearest_added = _distances(index.meta["metric"], squared[:, 0])
+            kth = np.array([old[i][-1][1] if old[i] else np.inf for i in chunk.tolist()])
+            affected.append(chunk[nearest_added <= kth + TIE])
+    return np.unique(np.concatenate([missing, np.asarray(stale, dtype=np.int64), *affected]))
 
 
 def image_rows(rd: RunDir) -> dict[int, dict]:

@@ -173,6 +173,11 @@ class RunDir:
     def index_evaluation(self) -> Path:
         return self.index_root / "evaluation.json"
 
+    @property
+    def index_evaluation_lists(self) -> Path:
+        """The evaluation's neighbour lists, kept so a rerun recomputes only those a change reaches."""
+        return self.index_root / "evaluation-lists.json"
+
     def neighbour_sheet(self, layer: str) -> Path:
         return self.root / "neighbours" / f"{layer}.jpg"
 

@@ -5,7 +5,7 @@ PCA is fitted on a sample and applied shard by shard; it gives the 2-D PCA map a
 where the FFT grid's fixed cost dominates) on all cores from a PCA
 initialisation, seeded, so the same input gives the same map. Above `max_exact` points it
 follows openTSNE's own large-data recipe: embed a sample, then place the other points into
-that map (`prepare_partial`) and optimise them. The map's trustworthiness (sklearn) and,
+that map (`prepare_partial`) and optimise them. The map's trustworthiness and,
 where labels exist, the 10-NN label accuracy in 2-D are printed and stored as metadata.
 
 Scheduled reruns keep the map: its state (PCA, ids, positions) is stored beside it
@@ -22,18 +22,14 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse
-from openTSNE import TSNE, TSNEEmbedding
-from openTSNE.affinity import joint_probabilities_nn
 from scipy.linalg import orthogonal_procrustes
-from sklearn.manifold import trustworthiness
-from sklearn.neighbors import KNeighborsClassifier
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
@@ -41,6 +37,9 @@ from featscope.pipelines.core.atomic import atomic_path, file_digest
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import EMBEDDING_SCHEMA, RunIdentity, iter_features
+
+if TYPE_CHECKING:  # openTSNE (and scikit-learn, which it imports: 2 s) only where a map is fitted or points placed
+    from openTSNE import TSNE, TSNEEmbedding
 
 REFIT_GROWTH = 2.0  # a map is fitted anew once the images number this many times those it was fitted on
 
@@ -100,6 +99,8 @@ def _gradient_method(n: int) -> str:
 
 
 def _tsne_model(perplexity: float, seed: int, n: int) -> TSNE:
+    from openTSNE import TSNE
+
     return TSNE(perplexity=perplexity, n_jobs=-1, negative_gradient_method=_gradient_method(n),
                 initialization="pca", random_state=seed, verbose=False)
 
@@ -144,6 +145,8 @@ class ReferenceNeighbours:
 
     def to_new(self, data: np.ndarray, perplexity: float | None = None, return_distances: bool = False,
                k_neighbors: int | str = "auto"):
+        from openTSNE.affinity import joint_probabilities_nn
+
         perplexity = perplexity or self.perplexity
         k = min(self.n_samples, int(3 * perplexity)) if k_neighbors == "auto" else int(k_neighbors)
         squared, neighbours = self.index.search(np.ascontiguousarray(data, dtype=np.float32), k)
@@ -161,6 +164,8 @@ def place_into(reference_x: np.ndarray, reference_map: np.ndarray, x_new: np.nda
     if len(reference_x) > max_reference:
         keep = np.sort(np.random.default_rng(seed).choice(len(reference_x), max_reference, replace=False))
         reference_x, reference_map = reference_x[keep], reference_map[keep]
+    from openTSNE import TSNEEmbedding
+
     affinities = ReferenceNeighbours(reference_x, _perplexity(perplexity, len(reference_x)))
     embedding = TSNEEmbedding(np.ascontiguousarray(reference_map, dtype=np.float64), affinities,
                               negative_gradient_method=_gradient_method(len(reference_x)), random_state=seed)
@@ -186,19 +191,44 @@ def displacement(before: np.ndarray, after: np.ndarray) -> float:
     return float(np.linalg.norm(after - before, axis=1).mean() / diagonal)
 
 
+def trustworthiness(x: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Trustworthiness of the map y of x (Venna & Kaski 2001): 1 - 2/(nk(2n-3k-1)) times the
+    sum over each point's k map neighbours that are not among its k nearest in x of (their
+    rank in x - k). The value of sklearn.manifold.trustworthiness (tested), but it ranks only
+    those few neighbours in chunked distance rows instead of sorting every row: 0.3 s
+    instead of 4 s for 5,000 points here."""
+    n = len(x)
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.einsum("ij,ij->i", x, x)
+    flat = faiss.IndexFlatL2(y.shape[1])
+    flat.add(np.ascontiguousarray(y, dtype=np.float32))
+    _, near = flat.search(np.ascontiguousarray(y, dtype=np.float32), k + 1)
+    map_neighbours = np.array([[j for j in row if j != i][:k] for i, row in enumerate(near)])
+    total = 0
+    for start in range(0, n, 512):
+        rows = np.arange(start, min(start + 512, n))
+        d = norms[rows, None] + norms[None, :] - 2.0 * (x[rows] @ x.T)  # squared: the same order
+        d[np.arange(len(rows)), rows] = np.inf
+        to_neighbours = np.take_along_axis(d, map_neighbours[rows], axis=1)  # (rows, k)
+        ranks = 1 + (d[:, None, :] < to_neighbours[:, :, None]).sum(axis=2)
+        total += int(np.maximum(ranks - k, 0).sum())
+    return 1.0 - total * 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0))
+
+
 def quality(x: np.ndarray, y2: np.ndarray, labels: list | None, *, sample: int = 5000,
             seed: int = 0) -> tuple[float, float | None]:
     """Trustworthiness of the 2-D map (k=10) and 10-NN label accuracy in it, on a sample.
     A tied vote goes to the label of the nearest of the tied neighbours (never to set order)."""
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(x), min(sample, len(x)), replace=False))
-    trust = float(trustworthiness(x[idx], y2[idx], n_neighbors=min(10, max(1, len(idx) // 2 - 1))))
+    trust = trustworthiness(x[idx], y2[idx], k=min(10, max(1, len(idx) // 2 - 1)))
     if not labels or all(label is None for label in labels):
         return trust, None
     lab = np.array(["" if label is None else str(label) for label in labels])
-    knn = KNeighborsClassifier(n_neighbors=min(11, len(y2))).fit(y2, lab)
-    neighbours = knn.kneighbors(y2[idx], return_distance=False)[:, 1:]  # leave the point itself out
-    votes = [majority(lab[near].tolist()) == lab[i] for i, near in zip(idx, neighbours)]
+    flat = faiss.IndexFlatL2(2)
+    flat.add(np.ascontiguousarray(y2, dtype=np.float32))
+    _, near = flat.search(np.ascontiguousarray(y2[idx], dtype=np.float32), min(11, len(y2)))
+    votes = [majority(lab[[j for j in row if j != i and j >= 0][:10]].tolist()) == lab[i] for i, row in zip(idx, near)]
     return trust, float(np.mean(votes))
 
 

@@ -30,8 +30,8 @@ from featscope.index import (
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import write_json_atomic
-from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
+from featscope.pipelines.core.atomic import write_bytes_atomic, write_json_atomic
+from featscope.pipelines.core.neighbours import image_rows, list_identity, lists_to_redo, neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features
@@ -120,38 +120,83 @@ def _previous(rd: RunDir, layer: str, identity: RunIdentity) -> NeighbourIndex |
 
 
 class Precision(NamedTuple):
-    """Leave-one-out precision@k over `queries` images, overall and per label."""
+    """Leave-one-out precision@k over `queries` images, overall and per label, and the
+    queries' neighbour lists it was computed from."""
 
     overall: float
     queries: int
     per_label: dict[str, tuple[float, int]]  # label -> (precision, queries of that label)
+    lists: dict[int, list] = {}  # query -> [[neighbour id, distance], ...]
+
+
+def query_sample(ids: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Up to n of `ids` (sorted): those with the smallest pseudo-random priority, a fixed hash
+    of the id and the seed. An image's priority never changes, so as the dataset grows or
+    shrinks the sample changes only by the images that enter or leave it."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) <= n:
+        return np.sort(ids)
+    with np.errstate(over="ignore"):  # splitmix64: arithmetic modulo 2^64
+        x = ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return np.sort(ids[np.argsort(x, kind="stable")[:n]])
 
 
 def precision_at_k(index: NeighbourIndex, labels: dict[int, str], *, k: int = 10, max_queries: int = 2000,
-                   seed: int = 0) -> Precision:
+                   seed: int = 0, previous: dict[int, list] | None = None,
+                   added: np.ndarray | None = None) -> Precision:
     """Leave-one-out precision@k: the share of each labelled image's k nearest other images
-    that carry its label, averaged over up to `max_queries` labelled images, and over those of
-    each label (a small label can win or lose where the overall figure does not show it)."""
+    that carry its label, averaged over up to `max_queries` labelled images (`query_sample`),
+    and over those of each label (a small label can win or lose where the overall figure does
+    not show it). `previous` lists, computed on this exact index before the images `added`
+    entered it, are kept where no change can reach them (`lists_to_redo`)."""
     ids = np.array(sorted(i for i in labels if labels[i] is not None), dtype=np.int64)
     ids = ids[np.isin(ids, index.ids)]
     if len(ids) == 0:
         raise FeatscopeError("no labelled images in this run: precision@k needs labels")
-    if len(ids) > max_queries:
-        ids = np.sort(np.random.default_rng(seed).choice(ids, max_queries, replace=False))
-    found = index.search_ids(ids, k=k + 1).image_ids
+    ids = query_sample(ids, max_queries, seed)
+    old = previous or {}
+    redo = lists_to_redo(index, old, ids, k, added if added is not None else index.ids) if old else ids
+    redone = set(redo.tolist())
+    lists = {i: old[i] for i in ids.tolist() if i in old and i not in redone}
+    for start in range(0, len(redo), 4096):
+        chunk = redo[start:start + 4096]
+        found = neighbours_of(index, chunk, k)
+        for query, row_ids, row_d in zip(chunk.tolist(), found.image_ids, found.distances):
+            lists[query] = [[int(i), float(d)] for i, d in zip(row_ids, row_d) if i >= 0]
     scores, by_label = [], {}
-    for query, row in zip(ids, found):
-        others = [i for i in row if i != query and i >= 0][:k]
-        score = np.mean([labels.get(int(i)) == labels[int(query)] for i in others]) if others else 0.0
+    for query in ids.tolist():
+        others = [n for n, _ in lists[query]]
+        score = np.mean([labels.get(n) == labels[query] for n in others]) if others else 0.0
         scores.append(score)
-        by_label.setdefault(str(labels[int(query)]), []).append(score)
+        by_label.setdefault(str(labels[query]), []).append(score)
     per_label = {label: (float(np.mean(s)), len(s)) for label, s in sorted(by_label.items())}
-    return Precision(float(np.mean(scores)), len(ids), per_label)
+    return Precision(float(np.mean(scores)), len(ids), per_label, lists)
+
+
+def _previous_lists(rd: RunDir, layer: str, index: NeighbourIndex, k: int, max_queries: int
+                    ) -> tuple[dict[int, list] | None, np.ndarray | None]:
+    """The lists the last evaluation kept for `layer`, and the images added to its index
+    since, if they can be reused: an exact index, the same vectors' model, k and sample size."""
+    try:
+        kept = json.loads(rd.index_evaluation_lists.read_text())
+        space = kept["layers"][layer]
+        if (index.meta.get("kind") != "flat" or space["identity"] != list_identity(index)
+                or (kept["k"], kept["max_queries"]) != (k, max_queries)):
+            return None, None
+        # ids are never reused and new images get larger ones: those above the largest id
+        # indexed then are the images added since
+        return {int(q): found for q, found in space["lists"].items()}, index.ids[index.ids > space["largest_id"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
 
 
 def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_queries: int = 2000) -> dict:
     """precision@k per layer (pixels included where its index exists), overall and per label;
-    written to index/evaluation.json."""
+    written to index/evaluation.json. A rerun after a small change of an exact index
+    recomputes only the queries' lists the change can reach."""
     built = rd.index_layers()
     layers = layers or built
     if not layers:
@@ -163,11 +208,17 @@ def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_qu
         result["skipped"] = "the images have no labels"
         write_json_atomic(rd.index_evaluation, result)
         return result
+    kept = {"k": k, "max_queries": max_queries, "layers": {}}
     for layer in layers:
-        p = precision_at_k(open_index(rd, layer), labels, k=k, max_queries=max_queries)
+        index = open_index(rd, layer)
+        previous, added = _previous_lists(rd, layer, index, k, max_queries)
+        p = precision_at_k(index, labels, k=k, max_queries=max_queries, previous=previous, added=added)
         result["layers"][layer] = {"precision_at_k": round(p.overall, 4), "queries": p.queries,
                                    "per_label": {label: {"precision_at_k": round(v, 4), "queries": n}
                                                  for label, (v, n) in p.per_label.items()}}
+        kept["layers"][layer] = {"identity": list_identity(index), "largest_id": int(index.ids.max()),
+                                 "lists": {str(q): found for q, found in p.lists.items()}}
+    write_bytes_atomic(rd.index_evaluation_lists, json.dumps(kept, separators=(",", ":")).encode())
     write_json_atomic(rd.index_evaluation, result)
     return result
 

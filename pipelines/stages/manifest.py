@@ -28,17 +28,20 @@ class ManifestOptions(Options):
 
 
 def run(rd: RunDir, options: ManifestOptions) -> manifest.ManifestSummary:
-    from featscope.pipelines.core.models import (  # torch, only when asked
-        check_arch,
-        check_weights,
-        read_class_names,
-    )
+    recorded = rd.read_config() if rd.run_json.exists() else {}
+    names = None
+    # The checks import torch (3-4 s): a scheduled rerun naming the model and weights the run
+    # already records (checked when they were recorded) skips them. (A weights file deleted
+    # since is named by the extraction that needs it.)
+    if options.model not in (None, recorded.get("model")) or options.classes or (
+            options.weights not in (None, recorded.get("weights"))):
+        from featscope.pipelines.core.models import check_arch, check_weights, read_class_names
 
-    if options.model is not None:
-        check_arch(options.model)
-    if options.weights is not None:
-        check_weights(options.weights)
-    names = read_class_names(options.classes) if options.classes else None
+        if options.model is not None:
+            check_arch(options.model)
+        if options.weights is not None:
+            check_weights(options.weights)
+        names = read_class_names(options.classes) if options.classes else None
     summary = manifest.run(rd, options.images, num_shards=options.num_shards, shard_size=options.shard_size,
                            model=options.model, weights=options.weights)
     if names:

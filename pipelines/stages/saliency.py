@@ -174,7 +174,8 @@ class SaliencySummary:
     def line(self) -> str:
         text = (f"saliency {self.method}: {plural(self.computed, 'map')} in {self.seconds:.1f}s "
                 f"({rate(self.computed, self.seconds)}, "
-                f"{self.workers} workers) into {self.out}; {self.skipped} already done")
+                f"{f'{self.workers} workers' if self.workers else 'in this process'}) into {self.out}; "
+                f"{self.skipped} already done")
         if self.bad:
             text += f"; {plural(self.bad, 'image')} failed (see errors.parquet)"
         if self.retired:
@@ -449,7 +450,12 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
     per_task = images_per_task or METHODS[method].images_per_task
     batches = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
     summaries, errors, used_workers = [], [], 0
-    if batches:
+    if len(batches) == 1 and not scheduler and slurm is None:
+        # one task's worth (a scheduled rerun's few new images): starting worker processes,
+        # each importing torch and loading the model, would cost more than the task (5 s here)
+        result = explain_batch(str(rd.root), options, ref, batches[0])
+        summaries, errors = result["summaries"], result["errors"]
+    elif batches:
         from distributed import as_completed
 
         with dask_client(workers, scheduler, threads, slurm) as (client, used_workers):

@@ -120,6 +120,17 @@ def test_pca_signs_do_not_depend_on_row_order():
     np.testing.assert_allclose(a, b, atol=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_trustworthiness_equals_scikit_learn_s(seed):
+    from sklearn.manifold import trustworthiness
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(400, 20)).astype(np.float32)
+    y = x[:, :2] + rng.normal(scale=0.5 + seed, size=(400, 2)).astype(np.float32)  # more noise, less trust
+    for k in (1, 5, 10):
+        assert embed.trustworthiness(x, y, k) == pytest.approx(trustworthiness(x, y, n_neighbors=k), abs=1e-9)
+
+
 def test_a_tied_label_vote_goes_to_the_nearest_neighbours_label():
     assert embed.majority(["b", "a", "a", "b"]) == "b" and embed.majority(["a", "b", "b", "a"]) == "a"
     assert embed.majority(["a", "b", "b"]) == "b"

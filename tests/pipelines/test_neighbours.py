@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_dataset
+from helpers import clustered, write_dataset
 from PIL import Image
 
 from featscope.index import NeighbourIndex, build_index
@@ -85,6 +85,37 @@ def test_removed_images_leave_the_index(indexed_run, small_dataset):
     summary = neighbours.build(indexed_run, "pool", progress=False)
     assert summary.meta["vectors"] == 8
     assert victim_id not in neighbours.open_index(indexed_run, "pool").ids
+
+
+def test_precision_after_a_change_reuses_unreached_lists_and_equals_a_fresh_evaluation(monkeypatch):
+    x = clustered(900, 16, clusters=12, seed=3)
+    labels = {i: f"c{i % 5}" for i in range(900)}
+    before = np.arange(0, 700)  # then 30 retired and 200 added (larger ids, as the manifest gives them)
+    after = np.concatenate([np.setdiff1d(before, np.arange(5, 700, 23)), np.arange(700, 900)])
+    index = lambda ids: NeighbourIndex.from_build(  # noqa: E731
+        build_index(lambda: [(ids, x[ids])], n=len(ids), dims=16, kind="flat", metric="cosine"))
+    first = neighbours.precision_at_k(index(before), labels, k=5, max_queries=300)
+    searched = []
+    real = neighbours.neighbours_of
+    monkeypatch.setattr(neighbours, "neighbours_of", lambda ix, ids, k: searched.append(len(ids)) or real(ix, ids, k))
+    updated = neighbours.precision_at_k(index(after), labels, k=5, max_queries=300, previous=first.lists,
+                                        added=np.arange(700, 900))
+    fresh = neighbours.precision_at_k(index(after), labels, k=5, max_queries=300)
+    assert updated.lists == fresh.lists and updated[:3] == fresh[:3]
+    assert sum(searched[:-1]) < 300 and searched[-1] == 300  # the update searched only the lists it must
+    # the sample follows the change: most queries stay, retired ones leave, some new ones enter
+    kept = set(first.lists) & set(fresh.lists)
+    assert len(kept) > 200 and not set(fresh.lists) & set(np.arange(5, 700, 23).tolist())
+
+
+def test_query_sample_is_stable_as_ids_come_and_go():
+    ids = np.arange(10_000)
+    sample = set(neighbours.query_sample(ids, 500).tolist())
+    grown = set(neighbours.query_sample(np.arange(10_100), 500).tolist())
+    assert len(sample) == 500 and len(sample - grown) <= 10  # ~1% more images: ~1% of the sample changes
+    removed = set(range(0, 10_000, 7))  # removals only let other images in
+    assert sample - removed <= set(neighbours.query_sample(np.array(sorted(set(range(10_000)) - removed)), 500).tolist())
+    assert not set(neighbours.query_sample(ids, 500, seed=1).tolist()) == sample
 
 
 def test_precision_at_k_counts_same_label_neighbours_leaving_the_query_out():

@@ -125,8 +125,8 @@ def test_selection_by_label_and_ids_and_clear_errors(run):
 
 @pytest.mark.slow
 def test_local_cluster_run_resumes_and_guards_its_options(run):
-    summary = saliency.run(run, saliency.SaliencyOptions(method="gradcam", select="label=photo", workers=2),
-                           progress=False)
+    summary = saliency.run(run, saliency.SaliencyOptions(method="gradcam", select="label=photo", workers=2,
+                                                         images_per_task=1), progress=False)
     photos = photo_rows(run)
     assert summary.computed == len(photos) and summary.workers == 2
     table = pq.read_table(run.saliency_summary("gradcam"))
@@ -138,10 +138,14 @@ def test_local_cluster_run_resumes_and_guards_its_options(run):
 
     lost = photos[1]["image_id"]
     first_map = np.load(run.saliency_map("gradcam", photos[0]["image_id"]))["saliency"]
+    lost_map = np.load(run.saliency_map("gradcam", lost))["saliency"]
     run.saliency_map("gradcam", lost).unlink()
     redo = saliency.run(run, saliency.SaliencyOptions(method="gradcam", select="label=photo", workers=1),
                         progress=False)
     assert redo.computed == 1 and run.saliency_map("gradcam", lost).exists()
+    # one task's worth of images is computed in this process, to the same map a worker made
+    assert redo.workers == 0 and "in this process" in redo.line()
+    np.testing.assert_array_equal(np.load(run.saliency_map("gradcam", lost))["saliency"], lost_map)
     np.testing.assert_array_equal(np.load(run.saliency_map("gradcam", photos[0]["image_id"]))["saliency"], first_map)
     assert pq.read_table(run.saliency_summary("gradcam")).num_rows == len(photos)
 

@@ -80,13 +80,19 @@ def test_the_fingerprint_follows_every_source_file(tmp_path, monkeypatch):
         before = after
     (package / "sub" / "new.py").write_text("")
     assert code_fingerprint() != before
+    snakefile = tmp_path / "Snakefile"  # files named besides featscope's own
+    snakefile.write_text("rule all:\n")
+    with_snakefile = code_fingerprint(snakefile)
+    assert with_snakefile != code_fingerprint()
+    os.utime(snakefile, ns=(0, snakefile.stat().st_mtime_ns + 1_000_000))
+    assert code_fingerprint(snakefile) != with_snakefile
 
 
 def test_a_new_fingerprint_replaces_the_old_files(tmp_path, monkeypatch):
     cache = WorkflowCache(tmp_path, {})
     cache.get("k", 1, lambda: "v")
     cache.save()
-    monkeypatch.setattr(workflow_cache, "code_fingerprint", lambda: "0123456789abcdef")
+    monkeypatch.setattr(workflow_cache, "code_fingerprint", lambda *files: "0123456789abcdef")
     newer = WorkflowCache(tmp_path, {})
     assert newer.get("k", 1, lambda: "recomputed") == "recomputed"
     newer.save()
