@@ -26,8 +26,9 @@ demo: setup
 	$(BIN)/snakemake --cores $(CORES) --configfile config/demo.yaml
 	@echo "featscope: demo results are in runs/demo/"
 
+# --durations: the slowest tests, to keep the suite near 15 minutes
 test: setup
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 bench: install
 	$(BIN)/python benchmarks/extract_throughput.py
