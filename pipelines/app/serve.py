@@ -15,9 +15,10 @@ pixel count is checked from its header before it is decoded. Every error is a JS
 {"error": ...} with its status.
 
 Uploads decode on a pool of threads, outside the model's lock, and the model embeds them in
-dynamic batches (`EmbedBatcher`: the first waiting upload opens a batch that takes whoever
-arrives within a few milliseconds), so throughput grows with concurrency; GETs run on their
-own threads and never wait for the model. Memory does not grow with the dataset beyond
+dynamic batches (`DynamicBatcher`: the first waiting upload opens a batch that takes whoever
+arrives within a few milliseconds), so throughput grows with concurrency. Searches are
+batched too: those that arrive while one batch searches form the next, sharing one pass
+over the index. GETs never wait for the model. Memory does not grow with the dataset beyond
 Arrow columns of the manifest (`Catalogue`) and the indexes, memory-mapped where the kind
 allows. Only the report and the pictures it shows are served: raw run files (manifest,
 run.json, features, indexes, checkpoints) only with `--expose-run-files`.
@@ -71,46 +72,57 @@ class Catalogue:
     Python object per image (at 10M images a dict of rows would take about 10 GB)."""
 
     def __init__(self, rd: RunDir):
+        import pyarrow.compute as pc
+
         from featscope.pipelines.core import manifest
 
         table = manifest.read(rd).select(["image_id", "path", "label", "shard"]).sort_by("image_id")
         self.ids = table["image_id"].to_numpy()
-        self.paths, self.labels, self.shards = (table[c].combine_chunks() for c in ("path", "label", "shard"))
+        self.names = pc.replace_substring_regex(table["path"], pattern=".*/", replacement="").combine_chunks()
+        self.labels = table["label"].combine_chunks()
+        self.shards = table["shard"].to_numpy()
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def row(self, image_id: int) -> int | None:
-        at = int(np.searchsorted(self.ids, image_id))
-        return at if at < len(self.ids) and self.ids[at] == image_id else None
+    def rows(self, image_ids: np.ndarray) -> np.ndarray:
+        """Row of each id, -1 where the run has no such image (one binary search for all)."""
+        image_ids = np.asarray(image_ids, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.ids, image_ids), max(len(self.ids) - 1, 0))
+        return np.where((len(self.ids) > 0) & (self.ids[at] == image_ids), at, -1)
+
+    def describe_many(self, image_ids) -> list[dict]:
+        """Label, file name and shard of each image (all in the run), a few Arrow calls in all."""
+        image_ids = np.asarray(image_ids, dtype=np.int64)
+        rows = self.rows(image_ids)
+        if (rows < 0).any():
+            raise ApiError(404, f"no image {int(image_ids[rows < 0][0])} in this run")
+        labels, names = self.labels.take(rows).to_pylist(), self.names.take(rows).to_pylist()
+        return [{"image_id": int(i), "label": label, "name": name, "shard": int(shard)}
+                for i, label, name, shard in zip(image_ids, labels, names, self.shards[rows])]
 
     def describe(self, image_id: int) -> dict:
-        at = self.row(image_id)
-        if at is None:
-            raise ApiError(404, f"no image {image_id} in this run")
-        return {"image_id": int(image_id), "label": self.labels[at].as_py(),
-                "name": Path(self.paths[at].as_py()).name, "shard": int(self.shards[at].as_py())}
+        return self.describe_many([image_id])[0]
 
 
-class EmbedBatcher:
-    """Embeds model inputs in dynamic batches on one thread: the first request waiting opens
-    a batch, which takes every request that arrives within `wait_s` (up to `max_batch`) while
-    `coming()` says more uploads are being decoded; a lone upload does not wait."""
+class DynamicBatcher:
+    """Runs requests in dynamic batches on one thread, as inference servers do: the first
+    request waiting opens a batch, which takes every request that arrives within `wait_s`
+    (up to `max_batch`) while `coming()` says more are on their way; a lone request does not
+    wait. `run_batch` maps a list of requests to the list of their answers."""
 
-    def __init__(self, embed_batch, *, max_batch: int = 16, wait_s: float = 0.004, coming=lambda: 1):
-        self.embed_batch, self.max_batch, self.wait_s, self.coming = embed_batch, max_batch, wait_s, coming
+    def __init__(self, run_batch, *, name: str, max_batch: int = 16, wait_s: float = 0.0, coming=lambda: 0):
+        self.run_batch, self.max_batch, self.wait_s, self.coming = run_batch, max_batch, wait_s, coming
         self.waiting: queue.Queue = queue.Queue()
         self.batches: list[int] = []  # sizes, for the load test and tests
-        threading.Thread(target=self._loop, name="embed-batcher", daemon=True).start()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
 
-    def submit(self, model_input) -> Future:
+    def submit(self, request) -> Future:
         done: Future = Future()
-        self.waiting.put((model_input, done))
+        self.waiting.put((request, done))
         return done
 
     def _loop(self) -> None:
-        import torch
-
         while True:
             batch = [self.waiting.get()]
             deadline = time.perf_counter() + self.wait_s
@@ -122,13 +134,35 @@ class EmbedBatcher:
                     break
             self.batches.append(len(batch))
             try:
-                out = self.embed_batch(torch.stack([x for x, _ in batch]))
+                answers = self.run_batch([request for request, _ in batch])
             except Exception as e:  # every waiting request gets the failure, none hangs
                 for _, done in batch:
                     done.set_exception(e)
                 continue
-            for i, (_, done) in enumerate(batch):
-                done.set_result({layer: vectors[i] for layer, vectors in out.items()})
+            for (_, done), answer in zip(batch, answers):
+                done.set_result(answer)
+
+
+def search_batch(indexes: dict, requests: list[tuple[str, int | np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(layer, image id or vector, k) requests -> (neighbour ids, distances) each, with one
+    search per layer and kind of query. An exact search reads the whole index (25 MB for the
+    demo's `pool`: 2 ms), whether for one query or for 32: batched, concurrent requests share
+    that pass. An image is never its own neighbour."""
+    answers: list = [None] * len(requests)
+    for layer in {layer for layer, _, _ in requests}:
+        for by_id in (True, False):
+            rows = [n for n, (lay, query, _) in enumerate(requests)
+                    if lay == layer and isinstance(query, (int, np.integer)) == by_id]
+            if not rows:
+                continue
+            k = max(requests[n][2] for n in rows)
+            queries = [requests[n][1] for n in rows]
+            found = (neighbours_of(indexes[layer], queries, k) if by_id
+                     else indexes[layer].search_vectors(np.stack(queries), k=k))
+            for row, n in enumerate(rows):
+                keep = found.image_ids[row][:requests[n][2]]
+                answers[n] = (keep, found.distances[row][:requests[n][2]])
+    return answers
 
 
 class QueryService:
@@ -146,16 +180,27 @@ class QueryService:
         self.indexes = {layer: _open_mapped(rd, layer) for layer in self.layers}
         self.embedder = ImageEmbedder(rd.read_config(), self.layers)
         self.decoders = ThreadPoolExecutor(decode_threads or os.cpu_count() or 2, thread_name_prefix="decode")
-        self._batcher: EmbedBatcher | None = None
+        self._batcher: DynamicBatcher | None = None
         self.decoding = 0  # uploads between arrival and the batcher (read by it, so lone ones never wait)
         self._batcher_lock = threading.Lock()
+        # searches need no wait: requests that arrive while one batch searches form the next
+        self.searches = DynamicBatcher(lambda requests: search_batch(self.indexes, requests), name="search",
+                                       max_batch=64)
 
     @property
-    def batcher(self) -> EmbedBatcher:
+    def batcher(self) -> DynamicBatcher:
+        """The model's batcher, started by the first upload (the model loads then)."""
         with self._batcher_lock:
             if self._batcher is None:
-                self._batcher = EmbedBatcher(self.embedder.embed_batch, coming=lambda: self.decoding)
+                self._batcher = DynamicBatcher(self._embed_batch, name="embed", wait_s=0.004,
+                                               coming=lambda: self.decoding)
             return self._batcher
+
+    def _embed_batch(self, inputs: list) -> list[dict[str, np.ndarray]]:
+        import torch
+
+        out = self.embedder.embed_batch(torch.stack(inputs))
+        return [{layer: vectors[i] for layer, vectors in out.items()} for i in range(len(inputs))]
 
     def checked_index(self, layer: str, k: int):
         """The index of `layer`, if there is one and k is in range (else 400)."""
@@ -165,18 +210,26 @@ class QueryService:
             raise ApiError(400, f"k must be between 1 and {self.max_k}")
         return self.indexes[layer]
 
-    def _answer(self, layer: str, query: int | None, found, k: int) -> dict:
-        answer = [self.catalogue.describe(int(i)) | {"distance": float(d)}
-                  for i, d in zip(found.image_ids[0], found.distances[0]) if i >= 0]
-        return {"layer": layer, "query": query, "neighbours": answer[:k]}
+    def answer(self, layer: str, query: int | None, found: tuple[np.ndarray, np.ndarray]) -> dict:
+        """The JSON answer for one search's (neighbour ids, distances)."""
+        ids, distances = found
+        kept = ids >= 0
+        neighbours = [about | {"distance": float(d)}
+                      for about, d in zip(self.catalogue.describe_many(ids[kept]), distances[kept])]
+        return {"layer": layer, "query": query, "neighbours": neighbours}
 
-    def neighbours_of_id(self, image_id: int, layer: str, k: int) -> dict:
+    def checked_query(self, image_id: int, layer: str, k: int) -> None:
+        """400 for a bad layer or k, 404 for an image the run or the layer's index lacks."""
         index = self.checked_index(layer, k)
         self.catalogue.describe(image_id)  # 404 for an id the run does not have
         if image_id not in index:
             raise ApiError(404, f"image {image_id} is in the run but not in the '{layer}' index (it could not be "
                                 "read when features were extracted)")
-        return self._answer(layer, image_id, neighbours_of(index, [image_id], k), k)
+
+    def neighbours_of_id(self, image_id: int, layer: str, k: int) -> dict:
+        """The answer to GET /api/neighbours, searched on this thread (tests, scripts)."""
+        self.checked_query(image_id, layer, k)
+        return self.answer(layer, image_id, search_batch(self.indexes, [(layer, image_id, k)])[0])
 
     def model_input(self, upload: bytes):
         """Decode an upload (on a decoder thread): 400 empty, 415 not an image, 422 too many pixels."""
@@ -187,9 +240,6 @@ class QueryService:
         except FeatscopeError as e:
             message = str(e)
             raise ApiError(422 if "too large" in message else 415, message) from None
-
-    def neighbours_of_vector(self, vector: np.ndarray, layer: str, k: int) -> dict:
-        return self._answer(layer, None, self.indexes[layer].search_vectors(vector, k=k), k)
 
     def file(self, url_path: str) -> Path:
         """The file a URL path names, if it may be served: inside the run directory (after '..',
@@ -250,23 +300,26 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
     def home():
         return RedirectResponse("/report/index.html", status_code=302)
 
-    # GETs run on the event loop itself: a lookup or an exact search of one vector takes about
-    # a millisecond, less than a hop to a worker thread costs; the model never runs here
+    # Lookups run on the event loop; searches on the search batcher's thread (concurrent ones
+    # share one pass over the index); the model never runs for a GET. Answers are
+    # JSONResponses: returned as they are, not validated against a response model.
     @app.get("/api/image/{image_id}", summary="An image's label, file name and shard")
-    async def image(image_id: int) -> dict:
-        return service.catalogue.describe(image_id)
+    async def image(image_id: int) -> JSONResponse:
+        return JSONResponse(service.catalogue.describe(image_id))
 
     @app.get("/api/neighbours", summary="Nearest images to an image of the run")
     @app.get("/api/neighbors", include_in_schema=False)
     async def neighbours(id: int = Query(description="an image id of the run"),  # noqa: A002 (the API's name)
                    layer: str = Query(description="an indexed layer"),
-                   k: int = Query(10, description="neighbours returned")) -> dict:
-        return service.neighbours_of_id(id, layer, k)
+                   k: int = Query(10, description="neighbours returned")) -> JSONResponse:
+        service.checked_query(id, layer, k)
+        found = await asyncio.wrap_future(service.searches.submit((layer, id, k)))
+        return JSONResponse(service.answer(layer, id, found))
 
     @app.post("/api/neighbours", summary="Nearest images to an uploaded image (the request body)")
     @app.post("/api/neighbors", include_in_schema=False)
     async def neighbours_of_upload(request: Request, layer: str = Query(description="an indexed layer"),
-                                   k: int = Query(10, description="neighbours returned")) -> dict:
+                                   k: int = Query(10, description="neighbours returned")) -> JSONResponse:
         service.checked_index(layer, k)
         upload = await _read_body(request, service.max_upload, body_timeout)
         loop = asyncio.get_running_loop()
@@ -276,7 +329,8 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
         finally:
             service.decoding -= 1
         vectors = await asyncio.wrap_future(service.batcher.submit(model_input))
-        return await loop.run_in_executor(service.decoders, service.neighbours_of_vector, vectors[layer], layer, k)
+        found = await asyncio.wrap_future(service.searches.submit((layer, vectors[layer], k)))
+        return JSONResponse(service.answer(layer, None, found))
 
     @app.get("/{path:path}", include_in_schema=False)
     def file(path: str):
@@ -332,21 +386,19 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
 
 
 def _guarded_protocol(header_timeout: float = HEADER_TIMEOUT):
-    """uvicorn's h11 protocol with a deadline for each request's headers: a connection that
-    has not sent a whole request head within `header_timeout` seconds is answered 408 and
-    closed (slow-header clients would otherwise hold connections for ever); and a malformed
-    request (a negative Content-Length, say) is answered in JSON like every other error."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    """uvicorn's httptools protocol (a C parser: several times less CPU per request than
+    h11's pure Python) with a deadline for each request's head: a connection that has not
+    sent a whole request head within `header_timeout` seconds is answered 408 and closed
+    (slow-header clients would otherwise hold connections for ever); and a malformed request
+    (a negative Content-Length, say) is answered in JSON like every other error."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def send_400_response(self, msg: str) -> None:
             body = ('{"error": "malformed request: ' + msg.replace('"', "'")[:200] + '"}').encode()
-            headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
-                       (b"content-length", str(len(body)).encode())]
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
-                          h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
+                                 + body)
             self.transport.close()
 
         def connection_made(self, transport) -> None:
@@ -367,10 +419,9 @@ def _guarded_protocol(header_timeout: float = HEADER_TIMEOUT):
                 self._head_deadline.cancel()
                 self._head_deadline = None
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._disarm()  # a whole request head arrived
+        def on_headers_complete(self) -> None:
+            self._disarm()  # a whole request head arrived
+            super().on_headers_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -390,7 +441,7 @@ def _guarded_protocol(header_timeout: float = HEADER_TIMEOUT):
                                  b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             self.transport.close()
 
-    return GuardedH11Protocol
+    return GuardedHttpToolsProtocol
 
 
 @dataclass
@@ -441,6 +492,7 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
         raise ParamError("host", f"cannot listen on {host}:{port}: {e.strerror}") from None
     service = QueryService(rd, max_upload=max_upload, max_pixels=max_pixels, expose_run_files=expose_run_files)
     config = uvicorn.Config(create_app(service, body_timeout=body_timeout), http=_guarded_protocol(header_timeout),
+                            loop="uvloop",  # libuv's event loop: less CPU per request than asyncio's
                             backlog=2048,
                             timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=10,
                             log_level="info" if verbose else "warning", access_log=verbose, lifespan="off")

@@ -10,8 +10,9 @@ import pytest
 
 from featscope.pipelines.app import report
 from featscope.pipelines.app.report import SHARD
-from featscope.pipelines.app.serve import make_server
+from featscope.pipelines.app.serve import DynamicBatcher, make_server, search_batch
 from featscope.pipelines.core import manifest
+from featscope.pipelines.core.neighbours import neighbours_of
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import read_predictions
 from featscope.pipelines.stages import index as neighbours
@@ -114,15 +115,59 @@ def test_concurrent_queries_all_get_their_own_answer(server):
     ids = [r["image_id"] for r in manifest.read(rd).to_pylist()]
     results = {}
 
-    def ask(i):
-        results[i] = json.loads(fetch(f"{base}/api/neighbours?id={i}&layer=pixels&k=2")[1])["query"]
+    def ask(i, layer, k):
+        answer = json.loads(fetch(f"{base}/api/neighbours?id={i}&layer={layer}&k={k}")[1])
+        results[(i, layer, k)] = (answer["query"], [n["image_id"] for n in answer["neighbours"]])
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in ids]
+    asks = [(i, layer, 2 + i % 3) for i in ids for layer in ("pixels", "pool")]
+    threads = [threading.Thread(target=ask, args=a) for a in asks]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == {i: i for i in ids}
+    indexes = {layer: neighbours.open_index(rd, layer) for layer in ("pixels", "pool")}
+    expected = {(i, layer, k): (i, [int(n) for n in neighbours_of(indexes[layer], [i], k).image_ids[0] if n >= 0])
+                for i, layer, k in asks}
+    assert results == expected  # each its own query, layer and k, whatever batch it was searched in
+
+
+def test_search_batches_answer_as_single_searches(reported_run):
+    indexes = {layer: neighbours.open_index(reported_run, layer) for layer in ("pixels", "pool")}
+    ids = indexes["pool"].ids.tolist()
+    vectors = indexes["pool"].vectors_of(ids[:3])
+    requests = [("pool", ids[0], 3), ("pixels", ids[1], 1), ("pool", ids[2], 5), ("pool", vectors[1], 4),
+                ("pool", vectors[2], 2), ("pixels", ids[0], 4)]
+    for request, (found, distances) in zip(requests, search_batch(indexes, requests)):
+        layer, query, k = request
+        alone = (neighbours_of(indexes[layer], [query], k) if isinstance(query, int)
+                 else indexes[layer].search_vectors(query[None], k=k))
+        assert found.tolist() == alone.image_ids[0].tolist() and len(found) == k
+        np.testing.assert_allclose(distances, alone.distances[0], atol=1e-5)
+
+
+def test_requests_that_arrive_during_a_batch_form_the_next_one():
+    release = threading.Event()
+    seen = []
+
+    def run_batch(requests):
+        seen.append(list(requests))
+        release.wait(5)
+        return [r * 10 for r in requests]
+
+    batcher = DynamicBatcher(run_batch, name="test")
+    first = batcher.submit(1)
+    while not seen:
+        threading.Event().wait(0.001)
+    rest = [batcher.submit(r) for r in (2, 3, 4)]  # queued while the first batch runs
+    release.set()
+    assert [f.result(5) for f in [first, *rest]] == [10, 20, 30, 40] and seen == [[1], [2, 3, 4]]
+
+    def fails(requests):
+        raise RuntimeError("bad batch")
+
+    broken = DynamicBatcher(fails, name="test-fails")
+    with pytest.raises(RuntimeError, match="bad batch"):
+        broken.submit(1).result(5)  # a failure reaches every waiting request; none hangs
 
 
 def test_served_files_are_byte_identical(server):
