@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import queue
 import socket
@@ -199,7 +200,10 @@ class QueryService:
     def _embed_batch(self, inputs: list) -> list[dict[str, np.ndarray]]:
         import torch
 
+        loading = not self.embedder.loaded
         out = self.embedder.embed_batch(torch.stack(inputs))
+        if loading:
+            gc.freeze()  # the model's million objects: see make_server
         return [{layer: vectors[i] for layer, vectors in out.items()} for i in range(len(inputs))]
 
     def checked_index(self, layer: str, k: int):
@@ -491,6 +495,12 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
             raise ParamError("port", f"{port} is in use on {host}: choose another, or 0 for any free one") from None
         raise ParamError("host", f"cannot listen on {host}:{port}: {e.strerror}") from None
     service = QueryService(rd, max_upload=max_upload, max_pixels=max_pixels, expose_run_files=expose_run_files)
+    # Objects that live as long as the server (modules, the catalogue, later the model) leave
+    # the collector's generations: a full collection, which request churn triggers every few
+    # seconds, then walks only what requests made, instead of pausing every request in flight
+    # while it walks torch's million objects.
+    gc.collect()
+    gc.freeze()
     config = uvicorn.Config(create_app(service, body_timeout=body_timeout), http=_guarded_protocol(header_timeout),
                             loop="uvloop",  # libuv's event loop: less CPU per request than asyncio's
                             backlog=2048,

@@ -96,6 +96,11 @@ class ImageEmbedder:
         self._lock = threading.Lock()
 
     @property
+    def loaded(self) -> bool:
+        """Whether the model has been loaded (it loads on the first use)."""
+        return self._extractor is not None
+
+    @property
     def extractor(self) -> FeatureExtractor:
         with self._lock:
             if self._extractor is None:
