@@ -6,8 +6,9 @@ scheduled rerun although neither the config nor the code changed, and paid befor
 job can start. The results are pure functions of the config, the arguments and the code, so
 they are kept in one JSON file per config under `.snakemake/featscope/`, named by a
 fingerprint of featscope's source files and the Snakefile (path, size, modification time),
-the Python running the workflow and torchvision's version (its model list decides which architectures exist):
-an edit, an upgrade or another interpreter starts a new file, and older files are deleted.
+the Python running the workflow and torchvision's version (its model list decides which
+architectures exist): an edit, an upgrade or another interpreter starts a new file, and
+older files are deleted.
 
 This is an accelerator, never a source of truth: only JSON values that read back equal are
 kept, errors are never cached, and an unreadable or unwritable cache means working things out
