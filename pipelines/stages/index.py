@@ -176,12 +176,20 @@ def precision_at_k(index: NeighbourIndex, labels: dict[int, str], *, k: int = 10
     return Precision(float(np.mean(scores)), len(ids), per_label, lists)
 
 
-def _previous_lists(rd: RunDir, layer: str, index: NeighbourIndex, k: int, max_queries: int
+def _kept_lists(rd: RunDir) -> dict:
+    """What the last evaluation kept (see `_previous_lists`); {} if missing or unreadable."""
+    try:
+        kept = json.loads(rd.index_evaluation_lists.read_text())
+    except (OSError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
+
+
+def _previous_lists(kept: dict, layer: str, index: NeighbourIndex, k: int, max_queries: int
                     ) -> tuple[dict[int, list] | None, np.ndarray | None]:
     """The lists the last evaluation kept for `layer`, and the images added to its index
     since, if they can be reused: an exact index, the same vectors' model, k and sample size."""
     try:
-        kept = json.loads(rd.index_evaluation_lists.read_text())
         space = kept["layers"][layer]
         if (index.meta.get("kind") != "flat" or space["identity"] != list_identity(index)
                 or (kept["k"], kept["max_queries"]) != (k, max_queries)):
@@ -189,7 +197,7 @@ def _previous_lists(rd: RunDir, layer: str, index: NeighbourIndex, k: int, max_q
         # ids are never reused and new images get larger ones: those above the largest id
         # indexed then are the images added since
         return {int(q): found for q, found in space["lists"].items()}, index.ids[index.ids > space["largest_id"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):
         return None, None
 
 
@@ -208,10 +216,10 @@ def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_qu
         result["skipped"] = "the images have no labels"
         write_json_atomic(rd.index_evaluation, result)
         return result
-    kept = {"k": k, "max_queries": max_queries, "layers": {}}
+    last, kept = _kept_lists(rd), {"k": k, "max_queries": max_queries, "layers": {}}
     for layer in layers:
         index = open_index(rd, layer)
-        previous, added = _previous_lists(rd, layer, index, k, max_queries)
+        previous, added = _previous_lists(last, layer, index, k, max_queries)
         p = precision_at_k(index, labels, k=k, max_queries=max_queries, previous=previous, added=added)
         result["layers"][layer] = {"precision_at_k": round(p.overall, 4), "queries": p.queries,
                                    "per_label": {label: {"precision_at_k": round(v, 4), "queries": n}
