@@ -46,6 +46,8 @@ TOPK_LAYERS = TOPK.get("layers", LAYERS) if TOPK["k"] else []
 EMBED = CFG["embed"]
 EMBED_LAYERS = EMBED.get("layers", LAYERS)
 SALIENCY = CFG["saliency"]
+EVALUATE = SALIENCY.get("evaluate")  # None: the maps' faithfulness is not measured
+SANITY = SALIENCY.get("sanity")  # None: no model-randomisation test
 VIZ = CFG["viz"]
 STYLE_NET = CFG.get("style_net")
 # Cluster resources per rule (Snakemake's mem_mb / runtime in minutes, and `gpu` for the SLURM
@@ -65,6 +67,8 @@ DEFAULT_RESOURCES = {
     "embed": {"mem_mb": 16000, "runtime": 180},
     "mosaic": {"mem_mb": 4000, "runtime": 60},
     "saliency": {"mem_mb": 8000, "runtime": 240, "gpu": 1},
+    "saliency_evaluate": {"mem_mb": 8000, "runtime": 240, "gpu": 1},
+    "saliency_sanity": {"mem_mb": 4000, "runtime": 60},
     "viz": {"mem_mb": 4000, "runtime": 60},
     "style_train": {"mem_mb": 8000, "runtime": 240, "gpu": 1},
     "report": {"mem_mb": 4000, "runtime": 60},
@@ -220,6 +224,8 @@ rule report:
         [str(RD.mosaic(layer, kind, suffix)) for layer in EMBED_LAYERS
          for kind, suffix in (("grid", "jpg"), ("scatter", "jpg"), ("plot", "png"))],
         [str(RD.saliency_summary(method)) for method in SALIENCY["methods"]],
+        [str(RD.faithfulness(method)) for method in SALIENCY["methods"]] if EVALUATE is not None else [],
+        [str(RD.sanity_verdicts)] if SANITY is not None and SALIENCY["methods"] else [],
         viz_outputs(),
     output:
         str(RD.report_dir / "index.html"),
@@ -389,8 +395,41 @@ rule saliency:
     resources:
         **res("saliency"),
     params:
-        cmd=lambda wildcards, threads: command("saliency", SALIENCY, method=wildcards.method,
+        cmd=lambda wildcards, threads: command("saliency compute", SALIENCY, method=wildcards.method,
                                                **LOCAL_WORKERS(threads)),
+    shell:
+        "{params.cmd}"
+
+
+# The maps' faithfulness (deletion and insertion curves against random and centre maps), one
+# job per method on the same Dask workers as the maps; only maps it has not measured yet.
+rule saliency_evaluate:
+    input:
+        str(RD.saliency_summary("{method}")),
+    output:
+        str(RD.faithfulness("{method}")),
+    threads: SALIENCY_THREADS
+    resources:
+        **res("saliency_evaluate"),
+    params:
+        cmd=lambda wildcards, threads: command("saliency evaluate", EVALUATE, methods=[wildcards.method],
+                                               select=SALIENCY["select"], **LOCAL_WORKERS(threads),
+                                               **({"scheduler": SALIENCY["scheduler"]} if SALIENCY.get("scheduler")
+                                                  else {})),
+    shell:
+        "{params.cmd}"
+
+
+# The model-randomisation test of every configured method, on a small sample of images.
+rule saliency_sanity:
+    input:
+        [str(RD.saliency_summary(method)) for method in SALIENCY["methods"]],
+    output:
+        str(RD.sanity_verdicts),
+    resources:
+        **res("saliency_sanity"),
+    params:
+        cmd=lambda wildcards: command("saliency sanity", SANITY, methods=SALIENCY["methods"]),
     shell:
         "{params.cmd}"
 

@@ -27,7 +27,7 @@ from featscope.pipelines.core import options as opts
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
-# The first word of every command -> the module that declares it (its `COMMANDS`), in the
+# The first word of every command -> the module(s) that declare it (their `COMMANDS`), in the
 # order `featscope --help` lists them. A command imports only its own module, so the stages
 # without a model (manifest, index, neighbours, mosaic, report, ...) never load torch.
 COMMAND_MODULES = {
@@ -41,7 +41,7 @@ COMMAND_MODULES = {
     "topk": "featscope.pipelines.stages.topk",
     "embed": "featscope.pipelines.stages.embed",
     "mosaic": "featscope.pipelines.stages.mosaic",
-    "saliency": "featscope.pipelines.stages.saliency",
+    "saliency": ("featscope.pipelines.stages.saliency", "featscope.pipelines.stages.saliency_trust"),
     "viz": "featscope.pipelines.stages.viz",
     "style": "featscope.pipelines.stages.style",
     "report": "featscope.pipelines.app.report",
@@ -64,7 +64,8 @@ WORD_HELP = {
     "topk": "each unit's maximally activating images and patches",
     "embed": "2-D maps of a layer by PCA and t-SNE (openTSNE)",
     "mosaic": "draw the images on a layer's t-SNE map",
-    "saliency": "which pixels matter: saliency maps of a run's images, with Dask",
+    "saliency": "which pixels matter: saliency maps of a run's images (with Dask), their faithfulness and "
+                "sanity checks",
     "viz": "the visualisation toolbox: filters, activations, class models, adversarial examples, DeepDream, "
            "feature inversion, textures, style transfer",
     "style": "fast feed-forward style transfer with conditional instance norm",
@@ -76,18 +77,26 @@ WORD_HELP = {
 }
 # Old command names kept working for this release.
 ALIASES = {"neighbors": "neighbours"}  # the US spelling, for this release
+# Groups whose bare word used to be a command: `featscope saliency --run R --method M` still
+# means `featscope saliency compute ...`.
+BARE_GROUPS = {"saliency": "compute"}
 
 
 def commands(first_word: str | None = None) -> dict[str, opts.Command]:
     """Every command by its words ("index build"), or only those starting with `first_word`
     (importing only the module that declares them)."""
-    modules = [COMMAND_MODULES[first_word]] if first_word else list(dict.fromkeys(COMMAND_MODULES.values()))
+    words = [first_word] if first_word else list(COMMAND_MODULES)
+    modules = list(dict.fromkeys(m for w in words for m in _as_tuple(COMMAND_MODULES[w])))
     found: dict[str, opts.Command] = {}
     for name in modules:
         for command in importlib.import_module(name).COMMANDS:
             if first_word is None or command.name.split()[0] == first_word:
                 found[command.name] = command
     return dict(sorted(found.items(), key=lambda item: list(COMMAND_MODULES).index(item[0].split()[0])))
+
+
+def _as_tuple(modules: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (modules,) if isinstance(modules, str) else modules
 
 
 def flag(name: str) -> str:
@@ -233,6 +242,8 @@ def _stage_name(command: opts.Command, options: opts.Options) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     argv = [ALIASES.get(a, a) if i == 0 else a for i, a in enumerate(argv)]
+    if len(argv) > 1 and argv[0] in BARE_GROUPS and argv[1].startswith("--") and argv[1] != "--help":
+        argv = [argv[0], BARE_GROUPS[argv[0]], *argv[1:]]
     try:
         command, args, options = parse(argv)
     except ParamError as e:

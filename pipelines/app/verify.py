@@ -113,9 +113,18 @@ def _files(rd: RunDir) -> Iterator[tuple[Path, Callable[[Path], None], str]]:
         yield rd.index_meta(layer), index_set, f"featscope index build {run} --layer {layer}"
     for method in rd.saliency_methods():
         for npz in sorted(rd.saliency_dir(method).glob("*.npz")):
-            yield npz, _read_npz, f"featscope saliency {run} --method {method} --select ids={npz.stem} --overwrite"
+            image_id = npz.name.split(".")[0]
+            if npz.name.endswith(".curves.npz"):
+                yield npz, _read_npz, f"featscope saliency evaluate {run} --methods {method} --select ids={image_id}"
+            else:
+                yield npz, _read_npz, (f"featscope saliency compute {run} --method {method} --select ids={image_id} "
+                                       "--overwrite")
     for part in sorted(rd.saliency_summary_dir.glob("*.parquet")) if rd.saliency_summary_dir.is_dir() else []:
-        yield part, _read_parquet, f"featscope saliency {run} --method {part.stem}"
+        yield part, _read_parquet, f"featscope saliency compute {run} --method {part.stem}"
+    for part in sorted(rd.faithfulness_dir.glob("*.parquet")) if rd.faithfulness_dir.is_dir() else []:
+        yield part, _read_parquet, f"featscope saliency evaluate {run} --methods {part.stem}"
+    if rd.sanity_table.exists():
+        yield rd.sanity_table, _read_parquet, f"featscope saliency sanity {run}"
 
 
 def _read_npz(path: Path) -> None:

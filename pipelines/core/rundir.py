@@ -4,8 +4,9 @@ Layout (see DESIGN.md): run.json, manifest.parquet, errors.parquet/ (a directory
 with one part per stage and shard, so parallel jobs never write the same file),
 features/<layer>/part-NNNNN.parquet, topk/ (candidates per shard, merged top-k per layer),
 patches/, index/<layer>/ (FAISS index), neighbours/<layer>.jpg, saliency/<method>/ (maps,
-overlays, masks), saliency/summary.parquet/ (a directory dataset, one part per method) and
-viz/ (the toolbox's pictures).
+overlays, masks, deletion/insertion curves), saliency/summary.parquet/ and
+saliency/faithfulness.parquet/ (directory datasets, one part per method), saliency/sanity.*
+(the model-randomisation test) and viz/ (the toolbox's pictures).
 """
 
 from __future__ import annotations
@@ -194,11 +195,19 @@ class RunDir:
     def saliency_mask(self, method: str, image_id: int) -> Path:
         return self.saliency_dir(method) / f"{image_id}-mask.png"
 
+    def saliency_curves(self, method: str, image_id: int) -> Path:
+        """The map's deletion and insertion curves, and its baselines' (`saliency evaluate`)."""
+        return self.saliency_dir(method) / f"{image_id}.curves.npz"
+
     def saliency_methods(self) -> list[str]:
-        """Methods with a saliency folder, sorted."""
+        """Methods with a saliency folder, sorted (the Parquet datasets beside them are none)."""
         root = self.root / "saliency"
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and p != self.saliency_summary_dir) \
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and p.suffix != ".parquet") \
             if root.is_dir() else []
+
+    def saliency_maps(self, method: str) -> dict[int, Path]:
+        """image_id -> the .npz map of a method."""
+        return {int(p.stem): p for p in self.saliency_dir(method).glob("*.npz") if p.stem.isdigit()}
 
     def saliency_overlays(self, method: str) -> dict[int, Path]:
         """image_id -> overlay PNG of a method."""
@@ -213,6 +222,26 @@ class RunDir:
 
     def saliency_summary(self, method: str) -> Path:
         return self.saliency_summary_dir / f"{method}.parquet"
+
+    @property
+    def faithfulness_dir(self) -> Path:
+        """Deletion/insertion AUCs: a directory dataset, one part per method."""
+        return self.root / "saliency" / "faithfulness.parquet"
+
+    def faithfulness(self, method: str) -> Path:
+        return self.faithfulness_dir / f"{method}.parquet"
+
+    @property
+    def sanity_table(self) -> Path:
+        """The model-randomisation test: one row per method, image and randomisation step."""
+        return self.root / "saliency" / "sanity.parquet"
+
+    @property
+    def sanity_verdicts(self) -> Path:
+        return self.root / "saliency" / "sanity.json"
+
+    def sanity_plot(self, method: str) -> Path:
+        return self.root / "saliency" / f"sanity-{method}.png"
 
     @property
     def viz_dir(self) -> Path:

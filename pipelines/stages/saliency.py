@@ -17,10 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, make_dataclass
 from pathlib import Path
 
@@ -30,10 +27,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import Declared, ParamError
 from featscope.kernels.saliency import METHODS, attribute, class_score
 from featscope.kernels.segment import grabcut_mask
@@ -45,16 +40,22 @@ from featscope.pipelines.core.device import (
     PRECISION_CHOICES,
     PRECISIONS,
     inference_model,
-    resolve_device,
     resolve_precision,
 )
 from featscope.pipelines.core.images import BadImage, read_pixels
-from featscope.pipelines.core.models import LoadedModel, load_model
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.store import write_errors, write_table
 from featscope.pipelines.core.text import plural, rate
+from featscope.pipelines.core.workers import (
+    ModelRef,
+    SlurmWorkers,
+    dask_client,
+    model_ref,
+    model_view,
+    select,
+    worker_model,
+)
 from featscope.pipelines.render.overlay import heat_overlay
 
 SEGMENT_MAX_SIDE = 400  # GrabCut runs on the model's view, not on a 20-megapixel original
@@ -183,68 +184,14 @@ class SaliencySummary:
         return text
 
 
-# ---- selection ---------------------------------------------------------------------------
-
-def select(rd: RunDir, selection: str = "all") -> list[dict]:
-    """Manifest rows (image_id, path, label) chosen by `all`, `label=NAME` or `ids=1,2,3`."""
-    rows = manifest.read(rd).select(["image_id", "path", "label"]).to_pylist()
-    if selection == "all":
-        return rows
-    key, _, value = selection.partition("=")
-    if key == "label" and value:
-        chosen = [r for r in rows if r["label"] == value]
-        if not chosen:
-            labels = sorted({str(r["label"]) for r in rows})
-            raise FeatscopeError(f"no image has label '{value}'; labels are: {', '.join(labels[:20])}")
-        return chosen
-    if key == "ids" and value:
-        try:
-            wanted = [int(x) for x in value.split(",") if x.strip()]
-        except ValueError:
-            raise ParamError("select", f"ids= needs comma-separated integers, got '{value}'") from None
-        by_id = {r["image_id"]: r for r in rows}
-        unknown = [i for i in wanted if i not in by_id]
-        if unknown:
-            raise FeatscopeError(f"unknown image ids: {', '.join(map(str, unknown[:10]))}")
-        return [by_id[i] for i in dict.fromkeys(wanted)]
-    raise ParamError("select", f"must be all, label=NAME or ids=1,2,3; got '{selection}'")
-
-
 # ---- the worker side ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelRef:
-    """What a worker needs to load the run's model itself (small, sent with every task)."""
-
-    arch: str
-    weights: str
-    seed: int
-    weights_sha256: str | None
-    device: str = "auto"
-    threads: int | None = None
-    class_names: tuple[str, ...] | None = None  # the run's own names of its classes
-
-
-@functools.lru_cache(maxsize=2)
-def _worker_model(ref: ModelRef) -> tuple[LoadedModel, torch.device, list[str] | None]:
-    """The model, loaded once per worker process and kept for every later task."""
-    keep_freed_memory()
-    if ref.threads:
-        torch.set_num_threads(ref.threads)
-    loaded = load_model(ref.arch, ref.weights, seed=ref.seed)
-    if ref.weights_sha256 not in (None, loaded.weights_sha256):
-        raise FeatscopeError(f"the weights '{ref.weights}' are not the ones this run was extracted with")
-    device = resolve_device(ref.device)
-    loaded.module.to(device).to(memory_format=torch.channels_last)
-    return loaded, device, list(ref.class_names) if ref.class_names else loaded.categories
-
 
 @functools.lru_cache(maxsize=2)
 def _occlusion_model(ref: ModelRef) -> torch.nn.Module:
     """The worker's model with its batch norms folded, for occlusion: forward passes only,
     1.3x faster on MobileNet-V2 (see `kernels.batchnorm_folding`). The gradient methods keep
     the model as it is: a fold rounds differently, which moves a few max-pool gradients."""
-    loaded, _, _ = _worker_model(ref)
+    loaded, _, _ = worker_model(ref)
     return inference_model(loaded, []).to(memory_format=torch.channels_last)
 
 
@@ -289,7 +236,7 @@ def _write_outputs(rd: RunDir, options: SaliencyOptions, image_id: int, view: to
 def explain_batch(root: str, options: SaliencyOptions, ref: ModelRef, rows: list[dict]) -> dict:
     """One Dask task: compute, render and write the maps of `rows`; return small summaries."""
     rd = RunDir(root)
-    loaded, device, categories = _worker_model(ref)
+    loaded, device, categories = worker_model(ref)
     model = _occlusion_model(ref) if options.method == "occlusion" else loaded.module
     prep = loaded.preprocessing
     summaries, errors = [], []
@@ -301,7 +248,7 @@ def explain_batch(root: str, options: SaliencyOptions, ref: ModelRef, rows: list
             errors.append({"image_id": row["image_id"], "path": row["path"], "stage": f"saliency-{options.method}",
                            "error": "bad_image", "message": str(e)})
             continue
-        view = TF.resize(pixels, [prep.crop], antialias=True, max_size=2 * prep.crop)
+        view = model_view(pixels, prep)
         x = prep.normalize(view[None].to(device))
         with torch.no_grad():
             logits = model(x.contiguous(memory_format=torch.channels_last)).float()
@@ -350,54 +297,6 @@ def _summary_from_npz(path: Path) -> dict:
     return row
 
 
-@dataclass(frozen=True)
-class SlurmWorkers:
-    """Dask workers as SLURM jobs (dask-jobqueue's SLURMCluster), one worker process per job."""
-
-    jobs: int = 2
-    cores: int = 4
-    memory: str = "16GB"
-    walltime: str = "02:00:00"
-    gpus: int = 0
-    queue: str | None = None
-    account: str | None = None
-
-    def cluster(self):
-        from dask_jobqueue import SLURMCluster
-
-        extra = [f"--gres=gpu:{self.gpus}"] if self.gpus else []
-        return SLURMCluster(cores=self.cores, processes=1, memory=self.memory, walltime=self.walltime,
-                            queue=self.queue, account=self.account, job_extra_directives=extra,
-                            scheduler_options={"dashboard_address": None}, silence_logs="error")
-
-
-@contextmanager
-def dask_client(workers: int | None, scheduler: str | None, threads: int | None,
-                slurm: SlurmWorkers | None = None) -> Iterator[tuple[object, int]]:
-    """A Dask client: to the cluster at `scheduler`, to workers submitted as SLURM jobs, or
-    to a local cluster of worker processes."""
-    from distributed import Client, LocalCluster
-
-    if slurm is not None:
-        with slurm.cluster() as cluster, Client(cluster) as client:
-            cluster.scale(jobs=slurm.jobs)
-            client.wait_for_workers(1, timeout=3600)
-            yield client, slurm.jobs
-        return
-    if scheduler:
-        try:
-            client = Client(scheduler, timeout="20s")
-        except OSError as e:
-            raise FeatscopeError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
-        with client:
-            yield client, len(client.scheduler_info()["workers"])
-        return
-    workers = workers or split(None, threads)[0]
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-        yield client, workers
-
-
 def _check_options(rd: RunDir, options: SaliencyOptions, made_with: dict[int, str | None], wanted: str,
                    overwrite: bool) -> None:
     """Replacing maps made with other options needs --overwrite, which then recomputes the
@@ -423,9 +322,7 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
         slurm = SlurmWorkers(jobs=options.slurm_jobs, cores=options.slurm_cores, memory=options.slurm_memory,
                              walltime=options.slurm_walltime, gpus=options.slurm_gpus, queue=options.slurm_partition,
                              account=options.slurm_account)
-    config = rd.read_config()
-    if not config.get("model"):
-        raise FeatscopeError(f"run {rd.root} records no model: run `featscope manifest --model ...` first")
+    model_ref(rd)  # a run without a model fails before the cluster starts
     rows = select(rd, selection)
     live = set(manifest.read(rd)["image_id"].to_pylist())
     retired = _drop_retired_maps(rd, options.method, live)
@@ -433,9 +330,7 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
         threads = threads or slurm.cores
     elif not scheduler:
         workers, threads = split(workers, threads)
-    ref = ModelRef(config["model"], config.get("weights") or "imagenet", int(config.get("seed", 0)),
-                   config.get("weights_sha256"), options.device, threads,
-                   tuple(config["class_names"]) if config.get("class_names") else None)
+    ref = model_ref(rd, options.device, threads)
     method = options.method
     made_with = _stored_options(rd, method, rows)
     wanted = map_options(options, ref)
@@ -546,7 +441,8 @@ def read_summary(rd: RunDir) -> pa.Table:
 
 
 COMMANDS = [
-    Command("saliency", SaliencyOptions, run, help="which pixels matter: saliency maps of a run's images, with Dask",
+    Command("saliency compute", SaliencyOptions, run,
+            help="which pixels matter: saliency maps of a run's images, with Dask",
             description="Maps for the selected images (float16 .npz at the original size, a PNG overlay, a GrabCut "
                         "mask with --segment) in <run>/saliency/<method>/, and saliency/summary.parquet. Images "
                         "already done are skipped. Runs on a local Dask cluster of --workers processes, on the "

@@ -80,10 +80,10 @@ def test_every_config_key_of_a_stage_is_an_option_or_a_declared_workflow_key(whe
 def test_saliency_methods_come_from_the_kernels_in_cli_schema_and_snakefile():
     from featscope.kernels.saliency import METHODS
 
-    choices = opts.specs(COMMANDS["saliency"].options)[0].param.choices
+    choices = opts.specs(COMMANDS["saliency compute"].options)[0].param.choices
     assert set(choices) == set(METHODS) >= {"integrated_gradients", "guided_gradcam"}
     assert FULL["properties"]["saliency"]["properties"]["methods"]["items"]["enum"] == list(choices)
-    names = {s.name for s in opts.specs(COMMANDS["saliency"].options)}
+    names = {s.name for s in opts.specs(COMMANDS["saliency compute"].options)}
     assert {"steps", "baseline", "window", "fill", "samples", "layer"} <= names  # the kernels' parameters
 
 
@@ -104,7 +104,8 @@ def test_snakefile_commands_of_the_demo_config_parse_back_into_the_configured_op
         words = shlex.split(call)[1:]
         command, args, parsed = cli.parse(words)
         section = {"extract": cfg["extract"], "index build": cfg["index"], "embed": cfg["embed"],
-                   "saliency": cfg["saliency"], "topk render": cfg["topk"], "style train": cfg["style_net"],
+                   "saliency compute": cfg["saliency"], "saliency evaluate": cfg["saliency"]["evaluate"],
+                   "saliency sanity": cfg["saliency"]["sanity"], "topk render": cfg["topk"], "style train": cfg["style_net"],
                    "viz class-model": cfg["viz"]["class_models"], "viz dream": cfg["viz"]["dream"],
                    "viz invert": cfg["viz"]["inversion"], "viz adversarial": cfg["viz"]["adversarial"],
                    "viz texture": cfg["viz"]["texture"], "viz activations": cfg["viz"]["activations"],
@@ -114,7 +115,8 @@ def test_snakefile_commands_of_the_demo_config_parse_back_into_the_configured_op
         expected = config.options_for(section, command, **fixed)
         assert parsed == expected, (call, parsed, expected)
         checked.add(command.name)
-    assert {"manifest", "index build", "saliency", "embed", "topk render", "viz dream", "style train"} <= checked
+    assert {"manifest", "index build", "saliency compute", "saliency evaluate", "saliency sanity", "embed",
+            "topk render", "viz dream", "style train"} <= checked
 
 
 def test_each_first_word_names_its_module_and_its_help():

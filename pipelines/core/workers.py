@@ -1,0 +1,141 @@
+"""What the per-image stages (saliency maps, their evaluation) share: which images a user
+selected, the model reference a Dask task carries, the model loaded once per worker process,
+the model's view of an image, and the Dask client to a local cluster, a running scheduler or
+SLURM jobs."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import functional as TF
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.cpus import split
+from featscope.pipelines.core.device import resolve_device
+from featscope.pipelines.core.models import LoadedModel, Preprocessing, load_model
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.runtime import keep_freed_memory
+
+
+def select(rd: RunDir, selection: str = "all") -> list[dict]:
+    """Manifest rows (image_id, path, label) chosen by `all`, `label=NAME` or `ids=1,2,3`."""
+    rows = manifest.read(rd).select(["image_id", "path", "label"]).to_pylist()
+    if selection == "all":
+        return rows
+    key, _, value = selection.partition("=")
+    if key == "label" and value:
+        chosen = [r for r in rows if r["label"] == value]
+        if not chosen:
+            labels = sorted({str(r["label"]) for r in rows})
+            raise FeatscopeError(f"no image has label '{value}'; labels are: {', '.join(labels[:20])}")
+        return chosen
+    if key == "ids" and value:
+        try:
+            wanted = [int(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise ParamError("select", f"ids= needs comma-separated integers, got '{value}'") from None
+        by_id = {r["image_id"]: r for r in rows}
+        unknown = [i for i in wanted if i not in by_id]
+        if unknown:
+            raise FeatscopeError(f"unknown image ids: {', '.join(map(str, unknown[:10]))}")
+        return [by_id[i] for i in dict.fromkeys(wanted)]
+    raise ParamError("select", f"must be all, label=NAME or ids=1,2,3; got '{selection}'")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a worker needs to load the run's model itself (small, sent with every task)."""
+
+    arch: str
+    weights: str
+    seed: int
+    weights_sha256: str | None
+    device: str = "auto"
+    threads: int | None = None
+    class_names: tuple[str, ...] | None = None  # the run's own names of its classes
+
+
+@functools.lru_cache(maxsize=2)
+def worker_model(ref: ModelRef) -> tuple[LoadedModel, torch.device, list[str] | None]:
+    """The model, loaded once per worker process and kept for every later task."""
+    keep_freed_memory()
+    if ref.threads:
+        torch.set_num_threads(ref.threads)
+    loaded = load_model(ref.arch, ref.weights, seed=ref.seed)
+    if ref.weights_sha256 not in (None, loaded.weights_sha256):
+        raise FeatscopeError(f"the weights '{ref.weights}' are not the ones this run was extracted with")
+    device = resolve_device(ref.device)
+    loaded.module.to(device).to(memory_format=torch.channels_last)
+    return loaded, device, list(ref.class_names) if ref.class_names else loaded.categories
+
+
+def model_ref(rd: RunDir, device: str = "auto", threads: int | None = None) -> ModelRef:
+    """The run's model as its run.json records it; a one-line error if it records none."""
+    config = rd.read_config()
+    if not config.get("model"):
+        raise FeatscopeError(f"run {rd.root} records no model: run `featscope manifest --model ...` first")
+    return ModelRef(config["model"], config.get("weights") or "imagenet", int(config.get("seed", 0)),
+                    config.get("weights_sha256"), device, threads,
+                    tuple(config["class_names"]) if config.get("class_names") else None)
+
+
+
+def model_view(pixels: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """(3,H,W) uint8 -> the whole image resized so its shorter side is the model's crop size,
+    not centre-cropped, so a map covers every pixel (the longer side at most twice that)."""
+    return TF.resize(pixels, [prep.crop], antialias=True, max_size=2 * prep.crop)
+
+
+@dataclass(frozen=True)
+class SlurmWorkers:
+    """Dask workers as SLURM jobs (dask-jobqueue's SLURMCluster), one worker process per job."""
+
+    jobs: int = 2
+    cores: int = 4
+    memory: str = "16GB"
+    walltime: str = "02:00:00"
+    gpus: int = 0
+    queue: str | None = None
+    account: str | None = None
+
+    def cluster(self):
+        from dask_jobqueue import SLURMCluster
+
+        extra = [f"--gres=gpu:{self.gpus}"] if self.gpus else []
+        return SLURMCluster(cores=self.cores, processes=1, memory=self.memory, walltime=self.walltime,
+                            queue=self.queue, account=self.account, job_extra_directives=extra,
+                            scheduler_options={"dashboard_address": None}, silence_logs="error")
+
+
+@contextmanager
+def dask_client(workers: int | None, scheduler: str | None, threads: int | None,
+                slurm: SlurmWorkers | None = None) -> Iterator[tuple[object, int]]:
+    """A Dask client: to the cluster at `scheduler`, to workers submitted as SLURM jobs, or
+    to a local cluster of worker processes."""
+    from distributed import Client, LocalCluster
+
+    if slurm is not None:
+        with slurm.cluster() as cluster, Client(cluster) as client:
+            cluster.scale(jobs=slurm.jobs)
+            client.wait_for_workers(1, timeout=3600)
+            yield client, slurm.jobs
+        return
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as e:
+            raise FeatscopeError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
+        with client:
+            yield client, len(client.scheduler_info()["workers"])
+        return
+    workers = workers or split(None, threads)[0]
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client, workers
