@@ -243,6 +243,21 @@ class RunDir:
     def sanity_plot(self, method: str) -> Path:
         return self.root / "saliency" / f"sanity-{method}.png"
 
+    def explain_dir(self, layer: str) -> Path:
+        """Why pairs of images match at a layer (`featscope explain`): <a>-<b>.npz and .png."""
+        return self.root / "explain" / layer
+
+    def explained_pair(self, layer: str, a: int, b: int, suffix: str = "png") -> Path:
+        return self.explain_dir(layer) / f"{a}-{b}.{suffix}"
+
+    def explained_queries(self, layer: str) -> Path:
+        """The pairs the last `featscope explain --queries` wrote for a layer (JSON)."""
+        return self.explain_dir(layer) / "queries.json"
+
+    def explain_layers(self) -> list[str]:
+        root = self.root / "explain"
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
     @property
     def viz_dir(self) -> Path:
         return self.root / "viz"

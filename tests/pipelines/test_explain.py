@@ -1,0 +1,81 @@
+"""`featscope explain` on a small run: maps that sum to the pair's similarity, which is that of
+the stored vectors up to their precision; batches for queries that follow the index; one-line
+errors."""
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featscope.kernels.pair_similarity import APPROXIMATE, EXACT
+from featscope.pipelines.app.cli import main as cli
+from featscope.pipelines.core.neighbours import neighbours_of, open_index
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.stages import explain
+
+
+@pytest.fixture(scope="module")
+def run(reported_run, tmp_path_factory):
+    copy = tmp_path_factory.mktemp("explain") / "run"
+    shutil.copytree(reported_run.root, copy)
+    return RunDir(copy)
+
+
+@pytest.fixture(scope="module")
+def explainer(run):
+    return explain.PairExplainer(run)
+
+
+def photo_ids(run):
+    from featscope.pipelines.core import manifest
+
+    table = manifest.read(run).to_pylist()
+    return [r["image_id"] for r in table if r["label"] == "photo"]
+
+
+@pytest.mark.parametrize("layer", ["pool", "layer3", "layer3@2x2"])
+def test_pooled_layers_split_exactly_and_match_the_stored_vectors(run, explainer, layer):
+    a, b = photo_ids(run)[:2]
+    e = explainer.explain(a, b, layer)
+    assert e.result.method == EXACT
+    assert [float(m.sum()) for m in e.result.maps] == pytest.approx([e.result.similarity] * 2, rel=1e-4)
+    if layer != "layer3@2x2":  # extracted: the stored vectors (bf16 forward, float16 storage) agree
+        assert e.stored_similarity == pytest.approx(e.result.similarity, abs=0.02)
+    else:
+        assert e.stored_similarity is None
+
+
+def test_a_fully_connected_layer_says_it_is_approximate(run, explainer):
+    a, b = photo_ids(run)[:2]
+    e = explainer.explain(a, b, "fc")
+    assert e.result.method == APPROXIMATE and "gradient x activation" in e.how
+
+
+def test_queries_explain_each_query_with_its_index_neighbours(run, capsys):
+    query = photo_ids(run)[0]
+    assert cli(["explain", "--run", str(run.root), "--layer", "pool", "--queries", str(query), "--k", "3"]) == 0
+    expected = neighbours_of(open_index(run, "pool"), [query], 3).image_ids[0].tolist()
+    listed = explain.read_queries(run, "pool")[query]
+    assert [n[0] for n in listed] == expected
+    for other in expected:
+        with np.load(run.explained_pair("pool", query, other, "npz")) as stored:
+            assert float(stored["maps_a"].sum()) == pytest.approx(float(stored["similarity"]), rel=1e-4)
+        assert Image.open(run.explained_pair("pool", query, other)).width > 300
+    # a later batch replaces the earlier one's files: the report shows the current lists only
+    other_query = photo_ids(run)[1]
+    assert cli(["explain", "--run", str(run.root), "--layer", "pool", "--queries", str(other_query), "--k", "2"]) == 0
+    assert list(explain.read_queries(run, "pool")) == [other_query]
+    assert not any(run.explained_pair("pool", query, other).exists() for other in expected)
+
+
+def test_bad_input_is_one_line(run, capsys):
+    a = photo_ids(run)[0]
+    for argv, said in (
+        (["--layer", "pixels", "--pair", f"{a},{a}"], "pixel-space"),
+        (["--layer", "pool", "--pair", f"{a},123456"], "image_id 123456"),
+        (["--layer", "nope", "--pair", f"{a},{a}"], "unknown layer"),
+        (["--layer", "pool", "--pair", "1-2"], "--pair"),
+    ):
+        assert cli(["explain", "--run", str(run.root), *argv]) == 2
+        assert said in capsys.readouterr().err
