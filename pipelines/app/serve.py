@@ -52,7 +52,7 @@ from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 
 API_NEIGHBOURS = ("/api/neighbours", "/api/neighbors")  # the US spelling still answers, for this release
-PUBLIC_FOLDERS = {"report", "mosaic", "patches", "saliency", "viz", "neighbours"}  # what report pages show
+PUBLIC_FOLDERS = {"report", "mosaic", "patches", "saliency", "viz", "neighbours", "explain"}  # what report pages show
 PUBLIC_SUFFIXES = {".html", ".js", ".css", ".png", ".jpg", ".jpeg", ".svg", ".gif", ".webp"}
 DEFAULT_MAX_PIXELS = 50_000_000  # an upload may declare at most this many pixels (Pillow's bomb limit: 89M)
 HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE = 10.0, 30.0, 5
@@ -187,6 +187,28 @@ class QueryService:
         # searches need no wait: requests that arrive while one batch searches form the next
         self.searches = DynamicBatcher(lambda requests: search_batch(self.indexes, requests), name="search",
                                        max_batch=64)
+        self._explainer = None  # loads the model on the first /api/explain
+
+    def explain(self, a: int, b: int, layer: str, similarity: str = "cosine") -> dict:
+        """The answer to GET /api/explain: both maps, the similarity, the method and a picture
+        (a PNG data URL). 404 for an unknown image, 400 for a layer that cannot be explained."""
+        import base64
+        import io
+
+        from featscope.pipelines.stages import explain
+
+        for image_id in (a, b):
+            self.catalogue.describe(image_id)  # 404 for an id the run does not have
+        with self._batcher_lock:
+            if self._explainer is None:
+                self._explainer = explain.PairExplainer(self.rd)
+        try:
+            found = self._explainer.explain(a, b, layer, similarity)
+        except FeatscopeError as e:
+            raise ApiError(400, str(e)) from None
+        buffer = io.BytesIO()
+        explain.pair_picture(found).save(buffer, format="PNG")
+        return found.to_json() | {"picture": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}
 
     @property
     def batcher(self) -> DynamicBatcher:
@@ -335,6 +357,14 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
         vectors = await asyncio.wrap_future(service.batcher.submit(model_input))
         found = await asyncio.wrap_future(service.searches.submit((layer, vectors[layer], k)))
         return JSONResponse(service.answer(layer, None, found))
+
+    @app.get("/api/explain", summary="Why two images of the run are alike at a layer: a map on each")
+    def explain(a: int = Query(description="an image id of the run"),
+                b: int = Query(description="another image id of the run"),
+                layer: str = Query(description="a layer of the model, e.g. pool or block13"),
+                similarity: str = Query("cosine", description="cosine | dot")) -> JSONResponse:
+        # a plain def: FastAPI runs it on its thread pool, so the model's work never blocks the loop
+        return JSONResponse(service.explain(a, b, layer, similarity))
 
     @app.get("/{path:path}", include_in_schema=False)
     def file(path: str):

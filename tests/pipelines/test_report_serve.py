@@ -175,3 +175,21 @@ def test_served_files_are_byte_identical(server):
     status, body = fetch(f"{base}/mosaic/pool-grid.jpg")
     assert status == 200 and body == rd.mosaic("pool", "grid").read_bytes()
     assert np.frombuffer(body[:2], np.uint8).tolist() == [0xFF, 0xD8]
+
+
+def test_service_explains_a_pair_as_the_command_does(server):
+    from featscope.pipelines.stages import explain
+
+    base, rd = server
+    a, b = [r["image_id"] for r in manifest.read(rd).to_pylist() if r["label"] == "photo"][:2]
+    status, body = fetch(f"{base}/api/explain?a={a}&b={b}&layer=pool")
+    answer = json.loads(body)
+    assert status == 200 and answer["method"] == "decomposition", answer
+    assert sum(map(sum, answer["maps"][str(a)])) == pytest.approx(answer["similarity"], rel=1e-3)
+    assert answer["picture"].startswith("data:image/png;base64,")
+    direct = explain.PairExplainer(rd).explain(a, b, "pool")
+    assert answer["similarity"] == pytest.approx(direct.result.similarity, abs=1e-5)
+    for query, expected in ((f"a={a}&b=999999&layer=pool", 404), (f"a={a}&b={b}&layer=pixels", 400),
+                            (f"a={a}&b={b}&layer=nope", 400), (f"a={a}&layer=pool", 400)):
+        status, body = fetch(f"{base}/api/explain?{query}")
+        assert status == expected and "error" in json.loads(body), (query, body)
