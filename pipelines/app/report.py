@@ -35,17 +35,19 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app.report_lists import neighbour_lists, save_state
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import file_digest, write_bytes_atomic
+from featscope.pipelines.core.atomic import atomic_path, file_digest, write_bytes_atomic
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir
 from featscope.pipelines.core.store import read_errors, read_predictions
 from featscope.pipelines.core.timings import read_timings
+from featscope.pipelines.core.trust import BASELINES, CURVES, current_evaluation, read_sanity
+from featscope.pipelines.render.overlay import map_picture
 from featscope.pipelines.render.thumbnails import ensure_thumbnail, stored_thumbnails
 
 ASSETS = Path(__file__).resolve().parent / "report_assets"
 SHARD = THUMB_FOLDER  # images per data file, as per thumbnail folder (the pages compute both)
-PAGES = ("index", "image", "layer", "unit")
+PAGES = ("index", "image", "layer", "unit", "trust")
 
 
 @dataclass
@@ -97,11 +99,72 @@ def _relative(rd: RunDir, path: Path) -> str:
 
 
 def _saliency(rd: RunDir) -> dict[int, list[str]]:
+    """image_id -> its methods with overlays; the map-alone picture of each is made here where
+    an older saliency run did not write one."""
     methods: dict[int, list[str]] = {}
     for method in rd.saliency_methods():
         for image_id in rd.saliency_overlays(method):
             methods.setdefault(image_id, []).append(method)
+            if not rd.saliency_map_picture(method, image_id).exists() and rd.saliency_map(method, image_id).exists():
+                with np.load(rd.saliency_map(method, image_id)) as stored:
+                    heat = stored["saliency"].astype(np.float32)
+                with atomic_path(rd.saliency_map_picture(method, image_id)) as tmp:
+                    map_picture(heat, diverging=bool((heat < 0).any()), title=method).save(tmp, format="PNG")
     return methods
+
+
+def _aucs(rd: RunDir) -> tuple[dict[int, dict], dict]:
+    """Per image, each method's current [deletion, insertion] AUCs and its baselines'; and per
+    method, the means with 95% confidence intervals (Student's t over images) of the method,
+    the baselines and the paired differences method - random."""
+    per_image: dict[int, dict] = {}
+    summary = {}
+    for method in rd.saliency_methods():
+        rows = current_evaluation(rd, method)
+        if not rows:
+            continue
+        for image_id, r in rows.items():
+            per_image.setdefault(image_id, {})[method] = [round(r[f"{p}{c}_auc"], 4) for p in ("", "random_", "centre_")
+                                                          for c in CURVES]
+        columns = {name: np.array([r[f"{name}_auc"] for r in rows.values()], dtype=np.float64)
+                   for name in ("deletion", "insertion", *(f"{b}_{c}" for b in BASELINES for c in CURVES))}
+        for c in CURVES:
+            columns[f"{c}_minus_random"] = columns[c] - columns[f"random_{c}"]
+        summary[method] = {"images": len(rows)} | {name: _mean_interval(v) for name, v in columns.items()}
+    return per_image, summary
+
+
+def _mean_interval(values: np.ndarray) -> list[float]:
+    """[mean, low, high]: the mean and its 95% confidence interval (Student's t)."""
+    from scipy.stats import t
+
+    mean = float(values.mean())
+    if len(values) < 2:
+        return [round(mean, 4)] * 3
+    half = float(t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return [round(mean, 4), round(mean - half, 4), round(mean + half, 4)]
+
+
+def _sanity(rd: RunDir) -> dict:
+    verdicts = read_sanity(rd)
+    return {m: v | {"plot": _relative(rd, rd.sanity_plot(m))} for m, v in verdicts.items()
+            if rd.sanity_plot(m).exists()}
+
+
+def _explained(rd: RunDir) -> tuple[dict[int, dict], list[str]]:
+    """image_id -> {layer: [[neighbour, similarity, method], ...]} of the pairs `featscope
+    explain --queries` wrote (the pictures the image pages show from disk)."""
+    found: dict[int, dict] = {}
+    layers = []
+    for layer in rd.explain_layers():
+        path = rd.explained_queries(layer)
+        if not path.exists():
+            continue
+        layers.append(layer)
+        for query, pairs in json.loads(path.read_text())["pairs"].items():
+            kept = [p for p in pairs if rd.explained_pair(layer, int(query), p[0]).exists()]
+            found.setdefault(int(query), {})[layer] = kept
+    return found, layers
 
 
 def _layers(rd: RunDir) -> list[dict]:
@@ -227,6 +290,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
     neighbours, recomputed, lists_state = neighbour_lists(rd, ids, k, progress)
     saliency = _saliency(rd)
+    aucs, trust = _aucs(rd)
+    explained, explained_layers = _explained(rd)
     predictions = _predictions(rd, config)
     by_chunk: dict[int, dict[int, dict]] = {}
     for r in rows:
@@ -235,6 +300,10 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
             "label": r["label"], "name": posixpath.basename(r["path"]), "shard": r["shard"],
             "neighbours": {space: found[i] for space, found in neighbours.items() if i in found},
             "saliency": saliency.get(i, []), "prediction": predictions.get(i)}
+        if i in aucs:
+            by_chunk[i // SHARD][i]["auc"] = aucs[i]
+        if i in explained:
+            by_chunk[i // SHARD][i]["explained"] = explained[i]
     written = sum(_script(out / "data" / f"images-{chunk:04d}.js", "FS_IMAGES", entries)
                   for chunk, entries in sorted(by_chunk.items()))
     chunks = sorted(by_chunk)
@@ -255,6 +324,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "history": read_history(rd)[-50:],
         "topk": _layers(rd), "mosaics": _mosaics(rd), "toolbox": _toolbox(rd),
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
+        "trust": {"faithfulness": trust, "sanity": _sanity(rd)} if trust or rd.sanity_verdicts.exists() else None,
+        "explained_layers": explained_layers,
         "evaluation": json.loads(rd.index_evaluation.read_text()) if rd.index_evaluation.exists() else None,
     }
     _script(out / "data" / "run.js", "FS_RUN", summary)

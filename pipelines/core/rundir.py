@@ -192,6 +192,10 @@ class RunDir:
     def saliency_overlay(self, method: str, image_id: int) -> Path:
         return self.saliency_dir(method) / f"{image_id}.png"
 
+    def saliency_map_picture(self, method: str, image_id: int) -> Path:
+        """The map on its own (grey, or diverging for signed maps), beside the overlay."""
+        return self.saliency_dir(method) / f"{image_id}-map.png"
+
     def saliency_mask(self, method: str, image_id: int) -> Path:
         return self.saliency_dir(method) / f"{image_id}-mask.png"
 

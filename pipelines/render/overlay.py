@@ -45,16 +45,42 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, *, diverging: bool = False
     coloured = lut[(values * 255).round().astype(np.uint8)]
     weight = alpha if diverging else alpha * np.sqrt(values)[..., None]  # faint where nothing matters
     blend = (np.asarray(picture, np.float32) * (1 - weight) + coloured * weight).round().astype(np.uint8)
+    return _with_scale(Image.fromarray(blend), lut, low, high, title, diverging)
+
+
+def map_picture(heat: np.ndarray, *, diverging: bool = False, title: str = "", max_side: int = 512) -> Image.Image:
+    """heat (H,W) -> the map on its own, as the papers show it: grey from 0 to its 99th
+    percentile (gradient maps are heavy-tailed: a scale to the largest pixel would leave them
+    black), or a diverging blue-white-red scale centred on 0 for signed maps; with the scale."""
+    heat = np.nan_to_num(heat.astype(np.float32))
+    if max(heat.shape) > max_side:
+        scale = max_side / max(heat.shape)
+        size = (max(1, round(heat.shape[1] * scale)), max(1, round(heat.shape[0] * scale)))
+        heat = np.asarray(Image.fromarray(heat).resize(size, Image.Resampling.BILINEAR))
+    if diverging:
+        extent = float(np.percentile(np.abs(heat), 99)) or float(np.abs(heat).max()) or 1.0
+        values, low, high, lut = (np.clip(heat / extent, -1, 1) + 1) / 2, -extent, extent, _lut("RdBu_r")
+    else:
+        values, low, high = _normalise(heat, False)
+        lut = _lut("gray")
+    coloured = lut[(values * 255).round().astype(np.uint8)]
+    return _with_scale(Image.fromarray(coloured), lut, low, high, title, diverging, robust=True)
+
+
+def _with_scale(picture: Image.Image, lut: np.ndarray, low: float, high: float, title: str, diverging: bool,
+                robust: bool = False) -> Image.Image:
+    """The picture above its colour scale, the scale's ends and the title written beneath."""
     width, height = picture.size
     canvas = Image.new("RGB", (width, height + BAR_HEIGHT), "white")
-    canvas.paste(Image.fromarray(blend), (0, 0))
+    canvas.paste(picture, (0, 0))
     bar = lut[np.linspace(0, 255, max(width - 8, 1)).astype(np.uint8)][None].repeat(8, axis=0)
     canvas.paste(Image.fromarray(bar), (4, height + 3))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, height + 13), f"{low:.3g}", fill="black", font=_FONT)
-    right = f"{high:.3g}" if diverging else f"{high:.3g} (p99)"
+    left = f"{low:.3g}"
+    right = f"{high:.3g}" + (" (p99)" if robust or not diverging else "")
+    draw.text((4, height + 13), left, fill="black", font=_FONT)
     draw.text((width - 4 - draw.textlength(right, font=_FONT), height + 13), right, fill="black", font=_FONT)
-    room = width - 24 - draw.textlength(f"{low:.3g}", font=_FONT) - 2 * draw.textlength(right, font=_FONT)
+    room = width - 24 - draw.textlength(left, font=_FONT) - 2 * draw.textlength(right, font=_FONT)
     if title and draw.textlength(title, font=_FONT) > room:
         title = title.split(" · ")[0]  # narrow picture: the method only
     if title and draw.textlength(title, font=_FONT) <= room:

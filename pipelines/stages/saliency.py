@@ -56,7 +56,7 @@ from featscope.pipelines.core.workers import (
     select,
     worker_model,
 )
-from featscope.pipelines.render.overlay import heat_overlay
+from featscope.pipelines.render.overlay import heat_overlay, map_picture
 
 SEGMENT_MAX_SIDE = 400  # GrabCut runs on the model's view, not on a 20-megapixel original
 
@@ -217,9 +217,12 @@ def _write_outputs(rd: RunDir, options: SaliencyOptions, image_id: int, view: to
     method = options.method
     rgb = view.permute(1, 2, 0).numpy()
     title = f"{method} · {facts['target_name']}"
-    picture = heat_overlay(rgb, heat, diverging=bool((heat < 0).any()), title=title)
+    signed = bool((heat < 0).any())
+    picture = heat_overlay(rgb, heat, diverging=signed, title=title)
     with atomic_path(rd.saliency_overlay(method, image_id)) as tmp:
         picture.save(tmp, format="PNG")
+    with atomic_path(rd.saliency_map_picture(method, image_id)) as tmp:
+        map_picture(heat, diverging=signed, title=title).save(tmp, format="PNG")
     height, width = original
     if options.segment:
         mask = grabcut_mask(rgb, heat, foreground=options.foreground, background=options.background)
@@ -376,7 +379,8 @@ def _drop_retired_maps(rd: RunDir, method: str, live: set[int]) -> int:
     for npz in folder.glob("*.npz") if folder.is_dir() else []:
         if npz.stem.isdigit() and int(npz.stem) not in live:
             image_id = int(npz.stem)
-            for path in (rd.saliency_overlay(method, image_id), rd.saliency_mask(method, image_id), npz):
+            for path in (rd.saliency_overlay(method, image_id), rd.saliency_mask(method, image_id),
+                         rd.saliency_map_picture(method, image_id), rd.saliency_curves(method, image_id), npz):
                 path.unlink(missing_ok=True)
             dropped += 1
     return dropped

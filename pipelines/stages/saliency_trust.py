@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import functional as TF
@@ -49,10 +48,8 @@ from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_errors, write_table
 from featscope.pipelines.core.text import plural, rate
+from featscope.pipelines.core.trust import BASELINES, CURVES, EVALUATION_SCHEMA, map_stamp, read_evaluation
 from featscope.pipelines.core.workers import ModelRef, dask_client, model_ref, model_view, select, worker_model
-
-BASELINES = ("random", "centre")
-CURVES = ("deletion", "insertion")
 
 
 def _methods_option(help_text: str):
@@ -86,28 +83,10 @@ def evaluation_options(options: EvaluateOptions) -> str:
     return json.dumps({k: getattr(options, k) for k in keys}, sort_keys=True)
 
 
-def map_stamp(path) -> str:
-    """The map file as its evaluation saw it: a recomputed map (new size or time) is another."""
-    stat = path.stat()
-    return f"{stat.st_size}-{stat.st_mtime_ns}"
-
-
 def baseline_seed(seed: int, image_id: int) -> int:
     """A random baseline map per image that stays the same across runs and workers."""
     digest = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-EVALUATION_SCHEMA = pa.schema([
-    pa.field("image_id", pa.int64()),
-    pa.field("method", pa.string()),
-    pa.field("target", pa.int32()),
-    pa.field("deletion_auc", pa.float32()),
-    pa.field("insertion_auc", pa.float32()),
-    *[pa.field(f"{b}_{c}_auc", pa.float32()) for b in BASELINES for c in CURVES],
-    pa.field("map_stamp", pa.string()),
-    pa.field("options", pa.string()),
-])
 
 
 # ---- the worker side ---------------------------------------------------------------------
@@ -207,12 +186,6 @@ def _methods(rd: RunDir, methods: list[str]) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
-def read_evaluation(rd: RunDir, method: str) -> dict[int, dict]:
-    path = rd.faithfulness(method)
-    return {r["image_id"]: r for r in pq.read_table(path, schema=EVALUATION_SCHEMA).to_pylist()} \
-        if path.exists() else {}
-
-
 def evaluate(rd: RunDir, options: EvaluateOptions, progress: bool = True) -> EvaluateSummary:
     """Evaluate the selected images' maps that have no current evaluation; keep the rest."""
     start = time.perf_counter()
@@ -279,12 +252,6 @@ def _write_evaluation(rd: RunDir, method: str, old: dict[int, dict], new: list[d
         if int(curves.name.split(".")[0]) not in stamps:
             curves.unlink(missing_ok=True)
     return table
-
-
-def current_evaluation(rd: RunDir, method: str) -> dict[int, dict]:
-    """image_id -> evaluation row, only where the row measured the map that is there now."""
-    maps = rd.saliency_maps(method)
-    return {i: r for i, r in read_evaluation(rd, method).items() if i in maps and map_stamp(maps[i]) == r["map_stamp"]}
 
 
 # ---- the model-randomisation test ----------------------------------------------------------
@@ -441,11 +408,6 @@ def _plot(rd: RunDir, method: str, rows: list[dict], layers: list[str], facts: d
     with atomic_path(rd.sanity_plot(method)) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-
-
-def read_sanity(rd: RunDir) -> dict[str, dict]:
-    """method -> verdict facts of the last sanity run, or {}."""
-    return json.loads(rd.sanity_verdicts.read_text()) if rd.sanity_verdicts.exists() else {}
 
 
 COMMANDS = [

@@ -146,3 +146,66 @@ def test_served_page_queries_by_upload(reported_run, served, page, tmp_path):
     assert tiles.first.get_attribute("href") == f"image.html?id={photo['image_id']}"  # the image finds itself
     page.screenshot(path=str(tmp_path / "served.png"), full_page=True)
     assert page.errors == []
+
+
+@pytest.fixture(scope="module")
+def trusted_run(reported_run, tmp_path_factory):
+    """The reported run with its Grad-CAM maps evaluated, sanity-checked, and one query's
+    pool neighbours explained, then reported again."""
+    from featscope.pipelines.app import report
+    from featscope.pipelines.core.rundir import RunDir
+    from featscope.pipelines.stages import explain
+    from featscope.pipelines.stages import saliency_trust as trust
+
+    rd = RunDir(tmp_path_factory.mktemp("trusted") / "run")
+    shutil.copytree(reported_run.root, rd.root)
+    trust.evaluate(rd, trust.EvaluateOptions(steps=4, precision="fp32", images_per_task=100), progress=False)
+    trust.sanity(rd, trust.SanityOptions(sample=2), progress=False)
+    photos = [r["image_id"] for r in manifest.read(rd).to_pylist() if r["label"] == "photo"]
+    explain.run(rd, explain.ExplainOptions(layer="pool", queries=[photos[0]], k=2))
+    report.build(rd, k=4, progress=False)
+    return rd, photos
+
+
+def test_trust_page_shows_aucs_verdicts_and_plots(trusted_run, page):
+    rd, _ = trusted_run
+    page.goto((rd.report_dir / "index.html").as_uri())
+    page.locator("#trust-link").click()
+    page.wait_for_url("**/trust.html")
+    rows = [r.split("\t") for r in page.locator("section", has_text="Faithfulness").locator("tr").all_inner_texts()]
+    table = pq.read_table(rd.faithfulness("gradcam"))
+    mean = float(table["deletion_auc"].to_numpy().mean())
+    assert rows[1][0] == "gradcam" and int(rows[1][1]) == table.num_rows
+    assert float(rows[1][2].split()[0]) == pytest.approx(mean, abs=5e-4)
+    verdict = json.loads(rd.sanity_verdicts.read_text())["gradcam"]["verdict"]
+    assert verdict in page.locator("section", has_text="Sanity check").inner_text()
+    page.wait_for_load_state("networkidle")
+    assert page.evaluate("[...document.images].length >= 1 && [...document.images].every(i => i.naturalWidth > 0)")
+    assert page.errors == []
+
+
+def test_image_page_shows_maps_with_aucs_and_explains_a_neighbour(trusted_run, page):
+    rd, photos = trusted_run
+    page.goto((rd.report_dir / "image.html").as_uri() + f"?id={photos[0]}")
+    figure = page.locator("figure.saliency[data-method=gradcam]")
+    assert figure.locator("img").count() == 2  # the overlay and the map on its own
+    row = pq.read_table(rd.faithfulness("gradcam")).to_pylist()
+    auc = next(r for r in row if r["image_id"] == photos[0])
+    assert f"deletion {auc['deletion_auc']:.3f}" in figure.inner_text()
+    page.locator(".neighbours[data-space=pool] .why").first.click()  # explained on disk by `explain --queries`
+    picture = page.locator(".pair[data-space=pool] img")
+    picture.wait_for()
+    page.wait_for_function("document.querySelector('.pair[data-space=pool] img').naturalWidth > 0")
+    page.wait_for_load_state("networkidle")
+    assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.errors == []
+
+
+def test_served_image_page_explains_any_neighbour_through_the_api(reported_run, served, page):
+    photo = next(r for r in manifest.read(reported_run).to_pylist() if r["label"] == "photo")
+    page.goto(served + f"/report/image.html?id={photo['image_id']}")
+    page.locator(".neighbours[data-space=pool] .why").nth(1).click()
+    page.wait_for_function("(document.querySelector('.pair[data-space=pool] img') || {}).naturalWidth > 0",
+                           timeout=60_000)
+    assert "similarity" in page.locator(".pair[data-space=pool]").inner_text()
+    assert page.errors == []

@@ -22,6 +22,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.images import read_pixels
 from featscope.pipelines.core.models import load_model
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.trust import current_evaluation
 from featscope.pipelines.stages import saliency
 from featscope.pipelines.stages import saliency_trust as trust
 
@@ -84,11 +85,11 @@ def test_evaluate_writes_aucs_equal_to_a_direct_computation_and_skips_what_is_do
     saliency.explain_batch(str(rd.root), saliency.SaliencyOptions(method="gradient"),
                            saliency.ModelRef(ARCH, "random", 0, None), [photos[0]])
     os.utime(rd.saliency_map("gradient", first), ns=(1, 1))  # a different file whatever the clock's resolution
-    assert first not in trust.current_evaluation(rd, "gradient")
+    assert first not in current_evaluation(rd, "gradient")
     rd.saliency_map("gradcam", second).unlink()
     third = trust.evaluate(rd, options(), progress=False)
     assert (third.pairs, third.skipped) == (1, 4)
-    assert first in trust.current_evaluation(rd, "gradient")
+    assert first in current_evaluation(rd, "gradient")
     assert second not in {r["image_id"] for r in pq.read_table(rd.faithfulness("gradcam")).to_pylist()}
     assert not rd.saliency_curves("gradcam", second).exists()
 

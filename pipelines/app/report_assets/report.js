@@ -103,6 +103,8 @@ const FS = (() => {
     if (run.saliency_methods.length) {
       const sa = section("Saliency");
       sa.append(el("p", { text: `Methods: ${run.saliency_methods.join(", ")}. Open an image to see its overlays.` }));
+      if (run.trust) sa.append(el("p", {}, el("a", { href: "trust.html", id: "trust-link",
+        text: "Saliency trust: how faithful each method's maps are, and whether they change with the model" })));
     }
     if (run.toolbox.length) {
       const g = section("Toolbox gallery");
@@ -164,13 +166,82 @@ const FS = (() => {
     for (const [space, found] of Object.entries(entry.neighbours)) {
       const title = space === run.pixels ? "Neighbours in pixel space" : `Neighbours in ${space} feature space`;
       const n = section(title);
-      n.append(el("div", { class: "thumbs neighbours", "data-space": space },
-        ...found.map(([nid, d]) => imageTile(nid, `${nid} · d ${figure(d)}`))));
+      const pair = el("div", { class: "pair", "data-space": space });
+      n.append(el("div", { class: "thumbs neighbours", "data-space": space }, ...found.map(([nid, d]) => {
+        const tile = imageTile(nid, `${nid} · d ${figure(d)}`);
+        if (space === run.pixels) return tile;
+        return el("span", { class: "tile" }, tile, el("button", { class: "why", title: "which regions make the two match",
+          text: "why?", onclick: () => explainPair(pair, entry, id, nid, space) }));
+      })), pair);
     }
     if (entry.saliency.length) {
       const sa = section("Saliency");
-      sa.append(el("div", { class: "overlays" }, ...entry.saliency.map((m) =>
-        el("img", { src: `../saliency/${m}/${id}.png`, alt: `${m} saliency`, loading: "lazy" }))));
+      sa.append(el("p", { class: "muted", text: "Each method's map over the image and on its own. Deletion AUC: the " +
+        "class probability as the map's most important pixels are blurred away first (lower is more faithful); insertion " +
+        "AUC: as they are revealed first (higher is more faithful); in brackets the same for a random map." }));
+      sa.append(el("div", { class: "overlays" }, ...entry.saliency.map((m) => {
+        const auc = (entry.auc || {})[m];
+        const caption = auc ? `${m}: deletion ${auc[0].toFixed(3)} (random ${auc[2].toFixed(3)}) · insertion ` +
+          `${auc[1].toFixed(3)} (random ${auc[3].toFixed(3)})` : m;
+        return el("figure", { class: "saliency", "data-method": m },
+          el("img", { src: `../saliency/${m}/${id}.png`, alt: `${m} saliency overlay`, loading: "lazy" }),
+          el("img", { src: `../saliency/${m}/${id}-map.png`, alt: `${m} saliency map`, loading: "lazy" }),
+          el("figcaption", { text: caption }));
+      })));
+    }
+  }
+
+  // Why image `id` and its neighbour `other` match in `space`: the pair's picture, from disk
+  // where `featscope explain` made it, else from the query service.
+  async function explainPair(box, entry, id, other, space) {
+    box.replaceChildren(el("p", { class: "muted", text: `explaining ${id} ~ ${other}…` }));
+    const stored = ((entry.explained || {})[space] || []).find(([n]) => n === other);
+    if (stored) {
+      box.replaceChildren(el("p", { text: `${space}: similarity ${figure(stored[1])} (${stored[2]}); red regions add ` +
+        "to it, blue ones take away." }), el("img", { src: `../explain/${space}/${id}-${other}.png`, alt: "pair explanation" }));
+      return;
+    }
+    if (!served) {
+      box.replaceChildren(el("p", { class: "muted", text: "This pair was not explained when the report was made: open " +
+        "the report through `featscope serve` to explain any pair, or run `featscope explain --pair " + `${id},${other} ` +
+        `--layer ${space}\`.` }));
+      return;
+    }
+    const response = await fetch(`/api/explain?a=${id}&b=${other}&layer=${encodeURIComponent(space)}`);
+    const answer = await response.json();
+    if (!response.ok) { box.replaceChildren(el("p", { text: `error: ${answer.error}` })); return; }
+    box.replaceChildren(el("p", { text: `${space}: similarity ${figure(answer.similarity)} by ${answer.how}; red ` +
+      "regions add to it, blue ones take away." }), el("img", { src: answer.picture, alt: "pair explanation" }));
+  }
+
+  async function trust() {
+    header();
+    const run = window.FS_RUN;
+    const t = run.trust;
+    if (!t) { main().append(el("p", { text: "this run has no saliency evaluation: run `featscope saliency evaluate`" })); return; }
+    const ci = (v) => `${v[0].toFixed(3)} [${v[1].toFixed(3)}, ${v[2].toFixed(3)}]`;
+    const f = section("Faithfulness: deletion and insertion");
+    f.append(el("p", { class: "muted", text: "Per method, over its evaluated images: the mean area under the curve of the " +
+      "target class's score as pixels are deleted (lower is better) or inserted (higher is better) in the order the map " +
+      "ranks them, with 95% confidence intervals; beside it the same for a seeded random map and a centred Gaussian on the " +
+      "same images, and the paired difference from the random map (a faithful map's deletion difference is below 0, its " +
+      "insertion difference above 0)." }));
+    f.append(table([["method", "images", "deletion", "random", "centre", "deletion − random", "insertion", "random", "centre",
+      "insertion − random"], ...Object.entries(t.faithfulness).map(([m, v]) => [m, v.images, ci(v.deletion),
+      ci(v.random_deletion), ci(v.centre_deletion), ci(v.deletion_minus_random), ci(v.insertion), ci(v.random_insertion),
+      ci(v.centre_insertion), ci(v.insertion_minus_random)])]));
+    const verdicts = Object.entries(t.sanity || {});
+    if (verdicts.length) {
+      const s = section("Sanity check: model randomisation");
+      s.append(el("p", { class: "muted", text: "Each method's maps recomputed as the model's layers are re-initialised " +
+        "from the top, and compared with the original maps (Adebayo et al. 2018). A map that barely changes while the " +
+        "weights it should explain are destroyed shows the image, not the model." }));
+      s.append(table([["method", "verdict", "mean rank correlation", "after the last step", "threshold", "images", "steps"],
+        ...verdicts.map(([m, v]) => [m, v.verdict, v.score.toFixed(3), v.final_spearman.toFixed(3), v.threshold, v.images,
+          `${v.steps} (${v.granularity})`])]));
+      s.classList.add("gallery");
+      for (const [m, v] of verdicts) s.append(el("figure", {}, el("img", { src: v.plot, alt: `${m} randomisation curves` }),
+        el("figcaption", { text: `${m}: ${v.verdict}` })));
     }
   }
 
@@ -209,5 +280,5 @@ const FS = (() => {
     s.append(nav);
   }
 
-  return { index, image, layer, unit };
+  return { index, image, layer, unit, trust };
 })();

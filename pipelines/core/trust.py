@@ -1,0 +1,52 @@
+"""What `saliency evaluate` and `saliency sanity` store, read without torch (the report and
+status read it too): the evaluation's schema and rows, which rows still describe the map
+that is there now, and the sanity verdicts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from featscope.pipelines.core.rundir import RunDir
+
+BASELINES = ("random", "centre")
+CURVES = ("deletion", "insertion")
+
+
+def map_stamp(path: Path) -> str:
+    """The map file as its evaluation saw it: a recomputed map (new size or time) is another."""
+    stat = path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+EVALUATION_SCHEMA = pa.schema([
+    pa.field("image_id", pa.int64()),
+    pa.field("method", pa.string()),
+    pa.field("target", pa.int32()),
+    pa.field("deletion_auc", pa.float32()),
+    pa.field("insertion_auc", pa.float32()),
+    *[pa.field(f"{b}_{c}_auc", pa.float32()) for b in BASELINES for c in CURVES],
+    pa.field("map_stamp", pa.string()),
+    pa.field("options", pa.string()),
+])
+
+
+def read_evaluation(rd: RunDir, method: str) -> dict[int, dict]:
+    """image_id -> the stored evaluation row of a method (current or not)."""
+    path = rd.faithfulness(method)
+    return {r["image_id"]: r for r in pq.read_table(path, schema=EVALUATION_SCHEMA).to_pylist()} \
+        if path.exists() else {}
+
+
+def current_evaluation(rd: RunDir, method: str) -> dict[int, dict]:
+    """image_id -> evaluation row, only where the row measured the map that is there now."""
+    maps = rd.saliency_maps(method)
+    return {i: r for i, r in read_evaluation(rd, method).items() if i in maps and map_stamp(maps[i]) == r["map_stamp"]}
+
+
+def read_sanity(rd: RunDir) -> dict[str, dict]:
+    """method -> verdict facts of the last sanity run, or {}."""
+    return json.loads(rd.sanity_verdicts.read_text()) if rd.sanity_verdicts.exists() else {}
