@@ -48,6 +48,8 @@ EMBED_LAYERS = EMBED.get("layers", LAYERS)
 SALIENCY = CFG["saliency"]
 EVALUATE = SALIENCY.get("evaluate")  # None: the maps' faithfulness is not measured
 SANITY = SALIENCY.get("sanity")  # None: no model-randomisation test
+EXPLAIN = CFG.get("explain")  # None: the neighbour queries' pairs are not explained
+EXPLAIN_LAYERS = [layer for layer in LAYERS if layer != PIXELS] if EXPLAIN is not None and INDEX["queries"] else []
 VIZ = CFG["viz"]
 STYLE_NET = CFG.get("style_net")
 # Cluster resources per rule (Snakemake's mem_mb / runtime in minutes, and `gpu` for the SLURM
@@ -69,6 +71,7 @@ DEFAULT_RESOURCES = {
     "saliency": {"mem_mb": 8000, "runtime": 240, "gpu": 1},
     "saliency_evaluate": {"mem_mb": 8000, "runtime": 240, "gpu": 1},
     "saliency_sanity": {"mem_mb": 4000, "runtime": 60},
+    "explain": {"mem_mb": 4000, "runtime": 30},
     "viz": {"mem_mb": 4000, "runtime": 60},
     "style_train": {"mem_mb": 8000, "runtime": 240, "gpu": 1},
     "report": {"mem_mb": 4000, "runtime": 60},
@@ -226,6 +229,7 @@ rule report:
         [str(RD.saliency_summary(method)) for method in SALIENCY["methods"]],
         [str(RD.faithfulness(method)) for method in SALIENCY["methods"]] if EVALUATE is not None else [],
         [str(RD.sanity_verdicts)] if SANITY is not None and SALIENCY["methods"] else [],
+        [str(RD.explained_queries(layer)) for layer in EXPLAIN_LAYERS],
         viz_outputs(),
     output:
         str(RD.report_dir / "index.html"),
@@ -416,6 +420,21 @@ rule saliency_evaluate:
                                                select=SALIENCY["select"], **LOCAL_WORKERS(threads),
                                                **({"scheduler": SALIENCY["scheduler"]} if SALIENCY.get("scheduler")
                                                   else {})),
+    shell:
+        "{params.cmd}"
+
+
+# Why each configured query matches its nearest images in a layer: the pairs the report's image
+# pages show from disk.
+rule explain:
+    input:
+        lambda wildcards: index_meta(wildcards.layer),
+    output:
+        str(RD.explained_queries("{layer}")),
+    resources:
+        **res("explain"),
+    params:
+        cmd=lambda wildcards: command("explain", EXPLAIN, layer=wildcards.layer, queries=INDEX["queries"]),
     shell:
         "{params.cmd}"
 

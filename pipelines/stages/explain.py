@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.kernels.pair_similarity import EXACT, SIMILARITIES, PairMaps, pair_maps
 from featscope.kernels.saliency import gradcam_layer
 from featscope.kernels.spaces import PIXELS
@@ -198,7 +199,7 @@ def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
         write(rd, explanation)
         return ExplainSummary(options.layer, [explanation], time.perf_counter() - start)
     if not options.queries:
-        raise FeatscopeError("give --pair A,B or --queries ID,...")
+        raise ParamError("queries", "or <pair> must be given: the query image ids, or two ids A,B")
     live = [q for q in options.queries if q in explainer.paths]
     if not live:
         raise FeatscopeError(f"none of the query images ({', '.join(map(str, options.queries))}) is in the run")
