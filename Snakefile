@@ -405,18 +405,19 @@ rule saliency:
         "{params.cmd}"
 
 
-# The maps' faithfulness (deletion and insertion curves against random and centre maps), one
-# job per method on the same Dask workers as the maps; only maps it has not measured yet.
+# The maps' faithfulness (deletion and insertion curves against random and centre maps) of
+# every method in one job on the same Dask workers as the maps, so each image's baselines are
+# computed once; only maps it has not measured yet.
 rule saliency_evaluate:
     input:
-        str(RD.saliency_summary("{method}")),
+        [str(RD.saliency_summary(method)) for method in SALIENCY["methods"]],
     output:
-        str(RD.faithfulness("{method}")),
+        [str(RD.faithfulness(method)) for method in SALIENCY["methods"]],
     threads: SALIENCY_THREADS
     resources:
         **res("saliency_evaluate"),
     params:
-        cmd=lambda wildcards, threads: command("saliency evaluate", EVALUATE, methods=[wildcards.method],
+        cmd=lambda wildcards, threads: command("saliency evaluate", EVALUATE, methods=SALIENCY["methods"],
                                                select=SALIENCY["select"], **LOCAL_WORKERS(threads),
                                                **({"scheduler": SALIENCY["scheduler"]} if SALIENCY.get("scheduler")
                                                   else {})),

@@ -42,6 +42,20 @@ def layer_groups(model: nn.Module, granularity: str = "block") -> list[tuple[str
     return [(name, members[::-1]) for name, members in reversed(list(groups.items()))]
 
 
+def merge_groups(groups: list[tuple[str, list[str]]], at_most: int) -> list[tuple[str, list[str]]]:
+    """At most `at_most` steps (0: as they are): adjacent groups merged into runs of near-equal
+    length, top first; a merged step is named "<first> – <last>"."""
+    if at_most <= 0 or len(groups) <= at_most:
+        return groups
+    bounds = [round(k * len(groups) / at_most) for k in range(at_most + 1)]
+    merged = []
+    for start, stop in zip(bounds, bounds[1:]):
+        run = groups[start:stop]
+        name = run[0][0] if len(run) == 1 else f"{run[0][0]} – {run[-1][0]}"
+        merged.append((name, [path for _, paths in run for path in paths]))
+    return merged
+
+
 def cascading_randomisation(model: nn.Module, groups: list[tuple[str, list[str]]], *,
                             seed: int = 42) -> Iterator[tuple[str, nn.Module]]:
     """Yield (group name, model) after each group is re-initialised, cumulatively, on one copy

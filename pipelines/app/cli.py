@@ -236,6 +236,8 @@ def _stage_name(command: opts.Command, options: opts.Options) -> str:
     for key in ("method", "layer"):
         if getattr(options, key, None):
             parts.append(str(getattr(options, key)))
+    if len(getattr(options, "methods", None) or []) == 1:  # saliency evaluate, one job per method
+        parts.append(options.methods[0])
     if getattr(options, "shard", None) is not None:
         parts.append(f"shard-{options.shard:05d}")
     return "-".join(parts).replace("/", "_")

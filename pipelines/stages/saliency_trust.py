@@ -36,7 +36,7 @@ from featscope.kernels.architectures import profile_of_model
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.faithfulness import area_under_curve, centre_map, perturbation_curves, random_map
 from featscope.kernels.map_similarity import spearman_abs, ssim, unit_range
-from featscope.kernels.randomisation import GRANULARITIES, cascading_randomisation, layer_groups
+from featscope.kernels.randomisation import GRANULARITIES, cascading_randomisation, layer_groups, merge_groups
 from featscope.kernels.saliency import METHODS, attribute
 from featscope.kernels.scoring import SCORES
 from featscope.pipelines.core import manifest
@@ -263,6 +263,8 @@ class SanityOptions(Options):
                          min=1, max=256)
     granularity: str = option("block", help="one randomisation step per block (e.g. features.14, layer4.1) or "
                                             "per module with weights (Quantus's steps)", choices=GRANULARITIES)
+    steps: int = option(0, help="at most this many steps: adjacent groups are merged, evenly (0: every group is a "
+                                "step)", min=0)
     seed: int = option(42, help="seed of the re-initialised weights")
     threshold: float = option(0.5, help="verdict: a method whose maps keep a mean rank correlation above this "
                                         "with the original ones across the cascade barely changes", min=0, max=1)
@@ -284,9 +286,10 @@ def method_options(rd: RunDir, method: str) -> dict:
     path = rd.saliency_options(method)
     recorded = json.loads(path.read_text()) if path.exists() else {}
     values = {d.name: recorded.get(d.name, d.default) for d in METHODS[method].params}
-    if "score" in inspect.signature(METHODS[method].function).parameters:
+    accepted = inspect.signature(METHODS[method].function).parameters
+    if "score" in accepted:
         values["score"] = recorded.get("score", "logit")
-    return values
+    return values  # float32 throughout, also for methods whose maps were made in bf16: it is the model that changes
 
 
 def sample_ids(candidates: list[int], count: int, seed: int) -> list[int]:
@@ -340,8 +343,9 @@ def sanity(rd: RunDir, options: SanityOptions, progress: bool = True) -> SanityS
         target = model(x).float().argmax(1)
     kwargs = {m: method_options(rd, m) for m in methods}
     original = {m: attribute(model, x, target, m, **kwargs[m]).float().cpu() for m in methods}
-    groups = layer_groups(model, options.granularity)
-    names = _display_names(model, groups)
+    names = _display_names(model, layer_groups(model, options.granularity))
+    groups = merge_groups(layer_groups(model, options.granularity), options.steps)
+    names |= {name: " – ".join(names[part] for part in name.split(" – ")) for name, _ in groups}
     rows = []
     with tqdm(total=len(groups) * len(methods), desc="saliency sanity", unit="map", disable=not progress) as bar:
         for step, (name, randomised) in enumerate(cascading_randomisation(model, groups, seed=options.seed), 1):

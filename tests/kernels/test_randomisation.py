@@ -8,7 +8,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from featscope.kernels.map_similarity import spearman, spearman_abs, ssim, unit_range
-from featscope.kernels.randomisation import cascading_randomisation, layer_groups
+from featscope.kernels.randomisation import cascading_randomisation, layer_groups, merge_groups
 from featscope.kernels.saliency import attribute
 
 
@@ -52,6 +52,16 @@ def test_groups_run_top_down_and_blocks_hold_their_modules():
     blocks = layer_groups(resnet, "block")
     assert blocks[0][0] == "fc" and blocks[1][0] == "layer4.1" and blocks[-1][0] == "conv1"
     assert sorted(p for _, paths in blocks for p in paths) == sorted(p for _, [p] in layer_groups(resnet, "module"))
+
+
+def test_merged_steps_keep_every_module_in_order():
+    import torchvision
+
+    blocks = layer_groups(torchvision.models.mobilenet_v2(weights=None), "block")
+    merged = merge_groups(blocks, 6)
+    assert len(blocks) == 20 and len(merged) == 6
+    assert [p for _, paths in merged for p in paths] == [p for _, paths in blocks for p in paths]
+    assert merged[0][0] == "classifier.1 – features.17" and merge_groups(blocks, 0) == blocks  # 3, 4, 3, 3, 4, 3
 
 
 def test_randomisation_leaves_the_model_and_the_random_state_alone():
