@@ -166,17 +166,21 @@ def main() -> None:
 
 def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, side: int = 192, steps: int = 24) -> None:
     """Deletion curves of n photos' gradient maps: featscope's `perturbation_curves` (fp32 and
-    bf16 autocast, all perturbed copies batched through the model) against Quantus's
+    bf16 autocast, all perturbed copies batched through the model with its batch norms
+    folded, as the stage runs it) against Quantus's
     PixelFlipping (its loop: one forward pass of the images per step). At 192 px, 24 steps are
     1,536 whole pixels each, which Quantus's step rule (features_in_step must divide H*W)
     allows, so both perturb exactly the same pixels."""
     import numpy as np
 
     from featscope.kernels.faithfulness import perturbation_curves
+    from featscope.pipelines.stages.saliency_trust import forward_batch
+    from featscope.pipelines.core.device import inference_model
 
     loaded = load_model(arch, weights)
     model = loaded.module
     fast = load_model(arch, weights).module.to(memory_format=torch.channels_last)
+    folded = inference_model(loaded, []).to(memory_format=torch.channels_last)  # as `saliency evaluate` runs it
     x = torch.nn.functional.interpolate(demo_batch(n, loaded.preprocessing), size=(side, side), mode="bilinear",
                                         align_corners=False)
     with torch.no_grad():
@@ -186,8 +190,8 @@ def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, side
           f"{torch.get_num_threads()} threads")
 
     def ours(dtype):
-        return perturbation_curves(fast, x, maps, target, mode="deletion", steps=steps, replacement=0.0,
-                                   score="probability", batch=64, dtype=dtype)
+        return perturbation_curves(folded, x, maps, target, mode="deletion", steps=steps, replacement=0.0,
+                                   score="probability", batch=forward_batch(x.device), dtype=dtype)
 
     ours(None)
     t_fp32, curves = best_of(repeats, lambda: ours(None))

@@ -3,7 +3,7 @@
 It compares the image folder with the manifest (new, edited and vanished images, without
 writing anything), then each stage's outputs with the live images: a layer's shards
 extracted, an index or a map that holds exactly the live images (else "stale"), top-k,
-saliency maps, the report; and it ends with the last runs of the history. It imports no
+saliency maps and their evaluation, the report; and it ends with the last runs of the history. It imports no
 model and reads only small files, so it answers in about a second.
 """
 
@@ -22,6 +22,7 @@ from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.text import plural
+from featscope.pipelines.core.trust import current_evaluation, read_evaluation, read_sanity
 
 
 @dataclass
@@ -107,6 +108,16 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                                                                                else ""))
         if gone:
             out.stale.append(f"saliency {method}")
+        evaluated = read_evaluation(rd, method)
+        if evaluated:
+            current = current_evaluation(rd, method)
+            behind = len(maps) - len(current)
+            out.lines.append(f"  faithfulness: {plural(len(current), 'map')} evaluated"
+                             + (f", {behind} not (yet, or since their map was recomputed)" if behind else ""))
+            if behind:
+                out.stale.append(f"saliency evaluate {method}")
+    for method, verdict in read_sanity(rd).items():
+        out.lines.append(f"sanity {method}: {verdict['verdict']} (mean rank correlation {verdict['score']:.2f})")
     run_js = rd.report_dir / "data" / "run.js"
     if run_js.exists():
         older = rd.live_ids.exists() and run_js.stat().st_mtime < rd.live_ids.stat().st_mtime

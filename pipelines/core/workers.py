@@ -18,7 +18,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.cpus import split
-from featscope.pipelines.core.device import resolve_device
+from featscope.pipelines.core.device import inference_model, resolve_device
 from featscope.pipelines.core.models import LoadedModel, Preprocessing, load_model
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
@@ -74,6 +74,16 @@ def worker_model(ref: ModelRef) -> tuple[LoadedModel, torch.device, list[str] | 
     device = resolve_device(ref.device)
     loaded.module.to(device).to(memory_format=torch.channels_last)
     return loaded, device, list(ref.class_names) if ref.class_names else loaded.categories
+
+
+@functools.lru_cache(maxsize=2)
+def forward_model(ref: ModelRef) -> torch.nn.Module:
+    """The worker's model with its batch norms folded, for work that only runs it forward
+    (occlusion, deletion and insertion curves): 1.3x faster on MobileNet-V2 (see
+    `kernels.batchnorm_folding`). Gradient methods keep the model as it is: a fold rounds
+    differently, which moves a few max-pool gradients."""
+    loaded, _, _ = worker_model(ref)
+    return inference_model(loaded, []).to(memory_format=torch.channels_last)
 
 
 def model_ref(rd: RunDir, device: str = "auto", threads: int | None = None) -> ModelRef:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.params import ParamError
 from featscope.kernels.pair_similarity import EXACT, SIMILARITIES, PairMaps, pair_maps
+from featscope.kernels.params import ParamError
 from featscope.kernels.saliency import gradcam_layer
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import manifest
