@@ -88,7 +88,7 @@ class PairExplainer:
             raise FeatscopeError(f"image_id {missing[0]} is not in run {self.rd.root}")
         prep = self.loaded.preprocessing
         try:
-            inputs = torch.stack([prep.to_uint8(read_pixels(self.paths[i])) for i in (a, b)])
+            inputs = torch.stack([prep.to_uint8(read_pixels(self.paths[i], min_size=prep.resize)) for i in (a, b)])
         except BadImage as e:
             raise FeatscopeError(f"cannot read an image of the pair: {e}") from None
         x = prep.normalize(inputs.to(self.device))
@@ -131,15 +131,17 @@ def _stored_similarity(rd: RunDir, layer: str, a: int, b: int, similarity: str) 
 
 
 def pair_picture(explanation: Explanation) -> Image.Image:
-    """Both images as the model saw them, each with its map over it (red adds to the
-    similarity, blue takes away), the similarity and the method in the title."""
+    """Both images as the model saw them, each with its map over it (bright where a region
+    adds most to the similarity; where some regions take away, red adds and blue takes away),
+    the similarity and the method in the title."""
     pictures, captions = [], []
+    signed = bool((explanation.result.maps < 0).any())
     for k, image_id in enumerate((explanation.a, explanation.b)):
         rgb = explanation.inputs[k].permute(1, 2, 0).numpy()
         heat = F.interpolate(explanation.result.maps[k][None, None].float(), size=rgb.shape[:2], mode="bilinear",
                              align_corners=False)[0, 0].numpy()
-        pictures.append(heat_overlay(rgb, heat, diverging=True))
-        captions.append(f"image {image_id}: its regions' share of the similarity")
+        pictures.append(heat_overlay(rgb, heat, diverging=signed))
+        captions.append(f"image {image_id}")
     stored = "" if explanation.stored_similarity is None else f" (stored vectors: {explanation.stored_similarity:.3f})"
     title = (f"{explanation.layer}: similarity {explanation.result.similarity:.3f}{stored}, "
              f"{explanation.result.method}")

@@ -197,8 +197,9 @@ const FS = (() => {
     box.replaceChildren(el("p", { class: "muted", text: `explaining ${id} ~ ${other}…` }));
     const stored = ((entry.explained || {})[space] || []).find(([n]) => n === other);
     if (stored) {
-      box.replaceChildren(el("p", { text: `${space}: similarity ${figure(stored[1])} (${stored[2]}); red regions add ` +
-        "to it, blue ones take away." }), el("img", { src: `../explain/${space}/${id}-${other}.png`, alt: "pair explanation" }));
+      box.replaceChildren(el("p", { text: `${space}: similarity ${figure(stored[1])} (${stored[2]}); each map shows ` +
+        "how much each region of its image adds to it (on a red-blue scale, blue regions take away)." }),
+        el("img", { src: `../explain/${space}/${id}-${other}.png`, alt: "pair explanation" }));
       return;
     }
     if (!served) {
@@ -210,8 +211,9 @@ const FS = (() => {
     const response = await fetch(`/api/explain?a=${id}&b=${other}&layer=${encodeURIComponent(space)}`);
     const answer = await response.json();
     if (!response.ok) { box.replaceChildren(el("p", { text: `error: ${answer.error}` })); return; }
-    box.replaceChildren(el("p", { text: `${space}: similarity ${figure(answer.similarity)} by ${answer.how}; red ` +
-      "regions add to it, blue ones take away." }), el("img", { src: answer.picture, alt: "pair explanation" }));
+    box.replaceChildren(el("p", { text: `${space}: similarity ${figure(answer.similarity)} by ${answer.how}; each ` +
+      "map shows how much each region of its image adds to it (on a red-blue scale, blue regions take away)." }),
+      el("img", { src: answer.picture, alt: "pair explanation" }));
   }
 
   async function trust() {
