@@ -19,7 +19,9 @@ def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
         "index": {"queries": [0, 5], "k": 3},
         "topk": {"k": 3, "units": "0-3"},
         "embed": {"layers": ["pool"], "perplexity": 2, "grid_side": 2, "tile": 16},
-        "saliency": {"methods": ["gradcam"], "select": "label=photo", "workers": 1, "segment": True},
+        "saliency": {"methods": ["gradcam"], "select": "label=photo", "workers": 1, "segment": True,
+                     "evaluate": {"steps": 4}, "sanity": {"sample": 2, "steps": 3}},
+        "explain": {"k": 2},
         "viz": {"filters": ["stem"], "activations": {"layers": ["layer1"], "ids": [0]},
                 "class_models": {"classes": [1, 2], "steps": 3, "octaves": 1},
                 "adversarial": {"ids": [0], "steps": 2}, "dream": {"layers": ["layer1"], "ids": [0],
@@ -50,6 +52,15 @@ def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
     for i in photo_ids:
         for name in (f"{i}.npz", f"{i}.png", f"{i}-mask.png"):
             assert (run / "saliency" / "gradcam" / name).exists()
+
+    evaluated = pq.read_table(run / "saliency" / "faithfulness.parquet" / "gradcam.parquet").to_pylist()
+    assert sorted(r["image_id"] for r in evaluated) == sorted(photo_ids)
+    assert all((run / "saliency" / "gradcam" / f"{i}.curves.npz").exists() for i in photo_ids)
+    sanity = json.loads((run / "saliency" / "sanity.json").read_text())
+    assert sanity["gradcam"]["steps"] == 3 and (run / "saliency" / "sanity-gradcam.png").exists()
+    for layer in ("pool", "layer3"):
+        explained = json.loads((run / "explain" / layer / "queries.json").read_text())["pairs"]
+        assert sorted(explained) == ["0", "5"] and all(len(pairs) == 2 for pairs in explained.values())
 
     viz = run / "viz"
     assert sorted(str(p.relative_to(viz)) for p in viz.rglob("*.png")) == [
