@@ -1,4 +1,5 @@
-"""Images made by gradient ascent: class models, feature amplification and feature inversion.
+"""Images made by gradient ascent: class models, feature amplification, feature inversion and
+feature visualisations of units.
 
 All three optimise a batch of images in pixel space [0,1] through a `PixelModel`, so that
 several targets (classes, layers, images) are rendered together in one batch, and each
@@ -13,18 +14,24 @@ returns the images with the trajectory of its objective, (steps, B).
   added at one scale up to the next; jitter.
 - feature inversion (Mahendran & Vedaldi, 2015): minimise ||Phi(x) - Phi0||^2 / ||Phi0||^2
   + tv * R_V^beta(x) / (H*W) with Adam, from seeded noise.
+- feature visualisation (Olah et al., 2017): maximise a unit objective over a Fourier,
+  colour-decorrelated parameterisation with transformation robustness; one unit per image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from featscope.kernels.image_param import FourierImage
 from featscope.kernels.objectives import layer_energy, layer_outputs, relative_error, total_variation
 from featscope.kernels.scoring import class_score
-from featscope.kernels.transforms import PixelModel, blur, jitter, octave_sizes, resize
+from featscope.kernels.transforms import PixelModel, blur, jitter, octave_sizes, resize, robustness
+from featscope.kernels.unit_objectives import Objective
 
 
 def _normalised_step(grad: torch.Tensor) -> torch.Tensor:
@@ -137,3 +144,37 @@ def invert(model: PixelModel, reference: Sequence[torch.Tensor], layers: Sequenc
             x.clamp_(0, 1)
         errors.append(error.detach())
     return x.detach(), torch.stack(errors)
+
+
+def feature_visualisations(model: PixelModel, objective: Objective, seeds: Sequence[int], *, size: int = 128,
+                           steps: int = 256, lr: float = 0.05, seed: int = 0, robust: bool = True,
+                           model_size: int = 224, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B,3,size,size) in [0,1] that maximise `objective`, one per seed (its start),
+    and its trajectory (steps, B). Lucid's recipe: a Fourier-parameterised image in a
+    decorrelated colour space (`FourierImage`), Adam at `lr`, Lucid's standard
+    transformation robustness each step (drawn from `seed`, one draw for the batch), images
+    smaller than `model_size` upsampled to it; the model runs only as far as the deepest layer
+    the objective reads. An image comes out the same whatever else is in its batch."""
+    generator = torch.Generator().manual_seed(seed)
+    device = model.mean.device
+    image = FourierImage(len(seeds), size, seeds=list(seeds)).to(device)
+    optimiser = torch.optim.Adam(image.parameters(), lr=lr)
+    layers = list(objective.layers)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    trajectory = []
+    for _ in range(steps):
+        optimiser.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            x = image()
+            if robust:
+                x = robustness(x, generator)
+            if x.shape[2] < model_size:
+                x = F.interpolate(x, size=(model_size, model_size), mode="bilinear", align_corners=True)
+            with autocast:
+                outputs = dict(zip(layers, layer_outputs(model, x, layers)))
+            value = objective(outputs)
+            (-value.sum()).backward()
+        optimiser.step()
+        trajectory.append(value.detach().float().cpu())
+    with torch.no_grad():
+        return image().detach(), torch.stack(trajectory)

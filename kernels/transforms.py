@@ -50,3 +50,45 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def octave_sizes(height: int, width: int, octaves: int, scale: float) -> list[tuple[int, int]]:
     """Smallest first: (H, W) divided by scale^(octaves-1), ..., scale, 1."""
     return [(max(8, round(height / scale ** k)), max(8, round(width / scale ** k))) for k in range(octaves - 1, -1, -1)]
+
+
+def translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Shift by (dy, dx) >= 0 pixels, filling with zeros (Lucid's jitter)."""
+    if dy == 0 and dx == 0:
+        return x
+    out = torch.zeros_like(x)
+    out[:, :, dy:, dx:] = x[:, :, :x.shape[2] - dy, :x.shape[3] - dx]
+    return out
+
+
+def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate about the centre, bilinear, zeros outside."""
+    if degrees == 0:
+        return x
+    angle = math.radians(degrees)
+    theta = torch.tensor([[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0]],
+                         dtype=x.dtype, device=x.device).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+SCALES = tuple(1 + (i - 5) / 50 for i in range(11))  # Lucid's standard transforms: 0.9 .. 1.1
+ANGLES = tuple(range(-10, 11)) + (0,) * 5  # degrees, zero more likely
+
+
+def robustness(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Lucid's standard transformation robustness, one random draw for the whole batch: pad
+    12 (grey), jitter up to 8, scale by 0.9-1.1, rotate by up to 10 degrees, jitter up to 4."""
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    x = F.pad(x, [12] * 4, mode="constant", value=0.5)
+    x = translate(x, pick(range(8)), pick(range(8)))
+    scale = pick(SCALES)
+    h, w = x.shape[2:]
+    size = [math.ceil(scale * h), math.ceil(scale * w)]
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    pad_y, pad_x = max(0, math.ceil((h - size[0]) / 2)), max(0, math.ceil((w - size[1]) / 2))
+    x = F.pad(x, [pad_x, pad_x, pad_y, pad_y])
+    x = rotate(x, pick(ANGLES))
+    return translate(x, pick(range(4)), pick(range(4)))
