@@ -43,6 +43,7 @@ COMMAND_MODULES = {
     "mosaic": "featscope.pipelines.stages.mosaic",
     "saliency": ("featscope.pipelines.stages.saliency", "featscope.pipelines.stages.saliency_trust"),
     "explain": "featscope.pipelines.stages.explain",
+    "units": "featscope.pipelines.stages.units",
     "viz": "featscope.pipelines.stages.viz",
     "style": "featscope.pipelines.stages.style",
     "report": "featscope.pipelines.app.report",
@@ -67,6 +68,7 @@ WORD_HELP = {
     "mosaic": "draw the images on a layer's t-SNE map",
     "saliency": "which pixels matter: saliency maps of a run's images (with Dask), their faithfulness and "
                 "sanity checks",
+    "units": "what each unit responds to: feature visualisations checked against the dataset",
     "explain": "why two images are neighbours: a map on each of its regions' share of their similarity",
     "viz": "the visualisation toolbox: filters, activations, class models, adversarial examples, DeepDream, "
            "feature inversion, textures, style transfer",

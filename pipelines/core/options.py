@@ -184,3 +184,17 @@ class Command:
     needs_run: bool = True
     groups: tuple[Group, ...] = ()
     records_timing: bool = True  # the CLI records how long a writing command took
+
+
+def parse_units(text: str | None) -> list[int] | None:
+    """'0-63' / '3,7,10-12' -> unit numbers; None -> all."""
+    if not text:
+        return None
+    units = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            units += list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise FeatscopeError(f"cannot read units '{text}': use e.g. 0-63 or 3,7,10-12") from None
+    return units

@@ -247,6 +247,20 @@ class RunDir:
     def sanity_plot(self, method: str) -> Path:
         return self.root / "saliency" / f"sanity-{method}.png"
 
+    def units_dir(self, layer: str) -> Path:
+        """Feature visualisations of a layer's units (`featscope units render`)."""
+        return self.root / "units" / layer
+
+    def unit_visualisation(self, layer: str, unit: int) -> Path:
+        return self.units_dir(layer) / f"unit-{unit:04d}.png"
+
+    def units_sheet(self, layer: str) -> Path:
+        return self.units_dir(layer) / "sheet.png"
+
+    def units_table(self, layer: str) -> Path:
+        """unit, objective, activation on its visualisation, dataset top-1, ratio, rank."""
+        return self.units_dir(layer) / "visualisations.parquet"
+
     def explain_dir(self, layer: str) -> Path:
         """Why pairs of images match at a layer (`featscope explain`): <a>-<b>.npz and .png."""
         return self.root / "explain" / layer

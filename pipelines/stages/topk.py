@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
 from featscope.pipelines.core.images import BadImage, image_size, open_image
-from featscope.pipelines.core.options import Command, Options, option
+from featscope.pipelines.core.options import Command, Options, option, parse_units
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, candidates_run_short, file_metadata, write_topk
 from featscope.pipelines.core.text import plural
@@ -128,20 +128,6 @@ def _boxes(rd: RunDir, config: dict, layer: str, out: dict[str, torch.Tensor]) -
         else:
             boxes[rows] = prep.to_original(input_boxes[rows], width, height)
     return boxes
-
-
-def parse_units(text: str | None) -> list[int] | None:
-    """'0-63' / '3,7,10-12' -> unit numbers; None -> all."""
-    if not text:
-        return None
-    units = []
-    for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        try:
-            units += list(range(int(lo), int(hi or lo) + 1))
-        except ValueError:
-            raise FeatscopeError(f"cannot read units '{text}': use e.g. 0-63 or 3,7,10-12") from None
-    return units
 
 
 @dataclass

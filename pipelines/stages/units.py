@@ -1,0 +1,182 @@
+"""What each unit responds to, as an image made for it: `featscope units render`.
+
+Feature visualisations (`kernels.render.feature_visualisations`, Lucid's recipe) of a
+layer's units, many in one batch (one image per unit), written as a PNG per unit, a contact
+sheet and a Parquet table that checks them against the dataset:
+
+- `activation`: the unit's activation on its visualisation (shown to the model at its input
+  size, no transforms), measured as the dataset's top-k measures it (the spatial maximum of
+  a conv channel, the value of a vector unit);
+- `top1`: the unit's largest activation over the dataset (the top-k stage's rank 0), and
+  `ratio` = activation / top1: above 1, the made image drives the unit harder than any real one;
+- `rank`: where the unit stands among all the layer's units on its own visualisation, each
+  unit's activation divided by its dataset maximum; 1 means the image is specific to it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.objectives import layer_outputs
+from featscope.kernels.render import feature_visualisations
+from featscope.kernels.transforms import PixelModel
+from featscope.kernels.unit_objectives import channels
+from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.options import Command, Options, option, parse_units
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import write_table
+from featscope.pipelines.core.text import plural, rate
+from featscope.pipelines.core.workers import model_ref, worker_model
+
+TABLE = pa.schema([
+    pa.field("unit", pa.int32()),
+    pa.field("objective", pa.float32()),  # the channel's mean activation at the last step, transformed
+    pa.field("activation", pa.float32()),
+    pa.field("top1", pa.float32()),
+    pa.field("ratio", pa.float32()),
+    pa.field("rank", pa.int32()),
+])
+
+
+@dataclass(frozen=True)
+class RenderOptions(Options):
+    layer: str = option(help="a layer of the model, e.g. block13 or pool", required=True)
+    units: str = option("0-63", help="units rendered, e.g. 0-63 or 3,7,10-12", pattern=r"^[0-9][0-9,\- ]*$")
+    size: int = option(128, help="side of each image in pixels (upsampled to the model's input size)", min=16,
+                       max=512)
+    steps: int = option(256, help="optimisation steps (Lucid's default 512)", min=1)
+    batch: int = option(16, help="units rendered together, one image each", min=1)
+    lr: float = option(0.05, help="Adam's learning rate on the image's spectrum", min=0)
+    seed: int = option(0, help="seed of the starting images and the random transforms")
+    device: str = option("auto", help="where the model runs", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class RenderSummary:
+    layer: str
+    units: int
+    seconds: float
+    wins: float | None
+    median_ratio: float | None
+    specific: float | None
+
+    def line(self) -> str:
+        text = (f"units render {self.layer}: {plural(self.units, 'unit')} in {self.seconds:.1f}s "
+                f"({rate(self.units, self.seconds, 'units')}) into units/{self.layer}/")
+        if self.wins is not None:
+            text += (f"; the visualisation drives its unit harder than the dataset's top image for "
+                     f"{self.wins:.0%} of units (median ratio {self.median_ratio:.2f}); ")
+        if self.specific is not None:
+            text += f"it ranks its own unit first (activation / dataset max) for {self.specific:.0%}"
+        return text
+
+
+def dataset_maxima(rd: RunDir, layer: str) -> dict[int, float]:
+    """unit -> its largest activation over the dataset (the top-k stage's rank 0), or {}."""
+    path = rd.topk(layer)
+    if not path.exists():
+        return {}
+    table = pq.read_table(path, columns=["channel", "rank", "value"]).to_pylist()
+    return {r["channel"]: r["value"] for r in table if r["rank"] == 0}
+
+
+def render(rd: RunDir, options: RenderOptions, progress: bool = True) -> RenderSummary:
+    start = time.perf_counter()
+    loaded, device, _ = worker_model(model_ref(rd, options.device))
+    spec = loaded.layer(options.layer)
+    if spec.kind == "pixels" or spec.grid:
+        raise FeatscopeError(f"layer '{options.layer}' has no units to visualise: give a conv or vector layer")
+    prep = loaded.preprocessing
+    for parameter in loaded.module.parameters():
+        parameter.requires_grad_(False)
+    model = PixelModel(loaded.module, prep.mean, prep.std).to(device)
+    module = loaded.module.get_submodule(spec.module_path)
+    probe = layer_outputs(model, torch.full((1, 3, prep.crop, prep.crop), 0.5, device=device), [module])[0]
+    count = probe.shape[1]
+    units = parse_units(options.units) or list(range(count))
+    if max(units) >= count:
+        raise FeatscopeError(f"layer '{options.layer}' has {count} units (0-{count - 1}); got unit {max(units)}")
+    maxima = dataset_maxima(rd, options.layer)
+    rows = []
+    rd.units_dir(options.layer).mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(units), unit="unit", desc=f"units render {options.layer}", disable=not progress) as bar:
+        for first in range(0, len(units), options.batch):
+            chosen = torch.tensor(units[first:first + options.batch], device=device)
+            images, trajectory = feature_visualisations(
+                model, channels(module, chosen), [options.seed * 1_000_003 + int(u) for u in chosen],
+                size=options.size, steps=options.steps, lr=options.lr, seed=options.seed, model_size=prep.crop)
+            measured = _activations(model, module, images, prep.crop)  # (B, units of the layer)
+            for b, unit in enumerate(chosen.tolist()):
+                with atomic_path(rd.unit_visualisation(options.layer, unit)) as tmp:
+                    _to_image(images[b]).save(tmp, format="PNG")
+                rows.append(_row(unit, float(trajectory[-1, b]), measured[b], maxima))
+            bar.update(len(chosen))
+    table = pa.Table.from_pylist(rows, schema=TABLE)
+    write_table(table, rd.units_table(options.layer), {"layer": options.layer, "size": str(options.size),
+                                                       "steps": str(options.steps), "seed": str(options.seed)})
+    _sheet(rd, options.layer, units)
+    with_top1 = [r for r in rows if r["top1"] is not None and r["top1"] > 0]
+    return RenderSummary(
+        options.layer, len(units), time.perf_counter() - start,
+        float(np.mean([r["ratio"] > 1 for r in with_top1])) if with_top1 else None,
+        float(np.median([r["ratio"] for r in with_top1])) if with_top1 else None,
+        float(np.mean([r["rank"] == 1 for r in rows if r["rank"] is not None])) if maxima else None)
+
+
+def _activations(model: PixelModel, module: torch.nn.Module, images: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, units): each unit's activation on each image as the top-k stage measures it."""
+    with torch.no_grad():
+        x = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=True)
+        out = layer_outputs(model, x, [module])[0].float()
+    return out.flatten(2).amax(2) if out.dim() == 4 else out
+
+
+def _row(unit: int, objective: float, measured: torch.Tensor, maxima: dict[int, float]) -> dict:
+    activation = float(measured[unit])
+    top1 = maxima.get(unit)
+    rank = None
+    if maxima:
+        scale = torch.tensor([maxima.get(u, float("nan")) for u in range(len(measured))])
+        relative = torch.where(scale > 0, measured.cpu() / scale, torch.full_like(scale, -float("inf")))
+        rank = int((relative > relative[unit]).sum()) + 1
+    return {"unit": unit, "objective": objective, "activation": activation, "top1": top1,
+            "ratio": activation / top1 if top1 else None, "rank": rank}
+
+
+def _to_image(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+
+
+def _sheet(rd: RunDir, layer: str, units: list[int], columns: int = 16) -> None:
+    """Every rendered unit of the layer in a grid, in unit order (Microscope's layout)."""
+    present = [u for u in units if rd.unit_visualisation(layer, u).exists()]
+    tiles = [Image.open(rd.unit_visualisation(layer, u)).convert("RGB") for u in present]
+    side = tiles[0].width
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * (side + 2), rows * (side + 2)), "white")
+    for k, tile in enumerate(tiles):
+        sheet.paste(tile, ((k % columns) * (side + 2), (k // columns) * (side + 2)))
+    with atomic_path(rd.units_sheet(layer)) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+COMMANDS = [
+    Command("units render", RenderOptions, render,
+            help="feature visualisations of a layer's units, many at once, checked against the dataset",
+            description="An image per unit that maximises the unit's mean activation (Lucid's Fourier, colour-"
+                        "decorrelated parameterisation and transformation robustness, Adam), rendered --batch units "
+                        "at a time. Writes units/<layer>/unit-NNNN.png, sheet.png and visualisations.parquet: each "
+                        "unit's activation on its image against its dataset top-1 (from `featscope topk`), and where "
+                        "the unit ranks on its own image (activation / dataset maximum)."),
+]

@@ -1,0 +1,59 @@
+"""`featscope units render` on a small run: one PNG per unit, a sheet, and a table whose
+activation, dataset top-1, ratio and rank are recomputed here from the images and top-k."""
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from featscope.pipelines.app.cli import main as cli
+from featscope.pipelines.core.models import load_model
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.stages import units
+
+
+@pytest.fixture(scope="module")
+def run(reported_run, tmp_path_factory):
+    copy = tmp_path_factory.mktemp("units") / "run"
+    shutil.copytree(reported_run.root, copy)
+    return RunDir(copy)
+
+
+def test_render_writes_images_and_checks_them_against_the_dataset(run):
+    summary = units.render(run, units.RenderOptions(layer="layer3", units="0-2,5", size=32, steps=4, batch=3),
+                           progress=False)
+    assert summary.units == 4
+    table = pq.read_table(run.units_table("layer3")).to_pylist()
+    assert [r["unit"] for r in table] == [0, 1, 2, 5]
+    maxima = units.dataset_maxima(run, "layer3")
+    loaded = load_model("resnet18", "random")
+    prep = loaded.preprocessing
+    images = torch.stack([torch.from_numpy(np.array(Image.open(run.unit_visualisation("layer3", r["unit"]))))
+                          .permute(2, 0, 1).float() / 255 for r in table])
+    x = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=True)
+    captured = []
+    handle = loaded.module.layer3.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.no_grad():
+        loaded.module(prep.normalize(x * 255))  # normalize takes 0-255
+    handle.remove()
+    peaks = captured[0].flatten(2).amax(2)  # (4, 256)
+    for b, row in enumerate(table):
+        # the PNG rounds pixels to 1/255: the activation agrees to that precision
+        assert row["activation"] == pytest.approx(float(peaks[b, row["unit"]]), rel=0.05, abs=0.05)
+        assert row["top1"] == pytest.approx(maxima[row["unit"]])
+        assert row["ratio"] == pytest.approx(row["activation"] / row["top1"], rel=1e-5)
+        relative = peaks[b] / torch.tensor([maxima[u] for u in range(peaks.shape[1])])
+        assert row["rank"] == int((relative > relative[row["unit"]]).sum()) + 1 or abs(
+            float(relative.sort(descending=True).values[row["rank"] - 1] - relative[row["unit"]])) < 0.05
+    assert Image.open(run.units_sheet("layer3")).size == (4 * 34, 34)
+
+
+def test_bad_layer_and_units_are_one_line(run, capsys):
+    assert cli(["units", "render", "--run", str(run.root), "--layer", "pixels"]) == 2
+    assert "no units" in capsys.readouterr().err
+    assert cli(["units", "render", "--run", str(run.root), "--layer", "layer3", "--units", "300", "--steps", "1"]) == 2
+    assert "256 units" in capsys.readouterr().err
