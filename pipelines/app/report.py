@@ -178,9 +178,20 @@ def _layers(rd: RunDir) -> list[dict]:
             units.setdefault(int(c), []).append([int(i), round(float(v), 4)])
         rendered = rd.rendered_units(layer)
         layers.append({"name": layer, "units": int(channels.max()) + 1 if len(channels) else 0,
-                       "k": max((len(v) for v in units.values()), default=0), "rendered": rendered})
+                       "k": max((len(v) for v in units.values()), default=0), "rendered": rendered,
+                       "visualised": _visualised(rd, layer)})
         _script(rd.report_dir / "data" / f"topk-{layer}.js", "FS_TOPK", {layer: units})
     return layers
+
+
+def _visualised(rd: RunDir, layer: str) -> dict[int, list]:
+    """unit -> [activation on its visualisation, dataset top-1, rank] where `units render`
+    drew it (and its PNG is there)."""
+    if not rd.units_table(layer).exists():
+        return {}
+    rows = pq.read_table(rd.units_table(layer)).to_pylist()
+    return {r["unit"]: [round(r["activation"], 4), None if r["top1"] is None else round(r["top1"], 4), r["rank"]]
+            for r in rows if rd.unit_visualisation(layer, r["unit"]).exists()}
 
 
 def _mosaics(rd: RunDir) -> list[dict]:

@@ -52,7 +52,7 @@ from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 
 API_NEIGHBOURS = ("/api/neighbours", "/api/neighbors")  # the US spelling still answers, for this release
-PUBLIC_FOLDERS = {"report", "mosaic", "patches", "saliency", "viz", "neighbours", "explain"}  # what report pages show
+PUBLIC_FOLDERS = {"report", "mosaic", "patches", "saliency", "viz", "neighbours", "explain", "units"}  # what report pages show
 PUBLIC_SUFFIXES = {".html", ".js", ".css", ".png", ".jpg", ".jpeg", ".svg", ".gif", ".webp"}
 DEFAULT_MAX_PIXELS = 50_000_000  # an upload may declare at most this many pixels (Pillow's bomb limit: 89M)
 HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE = 10.0, 30.0, 5

@@ -150,8 +150,8 @@ def test_served_page_queries_by_upload(reported_run, served, page, tmp_path):
 
 @pytest.fixture(scope="module")
 def trusted_run(reported_run, tmp_path_factory):
-    """The reported run with its Grad-CAM maps evaluated, sanity-checked, and one query's
-    pool neighbours explained, then reported again."""
+    """The reported run with its Grad-CAM maps evaluated, sanity-checked, one query's pool
+    neighbours explained and two layer3 units visualised, then reported again."""
     from featscope.pipelines.app import report
     from featscope.pipelines.core.rundir import RunDir
     from featscope.pipelines.stages import explain
@@ -163,6 +163,9 @@ def trusted_run(reported_run, tmp_path_factory):
     trust.sanity(rd, trust.SanityOptions(sample=2), progress=False)
     photos = [r["image_id"] for r in manifest.read(rd).to_pylist() if r["label"] == "photo"]
     explain.run(rd, explain.ExplainOptions(layer="pool", queries=[photos[0]], k=2))
+    from featscope.pipelines.stages import units
+
+    units.render(rd, units.RenderOptions(layer="layer3", units="0-1", size=32, steps=2), progress=False)
     report.build(rd, k=4, progress=False)
     return rd, photos
 
@@ -208,4 +211,20 @@ def test_served_image_page_explains_any_neighbour_through_the_api(reported_run, 
     page.wait_for_function("(document.querySelector('.pair[data-space=pool] img') || {}).naturalWidth > 0",
                            timeout=60_000)
     assert "similarity" in page.locator(".pair[data-space=pool]").inner_text()
+    assert page.errors == []
+
+
+def test_unit_pages_show_the_feature_visualisation_beside_the_dataset_examples(trusted_run, page):
+    rd, _ = trusted_run
+    page.goto((rd.report_dir / "layer.html").as_uri() + "?layer=layer3")
+    page.locator("a.unit img.vis").first.wait_for()
+    assert page.locator("a.unit img.vis").count() == 2
+    page.locator("a.unit").nth(1).click()
+    page.wait_for_url("**/unit.html?layer=layer3&unit=1")
+    caption = page.locator("figure.vis figcaption").inner_text()
+    row = pq.read_table(rd.units_table("layer3")).to_pylist()[1]
+    assert caption.startswith(f"feature visualisation: activation {row['activation']:.3g}"[:34])
+    assert page.locator(".thumbs .thumb").count() == 3  # the unit's top-k dataset images beside it
+    page.wait_for_load_state("networkidle")
+    assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
     assert page.errors == []

@@ -259,6 +259,8 @@ const FS = (() => {
     const s = section(`${name}: ${info.units} units, each with its top ${info.k} images`);
     for (let u = 0; u < info.units; u++) {
       const link = el("a", { class: "unit", href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u}` }, el("div", { text: `unit ${u}` }));
+      if ((info.visualised || {})[u]) link.append(el("img", { class: "vis", src: `../units/${name}/unit-${pad(u, 4)}.png`,
+        loading: "lazy", alt: `unit ${u} visualisation` }));
       if (rendered.has(u)) link.append(el("img", { src: `../patches/${name}/unit-${pad(u, 4)}.png`, loading: "lazy", alt: `unit ${u}` }));
       else link.append(el("div", { class: "strip" }, ...(units[u] || []).slice(0, 5).map(([i]) =>
         el("img", { src: thumb(i), loading: "lazy", alt: `image ${i}` }))));
@@ -273,6 +275,11 @@ const FS = (() => {
     await loadScript(`data/topk-${name}.js`);
     const info = window.FS_RUN.topk.find((l) => l.name === name);
     const s = section(`${name}, unit ${u}`);
+    const vis = (info.visualised || {})[u];
+    if (vis) s.append(el("figure", { class: "vis" }, el("img", { src: `../units/${name}/unit-${pad(u, 4)}.png`,
+      alt: "feature visualisation" }), el("figcaption", { text: `feature visualisation: activation ${figure(vis[0])}` +
+      (vis[1] ? ` (dataset top-1 ${figure(vis[1])}, ${figure(vis[0] / vis[1])}x)` : "") +
+      (vis[2] ? `; on this image the unit ranks ${vis[2]} of the layer's units` : "") })));
     if (info.rendered.includes(u)) s.append(el("img", { src: `../patches/${name}/unit-${pad(u, 4)}.png`, alt: "patches" }));
     s.append(el("p", { class: "muted", text: "Its top images, each with the unit's activation:" }),
       el("div", { class: "thumbs" }, ...(window.FS_TOPK[name][u] || []).map(([i, v]) => imageTile(i, `image ${i} · ${figure(v)}`))));

@@ -1,0 +1,101 @@
+"""Feature visualisation: featscope's batched renderer against Lucent, as its users run it.
+
+Same model, layer, image size, step count, parameterisation (Fourier, decorrelated colour,
+Lucid's constants), transforms (Lucid's standard ones), optimiser (Adam, lr 0.05): Lucent's
+`render_vis` one unit per call, featscope's `feature_visualisations` `--batch` units per call.
+Prints units/s of each and their ratio (target >= 5), and the activation each reached on its
+images (the unit's spatial maximum on the image at the model's input size): the median of
+featscope's / Lucent's over the units. Lucent 0.1.8 pins kornia <= 0.4.1 (and with it an old
+torch); it runs on today's kornia with two aliases restored here:
+
+    pip install --no-deps torch-lucent==0.1.8 kornia kornia-rs ipython decorator
+    python benchmarks/units_bench.py [--layer features.13] [--units 8] [--steps 64] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featscope.kernels.objectives import layer_outputs
+from featscope.kernels.render import feature_visualisations
+from featscope.kernels.transforms import PixelModel
+from featscope.kernels.unit_objectives import channels
+from featscope.pipelines.core.models import load_model
+
+
+def peak(model: PixelModel, module: torch.nn.Module, images: torch.Tensor, units: list[int]) -> np.ndarray:
+    """Each image's unit's spatial maximum with the image upsampled to 224 (as both render)."""
+    with torch.no_grad():
+        x = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=True)
+        out = layer_outputs(model, x, [module])[0].float()
+    return np.array([float(out[b, u].max()) for b, u in enumerate(units)])
+
+
+def lucent_render(model: torch.nn.Module, layer: str, unit: int, size: int, steps: int) -> torch.Tensor:
+    import kornia
+    from kornia.geometry import transform as geometry
+
+    for name in ("get_rotation_matrix2d", "warp_affine"):  # moved out of kornia's top level after 0.4
+        if not hasattr(kornia, name):
+            setattr(kornia, name, getattr(geometry, name))
+    from lucent.optvis import param, render
+
+    images = render.render_vis(model, f"{layer.replace('.', '_')}:{unit}",
+                               param_f=lambda: param.image(size, fft=True, decorrelate=True), thresholds=(steps,),
+                               show_image=False, progress=False)
+    return torch.from_numpy(images[-1]).permute(0, 3, 1, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mobilenet_v2")
+    parser.add_argument("--weights", default="imagenet")
+    parser.add_argument("--layer", default="features.13", help="module path (Lucent names it features_13)")
+    parser.add_argument("--units", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    loaded = load_model(args.model, args.weights)
+    net = loaded.module.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    model = PixelModel(net, loaded.preprocessing.mean, loaded.preprocessing.std)
+    module = net.get_submodule(args.layer)
+    units = list(range(args.units))
+    print(f"# {args.model} {args.layer}, {args.units} units, {args.size} px, {args.steps} steps, "
+          f"{torch.get_num_threads()} threads")
+
+    feature_visualisations(model, channels(module, torch.tensor(units[:1])), [0], size=args.size, steps=2)  # warm-up
+    start = time.perf_counter()
+    ours = []
+    for first in range(0, len(units), args.batch):
+        chosen = units[first:first + args.batch]
+        images, _ = feature_visualisations(model, channels(module, torch.tensor(chosen)), chosen, size=args.size,
+                                           steps=args.steps)
+        ours.append(images)
+    t_ours = time.perf_counter() - start
+    ours = torch.cat(ours)
+    print(f"units/featscope: {len(units) / t_ours:.3f} units/s ({t_ours:.1f}s, batches of {args.batch})")
+    try:
+        import lucent  # noqa: F401
+    except ImportError:
+        print("Lucent not installed: see this script's docstring")
+        return
+    start = time.perf_counter()
+    theirs = torch.cat([lucent_render(net, args.layer, u, args.size, args.steps) for u in units])
+    t_lucent = time.perf_counter() - start
+    print(f"units/lucent: {len(units) / t_lucent:.3f} units/s ({t_lucent:.1f}s, one unit per call)")
+    ours_peak, their_peak = peak(model, module, ours, units), peak(model, module, theirs, units)
+    print(f"units/featscope vs lucent: {t_lucent / t_ours:.2f} (units/s ratio); activation reached: median "
+          f"featscope / lucent {np.median(ours_peak / their_peak):.2f} (featscope higher on "
+          f"{int((ours_peak >= their_peak).sum())} of {len(units)} units)")
+
+
+if __name__ == "__main__":
+    main()
