@@ -179,7 +179,7 @@ def _layers(rd: RunDir) -> list[dict]:
         rendered = rd.rendered_units(layer)
         layers.append({"name": layer, "units": int(channels.max()) + 1 if len(channels) else 0,
                        "k": max((len(v) for v in units.values()), default=0), "rendered": rendered,
-                       "visualised": _visualised(rd, layer)})
+                       "visualised": _visualised(rd, layer), "labels": _unit_labels(rd, layer)})
         _script(rd.report_dir / "data" / f"topk-{layer}.js", "FS_TOPK", {layer: units})
     return layers
 
@@ -192,6 +192,14 @@ def _visualised(rd: RunDir, layer: str) -> dict[int, list]:
     rows = pq.read_table(rd.units_table(layer)).to_pylist()
     return {r["unit"]: [round(r["activation"], 4), None if r["top1"] is None else round(r["top1"], 4), r["rank"]]
             for r in rows if rd.unit_visualisation(layer, r["unit"]).exists()}
+
+
+def _unit_labels(rd: RunDir, layer: str) -> dict[int, list]:
+    """unit -> [best label, its AUC, top-k purity, supported classes] where `units label` ran."""
+    if not rd.units_labels(layer).exists():
+        return {}
+    return {r["unit"]: [r["label"], round(r["auc"], 3), None if r["purity"] is None else round(r["purity"], 3),
+                        r["classes"]] for r in pq.read_table(rd.units_labels(layer)).to_pylist()}
 
 
 def _mosaics(rd: RunDir) -> list[dict]:

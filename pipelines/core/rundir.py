@@ -257,6 +257,10 @@ class RunDir:
     def units_sheet(self, layer: str) -> Path:
         return self.units_dir(layer) / "sheet.png"
 
+    def units_labels(self, layer: str) -> Path:
+        """unit, best label, its AUC and top-k purity, supported classes (`featscope units label`)."""
+        return self.units_dir(layer) / "labels.parquet"
+
     def units_table(self, layer: str) -> Path:
         """unit, objective, activation on its visualisation, dataset top-1, ratio, rank."""
         return self.units_dir(layer) / "visualisations.parquet"

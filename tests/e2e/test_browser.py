@@ -166,6 +166,7 @@ def trusted_run(reported_run, tmp_path_factory):
     from featscope.pipelines.stages import units
 
     units.render(rd, units.RenderOptions(layer="layer3", units="0-1", size=32, steps=2), progress=False)
+    units.label(rd, units.LabelOptions(layer="layer3"))
     report.build(rd, k=4, progress=False)
     return rd, photos
 
@@ -225,6 +226,8 @@ def test_unit_pages_show_the_feature_visualisation_beside_the_dataset_examples(t
     row = pq.read_table(rd.units_table("layer3")).to_pylist()[1]
     assert caption.startswith(f"feature visualisation: activation {row['activation']:.3g}"[:34])
     assert page.locator(".thumbs .thumb").count() == 3  # the unit's top-k dataset images beside it
+    named = pq.read_table(rd.units_labels("layer3")).to_pylist()[1]
+    assert page.locator("p.unit-label").inner_text().startswith(f"label: {named['label']} (AUC {named['auc']:.3f}")
     page.wait_for_load_state("networkidle")
     assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
     assert page.errors == []

@@ -57,3 +57,34 @@ def test_bad_layer_and_units_are_one_line(run, capsys):
     assert "no units" in capsys.readouterr().err
     assert cli(["units", "render", "--run", str(run.root), "--layer", "layer3", "--units", "300", "--steps", "1"]) == 2
     assert "256 units" in capsys.readouterr().err
+
+
+def test_unit_labels_match_scikit_learn_and_the_classifier(run):
+    from sklearn.metrics import roc_auc_score
+
+    from featscope.pipelines.core import manifest
+    from featscope.pipelines.core.store import RunIdentity, iter_features
+
+    summary = units.label(run, units.LabelOptions(layer="layer3"))
+    table = pq.read_table(run.units_labels("layer3")).to_pylist()
+    assert summary.units == len(table) == 256
+    label_of = {r["image_id"]: r["label"] for r in manifest.read(run).to_pylist()}
+    parts = manifest.feature_parts(run, "layer3")
+    ids, values = zip(*iter_features(parts, RunIdentity.of_run(run.read_config()), column="max"))
+    ids, values = np.concatenate(ids), np.concatenate(values).astype(np.float32)
+    labels = np.array([label_of[int(i)] for i in ids])
+    top = pq.read_table(run.topk("layer3")).to_pylist()
+    for row in table[:8]:
+        unit = row["unit"]
+        best = max(sorted(set(labels)), key=lambda name: roc_auc_score(labels == name, values[:, unit]))
+        assert row["label"] == best
+        assert row["auc"] == pytest.approx(roc_auc_score(labels == best, values[:, unit]), abs=1e-6)
+        shown = [r["image_id"] for r in top if r["channel"] == unit]
+        assert row["purity"] == pytest.approx(np.mean([label_of[i] == best for i in shown]))
+    pool = units.label(run, units.LabelOptions(layer="pool", classes=2))
+    assert pool.with_classes
+    loaded = load_model("resnet18", "random")
+    weight = loaded.module.fc.weight.detach()
+    row = pq.read_table(run.units_labels("pool")).to_pylist()[7]
+    expected = weight[:, 7].topk(2).indices.tolist()
+    assert row["classes"] == [str(c) for c in expected]  # random weights: classes by number

@@ -280,6 +280,10 @@ const FS = (() => {
       alt: "feature visualisation" }), el("figcaption", { text: `feature visualisation: activation ${figure(vis[0])}` +
       (vis[1] ? ` (dataset top-1 ${figure(vis[1])}, ${figure(vis[0] / vis[1])}x)` : "") +
       (vis[2] ? `; on this image the unit ranks ${vis[2]} of the layer's units` : "") })));
+    const named = (info.labels || {})[u];
+    if (named) s.append(el("p", { class: "unit-label", text: `label: ${named[0]} (AUC ${named[1].toFixed(3)} of its ` +
+      `per-image maximum, one vs rest` + (named[2] !== null ? `; ${(named[2] * 100).toFixed(0)}% of its top images)` : ")") +
+      (named[3] ? `; supports the classes ${named[3].join(", ")}` : "") }));
     if (info.rendered.includes(u)) s.append(el("img", { src: `../patches/${name}/unit-${pad(u, 4)}.png`, alt: "patches" }));
     s.append(el("p", { class: "muted", text: "Its top images, each with the unit's activation:" }),
       el("div", { class: "thumbs" }, ...(window.FS_TOPK[name][u] || []).map(([i, v]) => imageTile(i, `image ${i} · ${figure(v)}`))));
