@@ -49,6 +49,7 @@ SALIENCY = CFG["saliency"]
 EVALUATE = SALIENCY.get("evaluate")  # None: the maps' faithfulness is not measured
 SANITY = SALIENCY.get("sanity")  # None: no model-randomisation test
 EXPLAIN = CFG.get("explain")  # None: the neighbour queries' pairs are not explained
+UNITS_LABEL = CFG.get("units_label")  # None: units are not named by labels
 EXPLAIN_LAYERS = [layer for layer in LAYERS if layer != PIXELS] if EXPLAIN is not None and INDEX["queries"] else []
 VIZ = CFG["viz"]
 STYLE_NET = CFG.get("style_net")
@@ -72,6 +73,7 @@ DEFAULT_RESOURCES = {
     "saliency_evaluate": {"mem_mb": 8000, "runtime": 240, "gpu": 1},
     "saliency_sanity": {"mem_mb": 4000, "runtime": 60},
     "explain": {"mem_mb": 4000, "runtime": 30},
+    "units_label": {"mem_mb": 4000, "runtime": 30},
     "viz": {"mem_mb": 4000, "runtime": 60},
     "style_train": {"mem_mb": 8000, "runtime": 240, "gpu": 1},
     "report": {"mem_mb": 4000, "runtime": 60},
@@ -230,6 +232,7 @@ rule report:
         [str(RD.faithfulness(method)) for method in SALIENCY["methods"]] if EVALUATE is not None else [],
         [str(RD.sanity_verdicts)] if SANITY is not None and SALIENCY["methods"] else [],
         [str(RD.explained_queries(layer)) for layer in EXPLAIN_LAYERS],
+        [str(RD.units_labels(layer)) for layer in TOPK_LAYERS] if UNITS_LABEL is not None else [],
         viz_outputs(),
     output:
         str(RD.report_dir / "index.html"),
@@ -421,6 +424,22 @@ rule saliency_evaluate:
                                                select=SALIENCY["select"], **LOCAL_WORKERS(threads),
                                                **({"scheduler": SALIENCY["scheduler"]} if SALIENCY.get("scheduler")
                                                   else {})),
+    shell:
+        "{params.cmd}"
+
+
+# Each unit of a top-k layer named by the label it separates best (from the stored features
+# and the merged top-k; no model pass but the classifier's weights for pool).
+rule units_label:
+    input:
+        lambda wildcards: parts_of([wildcards.layer]),
+        str(RD.topk("{layer}")),
+    output:
+        str(RD.units_labels("{layer}")),
+    resources:
+        **res("units_label"),
+    params:
+        cmd=lambda wildcards: command("units label", UNITS_LABEL, layer=wildcards.layer),
     shell:
         "{params.cmd}"
 
