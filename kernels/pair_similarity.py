@@ -90,7 +90,8 @@ def pair_maps(model: nn.Module, images: torch.Tensor, spatial: nn.Module, *, fea
             (activations,) = _capture(model, x, [spatial])
         return pooled_pair_maps(activations.float(), grid, similarity=similarity)
     with torch.enable_grad():
-        activations, vectors = _capture(model, x, [spatial, feature])
+        # the input asks for gradients, so the graph exists whatever the parameters ask
+        activations, vectors = _capture(model, x.requires_grad_(True), [spatial, feature])
         if activations.dim() != 4:
             raise FeatscopeError(f"the layer explained on must be a conv map (B,C,h,w), not {tuple(activations.shape)}")
         vectors = vectors.flatten(1).float()

@@ -16,6 +16,7 @@ sheet and a Parquet table that checks them against the dataset:
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,9 +97,27 @@ def render(rd: RunDir, options: RenderOptions, progress: bool = True) -> RenderS
     spec = loaded.layer(options.layer)
     if spec.kind == "pixels" or spec.grid:
         raise FeatscopeError(f"layer '{options.layer}' has no units to visualise: give a conv or vector layer")
+    with frozen(loaded.module):
+        return _render(rd, options, loaded, device, spec, progress, start)
+
+
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """The module's parameters ask for no gradient inside the block (only the image is
+    optimised), and as before after it: the model is shared with the process's other work."""
+    asked = [p.requires_grad for p in module.parameters()]
+    try:
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+        yield module
+    finally:
+        for parameter, flag in zip(module.parameters(), asked):
+            parameter.requires_grad_(flag)
+
+
+def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, spec, progress: bool,
+            start: float) -> RenderSummary:
     prep = loaded.preprocessing
-    for parameter in loaded.module.parameters():
-        parameter.requires_grad_(False)
     model = PixelModel(loaded.module, prep.mean, prep.std).to(device)
     module = loaded.module.get_submodule(spec.module_path)
     probe = layer_outputs(model, torch.full((1, 3, prep.crop, prep.crop), 0.5, device=device), [module])[0]

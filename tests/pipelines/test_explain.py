@@ -79,3 +79,15 @@ def test_bad_input_is_one_line(run, capsys):
     ):
         assert cli(["explain", "--run", str(run.root), *argv]) == 2
         assert said in capsys.readouterr().err
+
+
+def test_a_fully_connected_layer_is_explained_even_with_frozen_weights(run, explainer):
+    """The model is shared within a process; a caller may have frozen its parameters."""
+    a, b = photo_ids(run)[:2]
+    for parameter in explainer.loaded.module.parameters():
+        parameter.requires_grad_(False)
+    try:
+        assert explainer.explain(a, b, "fc").result.method == APPROXIMATE
+    finally:
+        for parameter in explainer.loaded.module.parameters():
+            parameter.requires_grad_(True)

@@ -24,9 +24,14 @@ def run(reported_run, tmp_path_factory):
 
 
 def test_render_writes_images_and_checks_them_against_the_dataset(run):
+    from featscope.pipelines.core.workers import model_ref, worker_model
+
+    shared = worker_model(model_ref(run))[0].module  # the process's cached model, which explain also uses
+    asked = [p.requires_grad for p in shared.parameters()]
     summary = units.render(run, units.RenderOptions(layer="layer3", units="0-2,5", size=32, steps=4, batch=3),
                            progress=False)
     assert summary.units == 4
+    assert [p.requires_grad for p in shared.parameters()] == asked  # left as it was found
     table = pq.read_table(run.units_table("layer3")).to_pylist()
     assert [r["unit"] for r in table] == [0, 1, 2, 5]
     maxima = units.dataset_maxima(run, "layer3")
