@@ -41,7 +41,7 @@ from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir
 from featscope.pipelines.core.store import read_errors, read_predictions
 from featscope.pipelines.core.timings import read_timings
-from featscope.pipelines.core.trust import BASELINES, CURVES, current_evaluation, read_sanity
+from featscope.pipelines.core.trust import BASELINES, CURVES, current_evaluation, current_unit_table, read_sanity
 from featscope.pipelines.render.overlay import map_picture
 from featscope.pipelines.render.thumbnails import ensure_thumbnail, stored_thumbnails
 
@@ -186,20 +186,18 @@ def _layers(rd: RunDir) -> list[dict]:
 
 def _visualised(rd: RunDir, layer: str) -> dict[int, list]:
     """unit -> [activation on its visualisation, dataset top-1, rank] where `units render`
-    drew it (and its PNG is there)."""
-    if not rd.units_table(layer).exists():
-        return {}
-    rows = pq.read_table(rd.units_table(layer)).to_pylist()
+    drew it (and its PNG is there), from a table made on the dataset as it is now."""
+    rows = current_unit_table(rd, rd.units_table(layer), layer)
     return {r["unit"]: [round(r["activation"], 4), None if r["top1"] is None else round(r["top1"], 4), r["rank"]]
-            for r in rows if rd.unit_visualisation(layer, r["unit"]).exists()}
+            for r in rows or [] if rd.unit_visualisation(layer, r["unit"]).exists()}
 
 
 def _unit_labels(rd: RunDir, layer: str) -> dict[int, list]:
-    """unit -> [best label, its AUC, top-k purity, supported classes] where `units label` ran."""
-    if not rd.units_labels(layer).exists():
-        return {}
+    """unit -> [best label, its AUC, top-k purity, supported classes] where `units label` ran
+    on the dataset as it is now (an older table's labels are not shown)."""
+    rows = current_unit_table(rd, rd.units_labels(layer), layer)
     return {r["unit"]: [r["label"], round(r["auc"], 3), None if r["purity"] is None else round(r["purity"], 3),
-                        r["classes"]] for r in pq.read_table(rd.units_labels(layer)).to_pylist()}
+                        r["classes"]] for r in rows or []}
 
 
 def _mosaics(rd: RunDir) -> list[dict]:

@@ -1,6 +1,7 @@
-"""What `saliency evaluate` and `saliency sanity` store, read without torch (the report and
-status read it too): the evaluation's schema and rows, which rows still describe the map
-that is there now, and the sanity verdicts."""
+"""What `saliency evaluate`, `saliency sanity` and the unit tables store, read without torch
+(the report and status read it too): the evaluation's schema and rows, which rows still
+describe the map that is there now, the sanity verdicts, and whether a unit table still
+describes the dataset."""
 
 from __future__ import annotations
 
@@ -50,3 +51,19 @@ def current_evaluation(rd: RunDir, method: str) -> dict[int, dict]:
 def read_sanity(rd: RunDir) -> dict[str, dict]:
     """method -> verdict facts of the last sanity run, or {}."""
     return json.loads(rd.sanity_verdicts.read_text()) if rd.sanity_verdicts.exists() else {}
+
+
+def dataset_stamp(rd: RunDir, layer: str) -> str:
+    """The live images and the layer's top-k as a unit table saw them: after the dataset
+    changes, a table with another stamp is stale and its figures are not shown."""
+    files = (rd.live_ids, rd.topk(layer))
+    return " ".join(map_stamp(f) if f.exists() else "-" for f in files)
+
+
+def current_unit_table(rd: RunDir, path: Path, layer: str) -> list[dict] | None:
+    """A unit table's rows if it was made from the dataset as it is now, else None."""
+    if not path.exists():
+        return None
+    table = pq.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    return table.to_pylist() if meta.get("dataset") == dataset_stamp(rd, layer) else None

@@ -37,6 +37,7 @@ from featscope.pipelines.core.options import Command, Options, option, parse_uni
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_table
 from featscope.pipelines.core.text import plural, rate
+from featscope.pipelines.core.trust import dataset_stamp
 from featscope.pipelines.core.workers import model_ref, worker_model
 
 TABLE = pa.schema([
@@ -142,7 +143,8 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
             bar.update(len(chosen))
     table = pa.Table.from_pylist(rows, schema=TABLE)
     write_table(table, rd.units_table(options.layer), {"layer": options.layer, "size": str(options.size),
-                                                       "steps": str(options.steps), "seed": str(options.seed)})
+                                                       "steps": str(options.steps), "seed": str(options.seed),
+                                                       "dataset": dataset_stamp(rd, options.layer)})
     _sheet(rd, options.layer, units)
     with_top1 = [r for r in rows if r["top1"] is not None and r["top1"] > 0]
     return RenderSummary(
@@ -276,7 +278,7 @@ def label(rd: RunDir, options: LabelOptions) -> LabelSummary:
                       "classes": classes[unit] if classes else None,
                       "class_weights": weights[unit] if weights else None})
     write_table(pa.Table.from_pylist(table, schema=LABELS), rd.units_labels(options.layer),
-                {"layer": options.layer, "column": column})
+                {"layer": options.layer, "column": column, "dataset": dataset_stamp(rd, options.layer)})
     return LabelSummary(options.layer, values.shape[1], len(names), len(image_ids),
                         float(np.median(aucs.max(0))), classes is not None)
 

@@ -93,3 +93,18 @@ def test_unit_labels_match_scikit_learn_and_the_classifier(run):
     row = pq.read_table(run.units_labels("pool")).to_pylist()[7]
     expected = weight[:, 7].topk(2).indices.tolist()
     assert row["classes"] == [str(c) for c in expected]  # random weights: classes by number
+
+
+def test_unit_tables_go_stale_when_the_dataset_changes(run):
+    import os
+
+    from featscope.pipelines.core.trust import current_unit_table
+
+    units.label(run, units.LabelOptions(layer="layer3", classes=0))
+    assert len(current_unit_table(run, run.units_labels("layer3"), "layer3")) == 256
+    stat = run.topk("layer3").stat()
+    os.utime(run.topk("layer3"), ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # a rerun's merge rewrote it
+    try:
+        assert current_unit_table(run, run.units_labels("layer3"), "layer3") is None
+    finally:
+        os.utime(run.topk("layer3"), ns=(stat.st_atime_ns, stat.st_mtime_ns))
