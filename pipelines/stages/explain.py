@@ -74,8 +74,15 @@ class PairExplainer:
     def __init__(self, rd: RunDir, device: str = "auto"):
         self.rd = rd
         self.loaded, self.device, _ = worker_model(model_ref(rd, device))
-        self.paths = dict(zip(*(manifest.read(rd).column(c).to_pylist() for c in ("image_id", "path"))))
+        # Arrow columns sorted by id, not a dict per image: the query service holds this too
+        table = manifest.read(rd).select(["image_id", "path"]).sort_by("image_id")
+        self.ids, self.paths = table["image_id"].to_numpy(), table["path"].combine_chunks()
         self.lock = threading.Lock()
+
+    def path(self, image_id: int) -> str | None:
+        """The image's file, or None if the run has no such (live) image."""
+        at = int(np.searchsorted(self.ids, image_id))
+        return self.paths[at].as_py() if at < len(self.ids) and self.ids[at] == image_id else None
 
     def explain(self, a: int, b: int, layer: str, similarity: str = "cosine") -> Explanation:
         if similarity not in SIMILARITIES:
@@ -83,12 +90,12 @@ class PairExplainer:
         if layer == PIXELS:
             raise FeatscopeError("explain needs a layer of the model; pixel-space neighbours match pixel by pixel")
         spec = self.loaded.layer(layer)
-        missing = [i for i in (a, b) if i not in self.paths]
+        missing = [i for i in (a, b) if self.path(i) is None]
         if missing:
             raise FeatscopeError(f"image_id {missing[0]} is not in run {self.rd.root}")
         prep = self.loaded.preprocessing
         try:
-            inputs = torch.stack([prep.to_uint8(read_pixels(self.paths[i], min_size=prep.resize)) for i in (a, b)])
+            inputs = torch.stack([prep.to_uint8(read_pixels(self.path(i), min_size=prep.resize)) for i in (a, b)])
         except BadImage as e:
             raise FeatscopeError(f"cannot read an image of the pair: {e}") from None
         x = prep.normalize(inputs.to(self.device))
@@ -202,7 +209,7 @@ def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
         return ExplainSummary(options.layer, [explanation], time.perf_counter() - start)
     if not options.queries:
         raise ParamError("queries", "or <pair> must be given: the query image ids, or two ids A,B")
-    live = [q for q in options.queries if q in explainer.paths]
+    live = [q for q in options.queries if explainer.path(q) is not None]
     if not live:
         raise FeatscopeError(f"none of the query images ({', '.join(map(str, options.queries))}) is in the run")
     found = neighbours_of(open_index(rd, options.layer), np.array(live, dtype=np.int64), options.k)
