@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import LayerSpec, LayerTap
+from featscope.kernels.quantile_sketch import ActivationSketch
 from featscope.kernels.summary import conv_summary, pixel_thumbnail
 from featscope.pipelines.core.device import PRECISIONS, inference_model, resolve_device, resolve_precision
 from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, decode_pixels, read_pixels
@@ -44,6 +45,7 @@ class FeatureExtractor:
         self.loaded, self.device, self.precision = loaded, device, precision
         self.specs = [loaded.layer(name) for name in layers]
         self.model = inference_model(loaded, self.specs).to(device).to(memory_format=torch.channels_last)
+        self.cells: dict[str, int] = {}  # values per unit per image in each layer's whole output
         probe = self(torch.zeros((1, 3, loaded.preprocessing.crop, loaded.preprocessing.crop), dtype=torch.uint8))
         self.kinds = {name: "conv" if "max" in out else "vector" for name, out in probe.items()}
         self.dims = {name: out["feature"].shape[1] for name, out in probe.items()}
@@ -57,11 +59,13 @@ class FeatureExtractor:
         return self.forward_with_predictions(pixels)[0]
 
     @torch.inference_mode()
-    def forward_with_predictions(self, pixels: torch.Tensor, top: int = PREDICTED_CLASSES
+    def forward_with_predictions(self, pixels: torch.Tensor, top: int = PREDICTED_CLASSES,
+                                 sketches: dict[str, ActivationSketch] | None = None
                                  ) -> tuple[dict[str, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor] | None]:
         """As `forward`, plus the model's `top` classes and their softmax probabilities, (B, top)
         each: the taps run the whole model, so its output comes free (None for pixels only, or
-        a model whose output is not a (B, classes) score)."""
+        a model whose output is not a (B, classes) score). `sketches` (layer -> sketch) count
+        every value of those layers' whole outputs, before they are summarised."""
         pixels = pixels.to(self.device, non_blocking=True)
         x = self.loaded.preprocessing.normalize(pixels)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -69,6 +73,9 @@ class FeatureExtractor:
 
         def keep(spec: LayerSpec, output: torch.Tensor) -> None:
             captured[spec.name] = summarise(spec, output)
+            self.cells.setdefault(spec.name, output[0].numel() // output.shape[1])
+            if sketches and spec.name in sketches:
+                sketches[spec.name].update(output if output.ndim == 4 else output.flatten(1))
 
         for spec in self.specs:
             if spec.kind == "pixels":

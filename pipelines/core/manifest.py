@@ -20,6 +20,7 @@ scheduled runs, and the manifest follows them:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -305,13 +306,16 @@ def shards_to_redo(rd: RunDir, retired: list[dict], rows: list[dict]) -> list[in
     for r in retired:
         by_shard.setdefault(r["shard"], []).append(r["image_id"])
     live_shards = {r["shard"] for r in rows if not r["removed"]}
+    ever_retired = np.asarray([r["image_id"] for r in rows if r["removed"]], dtype=np.int64)
     return [shard for shard, ids in sorted(by_shard.items())
-            if shard not in live_shards or _candidates_short(rd, shard, np.asarray(ids, dtype=np.int64))]
+            if shard not in live_shards
+            or _candidates_short(rd, shard, np.asarray(ids, dtype=np.int64), ever_retired)]
 
 
-def _candidates_short(rd: RunDir, shard: int, gone: np.ndarray) -> bool:
-    """True if, without the images `gone`, some layer's candidates of `shard` run short (or
-    cannot be read: extracting again is the safe answer)."""
+def _candidates_short(rd: RunDir, shard: int, gone: np.ndarray, ever_retired: np.ndarray) -> bool:
+    """True if, without the images `gone`, some layer's candidates of `shard` run short, or
+    its sketches count too many retired images (or cannot be read: extracting again is the
+    safe answer)."""
     for layer in rd.topk_candidate_layers():
         part = rd.topk_candidates_part(layer, shard)
         if not part.exists():
@@ -325,7 +329,25 @@ def _candidates_short(rd: RunDir, shard: int, gone: np.ndarray) -> bool:
         if len(candidates_run_short(table["channel"].to_numpy(), table["image_id"].to_numpy(), gone, k,
                                     int(meta.get("depth", k)))):
             return True
+        if _sketch_too_stale(rd.topk_sketch_part(layer, shard), ever_retired):
+            return True
     return False
+
+
+SKETCH_RETIRED_SHARE = 0.05  # a shard's sketch may count at most this share of retired images
+
+
+def _sketch_too_stale(path: Path, retired: np.ndarray) -> bool:
+    """True if the shard's activation histograms would count more than SKETCH_RETIRED_SHARE
+    of images now retired (their values cannot be taken out; `topk merge` bounds the
+    thresholds they blur, and this keeps those bounds narrow)."""
+    if not path.exists():
+        return False
+    try:
+        counted = np.asarray(json.loads(file_metadata(path)["image_ids"]), dtype=np.int64)
+    except (FeatscopeError, KeyError, ValueError):
+        return True
+    return len(counted) > 0 and np.isin(counted, retired).sum() > SKETCH_RETIRED_SHARE * len(counted)
 
 
 def read_rows(rd: RunDir, root: Path) -> list[dict]:

@@ -59,6 +59,7 @@ class RunDir:
         layers = sorted(p for p in (self.root / "features").glob("*") if p.is_dir())
         return ([self.feature_part(layer.name, shard) for layer in layers]
                 + [self.topk_candidates_part(layer, shard) for layer in self.topk_candidate_layers()]
+                + [self.topk_sketch_part(layer, shard) for layer in self.topk_candidate_layers()]
                 + [self.prediction_part(shard), self.error_part("extract", shard)])
 
     @property
@@ -108,6 +109,17 @@ class RunDir:
 
     def topk_candidate_parts(self, layer: str) -> list[Path]:
         return sorted((self.root / "topk" / "candidates" / layer).glob("part-*.parquet"))
+
+    def topk_sketch_part(self, layer: str, shard: int) -> Path:
+        """A shard's per-unit activation histograms (conv layers), written beside its candidates."""
+        return self.root / "topk" / "candidates" / layer / f"sketch-{shard:05d}.parquet"
+
+    def topk_sketch_parts(self, layer: str) -> list[Path]:
+        return sorted((self.root / "topk" / "candidates" / layer).glob("sketch-*.parquet"))
+
+    def topk_sketch(self, layer: str) -> Path:
+        """The dataset's merged histograms and mask thresholds of a layer (`topk merge`)."""
+        return self.root / "topk" / "sketches" / f"{layer}.parquet"
 
     def topk(self, layer: str) -> Path:
         return self.root / "topk" / f"{layer}.parquet"

@@ -23,6 +23,7 @@ from featscope.pipelines.core.atomic import atomic_path, put_in_place, tmp_path_
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
 if TYPE_CHECKING:
+    from featscope.kernels.quantile_sketch import ActivationSketch
     from featscope.pipelines.core.rundir import RunDir
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -242,6 +243,44 @@ def candidates_run_short(channel: np.ndarray, image_id: np.ndarray, retired: np.
     kept = np.bincount(channel, minlength=channel.max() + 1)
     left = np.bincount(channel[live], minlength=len(kept))
     return np.flatnonzero((kept >= depth) & (left < k))
+
+
+# ---- activation sketches ---------------------------------------------------------------
+
+SKETCH_SCHEMA = pa.schema([
+    pa.field("channel", pa.int32()),
+    pa.field("scale", pa.float64()),  # the histogram spans [-scale, scale]
+    pa.field("counts", pa.list_(pa.int64())),
+])
+
+
+def write_sketch(path: Path, sketch: ActivationSketch, identity: RunIdentity, *, image_ids: np.ndarray,
+                 cells: int, **meta: object) -> None:
+    """One shard's activation histograms of a layer, with the images they count (so a later
+    merge knows which counts belong to images since retired) and the cells per image."""
+    table = pa.table({"channel": pa.array(np.arange(len(sketch.scale)), pa.int32()),
+                      "scale": pa.array(sketch.scale.cpu().numpy(), pa.float64()),
+                      "counts": pa.array(list(sketch.counts.cpu().numpy()), pa.list_(pa.int64()))},
+                     schema=SKETCH_SCHEMA)
+    table = table.replace_schema_metadata(identity.metadata(
+        image_ids=[int(i) for i in image_ids], cells=cells, bins=sketch.bins, **meta))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
+
+
+def read_sketch(path: Path) -> tuple[ActivationSketch, dict[str, str]]:
+    """A stored sketch and its metadata."""
+    import torch
+
+    from featscope.kernels.quantile_sketch import ActivationSketch
+
+    meta = file_metadata(path)
+    table = pq.read_table(path)
+    counts = np.stack(table["counts"].to_numpy(zero_copy_only=False))
+    sketch = ActivationSketch(len(counts), counts.shape[1])
+    sketch.counts = torch.from_numpy(counts.astype(np.int64))
+    sketch.scale = torch.from_numpy(table["scale"].to_numpy().astype(np.float64))
+    return sketch, meta
 
 
 PREDICTION_SCHEMA = pa.schema([

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import PIXELS
 from featscope.kernels.params import ParamError
+from featscope.kernels.quantile_sketch import ActivationSketch
 from featscope.kernels.topk import RunningTopK
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.cpus import usable_cpus
@@ -41,6 +42,7 @@ from featscope.pipelines.core.store import (
     topk_is_complete,
     write_errors,
     write_predictions,
+    write_sketch,
     write_topk,
 )
 from featscope.pipelines.core.text import plural, rate
@@ -134,7 +136,8 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
     def complete(layer: str, s: int) -> bool:
         if not part_is_complete(rd.feature_part(layer, s), identity):
             return False
-        return not topk or layer == PIXELS or topk_is_complete(rd.topk_candidates_part(layer, s), identity, topk)
+        return not topk or layer == PIXELS or (topk_is_complete(rd.topk_candidates_part(layer, s), identity, topk)
+                                               and rd.topk_sketch_part(layer, s).exists())
 
     missing = {s: [layer for layer in layers if not complete(layer, s)] for s in wanted}
     summary.already_done = [s for s in wanted if not missing[s]]
@@ -158,6 +161,8 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
     """Extract the shard's missing `layers` (finished parts of other layers are left alone)."""
     trackers = {layer: RunningTopK(extractor.dims[layer], topk * TOPK_DEPTH, extractor.device)
                 for layer in layers if topk and layer != PIXELS}
+    sketches = {layer: ActivationSketch(extractor.dims[layer], device=extractor.device) for layer in trackers}
+    counted: list[np.ndarray] = []  # the images the sketches count
     rows = manifest.read(rd, shard)
     ids, paths = rows["image_id"].to_pylist(), rows["path"].to_pylist()
     writers = {
@@ -177,7 +182,8 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
                 errors += [{"image_id": i, "path": p, "stage": "extract", "error": "bad_image", "message": m}
                            for i, p, m in batch.errors]
                 if len(batch.image_ids):
-                    outputs, predictions = extractor.forward_with_predictions(batch.pixels)
+                    outputs, predictions = extractor.forward_with_predictions(batch.pixels, sketches=sketches)
+                    counted.append(batch.image_ids.numpy())
                     for layer, tracker in trackers.items():
                         cols = outputs[layer]
                         tracker.update(cols.get("max", cols["feature"]), batch.image_ids, cols.get("argmax_y"),
@@ -198,6 +204,9 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
         else:
             error_part.unlink(missing_ok=True)
         for layer, tracker in trackers.items():
+            write_sketch(rd.topk_sketch_part(layer, shard), sketches[layer], identity,
+                         image_ids=np.concatenate(counted) if counted else np.zeros(0, np.int64),
+                         cells=extractor.cells[layer], layer=layer, shard=shard)
             columns = {name: t.numpy() for name, t in tracker.result().items()}
             write_topk(rd.topk_candidates_part(layer, shard), columns, identity, layer=layer, k=topk,
                        depth=topk * TOPK_DEPTH, shard=shard)

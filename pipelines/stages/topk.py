@@ -32,8 +32,16 @@ from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
 from featscope.pipelines.core.images import BadImage, image_size, open_image
 from featscope.pipelines.core.options import Command, Options, option, parse_units
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import RunIdentity, candidates_run_short, file_metadata, write_topk
+from featscope.pipelines.core.store import (
+    RunIdentity,
+    candidates_run_short,
+    file_metadata,
+    write_table,
+    write_topk,
+)
 from featscope.pipelines.core.text import plural
+
+MASK_QUANTILE = 0.995  # NetDissect's: a unit's mask is where it is in its top 0.5% over the dataset
 
 
 @dataclass
@@ -49,7 +57,7 @@ class MergeSummary:
                 f"in {self.seconds:.1f}s")
 
 
-def merge(rd: RunDir, layer: str, *, k: int | None = None) -> MergeSummary:
+def merge(rd: RunDir, layer: str, *, k: int | None = None, quantile: float = MASK_QUANTILE) -> MergeSummary:
     """Merge every shard's candidates of `layer` into topk/<layer>.parquet with boxes."""
     import torch  # here, not at the top: `topk render` runs without torch
 
@@ -95,8 +103,67 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None) -> MergeSummary:
     columns = {name: t.numpy() for name, t in out.items()} | {n: boxes[:, i].numpy() for i, n in
                                                              enumerate(("x0", "y0", "x1", "y1"))}
     write_topk(rd.topk(layer), columns, identity, layer=layer, k=k)
+    merge_sketches(rd, layer, identity, present["image_id"].to_numpy(), quantile)
     return MergeSummary(layer, len(torch.unique(channel)), k, len(torch.unique(out["image_id"])),
                         time.perf_counter() - start)
+
+
+SKETCH_SCHEMA = pa.schema([
+    pa.field("channel", pa.int32()),
+    pa.field("scale", pa.float64()),
+    pa.field("counts", pa.list_(pa.int64())),
+    pa.field("threshold", pa.float32()),  # the unit's `quantile` over every cell of every live image
+    pa.field("low", pa.float32()),  # bounds on it, whatever values the retired images had
+    pa.field("high", pa.float32()),
+])
+
+
+def merge_sketches(rd: RunDir, layer: str, identity: RunIdentity, live_ids, quantile: float) -> None:
+    """Sum the shards' activation histograms into topk/sketches/<layer>.parquet with each
+    unit's mask threshold. Counts of images retired since extraction cannot be taken out
+    (their values were not kept), so the threshold comes with the bounds they allow; the
+    manifest re-extracts a shard before its retired share makes those wide."""
+    import numpy as np
+
+    from featscope.pipelines.core.store import read_sketch  # imports torch: not at the top (see merge)
+
+    parts = rd.topk_sketch_parts(layer)
+    if not parts:
+        return
+    merged, removed, counted = None, 0, 0
+    for part in parts:
+        sketch, meta = read_sketch(part)
+        identity.check(part, meta)
+        ids = np.asarray(json.loads(meta["image_ids"]), dtype=np.int64)
+        gone = int((~np.isin(ids, live_ids)).sum())
+        if gone == len(ids):
+            continue  # a shard with no live image left
+        removed += gone * int(meta["cells"])
+        counted += len(ids) - gone
+        merged = sketch if merged is None else merged.merge(sketch)
+    if merged is None:
+        return
+    threshold = merged.quantile(quantile)
+    low, high = merged.bracket(quantile, removed)
+    if removed == 0:
+        low = high = threshold
+    table = pa.table({"channel": pa.array(np.arange(len(merged.scale)), pa.int32()),
+                      "scale": pa.array(merged.scale.numpy()),
+                      "counts": pa.array(list(merged.counts.numpy()), pa.list_(pa.int64())),
+                      "threshold": pa.array(threshold.float().numpy()),
+                      "low": pa.array(low.float().numpy()), "high": pa.array(high.float().numpy())},
+                     schema=SKETCH_SCHEMA)
+    write_table(table, rd.topk_sketch(layer), {"quantile": str(quantile), "images": str(counted),
+                                               "retired_values": str(removed), "layer": layer})
+
+
+def read_thresholds(rd: RunDir, layer: str) -> dict[int, float] | None:
+    """unit -> its mask threshold from topk merge, or None without a sketch."""
+    path = rd.topk_sketch(layer)
+    if not path.exists():
+        return None
+    table = pq.read_table(path, columns=["channel", "threshold"])
+    return dict(zip(table["channel"].to_pylist(), table["threshold"].to_pylist()))
 
 
 def _boxes(rd: RunDir, config: dict, layer: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -138,19 +205,28 @@ class RenderSummary:
     sheet: Path
     seconds: float
     drawn: int | None = None  # strips drawn anew (the others' top-k did not change)
+    show: str = "field"
 
     def line(self) -> str:
         fresh = f" ({self.drawn} drawn anew, the others unchanged)" if self.drawn not in (None, self.units) else ""
-        return (f"topk render {self.layer}: {self.units} unit PNGs{fresh} from {self.images} images read once, "
-                f"contact sheet {self.sheet}, {self.seconds:.1f}s")
+        shown = "activation masks" if self.show == "mask" else "receptive fields"
+        return (f"topk render {self.layer}: {self.units} unit PNGs of {shown}{fresh} from {self.images} images "
+                f"read once, contact sheet {self.sheet}, {self.seconds:.1f}s")
+
+
+SHOW = ("auto", "mask", "field")
 
 
 def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | None = None, tile: int = 96,
-           progress: bool = True) -> RenderSummary:
-    """patches/<layer>/unit-NNNN.png per unit (k patches with their activation) and a contact sheet."""
+           show: str = "auto", progress: bool = True) -> RenderSummary:
+    """patches/<layer>/unit-NNNN.png per unit (k patches with their activation) and a contact
+    sheet. `show`: `field` crops each image to the receptive field of the unit's strongest
+    cell; `mask` to where the unit is above its dataset-wide threshold (NetDissect), drawn
+    on the image; `auto`: the mask for conv layers whose field spans half the input or more."""
     start = time.perf_counter()
     if not rd.topk(layer).exists():
         raise FeatscopeError(f"no top-k for layer '{layer}': run `featscope topk merge --run {rd.root} --layer {layer}`")
+    show = _resolve_show(rd, layer, show)
     table = pq.read_table(rd.topk(layer)).to_pylist()
     k = k or max(r["rank"] for r in table) + 1
     all_units = sorted({r["channel"] for r in table})
@@ -158,7 +234,7 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     units = [u for u in (units if units is not None else all_units) if u in available]
     if not units:
         raise FeatscopeError(f"none of the requested units is in topk/{layer}.parquet (units 0-{all_units[-1]})")
-    drawn = _drawn(rd, layer, k, tile)
+    drawn = _drawn(rd, layer, k, tile, show)
     rows_of = defaultdict(list)
     for r in table:
         if r["rank"] < k:
@@ -172,16 +248,21 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     for r in wanted:
         by_image[r["image_id"]].append(r)
     paths = {r["image_id"]: r["path"] for r in manifest.read(rd, include_removed=True).to_pylist()}
+    masks = _UnitMasks(rd, layer) if show == "mask" else None
     patches: dict[tuple[int, int], Image.Image] = {}
     for image_id, rows in tqdm(by_image.items(), desc=f"patches {layer}", unit="img", disable=not progress):
         try:
             img = open_image(paths[image_id])
         except BadImage:
             img = None
+        drawn_masks = masks.patches(img, paths[image_id], [r["channel"] for r in rows], tile) if masks and img else {}
         for r in rows:
             box = (r["x0"], r["y0"], r["x1"] + 1, r["y1"] + 1)
-            patch = img.crop(box) if img is not None else Image.new("RGB", (tile, tile), (90, 90, 90))
-            patches[(r["channel"], r["rank"])] = ImageOps.pad(patch, (tile, tile), color=(255, 255, 255))
+            patch = drawn_masks.get(r["channel"])
+            if patch is None:  # the receptive field (also where a mask came out empty)
+                patch = img.crop(box) if img is not None else Image.new("RGB", (tile, tile), (90, 90, 90))
+                patch = ImageOps.pad(patch, (tile, tile), color=(255, 255, 255))
+            patches[(r["channel"], r["rank"])] = patch
     values = {(r["channel"], r["rank"]): r["value"] for r in wanted}
     font = ImageFont.load_default(size=10)
     strips = {}
@@ -194,25 +275,112 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
         strips[unit] = strip
         with atomic_path(rd.unit_patches(layer, unit)) as tmp:
             strip.save(tmp, format="PNG")
-    write_json_atomic(_drawn_path(rd, layer), {"k": k, "tile": tile, "units": {str(u): signature[u] for u in units}})
+    write_json_atomic(_drawn_path(rd, layer), {"k": k, "tile": tile, "show": show,
+                                               "units": {str(u): signature[u] for u in units}})
     sheet = _contact_sheet([strips[u] for u in units])
     with atomic_path(rd.patch_sheet(layer)) as tmp:
         sheet.save(tmp, format="PNG")
     return RenderSummary(layer, len(units), len(by_image), rd.patch_sheet(layer), time.perf_counter() - start,
-                         len(units) - len(kept))
+                         len(units) - len(kept), show)
+
+
+def _resolve_show(rd: RunDir, layer: str, show: str) -> str:
+    """`auto` -> `mask` where it says more than the field (conv layers whose field spans half
+    the input or more) and a sketch exists; `mask` without a sketch is an error."""
+    if show not in SHOW:
+        raise FeatscopeError(f"--show must be one of {', '.join(SHOW)}; got '{show}'")
+    if show == "field":
+        return show
+    has_sketch = rd.topk_sketch(layer).exists()
+    if show == "mask":
+        if not has_sketch:
+            raise FeatscopeError(f"no activation thresholds for layer '{layer}': extract it with --topk and rerun "
+                                 f"`featscope topk merge --run {rd.root} --layer {layer}`")
+        if not _is_conv(rd, layer):
+            raise FeatscopeError(f"layer '{layer}' has no spatial map to mask; use --show field")
+        return show
+    return "mask" if has_sketch and _is_conv(rd, layer) and _field_fraction(rd, layer) >= 0.5 else "field"
+
+
+def _skeleton(rd: RunDir, layer: str):
+    import torch
+    import torchvision
+
+    from featscope.kernels.layers import resolve_layer
+
+    config = rd.read_config()
+    with torch.device("meta"):
+        skeleton = torchvision.models.get_model(config["model"], weights=None)
+    return skeleton, resolve_layer(config["model"], skeleton, layer), config
+
+
+def _is_conv(rd: RunDir, layer: str) -> bool:
+    """True for a layer with a spatial map per unit (not a vector, a pooled grid or a global field)."""
+    from featscope.kernels.receptive_field import receptive_field
+
+    skeleton, spec, _ = _skeleton(rd, layer)
+    if spec.grid or spec.kind == "vector":
+        return False
+    return not receptive_field(skeleton, spec.module_path).is_global
+
+
+def _field_fraction(rd: RunDir, layer: str) -> float:
+    """The receptive field's side as a share of the model's input side."""
+    from featscope.kernels.receptive_field import receptive_field
+    from featscope.pipelines.core.models import Preprocessing
+
+    skeleton, spec, config = _skeleton(rd, layer)
+    rf = receptive_field(skeleton, spec.module_path)
+    crop = Preprocessing.from_json(RunIdentity.of_run(config).preprocessing).crop
+    return 1.0 if rf.is_global else min(rf.size) / crop
+
+
+class _UnitMasks:
+    """The run's model up to `layer`, and each unit's threshold: masks of units on images."""
+
+    def __init__(self, rd: RunDir, layer: str):
+        from featscope.pipelines.core.workers import model_ref, worker_model
+
+        self.thresholds = read_thresholds(rd, layer) or {}
+        self.loaded, self.device, _ = worker_model(model_ref(rd))
+        self.module = self.loaded.module.get_submodule(self.loaded.layer(layer).module_path)
+
+    def patches(self, image: Image.Image, path: str, units: list[int], tile: int) -> dict[int, Image.Image]:
+        """unit -> the image's patch around that unit's mask (units whose mask is empty: absent)."""
+        import torch
+
+        from featscope.kernels.objectives import layer_outputs
+        from featscope.pipelines.core.images import read_pixels
+        from featscope.pipelines.render.unit_masks import input_masks, masked_patch, original_mask
+
+        prep = self.loaded.preprocessing
+        pixels = prep.to_uint8(read_pixels(path, min_size=prep.resize))[None]
+        with torch.inference_mode():
+            out = layer_outputs(self.loaded.module, prep.normalize(pixels.to(self.device)), [self.module])[0][0]
+        chosen = torch.tensor(units)
+        thresholds = torch.tensor([self.thresholds.get(u, float("inf")) for u in units])
+        masks = input_masks(out[chosen].cpu(), thresholds, prep.crop).numpy()
+        crop_box = prep.to_original(torch.tensor([[0, 0, prep.crop - 1, prep.crop - 1]]), image.width,
+                                    image.height)[0].tolist()
+        drawn = {}
+        for unit, mask in zip(units, masks):
+            patch = masked_patch(image, original_mask(mask, tuple(int(v) for v in crop_box), image.size), tile)
+            if patch is not None:
+                drawn[unit] = patch
+        return drawn
 
 
 def _drawn_path(rd: RunDir, layer: str) -> Path:
     return rd.patches_dir(layer) / ".drawn.json"  # hidden: bookkeeping, not a picture
 
 
-def _drawn(rd: RunDir, layer: str, k: int, tile: int) -> dict[str, list]:
-    """unit -> the rows its strip was drawn from, when drawn with this k and tile size."""
+def _drawn(rd: RunDir, layer: str, k: int, tile: int, show: str) -> dict[str, list]:
+    """unit -> the rows its strip was drawn from, when drawn with this k, tile size and show."""
     try:
         drawn = json.loads(_drawn_path(rd, layer).read_text())
     except (OSError, ValueError):
         return {}
-    return drawn.get("units", {}) if (drawn.get("k"), drawn.get("tile")) == (k, tile) else {}
+    return drawn.get("units", {}) if (drawn.get("k"), drawn.get("tile"), drawn.get("show")) == (k, tile, show) else {}
 
 
 LABEL_W, CAPTION_H, GAP = 56, 12, 2
@@ -258,6 +426,8 @@ def _contact_sheet(strips: list[Image.Image]) -> Image.Image:
 class TopkMergeOptions(Options):
     layer: str = option(help="a layer extracted with --topk", required=True)
     k: int | None = option(help="keep the top k (default: what extraction kept)", min=1)
+    quantile: float = option(MASK_QUANTILE, help="each unit's mask threshold: this quantile of its activations "
+                                                 "over the dataset (NetDissect: 0.995)", min=0, max=1)
 
 
 @dataclass(frozen=True)
@@ -266,15 +436,18 @@ class TopkRenderOptions(Options):
     units: str | None = option(help="e.g. 0-63 or 3,7,10-12 (default: all)")
     k: int | None = option(help="patches per unit (default: all merged)", min=1)
     tile: int = option(96, help="patch size in the PNGs", min=8)
+    show: str = option("auto", help="field: the receptive field of the strongest cell; mask: where the unit is in "
+                                    "its dataset-wide top quantile (NetDissect), drawn on the image; auto: mask for "
+                                    "conv layers whose field spans half the input or more", choices=SHOW)
 
 
 def _merge(rd: RunDir, options: TopkMergeOptions) -> MergeSummary:
-    return merge(rd, options.layer, k=options.k)
+    return merge(rd, options.layer, k=options.k, quantile=options.quantile)
 
 
 def _render(rd: RunDir, options: TopkRenderOptions, progress: bool = True) -> RenderSummary:
     return render(rd, options.layer, units=parse_units(options.units), k=options.k, tile=options.tile,
-                  progress=progress)
+                  show=options.show, progress=progress)
 
 
 COMMANDS = [

@@ -192,11 +192,11 @@ def test_a_crash_inside_a_shard_leaves_no_finished_looking_file(tmp_path, small_
     calls = {"n": 0}
     original = extract.FeatureExtractor.forward_with_predictions
 
-    def flaky(self, pixels):
+    def flaky(self, pixels, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:  # the probe, the first batch, then the crash
             raise KeyboardInterrupt
-        return original(self, pixels)
+        return original(self, pixels, **kwargs)
 
     monkeypatch.setattr(extract.FeatureExtractor, "forward_with_predictions", flaky)
     with pytest.raises(KeyboardInterrupt):

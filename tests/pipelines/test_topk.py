@@ -21,8 +21,22 @@ from featscope.pipelines.stages import extract, topk
 
 
 def brute_force_topk(rd, arch, layer, k):
-    """Full activation maps of every image through the same model, layout and precision;
-    global top-k per channel by (value desc, image_id asc) over every cell's image maximum."""
+    """Global top-k per channel by (value desc, image_id asc) over every cell's image maximum."""
+    maps, ids = full_maps(rd, arch, layer)
+    n, c, h, w = maps.shape
+    flat = maps.reshape(n, c, h * w)
+    cell = flat.argmax(dim=2)
+    peak = flat.max(dim=2).values
+    expected = {}
+    for ch in range(c):
+        order = sorted(range(n), key=lambda i: (-float(peak[i, ch]), ids[i]))[:k]
+        expected[ch] = [(float(peak[i, ch]), ids[i], int(cell[i, ch]) // w, int(cell[i, ch]) % w) for i in order]
+    return expected
+
+
+def full_maps(rd, arch, layer):
+    """Full activation maps (N, C, H, W) of every live image through the same model, layout
+    and precision, and their image ids."""
     loaded = load_model(arch, "random")
     extractor = extract.FeatureExtractor(loaded, [layer], torch.device("cpu"), "fp32")
     rows = manifest.read(rd).to_pylist()
@@ -35,16 +49,7 @@ def brute_force_topk(rd, arch, layer, k):
             extractor.model(x)
         maps.append(seen["o"].float())
         ids += batch.image_ids.tolist()
-    maps = torch.cat(maps)  # (N, C, H, W)
-    n, c, h, w = maps.shape
-    flat = maps.reshape(n, c, h * w)
-    cell = flat.argmax(dim=2)
-    peak = flat.max(dim=2).values
-    expected = {}
-    for ch in range(c):
-        order = sorted(range(n), key=lambda i: (-float(peak[i, ch]), ids[i]))[:k]
-        expected[ch] = [(float(peak[i, ch]), ids[i], int(cell[i, ch]) // w, int(cell[i, ch]) % w) for i in order]
-    return expected
+    return torch.cat(maps), ids
 
 
 def test_streamed_topk_equals_brute_force_over_full_maps(tmp_path, small_dataset):
@@ -137,9 +142,10 @@ def test_merge_without_candidates_says_how_to_get_them(tmp_path, small_dataset):
         topk.parse_units("a-b")
 
 
-def test_merge_after_removals_equals_brute_force_over_the_live_images(tmp_path, small_dataset):
+def test_merge_after_removals_equals_brute_force_over_the_live_images(tmp_path, small_dataset, monkeypatch):
     """Shards keep 2k candidates a unit: a shard that lost one image keeps its files, one that
     lost more than a unit's spare candidates is extracted again, and the merge stays exact."""
+    monkeypatch.setattr(manifest, "SKETCH_RETIRED_SHARE", 0.2)  # 1 of 8 retired: the sketch alone would redo it
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset, shard_size=8)
     extract.extract(rd, ["layer2"], model="resnet18", weights="random", precision="fp32", batch_size=4,
@@ -169,3 +175,88 @@ def test_merge_refuses_candidates_that_ran_short(tmp_path, small_dataset):
     pq.write_table(rows.set_column(rows.schema.get_field_index("removed"), "removed", removed), rd.manifest)
     with pytest.raises(FeatscopeError, match="ran short|lost too many"):
         topk.merge(rd, "layer2")
+
+
+def _exact_quantiles(maps: torch.Tensor, q: float) -> np.ndarray:
+    per_unit = maps.transpose(0, 1).reshape(maps.shape[1], -1).numpy()
+    return np.quantile(per_unit, q, axis=1, method="inverted_cdf")
+
+
+def test_mask_thresholds_equal_the_exact_dataset_quantile_within_a_bin(tmp_path, small_dataset):
+    """The shards' streamed sketches, merged, against the quantile of every cell of every image."""
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=4)
+    extract.extract(rd, ["layer2", "pool"], model="resnet18", weights="random", precision="fp32", batch_size=3,
+                    workers=0, topk=2, progress=False)
+    for layer in ("layer2", "pool"):
+        topk.merge(rd, layer, quantile=0.9)
+        table = pq.read_table(rd.topk_sketch(layer))
+        maps, _ = full_maps(rd, "resnet18", layer)
+        maps = maps if maps.ndim == 4 else maps.flatten(1)[:, :, None, None]
+        width = 2 * table["scale"].to_numpy() / len(table["counts"][0])
+        got = table["threshold"].to_numpy()
+        assert np.all(np.abs(got - _exact_quantiles(maps, 0.9)) <= width * 1.001 + 1e-6)
+        assert np.array_equal(table["low"].to_numpy(), got) and np.array_equal(table["high"].to_numpy(), got)
+        counts = np.stack(table["counts"].to_numpy(zero_copy_only=False))
+        assert (counts.sum(1) == maps[:, 0].numel()).all()
+
+
+def test_thresholds_of_a_shard_that_lost_an_image_are_bracketed(tmp_path, small_dataset):
+    """An image retired behind a kept shard's back: its counts stay in the sketch, and the
+    stored bounds hold the exact quantile over the live images."""
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=16)
+    extract.extract(rd, ["layer2"], model="resnet18", weights="random", precision="fp32", batch_size=4,
+                    workers=0, topk=1, progress=False)
+    rows = pq.read_table(rd.manifest)
+    removed = pc.or_(rows["removed"], pc.equal(rows["image_id"], 0))
+    pq.write_table(rows.set_column(rows.schema.get_field_index("removed"), "removed", removed), rd.manifest)
+    topk.merge(rd, "layer2", quantile=0.5)
+    table = pq.read_table(rd.topk_sketch("layer2"))
+    maps, ids = full_maps(rd, "resnet18", "layer2")
+    assert 0 not in ids
+    exact = _exact_quantiles(maps, 0.5)
+    width = 2 * table["scale"].to_numpy() / len(table["counts"][0])
+    low, high = table["low"].to_numpy(), table["high"].to_numpy()
+    assert (low <= high).all() and (low < high).any()
+    assert np.all((low - width * 1.001 - 1e-6 <= exact) & (exact <= high + width * 1.001 + 1e-6))
+
+
+def test_the_manifest_re_extracts_a_shard_whose_sketch_counts_too_many_retired_images(tmp_path, small_dataset):
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=16)
+    extract.extract(rd, ["layer2"], model="resnet18", weights="random", workers=0, topk=1, progress=False)
+    Path(manifest.read(rd).to_pylist()[0]["path"]).unlink()  # 1 of 9 images: over the 5% a sketch may keep
+    summary = manifest.run(rd, small_dataset)
+    assert summary.invalidated_shards == [0] and not rd.topk_sketch_part("layer2", 0).exists()
+
+
+def test_masks_cover_each_units_strongest_cell_and_auto_picks_them_for_deep_layers(tmp_path, small_dataset):
+    """NetDissect's masks: the unit's upsampled map above its dataset threshold. On each top
+    image the mask holds the strongest cell's centre (its value is above the threshold) and
+    is drawn, outlined, in the strip; a shallow layer keeps the receptive field."""
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset)
+    extract.extract(rd, ["layer1", "layer3", "pool"], model="resnet18", weights="random", workers=0, topk=3,
+                    progress=False)
+    for layer in ("layer1", "layer3", "pool"):
+        topk.merge(rd, layer)
+    assert topk.render(rd, "layer3", units=[0, 1, 2], tile=48, progress=False).show == "mask"
+    assert topk.render(rd, "layer1", units=[0], tile=48, progress=False).show == "field"
+    assert topk.render(rd, "pool", units=[0], tile=48, progress=False).show == "field"
+    with pytest.raises(FeatscopeError, match="no spatial map"):
+        topk.render(rd, "pool", units=[0], show="mask", progress=False)
+    masks = topk._UnitMasks(rd, "layer3")
+    from featscope.pipelines.render.unit_masks import input_masks
+    maps, ids = full_maps(rd, "resnet18", "layer3")
+    crop = masks.loaded.preprocessing.crop
+    cell = crop / maps.shape[-1]
+    for r in pq.read_table(rd.topk("layer3")).filter(pc.less(pq.read_table(rd.topk("layer3"))["channel"], 3)).to_pylist():
+        unit_map = maps[ids.index(r["image_id"]), r["channel"]]
+        threshold = masks.thresholds[r["channel"]]
+        mask = input_masks(unit_map[None], torch.tensor([threshold]), crop)[0]
+        cy, cx = int((r["fy"] + 0.5) * cell), int((r["fx"] + 0.5) * cell)
+        assert bool(mask[cy, cx]) == (r["value"] > threshold)
+        assert mask.float().mean() < 0.9  # a mask, not the whole image
+    strip = np.asarray(Image.open(rd.unit_patches("layer3", 0)))
+    assert (np.abs(strip.astype(int) - (255, 214, 0)).sum(-1) == 0).any()  # the outline is drawn
