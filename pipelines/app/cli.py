@@ -43,7 +43,7 @@ COMMAND_MODULES = {
     "mosaic": "featscope.pipelines.stages.mosaic",
     "saliency": ("featscope.pipelines.stages.saliency", "featscope.pipelines.stages.saliency_trust"),
     "explain": "featscope.pipelines.stages.explain",
-    "units": "featscope.pipelines.stages.units",
+    "units": ("featscope.pipelines.stages.units", "featscope.pipelines.stages.atlas"),
     "viz": "featscope.pipelines.stages.viz",
     "style": "featscope.pipelines.stages.style",
     "report": "featscope.pipelines.app.report",

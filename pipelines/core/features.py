@@ -75,7 +75,8 @@ class FeatureExtractor:
             captured[spec.name] = summarise(spec, output)
             self.cells.setdefault(spec.name, output[0].numel() // output.shape[1])
             if sketches and spec.name in sketches:
-                sketches[spec.name].update(output if output.ndim == 4 else output.flatten(1))
+                whole = output.ndim == 4 and not spec.grid  # a pooled grid's units are its pooled cells
+                sketches[spec.name].update(output if whole else captured[spec.name]["feature"])
 
         for spec in self.specs:
             if spec.kind == "pixels":

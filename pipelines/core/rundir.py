@@ -277,6 +277,24 @@ class RunDir:
         """unit, objective, activation on its visualisation, dataset top-1, ratio, rank."""
         return self.units_dir(layer) / "visualisations.parquet"
 
+    def atlas_dir(self, layer: str) -> Path:
+        """A layer's activation atlas (`featscope units atlas`)."""
+        return self.units_dir(layer) / "atlas"
+
+    def atlas_image(self, layer: str) -> Path:
+        return self.atlas_dir(layer) / "atlas.png"
+
+    def atlas_cell(self, layer: str, gy: int, gx: int) -> Path:
+        return self.atlas_dir(layer) / f"cell-{gy:03d}-{gx:03d}.png"
+
+    def atlas_table(self, layer: str) -> Path:
+        """gy, gx, count, label, class, rendered, image_ids per occupied cell."""
+        return self.atlas_dir(layer) / "cells.parquet"
+
+    def atlas_samples(self, layer: str) -> Path:
+        """Every sampled activation vector: image, position, 2-D layout, cell."""
+        return self.atlas_dir(layer) / "samples.parquet"
+
     def explain_dir(self, layer: str) -> Path:
         """Why pairs of images match at a layer (`featscope explain`): <a>-<b>.npz and .png."""
         return self.root / "explain" / layer

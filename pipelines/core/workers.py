@@ -149,3 +149,17 @@ def dask_client(workers: int | None, scheduler: str | None, threads: int | None,
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         yield client, workers
+
+
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """The module's parameters ask for no gradient inside the block (only an image is
+    optimised), and as before after it: the model is shared with the process's other work."""
+    asked = [p.requires_grad for p in module.parameters()]
+    try:
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+        yield module
+    finally:
+        for parameter, flag in zip(module.parameters(), asked):
+            parameter.requires_grad_(flag)

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 
 if TYPE_CHECKING:
     import torch
@@ -288,16 +289,17 @@ def _resolve_show(rd: RunDir, layer: str, show: str) -> str:
     """`auto` -> `mask` where it says more than the field (conv layers whose field spans half
     the input or more) and a sketch exists; `mask` without a sketch is an error."""
     if show not in SHOW:
-        raise FeatscopeError(f"--show must be one of {', '.join(SHOW)}; got '{show}'")
+        raise ParamError("show", f"must be one of {', '.join(SHOW)}; got '{show}'")
     if show == "field":
         return show
     has_sketch = rd.topk_sketch(layer).exists()
     if show == "mask":
         if not has_sketch:
-            raise FeatscopeError(f"no activation thresholds for layer '{layer}': extract it with --topk and rerun "
-                                 f"`featscope topk merge --run {rd.root} --layer {layer}`")
+            raise FeatscopeError(f"no activation thresholds for layer '{layer}': extract it with "
+                                 f"`featscope extract --topk K`, then rerun `featscope topk merge --run {rd.root} "
+                                 f"--layer {layer}`")
         if not _is_conv(rd, layer):
-            raise FeatscopeError(f"layer '{layer}' has no spatial map to mask; use --show field")
+            raise ParamError("show", f"cannot be mask: layer '{layer}' has no spatial map to mask")
         return show
     return "mask" if has_sketch and _is_conv(rd, layer) and _field_fraction(rd, layer) >= 0.5 else "field"
 

@@ -16,7 +16,6 @@ sheet and a Parquet table that checks them against the dataset:
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +37,8 @@ from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_table
 from featscope.pipelines.core.text import plural, rate
 from featscope.pipelines.core.trust import dataset_stamp
-from featscope.pipelines.core.workers import model_ref, worker_model
+from featscope.pipelines.core.workers import frozen, model_ref, worker_model
+from featscope.pipelines.render.panels import to_image
 
 TABLE = pa.schema([
     pa.field("unit", pa.int32()),
@@ -102,20 +102,6 @@ def render(rd: RunDir, options: RenderOptions, progress: bool = True) -> RenderS
         return _render(rd, options, loaded, device, spec, progress, start)
 
 
-@contextmanager
-def frozen(module: torch.nn.Module):
-    """The module's parameters ask for no gradient inside the block (only the image is
-    optimised), and as before after it: the model is shared with the process's other work."""
-    asked = [p.requires_grad for p in module.parameters()]
-    try:
-        for parameter in module.parameters():
-            parameter.requires_grad_(False)
-        yield module
-    finally:
-        for parameter, flag in zip(module.parameters(), asked):
-            parameter.requires_grad_(flag)
-
-
 def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, spec, progress: bool,
             start: float) -> RenderSummary:
     prep = loaded.preprocessing
@@ -138,7 +124,7 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
             measured = _activations(model, module, images, prep.crop)  # (B, units of the layer)
             for b, unit in enumerate(chosen.tolist()):
                 with atomic_path(rd.unit_visualisation(options.layer, unit)) as tmp:
-                    _to_image(images[b]).save(tmp, format="PNG")
+                    to_image(images[b]).save(tmp, format="PNG")
                 rows.append(_row(unit, float(trajectory[-1, b]), measured[b], maxima))
             bar.update(len(chosen))
     table = pa.Table.from_pylist(rows, schema=TABLE)
@@ -172,10 +158,6 @@ def _row(unit: int, objective: float, measured: torch.Tensor, maxima: dict[int, 
         rank = int((relative > relative[unit]).sum()) + 1
     return {"unit": unit, "objective": objective, "activation": activation, "top1": top1,
             "ratio": activation / top1 if top1 else None, "rank": rank}
-
-
-def _to_image(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
 
 
 def _sheet(rd: RunDir, layer: str, units: list[int], columns: int = 16) -> None:

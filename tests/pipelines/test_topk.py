@@ -186,8 +186,10 @@ def test_mask_thresholds_equal_the_exact_dataset_quantile_within_a_bin(tmp_path,
     """The shards' streamed sketches, merged, against the quantile of every cell of every image."""
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset, shard_size=4)
-    extract.extract(rd, ["layer2", "pool"], model="resnet18", weights="random", precision="fp32", batch_size=3,
-                    workers=0, topk=2, progress=False)
+    extract.extract(rd, ["layer2", "pool", "layer2@2x2"], model="resnet18", weights="random", precision="fp32",
+                    batch_size=3, workers=0, topk=2, progress=False)
+    grid = pq.read_table(rd.topk_sketch_part("layer2@2x2", 0))
+    assert len(grid) == 4 * 128 and np.stack(grid["counts"].to_numpy(zero_copy_only=False)).sum(1).max() == 4
     for layer in ("layer2", "pool"):
         topk.merge(rd, layer, quantile=0.9)
         table = pq.read_table(rd.topk_sketch(layer))
@@ -244,7 +246,7 @@ def test_masks_cover_each_units_strongest_cell_and_auto_picks_them_for_deep_laye
     assert topk.render(rd, "layer3", units=[0, 1, 2], tile=48, progress=False).show == "mask"
     assert topk.render(rd, "layer1", units=[0], tile=48, progress=False).show == "field"
     assert topk.render(rd, "pool", units=[0], tile=48, progress=False).show == "field"
-    with pytest.raises(FeatscopeError, match="no spatial map"):
+    with pytest.raises(FeatscopeError, match="no spatial map to mask"):
         topk.render(rd, "pool", units=[0], show="mask", progress=False)
     masks = topk._UnitMasks(rd, "layer3")
     from featscope.pipelines.render.unit_masks import input_masks
