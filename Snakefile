@@ -49,7 +49,11 @@ SALIENCY = CFG["saliency"]
 EVALUATE = SALIENCY.get("evaluate")  # None: the maps' faithfulness is not measured
 SANITY = SALIENCY.get("sanity")  # None: no model-randomisation test
 EXPLAIN = CFG.get("explain")  # None: the neighbour queries' pairs are not explained
-UNITS_LABEL = CFG.get("units_label")  # None: units are not named by labels
+UNITS = CFG.get("units") or {}  # each of render / label / atlas: None, or its options and layers
+UNITS_RENDER, UNITS_LABEL, UNITS_ATLAS = (UNITS.get(part) for part in ("render", "label", "atlas"))
+RENDER_LAYERS = UNITS_RENDER.get("layers", TOPK_LAYERS) if UNITS_RENDER is not None else []
+LABEL_LAYERS = UNITS_LABEL.get("layers", TOPK_LAYERS) if UNITS_LABEL is not None else []
+ATLAS_LAYERS = UNITS_ATLAS["layers"] if UNITS_ATLAS is not None else []
 EXPLAIN_LAYERS = [layer for layer in LAYERS if layer != PIXELS] if EXPLAIN is not None and INDEX["queries"] else []
 VIZ = CFG["viz"]
 STYLE_NET = CFG.get("style_net")
@@ -74,6 +78,8 @@ DEFAULT_RESOURCES = {
     "saliency_sanity": {"mem_mb": 4000, "runtime": 60},
     "explain": {"mem_mb": 4000, "runtime": 30},
     "units_label": {"mem_mb": 4000, "runtime": 30},
+    "units_render": {"mem_mb": 4000, "runtime": 120, "gpu": 1},
+    "units_atlas": {"mem_mb": 6000, "runtime": 120, "gpu": 1},
     "viz": {"mem_mb": 4000, "runtime": 60},
     "style_train": {"mem_mb": 8000, "runtime": 240, "gpu": 1},
     "report": {"mem_mb": 4000, "runtime": 60},
@@ -232,7 +238,9 @@ rule report:
         [str(RD.faithfulness(method)) for method in SALIENCY["methods"]] if EVALUATE is not None else [],
         [str(RD.sanity_verdicts)] if SANITY is not None and SALIENCY["methods"] else [],
         [str(RD.explained_queries(layer)) for layer in EXPLAIN_LAYERS],
-        [str(RD.units_labels(layer)) for layer in TOPK_LAYERS] if UNITS_LABEL is not None else [],
+        [str(RD.units_table(layer)) for layer in RENDER_LAYERS],
+        [str(RD.units_labels(layer)) for layer in LABEL_LAYERS],
+        [str(RD.atlas_table(layer)) for layer in ATLAS_LAYERS],
         viz_outputs(),
     output:
         str(RD.report_dir / "index.html"),
@@ -428,18 +436,48 @@ rule saliency_evaluate:
         "{params.cmd}"
 
 
-# Each unit of a top-k layer named by the label it separates best (from the stored features
-# and the merged top-k; no model pass but the classifier's weights for pool).
+# Each unit of a layer named by the label it separates best (from the stored features and the
+# merged top-k), with the classes it supports (classifier weights or averaged gradients).
 rule units_label:
     input:
         lambda wildcards: parts_of([wildcards.layer]),
-        str(RD.topk("{layer}")),
+        lambda wildcards: [str(RD.topk(wildcards.layer))] if wildcards.layer in TOPK_LAYERS else [],
     output:
         str(RD.units_labels("{layer}")),
     resources:
         **res("units_label"),
     params:
         cmd=lambda wildcards: command("units label", UNITS_LABEL, layer=wildcards.layer),
+    shell:
+        "{params.cmd}"
+
+
+# A feature visualisation per unit, checked against the dataset's top-k where the layer has one.
+rule units_render:
+    input:
+        live_ids,
+        lambda wildcards: [str(RD.topk(wildcards.layer))] if wildcards.layer in TOPK_LAYERS else [],
+    output:
+        str(RD.units_table("{layer}")),
+    resources:
+        **res("units_render"),
+    params:
+        cmd=lambda wildcards: command("units render", UNITS_RENDER, layer=wildcards.layer),
+    shell:
+        "{params.cmd}"
+
+
+# An activation atlas of a layer: its own pass over a sample of the dataset (after extraction,
+# whose predictions name each cell's most common class).
+rule units_atlas:
+    input:
+        lambda wildcards: parts_of(EXTRACT_LAYERS),
+    output:
+        str(RD.atlas_table("{layer}")),
+    resources:
+        **res("units_atlas"),
+    params:
+        cmd=lambda wildcards: command("units atlas", UNITS_ATLAS, layer=wildcards.layer),
     shell:
         "{params.cmd}"
 

@@ -136,14 +136,17 @@ def validate(config: dict, full_schema: dict | None = None) -> dict:
     if "style_transfer" in viz:
         named += [("viz.style_transfer.style_layers", [viz["style_transfer"]["content_layer"],
                                                         *viz["style_transfer"]["style_layers"]])]
+    units = config.get("units") or {}
+    named += [(f"units.{part}.layers", (units.get(part) or {}).get("layers", [])) for part in ("render", "atlas")]
     for where, layers in named:
         for i, layer in enumerate(layers):
             try:
                 resolve_layer(arch, skeleton, layer)
             except FeatscopeError as e:
                 raise FeatscopeError(f"config error at {where}.{i}: {e}") from None
-    for section in ("topk", "embed"):
-        for i, layer in enumerate(config[section].get("layers", [])):
+    extracted = [("topk", config["topk"]), ("embed", config["embed"]), ("units.label", units.get("label") or {})]
+    for section, part in extracted:
+        for i, layer in enumerate(part.get("layers", [])):
             if layer not in config["layers"]:
                 raise FeatscopeError(f"config error at {section}.layers.{i}: '{layer}' is not one of the extracted "
                                      "layers")

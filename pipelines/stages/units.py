@@ -31,6 +31,7 @@ from featscope.kernels.objectives import layer_outputs
 from featscope.kernels.render import feature_visualisations
 from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import channels
+from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.options import Command, Options, option, parse_units
 from featscope.pipelines.core.rundir import RunDir
@@ -181,16 +182,21 @@ LABELS = pa.schema([
     pa.field("label", pa.string()),  # the label whose images the unit separates best
     pa.field("auc", pa.float32()),  # of the unit's per-image maximum against that label (one vs rest)
     pa.field("purity", pa.float32()),  # share of the unit's top-k images with that label
-    pa.field("classes", pa.list_(pa.string())),  # the classes it supports most (pool layers), else null
-    pa.field("class_weights", pa.list_(pa.float32())),
+    pa.field("classes", pa.list_(pa.string())),  # the classes it supports most, best first
+    pa.field("class_weights", pa.list_(pa.float32())),  # the classifier's weights or the mean gradients
+    pa.field("classes_from", pa.string()),  # which of the two: "classifier weights" / "mean gradient over N images"
 ])
 
 
 @dataclass(frozen=True)
 class LabelOptions(Options):
     layer: str = option(help="a layer with extracted features, e.g. block13 or pool", required=True)
-    classes: int = option(3, help="classes listed per unit (from the classifier's weights, for the layer it "
-                                  "reads)", min=0)
+    classes: int = option(3, help="classes listed per unit: those it supports most (0: none)", min=0)
+    gradient_images: int = option(64, help="images (seeded sample) whose mean gradient of each class logit gives "
+                                           "the classes of units the classifier does not read directly (0: skip)",
+                                  min=0)
+    seed: int = option(0, help="seed of that sample")
+    device: str = option("auto", help="where the model runs for the gradients", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass
@@ -200,12 +206,12 @@ class LabelSummary:
     labels: int
     images: int
     median_auc: float
-    with_classes: bool
+    classes_from: str | None
 
     def line(self) -> str:
         return (f"units label {self.layer}: {plural(self.units, 'unit')} against {plural(self.labels, 'label')} "
                 f"over {self.images} labelled images; median best AUC {self.median_auc:.3f}"
-                + ("; supported classes from the classifier's weights" if self.with_classes else "")
+                + (f"; supported classes from the {self.classes_from}" if self.classes_from else "")
                 + f" -> units/{self.layer}/labels.parquet")
 
 
@@ -228,7 +234,6 @@ def label_aucs(values: np.ndarray, labels: np.ndarray) -> tuple[list[str], np.nd
 def label(rd: RunDir, options: LabelOptions) -> LabelSummary:
     """Name each unit of a layer by the label it separates best, from the stored per-image
     maxima (conv channels) or values (vector units); no model pass."""
-    from featscope.pipelines.core import manifest
     from featscope.pipelines.core.store import RunIdentity, iter_features
 
     parts = manifest.feature_parts(rd, options.layer)
@@ -250,7 +255,7 @@ def label(rd: RunDir, options: LabelOptions) -> LabelSummary:
     names, aucs = label_aucs(values, labels)
     best = aucs.argmax(0)
     top = _topk_images(rd, options.layer)
-    classes, weights = _supported_classes(rd, options.layer, values.shape[1], options.classes)
+    classes, weights, source = _supported_classes(rd, options, values.shape[1])
     table = []
     for unit in range(values.shape[1]):
         name = names[best[unit]]
@@ -258,11 +263,12 @@ def label(rd: RunDir, options: LabelOptions) -> LabelSummary:
         purity = float(np.mean([label_of.get(i) == name for i in shown])) if shown else None
         table.append({"unit": unit, "label": name, "auc": float(aucs[best[unit], unit]), "purity": purity,
                       "classes": classes[unit] if classes else None,
-                      "class_weights": weights[unit] if weights else None})
+                      "class_weights": weights[unit] if weights else None,
+                      "classes_from": source})
     write_table(pa.Table.from_pylist(table, schema=LABELS), rd.units_labels(options.layer),
                 {"layer": options.layer, "column": column, "dataset": dataset_stamp(rd, options.layer)})
     return LabelSummary(options.layer, values.shape[1], len(names), len(image_ids),
-                        float(np.median(aucs.max(0))), classes is not None)
+                        float(np.median(aucs.max(0))), source)
 
 
 def _topk_images(rd: RunDir, layer: str) -> dict[int, list[int]]:
@@ -274,23 +280,64 @@ def _topk_images(rd: RunDir, layer: str) -> dict[int, list[int]]:
     return found
 
 
-def _supported_classes(rd: RunDir, layer: str, units: int, top: int) -> tuple[list | None, list | None]:
-    """For the vector the classifier reads (a Linear right after `layer`): each unit's `top`
-    classes by the classifier's weight on it, with the weights. Deeper layers: None (the
-    average-gradient attribution the issue asks for there is not built yet)."""
-    if top == 0:
-        return None, None
-    loaded, _, categories = worker_model(model_ref(rd))
-    profile_fc = loaded.layer("fc") if "fc" in _aliases(loaded) else None
-    if profile_fc is None or layer != "pool":
-        return None, None
-    linear = loaded.module.get_submodule(profile_fc.module_path)
-    if not isinstance(linear, torch.nn.Linear) or linear.in_features != units:
-        return None, None
-    weight = linear.weight.detach().float().T  # (units, classes)
-    values, order = weight.topk(min(top, weight.shape[1]), dim=1)
+def _supported_classes(rd: RunDir, options: LabelOptions, units: int) -> tuple[list | None, list | None, str | None]:
+    """Each unit's `options.classes` best-supported classes with their support, and where the
+    support comes from: the classifier's weights for the vector a Linear classifier reads
+    (exact and free); deeper in, the mean gradient of each class logit over a seeded sample
+    of images (`kernels.class_attribution`). (None, None, None) for a model without class
+    outputs, or when skipped."""
+    if options.classes == 0:
+        return None, None, None
+    loaded, device, categories = worker_model(model_ref(rd, options.device))
+    spec = loaded.layer(options.layer)
+    linear = _classifier_reading(loaded, options.layer, units)
+    if linear is not None:
+        support, source = linear.weight.detach().float().T, "classifier weights"  # (units, classes)
+    elif options.gradient_images and spec.kind != "pixels" and not spec.grid:
+        support = _mean_gradients(rd, loaded, device, spec, options)
+        if support is None:
+            return None, None, None
+        source = f"mean gradient over {min(options.gradient_images, len(manifest.read(rd)))} images"
+    else:
+        return None, None, None
+    values, order = support.topk(min(options.classes, support.shape[1]), dim=1)
     name = (lambda c: categories[c] if categories and c < len(categories) else str(c))
-    return ([[name(int(c)) for c in row] for row in order], [[round(float(v), 4) for v in row] for row in values])
+    return ([[name(int(c)) for c in row] for row in order], [[round(float(v), 4) for v in row] for row in values],
+            source)
+
+
+def _classifier_reading(loaded, layer: str, units: int) -> torch.nn.Linear | None:
+    """The model's Linear classifier if it reads `layer` directly (the `pool` vector), else None."""
+    if layer != "pool" or "fc" not in _aliases(loaded):
+        return None
+    linear = loaded.module.get_submodule(loaded.layer("fc").module_path)
+    return linear if isinstance(linear, torch.nn.Linear) and linear.in_features == units else None
+
+
+def _mean_gradients(rd: RunDir, loaded, device: torch.device, spec, options: LabelOptions) -> torch.Tensor | None:
+    """(units, classes) mean class-logit gradients over a seeded sample of the live images;
+    None if the model's output is no (B, classes) score."""
+    from featscope.kernels.class_attribution import mean_class_gradients
+    from featscope.pipelines.core.images import BadImage, read_pixels
+
+    rows = manifest.read(rd).select(["image_id", "path"]).to_pylist()
+    rng = np.random.default_rng(options.seed)
+    chosen = sorted(rng.choice(len(rows), size=min(options.gradient_images, len(rows)), replace=False).tolist())
+    prep = loaded.preprocessing
+    pixels = []
+    for i in chosen:
+        try:
+            pixels.append(prep.to_uint8(read_pixels(rows[i]["path"], min_size=prep.resize)))
+        except BadImage:
+            continue
+    if not pixels:
+        return None
+    x = prep.normalize(torch.stack(pixels).to(device))
+    with torch.no_grad():
+        probe = loaded.module(x[:1])
+    if not isinstance(probe, torch.Tensor) or probe.ndim != 2:
+        return None
+    return mean_class_gradients(loaded.module, loaded.module.get_submodule(spec.module_path), x).cpu()
 
 
 def _aliases(loaded) -> set[str]:

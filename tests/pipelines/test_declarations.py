@@ -106,7 +106,8 @@ def test_snakefile_commands_of_the_demo_config_parse_back_into_the_configured_op
         section = {"extract": cfg["extract"], "index build": cfg["index"], "embed": cfg["embed"],
                    "saliency compute": cfg["saliency"], "saliency evaluate": cfg["saliency"]["evaluate"],
                    "saliency sanity": cfg["saliency"]["sanity"], "explain": cfg["explain"],
-                   "units label": cfg["units_label"], "topk render": cfg["topk"], "style train": cfg["style_net"],
+                   "units label": cfg["units"]["label"], "units render": cfg["units"]["render"],
+                   "units atlas": cfg["units"]["atlas"], "topk render": cfg["topk"], "style train": cfg["style_net"],
                    "viz class-model": cfg["viz"]["class_models"], "viz dream": cfg["viz"]["dream"],
                    "viz invert": cfg["viz"]["inversion"], "viz adversarial": cfg["viz"]["adversarial"],
                    "viz texture": cfg["viz"]["texture"], "viz activations": cfg["viz"]["activations"],
@@ -117,7 +118,8 @@ def test_snakefile_commands_of_the_demo_config_parse_back_into_the_configured_op
         assert parsed == expected, (call, parsed, expected)
         checked.add(command.name)
     assert {"manifest", "index build", "saliency compute", "saliency evaluate", "saliency sanity", "explain",
-            "units label", "embed", "topk render", "viz dream", "style train"} <= checked
+            "units label", "units render", "units atlas", "embed", "topk render", "viz dream",
+            "style train"} <= checked
 
 
 def test_each_first_word_names_its_module_and_its_help():

@@ -70,7 +70,7 @@ def test_unit_labels_match_scikit_learn_and_the_classifier(run):
     from featscope.pipelines.core import manifest
     from featscope.pipelines.core.store import RunIdentity, iter_features
 
-    summary = units.label(run, units.LabelOptions(layer="layer3"))
+    summary = units.label(run, units.LabelOptions(layer="layer3", gradient_images=0))
     table = pq.read_table(run.units_labels("layer3")).to_pylist()
     assert summary.units == len(table) == 256
     label_of = {r["image_id"]: r["label"] for r in manifest.read(run).to_pylist()}
@@ -87,12 +87,45 @@ def test_unit_labels_match_scikit_learn_and_the_classifier(run):
         shown = [r["image_id"] for r in top if r["channel"] == unit]
         assert row["purity"] == pytest.approx(np.mean([label_of[i] == best for i in shown]))
     pool = units.label(run, units.LabelOptions(layer="pool", classes=2))
-    assert pool.with_classes
+    assert pool.classes_from == "classifier weights"
     loaded = load_model("resnet18", "random")
     weight = loaded.module.fc.weight.detach()
     row = pq.read_table(run.units_labels("pool")).to_pylist()[7]
     expected = weight[:, 7].topk(2).indices.tolist()
     assert row["classes"] == [str(c) for c in expected]  # random weights: classes by number
+    assert row["classes_from"] == "classifier weights"
+
+
+def test_deeper_units_get_classes_from_the_mean_gradient_of_each_logit(run):
+    """layer3 of ResNet-18 is read by layer4, not the classifier: its units' classes come from
+    d logit / d unit averaged over a seeded sample, here checked by reverse-mode autograd."""
+    from featscope.pipelines.core import manifest
+    from featscope.pipelines.core.images import read_pixels
+
+    summary = units.label(run, units.LabelOptions(layer="layer3", classes=3, gradient_images=2, seed=4))
+    assert summary.classes_from == "mean gradient over 2 images"
+    rows = pq.read_table(run.units_labels("layer3")).to_pylist()
+    live = manifest.read(run).to_pylist()
+    chosen = sorted(np.random.default_rng(4).choice(len(live), size=2, replace=False).tolist())
+    loaded = load_model("resnet18", "random")
+    prep = loaded.preprocessing
+    x = prep.normalize(torch.stack([prep.to_uint8(read_pixels(live[i]["path"], min_size=prep.resize))
+                                    for i in chosen]))
+    seen = {}
+
+    def keep(_m, _i, out):
+        seen["a"] = out.detach().requires_grad_()
+        return seen["a"]
+
+    handle = loaded.module.layer3.register_forward_hook(keep)
+    logits = loaded.module.eval()(x)
+    handle.remove()
+    for unit in (0, 9):  # the listed classes' gradients (all 1,000 would take 1,000 backward passes)
+        listed = [int(c) for c in rows[unit]["classes"]]
+        gradient = [float(torch.autograd.grad(logits[:, c].sum(), seen["a"], retain_graph=True)[0][:, unit].sum()) / 2
+                    for c in listed]
+        np.testing.assert_allclose(rows[unit]["class_weights"], gradient, rtol=1e-3, atol=1e-4)
+        assert gradient == sorted(gradient, reverse=True) and rows[unit]["classes_from"] == "mean gradient over 2 images"
 
 
 def test_unit_tables_go_stale_when_the_dataset_changes(run):
@@ -100,7 +133,7 @@ def test_unit_tables_go_stale_when_the_dataset_changes(run):
 
     from featscope.pipelines.core.trust import current_unit_table
 
-    units.label(run, units.LabelOptions(layer="layer3", classes=0))
+    units.label(run, units.LabelOptions(layer="layer3", classes=0))  # no classes: no model pass
     assert len(current_unit_table(run, run.units_labels("layer3"), "layer3")) == 256
     stat = run.topk("layer3").stat()
     os.utime(run.topk("layer3"), ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # a rerun's merge rewrote it
