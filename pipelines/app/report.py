@@ -47,7 +47,7 @@ from featscope.pipelines.render.thumbnails import ensure_thumbnail, stored_thumb
 
 ASSETS = Path(__file__).resolve().parent / "report_assets"
 SHARD = THUMB_FOLDER  # images per data file, as per thumbnail folder (the pages compute both)
-PAGES = ("index", "image", "layer", "unit", "trust")
+PAGES = ("index", "image", "layer", "unit", "trust", "atlas")
 
 
 @dataclass
@@ -179,9 +179,61 @@ def _layers(rd: RunDir) -> list[dict]:
         rendered = rd.rendered_units(layer)
         layers.append({"name": layer, "units": int(channels.max()) + 1 if len(channels) else 0,
                        "k": max((len(v) for v in units.values()), default=0), "rendered": rendered,
-                       "visualised": _visualised(rd, layer), "labels": _unit_labels(rd, layer)})
-        _script(rd.report_dir / "data" / f"topk-{layer}.js", "FS_TOPK", {layer: units})
+                       "shown": _patches_show(rd, layer), "visualised": _visualised(rd, layer),
+                       "labels": _unit_labels(rd, layer), "atlas": current_unit_table(
+                           rd, rd.atlas_table(layer), layer) is not None and rd.atlas_image(layer).exists()})
+        _script(rd.report_dir / "data" / f"topk-{layer}.js", "FS_TOPK",
+                {layer: units, f"{layer}:histograms": _histograms(rd, layer)})
     return layers
+
+
+def _patches_show(rd: RunDir, layer: str) -> str | None:
+    """What the patch strips show: "mask" (NetDissect's activation masks) or "field"."""
+    try:
+        return json.loads((rd.patches_dir(layer) / ".drawn.json").read_text()).get("show", "field")
+    except (OSError, ValueError):
+        return None
+
+
+def _histograms(rd: RunDir, layer: str, bins: int = 48) -> dict[int, list] | None:
+    """unit -> [low, high, counts over `bins` equal bins from low to high, mask threshold]:
+    each unit's activations over the whole dataset, from the sketch `topk merge` wrote,
+    trimmed to the range its values span."""
+    path = rd.topk_sketch(layer)
+    if not path.exists():
+        return None
+    table = pq.read_table(path)
+    counts = np.stack(table["counts"].to_numpy(zero_copy_only=False))
+    out = {}
+    for unit, scale, row, threshold in zip(table["channel"].to_pylist(), table["scale"].to_pylist(), counts,
+                                           table["threshold"].to_pylist()):
+        filled = np.flatnonzero(row)
+        if not len(filled):
+            continue
+        edges = np.linspace(-scale, scale, len(row) + 1)
+        lo, hi = filled[0], filled[-1] + 1
+        groups = np.array_split(row[lo:hi], min(bins, hi - lo))
+        out[unit] = [round(float(edges[lo]), 5), round(float(edges[hi]), 5), [int(g.sum()) for g in groups],
+                     None if threshold is None else round(float(threshold), 5)]
+    return out
+
+
+def _atlases(rd: RunDir) -> list[dict]:
+    """Layers with a current activation atlas; each one's cells go to data/atlas-<layer>.js."""
+    found = []
+    for path in sorted((rd.root / "units").glob("*/atlas/cells.parquet")):
+        layer = path.parent.parent.name
+        cells = current_unit_table(rd, path, layer)
+        if cells is None or not rd.atlas_image(layer).exists():
+            continue
+        meta = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+        grid = int(meta.get("grid", 0))
+        _script(rd.report_dir / "data" / f"atlas-{layer}.js", "FS_ATLAS", {"layer": layer, "grid": grid, "cells": [
+            [c["gy"], c["gx"], c["count"], c["label"], c["label_share"], c["class"], c["class_share"], c["rendered"],
+             c["image_ids"][:60]] for c in cells]})
+        found.append({"layer": layer, "grid": grid, "layout": meta.get("layout"), "images": meta.get("images"),
+                      "cells": len(cells), "rendered": sum(c["rendered"] for c in cells)})
+    return found
 
 
 def _visualised(rd: RunDir, layer: str) -> dict[int, list]:
@@ -197,7 +249,7 @@ def _unit_labels(rd: RunDir, layer: str) -> dict[int, list]:
     on the dataset as it is now (an older table's labels are not shown)."""
     rows = current_unit_table(rd, rd.units_labels(layer), layer)
     return {r["unit"]: [r["label"], round(r["auc"], 3), None if r["purity"] is None else round(r["purity"], 3),
-                        r["classes"]] for r in rows or []}
+                        r["classes"], r.get("classes_from")] for r in rows or []}
 
 
 def _mosaics(rd: RunDir) -> list[dict]:
@@ -339,7 +391,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "errors": errors.slice(0, 200).to_pylist(),
         "timings": read_timings(rd),
         "history": read_history(rd)[-50:],
-        "topk": _layers(rd), "mosaics": _mosaics(rd), "toolbox": _toolbox(rd),
+        "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd), "toolbox": _toolbox(rd),
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
         "trust": {"faithfulness": trust, "sanity": _sanity(rd)} if trust or rd.sanity_verdicts.exists() else None,
         "explained_layers": explained_layers,

@@ -163,10 +163,12 @@ def trusted_run(reported_run, tmp_path_factory):
     trust.sanity(rd, trust.SanityOptions(sample=2), progress=False)
     photos = [r["image_id"] for r in manifest.read(rd).to_pylist() if r["label"] == "photo"]
     explain.run(rd, explain.ExplainOptions(layer="pool", queries=[photos[0]], k=2))
-    from featscope.pipelines.stages import units
+    from featscope.pipelines.stages import atlas, units
 
     units.render(rd, units.RenderOptions(layer="layer3", units="0-1", size=32, steps=2), progress=False)
-    units.label(rd, units.LabelOptions(layer="layer3"))
+    units.label(rd, units.LabelOptions(layer="layer3", gradient_images=0))
+    atlas.atlas(rd, atlas.AtlasOptions(layer="layer3", grid=3, images=12, per_image=1, min_count=2, size=24, steps=2,
+                                       perplexity=3), progress=False)
     report.build(rd, k=4, progress=False)
     return rd, photos
 
@@ -230,4 +232,41 @@ def test_unit_pages_show_the_feature_visualisation_beside_the_dataset_examples(t
     assert page.locator("p.unit-label").inner_text().startswith(f"label: {named['label']} (AUC {named['auc']:.3f}")
     page.wait_for_load_state("networkidle")
     assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.errors == []
+
+
+def test_layer_page_grid_and_unit_histogram_and_masks(trusted_run, page):
+    """Microscope's grid of visualisations links to unit pages; a unit page plots its activations
+    over the dataset (the sketch) with the mask threshold, and says its strips show masks."""
+    rd, _ = trusted_run
+    page.goto((rd.report_dir / "layer.html").as_uri() + "?layer=layer3")
+    page.locator(".vis-grid a").first.wait_for()
+    assert page.locator(".vis-grid a").count() == 2
+    assert page.locator("a[href^='atlas.html']").count() >= 1
+    page.locator(".vis-grid a").nth(1).click()
+    page.wait_for_url("**/unit.html?layer=layer3&unit=1")
+    sketch = pq.read_table(rd.topk_sketch("layer3")).to_pylist()[1]
+    assert page.locator("figure.histogram rect").count() > 1
+    assert page.locator("figure.histogram line.threshold").count() == 1
+    assert f"{sketch['threshold']:.3g}"[:4] in page.locator("figure.histogram figcaption").inner_text()
+    assert "activation is in its top 0.5%" in page.locator("figure.patches figcaption").inner_text()
+    assert page.errors == []
+
+
+def test_atlas_page_zooms_and_a_cell_lists_its_images(trusted_run, page):
+    rd, _ = trusted_run
+    cells = pq.read_table(rd.atlas_table("layer3")).to_pylist()
+    page.goto((rd.report_dir / "atlas.html").as_uri() + "?layer=layer3")
+    page.locator(".atlas-grid .cell").first.wait_for()
+    assert page.locator(".atlas-grid .cell").count() == 9
+    assert page.locator(".atlas-grid .cell img").count() == sum(c["rendered"] for c in cells)
+    before = page.locator(".atlas-grid .cell").first.bounding_box()["width"]
+    page.get_by_role("button", name="+").click()
+    assert page.locator(".atlas-grid .cell").first.bounding_box()["width"] > before
+    cell = max(cells, key=lambda c: c["count"])
+    page.locator(f".atlas-grid .cell[data-cell='{cell['gy']}-{cell['gx']}']").click()
+    assert page.locator(".atlas-detail h3").inner_text().endswith(f"{cell['count']} activation vectors")
+    assert page.locator(".atlas-detail .thumb").count() == len(cell["image_ids"])
+    page.locator(".atlas-detail .thumb").first.click()
+    page.wait_for_url(f"**/image.html?id={cell['image_ids'][0]}")
     assert page.errors == []

@@ -36,6 +36,7 @@ const FS = (() => {
     document.title = `featscope · ${run.name}`;
     const h = el("header", {}, el("strong", { text: `featscope · ${run.name}  ` }), el("a", { href: "index.html", text: "summary" }));
     for (const layer of run.topk) h.append(el("a", { href: `layer.html?layer=${encodeURIComponent(layer.name)}`, text: `units ${layer.name}` }));
+    for (const a of run.atlases || []) h.append(el("a", { href: `atlas.html?layer=${encodeURIComponent(a.layer)}`, text: `atlas ${a.layer}` }));
     document.body.prepend(h);
   }
 
@@ -256,7 +257,18 @@ const FS = (() => {
     await loadScript(`data/topk-${name}.js`);
     const units = window.FS_TOPK[name];
     const rendered = new Set(info.rendered);
-    const s = section(`${name}: ${info.units} units, each with its top ${info.k} images`);
+    const visualised = Object.keys(info.visualised || {}).map(Number).sort((a, b) => a - b);
+    if (visualised.length || info.atlas) {
+      // Microscope's layout: every rendered unit at a glance, each a link to its page
+      const g = section(`${name}: feature visualisations`);
+      if (info.atlas) g.append(el("p", {}, el("a", { href: `atlas.html?layer=${encodeURIComponent(name)}`,
+        text: `the activation atlas of ${name}` }), " — the space its activations fill, cell by cell"));
+      g.append(el("div", { class: "vis-grid" }, ...visualised.map((u) => el("a", { href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u}`,
+        title: `unit ${u}` }, el("img", { src: `../units/${name}/unit-${pad(u, 4)}.png`, loading: "lazy", alt: `unit ${u} visualisation` }),
+        el("span", { text: String(u) })))));
+    }
+    const s = section(`${name}: ${info.units} units, each with its top ${info.k} images` +
+      (info.shown === "mask" ? " (where each unit fires: its activation mask, top 0.5% over the dataset)" : ""));
     for (let u = 0; u < info.units; u++) {
       const link = el("a", { class: "unit", href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u}` }, el("div", { text: `unit ${u}` }));
       if ((info.visualised || {})[u]) link.append(el("img", { class: "vis", src: `../units/${name}/unit-${pad(u, 4)}.png`,
@@ -283,8 +295,13 @@ const FS = (() => {
     const named = (info.labels || {})[u];
     if (named) s.append(el("p", { class: "unit-label", text: `label: ${named[0]} (AUC ${named[1].toFixed(3)} of its ` +
       `per-image maximum, one vs rest` + (named[2] !== null ? `; ${(named[2] * 100).toFixed(0)}% of its top images)` : ")") +
-      (named[3] ? `; supports the classes ${named[3].join(", ")}` : "") }));
-    if (info.rendered.includes(u)) s.append(el("img", { src: `../patches/${name}/unit-${pad(u, 4)}.png`, alt: "patches" }));
+      (named[3] ? `; supports the classes ${named[3].join(", ")}` + (named[4] ? ` (${named[4]})` : "") : "") }));
+    const histogram = (window.FS_TOPK[`${name}:histograms`] || {})[u];
+    if (histogram) s.append(histogramFigure(histogram));
+    if (info.rendered.includes(u)) s.append(el("figure", { class: "patches" }, el("img", { src: `../patches/${name}/unit-${pad(u, 4)}.png`,
+      alt: "patches" }), el("figcaption", { text: info.shown === "mask" ? "its top images, outlined where its activation is " +
+      "in its top 0.5% over the dataset (NetDissect's mask; the rest dimmed)" : "its top images, cropped to the receptive field of " +
+      "its strongest cell" })));
     s.append(el("p", { class: "muted", text: "Its top images, each with the unit's activation:" }),
       el("div", { class: "thumbs" }, ...(window.FS_TOPK[name][u] || []).map(([i, v]) => imageTile(i, `image ${i} · ${figure(v)}`))));
     const nav = el("p");
@@ -293,5 +310,74 @@ const FS = (() => {
     s.append(nav);
   }
 
-  return { index, image, layer, unit, trust };
+  // A unit's activations over the whole dataset (the extraction's sketch): bars on a log
+  // scale, since most cells of a ReLU layer sit at zero; the mask threshold as a red line.
+  function histogramFigure([lo, hi, counts, threshold]) {
+    const w = 360, h = 110, ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", `0 0 ${w} ${h + 16}`);
+    svg.setAttribute("class", "histogram");
+    const top = Math.log10(Math.max(...counts) + 1) || 1;
+    const bw = w / counts.length;
+    counts.forEach((c, i) => {
+      const r = document.createElementNS(ns, "rect");
+      const bh = (Math.log10(c + 1) / top) * h;
+      r.setAttribute("x", i * bw); r.setAttribute("y", h - bh); r.setAttribute("width", Math.max(bw - 1, 1)); r.setAttribute("height", bh);
+      svg.append(r);
+    });
+    const label = (x, text, anchor) => { const t = document.createElementNS(ns, "text"); t.setAttribute("x", x);
+      t.setAttribute("y", h + 13); t.setAttribute("text-anchor", anchor); t.textContent = text; svg.append(t); };
+    label(0, figure(lo), "start"); label(w, figure(hi), "end");
+    if (threshold !== null && hi > lo) {
+      const x = ((threshold - lo) / (hi - lo)) * w;
+      const line = document.createElementNS(ns, "line");
+      line.setAttribute("x1", x); line.setAttribute("x2", x); line.setAttribute("y1", 0); line.setAttribute("y2", h);
+      line.setAttribute("class", "threshold"); svg.append(line);
+    }
+    return el("figure", { class: "histogram" }, svg, el("figcaption", { text: "its activations over every position of every image " +
+      `(log scale)` + (threshold !== null ? `; red: the mask threshold ${figure(threshold)}` : "") }));
+  }
+
+  // The activation atlas: cells at their place in the layout, zoomable; a click lists the
+  // images whose activations landed in the cell.
+  async function atlas() {
+    header();
+    const name = params.get("layer");
+    const info = (window.FS_RUN.atlases || []).find((a) => a.layer === name);
+    if (!info) { main().append(el("p", { text: `no activation atlas of layer ${name}: run featscope units atlas` })); return; }
+    await loadScript(`data/atlas-${name}.js`);
+    const data = window.FS_ATLAS;
+    const s = section(`${name}: activation atlas`);
+    s.append(el("p", { class: "muted", text: `${info.cells} cells of a ${info.grid}×${info.grid} grid, ${info.rendered} rendered, ` +
+      `from activation vectors of ${info.images} sampled images laid out by ${info.layout}; each cell is drawn from its ` +
+      "mean activation vector (Carter et al. 2019). Click a cell for its images." }));
+    let zoom = 1;
+    const grid = el("div", { class: "atlas-grid", style: `grid-template-columns: repeat(${data.grid}, var(--cell))` });
+    const setZoom = (z) => { zoom = Math.min(6, Math.max(0.5, z)); grid.style.setProperty("--cell", `${Math.round(48 * zoom)}px`); };
+    setZoom(1);
+    s.append(el("p", {}, el("button", { text: "−", onclick: () => setZoom(zoom / 1.25) }), " ",
+      el("button", { text: "+", onclick: () => setZoom(zoom * 1.25) }), el("span", { class: "muted", text: "  or ctrl + wheel over the atlas" })));
+    grid.addEventListener("wheel", (e) => { if (e.ctrlKey) { e.preventDefault(); setZoom(zoom * (e.deltaY < 0 ? 1.15 : 1 / 1.15)); } });
+    const byPlace = new Map(data.cells.map((c) => [`${c[0]}-${c[1]}`, c]));
+    const detail = el("div", { class: "atlas-detail" });
+    for (let gy = 0; gy < data.grid; gy++) for (let gx = 0; gx < data.grid; gx++) {
+      const c = byPlace.get(`${gy}-${gx}`);
+      if (!c) { grid.append(el("div", { class: "cell empty" })); continue; }
+      const [, , count, label, labelShare, cls, classShare, rendered, ids] = c;
+      const title = `${count} vectors · ${label ?? "no label"}` + (cls ? ` · ${cls}` : "");
+      const cell = el("button", { class: "cell", title, "data-cell": `${gy}-${gx}`, onclick: () => {
+        detail.replaceChildren(el("h3", { text: `cell (${gy}, ${gx}): ${count} activation vectors` }),
+          el("p", { text: (label ? `most common label ${label} (${Math.round(labelShare * 100)}%)` : "no labels") +
+            (cls ? `; most common class ${cls} (${Math.round(classShare * 100)}%)` : "") }),
+          el("div", { class: "thumbs" }, ...ids.map((i) => imageTile(i, `image ${i}`))));
+        detail.scrollIntoView({ block: "nearest" });
+      } });
+      if (rendered) cell.append(el("img", { src: `../units/${name}/atlas/cell-${pad(gy, 3)}-${pad(gx, 3)}.png`, alt: title, loading: "lazy" }));
+      else cell.append(el("span", { text: String(count) }));
+      grid.append(cell);
+    }
+    s.append(el("div", { class: "atlas-wrap" }, grid), detail);
+  }
+
+  return { index, image, layer, unit, trust, atlas };
 })();
