@@ -237,10 +237,11 @@ def _atlases(rd: RunDir) -> list[dict]:
 
 
 def _visualised(rd: RunDir, layer: str) -> dict[int, list]:
-    """unit -> [activation on its visualisation, dataset top-1, rank] where `units render`
+    """unit -> [activation on its visualisation, dataset top-1, rank, diverse variants] where `units render`
     drew it (and its PNG is there), from a table made on the dataset as it is now."""
     rows = current_unit_table(rd, rd.units_table(layer), layer)
-    return {r["unit"]: [round(r["activation"], 4), None if r["top1"] is None else round(r["top1"], 4), r["rank"]]
+    return {r["unit"]: [round(r["activation"], 4), None if r["top1"] is None else round(r["top1"], 4), r["rank"],
+                        len(rd.unit_variants(layer, r["unit"]))]
             for r in rows or [] if rd.unit_visualisation(layer, r["unit"]).exists()}
 
 

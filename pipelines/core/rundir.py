@@ -266,6 +266,13 @@ class RunDir:
     def unit_visualisation(self, layer: str, unit: int) -> Path:
         return self.units_dir(layer) / f"unit-{unit:04d}.png"
 
+    def unit_variant(self, layer: str, unit: int, k: int) -> Path:
+        """The k-th (from 1) of a unit's diverse visualisations (`units render --diversity`)."""
+        return self.units_dir(layer) / f"unit-{unit:04d}-v{k}.png"
+
+    def unit_variants(self, layer: str, unit: int) -> list[Path]:
+        return sorted(self.units_dir(layer).glob(f"unit-{unit:04d}-v*.png"), key=lambda p: int(p.stem.split("-v")[1]))
+
     def units_sheet(self, layer: str) -> Path:
         return self.units_dir(layer) / "sheet.png"
 

@@ -30,7 +30,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.objectives import layer_outputs
 from featscope.kernels.render import feature_visualisations
 from featscope.kernels.transforms import PixelModel
-from featscope.kernels.unit_objectives import channels
+from featscope.kernels.unit_objectives import channels, diversity
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.options import Command, Options, option, parse_units
@@ -61,6 +61,9 @@ class RenderOptions(Options):
     batch: int = option(16, help="units rendered together, one image each", min=1)
     lr: float = option(0.05, help="Adam's learning rate on the image's spectrum", min=0)
     seed: int = option(0, help="seed of the starting images and the random transforms")
+    diversity: int = option(0, help="also render this many different images per unit, optimised together with "
+                                    "Lucid's diversity objective (0: none)", min=0, max=16)
+    diversity_weight: float = option(100.0, help="weight of the diversity term (Lucid's tutorial: 100)", min=0)
     device: str = option("auto", help="where the model runs", choices=("auto", "cpu", "cuda"))
 
 
@@ -128,6 +131,13 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
                     to_image(images[b]).save(tmp, format="PNG")
                 rows.append(_row(unit, float(trajectory[-1, b]), measured[b], maxima))
             bar.update(len(chosen))
+    for unit in tqdm(units if options.diversity else [], unit="unit", desc="diverse variants", disable=not progress):
+        for k, image in enumerate(diverse_variants(model, module, unit, options, prep.crop), start=1):
+            with atomic_path(rd.unit_variant(options.layer, unit, k)) as tmp:
+                to_image(image).save(tmp, format="PNG")
+    for unit in units:  # variants of an earlier render with more of them
+        for stale in rd.unit_variants(options.layer, unit)[options.diversity:]:
+            stale.unlink()
     table = pa.Table.from_pylist(rows, schema=TABLE)
     write_table(table, rd.units_table(options.layer), {"layer": options.layer, "size": str(options.size),
                                                        "steps": str(options.steps), "seed": str(options.seed),
@@ -139,6 +149,20 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
         float(np.mean([r["ratio"] > 1 for r in with_top1])) if with_top1 else None,
         float(np.median([r["ratio"] for r in with_top1])) if with_top1 else None,
         float(np.mean([r["rank"] == 1 for r in rows if r["rank"] is not None])) if maxima else None)
+
+
+def diverse_variants(model: PixelModel, module: torch.nn.Module, unit: int, options: RenderOptions,
+                     model_size: int) -> torch.Tensor:
+    """`options.diversity` images of one unit optimised together: its channel objective plus
+    `diversity_weight` x Lucid's diversity term (Olah et al. 2017, "Feature Visualization":
+    the batch's Gram matrices pushed apart), so they show different facets of the unit."""
+    n = options.diversity
+    objective = channels(module, torch.full((n,), unit, device=model.mean.device)) \
+        + options.diversity_weight * diversity(module)
+    seeds = [options.seed * 1_000_003 + unit * 64 + k + 1 for k in range(n)]
+    images, _ = feature_visualisations(model, objective, seeds, size=options.size, steps=options.steps,
+                                       lr=options.lr, seed=options.seed, model_size=model_size)
+    return images
 
 
 def _activations(model: PixelModel, module: torch.nn.Module, images: torch.Tensor, side: int) -> torch.Tensor:

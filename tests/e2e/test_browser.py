@@ -165,7 +165,7 @@ def trusted_run(reported_run, tmp_path_factory):
     explain.run(rd, explain.ExplainOptions(layer="pool", queries=[photos[0]], k=2))
     from featscope.pipelines.stages import atlas, units
 
-    units.render(rd, units.RenderOptions(layer="layer3", units="0-1", size=32, steps=2), progress=False)
+    units.render(rd, units.RenderOptions(layer="layer3", units="0-1", size=32, steps=2, diversity=2), progress=False)
     units.label(rd, units.LabelOptions(layer="layer3", gradient_images=0))
     atlas.atlas(rd, atlas.AtlasOptions(layer="layer3", grid=3, images=12, per_image=1, min_count=2, size=24, steps=2,
                                        perplexity=3), progress=False)
@@ -224,7 +224,7 @@ def test_unit_pages_show_the_feature_visualisation_beside_the_dataset_examples(t
     assert page.locator("a.unit img.vis").count() == 2
     page.locator("a.unit").nth(1).click()
     page.wait_for_url("**/unit.html?layer=layer3&unit=1")
-    caption = page.locator("figure.vis figcaption").inner_text()
+    caption = page.locator("figure.vis figcaption").first.inner_text()
     row = pq.read_table(rd.units_table("layer3")).to_pylist()[1]
     assert caption.startswith(f"feature visualisation: activation {row['activation']:.3g}"[:34])
     assert page.locator(".thumbs .thumb").count() == 3  # the unit's top-k dataset images beside it
@@ -250,6 +250,9 @@ def test_layer_page_grid_and_unit_histogram_and_masks(trusted_run, page):
     assert page.locator("figure.histogram line.threshold").count() == 1
     assert f"{sketch['threshold']:.3g}"[:4] in page.locator("figure.histogram figcaption").inner_text()
     assert "activation is in its top 0.5%" in page.locator("figure.patches figcaption").inner_text()
+    assert page.locator("figure.variants img").count() == 2  # the diverse visualisations
+    page.wait_for_load_state("networkidle")
+    assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
     assert page.errors == []
 
 

@@ -292,6 +292,9 @@ const FS = (() => {
       alt: "feature visualisation" }), el("figcaption", { text: `feature visualisation: activation ${figure(vis[0])}` +
       (vis[1] ? ` (dataset top-1 ${figure(vis[1])}, ${figure(vis[0] / vis[1])}x)` : "") +
       (vis[2] ? `; on this image the unit ranks ${vis[2]} of the layer's units` : "") })));
+    if (vis && vis[3]) s.append(el("figure", { class: "vis variants" }, ...Array.from({ length: vis[3] }, (_, k) =>
+      el("img", { src: `../units/${name}/unit-${pad(u, 4)}-v${k + 1}.png`, alt: `diverse visualisation ${k + 1}` })),
+      el("figcaption", { text: `${vis[3]} more, optimised together to differ from each other (diversity objective)` })));
     const named = (info.labels || {})[u];
     if (named) s.append(el("p", { class: "unit-label", text: `label: ${named[0]} (AUC ${named[1].toFixed(3)} of its ` +
       `per-image maximum, one vs rest` + (named[2] !== null ? `; ${(named[2] * 100).toFixed(0)}% of its top images)` : ")") +
