@@ -68,7 +68,7 @@ WORD_HELP = {
     "mosaic": "draw the images on a layer's t-SNE map",
     "saliency": "which pixels matter: saliency maps of a run's images (with Dask), their faithfulness and "
                 "sanity checks",
-    "units": "what each unit responds to: feature visualisations checked against the dataset",
+    "units": "what each unit means: feature visualisations, labels and classes, an activation atlas",
     "explain": "why two images are neighbours: a map on each of its regions' share of their similarity",
     "viz": "the visualisation toolbox: filters, activations, class models, adversarial examples, DeepDream, "
            "feature inversion, textures, style transfer",

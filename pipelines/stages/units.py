@@ -1,6 +1,7 @@
-"""What each unit responds to, as an image made for it: `featscope units render`.
+"""What each unit responds to: `featscope units render` and `featscope units label`.
 
-Feature visualisations (`kernels.render.feature_visualisations`, Lucid's recipe) of a
+`render`: feature visualisations (Olah et al. 2017, "Feature Visualization"; `--diversity`
+adds that paper's diverse variants). Feature visualisations (`kernels.render.feature_visualisations`, Lucid's recipe) of a
 layer's units, many in one batch (one image per unit), written as a PNG per unit, a contact
 sheet and a Parquet table that checks them against the dataset:
 
@@ -11,6 +12,10 @@ sheet and a Parquet table that checks them against the dataset:
   `ratio` = activation / top1: above 1, the made image drives the unit harder than any real one;
 - `rank`: where the unit stands among all the layer's units on its own visualisation, each
   unit's activation divided by its dataset maximum; 1 means the image is specific to it.
+
+`label`: each unit named by the dataset label it separates best (ROC AUC of its per-image
+maximum, one label against the rest, in the spirit of NetDissect's unit labels, Bau et al.
+2017) and the classes it supports (classifier weights, or mean class-logit gradients deeper in).
 """
 
 from __future__ import annotations
@@ -376,8 +381,9 @@ COMMANDS = [
             help="name each unit of a layer by the label it separates best, and the classes it supports",
             description="For each unit, the ROC AUC of its per-image maximum (stored by extract) against each "
                         "label, one vs rest; the best label, its AUC and the share of the unit's top-k images "
-                        "with it (purity); for `pool`, the classes the classifier weighs the unit most for. "
-                        "Writes units/<layer>/labels.parquet."),
+                        "with it (purity); and the classes the unit supports most: for `pool`, by the "
+                        "classifier's weights, deeper in by the mean gradient of each class logit over a seeded "
+                        "sample of images. Writes units/<layer>/labels.parquet."),
     Command("units render", RenderOptions, render,
             help="feature visualisations of a layer's units, many at once, checked against the dataset",
             description="An image per unit that maximises the unit's mean activation (Lucid's Fourier, colour-"
