@@ -36,6 +36,12 @@ def test_the_demo_config_is_valid_and_gets_defaults():
         (lambda c: c["viz"]["dream"].update(layers=["block4", "conv5"]),
          r"viz\.dream\.layers\.1: unknown layer 'conv5' for mobilenet_v2"),
         (lambda c: c["viz"]["adversarial"].update(epsilon=0), r"viz\.adversarial\.epsilon: 0 is less than"),
+        (lambda c: c["units"]["label"].update(layers=["block2"]),
+         r"units\.label\.layers\.0: 'block2' is not one of the extracted layers"),
+        (lambda c: c["units"]["atlas"].update(layers=["block99"]), r"units\.atlas\.layers\.0: unknown layer 'block99'"),
+        (lambda c: c["units"]["atlas"].pop("layers"), r"units\.atlas: 'layers' is a required property"),
+        (lambda c: c["units"]["render"].update(steps=0), r"units\.render\.steps: 0 is less than the minimum of 1"),
+        (lambda c: c["units"].update(atlases={}), r"units: Additional properties are not allowed"),
     ],
 )
 def test_bad_configs_name_the_offending_key(change, message):
