@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,10 +52,16 @@ class MergeSummary:
     k: int
     images: int
     seconds: float
+    unsketched: list[int] = field(default_factory=list)  # live shards without a sketch: no thresholds
 
     def line(self) -> str:
-        return (f"topk merge {self.layer}: top-{self.k} of {self.units} units from {self.images} distinct images "
+        text = (f"topk merge {self.layer}: top-{self.k} of {self.units} units from {self.images} distinct images "
                 f"in {self.seconds:.1f}s")
+        if self.unsketched:
+            text += (f"; no activation thresholds (masks): {plural(len(self.unsketched), 'shard')} "
+                     f"({', '.join(map(str, self.unsketched[:5]))}) were extracted before featscope kept "
+                     "sketches; extract them again for masks")
+        return text
 
 
 def merge(rd: RunDir, layer: str, *, k: int | None = None, quantile: float = MASK_QUANTILE) -> MergeSummary:
@@ -104,9 +110,9 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None, quantile: float = MAS
     columns = {name: t.numpy() for name, t in out.items()} | {n: boxes[:, i].numpy() for i, n in
                                                              enumerate(("x0", "y0", "x1", "y1"))}
     write_topk(rd.topk(layer), columns, identity, layer=layer, k=k)
-    merge_sketches(rd, layer, identity, present["image_id"].to_numpy(), quantile)
+    unsketched = merge_sketches(rd, layer, identity, present["image_id"].to_numpy(), shards, quantile)
     return MergeSummary(layer, len(torch.unique(channel)), k, len(torch.unique(out["image_id"])),
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, unsketched)
 
 
 SKETCH_SCHEMA = pa.schema([
@@ -119,18 +125,23 @@ SKETCH_SCHEMA = pa.schema([
 ])
 
 
-def merge_sketches(rd: RunDir, layer: str, identity: RunIdentity, live_ids, quantile: float) -> None:
+def merge_sketches(rd: RunDir, layer: str, identity: RunIdentity, live_ids, shards: list[int],
+                   quantile: float) -> list[int]:
     """Sum the shards' activation histograms into topk/sketches/<layer>.parquet with each
     unit's mask threshold. Counts of images retired since extraction cannot be taken out
     (their values were not kept), so the threshold comes with the bounds they allow; the
-    manifest re-extracts a shard before its retired share makes those wide."""
+    manifest re-extracts a shard before its retired share makes those wide. If a live shard
+    has no sketch (extracted by an older featscope), no thresholds are written (a quantile
+    of part of the dataset would pass for the whole's) and those shards are returned."""
     import numpy as np
 
     from featscope.pipelines.core.store import read_sketch  # imports torch: not at the top (see merge)
 
     parts = rd.topk_sketch_parts(layer)
-    if not parts:
-        return
+    unsketched = sorted(set(shards) - {int(p.stem.split("-")[1]) for p in parts})
+    if unsketched:
+        rd.topk_sketch(layer).unlink(missing_ok=True)
+        return unsketched
     merged, removed, counted = None, 0, 0
     for part in parts:
         sketch, meta = read_sketch(part)
@@ -143,7 +154,7 @@ def merge_sketches(rd: RunDir, layer: str, identity: RunIdentity, live_ids, quan
         counted += len(ids) - gone
         merged = sketch if merged is None else merged.merge(sketch)
     if merged is None:
-        return
+        return []
     threshold = merged.quantile(quantile)
     low, high = merged.bracket(quantile, removed)
     if removed == 0:
@@ -156,6 +167,7 @@ def merge_sketches(rd: RunDir, layer: str, identity: RunIdentity, live_ids, quan
                      schema=SKETCH_SCHEMA)
     write_table(table, rd.topk_sketch(layer), {"quantile": str(quantile), "images": str(counted),
                                                "retired_values": str(removed), "layer": layer})
+    return []
 
 
 def read_thresholds(rd: RunDir, layer: str) -> dict[int, float] | None:

@@ -262,3 +262,20 @@ def test_masks_cover_each_units_strongest_cell_and_auto_picks_them_for_deep_laye
         assert mask.float().mean() < 0.9  # a mask, not the whole image
     strip = np.asarray(Image.open(rd.unit_patches("layer3", 0)))
     assert (np.abs(strip.astype(int) - (255, 214, 0)).sum(-1) == 0).any()  # the outline is drawn
+
+
+def test_without_every_shards_sketch_there_are_no_thresholds_and_the_merge_says_so(tmp_path, small_dataset):
+    """Shards extracted before sketches were kept: a quantile of the others would pass for the
+    dataset's, so none is written, and render falls back to receptive fields."""
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=4)
+    extract.extract(rd, ["layer3"], model="resnet18", weights="random", workers=0, topk=2, progress=False)
+    topk.merge(rd, "layer3")
+    assert rd.topk_sketch("layer3").exists()
+    rd.topk_sketch_part("layer3", 1).unlink()
+    summary = topk.merge(rd, "layer3")
+    assert summary.unsketched == [1] and "extract them again for masks" in summary.line()
+    assert not rd.topk_sketch("layer3").exists()
+    assert topk.render(rd, "layer3", units=[0], progress=False).show == "field"
+    with pytest.raises(FeatscopeError, match="no activation thresholds"):
+        topk.render(rd, "layer3", units=[0], show="mask", progress=False)
