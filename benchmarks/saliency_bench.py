@@ -174,8 +174,8 @@ def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, side
     import numpy as np
 
     from featscope.kernels.faithfulness import perturbation_curves
-    from featscope.pipelines.stages.saliency_trust import forward_batch
     from featscope.pipelines.core.device import inference_model
+    from featscope.pipelines.stages.saliency_trust import forward_batch
 
     loaded = load_model(arch, weights)
     model = loaded.module

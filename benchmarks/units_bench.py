@@ -2,7 +2,9 @@
 
 Same model, layer, image size, step count, parameterisation (Fourier, decorrelated colour,
 Lucid's constants), transforms (Lucid's standard ones), optimiser (Adam, lr 0.05): Lucent's
-`render_vis` one unit per call, featscope's `feature_visualisations` `--batch` units per call.
+`render_vis` one unit per call on the model as loaded, featscope's `feature_visualisations`
+`--batch` units per call on the model as `units render` prepares it (`visualisation_model`:
+batch norms folded, channels-last).
 Prints units/s of each and their ratio (target >= 5), and the activation each reached on its
 images (the unit's spatial maximum on the image at the model's input size): the median of
 featscope's / Lucent's over the units. Lucent 0.1.8 pins kornia <= 0.4.1 (and with it an old
@@ -25,7 +27,9 @@ from featscope.kernels.objectives import layer_outputs
 from featscope.kernels.render import feature_visualisations
 from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import channels
+from featscope.kernels.layers import LayerSpec
 from featscope.pipelines.core.models import load_model
+from featscope.pipelines.core.workers import visualisation_model
 
 
 def peak(model: PixelModel, module: torch.nn.Module, images: torch.Tensor, units: list[int]) -> np.ndarray:
@@ -65,19 +69,23 @@ def main() -> None:
     net = loaded.module.eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    model = PixelModel(net, loaded.preprocessing.mean, loaded.preprocessing.std)
+    model = PixelModel(net, loaded.preprocessing.mean, loaded.preprocessing.std)  # as loaded: Lucent's, and the judge
     module = net.get_submodule(args.layer)
+    spec = LayerSpec(args.layer, args.layer, "conv")
+    ours_model = visualisation_model(loaded, [spec])  # as `units render` runs it: BN folded, channels-last
+    ours_module = ours_model.model.get_submodule(args.layer)
     units = list(range(args.units))
     print(f"# {args.model} {args.layer}, {args.units} units, {args.size} px, {args.steps} steps, "
           f"{torch.get_num_threads()} threads")
 
-    feature_visualisations(model, channels(module, torch.tensor(units[:1])), [0], size=args.size, steps=2)  # warm-up
+    feature_visualisations(ours_model, channels(ours_module, torch.tensor(units[:1])), [0], size=args.size,
+                           steps=2)  # warm-up
     start = time.perf_counter()
     ours = []
     for first in range(0, len(units), args.batch):
         chosen = units[first:first + args.batch]
-        images, _ = feature_visualisations(model, channels(module, torch.tensor(chosen)), chosen, size=args.size,
-                                           steps=args.steps)
+        images, _ = feature_visualisations(ours_model, channels(ours_module, torch.tensor(chosen)), chosen,
+                                           size=args.size, steps=args.steps)
         ours.append(images)
     t_ours = time.perf_counter() - start
     ours = torch.cat(ours)

@@ -32,7 +32,6 @@ from tqdm import tqdm
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.objectives import layer_outputs
 from featscope.kernels.render import feature_visualisations
-from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import directions
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
@@ -42,7 +41,7 @@ from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import read_predictions, write_table
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.trust import dataset_stamp
-from featscope.pipelines.core.workers import frozen, model_ref, worker_model
+from featscope.pipelines.core.workers import model_ref, visualisation_model, worker_model
 from featscope.pipelines.render.grid_layout import normalise
 from featscope.pipelines.render.panels import to_image
 
@@ -192,7 +191,7 @@ def atlas(rd: RunDir, options: AtlasOptions, progress: bool = True) -> AtlasSumm
     keys = cells[:, 0] * 100_000 + cells[:, 1]
     means = torch.stack([torch.from_numpy(vectors[keys == r["gy"] * 100_000 + r["gx"]].mean(0)) for r in to_render]) \
         if to_render else torch.zeros(0)
-    pictures = _render(loaded, module, device, means, to_render, options, progress)
+    pictures = _render(loaded, spec, device, means, to_render, options, progress)
     for r, picture in zip(to_render, pictures):
         with atomic_path(rd.atlas_cell(options.layer, r["gy"], r["gx"])) as tmp:
             picture.save(tmp, format="PNG")
@@ -209,14 +208,14 @@ def atlas(rd: RunDir, options: AtlasOptions, progress: bool = True) -> AtlasSumm
                         time.perf_counter() - start)
 
 
-def _render(loaded, module: torch.nn.Module, device: torch.device, means: torch.Tensor, cells: list[dict],
-            options: AtlasOptions, progress: bool) -> list[Image.Image]:
+def _render(loaded, spec, device: torch.device, means: torch.Tensor, cells: list[dict], options: AtlasOptions,
+            progress: bool) -> list[Image.Image]:
     """Each cell's mean activation vector rendered with the direction objective, in batches."""
     prep = loaded.preprocessing
-    model = PixelModel(loaded.module, prep.mean, prep.std).to(device)
+    model = visualisation_model(loaded, [spec], device)
+    module = model.model.get_submodule(spec.module_path)
     pictures = []
-    with frozen(loaded.module), tqdm(total=len(cells), unit="cell", desc=f"atlas {options.layer}",
-                                     disable=not progress) as bar:
+    with tqdm(total=len(cells), unit="cell", desc=f"atlas {options.layer}", disable=not progress) as bar:
         for first in range(0, len(cells), options.batch):
             chunk = cells[first:first + options.batch]
             seeds = [options.seed * 1_000_003 + r["gy"] * options.grid + r["gx"] for r in chunk]

@@ -43,7 +43,7 @@ from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_table
 from featscope.pipelines.core.text import plural, rate
 from featscope.pipelines.core.trust import dataset_stamp
-from featscope.pipelines.core.workers import frozen, model_ref, worker_model
+from featscope.pipelines.core.workers import model_ref, visualisation_model, worker_model
 from featscope.pipelines.render.panels import to_image
 
 TABLE = pa.schema([
@@ -107,15 +107,14 @@ def render(rd: RunDir, options: RenderOptions, progress: bool = True) -> RenderS
     spec = loaded.layer(options.layer)
     if spec.kind == "pixels" or spec.grid:
         raise FeatscopeError(f"layer '{options.layer}' has no units to visualise: give a conv or vector layer")
-    with frozen(loaded.module):
-        return _render(rd, options, loaded, device, spec, progress, start)
+    return _render(rd, options, loaded, device, spec, progress, start)
 
 
 def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, spec, progress: bool,
             start: float) -> RenderSummary:
     prep = loaded.preprocessing
-    model = PixelModel(loaded.module, prep.mean, prep.std).to(device)
-    module = loaded.module.get_submodule(spec.module_path)
+    model = visualisation_model(loaded, [spec], device)
+    module = model.model.get_submodule(spec.module_path)
     probe = layer_outputs(model, torch.full((1, 3, prep.crop, prep.crop), 0.5, device=device), [module])[0]
     count = probe.shape[1]
     units = parse_units(options.units) or list(range(count))

@@ -98,7 +98,7 @@ def test_a_cell_rendering_points_along_its_mean_direction(run, summary):
     cells = [c for c in pq.read_table(run.atlas_table("layer3")).to_pylist() if c["rendered"]]
     means = torch.stack([torch.from_numpy(vectors[[cell_of[tuple(w)] == (c["gy"], c["gx"]) for w in where]].mean(0))
                          for c in cells])
-    start = atlas._render(loaded, module, device, means, cells, atlas.AtlasOptions(
+    start = atlas._render(loaded, loaded.layer("layer3"), device, means, cells, atlas.AtlasOptions(
         layer="layer3", grid=4, size=32, steps=1, batch=8), progress=False)
 
     def as_tensor(picture):

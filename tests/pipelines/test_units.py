@@ -146,16 +146,15 @@ def test_unit_tables_go_stale_when_the_dataset_changes(run):
 def test_diverse_variants_differ_more_than_without_the_diversity_term(run):
     """Lucid's diversity objective pushes a unit's images apart: their Gram matrices at the
     layer are less alike than the same seeds optimised without it."""
-    from featscope.kernels.transforms import PixelModel
-    from featscope.pipelines.core.workers import frozen, model_ref, worker_model
+    from featscope.pipelines.core.workers import model_ref, visualisation_model, worker_model
 
     summary = units.render(run, units.RenderOptions(layer="layer3", units="4", size=32, steps=12, diversity=3),
                            progress=False)
     assert summary.units == 1 and [p.name for p in run.unit_variants("layer3", 4)] == [
         "unit-0004-v1.png", "unit-0004-v2.png", "unit-0004-v3.png"]
     loaded = worker_model(model_ref(run))[0]
-    model = PixelModel(loaded.module, loaded.preprocessing.mean, loaded.preprocessing.std)
-    module = loaded.module.layer3
+    model = visualisation_model(loaded, [loaded.layer("layer3")])
+    module = model.model.layer3
 
     def gram_similarity(images):
         x = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=True)
@@ -165,11 +164,10 @@ def test_diverse_variants_differ_more_than_without_the_diversity_term(run):
         similarity = gram @ gram.T
         return float((similarity.sum() - similarity.diagonal().sum()) / (len(a) * (len(a) - 1)))
 
-    with frozen(loaded.module):
-        options = units.RenderOptions(layer="layer3", units="4", size=32, steps=12, diversity=3)
-        diverse = units.diverse_variants(model, module, 4, options, 224)
-        plain = units.diverse_variants(model, module, 4, units.RenderOptions(
-            layer="layer3", units="4", size=32, steps=12, diversity=3, diversity_weight=0), 224)
+    options = units.RenderOptions(layer="layer3", units="4", size=32, steps=12, diversity=3)
+    diverse = units.diverse_variants(model, module, 4, options, 224)
+    plain = units.diverse_variants(model, module, 4, units.RenderOptions(
+        layer="layer3", units="4", size=32, steps=12, diversity=3, diversity_weight=0), 224)
     assert gram_similarity(diverse) < gram_similarity(plain)
     units.render(run, units.RenderOptions(layer="layer3", units="4", size=32, steps=2, diversity=1), progress=False)
     assert len(run.unit_variants("layer3", 4)) == 1  # the render with fewer variants removed the others
