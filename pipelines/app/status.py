@@ -22,7 +22,7 @@ from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.text import plural
-from featscope.pipelines.core.trust import current_evaluation, read_evaluation, read_sanity
+from featscope.pipelines.core.trust import current_evaluation, current_unit_table, read_evaluation, read_sanity
 
 
 @dataclass
@@ -98,6 +98,19 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         if state != "current":
             out.stale.append(f"top-k {layer}")
         out.lines.append(f"top-k {layer}: {plural(len(ids), 'distinct image')}, {state}")
+        if rd.topk_sketch(layer).exists():
+            out.lines.append("  activation thresholds: every unit's, for masks")
+    for layer in sorted(p.name for p in (rd.root / "units").glob("*") if p.is_dir()):
+        for name, path in (("visualisations", rd.units_table(layer)), ("labels", rd.units_labels(layer)),
+                           ("atlas", rd.atlas_table(layer))):
+            if not path.exists():
+                continue
+            rows = current_unit_table(rd, path, layer)
+            what = f"{plural(len(rows), 'cell' if name == 'atlas' else 'unit')}" if rows is not None else \
+                "stale: made from the dataset as it was before"
+            out.lines.append(f"units {layer} {name}: {what}")
+            if rows is None:
+                out.stale.append(f"units {layer} {name}")
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         describe("map", path.stem, _ids(path))
     live_set = set(live.tolist())

@@ -131,14 +131,19 @@ def test_deeper_units_get_classes_from_the_mean_gradient_of_each_logit(run):
 def test_unit_tables_go_stale_when_the_dataset_changes(run):
     import os
 
+    from featscope.pipelines.app.status import status
     from featscope.pipelines.core.trust import current_unit_table
 
     units.label(run, units.LabelOptions(layer="layer3", classes=0))  # no classes: no model pass
     assert len(current_unit_table(run, run.units_labels("layer3"), "layer3")) == 256
+    assert "units layer3 labels: 256 units" in status(run).lines
     stat = run.topk("layer3").stat()
     os.utime(run.topk("layer3"), ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # a rerun's merge rewrote it
     try:
         assert current_unit_table(run, run.units_labels("layer3"), "layer3") is None
+        found = status(run)
+        assert "units layer3 labels: stale: made from the dataset as it was before" in found.lines
+        assert "units layer3 labels" in found.stale
     finally:
         os.utime(run.topk("layer3"), ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
