@@ -253,7 +253,10 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
         if r["rank"] < k:
             rows_of[r["channel"]].append([r["rank"], r["image_id"], r["x0"], r["y0"], r["x1"], r["y1"],
                                           round(r["value"], 6)])
-    signature = {unit: sorted(rows_of[unit]) for unit in units}
+    thresholds = (read_thresholds(rd, layer) or {}) if show == "mask" else {}
+    # what a strip shows: its rows, and with masks the threshold they were cut at
+    signature = {unit: sorted(rows_of[unit]) + ([[round(thresholds[unit], 6)]] if unit in thresholds else [])
+                 for unit in units}
     kept = {u for u in units if drawn.get(str(u)) == signature[u] and rd.unit_patches(layer, u).exists()}
     chosen = set(units) - kept
     wanted = [r for r in table if r["channel"] in chosen and r["rank"] < k]

@@ -279,3 +279,16 @@ def test_without_every_shards_sketch_there_are_no_thresholds_and_the_merge_says_
     assert topk.render(rd, "layer3", units=[0], progress=False).show == "field"
     with pytest.raises(FeatscopeError, match="no activation thresholds"):
         topk.render(rd, "layer3", units=[0], show="mask", progress=False)
+
+
+def test_a_mask_strip_is_redrawn_when_its_threshold_moves(tmp_path, small_dataset):
+    """Same top-k, another dataset-wide threshold (the dataset changed elsewhere): the strip
+    drawn at the old threshold must not be kept."""
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset)
+    extract.extract(rd, ["layer3"], model="resnet18", weights="random", workers=0, topk=2, progress=False)
+    topk.merge(rd, "layer3")
+    assert topk.render(rd, "layer3", units=[0, 1], show="mask", progress=False).drawn == 2
+    assert topk.render(rd, "layer3", units=[0, 1], show="mask", progress=False).drawn == 0
+    topk.merge(rd, "layer3", quantile=0.9)
+    assert topk.render(rd, "layer3", units=[0, 1], show="mask", progress=False).drawn == 2
