@@ -22,6 +22,10 @@ def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
         "saliency": {"methods": ["gradcam"], "select": "label=photo", "workers": 1, "segment": True,
                      "evaluate": {"steps": 4}, "sanity": {"sample": 2, "steps": 3}},
         "explain": {"k": 2},
+        "units": {"render": {"layers": ["layer3"], "units": "0-1", "size": 24, "steps": 2},
+                  "label": {"gradient_images": 1},
+                  "atlas": {"layers": ["layer3"], "grid": 2, "images": 8, "per_image": 1, "min_count": 1, "size": 16,
+                            "steps": 1, "perplexity": 2}},
         "viz": {"filters": ["stem"], "activations": {"layers": ["layer1"], "ids": [0]},
                 "class_models": {"classes": [1, 2], "steps": 3, "octaves": 1},
                 "adversarial": {"ids": [0], "steps": 2}, "dream": {"layers": ["layer1"], "ids": [0],
@@ -61,6 +65,14 @@ def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
     for layer in ("pool", "layer3"):
         explained = json.loads((run / "explain" / layer / "queries.json").read_text())["pairs"]
         assert sorted(explained) == ["0", "5"] and all(len(pairs) == 2 for pairs in explained.values())
+
+    assert pq.read_table(run / "units" / "layer3" / "visualisations.parquet")["unit"].to_pylist() == [0, 1]
+    assert listed(run / "units" / "layer3")[:2] == ["atlas", "labels.parquet"]
+    assert pq.read_table(run / "units" / "layer3" / "labels.parquet").num_rows == 256
+    assert pq.read_table(run / "units" / "pool" / "labels.parquet").num_rows == 512
+    cells = pq.read_table(run / "units" / "layer3" / "atlas" / "cells.parquet").to_pylist()
+    assert sum(c["count"] for c in cells) == 8 and (run / "units" / "layer3" / "atlas" / "atlas.png").exists()
+    assert (run / "topk" / "sketches" / "layer3.parquet").exists()
 
     viz = run / "viz"
     assert sorted(str(p.relative_to(viz)) for p in viz.rglob("*.png")) == [
