@@ -322,10 +322,10 @@ def _supported_classes(rd: RunDir, options: LabelOptions, units: int) -> tuple[l
     if linear is not None:
         support, source = linear.weight.detach().float().T, "classifier weights"  # (units, classes)
     elif options.gradient_images and spec.kind != "pixels" and not spec.grid:
-        support = _mean_gradients(rd, loaded, device, spec, options)
+        support, used = _mean_gradients(rd, loaded, device, spec, options)
         if support is None:
             return None, None, None
-        source = f"mean gradient over {min(options.gradient_images, len(manifest.read(rd)))} images"
+        source = f"mean gradient over {used} images"
     else:
         return None, None, None
     values, order = support.topk(min(options.classes, support.shape[1]), dim=1)
@@ -342,9 +342,11 @@ def _classifier_reading(loaded, layer: str, units: int) -> torch.nn.Linear | Non
     return linear if isinstance(linear, torch.nn.Linear) and linear.in_features == units else None
 
 
-def _mean_gradients(rd: RunDir, loaded, device: torch.device, spec, options: LabelOptions) -> torch.Tensor | None:
-    """(units, classes) mean class-logit gradients over a seeded sample of the live images;
-    None if the model's output is no (B, classes) score."""
+def _mean_gradients(rd: RunDir, loaded, device: torch.device, spec,
+                    options: LabelOptions) -> tuple[torch.Tensor | None, int]:
+    """(units, classes) mean class-logit gradients over a seeded sample of the live images,
+    and how many images it averaged (unreadable ones are skipped); None if no image could be
+    read or the model's output is no (B, classes) score."""
     from featscope.kernels.class_attribution import mean_class_gradients
     from featscope.pipelines.core.images import BadImage, read_pixels
 
@@ -359,13 +361,13 @@ def _mean_gradients(rd: RunDir, loaded, device: torch.device, spec, options: Lab
         except BadImage:
             continue
     if not pixels:
-        return None
+        return None, 0
     x = prep.normalize(torch.stack(pixels).to(device))
     with torch.no_grad():
         probe = loaded.module(x[:1])
     if not isinstance(probe, torch.Tensor) or probe.ndim != 2:
-        return None
-    return mean_class_gradients(loaded.module, loaded.module.get_submodule(spec.module_path), x).cpu()
+        return None, 0
+    return mean_class_gradients(loaded.module, loaded.module.get_submodule(spec.module_path), x).cpu(), len(x)
 
 
 def _aliases(loaded) -> set[str]:
