@@ -112,8 +112,10 @@ class DynamicBatcher:
     (up to `max_batch`) while `coming()` says more are on their way; a lone request does not
     wait. `run_batch` maps a list of requests to the list of their answers."""
 
-    def __init__(self, run_batch, *, name: str, max_batch: int = 16, wait_s: float = 0.0, coming=lambda: 0):
+    def __init__(self, run_batch, *, name: str, max_batch: int = 16, wait_s: float = 0.0, coming=lambda: 0,
+                 initializer=None):
         self.run_batch, self.max_batch, self.wait_s, self.coming = run_batch, max_batch, wait_s, coming
+        self.initializer = initializer  # run first on the batcher's thread
         self.waiting: queue.Queue = queue.Queue()
         self.batches: list[int] = []  # sizes, for the load test and tests
         threading.Thread(target=self._loop, name=name, daemon=True).start()
@@ -124,6 +126,8 @@ class DynamicBatcher:
         return done
 
     def _loop(self) -> None:
+        if self.initializer is not None:
+            self.initializer()
         while True:
             batch = [self.waiting.get()]
             deadline = time.perf_counter() + self.wait_s
@@ -180,13 +184,15 @@ class QueryService:
         self.layers = rd.index_layers()
         self.indexes = {layer: _open_mapped(rd, layer) for layer in self.layers}
         self.embedder = ImageEmbedder(rd.read_config(), self.layers)
-        self.decoders = ThreadPoolExecutor(decode_threads or os.cpu_count() or 2, thread_name_prefix="decode")
+        # each of the service's threads runs torch and faiss on itself alone: see single_threaded
+        self.decoders = ThreadPoolExecutor(decode_threads or os.cpu_count() or 2, thread_name_prefix="decode",
+                                           initializer=single_threaded)
         self._batcher: DynamicBatcher | None = None
         self.decoding = 0  # uploads between arrival and the batcher (read by it, so lone ones never wait)
         self._batcher_lock = threading.Lock()
         # searches need no wait: requests that arrive while one batch searches form the next
         self.searches = DynamicBatcher(lambda requests: search_batch(self.indexes, requests), name="search",
-                                       max_batch=64)
+                                       max_batch=64, initializer=single_threaded)
         self._explainer = None  # loads the model on the first /api/explain
 
     def explain(self, a: int, b: int, layer: str, similarity: str = "cosine") -> dict:
@@ -216,7 +222,7 @@ class QueryService:
         with self._batcher_lock:
             if self._batcher is None:
                 self._batcher = DynamicBatcher(self._embed_batch, name="embed", wait_s=0.004,
-                                               coming=lambda: self.decoding)
+                                               coming=lambda: self.decoding, initializer=single_threaded)
             return self._batcher
 
     def _embed_batch(self, inputs: list) -> list[dict[str, np.ndarray]]:
@@ -284,6 +290,21 @@ class QueryService:
         if not (public or self.expose_run_files):
             raise ApiError(404, "not served: raw run files are served only with `featscope serve --expose-run-files`")
         return candidate
+
+
+def single_threaded() -> None:
+    """Run torch's and faiss's work on the calling thread alone (OpenMP's thread count is per
+    thread). The service's parallelism is its requests, on its decoder, model and search
+    threads; a multi-threaded op on each of them would start an OpenMP team per thread, more
+    threads than cores, and each team then either spins for its next op, taking the cores the
+    other threads need, or sleeps and is woken through the kernel on each of the model's
+    hundred-odd ops. Measured on 2 cores (`benchmarks/serve_load.py`): uploads at 1 client
+    25 -> 43/s, at 16 clients 76 -> 91/s against every thread at 2 threads."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
 
 
 def _open_mapped(rd: RunDir, layer: str):
@@ -541,6 +562,7 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
 
 def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: int = 16 * 2**20,
         max_pixels: int = DEFAULT_MAX_PIXELS, expose_run_files: bool = False) -> None:
+    single_threaded()  # this thread too, and with it the default of threads started later (explain's)
     server = make_server(rd, host=host, port=port, max_upload=max_upload, max_pixels=max_pixels,
                          expose_run_files=expose_run_files)
     address = f"http://{server.server_address[0]}:{server.server_address[1]}/"

@@ -101,7 +101,8 @@ class ImageEmbedder:
     def __init__(self, config: dict, layers: list[str], *, device: str = "auto"):
         self.config, self.layers, self.device = config, list(layers), device
         self._extractor: FeatureExtractor | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while the model runs
+        self._loading = threading.Lock()  # held while it loads: decoding must not wait for a forward pass
 
     @property
     def loaded(self) -> bool:
@@ -110,12 +111,16 @@ class ImageEmbedder:
 
     @property
     def extractor(self) -> FeatureExtractor:
-        with self._lock:
-            if self._extractor is None:
-                loaded = load_run_model(self.config, require_features=True)
-                device = resolve_device(self.device)
-                self._extractor = FeatureExtractor(loaded, self.layers, device, resolve_precision("auto", device))
-            return self._extractor
+        """The model, loaded on first use; does not wait while the model runs (decoders read
+        its preprocessing while it embeds)."""
+        if self._extractor is None:
+            with self._loading:
+                if self._extractor is None:
+                    loaded = load_run_model(self.config, require_features=True)
+                    device = resolve_device(self.device)
+                    self._extractor = FeatureExtractor(loaded, self.layers, device,
+                                                       resolve_precision("auto", device))
+        return self._extractor
 
     def pixels(self, source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """A file path or encoded bytes -> (3,H,W) uint8; a bad image is a one-line error.

@@ -193,3 +193,54 @@ def test_service_explains_a_pair_as_the_command_does(server):
                             (f"a={a}&b={b}&layer=nope", 400), (f"a={a}&layer=pool", 400)):
         status, body = fetch(f"{base}/api/explain?{query}")
         assert status == expected and "error" in json.loads(body), (query, body)
+
+
+def test_uploads_decode_while_the_model_runs(reported_run):
+    """Decoding is outside the model's lock: a decoder reading the model's preprocessing must
+    not wait for a forward pass in progress (it did, through the lazy model loader)."""
+    from featscope.pipelines.core.features import ImageEmbedder
+
+    embedder = ImageEmbedder(reported_run.read_config(), ["pool"])
+    photo = next(r for r in manifest.read(reported_run).to_pylist() if r["label"] == "photo")
+    upload = open(photo["path"], "rb").read()
+    embedder.embed_batch(embedder.model_input(upload)[None])  # loads the model
+    model, running, release = embedder.extractor.model, threading.Event(), threading.Event()
+
+    def hold(*_):  # the forward pass starts, then waits until released
+        running.set()
+        release.wait(30)
+
+    hook = model.register_forward_pre_hook(hold)
+    try:
+        forward = threading.Thread(target=embedder.embed_batch, args=(embedder.model_input(upload)[None],))
+        forward.start()
+        assert running.wait(30)
+        decoded = []
+        decoder = threading.Thread(target=lambda: decoded.append(embedder.model_input(upload)))
+        decoder.start()
+        decoder.join(10)
+        assert not forward.join(0) and forward.is_alive()  # the forward pass is still held...
+        assert decoded and decoded[0].shape[0] == 3  # ...and the upload decoded meanwhile
+    finally:
+        release.set()
+        forward.join(30)
+        hook.remove()
+
+
+def test_the_services_threads_run_torch_on_one_thread_each(reported_run):
+    """Each decoder, the model's and the search thread run torch (and faiss) on themselves
+    alone: several OpenMP teams on too few cores slowed a batch-1 forward pass twofold."""
+    import faiss
+    import torch
+
+    from featscope.pipelines.app.serve import QueryService, single_threaded
+
+    before = torch.get_num_threads()
+    service = QueryService(reported_run, decode_threads=2)
+    on_thread = lambda *_: (torch.get_num_threads(), faiss.omp_get_max_threads())  # noqa: E731
+    assert service.decoders.submit(on_thread).result(10) == (1, 1)
+    assert service.searches.initializer is single_threaded and service.batcher.initializer is single_threaded
+    batcher = DynamicBatcher(lambda requests: [on_thread() for _ in requests], name="test-threads",
+                             initializer=single_threaded)
+    assert batcher.submit(0).result(10) == (1, 1)
+    assert torch.get_num_threads() == before  # the caller's own setting is left alone
