@@ -29,13 +29,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
-import os
 import queue
 import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
+from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
@@ -184,15 +185,17 @@ class QueryService:
         self.layers = rd.index_layers()
         self.indexes = {layer: _open_mapped(rd, layer) for layer in self.layers}
         self.embedder = ImageEmbedder(rd.read_config(), self.layers)
-        # each of the service's threads runs torch and faiss on itself alone: see single_threaded
-        self.decoders = ThreadPoolExecutor(decode_threads or os.cpu_count() or 2, thread_name_prefix="decode",
-                                           initializer=single_threaded)
+        # decoders run torch on themselves alone, the model and the searches on half the cores:
+        # see limit_threads
+        self.op_threads = max(1, usable_cpus() // 2)
+        self.decoders = ThreadPoolExecutor(decode_threads or usable_cpus(), thread_name_prefix="decode",
+                                           initializer=limit_threads, initargs=(1,))
         self._batcher: DynamicBatcher | None = None
         self.decoding = 0  # uploads between arrival and the batcher (read by it, so lone ones never wait)
         self._batcher_lock = threading.Lock()
         # searches need no wait: requests that arrive while one batch searches form the next
         self.searches = DynamicBatcher(lambda requests: search_batch(self.indexes, requests), name="search",
-                                       max_batch=64, initializer=single_threaded)
+                                       max_batch=64, initializer=partial(limit_threads, self.op_threads))
         self._explainer = None  # loads the model on the first /api/explain
 
     def explain(self, a: int, b: int, layer: str, similarity: str = "cosine") -> dict:
@@ -222,7 +225,8 @@ class QueryService:
         with self._batcher_lock:
             if self._batcher is None:
                 self._batcher = DynamicBatcher(self._embed_batch, name="embed", wait_s=0.004,
-                                               coming=lambda: self.decoding, initializer=single_threaded)
+                                               coming=lambda: self.decoding,
+                                               initializer=partial(limit_threads, self.op_threads))
             return self._batcher
 
     def _embed_batch(self, inputs: list) -> list[dict[str, np.ndarray]]:
@@ -292,19 +296,20 @@ class QueryService:
         return candidate
 
 
-def single_threaded() -> None:
-    """Run torch's and faiss's work on the calling thread alone (OpenMP's thread count is per
-    thread). The service's parallelism is its requests, on its decoder, model and search
-    threads; a multi-threaded op on each of them would start an OpenMP team per thread, more
-    threads than cores, and each team then either spins for its next op, taking the cores the
-    other threads need, or sleeps and is woken through the kernel on each of the model's
-    hundred-odd ops. Measured on 2 cores (`benchmarks/serve_load.py`): uploads at 1 client
-    25 -> 43/s, at 16 clients 76 -> 91/s against every thread at 2 threads."""
+def limit_threads(count: int) -> None:
+    """Run the calling thread's torch and faiss ops on `count` threads (OpenMP's thread count
+    is per thread). The service's parallelism is mostly its requests, on its decoder, model
+    and search threads; with every one of them running ops on all cores, each starts an
+    OpenMP team, there are more threads than cores, and each team either spins for its next
+    op, taking the cores the others need, or sleeps and is woken through the kernel on each
+    of the model's hundred-odd ops. Decoders get 1, the model and the searches half the
+    cores: on 2 cores, 1 (`benchmarks/serve_load.py`: uploads at 1 client 25 -> 43/s, at 16
+    clients 76 -> 91/s against every thread on 2; the model alone on 2, 37/s and 50/s)."""
     import faiss
     import torch
 
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(count)
+    faiss.omp_set_num_threads(count)
 
 
 def _open_mapped(rd: RunDir, layer: str):
@@ -562,7 +567,7 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
 
 def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: int = 16 * 2**20,
         max_pixels: int = DEFAULT_MAX_PIXELS, expose_run_files: bool = False) -> None:
-    single_threaded()  # this thread too, and with it the default of threads started later (explain's)
+    limit_threads(max(1, usable_cpus() // 2))  # this thread too, and the default of later ones (explain's)
     server = make_server(rd, host=host, port=port, max_upload=max_upload, max_pixels=max_pixels,
                          expose_run_files=expose_run_files)
     address = f"http://{server.server_address[0]}:{server.server_address[1]}/"
