@@ -65,6 +65,14 @@ def _decode(data: bytes, max_pixels: int, min_size: int | None, *, tensor: bool)
                                            mode=ImageReadMode.RGB, apply_exif_orientation=True)
                     if scaled:
                         img.draft(None, (min_size, min_size))
+                elif tensor and img.format == "PNG" and img.mode in ("RGB", "L") and "transparency" not in img.info \
+                        and b"eXIf" not in data:
+                    # opaque 8-bit colour or grey with no EXIF chunk (an orientation could be in
+                    # it; Pillow's getexif would decode the whole image to look after the pixel
+                    # data): torchvision's libpng decoder gives Pillow's pixels, 15% faster
+                    pixels = _png_pixels(data)
+                    if pixels is not None:
+                        return pixels
                 img.load()
                 rgb = to_rgb(ImageOps.exif_transpose(img))
                 if tensor:
@@ -80,6 +88,19 @@ def _decode(data: bytes, max_pixels: int, min_size: int | None, *, tensor: bool)
             raise BadImage("not an image (unrecognised file format)") from None
         except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as e:
             raise BadImage(f"cannot decode: {str(e).splitlines()[-1].split(', ')[-1]}") from None
+
+
+def _png_pixels(data: bytes) -> torch.Tensor | None:
+    """(3,H,W) uint8 by torchvision's PNG decoder, or None for a 16-bit PNG (Pillow scales those).
+    Laid out as Pillow's pixels are (channels last in memory), which the resize after it takes
+    its fast path on: 7.6 ms a demo photo decoded and resized, against 8.9 through Pillow."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_png
+
+    pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if pixels.dtype != torch.uint8:
+        return None
+    return pixels.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
 def open_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None) -> Image.Image:
