@@ -64,11 +64,11 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
     order = ranks(maps.to(images.device))
     cut = cutoffs(order.shape[1], steps).to(images.device)
     height, width = images.shape[2:]
-    pairs = [(b, k) for b in range(images.shape[0]) for k in range(steps + 1)]
-    curves = torch.empty(images.shape[0], steps + 1)
+    pairs, inputs = _distinct_inputs(images, reference, mode, images.shape[0], steps)
+    logits = []
     autocast = torch.autocast(images.device.type, dtype=dtype) if dtype is not None else nullcontext()
-    for start in range(0, len(pairs), batch):
-        chunk = pairs[start:start + batch]
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start:start + batch]
         b_index = torch.tensor([b for b, _ in chunk], device=images.device)
         k_index = torch.tensor([k for _, k in chunk], device=images.device)
         perturbed = (order[b_index] < cut[k_index, None]).view(-1, 1, height, width)
@@ -77,9 +77,45 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
         else:
             x = torch.where(perturbed, images[b_index], reference[b_index])
         with torch.no_grad(), autocast:
-            logits = model(like_model(x, model)).float()
-        curves[b_index.cpu(), k_index.cpu()] = class_score(logits, target[b_index], score).cpu()
-    return curves
+            logits.append(model(like_model(x, model)).float())
+    scores = class_score(torch.cat(logits)[pairs.to(images.device)],
+                         target.repeat_interleave(steps + 1).to(images.device), score)
+    return scores.view(images.shape[0], steps + 1).cpu()
+
+
+def _distinct_inputs(images: torch.Tensor, reference: torch.Tensor, mode: str, count: int,
+                     steps: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The (image, step) inputs that differ: step 0 (nothing perturbed) shows the image (deletion)
+    or the reference (insertion) whatever the map, and the last step the other, so equal images
+    (an image's several maps, `saliency evaluate`'s case) and equal references (zeros, a
+    number) share those forward passes. Returns, for each (image, step) in row order, the
+    index of its input, and the inputs as (image, step) pairs."""
+    same_image, same_reference = _first_equal(images), _first_equal(reference)
+    shown = {0: same_image if mode == "deletion" else same_reference,
+             steps: same_reference if mode == "deletion" else same_image}
+    index: dict[tuple, int] = {}
+    inputs, pairs = [], []
+    for b in range(count):
+        for k in range(steps + 1):
+            key = ("shared", k, shown[k][b]) if k in shown else (b, k)
+            if key not in index:
+                index[key] = len(inputs)
+                inputs.append((b, k))
+            pairs.append(index[key])
+    return torch.tensor(pairs), inputs
+
+
+def _first_equal(batch: torch.Tensor) -> list[int]:
+    """For each item, the first item equal to it (itself if none before)."""
+    if batch.shape[0] and batch.stride(0) == 0:  # one tensor expanded: all equal
+        return [0] * batch.shape[0]
+    first, kept = [], []
+    for b in range(batch.shape[0]):
+        match = next((a for a in kept if torch.equal(batch[a], batch[b])), None)
+        if match is None:
+            kept.append(b)
+        first.append(b if match is None else match)
+    return first
 
 
 def area_under_curve(curves: torch.Tensor) -> torch.Tensor:

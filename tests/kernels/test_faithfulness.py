@@ -124,3 +124,29 @@ def test_baseline_maps():
     assert not torch.equal(random_map((5, 7), 1), random_map((5, 7), 2))
     centre = centre_map((9, 9))
     assert centre.argmax().item() == 40 and torch.allclose(centre, centre.flip(0)) and torch.allclose(centre, centre.T)
+
+
+def test_an_images_maps_share_the_unperturbed_and_fully_perturbed_passes(images):
+    """Several maps of one image (as `saliency evaluate` sends them) and a constant reference:
+    the first and last steps are the same input for every map and run once, and every curve
+    equals the curve of its map computed alone."""
+    model = small_cnn()
+    passes = []
+    model.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    maps = torch.rand(4, SIDE, SIDE, generator=torch.Generator().manual_seed(5))
+    target = torch.tensor([1, 2, 2, 5])
+    one_image = images[:1].expand(4, -1, -1, -1)
+    for mode in ("deletion", "insertion"):
+        passes.clear()
+        together = perturbation_curves(model, one_image, maps, target, mode=mode, steps=6, replacement="zeros")
+        assert sum(passes) == 4 * 5 + 2  # 7 steps each, the two shared ones once
+        for b in range(4):
+            alone = perturbation_curves(model, images[:1], maps[b:b + 1], target[b:b + 1], mode=mode, steps=6,
+                                        replacement="zeros")
+            torch.testing.assert_close(together[b:b + 1], alone, atol=1e-6, rtol=1e-5)
+    passes.clear()  # different images, one reference (zeros): only the fully perturbed step is shared
+    perturbation_curves(model, images, maps[:3], target[:3], mode="deletion", steps=6, replacement="zeros")
+    assert sum(passes) == 3 * 6 + 1
+    passes.clear()  # a reference of each image's own (its blur): nothing is shared
+    perturbation_curves(model, images, maps[:3], target[:3], mode="deletion", steps=6, replacement="blur")
+    assert sum(passes) == 3 * 7
