@@ -109,9 +109,10 @@ def _first_equal(batch: torch.Tensor) -> list[int]:
     """For each item, the first item equal to it (itself if none before)."""
     if batch.shape[0] and batch.stride(0) == 0:  # one tensor expanded: all equal
         return [0] * batch.shape[0]
+    sums = batch.flatten(1).sum(1).tolist()  # only items with equal sums are compared whole
     first, kept = [], []
     for b in range(batch.shape[0]):
-        match = next((a for a in kept if torch.equal(batch[a], batch[b])), None)
+        match = next((a for a in kept if sums[a] == sums[b] and torch.equal(batch[a], batch[b])), None)
         if match is None:
             kept.append(b)
         first.append(b if match is None else match)
