@@ -64,7 +64,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
     order = ranks(maps.to(images.device))
     cut = cutoffs(order.shape[1], steps).to(images.device)
     height, width = images.shape[2:]
-    pairs, inputs = _distinct_inputs(images, reference, mode, images.shape[0], steps)
+    pairs, inputs = _distinct_inputs(images, reference, mode, steps)
     logits = []
     autocast = torch.autocast(images.device.type, dtype=dtype) if dtype is not None else nullcontext()
     for start in range(0, len(inputs), batch):
@@ -83,7 +83,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
     return scores.view(images.shape[0], steps + 1).cpu()
 
 
-def _distinct_inputs(images: torch.Tensor, reference: torch.Tensor, mode: str, count: int,
+def _distinct_inputs(images: torch.Tensor, reference: torch.Tensor, mode: str,
                      steps: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """The (image, step) inputs that differ: step 0 (nothing perturbed) shows the image (deletion)
     or the reference (insertion) whatever the map, and the last step the other, so equal images
@@ -95,7 +95,7 @@ def _distinct_inputs(images: torch.Tensor, reference: torch.Tensor, mode: str, c
              steps: same_reference if mode == "deletion" else same_image}
     index: dict[tuple, int] = {}
     inputs, pairs = [], []
-    for b in range(count):
+    for b in range(images.shape[0]):
         for k in range(steps + 1):
             key = ("shared", k, shown[k][b]) if k in shown else (b, k)
             if key not in index:

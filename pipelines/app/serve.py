@@ -194,7 +194,7 @@ class QueryService:
         self.embedder = ImageEmbedder(rd.read_config(), self.layers)
         # decoders run torch on themselves alone, the model and the searches on half the cores:
         # see limit_threads
-        self.op_threads = max(1, usable_cpus() // 2)
+        self.op_threads = op_threads()
         self.decoders = ThreadPoolExecutor(decode_threads or usable_cpus(), thread_name_prefix="decode",
                                            initializer=limit_threads, initargs=(1,))
         self._batcher: DynamicBatcher | None = None
@@ -304,6 +304,11 @@ class QueryService:
         if not (public or self.expose_run_files):
             raise ApiError(404, "not served: raw run files are served only with `featscope serve --expose-run-files`")
         return candidate
+
+
+def op_threads() -> int:
+    """Threads for one op of the model or of a search in the service: half the usable cores."""
+    return max(1, usable_cpus() // 2)
 
 
 def limit_threads(count: int) -> None:
@@ -577,7 +582,7 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
 
 def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: int = 16 * 2**20,
         max_pixels: int = DEFAULT_MAX_PIXELS, expose_run_files: bool = False) -> None:
-    limit_threads(max(1, usable_cpus() // 2))  # this thread too, and the default of later ones (explain's)
+    limit_threads(op_threads())  # this thread too, and the default of later ones (explain's)
     server = make_server(rd, host=host, port=port, max_upload=max_upload, max_pixels=max_pixels,
                          expose_run_files=expose_run_files)
     address = f"http://{server.server_address[0]}:{server.server_address[1]}/"
