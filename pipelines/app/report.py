@@ -329,7 +329,7 @@ def _predictions(rd: RunDir, config: dict, top: int = 3) -> dict[int, list]:
     if not predicted:
         return {}
     names = config.get("class_names") or config.get("categories")  # recorded by extract
-    if not names:  # a run extracted before categories were recorded
+    if not names and config.get("weights") == "imagenet":  # extracted before categories were recorded
         from featscope.pipelines.core.models import class_names  # torchvision's list: imported only here
 
         names = class_names(config.get("model"), config.get("weights"))

@@ -1,6 +1,7 @@
 """Start-up cost: the stages that run no model import no torch (3-4 s of a scheduled rerun's
 every job), and `featscope --help` imports no stage at all."""
 
+import shutil
 import subprocess
 import sys
 
@@ -26,3 +27,13 @@ def test_apps_and_help_import_no_model_library():
     assert imported_after("import contextlib, io\nfrom featscope.pipelines.app.cli import main\n"
                           "with contextlib.redirect_stdout(io.StringIO()):\n    try:\n        main(['--help'])\n"
                           "    except SystemExit:\n        pass") == set()
+
+
+def test_rebuilding_a_report_imports_no_model_library(reported_run, tmp_path):
+    """The report job of every scheduled rerun: a run with random weights has no class names to
+    look up, and its thumbnails are made, so nothing asks for torch (5 s of the job's 7)."""
+    run = tmp_path / "run"
+    shutil.copytree(reported_run.root, run)
+    assert imported_after("from featscope.pipelines.app import report\n"
+                          "from featscope.pipelines.core.rundir import RunDir\n"
+                          f"report.build(RunDir({str(run)!r}), k=4, progress=False)") == set()
