@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
@@ -200,9 +201,10 @@ class Comparison:
         return bool(self.new or self.retired)
 
 
-def compare(rd: RunDir, images: str | Path) -> Comparison:
+def compare(rd: RunDir, images: str | Path, *, progress: bool = False) -> Comparison:
     """Compare the source with the manifest, writing nothing (files whose size or mtime
-    changed are hashed to tell an edit from a touch)."""
+    changed are hashed to tell an edit from a touch; `progress`: a bar over the files, which
+    a first listing of millions of images, every one of them read and hashed, needs)."""
     skipped: list[tuple[str, str]] = []
     found = scan(images, skipped)
     root = source_root(images)
@@ -211,7 +213,7 @@ def compare(rd: RunDir, images: str | Path) -> Comparison:
     live = {r["path"]: r for r in rows if not r["removed"]}
     present = set()
     new, edited = [], 0
-    for path, label in found:
+    for path, label in tqdm(found, desc="manifest", unit="file", disable=not progress, mininterval=1.0):
         key = relative_key(path, root)
         try:
             st = os.stat(path)
@@ -237,7 +239,7 @@ def compare(rd: RunDir, images: str | Path) -> Comparison:
 
 
 def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_size: int | None = None,
-        model: str | None = None, weights: str | None = None) -> ManifestSummary:
+        model: str | None = None, weights: str | None = None, progress: bool = False) -> ManifestSummary:
     """Create or update `manifest.parquet` and `run.json` for the images in `images`."""
     start = time.perf_counter()
     if num_shards is not None and shard_size is not None:
@@ -245,7 +247,7 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
     if (num_shards is not None and num_shards < 1) or (shard_size is not None and shard_size < 1):
         raise ParamError("num_shards", "and <shard_size> must be at least 1")
     config = rd.read_config() if rd.run_json.exists() else {}
-    found = compare(rd, images)
+    found = compare(rd, images, progress=progress)
     root, old, rows, new, edited, retired = (found.root, found.old, found.rows, found.new, found.edited,
                                              found.retired)
     if shard_size is None:

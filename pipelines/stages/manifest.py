@@ -27,7 +27,7 @@ class ManifestOptions(Options):
                                        "your own; ImageNet weights have theirs)")
 
 
-def run(rd: RunDir, options: ManifestOptions) -> manifest.ManifestSummary:
+def run(rd: RunDir, options: ManifestOptions, progress: bool = True) -> manifest.ManifestSummary:
     recorded = rd.read_config() if rd.run_json.exists() else {}
     names = None
     # The checks import torch (3-4 s): a scheduled rerun naming the model and weights the run
@@ -43,7 +43,7 @@ def run(rd: RunDir, options: ManifestOptions) -> manifest.ManifestSummary:
             check_weights(options.weights)
         names = read_class_names(options.classes) if options.classes else None
     summary = manifest.run(rd, options.images, num_shards=options.num_shards, shard_size=options.shard_size,
-                           model=options.model, weights=options.weights)
+                           model=options.model, weights=options.weights, progress=progress)
     if names:
         rd.write_config(rd.read_config() | {"class_names": names})
     return summary

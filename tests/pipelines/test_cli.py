@@ -22,6 +22,9 @@ def test_manifest_and_extract_by_hand(tmp_path, small_dataset):
     run = tmp_path / "run"
     done = featscope("manifest", "--images", small_dataset, "--run", run, "--num-shards", 2)
     assert done.returncode == 0 and "9 images in 2 shards" in done.stdout
+    assert "manifest: 100%" in done.stderr and "9/9" in done.stderr  # a bar over the files it read
+    quiet = featscope("manifest", "--images", small_dataset, "--run", run, "--quiet")
+    assert quiet.returncode == 0 and "9 images in 2 shards; 0 new" in quiet.stdout and quiet.stderr == ""
     done = featscope("extract", "--run", run, "--model", "resnet18", "--weights", "random", "--layers", "pool,layer4",
                      "--workers", "0", "--quiet")
     assert done.returncode == 0, done.stderr
