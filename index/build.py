@@ -163,6 +163,20 @@ def _add_to_ivf(index: faiss.Index, chunks: Chunks, n: int, dims: int, metric: s
     return ids, exact.result()[1]
 
 
+def _without_polysemous_training(index: faiss.Index) -> faiss.Index:
+    """faiss's factory makes IVF-PQ indexes that, after training the product quantiser,
+    reorder its centroids for polysemous (Hamming-filtered) search, which featscope never
+    runs: the order changes no distance, and the annealing took 29 of the 33 s of training
+    an IVF128,PQ32x8 here."""
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:  # not an inverted file
+        return index
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        ivf.do_polysemous_training = False
+    return index
+
+
 def build_index(chunks: Chunks, *, n: int, dims: int, kind: str = "auto", metric: str = "cosine",
                 max_memory: int = 4 << 30, recall_queries: int = 1000, target_recall: float = 0.95,
                 seed: int = 0, on_progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
@@ -190,7 +204,7 @@ def build_index(chunks: Chunks, *, n: int, dims: int, kind: str = "auto", metric
 
     train, queries = _gather(chunks, [train_rows, query_rows], metric, lambda rows: advance(rows, "sample"))
 
-    index = faiss.index_factory(dims, plan.factory, faiss.METRIC_L2)
+    index = _without_polysemous_training(faiss.index_factory(dims, plan.factory, faiss.METRIC_L2))
     if plan.trained:
         faiss.omp_set_num_threads(faiss.omp_get_max_threads())
         index.train(train)
