@@ -59,7 +59,7 @@ def place(points: np.ndarray, size: int, tile: int, *, max_cover: float = 0.5) -
             for side in (tile, tile // 2):
                 cx = min(max(x + dx + (tile - side) // 2, 0), size - side)
                 cy = min(max(y + dy + (tile - side) // 2, 0), size - side)
-                if covered[cy:cy + side, cx:cx + side].mean() <= max_cover:
+                if np.count_nonzero(covered[cy:cy + side, cx:cx + side]) / (side * side) <= max_cover:
                     covered[cy:cy + side, cx:cx + side] = True
                     xs[i], ys[i], sides[i] = cx, cy, side
                     break
