@@ -35,6 +35,8 @@ def reference(images: torch.Tensor, kind: str | float | torch.Tensor, *, sigma: 
     if isinstance(kind, torch.Tensor):
         return kind.to(images.device, images.dtype).expand_as(images)
     images = images.float()
+    if images.shape[0] > 1 and images.stride(0) == 0:  # one image expanded (its several maps): one reference
+        return reference(images[:1], kind, sigma=sigma).expand_as(images)
     if kind == "zeros":
         return torch.zeros_like(images)
     if kind == "mean":
