@@ -15,15 +15,19 @@ once per chunk of units), never one backward pass per class.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 
 def mean_class_gradients(model: nn.Module, layer: nn.Module, images: torch.Tensor, *, chunk: int = 32,
-                         batch: int = 8) -> torch.Tensor:
+                         batch: int = 8, on_images: Callable[[int], None] | None = None) -> torch.Tensor:
     """(units, classes): the mean over `images` (normalised model inputs) of d logit_c /
-    d unit u, the unit's activation raised by one at every position of its map."""
+    d unit u, the unit's activation raised by one at every position of its map.
+    `on_images(n)` is called after each batch of n images (a progress bar's update)."""
     total: torch.Tensor | None = None
     units = _units(model, layer, images[:1])
     with torch.no_grad():
@@ -36,6 +40,8 @@ def mean_class_gradients(model: nn.Module, layer: nn.Module, images: torch.Tenso
                 if total is None:
                     total = torch.zeros(units, part.shape[1], dtype=torch.float64, device=part.device)
                 total[first:first + k] += part.double()
+            if on_images is not None:
+                on_images(len(x))
     return (total / len(images)).float()
 
 
@@ -62,7 +68,10 @@ def _jvp_chunk(model: nn.Module, layer: nn.Module, x: torch.Tensor, first: int, 
 
     handle = layer.register_forward_hook(with_tangents)
     try:
-        with fwAD.dual_level():
+        with warnings.catch_warnings(), fwAD.dual_level():
+            # torch's first dual tensor loads its forward-AD decompositions through torch.jit.script,
+            # which warns of its own deprecation: nothing a featscope user can act on
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
             logits = model(x)
             tangent = fwAD.unpack_dual(logits).tangent
     finally:

@@ -259,7 +259,7 @@ def label_aucs(values: np.ndarray, labels: np.ndarray) -> tuple[list[str], np.nd
     return names, aucs
 
 
-def label(rd: RunDir, options: LabelOptions) -> LabelSummary:
+def label(rd: RunDir, options: LabelOptions, progress: bool = True) -> LabelSummary:
     """Name each unit of a layer by the label it separates best, from the stored per-image
     maxima (conv channels) or values (vector units); no model pass."""
     from featscope.pipelines.core.store import RunIdentity, iter_features
@@ -283,7 +283,7 @@ def label(rd: RunDir, options: LabelOptions) -> LabelSummary:
     names, aucs = label_aucs(values, labels)
     best = aucs.argmax(0)
     top = _topk_images(rd, options.layer)
-    classes, weights, source = _supported_classes(rd, options, values.shape[1])
+    classes, weights, source = _supported_classes(rd, options, values.shape[1], progress)
     table = []
     for unit in range(values.shape[1]):
         name = names[best[unit]]
@@ -308,7 +308,8 @@ def _topk_images(rd: RunDir, layer: str) -> dict[int, list[int]]:
     return found
 
 
-def _supported_classes(rd: RunDir, options: LabelOptions, units: int) -> tuple[list | None, list | None, str | None]:
+def _supported_classes(rd: RunDir, options: LabelOptions, units: int,
+                       progress: bool = False) -> tuple[list | None, list | None, str | None]:
     """Each unit's `options.classes` best-supported classes with their support, and where the
     support comes from: the classifier's weights for the vector a Linear classifier reads
     (exact and free); deeper in, the mean gradient of each class logit over a seeded sample
@@ -322,7 +323,7 @@ def _supported_classes(rd: RunDir, options: LabelOptions, units: int) -> tuple[l
     if linear is not None:
         support, source = linear.weight.detach().float().T, "classifier weights"  # (units, classes)
     elif options.gradient_images and spec.kind != "pixels" and not spec.grid:
-        support, used = _mean_gradients(rd, loaded, device, spec, options)
+        support, used = _mean_gradients(rd, loaded, device, spec, options, progress)
         if support is None:
             return None, None, None
         source = f"mean gradient over {used} images"
@@ -342,8 +343,8 @@ def _classifier_reading(loaded, layer: str, units: int) -> torch.nn.Linear | Non
     return linear if isinstance(linear, torch.nn.Linear) and linear.in_features == units else None
 
 
-def _mean_gradients(rd: RunDir, loaded, device: torch.device, spec,
-                    options: LabelOptions) -> tuple[torch.Tensor | None, int]:
+def _mean_gradients(rd: RunDir, loaded, device: torch.device, spec, options: LabelOptions,
+                    progress: bool = False) -> tuple[torch.Tensor | None, int]:
     """(units, classes) mean class-logit gradients over a seeded sample of the live images,
     and how many images it averaged (unreadable ones are skipped); None if no image could be
     read or the model's output is no (B, classes) score."""
@@ -367,7 +368,11 @@ def _mean_gradients(rd: RunDir, loaded, device: torch.device, spec,
         probe = loaded.module(x[:1])
     if not isinstance(probe, torch.Tensor) or probe.ndim != 2:
         return None, 0
-    return mean_class_gradients(loaded.module, loaded.module.get_submodule(spec.module_path), x).cpu(), len(x)
+    with tqdm(total=len(x), desc=f"units label {options.layer}: class gradients", unit="img",
+              disable=not progress) as bar:
+        support = mean_class_gradients(loaded.module, loaded.module.get_submodule(spec.module_path), x,
+                                       on_images=bar.update)
+    return support.cpu(), len(x)
 
 
 def _aliases(loaded) -> set[str]:

@@ -1,5 +1,6 @@
 """Mean class gradients in forward mode against reverse-mode autograd and a classifier's weights."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,10 +14,13 @@ def _net() -> nn.Sequential:
                          nn.Linear(5, 7)).eval()
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # torch's own, on its first dual tensor: not shown to users
 def test_at_the_classifiers_input_the_gradients_are_its_weights():
     net = _net()
-    got = mean_class_gradients(net, net[6], torch.randn(4, 3, 12, 12), chunk=2, batch=3)
+    done = []
+    got = mean_class_gradients(net, net[6], torch.randn(4, 3, 12, 12), chunk=2, batch=3, on_images=done.append)
     torch.testing.assert_close(got, net[7].weight.detach().T)
+    assert done == [3, 1]  # a progress bar's updates: every image once
 
 
 def test_deeper_in_they_equal_reverse_mode_autograd_whatever_the_chunks():
