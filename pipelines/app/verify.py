@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core.atomic import REGISTRY, file_digest, registered
@@ -140,10 +141,11 @@ def _generic_fix(rd: RunDir, path: Path) -> str:
     return f"delete it and rerun the workflow (or the stage that writes {top}/)"
 
 
-def verify(rd: RunDir) -> Verification:
+def verify(rd: RunDir, *, progress: bool = False) -> Verification:
     """Check each known file by its kind (readable, checksummed pages, the columns of its
     kind, the run's model), and every file featscope registered (see core.atomic) against
-    its recorded size and sha256."""
+    its recorded size and sha256. `progress`: a bar over both (a run of millions of images
+    has millions of files to read back)."""
     start = time.perf_counter()
     if not rd.run_json.exists():
         raise FeatscopeError(f"{rd.root} is not a run: no run.json")
@@ -155,7 +157,12 @@ def verify(rd: RunDir) -> Verification:
     out = Verification()
     damaged: dict[Path, tuple[str, str]] = {}
     fixes: dict[Path, str] = {}
-    for path, check, fix in _files(rd):
+    files = list(_files(rd))
+    entries = [(registry.parent / name, entry) for registry in sorted(rd.root.rglob(REGISTRY))
+               for name, entry in registered(registry.parent).items()]
+    bar = tqdm(total=len(files) + len(entries), desc="verify", unit="file", disable=not progress, mininterval=1.0)
+    for path, check, fix in files:
+        bar.update(1)
         out.checked += 1
         fixes[path] = fix
         if not path.exists():
@@ -165,15 +172,15 @@ def verify(rd: RunDir) -> Verification:
             check(path)
         except (OSError, pa.ArrowException, FeatscopeError, ValueError, zipfile.BadZipFile, EOFError) as e:
             damaged[path] = (str(e).splitlines()[0][:160] or type(e).__name__, fix)
-    for registry in sorted(rd.root.rglob(REGISTRY)):
-        for name, entry in registered(registry.parent).items():
-            path = registry.parent / name
-            if not path.exists() or path in damaged:
-                continue  # deleted on purpose (a retired image's map), or already named
-            out.checked += path not in fixes
-            if path.stat().st_size != entry.get("size") or file_digest(path) != entry.get("sha256"):
-                fix = fixes.get(path) or _generic_fix(rd, path)
-                damaged[path] = ("changed or damaged since it was written (sha256 differs)", fix)
+    for path, entry in entries:
+        bar.update(1)
+        if not path.exists() or path in damaged:
+            continue  # deleted on purpose (a retired image's map), or already named
+        out.checked += path not in fixes
+        if path.stat().st_size != entry.get("size") or file_digest(path) != entry.get("sha256"):
+            fix = fixes.get(path) or _generic_fix(rd, path)
+            damaged[path] = ("changed or damaged since it was written (sha256 differs)", fix)
+    bar.close()
     out.damaged = [(path, problem, fix) for path, (problem, fix) in sorted(damaged.items())]
     out.seconds = time.perf_counter() - start
     return out
@@ -184,8 +191,8 @@ class VerifyOptions(Options):
     pass
 
 
-def run(rd: RunDir, options: VerifyOptions) -> Verification:
-    return verify(rd)
+def run(rd: RunDir, options: VerifyOptions, progress: bool = True) -> Verification:
+    return verify(rd, progress=progress)
 
 
 COMMANDS = [

@@ -39,9 +39,11 @@ def kinds(rd: RunDir) -> dict:
     }
 
 
-def test_a_clean_run_verifies(clean_run):
-    result = verify(clean_run)
+def test_a_clean_run_verifies(clean_run, capsys):
+    result = verify(clean_run, progress=True)
     assert result.damaged == [] and result.checked >= 9
+    assert "verify: 100%" in capsys.readouterr().err  # a bar over the files (millions in a large run)
+    assert verify(clean_run).checked == result.checked and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("kind", ["manifest", "feature part", "top-k candidates", "top-k", "predictions", "map",
