@@ -160,27 +160,27 @@ def verify(rd: RunDir, *, progress: bool = False) -> Verification:
     files = list(_files(rd))
     entries = [(registry.parent / name, entry) for registry in sorted(rd.root.rglob(REGISTRY))
                for name, entry in registered(registry.parent).items()]
-    bar = tqdm(total=len(files) + len(entries), desc="verify", unit="file", disable=not progress, mininterval=1.0)
-    for path, check, fix in files:
-        bar.update(1)
-        out.checked += 1
-        fixes[path] = fix
-        if not path.exists():
-            damaged[path] = ("missing", fix)
-            continue
-        try:
-            check(path)
-        except (OSError, pa.ArrowException, FeatscopeError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            damaged[path] = (str(e).splitlines()[0][:160] or type(e).__name__, fix)
-    for path, entry in entries:
-        bar.update(1)
-        if not path.exists() or path in damaged:
-            continue  # deleted on purpose (a retired image's map), or already named
-        out.checked += path not in fixes
-        if path.stat().st_size != entry.get("size") or file_digest(path) != entry.get("sha256"):
-            fix = fixes.get(path) or _generic_fix(rd, path)
-            damaged[path] = ("changed or damaged since it was written (sha256 differs)", fix)
-    bar.close()
+    with tqdm(total=len(files) + len(entries), desc="verify", unit="file", disable=not progress,
+              mininterval=1.0) as bar:
+        for path, check, fix in files:
+            bar.update(1)
+            out.checked += 1
+            fixes[path] = fix
+            if not path.exists():
+                damaged[path] = ("missing", fix)
+                continue
+            try:
+                check(path)
+            except (OSError, pa.ArrowException, FeatscopeError, ValueError, zipfile.BadZipFile, EOFError) as e:
+                damaged[path] = (str(e).splitlines()[0][:160] or type(e).__name__, fix)
+        for path, entry in entries:
+            bar.update(1)
+            if not path.exists() or path in damaged:
+                continue  # deleted on purpose (a retired image's map), or already named
+            out.checked += path not in fixes
+            if path.stat().st_size != entry.get("size") or file_digest(path) != entry.get("sha256"):
+                fix = fixes.get(path) or _generic_fix(rd, path)
+                damaged[path] = ("changed or damaged since it was written (sha256 differs)", fix)
     out.damaged = [(path, problem, fix) for path, (problem, fix) in sorted(damaged.items())]
     out.seconds = time.perf_counter() - start
     return out
