@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse
 from scipy.linalg import orthogonal_procrustes
+from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
@@ -98,36 +99,63 @@ def _gradient_method(n: int) -> str:
     return "fft" if n >= 1000 else "bh"
 
 
-def _tsne_model(perplexity: float, seed: int, n: int) -> TSNE:
+class IterationBar:
+    """An openTSNE callback that advances a progress bar by its call interval. It always
+    returns False: openTSNE stops optimising when a callback returns True (and tqdm's
+    `update` returns True whenever it redraws)."""
+
+    def __init__(self, bar: tqdm, every: int):
+        self.bar, self.every = bar, every
+
+    def __call__(self, iteration: int, error: float, embedding: np.ndarray) -> bool:
+        self.bar.update(self.every)
+        return False
+
+
+BAR_EVERY = 10  # iterations between bar updates; each evaluates the KL error (not the map's path)
+
+
+def _tsne_model(perplexity: float, seed: int, n: int, bar: tqdm | None = None) -> TSNE:
     from openTSNE import TSNE
 
     return TSNE(perplexity=perplexity, n_jobs=-1, negative_gradient_method=_gradient_method(n),
-                initialization="pca", random_state=seed, verbose=False)
+                initialization="pca", random_state=seed, verbose=False,
+                callbacks=IterationBar(bar, BAR_EVERY) if bar is not None else None, callbacks_every_iters=BAR_EVERY)
 
 
 def _perplexity(perplexity: float, n: int) -> float:
     return min(perplexity, max(2.0, (n - 1) / 3))
 
 
-def _place(embedding: TSNEEmbedding, x_new: np.ndarray) -> np.ndarray:
+PLACE_ITERATIONS = 250
+
+
+def _place(embedding: TSNEEmbedding, x_new: np.ndarray, bar: tqdm | None = None) -> np.ndarray:
     """openTSNE's recipe for new points: start each at the median of its 25 nearest reference
     points, then optimise them alone with the reference map held fixed."""
     placed = embedding.prepare_partial(x_new, initialization="median", k=min(25, len(embedding)))
-    return np.asarray(placed.optimize(n_iter=250, learning_rate=0.1, momentum=0.8), dtype=np.float32)
+    callbacks = IterationBar(bar, BAR_EVERY) if bar is not None else None
+    return np.asarray(placed.optimize(n_iter=PLACE_ITERATIONS, learning_rate=0.1, momentum=0.8, callbacks=callbacks,
+                                      callbacks_every_iters=BAR_EVERY), dtype=np.float32)
 
 
-def tsne(x: np.ndarray, *, perplexity: float, seed: int, max_exact: int) -> tuple[np.ndarray, bool]:
-    """openTSNE map of x; above max_exact points, a sample's map with the rest placed into it."""
-    model = _tsne_model(_perplexity(perplexity, len(x)), seed, min(len(x), max_exact))
-    if len(x) <= max_exact:
-        return np.asarray(model.fit(x), dtype=np.float32), False
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(len(x), max_exact, replace=False))
-    rest = np.setdiff1d(np.arange(len(x)), sample)
-    embedding = model.fit(x[sample])
-    out = np.empty((len(x), 2), np.float32)
-    out[sample], out[rest] = np.asarray(embedding), _place(embedding, x[rest])
-    return out, True
+def tsne(x: np.ndarray, *, perplexity: float, seed: int, max_exact: int,
+         progress: bool = False) -> tuple[np.ndarray, bool]:
+    """openTSNE map of x; above max_exact points, a sample's map with the rest placed into it.
+    `progress`: a bar over openTSNE's iterations (the map is the same with or without)."""
+    sampled = len(x) > max_exact
+    with tqdm(desc="t-SNE", unit="it", disable=not progress) as bar:
+        model = _tsne_model(_perplexity(perplexity, len(x)), seed, min(len(x), max_exact), bar)
+        bar.total = model.early_exaggeration_iter + model.n_iter + (PLACE_ITERATIONS if sampled else 0)
+        if not sampled:
+            return np.asarray(model.fit(x), dtype=np.float32), False
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(len(x), max_exact, replace=False))
+        rest = np.setdiff1d(np.arange(len(x)), sample)
+        embedding = model.fit(x[sample])
+        out = np.empty((len(x), 2), np.float32)
+        out[sample], out[rest] = np.asarray(embedding), _place(embedding, x[rest], bar)
+        return out, True
 
 
 class ReferenceNeighbours:
@@ -157,7 +185,7 @@ class ReferenceNeighbours:
 
 
 def place_into(reference_x: np.ndarray, reference_map: np.ndarray, x_new: np.ndarray, *, perplexity: float,
-               seed: int, max_reference: int) -> np.ndarray:
+               seed: int, max_reference: int, progress: bool = False) -> np.ndarray:
     """Map positions for `x_new` in an existing map whose points (`reference_x` at
     `reference_map`) stay where they are; up to `max_reference` of them (a seeded sample) serve
     as the reference."""
@@ -169,7 +197,8 @@ def place_into(reference_x: np.ndarray, reference_map: np.ndarray, x_new: np.nda
     affinities = ReferenceNeighbours(reference_x, _perplexity(perplexity, len(reference_x)))
     embedding = TSNEEmbedding(np.ascontiguousarray(reference_map, dtype=np.float64), affinities,
                               negative_gradient_method=_gradient_method(len(reference_x)), random_state=seed)
-    return _place(embedding, x_new)
+    with tqdm(total=PLACE_ITERATIONS, desc="t-SNE placing", unit="it", disable=not progress) as bar:
+        return _place(embedding, x_new, bar)
 
 
 def align(points: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -266,7 +295,8 @@ def _previous_map(rd: RunDir, layer: str, identity: RunIdentity, settings: dict)
 
 
 def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.0, seed: int = 0,
-          max_exact: int = 100_000, refit: bool = False, refit_growth: float = REFIT_GROWTH) -> EmbedSummary:
+          max_exact: int = 100_000, refit: bool = False, refit_growth: float = REFIT_GROWTH,
+          progress: bool = True) -> EmbedSummary:
     """Write embedding/<layer>.parquet (image_id, tsne_x, tsne_y, pca_x, pca_y) and the PCA
     beside it. With a previous map of the same settings, new images are placed into it and
     the old points keep their places; a full fit happens on `refit`, or once the images
@@ -288,14 +318,14 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
         coords[kept] = previous.coords[_rows_of(previous.ids, ids[kept])]
         if (~kept).any():
             coords[~kept] = place_into(reduced[kept], coords[kept], reduced[~kept], perplexity=perplexity, seed=seed,
-                                       max_reference=max_exact)
+                                       max_reference=max_exact, progress=progress)
         moved = 0.0
     else:
         rng = np.random.default_rng(seed)
         fit_rows = np.sort(rng.choice(len(x), min(len(x), 50_000), replace=False))
         mean, components = fit_pca(x[fit_rows], min(pca_dims, x.shape[1], len(fit_rows)))
         reduced = ((x - mean) @ components.T).astype(np.float32)
-        coords, sampled = tsne(reduced, perplexity=perplexity, seed=seed, max_exact=max_exact)
+        coords, sampled = tsne(reduced, perplexity=perplexity, seed=seed, max_exact=max_exact, progress=progress)
         fitted_points = len(ids)
         if previous is not None and kept.sum() >= 3:
             how = "refitted"
@@ -338,9 +368,10 @@ class EmbedOptions(Options):
                                                     "was fitted on", min=1)
 
 
-def run(rd: RunDir, options: EmbedOptions) -> EmbedSummary:
+def run(rd: RunDir, options: EmbedOptions, progress: bool = True) -> EmbedSummary:
     return embed(rd, options.layer, pca_dims=options.pca_dims, perplexity=options.perplexity, seed=options.seed,
-                 max_exact=options.max_exact, refit=options.refit, refit_growth=options.refit_growth)
+                 max_exact=options.max_exact, refit=options.refit, refit_growth=options.refit_growth,
+                 progress=progress)
 
 
 COMMANDS = [

@@ -283,3 +283,13 @@ def test_reference_neighbours_give_opentsne_s_affinities_for_new_points():
     got, got_n, _ = embed.ReferenceNeighbours(reference, 10).to_new(new, return_distances=True)
     np.testing.assert_array_equal(got_n, want_n)
     np.testing.assert_allclose(got.toarray(), want.toarray(), atol=1e-6)
+
+
+@pytest.mark.parametrize("max_exact", [1000, 40])  # one fit; a sample's fit with the rest placed into it
+def test_tsne_progress_bar_counts_every_iteration_and_leaves_the_map_unchanged(capsys, max_exact):
+    x = np.random.default_rng(0).normal(size=(60, 5)).astype(np.float32)
+    quiet, _ = embed.tsne(x, perplexity=5, seed=1, max_exact=max_exact)
+    shown, sampled = embed.tsne(x, perplexity=5, seed=1, max_exact=max_exact, progress=True)
+    np.testing.assert_array_equal(quiet, shown)  # a callback returning True would have cut t-SNE short
+    total = 750 + (embed.PLACE_ITERATIONS if sampled else 0)
+    assert sampled == (max_exact < 60) and f"{total}/{total}" in capsys.readouterr().err
