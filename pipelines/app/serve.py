@@ -16,7 +16,8 @@ pixel count is checked from its header before it is decoded. Every error is a JS
 
 Uploads decode on a pool of threads, outside the model's lock, and the model embeds them in
 dynamic batches (`DynamicBatcher`: the first waiting upload opens a batch that takes whoever
-arrives within a few milliseconds), so throughput grows with concurrency. Searches are
+arrives within a few milliseconds) on as many model threads as fill the cores, each with its
+own copy of the model, so throughput grows with concurrency. Searches are
 batched too: those that arrive while one batch searches form the next, sharing one pass
 over the index. GETs never wait for the model. Memory does not grow with the dataset beyond
 Arrow columns of the manifest (`Catalogue`) and the indexes, memory-mapped where the kind
@@ -37,6 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import numpy as np
@@ -51,6 +53,9 @@ from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
+
+if TYPE_CHECKING:  # imported where a service starts (it brings torch), not for `featscope --help`
+    from featscope.pipelines.core.features import ImageEmbedder
 
 API_NEIGHBOURS = ("/api/neighbours", "/api/neighbors")  # the US spelling still answers, for this release
 PUBLIC_FOLDERS = {"report", "mosaic", "patches", "saliency", "viz", "neighbours", "explain", "units"}  # what report pages show
@@ -108,18 +113,20 @@ class Catalogue:
 
 
 class DynamicBatcher:
-    """Runs requests in dynamic batches on one thread, as inference servers do: the first
-    request waiting opens a batch, which takes every request that arrives within `wait_s`
+    """Runs requests in dynamic batches on `workers` threads, as inference servers do: the
+    first request waiting opens a batch, which takes every request that arrives within `wait_s`
     (up to `max_batch`) while `coming()` says more are on their way; a lone request does not
-    wait. `run_batch` maps a list of requests to the list of their answers."""
+    wait. `run_batch` maps a list of requests to the list of their answers; with several
+    workers, it runs on them at once (one batch each)."""
 
     def __init__(self, run_batch, *, name: str, max_batch: int = 16, wait_s: float = 0.0, coming=lambda: 0,
-                 initializer=None):
+                 initializer=None, workers: int = 1):
         self.run_batch, self.max_batch, self.wait_s, self.coming = run_batch, max_batch, wait_s, coming
-        self.initializer = initializer  # run first on the batcher's thread
+        self.initializer = initializer  # run first on each of the batcher's threads
         self.waiting: queue.Queue = queue.Queue()
         self.batches: list[int] = []  # sizes, for the load test and tests
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
+        for n in range(workers):
+            threading.Thread(target=self._loop, name=f"{name}_{n}" if workers > 1 else name, daemon=True).start()
 
     def submit(self, request) -> Future:
         done: Future = Future()
@@ -172,17 +179,29 @@ def search_batch(indexes: dict, requests: list[tuple[str, int | np.ndarray, int]
 
 
 # Uploads embedded in one forward pass, at most. On the CPU a batch of 8 costs 7.2 ms an
-# image and 16 cost 8.9 (MobileNet-V2, one thread: the larger batch's activations leave the
-# cache), and a smaller batch also holds the uploads behind it for less: at 16 clients,
-# 94/s and p99 261 ms against 89/s and 293 ms with 16 (means of four paired runs).
+# image and 16 cost 8.9 (MobileNet-V2, one thread, AVX-512 machine: the larger batch's
+# activations leave the cache), and a smaller batch also holds the uploads behind it for
+# less: at 16 clients, 94/s and p99 261 ms against 89/s and 293 ms with 16 (means of four
+# paired runs).
 EMBED_BATCH = {"cpu": 8, "cuda": 16}
+
+
+def model_workers(device: str) -> int:
+    """Threads that run the model at once, each on its own copy and on `op_threads()` cores:
+    on the CPU, as many as fill the cores (2 of 1 thread on 2 cores; one OpenMP team over all
+    cores contends with the decoders, see `limit_threads`); one on a GPU, whose kernels queue
+    anyway. Batching alone does not fill a CPU: on a 2-core AVX2 machine a batch of 8 costs
+    as much an image as a batch of 1 (18.8 against 17.2 ms), and the one model thread was the
+    service's bottleneck at 95% of a core with the other core 60% idle."""
+    return 1 if device == "cuda" else max(1, usable_cpus() // op_threads())
 
 
 class QueryService:
     """The run's catalogue, indexes and (when first needed) model, shared by all requests."""
 
     def __init__(self, rd: RunDir, *, max_upload: int = 16 * 2**20, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_k: int = 100, expose_run_files: bool = False, decode_threads: int | None = None):
+                 max_k: int = 100, expose_run_files: bool = False, decode_threads: int | None = None,
+                 model_threads: int | None = None):
         from featscope.pipelines.core.features import ImageEmbedder
 
         self.rd, self.root = rd, rd.root.resolve()
@@ -197,7 +216,10 @@ class QueryService:
         self.op_threads = op_threads()
         self.decoders = ThreadPoolExecutor(decode_threads or usable_cpus(), thread_name_prefix="decode",
                                            initializer=limit_threads, initargs=(1,))
+        self.model_threads = model_threads  # None: model_workers(device)
         self._batcher: DynamicBatcher | None = None
+        self._thread_models = threading.local()  # each model thread's embedder: see _embedder_of_this_thread
+        self._spare_embedder: ImageEmbedder | None = self.embedder  # the first model thread takes this one
         self.decoding = 0  # uploads between arrival and the batcher (read by it, so lone ones never wait)
         self._batcher_lock = threading.Lock()
         # searches need no wait: requests that arrive while one batch searches form the next
@@ -236,14 +258,30 @@ class QueryService:
                 device = resolve_device(self.embedder.device).type
                 self._batcher = DynamicBatcher(self._embed_batch, name="embed", wait_s=0.004,
                                                max_batch=EMBED_BATCH.get(device, 16), coming=lambda: self.decoding,
-                                               initializer=partial(limit_threads, self.op_threads))
+                                               initializer=partial(limit_threads, self.op_threads),
+                                               workers=self.model_threads or model_workers(device))
             return self._batcher
+
+    def _embedder_of_this_thread(self) -> ImageEmbedder:
+        """The calling model thread's own embedder: the service's for the first thread, a
+        replica (own copy of the model) for each other. Two forward passes cannot share one
+        model: its layer taps are hooks on the model's modules."""
+        embedder = getattr(self._thread_models, "embedder", None)
+        if embedder is None:
+            with self._batcher_lock:
+                embedder, self._spare_embedder = self._spare_embedder, None
+            if embedder is None:
+                embedder = self.embedder.replica()
+                gc.freeze()  # the copy's objects too: see make_server
+            self._thread_models.embedder = embedder
+        return embedder
 
     def _embed_batch(self, inputs: list) -> list[dict[str, np.ndarray]]:
         import torch
 
-        loading = not self.embedder.loaded
-        out = self.embedder.embed_batch(torch.stack(inputs))
+        embedder = self._embedder_of_this_thread()
+        loading = not embedder.loaded
+        out = embedder.embed_batch(torch.stack(inputs))
         if loading:
             gc.freeze()  # the model's million objects: see make_server
         return [{layer: vectors[i] for layer, vectors in out.items()} for i in range(len(inputs))]

@@ -122,6 +122,15 @@ class ImageEmbedder:
                                                        resolve_precision("auto", device))
         return self._extractor
 
+    def replica(self) -> ImageEmbedder:
+        """Another embedder with its own copy of this one's model (same weights and
+        preprocessing), for forward passes on another thread at the same time: the layer taps
+        are hooks on a model's modules, so two passes cannot share one model."""
+        first = self.extractor
+        twin = ImageEmbedder(self.config, self.layers, device=self.device)
+        twin._extractor = FeatureExtractor(first.loaded, self.layers, first.device, first.precision)
+        return twin
+
     def pixels(self, source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """A file path or encoded bytes -> (3,H,W) uint8; a bad image is a one-line error.
         An image declaring more than `max_pixels` is refused from its header, undecoded."""

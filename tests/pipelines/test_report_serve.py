@@ -247,3 +247,32 @@ def test_the_services_threads_share_the_cores_instead_of_each_taking_all(reporte
                                initializer=batcher.initializer)
         assert probe.submit(0).result(10) == (half, half)
     assert torch.get_num_threads() == before  # the caller's own setting is left alone
+
+
+def test_model_threads_embed_at_once_each_on_its_own_copy(reported_run):
+    """With two model threads, a batch runs while another is held mid-forward, on a copy of
+    the model (the layer taps are hooks on one model's modules), with the same vectors."""
+    from featscope.pipelines.app.serve import QueryService
+
+    service = QueryService(reported_run, decode_threads=2, model_threads=2)
+    photos = [r["path"] for r in manifest.read(reported_run).to_pylist() if r["label"] == "photo"][:2]
+    inputs = [service.model_input(open(path, "rb").read()) for path in photos]
+    expected = [service.embedder.embed_batch(x[None])["pool"][0] for x in inputs]
+    running, release = threading.Event(), threading.Event()
+
+    def hold(*_):
+        running.set()
+        release.wait(30)
+
+    hook = service.embedder.extractor.model.register_forward_pre_hook(hold)
+    try:
+        first = service.batcher.submit(inputs[0])  # the first model thread takes the service's own model
+        assert running.wait(30)
+        second = service.batcher.submit(inputs[1])  # the other thread, on a copy
+        np.testing.assert_allclose(second.result(30)["pool"], expected[1], rtol=1e-5, atol=1e-6)
+        assert not first.done()
+    finally:
+        release.set()
+        hook.remove()
+    np.testing.assert_allclose(first.result(30)["pool"], expected[0], rtol=1e-5, atol=1e-6)
+    assert service.batcher.batches == [1, 1]
