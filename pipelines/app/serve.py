@@ -210,13 +210,16 @@ class QueryService:
         self.catalogue = Catalogue(rd)
         self.layers = rd.index_layers()
         self.indexes = {layer: _open_mapped(rd, layer) for layer in self.layers}
-        self.embedder = ImageEmbedder(rd.read_config(), self.layers)
+        from featscope.pipelines.core.device import resolve_device
+
+        device = resolve_device("auto").type
+        self.model_threads = model_threads or model_workers(device)
+        self.embedder = ImageEmbedder(rd.read_config(), self.layers, copies=self.model_threads)
         # decoders run torch on themselves alone, the model and the searches on half the cores:
         # see limit_threads
         self.op_threads = op_threads()
         self.decoders = ThreadPoolExecutor(decode_threads or usable_cpus(), thread_name_prefix="decode",
                                            initializer=limit_threads, initargs=(1,))
-        self.model_threads = model_threads  # None: model_workers(device)
         self._batcher: DynamicBatcher | None = None
         self._thread_models = threading.local()  # each model thread's embedder: see _embedder_of_this_thread
         self._spare_embedder: ImageEmbedder | None = self.embedder  # the first model thread takes this one
@@ -259,31 +262,26 @@ class QueryService:
                 self._batcher = DynamicBatcher(self._embed_batch, name="embed", wait_s=0.004,
                                                max_batch=EMBED_BATCH.get(device, 16), coming=lambda: self.decoding,
                                                initializer=partial(limit_threads, self.op_threads),
-                                               workers=self.model_threads or model_workers(device))
+                                               workers=self.model_threads)
             return self._batcher
 
     def _embedder_of_this_thread(self) -> ImageEmbedder:
         """The calling model thread's own embedder: the service's for the first thread, a
-        replica (own copy of the model) for each other. Two forward passes cannot share one
-        model: its layer taps are hooks on the model's modules."""
+        replica (its own copy of the model, made when the model loaded) for each other. Two
+        forward passes cannot share one model: its layer taps are hooks on its modules."""
         embedder = getattr(self._thread_models, "embedder", None)
         if embedder is None:
             with self._batcher_lock:
                 embedder, self._spare_embedder = self._spare_embedder, None
-            if embedder is None:
-                embedder = self.embedder.replica()
-                gc.freeze()  # the copy's objects too: see make_server
-            self._thread_models.embedder = embedder
+            embedder = self._thread_models.embedder = embedder or self.embedder.replica()
+            embedder.extractor  # loaded, with every copy, by now
+            gc.freeze()  # the models' million objects: see make_server
         return embedder
 
     def _embed_batch(self, inputs: list) -> list[dict[str, np.ndarray]]:
         import torch
 
-        embedder = self._embedder_of_this_thread()
-        loading = not embedder.loaded
-        out = embedder.embed_batch(torch.stack(inputs))
-        if loading:
-            gc.freeze()  # the model's million objects: see make_server
+        out = self._embedder_of_this_thread().embed_batch(torch.stack(inputs))
         return [{layer: vectors[i] for layer, vectors in out.items()} for i in range(len(inputs))]
 
     def checked_index(self, layer: str, k: int):

@@ -98,9 +98,10 @@ class ImageEmbedder:
     """The run's model, loaded on first use, turning one new image into its stored vector
     at a layer. Thread-safe: the model runs under a lock."""
 
-    def __init__(self, config: dict, layers: list[str], *, device: str = "auto"):
-        self.config, self.layers, self.device = config, list(layers), device
+    def __init__(self, config: dict, layers: list[str], *, device: str = "auto", copies: int = 1):
+        self.config, self.layers, self.device, self.copies = config, list(layers), device, copies
         self._extractor: FeatureExtractor | None = None
+        self._spares: list[FeatureExtractor] = []  # the other copies, for `replica`
         self._lock = threading.Lock()  # held while the model runs
         self._loading = threading.Lock()  # held while it loads: decoding must not wait for a forward pass
 
@@ -118,17 +119,23 @@ class ImageEmbedder:
                 if self._extractor is None:
                     loaded = load_run_model(self.config, require_features=True)
                     device = resolve_device(self.device)
-                    self._extractor = FeatureExtractor(loaded, self.layers, device,
-                                                       resolve_precision("auto", device))
+                    copies = [FeatureExtractor(loaded, self.layers, device, resolve_precision("auto", device))
+                              for _ in range(self.copies)]
+                    self._spares, self._extractor = copies[1:], copies[0]
         return self._extractor
 
     def replica(self) -> ImageEmbedder:
-        """Another embedder with its own copy of this one's model (same weights and
+        """Another embedder on one of this one's other `copies` of the model (same weights and
         preprocessing), for forward passes on another thread at the same time: the layer taps
-        are hooks on a model's modules, so two passes cannot share one model."""
-        first = self.extractor
+        are hooks on a model's modules, so two passes cannot share one model. The copies are
+        made together when the model loads, before any forward pass: making one folds its
+        batch norms through a torch.fx trace, which patches `nn.Module.__call__` for the
+        whole process while it runs."""
+        self.extractor  # loads the model and its copies
+        if not self._spares:
+            raise RuntimeError(f"all {self.copies} copies of the model are taken")
         twin = ImageEmbedder(self.config, self.layers, device=self.device)
-        twin._extractor = FeatureExtractor(first.loaded, self.layers, first.device, first.precision)
+        twin._extractor = self._spares.pop()
         return twin
 
     def pixels(self, source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
