@@ -3,8 +3,9 @@
 Same model, layer, image size, step count, parameterisation (Fourier, decorrelated colour,
 Lucid's constants), transforms (Lucid's standard ones), optimiser (Adam, lr 0.05): Lucent's
 `render_vis` one unit per call on the model as loaded, featscope's `feature_visualisations`
-`--batch` units per call on the model as `units render` prepares it (`visualisation_model`:
-batch norms folded, channels-last).
+`--batch` units at a time as `units render` runs them (`render_units`: the model as
+`visualisation_model` prepares it, batch norms folded, channels-last, the batch split over
+the CPU's lanes, `pipelines.core.lanes`).
 Prints units/s of each and their ratio (target >= 5), and the activation each reached on its
 images (the unit's spatial maximum on the image at the model's input size): the median of
 featscope's / Lucent's over the units. Lucent 0.1.8 pins kornia <= 0.4.1 (and with it an old
@@ -23,13 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featscope.kernels.layers import LayerSpec
 from featscope.kernels.objectives import layer_outputs
 from featscope.kernels.render import feature_visualisations
 from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import channels
-from featscope.kernels.layers import LayerSpec
+from featscope.pipelines.core.lanes import lane_plan
 from featscope.pipelines.core.models import load_model
 from featscope.pipelines.core.workers import visualisation_model
+from featscope.pipelines.stages.units import RenderOptions, render_units
 
 
 def peak(model: PixelModel, module: torch.nn.Module, images: torch.Tensor, units: list[int]) -> np.ndarray:
@@ -80,16 +83,13 @@ def main() -> None:
 
     feature_visualisations(ours_model, channels(ours_module, torch.tensor(units[:1])), [0], size=args.size,
                            steps=2)  # warm-up
+    options = RenderOptions(layer=args.layer, size=args.size, steps=args.steps, batch=args.batch, seed=0)
+    lanes, threads, chunk = lane_plan(len(units), args.batch, torch.device("cpu"))
     start = time.perf_counter()
-    ours = []
-    for first in range(0, len(units), args.batch):
-        chosen = units[first:first + args.batch]
-        images, _ = feature_visualisations(ours_model, channels(ours_module, torch.tensor(chosen)), chosen,
-                                           size=args.size, steps=args.steps)
-        ours.append(images)
+    ours = torch.cat([images for _, images, _, _ in render_units(loaded, spec, torch.device("cpu"), units, options)])
     t_ours = time.perf_counter() - start
-    ours = torch.cat(ours)
-    print(f"units/featscope: {len(units) / t_ours:.3f} units/s ({t_ours:.1f}s, batches of {args.batch})")
+    print(f"units/featscope: {len(units) / t_ours:.3f} units/s ({t_ours:.1f}s, batches of {args.batch} on {lanes} "
+          f"lane(s) of {threads} thread(s), {chunk} units each)")
     try:
         import lucent  # noqa: F401
     except ImportError:

@@ -32,10 +32,12 @@ from tqdm import tqdm
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.objectives import layer_outputs
 from featscope.kernels.render import feature_visualisations
+from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import directions
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, read_pixels
+from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import read_predictions, write_table
@@ -210,20 +212,28 @@ def atlas(rd: RunDir, options: AtlasOptions, progress: bool = True) -> AtlasSumm
 
 def _render(loaded, spec, device: torch.device, means: torch.Tensor, cells: list[dict], options: AtlasOptions,
             progress: bool) -> list[Image.Image]:
-    """Each cell's mean activation vector rendered with the direction objective, in batches."""
-    prep = loaded.preprocessing
-    model = visualisation_model(loaded, [spec], device)
-    module = model.model.get_submodule(spec.module_path)
+    """Each cell's mean activation vector rendered with the direction objective, in batches
+    split over the CPU's lanes (`pipelines.core.lanes`)."""
+    model_size = options.model_size or loaded.preprocessing.crop
+    lanes, threads, size = lane_plan(len(cells), options.batch, device)
+
+    def lane_model() -> tuple[PixelModel, torch.nn.Module]:
+        model = visualisation_model(loaded, [spec], device)
+        return model, model.model.get_submodule(spec.module_path)
+
+    def render_chunk(lane: tuple[PixelModel, torch.nn.Module], rows: list[int]) -> torch.Tensor:
+        model, module = lane
+        seeds = [options.seed * 1_000_003 + cells[i]["gy"] * options.grid + cells[i]["gx"] for i in rows]
+        images, _ = feature_visualisations(model, directions(module, means[rows].to(device)), seeds, size=options.size,
+                                           steps=options.steps, lr=options.lr, seed=options.seed, model_size=model_size)
+        return images
+
     pictures = []
     with tqdm(total=len(cells), unit="cell", desc=f"atlas {options.layer}", disable=not progress) as bar:
-        for first in range(0, len(cells), options.batch):
-            chunk = cells[first:first + options.batch]
-            seeds = [options.seed * 1_000_003 + r["gy"] * options.grid + r["gx"] for r in chunk]
-            images, _ = feature_visualisations(
-                model, directions(module, means[first:first + len(chunk)].to(device)), seeds, size=options.size,
-                steps=options.steps, lr=options.lr, seed=options.seed, model_size=options.model_size or prep.crop)
+        for images in map_in_lanes(render_chunk, chunks_of(list(range(len(cells))), size), lane_model, lanes=lanes,
+                                   threads=threads):
             pictures += [to_image(image) for image in images]
-            bar.update(len(chunk))
+            bar.update(len(images))
     return pictures
 
 

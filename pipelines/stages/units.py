@@ -21,6 +21,7 @@ maximum, one label against the rest, in the spirit of NetDissect's unit labels, 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import channels, diversity
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, parse_units
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_table
@@ -124,13 +126,8 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
     rows = []
     rd.units_dir(options.layer).mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(units), unit="unit", desc=f"units render {options.layer}", disable=not progress) as bar:
-        for first in range(0, len(units), options.batch):
-            chosen = torch.tensor(units[first:first + options.batch], device=device)
-            images, trajectory = feature_visualisations(
-                model, channels(module, chosen), [options.seed * 1_000_003 + int(u) for u in chosen],
-                size=options.size, steps=options.steps, lr=options.lr, seed=options.seed, model_size=prep.crop)
-            measured = _activations(model, module, images, prep.crop)  # (B, units of the layer)
-            for b, unit in enumerate(chosen.tolist()):
+        for chosen, images, trajectory, measured in render_units(loaded, spec, device, units, options, model):
+            for b, unit in enumerate(chosen):
                 with atomic_path(rd.unit_visualisation(options.layer, unit)) as tmp:
                     to_image(images[b]).save(tmp, format="PNG")
                 rows.append(_row(unit, float(trajectory[-1, b]), measured[b], maxima))
@@ -153,6 +150,29 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
         float(np.mean([r["ratio"] > 1 for r in with_top1])) if with_top1 else None,
         float(np.median([r["ratio"] for r in with_top1])) if with_top1 else None,
         float(np.mean([r["rank"] == 1 for r in rows if r["rank"] is not None])) if maxima else None)
+
+
+def render_units(loaded, spec, device: torch.device, units: list[int], options: RenderOptions,
+                 model: PixelModel | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(units, their images, objective trajectory, activations of all the layer's units on
+    each image) for chunks of `units`, in order, rendered at once on the CPU's lanes
+    (`pipelines.core.lanes`); `model`, a visualisation model already made, serves one lane."""
+    side = loaded.preprocessing.crop
+    lanes, threads, size = lane_plan(len(units), options.batch, device)
+    spare = [model] if model is not None else []
+
+    def lane_model() -> tuple[PixelModel, torch.nn.Module]:
+        own = spare.pop() if spare else visualisation_model(loaded, [spec], device)
+        return own, own.model.get_submodule(spec.module_path)
+
+    def render_chunk(lane: tuple[PixelModel, torch.nn.Module], chosen: list[int]):
+        own, module = lane
+        images, trajectory = feature_visualisations(
+            own, channels(module, torch.tensor(chosen, device=device)), [options.seed * 1_000_003 + u for u in chosen],
+            size=options.size, steps=options.steps, lr=options.lr, seed=options.seed, model_size=side)
+        return chosen, images, trajectory, _activations(own, module, images, side)
+
+    return map_in_lanes(render_chunk, chunks_of(list(units), size), lane_model, lanes=lanes, threads=threads)
 
 
 def diverse_variants(model: PixelModel, module: torch.nn.Module, unit: int, options: RenderOptions,
