@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torchvision.transforms import functional as TF
@@ -23,6 +25,8 @@ from featscope.pipelines.core.device import inference_model, resolve_device
 from featscope.pipelines.core.models import LoadedModel, Preprocessing, load_model
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
+
+T = TypeVar("T")
 
 
 def select(rd: RunDir, selection: str = "all") -> list[dict]:
@@ -61,6 +65,25 @@ class ModelRef:
     device: str = "auto"
     threads: int | None = None
     class_names: tuple[str, ...] | None = None  # the run's own names of its classes
+
+
+_MODEL_IN_USE = threading.Lock()
+
+
+def one_task_at_a_time(task: Callable[..., T]) -> Callable[..., T]:
+    """A Dask task that uses the worker's model only when no other task of the process does.
+    A worker may run tasks at once on several threads (a SLURM job's worker has one per
+    core, and so may an external cluster's), and they share the process's cached model:
+    hooks one task puts on it (guided rectifiers, layer taps) would act on the others' passes
+    (a gradient map beside a guided one came out guided, silently), and a model copy's
+    batch-norm fold, traced with torch.fx, breaks any pass running meanwhile."""
+
+    @functools.wraps(task)
+    def in_turn(*args, **kwargs) -> T:
+        with _MODEL_IN_USE:
+            return task(*args, **kwargs)
+
+    return in_turn
 
 
 @functools.lru_cache(maxsize=2)
@@ -118,7 +141,10 @@ def model_view(pixels: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SlurmWorkers:
-    """Dask workers as SLURM jobs (dask-jobqueue's SLURMCluster), one worker process per job."""
+    """Dask workers as SLURM jobs (dask-jobqueue's SLURMCluster). Without GPUs, a job runs a
+    single-threaded worker process per core, each with its own model, as local workers do
+    (tasks of one process take turns with its model: `one_task_at_a_time`); with GPUs, one
+    worker process per job, its tasks taking turns on the GPU."""
 
     jobs: int = 2
     cores: int = 4
@@ -128,11 +154,16 @@ class SlurmWorkers:
     queue: str | None = None
     account: str | None = None
 
+    @property
+    def processes(self) -> int:
+        """Worker processes per job."""
+        return 1 if self.gpus else self.cores
+
     def cluster(self):
         from dask_jobqueue import SLURMCluster
 
         extra = [f"--gres=gpu:{self.gpus}"] if self.gpus else []
-        return SLURMCluster(cores=self.cores, processes=1, memory=self.memory, walltime=self.walltime,
+        return SLURMCluster(cores=self.cores, processes=self.processes, memory=self.memory, walltime=self.walltime,
                             queue=self.queue, account=self.account, job_extra_directives=extra,
                             scheduler_options={"dashboard_address": None}, silence_logs="error")
 
@@ -148,7 +179,7 @@ def dask_client(workers: int | None, scheduler: str | None, threads: int | None,
         with slurm.cluster() as cluster, Client(cluster) as client:
             cluster.scale(jobs=slurm.jobs)
             client.wait_for_workers(1, timeout=3600)
-            yield client, slurm.jobs
+            yield client, slurm.jobs * slurm.processes
         return
     if scheduler:
         try:

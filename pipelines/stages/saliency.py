@@ -52,6 +52,7 @@ from featscope.pipelines.core.workers import (
     forward_model,
     model_ref,
     model_view,
+    one_task_at_a_time,
     select,
     worker_model,
 )
@@ -226,6 +227,7 @@ def _write_outputs(rd: RunDir, options: SaliencyOptions, image_id: int, view: to
                             **{k: v for k, v in facts.items()})
 
 
+@one_task_at_a_time
 def explain_batch(root: str, options: SaliencyOptions, ref: ModelRef, rows: list[dict]) -> dict:
     """One Dask task: compute, render and write the maps of `rows`; return small summaries."""
     rd = RunDir(root)

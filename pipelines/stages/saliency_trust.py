@@ -55,6 +55,7 @@ from featscope.pipelines.core.workers import (
     forward_model,
     model_ref,
     model_view,
+    one_task_at_a_time,
     select,
     worker_model,
 )
@@ -101,6 +102,7 @@ def baseline_seed(seed: int, image_id: int) -> int:
 
 # ---- the worker side ---------------------------------------------------------------------
 
+@one_task_at_a_time
 def evaluate_batch(root: str, options: EvaluateOptions, ref: ModelRef, rows: list[dict]) -> dict:
     """One Dask task: the curves of every (image, method) in `rows`; each row is an image with
     the methods (and their map stamps) to evaluate. All maps of an image and its baselines go

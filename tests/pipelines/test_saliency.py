@@ -226,6 +226,9 @@ def test_slurm_workers_job_script_asks_for_what_was_given():
                  "#SBATCH -A vision", "#SBATCH --mem=30G"):
         assert line in script, script
     assert "distributed.cli.dask_worker tcp://" in script and "--nthreads 8 --memory-limit 29.80GiB" in script
+    with saliency.SlurmWorkers(jobs=2, cores=4, memory="16GB").cluster() as cluster:  # no GPU: a process per core
+        script = cluster.job_script()
+    assert "#SBATCH --cpus-per-task=4" in script and "--nthreads 1 " in script and "--nworkers 4 " in script, script
 
 
 @pytest.mark.slow
@@ -255,3 +258,46 @@ def test_overwrite_replaces_only_the_selected_maps_and_only_once_the_new_ones_ex
     again = saliency.run(run, saliency.SaliencyOptions(method="gradient", select=ids, score="probability",
                                                        overwrite=True, workers=1), progress=False)
     assert again.computed == 2 and again.skipped == 1
+
+
+def test_tasks_sharing_a_worker_process_take_turns_with_its_model(run, monkeypatch):
+    """A Dask worker with several threads (a SLURM job's worker has one per core, so may an
+    external cluster's) runs several tasks at once, and they share the process's cached model.
+    A guided-backprop task hooks that model's rectifiers: a gradient task beside it came out
+    guided, silently. Tasks take turns: the gradient task waits, and its map is the plain one."""
+    import threading
+    from contextlib import contextmanager
+
+    from featscope.kernels import saliency as kernel
+
+    rows = photo_rows(run)[:2]
+    ref = saliency.ModelRef(ARCH, "random", 0, None)
+    inside, release = threading.Event(), threading.Event()
+    real = kernel.guided_relus
+
+    @contextmanager
+    def held(model):  # the guided task stops with its hooks in place
+        with real(model) as n:
+            inside.set()
+            release.wait(30)
+            yield n
+
+    monkeypatch.setattr(kernel, "guided_relus", held)
+    guided = threading.Thread(target=saliency.explain_batch,
+                              args=(str(run.root), saliency.SaliencyOptions(method="guided"), ref, rows[:1]))
+    gradient = threading.Thread(target=saliency.explain_batch,
+                                args=(str(run.root), saliency.SaliencyOptions(method="gradient"), ref, rows[1:]))
+    guided.start()
+    try:
+        assert inside.wait(60)
+        gradient.start()
+        gradient.join(3)
+        assert gradient.is_alive()  # waits for the guided task to finish with the model
+    finally:
+        release.set()
+        guided.join(60)
+        gradient.join(60)
+    with np.load(run.saliency_map("gradient", rows[1]["image_id"])) as data:
+        stored = data["saliency"].astype(np.float32)
+    expected = direct_gradient_map(rows[1]["path"])
+    np.testing.assert_allclose(stored, expected, rtol=2e-2, atol=2e-3 * expected.max())
