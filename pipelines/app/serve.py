@@ -202,6 +202,7 @@ class QueryService:
     def __init__(self, rd: RunDir, *, max_upload: int = 16 * 2**20, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_k: int = 100, expose_run_files: bool = False, decode_threads: int | None = None,
                  model_threads: int | None = None):
+        from featscope.pipelines.core.device import resolve_device
         from featscope.pipelines.core.features import ImageEmbedder
 
         self.rd, self.root = rd, rd.root.resolve()
@@ -210,11 +211,9 @@ class QueryService:
         self.catalogue = Catalogue(rd)
         self.layers = rd.index_layers()
         self.indexes = {layer: _open_mapped(rd, layer) for layer in self.layers}
-        from featscope.pipelines.core.device import resolve_device
-
-        device = resolve_device("auto").type
-        self.model_threads = model_threads or model_workers(device)
-        self.embedder = ImageEmbedder(rd.read_config(), self.layers, copies=self.model_threads)
+        self.device = resolve_device("auto").type  # where uploads are embedded
+        self.model_threads = model_threads or model_workers(self.device)
+        self.embedder = ImageEmbedder(rd.read_config(), self.layers, device=self.device, copies=self.model_threads)
         # decoders run torch on themselves alone, the model and the searches on half the cores:
         # see limit_threads
         self.op_threads = op_threads()
@@ -256,11 +255,8 @@ class QueryService:
         """The model's batcher, started by the first upload (the model loads then)."""
         with self._batcher_lock:
             if self._batcher is None:
-                from featscope.pipelines.core.device import resolve_device
-
-                device = resolve_device(self.embedder.device).type
                 self._batcher = DynamicBatcher(self._embed_batch, name="embed", wait_s=0.004,
-                                               max_batch=EMBED_BATCH.get(device, 16), coming=lambda: self.decoding,
+                                               max_batch=EMBED_BATCH.get(self.device, 16), coming=lambda: self.decoding,
                                                initializer=partial(limit_threads, self.op_threads),
                                                workers=self.model_threads)
             return self._batcher
