@@ -4,10 +4,10 @@ copy of the model and its share of the cores.
 Feature visualisations and atlas cells are hundreds of small forward and backward passes.
 One OpenMP team over all the cores spends much of each op starting and waiting, and on a CPU
 where a larger batch does not cut the cost of an image, batching cannot make up for it. Two
-lanes of one thread each rendered MobileNet-V2 `features.13` units in 25 ms an image-step,
-against 43 ms for one batch on both threads (2-core AVX2 machine, 8 units,
-`benchmarks/units_bench.py`). Each lane needs its own model: layer taps are hooks on a
-model's modules, which two passes at once would both fire.
+lanes of one thread each rendered 8 MobileNet-V2 `features.13` units in 35-37 ms an
+image-step, against 44-47 ms for one batch on both threads (2-core AVX2 machine, two paired
+runs of `render_units`). Each lane needs its own model: layer taps are hooks on a model's
+modules, which two passes at once would both fire.
 
 What comes out does not depend on how the work is split: at a fixed thread count an image
 is the same whatever else is in its batch, so lanes of one thread give exactly the images of
