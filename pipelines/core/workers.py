@@ -122,6 +122,13 @@ def visualisation_model(loaded: LoadedModel, specs: list, device: torch.device |
     return PixelModel(net, loaded.preprocessing.mean, loaded.preprocessing.std).to(device)
 
 
+def visualisation_layer(loaded: LoadedModel, spec, device: torch.device | str = "cpu"
+                        ) -> tuple[PixelModel, torch.nn.Module]:
+    """A fresh `visualisation_model` for `spec` and the module of it that the layer taps."""
+    model = visualisation_model(loaded, [spec], device)
+    return model, model.model.get_submodule(spec.module_path)
+
+
 def model_ref(rd: RunDir, device: str = "auto", threads: int | None = None) -> ModelRef:
     """The run's model as its run.json records it; a one-line error if it records none."""
     config = rd.read_config()

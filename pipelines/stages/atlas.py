@@ -43,7 +43,7 @@ from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import read_predictions, write_table
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.trust import dataset_stamp
-from featscope.pipelines.core.workers import model_ref, visualisation_model, worker_model
+from featscope.pipelines.core.workers import model_ref, visualisation_layer, worker_model
 from featscope.pipelines.render.grid_layout import normalise
 from featscope.pipelines.render.panels import to_image
 
@@ -217,10 +217,6 @@ def _render(loaded, spec, device: torch.device, means: torch.Tensor, cells: list
     model_size = options.model_size or loaded.preprocessing.crop
     lanes, threads, size = lane_plan(len(cells), options.batch, device)
 
-    def lane_model() -> tuple[PixelModel, torch.nn.Module]:
-        model = visualisation_model(loaded, [spec], device)
-        return model, model.model.get_submodule(spec.module_path)
-
     def render_chunk(lane: tuple[PixelModel, torch.nn.Module], rows: list[int]) -> torch.Tensor:
         model, module = lane
         seeds = [options.seed * 1_000_003 + cells[i]["gy"] * options.grid + cells[i]["gx"] for i in rows]
@@ -230,7 +226,8 @@ def _render(loaded, spec, device: torch.device, means: torch.Tensor, cells: list
 
     pictures = []
     with tqdm(total=len(cells), unit="cell", desc=f"atlas {options.layer}", disable=not progress) as bar:
-        for images in map_in_lanes(render_chunk, chunks_of(list(range(len(cells))), size), lane_model, lanes=lanes,
+        for images in map_in_lanes(render_chunk, chunks_of(list(range(len(cells))), size),
+                                   lambda: visualisation_layer(loaded, spec, device), lanes=lanes,
                                    threads=threads):
             pictures += [to_image(image) for image in images]
             bar.update(len(images))

@@ -99,28 +99,28 @@ def _gradient_method(n: int) -> str:
     return "fft" if n >= 1000 else "bh"
 
 
-class IterationBar:
-    """An openTSNE callback that advances a progress bar by its call interval. It always
-    returns False: openTSNE stops optimising when a callback returns True (and tqdm's
-    `update` returns True whenever it redraws)."""
-
-    def __init__(self, bar: tqdm, every: int):
-        self.bar, self.every = bar, every
-
-    def __call__(self, iteration: int, error: float, embedding: np.ndarray) -> bool:
-        self.bar.update(self.every)
-        return False
-
-
 BAR_EVERY = 10  # iterations between bar updates; each evaluates the KL error (not the map's path)
 
 
-def _tsne_model(perplexity: float, seed: int, n: int, bar: tqdm | None = None) -> TSNE:
+class IterationBar:
+    """An openTSNE callback that advances a progress bar (a disabled one too: no output) by
+    BAR_EVERY. It always returns False: openTSNE stops optimising when a callback returns
+    True (and tqdm's `update` returns True whenever it redraws)."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+
+    def __call__(self, iteration: int, error: float, embedding: np.ndarray) -> bool:
+        self.bar.update(BAR_EVERY)
+        return False
+
+
+def _tsne_model(perplexity: float, seed: int, n: int, bar: tqdm) -> TSNE:
     from openTSNE import TSNE
 
     return TSNE(perplexity=perplexity, n_jobs=-1, negative_gradient_method=_gradient_method(n),
-                initialization="pca", random_state=seed, verbose=False,
-                callbacks=IterationBar(bar, BAR_EVERY) if bar is not None else None, callbacks_every_iters=BAR_EVERY)
+                initialization="pca", random_state=seed, verbose=False, callbacks=IterationBar(bar),
+                callbacks_every_iters=BAR_EVERY)
 
 
 def _perplexity(perplexity: float, n: int) -> float:
@@ -130,13 +130,12 @@ def _perplexity(perplexity: float, n: int) -> float:
 PLACE_ITERATIONS = 250
 
 
-def _place(embedding: TSNEEmbedding, x_new: np.ndarray, bar: tqdm | None = None) -> np.ndarray:
+def _place(embedding: TSNEEmbedding, x_new: np.ndarray, bar: tqdm) -> np.ndarray:
     """openTSNE's recipe for new points: start each at the median of its 25 nearest reference
     points, then optimise them alone with the reference map held fixed."""
     placed = embedding.prepare_partial(x_new, initialization="median", k=min(25, len(embedding)))
-    callbacks = IterationBar(bar, BAR_EVERY) if bar is not None else None
-    return np.asarray(placed.optimize(n_iter=PLACE_ITERATIONS, learning_rate=0.1, momentum=0.8, callbacks=callbacks,
-                                      callbacks_every_iters=BAR_EVERY), dtype=np.float32)
+    return np.asarray(placed.optimize(n_iter=PLACE_ITERATIONS, learning_rate=0.1, momentum=0.8,
+                                      callbacks=IterationBar(bar), callbacks_every_iters=BAR_EVERY), dtype=np.float32)
 
 
 def tsne(x: np.ndarray, *, perplexity: float, seed: int, max_exact: int,

@@ -45,7 +45,7 @@ from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_table
 from featscope.pipelines.core.text import plural, rate
 from featscope.pipelines.core.trust import dataset_stamp
-from featscope.pipelines.core.workers import model_ref, visualisation_model, worker_model
+from featscope.pipelines.core.workers import model_ref, visualisation_layer, worker_model
 from featscope.pipelines.render.panels import to_image
 
 TABLE = pa.schema([
@@ -115,8 +115,7 @@ def render(rd: RunDir, options: RenderOptions, progress: bool = True) -> RenderS
 def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, spec, progress: bool,
             start: float) -> RenderSummary:
     prep = loaded.preprocessing
-    model = visualisation_model(loaded, [spec], device)
-    module = model.model.get_submodule(spec.module_path)
+    model, module = visualisation_layer(loaded, spec, device)
     probe = layer_outputs(model, torch.full((1, 3, prep.crop, prep.crop), 0.5, device=device), [module])[0]
     count = probe.shape[1]
     units = parse_units(options.units) or list(range(count))
@@ -126,7 +125,7 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
     rows = []
     rd.units_dir(options.layer).mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(units), unit="unit", desc=f"units render {options.layer}", disable=not progress) as bar:
-        for chosen, images, trajectory, measured in render_units(loaded, spec, device, units, options, model):
+        for chosen, images, trajectory, measured in render_units(loaded, spec, device, units, options, (model, module)):
             for b, unit in enumerate(chosen):
                 with atomic_path(rd.unit_visualisation(options.layer, unit)) as tmp:
                     to_image(images[b]).save(tmp, format="PNG")
@@ -153,17 +152,16 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
 
 
 def render_units(loaded, spec, device: torch.device, units: list[int], options: RenderOptions,
-                 model: PixelModel | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+                 made: tuple[PixelModel, torch.nn.Module] | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(units, their images, objective trajectory, activations of all the layer's units on
     each image) for chunks of `units`, in order, rendered at once on the CPU's lanes
-    (`pipelines.core.lanes`); `model`, a visualisation model already made, serves one lane."""
+    (`pipelines.core.lanes`); `made`, a visualisation model and its tapped module already made, serves one lane."""
     side = loaded.preprocessing.crop
     lanes, threads, size = lane_plan(len(units), options.batch, device)
-    spare = [model] if model is not None else []
+    spare = [made] if made is not None else []
 
     def lane_model() -> tuple[PixelModel, torch.nn.Module]:
-        own = spare.pop() if spare else visualisation_model(loaded, [spec], device)
-        return own, own.model.get_submodule(spec.module_path)
+        return spare.pop() if spare else visualisation_layer(loaded, spec, device)
 
     def render_chunk(lane: tuple[PixelModel, torch.nn.Module], chosen: list[int]):
         own, module = lane
