@@ -6,25 +6,32 @@ removes a full read and write of every conv output: MobileNet-V2 (bf16, 2 CPU co
 1.3x faster, ResNet-18 and -50 5-7%, with fp32 outputs within 1e-6 of the unfolded model.
 
 Which BN follows which conv comes from a torch.fx trace of the forward pass, not from module
-names. A pair is left alone when one of `keep` (module paths that are tapped for their
-outputs) would see a different tensor after folding: the conv itself, its BN, or a module
-that holds the conv but not its BN.
+names. Such a trace patches `nn.Module.__call__` for the whole process while it runs, so a
+forward pass on another thread at that moment fails: code that runs forward passes on threads
+beside model preparation holds `TRACING` around them. A pair is left alone when one of `keep`
+(module paths that are tapped for their outputs) would see a different tensor after folding:
+the conv itself, its BN, or a module that holds the conv but not its BN.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+TRACING = threading.Lock()
+"""Held while a model is traced (the trace patches `nn.Module.__call__` process-wide)."""
+
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv path, BN path) for each BatchNorm2d whose only input is a Conv2d used nowhere
     else; [] when the model cannot be traced."""
     try:
-        graph = fx.symbolic_trace(model).graph
+        with TRACING:
+            graph = fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 - data-dependent control flow: fold nothing
         return []
     modules = dict(model.named_modules())

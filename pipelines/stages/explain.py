@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from featscope.kernels.batchnorm_folding import TRACING
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.pair_similarity import EXACT, SIMILARITIES, PairMaps, pair_maps
 from featscope.kernels.params import ParamError
@@ -101,7 +102,7 @@ class PairExplainer:
         x = prep.normalize(inputs.to(self.device))
         model = self.loaded.module
         module = model.get_submodule(spec.module_path)
-        with self.lock:
+        with self.lock, TRACING:  # the query service may be folding its upload model on another thread
             if spec.grid:
                 result = pair_maps(model, x, module, grid=spec.grid, similarity=similarity)
             elif spec.kind == "conv" or (spec.kind == "auto" and _is_conv_map(model, x, module)):

@@ -3,11 +3,15 @@ the stored vectors up to their precision; batches for queries that follow the in
 errors."""
 
 import shutil
+import threading
 
 import numpy as np
 import pytest
+import torch
+import torchvision
 from PIL import Image
 
+from featscope.kernels.batchnorm_folding import conv_bn_pairs
 from featscope.kernels.pair_similarity import APPROXIMATE, EXACT
 from featscope.pipelines.app.cli import main as cli
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
@@ -44,6 +48,39 @@ def test_pooled_layers_split_exactly_and_match_the_stored_vectors(run, explainer
         assert e.stored_similarity == pytest.approx(e.result.similarity, abs=0.02)
     else:
         assert e.stored_similarity is None
+
+
+def test_no_model_is_traced_while_a_pair_is_explained(run, explainer):
+    """Folding batch norms traces a model with torch.fx, which patches nn.Module.__call__ for
+    the whole process (the query service does it when its upload model loads): a pair's
+    forward pass on another thread meanwhile would fail. The trace waits for the pair, and
+    the pair's maps are those of a quiet run."""
+    a, b = photo_ids(run)[:2]
+    quiet = explainer.explain(a, b, "pool")
+    inside, release, found = threading.Event(), threading.Event(), {}
+
+    def hold(*_):
+        if not inside.is_set():
+            inside.set()
+            release.wait(30)
+
+    first_conv = next(m for m in explainer.loaded.module.modules() if isinstance(m, torch.nn.Conv2d))
+    handle = first_conv.register_forward_hook(hold)
+    pair = threading.Thread(target=lambda: found.setdefault("pair", explainer.explain(a, b, "pool")))
+    trace = threading.Thread(target=lambda: found.setdefault("pairs", conv_bn_pairs(torchvision.models.resnet18())))
+    try:
+        pair.start()
+        assert inside.wait(30)
+        trace.start()
+        trace.join(1.0)
+        assert trace.is_alive(), "the model was traced while the pair's forward pass was under way"
+    finally:
+        release.set()
+        pair.join(60)
+        trace.join(60)
+        handle.remove()
+    assert len(found["pairs"]) == 20  # resnet18's conv -> BN pairs: the trace itself worked
+    assert torch.equal(found["pair"].result.maps, quiet.result.maps)
 
 
 def test_a_fully_connected_layer_says_it_is_approximate(run, explainer):
