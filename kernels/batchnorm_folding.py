@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-TRACING = threading.Lock()
+TRACING = threading.RLock()
 """Held while a model is traced (the trace patches `nn.Module.__call__` process-wide)."""
 
 

@@ -178,12 +178,13 @@ def search_batch(indexes: dict, requests: list[tuple[str, int | np.ndarray, int]
     return answers
 
 
-# Uploads embedded in one forward pass, at most. On the CPU a batch of 8 costs 7.2 ms an
-# image and 16 cost 8.9 (MobileNet-V2, one thread, AVX-512 machine: the larger batch's
-# activations leave the cache), and a smaller batch also holds the uploads behind it for
-# less: at 16 clients, 94/s and p99 261 ms against 89/s and 293 ms with 16 (means of four
-# paired runs).
-EMBED_BATCH = {"cpu": 8, "cuda": 16}
+# Uploads embedded in one forward pass, at most. On the CPU an image costs more in a larger
+# batch once its activations leave the cache: MobileNet-V2, one thread, 8 cost 7.2 ms an
+# image and 16 cost 8.9 on an AVX-512 machine; 2-4 cost 18-20 ms, 8 25-26 and 16 33 on a
+# 2-core AVX2 one (224 px). A smaller batch also holds the uploads behind it for less: on
+# the AVX2 machine, at 16 clients, 45/s and p99 491 ms with 4 against 41/s and 589 ms with 8
+# (means of four paired runs; 4 ahead in each).
+EMBED_BATCH = {"cpu": 4, "cuda": 16}
 
 
 def model_workers(device: str) -> int:
