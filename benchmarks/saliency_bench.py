@@ -12,7 +12,7 @@ best `perturbations_per_eval`, gradient and guided >= 1), then images/s of the w
 (zeros): images/s of each, their ratio (target >= 3), and how far the curves differ.
 
     python benchmarks/saliency_bench.py [--model mobilenet_v2] [--images 4] [--window 32 --stride 16]
-    python benchmarks/saliency_bench.py --part evaluate [--model resnet18] [--images 8]
+    python benchmarks/saliency_bench.py --part evaluate [--model resnet18] [--images 8] [--size 224x300]
 """
 
 from __future__ import annotations
@@ -87,12 +87,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dask-images", type=int, default=16, help="images for the Dask stage figures (0: skip)")
     parser.add_argument("--dask-method", default="occlusion")
+    parser.add_argument("--size", default="192x192", help="evaluate: the photos' HxW (224x300: about a 4:3 photo "
+                                                              "as the stage sees it)")
+    parser.add_argument("--steps", type=int, default=24, help="evaluate: deletion steps (each whole pixels)")
     parser.add_argument("--part", choices=("maps", "evaluate", "all"), default="all",
                         help="maps: the saliency methods; evaluate: deletion curves against Quantus")
     args = parser.parse_args()
     keep_freed_memory()
     if args.part in ("evaluate", "all"):
-        evaluate_against_quantus(args.model, args.weights, max(args.images, 8), args.repeats)
+        height, width = (int(v) for v in args.size.split("x"))
+        evaluate_against_quantus(args.model, args.weights, max(args.images, 8), args.repeats, (height, width),
+                                 args.steps)
     if args.part == "evaluate":
         return
     warnings.filterwarnings("ignore", module="captum")  # "input did not require gradients", on every call
@@ -164,34 +169,51 @@ def main() -> None:
     print(f"  guided vs captum on resnet18 (ReLU only): {agreement(attribute(relu_net, x, target, 'guided'), gb_relu)}")
 
 
-def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, side: int = 192, steps: int = 24) -> None:
-    """Deletion curves of n photos' gradient maps: featscope's `perturbation_curves` (fp32 and
-    bf16 autocast, all perturbed copies batched through the model with its batch norms
-    folded, as the stage runs it) against Quantus's
-    PixelFlipping (its loop: one forward pass of the images per step). At 192 px, 24 steps are
-    1,536 whole pixels each, which Quantus's step rule (features_in_step must divide H*W)
-    allows, so both perturb exactly the same pixels."""
+def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, size: tuple[int, int] = (192, 192),
+                             steps: int = 24) -> None:
+    """Deletion curves of n photos' gradient maps: featscope's `perturbation_curves` as the
+    stage runs them (the model's batch norms folded; on a CPU one single-threaded lane per
+    core, as the stage's one single-threaded worker process per core, each with its share of
+    the photos and `forward_batch` perturbed copies a pass; fp32, and bf16 autocast where the
+    CPU has fast bf16) against Quantus's PixelFlipping (its loop: one forward pass of the
+    images per step, on all the cores). The photos are resized to `size`; at 192x192, 24
+    steps are 1,536 whole pixels each, which Quantus's step rule (features_in_step must
+    divide 3*H*W) allows, so both perturb exactly the same pixels (at 224x300, about the shape of
+    a 4:3 photo as the stage sees it, 2,800)."""
+    import copy
+
     import numpy as np
 
     from featscope.kernels.faithfulness import perturbation_curves
     from featscope.pipelines.core.device import cpu_has_fast_bf16, inference_model
+    from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
     from featscope.pipelines.stages.saliency_trust import forward_batch
 
+    height, width = size
+    if (height * width) % steps:
+        raise SystemExit(f"{steps} steps do not split {height}x{width} pixels into whole pixels")
     loaded = load_model(arch, weights)
     model = loaded.module
     fast = load_model(arch, weights).module.to(memory_format=torch.channels_last)
     folded = inference_model(loaded, []).to(memory_format=torch.channels_last)  # as `saliency evaluate` runs it
-    x = torch.nn.functional.interpolate(demo_batch(n, loaded.preprocessing), size=(side, side), mode="bilinear",
+    x = torch.nn.functional.interpolate(demo_batch(n, loaded.preprocessing), size=size, mode="bilinear",
                                         align_corners=False)
     with torch.no_grad():
         target = model(x).argmax(1)
     maps = attribute(fast, x, target, "gradient")
-    print(f"# deletion curves: {arch} ({weights}), {n} photos at {side} px, {steps} steps, zeros, gradient maps, "
-          f"{torch.get_num_threads()} threads")
+    lanes, threads, _ = lane_plan(n, n, x.device)
+    parts = chunks_of(list(range(n)), -(-n // lanes))
+    print(f"# deletion curves: {arch} ({weights}), {n} photos at {height}x{width} px, {steps} steps, zeros, gradient "
+          f"maps; featscope on {lanes} lane(s) of {threads} thread(s), {forward_batch(x.device)} images a pass; "
+          f"Quantus on {torch.get_num_threads()} threads")
 
     def ours(dtype):
-        return perturbation_curves(folded, x, maps, target, mode="deletion", steps=steps, replacement=0.0,
-                                   score="probability", batch=forward_batch(x.device), dtype=dtype)
+        def curves(model, picked):
+            return perturbation_curves(model, x[picked], maps[picked], target[picked], mode="deletion", steps=steps,
+                                       replacement=0.0, score="probability", batch=forward_batch(x.device),
+                                       dtype=dtype)
+        return torch.cat(list(map_in_lanes(curves, parts, lambda: copy.deepcopy(folded), lanes=lanes,
+                                           threads=threads)))
 
     ours(None)
     t_fp32, curves = best_of(repeats, lambda: ours(None))
@@ -205,7 +227,7 @@ def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, side
         return
     if not hasattr(np, "trapz"):
         np.trapz = np.trapezoid  # Quantus 0.6 calls the name NumPy 2.4 removed (same function)
-    metric = quantus.PixelFlipping(features_in_step=3 * side * side // steps, perturb_baseline=0.0, normalise=False,
+    metric = quantus.PixelFlipping(features_in_step=3 * height * width // steps, perturb_baseline=0.0, normalise=False,
                                    abs=False, disable_warnings=True)
     colour = maps[:, None].expand_as(x).numpy()
 
