@@ -178,8 +178,8 @@ def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, size
     CPU has fast bf16) against Quantus's PixelFlipping (its loop: one forward pass of the
     images per step, on all the cores). The photos are resized to `size`; at 192x192, 24
     steps are 1,536 whole pixels each, which Quantus's step rule (features_in_step must
-    divide 3*H*W) allows, so both perturb exactly the same pixels (at 224x300, about the shape of
-    a 4:3 photo as the stage sees it, 2,800)."""
+    divide H*W) allows, so both perturb exactly the same pixels (at 224x300, about the
+    shape of a 4:3 photo as the stage sees it, 2,800)."""
     import copy
 
     import numpy as np
