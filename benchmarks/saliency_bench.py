@@ -201,8 +201,8 @@ def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, size
     with torch.no_grad():
         target = model(x).argmax(1)
     maps = attribute(fast, x, target, "gradient")
-    lanes, threads, _ = lane_plan(n, n, x.device)
-    parts = chunks_of(list(range(n)), -(-n // lanes))
+    lanes, threads, chunk = lane_plan(n, n, x.device)
+    parts = chunks_of(list(range(n)), chunk)
     print(f"# deletion curves: {arch} ({weights}), {n} photos at {height}x{width} px, {steps} steps, zeros, gradient "
           f"maps; featscope on {lanes} lane(s) of {threads} thread(s), {forward_batch(x.device)} images a pass; "
           f"Quantus on {torch.get_num_threads()} threads")

@@ -151,19 +151,22 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
         float(np.mean([r["rank"] == 1 for r in rows if r["rank"] is not None])) if maxima else None)
 
 
+Lane = tuple[PixelModel, torch.nn.Module]  # a visualisation model and the module of it that the layer taps
+
+
 def render_units(loaded, spec, device: torch.device, units: list[int], options: RenderOptions,
-                 made: tuple[PixelModel, torch.nn.Module] | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+                 made: Lane | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(units, their images, objective trajectory, activations of all the layer's units on
     each image) for chunks of `units`, in order, rendered at once on the CPU's lanes
-    (`pipelines.core.lanes`); `made`, a visualisation model and its tapped module already made, serves one lane."""
+    (`pipelines.core.lanes`); `made`, a lane's model already made, serves one lane."""
     side = loaded.preprocessing.crop
     lanes, threads, size = lane_plan(len(units), options.batch, device)
     spare = [made] if made is not None else []
 
-    def lane_model() -> tuple[PixelModel, torch.nn.Module]:
+    def lane_model() -> Lane:
         return spare.pop() if spare else visualisation_layer(loaded, spec, device)
 
-    def render_chunk(lane: tuple[PixelModel, torch.nn.Module], chosen: list[int]):
+    def render_chunk(lane: Lane, chosen: list[int]):
         own, module = lane
         images, trajectory = feature_visualisations(
             own, channels(module, torch.tensor(chosen, device=device)), [options.seed * 1_000_003 + u for u in chosen],

@@ -62,7 +62,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, small_dataset, full
     filler = fill(full_disk)
 
     for args in (["index", "build", "--run", run, "--layer", "pool", "--rebuild", "--quiet"],
-                 ["embed", "--run", run, "--layer", "pool", "--perplexity", "2", "--quiet"]):  # stderr: the error alone, no bar
+                 ["embed", "--run", run, "--layer", "pool", "--perplexity", "2", "--quiet"]):  # no bar on stderr
         done = featscope(*args)
         assert done.returncode == 2, (args, done.stderr)
         lines = done.stderr.strip().splitlines()
