@@ -12,6 +12,19 @@ import torch
 from helpers import write_dataset
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+OMP_AT_START = os.environ.get("OMP_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def _omp_threads_as_found():
+    """OMP_NUM_THREADS back to what the session started with after every test: a Dask
+    LocalCluster sets it to 1 in the process that starts it, and what a test sees must not
+    depend on which tests ran before it (the test SLURM cluster once got one CPU from it)."""
+    yield
+    if OMP_AT_START is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = OMP_AT_START
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,9 @@ set -euo pipefail
 action=$1
 state=$(realpath -m "$2")
 node=$(hostname -s)
-cpus=$(nproc)
+# (nproc honours OMP_NUM_THREADS, which a Dask LocalCluster started earlier in the calling
+# process sets to 1: the node got one CPU, and every 2-thread job pended for good)
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
 
 stop() {
