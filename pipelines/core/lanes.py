@@ -13,6 +13,14 @@ What comes out does not depend on how the work is split: at a fixed thread count
 is the same whatever else is in its batch, so lanes of one thread give exactly the images of
 a one-thread run.
 
+A lane optimises at most CPU_CHUNK images at a time, whatever `--batch` says: as for the
+evaluation's forward passes, an image costs more in a larger batch once its activations leave
+the cache. 16 units, batch 16 on two lanes (2-core AVX2 machine, `render_units`, two or three
+interleaved runs each): MobileNet-V2 `features.13` 24.4-24.9 s with 4 a lane against
+28.6-29.8 s with 8 at 128 px, 21.7-22.7 against 27.1-28.2 at 64 px, 12.1-13.8 against
+14.4-15.8 at 224 px; ResNet-18 `layer3` at 128 px alike (23.8-24.2 against 23.6-25.9); 2 a
+lane no better than 4.
+
 Every lane's model is made before any lane starts: making one folds its batch norms through
 a torch.fx trace, which patches `nn.Module.__call__` for the whole process while it runs, so
 a forward pass on another thread at that moment fails.
@@ -34,14 +42,16 @@ Chunk = TypeVar("Chunk")
 State = TypeVar("State")
 Result = TypeVar("Result")
 
+CPU_CHUNK = 4  # images a CPU lane optimises at once, at most (see the module's note)
+
 
 def lane_plan(items: int, batch: int, device: torch.device) -> tuple[int, int, int]:
     """(lanes, torch threads per lane, items per chunk) for `items` optimised `batch` at a
     time. On a GPU, one lane (its kernels queue anyway). On the CPU, a lane per usable core
     (at most MAX_LOCAL_WORKERS, at most one per item), the cores shared among them, and
-    chunks of `batch // lanes`, so that `batch` images are in flight at once whatever the
-    lanes: their activations take the memory `--batch` asks for, plus a copy of the model
-    per lane (MobileNet-V2 14 MB, VGG16 528 MB).
+    chunks of `batch // lanes`, at most CPU_CHUNK, so that up to `batch` images are in
+    flight at once whatever the lanes: their activations take at most the memory `--batch`
+    asks for, plus a copy of the model per lane (MobileNet-V2 14 MB, VGG16 528 MB).
 
     Lanes pay off for optimisation, hundreds of small forward and backward passes; not for
     forward-only batches, which one OpenMP team runs as well (deletion curves of 8 photos at
@@ -50,7 +60,7 @@ def lane_plan(items: int, batch: int, device: torch.device) -> tuple[int, int, i
         return 1, usable_cpus(), max(1, batch)
     budget = usable_cpus()
     lanes = max(1, min(budget, MAX_LOCAL_WORKERS, items, batch))
-    return lanes, max(1, budget // lanes), max(1, min(batch // lanes, math.ceil(items / lanes)))
+    return lanes, max(1, budget // lanes), max(1, min(batch // lanes, math.ceil(items / lanes), CPU_CHUNK))
 
 
 def chunks_of(items: Sequence[Chunk], size: int) -> list[Sequence[Chunk]]:

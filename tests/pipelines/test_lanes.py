@@ -13,13 +13,13 @@ from featscope.pipelines.stages import units
 
 @pytest.mark.parametrize("cpus, items, batch, expected", [
     (2, 8, 8, (2, 1, 4)),  # two 1-thread lanes of 4: 8 images in flight, as --batch 8 asks
-    (2, 64, 16, (2, 1, 8)),
+    (2, 64, 16, (2, 1, 4)),  # at most CPU_CHUNK a lane: a larger batch's activations leave the cache
     (2, 3, 16, (2, 1, 2)),  # every lane gets work
     (2, 1, 16, (1, 2, 16)),  # one item: one lane on every core
     (16, 64, 16, (8, 2, 2)),  # at most MAX_LOCAL_WORKERS lanes, the cores shared among them
     (4, 64, 2, (2, 2, 1)),  # never more lanes than the batch
 ])
-def test_lane_plan_shares_the_cores_and_keeps_the_batch_in_flight(monkeypatch, cpus, items, batch, expected):
+def test_lane_plan_shares_the_cores_and_keeps_up_to_the_batch_in_flight(monkeypatch, cpus, items, batch, expected):
     monkeypatch.setattr(lanes, "usable_cpus", lambda: cpus)
     assert lanes.lane_plan(items, batch, torch.device("cpu")) == expected
     assert lanes.lane_plan(items, batch, torch.device("cuda"))[::2] == (1, batch)  # a GPU: one lane, whole batches
