@@ -11,6 +11,7 @@ from torch import nn
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.guided import guided_relus
+from featscope.kernels.occlusion import covered_per_pass
 from featscope.kernels.saliency import attribute, default_batch
 from featscope.kernels.segment import grabcut_mask
 
@@ -209,6 +210,16 @@ def test_copies_a_pass_change_speed_not_maps(models, images, method, copies):
     assert default_batch(images.device) == 4
     ours = attribute(model, images, t, method, **{copies: 10})  # passes of 4, 4 and 2
     close(ours, attribute(model, images, t, method, **{copies: 10}, batch=10))
+
+
+def test_occlusion_windows_a_pass_change_speed_not_maps(models, images):
+    """Occlusion's covered images go `covered_per_pass` a forward pass (8 on a CPU): the maps
+    equal those of one pass over all windows."""
+    model = models["mobilenet_v2"]
+    t = targets(model, images)
+    assert covered_per_pass(images.device) == 8
+    ours = attribute(model, images, t, "occlusion", window=24, stride=8, cut=None)  # 36 windows: 4 passes of 8, 1 of 4
+    close(ours, attribute(model, images, t, "occlusion", window=24, stride=8, cut=None, batch=36))
 
 
 def _split(model, arch):
