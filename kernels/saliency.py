@@ -44,7 +44,8 @@ def default_batch(device: torch.device) -> int:
     gradients' path points) when not given: 4 on a CPU, where an image costs more in a larger
     batch once its activations leave the cache, 32 on a GPU. One thread (a saliency worker),
     a 224x298 photo: MobileNet-V2 SmoothGrad (16 copies) 1.9-2.0 s at 4 against 3.5-4.7 at
-    16, integrated gradients (32 points) 3.5-4.0 s against 7.9-9.0 at 32; ResNet-18 3.3-3.7
+    16, integrated gradients (32 points) 3.5-4.0 s against 7.9-9.0 at 32 (channels-last, as
+    the stage runs them: 2.15 against 3.4-4.0 and 4.1 against 7.1-8.6); ResNet-18 3.3-3.7
     against 3.9-4.2 and 7.2-7.6 against 9.6-10.8 (2-core AVX2 machine, interleaved runs)."""
     return 32 if device.type == "cuda" else 4
 
