@@ -39,7 +39,7 @@ from featscope.kernels.params import Declared, Param, declared_params
 from featscope.kernels.scoring import class_score, like_model
 
 
-def default_batch(device: torch.device) -> int:
+def copies_per_pass(device: torch.device) -> int:
     """Copies of an image per forward and backward pass (SmoothGrad's noisy copies, integrated
     gradients' path points) when not given: 4 on a CPU, where an image costs more in a larger
     batch once its activations leave the cache, 32 on a GPU. One thread (a saliency worker),
@@ -75,11 +75,11 @@ def smoothgrad(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
                seed: Annotated[int, Param("smoothgrad: noise seed")] = 0,
                score: str = "logit", batch: int | None = None) -> torch.Tensor:
     """SmoothGrad: the mean `gradient` map of `samples` copies with Gaussian noise of standard
-    deviation noise * (max - min) of each image, `batch` copies a pass (`default_batch`).
+    deviation noise * (max - min) of each image, `batch` copies a pass (`copies_per_pass`).
     Noise is drawn from `seed`, so maps repeat."""
     if samples < 1:
         raise FeatscopeError(f"smoothgrad needs samples >= 1, got {samples}")
-    batch = batch or default_batch(images.device)
+    batch = batch or copies_per_pass(images.device)
     generator = torch.Generator().manual_seed(seed)
     images = images.detach().float()
     spread = (images.flatten(1).amax(1) - images.flatten(1).amin(1)).view(-1, 1, 1, 1) * noise
@@ -144,9 +144,9 @@ def integrated_gradients(model: nn.Module, images: torch.Tensor, target: torch.T
                          score: str = "logit", batch: int | None = None) -> torch.Tensor:
     """Integrated gradients (Sundararajan et al., 2017): (x - x') * the mean gradient along
     the straight path from the baseline x' to x, by the midpoint rule over `steps` points
-    (`batch` a pass: `default_batch`), summed over colour channels. Signed; by completeness
+    (`batch` a pass: `copies_per_pass`), summed over colour channels. Signed; by completeness
     the map sums to score(x) - score(x') up to the quadrature error."""
-    batch = batch or default_batch(images.device)
+    batch = batch or copies_per_pass(images.device)
     images = images.detach().float()
     reference = baselines.reference(images, baseline)
     alphas = (torch.arange(steps, dtype=torch.float32, device=images.device) + 0.5) / steps

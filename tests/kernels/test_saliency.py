@@ -12,7 +12,7 @@ from torch import nn
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.guided import guided_relus
 from featscope.kernels.occlusion import covered_per_pass
-from featscope.kernels.saliency import attribute, default_batch
+from featscope.kernels.saliency import attribute, copies_per_pass
 from featscope.kernels.segment import grabcut_mask
 
 ARCHS = ["alexnet", "vgg16", "resnet18", "mobilenet_v2"]
@@ -202,12 +202,12 @@ def test_smoothgrad_is_the_mean_gradient_map_over_the_same_noise(models, images,
 
 @pytest.mark.parametrize("method, copies", [("smoothgrad", "samples"), ("integrated_gradients", "steps")])
 def test_copies_a_pass_change_speed_not_maps(models, images, method, copies):
-    """SmoothGrad's noisy copies and integrated gradients' path points go `default_batch` a
+    """SmoothGrad's noisy copies and integrated gradients' path points go `copies_per_pass` a
     pass (4 on a CPU, where a larger batch costs more an image): the maps equal those of one
     pass over all copies, a short last pass included."""
     model = models["mobilenet_v2"]  # no max-pool, whose gradient a rounding can move to another pixel
     t = targets(model, images)
-    assert default_batch(images.device) == 4
+    assert copies_per_pass(images.device) == 4
     ours = attribute(model, images, t, method, **{copies: 10})  # passes of 4, 4 and 2
     close(ours, attribute(model, images, t, method, **{copies: 10}, batch=10))
 
