@@ -23,6 +23,10 @@ over the index. GETs never wait for the model. Memory does not grow with the dat
 Arrow columns of the manifest (`Catalogue`) and the indexes, memory-mapped where the kind
 allows. Only the report and the pictures it shows are served: raw run files (manifest,
 run.json, features, indexes, checkpoints) only with `--expose-run-files`.
+
+It follows the run while a rerun changes it (`RunState`): each request answers from the
+manifest and indexes as they are on disk, read together; a layer whose index still holds
+images the rerun retired answers 503 until the workflow updates it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import os
 import queue
 import socket
 import threading
@@ -53,8 +58,10 @@ from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import RunIdentity
 
 if TYPE_CHECKING:  # imported where a service starts (it brings torch), not for `featscope --help`
+    from featscope.index.search import NeighbourIndex
     from featscope.pipelines.core.features import ImageEmbedder
 
 API_NEIGHBOURS = ("/api/neighbours", "/api/neighbors")  # the US spelling still answers, for this release
@@ -62,14 +69,15 @@ PUBLIC_FOLDERS = {"report", "mosaic", "patches", "saliency", "viz", "neighbours"
 PUBLIC_SUFFIXES = {".html", ".js", ".css", ".png", ".jpg", ".jpeg", ".svg", ".gif", ".webp"}
 DEFAULT_MAX_PIXELS = 50_000_000  # an upload may declare at most this many pixels (Pillow's bomb limit: 89M)
 HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE = 10.0, 30.0, 5
+CHECK_EVERY = 0.05  # seconds between looks at whether the run changed on disk (see RunState)
 
 
 class ApiError(Exception):
-    """An answer other than 200: its status and a one-line reason."""
+    """An answer other than 200: its status, a one-line reason and any headers it needs."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
 
 
 # ---- the data the service answers from ----------------------------------------------------
@@ -110,6 +118,56 @@ class Catalogue:
 
     def describe(self, image_id: int) -> dict:
         return self.describe_many([image_id])[0]
+
+
+def run_signature(rd: RunDir) -> tuple:
+    """What a rerun changes of what the service answers from: the manifest and run.json (each
+    rewritten by an atomic rename: a new inode) and the index folder's entries (each index
+    save adds a version folder with a fresh name and switches the layer's link to it). Three
+    system calls, about 20 us."""
+    def file_key(path: Path):
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return found.st_ino, found.st_mtime_ns, found.st_size
+
+    try:
+        entries = tuple(sorted(os.listdir(rd.index_root)))
+    except FileNotFoundError:
+        entries = ()
+    return file_key(rd.manifest), file_key(rd.run_json), entries
+
+
+@dataclass(frozen=True)
+class RunState:
+    """The live manifest and each layer's index, read together. A request takes the state
+    once and answers from it alone, so no answer mixes two versions of the run; a rerun that
+    changes the run on disk gets a new state (`QueryService.current_state`). A layer whose
+    index cannot answer for the manifest read with it (it still holds images the rerun
+    retired: the workflow has not updated it yet; or it was built for another model) is
+    unavailable, with the reason, until it can."""
+
+    signature: tuple
+    identity: RunIdentity  # the model, weights and preprocessing run.json records
+    catalogue: Catalogue
+    indexes: dict[str, NeighbourIndex]
+    unavailable: dict[str, str] = field(default_factory=dict)  # layer -> why it cannot answer now
+
+    @classmethod
+    def read(cls, rd: RunDir) -> RunState:
+        signature = run_signature(rd)  # first: a change while reading makes the next look read again
+        indexes, unavailable = {}, {}
+        for layer in rd.index_layers():
+            try:
+                indexes[layer] = _open_mapped(rd, layer)
+            except FeatscopeError as e:
+                unavailable[layer] = str(e)
+        return cls(signature, RunIdentity.of_run(rd.read_config()), Catalogue(rd), indexes, unavailable)
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted(self.indexes.keys() | self.unavailable.keys())
 
 
 class DynamicBatcher:
@@ -156,22 +214,21 @@ class DynamicBatcher:
                 done.set_result(answer)
 
 
-def search_batch(indexes: dict, requests: list[tuple[str, int | np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(layer, image id or vector, k) requests -> (neighbour ids, distances) each, with one
-    search per layer and kind of query. An exact search reads the whole index (25 MB for the
+def search_batch(requests: list[tuple[NeighbourIndex, int | np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(index, image id or vector, k) requests -> (neighbour ids, distances) each, with one
+    search per index and kind of query. An exact search reads the whole index (25 MB for the
     demo's `pool`: 2 ms), whether for one query or for 32: batched, concurrent requests share
     that pass. An image is never its own neighbour."""
     answers: list = [None] * len(requests)
-    for layer in {layer for layer, _, _ in requests}:
+    for index in {id(index): index for index, _, _ in requests}.values():
         for by_id in (True, False):
-            rows = [n for n, (lay, query, _) in enumerate(requests)
-                    if lay == layer and isinstance(query, (int, np.integer)) == by_id]
+            rows = [n for n, (ix, query, _) in enumerate(requests)
+                    if ix is index and isinstance(query, (int, np.integer)) == by_id]
             if not rows:
                 continue
             k = max(requests[n][2] for n in rows)
             queries = [requests[n][1] for n in rows]
-            found = (neighbours_of(indexes[layer], queries, k) if by_id
-                     else indexes[layer].search_vectors(np.stack(queries), k=k))
+            found = neighbours_of(index, queries, k) if by_id else index.search_vectors(np.stack(queries), k=k)
             for row, n in enumerate(rows):
                 keep = found.image_ids[row][:requests[n][2]]
                 answers[n] = (keep, found.distances[row][:requests[n][2]])
@@ -209,12 +266,19 @@ class QueryService:
         self.rd, self.root = rd, rd.root.resolve()
         self.max_upload, self.max_pixels, self.max_k = max_upload, max_pixels, max_k
         self.expose_run_files = expose_run_files
-        self.catalogue = Catalogue(rd)
-        self.layers = rd.index_layers()
-        self.indexes = {layer: _open_mapped(rd, layer) for layer in self.layers}
+        self.state = RunState.read(rd)
+        if self.state.unavailable:  # at the start, a loud refusal; later, 503 for the layer until it is updated
+            raise FeatscopeError(next(iter(self.state.unavailable.values())))
+        self._state_lock = threading.Lock()
+        self._reading: Future | None = None  # the read of a changed run, when one is under way
+        self._checked_at = time.monotonic()
         self.device = resolve_device("auto").type  # where uploads are embedded
         self.model_threads = model_threads or model_workers(self.device)
-        self.embedder = ImageEmbedder(rd.read_config(), self.layers, device=self.device, copies=self.model_threads)
+        # the model embeds uploads into every layer indexed now; a layer indexed later is
+        # searched by id only (POST answers 503 for it) until the service restarts
+        config = rd.read_config()
+        self.embedded_layers, self.embedder_identity = self.state.layers, RunIdentity.of_run(config)
+        self.embedder = ImageEmbedder(config, self.embedded_layers, device=self.device, copies=self.model_threads)
         # decoders run torch on themselves alone, the model and the searches on half the cores:
         # see limit_threads
         self.op_threads = op_threads()
@@ -226,9 +290,55 @@ class QueryService:
         self.decoding = 0  # uploads between arrival and the batcher (read by it, so lone ones never wait)
         self._batcher_lock = threading.Lock()
         # searches need no wait: requests that arrive while one batch searches form the next
-        self.searches = DynamicBatcher(lambda requests: search_batch(self.indexes, requests), name="search",
-                                       max_batch=64, initializer=partial(limit_threads, self.op_threads))
+        self.searches = DynamicBatcher(search_batch, name="search", max_batch=64,
+                                       initializer=partial(limit_threads, self.op_threads))
         self._explainer = None  # loads the model on the first /api/explain
+        self._explainer_state: RunState | None = None  # the state whose manifest it holds
+
+    # -- the run as it is now on disk --
+
+    def current_state(self) -> RunState:
+        """The run's state as it is on disk now (looked at most every CHECK_EVERY seconds):
+        read anew, on the calling thread, if a rerun changed it (a reader already under way is
+        waited for, not repeated)."""
+        return self._state_or_reading().result() if self._changed() else self.state
+
+    async def current_state_async(self) -> RunState:
+        """`current_state` for the event loop: a changed run is read on another thread, and
+        the requests that arrive meanwhile wait for that read instead of blocking the loop."""
+        if not self._changed():
+            return self.state
+        return await asyncio.wrap_future(self._state_or_reading(threaded=True))
+
+    def _changed(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked_at < CHECK_EVERY and self._reading is None:
+            return False
+        self._checked_at = now
+        return self._reading is not None or run_signature(self.rd) != self.state.signature
+
+    def _state_or_reading(self, threaded: bool = False) -> Future:
+        with self._state_lock:
+            if self._reading is None:
+                self._reading = reading = Future()
+                start = threading.Thread(target=self._read_state, args=(reading,), daemon=True).start if threaded \
+                    else partial(self._read_state, reading)
+                start()
+            return self._reading
+
+    def _read_state(self, reading: Future) -> None:
+        try:
+            state = RunState.read(self.rd)
+        except Exception as e:  # e.g. the manifest removed: every waiting request hears why
+            self._checked_at = float("-inf")  # and the next one looks again, never answering from the old state
+            reading.set_exception(ApiError(503, f"the run changed on disk and cannot be read now: {e}",
+                                           {"Retry-After": "1"}))
+        else:
+            self.state = state
+            reading.set_result(state)
+        finally:
+            with self._state_lock:
+                self._reading = None
 
     def explain(self, a: int, b: int, layer: str, similarity: str = "cosine") -> dict:
         """The answer to GET /api/explain: both maps, the similarity, the method and a picture
@@ -238,11 +348,15 @@ class QueryService:
 
         from featscope.pipelines.stages import explain
 
+        state = self.current_state()
         for image_id in (a, b):
-            self.catalogue.describe(image_id)  # 404 for an id the run does not have
+            state.catalogue.describe(image_id)  # 404 for an id the run does not have
         with self._batcher_lock:
             if self._explainer is None:
                 self._explainer = explain.PairExplainer(self.rd)
+            elif self._explainer_state is not state:
+                self._explainer.read_manifest()  # the run changed: its image paths with it
+            self._explainer_state = state
         try:
             found = self._explainer.explain(a, b, layer, similarity)
         except FeatscopeError as e:
@@ -281,34 +395,50 @@ class QueryService:
         out = self._embedder_of_this_thread().embed_batch(torch.stack(inputs))
         return [{layer: vectors[i] for layer, vectors in out.items()} for i in range(len(inputs))]
 
-    def checked_index(self, layer: str, k: int):
-        """The index of `layer`, if there is one and k is in range (else 400)."""
-        if layer not in self.indexes:
-            raise ApiError(400, f"no index for layer '{layer}'; indexed: {', '.join(self.layers) or 'none'}")
+    def checked_index(self, state: RunState, layer: str, k: int) -> NeighbourIndex:
+        """The index of `layer` in `state`, if there is one and k is in range (else 400), and
+        it can answer now (else 503, with the reason)."""
+        if layer in state.unavailable:
+            raise ApiError(503, f"layer '{layer}' cannot be searched now: {state.unavailable[layer]}",
+                           {"Retry-After": "5"})
+        if layer not in state.indexes:
+            raise ApiError(400, f"no index for layer '{layer}'; indexed: {', '.join(state.layers) or 'none'}")
         if not 1 <= k <= self.max_k:
             raise ApiError(400, f"k must be between 1 and {self.max_k}")
-        return self.indexes[layer]
+        return state.indexes[layer]
 
-    def answer(self, layer: str, query: int | None, found: tuple[np.ndarray, np.ndarray]) -> dict:
+    def checked_upload_layer(self, state: RunState, layer: str, k: int) -> NeighbourIndex:
+        """`checked_index`, and 503 where the service's model cannot embed for it: run.json
+        names another model than at the service's start, or the layer was indexed since."""
+        index = self.checked_index(state, layer, k)
+        if state.identity != self.embedder_identity or layer not in self.embedded_layers:
+            raise ApiError(503, f"the run's model or layers changed since this service started (layer '{layer}'): "
+                                "restart `featscope serve` to query it by upload")
+        return index
+
+    def answer(self, state: RunState, layer: str, query: int | None, found: tuple[np.ndarray, np.ndarray]) -> dict:
         """The JSON answer for one search's (neighbour ids, distances)."""
         ids, distances = found
         kept = ids >= 0
         neighbours = [about | {"distance": float(d)}
-                      for about, d in zip(self.catalogue.describe_many(ids[kept]), distances[kept])]
+                      for about, d in zip(state.catalogue.describe_many(ids[kept]), distances[kept])]
         return {"layer": layer, "query": query, "neighbours": neighbours}
 
-    def checked_query(self, image_id: int, layer: str, k: int) -> None:
-        """400 for a bad layer or k, 404 for an image the run or the layer's index lacks."""
-        index = self.checked_index(layer, k)
-        self.catalogue.describe(image_id)  # 404 for an id the run does not have
+    def checked_query(self, state: RunState, image_id: int, layer: str, k: int) -> NeighbourIndex:
+        """The index to search: 400 for a bad layer or k, 503 for a layer that cannot answer
+        now, 404 for an image the run or the layer's index lacks."""
+        index = self.checked_index(state, layer, k)
+        state.catalogue.describe(image_id)  # 404 for an id the run does not have
         if image_id not in index:
             raise ApiError(404, f"image {image_id} is in the run but not in the '{layer}' index (it could not be "
-                                "read when features were extracted)")
+                                "read when features were extracted, or the index is being updated)")
+        return index
 
     def neighbours_of_id(self, image_id: int, layer: str, k: int) -> dict:
         """The answer to GET /api/neighbours, searched on this thread (tests, scripts)."""
-        self.checked_query(image_id, layer, k)
-        return self.answer(layer, image_id, search_batch(self.indexes, [(layer, image_id, k)])[0])
+        state = self.current_state()
+        index = self.checked_query(state, image_id, layer, k)
+        return self.answer(state, layer, image_id, search_batch([(index, image_id, k)])[0])
 
     def model_input(self, upload: bytes):
         """Decode an upload (on a decoder thread): 400 empty, 415 not an image, 422 too many pixels."""
@@ -379,7 +509,7 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return JSONResponse({"error": str(e)}, status_code=e.status)
+        return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -401,26 +531,29 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
         return RedirectResponse("/report/index.html", status_code=302)
 
     # Lookups run on the event loop; searches on the search batcher's thread (concurrent ones
-    # share one pass over the index); the model never runs for a GET. Answers are
+    # share one pass over the index); the model never runs for a GET. Each request answers
+    # from one state of the run, as it is on disk when the request arrives. Answers are
     # JSONResponses: returned as they are, not validated against a response model.
     @app.get("/api/image/{image_id}", summary="An image's label, file name and shard")
     async def image(image_id: int) -> JSONResponse:
-        return JSONResponse(service.catalogue.describe(image_id))
+        state = await service.current_state_async()
+        return JSONResponse(state.catalogue.describe(image_id))
 
     @app.get("/api/neighbours", summary="Nearest images to an image of the run")
     @app.get("/api/neighbors", include_in_schema=False)
     async def neighbours(id: int = Query(description="an image id of the run"),  # noqa: A002 (the API's name)
                    layer: str = Query(description="an indexed layer"),
                    k: int = Query(10, description="neighbours returned")) -> JSONResponse:
-        service.checked_query(id, layer, k)
-        found = await asyncio.wrap_future(service.searches.submit((layer, id, k)))
-        return JSONResponse(service.answer(layer, id, found))
+        state = await service.current_state_async()
+        index = service.checked_query(state, id, layer, k)
+        found = await asyncio.wrap_future(service.searches.submit((index, id, k)))
+        return JSONResponse(service.answer(state, layer, id, found))
 
     @app.post("/api/neighbours", summary="Nearest images to an uploaded image (the request body)")
     @app.post("/api/neighbors", include_in_schema=False)
     async def neighbours_of_upload(request: Request, layer: str = Query(description="an indexed layer"),
                                    k: int = Query(10, description="neighbours returned")) -> JSONResponse:
-        service.checked_index(layer, k)
+        service.checked_upload_layer(await service.current_state_async(), layer, k)  # before reading the body
         upload = await _read_body(request, service.max_upload, body_timeout)
         loop = asyncio.get_running_loop()
         service.decoding += 1
@@ -429,8 +562,10 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
         finally:
             service.decoding -= 1
         vectors = await asyncio.wrap_future(service.batcher.submit(model_input))
-        found = await asyncio.wrap_future(service.searches.submit((layer, vectors[layer], k)))
-        return JSONResponse(service.answer(layer, None, found))
+        state = await service.current_state_async()  # the run may have changed while it was embedded
+        index = service.checked_upload_layer(state, layer, k)
+        found = await asyncio.wrap_future(service.searches.submit((index, vectors[layer], k)))
+        return JSONResponse(service.answer(state, layer, None, found))
 
     @app.get("/api/explain", summary="Why two images of the run are alike at a layer: a map on each")
     def explain(a: int = Query(description="an image id of the run"),

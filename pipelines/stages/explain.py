@@ -75,15 +75,20 @@ class PairExplainer:
     def __init__(self, rd: RunDir, device: str = "auto"):
         self.rd = rd
         self.loaded, self.device, _ = worker_model(model_ref(rd, device))
-        # Arrow columns sorted by id, not a dict per image: the query service holds this too
-        table = manifest.read(rd).select(["image_id", "path"]).sort_by("image_id")
-        self.ids, self.paths = table["image_id"].to_numpy(), table["path"].combine_chunks()
+        self.read_manifest()
         self.lock = threading.Lock()
+
+    def read_manifest(self) -> None:
+        """The live images' paths, read again after the run changed (the query service's
+        explainer outlives reruns). Arrow columns sorted by id, not a dict per image."""
+        table = manifest.read(self.rd).select(["image_id", "path"]).sort_by("image_id")
+        self._images = table["image_id"].to_numpy(), table["path"].combine_chunks()  # one assignment: no torn pair
 
     def path(self, image_id: int) -> str | None:
         """The image's file, or None if the run has no such (live) image."""
-        at = int(np.searchsorted(self.ids, image_id))
-        return self.paths[at].as_py() if at < len(self.ids) and self.ids[at] == image_id else None
+        ids, paths = self._images
+        at = int(np.searchsorted(ids, image_id))
+        return paths[at].as_py() if at < len(ids) and ids[at] == image_id else None
 
     def explain(self, a: int, b: int, layer: str, similarity: str = "cosine") -> Explanation:
         if similarity not in SIMILARITIES:

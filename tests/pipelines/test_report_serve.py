@@ -137,7 +137,8 @@ def test_search_batches_answer_as_single_searches(reported_run):
     vectors = indexes["pool"].vectors_of(ids[:3])
     requests = [("pool", ids[0], 3), ("pixels", ids[1], 1), ("pool", ids[2], 5), ("pool", vectors[1], 4),
                 ("pool", vectors[2], 2), ("pixels", ids[0], 4)]
-    for request, (found, distances) in zip(requests, search_batch(indexes, requests)):
+    answers = search_batch([(indexes[layer], query, k) for layer, query, k in requests])
+    for request, (found, distances) in zip(requests, answers):
         layer, query, k = request
         alone = (neighbours_of(indexes[layer], [query], k) if isinstance(query, int)
                  else indexes[layer].search_vectors(query[None], k=k))

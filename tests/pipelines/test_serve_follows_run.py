@@ -1,0 +1,118 @@
+"""The query service over a run that a scheduled rerun changes while it serves: answers come
+from the run as it is on disk, never name an image the rerun retired, and a layer whose
+index still holds retired images answers 503 with the reason until the workflow updates it."""
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from helpers import write_dataset
+
+from featscope.pipelines.app import report
+from featscope.pipelines.app.serve import CHECK_EVERY, make_server
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.neighbours import neighbours_of, open_index
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.stages import extract
+from featscope.pipelines.stages import index as neighbours
+
+K = 30  # more than the run has: every indexed image comes back
+
+
+def fetch(url, data=None):
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def neighbour_ids(answer) -> list[int]:
+    return [n["image_id"] for n in answer["neighbours"]]
+
+
+@pytest.fixture
+def served_run(tmp_path, digits):
+    images = tmp_path / "images"
+    write_dataset(images, digits, n_photos=2, labels=(0, 1, 7), digits_per_label=2)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, images, shard_size=4, model="resnet18", weights="random")
+    extract.extract(rd, ["pool", "pixels"], batch_size=8, workers=0, progress=False)
+    for layer in ("pool", "pixels"):
+        neighbours.build(rd, layer, progress=False)
+    report.build(rd, k=4, progress=False)
+    server = make_server(rd, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield rd, images, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_rerun_under_a_running_service_is_followed_and_never_answers_with_retired_images(served_run, digits):
+    rd, images, base = served_run
+    before = {r["path"]: r["image_id"] for r in manifest.read(rd).to_pylist()}
+    photo = next(i for p, i in before.items() if "/photo/" in p)
+    gone_path = next(p for p in sorted(before) if "/7/" in p)
+    gone = before[gone_path]
+    status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k={K}")
+    assert status == 200 and gone in neighbour_ids(answer)
+    status, answer, _ = fetch(f"{base}/api/explain?a={photo}&b={gone}&layer=pool")
+    assert status == 200, answer
+
+    # the rerun, as the workflow runs it: the manifest first (one image removed, one added) ...
+    (images / gone_path.rsplit("/images/", 1)[1]).unlink()
+    write_dataset(images / "new", digits, n_photos=0, labels=(3,), digits_per_label=1)
+    manifest.run(rd, images)
+    time.sleep(2 * CHECK_EVERY)
+    status, answer, _ = fetch(f"{base}/api/image/{gone}")
+    assert status == 404, answer  # the catalogue followed at once
+    for layer in ("pool", "pixels"):  # the indexes still hold the retired image: a loud refusal, not its name
+        status, answer, headers = fetch(f"{base}/api/neighbours?id={photo}&layer={layer}&k={K}")
+        assert status == 503 and "retired" in answer["error"] and headers["Retry-After"], answer
+    with open(next(p for p in before if "/photo/" in p), "rb") as f:
+        upload = f.read()
+    status, answer, _ = fetch(f"{base}/api/neighbours?layer=pool&k={K}", upload)
+    assert status == 503, answer
+    status, answer, _ = fetch(f"{base}/api/explain?a={photo}&b={gone}&layer=pool")
+    assert status == 404, answer
+
+    # ... then extraction of the new shard and the update of one index: that layer answers again,
+    # exactly as an index opened afresh does, with the new image and without the retired one
+    extract.extract(rd, ["pool", "pixels"], batch_size=8, workers=0, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    time.sleep(2 * CHECK_EVERY)
+    new = next(r["image_id"] for r in manifest.read(rd).to_pylist() if "/new/" in r["path"])
+    status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k={K}")
+    fresh = neighbours_of(open_index(rd, "pool"), [photo], K).image_ids[0]
+    assert status == 200 and neighbour_ids(answer) == [int(n) for n in fresh if n >= 0], answer
+    assert gone not in neighbour_ids(answer) and new in neighbour_ids(answer)
+    status, answer, _ = fetch(f"{base}/api/neighbours?id={new}&layer=pool&k=3")
+    assert status == 200 and len(answer["neighbours"]) == 3
+    status, answer, _ = fetch(f"{base}/api/explain?a={photo}&b={new}&layer=pool")
+    assert status == 200 and {answer["a"], answer["b"]} == {photo, new}, answer  # the explainer's paths followed too
+    status, answer, _ = fetch(f"{base}/api/neighbours?layer=pool&k={K}", upload)
+    assert status == 200 and answer["neighbours"][0]["image_id"] == photo and gone not in neighbour_ids(answer)
+    status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pixels&k={K}")
+    assert status == 503, answer  # not updated yet
+    neighbours.build(rd, "pixels", progress=False)
+    time.sleep(2 * CHECK_EVERY)
+    status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pixels&k={K}")
+    assert status == 200 and gone not in neighbour_ids(answer) and new in neighbour_ids(answer)
+
+    # a run that cannot be read at all (a damaged manifest) is a 503 with the reason, until repaired
+    good = rd.manifest.read_bytes()
+    damaged = rd.manifest.with_name("damaged.parquet")
+    damaged.write_bytes(good[: len(good) // 2])
+    damaged.replace(rd.manifest)
+    time.sleep(2 * CHECK_EVERY)
+    for _ in range(2):  # and stays one: the old state is never answered from again
+        status, answer, headers = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k=3")
+        assert status == 503 and "cannot be read now" in answer["error"] and headers["Retry-After"], answer
+    rd.manifest.write_bytes(good)
+    time.sleep(2 * CHECK_EVERY)
+    status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k={K}")
+    assert status == 200 and neighbour_ids(answer) == [int(n) for n in fresh if n >= 0]
