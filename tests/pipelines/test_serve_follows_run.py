@@ -116,3 +116,36 @@ def test_a_rerun_under_a_running_service_is_followed_and_never_answers_with_reti
     time.sleep(2 * CHECK_EVERY)
     status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k={K}")
     assert status == 200 and neighbour_ids(answer) == [int(n) for n in fresh if n >= 0]
+
+
+def test_answers_while_the_index_is_replaced_again_and_again_are_all_whole_and_right(served_run):
+    """Concurrent GETs while the workflow saves the layer's index five times over (the same
+    vectors: the answers must not change): every answer is 200 and the exact neighbours."""
+    rd, _, base = served_run
+    ids = manifest.read(rd)["image_id"].to_pylist()
+    index = open_index(rd, "pool")
+    expected = {i: [int(n) for n in neighbours_of(index, [i], 5).image_ids[0]] for i in ids}
+    stop, wrong = threading.Event(), []
+
+    def ask(offset: int) -> None:
+        n = offset
+        while not stop.is_set():
+            i = ids[n % len(ids)]
+            status, answer, _ = fetch(f"{base}/api/neighbours?id={i}&layer=pool&k=5")
+            if status != 200 or neighbour_ids(answer) != expected[i]:
+                wrong.append((i, status, answer))
+            n += 1
+
+    askers = [threading.Thread(target=ask, args=(n,)) for n in range(4)]
+    for t in askers:
+        t.start()
+    try:
+        for _ in range(5):
+            neighbours.build(rd, "pool", rebuild=True, progress=False)
+            time.sleep(2 * CHECK_EVERY)
+    finally:
+        stop.set()
+        for t in askers:
+            t.join()
+    assert not wrong, wrong[:3]
+    assert len(list(rd.index_root.glob(".pool.*"))) == 1  # the versions replaced are gone, and still answered
