@@ -55,12 +55,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.pipelines.core.cpus import usable_cpus
-from featscope.pipelines.core.neighbours import neighbours_of, open_index
+from featscope.pipelines.core.neighbours import check_current, neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity
 
 if TYPE_CHECKING:  # imported where a service starts (it brings torch), not for `featscope --help`
+    import pyarrow as pa
+
     from featscope.index.search import NeighbourIndex
     from featscope.pipelines.core.features import ImageEmbedder
 
@@ -86,12 +88,11 @@ class Catalogue:
     """The live manifest as Arrow columns sorted by image_id: lookups by binary search, no
     Python object per image (at 10M images a dict of rows would take about 10 GB)."""
 
-    def __init__(self, rd: RunDir):
+    def __init__(self, live: pa.Table):
+        """`live`: the manifest's live rows (`manifest.read`)."""
         import pyarrow.compute as pc
 
-        from featscope.pipelines.core import manifest
-
-        table = manifest.read(rd).select(["image_id", "path", "label", "shard"]).sort_by("image_id")
+        table = live.select(["image_id", "path", "label", "shard"]).sort_by("image_id")
         self.ids = table["image_id"].to_numpy()
         self.names = pc.replace_substring_regex(table["path"], pattern=".*/", replacement="").combine_chunks()
         self.labels = table["label"].combine_chunks()
@@ -152,18 +153,32 @@ class RunState:
     identity: RunIdentity  # the model, weights and preprocessing run.json records
     catalogue: Catalogue
     indexes: dict[str, NeighbourIndex]
+    versions: dict[str, str]  # layer -> the version folder its index was read from
     unavailable: dict[str, str] = field(default_factory=dict)  # layer -> why it cannot answer now
 
     @classmethod
-    def read(cls, rd: RunDir) -> RunState:
+    def read(cls, rd: RunDir, previous: RunState | None = None) -> RunState:
+        """The run as it is on disk; an index whose version folder is the one `previous` read
+        is not read again, only checked against the new manifest (a rerun switches the link
+        of each index it updates, one at a time)."""
+        from featscope.pipelines.core import manifest
+
         signature = run_signature(rd)  # first: a change while reading makes the next look read again
-        indexes, unavailable = {}, {}
+        live = manifest.read(rd)
+        live_ids = live["image_id"].to_numpy()
+        indexes, versions, unavailable = {}, {}, {}
         for layer in rd.index_layers():
+            versions[layer] = os.path.realpath(rd.index_dir(layer))
             try:
-                indexes[layer] = _open_mapped(rd, layer)
+                if previous and previous.versions.get(layer) == versions[layer] and layer in previous.indexes:
+                    indexes[layer] = previous.indexes[layer]
+                    check_current(rd, layer, indexes[layer], live_ids)
+                else:
+                    indexes[layer] = _open_mapped(rd, layer, live_ids)
             except FeatscopeError as e:
+                indexes.pop(layer, None)
                 unavailable[layer] = str(e)
-        return cls(signature, RunIdentity.of_run(rd.read_config()), Catalogue(rd), indexes, unavailable)
+        return cls(signature, RunIdentity.of_run(rd.read_config()), Catalogue(live), indexes, versions, unavailable)
 
     @property
     def layers(self) -> list[str]:
@@ -328,7 +343,7 @@ class QueryService:
 
     def _read_state(self, reading: Future) -> None:
         try:
-            state = RunState.read(self.rd)
+            state = RunState.read(self.rd, previous=self.state)
         except Exception as e:  # e.g. the manifest removed: every waiting request hears why
             self._checked_at = float("-inf")  # and the next one looks again, never answering from the old state
             reading.set_exception(ApiError(503, f"the run changed on disk and cannot be read now: {e}",
@@ -490,13 +505,13 @@ def limit_threads(count: int) -> None:
     faiss.omp_set_num_threads(count)
 
 
-def _open_mapped(rd: RunDir, layer: str):
+def _open_mapped(rd: RunDir, layer: str, live: np.ndarray) -> NeighbourIndex:
     """The layer's index memory-mapped (its pages shared with the page cache), or read if the
     kind cannot be mapped."""
     try:
-        return open_index(rd, layer, mmap=True)
+        return open_index(rd, layer, mmap=True, live=live)
     except RuntimeError:
-        return open_index(rd, layer)
+        return open_index(rd, layer, live=live)
 
 
 # ---- HTTP ---------------------------------------------------------------------------------

@@ -20,27 +20,33 @@ from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity
 
 
-def open_index(rd: RunDir, layer: str, *, mmap: bool = False) -> NeighbourIndex:
+def open_index(rd: RunDir, layer: str, *, mmap: bool = False, live: np.ndarray | None = None) -> NeighbourIndex:
     """The layer's index, refused if it was built from another model, weights or
     preprocessing, or if it still holds images the manifest has retired since (its answers
-    would name images that are gone)."""
-    directory = rd.index_dir(layer)
+    would name images that are gone). `live`: the manifest's live image ids, if already read."""
     if not rd.index_meta(layer).exists():
         raise FeatscopeError(f"index for layer '{layer}' not found in {rd.root}: run "
                              f"`featscope index build --run {rd.root} --layer {layer}` first")
-    index = NeighbourIndex.load(directory, mmap=mmap)
+    index = NeighbourIndex.load(rd.index_dir(layer), mmap=mmap)
+    check_current(rd, layer, index, live)
+    return index
+
+
+def check_current(rd: RunDir, layer: str, index: NeighbourIndex, live: np.ndarray | None = None) -> None:
+    """`open_index`'s refusals for an index already open: built for another model, weights or
+    preprocessing than run.json records, or holding images retired from the manifest (whose
+    live image ids are `live`, read here if not given)."""
     identity = RunIdentity.of_run(rd.read_config())
     for key, want in asdict(identity).items():
         if index.meta.get(key) != want:
             raise FeatscopeError(f"the index of '{layer}' was built for another {key} than run {rd.root} has; "
                                  f"rebuild it with `featscope index build --run {rd.root} --layer {layer}`")
-    live = manifest.read(rd).column("image_id").to_numpy()
+    live = manifest.read(rd).column("image_id").to_numpy() if live is None else live
     retired = int(np.isin(index.ids, live, invert=True).sum())
     if retired:
         raise FeatscopeError(f"the index of '{layer}' still holds {retired} images retired from run {rd.root} "
                              f"since it was built: update it with `featscope index build --run {rd.root} "
                              f"--layer {layer}`")
-    return index
 
 
 def neighbours_of(index: NeighbourIndex, image_ids, k: int, *, exclude_self: bool = True) -> Neighbours:
