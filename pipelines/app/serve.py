@@ -801,5 +801,6 @@ COMMANDS = [
             description="GET /api/neighbours?id=N&layer=L&k=K, POST /api/neighbours?layer=L&k=K with an image as the "
                         "body, GET /api/image/N; the API is described at /docs. Serves the report and the pictures "
                         "its pages show; raw run files only with --expose-run-files. Uploads are embedded in "
-                        "dynamic batches."),
+                        "dynamic batches. Leave it running across reruns: it answers from the run as it is on disk "
+                        "(a layer whose index still holds images the rerun retired answers 503 until updated)."),
 ]
