@@ -333,13 +333,16 @@ class QueryService:
         return self._reading is not None or run_signature(self.rd) != self.state.signature
 
     def _state_or_reading(self, threaded: bool = False) -> Future:
+        """The read under way, or a new one, started (outside the lock, which it takes to end)."""
         with self._state_lock:
-            if self._reading is None:
+            reading, start = self._reading, self._reading is None
+            if start:
                 self._reading = reading = Future()
-                start = threading.Thread(target=self._read_state, args=(reading,), daemon=True).start if threaded \
-                    else partial(self._read_state, reading)
-                start()
-            return self._reading
+        if start and threaded:
+            threading.Thread(target=self._read_state, args=(reading,), daemon=True).start()
+        elif start:
+            self._read_state(reading)
+        return reading
 
     def _read_state(self, reading: Future) -> None:
         try:

@@ -100,6 +100,9 @@ def test_a_rerun_under_a_running_service_is_followed_and_never_answers_with_reti
     assert status == 503, answer  # not updated yet
     neighbours.build(rd, "pixels", progress=False)
     time.sleep(2 * CHECK_EVERY)
+    # the first request after this change is one whose handler runs on a worker thread: it reads the run itself
+    status, answer, _ = fetch(f"{base}/api/explain?a={new}&b={photo}&layer=pool")
+    assert status == 200 and answer["a"] == new, answer
     status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pixels&k={K}")
     assert status == 200 and gone not in neighbour_ids(answer) and new in neighbour_ids(answer)
 
