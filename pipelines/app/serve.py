@@ -37,6 +37,7 @@ import gc
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -281,9 +282,9 @@ class QueryService:
         self.rd, self.root = rd, rd.root.resolve()
         self.max_upload, self.max_pixels, self.max_k = max_upload, max_pixels, max_k
         self.expose_run_files = expose_run_files
+        # a layer whose index cannot answer is 503 until it can, from the start too: a service
+        # (re)started while the workflow reruns comes up, and follows the rerun to its end
         self.state = RunState.read(rd)
-        if self.state.unavailable:  # at the start, a loud refusal; later, 503 for the layer until it is updated
-            raise FeatscopeError(next(iter(self.state.unavailable.values())))
         self._state_lock = threading.Lock()
         self._reading: Future | None = None  # the read of a changed run, when one is under way
         self._checked_at = time.monotonic()
@@ -712,6 +713,7 @@ class Server:
 
     server: object  # uvicorn.Server
     sock: socket.socket
+    service: QueryService
     stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -763,7 +765,7 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
                             backlog=2048,
                             timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=10,
                             log_level="info" if verbose else "warning", access_log=verbose, lifespan="off")
-    return Server(uvicorn.Server(config), sock)
+    return Server(uvicorn.Server(config), sock, service)
 
 
 def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: int = 16 * 2**20,
@@ -774,6 +776,9 @@ def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: in
     address = f"http://{server.server_address[0]}:{server.server_address[1]}/"
     print(f"serving {rd.root} at {address} (report: {address}report/index.html, API: {address}docs); "
           "Ctrl-C or SIGTERM stops", flush=True)
+    for layer, why in server.service.state.unavailable.items():
+        print(f"featscope serve: warning: layer '{layer}' answers 503 until its index can answer: {why}",
+              file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:

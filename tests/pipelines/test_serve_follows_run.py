@@ -3,10 +3,14 @@ from the run as it is on disk, never name an image the rerun retired, and a laye
 index still holds retired images answers 503 with the reason until the workflow updates it."""
 
 import json
+import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from helpers import write_dataset
@@ -152,3 +156,35 @@ def test_answers_while_the_index_is_replaced_again_and_again_are_all_whole_and_r
             t.join()
     assert not wrong, wrong[:3]
     assert len(list(rd.index_root.glob(".pool.*"))) == 1  # the versions replaced are gone, and still answered
+
+
+def test_a_service_started_mid_rerun_comes_up_and_follows_it_to_the_end(served_run, tmp_path):
+    """`featscope serve` (re)started after the manifest retired an image but before the
+    indexes were updated: it starts, warns about each such layer, answers 503 there and
+    everything else as usual, and answers the layer once the workflow updates its index."""
+    rd, images, _ = served_run
+    gone = next(r for r in manifest.read(rd).to_pylist() if "/7/" in r["path"])
+    Path(gone["path"]).unlink()
+    manifest.run(rd, images)
+    photo = next(r["image_id"] for r in manifest.read(rd).to_pylist() if "/photo/" in r["path"])
+    err = (tmp_path / "stderr.txt").open("w+")
+    service = subprocess.Popen([sys.executable, "-m", "featscope.pipelines.app.cli", "serve", "--run", str(rd.root),
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        line = service.stdout.readline()
+        assert line.startswith("serving "), (line, err.seek(0), err.read())
+        base = re.search(r"at (http://\S+?)/ ", line).group(1)
+        status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k=3")
+        assert status == 503 and "retired" in answer["error"], answer
+        status, answer, _ = fetch(f"{base}/api/image/{photo}")
+        assert status == 200 and answer["image_id"] == photo
+        err.seek(0)
+        warnings = err.read()
+        assert all(f"warning: layer '{layer}' answers 503" in warnings for layer in ("pool", "pixels")), warnings
+        neighbours.build(rd, "pool", progress=False)
+        time.sleep(2 * CHECK_EVERY)
+        status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k={K}")
+        assert status == 200 and gone["image_id"] not in neighbour_ids(answer), answer
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
