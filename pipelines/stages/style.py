@@ -32,12 +32,12 @@ from featscope.kernels.objectives import layer_outputs, total_variation
 from featscope.kernels.params import ParamError
 from featscope.kernels.style_net import StyleNet, mix, one_hot
 from featscope.kernels.texture import gram
-from featscope.kernels.transforms import PixelModel
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, is_image_name, read_pixels
 from featscope.pipelines.core.models import load_model
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.runtime import keep_freed_memory
+from featscope.pipelines.core.workers import visualisation_model
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,6 @@ class _LossNetwork:
 
     def __init__(self, options: TrainOptions, styles: list[Path]):
         loaded = load_model(options.model, options.weights)
-        for p in loaded.module.parameters():
-            p.requires_grad_(False)
-        self.model = PixelModel(loaded.module, loaded.preprocessing.mean, loaded.preprocessing.std)
         profile = profile_for(options.model)
         content = options.content_layer or (profile.content_layer if profile else None)
         style = options.style_layers or (list(profile.style_layers) if profile else [])
@@ -111,7 +108,11 @@ class _LossNetwork:
             raise ParamError("content_layer", f"and <style_layers> are needed: {options.model} has no default loss "
                              "layers")
         self.names = [content, *style]
-        self.layers = [loaded.module.get_submodule(loaded.layer(n).module_path) for n in self.names]
+        # the model with its batch norms folded (the same function of the image, fewer passes
+        # over memory): each training step runs it forward and back twice over
+        specs = [loaded.layer(n) for n in self.names]
+        self.model = visualisation_model(loaded, specs)
+        self.layers = [self.model.model.get_submodule(spec.module_path) for spec in specs]
         self.targets = []
         for path in styles:
             image = _pixels(path, options.size)[None]

@@ -43,6 +43,7 @@ from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.text import plural
+from featscope.pipelines.core.workers import visualisation_model
 from featscope.pipelines.render.panels import curves, enlarge, panel, stack, to_image
 
 TILE = 160  # side of each picture in the galleries
@@ -76,6 +77,17 @@ class _Context:
         if spec.kind == "pixels":
             raise FeatscopeError("`pixels` is the input itself, not a layer of the model")
         return spec.module_path, self.loaded.module.get_submodule(spec.module_path)
+
+    def optimised_through(self, layers: list[str]) -> tuple[PixelModel, list[nn.Module]]:
+        """The model as images are optimised through it (`visualisation_model`: batch norms
+        folded except where that would change one of `layers`, channels-last weights; the same
+        function of the image, fewer passes over memory), and the modules of `layers` in it.
+        Attacks, filters and activation maps keep the model as loaded."""
+        for layer in layers:
+            self.module(layer)  # a one-line error for `pixels`
+        specs = [self.loaded.layer(layer) for layer in layers]
+        model = visualisation_model(self.loaded, specs)
+        return model, [model.model.get_submodule(spec.module_path) for spec in specs]
 
     def images(self, images: list[int | str]) -> tuple[torch.Tensor, list[dict]]:
         """The model's view of each image, (B,3,crop,crop) in [0,1] on the 8-bit grid. An image
@@ -191,7 +203,8 @@ def class_model(rd: RunDir, classes: list[int], *, size: int = 224, steps: int =
         raise FeatscopeError(f"class ids must be in 0..{n_classes - 1}; got {bad}")
     target = torch.tensor(classes)
     with tqdm(total=1, desc="class models", disable=not progress):
-        images, scores = class_models(ctx.pixel_model, target, size=size, steps=steps, lr=lr, l2=l2,
+        model, _ = ctx.optimised_through([])
+        images, scores = class_models(model, target, size=size, steps=steps, lr=lr, l2=l2,
                                       jitter_pixels=jitter, blur_every=blur_every, blur_sigma=blur_sigma,
                                       clip_percentile=clip_percentile, octaves=octaves, noise=noise, seed=seed)
     with torch.no_grad():
@@ -274,15 +287,15 @@ def dream(rd: RunDir, image_ids: list[int], layers: list[str], *, octaves: int =
     start = time.perf_counter()
     ctx = _context(rd)
     images, rows = ctx.images(image_ids)
-    modules = [ctx.module(layer)[1] for layer in layers]
+    model, modules = ctx.optimised_through(layers)
     batch = images.repeat_interleave(len(layers), dim=0)
     with tqdm(total=1, desc="dream", disable=not progress):
-        dreamed, _energies = deepdream(ctx.pixel_model, batch, modules * len(rows), octaves=octaves, steps=steps,
+        dreamed, _energies = deepdream(model, batch, modules * len(rows), octaves=octaves, steps=steps,
                                       lr=lr, jitter_pixels=jitter, seed=seed)
     per_image = modules * len(rows)
     with torch.no_grad():  # each layer's energy on the full-size image, before and after
-        before = [layer_energy(o[n:n + 1])[0] for n, o in enumerate(layer_outputs(ctx.pixel_model, batch, per_image))]
-        after = [layer_energy(o[n:n + 1])[0] for n, o in enumerate(layer_outputs(ctx.pixel_model, dreamed, per_image))]
+        before = [layer_energy(o[n:n + 1])[0] for n, o in enumerate(layer_outputs(model, batch, per_image))]
+        after = [layer_energy(o[n:n + 1])[0] for n, o in enumerate(layer_outputs(model, dreamed, per_image))]
     written = []
     for b, row in enumerate(rows):
         pictures, captions = [to_image(images[b])], [f"image {row['image_id']}"]
@@ -302,12 +315,12 @@ def inversion(rd: RunDir, image_ids: list[int], layers: list[str], *, steps: int
     start = time.perf_counter()
     ctx = _context(rd)
     images, rows = ctx.images(image_ids)
-    modules = [ctx.module(layer)[1] for layer in layers]
+    model, modules = ctx.optimised_through(layers)
     batch = images.repeat_interleave(len(layers), dim=0)
     per_image = modules * len(rows)
-    reference = layer_features(ctx.pixel_model, batch, per_image)
+    reference = layer_features(model, batch, per_image)
     with tqdm(total=1, desc="inversion", disable=not progress):
-        recon, errors = invert(ctx.pixel_model, reference, per_image, tuple(images.shape[2:]), steps=steps, lr=lr,
+        recon, errors = invert(model, reference, per_image, tuple(images.shape[2:]), steps=steps, lr=lr,
                                tv=tv, beta=beta, seed=seed)
     written = []
     for b, row in enumerate(rows):
@@ -348,14 +361,14 @@ def texture(rd: RunDir, image: str | Path, layers: list[str], *, layer_weights: 
     layer_weights = layer_weights or [1.0] * len(layers)
     if len(layer_weights) != len(layers):
         raise FeatscopeError(f"give one weight per layer: {len(layers)} layers, {len(layer_weights)} weights")
-    modules = [ctx.module(layer)[1] for layer in layers]
+    model, modules = ctx.optimised_through(layers)
     example = _example(image, size)
-    grams = [gram(f) for f in targets_at(ctx.pixel_model, example, modules)]
+    grams = [gram(f) for f in targets_at(model, example, modules)]
     all_layers = [Term(k, grams[k], w / sum(layer_weights)) for k, w in enumerate(layer_weights)]
     terms = [all_layers] + [[Term(k, grams[k], 1.0)] for k in range(len(layers))]
     init = noise_like((len(terms), 3, size, size), seed)
     with tqdm(total=1, desc="texture", disable=not progress):
-        images, losses = match(ctx.pixel_model, modules, terms, init, steps=steps, lr=lr)
+        images, losses = match(model, modules, terms, init, steps=steps, lr=lr)
     name = Path(image).stem
     captions = [f"example\n{name}", f"all layers\nGram err {float(losses[-1, 0]):.3f}"]
     captions += [f"{layer} only\nGram err {float(losses[-1, k + 1]):.3f}" for k, layer in enumerate(layers)]
@@ -379,17 +392,17 @@ def style_transfer(rd: RunDir, content_id: int, style: str | Path, *, content_la
         raise ParamError("init", f"must be content, style or noise, not '{init}'")
     ctx = _context(rd)
     content, rows = ctx.images([content_id])
-    modules = [ctx.module(layer)[1] for layer in [content_layer, *style_layers]]
+    model, modules = ctx.optimised_through([content_layer, *style_layers])
     style_image = _example(style, content.shape[2])
-    content_features = targets_at(ctx.pixel_model, content, modules[:1])[0]
-    style_grams = [gram(f) for f in targets_at(ctx.pixel_model, style_image, modules[1:])]
+    content_features = targets_at(model, content, modules[:1])[0]
+    style_grams = [gram(f) for f in targets_at(model, style_image, modules[1:])]
     terms = [[Term(0, content_features, content_weight, "content")]
              + [Term(k + 1, g, style_weight / len(style_grams)) for k, g in enumerate(style_grams)]]
     h, w = content.shape[2:]
     start_image = {"content": content, "noise": noise_like((1, 3, h, w), seed),
                    "style": torch.nn.functional.interpolate(style_image, size=(h, w), mode="bilinear")}[init]
     with tqdm(total=1, desc="style transfer", disable=not progress):
-        images, losses = match(ctx.pixel_model, modules, terms, start_image, steps=steps, lr=lr, tv=tv)
+        images, losses = match(model, modules, terms, start_image, steps=steps, lr=lr, tv=tv)
     name = Path(style).stem
     curve = curves({"total loss": losses[:, 0].tolist()}, xlabel="step", ylabel="loss", title="style transfer loss",
                    size=(3.2, 2.24))

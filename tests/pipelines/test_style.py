@@ -3,6 +3,7 @@ adds a style without touching the others, and exports to ONNX; `viz texture` and
 
 import csv
 import json
+import random
 
 import pytest
 import torch
@@ -72,6 +73,37 @@ def test_training_lowers_the_loss_resumes_and_adds_a_style(tmp_path, textures, c
         torch.testing.assert_close(torch.from_numpy(got), net_after(x, w), rtol=1e-4, atol=1e-5)
     strip = style.strip(out / "net.pt", image, tmp_path / "strip.png", size=40)
     assert strip.exists()
+
+
+def test_the_loss_network_is_a_folded_copy_with_the_losses_of_the_model_as_loaded(tmp_path, textures, content,
+                                                                                    monkeypatch):
+    """Training runs the loss network with its batch norms folded: the same content, style and
+    TV losses as the model as loaded (batch norms with statistics far from a fresh network's)."""
+    from featscope.kernels.transforms import PixelModel
+    from featscope.pipelines.core.models import load_model
+
+    net = load_model("resnet18", "random").module
+    generator = torch.Generator().manual_seed(0)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    torch.save(net.state_dict(), tmp_path / "resnet18.pt")
+    options = style.TrainOptions(**OPTIONS | {"weights": str(tmp_path / "resnet18.pt")})
+    styles = [textures["brick"], textures["ihc"]]
+    crops = style._crops(style._image_files(content), 48, 2, random.Random(0))
+    stylised = torch.rand(crops.shape, generator=generator)
+    folded = style._LossNetwork(options, styles)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    with torch.no_grad():
+        ours = folded.losses(stylised, crops, [0, 1])
+    monkeypatch.setattr(style, "visualisation_model",
+                        lambda loaded, specs: PixelModel(loaded.module, loaded.preprocessing.mean,
+                                                         loaded.preprocessing.std))
+    with torch.no_grad():
+        theirs = style._LossNetwork(options, styles).losses(stylised, crops, [0, 1])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_texture_and_style_transfer_write_their_panels_and_losses_fall(tmp_path, textures, content):

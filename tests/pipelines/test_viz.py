@@ -107,3 +107,29 @@ def test_viz_takes_image_files_as_well_as_ids(run, tmp_path):
     a, b = np.asarray(Image.open(by_file)), np.asarray(Image.open(by_id))
     np.testing.assert_array_equal(a[top:top + 224, :2 * 224 + 3 * MARGIN], b[top:top + 224, :2 * 224 + 3 * MARGIN])
     assert cli(["viz", "activations", "--run", str(run.root), "--layers", "layer1", "--ids", "nowhere.png"]) == 2
+
+
+def test_images_are_optimised_through_a_folded_copy_that_is_the_same_function(run):
+    """The optimising methods run a copy of the model with its batch norms folded (fewer
+    passes over memory): at every layer they read it gives the model's own outputs, and the
+    run's model is left as loaded for attacks, filters and activation maps."""
+    from featscope.kernels.objectives import layer_outputs
+
+    ctx = viz._context(run, threads=1)
+    generator = torch.Generator().manual_seed(0)
+    for module in ctx.loaded.module.modules():  # statistics far from a fresh network's 0 and 1
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    layers = ["stem", "layer1", "layer3", "pool"]
+    model, modules = ctx.optimised_through(layers)
+    images, _ = ctx.images(photo_ids(run)[:2])
+    with torch.no_grad():
+        folded = layer_outputs(model, images, modules)
+        loaded = layer_outputs(ctx.pixel_model, images, [ctx.module(layer)[1] for layer in layers])
+    for layer, a, b in zip(layers, folded, loaded):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max())), layer
+    unfolded = sum(isinstance(m, torch.nn.BatchNorm2d) for m in ctx.loaded.module.modules())
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert unfolded == 20 and left < unfolded  # ResNet-18's 20 batch norms stay in the run's model
