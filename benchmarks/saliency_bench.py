@@ -190,8 +190,11 @@ def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, size
     from featscope.pipelines.stages.saliency_trust import forward_batch
 
     height, width = size
-    if (height * width) % steps:
-        raise SystemExit(f"{steps} steps do not split {height}x{width} pixels into whole pixels")
+    # Quantus removes features_in_step = 3HW/steps values a step and asserts that this divides
+    # H*W: steps must split the pixels into whole pixels and be a multiple of 3
+    if (height * width) % steps or steps % 3:
+        raise SystemExit(f"{steps} steps do not split {height}x{width} pixels into whole pixels as Quantus's "
+                         "step rule needs (H*W divisible by steps, steps a multiple of 3: e.g. 24)")
     loaded = load_model(arch, weights)
     model = loaded.module
     fast = load_model(arch, weights).module.to(memory_format=torch.channels_last)
