@@ -202,8 +202,8 @@ def class_model(rd: RunDir, classes: list[int], *, size: int = 224, steps: int =
     if bad:
         raise FeatscopeError(f"class ids must be in 0..{n_classes - 1}; got {bad}")
     target = torch.tensor(classes)
+    model, _ = ctx.optimised_through([])  # the logits as loaded, to 1e-4
     with tqdm(total=1, desc="class models", disable=not progress):
-        model, _ = ctx.optimised_through([])
         images, scores = class_models(model, target, size=size, steps=steps, lr=lr, l2=l2,
                                       jitter_pixels=jitter, blur_every=blur_every, blur_sigma=blur_sigma,
                                       clip_percentile=clip_percentile, octaves=octaves, noise=noise, seed=seed)
