@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featscope.kernels.architectures import profile_for
 from featscope.kernels.transforms import PixelModel
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
@@ -78,10 +79,10 @@ def main() -> None:
         rd = RunDir(tmp / "run")
         manifest.run(rd, tmp / "photos", num_shards=1, model=args.model, weights=args.weights)
         texture_image = tmp / "photos" / "class1" / "img00001.jpg"
-        profile_layers = {"mobilenet_v2": ("block6", ["block1", "block3", "block6", "block10"])}
-        content_layer, style_layers = profile_layers.get(args.model, (None, []))
-        if not content_layer:
-            raise SystemExit(f"give the layers for {args.model} in profile_layers")
+        profile = profile_for(args.model)  # the architecture's style-transfer layers, as `style train` takes them
+        if profile is None:
+            raise SystemExit(f"{args.model} has no profile with style-transfer layers")
+        content_layer, style_layers = profile.content_layer, list(profile.style_layers)
         n = args.steps
         methods = {
             "texture": (lambda: viz.texture(rd, texture_image, style_layers, size=128, steps=n, progress=False),

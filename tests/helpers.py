@@ -81,3 +81,18 @@ def as_chunks(x: np.ndarray, ids: np.ndarray, size: int = 333):
     """The `chunks()` callable index builds take: (ids, vectors) pieces of `size` rows."""
     return lambda: ((ids[i:i + size], x[i:i + size]) for i in range(0, len(x), size))
 
+
+
+def trained_like_batchnorms(model, seed: int = 0):
+    """Give `model`'s batch norms statistics and affine parameters far from a fresh network's
+    (mean 0, var 1, weight 1, bias 0), in place, so that folding them is a real test."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5, generator=generator)
+            m.running_var.uniform_(0.5, 2.0, generator=generator)
+            m.weight.data.uniform_(0.5, 1.5, generator=generator)
+            m.bias.data.uniform_(-0.2, 0.2, generator=generator)
+    return model

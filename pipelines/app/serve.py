@@ -167,19 +167,20 @@ class RunState:
         signature = run_signature(rd)  # first: a change while reading makes the next look read again
         live = manifest.read(rd)
         live_ids = live["image_id"].to_numpy()
+        identity = RunIdentity.of_run(rd.read_config())  # read once: the state and every check use the same
         indexes, versions, unavailable = {}, {}, {}
         for layer in rd.index_layers():
             versions[layer] = os.path.realpath(rd.index_dir(layer))
             try:
                 if previous and previous.versions.get(layer) == versions[layer] and layer in previous.indexes:
                     indexes[layer] = previous.indexes[layer]
-                    check_current(rd, layer, indexes[layer], live_ids)
+                    check_current(rd, layer, indexes[layer], live_ids, identity)
                 else:
-                    indexes[layer] = _open_mapped(rd, layer, live_ids)
+                    indexes[layer] = _open_mapped(rd, layer, live_ids, identity)
             except FeatscopeError as e:
                 indexes.pop(layer, None)
                 unavailable[layer] = str(e)
-        return cls(signature, RunIdentity.of_run(rd.read_config()), Catalogue(live), indexes, versions, unavailable)
+        return cls(signature, identity, Catalogue(live), indexes, versions, unavailable)
 
     @property
     def layers(self) -> list[str]:
@@ -509,13 +510,13 @@ def limit_threads(count: int) -> None:
     faiss.omp_set_num_threads(count)
 
 
-def _open_mapped(rd: RunDir, layer: str, live: np.ndarray) -> NeighbourIndex:
+def _open_mapped(rd: RunDir, layer: str, live: np.ndarray, identity: RunIdentity) -> NeighbourIndex:
     """The layer's index memory-mapped (its pages shared with the page cache), or read if the
     kind cannot be mapped."""
     try:
-        return open_index(rd, layer, mmap=True, live=live)
+        return open_index(rd, layer, mmap=True, live=live, identity=identity)
     except RuntimeError:
-        return open_index(rd, layer, live=live)
+        return open_index(rd, layer, live=live, identity=identity)
 
 
 # ---- HTTP ---------------------------------------------------------------------------------

@@ -20,23 +20,26 @@ from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity
 
 
-def open_index(rd: RunDir, layer: str, *, mmap: bool = False, live: np.ndarray | None = None) -> NeighbourIndex:
+def open_index(rd: RunDir, layer: str, *, mmap: bool = False, live: np.ndarray | None = None,
+               identity: RunIdentity | None = None) -> NeighbourIndex:
     """The layer's index, refused if it was built from another model, weights or
     preprocessing, or if it still holds images the manifest has retired since (its answers
-    would name images that are gone). `live`: the manifest's live image ids, if already read."""
+    would name images that are gone). `live` and `identity`: the manifest's live image ids
+    and run.json's identity, if already read."""
     if not rd.index_meta(layer).exists():
         raise FeatscopeError(f"index for layer '{layer}' not found in {rd.root}: run "
                              f"`featscope index build --run {rd.root} --layer {layer}` first")
     index = NeighbourIndex.load(rd.index_dir(layer), mmap=mmap)
-    check_current(rd, layer, index, live)
+    check_current(rd, layer, index, live, identity)
     return index
 
 
-def check_current(rd: RunDir, layer: str, index: NeighbourIndex, live: np.ndarray | None = None) -> None:
+def check_current(rd: RunDir, layer: str, index: NeighbourIndex, live: np.ndarray | None = None,
+                  identity: RunIdentity | None = None) -> None:
     """`open_index`'s refusals for an index already open: built for another model, weights or
-    preprocessing than run.json records, or holding images retired from the manifest (whose
-    live image ids are `live`, read here if not given)."""
-    identity = RunIdentity.of_run(rd.read_config())
+    preprocessing than run.json records (`identity`), or holding images retired from the
+    manifest (whose live image ids are `live`); each read here if not given."""
+    identity = RunIdentity.of_run(rd.read_config()) if identity is None else identity
     for key, want in asdict(identity).items():
         if index.meta.get(key) != want:
             raise FeatscopeError(f"the index of '{layer}' was built for another {key} than run {rd.root} has; "

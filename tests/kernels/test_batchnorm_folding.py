@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torchvision
+from helpers import trained_like_batchnorms
 from torch import nn
 
 from featscope.kernels.batchnorm_folding import conv_bn_pairs, fold_batchnorm
@@ -13,14 +14,7 @@ from featscope.kernels.batchnorm_folding import conv_bn_pairs, fold_batchnorm
 def trained_like(arch: str) -> nn.Module:
     """Random weights with non-trivial BN statistics and affine parameters, in eval mode."""
     torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model
+    return trained_like_batchnorms(torchvision.models.get_model(arch, weights=None).eval())
 
 
 def outputs(model: nn.Module, x: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:

@@ -79,20 +79,17 @@ def test_the_loss_network_is_a_folded_copy_with_the_losses_of_the_model_as_loade
                                                                                     monkeypatch):
     """Training runs the loss network with its batch norms folded: the same content, style and
     TV losses as the model as loaded (batch norms with statistics far from a fresh network's)."""
+    from helpers import trained_like_batchnorms
+
     from featscope.kernels.transforms import PixelModel
     from featscope.pipelines.core.models import load_model
 
-    net = load_model("resnet18", "random").module
-    generator = torch.Generator().manual_seed(0)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.5)
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    net = trained_like_batchnorms(load_model("resnet18", "random").module)
     torch.save(net.state_dict(), tmp_path / "resnet18.pt")
     options = style.TrainOptions(**OPTIONS | {"weights": str(tmp_path / "resnet18.pt")})
     styles = [textures["brick"], textures["ihc"]]
     crops = style._crops(style._image_files(content), 48, 2, random.Random(0))
-    stylised = torch.rand(crops.shape, generator=generator)
+    stylised = torch.rand(crops.shape, generator=torch.Generator().manual_seed(0))
     folded = style._LossNetwork(options, styles)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
     with torch.no_grad():

@@ -113,15 +113,12 @@ def test_images_are_optimised_through_a_folded_copy_that_is_the_same_function(ru
     """The optimising methods run a copy of the model with its batch norms folded (fewer
     passes over memory): at every layer they read it gives the model's own outputs, and the
     run's model is left as loaded for attacks, filters and activation maps."""
+    from helpers import trained_like_batchnorms
+
     from featscope.kernels.objectives import layer_outputs
 
     ctx = viz._context(run, threads=1)
-    generator = torch.Generator().manual_seed(0)
-    for module in ctx.loaded.module.modules():  # statistics far from a fresh network's 0 and 1
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.5)
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    trained_like_batchnorms(ctx.loaded.module)
     layers = ["stem", "layer1", "layer3", "pool"]
     model, modules = ctx.optimised_through(layers)
     images, _ = ctx.images(photo_ids(run)[:2])
