@@ -187,14 +187,20 @@ class Command:
 
 
 def parse_units(text: str | None) -> list[int] | None:
-    """'0-63' / '3,7,10-12' -> unit numbers; None -> all."""
+    """'0-63' / '3,7,10-12' -> unit numbers, each once, in the order given; None -> all.
+    A range that runs backwards ('5-2') is an error, not an empty list, which callers would
+    read as "all units"."""
     if not text:
         return None
     units = []
     for part in text.split(","):
         lo, _, hi = part.strip().partition("-")
         try:
-            units += list(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi or lo)
         except ValueError:
             raise FeatscopeError(f"cannot read units '{text}': use e.g. 0-63 or 3,7,10-12") from None
-    return units
+        if last < first:
+            raise FeatscopeError(f"cannot read units '{text}': the range {part.strip()} runs backwards "
+                                 f"(write {last}-{first})")
+        units += range(first, last + 1)
+    return list(dict.fromkeys(units))

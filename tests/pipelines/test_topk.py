@@ -140,6 +140,10 @@ def test_merge_without_candidates_says_how_to_get_them(tmp_path, small_dataset):
         topk.merge(rd, "pool")
     with pytest.raises(FeatscopeError, match="cannot read units"):
         topk.parse_units("a-b")
+    # a range that runs backwards is refused, not read as no units, which means all of them
+    with pytest.raises(FeatscopeError, match="runs backwards"):
+        topk.parse_units("5-2")
+    assert topk.parse_units("0-3,2,7") == [0, 1, 2, 3, 7]  # each unit once
 
 
 def test_merge_after_removals_equals_brute_force_over_the_live_images(tmp_path, small_dataset, monkeypatch):
