@@ -190,7 +190,7 @@ def _layers(rd: RunDir) -> list[dict]:
 def _patches_show(rd: RunDir, layer: str) -> str | None:
     """What the patch strips show: "mask" (NetDissect's activation masks) or "field"."""
     try:
-        return json.loads((rd.patches_dir(layer) / ".drawn.json").read_text()).get("show", "field")
+        return json.loads(rd.patches_record(layer).read_text()).get("show", "field")
     except (OSError, ValueError):
         return None
 

@@ -10,6 +10,11 @@ what Parquet readers list in a folder (`pq.read_table("features/pool")`).
 Every file put in place is registered with its size and sha256 in its folder's
 `.checksums.jsonl` (one appended line per write; the last line of a name counts), so
 `featscope verify` can tell any changed byte of any output, footers and pictures included.
+
+A stage that writes many files and then the table or list that describes them (unit
+pictures and their table, patch strips and their record, atlas cells, explained pairs)
+`withdraw`s that table before it rewrites the first of them: each file is whole, but a job
+killed half way must not leave the old table vouching for a mix of old and new files.
 """
 
 from __future__ import annotations
@@ -75,6 +80,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
         put_in_place(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def withdraw(*paths: Path) -> None:
+    """Delete the files that vouch for a set of outputs (the table a stage writes last) before
+    the first of those outputs is rewritten, so that a job killed while rewriting them looks
+    unfinished (to the report, `featscope status` and Snakemake) instead of finished with
+    old numbers beside new pictures, until it runs again and writes the table last."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -135,9 +135,19 @@ class RunDir:
         """The strip of one unit's top-k patches."""
         return self.patches_dir(layer) / f"unit-{unit:04d}.png"
 
+    def patches_record(self, layer: str) -> Path:
+        """What `topk render` drew: its options and each strip's rows (hidden: bookkeeping)."""
+        return self.patches_dir(layer) / ".drawn.json"
+
     def rendered_units(self, layer: str) -> list[int]:
-        """Units of a layer whose patch strip exists, sorted."""
-        return sorted(int(p.stem.split("-")[1]) for p in self.patches_dir(layer).glob("unit-*.png"))
+        """Units of a layer whose patch strip a finished `topk render` drew (in its record) and
+        which exists, sorted. A strip the record does not list is not vouched for: left by a
+        render that was stopped before it wrote the record."""
+        try:
+            drawn = json.loads(self.patches_record(layer).read_text()).get("units", {})
+        except (OSError, ValueError):
+            return []
+        return sorted(int(u) for u in drawn if self.unit_patches(layer, int(u)).exists())
 
     def patch_sheet(self, layer: str) -> Path:
         return self.root / "patches" / f"{layer}.png"

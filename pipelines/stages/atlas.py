@@ -35,7 +35,7 @@ from featscope.kernels.render import feature_visualisations
 from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import directions
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.atomic import atomic_path, withdraw
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option
@@ -187,6 +187,8 @@ def atlas(rd: RunDir, options: AtlasOptions, progress: bool = True) -> AtlasSumm
     table = cell_table(cells, where, {r["image_id"]: r["label"] for r in live}, class_of, options.min_count)
     out = rd.atlas_dir(options.layer)
     out.mkdir(parents=True, exist_ok=True)
+    # the tables and the picture of the atlas before are written again last
+    withdraw(rd.atlas_table(options.layer), rd.atlas_samples(options.layer), rd.atlas_image(options.layer))
     for stale in out.glob("cell-*.png"):
         stale.unlink()
     to_render = [r for r in table if r["rendered"]]

@@ -28,7 +28,7 @@ from featscope.kernels.params import ParamError
 from featscope.kernels.saliency import gradcam_layer
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
+from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Group, Options, option
@@ -211,6 +211,7 @@ def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
     if options.pair:
         a, b = (int(v) for v in options.pair.split(","))
         explanation = explainer.explain(a, b, options.layer, options.similarity)
+        _unlist_if_other(rd, options.layer, a, b, options.similarity)  # before its files change
         write(rd, explanation)
         return ExplainSummary(options.layer, [explanation], time.perf_counter() - start)
     if not options.queries:
@@ -219,6 +220,7 @@ def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
     if not live:
         raise FeatscopeError(f"none of the query images ({', '.join(map(str, options.queries))}) is in the run")
     found = neighbours_of(open_index(rd, options.layer), np.array(live, dtype=np.int64), options.k)
+    withdraw(rd.explained_queries(options.layer))  # the list of the pairs below: written again last
     done, pairs = [], {}
     for query, neighbours in zip(live, found.image_ids):
         pairs[str(query)] = []
@@ -230,6 +232,21 @@ def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
     retired = _drop_others(rd, options.layer, {(int(q), n[0]) for q, ns in pairs.items() for n in ns})
     write_json_atomic(rd.explained_queries(options.layer), {"similarity": options.similarity, "pairs": pairs})
     return ExplainSummary(options.layer, done, time.perf_counter() - start, retired)
+
+
+def _unlist_if_other(rd: RunDir, layer: str, a: int, b: int, similarity: str) -> None:
+    """Take the pair (a, b) out of the layer's list of explained queries when the list was
+    made with another similarity: its files are about to hold this one's maps, which the
+    list's numbers would no longer describe."""
+    path = rd.explained_queries(layer)
+    if not path.exists():
+        return
+    listed = json.loads(path.read_text())
+    pairs = listed["pairs"]
+    if listed.get("similarity") == similarity or not any(n[0] == b for n in pairs.get(str(a), [])):
+        return
+    pairs[str(a)] = [n for n in pairs[str(a)] if n[0] != b]
+    write_json_atomic(path, listed)
 
 
 def _drop_others(rd: RunDir, layer: str, keep: set[tuple[int, int]]) -> int:

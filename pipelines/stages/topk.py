@@ -29,7 +29,7 @@ from featscope.kernels.params import ParamError
 if TYPE_CHECKING:
     import torch
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
+from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
 from featscope.pipelines.core.images import BadImage, image_size, open_image
 from featscope.pipelines.core.options import Command, Options, option, parse_units
 from featscope.pipelines.core.rundir import RunDir
@@ -256,9 +256,12 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     thresholds = (read_thresholds(rd, layer) or {}) if show == "mask" else {}
     # what a strip shows: its rows, and with masks the threshold they were cut at
     signature = {unit: sorted(rows_of[unit]) + ([[round(thresholds[unit], 6)]] if unit in thresholds else [])
-                 for unit in units}
-    kept = {u for u in units if drawn.get(str(u)) == signature[u] and rd.unit_patches(layer, u).exists()}
+                 for unit in available}
+    current = {u for u in available if drawn.get(str(u)) == signature[u] and rd.unit_patches(layer, u).exists()}
+    kept = current & set(units)
     chosen = set(units) - kept
+    if chosen:  # the record and the sheet vouch for the strips: written again last
+        withdraw(rd.patches_record(layer), rd.patch_sheet(layer))
     wanted = [r for r in table if r["channel"] in chosen and r["rank"] < k]
     by_image = defaultdict(list)
     for r in wanted:
@@ -291,8 +294,10 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
         strips[unit] = strip
         with atomic_path(rd.unit_patches(layer, unit)) as tmp:
             strip.save(tmp, format="PNG")
-    write_json_atomic(_drawn_path(rd, layer), {"k": k, "tile": tile, "show": show,
-                                               "units": {str(u): signature[u] for u in units}})
+    # the strips drawn before of units not asked for this time stay listed while still current
+    listed = sorted(set(units) | current)
+    write_json_atomic(rd.patches_record(layer), {"k": k, "tile": tile, "show": show,
+                                                 "units": {str(u): signature[u] for u in listed}})
     sheet = _contact_sheet([strips[u] for u in units])
     with atomic_path(rd.patch_sheet(layer)) as tmp:
         sheet.save(tmp, format="PNG")
@@ -387,14 +392,10 @@ class _UnitMasks:
         return drawn
 
 
-def _drawn_path(rd: RunDir, layer: str) -> Path:
-    return rd.patches_dir(layer) / ".drawn.json"  # hidden: bookkeeping, not a picture
-
-
 def _drawn(rd: RunDir, layer: str, k: int, tile: int, show: str) -> dict[str, list]:
     """unit -> the rows its strip was drawn from, when drawn with this k, tile size and show."""
     try:
-        drawn = json.loads(_drawn_path(rd, layer).read_text())
+        drawn = json.loads(rd.patches_record(layer).read_text())
     except (OSError, ValueError):
         return {}
     return drawn.get("units", {}) if (drawn.get("k"), drawn.get("tile"), drawn.get("show")) == (k, tile, show) else {}

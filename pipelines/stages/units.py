@@ -38,7 +38,7 @@ from featscope.kernels.render import feature_visualisations
 from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import channels, diversity
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.atomic import atomic_path, withdraw
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, parse_units
 from featscope.pipelines.core.rundir import RunDir
@@ -124,6 +124,7 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
     maxima = dataset_maxima(rd, options.layer)
     rows = []
     rd.units_dir(options.layer).mkdir(parents=True, exist_ok=True)
+    withdraw(rd.units_table(options.layer), rd.units_sheet(options.layer))  # written again last
     with tqdm(total=len(units), unit="unit", desc=f"units render {options.layer}", disable=not progress) as bar:
         for chosen, images, trajectory, measured in render_units(loaded, spec, device, units, options, (model, module)):
             for b, unit in enumerate(chosen):
