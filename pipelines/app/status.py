@@ -101,9 +101,12 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         if rd.topk_sketch(layer).exists():
             out.lines.append("  activation thresholds: every unit's, for masks")
     for layer in sorted(p.name for p in (rd.root / "units").glob("*") if p.is_dir()):
+        pictures = {"visualisations": "unit-*.png", "atlas": "atlas/cell-*.png"}  # what each table describes
         for name, path in (("visualisations", rd.units_table(layer)), ("labels", rd.units_labels(layer)),
                            ("atlas", rd.atlas_table(layer))):
             if not path.exists():
+                if name in pictures and next(rd.units_dir(layer).glob(pictures[name]), None):
+                    _unfinished(out, f"units {layer} {name}")
                 continue
             rows = current_unit_table(rd, path, layer)
             what = f"{plural(len(rows), 'cell' if name == 'atlas' else 'unit')}" if rows is not None else \
@@ -111,6 +114,9 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             out.lines.append(f"units {layer} {name}: {what}")
             if rows is None:
                 out.stale.append(f"units {layer} {name}")
+    for layer in sorted(p.name for p in (rd.root / "patches").glob("*") if p.is_dir()):
+        if not rd.patches_record(layer).exists() and next(rd.patches_dir(layer).glob("unit-*.png"), None):
+            _unfinished(out, f"patches {layer}")
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         describe("map", path.stem, _ids(path))
     live_set = set(live.tolist())
@@ -146,6 +152,13 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     if out.stale:
         out.lines.append(f"not current: {', '.join(out.stale)}; rerun the workflow")
     return out
+
+
+def _unfinished(out: Status, what: str) -> None:
+    """Pictures without the table that vouches for them: a job stopped while it rewrote them
+    (see core.atomic.withdraw), which the report does not show."""
+    out.lines.append(f"{what}: unfinished (pictures without their table: a job was stopped while it wrote them)")
+    out.stale.append(what)
 
 
 @dataclass(frozen=True)

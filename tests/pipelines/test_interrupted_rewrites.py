@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from featscope.pipelines.app import report
+from featscope.pipelines.app.status import status
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.stages import atlas, explain, topk, units
@@ -55,6 +56,7 @@ def test_a_stopped_patch_render_vouches_for_none_of_its_strips(run, monkeypatch)
     assert run.rendered_units("layer3") == []  # ...but nothing vouches for it: the report shows no strip
     assert not run.patches_record("layer3").exists() and not run.patch_sheet("layer3").exists()
     assert report._patches_show(run, "layer3") is None
+    assert "patches layer3" in status(run).stale  # and `featscope status` says so
 
     # the old options again: every strip is drawn again, not the 40 px ones kept as current
     again = topk.render(run, "layer3", units=[0, 1, 2, 3], tile=32, progress=False)
@@ -77,9 +79,11 @@ def test_a_stopped_unit_render_leaves_no_table(run, monkeypatch):
                          progress=False)
     assert run.unit_visualisation("layer3", 0).exists()  # a new picture, described by no table
     assert not run.units_table("layer3").exists() and not run.units_sheet("layer3").exists()
+    assert any(line.startswith("units layer3 visualisations: unfinished") for line in status(run).lines)
 
     units.render(run, options, progress=False)
     assert run.units_table("layer3").exists() and run.units_sheet("layer3").exists()
+    assert "units layer3 visualisations" not in status(run).stale
 
 
 def test_a_stopped_atlas_leaves_no_tables_or_picture(run, monkeypatch):
@@ -95,6 +99,7 @@ def test_a_stopped_atlas_leaves_no_tables_or_picture(run, monkeypatch):
             atlas.atlas(run, dataclasses.replace(options, seed=1), progress=False)
     assert list(run.atlas_dir("layer3").glob("cell-*.png"))
     assert not any(p.exists() for p in made)
+    assert "units layer3 atlas" in status(run).stale
 
 
 def test_a_stopped_query_batch_lists_no_pairs_and_a_pair_of_another_similarity_leaves_the_list(run, monkeypatch):
