@@ -40,7 +40,7 @@ from featscope.kernels.randomisation import GRANULARITIES, cascading_randomisati
 from featscope.kernels.saliency import METHODS, attribute
 from featscope.kernels.scoring import SCORES
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
+from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
 from featscope.pipelines.core.cpus import split
 from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, autocast_dtype
 from featscope.pipelines.core.images import BadImage, read_pixels
@@ -379,6 +379,7 @@ def sanity(rd: RunDir, options: SanityOptions, progress: bool = True) -> SanityS
                           "spearman": float(rho[i]), "ssim": float(similarity[i])} for i in range(len(kept))]
                 bar.update(1)
     table = pa.Table.from_pylist(rows, schema=SANITY_SCHEMA)
+    withdraw(rd.sanity_table, rd.sanity_verdicts)  # they vouch for the plots below: written again last
     verdicts = {}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]

@@ -13,7 +13,8 @@ from featscope.pipelines.app import report
 from featscope.pipelines.app.status import status
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.stages import atlas, explain, topk, units
+from featscope.pipelines.core.trust import read_sanity
+from featscope.pipelines.stages import atlas, explain, saliency_trust, topk, units
 
 
 class Stopped(Exception):
@@ -125,3 +126,21 @@ def test_a_stopped_query_batch_lists_no_pairs_and_a_pair_of_another_similarity_l
     assert first not in [n[0] for n in explain.read_queries(run, "pool")[photos[0]]]
     assert second in [n[0] for n in explain.read_queries(run, "pool")[photos[0]]]
 
+
+
+def test_a_stopped_sanity_check_leaves_no_verdicts_beside_its_plots(run, monkeypatch):
+    options = saliency_trust.SanityOptions(methods=["gradcam"], sample=2, steps=3)
+    saliency_trust.sanity(run, options, progress=False)
+    assert read_sanity(run) and run.sanity_table.exists()
+
+    with monkeypatch.context() as patched:
+        real_plot = saliency_trust._plot
+
+        def plot_then_stop(*args):
+            real_plot(*args)
+            raise Stopped
+        patched.setattr(saliency_trust, "_plot", plot_then_stop)
+        with pytest.raises(Stopped):  # the plot of another seed written, then killed
+            saliency_trust.sanity(run, dataclasses.replace(options, seed=1), progress=False)
+    assert run.sanity_plot("gradcam").exists()
+    assert read_sanity(run) == {} and not run.sanity_table.exists()
