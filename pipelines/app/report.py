@@ -35,7 +35,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app.report_lists import neighbour_lists, save_state
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, file_digest, write_bytes_atomic
+from featscope.pipelines.core.atomic import atomic_path, file_digest, withdraw, write_bytes_atomic
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir
@@ -374,6 +374,10 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
             by_chunk[i // SHARD][i]["auc"] = aucs[i]
         if i in explained:
             by_chunk[i // SHARD][i]["explained"] = explained[i]
+    # run.js (the summary every page starts from) vouches for the data files: written again
+    # last, so the pages of a build stopped half way say so instead of mixing two builds (and
+    # only now, so that the report before stays readable while this one is computed)
+    withdraw(out / "data" / "run.js")
     written = sum(_script(out / "data" / f"images-{chunk:04d}.js", "FS_IMAGES", entries)
                   for chunk, entries in sorted(by_chunk.items()))
     chunks = sorted(by_chunk)

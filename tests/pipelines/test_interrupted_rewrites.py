@@ -144,3 +144,20 @@ def test_a_stopped_sanity_check_leaves_no_verdicts_beside_its_plots(run, monkeyp
             saliency_trust.sanity(run, dataclasses.replace(options, seed=1), progress=False)
     assert run.sanity_plot("gradcam").exists()
     assert read_sanity(run) == {} and not run.sanity_table.exists()
+
+
+def test_a_stopped_report_build_says_so_instead_of_mixing_two_builds(run, monkeypatch):
+    summary = run.report_dir / "data" / "run.js"
+    report.build(run, k=4, progress=False)
+    assert summary.exists()
+
+    with monkeypatch.context() as patched:
+        stop_after(patched, report, "_script", 1)  # one data file of the new build written, then killed
+        with pytest.raises(Stopped):
+            report.build(run, k=3, progress=False)
+    assert not summary.exists()  # the pages start from it: without it they say the report is incomplete
+    page = (run.report_dir / "index.html").read_text()
+    assert "if (window.FS_RUN) FS.index(); else" in page and "build was stopped" in page
+
+    report.build(run, k=4, progress=False)
+    assert summary.exists()
