@@ -12,9 +12,10 @@ Every file put in place is registered with its size and sha256 in its folder's
 `featscope verify` can tell any changed byte of any output, footers and pictures included.
 
 A stage that writes many files and then the table or list that describes them (unit
-pictures and their table, patch strips and their record, atlas cells, explained pairs)
-`withdraw`s that table before it rewrites the first of them: each file is whole, but a job
-killed half way must not leave the old table vouching for a mix of old and new files.
+pictures and their table, patch strips and their record, atlas cells, explained pairs,
+sanity plots and their verdicts, the report's data files and its run.js) `withdraw`s that
+table before it rewrites the first of them: each file is whole, but a job killed half way
+must not leave the old table vouching for a mix of old and new files.
 """
 
 from __future__ import annotations
