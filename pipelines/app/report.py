@@ -41,7 +41,14 @@ from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir
 from featscope.pipelines.core.store import read_errors, read_predictions
 from featscope.pipelines.core.timings import read_timings
-from featscope.pipelines.core.trust import BASELINES, CURVES, current_evaluation, current_unit_table, read_sanity
+from featscope.pipelines.core.trust import (
+    BASELINES,
+    CURVES,
+    current_evaluation,
+    current_strips,
+    current_unit_table,
+    read_sanity,
+)
 from featscope.pipelines.render.overlay import map_picture
 from featscope.pipelines.render.thumbnails import ensure_thumbnail, stored_thumbnails
 
@@ -176,7 +183,9 @@ def _layers(rd: RunDir) -> list[dict]:
         units: dict[int, list] = {}
         for c, v, i in zip(channels, table["value"].to_numpy(), table["image_id"].to_numpy()):
             units.setdefault(int(c), []).append([int(i), round(float(v), 4)])
-        rendered = rd.rendered_units(layer)
+        # a strip drawn from another top-k (the dataset changed since) shows other images than
+        # the unit's page lists: only strips of the current top-k are shown
+        rendered, _ = current_strips(rd, layer)
         layers.append({"name": layer, "units": int(channels.max()) + 1 if len(channels) else 0,
                        "k": max((len(v) for v in units.values()), default=0), "rendered": rendered,
                        "shown": _patches_show(rd, layer), "visualised": _visualised(rd, layer),

@@ -22,7 +22,13 @@ from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.text import plural
-from featscope.pipelines.core.trust import current_evaluation, current_unit_table, read_evaluation, read_sanity
+from featscope.pipelines.core.trust import (
+    current_evaluation,
+    current_strips,
+    current_unit_table,
+    read_evaluation,
+    read_sanity,
+)
 
 
 @dataclass
@@ -100,6 +106,13 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         out.lines.append(f"top-k {layer}: {plural(len(ids), 'distinct image')}, {state}")
         if rd.topk_sketch(layer).exists():
             out.lines.append("  activation thresholds: every unit's, for masks")
+        current, older = current_strips(rd, layer)
+        if current or older:
+            out.lines.append(f"  patch strips: {len(current)} current" + (
+                f", {len(older)} drawn from an earlier top-k (units {', '.join(map(str, older[:5]))}"
+                f"{', ...' if len(older) > 5 else ''})" if older else ""))
+        if older:
+            out.stale.append(f"patches {layer}")
     for layer in sorted(p.name for p in (rd.root / "units").glob("*") if p.is_dir()):
         pictures = {"visualisations": "unit-*.png", "atlas": "atlas/cell-*.png"}  # what each table describes
         for name, path in (("visualisations", rd.units_table(layer)), ("labels", rd.units_labels(layer)),

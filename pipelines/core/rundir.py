@@ -139,15 +139,22 @@ class RunDir:
         """What `topk render` drew: its options and each strip's rows (hidden: bookkeeping)."""
         return self.patches_dir(layer) / ".drawn.json"
 
-    def rendered_units(self, layer: str) -> list[int]:
-        """Units of a layer whose patch strip a finished `topk render` drew (in its record) and
-        which exists, sorted. A strip the record does not list is not vouched for: left by a
-        render that was stopped before it wrote the record."""
+    def drawn_strips(self, layer: str) -> dict[int, list[int]]:
+        """unit -> the image ids, by rank, of the patch strip a finished `topk render` drew (in
+        its record), for the strips that exist. A strip the record does not list is not vouched
+        for: left by a render that was stopped before it wrote the record."""
         try:
             drawn = json.loads(self.patches_record(layer).read_text()).get("units", {})
         except (OSError, ValueError):
-            return []
-        return sorted(int(u) for u in drawn if self.unit_patches(layer, int(u)).exists())
+            return {}
+        # a record row is [rank, image_id, x0, y0, x1, y1, value] (a mask threshold: [value])
+        return {int(u): [row[1] for row in sorted(r for r in rows if len(r) > 1)]
+                for u, rows in sorted(drawn.items(), key=lambda item: int(item[0]))
+                if self.unit_patches(layer, int(u)).exists()}
+
+    def rendered_units(self, layer: str) -> list[int]:
+        """Units of a layer with a patch strip drawn by a finished `topk render`, sorted."""
+        return sorted(self.drawn_strips(layer))
 
     def patch_sheet(self, layer: str) -> Path:
         return self.root / "patches" / f"{layer}.png"

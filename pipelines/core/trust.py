@@ -1,7 +1,7 @@
 """What `saliency evaluate`, `saliency sanity` and the unit tables store, read without torch
 (the report and status read it too): the evaluation's schema and rows, which rows still
-describe the map that is there now, the sanity verdicts, and whether a unit table still
-describes the dataset."""
+describe the map that is there now, the sanity verdicts, and whether a unit table or a
+patch strip still describes the dataset."""
 
 from __future__ import annotations
 
@@ -67,3 +67,18 @@ def current_unit_table(rd: RunDir, path: Path, layer: str) -> list[dict] | None:
     table = pq.read_table(path)
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     return table.to_pylist() if meta.get("dataset") == dataset_stamp(rd, layer) else None
+
+
+def current_strips(rd: RunDir, layer: str) -> tuple[list[int], list[int]]:
+    """(units whose patch strip shows the layer's current top-k, units whose strip was drawn
+    from another top-k): after the dataset changes and the top-k is merged again, a strip
+    not yet drawn again shows images its unit's top-k no longer holds."""
+    drawn = rd.drawn_strips(layer)
+    if not drawn or not rd.topk(layer).exists():
+        return [], sorted(drawn)
+    table = pq.read_table(rd.topk(layer), columns=["channel", "rank", "image_id"]).to_pydict()
+    by_rank: dict[int, dict[int, int]] = {}
+    for c, r, i in zip(table["channel"], table["rank"], table["image_id"]):
+        by_rank.setdefault(c, {})[r] = i
+    current = [u for u, ids in drawn.items() if ids == [by_rank.get(u, {}).get(r) for r in range(len(ids))]]
+    return current, sorted(set(drawn) - set(current))

@@ -123,6 +123,39 @@ def test_render_writes_one_png_per_unit_and_a_contact_sheet(tmp_path, small_data
     assert topk.render(rd, "layer3", units=[0, 1], tile=40, progress=False).drawn == 2  # another size: redrawn
 
 
+def test_the_report_shows_only_strips_drawn_from_the_current_topk(tmp_path, small_dataset):
+    from featscope.pipelines.app import report
+    from featscope.pipelines.app.status import status
+
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=8)
+    extract.extract(rd, ["layer2"], model="resnet18", weights="random", precision="fp32", batch_size=4,
+                    workers=0, topk=2, progress=False)
+    topk.merge(rd, "layer2")
+    topk.render(rd, "layer2", units=[0, 1, 2, 3], tile=16, progress=False)
+    assert report._layers(rd)[0]["rendered"] == [0, 1, 2, 3]
+
+    def top(unit_rows):  # unit -> image ids by rank
+        out = {}
+        for r in sorted(unit_rows, key=lambda r: r["rank"]):
+            out.setdefault(r["channel"], []).append(r["image_id"])
+        return out
+    before = top(pq.read_table(rd.topk("layer2")).to_pylist())
+    # unit 0's top image leaves the dataset; the top-k is merged again, the strips not drawn again
+    gone = before[0][0]
+    Path(next(r["path"] for r in manifest.read(rd).to_pylist() if r["image_id"] == gone)).unlink()
+    manifest.run(rd, small_dataset)
+    extract.extract(rd, ["layer2"], precision="fp32", batch_size=4, workers=0, topk=2, progress=False)
+    topk.merge(rd, "layer2")
+    after = top(pq.read_table(rd.topk("layer2")).to_pylist())
+    still = [u for u in range(4) if after[u] == before[u]]
+    assert 0 not in still
+    assert report._layers(rd)[0]["rendered"] == still  # a strip of images the unit's page no longer lists is not shown
+    assert "patches layer2" in status(rd).stale  # and status says they are not current
+    topk.render(rd, "layer2", units=[0, 1, 2, 3], tile=16, progress=False)
+    assert report._layers(rd)[0]["rendered"] == [0, 1, 2, 3] and "patches layer2" not in status(rd).stale
+
+
 def test_contact_sheets_are_about_square_and_never_too_wide():
     assert topk.sheet_columns(4, 584, 80) == 1  # four long strips: one column
     assert topk.sheet_columns(64, 584, 80) == 3
