@@ -158,9 +158,10 @@ def _sanity(rd: RunDir) -> dict:
             if rd.sanity_plot(m).exists()}
 
 
-def _explained(rd: RunDir) -> tuple[dict[int, dict], list[str]]:
+def _explained(rd: RunDir, live: set[int]) -> tuple[dict[int, dict], list[str]]:
     """image_id -> {layer: [[neighbour, similarity, method], ...]} of the pairs `featscope
-    explain --queries` wrote (the pictures the image pages show from disk)."""
+    explain --queries` wrote (the pictures the image pages show from disk), leaving out
+    neighbours that left the dataset since (until explain runs again on the new index)."""
     found: dict[int, dict] = {}
     layers = []
     for layer in rd.explain_layers():
@@ -169,7 +170,7 @@ def _explained(rd: RunDir) -> tuple[dict[int, dict], list[str]]:
             continue
         layers.append(layer)
         for query, pairs in json.loads(path.read_text())["pairs"].items():
-            kept = [p for p in pairs if rd.explained_pair(layer, int(query), p[0]).exists()]
+            kept = [p for p in pairs if p[0] in live and rd.explained_pair(layer, int(query), p[0]).exists()]
             found.setdefault(int(query), {})[layer] = kept
     return found, layers
 
@@ -370,7 +371,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     neighbours, recomputed, lists_state = neighbour_lists(rd, ids, k, progress)
     saliency = _saliency(rd)
     aucs, trust = _aucs(rd)
-    explained, explained_layers = _explained(rd)
+    explained, explained_layers = _explained(rd, set(ids.tolist()))
     predictions = _predictions(rd, config)
     by_chunk: dict[int, dict[int, dict]] = {}
     for r in rows:

@@ -95,6 +95,13 @@ def test_queries_explain_each_query_with_its_index_neighbours(run, capsys):
     expected = neighbours_of(open_index(run, "pool"), [query], 3).image_ids[0].tolist()
     listed = explain.read_queries(run, "pool")[query]
     assert [n[0] for n in listed] == expected
+    # the report shows them, less a neighbour that left the dataset since
+    from featscope.pipelines.app import report
+    from featscope.pipelines.core import manifest
+
+    live = set(manifest.read(run)["image_id"].to_pylist())
+    assert [n[0] for n in report._explained(run, live)[0][query]["pool"]] == expected
+    assert [n[0] for n in report._explained(run, live - {expected[0]})[0][query]["pool"]] == expected[1:]
     for other in expected:
         with np.load(run.explained_pair("pool", query, other, "npz")) as stored:
             assert float(stored["maps_a"].sum()) == pytest.approx(float(stored["similarity"]), rel=1e-4)
