@@ -133,6 +133,16 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         describe("map", path.stem, _ids(path))
     live_set = set(live.tolist())
+    for layer in rd.explain_layers():
+        if not rd.explained_queries(layer).exists():
+            continue
+        pairs = [(int(q), n[0]) for q, found in json.loads(rd.explained_queries(layer).read_text())["pairs"].items()
+                 for n in found]
+        gone = sum(q not in live_set or n not in live_set for q, n in pairs)
+        out.lines.append(f"explain {layer}: {plural(len(pairs), 'pair')}, " + (
+            f"stale: {gone} with an image that left the dataset (the report leaves those out)" if gone else "current"))
+        if gone:
+            out.stale.append(f"explain {layer}")
     for method in rd.saliency_methods():
         maps = rd.saliency_overlays(method)
         gone = sum(i not in live_set for i in maps)

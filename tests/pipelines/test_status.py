@@ -2,6 +2,7 @@
 history records each workflow run."""
 
 import time
+from pathlib import Path
 
 from helpers import write_dataset
 
@@ -9,7 +10,7 @@ from featscope.pipelines.app.status import status
 from featscope.pipelines.core import manifest, timings
 from featscope.pipelines.core.history import read_history, record_run
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.stages import extract
+from featscope.pipelines.stages import explain, extract
 from featscope.pipelines.stages import index as neighbours
 
 
@@ -20,11 +21,13 @@ def test_status_names_pending_changes_and_stale_outputs_until_the_rerun(tmp_path
     manifest.run(rd, images, shard_size=3, model="resnet18", weights="random")
     extract.extract(rd, ["pool"], workers=0, progress=False)
     neighbours.build(rd, "pool", progress=False)
+    explain.run(rd, explain.ExplainOptions(layer="pool", queries=[0], k=2))
     clean = status(rd)
     assert clean.stale == [] and clean.pending == {"new": 0, "edited": 0, "vanished": 0}
-    assert "index pool: 6 images (Flat), current" in clean.line()
+    assert "index pool: 6 images (Flat), current" in clean.line() and "explain pool: 2 pairs, current" in clean.line()
 
-    next(images.glob("0/*.png")).unlink()
+    neighbour = explain.read_queries(rd, "pool")[0][0][0]  # an explained neighbour of image 0 leaves
+    Path(next(r["path"] for r in manifest.read(rd).to_pylist() if r["image_id"] == neighbour)).unlink()
     write_dataset(images, digits, n_photos=0, labels=(7,), digits_per_label=1)
     pending = status(rd)
     assert pending.pending == {"new": 1, "edited": 0, "vanished": 1} and "again" not in pending.line()
@@ -32,10 +35,13 @@ def test_status_names_pending_changes_and_stale_outputs_until_the_rerun(tmp_path
     manifest.run(rd, images)  # the manifest alone: the new shard is to be extracted, the index is stale
     after = status(rd)
     assert after.pending == {"new": 0, "edited": 0, "vanished": 0}
-    assert after.stale == ["features pool", "index pool"]
+    assert after.stale == ["features pool", "index pool", "explain pool"]
     assert "stale: 1 retired images in it, 1 live images missing" in after.line()
+    assert "explain pool: 2 pairs, stale: 1 with an image that left the dataset" in after.line()
     extract.extract(rd, ["pool"], workers=0, progress=False)
     neighbours.build(rd, "pool", progress=False)
+    assert status(rd).stale == ["explain pool"]  # until explain runs on the new index
+    explain.run(rd, explain.ExplainOptions(layer="pool", queries=[0], k=2))
     assert status(rd).stale == []
 
 
