@@ -152,10 +152,6 @@ class RunDir:
                 for u, rows in sorted(drawn.items(), key=lambda item: int(item[0]))
                 if self.unit_patches(layer, int(u)).exists()}
 
-    def rendered_units(self, layer: str) -> list[int]:
-        """Units of a layer with a patch strip drawn by a finished `topk render`, sorted."""
-        return sorted(self.drawn_strips(layer))
-
     def patch_sheet(self, layer: str) -> Path:
         return self.root / "patches" / f"{layer}.png"
 

@@ -47,14 +47,14 @@ def strips(run: RunDir) -> dict[str, bytes]:
 def test_a_stopped_patch_render_vouches_for_none_of_its_strips(run, monkeypatch):
     topk.render(run, "layer3", units=[0, 1, 2, 3], tile=32, progress=False)
     drawn_at_32 = strips(run)
-    assert run.rendered_units("layer3") == [0, 1, 2, 3]
+    assert sorted(run.drawn_strips("layer3")) == [0, 1, 2, 3]
 
     with monkeypatch.context() as patched:
         stop_after(patched, topk, "_strip", 2)  # two strips at 40 px written, then killed
         with pytest.raises(Stopped):
             topk.render(run, "layer3", units=[0, 1, 2, 3], tile=40, progress=False)
     assert strips(run) != drawn_at_32  # the mix is on disk...
-    assert run.rendered_units("layer3") == []  # ...but nothing vouches for it: the report shows no strip
+    assert sorted(run.drawn_strips("layer3")) == []  # ...but nothing vouches for it: the report shows no strip
     assert not run.patches_record("layer3").exists() and not run.patch_sheet("layer3").exists()
     assert report._patches_show(run, "layer3") is None
     assert "patches layer3" in status(run).stale  # and `featscope status` says so
@@ -64,7 +64,7 @@ def test_a_stopped_patch_render_vouches_for_none_of_its_strips(run, monkeypatch)
     assert again.drawn == 4 and strips(run) == drawn_at_32
     # a render of some units keeps the others listed while they are current
     assert topk.render(run, "layer3", units=[0, 1], tile=32, progress=False).drawn == 0
-    assert run.rendered_units("layer3") == [0, 1, 2, 3]
+    assert sorted(run.drawn_strips("layer3")) == [0, 1, 2, 3]
     assert sorted(json.loads(run.patches_record("layer3").read_text())["units"]) == ["0", "1", "2", "3"]
 
 
