@@ -169,12 +169,13 @@ onerror:
     fshistory.record_run(RD, STARTED, "failed")
 
 
-# What the image source holds now (paths, sizes, mtimes), looked at on every invocation of
-# the workflow (not in its jobs): the manifest rule reruns when it changed, whatever
-# `.snakemake/` remembers. It is an observation, so a dry run records it too.
+# What the image source holds now (paths and stats, as `check_images` compares them), looked
+# at on every invocation of the workflow (not in its jobs): the manifest rule reruns when it
+# changed, whatever `.snakemake/` remembers. It is an observation, so a dry run records it too.
+# Under `check_images: content` it changes every time, so every run reads every image.
 if workflow.is_main_process:
     try:
-        fsmanifest.write_listing(RD, CFG["images"])
+        fsmanifest.write_listing(RD, CFG["images"], CFG["check_images"])
     except FeatscopeError as e:
         raise SystemExit(f"featscope: error: {e}")
 
@@ -266,7 +267,7 @@ checkpoint manifest:
         **res("manifest"),
     params:
         cmd=command("manifest", images=CFG["images"], shard_size=CFG["shard_size"], model=MODEL["arch"],
-                    weights=MODEL["weights"]),
+                    weights=MODEL["weights"], check=CFG["check_images"]),
     shell:
         "{params.cmd}"
 

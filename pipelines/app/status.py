@@ -60,7 +60,8 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
 
     source = config.get("images")
     if source and Path(source).exists():
-        found = manifest.compare(rd, source)
+        # the run's own check, but never every file read for a look (`content`: its stat)
+        found = manifest.compare(rd, source, check="mtime" if config.get("check") == "mtime" else "stat")
         vanished = len(found.retired) - found.edited
         out.pending = {"new": len(found.new) - found.edited, "edited": found.edited, "vanished": vanished}
         if found.changed:

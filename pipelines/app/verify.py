@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core.atomic import REGISTRY, file_digest, registered
-from featscope.pipelines.core.manifest import MANIFEST_SCHEMA
+from featscope.pipelines.core.manifest import MANIFEST_SCHEMA, MANIFEST_SCHEMA_BEFORE_CTIME
 from featscope.pipelines.core.options import Command, Options
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import (
@@ -57,8 +57,9 @@ class Verification:
         return "\n".join(lines)
 
 
-def _read_parquet(path: Path, schema: pa.Schema | None = None) -> None:
-    """Every page read with its checksum verified; the columns, if given, as written."""
+def _read_parquet(path: Path, schema: pa.Schema | None = None, *older: pa.Schema) -> None:
+    """Every page read with its checksum verified; the columns, if given, as written (by this
+    version, or by an `older` one whose files are still read as they are)."""
     with open(path, "rb") as f:
         if f.read(4) != b"PAR1":
             raise ValueError("not a Parquet file: its first bytes are not PAR1")
@@ -66,19 +67,20 @@ def _read_parquet(path: Path, schema: pa.Schema | None = None) -> None:
     if schema is not None:
         got = [(f.name, f.type) for f in table.schema]
         want = [(f.name, f.type) for f in schema]
-        if got != want:
+        if got != want and all(got != [(f.name, f.type) for f in old] for old in older):
             wrong = next((g for g, w in zip(got, want) if g != w), None)
             raise ValueError(f"its columns are not those of its kind (first differing: {wrong})")
 
 
-def _as(schema: pa.Schema) -> Callable[[Path], None]:
-    return lambda path: _read_parquet(path, schema)
+def _as(schema: pa.Schema, *older: pa.Schema) -> Callable[[Path], None]:
+    return lambda path: _read_parquet(path, schema, *older)
 
 
 def _files(rd: RunDir) -> Iterator[tuple[Path, Callable[[Path], None], str]]:
     """(file, how to check it, the command that rebuilds it) for every file verify knows."""
     run = f"--run {rd.root}"
-    yield rd.manifest, _as(MANIFEST_SCHEMA), f"featscope manifest --images DIR {run} (ids are kept)"
+    yield (rd.manifest, _as(MANIFEST_SCHEMA, MANIFEST_SCHEMA_BEFORE_CTIME),
+           f"featscope manifest --images DIR {run} (ids are kept)")
     config = rd.read_config()
     identity = RunIdentity.of_run(config) if "weights_sha256" in config else None
 

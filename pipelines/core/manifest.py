@@ -6,10 +6,16 @@ scheduled runs, and the manifest follows them:
 
 - Paths are stored relative to the source (the folder, or the list's folder), so a moved or
   re-mounted dataset keeps its ids: give `manifest` the new location.
-- An image's identity is its path *and* its content: size and modification time are the
-  fast check, a sha256 of the bytes confirms. A file whose bytes changed is a new image: it
-  gets a new id (in a new shard) and the old id is retired (`removed`, `replaced_by` the
-  new id). A file only touched keeps its id.
+- An image's identity is its path *and* its content: size, modification time and change
+  time are the fast check, a sha256 of the bytes confirms. A file whose bytes changed is a
+  new image: it gets a new id (in a new shard) and the old id is retired (`removed`,
+  `replaced_by` the new id). A file only touched keeps its id. The change time (ctime) is
+  there because tools can put the modification time back after an edit (`exiftool -P`,
+  `cp -p`, `touch -r`), and an edit that keeps the size too would pass as unchanged; no
+  tool can set the ctime. `check` chooses: `stat` (all three, the default), `mtime` (size
+  and mtime, for filesystems whose ctime moves on its own, e.g. under backup tools that put
+  access times back: each such move costs a re-read, never a wrong answer), or `content`
+  (every file read and hashed, every time).
 - New paths get new ids in new shards; vanished ones are retired, never renumbered.
 - A shard that lost images keeps its extracted files (every stage reads them without retired
   images) unless a unit's top-k candidates ran short there (shards keep 2k a unit): then its
@@ -55,7 +61,12 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("mtime_ns", pa.int64()),  # ... modification time: the fast check for an edit
     pa.field("sha256", pa.string()),  # of the file's bytes: the confirmation
     pa.field("replaced_by", pa.int64()),  # for an image retired because its file changed: the new id
+    pa.field("ctime_ns", pa.int64()),  # change time, which no tool can set: the fast check with size and mtime
 ])
+# A manifest written before `ctime_ns` was kept: read as it is (its files are read and hashed
+# once, on its next update), and whole to `featscope verify`.
+MANIFEST_SCHEMA_BEFORE_CTIME = MANIFEST_SCHEMA.remove(MANIFEST_SCHEMA.get_field_index("ctime_ns"))
+CHECKS = ("stat", "mtime", "content")  # how an update tells a file's edit (see the module's docstring)
 
 
 @dataclass
@@ -68,6 +79,7 @@ class ManifestSummary:
     seconds: float
     edited: int = 0
     retired_now: int = 0
+    reread: int = 0  # files read and hashed again whose bytes had not changed
     invalidated_shards: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -82,6 +94,8 @@ class ManifestSummary:
         text = (f"manifest: {plural(self.total, 'image')} in {plural(self.shards, 'shard')}; {self.added} new "
                 f"(shards {_ranges(self.new_shards) or 'none'}), {self.edited} edited, {self.retired_now} retired "
                 f"now ({self.removed} in all)")
+        if self.reread:
+            text += f"; {plural(self.reread, 'file')} read again, bytes unchanged"
         if self.invalidated_shards:
             text += f"; shards {','.join(map(str, self.invalidated_shards))} to extract again"
         return text + f"; {self.seconds:.1f}s"
@@ -163,17 +177,37 @@ def scan(source: str | Path, skipped: list[tuple[str, str]] | None = None) -> li
     return sorted(unique.items())
 
 
-def listing_fingerprint(source: str | Path) -> str:
-    """sha256 of the images a source names with their sizes and mtimes.
+def _check(check: str) -> str:
+    if check not in CHECKS:
+        raise ParamError("check", f"must be one of {', '.join(CHECKS)}, got '{check}'")
+    return check
+
+
+def _stamp(size: int | None, mtime_ns: int | None, ctime_ns: int | None, check: str) -> tuple:
+    """What the fast check compares of a file's stat (see the module's docstring)."""
+    return (size, mtime_ns) if check == "mtime" else (size, mtime_ns, ctime_ns)
+
+
+def _unchanged(row: dict, st: os.stat_result, check: str) -> bool:
+    """Whether a stored file passes the fast check, unread (never under `content`)."""
+    return check != "content" and (_stamp(row["size"], row["mtime_ns"], row["ctime_ns"], check)
+                                   == _stamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns, check))
+
+
+def listing_fingerprint(source: str | Path, check: str = "stat") -> str:
+    """sha256 of the images a source names with their stats as `check` compares them.
 
     It changes when images are added, removed or replaced, which is what tells a scheduler
-    that the manifest must be brought up to date.
+    that the manifest must be brought up to date. Under `content` it changes every time: only
+    reading every file can tell, and that is the manifest's work.
     """
     digest = hashlib.sha256()
+    if _check(check) == "content":
+        digest.update(f"content check at {time.time_ns()}\n".encode())
     for path, label in scan(source):
         try:
             st = os.stat(path)
-            digest.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            digest.update(f"{path}\0{label}\0{_stamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns, check)}\n".encode())
         except OSError:
             digest.update(f"{path}\0{label}\0missing\n".encode())
     return digest.hexdigest()
@@ -194,6 +228,7 @@ class Comparison:
     new: list[tuple[str, str | None, os.stat_result, str]]  # (path key, label, stat, sha256) to add
     edited: int  # of `new`, paths whose bytes changed
     retired: list[dict]  # rows retired now (vanished or edited)
+    reread: int = 0  # stored files read and hashed again, whose bytes had not changed
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out of the listing
 
     @property
@@ -201,10 +236,12 @@ class Comparison:
         return bool(self.new or self.retired)
 
 
-def compare(rd: RunDir, images: str | Path, *, progress: bool = False) -> Comparison:
-    """Compare the source with the manifest, writing nothing (files whose size or mtime
-    changed are hashed to tell an edit from a touch; `progress`: a bar over the files, which
-    a first listing of millions of images, every one of them read and hashed, needs)."""
+def compare(rd: RunDir, images: str | Path, *, check: str = "stat", progress: bool = False) -> Comparison:
+    """Compare the source with the manifest, writing nothing (files that fail the fast
+    `check` are hashed to tell an edit from a touch; under `content` every file is; `progress`:
+    a bar over the files, which a first listing of millions of images, every one of them read
+    and hashed, needs)."""
+    _check(check)
     skipped: list[tuple[str, str]] = []
     found = scan(images, skipped)
     root = source_root(images)
@@ -212,7 +249,7 @@ def compare(rd: RunDir, images: str | Path, *, progress: bool = False) -> Compar
     rows = [dict(r) for r in old]
     live = {r["path"]: r for r in rows if not r["removed"]}
     present = set()
-    new, edited = [], 0
+    new, edited, reread = [], 0, 0
     for path, label in tqdm(found, desc="manifest", unit="file", disable=not progress, mininterval=1.0):
         key = relative_key(path, root)
         try:
@@ -221,13 +258,14 @@ def compare(rd: RunDir, images: str | Path, *, progress: bool = False) -> Compar
             continue  # vanished while listing: retired below
         present.add(key)
         row = live.get(key)
-        if row is not None and (row["size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+        if row is not None and _unchanged(row, st, check):
             continue
         digest = file_digest(path)
         if row is None:
             new.append((key, label, st, digest))
         elif row["sha256"] in (None, digest):  # touched, or a manifest from before content checks
-            row.update(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
+            row.update(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, sha256=digest)
+            reread += 1
         else:  # the same path with other bytes: a new image; the old id is retired
             new.append((key, label, st, digest))
             row["replaced_by"] = -1  # filled in with the new id by `run`
@@ -235,19 +273,21 @@ def compare(rd: RunDir, images: str | Path, *, progress: bool = False) -> Compar
     retired = [r for r in rows if not r["removed"] and (r["path"] not in present or r["replaced_by"] == -1)]
     for r in retired:
         r["removed"] = True
-    return Comparison(root, old, rows, new, edited, retired, skipped)
+    return Comparison(root, old, rows, new, edited, retired, reread=reread, skipped=skipped)
 
 
 def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_size: int | None = None,
-        model: str | None = None, weights: str | None = None, progress: bool = False) -> ManifestSummary:
-    """Create or update `manifest.parquet` and `run.json` for the images in `images`."""
+        model: str | None = None, weights: str | None = None, check: str = "stat",
+        progress: bool = False) -> ManifestSummary:
+    """Create or update `manifest.parquet` and `run.json` for the images in `images`; `check`:
+    how a stored file's edit is told (stat | mtime | content, see the module's docstring)."""
     start = time.perf_counter()
     if num_shards is not None and shard_size is not None:
         raise ParamError("num_shards", "cannot be given with <shard_size>")
     if (num_shards is not None and num_shards < 1) or (shard_size is not None and shard_size < 1):
         raise ParamError("num_shards", "and <shard_size> must be at least 1")
     config = rd.read_config() if rd.run_json.exists() else {}
-    found = compare(rd, images, progress=progress)
+    found = compare(rd, images, check=check, progress=progress)
     root, old, rows, new, edited, retired = (found.root, found.old, found.rows, found.new, found.edited,
                                              found.retired)
     if shard_size is None:
@@ -262,7 +302,8 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
         successor[key] = next_id + offset
         rows.append({"image_id": next_id + offset, "path": key, "label": label,
                      "shard": next_shard + offset // shard_size, "removed": False, "size": st.st_size,
-                     "mtime_ns": st.st_mtime_ns, "sha256": digest, "replaced_by": None})
+                     "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "sha256": digest,
+                     "replaced_by": None})
     for r in retired:
         if r["replaced_by"] == -1:
             r["replaced_by"] = successor[r["path"]]
@@ -285,7 +326,7 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
     if weights is not None:
         config["weights"] = weights
     config |= {"name": rd.name, "images": str(Path(images).resolve()), "images_root": str(root),
-               "shard_size": shard_size, "featscope_version": FEATSCOPE_VERSION}
+               "shard_size": shard_size, "check": check, "featscope_version": FEATSCOPE_VERSION}
     if found.changed or not old:  # what the last real update did, for the run's history
         config["last_update"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "added": len(new) - edited,
                                  "edited": edited, "retired": len(retired) - edited}
@@ -295,7 +336,7 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
         total=sum(not r["removed"] for r in rows), added=len(new) - edited, removed=sum(r["removed"] for r in rows),
         shards=len({r["shard"] for r in rows if not r["removed"]}), new_shards=new_shards,
         seconds=time.perf_counter() - start, edited=edited, retired_now=len(retired) - edited,
-        invalidated_shards=invalidated, skipped=found.skipped,
+        invalidated_shards=invalidated, skipped=found.skipped, reread=found.reread,
     )
 
 
@@ -374,9 +415,9 @@ def write_live_ids(rd: RunDir, ids: list[int]) -> None:
         write_bytes_atomic(rd.live_ids, text)
 
 
-def write_listing(rd: RunDir, source: str | Path) -> bool:
+def write_listing(rd: RunDir, source: str | Path, check: str = "stat") -> bool:
     """listing.sha256 from the source's current listing; rewritten (True) only when it changed."""
-    text = (listing_fingerprint(source) + "\n").encode()
+    text = (listing_fingerprint(source, check) + "\n").encode()
     if rd.listing.exists() and rd.listing.read_bytes() == text:
         return False
     write_bytes_atomic(rd.listing, text)

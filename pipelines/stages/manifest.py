@@ -25,6 +25,10 @@ class ManifestOptions(Options):
                                       "state dict; the number of classes is read from it)")
     classes: Path | None = option(help="the model's class names, one per line or a JSON list (for a model of "
                                        "your own; ImageNet weights have theirs)")
+    check: str = option("stat", choices=manifest.CHECKS,
+                        help="how a listed file's edit is told: stat (size, mtime and ctime; a file whose stat moved "
+                             "is read and hashed), mtime (size and mtime only: for filesystems whose ctime moves on "
+                             "its own) or content (every file read and hashed: slow, catches anything)")
 
 
 def run(rd: RunDir, options: ManifestOptions, progress: bool = True) -> manifest.ManifestSummary:
@@ -43,7 +47,7 @@ def run(rd: RunDir, options: ManifestOptions, progress: bool = True) -> manifest
             check_weights(options.weights)
         names = read_class_names(options.classes) if options.classes else None
     summary = manifest.run(rd, options.images, num_shards=options.num_shards, shard_size=options.shard_size,
-                           model=options.model, weights=options.weights, progress=progress)
+                           model=options.model, weights=options.weights, check=options.check, progress=progress)
     if names:
         rd.write_config(rd.read_config() | {"class_names": names})
     return summary

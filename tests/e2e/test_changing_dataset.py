@@ -1,8 +1,11 @@
 """A dataset that changes between scheduled runs, through `snakemake` itself: after a seeded
-random sequence of additions, removals and in-place edits, each followed by a rerun, every
-output equals a run from scratch on the final files, and a further rerun has nothing to do."""
+random sequence of additions, removals and in-place edits (which keep the file's size and
+times), each followed by a rerun, every output equals a run from scratch on the final files,
+and a further rerun has nothing to do."""
 
+import io
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -12,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from helpers import snakemake, snakemake_imports, write_dataset
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from featscope.pipelines import load_features
 from featscope.pipelines.app.status import status
@@ -39,6 +42,21 @@ def config(tmp_path: Path, images: Path, run: str) -> Path:
     return path
 
 
+def png_of_size(picture: Image.Image, size: int) -> bytes:
+    """`picture` as a PNG of exactly `size` bytes (a text chunk makes up the difference)."""
+    room = size - len(encoded := _png(picture)) - 14  # a chunk's length, type and CRC, and "c\0"
+    assert room >= 0, f"{len(encoded)} bytes do not fit in {size}"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("c", "x" * room)
+    return _png(picture, info)
+
+
+def _png(picture: Image.Image, info: PngImagePlugin.PngInfo | None = None) -> bytes:
+    out = io.BytesIO()
+    picture.save(out, format="PNG", compress_level=9, pnginfo=info)
+    return out.getvalue()
+
+
 def change(images: Path, rng: random.Random, digits, step: int, kind: str) -> None:
     """One change of the image folder: add, remove or edit in place, at random places."""
     files = sorted(p for p in images.rglob("*.png"))
@@ -47,10 +65,14 @@ def change(images: Path, rng: random.Random, digits, step: int, kind: str) -> No
     elif kind == "remove":
         for p in rng.sample(files, 2):
             p.unlink()
-    else:  # the same path, other bytes: a different picture
+    else:  # the same path, other bytes: a different picture, in a file of the same size and
+        # times, as tools that put the modification time back leave it (`exiftool -P`, `cp -p`)
         victim = rng.choice(files)
         other = rng.choice([p for p in files if p != victim])
-        Image.open(other).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(victim)
+        picture = Image.open(other).convert("L").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        st = victim.stat()
+        victim.write_bytes(png_of_size(picture.point(lambda v: 255 if v > 127 else 0), st.st_size))
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def by_path(rd: RunDir) -> dict[int, str]:

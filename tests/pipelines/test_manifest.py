@@ -12,7 +12,7 @@ import pytest
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import RunIdentity, candidates_run_short, read_errors, write_topk
+from featscope.pipelines.core.store import RunIdentity, candidates_run_short, read_errors, write_table, write_topk
 
 
 def touch_images(root, names):
@@ -232,3 +232,75 @@ def test_odd_folders_and_names_are_followed_skipped_or_reported_never_a_crash(tm
     expected = ["name is not UTF-8"] + ([] if root_reads_all else ["unreadable folder"])
     assert reasons == expected and "left out" in s.warning()
     assert read_errors(rd.errors_dir).num_rows == len(expected)
+
+
+def edit_keeping_size_and_times(path, data):
+    """Other bytes of the same length, with the access and modification times put back, as
+    `exiftool -P`, `cp -p` or `touch -r` leave an edited file."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_told_by_the_change_time(tmp_path):
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    path = tmp_path / "images/a/2.png"
+    listed = manifest.listing_fingerprint(tmp_path / "images")
+    edit_keeping_size_and_times(path, b"y")
+    assert manifest.listing_fingerprint(tmp_path / "images") != listed  # the workflow reruns the manifest
+    assert manifest.listing_fingerprint(tmp_path / "images", "mtime") == manifest.listing_fingerprint(
+        tmp_path / "images", "mtime")
+    s = manifest.run(rd, tmp_path / "images")
+    assert s.edited == 1 and s.reread == 0
+    old, new = (r for r in manifest.read(rd, include_removed=True).to_pylist() if r["path"].endswith("a/2.png"))
+    assert old["removed"] and old["replaced_by"] == new["image_id"] and new["ctime_ns"] == path.stat().st_ctime_ns
+
+
+def test_check_mtime_trusts_size_and_mtime_and_check_content_reads_every_file(tmp_path):
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png", "a/3.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", check="mtime")
+    assert rd.read_config()["check"] == "mtime"
+    edit_keeping_size_and_times(tmp_path / "images/a/2.png", b"y")
+    s = manifest.run(rd, tmp_path / "images", check="mtime")  # what this check cannot see, it does not see
+    assert s.edited == 0 and s.reread == 0
+    s = manifest.run(rd, tmp_path / "images", check="content")
+    assert s.edited == 1 and s.reread == 2 and "2 files read again, bytes unchanged" in s.line()
+    assert len(manifest.read(rd)) == 3
+    first, second = (manifest.listing_fingerprint(tmp_path / "images", "content") for _ in range(2))
+    assert first != second  # the workflow reruns the manifest, which reads every file, every time
+    with pytest.raises(FeatscopeError, match="check must be one of stat, mtime, content"):
+        manifest.run(rd, tmp_path / "images", check="size")
+
+
+def test_a_moved_change_time_costs_a_read_and_keeps_the_id(tmp_path):
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    path = tmp_path / "images/a/1.png"
+    ids = {r["path"]: r["image_id"] for r in manifest.read(rd).to_pylist()}
+    stamp = rd.live_ids.stat().st_mtime_ns
+    os.chmod(path, 0o600)  # moves the ctime only
+    s = manifest.run(rd, tmp_path / "images")
+    assert s.edited == s.added == s.removed == 0 and s.reread == 1
+    assert {r["path"]: r["image_id"] for r in manifest.read(rd).to_pylist()} == ids
+    assert rd.live_ids.stat().st_mtime_ns == stamp
+    assert manifest.run(rd, tmp_path / "images").reread == 0  # the new ctime is kept
+
+
+def test_a_manifest_from_before_change_times_is_read_verified_and_brought_up_to_date(tmp_path):
+    from featscope.pipelines.app.verify import verify
+
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    write_table(pq.read_table(rd.manifest).drop_columns(["ctime_ns"]), rd.manifest)  # as featscope wrote it
+    assert not verify(rd).failed, verify(rd).line()
+    edit_keeping_size_and_times(tmp_path / "images/a/2.png", b"y")  # before the upgrade, unseen then
+    s = manifest.run(rd, tmp_path / "images")  # every file is read once
+    assert s.edited == 1 and s.reread == 1
+    assert pq.read_schema(rd.manifest).names == manifest.MANIFEST_SCHEMA.names
+    assert all(r["ctime_ns"] for r in manifest.read(rd).to_pylist())
