@@ -124,7 +124,8 @@ def index_from_shards(work: Path, n: int, dims: int = 1280, shard: int = 50_000)
                               "label": pa.nulls(n, pa.string()), "shard": (ids // shard).astype(np.int32),
                               "removed": np.zeros(n, dtype=bool), "size": pa.nulls(n, pa.int64()),
                               "mtime_ns": pa.nulls(n, pa.int64()), "sha256": pa.nulls(n, pa.string()),
-                              "replaced_by": pa.nulls(n, pa.int64())}, schema=MANIFEST_SCHEMA), rd.manifest)
+                              "replaced_by": pa.nulls(n, pa.int64()), "ctime_ns": pa.nulls(n, pa.int64())},
+                             schema=MANIFEST_SCHEMA), rd.manifest)
     rng = np.random.default_rng(0)
     centres = rng.uniform(0, 2, (1000, dims)).astype(np.float32)
     for part, start in enumerate(range(0, n, shard)):

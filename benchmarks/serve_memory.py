@@ -46,7 +46,8 @@ def synthetic_run(demo: RunDir, work: Path, n: int, dims: int = 128) -> RunDir:
     table = pa.table({"image_id": ids, "path": [f"class{i % 10}/img{i:07d}.jpg" for i in range(n)],
                       "label": [f"class{i % 10}" for i in range(n)], "shard": (ids // 1000).astype(np.int32),
                       "removed": np.zeros(n, bool), "size": np.full(n, 20_000), "mtime_ns": np.zeros(n, np.int64),
-                      "sha256": [None] * n, "replaced_by": pa.nulls(n, pa.int64())}, schema=MANIFEST_SCHEMA)
+                      "sha256": [None] * n, "replaced_by": pa.nulls(n, pa.int64()), "ctime_ns": np.zeros(n, np.int64)},
+                     schema=MANIFEST_SCHEMA)
     write_table(table, rd.manifest, {})
     rng = np.random.default_rng(0)
 
