@@ -11,6 +11,7 @@ import pytest
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
+from featscope.pipelines.core.atomic import file_digest
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, candidates_run_short, read_errors, write_table, write_topk
 
@@ -304,3 +305,22 @@ def test_a_manifest_from_before_change_times_is_read_verified_and_brought_up_to_
     assert s.edited == 1 and s.reread == 1
     assert pq.read_schema(rd.manifest).names == manifest.MANIFEST_SCHEMA.names
     assert all(r["ctime_ns"] for r in manifest.read(rd).to_pylist())
+
+
+def test_two_files_of_one_size_and_mtime_swapped_are_both_new_images(tmp_path):
+    images = tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    (images / "dog").mkdir()
+    (images / "cat/1.bmp").write_bytes(b"cat picture")
+    (images / "dog/1.bmp").write_bytes(b"dog picture")
+    for path in (images / "cat/1.bmp", images / "dog/1.bmp"):
+        os.utime(path, ns=(10**18, 10**18))  # as a dataset unpacked from one archive
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, images)
+    (images / "cat/1.bmp").rename(images / "swap")  # a label fix: each picture to the other's folder
+    (images / "dog/1.bmp").rename(images / "cat/1.bmp")
+    (images / "swap").rename(images / "dog/1.bmp")
+    s = manifest.run(rd, images)
+    assert s.edited == 2 and s.total == 2
+    live = {r["path"].rsplit("/images/", 1)[1]: r["sha256"] for r in manifest.read(rd).to_pylist()}
+    assert live == {name: file_digest(images / name) for name in ("cat/1.bmp", "dog/1.bmp")}
