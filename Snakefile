@@ -156,6 +156,13 @@ def live_ids(wildcards=None):
     return str(RD.live_ids)
 
 
+def live_labels(wildcards=None):
+    """A digest of the live images' labels: rewritten by the manifest only when the source
+    relabels an image (ids kept), so the rules whose outputs show or use labels rerun then."""
+    checkpoints.manifest.get()
+    return str(RD.live_labels)
+
+
 # Each workflow run leaves one line in the run's history (history.jsonl): when, what the
 # manifest changed, which jobs ran, how long, and whether it succeeded.
 STARTED = time.time()
@@ -228,6 +235,7 @@ rule all:
 rule report:
     input:
         live_ids,
+        live_labels,
         lambda wildcards: parts_of(EXTRACT_LAYERS),
         [index_meta(layer) for layer in EXTRACT_LAYERS],
         RD.index_evaluation,
@@ -310,6 +318,7 @@ rule index:
 rule evaluate:
     input:
         [index_meta(layer) for layer in EXTRACT_LAYERS],
+        live_labels,  # same-label precision
     output:
         RD.index_evaluation,
     resources:
@@ -323,6 +332,7 @@ rule evaluate:
 rule neighbours:
     input:
         index_meta("{layer}"),
+        live_labels,  # each tile's caption
         [index_meta(PIXELS)] if INDEX["pixels"] else [],
     output:
         str(RD.neighbour_sheet("{layer}")),
@@ -365,6 +375,7 @@ rule topk_render:
 rule embed:
     input:
         live_ids,
+        live_labels,  # the map's same-label accuracy
         lambda wildcards: parts_of([wildcards.layer]),
     output:
         str(RD.embedding("{layer}")),
@@ -383,6 +394,7 @@ rule embed:
 rule mosaic:
     input:
         str(RD.embedding("{layer}")),
+        live_labels,  # the plot's colours
     output:
         grid=str(RD.mosaic("{layer}", "grid")),
         cells=str(RD.mosaic("{layer}", "grid", "parquet")),
@@ -404,6 +416,7 @@ rule mosaic:
 rule saliency:
     input:
         live_ids,
+        live_labels,  # select: label=NAME
     output:
         str(RD.saliency_summary("{method}")),
     threads: SALIENCY_THREADS
@@ -442,6 +455,7 @@ rule saliency_evaluate:
 rule units_label:
     input:
         lambda wildcards: parts_of([wildcards.layer]),
+        live_labels,
         lambda wildcards: [str(RD.topk(wildcards.layer))] if wildcards.layer in TOPK_LAYERS else [],
     output:
         str(RD.units_labels("{layer}")),
@@ -473,6 +487,7 @@ rule units_render:
 rule units_atlas:
     input:
         lambda wildcards: parts_of(EXTRACT_LAYERS),
+        live_labels,  # each cell's most common label
     output:
         str(RD.atlas_table("{layer}")),
     resources:

@@ -63,11 +63,13 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         # the run's own check, but never every file read for a look (`content`: its stat)
         found = manifest.compare(rd, source, check="mtime" if config.get("check") == "mtime" else "stat")
         vanished = len(found.retired) - found.edited
-        out.pending = {"new": len(found.new) - found.edited, "edited": found.edited, "vanished": vanished}
+        out.pending = {"new": len(found.new) - found.edited, "edited": found.edited, "vanished": vanished,
+                       "relabelled": found.relabelled}
         if found.changed:
             again = manifest.shards_to_redo(rd, found.retired, found.rows)
-            out.lines.append(f"images {source}: {out.pending['new']} new, {found.edited} edited, {vanished} vanished "
-                             f"since the manifest; a rerun updates the manifest, extracts the new images"
+            out.lines.append(f"images {source}: {out.pending['new']} new, {found.edited} edited, {vanished} vanished, "
+                             f"{found.relabelled} relabelled since the manifest; a rerun updates the manifest, "
+                             "extracts the new images"
                              + (f", extracts shards {', '.join(map(str, again))} again" if again else "")
                              + " and redoes every whole-dataset stage")
         else:
@@ -163,7 +165,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         out.lines.append(f"sanity {method}: {verdict['verdict']} (mean rank correlation {verdict['score']:.2f})")
     run_js = rd.report_dir / "data" / "run.js"
     if run_js.exists():
-        older = rd.live_ids.exists() and run_js.stat().st_mtime < rd.live_ids.stat().st_mtime
+        older = any(f.exists() and run_js.stat().st_mtime < f.stat().st_mtime for f in (rd.live_ids, rd.live_labels))
         out.lines.append("report: " + ("stale: made before the last change of the dataset" if older else "current"))
         if older:
             out.stale.append("report")

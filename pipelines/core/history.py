@@ -27,7 +27,7 @@ def record_run(rd: RunDir, started: float, status: str) -> dict:
     row = {
         "started": since, "finished": time.strftime(STAMP), "seconds": round(time.time() - started, 1),
         "status": status, "images": live, "added": changed.get("added", 0), "edited": changed.get("edited", 0),
-        "retired": changed.get("retired", 0),
+        "retired": changed.get("retired", 0), "relabelled": changed.get("relabelled", 0),
         "jobs": sorted(t["stage"] for t in read_timings(rd) if t["finished"] >= since),
     }
     rd.root.mkdir(parents=True, exist_ok=True)

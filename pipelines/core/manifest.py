@@ -17,6 +17,11 @@ scheduled runs, and the manifest follows them:
   access times back: each such move costs a re-read, never a wrong answer), or `content`
   (every file read and hashed, every time).
 - New paths get new ids in new shards; vanished ones are retired, never renumbered.
+- A label is not part of the identity: a list or table that gives a listed file another
+  label (a label fixed) changes that row's label and keeps its id. `manifest-labels.sha256`,
+  a digest of the live images' labels, is rewritten then, and only then, so the rules whose
+  outputs show or use labels rerun (as `manifest-live.txt` makes the whole-dataset rules
+  rerun when the set of live images changes).
 - A shard that lost images keeps its extracted files (every stage reads them without retired
   images) unless a unit's top-k candidates ran short there (shards keep 2k a unit): then its
   files are deleted (`RunDir.shard_files`) and extract redoes it, so a unit's top-k never
@@ -80,6 +85,7 @@ class ManifestSummary:
     edited: int = 0
     retired_now: int = 0
     reread: int = 0  # files read and hashed again whose bytes had not changed
+    relabelled: int = 0  # images whose label the source changed (ids kept)
     invalidated_shards: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -94,6 +100,8 @@ class ManifestSummary:
         text = (f"manifest: {plural(self.total, 'image')} in {plural(self.shards, 'shard')}; {self.added} new "
                 f"(shards {_ranges(self.new_shards) or 'none'}), {self.edited} edited, {self.retired_now} retired "
                 f"now ({self.removed} in all)")
+        if self.relabelled:
+            text += f"; {self.relabelled} relabelled"
         if self.reread:
             text += f"; {plural(self.reread, 'file')} read again, bytes unchanged"
         if self.invalidated_shards:
@@ -229,11 +237,12 @@ class Comparison:
     edited: int  # of `new`, paths whose bytes changed
     retired: list[dict]  # rows retired now (vanished or edited)
     reread: int = 0  # stored files read and hashed again, whose bytes had not changed
+    relabelled: int = 0  # live rows whose label the source changed (ids kept)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out of the listing
 
     @property
     def changed(self) -> bool:
-        return bool(self.new or self.retired)
+        return bool(self.new or self.retired or self.relabelled)
 
 
 def compare(rd: RunDir, images: str | Path, *, check: str = "stat", progress: bool = False) -> Comparison:
@@ -249,7 +258,7 @@ def compare(rd: RunDir, images: str | Path, *, check: str = "stat", progress: bo
     rows = [dict(r) for r in old]
     live = {r["path"]: r for r in rows if not r["removed"]}
     present = set()
-    new, edited, reread = [], 0, 0
+    new, edited, reread, relabelled = [], 0, 0, 0
     for path, label in tqdm(found, desc="manifest", unit="file", disable=not progress, mininterval=1.0):
         key = relative_key(path, root)
         try:
@@ -258,22 +267,26 @@ def compare(rd: RunDir, images: str | Path, *, check: str = "stat", progress: bo
             continue  # vanished while listing: retired below
         present.add(key)
         row = live.get(key)
-        if row is not None and _unchanged(row, st, check):
-            continue
-        digest = file_digest(path)
         if row is None:
-            new.append((key, label, st, digest))
-        elif row["sha256"] in (None, digest):  # touched, or a manifest from before content checks
+            new.append((key, label, st, file_digest(path)))
+            continue
+        if not _unchanged(row, st, check):
+            digest = file_digest(path)
+            if row["sha256"] not in (None, digest):  # the same path with other bytes: a new image
+                new.append((key, label, st, digest))
+                row["replaced_by"] = -1  # the old id is retired; filled in with the new id by `run`
+                edited += 1
+                continue
+            # touched, or a manifest from before content checks
             row.update(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, sha256=digest)
             reread += 1
-        else:  # the same path with other bytes: a new image; the old id is retired
-            new.append((key, label, st, digest))
-            row["replaced_by"] = -1  # filled in with the new id by `run`
-            edited += 1
+        if row["label"] != label:  # the same image, given another label by the source
+            row["label"] = label
+            relabelled += 1
     retired = [r for r in rows if not r["removed"] and (r["path"] not in present or r["replaced_by"] == -1)]
     for r in retired:
         r["removed"] = True
-    return Comparison(root, old, rows, new, edited, retired, reread=reread, skipped=skipped)
+    return Comparison(root, old, rows, new, edited, retired, reread=reread, relabelled=relabelled, skipped=skipped)
 
 
 def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_size: int | None = None,
@@ -321,6 +334,7 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
         for path in rd.shard_files(shard):
             path.unlink(missing_ok=True)
     write_live_ids(rd, [r["image_id"] for r in rows if not r["removed"]])
+    write_live_labels(rd, [(r["image_id"], r["label"]) for r in rows if not r["removed"]])
     if model is not None:
         config["model"] = model
     if weights is not None:
@@ -329,14 +343,15 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
                "shard_size": shard_size, "check": check, "featscope_version": FEATSCOPE_VERSION}
     if found.changed or not old:  # what the last real update did, for the run's history
         config["last_update"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "added": len(new) - edited,
-                                 "edited": edited, "retired": len(retired) - edited}
+                                 "edited": edited, "retired": len(retired) - edited,
+                                 "relabelled": found.relabelled}
     rd.write_config(config)
     new_shards = sorted({r["shard"] for r in rows[len(old):]})
     return ManifestSummary(
         total=sum(not r["removed"] for r in rows), added=len(new) - edited, removed=sum(r["removed"] for r in rows),
         shards=len({r["shard"] for r in rows if not r["removed"]}), new_shards=new_shards,
         seconds=time.perf_counter() - start, edited=edited, retired_now=len(retired) - edited,
-        invalidated_shards=invalidated, skipped=found.skipped, reread=found.reread,
+        invalidated_shards=invalidated, skipped=found.skipped, reread=found.reread, relabelled=found.relabelled,
     )
 
 
@@ -413,6 +428,17 @@ def write_live_ids(rd: RunDir, ids: list[int]) -> None:
     text = "".join(f"{i}\n" for i in sorted(ids)).encode()
     if not rd.live_ids.exists() or rd.live_ids.read_bytes() != text:
         write_bytes_atomic(rd.live_ids, text)
+
+
+def write_live_labels(rd: RunDir, labels: list[tuple[int, str | None]]) -> None:
+    """manifest-labels.sha256: a digest of the live images' labels, rewritten only when it
+    changes (see RunDir.live_labels)."""
+    digest = hashlib.sha256()
+    for image_id, label in sorted(labels, key=lambda pair: pair[0]):
+        digest.update(f"{image_id}\0{'' if label is None else label}\0{label is None}\n".encode())
+    text = (digest.hexdigest() + "\n").encode()
+    if not rd.live_labels.exists() or rd.live_labels.read_bytes() != text:
+        write_bytes_atomic(rd.live_labels, text)
 
 
 def write_listing(rd: RunDir, source: str | Path, check: str = "stat") -> bool:

@@ -48,6 +48,12 @@ class RunDir:
         return self.root / "manifest-live.txt"
 
     @property
+    def live_labels(self) -> Path:
+        """A digest of the live images' labels: rewritten only when a label changes, so rules
+        whose outputs show or use labels rerun when the source relabels an image."""
+        return self.root / "manifest-labels.sha256"
+
+    @property
     def listing(self) -> Path:
         """What the image source held when last looked at (path, size, mtime digest): the
         workflow's manifest rule reruns when it changes, whatever `.snakemake/` remembers."""

@@ -53,11 +53,17 @@ def read_sanity(rd: RunDir) -> dict[str, dict]:
     return json.loads(rd.sanity_verdicts.read_text()) if rd.sanity_verdicts.exists() else {}
 
 
-def dataset_stamp(rd: RunDir, layer: str) -> str:
-    """The live images and the layer's top-k as a unit table saw them: after the dataset
-    changes, a table with another stamp is stale and its figures are not shown."""
-    files = (rd.live_ids, rd.topk(layer))
+def dataset_stamp(rd: RunDir, layer: str, labels: bool = False) -> str:
+    """The live images and the layer's top-k (and with `labels`, the live images' labels) as a
+    unit table saw them: after the dataset changes, a table with another stamp is stale and
+    its figures are not shown."""
+    files = (rd.live_ids, rd.topk(layer)) + ((rd.live_labels,) if labels else ())
     return " ".join(map_stamp(f) if f.exists() else "-" for f in files)
+
+
+def uses_labels(rd: RunDir, path: Path, layer: str) -> bool:
+    """Whether a unit table names labels (units label's, the atlas's most common label per cell)."""
+    return path in (rd.units_labels(layer), rd.atlas_table(layer))
 
 
 def current_unit_table(rd: RunDir, path: Path, layer: str) -> list[dict] | None:
@@ -66,7 +72,8 @@ def current_unit_table(rd: RunDir, path: Path, layer: str) -> list[dict] | None:
         return None
     table = pq.read_table(path)
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    return table.to_pylist() if meta.get("dataset") == dataset_stamp(rd, layer) else None
+    current = meta.get("dataset") == dataset_stamp(rd, layer, labels=uses_labels(rd, path, layer))
+    return table.to_pylist() if current else None
 
 
 def current_strips(rd: RunDir, layer: str) -> tuple[list[int], list[int]]:

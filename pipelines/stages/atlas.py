@@ -202,7 +202,7 @@ def atlas(rd: RunDir, options: AtlasOptions, progress: bool = True) -> AtlasSumm
     _mosaic(rd, options, to_render, pictures)
     meta = {"layer": options.layer, "grid": str(options.grid), "layout": "openTSNE (cosine)",
             "images": str(len(rows)), "per_image": str(options.per_image), "seed": str(options.seed),
-            "dataset": dataset_stamp(rd, options.layer)}
+            "dataset": dataset_stamp(rd, options.layer, labels=True)}
     write_table(pa.Table.from_pylist(
         [{"image_id": int(i), "y": int(y), "x": int(x), "px": float(p[0]), "py": float(p[1]), "gy": int(c[0]),
           "gx": int(c[1])} for (i, y, x), p, c in zip(where, points, cells)], schema=SAMPLES),

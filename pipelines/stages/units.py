@@ -316,7 +316,7 @@ def label(rd: RunDir, options: LabelOptions, progress: bool = True) -> LabelSumm
                       "class_weights": weights[unit] if weights else None,
                       "classes_from": source})
     write_table(pa.Table.from_pylist(table, schema=LABELS), rd.units_labels(options.layer),
-                {"layer": options.layer, "column": column, "dataset": dataset_stamp(rd, options.layer)})
+                {"layer": options.layer, "column": column, "dataset": dataset_stamp(rd, options.layer, labels=True)})
     return LabelSummary(options.layer, values.shape[1], len(names), len(image_ids),
                         float(np.median(aucs.max(0))), source)
 

@@ -133,7 +133,7 @@ def test_random_changes_then_reruns_equal_a_run_from_scratch(tmp_path, digits):
     assert all(h["added"] + h["edited"] + h["retired"] > 0 for h in history[1:])
     assert all(any(j.startswith("extract-shard") for j in h["jobs"]) for h in history)
     now = status(run)
-    assert now.stale == [] and now.pending == {"new": 0, "edited": 0, "vanished": 0}
+    assert now.stale == [] and now.pending == {"new": 0, "edited": 0, "vanished": 0, "relabelled": 0}
 
     scratch_images = tmp_path / "scratch" / "images"  # the same files, fresh
     shutil.copytree(images, scratch_images)

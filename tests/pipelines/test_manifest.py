@@ -324,3 +324,28 @@ def test_two_files_of_one_size_and_mtime_swapped_are_both_new_images(tmp_path):
     assert s.edited == 2 and s.total == 2
     live = {r["path"].rsplit("/images/", 1)[1]: r["sha256"] for r in manifest.read(rd).to_pylist()}
     assert live == {name: file_digest(images / name) for name in ("cat/1.bmp", "dog/1.bmp")}
+
+
+def test_a_label_fixed_in_the_list_keeps_the_id_and_reruns_only_what_shows_labels(tmp_path):
+    from featscope.pipelines.app.status import status
+
+    touch_images(tmp_path / "images", ["1.png", "2.png", "3.png"])
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label\nimages/1.png,cat\nimages/2.png,dog\nimages/3.png,dog\n")
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, listing)
+    ids = {r["path"]: r["image_id"] for r in manifest.read(rd).to_pylist()}
+    live = rd.live_ids.stat().st_mtime_ns
+    fingerprint = rd.live_labels.read_text()
+    listing.write_text("path,label\nimages/1.png,cat\nimages/2.png,cat\nimages/3.png,dog\n")  # 2 was no dog
+    assert status(rd).pending == {"new": 0, "edited": 0, "vanished": 0, "relabelled": 1}
+    s = manifest.run(rd, listing)
+    assert (s.added, s.edited, s.relabelled) == (0, 0, 1) and "1 relabelled" in s.line()
+    now = manifest.read(rd).to_pylist()
+    assert {r["path"]: r["image_id"] for r in now} == ids
+    assert [r["label"] for r in now] == ["cat", "cat", "dog"]
+    assert rd.live_ids.stat().st_mtime_ns == live  # the live set is the same: extract and top-k have nothing to do
+    assert rd.live_labels.read_text() != fingerprint  # what shows labels reruns
+    assert rd.read_config()["last_update"]["relabelled"] == 1
+    labels = rd.live_labels.stat().st_mtime_ns
+    assert manifest.run(rd, listing).relabelled == 0 and rd.live_labels.stat().st_mtime_ns == labels

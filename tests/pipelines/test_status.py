@@ -23,18 +23,18 @@ def test_status_names_pending_changes_and_stale_outputs_until_the_rerun(tmp_path
     neighbours.build(rd, "pool", progress=False)
     explain.run(rd, explain.ExplainOptions(layer="pool", queries=[0], k=2))
     clean = status(rd)
-    assert clean.stale == [] and clean.pending == {"new": 0, "edited": 0, "vanished": 0}
+    assert clean.stale == [] and clean.pending == {"new": 0, "edited": 0, "vanished": 0, "relabelled": 0}
     assert "index pool: 6 images (Flat), current" in clean.line() and "explain pool: 2 pairs, current" in clean.line()
 
     neighbour = explain.read_queries(rd, "pool")[0][0][0]  # an explained neighbour of image 0 leaves
     Path(next(r["path"] for r in manifest.read(rd).to_pylist() if r["image_id"] == neighbour)).unlink()
     write_dataset(images, digits, n_photos=0, labels=(7,), digits_per_label=1)
     pending = status(rd)
-    assert pending.pending == {"new": 1, "edited": 0, "vanished": 1} and "again" not in pending.line()
+    assert pending.pending == {"new": 1, "edited": 0, "vanished": 1, "relabelled": 0} and "again" not in pending.line()
 
     manifest.run(rd, images)  # the manifest alone: the new shard is to be extracted, the index is stale
     after = status(rd)
-    assert after.pending == {"new": 0, "edited": 0, "vanished": 0}
+    assert after.pending == {"new": 0, "edited": 0, "vanished": 0, "relabelled": 0}
     assert after.stale == ["features pool", "index pool", "explain pool"]
     assert "stale: 1 retired images in it, 1 live images missing" in after.line()
     assert "explain pool: 2 pairs, stale: 1 with an image that left the dataset" in after.line()

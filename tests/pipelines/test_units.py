@@ -148,6 +148,30 @@ def test_unit_tables_go_stale_when_the_dataset_changes(run):
         os.utime(run.topk("layer3"), ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
+def test_unit_labels_go_stale_when_the_source_relabels_an_image(run):
+    import os
+
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core import manifest
+    from featscope.pipelines.core.trust import current_unit_table
+
+    units.label(run, units.LabelOptions(layer="layer3", classes=0))
+    units.render(run, units.RenderOptions(layer="layer3", units="0", size=16, steps=1), progress=False)
+    before, stat = run.live_labels.read_bytes(), run.live_labels.stat()
+    rows = manifest.read(run).to_pylist()
+    manifest.write_live_labels(run, [(r["image_id"], "photo" if n == 0 else r["label"]) for n, r in enumerate(rows)])
+    try:
+        assert current_unit_table(run, run.units_labels("layer3"), "layer3") is None
+        assert current_unit_table(run, run.units_table("layer3"), "layer3") is not None  # names no label
+        found = status(run)
+        assert "units layer3 labels" in found.stale and "units layer3 visualisations" not in found.stale
+        assert "report" in found.stale
+    finally:
+        run.live_labels.write_bytes(before)
+        os.utime(run.live_labels, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert len(current_unit_table(run, run.units_labels("layer3"), "layer3")) == 256
+
+
 def test_diverse_variants_differ_more_than_without_the_diversity_term(run):
     """Lucid's diversity objective pushes a unit's images apart: their Gram matrices at the
     layer are less alike than the same seeds optimised without it."""
