@@ -181,7 +181,11 @@ def scan(source: str | Path, skipped: list[tuple[str, str]] | None = None) -> li
         items = [(_resolve(ln, source.parent), None) for ln in lines if ln and not ln.startswith("#")]
     else:
         raise FeatscopeError(f"image source {source} does not exist")
-    unique = dict(items)
+    unique: dict[str, str | None] = {}
+    for path, label in items:  # a file listed twice is one image; with two labels, the list is wrong
+        if unique.setdefault(path, label) != label:
+            raise FeatscopeError(f"{source} lists {path} twice, labelled '{unique[path]}' and '{label}' "
+                                 "(an image has one label)")
     return sorted(unique.items())
 
 

@@ -105,6 +105,18 @@ def test_bad_sources_are_named(tmp_path):
         manifest.run(RunDir(tmp_path / "r"), csv)
 
 
+def test_a_file_listed_twice_is_one_image_and_with_two_labels_an_error(tmp_path):
+    touch_images(tmp_path / "images", ["1.png", "2.png"])
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label\nimages/1.png,cat\n./images/1.png,cat\nimages/2.png,dog\n")
+    rd = RunDir(tmp_path / "run")
+    assert manifest.run(rd, listing).total == 2
+    listing.write_text("path,label\nimages/1.png,cat\nimages/2.png,dog\nimages/1.png,dog\n")
+    with pytest.raises(FeatscopeError, match=r"lists .*images/1.png twice, labelled 'cat' and 'dog'"):
+        manifest.run(rd, listing)
+    assert [r["label"] for r in manifest.read(rd).to_pylist()] == ["cat", "dog"]  # the manifest is as it was
+
+
 def test_paths_are_stored_relative_so_a_moved_dataset_keeps_its_ids(tmp_path):
     touch_images(tmp_path / "images", ["a/1.png", "b/2.png"])
     rd = RunDir(tmp_path / "run")
