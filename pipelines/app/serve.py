@@ -780,6 +780,10 @@ def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: in
     for layer, why in server.service.state.unavailable.items():
         print(f"featscope serve: warning: layer '{layer}' answers 503 until its index can answer: {why}",
               file=sys.stderr, flush=True)
+    if "precision" not in server.service.embedder.config:
+        print("featscope serve: warning: run.json records no precision (extracted before featscope recorded it): "
+              "uploads are embedded in this machine's `auto` one, and their distances may be a few percent off if "
+              "the features were made in another", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:

@@ -17,10 +17,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import file_metadata
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.trust import (
     current_evaluation,
@@ -45,6 +47,16 @@ class Status:
 
 def _ids(path: Path, column: str = "image_id") -> np.ndarray:
     return np.unique(pq.read_table(path, columns=[column])[column].to_numpy())
+
+
+def _other_precision(rd: RunDir, layer: str, shards: list[int], precision: str | None) -> list[int]:
+    """The shards whose part records another precision than the run's (extracted on a node
+    whose `auto` differed, by jobs that raced to record the run's); parts from before
+    precisions were recorded say nothing."""
+    if precision is None or layer == PIXELS:
+        return []
+    found = {s: file_metadata(rd.feature_part(layer, s)).get("precision") for s in shards}
+    return [s for s, p in found.items() if p not in (None, precision)]
 
 
 def status(rd: RunDir, *, history: int = 5) -> Status:
@@ -85,6 +97,11 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                                                                                  else ""))
         if missing:
             out.stale.append(f"features {layer}")
+        other = _other_precision(rd, layer, done, config.get("precision"))
+        if other:
+            out.lines.append(f"  shards {', '.join(map(str, other))} hold features of another precision than the "
+                             f"run's {config['precision']}: delete those parts and extract them again")
+            out.stale.append(f"features {layer} precision")
 
     def describe(kind: str, name: str, ids: np.ndarray, extra: str = "") -> None:
         current = np.array_equal(ids, live)

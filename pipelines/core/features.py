@@ -119,8 +119,10 @@ class ImageEmbedder:
                 if self._extractor is None:
                     loaded = load_run_model(self.config, require_features=True)
                     device = resolve_device(self.device)
-                    copies = [FeatureExtractor(loaded, self.layers, device, resolve_precision("auto", device))
-                              for _ in range(self.copies)]
+                    # the precision the run's features were extracted in (see extract), so a new
+                    # image is embedded as the dataset was; runs from before it was recorded: auto
+                    precision = resolve_precision(self.config.get("precision", "auto"), device)
+                    copies = [FeatureExtractor(loaded, self.layers, device, precision) for _ in range(self.copies)]
                     self._spares, self._extractor = copies[1:], copies[0]
         return self._extractor
 

@@ -105,6 +105,24 @@ def _model_for_run(rd: RunDir, model: str | None, weights: str | None, seed: int
     return loaded
 
 
+def _precision_for_run(rd: RunDir, precision: str, device: torch.device) -> str:
+    """The one precision of the run's features. bf16 and fp32 features of one image differ by
+    about 5% (MobileNet-V2's pool, the demo's photos), so a run mixing them would rank
+    neighbours by which machine extracted which shard. The first extraction records the
+    precision it used (`auto`: this hardware's); later ones, and the query service's and
+    `query --image`'s embeddings, use it; asking for another is a one-line error."""
+    recorded = rd.read_config().get("precision")
+    if precision == "auto" and recorded:
+        return recorded
+    chosen = resolve_precision(precision, device)
+    if recorded and chosen != recorded:
+        raise FeatscopeError(f"run {rd.root} holds {recorded} features; {chosen} ones would differ from them by a few "
+                             f"percent: use --precision {recorded} (or auto), or another run directory")
+    if not recorded:
+        rd.write_config(rd.read_config() | {"precision": chosen})
+    return chosen
+
+
 def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str | None = None,
         shard: int | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
         workers: int | None = None, threads: int | None = None, seed: int = 0, topk: int = 0,
@@ -122,8 +140,8 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
     keep_freed_memory()
     torch.set_num_threads(threads or usable_cpus())  # torch's own default counts every core of the node
     torch_device = resolve_device(device)
-    chosen_precision = resolve_precision(precision, torch_device)
     loaded = _model_for_run(rd, model, weights, seed)
+    chosen_precision = _precision_for_run(rd, precision, torch_device)
     identity = _identity(loaded)
     all_shards = manifest.shards(rd)
     if shard is not None and shard not in all_shards:
@@ -167,7 +185,8 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
     ids, paths = rows["image_id"].to_pylist(), rows["path"].to_pylist()
     writers = {
         layer: FeaturePartWriter(rd.feature_part(layer, shard), identity, layer=layer, kind=extractor.kinds[layer],
-                                 dims=extractor.dims[layer], extra={"shard": shard})
+                                 dims=extractor.dims[layer], extra={"shard": shard, "precision": extractor.precision,
+                                                                    "device": extractor.device.type})
         for layer in layers
     }
     errors: list[dict] = []
@@ -232,8 +251,8 @@ class ExtractOptions(Options):
     weights: str | None = option(help="imagenet | random | checkpoint path (default: the run's, else imagenet)")
     shard: int | None = option(help="only this shard (default: every unfinished shard)", min=0)
     device: str = option("auto", help="where the model runs", choices=DEVICES)
-    precision: str = option("auto", help="auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs that support it",
-                            choices=PRECISION_CHOICES)
+    precision: str = option("auto", help="auto: the run's (recorded by its first extraction), else bf16 on CPUs "
+                                         "with AVX512-BF16/AMX and on GPUs that support it", choices=PRECISION_CHOICES)
     batch_size: int = option(64, help="images per forward pass", min=1)
     workers: int | None = option(help="image decoding threads (default: min(16, cores); 0 = inline)", min=0)
     threads: int | None = option(help="torch CPU threads (default: the CPUs this job may use: affinity, cgroup "

@@ -157,6 +157,49 @@ def test_auto_precision_picks_bf16_only_where_the_cpu_has_it():
     assert device_mod.resolve_precision("fp16", torch.device("cpu")) == "fp16"
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_run_keeps_its_first_precision_and_new_images_are_embedded_in_it(tmp_path, digits, precision):
+    """Whatever this CPU's `auto` is, the run's later shards and a new image embedded by
+    `query --image` or the service are made as its first shard was."""
+    from featscope.pipelines.core.features import ImageEmbedder
+    from featscope.pipelines.core.store import file_metadata
+
+    write_dataset(tmp_path / "images", digits, n_photos=2, labels=(0,), digits_per_label=2)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=2)
+    kwargs = dict(device="cpu", workers=0, progress=False)
+    extract.extract(rd, ["pool"], model="resnet18", weights="random", precision=precision, shard=0, **kwargs)
+    assert rd.read_config()["precision"] == precision
+    other = "bf16" if precision == "fp32" else "fp32"
+    with pytest.raises(FeatscopeError, match=f"holds {precision} features; {other} ones would differ"):
+        extract.extract(rd, ["pool"], precision=other, **kwargs)
+    extract.extract(rd, ["pool"], **kwargs)  # auto: the run's
+    assert {file_metadata(p)["precision"] for p in rd.feature_parts("pool")} == {precision}
+
+    stored = load_features(rd, "pool")
+    vectors = dict(zip(stored.image_ids.tolist(), stored.vectors.astype(np.float32)))
+    embedder = ImageEmbedder(rd.read_config(), ["pool"], device="cpu")
+    for row in manifest.read(rd).to_pylist():
+        again, kept = embedder.embed(row["path"], "pool"), vectors[row["image_id"]]
+        assert np.linalg.norm(again - kept) <= 2e-3 * np.linalg.norm(kept)  # float16 storage apart, the same
+
+
+def test_status_names_shards_of_another_precision(tmp_path, digits):
+    """Jobs on two kinds of node that both extracted before either recorded the run's precision."""
+    from featscope.pipelines.app.status import status
+
+    write_dataset(tmp_path / "images", digits, n_photos=0, labels=(0, 1), digits_per_label=2)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=2)
+    kwargs = dict(model="resnet18", weights="random", device="cpu", workers=0, progress=False)
+    extract.extract(rd, ["pool"], precision="fp32", shard=0, **kwargs)
+    rd.write_config({k: v for k, v in rd.read_config().items() if k != "precision"})  # the other job had not seen it
+    extract.extract(rd, ["pool"], precision="bf16", shard=1, **kwargs)
+    found = status(rd)
+    assert "features pool precision" in found.stale
+    assert "  shards 0 hold features of another precision than the run's bf16" in found.line()
+
+
 def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
