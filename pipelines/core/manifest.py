@@ -30,11 +30,14 @@ scheduled runs, and the manifest follows them:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,17 +296,45 @@ def compare(rd: RunDir, images: str | Path, *, check: str = "stat", progress: bo
     return Comparison(root, old, rows, new, edited, retired, reread=reread, relabelled=relabelled, skipped=skipped)
 
 
+@contextmanager
+def updating(rd: RunDir) -> Iterator[None]:
+    """Held while the manifest is read, compared and written: two overlapping updates of one
+    run (two workflows started from different folders, a requeued job beside its first copy)
+    take turns, so the second reads what the first wrote instead of overwriting it with a
+    listing of its own, which would hand the first one's new ids out again, to other images."""
+    rd.root.mkdir(parents=True, exist_ok=True)
+    with open(rd.root / ".manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_size: int | None = None,
         model: str | None = None, weights: str | None = None, check: str = "stat",
         progress: bool = False) -> ManifestSummary:
     """Create or update `manifest.parquet` and `run.json` for the images in `images`; `check`:
-    how a stored file's edit is told (stat | mtime | content, see the module's docstring)."""
+    how a stored file's edit is told (stat | mtime | content, see the module's docstring).
+    One update of a run at a time (`updating`)."""
+    with updating(rd):
+        return _update(rd, images, num_shards=num_shards, shard_size=shard_size, model=model, weights=weights,
+                       check=check, progress=progress)
+
+
+def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_size: int | None,
+            model: str | None, weights: str | None, check: str, progress: bool) -> ManifestSummary:
     start = time.perf_counter()
     if num_shards is not None and shard_size is not None:
         raise ParamError("num_shards", "cannot be given with <shard_size>")
     if (num_shards is not None and num_shards < 1) or (shard_size is not None and shard_size < 1):
         raise ParamError("num_shards", "and <shard_size> must be at least 1")
     config = rd.read_config() if rd.run_json.exists() else {}
+    if not rd.manifest.exists() and ("weights_sha256" in config or next((rd.root / "features").glob("*/*.parquet"),
+                                                                        None)):
+        raise FeatscopeError(f"run {rd.root} holds features but no manifest.parquet: its outputs are keyed by image "
+                             "ids that a new manifest would hand out anew, to other images; restore manifest.parquet, "
+                             "or use another run directory")
     found = compare(rd, images, check=check, progress=progress)
     root, old, rows, new, edited, retired = (found.root, found.old, found.rows, found.new, found.edited,
                                              found.retired)
@@ -493,12 +524,56 @@ def feature_parts(rd: RunDir, layer: str) -> list[Path]:
     if len(missing) == len(wanted):
         raise FeatscopeError(f"no features for layer '{layer}' in {rd.root}: run "
                              f"`featscope extract --run {rd.root} --layers {layer}` first")
+    digests = shard_digests(rd)
+    other = [s for s, p in zip(wanted, parts) if p.exists() and made_for_other_images(file_metadata(p).get("images"),
+                                                                                           digests[s])]
+    if other:
+        raise FeatscopeError(f"layer '{layer}': the features of {plural(len(other), 'shard')} "
+                             f"({', '.join(map(str, other[:5]))}{', ...' if len(other) > 5 else ''}) were extracted "
+                             "for other images than the manifest now gives those shards (was it made again, or "
+                             f"overwritten by another update?): run `featscope extract --run {rd.root} --layers "
+                             f"{layer}`, which extracts them again")
     if missing:
         raise FeatscopeError(f"layer '{layer}' is not extracted for {plural(len(missing), 'shard')} of {len(wanted)} "
                              f"({_ranges(missing) if len(missing) < 3 else ', '.join(map(str, missing[:5]))}"
                              f"{', ...' if len(missing) > 5 else ''}): run `featscope extract --run {rd.root} "
                              f"--layers {layer}` first")
     return parts
+
+
+SHARD_DIGEST = "1"  # the version of shard_digests' recipe, the prefix of each digest
+
+
+def shard_digests(rd: RunDir, only: list[int] | None = None) -> dict[int, str]:
+    """shard -> a digest of the images it holds (ids, stored paths and sha256s, retired ones
+    included). It stays the same for the life of a manifest, and differs where ids were handed
+    out anew: a manifest deleted and made again over a changed folder, or overwritten by a
+    concurrent update from an older listing. Extract records it in every part, so a part
+    made for other images than its shard now holds is never taken for that shard's."""
+    table = pq.read_table(rd.manifest, columns=["image_id", "path", "shard", "sha256"],
+                          filters=[("shard", "in", only)] if only else None)
+    shard, ids = table["shard"].to_numpy(), table["image_id"].to_numpy()
+    if not (np.all(shard[1:] >= shard[:-1]) and np.all((ids[1:] > ids[:-1]) | (shard[1:] > shard[:-1]))):
+        table = table.sort_by([("shard", "ascending"), ("image_id", "ascending")])  # as written, it is already
+        shard = table["shard"].to_numpy()
+    ids = table["image_id"].to_numpy().astype("<i8")
+    strings = [pc.fill_null(table[name], "-").combine_chunks().cast(pa.large_string()) for name in ("path", "sha256")]
+    starts = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]]) if len(shard) else np.zeros(0, np.int64)
+    out = {}
+    for start, end in zip(starts, [*starts[1:], len(shard)]):
+        digest = hashlib.sha256(ids[start:end].tobytes())
+        for column in strings:  # each string's length, then their bytes, straight from Arrow's buffers
+            offsets = np.frombuffer(column.buffers()[1], dtype="<i8")[start:end + 1]
+            digest.update(np.diff(offsets).tobytes())
+            digest.update(memoryview(column.buffers()[2])[offsets[0]:offsets[-1]])
+        out[int(shard[start])] = f"{SHARD_DIGEST}:{digest.hexdigest()}"
+    return out
+
+
+def made_for_other_images(recorded: str | None, digest: str) -> bool:
+    """Whether a part's recorded shard digest names other images than `digest` (parts from
+    before digests, or of another digest version, say nothing)."""
+    return recorded is not None and recorded.split(":")[0] == SHARD_DIGEST and recorded != digest
 
 
 def shards(rd: RunDir) -> list[int]:

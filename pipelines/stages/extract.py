@@ -38,6 +38,7 @@ from featscope.pipelines.core.store import (
     TOPK_DEPTH,
     FeaturePartWriter,
     RunIdentity,
+    file_metadata,
     part_is_complete,
     topk_is_complete,
     write_errors,
@@ -55,6 +56,7 @@ class ExtractSummary:
     precision: str
     done: list[int] = field(default_factory=list)
     already_done: list[int] = field(default_factory=list)
+    made_for_other_images: list[int] = field(default_factory=list)  # shards whose old files were deleted
     images: int = 0
     bad: int = 0
     seconds: float = 0.0
@@ -71,6 +73,9 @@ class ExtractSummary:
                 f"{self.precision})")
         if self.already_done:
             text += f"; {plural(len(self.already_done), 'shard')} already done"
+        if self.made_for_other_images:
+            text += (f"; shards {', '.join(map(str, self.made_for_other_images))} extracted again: their files were "
+                     "made for other images than the manifest now gives them")
         if self.bad:
             text += f"; {plural(self.bad, 'unreadable image')} skipped (see {rd.errors_dir})"
         return text
@@ -123,6 +128,21 @@ def _precision_for_run(rd: RunDir, precision: str, device: torch.device) -> str:
     return chosen
 
 
+def _drop_files_made_for_other_images(rd: RunDir, digests: dict[int, str]) -> list[int]:
+    """Delete every file of the shards whose feature parts record other images than the
+    manifest now gives them (`manifest.shard_digests`: ids handed out anew), so they are
+    extracted again; parts from before digests were recorded say nothing. The shards."""
+    layers = sorted(p.name for p in (rd.root / "features").glob("*") if p.is_dir())
+    dropped = []
+    for shard, digest in digests.items():
+        parts = [rd.feature_part(layer, shard) for layer in layers]
+        if any(manifest.made_for_other_images(file_metadata(p).get("images"), digest) for p in parts if p.exists()):
+            for path in rd.shard_files(shard):
+                path.unlink(missing_ok=True)
+            dropped.append(shard)
+    return dropped
+
+
 def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights: str | None = None,
         shard: int | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
         workers: int | None = None, threads: int | None = None, seed: int = 0, topk: int = 0,
@@ -150,6 +170,8 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
     summary = ExtractSummary(layers, torch_device.type, chosen_precision, errors_dir=rd.errors_dir)
     if topk < 0:
         raise ParamError("topk", "must be 0 (off) or more")
+    digests = manifest.shard_digests(rd, wanted)
+    summary.made_for_other_images = _drop_files_made_for_other_images(rd, digests)
 
     def complete(layer: str, s: int) -> bool:
         if not part_is_complete(rd.feature_part(layer, s), identity):
@@ -166,7 +188,8 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
         with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
             for s in pending:
                 n, bad = _extract_shard(rd, s, missing[s], extractor, identity, batch_size=batch_size, topk=topk,
-                                        workers=default_workers() if workers is None else workers, bar=bar)
+                                        workers=default_workers() if workers is None else workers, bar=bar,
+                                        images=digests[s])
                 summary.done.append(s)
                 summary.images += n
                 summary.bad += bad
@@ -175,8 +198,9 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
 
 
 def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: FeatureExtractor, identity: RunIdentity,
-                   *, batch_size: int, workers: int, topk: int, bar: tqdm) -> tuple[int, int]:
-    """Extract the shard's missing `layers` (finished parts of other layers are left alone)."""
+                   *, batch_size: int, workers: int, topk: int, bar: tqdm, images: str) -> tuple[int, int]:
+    """Extract the shard's missing `layers` (finished parts of other layers are left alone);
+    `images`: the shard's digest (manifest.shard_digests), recorded in each part."""
     trackers = {layer: RunningTopK(extractor.dims[layer], topk * TOPK_DEPTH, extractor.device)
                 for layer in layers if topk and layer != PIXELS}
     sketches = {layer: ActivationSketch(extractor.dims[layer], device=extractor.device) for layer in trackers}
@@ -185,7 +209,8 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
     ids, paths = rows["image_id"].to_pylist(), rows["path"].to_pylist()
     writers = {
         layer: FeaturePartWriter(rd.feature_part(layer, shard), identity, layer=layer, kind=extractor.kinds[layer],
-                                 dims=extractor.dims[layer], extra={"shard": shard, "precision": extractor.precision,
+                                 dims=extractor.dims[layer], extra={"shard": shard, "images": images,
+                                                                    "precision": extractor.precision,
                                                                     "device": extractor.device.type})
         for layer in layers
     }

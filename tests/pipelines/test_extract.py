@@ -200,6 +200,37 @@ def test_status_names_shards_of_another_precision(tmp_path, digits):
     assert "  shards 0 hold features of another precision than the run's bf16" in found.line()
 
 
+def vectors_by_id(rd: RunDir) -> dict[int, np.ndarray]:
+    found = load_features(rd, "pool")
+    return dict(zip(found.image_ids.tolist(), found.vectors))
+
+
+def test_parts_made_for_other_images_are_refused_then_extracted_again(tmp_path, digits):
+    """A manifest overwritten by an update from another listing hands ids out anew: a part
+    extracted before holds other images under those ids."""
+    from featscope.pipelines.core.store import write_table
+
+    write_dataset(tmp_path / "images", digits, n_photos=0, labels=(0, 1), digits_per_label=2)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=2)
+    kwargs = dict(model="resnet18", weights="random", device="cpu", precision="fp32", workers=0, progress=False)
+    extract.extract(rd, ["pool"], **kwargs)
+    before = vectors_by_id(rd)
+    table = pq.read_table(rd.manifest)
+    swapped = [1, 0, *range(2, table.num_rows)]  # ids 0 and 1 now name each other's file
+    table = table.set_column(1, "path", table["path"].take(swapped)).set_column(
+        table.schema.get_field_index("sha256"), "sha256", table["sha256"].take(swapped))
+    write_table(table, rd.manifest)
+    with pytest.raises(FeatscopeError, match=r"features of 1 shard \(0\) were extracted for other images"):
+        load_features(rd, "pool")
+    summary = extract.extract(rd, ["pool"], **kwargs)
+    assert summary.made_for_other_images == [0] and summary.done == [0] and summary.already_done == [1]
+    after = vectors_by_id(rd)
+    np.testing.assert_array_equal(after[0], before[1])
+    np.testing.assert_array_equal(after[1], before[0])
+    np.testing.assert_array_equal(after[2], before[2])
+
+
 def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -361,3 +361,52 @@ def test_a_label_fixed_in_the_list_keeps_the_id_and_reruns_only_what_shows_label
     assert rd.read_config()["last_update"]["relabelled"] == 1
     labels = rd.live_labels.stat().st_mtime_ns
     assert manifest.run(rd, listing).relabelled == 0 and rd.live_labels.stat().st_mtime_ns == labels
+
+
+def test_a_run_with_features_refuses_a_manifest_made_anew(tmp_path):
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    rd.feature_part("pool", 0).parent.mkdir(parents=True)
+    rd.feature_part("pool", 0).write_bytes(b"part")  # what extract would have written
+    rd.manifest.unlink()
+    (tmp_path / "images/a/1.png").unlink()  # ids handed out now would name other images
+    with pytest.raises(FeatscopeError, match="holds features but no manifest.parquet"):
+        manifest.run(rd, tmp_path / "images")
+    assert not rd.manifest.exists()
+
+
+def test_overlapping_updates_of_one_run_take_turns(tmp_path):
+    import fcntl
+    import threading
+
+    touch_images(tmp_path / "images", ["a/1.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    touch_images(tmp_path / "images", ["a/2.png"])
+    done = threading.Event()
+    with open(rd.root / ".manifest.lock", "a") as held:  # another update is under way
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: (manifest.run(rd, tmp_path / "images"), done.set()))
+        worker.start()
+        assert not done.wait(0.5) and len(manifest.read(rd)) == 1  # waits, writing nothing
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(10)
+    assert done.is_set() and len(manifest.read(rd)) == 2
+
+
+def test_shard_digests_follow_the_images_not_the_file_order_and_carry_their_version(tmp_path):
+    touch_images(tmp_path / "images", [f"a/{i}.png" for i in range(5)])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=2)
+    digests = manifest.shard_digests(rd)
+    assert sorted(digests) == [0, 1, 2] and manifest.shard_digests(rd, [1]) == {1: digests[1]}
+    table = pq.read_table(rd.manifest)
+    pq.write_table(table.take([4, 2, 0, 3, 1]), rd.manifest)  # the same rows in another order
+    assert manifest.shard_digests(rd) == digests
+    pq.write_table(table.set_column(1, "path", table["path"].take([1, 0, 2, 3, 4])), rd.manifest)
+    changed = manifest.shard_digests(rd)
+    assert changed[0] != digests[0] and (changed[1], changed[2]) == (digests[1], digests[2])
+    assert manifest.made_for_other_images(digests[0], changed[0])
+    assert not manifest.made_for_other_images(None, changed[0])  # a part from before digests
+    assert not manifest.made_for_other_images("0:" + "f" * 64, changed[0])  # another recipe's digest
