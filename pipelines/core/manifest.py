@@ -370,17 +370,14 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
             path.unlink(missing_ok=True)
     write_live_ids(rd, [r["image_id"] for r in rows if not r["removed"]])
     write_live_labels(rd, [(r["image_id"], r["label"]) for r in rows if not r["removed"]])
-    if model is not None:
-        config["model"] = model
-    if weights is not None:
-        config["weights"] = weights
-    config |= {"name": rd.name, "images": str(Path(images).resolve()), "images_root": str(root),
-               "shard_size": shard_size, "check": check, "featscope_version": FEATSCOPE_VERSION}
+    ours = {"name": rd.name, "images": str(Path(images).resolve()), "images_root": str(root),
+            "shard_size": shard_size, "check": check, "featscope_version": FEATSCOPE_VERSION}
+    ours |= {key: value for key, value in (("model", model), ("weights", weights)) if value is not None}
     if found.changed or not old:  # what the last real update did, for the run's history
-        config["last_update"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "added": len(new) - edited,
-                                 "edited": edited, "retired": len(retired) - edited,
-                                 "relabelled": found.relabelled}
-    rd.write_config(config)
+        ours["last_update"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "added": len(new) - edited,
+                               "edited": edited, "retired": len(retired) - edited, "relabelled": found.relabelled}
+    # read again: what an extract job recorded meanwhile (the model's fingerprint, the precision) stays
+    rd.write_config((rd.read_config() if rd.run_json.exists() else {}) | ours)
     new_shards = sorted({r["shard"] for r in rows[len(old):]})
     return ManifestSummary(
         total=sum(not r["removed"] for r in rows), added=len(new) - edited, removed=sum(r["removed"] for r in rows),
