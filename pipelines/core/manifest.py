@@ -343,8 +343,10 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
             shard_size = max(1, math.ceil(len(new) / num_shards))
         else:
             shard_size = config.get("shard_size", DEFAULT_SHARD_SIZE)
-    next_id = max((r["image_id"] for r in old), default=-1) + 1
-    next_shard = max((r["shard"] for r in old), default=-1) + 1
+    # past every id and shard handed out before, by this manifest or by a later one that a
+    # manifest restored from a backup has forgotten (run.json remembers): an id is never reused
+    next_id = max(max((r["image_id"] for r in old), default=-1) + 1, config.get("next_id", 0))
+    next_shard = max(max((r["shard"] for r in old), default=-1) + 1, config.get("next_shard", 0))
     successor = {}
     for offset, (key, label, st, digest) in enumerate(new):
         successor[key] = next_id + offset
@@ -371,7 +373,8 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
     write_live_ids(rd, [r["image_id"] for r in rows if not r["removed"]])
     write_live_labels(rd, [(r["image_id"], r["label"]) for r in rows if not r["removed"]])
     ours = {"name": rd.name, "images": str(Path(images).resolve()), "images_root": str(root),
-            "shard_size": shard_size, "check": check, "featscope_version": FEATSCOPE_VERSION}
+            "shard_size": shard_size, "check": check, "featscope_version": FEATSCOPE_VERSION,
+            "next_id": next_id + len(new), "next_shard": max((r["shard"] + 1 for r in rows), default=next_shard)}
     ours |= {key: value for key, value in (("model", model), ("weights", weights)) if value is not None}
     if found.changed or not old:  # what the last real update did, for the run's history
         ours["last_update"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "added": len(new) - edited,

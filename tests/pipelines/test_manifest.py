@@ -410,3 +410,19 @@ def test_shard_digests_follow_the_images_not_the_file_order_and_carry_their_vers
     assert manifest.made_for_other_images(digests[0], changed[0])
     assert not manifest.made_for_other_images(None, changed[0])  # a part from before digests
     assert not manifest.made_for_other_images("0:" + "f" * 64, changed[0])  # another recipe's digest
+
+
+def test_a_manifest_restored_from_an_older_backup_never_hands_an_id_out_again(tmp_path):
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=2)
+    backup = rd.manifest.read_bytes()
+    touch_images(tmp_path / "images", ["a/3.png"])
+    manifest.run(rd, tmp_path / "images")  # id 2, shard 1: its features, maps and thumbnails are made
+    (tmp_path / "images/a/3.png").unlink()
+    touch_images(tmp_path / "images", ["a/4.png"])
+    rd.manifest.write_bytes(backup)  # the manifest of before a/3.png, restored
+    manifest.run(rd, tmp_path / "images")
+    new = rows(rd)["a/4.png"]
+    assert (new["image_id"], new["shard"]) == (3, 2)  # not id 2 or shard 1 again, for another picture
+    assert 2 not in manifest.read(rd, include_removed=True)["image_id"].to_pylist()
