@@ -374,7 +374,7 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
     write_live_labels(rd, [(r["image_id"], r["label"]) for r in rows if not r["removed"]])
     ours = {"name": rd.name, "images": str(Path(images).resolve()), "images_root": str(root),
             "shard_size": shard_size, "check": check, "featscope_version": FEATSCOPE_VERSION,
-            "next_id": next_id + len(new), "next_shard": max((r["shard"] + 1 for r in rows), default=next_shard)}
+            "next_id": next_id + len(new), "next_shard": max([next_shard, *(r["shard"] + 1 for r in rows)])}
     ours |= {key: value for key, value in (("model", model), ("weights", weights)) if value is not None}
     if found.changed or not old:  # what the last real update did, for the run's history
         ours["last_update"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "added": len(new) - edited,

@@ -426,3 +426,6 @@ def test_a_manifest_restored_from_an_older_backup_never_hands_an_id_out_again(tm
     new = rows(rd)["a/4.png"]
     assert (new["image_id"], new["shard"]) == (3, 2)  # not id 2 or shard 1 again, for another picture
     assert 2 not in manifest.read(rd, include_removed=True)["image_id"].to_pylist()
+    rd.manifest.write_bytes(backup)  # restored once more: the next ids stay past every one used
+    manifest.run(rd, tmp_path / "images")
+    assert (rows(rd)["a/4.png"]["image_id"], rows(rd)["a/4.png"]["shard"]) == (4, 3)
