@@ -121,8 +121,9 @@ def _precision_for_run(rd: RunDir, precision: str, device: torch.device) -> str:
         return recorded
     chosen = resolve_precision(precision, device)
     if recorded and chosen != recorded:
-        raise FeatscopeError(f"run {rd.root} holds {recorded} features; {chosen} ones would differ from them by a few "
-                             f"percent: use --precision {recorded} (or auto), or another run directory")
+        raise ParamError("precision", f"<precision> {chosen}: run {rd.root} holds {recorded} features, and {chosen} "
+                                      f"ones would differ from them by a few percent; give {recorded} (or auto), or use "
+                                      "another run directory")
     if not recorded:
         rd.write_config(rd.read_config() | {"precision": chosen})
     return chosen

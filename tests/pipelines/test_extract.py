@@ -171,7 +171,7 @@ def test_a_run_keeps_its_first_precision_and_new_images_are_embedded_in_it(tmp_p
     extract.extract(rd, ["pool"], model="resnet18", weights="random", precision=precision, shard=0, **kwargs)
     assert rd.read_config()["precision"] == precision
     other = "bf16" if precision == "fp32" else "fp32"
-    with pytest.raises(FeatscopeError, match=f"holds {precision} features; {other} ones would differ"):
+    with pytest.raises(FeatscopeError, match=f"precision {other}: run .* holds {precision} features, and {other} ones would differ"):
         extract.extract(rd, ["pool"], precision=other, **kwargs)
     extract.extract(rd, ["pool"], **kwargs)  # auto: the run's
     assert {file_metadata(p)["precision"] for p in rd.feature_parts("pool")} == {precision}
