@@ -458,11 +458,18 @@ def read_rows(rd: RunDir, root: Path) -> list[dict]:
     return rows
 
 
+def _rewrite_if_changed(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` only if it holds something else (True then): these files are
+    workflow inputs, and their time, not the manifest job's running, decides what reruns."""
+    if path.exists() and path.read_bytes() == data:
+        return False
+    write_bytes_atomic(path, data)
+    return True
+
+
 def write_live_ids(rd: RunDir, ids: list[int]) -> None:
     """manifest-live.txt: rewritten only when the set of live ids changes (see RunDir.live_ids)."""
-    text = "".join(f"{i}\n" for i in sorted(ids)).encode()
-    if not rd.live_ids.exists() or rd.live_ids.read_bytes() != text:
-        write_bytes_atomic(rd.live_ids, text)
+    _rewrite_if_changed(rd.live_ids, "".join(f"{i}\n" for i in sorted(ids)).encode())
 
 
 def write_live_labels(rd: RunDir, labels: list[tuple[int, str | None]]) -> None:
@@ -471,18 +478,12 @@ def write_live_labels(rd: RunDir, labels: list[tuple[int, str | None]]) -> None:
     digest = hashlib.sha256()
     for image_id, label in sorted(labels, key=lambda pair: pair[0]):
         digest.update(f"{image_id}\0{'' if label is None else label}\0{label is None}\n".encode())
-    text = (digest.hexdigest() + "\n").encode()
-    if not rd.live_labels.exists() or rd.live_labels.read_bytes() != text:
-        write_bytes_atomic(rd.live_labels, text)
+    _rewrite_if_changed(rd.live_labels, (digest.hexdigest() + "\n").encode())
 
 
 def write_listing(rd: RunDir, source: str | Path, check: str = "stat") -> bool:
     """listing.sha256 from the source's current listing; rewritten (True) only when it changed."""
-    text = (listing_fingerprint(source, check) + "\n").encode()
-    if rd.listing.exists() and rd.listing.read_bytes() == text:
-        return False
-    write_bytes_atomic(rd.listing, text)
-    return True
+    return _rewrite_if_changed(rd.listing, (listing_fingerprint(source, check) + "\n").encode())
 
 
 def read(rd: RunDir, shard: int | None = None, *, include_removed: bool = False) -> pa.Table:
