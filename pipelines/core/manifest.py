@@ -379,8 +379,8 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
     if found.changed or not old:  # what the last real update did, for the run's history
         ours["last_update"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "added": len(new) - edited,
                                "edited": edited, "retired": len(retired) - edited, "relabelled": found.relabelled}
-    # read again: what an extract job recorded meanwhile (the model's fingerprint, the precision) stays
-    rd.write_config((rd.read_config() if rd.run_json.exists() else {}) | ours)
+    with rd.editing_config() as config:  # what an extract job recorded meanwhile (the model, the precision) stays
+        config.update(ours)
     new_shards = sorted({r["shard"] for r in rows[len(old):]})
     return ManifestSummary(
         total=sum(not r["removed"] for r in rows), added=len(new) - edited, removed=sum(r["removed"] for r in rows),

@@ -11,8 +11,12 @@ saliency/faithfulness.parquet/ (directory datasets, one part per method), salien
 
 from __future__ import annotations
 
+import copy
+import fcntl
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core.atomic import write_json_atomic
@@ -406,3 +410,22 @@ class RunDir:
 
     def write_config(self, config: dict) -> None:
         write_json_atomic(self.run_json, config)
+
+    @contextmanager
+    def editing_config(self) -> Iterator[dict]:
+        """run.json (empty before the first manifest), read under a lock and written back if
+        the block changed it. Jobs of one run record in it side by side: each extract job the
+        model and the precision, a manifest update its next ids. A write from what was read
+        before another job's write would drop that job's record (a second extract job that
+        lost the first one's precision would record its own, and the run would mix them)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".run.json.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                before = json.loads(self.run_json.read_text()) if self.run_json.exists() else {}
+                config = copy.deepcopy(before)
+                yield config
+                if config != before:
+                    write_json_atomic(self.run_json, config)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)

@@ -101,12 +101,12 @@ def _model_for_run(rd: RunDir, model: str | None, weights: str | None, seed: int
     identity = {"model": arch, "weights": source, "weights_sha256": loaded.weights_sha256,
                 "preprocessing": json.loads(loaded.preprocessing.to_json()), "seed": seed,
                 "categories": loaded.categories}  # the names of the model's classes, for the report
-    old = {k: config.get(k) for k in identity}
-    if old.get("weights_sha256") not in (None, loaded.weights_sha256):
-        raise FeatscopeError(f"the weights '{source}' changed since run {rd.root} began "
-                             f"(sha256 {old['weights_sha256'][:12]}… -> {loaded.weights_sha256[:12]}…)")
-    if old != identity:
-        rd.write_config(config | identity)
+    with rd.editing_config() as config:  # read again: another job may have recorded meanwhile
+        recorded_sha = config.get("weights_sha256")
+        if recorded_sha not in (None, loaded.weights_sha256):
+            raise FeatscopeError(f"the weights '{source}' changed since run {rd.root} began "
+                                 f"(sha256 {recorded_sha[:12]}… -> {loaded.weights_sha256[:12]}…)")
+        config.update(identity)
     return loaded
 
 
@@ -116,17 +116,17 @@ def _precision_for_run(rd: RunDir, precision: str, device: torch.device) -> str:
     neighbours by which machine extracted which shard. The first extraction records the
     precision it used (`auto`: this hardware's); later ones, and the query service's and
     `query --image`'s embeddings, use it; asking for another is a one-line error."""
-    recorded = rd.read_config().get("precision")
-    if precision == "auto" and recorded:
-        return recorded
-    chosen = resolve_precision(precision, device)
-    if recorded and chosen != recorded:
-        raise ParamError("precision", f"<precision> {chosen}: run {rd.root} holds {recorded} features, and {chosen} "
-                                      f"ones would differ from them by a few percent; give {recorded} (or auto), or use "
-                                      "another run directory")
-    if not recorded:
-        rd.write_config(rd.read_config() | {"precision": chosen})
-    return chosen
+    with rd.editing_config() as config:  # one job records it; jobs beside it read that record
+        recorded = config.get("precision")
+        if precision == "auto" and recorded:
+            return recorded
+        chosen = resolve_precision(precision, device)
+        if recorded and chosen != recorded:
+            raise ParamError("precision", f"<precision> {chosen}: run {rd.root} holds {recorded} features, and "
+                                          f"{chosen} ones would differ from them by a few percent; give {recorded} "
+                                          "(or auto), or use another run directory")
+        config["precision"] = chosen
+        return chosen
 
 
 def _drop_files_made_for_other_images(rd: RunDir, digests: dict[int, str]) -> list[int]:

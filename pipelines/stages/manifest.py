@@ -49,7 +49,8 @@ def run(rd: RunDir, options: ManifestOptions, progress: bool = True) -> manifest
     summary = manifest.run(rd, options.images, num_shards=options.num_shards, shard_size=options.shard_size,
                            model=options.model, weights=options.weights, check=options.check, progress=progress)
     if names:
-        rd.write_config(rd.read_config() | {"class_names": names})
+        with rd.editing_config() as config:
+            config["class_names"] = names
     return summary
 
 

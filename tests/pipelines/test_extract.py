@@ -184,8 +184,58 @@ def test_a_run_keeps_its_first_precision_and_new_images_are_embedded_in_it(tmp_p
         assert np.linalg.norm(again - kept) <= 2e-3 * np.linalg.norm(kept)  # float16 storage apart, the same
 
 
+def test_jobs_side_by_side_on_a_fresh_run_extract_in_one_precision(tmp_path, digits, monkeypatch):
+    """Two extract jobs of a fresh run, on two kinds of node, that both look for the run's
+    precision before either has recorded one: the second waits for the first's record and
+    is refused, instead of recording its own over it and mixing precisions in the run."""
+    import threading
+
+    from featscope.pipelines.core.store import file_metadata
+
+    write_dataset(tmp_path / "images", digits, n_photos=0, labels=(0, 1), digits_per_label=2)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=2)
+    both_looked = threading.Barrier(2, timeout=3)
+    resolve = extract.resolve_precision
+
+    def looked_then_resolve(precision, device):
+        try:
+            both_looked.wait()  # under the run.json lock the other job never gets here meanwhile
+        except threading.BrokenBarrierError:
+            pass
+        return resolve(precision, device)
+
+    monkeypatch.setattr(extract, "resolve_precision", looked_then_resolve)
+    one_at_a_time, load = threading.Lock(), extract.load_model
+
+    def load_alone(*args, **kwargs):  # jobs are processes: here, seeded random weights must not interleave
+        with one_at_a_time:
+            return load(*args, **kwargs)
+
+    monkeypatch.setattr(extract, "load_model", load_alone)
+    refused = []
+
+    def job(shard: int, precision: str) -> None:
+        try:
+            extract.extract(rd, ["pool"], model="resnet18", weights="random", device="cpu", workers=0,
+                            progress=False, precision=precision, shard=shard)
+        except FeatscopeError as e:
+            refused.append(str(e))
+
+    jobs = [threading.Thread(target=job, args=(0, "fp32")), threading.Thread(target=job, args=(1, "bf16"))]
+    for t in jobs:
+        t.start()
+    for t in jobs:
+        t.join()
+    recorded = rd.read_config()["precision"]
+    assert len(refused) == 1 and f"holds {recorded} features" in refused[0], refused
+    assert {file_metadata(p)["precision"] for p in rd.feature_parts("pool")} == {recorded}
+    assert rd.read_config()["weights_sha256"]  # the model's record, written beside it, kept
+
+
 def test_status_names_shards_of_another_precision(tmp_path, digits):
-    """Jobs on two kinds of node that both extracted before either recorded the run's precision."""
+    """A run whose shards hold two precisions (extracted before run.json recorded one, under
+    a lock, or with run.json edited by hand): status names the shards."""
     from featscope.pipelines.app.status import status
 
     write_dataset(tmp_path / "images", digits, n_photos=0, labels=(0, 1), digits_per_label=2)
@@ -193,7 +243,7 @@ def test_status_names_shards_of_another_precision(tmp_path, digits):
     manifest.run(rd, tmp_path / "images", shard_size=2)
     kwargs = dict(model="resnet18", weights="random", device="cpu", workers=0, progress=False)
     extract.extract(rd, ["pool"], precision="fp32", shard=0, **kwargs)
-    rd.write_config({k: v for k, v in rd.read_config().items() if k != "precision"})  # the other job had not seen it
+    rd.write_config({k: v for k, v in rd.read_config().items() if k != "precision"})  # edited by hand
     extract.extract(rd, ["pool"], precision="bf16", shard=1, **kwargs)
     found = status(rd)
     assert "features pool precision" in found.stale
