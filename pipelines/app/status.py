@@ -50,9 +50,9 @@ def _ids(path: Path, column: str = "image_id") -> np.ndarray:
 
 
 def _other_precision(rd: RunDir, layer: str, shards: list[int], precision: str | None) -> list[int]:
-    """The shards whose part records another precision than the run's (extracted on a node
-    whose `auto` differed, by jobs that raced to record the run's); parts from before
-    precisions were recorded say nothing."""
+    """The shards whose part records another precision than the run's (extracted before
+    run.json was edited under a lock, when two jobs of a fresh run could each record their
+    own, or with run.json edited by hand); parts from before precisions were recorded say nothing."""
     if precision is None or layer == PIXELS:
         return []
     found = {s: file_metadata(rd.feature_part(layer, s)).get("precision") for s in shards}

@@ -16,10 +16,14 @@ pictures and their table, patch strips and their record, atlas cells, explained 
 sanity plots and their verdicts, the report's data files and its run.js) `withdraw`s that
 table before it rewrites the first of them: each file is whole, but a job killed half way
 must not leave the old table vouching for a mix of old and new files.
+
+A file that jobs of one run read, change and write back (run.json, the manifest) is
+changed only while `holding` its lock file: the second job then reads what the first wrote.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -99,3 +103,15 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj: object) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@contextmanager
+def holding(lock: Path) -> Iterator[None]:
+    """An exclusive flock on `lock` (created if missing) for the block: one process at a time."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -30,7 +30,6 @@ scheduled runs, and the manifest follows them:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -50,7 +49,7 @@ from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
-from featscope.pipelines.core.atomic import file_digest, write_bytes_atomic
+from featscope.pipelines.core.atomic import file_digest, holding, write_bytes_atomic
 from featscope.pipelines.core.images import is_image_name
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import candidates_run_short, file_metadata, write_errors, write_table
@@ -302,13 +301,8 @@ def updating(rd: RunDir) -> Iterator[None]:
     run (two workflows started from different folders, a requeued job beside its first copy)
     take turns, so the second reads what the first wrote instead of overwriting it with a
     listing of its own, which would hand the first one's new ids out again, to other images."""
-    rd.root.mkdir(parents=True, exist_ok=True)
-    with open(rd.root / ".manifest.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with holding(rd.root / ".manifest.lock"):
+        yield
 
 
 def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_size: int | None = None,

@@ -12,14 +12,13 @@ saliency/faithfulness.parquet/ (directory datasets, one part per method), salien
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.core.atomic import write_json_atomic
+from featscope.pipelines.core.atomic import holding, write_json_atomic
 
 THUMB_FOLDER = 1000  # thumbnails per folder of the report (the pages compute the same path)
 
@@ -418,14 +417,9 @@ class RunDir:
         model and the precision, a manifest update its next ids. A write from what was read
         before another job's write would drop that job's record (a second extract job that
         lost the first one's precision would record its own, and the run would mix them)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".run.json.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                before = json.loads(self.run_json.read_text()) if self.run_json.exists() else {}
-                config = copy.deepcopy(before)
-                yield config
-                if config != before:
-                    write_json_atomic(self.run_json, config)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with holding(self.root / ".run.json.lock"):
+            before = json.loads(self.run_json.read_text()) if self.run_json.exists() else {}
+            config = copy.deepcopy(before)
+            yield config
+            if config != before:
+                write_json_atomic(self.run_json, config)
