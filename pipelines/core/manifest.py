@@ -324,11 +324,11 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
     if (num_shards is not None and num_shards < 1) or (shard_size is not None and shard_size < 1):
         raise ParamError("num_shards", "and <shard_size> must be at least 1")
     config = rd.read_config() if rd.run_json.exists() else {}
-    if not rd.manifest.exists() and ("weights_sha256" in config or next((rd.root / "features").glob("*/*.parquet"),
-                                                                        None)):
-        raise FeatscopeError(f"run {rd.root} holds features but no manifest.parquet: its outputs are keyed by image "
-                             "ids that a new manifest would hand out anew, to other images; restore manifest.parquet, "
-                             "or use another run directory")
+    if not rd.manifest.exists() and ((kept := rd.id_keyed_outputs()) or "weights_sha256" in config):
+        raise FeatscopeError(f"run {rd.root} holds outputs of an earlier manifest ({', '.join(kept) or 'run.json records an extraction'}) "
+                             "but no manifest.parquet: they are keyed by image ids that a new manifest would hand out "
+                             "anew, to other images; restore manifest.parquet, delete those outputs, or use another "
+                             "run directory")
     found = compare(rd, images, check=check, progress=progress)
     root, old, rows, new, edited, retired = (found.root, found.old, found.rows, found.new, found.edited,
                                              found.retired)

@@ -22,6 +22,13 @@ from featscope.pipelines.core.atomic import holding, write_json_atomic
 
 THUMB_FOLDER = 1000  # thumbnails per folder of the report (the pages compute the same path)
 
+# What the stages write keyed by image id (or made from what is), relative to the run: a
+# manifest made anew would give those ids to other images (`RunDir.id_keyed_outputs`).
+# Not here: run.json, the history, timings, the style network, filters, class models, textures.
+ID_KEYED = ("features", "predictions", "errors.parquet", "topk", "patches", "embedding", "mosaic", "index",
+            "neighbours", "saliency", "explain", "units", "report", "viz/activations", "viz/adversarial",
+            "viz/dream", "viz/inversion", "viz/style")
+
 
 class RunDir:
     """Paths of one dataset x model run; creates nothing until a stage writes."""
@@ -35,6 +42,13 @@ class RunDir:
     @property
     def name(self) -> str:
         return self.root.resolve().name
+
+    def id_keyed_outputs(self) -> list[str]:
+        """The entries of `ID_KEYED` that hold a file: outputs that name images by id."""
+        def holds_a_file(path: Path) -> bool:
+            return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*")))
+
+        return [name for name in ID_KEYED if holds_a_file(self.root / name)]
 
     @property
     def run_json(self) -> Path:

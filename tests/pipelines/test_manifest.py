@@ -12,7 +12,7 @@ import pytest
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import file_digest
-from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.rundir import ID_KEYED, RunDir
 from featscope.pipelines.core.store import RunIdentity, candidates_run_short, read_errors, write_table, write_topk
 
 
@@ -371,9 +371,29 @@ def test_a_run_with_features_refuses_a_manifest_made_anew(tmp_path):
     rd.feature_part("pool", 0).write_bytes(b"part")  # what extract would have written
     rd.manifest.unlink()
     (tmp_path / "images/a/1.png").unlink()  # ids handed out now would name other images
-    with pytest.raises(FeatscopeError, match="holds features but no manifest.parquet"):
+    with pytest.raises(FeatscopeError, match=r"holds outputs of an earlier manifest \(features\) but no manifest"):
         manifest.run(rd, tmp_path / "images")
     assert not rd.manifest.exists()
+
+
+@pytest.mark.parametrize("output", ID_KEYED)
+def test_outputs_keyed_by_id_refuse_a_manifest_made_anew_even_without_run_json(tmp_path, output):
+    """Saliency maps (or any output named by image ids) left after manifest.parquet, run.json
+    and the features were deleted: a new manifest would start again at id 0, and the maps of
+    the old images would pass for maps of the new ones, the index and the map as current."""
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    (rd.root / output / "0.npz").parent.mkdir(parents=True, exist_ok=True)
+    (rd.root / output / "0.npz").write_bytes(b"an output of image 0")
+    rd.manifest.unlink()
+    rd.run_json.unlink()
+    touch_images(tmp_path / "images", ["a/0.png"])  # would be image 0 now
+    with pytest.raises(FeatscopeError, match=rf"earlier manifest \({output}\) but no manifest.parquet"):
+        manifest.run(rd, tmp_path / "images")
+    assert not rd.manifest.exists() and not rd.run_json.exists()  # nothing written
+    shutil.rmtree(rd.root / output)  # deleted, as the message offers: a fresh start
+    assert manifest.run(rd, tmp_path / "images").added == 3
 
 
 def test_overlapping_updates_of_one_run_take_turns(tmp_path):
