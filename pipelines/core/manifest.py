@@ -329,6 +329,7 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
                              "but no manifest.parquet: they are keyed by image ids that a new manifest would hand out "
                              "anew, to other images; restore manifest.parquet, delete those outputs, or use another "
                              "run directory")
+    _refuse_another_model(rd, config, model, weights)
     found = compare(rd, images, check=check, progress=progress)
     root, old, rows, new, edited, retired = (found.root, found.old, found.rows, found.new, found.edited,
                                              found.retired)
@@ -382,6 +383,19 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
         seconds=time.perf_counter() - start, edited=edited, retired_now=len(retired) - edited,
         invalidated_shards=invalidated, skipped=found.skipped, reread=found.reread, relabelled=found.relabelled,
     )
+
+
+def _refuse_another_model(rd: RunDir, config: dict, model: str | None, weights: str | None) -> None:
+    """A one-line error, before anything is written, when a run that has outputs is asked to
+    record another model or weights: its features, maps and indexes are the recorded model's,
+    and run.json naming another would misname all of them."""
+    asked = {key: value for key, value in (("model", model), ("weights", weights)) if value is not None}
+    differs = {key: value for key, value in asked.items() if config.get(key) not in (None, value)}
+    if differs and ("weights_sha256" in config or rd.id_keyed_outputs()):
+        recorded = f"{config.get('model')} (weights {config.get('weights')})"
+        wanted = f"{asked.get('model', config.get('model'))} (weights {asked.get('weights', config.get('weights'))})"
+        raise FeatscopeError(f"run {rd.root} holds the outputs of {recorded}, not {wanted}: a run holds one model's "
+                             "outputs; give the new model a run directory of its own")
 
 
 def shards_to_redo(rd: RunDir, retired: list[dict], rows: list[dict]) -> list[int]:

@@ -376,6 +376,26 @@ def test_a_run_with_features_refuses_a_manifest_made_anew(tmp_path):
     assert not rd.manifest.exists()
 
 
+def test_a_run_with_outputs_refuses_another_model_and_keeps_its_record(tmp_path):
+    """`manifest --model` of another model (or weights) over a run that has outputs used to
+    rewrite run.json's model silently: status then named the new model beside the old one's
+    features, and extract failed on 'the weights changed'."""
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", model="resnet18", weights="random")
+    manifest.run(rd, tmp_path / "images", model="mobilenet_v2", weights="imagenet")  # nothing made yet: a free choice
+    assert (rd.read_config()["model"], rd.read_config()["weights"]) == ("mobilenet_v2", "imagenet")
+    rd.feature_part("pool", 0).parent.mkdir(parents=True)
+    rd.feature_part("pool", 0).write_bytes(b"part")  # what extract would have written
+    touch_images(tmp_path / "images", ["a/3.png"])
+    recorded, listed = rd.run_json.read_bytes(), rd.manifest.read_bytes()
+    for model, weights in (("resnet18", None), (None, "random"), ("resnet18", "imagenet")):
+        with pytest.raises(FeatscopeError, match=r"holds the outputs of mobilenet_v2 \(weights imagenet\), not "):
+            manifest.run(rd, tmp_path / "images", model=model, weights=weights)
+        assert rd.run_json.read_bytes() == recorded and rd.manifest.read_bytes() == listed  # nothing written
+    assert manifest.run(rd, tmp_path / "images", model="mobilenet_v2").added == 1  # the same model goes on
+
+
 @pytest.mark.parametrize("output", ID_KEYED)
 def test_outputs_keyed_by_id_refuse_a_manifest_made_anew_even_without_run_json(tmp_path, output):
     """Saliency maps (or any output named by image ids) left after manifest.parquet, run.json
