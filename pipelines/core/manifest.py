@@ -306,18 +306,21 @@ def updating(rd: RunDir) -> Iterator[None]:
 
 
 def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_size: int | None = None,
-        model: str | None = None, weights: str | None = None, check: str = "stat",
+        model: str | None = None, weights: str | None = None, check: str = "stat", allow_empty: bool = False,
         progress: bool = False) -> ManifestSummary:
     """Create or update `manifest.parquet` and `run.json` for the images in `images`; `check`:
-    how a stored file's edit is told (stat | mtime | content, see the module's docstring).
-    One update of a run at a time (`updating`)."""
+    how a stored file's edit is told (stat | mtime | content, see the module's docstring);
+    `allow_empty`: retire every image of the run when `images` lists none (otherwise refused:
+    a folder whose file system is not mounted looks empty). One update of a run at a time
+    (`updating`)."""
     with updating(rd):
         return _update(rd, images, num_shards=num_shards, shard_size=shard_size, model=model, weights=weights,
-                       check=check, progress=progress)
+                       check=check, allow_empty=allow_empty, progress=progress)
 
 
 def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_size: int | None,
-            model: str | None, weights: str | None, check: str, progress: bool) -> ManifestSummary:
+            model: str | None, weights: str | None, check: str, allow_empty: bool, progress: bool
+            ) -> ManifestSummary:
     start = time.perf_counter()
     if num_shards is not None and shard_size is not None:
         raise ParamError("num_shards", "cannot be given with <shard_size>")
@@ -333,6 +336,11 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
     found = compare(rd, images, check=check, progress=progress)
     root, old, rows, new, edited, retired = (found.root, found.old, found.rows, found.new, found.edited,
                                              found.retired)
+    live_before = sum(not r["removed"] for r in old)
+    if live_before and not new and len(retired) == live_before and not allow_empty:
+        raise ParamError("allow_empty", f"{images} lists no image now, but run {rd.root} has {live_before}: a folder "
+                                        "whose file system is not mounted looks empty. Nothing was changed; if they "
+                                        "are gone for good, retire them all with <allow_empty>")
     if shard_size is None:
         if num_shards is not None:
             shard_size = max(1, math.ceil(len(new) / num_shards))

@@ -29,6 +29,8 @@ class ManifestOptions(Options):
                         help="how a listed file's edit is told: stat (size, mtime and ctime; a file whose stat moved "
                              "is read and hashed), mtime (size and mtime only: for filesystems whose ctime moves on "
                              "its own) or content (every file read and hashed: slow, catches anything)")
+    allow_empty: bool = option(False, help="retire every image of the run when the source lists none (otherwise "
+                                           "refused: a folder whose file system is not mounted looks empty)")
 
 
 def run(rd: RunDir, options: ManifestOptions, progress: bool = True) -> manifest.ManifestSummary:
@@ -47,7 +49,8 @@ def run(rd: RunDir, options: ManifestOptions, progress: bool = True) -> manifest
             check_weights(options.weights)
         names = read_class_names(options.classes) if options.classes else None
     summary = manifest.run(rd, options.images, num_shards=options.num_shards, shard_size=options.shard_size,
-                           model=options.model, weights=options.weights, check=options.check, progress=progress)
+                           model=options.model, weights=options.weights, check=options.check,
+                           allow_empty=options.allow_empty, progress=progress)
     if names:
         with rd.editing_config() as config:
             config["class_names"] = names

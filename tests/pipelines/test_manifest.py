@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import file_digest
 from featscope.pipelines.core.rundir import ID_KEYED, RunDir
@@ -86,6 +87,30 @@ def test_text_list_and_tables_with_a_path_column(tmp_path):
     csv = tmp_path / "t.csv"
     csv.write_text("path\nimages/x/2.png\n")
     assert manifest.run(RunDir(tmp_path / "r3"), csv).total == 1
+
+
+def test_a_source_that_lists_no_image_retires_nothing_unless_asked(tmp_path):
+    """A scheduled run over a folder whose file system is not mounted (an empty mount point),
+    or over an emptied list, used to retire every image and delete every feature part: each
+    image came back under a new id, extracted anew, when the folder did."""
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    rd.feature_part("pool", 0).parent.mkdir(parents=True)
+    rd.feature_part("pool", 0).write_bytes(b"part")
+    (tmp_path / "unmounted").mkdir()
+    (tmp_path / "list.txt").write_text("# every line was removed\n")
+    listed, recorded = rd.manifest.read_bytes(), rd.run_json.read_bytes()
+    for source in (tmp_path / "unmounted", tmp_path / "list.txt"):
+        with pytest.raises(ParamError, match="lists no image now, but run .* has 2.*Nothing was changed") as refused:
+            manifest.run(rd, source)
+        assert refused.value.param == "allow_empty"  # the CLI names --allow-empty
+        assert rd.manifest.read_bytes() == listed and rd.run_json.read_bytes() == recorded
+        assert rd.feature_part("pool", 0).exists()
+    assert manifest.run(rd, tmp_path / "images").total == 2  # back: the same ids, nothing to redo
+    done = manifest.run(rd, tmp_path / "unmounted", allow_empty=True)  # gone for good, as asked
+    assert (done.total, done.retired_now) == (0, 2) and not rd.feature_part("pool", 0).exists()
+    assert manifest.run(rd, tmp_path / "unmounted").total == 0  # nothing live left to protect
 
 
 def test_num_shards_splits_evenly(tmp_path):
