@@ -88,6 +88,11 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             out.lines.append(f"images {source}: as the manifest lists them")
     else:
         out.lines.append(f"images {source or '-'}: not found (moved? give `featscope manifest` the new place)")
+    unreadable = np.intersect1d(live, [i for ids in manifest.unreadable_at_extraction(rd).values() for i in ids])
+    if len(unreadable):
+        out.lines.append(f"  {plural(len(unreadable), 'live image')} could not be read when extracted (first id "
+                         f"{unreadable[0]}; see errors.parquet): a rerun tries them again")
+        out.stale.append("features of unreadable images")
 
     for layer_dir in sorted(p for p in (rd.root / "features").glob("*") if p.is_dir()):
         layer = layer_dir.name

@@ -28,14 +28,15 @@ from typing import NamedTuple
 import torch
 
 from featscope.pipelines.core.cpus import usable_cpus
-from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, read_pixels
+from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, Unreadable, read_pixels
 from featscope.pipelines.core.models import Preprocessing
 
 
 class ImageBatch(NamedTuple):
     image_ids: torch.Tensor  # (B,) int64 of the images that decoded
     pixels: torch.Tensor  # (B,3,crop,crop) uint8
-    errors: list[tuple[int, str, str]]  # (image_id, path, reason) of those that did not
+    errors: list[tuple[int, str, str, str]]  # (image_id, path, kind, reason) of those that did not: kind
+    # "unreadable" (the bytes could not be read: may work again) or "bad_image" (they do not decode)
 
 
 def available_cores() -> int:
@@ -80,9 +81,9 @@ def _decode_pool(workers: int, low_priority: bool) -> Iterator[ThreadPoolExecuto
 
 
 def _decode_rows(rows: Iterator[int], lock: threading.Lock, paths: list[str], preprocessing: Preprocessing,
-                 max_pixels: int, pixels: torch.Tensor) -> list[tuple[int, str]]:
+                 max_pixels: int, pixels: torch.Tensor) -> list[tuple[int, str, str]]:
     """Decode `paths[row]` into `pixels[row]` for each row taken from the shared iterator;
-    returns (row, reason) of the files that could not be read."""
+    returns (row, kind, reason) of the files that could not be read (see `ImageBatch`)."""
     failed = []
     while True:
         with lock:
@@ -92,7 +93,7 @@ def _decode_rows(rows: Iterator[int], lock: threading.Lock, paths: list[str], pr
         try:
             image = read_pixels(paths[row], max_pixels=max_pixels, min_size=preprocessing.resize)
         except BadImage as e:
-            failed.append((row, str(e)))
+            failed.append((row, "unreadable" if isinstance(e, Unreadable) else "bad_image", str(e)))
             continue
         pixels[row] = preprocessing.to_uint8(image)
 
@@ -129,13 +130,13 @@ def image_batches(image_ids: list[int], paths: list[str], preprocessing: Preproc
     def finish(batch: _Batch) -> ImageBatch:
         failed = sorted(f for result in batch.results for f in result.result())
         ids = image_ids[batch.start:batch.start + len(batch.pixels)]
-        bad = {row for row, _ in failed}
+        bad = {row for row, _, _ in failed}
         good = [row for row in range(len(ids)) if row not in bad]
         pixels = batch.pixels
         if failed:  # move the good rows up, in place (a pinned buffer stays pinned)
             pixels[:len(good)] = pixels[good]
             pixels = pixels[:len(good)]
-        errors = [(ids[row], paths[batch.start + row], reason) for row, reason in failed]
+        errors = [(ids[row], paths[batch.start + row], kind, reason) for row, kind, reason in failed]
         return ImageBatch(torch.tensor([ids[row] for row in good], dtype=torch.int64), pixels, errors)
 
     starts = iter(range(0, len(paths), batch_size))

@@ -30,6 +30,11 @@ class BadImage(Exception):
     """A file that cannot be read as an image; `str(e)` is the reason."""
 
 
+class Unreadable(BadImage):
+    """A file whose bytes could not be read (gone since it was listed, permissions, an I/O
+    error): unlike bytes that do not decode, reading it again may work."""
+
+
 def is_image_name(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
@@ -38,7 +43,7 @@ def _read(path: str | Path) -> bytes:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise BadImage(f"unreadable: {e.strerror}") from None
+        raise Unreadable(f"unreadable: {e.strerror}") from None
     if not data:
         raise BadImage("empty file (0 bytes)")
     return data

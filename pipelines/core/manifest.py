@@ -90,6 +90,7 @@ class ManifestSummary:
     relabelled: int = 0  # images whose label the source changed (ids kept)
     invalidated_shards: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    unreadable: int = 0  # live images an extraction could not read, whose shards are extracted again
 
     def warning(self) -> str:
         if not self.skipped:
@@ -108,6 +109,8 @@ class ManifestSummary:
             text += f"; {plural(self.reread, 'file')} read again, bytes unchanged"
         if self.invalidated_shards:
             text += f"; shards {','.join(map(str, self.invalidated_shards))} to extract again"
+            if self.unreadable:
+                text += f" ({plural(self.unreadable, 'image')} unreadable when last extracted)"
         return text + f"; {self.seconds:.1f}s"
 
 
@@ -369,7 +372,9 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
                                    "message": reason} for p, reason in found.skipped])
     else:
         error_part.unlink(missing_ok=True)
-    invalidated = shards_to_redo(rd, retired, rows)
+    shard_of_live = {r["image_id"]: r["shard"] for r in rows if not r["removed"]}
+    unreadable = [i for ids in unreadable_at_extraction(rd).values() for i in ids if i in shard_of_live]
+    invalidated = sorted({*shards_to_redo(rd, retired, rows), *(shard_of_live[i] for i in unreadable)})
     for shard in invalidated:
         for path in rd.shard_files(shard):
             path.unlink(missing_ok=True)
@@ -390,6 +395,7 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
         shards=len({r["shard"] for r in rows if not r["removed"]}), new_shards=new_shards,
         seconds=time.perf_counter() - start, edited=edited, retired_now=len(retired) - edited,
         invalidated_shards=invalidated, skipped=found.skipped, reread=found.reread, relabelled=found.relabelled,
+        unreadable=len(unreadable),
     )
 
 
@@ -404,6 +410,22 @@ def _refuse_another_model(rd: RunDir, config: dict, model: str | None, weights: 
         wanted = f"{asked.get('model', config.get('model'))} (weights {asked.get('weights', config.get('weights'))})"
         raise FeatscopeError(f"run {rd.root} holds the outputs of {recorded}, not {wanted}: a run holds one model's "
                              "outputs; give the new model a run directory of its own")
+
+
+def unreadable_at_extraction(rd: RunDir) -> dict[Path, list[int]]:
+    """Extract error part -> the ids it records as unreadable: listed images whose bytes the
+    extraction could not read (gone for a while, an I/O error). Their shards are extracted
+    again by the next manifest update while they are live, rather than left without them."""
+    found = {}
+    for part in sorted(rd.errors_dir.glob("extract-*.parquet")) if rd.errors_dir.is_dir() else []:
+        try:
+            table = pq.read_table(part, columns=["image_id", "error"])
+        except (OSError, pa.ArrowException):
+            continue  # damaged: `featscope verify` names it
+        ids = table.filter(pc.equal(table["error"], "unreadable"))["image_id"].to_pylist()
+        if ids:
+            found[part] = [i for i in ids if i is not None]
+    return found
 
 
 def shards_to_redo(rd: RunDir, retired: list[dict], rows: list[dict]) -> list[int]:
@@ -498,8 +520,11 @@ def write_live_labels(rd: RunDir, labels: list[tuple[int, str | None]]) -> None:
 
 
 def write_listing(rd: RunDir, source: str | Path, check: str = "stat") -> bool:
-    """listing.sha256 from the source's current listing; rewritten (True) only when it changed."""
-    return _rewrite_if_changed(rd.listing, (listing_fingerprint(source, check) + "\n").encode())
+    """listing.sha256 from the source's current listing; rewritten (True) only when it changed.
+    An extraction that could not read some images changes it too (each time it records
+    them), so the workflow's next invocation updates the manifest, which tries them again."""
+    retry = [f"{part.name} {part.stat().st_mtime_ns}" for part in unreadable_at_extraction(rd)]
+    return _rewrite_if_changed(rd.listing, "\n".join([listing_fingerprint(source, check), *retry, ""]).encode())
 
 
 def read(rd: RunDir, shard: int | None = None, *, include_removed: bool = False) -> pa.Table:

@@ -58,7 +58,8 @@ class ExtractSummary:
     already_done: list[int] = field(default_factory=list)
     made_for_other_images: list[int] = field(default_factory=list)  # shards whose old files were deleted
     images: int = 0
-    bad: int = 0
+    bad: int = 0  # images skipped, of which
+    unreadable: int = 0  # could not be read (the next manifest update tries them again); the others do not decode
     seconds: float = 0.0
 
     errors_dir: Path | None = None
@@ -77,7 +78,10 @@ class ExtractSummary:
             text += (f"; shards {', '.join(map(str, self.made_for_other_images))} extracted again: their files were "
                      "made for other images than the manifest now gives them")
         if self.bad:
-            text += f"; {plural(self.bad, 'unreadable image')} skipped (see {rd.errors_dir})"
+            why = [f"{self.bad - self.unreadable} not decodable" if self.bad > self.unreadable else "",
+                   f"{self.unreadable} not readable now, tried again by the next manifest update"
+                   if self.unreadable else ""]
+            text += f"; {plural(self.bad, 'image')} skipped ({', '.join(w for w in why if w)}; see {rd.errors_dir})"
         return text
 
 
@@ -188,18 +192,19 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
         total = sum(len(manifest.read(rd, s)) for s in pending)
         with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
             for s in pending:
-                n, bad = _extract_shard(rd, s, missing[s], extractor, identity, batch_size=batch_size, topk=topk,
+                n, bad, unreadable = _extract_shard(rd, s, missing[s], extractor, identity, batch_size=batch_size, topk=topk,
                                         workers=default_workers() if workers is None else workers, bar=bar,
                                         images=digests[s])
                 summary.done.append(s)
                 summary.images += n
                 summary.bad += bad
+                summary.unreadable += unreadable
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: FeatureExtractor, identity: RunIdentity,
-                   *, batch_size: int, workers: int, topk: int, bar: tqdm, images: str) -> tuple[int, int]:
+                   *, batch_size: int, workers: int, topk: int, bar: tqdm, images: str) -> tuple[int, int, int]:
     """Extract the shard's missing `layers` (finished parts of other layers are left alone);
     `images`: the shard's digest (manifest.shard_digests), recorded in each part."""
     trackers = {layer: RunningTopK(extractor.dims[layer], topk * TOPK_DEPTH, extractor.device)
@@ -224,8 +229,8 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
                                     workers=workers, pin_memory=extractor.device.type == "cuda",
                                     overlap=extractor.device.type != "cpu")
             for batch in batches:
-                errors += [{"image_id": i, "path": p, "stage": "extract", "error": "bad_image", "message": m}
-                           for i, p, m in batch.errors]
+                errors += [{"image_id": i, "path": p, "stage": "extract", "error": kind, "message": m}
+                           for i, p, kind, m in batch.errors]
                 if len(batch.image_ids):
                     outputs, predictions = extractor.forward_with_predictions(batch.pixels, sketches=sketches)
                     counted.append(batch.image_ids.numpy())
@@ -264,7 +269,7 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
         for w in writers.values():
             w.abort()
         raise
-    return len(ids) - len(errors), len(errors)
+    return len(ids) - len(errors), len(errors), sum(e["error"] == "unreadable" for e in errors)
 
 
 # ---- the command ----------------------------------------------------------------------------

@@ -54,5 +54,5 @@ def test_bad_images_end_with_a_warning_count_not_a_failure(tmp_path, small_datas
     done = featscope("extract", "--run", tmp_path / "r", "--model", "resnet18", "--weights", "random",
                      "--layers", "pool", "--workers", "0", "--quiet")
     assert done.returncode == 0
-    assert "1 unreadable image skipped" in done.stdout
+    assert "1 image skipped (1 not decodable; see" in done.stdout
     assert "warning: 1 image could not be read" in done.stderr

@@ -35,8 +35,9 @@ def test_threaded_batches_equal_inline_ones(mixed_files, workers, overlap):
         assert torch.equal(a.image_ids, b.image_ids)
         assert torch.equal(a.pixels, b.pixels)
         assert a.errors == b.errors
-    bad = [(i, p) for batch in inline for i, p, _ in batch.errors]
+    bad = [(i, p) for batch in inline for i, p, _, _ in batch.errors]
     assert [p.rsplit("/", 1)[1] for _, p in bad] == ["empty.jpg", "text.png", "cut.jpg"]
+    assert {kind for batch in inline for _, _, kind, _ in batch.errors} == {"bad_image"}  # all read, none decodes
     good = torch.cat([b.image_ids for b in inline]).tolist()
     assert sorted(good + [i for i, _ in bad]) == ids
     for batch in inline:  # every row holds its own image, also after a bad file was dropped

@@ -389,6 +389,41 @@ def test_bad_images_are_recorded_and_every_readable_image_is_extracted(tmp_path,
     assert summary.bad == len(bad) and summary.images == len(good_ids)
 
 
+def test_an_image_unreadable_at_extraction_is_extracted_by_the_next_update(tmp_path, digits):
+    """A listed file that cannot be read while its shard is extracted (gone for a while, an
+    I/O error) is recorded as unreadable, not as a bad image. It used to stay without
+    features for good: the file came back with the same bytes and kept its id, its shard
+    counted as done, and status asked for a rerun that changed nothing."""
+    write_dataset(tmp_path / "images", digits, n_photos=0, labels=(0, 1), digits_per_label=2)
+    broken = tmp_path / "images" / "1" / "broken.png"
+    broken.write_text("not a picture")
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=3)
+    away = sorted((tmp_path / "images" / "0").iterdir())[0]
+    kept = away.read_bytes()
+    away.unlink()  # gone while its shard is extracted
+    kwargs = dict(model="resnet18", weights="random", device="cpu", precision="fp32", workers=0, progress=False)
+    first = extract.extract(rd, ["pool"], **kwargs)
+    assert (first.bad, first.unreadable) == (2, 1) and "2 images skipped (1 not decodable, 1 not readable now" in first.line(rd)
+    kinds = {e["path"].rsplit("/", 1)[1]: e["error"] for e in read_errors(rd.errors_dir).to_pylist()}
+    assert kinds == {away.name: "unreadable", "broken.png": "bad_image"}
+    away.write_bytes(kept)  # back, the same bytes: the same image, the same id
+    from featscope.pipelines.app.status import status
+
+    said = status(rd)
+    assert "features of unreadable images" in said.stale
+    assert any("1 live image could not be read when extracted" in line for line in said.lines)
+    summary = manifest.run(rd, tmp_path / "images")
+    assert summary.invalidated_shards == [0] and summary.unreadable == 1 and summary.reread == 1
+    assert "1 image unreadable when last extracted" in summary.line()
+    assert extract.extract(rd, ["pool"], **kwargs).done == [0]
+    live = {r["image_id"] for r in manifest.read(rd).to_pylist() if not r["path"].endswith("broken.png")}
+    assert set(vectors_by_id(rd)) == live  # every readable image, the one that was away too
+    assert [e["error"] for e in read_errors(rd.errors_dir).to_pylist()] == ["bad_image"]
+    assert manifest.run(rd, tmp_path / "images").invalidated_shards == []  # a bad image is not retried
+    assert "features of unreadable images" not in status(rd).stale
+
+
 def test_a_run_refuses_other_weights_and_foreign_feature_files(tmp_path, small_dataset):
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset)

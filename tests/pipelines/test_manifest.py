@@ -113,6 +113,31 @@ def test_a_source_that_lists_no_image_retires_nothing_unless_asked(tmp_path):
     assert manifest.run(rd, tmp_path / "unmounted").total == 0  # nothing live left to protect
 
 
+def test_the_listing_changes_when_an_extraction_records_unreadable_images(tmp_path):
+    """The workflow reruns the manifest when listing.sha256 changes: an extraction that could
+    not read some images changes it each time it records them, so each invocation tries
+    them again; images that do not decode change nothing."""
+    from featscope.pipelines.core.store import write_errors
+
+    touch_images(tmp_path / "images", ["a/1.png", "a/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images")
+    manifest.write_listing(rd, tmp_path / "images")
+    assert not manifest.write_listing(rd, tmp_path / "images")  # nothing changed
+    row = {"image_id": 0, "path": "a/1.png", "stage": "extract", "message": "x"}
+    write_errors(rd.error_part("extract", 0), [row | {"error": "bad_image"}])
+    assert not manifest.write_listing(rd, tmp_path / "images")
+    assert manifest.run(rd, tmp_path / "images").invalidated_shards == []
+    write_errors(rd.error_part("extract", 0), [row | {"error": "unreadable"}])
+    assert manifest.write_listing(rd, tmp_path / "images")
+    assert not manifest.write_listing(rd, tmp_path / "images")
+    os.utime(rd.error_part("extract", 0), ns=(1, 1))  # recorded again by the next extraction
+    assert manifest.write_listing(rd, tmp_path / "images")
+    assert manifest.run(rd, tmp_path / "images").invalidated_shards == [0]
+    assert not rd.error_part("extract", 0).exists()  # went with the shard's files
+    assert manifest.write_listing(rd, tmp_path / "images")  # back to the folder alone
+
+
 def test_num_shards_splits_evenly(tmp_path):
     touch_images(tmp_path / "images", [f"a/{i}.png" for i in range(10)])
     rd = RunDir(tmp_path / "run")
