@@ -81,6 +81,7 @@ def _drop_retired(rd: RunDir, live: set[int], thumbnails: set[int]) -> None:
     or replaced."""
     for image_id in thumbnails - live:
         rd.thumbnail(image_id).unlink(missing_ok=True)
+        rd.thumbnail(image_id).with_suffix(".unreadable").unlink(missing_ok=True)
     shards = {i // SHARD for i in live}
     for path in (rd.report_dir / "data").glob("images-*.js"):
         number = path.stem.removeprefix("images-")
@@ -362,8 +363,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     shell = (ASSETS / "page.html").read_text()
     for page in PAGES:  # every page is the same shell; report.js renders it by name
         write_bytes_atomic(out / f"{page}.html", shell.replace("{page}", page).encode())
-    stored = stored_thumbnails(rd)
-    missing = [r for r in rows if r["image_id"] not in stored]
+    stored, grey = stored_thumbnails(rd)
+    missing = [r for r in rows if r["image_id"] not in stored or r["image_id"] in grey]  # grey: read again
     with ThreadPoolExecutor(threads) as pool:
         made = sum(tqdm(pool.map(lambda r: ensure_thumbnail(rd, r["image_id"], r["path"]), missing),
                         total=len(missing), desc="thumbnails", unit="img", disable=not progress))

@@ -20,13 +20,20 @@ THUMB = 128  # longest side
 PLACEHOLDER = (90, 90, 90)  # the report's square for an image that cannot be read
 
 
+def _placeholder_mark(thumbnail: Path) -> Path:
+    """Beside a grey square stored for an image that could not be read: it is not the image's
+    thumbnail, and the image is read again next time (it may have been away for a while)."""
+    return thumbnail.with_suffix(".unreadable")
+
+
 def make_thumbnail(rd: RunDir, image_id: int, path: str, at_least: int = THUMB) -> Image.Image | None:
     """The image's thumbnail (its longest side THUMB px), made and stored if missing; None if
-    the image cannot be read (the report then stores a grey square in its place). A stored
-    one is decoded at the smallest JPEG scale whose sides stay >= `at_least` (a 22-px mosaic
-    tile needs an eighth of the pixels)."""
+    the image cannot be read (the report then stores a grey square in its place, marked as
+    one). A stored one is decoded at the smallest JPEG scale whose sides stay >= `at_least`
+    (a 22-px mosaic tile needs an eighth of the pixels)."""
     out = rd.thumbnail(image_id)
-    stored = _stored(out, at_least)
+    mark = _placeholder_mark(out)
+    stored = None if mark.exists() else _stored(out, at_least)
     if stored is not None:
         return stored
     try:
@@ -35,6 +42,7 @@ def make_thumbnail(rd: RunDir, image_id: int, path: str, at_least: int = THUMB) 
         return None
     with atomic_path(out) as tmp:
         img.save(tmp, format="JPEG", quality=82)
+    mark.unlink(missing_ok=True)  # after the thumbnail: a stop in between only reads the image again
     return _stored(out, at_least) or img  # the stored pixels: every later drawing decodes those
 
 
@@ -51,27 +59,38 @@ def _stored(path: Path, at_least: int) -> Image.Image | None:
         return None
 
 
-def stored_thumbnails(rd: RunDir) -> set[int]:
-    """The ids whose thumbnails are stored (one directory listing per 1,000 images, instead
-    of a file lookup per image)."""
+def stored_thumbnails(rd: RunDir) -> tuple[set[int], set[int]]:
+    """The ids whose thumbnails are stored, and of those the ones stored as grey squares of
+    an image that could not be read (one directory listing per 1,000 images, instead of a
+    file lookup per image)."""
     found: set[int] = set()
+    grey: set[int] = set()
     if not rd.thumbnails_dir.is_dir():
-        return found
+        return found, grey
     for folder in os.scandir(rd.thumbnails_dir):
         if folder.is_dir():
-            found.update(int(entry.name[:-4]) for entry in os.scandir(folder.path)
-                         if entry.name.endswith(".jpg") and entry.name[:-4].isdigit())
-    return found
+            for entry in os.scandir(folder.path):
+                stem, _, suffix = entry.name.rpartition(".")
+                if stem.isdigit() and suffix in ("jpg", "unreadable"):
+                    (found if suffix == "jpg" else grey).add(int(stem))
+    return found, grey & found
 
 
 def ensure_thumbnail(rd: RunDir, image_id: int, path: str) -> bool:
-    """Make the thumbnail if missing (a grey square for an unreadable image); True if made."""
+    """Make the thumbnail if missing or a grey square (an image that could not be read is
+    read again; while it cannot be, the page shows a grey square); True if made."""
     out = rd.thumbnail(image_id)
-    if out.exists():
+    mark = _placeholder_mark(out)
+    if out.exists() and not mark.exists():
         return False
-    if make_thumbnail(rd, image_id, path) is None:
-        with atomic_path(out) as tmp:
-            Image.new("RGB", (THUMB, THUMB), PLACEHOLDER).save(tmp, format="JPEG", quality=82)
+    if make_thumbnail(rd, image_id, path) is not None:
+        return True
+    if out.exists():
+        return False  # still unreadable: the grey square stays, marked
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.touch()  # first: a grey square is never left without its mark
+    with atomic_path(out) as tmp:
+        Image.new("RGB", (THUMB, THUMB), PLACEHOLDER).save(tmp, format="JPEG", quality=82)
     return True
 
 
