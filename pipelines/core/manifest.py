@@ -331,10 +331,10 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
         raise ParamError("num_shards", "and <shard_size> must be at least 1")
     config = rd.read_config() if rd.run_json.exists() else {}
     if not rd.manifest.exists() and ((kept := rd.id_keyed_outputs()) or "weights_sha256" in config):
-        raise FeatscopeError(f"run {rd.root} holds outputs of an earlier manifest ({', '.join(kept) or 'run.json records an extraction'}) "
-                             "but no manifest.parquet: they are keyed by image ids that a new manifest would hand out "
-                             "anew, to other images; restore manifest.parquet, delete those outputs, or use another "
-                             "run directory")
+        what = ", ".join(kept) or "run.json records an extraction"
+        raise FeatscopeError(f"run {rd.root} holds outputs of an earlier manifest ({what}) but no manifest.parquet: "
+                             "they are keyed by image ids that a new manifest would hand out anew, to other images; "
+                             "restore manifest.parquet, delete those outputs, or use another run directory")
     _refuse_another_model(rd, config, model, weights)
     found = compare(rd, images, check=check, progress=progress)
     root, old, rows, new, edited, retired = (found.root, found.old, found.rows, found.new, found.edited,

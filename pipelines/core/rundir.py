@@ -22,7 +22,7 @@ from featscope.pipelines.core.atomic import holding, write_json_atomic
 
 THUMB_FOLDER = 1000  # thumbnails per folder of the report (the pages compute the same path)
 
-# What the stages write keyed by image id (or made from what is), relative to the run: a
+# What the stages write keyed by image id, or draw from such outputs, relative to the run: a
 # manifest made anew would give those ids to other images (`RunDir.id_keyed_outputs`).
 # Not here: run.json, the history, timings, the style network, filters, class models, textures.
 ID_KEYED = ("features", "predictions", "errors.parquet", "topk", "patches", "embedding", "mosaic", "index",

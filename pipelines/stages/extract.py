@@ -192,9 +192,9 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
         total = sum(len(manifest.read(rd, s)) for s in pending)
         with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
             for s in pending:
-                n, bad, unreadable = _extract_shard(rd, s, missing[s], extractor, identity, batch_size=batch_size, topk=topk,
-                                        workers=default_workers() if workers is None else workers, bar=bar,
-                                        images=digests[s])
+                n, bad, unreadable = _extract_shard(
+                    rd, s, missing[s], extractor, identity, batch_size=batch_size, topk=topk,
+                    workers=default_workers() if workers is None else workers, bar=bar, images=digests[s])
                 summary.done.append(s)
                 summary.images += n
                 summary.bad += bad

@@ -404,7 +404,8 @@ def test_an_image_unreadable_at_extraction_is_extracted_by_the_next_update(tmp_p
     away.unlink()  # gone while its shard is extracted
     kwargs = dict(model="resnet18", weights="random", device="cpu", precision="fp32", workers=0, progress=False)
     first = extract.extract(rd, ["pool"], **kwargs)
-    assert (first.bad, first.unreadable) == (2, 1) and "2 images skipped (1 not decodable, 1 not readable now" in first.line(rd)
+    assert (first.bad, first.unreadable) == (2, 1)
+    assert "2 images skipped (1 not decodable, 1 not readable now" in first.line(rd)
     kinds = {e["path"].rsplit("/", 1)[1]: e["error"] for e in read_errors(rd.errors_dir).to_pylist()}
     assert kinds == {away.name: "unreadable", "broken.png": "bad_image"}
     away.write_bytes(kept)  # back, the same bytes: the same image, the same id
