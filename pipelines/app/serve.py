@@ -156,6 +156,9 @@ class RunState:
     indexes: dict[str, NeighbourIndex]
     versions: dict[str, str]  # layer -> the version folder its index was read from
     unavailable: dict[str, str] = field(default_factory=dict)  # layer -> why it cannot answer now
+    # layer -> live images its index lacks (added since its last update, or never extracted):
+    # every answer says so, since its neighbours are searched among the others only
+    unindexed: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def read(cls, rd: RunDir, previous: RunState | None = None) -> RunState:
@@ -180,7 +183,8 @@ class RunState:
             except FeatscopeError as e:
                 indexes.pop(layer, None)
                 unavailable[layer] = str(e)
-        return cls(signature, identity, Catalogue(live), indexes, versions, unavailable)
+        unindexed = {layer: int(np.isin(live_ids, index.ids, invert=True).sum()) for layer, index in indexes.items()}
+        return cls(signature, identity, Catalogue(live), indexes, versions, unavailable, unindexed)
 
     @property
     def layers(self) -> list[str]:
@@ -437,12 +441,14 @@ class QueryService:
         return index
 
     def answer(self, state: RunState, layer: str, query: int | None, found: tuple[np.ndarray, np.ndarray]) -> dict:
-        """The JSON answer for one search's (neighbour ids, distances)."""
+        """The JSON answer for one search's (neighbour ids, distances), with the number of the
+        run's live images the layer's index lacks (`unindexed`: added since its last update,
+        or never extracted), which no answer can name until the workflow updates it."""
         ids, distances = found
         kept = ids >= 0
         neighbours = [about | {"distance": float(d)}
                       for about, d in zip(state.catalogue.describe_many(ids[kept]), distances[kept])]
-        return {"layer": layer, "query": query, "neighbours": neighbours}
+        return {"layer": layer, "query": query, "neighbours": neighbours, "unindexed": state.unindexed.get(layer, 0)}
 
     def checked_query(self, state: RunState, image_id: int, layer: str, k: int) -> NeighbourIndex:
         """The index to search: 400 for a bad layer or k, 503 for a layer that cannot answer

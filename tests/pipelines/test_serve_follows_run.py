@@ -63,7 +63,7 @@ def test_a_rerun_under_a_running_service_is_followed_and_never_answers_with_reti
     gone_path = next(p for p in sorted(before) if "/7/" in p)
     gone = before[gone_path]
     status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k={K}")
-    assert status == 200 and gone in neighbour_ids(answer)
+    assert status == 200 and gone in neighbour_ids(answer) and answer["unindexed"] == 0
     status, answer, _ = fetch(f"{base}/api/explain?a={photo}&b={gone}&layer=pool")
     assert status == 200, answer
 
@@ -123,6 +123,29 @@ def test_a_rerun_under_a_running_service_is_followed_and_never_answers_with_reti
     time.sleep(2 * CHECK_EVERY)
     status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k={K}")
     assert status == 200 and neighbour_ids(answer) == [int(n) for n in fresh if n >= 0]
+
+
+def test_answers_say_how_many_new_images_their_index_does_not_hold_yet(served_run, digits):
+    """Images added by a rerun are searched only once their layer's index holds them: until
+    then each answer counts them (`unindexed`), instead of passing for the whole run's."""
+    rd, images, base = served_run
+    photo = next(r["image_id"] for r in manifest.read(rd).to_pylist() if "/photo/" in r["path"])
+    write_dataset(images / "new", digits, n_photos=0, labels=(3,), digits_per_label=2)
+    manifest.run(rd, images)
+    time.sleep(2 * CHECK_EVERY)
+    status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k={K}")
+    assert status == 200 and answer["unindexed"] == 2, answer  # searched among the others, and says so
+    new = [r["image_id"] for r in manifest.read(rd).to_pylist() if "/new/" in r["path"]]
+    assert not set(new) & set(neighbour_ids(answer))
+    status, answer, _ = fetch(f"{base}/api/neighbours?id={new[0]}&layer=pool&k=3")
+    assert status == 404 and "not in the 'pool' index" in answer["error"], answer
+    extract.extract(rd, ["pool", "pixels"], batch_size=8, workers=0, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    time.sleep(2 * CHECK_EVERY)
+    status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k={K}")
+    assert status == 200 and answer["unindexed"] == 0 and set(new) <= set(neighbour_ids(answer)), answer
+    status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pixels&k={K}")
+    assert status == 200 and answer["unindexed"] == 2, answer  # that layer's index is not updated yet
 
 
 def test_answers_while_the_index_is_replaced_again_and_again_are_all_whole_and_right(served_run):
