@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
@@ -57,6 +58,19 @@ def _other_precision(rd: RunDir, layer: str, shards: list[int], precision: str |
         return []
     found = {s: file_metadata(rd.feature_part(layer, s)).get("precision") for s in shards}
     return [s for s, p in found.items() if p not in (None, precision)]
+
+
+def _failed_maps(rd: RunDir, method: str, live: set[int], maps: dict) -> int:
+    """Live images whose map the last saliency run of `method` could not make (the stage
+    records them, and tries them again on its next run)."""
+    part = rd.error_part(f"saliency-{method}", 0)
+    if not part.exists():
+        return 0
+    try:
+        ids = pq.read_table(part, columns=["image_id"])["image_id"].to_pylist()
+    except (OSError, pa.ArrowException):
+        return 0  # damaged: `featscope verify` names it
+    return len({i for i in ids if i in live and i not in maps})
 
 
 def status(rd: RunDir, *, history: int = 5) -> Status:
@@ -171,8 +185,11 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     for method in rd.saliency_methods():
         maps = rd.saliency_overlays(method)
         gone = sum(i not in live_set for i in maps)
+        failed = _failed_maps(rd, method, live_set, maps)
         out.lines.append(f"saliency {method}: {plural(len(maps), 'map')}" + (f", {gone} of retired images" if gone
-                                                                               else ""))
+                                                                               else "")
+                         + (f"; {plural(failed, 'selected image')} without one: could not be read (errors.parquet; "
+                            "`featscope saliency compute` tries again)" if failed else ""))
         if gone:
             out.stale.append(f"saliency {method}")
         evaluated = read_evaluation(rd, method)

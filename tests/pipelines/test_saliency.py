@@ -111,6 +111,22 @@ def test_bad_images_and_missing_targets_become_error_rows_not_failures(run, tmp_
     assert fixed["summaries"][0]["target"] == 7
 
 
+def test_an_image_unreadable_for_a_while_is_named_by_status_and_mapped_by_the_next_run(run):
+    from featscope.pipelines.app.status import status
+
+    photo = photo_rows(run)[0]
+    kept = Path(photo["path"]).read_bytes()
+    Path(photo["path"]).unlink()  # away while its map is computed
+    options = saliency.SaliencyOptions(method="gradcam", select=f"ids={photo['image_id']}", workers=1)
+    assert saliency.run(run, options, progress=False).computed == 0
+    said = [line for line in status(run).lines if line.startswith("saliency gradcam")]
+    assert said == ["saliency gradcam: 0 maps; 1 selected image without one: could not be read (errors.parquet; "
+                    "`featscope saliency compute` tries again)"]
+    Path(photo["path"]).write_bytes(kept)
+    assert saliency.run(run, options, progress=False).computed == 1
+    assert [line for line in status(run).lines if line.startswith("saliency gradcam")] == ["saliency gradcam: 1 map"]
+
+
 def test_selection_by_label_and_ids_and_clear_errors(run):
     assert {r["label"] for r in photo_rows(run)} == {"photo"}
     ids = [r["image_id"] for r in manifest.read(run).to_pylist()][:2]
