@@ -147,9 +147,13 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             out.lines.append("  activation thresholds: every unit's, for masks")
         current, older = current_strips(rd, layer)
         if current or older:
+            greyed = rd.greyed_strips(layer)
             out.lines.append(f"  patch strips: {len(current)} current" + (
                 f", {len(older)} drawn from an earlier top-k (units {', '.join(map(str, older[:5]))}"
-                f"{', ...' if len(older) > 5 else ''})" if older else ""))
+                f"{', ...' if len(older) > 5 else ''})" if older else "") + (
+                f"; {len(greyed)} with a grey patch, an image that could not be read (units "
+                f"{', '.join(map(str, greyed[:5]))}{', ...' if len(greyed) > 5 else ''}: `featscope topk render` "
+                "draws them again)" if greyed else ""))
         if older:
             out.stale.append(f"patches {layer}")
     for layer in sorted(p.name for p in (rd.root / "units").glob("*") if p.is_dir()):

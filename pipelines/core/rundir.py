@@ -21,6 +21,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core.atomic import holding, write_json_atomic
 
 THUMB_FOLDER = 1000  # thumbnails per folder of the report (the pages compute the same path)
+GREY_PATCH = "unreadable"  # a patch record row of a strip with a grey patch (an image that could not be read)
 
 # What the stages write keyed by image id, or draw from such outputs, relative to the run: a
 # manifest made anew would give those ids to other images (`RunDir.id_keyed_outputs`).
@@ -170,10 +171,20 @@ class RunDir:
             drawn = json.loads(self.patches_record(layer).read_text()).get("units", {})
         except (OSError, ValueError):
             return {}
-        # a record row is [rank, image_id, x0, y0, x1, y1, value] (a mask threshold: [value])
+        # a record row is [rank, image_id, x0, y0, x1, y1, value] (a mask threshold: [value]; a
+        # strip with a grey patch: [GREY_PATCH])
         return {int(u): [row[1] for row in sorted(r for r in rows if len(r) > 1)]
                 for u, rows in sorted(drawn.items(), key=lambda item: int(item[0]))
                 if self.unit_patches(layer, int(u)).exists()}
+
+    def greyed_strips(self, layer: str) -> list[int]:
+        """Units whose patch strip holds a grey patch for an image that could not be read when
+        it was drawn (the next `topk render` draws them again)."""
+        try:
+            drawn = json.loads(self.patches_record(layer).read_text()).get("units", {})
+        except (OSError, ValueError):
+            return []
+        return sorted(int(u) for u, rows in drawn.items() if [GREY_PATCH] in rows)
 
     def patch_sheet(self, layer: str) -> Path:
         return self.root / "patches" / f"{layer}.png"

@@ -32,7 +32,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
 from featscope.pipelines.core.images import BadImage, image_size, open_image
 from featscope.pipelines.core.options import Command, Options, option, parse_units
-from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.rundir import GREY_PATCH, RunDir
 from featscope.pipelines.core.store import (
     RunIdentity,
     candidates_run_short,
@@ -269,11 +269,13 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     paths = {r["image_id"]: r["path"] for r in manifest.read(rd, include_removed=True).to_pylist()}
     masks = _UnitMasks(rd, layer) if show == "mask" else None
     patches: dict[tuple[int, int], Image.Image] = {}
+    greyed: set[int] = set()  # units with a grey patch: an image that could not be read
     for image_id, rows in tqdm(by_image.items(), desc=f"patches {layer}", unit="img", disable=not progress):
         try:
             img = open_image(paths[image_id])
         except BadImage:
             img = None
+            greyed.update(r["channel"] for r in rows)
         drawn_masks = masks.patches(img, paths[image_id], [r["channel"] for r in rows], tile) if masks and img else {}
         for r in rows:
             box = (r["x0"], r["y0"], r["x1"] + 1, r["y1"] + 1)
@@ -296,8 +298,10 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
             strip.save(tmp, format="PNG")
     # the strips drawn before of units not asked for this time stay listed while still current
     listed = sorted(set(units) | current)
+    # a strip with a grey patch is recorded apart from its signature, so the next render draws it again
     write_json_atomic(rd.patches_record(layer), {"k": k, "tile": tile, "show": show,
-                                                 "units": {str(u): signature[u] for u in listed}})
+                                                 "units": {str(u): signature[u] + ([[GREY_PATCH]] if u in greyed else [])
+                                                           for u in listed}})
     sheet = _contact_sheet([strips[u] for u in units])
     with atomic_path(rd.patch_sheet(layer)) as tmp:
         sheet.save(tmp, format="PNG")

@@ -123,6 +123,31 @@ def test_render_writes_one_png_per_unit_and_a_contact_sheet(tmp_path, small_data
     assert topk.render(rd, "layer3", units=[0, 1], tile=40, progress=False).drawn == 2  # another size: redrawn
 
 
+def test_a_strip_drawn_while_an_image_could_not_be_read_is_drawn_again_once_it_can(tmp_path, small_dataset):
+    """A grey patch stood in for an image that could not be read when its strip was drawn, and
+    the strip then counted as current for good: a rerun kept it, grey, once the image was back."""
+    from featscope.pipelines.app.status import status
+
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset)
+    extract.extract(rd, ["layer3"], model="resnet18", weights="random", workers=0, topk=2, progress=False)
+    topk.merge(rd, "layer3")
+    rows = pq.read_table(rd.topk("layer3")).to_pylist()
+    first = next(r for r in rows if r["channel"] == 0 and r["rank"] == 0)
+    path = Path(next(r["path"] for r in manifest.read(rd).to_pylist() if r["image_id"] == first["image_id"]))
+    units = sorted({r["channel"] for r in rows if r["image_id"] == first["image_id"] and r["channel"] < 4})
+    kept = path.read_bytes()
+    path.unlink()  # away while the strips are drawn
+    topk.render(rd, "layer3", units=[0, 1, 2, 3], tile=16, progress=False)
+    assert rd.greyed_strips("layer3") == units
+    patches = next(line for line in status(rd).lines if "patch strips" in line)
+    assert f"{len(units)} with a grey patch" in patches and "`featscope topk render` draws them again" in patches
+    path.write_bytes(kept)
+    again = topk.render(rd, "layer3", units=[0, 1, 2, 3], tile=16, progress=False)
+    assert again.drawn == len(units) and rd.greyed_strips("layer3") == []  # those, and only those, drawn again
+    assert topk.render(rd, "layer3", units=[0, 1, 2, 3], tile=16, progress=False).drawn == 0
+
+
 def test_the_report_shows_only_strips_drawn_from_the_current_topk(tmp_path, small_dataset):
     from featscope.pipelines.app import report
     from featscope.pipelines.app.status import status
