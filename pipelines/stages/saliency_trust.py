@@ -22,6 +22,7 @@ import inspect
 import json
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -422,9 +423,13 @@ def _plot(rd: RunDir, method: str, rows: list[dict], layers: list[str], facts: d
     for key, colour in (("spearman", "tab:blue"), ("ssim", "tab:orange")):
         values = np.array([[1.0] * len({r["image_id"] for r in rows})] +
                           [[r[key] for r in rows if r["step"] == s] for s in range(1, len(layers) + 1)])
-        ax.plot(steps, np.nanmedian(values, axis=1), color=colour, marker="o", ms=3,
+        with warnings.catch_warnings():  # a step where every map came out constant has no value: a gap
+            warnings.simplefilter("ignore", RuntimeWarning)
+            middle, low, high = (np.nanmedian(values, axis=1), np.nanmin(values, axis=1),
+                                 np.nanmax(values, axis=1))
+        ax.plot(steps, middle, color=colour, marker="o", ms=3,
                 label="rank correlation (|map|)" if key == "spearman" else "SSIM")
-        ax.fill_between(steps, np.nanmin(values, axis=1), np.nanmax(values, axis=1), color=colour, alpha=0.15)
+        ax.fill_between(steps, low, high, color=colour, alpha=0.15)
     ax.axhline(facts["threshold"], color="grey", ls="--", lw=0.8)
     ax.set_xticks(steps, ["original", *layers], rotation=60, ha="right", fontsize=7)
     ax.set_ylim(-0.3, 1.05)
