@@ -31,6 +31,7 @@ def made(tmp_path_factory, small_dataset_module):
     neighbours.build(rd, "pool", progress=False)
     report.build(rd, progress=False)
     (root / "afile").write_text("x")
+    (root / "empty").mkdir()  # an image folder whose file system is not mounted
     (root / "binary.bin").write_bytes(bytes(range(256)) * 4)
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -49,6 +50,8 @@ CASES = [
     (("manifest", "--images", "{images}", "--run", "{root}/r3", "--shard-size", "0"), "--shard-size"),
     (("manifest", "--images", "{images}", "--run", "{root}/r4", "--model", "nope"), "nope"),
     (("manifest", "--images", "{images}", "--run", "{root}/r5", "--weights", "banana"), "banana"),
+    (("manifest", "--images", "{root}/empty", "--run", R, "--quiet"), "--allow-empty"),  # (its bar: 0 files)
+    (("manifest", "--images", "{images}", "--run", R, "--model", "mobilenet_v2"), "a run directory of its own"),
     (("extract", "--run", R, "--layers", "pool", "--threads", "-1"), "--threads"),
     (("extract", "--run", R, "--layers", "pool", "--workers", "-1"), "--workers"),
     (("extract", "--run", R, "--layers", "pool", "--batch-size", "0"), "--batch-size"),
