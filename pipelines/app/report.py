@@ -200,10 +200,8 @@ def _layers(rd: RunDir) -> list[dict]:
 
 def _patches_show(rd: RunDir, layer: str) -> str | None:
     """What the patch strips show: "mask" (NetDissect's activation masks) or "field"."""
-    try:
-        return json.loads(rd.patches_record(layer).read_text()).get("show", "field")
-    except (OSError, ValueError):
-        return None
+    drawn = rd.read_patches_record(layer)
+    return drawn.get("show", "field") if drawn else None
 
 
 def _histograms(rd: RunDir, layer: str, bins: int = 48) -> dict[int, list] | None:

@@ -163,14 +163,18 @@ class RunDir:
         """What `topk render` drew: its options and each strip's rows (hidden: bookkeeping)."""
         return self.patches_dir(layer) / ".drawn.json"
 
+    def read_patches_record(self, layer: str) -> dict:
+        """The record a finished `topk render` wrote ({} if there is none or it cannot be read)."""
+        try:
+            return json.loads(self.patches_record(layer).read_text())
+        except (OSError, ValueError):
+            return {}
+
     def drawn_strips(self, layer: str) -> dict[int, list[int]]:
         """unit -> the image ids, by rank, of the patch strip a finished `topk render` drew (in
         its record), for the strips that exist. A strip the record does not list is not vouched
         for: left by a render that was stopped before it wrote the record."""
-        try:
-            drawn = json.loads(self.patches_record(layer).read_text()).get("units", {})
-        except (OSError, ValueError):
-            return {}
+        drawn = self.read_patches_record(layer).get("units", {})
         # a record row is [rank, image_id, x0, y0, x1, y1, value] (a mask threshold: [value]; a
         # strip with a grey patch: [GREY_PATCH])
         return {int(u): [row[1] for row in sorted(r for r in rows if len(r) > 1)]
@@ -180,10 +184,7 @@ class RunDir:
     def greyed_strips(self, layer: str) -> list[int]:
         """Units whose patch strip holds a grey patch for an image that could not be read when
         it was drawn (the next `topk render` draws them again)."""
-        try:
-            drawn = json.loads(self.patches_record(layer).read_text()).get("units", {})
-        except (OSError, ValueError):
-            return []
+        drawn = self.read_patches_record(layer).get("units", {})
         return sorted(int(u) for u, rows in drawn.items() if [GREY_PATCH] in rows)
 
     def patch_sheet(self, layer: str) -> Path:

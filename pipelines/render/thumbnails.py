@@ -20,7 +20,7 @@ THUMB = 128  # longest side
 PLACEHOLDER = (90, 90, 90)  # the report's square for an image that cannot be read
 
 
-def _placeholder_mark(thumbnail: Path) -> Path:
+def _grey_mark(thumbnail: Path) -> Path:
     """Beside a grey square stored for an image that could not be read: it is not the image's
     thumbnail, and the image is read again next time (it may have been away for a while)."""
     return thumbnail.with_suffix(".unreadable")
@@ -32,7 +32,7 @@ def make_thumbnail(rd: RunDir, image_id: int, path: str, at_least: int = THUMB) 
     one). A stored one is decoded at the smallest JPEG scale whose sides stay >= `at_least`
     (a 22-px mosaic tile needs an eighth of the pixels)."""
     out = rd.thumbnail(image_id)
-    mark = _placeholder_mark(out)
+    mark = _grey_mark(out)
     stored = None if mark.exists() else _stored(out, at_least)
     if stored is not None:
         return stored
@@ -80,7 +80,7 @@ def ensure_thumbnail(rd: RunDir, image_id: int, path: str) -> bool:
     """Make the thumbnail if missing or a grey square (an image that could not be read is
     read again; while it cannot be, the page shows a grey square); True if made."""
     out = rd.thumbnail(image_id)
-    mark = _placeholder_mark(out)
+    mark = _grey_mark(out)
     if out.exists() and not mark.exists():
         return False
     if make_thumbnail(rd, image_id, path) is not None:

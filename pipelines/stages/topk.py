@@ -398,10 +398,7 @@ class _UnitMasks:
 
 def _drawn(rd: RunDir, layer: str, k: int, tile: int, show: str) -> dict[str, list]:
     """unit -> the rows its strip was drawn from, when drawn with this k, tile size and show."""
-    try:
-        drawn = json.loads(rd.patches_record(layer).read_text())
-    except (OSError, ValueError):
-        return {}
+    drawn = rd.read_patches_record(layer)
     return drawn.get("units", {}) if (drawn.get("k"), drawn.get("tile"), drawn.get("show")) == (k, tile, show) else {}
 
 
