@@ -100,6 +100,10 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                              + " and redoes every whole-dataset stage")
         else:
             out.lines.append(f"images {source}: as the manifest lists them")
+        if found.unavailable:
+            first = next(path for path, why in found.skipped if why.startswith(manifest.UNAVAILABLE))
+            out.lines[-1] += (f"; {plural(found.unavailable, 'live image')} under a folder, link or file not readable "
+                              f"now (first: {first}), kept as they were")
     else:
         out.lines.append(f"images {source or '-'}: not found (moved? give `featscope manifest` the new place)")
     unreadable = np.intersect1d(live, [i for ids in manifest.unreadable_at_extraction(rd).values() for i in ids])

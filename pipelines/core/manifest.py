@@ -16,7 +16,12 @@ scheduled runs, and the manifest follows them:
   and mtime, for filesystems whose ctime moves on its own, e.g. under backup tools that put
   access times back: each such move costs a re-read, never a wrong answer), or `content`
   (every file read and hashed, every time).
-- New paths get new ids in new shards; vanished ones are retired, never renumbered.
+- New paths get new ids in new shards; vanished ones are retired, never renumbered. Images
+  under a folder, link or file the listing cannot read now are kept as they are (unknown is
+  not gone), and an update that would retire a whole folder's images while the folder is
+  there, empty and untouched since the last update (a mount point whose file system is not
+  mounted; deleting files touches their folder), or every image, is refused unless asked
+  for (`allow_empty`).
 - A label is not part of the identity: a list or table that gives a listed file another
   label (a label fixed) changes that row's label and keeps its id. `manifest-labels.sha256`,
   a digest of the live images' labels, is rewritten then, and only then, so the rules whose
@@ -34,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,6 +80,10 @@ MANIFEST_SCHEMA = pa.schema([
 # once, on its next update), and whole to `featscope verify`.
 MANIFEST_SCHEMA_BEFORE_CTIME = MANIFEST_SCHEMA.remove(MANIFEST_SCHEMA.get_field_index("ctime_ns"))
 CHECKS = ("stat", "mtime", "content")  # how an update tells a file's edit (see the module's docstring)
+# Why a path was left out of a listing while the images under it may still be there: the run's
+# images under such a path are kept as they are, neither retired nor refreshed.
+UNREADABLE_FOLDER, BROKEN_LINK, UNREADABLE_FILE = "unreadable folder", "broken link", "unreadable file"
+UNAVAILABLE = (UNREADABLE_FOLDER, BROKEN_LINK, UNREADABLE_FILE)
 
 
 @dataclass
@@ -91,13 +101,14 @@ class ManifestSummary:
     invalidated_shards: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     unreadable: int = 0  # live images an extraction could not read, whose shards are extracted again
+    unavailable: int = 0  # live images under a folder, link or file the listing could not read: kept
 
     def warning(self) -> str:
         if not self.skipped:
             return ""
         path, reason = self.skipped[0]
-        return (f"{plural(len(self.skipped), 'file')} or folders left out (first: {path}: {reason}); see "
-                f"errors.parquet/manifest-00000.parquet")
+        return (f"{plural(len(self.skipped), 'file or folder', 'files or folders')} left out (first: {path}: "
+                f"{reason}); see errors.parquet/manifest-00000.parquet")
 
     def line(self) -> str:
         text = (f"manifest: {plural(self.total, 'image')} in {plural(self.shards, 'shard')}; {self.added} new "
@@ -107,6 +118,8 @@ class ManifestSummary:
             text += f"; {self.relabelled} relabelled"
         if self.reread:
             text += f"; {plural(self.reread, 'file')} read again, bytes unchanged"
+        if self.unavailable:
+            text += f"; {plural(self.unavailable, 'image')} kept as they were (a folder or file not readable now)"
         if self.invalidated_shards:
             text += f"; shards {','.join(map(str, self.invalidated_shards))} to extract again"
             if self.unreadable:
@@ -135,11 +148,12 @@ def relative_key(path: str, root: Path) -> str:
 def _walk(source: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
     """Images under a folder, label = the folder relative to it. Symlinked folders are
     followed (each real folder once: no loops); featscope runs inside it (a folder with a
-    run.json) are never read as images; unreadable folders and names that are not UTF-8
-    are left out and listed in `skipped` as (path, reason)."""
+    run.json) are never read as images; unreadable folders, links to nothing (a folder
+    linked to a share that is not mounted) and names that are not UTF-8 are left out and
+    listed in `skipped` as (path, reason)."""
     items, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(source, followlinks=True,
-                                                onerror=lambda e: skipped.append((e.filename, "unreadable folder"))):
+                                                onerror=lambda e: skipped.append((e.filename, UNREADABLE_FOLDER))):
         real = os.path.realpath(dirpath)
         if real in seen or (dirpath != str(source) and "run.json" in filenames):
             dirnames[:] = []  # a loop through a symlink, or a featscope run: not images
@@ -155,7 +169,20 @@ def _walk(source: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, str |
                 skipped.append((path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
                                 "name is not UTF-8"))
                 continue
-            if is_image_name(name) and os.path.isfile(path):
+            if not is_image_name(name):  # a link to nothing may be a label folder on a share
+                if os.path.islink(path) and not os.path.exists(path):
+                    skipped.append((path, BROKEN_LINK))
+                continue
+            try:
+                mode = os.stat(path).st_mode
+            except FileNotFoundError:
+                if os.path.islink(path):
+                    skipped.append((path, BROKEN_LINK))
+                continue  # vanished while listing
+            except OSError as e:  # there, but not readable now (a share's I/O error)
+                skipped.append((path, f"{UNREADABLE_FILE} ({e.strerror or e})"))
+                continue
+            if stat.S_ISREG(mode):
                 items.append((path, None if parent == "." else parent))
     return items
 
@@ -248,6 +275,7 @@ class Comparison:
     reread: int = 0  # stored files read and hashed again, whose bytes had not changed
     relabelled: int = 0  # live rows whose label the source changed (ids kept)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out of the listing
+    unavailable: int = 0  # live images under a skipped folder, link or file: kept as they are
 
     @property
     def changed(self) -> bool:
@@ -272,8 +300,13 @@ def compare(rd: RunDir, images: str | Path, *, check: str = "stat", progress: bo
         key = relative_key(path, root)
         try:
             st = os.stat(path)
-        except OSError:
-            continue  # vanished while listing: retired below
+        except FileNotFoundError:
+            if not Path(images).is_dir():  # a list names it: say so (a folder's file vanished while listing)
+                skipped.append((path, "listed, but no such file"))
+            continue  # retired below
+        except OSError as e:  # there, but not readable now (permissions, a share's I/O error)
+            skipped.append((path, f"{UNREADABLE_FILE} ({e.strerror or e})"))
+            continue
         present.add(key)
         row = live.get(key)
         if row is None:
@@ -292,10 +325,50 @@ def compare(rd: RunDir, images: str | Path, *, check: str = "stat", progress: bo
         if row["label"] != label:  # the same image, given another label by the source
             row["label"] = label
             relabelled += 1
+    unavailable = _under_unavailable(live, root, skipped)
+    present |= unavailable  # not listed, but maybe there: kept as they are
     retired = [r for r in rows if not r["removed"] and (r["path"] not in present or r["replaced_by"] == -1)]
     for r in retired:
         r["removed"] = True
-    return Comparison(root, old, rows, new, edited, retired, reread=reread, relabelled=relabelled, skipped=skipped)
+    return Comparison(root, old, rows, new, edited, retired, reread=reread, relabelled=relabelled, skipped=skipped,
+                      unavailable=len(unavailable))
+
+
+def _emptied_folders(found: Comparison, listed_ns: int) -> dict[str, int]:
+    """{folder: live images} of the folders that held live images of the run and are there
+    now with nothing in them, unchanged since the manifest was last written (`listed_ns`):
+    the mount point of a file system that is not mounted looks so. Deleting a folder's files
+    changes its modification time, so a folder emptied by hand since is an ordinary removal,
+    as is a folder deleted."""
+    still = {os.path.dirname(r["path"]) for r in found.rows if not r["removed"]}
+    still |= {os.path.dirname(key) for key, *_ in found.new}
+    held: dict[str, int] = {}
+    for r in found.retired:
+        if r["replaced_by"] != -1:  # gone, not edited
+            folder = os.path.dirname(r["path"])
+            held[folder] = held.get(folder, 0) + 1
+    return {folder: n for folder, n in held.items()
+            if folder not in still and _empty_and_untouched(found.root / folder, listed_ns)}
+
+
+def _empty_and_untouched(path: Path, since_ns: int) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None and path.stat().st_mtime_ns < since_ns
+    except OSError:  # gone, not a folder, or unreadable (then its images were kept, see compare)
+        return False
+
+
+def _under_unavailable(live: dict[str, dict], root: Path, skipped: list[tuple[str, str]]) -> set[str]:
+    """The live paths at or under a path the listing could not read (a folder it could not
+    open, a link to nothing, a file it could not stat): unknown, not gone. Retiring them would
+    delete their features, and when the share came back every one would get a new id."""
+    places = {path for path, reason in skipped if reason.startswith(UNAVAILABLE)}
+    if not places:
+        return set()
+    prefixes = tuple(os.path.join(place, "") for place in places)
+    absolute = {key: key if os.path.isabs(key) else str(root / key) for key in live}
+    return {key for key, path in absolute.items() if path in places or path.startswith(prefixes)}
 
 
 @contextmanager
@@ -313,9 +386,9 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
         progress: bool = False) -> ManifestSummary:
     """Create or update `manifest.parquet` and `run.json` for the images in `images`; `check`:
     how a stored file's edit is told (stat | mtime | content, see the module's docstring);
-    `allow_empty`: retire every image of the run when `images` lists none (otherwise refused:
-    a folder whose file system is not mounted looks empty). One update of a run at a time
-    (`updating`)."""
+    `allow_empty`: retire the run's images when `images` lists none, or those of a folder that
+    is empty now (otherwise refused: a folder whose file system is not mounted looks empty).
+    One update of a run at a time (`updating`)."""
     with updating(rd):
         return _update(rd, images, num_shards=num_shards, shard_size=shard_size, model=model, weights=weights,
                        check=check, allow_empty=allow_empty, progress=progress)
@@ -344,6 +417,14 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
         raise ParamError("allow_empty", f"{images} lists no image now, but run {rd.root} has {live_before}: a folder "
                                         "whose file system is not mounted looks empty. Nothing was changed; if they "
                                         "are gone for good, retire them all with <allow_empty>")
+    if old and (emptied := _emptied_folders(found, rd.manifest.stat().st_mtime_ns)) and not allow_empty:
+        (folder, count), *more = sorted(emptied.items(), key=lambda item: (-item[1], item[0]))
+        others = f" (and {plural(len(more), 'other folder')}: {', '.join(f for f, _ in more[:3])}" \
+                 f"{', ...' if len(more) > 3 else ''})" if more else ""
+        raise ParamError("allow_empty", f"{root / folder} is empty now, but run {rd.root} has "
+                                        f"{plural(count, 'image')} from it{others}: a folder whose file system is not "
+                                        "mounted looks empty. Nothing was changed; if they are gone for good, retire "
+                                        "them with <allow_empty>")
     if shard_size is None:
         if num_shards is not None:
             shard_size = max(1, math.ceil(len(new) / num_shards))
@@ -395,7 +476,7 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
         shards=len({r["shard"] for r in rows if not r["removed"]}), new_shards=new_shards,
         seconds=time.perf_counter() - start, edited=edited, retired_now=len(retired) - edited,
         invalidated_shards=invalidated, skipped=found.skipped, reread=found.reread, relabelled=found.relabelled,
-        unreadable=len(unreadable),
+        unreadable=len(unreadable), unavailable=found.unavailable,
     )
 
 

@@ -29,8 +29,9 @@ class ManifestOptions(Options):
                         help="how a listed file's edit is told: stat (size, mtime and ctime; a file whose stat moved "
                              "is read and hashed), mtime (size and mtime only: for filesystems whose ctime moves on "
                              "its own) or content (every file read and hashed: slow, catches anything)")
-    allow_empty: bool = option(False, help="retire every image of the run when the source lists none (otherwise "
-                                           "refused: a folder whose file system is not mounted looks empty)")
+    allow_empty: bool = option(False, help="retire the run's images when the source lists none, or those of a "
+                                           "folder that is empty now (otherwise refused: a folder whose file system "
+                                           "is not mounted looks empty)")
 
 
 def run(rd: RunDir, options: ManifestOptions, progress: bool = True) -> manifest.ManifestSummary:

@@ -11,6 +11,7 @@ import pytest
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
+from featscope.pipelines.app.status import status
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import file_digest
 from featscope.pipelines.core.rundir import ID_KEYED, RunDir
@@ -111,6 +112,86 @@ def test_a_source_that_lists_no_image_retires_nothing_unless_asked(tmp_path):
     done = manifest.run(rd, tmp_path / "unmounted", allow_empty=True)  # gone for good, as asked
     assert (done.total, done.retired_now) == (0, 2) and not rd.feature_part("pool", 0).exists()
     assert manifest.run(rd, tmp_path / "unmounted").total == 0  # nothing live left to protect
+
+
+def test_images_a_listing_cannot_read_now_are_kept_not_retired(tmp_path, monkeypatch):
+    """A label folder linked to a share that is not mounted, a folder that cannot be opened,
+    a file that cannot be stat'ed: each used to be left out of the listing in silence (the
+    link, the file) or with a word (the folder), and its images were retired, their features
+    deleted, and given new ids when they came back. Unknown is not gone: they are kept."""
+    images, share = tmp_path / "images", tmp_path / "share"
+    touch_images(images, ["a/1.png", "a/2.png", "b/1.png", "b/2.png"])
+    touch_images(share, ["1.png", "2.png"])
+    os.symlink(share, images / "c")
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, images)
+    listed = rd.manifest.read_bytes()
+    ids = {k: r["image_id"] for k, r in rows(rd).items()}
+    assert len(ids) == 6
+
+    share.rename(tmp_path / "away")  # the link now points at nothing
+    real_scandir, real_stat = os.scandir, os.stat
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("/images/b"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    def stat(path, *args, **kwargs):
+        if os.fspath(path).endswith("/images/a/2.png"):
+            raise OSError(5, "Input/output error", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", scandir)
+        m.setattr(os, "stat", stat)
+        s = manifest.run(rd, images)
+        assert (s.retired_now, s.added, s.unavailable) == (0, 0, 5)
+        assert "5 images kept as they were" in s.line()
+        assert sorted(why.split(" (")[0] for _, why in s.skipped) == [
+            "broken link", "unreadable file", "unreadable folder"]
+        assert rd.manifest.read_bytes() == listed  # nothing retired, nothing renumbered
+        pending = status(rd)
+        assert pending.pending["vanished"] == 0 and "5 live images under a folder, link or file not readable" in \
+            "\n".join(pending.lines)
+    (tmp_path / "away").rename(share)
+    s = manifest.run(rd, images)  # back: the same ids, nothing to redo
+    assert (s.retired_now, s.added, s.unavailable, s.skipped) == (0, 0, 0, [])
+    assert {k: r["image_id"] for k, r in rows(rd).items()} == ids
+
+
+def test_a_folder_found_empty_and_untouched_retires_nothing_unless_asked(tmp_path):
+    """A label folder that is there, empty, and unchanged since the last update is what the
+    mount point of a file system that is not mounted looks like: its images used to be
+    retired and their shards extracted again, and when the folder came back every image got
+    a new id. A folder whose files were deleted (which touches it), or a folder deleted, is an
+    ordinary removal."""
+    images = tmp_path / "images"
+    touch_images(images, ["a/1.png", "a/2.png", "b/1.png", "b/2.png", "b/3.png", "c/1.png", "d/1.png", "d/2.png"])
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, images)
+    listed = rd.manifest.read_bytes()
+
+    def unmount(folder):  # what is left: the mount point, as old as when it was made
+        for path in folder.iterdir():
+            path.unlink()
+        os.utime(folder, ns=(1_000_000_000, 1_000_000_000))
+
+    unmount(images / "b")
+    with pytest.raises(ParamError, match=r"images/b is empty now, but run .* has 3 images from it: .*Nothing was "
+                                         r"changed") as refused:
+        manifest.run(rd, images)
+    assert refused.value.param == "allow_empty" and rd.manifest.read_bytes() == listed
+    (images / "c" / "1.png").unlink()  # deleted by hand: the folder is touched
+    shutil.rmtree(images / "d")  # a folder deleted
+    with pytest.raises(ParamError, match="images/b is empty now"):
+        manifest.run(rd, images)
+    touch_images(images, ["b/1.png", "b/2.png", "b/3.png"])  # mounted again
+    s = manifest.run(rd, images)
+    assert (s.retired_now, s.added) == (3, 0)  # c/1.png and the two of d
+    unmount(images / "a")
+    s = manifest.run(rd, images, allow_empty=True)  # gone for good, as asked
+    assert (s.retired_now, s.total) == (2, 3)
 
 
 def test_the_listing_changes_when_an_extraction_records_unreadable_images(tmp_path):
