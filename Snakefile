@@ -187,6 +187,14 @@ if workflow.is_main_process:
         raise SystemExit(f"featscope: error: {e}")
 
 
+def grey_drawn(record):
+    """A params value for a rule whose output can hold grey stand-ins for images it could not
+    read: when its job last drew one, from the job's record. A job that draws grey changes it,
+    so Snakemake's params trigger runs the rule again on the next invocation, and again while
+    an image stays unreadable; a job that draws none keeps it, so the rule then rests."""
+    return str(record.get("grey_drawn_ns") or "")
+
+
 def parts_of(layers):
     """Every shard's feature part of `layers`."""
     return [str(RD.feature_part(layer, shard)) for shard in shards() for layer in layers]
@@ -340,6 +348,7 @@ rule neighbours:
         **res("neighbours"),
     params:
         cmd=lambda wildcards: command("neighbours", layer=wildcards.layer, ids=INDEX["queries"], k=INDEX["k"]),
+        grey=lambda wildcards: grey_drawn(RD.read_neighbour_greys(wildcards.layer)),
     shell:
         "{params.cmd}"
 
@@ -368,6 +377,7 @@ rule topk_render:
         **res("topk_render"),
     params:
         cmd=lambda wildcards: command("topk render", TOPK, layer=wildcards.layer, k=None),  # k: extraction's
+        grey=lambda wildcards: grey_drawn(RD.read_patches_record(wildcards.layer)),
     shell:
         "{params.cmd}"
 

@@ -138,6 +138,13 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     for layer in rd.index_layers():
         meta = json.loads(rd.index_meta(layer).read_text())
         describe("index", layer, _ids(rd.index_dir(layer) / "ids.parquet"), f" ({meta.get('factory')})")
+    for layer in sorted(p.stem for p in (rd.root / "neighbours").glob("*.jpg")):
+        if greys := rd.greyed_neighbours(layer):
+            out.stale.append(f"neighbours {layer}")
+            out.lines.append(f"neighbours {layer}: sheet with {plural(len(greys), 'grey tile')}, images that could not "
+                             f"be read when it was drawn (ids {', '.join(map(str, greys[:5]))}"
+                             f"{', ...' if len(greys) > 5 else ''}): the next workflow run or `featscope neighbours` "
+                             "draws it again")
     for layer in rd.topk_layers():
         ids = _ids(rd.topk(layer))
         gone = int(np.isin(ids, live, invert=True).sum())
@@ -156,10 +163,10 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                 f", {len(older)} drawn from an earlier top-k (units {', '.join(map(str, older[:5]))}"
                 f"{', ...' if len(older) > 5 else ''})" if older else "") + (
                 f"; {len(greyed)} with a grey patch, an image that could not be read (units "
-                f"{', '.join(map(str, greyed[:5]))}{', ...' if len(greyed) > 5 else ''}: `featscope topk render` "
-                "draws them again)" if greyed else ""))
-        if older:
-            out.stale.append(f"patches {layer}")
+                f"{', '.join(map(str, greyed[:5]))}{', ...' if len(greyed) > 5 else ''}: the next workflow run or "
+                "`featscope topk render` draws them again)" if greyed else ""))
+            if older or greyed:
+                out.stale.append(f"patches {layer}")
     for layer in sorted(p.name for p in (rd.root / "units").glob("*") if p.is_dir()):
         pictures = {"visualisations": "unit-*.png", "atlas": "atlas/cell-*.png"}  # what each table describes
         for name, path in (("visualisations", rd.units_table(layer)), ("labels", rd.units_labels(layer)),

@@ -242,6 +242,21 @@ class RunDir:
     def neighbour_sheet(self, layer: str) -> Path:
         return self.root / "neighbours" / f"{layer}.jpg"
 
+    def neighbour_greys(self, layer: str) -> Path:
+        """What the last drawing of a neighbour sheet could not read: {"ids": the images drawn as
+        grey tiles, "grey_drawn_ns": when a drawing last had any} (hidden: bookkeeping)."""
+        return self.root / "neighbours" / f".{layer}.grey.json"
+
+    def read_neighbour_greys(self, layer: str) -> dict:
+        try:
+            return json.loads(self.neighbour_greys(layer).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def greyed_neighbours(self, layer: str) -> list[int]:
+        """The images a neighbour sheet drew grey, unreadable then (the workflow draws it again)."""
+        return self.read_neighbour_greys(layer).get("ids", [])
+
     def saliency_dir(self, method: str) -> Path:
         return self.root / "saliency" / method
 

@@ -3,6 +3,7 @@ them, in pixel space — the seed's picture of why CNN features beat raw pixels.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
@@ -21,13 +22,16 @@ from featscope.pipelines.core.text import plural
 CAPTION = 14
 MARGIN = 6
 LEGEND = 120
+GREY = (90, 90, 90)
 
 
-def _tile(path: str, side: int) -> Image.Image:
+def _tile(path: str, side: int) -> Image.Image | None:
+    """The image as a square tile, or None where it cannot be read now (every image in an
+    index was read once, at extraction, so this is a share away or a file being replaced)."""
     try:
         return ImageOps.fit(open_image(path, min_size=side), (side, side))
     except BadImage:
-        return Image.new("RGB", (side, side), (90, 90, 90))
+        return None
 
 
 def live_queries(rd: RunDir, image_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -48,7 +52,9 @@ def live_queries(rd: RunDir, image_ids: list[int]) -> tuple[list[int], list[int]
 
 def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: int = 112,
            out: str | Path | None = None) -> Path:
-    """Write a JPEG sheet: per query, a feature-space row and (if indexed) a pixel-space row."""
+    """Write a JPEG sheet: per query, a feature-space row and (if indexed) a pixel-space row.
+    An image that cannot be read is a grey tile; the run's own sheet records those
+    (`RunDir.neighbour_greys`), so status names them and the workflow draws it again."""
     if not image_ids:
         raise FeatscopeError("give at least one query image id")
     spaces = [(layer, open_index(rd, layer))]
@@ -61,6 +67,14 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     width = LEGEND + (k + 1) * (tile + MARGIN) + MARGIN
     sheet = Image.new("RGB", (width, MARGIN + len(image_ids) * (len(spaces) * row_h + MARGIN)), "white")
     draw = ImageDraw.Draw(sheet)
+    greys: set[int] = set()
+
+    def paste(image_id: int, x: int, y: int) -> None:
+        tile_image = _tile(rows[image_id]["path"], tile)
+        if tile_image is None:
+            greys.add(image_id)
+        sheet.paste(tile_image or Image.new("RGB", (tile, tile), GREY), (x, y))
+
     y = MARGIN
     for query in image_ids:
         for s, (name, index) in enumerate(spaces):
@@ -70,14 +84,14 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
                       fill="black", font=font)
             x = LEGEND
             if s == 0:
-                sheet.paste(_tile(rows[query]["path"], tile), (x, y))
+                paste(query, x, y)
                 draw.rectangle((x - 2, y - 2, x + tile + 1, y + tile + 1), outline=(220, 40, 40), width=2)
                 label = rows[query]["label"]
                 draw.text((x, y + tile + 1), f"query {query}" + (f" ({label})" if label else ""), fill="black",
                           font=font)
             x += tile + MARGIN
             for image_id, distance in neighbours:
-                sheet.paste(_tile(rows[image_id]["path"], tile), (x, y))
+                paste(image_id, x, y)
                 draw.text((x, y + tile + 1), f"{rows[image_id]['label'] or image_id} · d {distance:.2f}",
                           fill="black", font=font)
                 x += tile + MARGIN
@@ -86,6 +100,13 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     path = Path(out) if out else rd.neighbour_sheet(layer)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="JPEG", quality=90)
+    if path == rd.neighbour_sheet(layer):  # the run's own sheet: what status and the workflow read
+        record = rd.neighbour_greys(layer)
+        before = rd.read_neighbour_greys(layer)
+        if greys or before.get("ids"):  # `grey_drawn_ns` (when a sheet was last drawn with grey tiles) makes
+            # the workflow's next run draw it again; it is kept after, so that run is the last
+            write_json_atomic(record, {"ids": sorted(greys),
+                                       "grey_drawn_ns": time.time_ns() if greys else before.get("grey_drawn_ns")})
     return path
 
 
@@ -104,6 +125,9 @@ def run(rd: RunDir, options: NeighboursOptions) -> str:
     live, retired = live_queries(rd, options.ids)
     path = render(rd, options.layer, live, k=options.k, tile=options.tile, out=options.out)
     line = f"neighbours: sheet of {plural(len(live), 'query', 'queries')} x {options.k} neighbours at {path}"
+    if path == rd.neighbour_sheet(options.layer) and (greys := rd.greyed_neighbours(options.layer)):
+        line += (f"; {plural(len(greys), 'image')} could not be read now, grey (ids {', '.join(map(str, greys[:5]))}"
+                 f"{', ...' if len(greys) > 5 else ''}; the next workflow run draws the sheet again)")
     if retired:
         line += f"; left out {plural(len(retired), 'query')} no longer in the dataset ({', '.join(map(str, retired))})"
     return line

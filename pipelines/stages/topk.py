@@ -248,6 +248,7 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     if not units:
         raise FeatscopeError(f"none of the requested units is in topk/{layer}.parquet (units 0-{all_units[-1]})")
     drawn = _drawn(rd, layer, k, tile, show)
+    grey_drawn_ns = rd.read_patches_record(layer).get("grey_drawn_ns")  # kept until a render greys again
     rows_of = defaultdict(list)
     for r in table:
         if r["rank"] < k:
@@ -298,10 +299,12 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
             strip.save(tmp, format="PNG")
     # the strips drawn before of units not asked for this time stay listed while still current
     listed = sorted(set(units) | current)
-    # a strip with a grey patch is recorded apart from its signature, so the next render draws it again
-    write_json_atomic(rd.patches_record(layer), {"k": k, "tile": tile, "show": show,
-                                                 "units": {str(u): signature[u] + ([[GREY_PATCH]] if u in greyed else [])
-                                                           for u in listed}})
+    # a strip with a grey patch is recorded apart from its signature, so the next render draws it
+    # again; `grey_drawn_ns` (when a render last drew one) makes the workflow's next run render
+    write_json_atomic(rd.patches_record(layer), {
+        "k": k, "tile": tile, "show": show,
+        "units": {str(u): signature[u] + ([[GREY_PATCH]] if u in greyed else []) for u in listed},
+        "grey_drawn_ns": time.time_ns() if greyed else grey_drawn_ns})
     sheet = _contact_sheet([strips[u] for u in units])
     with atomic_path(rd.patch_sheet(layer)) as tmp:
         sheet.save(tmp, format="PNG")

@@ -1,11 +1,16 @@
 """The workflow through `snakemake` itself: a run of every stage, a no-op rerun, a config error."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from helpers import snakemake, write_dataset
+
+from featscope.pipelines.core.rundir import RunDir
 
 
 @pytest.mark.slow
@@ -84,6 +89,24 @@ def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
 
     again = snakemake(tmp_path, configfile)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr
+
+    # Images that cannot be read while a neighbour sheet and patch strips are drawn (a share
+    # away for a minute) are grey stand-ins: the next run draws those again, and then rests.
+    images.rename(tmp_path / "away")
+    for args in (["neighbours", "--layer", "pool", "--ids", "0,5", "--k", "3"],
+                 ["topk", "render", "--layer", "layer3", "--units", "0-3", "--tile", "40"]):  # (drawn anew)
+        drawn = subprocess.run([str(Path(sys.executable).with_name("featscope")), *args, "--run", str(run)],
+                               capture_output=True, text=True)
+        assert drawn.returncode == 0, drawn.stderr[-2000:]
+    (tmp_path / "away").rename(images)
+    grey = RunDir(run)
+    assert grey.greyed_neighbours("pool") and grey.greyed_strips("layer3") == [0, 1, 2, 3]
+    redrawn = snakemake(tmp_path, configfile)
+    assert redrawn.returncode == 0, redrawn.stderr[-3000:]
+    assert "rule neighbours:" in redrawn.stderr and "rule topk_render:" in redrawn.stderr
+    assert grey.greyed_neighbours("pool") == [] and grey.greyed_strips("layer3") == []
+    rested = snakemake(tmp_path, configfile, "-n")
+    assert "Nothing to be done" in rested.stdout + rested.stderr
 
     # growth, removals and edits: tests/e2e/test_changing_dataset.py
 

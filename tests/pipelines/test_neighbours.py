@@ -13,6 +13,7 @@ from PIL import Image
 from featscope.index import NeighbourIndex, build_index
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
+from featscope.pipelines.core.neighbours import neighbours_of, open_index
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.stages import extract
 from featscope.pipelines.stages import index as neighbours
@@ -157,6 +158,33 @@ def test_sheet_has_a_feature_and_a_pixel_row_per_query(indexed_run):
     assert img.size == (sheets.LEGEND + 4 * (40 + margin) + margin, margin + 2 * (2 * (40 + caption + margin) + margin))
     with pytest.raises(FeatscopeError, match="image_id 77 is not in run"):
         sheets.render(indexed_run, "pool", [77])
+
+
+def test_a_sheet_drawn_while_an_image_could_not_be_read_is_named_until_drawn_again(indexed_run):
+    """A grey tile stood in for a neighbour that could not be read when the sheet was drawn,
+    and stayed until the index next changed: nothing said so, and reruns kept it."""
+    from featscope.pipelines.app.status import status
+
+    rd = indexed_run
+    found = neighbours_of(open_index(rd, "pool"), [1], 3).image_ids[0]
+    path = Path(next(r["path"] for r in manifest.read(rd).to_pylist() if r["image_id"] == found[1]))
+    kept = path.read_bytes()
+    path.unlink()  # away while the sheet is drawn
+    line = sheets.run(rd, sheets.NeighboursOptions(layer="pool", ids=[1], k=3))
+    assert rd.greyed_neighbours("pool") == [int(found[1])]
+    assert f"1 image could not be read now, grey (ids {found[1]}" in line
+    tile = Image.open(rd.neighbour_sheet("pool")).convert("RGB").crop(
+        (sheets.LEGEND + 2 * (112 + sheets.MARGIN) + 20, sheets.MARGIN + 20,
+         sheets.LEGEND + 2 * (112 + sheets.MARGIN) + 90, sheets.MARGIN + 90))
+    assert np.abs(np.asarray(tile, dtype=int) - sheets.GREY).max() <= 3  # the neighbour's tile is grey
+    now = status(rd)
+    assert "neighbours pool" in now.stale
+    assert any(ln.startswith("neighbours pool: sheet with 1 grey tile") for ln in now.lines)
+    path.write_bytes(kept)
+    sheets.render(rd, "pool", [1], k=3, out=rd.root / "elsewhere.jpg")  # another file: the run's record stays
+    assert rd.greyed_neighbours("pool") == [int(found[1])]
+    sheets.render(rd, "pool", [1], k=3)
+    assert rd.greyed_neighbours("pool") == [] and "neighbours pool" not in status(rd).stale
 
 
 def test_the_evaluation_table_shows_every_label_by_its_full_name():

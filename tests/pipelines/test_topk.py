@@ -142,6 +142,7 @@ def test_a_strip_drawn_while_an_image_could_not_be_read_is_drawn_again_once_it_c
     assert rd.greyed_strips("layer3") == units
     patches = next(line for line in status(rd).lines if "patch strips" in line)
     assert f"{len(units)} with a grey patch" in patches and "`featscope topk render` draws them again" in patches
+    assert "patches layer3" in status(rd).stale  # and the workflow's next run draws them again (see the Snakefile)
     path.write_bytes(kept)
     again = topk.render(rd, "layer3", units=[0, 1, 2, 3], tile=16, progress=False)
     assert again.drawn == len(units) and rd.greyed_strips("layer3") == []  # those, and only those, drawn again
