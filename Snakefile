@@ -24,7 +24,7 @@ from featscope.pipelines.app import config as fsconfig
 from featscope.pipelines.app.workflow_cache import WorkflowCache, default_directory
 from featscope.pipelines.core import history as fshistory
 from featscope.pipelines.core import manifest as fsmanifest
-from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.rundir import UNREADABLE_AT, RunDir, read_record
 
 # The validated config and every job's command line are kept between starts (see
 # workflow_cache): working them out imports every stage module, torch included.
@@ -187,12 +187,13 @@ if workflow.is_main_process:
         raise SystemExit(f"featscope: error: {e}")
 
 
-def grey_drawn(record):
-    """A params value for a rule whose output can hold grey stand-ins for images it could not
-    read: when its job last drew one, from the job's record. A job that draws grey changes it,
-    so Snakemake's params trigger runs the rule again on the next invocation, and again while
-    an image stays unreadable; a job that draws none keeps it, so the rule then rests."""
-    return str(record.get("grey_drawn_ns") or "")
+def unreadable_met(record):
+    """A params value for a rule whose jobs can meet images they cannot read now (a share
+    away): when one last did, as the job's bookkeeping `record` keeps it. A job that meets
+    one changes it, so Snakemake's params trigger runs the rule again on the next invocation,
+    and again while the image stays unreadable; a job that meets none keeps it, so the rule
+    then rests. (Grey tiles and patches stand in for such images meanwhile.)"""
+    return str(read_record(record).get(UNREADABLE_AT) or "")
 
 
 def parts_of(layers):
@@ -348,7 +349,7 @@ rule neighbours:
         **res("neighbours"),
     params:
         cmd=lambda wildcards: command("neighbours", layer=wildcards.layer, ids=INDEX["queries"], k=INDEX["k"]),
-        grey=lambda wildcards: grey_drawn(RD.read_neighbour_greys(wildcards.layer)),
+        unreadable=lambda wildcards: unreadable_met(RD.neighbour_greys(wildcards.layer)),
     shell:
         "{params.cmd}"
 
@@ -377,7 +378,7 @@ rule topk_render:
         **res("topk_render"),
     params:
         cmd=lambda wildcards: command("topk render", TOPK, layer=wildcards.layer, k=None),  # k: extraction's
-        grey=lambda wildcards: grey_drawn(RD.read_patches_record(wildcards.layer)),
+        unreadable=lambda wildcards: unreadable_met(RD.patches_record(wildcards.layer)),
     shell:
         "{params.cmd}"
 
@@ -436,6 +437,7 @@ rule saliency:
     params:
         cmd=lambda wildcards, threads: command("saliency compute", SALIENCY, method=wildcards.method,
                                                **LOCAL_WORKERS(threads)),
+        unreadable=lambda wildcards: unreadable_met(RD.saliency_unreadable(wildcards.method)),
     shell:
         "{params.cmd}"
 

@@ -204,7 +204,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         out.lines.append(f"saliency {method}: {plural(len(maps), 'map')}" + (f", {gone} of retired images" if gone
                                                                                else "")
                          + (f"; {plural(failed, 'selected image')} without one: could not be read (errors.parquet; "
-                            "`featscope saliency compute` tries again)" if failed else ""))
+                            "the workflow's next run or `featscope saliency compute` tries again)" if failed else ""))
         if gone:
             out.stale.append(f"saliency {method}")
         evaluated = read_evaluation(rd, method)

@@ -22,6 +22,10 @@ from featscope.pipelines.core.atomic import holding, write_json_atomic
 
 THUMB_FOLDER = 1000  # thumbnails per folder of the report (the pages compute the same path)
 GREY_PATCH = "unreadable"  # a patch record row of a strip with a grey patch (an image that could not be read)
+# A stage's record key: when a run of it last met an image it could not read (a share away),
+# kept until one does again. The workflow's rule carries it in its params, so Snakemake runs
+# the rule again on its next invocation while the image stays unreadable, and then rests.
+UNREADABLE_AT = "unreadable_ns"
 
 # What the stages write keyed by image id, or draw from such outputs, relative to the run: a
 # manifest made anew would give those ids to other images (`RunDir.id_keyed_outputs`).
@@ -165,10 +169,7 @@ class RunDir:
 
     def read_patches_record(self, layer: str) -> dict:
         """The record a finished `topk render` wrote ({} if there is none or it cannot be read)."""
-        try:
-            return json.loads(self.patches_record(layer).read_text())
-        except (OSError, ValueError):
-            return {}
+        return read_record(self.patches_record(layer))
 
     def drawn_strips(self, layer: str) -> dict[int, list[int]]:
         """unit -> the image ids, by rank, of the patch strip a finished `topk render` drew (in
@@ -244,14 +245,11 @@ class RunDir:
 
     def neighbour_greys(self, layer: str) -> Path:
         """What the last drawing of a neighbour sheet could not read: {"ids": the images drawn as
-        grey tiles, "grey_drawn_ns": when a drawing last had any} (hidden: bookkeeping)."""
+        grey tiles, "unreadable_ns": when a drawing last had any} (hidden: bookkeeping)."""
         return self.root / "neighbours" / f".{layer}.grey.json"
 
     def read_neighbour_greys(self, layer: str) -> dict:
-        try:
-            return json.loads(self.neighbour_greys(layer).read_text())
-        except (OSError, ValueError):
-            return {}
+        return read_record(self.neighbour_greys(layer))
 
     def greyed_neighbours(self, layer: str) -> list[int]:
         """The images a neighbour sheet drew grey, unreadable then (the workflow draws it again)."""
@@ -259,6 +257,11 @@ class RunDir:
 
     def saliency_dir(self, method: str) -> Path:
         return self.root / "saliency" / method
+
+    def saliency_unreadable(self, method: str) -> Path:
+        """{UNREADABLE_AT: when a saliency run last met a selected image it could not read}
+        (hidden: bookkeeping; not the summary, which Snakemake deletes before the job runs)."""
+        return self.saliency_dir(method) / ".unreadable.json"
 
     def saliency_map(self, method: str, image_id: int) -> Path:
         """The map at the original image's size, float16, with its target and score (.npz)."""
@@ -464,3 +467,11 @@ class RunDir:
             yield config
             if config != before:
                 write_json_atomic(self.run_json, config)
+
+
+def read_record(path: Path) -> dict:
+    """A stage's JSON bookkeeping record ({} if there is none or it cannot be read)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -16,7 +16,7 @@ from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
-from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.rundir import UNREADABLE_AT, RunDir
 from featscope.pipelines.core.text import plural
 
 CAPTION = 14
@@ -103,10 +103,9 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     if path == rd.neighbour_sheet(layer):  # the run's own sheet: what status and the workflow read
         record = rd.neighbour_greys(layer)
         before = rd.read_neighbour_greys(layer)
-        if greys or before.get("ids"):  # `grey_drawn_ns` (when a sheet was last drawn with grey tiles) makes
-            # the workflow's next run draw it again; it is kept after, so that run is the last
+        if greys or before.get("ids"):  # UNREADABLE_AT: when a drawing last had grey tiles (kept after)
             write_json_atomic(record, {"ids": sorted(greys),
-                                       "grey_drawn_ns": time.time_ns() if greys else before.get("grey_drawn_ns")})
+                                       UNREADABLE_AT: time.time_ns() if greys else before.get(UNREADABLE_AT)})
     return path
 
 

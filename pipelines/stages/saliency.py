@@ -40,9 +40,9 @@ from featscope.pipelines.core.device import (
     PRECISIONS,
     resolve_precision,
 )
-from featscope.pipelines.core.images import BadImage, read_pixels
+from featscope.pipelines.core.images import BadImage, Unreadable, read_pixels
 from featscope.pipelines.core.options import Command, Group, Options, option
-from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.rundir import UNREADABLE_AT, RunDir
 from featscope.pipelines.core.store import write_errors, write_table
 from featscope.pipelines.core.text import plural, rate
 from featscope.pipelines.core.workers import (
@@ -239,9 +239,9 @@ def explain_batch(root: str, options: SaliencyOptions, ref: ModelRef, rows: list
         start = time.perf_counter()
         try:
             pixels = read_pixels(row["path"])
-        except BadImage as e:
+        except BadImage as e:  # unreadable (a share away): the workflow's next run tries it again
             errors.append({"image_id": row["image_id"], "path": row["path"], "stage": f"saliency-{options.method}",
-                           "error": "bad_image", "message": str(e)})
+                           "error": "unreadable" if isinstance(e, Unreadable) else "bad_image", "message": str(e)})
             continue
         view = model_view(pixels, prep)
         x = prep.normalize(view[None].to(device))
@@ -358,6 +358,8 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
                     errors += result["errors"]
                     bar.update(len(result["summaries"]) + len(result["errors"]))
     _write_summary(rd, options, rows, summaries, ref)
+    if any(e["error"] == "unreadable" for e in errors):  # the workflow's next run tries again
+        write_json_atomic(rd.saliency_unreadable(method), {UNREADABLE_AT: time.time_ns()})
     _write_errors(rd, method, live, errors, attempted={r["image_id"] for r in todo})
     return SaliencySummary(method, len(rows), len(summaries), len(rows) - len(todo), len(errors), used_workers,
                            time.perf_counter() - start, rd.saliency_dir(method), retired)

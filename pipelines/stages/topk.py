@@ -32,7 +32,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
 from featscope.pipelines.core.images import BadImage, image_size, open_image
 from featscope.pipelines.core.options import Command, Options, option, parse_units
-from featscope.pipelines.core.rundir import GREY_PATCH, RunDir
+from featscope.pipelines.core.rundir import GREY_PATCH, UNREADABLE_AT, RunDir
 from featscope.pipelines.core.store import (
     RunIdentity,
     candidates_run_short,
@@ -248,7 +248,7 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     if not units:
         raise FeatscopeError(f"none of the requested units is in topk/{layer}.parquet (units 0-{all_units[-1]})")
     drawn = _drawn(rd, layer, k, tile, show)
-    grey_drawn_ns = rd.read_patches_record(layer).get("grey_drawn_ns")  # kept until a render greys again
+    met_unreadable = rd.read_patches_record(layer).get(UNREADABLE_AT)  # kept until a render greys again
     rows_of = defaultdict(list)
     for r in table:
         if r["rank"] < k:
@@ -300,11 +300,11 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     # the strips drawn before of units not asked for this time stay listed while still current
     listed = sorted(set(units) | current)
     # a strip with a grey patch is recorded apart from its signature, so the next render draws it
-    # again; `grey_drawn_ns` (when a render last drew one) makes the workflow's next run render
+    # again; UNREADABLE_AT: when a render last drew one (kept after)
     write_json_atomic(rd.patches_record(layer), {
         "k": k, "tile": tile, "show": show,
         "units": {str(u): signature[u] + ([[GREY_PATCH]] if u in greyed else []) for u in listed},
-        "grey_drawn_ns": time.time_ns() if greyed else grey_drawn_ns})
+        UNREADABLE_AT: time.time_ns() if greyed else met_unreadable})
     sheet = _contact_sheet([strips[u] for u in units])
     with atomic_path(rd.patch_sheet(layer)) as tmp:
         sheet.save(tmp, format="PNG")

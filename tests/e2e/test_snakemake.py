@@ -90,21 +90,26 @@ def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
     again = snakemake(tmp_path, configfile)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr
 
-    # Images that cannot be read while a neighbour sheet and patch strips are drawn (a share
-    # away for a minute) are grey stand-ins: the next run draws those again, and then rests.
+    # Images that cannot be read while a neighbour sheet, patch strips or a saliency map are
+    # made (a share away for a minute) are grey stand-ins or no map: the next run makes those
+    # again, and then rests.
+    (run / "saliency" / "gradcam" / f"{photo_ids[0]}.npz").unlink()
     images.rename(tmp_path / "away")
     for args in (["neighbours", "--layer", "pool", "--ids", "0,5", "--k", "3"],
-                 ["topk", "render", "--layer", "layer3", "--units", "0-3", "--tile", "40"]):  # (drawn anew)
+                 ["topk", "render", "--layer", "layer3", "--units", "0-3", "--tile", "40"],  # (drawn anew)
+                 ["saliency", "compute", "--method", "gradcam", "--select", "label=photo", "--workers", "1",
+                  "--segment"]):
         drawn = subprocess.run([str(Path(sys.executable).with_name("featscope")), *args, "--run", str(run)],
                                capture_output=True, text=True)
-        assert drawn.returncode == 0, drawn.stderr[-2000:]
+        assert drawn.returncode == (1 if args[0] == "saliency" else 0), drawn.stderr[-2000:]  # 1: every map failed
     (tmp_path / "away").rename(images)
     grey = RunDir(run)
     assert grey.greyed_neighbours("pool") and grey.greyed_strips("layer3") == [0, 1, 2, 3]
     redrawn = snakemake(tmp_path, configfile)
     assert redrawn.returncode == 0, redrawn.stderr[-3000:]
-    assert "rule neighbours:" in redrawn.stderr and "rule topk_render:" in redrawn.stderr
+    assert all(f"rule {rule}:" in redrawn.stderr for rule in ("neighbours", "topk_render", "saliency"))
     assert grey.greyed_neighbours("pool") == [] and grey.greyed_strips("layer3") == []
+    assert (run / "saliency" / "gradcam" / f"{photo_ids[0]}.npz").exists()
     rested = snakemake(tmp_path, configfile, "-n")
     assert "Nothing to be done" in rested.stdout + rested.stderr
 

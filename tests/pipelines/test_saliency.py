@@ -23,7 +23,7 @@ from featscope.pipelines.app.cli import main as cli
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.images import read_pixels
 from featscope.pipelines.core.models import load_model
-from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.rundir import UNREADABLE_AT, RunDir, read_record
 from featscope.pipelines.core.store import read_errors
 from featscope.pipelines.stages import saliency
 
@@ -121,10 +121,19 @@ def test_an_image_unreadable_for_a_while_is_named_by_status_and_mapped_by_the_ne
     assert saliency.run(run, options, progress=False).computed == 0
     said = [line for line in status(run).lines if line.startswith("saliency gradcam")]
     assert said == ["saliency gradcam: 0 maps; 1 selected image without one: could not be read (errors.parquet; "
-                    "`featscope saliency compute` tries again)"]
+                    "the workflow's next run or `featscope saliency compute` tries again)"]
+    assert read_errors(run.errors_dir)["error"].to_pylist() == ["unreadable"]  # not `bad_image`: worth a retry
+    # what the workflow's saliency rule carries in its params: changed by a run that met an
+    # unreadable image (so the next invocation reruns it), kept by one that met none (it rests)
+    met = read_record(run.saliency_unreadable("gradcam")).get(UNREADABLE_AT)
+    assert met is not None
+    assert saliency.run(run, options, progress=False).computed == 0  # still away: met again
+    assert read_record(run.saliency_unreadable("gradcam")).get(UNREADABLE_AT) not in (None, met)
+    met = read_record(run.saliency_unreadable("gradcam")).get(UNREADABLE_AT)
     Path(photo["path"]).write_bytes(kept)
     assert saliency.run(run, options, progress=False).computed == 1
     assert [line for line in status(run).lines if line.startswith("saliency gradcam")] == ["saliency gradcam: 1 map"]
+    assert read_record(run.saliency_unreadable("gradcam")).get(UNREADABLE_AT) == met
 
 
 def test_selection_by_label_and_ids_and_clear_errors(run):
