@@ -91,7 +91,10 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         vanished = len(found.retired) - found.edited
         out.pending = {"new": len(found.new) - found.edited, "edited": found.edited, "vanished": vanished,
                        "relabelled": found.relabelled}
-        if found.changed:
+        if why := manifest.looks_unmounted(rd, source, found):
+            out.lines.append(f"images {source}: {why}; the workflow's manifest update refuses to retire them "
+                             "(`featscope manifest --allow-empty` does, if they are gone for good)")
+        elif found.changed:
             again = manifest.shards_to_redo(rd, found.retired, found.rows)
             out.lines.append(f"images {source}: {out.pending['new']} new, {found.edited} edited, {vanished} vanished, "
                              f"{found.relabelled} relabelled since the manifest; a rerun updates the manifest, "

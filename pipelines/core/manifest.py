@@ -160,7 +160,7 @@ def _walk(source: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, str |
             continue  # a loop through a symlink, or a folder linked twice: read once
         try:
             with os.scandir(folder) as listing:
-                entries = sorted(listing, key=lambda e: e.name)
+                entries = list(listing)
         except OSError:
             skipped.append((folder, UNREADABLE_FOLDER))
             continue
@@ -187,7 +187,7 @@ def _walk(source: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, str |
                     skipped.append((path, BROKEN_LINK))
             except OSError as e:  # there, but not readable now (a share's I/O error)
                 skipped.append((path, f"{UNREADABLE_FILE} ({e.strerror or e})"))
-        stack.extend(reversed(folders))  # depth first, in name order
+        stack.extend(sorted(folders, reverse=True))  # depth first, in name order (`scan` sorts the images)
     return items
 
 
@@ -338,6 +338,24 @@ def compare(rd: RunDir, images: str | Path, *, check: str = "stat", progress: bo
                       unavailable=len(unavailable))
 
 
+def looks_unmounted(rd: RunDir, images: str | Path, found: Comparison) -> str | None:
+    """Why the images an update would retire look unmounted rather than gone, or None: the
+    source lists no image while the run has some, or a folder of the run's images is there,
+    empty and untouched since the last update (`_emptied_folders`). An update refuses to
+    retire them unless asked (`allow_empty`), and status says so."""
+    live_before = sum(not r["removed"] for r in found.old)
+    if live_before and not found.new and len(found.retired) == live_before:
+        return (f"{images} lists no image now, but run {rd.root} has {live_before}: a folder whose file system is "
+                "not mounted looks empty")
+    if found.old and (emptied := _emptied_folders(found, rd.manifest.stat().st_mtime_ns)):
+        (folder, count), *more = sorted(emptied.items(), key=lambda item: (-item[1], item[0]))
+        others = f" (and {plural(len(more), 'other folder')}: {', '.join(f for f, _ in more[:3])}" \
+                 f"{', ...' if len(more) > 3 else ''})" if more else ""
+        return (f"{found.root / folder} is empty now, but run {rd.root} has {plural(count, 'image')} from it{others}: "
+                "a folder whose file system is not mounted looks empty")
+    return None
+
+
 def _emptied_folders(found: Comparison, listed_ns: int) -> dict[str, int]:
     """{folder: live images} of the folders that held live images of the run and are there
     now with nothing in them, unchanged since the manifest was last written (`listed_ns`):
@@ -416,19 +434,9 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
     found = compare(rd, images, check=check, progress=progress)
     root, old, rows, new, edited, retired = (found.root, found.old, found.rows, found.new, found.edited,
                                              found.retired)
-    live_before = sum(not r["removed"] for r in old)
-    if live_before and not new and len(retired) == live_before and not allow_empty:
-        raise ParamError("allow_empty", f"{images} lists no image now, but run {rd.root} has {live_before}: a folder "
-                                        "whose file system is not mounted looks empty. Nothing was changed; if they "
-                                        "are gone for good, retire them all with <allow_empty>")
-    if old and (emptied := _emptied_folders(found, rd.manifest.stat().st_mtime_ns)) and not allow_empty:
-        (folder, count), *more = sorted(emptied.items(), key=lambda item: (-item[1], item[0]))
-        others = f" (and {plural(len(more), 'other folder')}: {', '.join(f for f, _ in more[:3])}" \
-                 f"{', ...' if len(more) > 3 else ''})" if more else ""
-        raise ParamError("allow_empty", f"{root / folder} is empty now, but run {rd.root} has "
-                                        f"{plural(count, 'image')} from it{others}: a folder whose file system is not "
-                                        "mounted looks empty. Nothing was changed; if they are gone for good, retire "
-                                        "them with <allow_empty>")
+    if not allow_empty and (why := looks_unmounted(rd, images, found)):
+        raise ParamError("allow_empty", f"{why}. Nothing was changed; if they are gone for good, retire them with "
+                                        "<allow_empty>")
     if shard_size is None:
         if num_shards is not None:
             shard_size = max(1, math.ceil(len(new) / num_shards))

@@ -182,6 +182,8 @@ def test_a_folder_found_empty_and_untouched_retires_nothing_unless_asked(tmp_pat
                                          r"changed") as refused:
         manifest.run(rd, images)
     assert refused.value.param == "allow_empty" and rd.manifest.read_bytes() == listed
+    said = next(line for line in status(rd).lines if line.startswith("images "))
+    assert "images/b is empty now" in said and "manifest update refuses to retire them" in said
     (images / "c" / "1.png").unlink()  # deleted by hand: the folder is touched
     shutil.rmtree(images / "d")  # a folder deleted
     with pytest.raises(ParamError, match="images/b is empty now"):
