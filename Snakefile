@@ -267,6 +267,7 @@ rule report:
         **res("report"),
     params:
         cmd=lambda wildcards: command("report"),
+        unreadable=lambda wildcards: unreadable_met(RD.report_unreadable),
     shell:
         "{params.cmd}"
 

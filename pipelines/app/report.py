@@ -38,7 +38,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest, withdraw, write_bytes_atomic
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
-from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir
+from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir, record_unreadable
 from featscope.pipelines.core.store import read_errors, read_predictions
 from featscope.pipelines.core.timings import read_timings
 from featscope.pipelines.core.trust import (
@@ -50,7 +50,7 @@ from featscope.pipelines.core.trust import (
     read_sanity,
 )
 from featscope.pipelines.render.overlay import map_picture
-from featscope.pipelines.render.thumbnails import ensure_thumbnail, stored_thumbnails
+from featscope.pipelines.render.thumbnails import ensure_thumbnail, is_grey, stored_thumbnails
 
 ASSETS = Path(__file__).resolve().parent / "report_assets"
 SHARD = THUMB_FOLDER  # images per data file, as per thumbnail folder (the pages compute both)
@@ -366,6 +366,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     with ThreadPoolExecutor(threads) as pool:
         made = sum(tqdm(pool.map(lambda r: ensure_thumbnail(rd, r["image_id"], r["path"]), missing),
                         total=len(missing), desc="thumbnails", unit="img", disable=not progress))
+    # grey squares of images that could not be read: status names them, the workflow builds again
+    record_unreadable(rd.report_unreadable, [r["image_id"] for r in missing if is_grey(rd, r["image_id"])])
     ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
     neighbours, recomputed, lists_state = neighbour_lists(rd, ids, k, progress)
     saliency = _saliency(rd)

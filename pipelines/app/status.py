@@ -22,7 +22,7 @@ from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
-from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.rundir import RunDir, read_record
 from featscope.pipelines.core.store import file_metadata
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.trust import (
@@ -223,8 +223,12 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     run_js = rd.report_dir / "data" / "run.js"
     if run_js.exists():
         older = any(f.exists() and run_js.stat().st_mtime < f.stat().st_mtime for f in (rd.live_ids, rd.live_labels))
-        out.lines.append("report: " + ("stale: made before the last change of the dataset" if older else "current"))
-        if older:
+        greys = read_record(rd.report_unreadable).get("ids", [])
+        out.lines.append("report: " + ("stale: made before the last change of the dataset" if older else "current")
+                         + (f"; {plural(len(greys), 'image')} shown as a grey square, unreadable when it was built "
+                            f"(ids {', '.join(map(str, greys[:5]))}{', ...' if len(greys) > 5 else ''}): the next "
+                            "workflow run or `featscope report` builds it again" if greys else ""))
+        if older or greys:
             out.stale.append("report")
     runs = read_history(rd)
     if runs:

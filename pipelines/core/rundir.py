@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -244,23 +245,20 @@ class RunDir:
         return self.root / "neighbours" / f"{layer}.jpg"
 
     def neighbour_greys(self, layer: str) -> Path:
-        """What the last drawing of a neighbour sheet could not read: {"ids": the images drawn as
-        grey tiles, "unreadable_ns": when a drawing last had any} (hidden: bookkeeping)."""
+        """The images the last drawing of a neighbour sheet could not read, drawn as grey tiles
+        (`record_unreadable`; hidden: bookkeeping)."""
         return self.root / "neighbours" / f".{layer}.grey.json"
-
-    def read_neighbour_greys(self, layer: str) -> dict:
-        return read_record(self.neighbour_greys(layer))
 
     def greyed_neighbours(self, layer: str) -> list[int]:
         """The images a neighbour sheet drew grey, unreadable then (the workflow draws it again)."""
-        return self.read_neighbour_greys(layer).get("ids", [])
+        return read_record(self.neighbour_greys(layer)).get("ids", [])
 
     def saliency_dir(self, method: str) -> Path:
         return self.root / "saliency" / method
 
     def saliency_unreadable(self, method: str) -> Path:
-        """{UNREADABLE_AT: when a saliency run last met a selected image it could not read}
-        (hidden: bookkeeping; not the summary, which Snakemake deletes before the job runs)."""
+        """The selected images the last saliency run could not read (`record_unreadable`;
+        hidden: bookkeeping; not in the summary, which Snakemake deletes before the job runs)."""
         return self.saliency_dir(method) / ".unreadable.json"
 
     def saliency_map(self, method: str, image_id: int) -> Path:
@@ -431,6 +429,12 @@ class RunDir:
         return self.root / "report"
 
     @property
+    def report_unreadable(self) -> Path:
+        """The images the last report build could not read, shown as grey squares
+        (`record_unreadable`; hidden: bookkeeping)."""
+        return self.report_dir / ".unreadable.json"
+
+    @property
     def thumbnails_dir(self) -> Path:
         return self.report_dir / "thumbs"
 
@@ -475,3 +479,13 @@ def read_record(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def record_unreadable(path: Path, ids: list[int]) -> None:
+    """Record at `path` the images a job just met and could not read ({"ids": ...,
+    UNREADABLE_AT: now}), or that it met none: then the ids are cleared and the time kept
+    (see UNREADABLE_AT). Nothing is written for a job that met none after one that met none."""
+    before = read_record(path)
+    if ids or before.get("ids"):
+        met = time.time_ns() if ids else before.get(UNREADABLE_AT)
+        write_json_atomic(path, {"ids": sorted(ids), UNREADABLE_AT: met})

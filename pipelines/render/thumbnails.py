@@ -76,6 +76,11 @@ def stored_thumbnails(rd: RunDir) -> tuple[set[int], set[int]]:
     return found, grey & found
 
 
+def is_grey(rd: RunDir, image_id: int) -> bool:
+    """Whether the image's stored thumbnail is a grey square (it could not be read)."""
+    return _grey_mark(rd.thumbnail(image_id)).exists()
+
+
 def ensure_thumbnail(rd: RunDir, image_id: int, path: str) -> bool:
     """Make the thumbnail if missing or a grey square (an image that could not be read is
     read again; while it cannot be, the page shows a grey square); True if made."""

@@ -3,7 +3,6 @@ them, in pixel space — the seed's picture of why CNN features beat raw pixels.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,11 +11,11 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
+from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Options, option
-from featscope.pipelines.core.rundir import UNREADABLE_AT, RunDir
+from featscope.pipelines.core.rundir import RunDir, record_unreadable
 from featscope.pipelines.core.text import plural
 
 CAPTION = 14
@@ -101,11 +100,7 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="JPEG", quality=90)
     if path == rd.neighbour_sheet(layer):  # the run's own sheet: what status and the workflow read
-        record = rd.neighbour_greys(layer)
-        before = rd.read_neighbour_greys(layer)
-        if greys or before.get("ids"):  # UNREADABLE_AT: when a drawing last had grey tiles (kept after)
-            write_json_atomic(record, {"ids": sorted(greys),
-                                       UNREADABLE_AT: time.time_ns() if greys else before.get(UNREADABLE_AT)})
+        record_unreadable(rd.neighbour_greys(layer), sorted(greys))
     return path
 
 

@@ -42,7 +42,7 @@ from featscope.pipelines.core.device import (
 )
 from featscope.pipelines.core.images import BadImage, Unreadable, read_pixels
 from featscope.pipelines.core.options import Command, Group, Options, option
-from featscope.pipelines.core.rundir import UNREADABLE_AT, RunDir
+from featscope.pipelines.core.rundir import RunDir, record_unreadable
 from featscope.pipelines.core.store import write_errors, write_table
 from featscope.pipelines.core.text import plural, rate
 from featscope.pipelines.core.workers import (
@@ -358,8 +358,8 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
                     errors += result["errors"]
                     bar.update(len(result["summaries"]) + len(result["errors"]))
     _write_summary(rd, options, rows, summaries, ref)
-    if any(e["error"] == "unreadable" for e in errors):  # the workflow's next run tries again
-        write_json_atomic(rd.saliency_unreadable(method), {UNREADABLE_AT: time.time_ns()})
+    # the workflow's next run tries those again (see rundir.UNREADABLE_AT)
+    record_unreadable(rd.saliency_unreadable(method), [e["image_id"] for e in errors if e["error"] == "unreadable"])
     _write_errors(rd, method, live, errors, attempted={r["image_id"] for r in todo})
     return SaliencySummary(method, len(rows), len(summaries), len(rows) - len(todo), len(errors), used_workers,
                            time.perf_counter() - start, rd.saliency_dir(method), retired)

@@ -45,6 +45,31 @@ def test_report_holds_every_image_with_its_exact_neighbours(reported_run):
     assert [h["status"] for h in run["history"]] == ["ok"] and run["history"][0]["images"] == len(rows)
 
 
+def test_a_report_built_while_an_image_could_not_be_read_is_named_until_built_again(reported_run):
+    """The grey square of an image that could not be read was replaced by the next report, but
+    a dataset that did not change never got one, and nothing said the report held it."""
+    from pathlib import Path
+
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core.rundir import UNREADABLE_AT, read_record
+
+    rd = reported_run
+    row = manifest.read(rd).to_pylist()[0]
+    rd.thumbnail(row["image_id"]).unlink()  # its thumbnail is made again, while the image is away
+    kept = Path(row["path"]).read_bytes()
+    Path(row["path"]).unlink()
+    report.build(rd, k=4, progress=False)
+    record = read_record(rd.report_unreadable)
+    assert record["ids"] == [row["image_id"]] and record[UNREADABLE_AT]  # the workflow's report rule reruns
+    now = status(rd)
+    assert "report" in now.stale and any(line.startswith("report: current; 1 image shown as a grey square")
+                                         for line in now.lines)
+    Path(row["path"]).write_bytes(kept)
+    assert report.build(rd, k=4, progress=False).thumbnails_made == 1
+    assert read_record(rd.report_unreadable) == {"ids": [], UNREADABLE_AT: record[UNREADABLE_AT]}  # then rests
+    assert "report" not in status(rd).stale
+
+
 def test_a_rerun_rewrites_only_the_data_files_that_change(reported_run):
     rd = reported_run
     stamps = {p: p.stat().st_mtime_ns for p in (rd.report_dir / "data").glob("images-*.js")}
