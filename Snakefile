@@ -418,6 +418,8 @@ rule mosaic:
     params:
         cmd=lambda wildcards: command("mosaic all", layer=wildcards.layer, side=EMBED["grid_side"],
                                       tile=EMBED["tile"], seed=EMBED["seed"]),
+        unreadable=lambda wildcards: " ".join(unreadable_met(RD.mosaic_unreadable(wildcards.layer, kind))
+                                              for kind in ("grid", "scatter")),
     shell:
         "{params.cmd}"
 

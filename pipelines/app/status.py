@@ -189,6 +189,14 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             _unfinished(out, f"patches {layer}")
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         describe("map", path.stem, _ids(path))
+    for layer in rd.mosaic_layers():
+        for kind in ("grid", "scatter"):
+            if left_out := read_record(rd.mosaic_unreadable(layer, kind)).get("ids"):
+                out.stale.append(f"mosaic {layer} {kind}")
+                out.lines.append(f"mosaic {layer} {kind}: {plural(len(left_out), 'image')} left out, unreadable when "
+                                 f"it was drawn (ids {', '.join(map(str, left_out[:5]))}"
+                                 f"{', ...' if len(left_out) > 5 else ''}): the next workflow run or `featscope "
+                                 f"mosaic {kind}` draws it again")
     live_set = set(live.tolist())
     for layer in rd.explain_layers():
         if not rd.explained_queries(layer).exists():

@@ -203,6 +203,11 @@ class RunDir:
         """mosaic/<layer>-grid.jpg, -grid.parquet (cell -> image), -scatter.jpg, -plot.png."""
         return self.root / "mosaic" / f"{layer}-{kind}.{suffix}"
 
+    def mosaic_unreadable(self, layer: str, kind: str) -> Path:
+        """The images the last drawing of a mosaic (`grid` or `scatter`) could not read and left
+        out (`record_unreadable`; hidden: bookkeeping)."""
+        return self.root / "mosaic" / f".{layer}-{kind}.unreadable.json"
+
     def mosaic_layers(self) -> list[str]:
         """Layers with a grid mosaic (its cell table), sorted."""
         return sorted(p.name[: -len("-grid.parquet")] for p in (self.root / "mosaic").glob("*-grid.parquet"))

@@ -23,7 +23,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest
 from featscope.pipelines.core.options import Command, Options, option
-from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.rundir import RunDir, record_unreadable
 from featscope.pipelines.core.store import read_embedding
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.render.grid_layout import (
@@ -91,11 +91,15 @@ def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 
         detail += f" ({cost / optimum:.3f} x the exact optimum)" if optimum else ""
     canvas = Image.new("RGB", (side * tile, side * tile), (255, 255, 255))
     tiles = square_tiles(rd, [(int(ids[c]), paths[int(ids[c])], tile) for c in chosen])
+    unreadable = []  # left out: the workflow's next run draws the mosaic again (see rundir.UNREADABLE_AT)
     for i, thumb in enumerate(tqdm(tiles, desc=f"grid {layer}", unit="img", disable=not progress)):
-        if thumb is not None:
-            row, col = divmod(int(cells[i]), side)
-            canvas.paste(thumb, (col * tile, row * tile))
+        if thumb is None:
+            unreadable.append(int(ids[chosen[i]]))
+            continue
+        row, col = divmod(int(cells[i]), side)
+        canvas.paste(thumb, (col * tile, row * tile))
     _save_jpeg(canvas, rd.mosaic(layer, "grid"))
+    record_unreadable(rd.mosaic_unreadable(layer, "grid"), unreadable)
     rows, cols = np.divmod(cells, side)
     table = pa.table({"cell_row": pa.array(rows, pa.int32()), "cell_col": pa.array(cols, pa.int32()),
                       "image_id": pa.array(ids[chosen], pa.int64())})
@@ -119,22 +123,23 @@ def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None
     chosen = chosen[np.random.default_rng(seed).permutation(len(chosen))]  # drawing order
     size, tile, layout = fit(normalise(xy[chosen]), size=size, tile=tile, max_cover=max_cover)
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    drawn = unreadable = 0
+    drawn, unreadable = 0, []  # left out: the workflow's next run draws the mosaic again
     shown = np.flatnonzero(layout.side)
     tiles = square_tiles(rd, [(int(ids[chosen[i]]), paths[int(ids[chosen[i]])], int(layout.side[i])) for i in shown],
                          keep_as=f"scatter-{layer}")
     for i, thumb in zip(tqdm(shown, desc=f"scatter {layer}", unit="img", disable=not progress), tiles):
         if thumb is None:
-            unreadable += 1
+            unreadable.append(int(ids[chosen[i]]))
             continue
         canvas.paste(thumb, (int(layout.x[i]), int(layout.y[i])))
         drawn += 1
     _save_jpeg(canvas, rd.mosaic(layer, "scatter"))
+    record_unreadable(rd.mosaic_unreadable(layer, "scatter"), unreadable)
     left_out = [f"{layout.skipped} ({layout.skipped / len(chosen):.1%}) skipped as hidden"]
     if len(chosen) < len(ids):
         left_out.append(f"{len(ids) - len(chosen)} left out of the sample of {len(chosen)}")
     if unreadable:
-        left_out.append(f"{unreadable} unreadable")
+        left_out.append(f"{len(unreadable)} unreadable")
     return MosaicSummary(rd.mosaic(layer, "scatter"), drawn, time.perf_counter() - start,
                          f"{size} px canvas, {tile} px thumbnails; {', '.join(left_out)}; ")
 

@@ -162,6 +162,37 @@ def test_scatter_and_plot_are_written(mapped_run):
     assert Image.open(mosaic.plot(mapped_run, "pool").path).format == "PNG"
 
 
+def test_mosaics_drawn_while_an_image_could_not_be_read_are_named_until_drawn_again(mapped_run):
+    """A mosaic leaves out an image it cannot read, and kept it out until the map changed:
+    nothing said so, and the workflow never drew it again."""
+    from pathlib import Path
+
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core.rundir import UNREADABLE_AT, read_record
+
+    rd = mapped_run
+    embed.embed(rd, "pool", perplexity=10)
+    mosaic.grid(rd, "pool", side=6, tile=16, progress=False)
+    image_id = pq.read_table(rd.mosaic("pool", "grid", "parquet"))["image_id"][0].as_py()  # one the grid shows
+    path = Path(next(r["path"] for r in manifest.read(rd).to_pylist() if r["image_id"] == image_id))
+    kept = path.read_bytes()
+    path.unlink()  # away while the mosaics are drawn again, its thumbnail not made yet
+    rd.thumbnail(image_id).unlink()
+    mosaic.grid(rd, "pool", side=6, tile=16, progress=False)
+    assert "1 unreadable" in mosaic.scatter(rd, "pool", progress=False).line()
+    for kind in ("grid", "scatter"):
+        record = read_record(rd.mosaic_unreadable("pool", kind))
+        assert record["ids"] == [image_id] and record[UNREADABLE_AT]
+    now = status(rd)
+    assert {"mosaic pool grid", "mosaic pool scatter"} <= set(now.stale)
+    assert any(line.startswith("mosaic pool grid: 1 image left out, unreadable") for line in now.lines)
+    path.write_bytes(kept)
+    mosaic.grid(rd, "pool", side=6, tile=16, progress=False)
+    mosaic.scatter(rd, "pool", progress=False)
+    assert all(read_record(rd.mosaic_unreadable("pool", kind))["ids"] == [] for kind in ("grid", "scatter"))
+    assert not {"mosaic pool grid", "mosaic pool scatter"} & set(status(rd).stale)
+
+
 def test_kept_tiles_equal_fresh_ones_and_follow_the_images_asked_for(mapped_run):
     rows = manifest.read(mapped_run).to_pylist()
     items = [(r["image_id"], r["path"], 24 if r["image_id"] % 3 else 12) for r in rows]
