@@ -17,11 +17,12 @@ from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, record_unreadable
 from featscope.pipelines.core.text import plural
+from featscope.pipelines.render.thumbnails import PLACEHOLDER
 
 CAPTION = 14
 MARGIN = 6
 LEGEND = 120
-GREY = (90, 90, 90)
+GREY = PLACEHOLDER  # the report's grey for an image that cannot be read
 
 
 def _tile(path: str, side: int) -> Image.Image | None:

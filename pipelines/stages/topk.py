@@ -247,8 +247,9 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     units = [u for u in (units if units is not None else all_units) if u in available]
     if not units:
         raise FeatscopeError(f"none of the requested units is in topk/{layer}.parquet (units 0-{all_units[-1]})")
-    drawn = _drawn(rd, layer, k, tile, show)
-    met_unreadable = rd.read_patches_record(layer).get(UNREADABLE_AT)  # kept until a render greys again
+    record = rd.read_patches_record(layer)
+    drawn = _drawn(record, k, tile, show)
+    met_unreadable = record.get(UNREADABLE_AT)  # kept until a render greys again
     rows_of = defaultdict(list)
     for r in table:
         if r["rank"] < k:
@@ -399,10 +400,11 @@ class _UnitMasks:
         return drawn
 
 
-def _drawn(rd: RunDir, layer: str, k: int, tile: int, show: str) -> dict[str, list]:
-    """unit -> the rows its strip was drawn from, when drawn with this k, tile size and show."""
-    drawn = rd.read_patches_record(layer)
-    return drawn.get("units", {}) if (drawn.get("k"), drawn.get("tile"), drawn.get("show")) == (k, tile, show) else {}
+def _drawn(record: dict, k: int, tile: int, show: str) -> dict[str, list]:
+    """unit -> the rows its strip was drawn from (from the render's record), when drawn with
+    this k, tile size and show."""
+    return record.get("units", {}) if (record.get("k"), record.get("tile"), record.get("show")) == (k, tile, show) \
+        else {}
 
 
 LABEL_W, CAPTION_H, GAP = 56, 12, 2
