@@ -590,7 +590,13 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
         vectors = await asyncio.wrap_future(service.batcher.submit(model_input))
         state = await service.current_state_async()  # the run may have changed while it was embedded
         index = service.checked_upload_layer(state, layer, k)
-        found = await asyncio.wrap_future(service.searches.submit((index, vectors[layer], k)))
+        from featscope.pipelines.core.features import checked_vector  # torch: loaded by the model by now
+
+        try:
+            vector = checked_vector(vectors[layer], layer)
+        except FeatscopeError as e:
+            raise ApiError(422, str(e)) from None
+        found = await asyncio.wrap_future(service.searches.submit((index, vector, k)))
         return JSONResponse(service.answer(state, layer, None, found))
 
     @app.get("/api/explain", summary="Why two images of the run are alike at a layer: a map on each")

@@ -23,7 +23,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, read_record
-from featscope.pipelines.core.store import file_metadata
+from featscope.pipelines.core.store import NON_FINITE, file_metadata
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.trust import (
     current_evaluation,
@@ -114,6 +114,14 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         out.lines.append(f"  {plural(len(unreadable), 'live image')} could not be read when extracted (first id "
                          f"{unreadable[0]}; see errors.parquet): a rerun tries them again")
         out.stale.append("features of unreadable images")
+    non_finite = np.intersect1d(live, [i for ids in manifest.extraction_errors(rd, NON_FINITE).values()
+                                       for i in ids])
+    if len(non_finite):
+        precision = config.get("precision", "?")
+        out.lines.append(f"  {plural(len(non_finite), 'live image')} left out of every layer: the model computed NaN "
+                         f"or inf for them in {precision} (first id {non_finite[0]}; see errors.parquet)"
+                         + ("; fp16 overflows past 65,504, a run in bf16 or fp32 does not" if precision == "fp16"
+                            else ""))
 
     for layer_dir in sorted(p for p in (rd.root / "features").glob("*") if p.is_dir()):
         layer = layer_dir.name

@@ -34,8 +34,10 @@ from featscope.pipelines.core.store import (
     TOPK_CANDIDATE_SCHEMA,
     TOPK_SCHEMA,
     RunIdentity,
+    column_array,
     feature_schema,
     file_metadata,
+    non_finite_rows,
 )
 from featscope.pipelines.core.text import plural
 
@@ -57,7 +59,7 @@ class Verification:
         return "\n".join(lines)
 
 
-def _read_parquet(path: Path, schema: pa.Schema | None = None, *older: pa.Schema) -> None:
+def _read_parquet(path: Path, schema: pa.Schema | None = None, *older: pa.Schema) -> pa.Table:
     """Every page read with its checksum verified; the columns, if given, as written (by this
     version, or by an `older` one whose files are still read as they are)."""
     with open(path, "rb") as f:
@@ -70,6 +72,7 @@ def _read_parquet(path: Path, schema: pa.Schema | None = None, *older: pa.Schema
         if got != want and all(got != [(f.name, f.type) for f in old] for old in older):
             wrong = next((g for g, w in zip(got, want) if g != w), None)
             raise ValueError(f"its columns are not those of its kind (first differing: {wrong})")
+    return table
 
 
 def _as(schema: pa.Schema, *older: pa.Schema) -> Callable[[Path], None]:
@@ -88,7 +91,13 @@ def _files(rd: RunDir) -> Iterator[tuple[Path, Callable[[Path], None], str]]:
         meta = file_metadata(path)
         if identity is not None:
             identity.check(path, meta)
-        _read_parquet(path, feature_schema(meta.get("kind", ""), int(meta.get("dims", 0))))
+        table = _read_parquet(path, feature_schema(meta.get("kind", ""), int(meta.get("dims", 0))))
+        for column in ("feature", "max"):
+            if column in table.column_names:
+                bad = non_finite_rows(column_array(table, column))
+                if bad.any():
+                    raise ValueError(f"the {column} values of {plural(int(bad.sum()), 'image')} are NaN or inf (first: image "
+                                     f"{table['image_id'].to_numpy()[bad][0]})")
 
     def candidates(path: Path) -> None:
         if identity is not None:

@@ -38,6 +38,26 @@ def summarise(spec: LayerSpec, output: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"feature": output.detach().flatten(1).float()}
 
 
+def finite_rows(columns: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) bool: the images whose stored values of a layer (`summarise`'s columns) are all
+    finite. A NaN or inf anywhere in a conv map reaches its mean or its max, so this is
+    also whether the whole map was finite."""
+    finite = torch.ones(len(columns["feature"]), dtype=torch.bool, device=columns["feature"].device)
+    for name in ("feature", "max"):
+        if name in columns:
+            finite &= torch.isfinite(columns[name]).all(1)
+    return finite
+
+
+def checked_vector(vector: np.ndarray, layer: str) -> np.ndarray:
+    """A new image's vector, or a one-line error if the model computed NaN or inf for it
+    (which an index would rank anywhere, or nowhere)."""
+    if not np.isfinite(vector).all():
+        raise FeatscopeError(f"the model's {layer} features of this image are not finite numbers (NaN or inf): "
+                             "it cannot be compared with the run's images")
+    return vector
+
+
 class FeatureExtractor:
     """A model with its layer taps, ready to turn uint8 batches into stored summaries."""
 
@@ -76,7 +96,9 @@ class FeatureExtractor:
             self.cells.setdefault(spec.name, output[0].numel() // output.shape[1])
             if sketches and spec.name in sketches:
                 whole = output.ndim == 4 and not spec.grid  # a pooled grid's units are its pooled cells
-                sketches[spec.name].update(output if whole else captured[spec.name]["feature"])
+                values = output if whole else captured[spec.name]["feature"]
+                finite = finite_rows(captured[spec.name])  # a NaN or inf would break its unit's range
+                sketches[spec.name].update(values if bool(finite.all()) else values[finite])
 
         for spec in self.specs:
             if spec.kind == "pixels":

@@ -509,13 +509,18 @@ def unreadable_at_extraction(rd: RunDir) -> dict[Path, list[int]]:
     """Extract error part -> the ids it records as unreadable: listed images whose bytes the
     extraction could not read (gone for a while, an I/O error). Their shards are extracted
     again by the next manifest update while they are live, rather than left without them."""
+    return extraction_errors(rd, "unreadable")
+
+
+def extraction_errors(rd: RunDir, kind: str) -> dict[Path, list[int]]:
+    """Extract error part -> the ids it records with error `kind`."""
     found = {}
     for part in sorted(rd.errors_dir.glob("extract-*.parquet")) if rd.errors_dir.is_dir() else []:
         try:
             table = pq.read_table(part, columns=["image_id", "error"])
         except (OSError, pa.ArrowException):
             continue  # damaged: `featscope verify` names it
-        ids = table.filter(pc.equal(table["error"], "unreadable"))["image_id"].to_pylist()
+        ids = table.filter(pc.equal(table["error"], kind))["image_id"].to_pylist()
         if ids:
             found[part] = [i for i in ids if i is not None]
     return found

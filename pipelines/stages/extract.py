@@ -29,12 +29,13 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.dataset import default_workers, image_batches
 from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, resolve_device, resolve_precision
-from featscope.pipelines.core.features import FeatureExtractor
+from featscope.pipelines.core.features import FeatureExtractor, finite_rows
 from featscope.pipelines.core.models import LoadedModel, checked_class_names, load_model
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.store import (
+    NON_FINITE,
     TOPK_DEPTH,
     FeaturePartWriter,
     RunIdentity,
@@ -59,13 +60,14 @@ class ExtractSummary:
     made_for_other_images: list[int] = field(default_factory=list)  # shards whose old files were deleted
     images: int = 0
     bad: int = 0  # images skipped, of which
-    unreadable: int = 0  # could not be read (the next manifest update tries them again); the others do not decode
+    unreadable: int = 0  # could not be read (the next manifest update tries them again)
+    non_finite: int = 0  # the model computed NaN or inf for them; the others do not decode
     seconds: float = 0.0
 
     errors_dir: Path | None = None
 
     def warning(self) -> str:
-        return f"{plural(self.bad, 'image')} could not be read; see {self.errors_dir}" if self.bad else ""
+        return f"{plural(self.bad, 'image')} skipped; see {self.errors_dir}" if self.bad else ""
 
     def line(self, rd: RunDir | None = None) -> str:
         rd = rd or RunDir(self.errors_dir.parent)
@@ -78,9 +80,13 @@ class ExtractSummary:
             text += (f"; shards {', '.join(map(str, self.made_for_other_images))} extracted again: their files were "
                      "made for other images than the manifest now gives them")
         if self.bad:
-            why = [f"{self.bad - self.unreadable} not decodable" if self.bad > self.unreadable else "",
+            undecodable = self.bad - self.unreadable - self.non_finite
+            why = [f"{undecodable} not decodable" if undecodable else "",
                    f"{self.unreadable} not readable now, tried again by the next manifest update"
-                   if self.unreadable else ""]
+                   if self.unreadable else "",
+                   f"{self.non_finite} with features that are not finite numbers (NaN or inf)"
+                   + (": fp16 overflows past 65,504, a run in bf16 or fp32 does not" if self.precision == "fp16" else "")
+                   if self.non_finite else ""]
             text += f"; {plural(self.bad, 'image')} skipped ({', '.join(w for w in why if w)}; see {rd.errors_dir})"
         return text
 
@@ -192,27 +198,31 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
         total = sum(len(manifest.read(rd, s)) for s in pending)
         with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
             for s in pending:
-                n, bad, unreadable = _extract_shard(
+                n, bad, unreadable, non_finite = _extract_shard(
                     rd, s, missing[s], extractor, identity, batch_size=batch_size, topk=topk,
                     workers=default_workers() if workers is None else workers, bar=bar, images=digests[s])
                 summary.done.append(s)
                 summary.images += n
                 summary.bad += bad
                 summary.unreadable += unreadable
+                summary.non_finite += non_finite
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: FeatureExtractor, identity: RunIdentity,
-                   *, batch_size: int, workers: int, topk: int, bar: tqdm, images: str) -> tuple[int, int, int]:
+                   *, batch_size: int, workers: int, topk: int, bar: tqdm, images: str) -> tuple[int, int, int, int]:
     """Extract the shard's missing `layers` (finished parts of other layers are left alone);
-    `images`: the shard's digest (manifest.shard_digests), recorded in each part."""
+    `images`: the shard's digest (manifest.shard_digests), recorded in each part. An image
+    whose values at any layer are not finite (NaN, or an overflow's inf) is an error row,
+    in no layer's part, top-k or predictions. -> (written, errors, unreadable, non-finite)."""
     trackers = {layer: RunningTopK(extractor.dims[layer], topk * TOPK_DEPTH, extractor.device)
                 for layer in layers if topk and layer != PIXELS}
     sketches = {layer: ActivationSketch(extractor.dims[layer], device=extractor.device) for layer in trackers}
-    counted: list[np.ndarray] = []  # the images the sketches count
+    counted: dict[str, list[np.ndarray]] = {layer: [] for layer in sketches}  # the images each sketch counts
     rows = manifest.read(rd, shard)
     ids, paths = rows["image_id"].to_pylist(), rows["path"].to_pylist()
+    path_of = dict(zip(ids, paths))
     writers = {
         layer: FeaturePartWriter(rd.feature_part(layer, shard), identity, layer=layer, kind=extractor.kinds[layer],
                                  dims=extractor.dims[layer], extra={"shard": shard, "images": images,
@@ -233,14 +243,21 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
                            for i, p, kind, m in batch.errors]
                 if len(batch.image_ids):
                     outputs, predictions = extractor.forward_with_predictions(batch.pixels, sketches=sketches)
-                    counted.append(batch.image_ids.numpy())
+                    finite = {layer: finite_rows(cols) for layer, cols in outputs.items()}
+                    for layer in sketches:  # a sketch counts a layer's finite rows (see forward_with_predictions)
+                        counted[layer].append(batch.image_ids.numpy()[finite[layer].cpu().numpy()])
+                    outputs, predictions, image_ids, broken = _without_non_finite(
+                        outputs, predictions, batch.image_ids, finite, extractor.precision, path_of)
+                    errors += broken
                     for layer, tracker in trackers.items():
                         cols = outputs[layer]
-                        tracker.update(cols.get("max", cols["feature"]), batch.image_ids, cols.get("argmax_y"),
+                        tracker.update(cols.get("max", cols["feature"]), image_ids, cols.get("argmax_y"),
                                        cols.get("argmax_x"))
-                    batch_ids = batch.image_ids.numpy()
-                    if predictions is not None:
-                        predicted.append((batch_ids, *(t.cpu().numpy() for t in predictions)))
+                    batch_ids = image_ids.numpy()
+                    if predictions is not None:  # an output past the taps may overflow alone: no prediction then
+                        classes, probabilities = (t.cpu().numpy() for t in predictions)
+                        told = np.isfinite(probabilities).all(1)
+                        predicted.append((batch_ids[told], classes[told], probabilities[told]))
                     for layer, writer in writers.items():
                         cols = {k: v.cpu().numpy() for k, v in outputs[layer].items()}
                         pending_writes.append(io.submit(writer.write, batch_ids, cols["feature"], cols))
@@ -255,7 +272,7 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
             error_part.unlink(missing_ok=True)
         for layer, tracker in trackers.items():
             write_sketch(rd.topk_sketch_part(layer, shard), sketches[layer], identity,
-                         image_ids=np.concatenate(counted) if counted else np.zeros(0, np.int64),
+                         image_ids=np.concatenate(counted[layer]) if counted[layer] else np.zeros(0, np.int64),
                          cells=extractor.cells[layer], layer=layer, shard=shard)
             columns = {name: t.numpy() for name, t in tracker.result().items()}
             write_topk(rd.topk_candidates_part(layer, shard), columns, identity, layer=layer, k=topk,
@@ -269,7 +286,29 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
         for w in writers.values():
             w.abort()
         raise
-    return len(ids) - len(errors), len(errors), sum(e["error"] == "unreadable" for e in errors)
+    return (len(ids) - len(errors), len(errors), sum(e["error"] == "unreadable" for e in errors),
+            sum(e["error"] == NON_FINITE for e in errors))
+
+
+def _without_non_finite(outputs: dict[str, dict[str, torch.Tensor]], predictions: tuple | None,
+                        image_ids: torch.Tensor, finite: dict[str, torch.Tensor], precision: str,
+                        path_of: dict[int, str]) -> tuple:
+    """A batch's outputs, predictions and ids without the images whose values at some layer
+    are not finite (`finite`: layer -> `finite_rows`), and an error row for each of those: a
+    NaN would be ranked anywhere by an index, and an inf is an overflow, not the image's value."""
+    keep = torch.stack(list(finite.values())).all(0)
+    if bool(keep.all()):
+        return outputs, predictions, image_ids, []
+    errors = []
+    for i in torch.nonzero(~keep).flatten().tolist():
+        image_id = int(image_ids[i])
+        layer = next(name for name, rows in finite.items() if not rows[i])
+        errors.append({"image_id": image_id, "path": path_of[image_id], "stage": "extract", "error": NON_FINITE,
+                       "message": f"the model computed NaN or inf in its {layer} features ({precision})"})
+    outputs = {layer: {name: values[keep] for name, values in cols.items()} for layer, cols in outputs.items()}
+    if predictions is not None:
+        predictions = tuple(t[keep] for t in predictions)
+    return outputs, predictions, image_ids[keep.cpu()], errors
 
 
 # ---- the command ----------------------------------------------------------------------------

@@ -267,9 +267,10 @@ def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | No
             raise FeatscopeError(f"{path} is not an image of run {rd.root}")
         image_id = matches[0]
     if image is not None:
-        from featscope.pipelines.core.features import ImageEmbedder
+        from featscope.pipelines.core.features import ImageEmbedder, checked_vector
 
-        found = index.search_vectors(ImageEmbedder(rd.read_config(), [layer]).embed(image, layer), k=k)
+        found = index.search_vectors(checked_vector(ImageEmbedder(rd.read_config(), [layer]).embed(image, layer),
+                                                    layer), k=k)
     else:
         if image_id not in rows:
             raise FeatscopeError(f"image_id {image_id} is not in run {rd.root}")

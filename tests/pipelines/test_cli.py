@@ -55,4 +55,4 @@ def test_bad_images_end_with_a_warning_count_not_a_failure(tmp_path, small_datas
                      "--layers", "pool", "--workers", "0", "--quiet")
     assert done.returncode == 0
     assert "1 image skipped (1 not decodable; see" in done.stdout
-    assert "warning: 1 image could not be read" in done.stderr
+    assert "warning: 1 image skipped; see" in done.stderr

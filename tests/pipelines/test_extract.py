@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -423,6 +425,89 @@ def test_an_image_unreadable_at_extraction_is_extracted_by_the_next_update(tmp_p
     assert [e["error"] for e in read_errors(rd.errors_dir).to_pylist()] == ["bad_image"]
     assert manifest.run(rd, tmp_path / "images").invalidated_shards == []  # a bad image is not retried
     assert "features of unreadable images" not in status(rd).stale
+
+
+def test_images_whose_features_overflow_are_errors_in_no_layer_index_or_sketch(tmp_path, digits):
+    """fp16 overflows past 65,504 (a GPU without bf16 picks it): the overflowing image's
+    values are inf, or NaN after them. They used to be stored as if measured (an inf clamped
+    to 65,504, a NaN as NaN), ranked by the index and counted by the unit's sketch. The
+    images that overflow here are found independently: a fp32 forward pass of the same
+    checkpoint, whose logits are scaled so that the largest ones pass 65,504 with a margin."""
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core.neighbours import open_index
+    from featscope.pipelines.core.store import read_sketch
+    from featscope.pipelines.stages import index as index_stage
+
+    write_dataset(tmp_path / "images", digits, n_photos=6, labels=(0, 1, 7), digits_per_label=3)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=100)
+    rows = manifest.read(rd).to_pylist()
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+    peak = np.abs(reference_outputs("resnet18", str(plain), [r["path"] for r in rows], [])["output"].numpy()).max(1)
+    low, high = max(((a, b) for a, b in zip(np.sort(peak), np.sort(peak)[1:])), key=lambda ab: ab[1] / ab[0])
+    assert high / low > 1.3  # a clear margin between the images that overflow and those that do not
+    scale = 65504 / np.sqrt(low * high)
+    state = model.state_dict()
+    state["fc.weight"] *= scale
+    state["fc.bias"] *= scale
+    torch.save(state, tmp_path / "loud.pt")
+    expected = {r["image_id"] for r, p in zip(rows, peak) if p >= high}
+    summary = extract.extract(rd, ["pool", "fc"], model="resnet18", weights=str(tmp_path / "loud.pt"),
+                              device="cpu", precision="fp16", topk=2, workers=0, progress=False)
+    errors = read_errors(rd.errors_dir).to_pylist()
+    assert {e["image_id"] for e in errors} == expected and 0 < len(expected) < len(rows)
+    assert {e["error"] for e in errors} == {"non_finite"} and summary.non_finite == len(expected)
+    assert all("NaN or inf in its fc features (fp16)" in e["message"] for e in errors)
+    assert f"{len(expected)} with features that are not finite numbers (NaN or inf): fp16 overflows" in summary.line(rd)
+    good = {r["image_id"] for r in rows} - expected
+    for layer in ("pool", "fc"):  # the image is in no layer, not only in the one that overflowed
+        ids, cols = read_layer(rd, layer)
+        assert set(ids.tolist()) == good and np.isfinite(cols["feature"].astype(np.float32)).all()
+        assert not set(pq.read_table(rd.topk_candidates_part(layer, 0))["image_id"].to_pylist()) & expected
+    assert set(read_predictions(rd)) == good
+    # each sketch counts what it saw finite: pool every image, fc the others
+    counted = {layer: set(json.loads(read_sketch(rd.topk_sketch_part(layer, 0))[1]["image_ids"]))
+               for layer in ("pool", "fc")}
+    assert counted == {"pool": good | expected, "fc": good}
+    assert np.isfinite(read_sketch(rd.topk_sketch_part("fc", 0))[0].scale.numpy()).all()
+    index_stage.build(rd, "fc", progress=False)
+    assert set(open_index(rd, "fc").ids.tolist()) == good
+    line = next(x for x in status(rd).lines if "left out of every layer" in x)
+    assert f"{len(expected)} live images left out of every layer: the model computed NaN or inf for them in fp16" in line
+    # the output alone overflows when no tapped layer does: the features stand, the prediction goes
+    other = RunDir(tmp_path / "pool-only")
+    manifest.run(other, tmp_path / "images", shard_size=100)
+    done = extract.extract(other, ["pool"], model="resnet18", weights=str(tmp_path / "loud.pt"), device="cpu",
+                           precision="fp16", workers=0, progress=False)
+    assert done.bad == 0 and set(read_layer(other, "pool")[0].tolist()) == good | expected
+    assert set(read_predictions(other)) == good
+
+
+def test_features_with_nan_written_by_an_older_featscope_are_refused_and_named(tmp_path, small_dataset):
+    """Parts written before extract checked its values may hold NaN rows: every reader (the
+    index, maps, top-k) refuses them by name, and `verify` names the part and its fix."""
+    from featscope.pipelines.app.verify import verify
+
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=100, model="resnet18", weights="random")
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    part = rd.feature_part("pool", 0)
+    table = pq.read_table(part)
+    values = column_array(table, "feature").copy()
+    values[2, 5] = np.nan
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float16()), values.shape[1])
+    pq.write_table(table.set_column(1, "feature", column), part)  # its metadata kept: the run's own file
+    victim = int(table["image_id"][2])
+    with pytest.raises(FeatscopeError, match=rf"part-00000.parquet holds 1 image whose feature values are NaN or inf "
+                                             rf"\(first: image {victim}\): delete it and run `featscope extract`"):
+        load_features(rd, "pool")
+    found = verify(rd)
+    assert [(p.name, why) for p, why, _ in found.damaged] == [
+        ("part-00000.parquet", f"the feature values of 1 image are NaN or inf (first: image {victim})")]
+    assert "featscope extract --run" in found.damaged[0][2]
 
 
 def test_a_run_refuses_other_weights_and_foreign_feature_files(tmp_path, small_dataset):

@@ -84,3 +84,21 @@ def test_checkpoint_mistakes_are_one_line(tmp_path, small_dataset):
               "--weights", wrong, "--classes", tmp_path / "three.txt")
     done = featscope("extract", "--run", tmp_path / "r2", "--layers", "pool", "--workers", 0, "--quiet")
     assert done.returncode == 2 and "--classes names 3 classes, but the model has 4 outputs" in done.stderr
+
+
+def test_weights_holding_nan_or_inf_are_refused_before_any_feature_is_written(tmp_path, small_dataset):
+    """A training run that diverged saves NaN weights; every feature, map and answer through
+    them would be NaN (the index then answered no neighbours at all, with a recall of 0)."""
+    model, _ = fine_tuned(tmp_path, "resnet18", 4)
+    for key, value in (("layer4.1.conv2.weight", float("nan")), ("layer2.0.bn1.running_var", float("inf"))):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state[key].view(-1)[3] = value
+        torch.save(state, tmp_path / "diverged.pt")
+        with pytest.raises(FeatscopeError, match=rf"the weights '.*diverged.pt' of resnet18 hold NaN or inf in "
+                                                 rf"{key} \(1 of \d+ values\): a training run that diverged"):
+            load_model("resnet18", str(tmp_path / "diverged.pt"))
+    featscope("manifest", "--images", small_dataset, "--run", tmp_path / "r", "--model", "resnet18",
+              "--weights", tmp_path / "diverged.pt")
+    done = featscope("extract", "--run", tmp_path / "r", "--layers", "pool", "--workers", 0, "--quiet")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "hold NaN or inf" in done.stderr
+    assert not list((tmp_path / "r").glob("features/*/*.parquet"))

@@ -135,6 +135,25 @@ def test_service_answers_by_id_and_by_upload(server):
     assert status == 200 and b"FS.index()" in body
 
 
+def test_an_upload_the_model_computes_nan_for_is_refused_not_ranked(server, monkeypatch):
+    """A NaN vector (fp16 overflow) used to be searched: faiss ranks NaN distances anywhere."""
+    from featscope.pipelines.core.features import ImageEmbedder
+
+    base, rd = server
+    photo = next(r for r in manifest.read(rd).to_pylist() if r["label"] == "photo")
+    upload = open(photo["path"], "rb").read()
+    real = ImageEmbedder.embed_batch
+    monkeypatch.setattr(ImageEmbedder, "embed_batch",
+                        lambda self, inputs: {k: v * np.nan for k, v in real(self, inputs).items()})
+    status, body = fetch(f"{base}/api/neighbours?layer=pool&k=3", upload)
+    assert status == 422 and json.loads(body)["error"] == (
+        "the model's pool features of this image are not finite numbers (NaN or inf): it cannot be compared with "
+        "the run's images")
+    monkeypatch.setattr(ImageEmbedder, "embed_batch", real)
+    status, body = fetch(f"{base}/api/neighbours?layer=pool&k=3", upload)
+    assert status == 200 and json.loads(body)["neighbours"][0]["image_id"] == photo["image_id"]
+
+
 def test_concurrent_queries_all_get_their_own_answer(server):
     base, rd = server
     ids = [r["image_id"] for r in manifest.read(rd).to_pylist()]

@@ -14,6 +14,7 @@ from featscope.pipelines.core.store import (
     column_array,
     file_metadata,
     iter_features,
+    non_finite_rows,
     read_feature_part,
 )
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
@@ -98,3 +99,15 @@ def test_run_json_holds_preprocessing_as_an_object_and_old_runs_with_a_string_st
     new = RunIdentity.of_run({"model": "m", "weights_sha256": "s", "preprocessing": json.loads(text)})
     old = RunIdentity.of_run({"model": "m", "weights_sha256": "s", "preprocessing": text})
     assert new == old and Preprocessing.from_json(new.preprocessing) == Preprocessing()
+
+
+def test_non_finite_rows_read_from_float16_bits_equal_numpys_isfinite():
+    rng = np.random.default_rng(0)
+    every_float16 = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)  # NaNs, infs, subnormals
+    values = rng.permutation(np.concatenate([every_float16, np.zeros(2**16 * 3, np.float16)])).reshape(-1, 64)
+    expected = ~np.isfinite(values.astype(np.float32)).all(axis=1)
+    assert 0 < expected.sum() < len(values)
+    assert (non_finite_rows(values) == expected).all()
+    assert (non_finite_rows(values.astype(np.float32)) == expected).all()
+    finite = values[~expected]
+    assert not non_finite_rows(finite).any() and non_finite_rows(finite[:0]).shape == (0,)
