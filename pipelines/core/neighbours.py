@@ -18,6 +18,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity
+from featscope.pipelines.core.text import plural
 
 
 def open_index(rd: RunDir, layer: str, *, mmap: bool = False, live: np.ndarray | None = None,
@@ -47,8 +48,8 @@ def check_current(rd: RunDir, layer: str, index: NeighbourIndex, live: np.ndarra
     live = manifest.read(rd).column("image_id").to_numpy() if live is None else live
     retired = int(np.isin(index.ids, live, invert=True).sum())
     if retired:
-        raise FeatscopeError(f"the index of '{layer}' still holds {retired} images retired from run {rd.root} "
-                             f"since it was built: update it with `featscope index build --run {rd.root} "
+        raise FeatscopeError(f"the index of '{layer}' still holds {plural(retired, 'image')} retired from run "
+                             f"{rd.root} since it was built: update it with `featscope index build --run {rd.root} "
                              f"--layer {layer}`")
 
 

@@ -34,7 +34,8 @@ from featscope.pipelines.core.atomic import write_bytes_atomic, write_json_atomi
 from featscope.pipelines.core.neighbours import image_rows, list_identity, lists_to_redo, neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features
+from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features, read_errors
+from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
 
@@ -253,19 +254,35 @@ def format_evaluation(result: dict) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class QueryAnswer:
+    """`query`'s neighbours, best first, and a note when the layer's index lacks some of the
+    run's live images (added since it was last updated): no answer can name them."""
+    neighbours: list[dict]
+    note: str = ""
+    as_json: bool = False
+
+    def line(self) -> str:
+        return format_answer(self.neighbours, self.as_json)
+
+    def warning(self) -> str:
+        return self.note
+
+
 def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | None = None,
-          image: str | Path | None = None, k: int = 10, mmap: bool = False) -> list[dict]:
+          image: str | Path | None = None, k: int = 10, mmap: bool = False) -> QueryAnswer:
     """Nearest images to an image id, a path in the run, or a new image file."""
     if sum(x is not None for x in (image_id, path, image)) != 1:
         raise ParamError("id", "or <path> or <image>: give exactly one")
     index = open_index(rd, layer, mmap=mmap)
     rows = image_rows(rd)
+    failed = _extraction_failures(rd)
     if path is not None:
         wanted = str(Path(path).resolve())
-        matches = [i for i, r in rows.items() if r["path"] == wanted]
+        matches = sorted((r["removed"], i) for i, r in rows.items() if r["path"] == wanted)  # the live one first
         if not matches:
             raise FeatscopeError(f"{path} is not an image of run {rd.root}")
-        image_id = matches[0]
+        image_id = matches[0][1]
     if image is not None:
         from featscope.pipelines.core.features import ImageEmbedder, checked_vector
 
@@ -274,10 +291,33 @@ def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | No
     else:
         if image_id not in rows:
             raise FeatscopeError(f"image_id {image_id} is not in run {rd.root}")
+        if rows[image_id]["removed"]:
+            raise FeatscopeError(f"image {image_id} was retired from run {rd.root} (its file went away or changed): "
+                                 "it has no neighbours now")
+        if image_id in failed:
+            raise FeatscopeError(f"image {image_id} has no {layer} features: {failed[image_id]} (errors.parquet)")
+        if image_id not in index:
+            raise FeatscopeError(f"image {image_id} is not in the '{layer}' index yet (added since it was last "
+                                 f"updated): update it with `featscope index build --run {rd.root} --layer {layer}`")
         found = neighbours_of(index, [image_id], k)
-    return [{"rank": rank + 1, "image_id": int(i), "path": rows[int(i)]["path"], "label": rows[int(i)]["label"],
-             "distance": float(d)}
-            for rank, (i, d) in enumerate(zip(found.image_ids[0], found.distances[0])) if i >= 0]
+    live = np.fromiter((i for i, r in rows.items() if not r["removed"] and i not in failed), dtype=np.int64)
+    unindexed = int(np.isin(live, index.ids, invert=True).sum())
+    note = (f"{plural(unindexed, 'live image')} of the run not in the '{layer}' index yet (added since it was last "
+            f"updated), which no answer names: update it with `featscope index build --run {rd.root} --layer "
+            f"{layer}`" if unindexed else "")
+    return QueryAnswer([{"rank": rank + 1, "image_id": int(i), "path": rows[int(i)]["path"],
+                         "label": rows[int(i)]["label"], "distance": float(d)}
+                        for rank, (i, d) in enumerate(zip(found.image_ids[0], found.distances[0])) if i >= 0], note)
+
+
+def _extraction_failures(rd: RunDir) -> dict[int, str]:
+    """image_id -> why extract could not give it features (its errors.parquet message)."""
+    try:
+        table = read_errors(rd.errors_dir)
+    except (OSError, ValueError):  # a damaged part (pyarrow's errors are both): `featscope verify` names it
+        return {}
+    return {int(i): m for i, stage, m in zip(table["image_id"].to_pylist(), table["stage"].to_pylist(),
+                                             table["message"].to_pylist()) if stage == "extract" and i is not None}
 
 
 def format_answer(answer: list[dict], as_json: bool) -> str:
@@ -334,10 +374,11 @@ def _evaluate(rd: RunDir, options: IndexEvaluateOptions) -> str:
     return format_evaluation(result)
 
 
-def _query(rd: RunDir, options: QueryOptions) -> str:
+def _query(rd: RunDir, options: QueryOptions) -> QueryAnswer:
     answer = query(rd, options.layer, image_id=options.id, path=options.path, image=options.image, k=options.k,
                    mmap=options.mmap)
-    return format_answer(answer, options.json)
+    answer.as_json = options.json
+    return answer
 
 
 COMMANDS = [

@@ -40,14 +40,14 @@ def test_a_new_image_that_is_already_in_the_run_finds_itself_first(indexed_run, 
     target = next(r for r in rows if r["label"] == "photo")
     copy = tmp_path / "copy.png"
     copy.write_bytes(open(target["path"], "rb").read())
-    answer = neighbours.query(indexed_run, "pool", image=copy, k=3)
+    answer = neighbours.query(indexed_run, "pool", image=copy, k=3).neighbours
     assert answer[0]["image_id"] == target["image_id"] and answer[0]["distance"] < 1e-2
     # An image of the run asked by id or path is not its own neighbour (the same convention
     # as sheets, report and service): the answer is its k nearest *other* images.
-    by_path = neighbours.query(indexed_run, "pool", path=target["path"], k=3)
+    by_path = neighbours.query(indexed_run, "pool", path=target["path"], k=3).neighbours
     assert len(by_path) == 3 and target["image_id"] not in [a["image_id"] for a in by_path]
     assert [a["image_id"] for a in by_path] == [a["image_id"] for a in answer[1:3]] + [by_path[2]["image_id"]]
-    pixels = neighbours.query(indexed_run, "pixels", image=copy, k=1)
+    pixels = neighbours.query(indexed_run, "pixels", image=copy, k=1).neighbours
     assert pixels[0]["image_id"] == target["image_id"]
 
 
@@ -63,6 +63,46 @@ def test_cli_query_prints_json_and_bad_queries_exit_2(indexed_run):
     ]:
         done = featscope("query", "--run", indexed_run.root, *args)
         assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_query_names_the_live_images_its_index_lacks_and_why_an_id_has_no_answer(indexed_run, small_dataset):
+    """An index older than the manifest answered as if complete: an exact copy of the query,
+    added since, was silently missing from its neighbours."""
+    target = next(r for r in manifest.read(indexed_run).to_pylist() if r["label"] == "photo")
+    copy = small_dataset / "photo" / "zz-copy.png"
+    copy.write_bytes(open(target["path"], "rb").read())
+    (small_dataset / "photo" / "zz-broken.png").write_text("not a picture")
+    manifest.run(indexed_run, small_dataset)
+    extract.extract(indexed_run, ["pool", "pixels"], workers=0, progress=False)
+    ids = {r["path"].rsplit("/", 1)[1]: r["image_id"] for r in manifest.read(indexed_run).to_pylist()}
+    run = indexed_run.root
+    done = featscope("query", "--run", run, "--layer", "pool", "--id", target["image_id"], "-k", 3, "--json")
+    assert done.returncode == 0 and ids["zz-copy.png"] not in [a["image_id"] for a in json.loads(done.stdout)]
+    assert done.stderr == (f"warning: 1 live image of the run not in the 'pool' index yet (added since it was last "
+                           f"updated), which no answer names: update it with `featscope index build --run {run} "
+                           "--layer pool`\n")  # the broken image is not counted: it has no features to add
+    for image_id, message in [(ids["zz-copy.png"], "is not in the 'pool' index yet (added since it was last updated)"),
+                              (ids["zz-broken.png"], "has no pool features: ")]:
+        done = featscope("query", "--run", run, "--layer", "pool", "--id", image_id)
+        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1
+    neighbours.build(indexed_run, "pool", progress=False)
+    answer = neighbours.query(indexed_run, "pool", image_id=target["image_id"], k=3)
+    assert answer.note == "" and answer.neighbours[0]["image_id"] == ids["zz-copy.png"]
+    copy.unlink()
+    manifest.run(indexed_run, small_dataset)
+    neighbours.build(indexed_run, "pool", progress=False)
+    with pytest.raises(FeatscopeError, match=rf"image {ids['zz-copy.png']} was retired from run .*: it has no "):
+        neighbours.query(indexed_run, "pool", image_id=ids["zz-copy.png"])
+    from PIL import Image
+
+    Image.open(target["path"]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(target["path"])  # edited: a new id
+    manifest.run(indexed_run, small_dataset)
+    extract.extract(indexed_run, ["pool", "pixels"], workers=0, progress=False)
+    neighbours.build(indexed_run, "pool", progress=False)
+    edited = next(r["image_id"] for r in manifest.read(indexed_run).to_pylist() if r["path"] == target["path"])
+    assert edited != target["image_id"]
+    by_path = neighbours.query(indexed_run, "pool", path=target["path"], k=3)  # the path's live image, not the old one
+    assert by_path.neighbours == neighbours.query(indexed_run, "pool", image_id=edited, k=3).neighbours
 
 
 def test_an_index_of_other_weights_is_refused(indexed_run):
@@ -239,7 +279,7 @@ def test_an_index_that_still_holds_retired_images_is_refused_until_updated(index
     victim = next(small_dataset.glob("photo/*.png"))
     victim.unlink()
     manifest.run(indexed_run, small_dataset)
-    with pytest.raises(FeatscopeError, match="still holds 1 images retired .* update it with `featscope index build"):
+    with pytest.raises(FeatscopeError, match="still holds 1 image retired .* update it with `featscope index build"):
         neighbours.query(indexed_run, "pool", image_id=0, k=3)
     neighbours.build(indexed_run, "pool", progress=False)
-    assert len(neighbours.query(indexed_run, "pool", image_id=0, k=3)) == 3
+    assert len(neighbours.query(indexed_run, "pool", image_id=0, k=3).neighbours) == 3

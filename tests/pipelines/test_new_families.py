@@ -51,7 +51,7 @@ def run_family(arch: str, tmp: str) -> None:
     merged = topk.merge(rd, conv)
     assert merged.line()
     index_stage.build(rd, vector, progress=False)
-    answer = index_stage.query(rd, vector, image_id=0, k=3)
+    answer = index_stage.query(rd, vector, image_id=0, k=3).neighbours
     assert len(answer) == 3 and 0 not in [a["image_id"] for a in answer]
     mapped = embed.embed(rd, conv, perplexity=3)  # pool of random weights is near-degenerate for t-SNE
     assert mapped.points == 8
