@@ -28,6 +28,7 @@ from featscope.kernels.params import ParamError
 
 Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 RECALL_K = 10
+TARGET_RECALL = 0.95  # recall@10 the search breadth is raised to reach
 
 
 @dataclass
@@ -178,7 +179,7 @@ def _without_polysemous_training(index: faiss.Index) -> faiss.Index:
 
 
 def build_index(chunks: Chunks, *, n: int, dims: int, kind: str = "auto", metric: str = "cosine",
-                max_memory: int = 4 << 30, recall_queries: int = 1000, target_recall: float = 0.95,
+                max_memory: int = 4 << 30, recall_queries: int = 1000, target_recall: float = TARGET_RECALL,
                 seed: int = 0, on_progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
     """Build an index over the `n` vectors that `chunks()` yields as (image_ids, vectors).
 

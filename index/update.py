@@ -24,7 +24,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
-from featscope.index.build import RECALL_K, BuildResult, Chunks, _sample_rows, _tune, prepare
+from featscope.index.build import RECALL_K, TARGET_RECALL, BuildResult, Chunks, _sample_rows, _tune, prepare
 from featscope.index.factory import IndexPlan, choose_plan
 from featscope.index.recall import StreamingExactKnn
 
@@ -83,7 +83,7 @@ def remove_rows(index: faiss.Index, ids: np.ndarray, rows: np.ndarray) -> np.nda
 
 
 def update_index(index: faiss.Index, ids: np.ndarray, meta: dict, *, removed_ids: np.ndarray, added: Chunks,
-                 collection: Chunks, n: int, target_recall: float = 0.95, recall_queries: int = 1000,
+                 collection: Chunks, n: int, target_recall: float = TARGET_RECALL, recall_queries: int = 1000,
                  on_progress: Callable[[str, int, int], None] | None = None) -> BuildResult | None:
     """The index with `removed_ids` taken out and the vectors `added()` yields put in.
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from featscope.index import (
     KINDS,
     METRICS,
+    TARGET_RECALL,
     NeighbourIndex,
     build_index,
     options_of,
@@ -54,6 +55,15 @@ class IndexSummary:
             how = f"{self.how}, {m['build_seconds']:.1f}s"
         return (f"index {self.layer}: {m['vectors']} vectors x {m['dims']} ({m['factory']}, {m['metric']}), "
                 f"recall@10 {m['recall_at_10']:.3f} vs exact on {m['recall_queries']} queries; {how}")
+
+    def warning(self) -> str:
+        """Said when an approximate index misses the recall aimed for even at its widest search."""
+        recall = self.meta["recall_at_10"]
+        if self.meta["kind"] == "flat" or recall >= TARGET_RECALL:
+            return ""
+        return (f"recall@10 {recall:.3f} is below the {TARGET_RECALL} aimed for, even searching as widely as it can: "
+                f"its answers miss about {1 - recall:.0%} of each image's 10 nearest neighbours; {self.meta['factory']} "
+                "compresses the vectors to fit the memory budget, and a larger budget keeps more of them")
 
 
 def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine", max_memory: str | int = "4GB",
