@@ -60,17 +60,23 @@ def _other_precision(rd: RunDir, layer: str, shards: list[int], precision: str |
     return [s for s, p in found.items() if p not in (None, precision)]
 
 
-def _failed_maps(rd: RunDir, method: str, live: set[int], maps: dict) -> int:
-    """Live images whose map the last saliency run of `method` could not make (the stage
-    records them, and tries them again on its next run)."""
+def _failed_maps(rd: RunDir, method: str, live: set[int], maps: dict) -> dict[str, int]:
+    """Error kind -> live images whose map the last saliency run of `method` could not make
+    (the stage records them, and tries them again on its next run)."""
     part = rd.error_part(f"saliency-{method}", 0)
     if not part.exists():
-        return 0
+        return {}
     try:
-        ids = pq.read_table(part, columns=["image_id"])["image_id"].to_pylist()
+        table = pq.read_table(part, columns=["image_id", "error"])
     except (OSError, pa.ArrowException):
-        return 0  # damaged: `featscope verify` names it
-    return len({i for i in ids if i in live and i not in maps})
+        return {}  # damaged: `featscope verify` names it
+    kinds = {i: kind for i, kind in zip(table["image_id"].to_pylist(), table["error"].to_pylist())
+             if i in live and i not in maps}
+    return {kind: list(kinds.values()).count(kind) for kind in sorted(set(kinds.values()))}
+
+
+MAP_FAILURES = {"unreadable": "could not be read", "bad_image": "do not decode",
+                "no_target": "have no class of the model to explain", NON_FINITE: "got NaN or inf from the model"}
 
 
 def status(rd: RunDir, *, history: int = 5) -> Status:
@@ -220,9 +226,10 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         maps = rd.saliency_overlays(method)
         gone = sum(i not in live_set for i in maps)
         failed = _failed_maps(rd, method, live_set, maps)
+        why = ", ".join(f"{n} {MAP_FAILURES.get(kind, kind)}" for kind, n in failed.items())
         out.lines.append(f"saliency {method}: {plural(len(maps), 'map')}" + (f", {gone} of retired images" if gone
                                                                                else "")
-                         + (f"; {plural(failed, 'selected image')} without one: could not be read (errors.parquet; "
+                         + (f"; {plural(sum(failed.values()), 'selected image')} without one: {why} (errors.parquet; "
                             "the workflow's next run or `featscope saliency compute` tries again)" if failed else ""))
         if gone:
             out.stale.append(f"saliency {method}")

@@ -43,7 +43,7 @@ from featscope.pipelines.core.device import (
 from featscope.pipelines.core.images import BadImage, Unreadable, read_pixels
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir, record_unreadable
-from featscope.pipelines.core.store import write_errors, write_table
+from featscope.pipelines.core.store import FLOAT16_MAX, NON_FINITE, write_errors, write_table
 from featscope.pipelines.core.text import plural, rate
 from featscope.pipelines.core.workers import (
     ModelRef,
@@ -223,8 +223,15 @@ def _write_outputs(rd: RunDir, options: SaliencyOptions, image_id: int, view: to
     full_map = F.interpolate(torch.from_numpy(heat)[None, None], size=(height, width), mode="bilinear",
                              align_corners=False)[0, 0].numpy()
     with atomic_path(rd.saliency_map(method, image_id)) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, saliency=full_map.astype(np.float16), image_id=image_id, method=method,
+        stored = np.float16 if np.abs(full_map).max() <= FLOAT16_MAX else np.float32  # never an inf for a big value
+        np.savez_compressed(f, saliency=full_map.astype(stored), image_id=image_id, method=method,
                             **{k: v for k, v in facts.items()})
+
+
+def _error(row: dict, method: str, kind: str, why: object) -> dict:
+    """An errors.parquet row for an image whose map could not be made."""
+    return {"image_id": row["image_id"], "path": row["path"], "stage": f"saliency-{method}", "error": kind,
+            "message": str(why)}
 
 
 @one_task_at_a_time
@@ -240,21 +247,25 @@ def explain_batch(root: str, options: SaliencyOptions, ref: ModelRef, rows: list
         try:
             pixels = read_pixels(row["path"])
         except BadImage as e:  # unreadable (a share away): the workflow's next run tries it again
-            errors.append({"image_id": row["image_id"], "path": row["path"], "stage": f"saliency-{options.method}",
-                           "error": "unreadable" if isinstance(e, Unreadable) else "bad_image", "message": str(e)})
+            errors.append(_error(row, options.method, "unreadable" if isinstance(e, Unreadable) else "bad_image", e))
             continue
         view = model_view(pixels, prep)
         x = prep.normalize(view[None].to(device))
         with torch.no_grad():
             logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        if not bool(torch.isfinite(logits).all()):
+            errors.append(_error(row, options.method, NON_FINITE, "the model's scores for this image are NaN or inf"))
+            continue
         try:
             target = _target_class(options, logits, row.get("label"), categories)
         except ValueError as e:
-            errors.append({"image_id": row["image_id"], "path": row["path"], "stage": f"saliency-{options.method}",
-                           "error": "no_target", "message": str(e)})
+            errors.append(_error(row, options.method, "no_target", e))
             continue
         t = torch.tensor([target], device=device)
         heat = attribute(model, x, t, options.method, **_kernel_options(options, device))[0]
+        if not bool(torch.isfinite(heat).all()):  # an overflow (fp16), not the image's evidence
+            errors.append(_error(row, options.method, NON_FINITE, f"its {options.method} map holds NaN or inf"))
+            continue
         facts = {
             "target": target,
             "target_name": categories[target] if categories else str(target),

@@ -47,7 +47,7 @@ from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, autocast
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import write_errors, write_table
+from featscope.pipelines.core.store import NON_FINITE, write_errors, write_table
 from featscope.pipelines.core.text import plural, rate
 from featscope.pipelines.core.trust import BASELINES, CURVES, EVALUATION_SCHEMA, map_stamp, read_evaluation
 from featscope.pipelines.core.workers import (
@@ -145,6 +145,11 @@ def evaluate_batch(root: str, options: EvaluateOptions, ref: ModelRef, rows: lis
         for i, (method, stamp) in enumerate(row["methods"]):
             b = len(maps) + 2 * classes.index(targets[i])  # this target's random map; its centre map follows
             picked = {"": i, "random_": b, "centre_": b + 1}
+            if not all(bool(torch.isfinite(curves[mode][j]).all()) for j in picked.values() for mode in CURVES):
+                errors.append({"image_id": image_id, "path": row["path"], "stage": "saliency-evaluate",
+                               "error": NON_FINITE, "message": f"the model's scores along its {method} curves are "
+                                                               "NaN or inf"})  # an overflow: no area to compare
+                continue
             facts = {f"{p}{mode}_auc": float(areas[mode][j]) for p, j in picked.items() for mode in CURVES}
             with atomic_path(rd.saliency_curves(method, image_id)) as tmp, open(tmp, "wb") as f:
                 np.savez(f, fractions=np.linspace(0, 1, options.steps + 1, dtype=np.float32), target=targets[i],

@@ -111,6 +111,39 @@ def test_bad_images_and_missing_targets_become_error_rows_not_failures(run, tmp_
     assert fixed["summaries"][0]["target"] == 7
 
 
+def test_scores_or_maps_that_are_not_numbers_become_error_rows_not_pictures(run, tmp_path, monkeypatch):
+    """An overflow (fp16 on a GPU without bf16; a model of one's own) gave NaN maps that were
+    drawn as flat pictures and evaluated as if they ranked pixels."""
+    from featscope.pipelines.app.status import status
+
+    good = photo_rows(run)[0]
+    state = load_model(ARCH, "random").module.state_dict()
+    state["fc.weight"][0] = 1e37  # finite weights whose class-0 score passes float32's range: inf
+    state["fc.bias"][0] = 3e38
+    torch.save(state, tmp_path / "loud.pt")
+    loud = saliency.ModelRef(ARCH, str(tmp_path / "loud.pt"), 0, None)
+    result = saliency.explain_batch(str(run.root), saliency.SaliencyOptions(method="gradcam"), loud, [good])
+    assert result["summaries"] == [] and [(e["error"], e["message"]) for e in result["errors"]] == [
+        ("non_finite", "the model's scores for this image are NaN or inf")]
+    monkeypatch.setattr(saliency, "attribute", lambda model, x, *args, **kwargs: torch.full((1, *x.shape[2:]),
+                                                                                          float("nan")))
+    options = saliency.SaliencyOptions(method="gradcam", select=f"ids={good['image_id']}", workers=1)
+    assert saliency.run(run, options, progress=False).computed == 0
+    assert [(e["error"], e["message"]) for e in read_errors(run.errors_dir).to_pylist()] == [
+        ("non_finite", "its gradcam map holds NaN or inf")]
+    assert not run.saliency_map("gradcam", good["image_id"]).exists()
+    assert not run.saliency_overlay("gradcam", good["image_id"]).exists()
+    said = [line for line in status(run).lines if line.startswith("saliency gradcam")]
+    assert said == ["saliency gradcam: 0 maps; 1 selected image without one: 1 got NaN or inf from the model "
+                    "(errors.parquet; the workflow's next run or `featscope saliency compute` tries again)"]
+    # a map whose values pass float16's range is kept as they are (float16 would make them inf)
+    monkeypatch.setattr(saliency, "attribute", lambda model, x, *args, **kwargs: torch.linspace(
+        0, 1e6, x.shape[2] * x.shape[3]).view(1, *x.shape[2:]))
+    assert saliency.run(run, options, progress=False).computed == 1
+    with np.load(run.saliency_map("gradcam", good["image_id"])) as stored:
+        assert stored["saliency"].dtype == np.float32 and 0.9e6 < stored["saliency"].max() <= 1e6
+
+
 def test_an_image_unreadable_for_a_while_is_named_by_status_and_mapped_by_the_next_run(run):
     from featscope.pipelines.app.status import status
 
@@ -120,7 +153,7 @@ def test_an_image_unreadable_for_a_while_is_named_by_status_and_mapped_by_the_ne
     options = saliency.SaliencyOptions(method="gradcam", select=f"ids={photo['image_id']}", workers=1)
     assert saliency.run(run, options, progress=False).computed == 0
     said = [line for line in status(run).lines if line.startswith("saliency gradcam")]
-    assert said == ["saliency gradcam: 0 maps; 1 selected image without one: could not be read (errors.parquet; "
+    assert said == ["saliency gradcam: 0 maps; 1 selected image without one: 1 could not be read (errors.parquet; "
                     "the workflow's next run or `featscope saliency compute` tries again)"]
     assert read_errors(run.errors_dir)["error"].to_pylist() == ["unreadable"]  # not `bad_image`: worth a retry
     # what the workflow's saliency rule carries in its params: changed by a run that met an

@@ -166,3 +166,31 @@ def test_cli_names_bad_input_in_one_line(run, capsys):
     assert "--replacement" in capsys.readouterr().err
     # the old spelling of `saliency compute` still works
     assert cli(["saliency", "--run", str(rd.root), "--method", "gradient", "--select", "label=photo", "--quiet"]) == 0
+
+
+def test_curves_that_are_not_numbers_are_error_rows_not_areas(run, monkeypatch):
+    """An overflow along a curve (fp16 autocast on a GPU without bf16) gave a NaN area that
+    the trust page's means then left out without a word."""
+    from featscope.pipelines.core.store import read_errors
+
+    rd, photos = run
+    real = trust.perturbation_curves
+
+    def overflowing(*args, **kwargs):
+        curves = real(*args, **kwargs).clone()
+        curves[0, -1] = float("inf")  # the first map of each image
+        return curves
+
+    monkeypatch.setattr(trust, "perturbation_curves", overflowing)
+    trust.evaluate(rd, options(), progress=False)
+    errors = [e for e in read_errors(rd.errors_dir).to_pylist() if e["stage"] == "saliency-evaluate"]
+    assert {e["image_id"] for e in errors} == {p["image_id"] for p in photos} and {e["error"] for e in errors} == {
+        "non_finite"}
+    hit = {e["message"].split(" along its ")[1].split(" ")[0] for e in errors}
+    assert len(hit) == 1 and hit < set(METHODS)
+    (other,) = set(METHODS) - hit
+    assert not rd.faithfulness(*hit).exists() or pq.read_table(rd.faithfulness(*hit)).num_rows == 0
+    assert sorted(pq.read_table(rd.faithfulness(other))["image_id"].to_pylist()) == sorted(
+        p["image_id"] for p in photos)
+    assert all(np.isfinite(v) for row in pq.read_table(rd.faithfulness(other)).to_pylist()
+               for k, v in row.items() if k.endswith("_auc"))
