@@ -102,7 +102,9 @@ def _files(rd: RunDir) -> Iterator[tuple[Path, Callable[[Path], None], str]]:
     def candidates(path: Path) -> None:
         if identity is not None:
             identity.check(path, file_metadata(path))
-        _read_parquet(path, TOPK_CANDIDATE_SCHEMA)
+        values = _read_parquet(path, TOPK_CANDIDATE_SCHEMA)["value"].to_numpy()
+        if not np.isfinite(values).all():
+            raise ValueError(f"NaN or inf in {plural(int((~np.isfinite(values)).sum()), 'top-k value')}")
 
     for layer_dir in sorted(p for p in (rd.root / "features").glob("*") if p.is_dir()):
         for part in sorted(layer_dir.glob("part-*.parquet")):

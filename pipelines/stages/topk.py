@@ -89,6 +89,10 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None, quantile: float = MAS
         meta = file_metadata(p)
         identity.check(p, meta)
         part = pq.read_table(p)
+        if not pc.all(pc.is_finite(part["value"])).as_py():  # written before extract checked its values
+            raise FeatscopeError(f"{p} holds top-k values that are NaN or inf: delete it and its shard's feature "
+                                 f"parts, then run `featscope extract --run {rd.root} --layers {layer} --topk K` again "
+                                 "(such images are recorded as errors now)")
         live = pc.is_in(part["image_id"], present["image_id"])
         ids = part["image_id"].to_numpy()
         if len(candidates_run_short(part["channel"].to_numpy(), ids, ids[~live.to_numpy(zero_copy_only=False)], k,

@@ -508,6 +508,18 @@ def test_features_with_nan_written_by_an_older_featscope_are_refused_and_named(t
     assert [(p.name, why) for p, why, _ in found.damaged] == [
         ("part-00000.parquet", f"the feature values of 1 image are NaN or inf (first: image {victim})")]
     assert "featscope extract --run" in found.damaged[0][2]
+    # top-k candidates of such an image: merged first, as if they were the unit's strongest
+    from featscope.pipelines.stages import topk
+
+    extract.extract(rd, ["layer4"], topk=2, workers=0, progress=False)
+    candidates = rd.topk_candidates_part("layer4", 0)
+    table = pq.read_table(candidates)
+    values = table["value"].to_numpy().copy()
+    values[0] = np.nan
+    pq.write_table(table.set_column(2, "value", pa.array(values, pa.float32())), candidates)
+    with pytest.raises(FeatscopeError, match=r"part-00000.parquet holds top-k values that are NaN or inf: delete it"):
+        topk.merge(rd, "layer4")
+    assert ("part-00000.parquet", "NaN or inf in 1 top-k value") in [(p.name, why) for p, why, _ in verify(rd).damaged]
 
 
 def test_a_run_refuses_other_weights_and_foreign_feature_files(tmp_path, small_dataset):
