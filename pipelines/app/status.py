@@ -122,6 +122,11 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         out.stale.append("features of unreadable images")
     non_finite = np.intersect1d(live, [i for ids in manifest.extraction_errors(rd, NON_FINITE).values()
                                        for i in ids])
+    undecodable = np.intersect1d(live, [i for ids in manifest.extraction_errors(rd, "bad_image").values()
+                                        for i in ids])
+    if len(undecodable):
+        out.lines.append(f"  {plural(len(undecodable), 'live image')} left out of every layer: not decodable (first "
+                         f"id {undecodable[0]}; see errors.parquet)")
     if len(non_finite):
         precision = config.get("precision", "?")
         out.lines.append(f"  {plural(len(non_finite), 'live image')} left out of every layer: the model computed NaN "
@@ -143,13 +148,18 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                              f"run's {config['precision']}: delete those parts and extract them again")
             out.stale.append(f"features {layer} precision")
 
+    # live images that extraction recorded as errors have no features for an index or a map
+    # to hold (their own lines above say why); without them, a run with one image that does
+    # not decode was called stale for good, and "rerun the workflow" could not change that
+    featured = np.setdiff1d(live, np.concatenate([unreadable, undecodable, non_finite]).astype(live.dtype))
+
     def describe(kind: str, name: str, ids: np.ndarray, extra: str = "") -> None:
-        current = np.array_equal(ids, live)
-        if not current:
-            out.stale.append(f"{kind} {name}")
         gone = int(np.isin(ids, live, invert=True).sum())
-        lacking = int(np.isin(live, ids, invert=True).sum())
-        state = "current" if current else f"stale: {gone} retired images in it, {lacking} live images missing"
+        lacking = int(np.isin(featured, ids, invert=True).sum())
+        if gone or lacking:
+            out.stale.append(f"{kind} {name}")
+        state = (f"stale: {plural(gone, 'retired image')} in it, {plural(lacking, 'live image')} missing"
+                 if gone or lacking else "current")
         out.lines.append(f"{kind} {name}: {plural(len(ids), 'image')}{extra}, {state}")
 
     for layer in rd.index_layers():

@@ -36,13 +36,37 @@ def test_status_names_pending_changes_and_stale_outputs_until_the_rerun(tmp_path
     after = status(rd)
     assert after.pending == {"new": 0, "edited": 0, "vanished": 0, "relabelled": 0}
     assert after.stale == ["features pool", "index pool", "explain pool"]
-    assert "stale: 1 retired images in it, 1 live images missing" in after.line()
+    assert "stale: 1 retired image in it, 1 live image missing" in after.line()
     assert "explain pool: 2 pairs, stale: 1 with an image that left the dataset" in after.line()
     extract.extract(rd, ["pool"], workers=0, progress=False)
     neighbours.build(rd, "pool", progress=False)
     assert status(rd).stale == ["explain pool"]  # until explain runs on the new index
     explain.run(rd, explain.ExplainOptions(layer="pool", queries=[0], k=2))
     assert status(rd).stale == []
+
+
+def test_images_without_features_leave_the_index_current_and_are_named_once(tmp_path, digits):
+    """One image that does not decode made status call the index stale for good, and ask
+    for a rerun of the workflow that could not change it."""
+    images = tmp_path / "images"
+    write_dataset(images, digits, n_photos=2, labels=(0,), digits_per_label=2)
+    (images / "0" / "broken.png").write_text("not a picture")
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, images, shard_size=10, model="resnet18", weights="random")
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    said = status(rd)
+    broken = next(r["image_id"] for r in manifest.read(rd).to_pylist() if r["path"].endswith("broken.png"))
+    assert said.stale == [] and "index pool: 4 images (Flat), current" in said.line()
+    assert (f"  1 live image left out of every layer: not decodable (first id {broken}; see errors.parquet)"
+            in said.lines)
+    write_dataset(images, digits, n_photos=0, labels=(1,), digits_per_label=1)
+    manifest.run(rd, images)
+    away = next(images.glob("1/*.png"))
+    away.unlink()  # away while its shard is extracted: its own line says a rerun tries it
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    assert status(rd).stale == ["features of unreadable images"]  # not the index as well
 
 
 def test_history_records_what_each_run_changed_and_which_jobs_ran(tmp_path, digits):
