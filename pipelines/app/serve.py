@@ -156,7 +156,7 @@ class RunState:
     indexes: dict[str, NeighbourIndex]
     versions: dict[str, str]  # layer -> the version folder its index was read from
     unavailable: dict[str, str] = field(default_factory=dict)  # layer -> why it cannot answer now
-    # layer -> live images its index lacks (added since its last update, or never extracted):
+    # layer -> live images with features that its index lacks (added since its last update):
     # every answer says so, since its neighbours are searched among the others only
     unindexed: dict[str, int] = field(default_factory=dict)
 
@@ -183,7 +183,8 @@ class RunState:
             except FeatscopeError as e:
                 indexes.pop(layer, None)
                 unavailable[layer] = str(e)
-        unindexed = {layer: int(np.isin(live_ids, index.ids, invert=True).sum()) for layer, index in indexes.items()}
+        featured = np.setdiff1d(live_ids, manifest.featureless(rd))  # the others have no vector to index
+        unindexed = {layer: int(np.isin(featured, index.ids, invert=True).sum()) for layer, index in indexes.items()}
         return cls(signature, identity, Catalogue(live), indexes, versions, unavailable, unindexed)
 
     @property
@@ -442,8 +443,8 @@ class QueryService:
 
     def answer(self, state: RunState, layer: str, query: int | None, found: tuple[np.ndarray, np.ndarray]) -> dict:
         """The JSON answer for one search's (neighbour ids, distances), with the number of the
-        run's live images the layer's index lacks (`unindexed`: added since its last update,
-        or never extracted), which no answer can name until the workflow updates it."""
+        run's live images with features that the layer's index lacks (`unindexed`: added since
+        its last update), which no answer can name until the workflow updates it."""
         ids, distances = found
         kept = ids >= 0
         neighbours = [about | {"distance": float(d)}

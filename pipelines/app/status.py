@@ -151,7 +151,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     # live images that extraction recorded as errors have no features for an index or a map
     # to hold (their own lines above say why); without them, a run with one image that does
     # not decode was called stale for good, and "rerun the workflow" could not change that
-    featured = np.setdiff1d(live, np.concatenate([unreadable, undecodable, non_finite]).astype(live.dtype))
+    featured = np.setdiff1d(live, manifest.featureless(rd))
 
     def describe(kind: str, name: str, ids: np.ndarray, extra: str = "") -> None:
         gone = int(np.isin(ids, live, invert=True).sum())

@@ -512,18 +512,25 @@ def unreadable_at_extraction(rd: RunDir) -> dict[Path, list[int]]:
     return extraction_errors(rd, "unreadable")
 
 
-def extraction_errors(rd: RunDir, kind: str) -> dict[Path, list[int]]:
-    """Extract error part -> the ids it records with error `kind`."""
+def extraction_errors(rd: RunDir, kind: str | None = None) -> dict[Path, list[int]]:
+    """Extract error part -> the ids it records with error `kind` (None: any): images the
+    extraction could not give features (unreadable, bad_image, non_finite)."""
     found = {}
     for part in sorted(rd.errors_dir.glob("extract-*.parquet")) if rd.errors_dir.is_dir() else []:
         try:
             table = pq.read_table(part, columns=["image_id", "error"])
         except (OSError, pa.ArrowException):
             continue  # damaged: `featscope verify` names it
-        ids = table.filter(pc.equal(table["error"], kind))["image_id"].to_pylist()
+        ids = (table if kind is None else table.filter(pc.equal(table["error"], kind)))["image_id"].to_pylist()
         if ids:
             found[part] = [i for i in ids if i is not None]
     return found
+
+
+def featureless(rd: RunDir) -> np.ndarray:
+    """The ids extraction recorded as errors: no index or map can hold them until they are
+    extracted (an unreadable one is tried again by the next manifest update)."""
+    return np.asarray(sorted({i for ids in extraction_errors(rd).values() for i in ids}), dtype=np.int64)
 
 
 def shards_to_redo(rd: RunDir, retired: list[dict], rows: list[dict]) -> list[int]:
