@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from featscope.pipelines.core.atomic import atomic_path
-from featscope.pipelines.core.images import BadImage, open_image
+from featscope.pipelines.core.images import BadImage, Unreadable, open_image
 from featscope.pipelines.core.rundir import RunDir
 
 THUMB = 128  # longest side
@@ -28,9 +28,12 @@ def _grey_mark(thumbnail: Path) -> Path:
 
 def make_thumbnail(rd: RunDir, image_id: int, path: str, at_least: int = THUMB) -> Image.Image | None:
     """The image's thumbnail (its longest side THUMB px), made and stored if missing; None if
-    the image cannot be read (the report then stores a grey square in its place, marked as
-    one). A stored one is decoded at the smallest JPEG scale whose sides stay >= `at_least`
-    (a 22-px mosaic tile needs an eighth of the pixels)."""
+    the image cannot be read now (the report then stores a grey square in its place, marked
+    as one, and reads the image again next time). Bytes that do not decode get a grey square
+    for good, unmarked: an id keeps its bytes (an edited file gets a new id), so reading them
+    again would fail again, and every workflow run would build the report anew to try. A
+    stored one is decoded at the smallest JPEG scale whose sides stay >= `at_least` (a 22-px
+    mosaic tile needs an eighth of the pixels)."""
     out = rd.thumbnail(image_id)
     mark = _grey_mark(out)
     stored = None if mark.exists() else _stored(out, at_least)
@@ -38,8 +41,10 @@ def make_thumbnail(rd: RunDir, image_id: int, path: str, at_least: int = THUMB) 
         return stored
     try:
         img = ImageOps.contain(open_image(path, min_size=THUMB), (THUMB, THUMB))
-    except BadImage:
+    except Unreadable:
         return None
+    except BadImage:
+        img = Image.new("RGB", (THUMB, THUMB), PLACEHOLDER)
     with atomic_path(out) as tmp:
         img.save(tmp, format="JPEG", quality=82)
     mark.unlink(missing_ok=True)  # after the thumbnail: a stop in between only reads the image again
