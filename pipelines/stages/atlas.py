@@ -170,7 +170,9 @@ def atlas(rd: RunDir, options: AtlasOptions, progress: bool = True) -> AtlasSumm
     if spec.kind == "pixels" or spec.grid:
         raise FeatscopeError(f"layer '{options.layer}' has no activation vectors to map: give a conv or vector layer")
     module = loaded.module.get_submodule(spec.module_path)
-    live = manifest.read(rd).select(["image_id", "path", "label"]).to_pylist()
+    featureless = set(manifest.featureless(rd).tolist())  # no slot of the sample for an image extract could not read
+    live = [r for r in manifest.read(rd).select(["image_id", "path", "label"]).to_pylist()
+            if r["image_id"] not in featureless]
     if len(live) < 2:
         raise FeatscopeError(f"an atlas needs at least 2 images; run {rd.root} has {len(live)}")
     rng = np.random.default_rng(options.seed)

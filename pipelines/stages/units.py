@@ -367,13 +367,14 @@ def _classifier_reading(loaded, layer: str, units: int) -> torch.nn.Linear | Non
 
 def _mean_gradients(rd: RunDir, loaded, device: torch.device, spec, options: LabelOptions,
                     progress: bool = False) -> tuple[torch.Tensor | None, int]:
-    """(units, classes) mean class-logit gradients over a seeded sample of the live images,
-    and how many images it averaged (unreadable ones are skipped); None if no image could be
+    """(units, classes) mean class-logit gradients over a seeded sample of the live images with
+    features, and how many images it averaged (unreadable ones are skipped); None if no image could be
     read or the model's output is no (B, classes) score."""
     from featscope.kernels.class_attribution import mean_class_gradients
     from featscope.pipelines.core.images import BadImage, read_pixels
 
-    rows = manifest.read(rd).select(["image_id", "path"]).to_pylist()
+    featureless = set(manifest.featureless(rd).tolist())  # extract could not read them, or got NaN from them
+    rows = [r for r in manifest.read(rd).select(["image_id", "path"]).to_pylist() if r["image_id"] not in featureless]
     rng = np.random.default_rng(options.seed)
     chosen = sorted(rng.choice(len(rows), size=min(options.gradient_images, len(rows)), replace=False).tolist())
     prep = loaded.preprocessing

@@ -17,6 +17,9 @@ from featscope.pipelines.core.rundir import RunDir
 def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
     images = tmp_path / "images"
     write_dataset(images, digits, n_photos=4, labels=(0, 1, 2, 3))
+    # bytes that do not decode: an error row for good, and no rule reruns for them (the report
+    # used to take its grey square for an image away for a while and rebuild on every run)
+    (images / "0" / "zz-broken.png").write_text("not a picture")
     cfg = {
         "run": "e2e", "runs_dir": str(tmp_path / "runs"), "images": str(images), "shard_size": 3,
         "model": {"arch": "resnet18", "weights": "random"}, "layers": ["pool", "layer3"],
