@@ -10,6 +10,7 @@ model and reads only small files, so it answers in about a second.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def _failed_maps(rd: RunDir, method: str, live: set[int], maps: dict) -> dict[st
         return {}  # damaged: `featscope verify` names it
     kinds = {i: kind for i, kind in zip(table["image_id"].to_pylist(), table["error"].to_pylist())
              if i in live and i not in maps}
-    return {kind: list(kinds.values()).count(kind) for kind in sorted(set(kinds.values()))}
+    return dict(sorted(Counter(kinds.values()).items()))
 
 
 MAP_FAILURES = {"unreadable": "could not be read", "bad_image": "do not decode",
