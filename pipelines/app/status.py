@@ -116,15 +116,14 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                               f"now (first: {first}), kept as they were")
     else:
         out.lines.append(f"images {source or '-'}: not found (moved? give `featscope manifest` the new place)")
-    unreadable = np.intersect1d(live, [i for ids in manifest.unreadable_at_extraction(rd).values() for i in ids])
+    extract_errors = manifest.extraction_error_kinds(rd)  # kind -> ids, read once
+    unreadable = np.intersect1d(live, extract_errors.get("unreadable", []))
     if len(unreadable):
         out.lines.append(f"  {plural(len(unreadable), 'live image')} could not be read when extracted (first id "
                          f"{unreadable[0]}; see errors.parquet): a rerun tries them again")
         out.stale.append("features of unreadable images")
-    non_finite = np.intersect1d(live, [i for ids in manifest.extraction_errors(rd, NON_FINITE).values()
-                                       for i in ids])
-    undecodable = np.intersect1d(live, [i for ids in manifest.extraction_errors(rd, "bad_image").values()
-                                        for i in ids])
+    non_finite = np.intersect1d(live, extract_errors.get(NON_FINITE, []))
+    undecodable = np.intersect1d(live, extract_errors.get("bad_image", []))
     if len(undecodable):
         out.lines.append(f"  {plural(len(undecodable), 'live image')} left out of every layer: not decodable (first "
                          f"id {undecodable[0]}; see errors.parquet)")
@@ -152,7 +151,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     # live images that extraction recorded as errors have no features for an index or a map
     # to hold (their own lines above say why); without them, a run with one image that does
     # not decode was called stale for good, and "rerun the workflow" could not change that
-    featured = np.setdiff1d(live, manifest.featureless(rd))
+    featured = np.setdiff1d(live, manifest.featureless(rd, extract_errors))
 
     def describe(kind: str, name: str, ids: np.ndarray, extra: str = "") -> None:
         gone = int(np.isin(ids, live, invert=True).sum())

@@ -512,25 +512,42 @@ def unreadable_at_extraction(rd: RunDir) -> dict[Path, list[int]]:
     return extraction_errors(rd, "unreadable")
 
 
-def extraction_errors(rd: RunDir, kind: str | None = None) -> dict[Path, list[int]]:
-    """Extract error part -> the ids it records with error `kind` (None: any): images the
-    extraction could not give features (unreadable, bad_image, non_finite)."""
-    found = {}
+def _extract_error_tables(rd: RunDir) -> Iterator[tuple[Path, pa.Table]]:
+    """(part, its image_id and error columns) for each extract error part that can be read."""
     for part in sorted(rd.errors_dir.glob("extract-*.parquet")) if rd.errors_dir.is_dir() else []:
         try:
-            table = pq.read_table(part, columns=["image_id", "error"])
+            yield part, pq.read_table(part, columns=["image_id", "error"])
         except (OSError, pa.ArrowException):
             continue  # damaged: `featscope verify` names it
-        ids = (table if kind is None else table.filter(pc.equal(table["error"], kind)))["image_id"].to_pylist()
+
+
+def extraction_errors(rd: RunDir, kind: str) -> dict[Path, list[int]]:
+    """Extract error part -> the ids it records with error `kind`."""
+    found = {}
+    for part, table in _extract_error_tables(rd):
+        ids = table.filter(pc.equal(table["error"], kind))["image_id"].to_pylist()
         if ids:
             found[part] = [i for i in ids if i is not None]
     return found
 
 
-def featureless(rd: RunDir) -> np.ndarray:
-    """The ids extraction recorded as errors: no index or map can hold them until they are
-    extracted (an unreadable one is tried again by the next manifest update)."""
-    return np.asarray(sorted({i for ids in extraction_errors(rd).values() for i in ids}), dtype=np.int64)
+def extraction_error_kinds(rd: RunDir) -> dict[str, np.ndarray]:
+    """Error kind (unreadable, bad_image, non_finite) -> the ids extraction recorded with it:
+    images it could not give features."""
+    found: dict[str, list[int]] = {}
+    for _, table in _extract_error_tables(rd):
+        for image_id, kind in zip(table["image_id"].to_pylist(), table["error"].to_pylist()):
+            if image_id is not None:
+                found.setdefault(kind, []).append(image_id)
+    return {kind: np.unique(np.asarray(ids, dtype=np.int64)) for kind, ids in found.items()}
+
+
+def featureless(rd: RunDir, kinds: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """The ids extraction recorded as errors (`kinds`: `extraction_error_kinds`, if read
+    already): no index or map can hold them until they are extracted (an unreadable one is
+    tried again by the next manifest update)."""
+    kinds = extraction_error_kinds(rd) if kinds is None else kinds
+    return np.unique(np.concatenate([np.zeros(0, np.int64), *kinds.values()]))
 
 
 def shards_to_redo(rd: RunDir, retired: list[dict], rows: list[dict]) -> list[int]:
