@@ -24,7 +24,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, read_record
-from featscope.pipelines.core.store import NON_FINITE, file_metadata
+from featscope.pipelines.core.store import FLOAT16_MAX, NON_FINITE, OUT_OF_RANGE, file_metadata
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.trust import (
     current_evaluation,
@@ -133,6 +133,11 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                          f"or inf for them in {precision} (first id {non_finite[0]}; see errors.parquet)"
                          + ("; fp16 overflows past 65,504, a run in bf16 or fp32 does not" if precision == "fp16"
                             else ""))
+    out_of_range = np.intersect1d(live, extract_errors.get(OUT_OF_RANGE, []))
+    if len(out_of_range):
+        out.lines.append(f"  {plural(len(out_of_range), 'live image')} left out of every layer: the model computed "
+                         f"values past {FLOAT16_MAX:,.0f} for them, which the store's float16 cannot hold (first id "
+                         f"{out_of_range[0]}; see errors.parquet)")
 
     for layer_dir in sorted(p for p in (rd.root / "features").glob("*") if p.is_dir()):
         layer = layer_dir.name

@@ -21,6 +21,7 @@ from featscope.kernels.summary import conv_summary, pixel_thumbnail
 from featscope.pipelines.core.device import PRECISIONS, inference_model, resolve_device, resolve_precision
 from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, decode_pixels, read_pixels
 from featscope.pipelines.core.models import LoadedModel, load_run_model
+from featscope.pipelines.core.store import FLOAT16_MAX
 
 PREDICTED_CLASSES = 5  # the model's top classes kept per image by extract
 
@@ -38,15 +39,16 @@ def summarise(spec: LayerSpec, output: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"feature": output.detach().flatten(1).float()}
 
 
-def finite_rows(columns: dict[str, torch.Tensor]) -> torch.Tensor:
+def storable_rows(columns: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B,) bool: the images whose stored values of a layer (`summarise`'s columns) are all
-    finite. A NaN or inf anywhere in a conv map reaches its mean or its max, so this is
-    also whether the whole map was finite."""
-    finite = torch.ones(len(columns["feature"]), dtype=torch.bool, device=columns["feature"].device)
+    finite and within float16's range, the store's type (a larger value would be kept as
+    65,504, not as what the model computed). A NaN or inf anywhere in a conv map reaches its
+    mean or its max, so this also says whether the whole map was finite."""
+    storable = torch.ones(len(columns["feature"]), dtype=torch.bool, device=columns["feature"].device)
     for name in ("feature", "max"):
         if name in columns:
-            finite &= torch.isfinite(columns[name]).all(1)
-    return finite
+            storable &= (columns[name].abs() <= FLOAT16_MAX).all(1)  # False for NaN too
+    return storable
 
 
 def checked_vector(vector: np.ndarray, layer: str) -> np.ndarray:
@@ -85,7 +87,8 @@ class FeatureExtractor:
         """As `forward`, plus the model's `top` classes and their softmax probabilities, (B, top)
         each: the taps run the whole model, so its output comes free (None for pixels only, or
         a model whose output is not a (B, classes) score). `sketches` (layer -> sketch) count
-        every value of those layers' whole outputs, before they are summarised."""
+        every value of those layers' whole outputs, before they are summarised, for the images
+        whose values there can be stored (`storable_rows`)."""
         pixels = pixels.to(self.device, non_blocking=True)
         x = self.loaded.preprocessing.normalize(pixels)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -97,8 +100,8 @@ class FeatureExtractor:
             if sketches and spec.name in sketches:
                 whole = output.ndim == 4 and not spec.grid  # a pooled grid's units are its pooled cells
                 values = output if whole else captured[spec.name]["feature"]
-                finite = finite_rows(captured[spec.name])  # a NaN or inf would break its unit's range
-                sketches[spec.name].update(values if bool(finite.all()) else values[finite])
+                kept = storable_rows(captured[spec.name])  # a NaN or inf would break its unit's range
+                sketches[spec.name].update(values if bool(kept.all()) else values[kept])
 
         for spec in self.specs:
             if spec.kind == "pixels":

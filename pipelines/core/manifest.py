@@ -532,7 +532,7 @@ def extraction_errors(rd: RunDir, kind: str) -> dict[Path, list[int]]:
 
 
 def extraction_error_kinds(rd: RunDir) -> dict[str, np.ndarray]:
-    """Error kind (unreadable, bad_image, non_finite) -> the ids extraction recorded with it:
+    """Error kind (unreadable, bad_image, non_finite, out_of_range) -> the ids extraction recorded with it:
     images it could not give features."""
     found: dict[str, list[int]] = {}
     for _, table in _extract_error_tables(rd):

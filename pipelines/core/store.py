@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 NON_FINITE = "non_finite"  # an extract error: the model computed NaN or inf for the image
+OUT_OF_RANGE = "out_of_range"  # an extract error: a value past FLOAT16_MAX, which the store cannot hold
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray
 
 
 def to_float16(values: np.ndarray) -> np.ndarray:
-    """Store as float16, clamped so a rare huge activation saturates instead of becoming inf."""
+    """Store as float16. Extract keeps images with values past its range out of every part
+    (`features.storable_rows`); the clamp guards any other writer against storing an inf."""
     return np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +30,15 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.dataset import default_workers, image_batches
 from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, resolve_device, resolve_precision
-from featscope.pipelines.core.features import FeatureExtractor, finite_rows
+from featscope.pipelines.core.features import FeatureExtractor, storable_rows
 from featscope.pipelines.core.models import LoadedModel, checked_class_names, load_model
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.store import (
+    FLOAT16_MAX,
     NON_FINITE,
+    OUT_OF_RANGE,
     TOPK_DEPTH,
     FeaturePartWriter,
     RunIdentity,
@@ -61,7 +64,8 @@ class ExtractSummary:
     images: int = 0
     bad: int = 0  # images skipped, of which
     unreadable: int = 0  # could not be read (the next manifest update tries them again)
-    non_finite: int = 0  # the model computed NaN or inf for them; the others do not decode
+    non_finite: int = 0  # the model computed NaN or inf for them
+    out_of_range: int = 0  # it computed values past float16's range, the store's; the others do not decode
     seconds: float = 0.0
 
     errors_dir: Path | None = None
@@ -80,13 +84,15 @@ class ExtractSummary:
             text += (f"; shards {', '.join(map(str, self.made_for_other_images))} extracted again: their files were "
                      "made for other images than the manifest now gives them")
         if self.bad:
-            undecodable = self.bad - self.unreadable - self.non_finite
+            undecodable = self.bad - self.unreadable - self.non_finite - self.out_of_range
             why = [f"{undecodable} not decodable" if undecodable else "",
                    f"{self.unreadable} not readable now, tried again by the next manifest update"
                    if self.unreadable else "",
                    f"{self.non_finite} with features that are not finite numbers (NaN or inf)"
                    + (": fp16 overflows past 65,504, a run in bf16 or fp32 does not" if self.precision == "fp16" else "")
-                   if self.non_finite else ""]
+                   if self.non_finite else "",
+                   f"{self.out_of_range} with features past {FLOAT16_MAX:,.0f}, which the store's float16 cannot "
+                   "hold (a model's unnormalised activations)" if self.out_of_range else ""]
             text += f"; {plural(self.bad, 'image')} skipped ({', '.join(w for w in why if w)}; see {rd.errors_dir})"
         return text
 
@@ -198,24 +204,26 @@ def extract(rd: RunDir, layers: list[str], *, model: str | None = None, weights:
         total = sum(len(manifest.read(rd, s)) for s in pending)
         with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
             for s in pending:
-                n, bad, unreadable, non_finite = _extract_shard(
+                n, errors = _extract_shard(
                     rd, s, missing[s], extractor, identity, batch_size=batch_size, topk=topk,
                     workers=default_workers() if workers is None else workers, bar=bar, images=digests[s])
                 summary.done.append(s)
                 summary.images += n
-                summary.bad += bad
-                summary.unreadable += unreadable
-                summary.non_finite += non_finite
+                summary.bad += errors.total()
+                summary.unreadable += errors["unreadable"]
+                summary.non_finite += errors[NON_FINITE]
+                summary.out_of_range += errors[OUT_OF_RANGE]
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: FeatureExtractor, identity: RunIdentity,
-                   *, batch_size: int, workers: int, topk: int, bar: tqdm, images: str) -> tuple[int, int, int, int]:
+                   *, batch_size: int, workers: int, topk: int, bar: tqdm, images: str) -> tuple[int, Counter]:
     """Extract the shard's missing `layers` (finished parts of other layers are left alone);
     `images`: the shard's digest (manifest.shard_digests), recorded in each part. An image
-    whose values at any layer are not finite (NaN, or an overflow's inf) is an error row,
-    in no layer's part, top-k or predictions. -> (written, errors, unreadable, non-finite)."""
+    whose values at any layer cannot be stored (NaN, an overflow's inf, or past float16's
+    range) is an error row, in no layer's part, top-k or predictions.
+    -> (images written, error kind -> images)."""
     trackers = {layer: RunningTopK(extractor.dims[layer], topk * TOPK_DEPTH, extractor.device)
                 for layer in layers if topk and layer != PIXELS}
     sketches = {layer: ActivationSketch(extractor.dims[layer], device=extractor.device) for layer in trackers}
@@ -243,11 +251,11 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
                            for i, p, kind, m in batch.errors]
                 if len(batch.image_ids):
                     outputs, predictions = extractor.forward_with_predictions(batch.pixels, sketches=sketches)
-                    finite = {layer: finite_rows(cols) for layer, cols in outputs.items()}
-                    for layer in sketches:  # a sketch counts a layer's finite rows (see forward_with_predictions)
-                        counted[layer].append(batch.image_ids.numpy()[finite[layer].cpu().numpy()])
-                    outputs, predictions, image_ids, broken = _without_non_finite(
-                        outputs, predictions, batch.image_ids, finite, extractor.precision, path_of)
+                    storable = {layer: storable_rows(cols) for layer, cols in outputs.items()}
+                    for layer in sketches:  # a sketch counts a layer's storable rows (see forward_with_predictions)
+                        counted[layer].append(batch.image_ids.numpy()[storable[layer].cpu().numpy()])
+                    outputs, predictions, image_ids, broken = _without_unstorable(
+                        outputs, predictions, batch.image_ids, storable, extractor.precision, path_of)
                     errors += broken
                     for layer, tracker in trackers.items():
                         cols = outputs[layer]
@@ -286,25 +294,32 @@ def _extract_shard(rd: RunDir, shard: int, layers: list[str], extractor: Feature
         for w in writers.values():
             w.abort()
         raise
-    return (len(ids) - len(errors), len(errors), sum(e["error"] == "unreadable" for e in errors),
-            sum(e["error"] == NON_FINITE for e in errors))
+    return len(ids) - len(errors), Counter(e["error"] for e in errors)
 
 
-def _without_non_finite(outputs: dict[str, dict[str, torch.Tensor]], predictions: tuple | None,
-                        image_ids: torch.Tensor, finite: dict[str, torch.Tensor], precision: str,
+def _without_unstorable(outputs: dict[str, dict[str, torch.Tensor]], predictions: tuple | None,
+                        image_ids: torch.Tensor, storable: dict[str, torch.Tensor], precision: str,
                         path_of: dict[int, str]) -> tuple:
     """A batch's outputs, predictions and ids without the images whose values at some layer
-    are not finite (`finite`: layer -> `finite_rows`), and an error row for each of those: a
-    NaN would be ranked anywhere by an index, and an inf is an overflow, not the image's value."""
-    keep = torch.stack(list(finite.values())).all(0)
+    cannot be stored (`storable`: layer -> `storable_rows`), and an error row for each of
+    those: a NaN would be ranked anywhere by an index, an inf is an overflow, not the image's
+    value, and a value past float16's range would be stored as 65,504, not as computed."""
+    keep = torch.stack(list(storable.values())).all(0)
     if bool(keep.all()):
         return outputs, predictions, image_ids, []
     errors = []
     for i in torch.nonzero(~keep).flatten().tolist():
         image_id = int(image_ids[i])
-        layer = next(name for name, rows in finite.items() if not rows[i])
-        errors.append({"image_id": image_id, "path": path_of[image_id], "stage": "extract", "error": NON_FINITE,
-                       "message": f"the model computed NaN or inf in its {layer} features ({precision})"})
+        layer = next(name for name, rows in storable.items() if not rows[i])
+        values = [v[i] for name, v in outputs[layer].items() if name in ("feature", "max")]
+        if all(bool(torch.isfinite(v).all()) for v in values):
+            largest = max(float(v.abs().max()) for v in values)
+            kind, message = OUT_OF_RANGE, (f"its {layer} features reach {largest:,.0f}, past the {FLOAT16_MAX:,.0f} "
+                                           "that the store's float16 can hold")
+        else:
+            kind, message = NON_FINITE, f"the model computed NaN or inf in its {layer} features ({precision})"
+        errors.append({"image_id": image_id, "path": path_of[image_id], "stage": "extract", "error": kind,
+                       "message": message})
     outputs = {layer: {name: values[keep] for name, values in cols.items()} for layer, cols in outputs.items()}
     if predictions is not None:
         predictions = tuple(t[keep] for t in predictions)

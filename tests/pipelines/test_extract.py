@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -427,17 +429,10 @@ def test_an_image_unreadable_at_extraction_is_extracted_by_the_next_update(tmp_p
     assert "features of unreadable images" not in status(rd).stale
 
 
-def test_images_whose_features_overflow_are_errors_in_no_layer_index_or_sketch(tmp_path, digits):
-    """fp16 overflows past 65,504 (a GPU without bf16 picks it): the overflowing image's
-    values are inf, or NaN after them. They used to be stored as if measured (an inf clamped
-    to 65,504, a NaN as NaN), ranked by the index and counted by the unit's sketch. The
-    images that overflow here are found independently: a fp32 forward pass of the same
-    checkpoint, whose logits are scaled so that the largest ones pass 65,504 with a margin."""
-    from featscope.pipelines.app.status import status
-    from featscope.pipelines.core.neighbours import open_index
-    from featscope.pipelines.core.store import read_sketch
-    from featscope.pipelines.stages import index as index_stage
-
+def _loud_run(tmp_path: Path, digits) -> tuple[RunDir, list[dict], set[int]]:
+    """A run of 15 images and a ResNet-18 checkpoint whose logits are scaled so that those of
+    some images (returned), and only theirs, pass 65,504 with a margin. The images are found
+    independently: a fp32 forward pass of the unscaled checkpoint."""
     write_dataset(tmp_path / "images", digits, n_photos=6, labels=(0, 1, 7), digits_per_label=3)
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, tmp_path / "images", shard_size=100)
@@ -448,13 +443,25 @@ def test_images_whose_features_overflow_are_errors_in_no_layer_index_or_sketch(t
     torch.save(model.state_dict(), plain)
     peak = np.abs(reference_outputs("resnet18", str(plain), [r["path"] for r in rows], [])["output"].numpy()).max(1)
     low, high = max(((a, b) for a, b in zip(np.sort(peak), np.sort(peak)[1:])), key=lambda ab: ab[1] / ab[0])
-    assert high / low > 1.3  # a clear margin between the images that overflow and those that do not
+    assert high / low > 1.3  # a clear margin between the images that pass 65,504 and those that do not
     scale = 65504 / np.sqrt(low * high)
     state = model.state_dict()
     state["fc.weight"] *= scale
     state["fc.bias"] *= scale
     torch.save(state, tmp_path / "loud.pt")
-    expected = {r["image_id"] for r, p in zip(rows, peak) if p >= high}
+    return rd, rows, {r["image_id"] for r, p in zip(rows, peak) if p >= high}
+
+
+def test_images_whose_features_overflow_are_errors_in_no_layer_index_or_sketch(tmp_path, digits):
+    """fp16 overflows past 65,504 (a GPU without bf16 picks it): the overflowing image's
+    values are inf, or NaN after them. They used to be stored as if measured (an inf clamped
+    to 65,504, a NaN as NaN), ranked by the index and counted by the unit's sketch."""
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core.neighbours import open_index
+    from featscope.pipelines.core.store import read_sketch
+    from featscope.pipelines.stages import index as index_stage
+
+    rd, rows, expected = _loud_run(tmp_path, digits)
     summary = extract.extract(rd, ["pool", "fc"], model="resnet18", weights=str(tmp_path / "loud.pt"),
                               device="cpu", precision="fp16", topk=2, workers=0, progress=False)
     errors = read_errors(rd.errors_dir).to_pylist()
@@ -484,6 +491,37 @@ def test_images_whose_features_overflow_are_errors_in_no_layer_index_or_sketch(t
                            precision="fp16", workers=0, progress=False)
     assert done.bad == 0 and set(read_layer(other, "pool")[0].tolist()) == good | expected
     assert set(read_predictions(other)) == good
+
+
+def test_finite_features_past_float16s_range_are_errors_not_stored_clamped(tmp_path, digits):
+    """The store keeps float16: a finite value past 65,504 (fp32 or bf16 computes them; a
+    model of one's own with unnormalised activations) used to be stored as 65,504, a value
+    the model never computed, ranked by the index and counted by the unit's sketch. Such an
+    image is now an error row named with its largest value, in no layer, top-k or sketch."""
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core.store import read_sketch
+
+    rd, rows, expected = _loud_run(tmp_path, digits)
+    summary = extract.extract(rd, ["pool", "fc"], model="resnet18", weights=str(tmp_path / "loud.pt"),
+                              device="cpu", precision="fp32", topk=2, workers=0, progress=False)
+    errors = read_errors(rd.errors_dir).to_pylist()
+    assert {e["image_id"] for e in errors} == expected and 0 < len(expected) < len(rows)
+    assert {e["error"] for e in errors} == {"out_of_range"} and summary.out_of_range == len(expected)
+    assert summary.non_finite == 0
+    for e in errors:
+        largest = float(re.search(r"its fc features reach ([\d,]+), past the 65,504", e["message"])[1].replace(",", ""))
+        assert largest > 65504
+    assert f"{len(expected)} with features past 65,504, which the store's float16 cannot hold" in summary.line(rd)
+    good = {r["image_id"] for r in rows} - expected
+    for layer in ("pool", "fc"):
+        ids, cols = read_layer(rd, layer)
+        assert set(ids.tolist()) == good and np.abs(cols["feature"].astype(np.float32)).max() < 65504
+        assert not set(pq.read_table(rd.topk_candidates_part(layer, 0))["image_id"].to_pylist()) & expected
+    counted = {layer: set(json.loads(read_sketch(rd.topk_sketch_part(layer, 0))[1]["image_ids"]))
+               for layer in ("pool", "fc")}
+    assert counted == {"pool": good | expected, "fc": good}
+    line = next(x for x in status(rd).lines if "left out of every layer" in x)
+    assert f"{len(expected)} live images left out of every layer: the model computed values past 65,504" in line
 
 
 def test_features_with_nan_written_by_an_older_featscope_are_refused_and_named(tmp_path, small_dataset):
