@@ -12,7 +12,9 @@ Scheduled reruns keep the map: its state (PCA, ids, positions) is stored beside 
 (embedding/<layer>.pca.npz), new
 images are placed into the previous map by the same recipe with every old point fixed, and
 retired ones simply leave. A full fit happens on `--refit` or once the images number more
-than `--refit-growth` times those the map was fitted on; PCA signs are fixed and the new map
+than `--refit-growth` times those of the last fit still in the dataset (growth, or a dataset
+whose images were mostly replaced: placing them all around the few left would draw a map of
+the old data, not of the new); PCA signs are fixed and the new map
 is rotated onto the old one (Procrustes), and how far the old points moved is printed.
 """
 
@@ -38,11 +40,12 @@ from featscope.pipelines.core.atomic import atomic_path, file_digest
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import EMBEDDING_SCHEMA, RunIdentity, iter_features
+from featscope.pipelines.core.text import plural
 
 if TYPE_CHECKING:  # openTSNE (and scikit-learn, which it imports: 2 s) only where a map is fitted or points placed
     from openTSNE import TSNE, TSNEEmbedding
 
-REFIT_GROWTH = 2.0  # a map is fitted anew once the images number this many times those it was fitted on
+REFIT_GROWTH = 2.0  # a map is fitted anew once the images number this many times those of its fit still live
 
 
 @dataclass
@@ -56,6 +59,7 @@ class EmbedSummary:
     how: str = "fitted"  # "fitted", "placed" (new points into the kept map) or "refitted" (and aligned)
     placed: int = 0
     displacement: float | None = None  # old points' mean shift, share of the map's diagonal
+    reason: str = ""  # why a map was refitted without --refit
 
     def line(self) -> str:
         acc = f", 10-NN label accuracy in 2-D {self.knn_accuracy:.3f}" if self.knn_accuracy is not None else ""
@@ -63,7 +67,7 @@ class EmbedSummary:
         if self.how == "placed":
             how = f" ({self.placed} new placed into the previous map, old points fixed)"
         elif self.how == "refitted":
-            how = " (refitted, aligned to the previous map)"
+            how = f" (refitted{': ' + self.reason if self.reason else ''}; aligned to the previous map)"
         moved = f"; old points moved {100 * self.displacement:.2f}% of the map's diagonal" \
             if self.displacement is not None else ""
         return (f"embed {self.layer}: {self.points} points{how}; trustworthiness {self.trustworthiness:.3f}{acc}"
@@ -272,7 +276,7 @@ class PreviousMap(NamedTuple):
     coords: np.ndarray  # (N, 2) t-SNE
     mean: np.ndarray
     components: np.ndarray
-    fitted_points: int
+    fitted_ids: np.ndarray | None  # the images of the last full fit (None: a state from before, unknown)
 
 
 def _previous_map(rd: RunDir, layer: str, identity: RunIdentity, settings: dict) -> PreviousMap | None:
@@ -287,8 +291,11 @@ def _previous_map(rd: RunDir, layer: str, identity: RunIdentity, settings: dict)
             if (json.loads(str(state["settings"])) != settings
                     or json.loads(str(state["identity"])) != asdict(identity)):
                 return None
-            return PreviousMap(state["ids"], state["coords"], state["mean"], state["components"],
-                               int(state["fitted_points"]))
+            if "fitted_ids" in state:
+                fitted = state["fitted_ids"]
+            else:  # from before fitted ids were kept: known only if nothing was placed since the fit
+                fitted = state["ids"] if len(state["ids"]) == int(state["fitted_points"]) else None
+            return PreviousMap(state["ids"], state["coords"], state["mean"], state["components"], fitted)
     except (OSError, ValueError, KeyError):
         return None  # unreadable or from before: a fresh fit replaces it
 
@@ -299,8 +306,8 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
     """Write embedding/<layer>.parquet (image_id, tsne_x, tsne_y, pca_x, pca_y) and the PCA
     beside it. With a previous map of the same settings, new images are placed into it and
     the old points keep their places; a full fit happens on `refit`, or once the images
-    number more than `refit_growth` times those the map was fitted on, and is then aligned
-    to the previous map."""
+    number more than `refit_growth` times those of the map's last fit that are still there,
+    and is then aligned to the previous map."""
     start = time.perf_counter()
     ids, x = read_layer(rd, layer)
     if len(ids) < 5:
@@ -310,8 +317,10 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
     previous = _previous_map(rd, layer, identity, settings)
     kept = np.isin(ids, previous.ids) if previous is not None else np.zeros(len(ids), bool)
     how, moved, sampled = "fitted", None, False
-    if previous is not None and not refit and kept.sum() >= 5 and len(ids) <= refit_growth * previous.fitted_points:
-        how, mean, components, fitted_points = "placed", previous.mean, previous.components, previous.fitted_points
+    reason = "" if previous is None or refit else _refit_reason(previous, ids, kept, refit_growth)
+    if previous is not None and not refit and not reason:
+        how, mean, components = "placed", previous.mean, previous.components
+        fitted_ids = ids[np.isin(ids, previous.fitted_ids)]
         reduced = ((x - mean) @ components.T).astype(np.float32)
         coords = np.empty((len(ids), 2), np.float32)
         coords[kept] = previous.coords[_rows_of(previous.ids, ids[kept])]
@@ -325,7 +334,7 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
         mean, components = fit_pca(x[fit_rows], min(pca_dims, x.shape[1], len(fit_rows)))
         reduced = ((x - mean) @ components.T).astype(np.float32)
         coords, sampled = tsne(reduced, perplexity=perplexity, seed=seed, max_exact=max_exact, progress=progress)
-        fitted_points = len(ids)
+        fitted_ids = ids
         if previous is not None and kept.sum() >= 3:
             how = "refitted"
             before = previous.coords[_rows_of(previous.ids, ids[kept])]
@@ -338,17 +347,33 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
                      schema=EMBEDDING_SCHEMA)
     with atomic_path(rd.embedding_pca(layer)) as tmp, open(tmp, "wb") as f:  # the state a rerun starts from
         np.savez(f, mean=mean.astype(np.float32), components=components.astype(np.float32), ids=ids, coords=coords,
-                 fitted_points=fitted_points, settings=json.dumps(settings, sort_keys=True),
+                 fitted_ids=fitted_ids, fitted_points=len(fitted_ids), settings=json.dumps(settings, sort_keys=True),
                  identity=json.dumps(asdict(identity), sort_keys=True))
     meta = identity.metadata(layer=layer, pca_dims=int(components.shape[0]), perplexity=perplexity, seed=seed,
                              trustworthiness=round(trust, 4), knn_accuracy_2d=accuracy, sampled=sampled,
-                             settings=json.dumps(settings, sort_keys=True), fitted_points=fitted_points,
+                             settings=json.dumps(settings, sort_keys=True), fitted_points=len(fitted_ids),
                              pca_sha256=file_digest(rd.embedding_pca(layer)), how=how,
                              displacement=None if moved is None else round(moved, 6))
     with atomic_path(rd.embedding(layer)) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp, write_page_checksum=True)
     return EmbedSummary(layer, len(ids), trust, accuracy, sampled, time.perf_counter() - start, how,
-                        int((~kept).sum()) if how == "placed" else 0, moved)
+                        int((~kept).sum()) if how == "placed" else 0, moved,
+                        reason if how == "refitted" else "")
+
+
+def _refit_reason(previous: PreviousMap, ids: np.ndarray, kept: np.ndarray, refit_growth: float) -> str:
+    """Why the previous map cannot take the new images by placement ("" if it can): a map is
+    the picture of the images it was fitted on, and placing many times more images around
+    them (a dataset that grew, or whose images were mostly replaced) draws the old data."""
+    if kept.sum() < 5:
+        return f"only {int(kept.sum())} of its images are left"
+    if previous.fitted_ids is None:
+        return "its state does not say which images it was fitted on (written by an older featscope)"
+    fitted = int(np.isin(ids, previous.fitted_ids).sum())
+    if len(ids) > refit_growth * fitted:
+        return (f"{plural(fitted, 'image')} of its last fit left among {len(ids)}, fewer than 1 in "
+                f"{refit_growth:g} (--refit-growth)")
+    return ""
 
 
 # ---- the command ----------------------------------------------------------------------------
@@ -363,8 +388,9 @@ class EmbedOptions(Options):
                             min=100)
     refit: bool = option(False, help="fit the map anew (aligned to the previous one) instead of placing new images "
                                      "into it")
-    refit_growth: float = option(REFIT_GROWTH, help="fit anew once the images number this many times those the map "
-                                                    "was fitted on", min=1)
+    refit_growth: float = option(REFIT_GROWTH, help="fit anew once the images number this many times those of the "
+                                                    "map's last fit still in the dataset (growth or replacement)",
+                                 min=1)
 
 
 def run(rd: RunDir, options: EmbedOptions, progress: bool = True) -> EmbedSummary:
@@ -377,6 +403,7 @@ COMMANDS = [
     Command("embed", EmbedOptions, run, help="2-D maps of a layer by PCA and t-SNE (openTSNE)",
             description="PCA (fitted on a sample) to --pca-dims, then seeded openTSNE with FFT gradients. Prints "
                         "trustworthiness and 10-NN label accuracy in 2-D. A rerun places new images into the "
-                        "previous map (old points fixed) until the images grow past --refit-growth times those "
-                        "it was fitted on, or on --refit."),
+                        "previous map (old points fixed) until the images number more than --refit-growth times "
+                        "those of its last fit still in the dataset (it grew, or most images were replaced), or "
+                        "on --refit."),
 ]

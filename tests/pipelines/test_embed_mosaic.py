@@ -103,6 +103,45 @@ def test_a_refit_past_the_growth_factor_is_aligned_to_the_previous_map(mapped_ru
     np.testing.assert_allclose(xy, state["coords"], atol=1e-3)  # the mirror was followed
 
 
+def test_a_dataset_mostly_replaced_is_refitted_not_placed_around_the_few_images_left(mapped_run, digits):
+    """Scheduled runs over a rolling dataset: most images retire and as many new ones come,
+    so the count never grows. The map used to place every new image around the few left
+    (a picture of the old data, printed as an ordinary placement); it is now fitted anew,
+    as a map made from scratch on the same features would be."""
+    embed.embed(mapped_run, "pool", perplexity=10)
+    images = mapped_run.root.parent / "images"
+    for path in sorted(images.rglob("*.png"))[6:]:  # 41 of 47 retire
+        path.unlink()
+    write_dataset(images, digits, n_photos=0, labels=(4, 5, 6, 8, 9), digits_per_label=8)
+    manifest.run(mapped_run, images, allow_empty=True)
+    extract.extract(mapped_run, ["pool"], workers=0, progress=False)
+    state = mapped_run.embedding_pca("pool").read_bytes()
+    placed = embed.embed(mapped_run, "pool", perplexity=10, refit_growth=100)  # what it did before
+    assert placed.how == "placed" and placed.placed == 40
+    mapped_run.embedding_pca("pool").write_bytes(state)
+    summary = embed.embed(mapped_run, "pool", perplexity=10)
+    assert summary.how == "refitted" and summary.points == 46
+    assert "refitted: 6 images of its last fit left among 46, fewer than 1 in 2 (--refit-growth)" in summary.line()
+    mapped_run.embedding_pca("pool").unlink()
+    fresh = embed.embed(mapped_run, "pool", perplexity=10)  # from scratch: the map aligned is this one turned
+    assert fresh.how == "fitted" and summary.trustworthiness == pytest.approx(fresh.trustworthiness, abs=1e-3)
+    assert placed.trustworthiness < summary.trustworthiness - 0.02
+    # the next rerun with nothing new keeps the refitted map: its images are all of its fit
+    assert embed.embed(mapped_run, "pool", perplexity=10).how == "placed"
+
+
+def test_a_map_state_from_before_fitted_ids_were_kept_is_refitted_only_if_placed_into(mapped_run):
+    embed.embed(mapped_run, "pool", perplexity=10)
+    with np.load(mapped_run.embedding_pca("pool")) as saved:
+        state = {k: v for k, v in saved.items() if k != "fitted_ids"}
+    np.savez(mapped_run.embedding_pca("pool"), **state)  # as written before: a fit's own images known
+    assert embed.embed(mapped_run, "pool", perplexity=10).how == "placed"
+    state["fitted_points"] = np.asarray(40)  # a fit of 40, 7 placed since: which 40 is not known
+    np.savez(mapped_run.embedding_pca("pool"), **state)
+    summary = embed.embed(mapped_run, "pool", perplexity=10)
+    assert summary.how == "refitted" and "does not say which images it was fitted on" in summary.line()
+
+
 def test_align_recovers_a_rotation_mirror_and_shift():
     rng = np.random.default_rng(0)
     old = rng.normal(size=(50, 2))
