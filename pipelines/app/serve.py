@@ -600,6 +600,15 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
         found = await asyncio.wrap_future(service.searches.submit((index, vector, k)))
         return JSONResponse(service.answer(state, layer, None, found))
 
+    @app.get("/api/report", summary="Whether the report describes the run's images as they are now")
+    async def report() -> JSONResponse:
+        state = await service.current_state_async()
+        current = not service.rd.report_predates_dataset()  # two stats: the report may be rebuilt any time
+        return JSONResponse({"current": current, "live_images": len(state.catalogue), "message": "" if current else
+                             "this report was built before the dataset last changed: its lists and pictures show "
+                             "the images as they were then; searches and uploads here answer from the run as it is "
+                             "now. The next workflow run or `featscope report` builds it again"})
+
     @app.get("/api/explain", summary="Why two images of the run are alike at a layer: a map on each")
     def explain(a: int = Query(description="an image id of the run"),
                 b: int = Query(description="another image id of the run"),

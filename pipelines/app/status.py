@@ -260,7 +260,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         out.lines.append(f"sanity {method}: {verdict['verdict']} (mean rank correlation {verdict['score']:.2f})")
     run_js = rd.report_dir / "data" / "run.js"
     if run_js.exists():
-        older = any(f.exists() and run_js.stat().st_mtime < f.stat().st_mtime for f in (rd.live_ids, rd.live_labels))
+        older = rd.report_predates_dataset()
         greys = read_record(rd.report_unreadable).get("ids", [])
         out.lines.append("report: " + ("stale: made before the last change of the dataset" if older else "current")
                          + (f"; {plural(len(greys), 'image')} shown as a grey square, unreadable when it was built "

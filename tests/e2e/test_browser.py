@@ -273,3 +273,42 @@ def test_atlas_page_zooms_and_a_cell_lists_its_images(trusted_run, page):
     page.locator(".atlas-detail .thumb").first.click()
     page.wait_for_url(f"**/image.html?id={cell['image_ids'][0]}")
     assert page.errors == []
+
+
+def test_served_pages_say_when_the_report_predates_the_dataset(tmp_path, digits, page):
+    from helpers import write_dataset
+
+    from featscope.pipelines.app import report
+    from featscope.pipelines.core.rundir import RunDir
+    from featscope.pipelines.stages import extract
+
+    write_dataset(tmp_path / "images", digits, n_photos=0, labels=(0, 1), digits_per_label=3)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", model="resnet18", weights="random")
+    extract.extract(rd, ["pool"], workers=0, topk=0, progress=False)
+    report.build(rd, k=2, progress=False)
+    server = make_server(rd, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/report"
+    try:
+        page.goto(base + "/index.html")
+        page.wait_for_load_state("networkidle")
+        assert page.locator(".stale").count() == 0
+        moved = next((tmp_path / "images" / "0").glob("*.png"))
+        moved.rename(tmp_path / "images" / "1" / moved.name)  # relabelled: the report shows its old label
+        manifest.run(rd, tmp_path / "images")
+        image_id = manifest.read(rd)["image_id"][0].as_py()
+        for url in ("/index.html", f"/image.html?id={image_id}"):
+            page.goto(base + url)
+            notice = page.locator(".stale")
+            notice.wait_for()
+            assert notice.inner_text().startswith("Not current: built from 6 images, the run has 6 now; this report "
+                                                  "was built before the dataset last changed")
+        report.build(rd, k=2, progress=False)
+        page.goto(base + "/index.html")
+        page.wait_for_load_state("networkidle")
+        assert page.locator(".stale").count() == 0
+        assert page.errors == []
+    finally:
+        server.shutdown()
+        server.server_close()

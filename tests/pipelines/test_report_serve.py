@@ -321,3 +321,38 @@ def test_model_threads_embed_at_once_each_on_its_own_copy(reported_run):
         hook.remove()
     np.testing.assert_allclose(first.result(30)["pool"], expected[0], rtol=1e-5, atol=1e-6)
     assert service.batcher.batches == [1, 1]
+
+
+def test_the_service_says_when_the_report_predates_the_dataset(tmp_path, digits):
+    """A report built before the dataset changed shows the images as they were; served, its
+    pages used to look current. /api/report says whether it is (status's rule), for the
+    pages' notice, until the report is built again."""
+    from helpers import write_dataset
+
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.stages import extract
+
+    write_dataset(tmp_path / "images", digits, n_photos=0, labels=(0, 1), digits_per_label=3)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", model="resnet18", weights="random")
+    extract.extract(rd, ["pool"], workers=0, topk=0, progress=False)
+    report.build(rd, k=2, progress=False)
+    server = make_server(rd, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        answer = json.loads(fetch(f"{base}/api/report")[1])
+        assert answer == {"current": True, "live_images": 6, "message": ""}
+        moved = next((tmp_path / "images" / "0").glob("*.png"))
+        moved.rename(tmp_path / "images" / "1" / moved.name)  # relabelled: same bytes, another folder
+        manifest.run(rd, tmp_path / "images")
+        status_code, body = fetch(f"{base}/api/report")
+        answer = json.loads(body)
+        assert status_code == 200 and answer["current"] is False and answer["live_images"] == 6
+        assert answer["message"].startswith("this report was built before the dataset last changed")
+        assert any(line.startswith("report: stale") for line in status(rd).lines)  # the same rule
+        report.build(rd, k=2, progress=False)
+        assert json.loads(fetch(f"{base}/api/report")[1])["current"] is True
+    finally:
+        server.shutdown()
+        server.server_close()

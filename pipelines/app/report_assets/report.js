@@ -38,6 +38,20 @@ const FS = (() => {
     for (const layer of run.topk) h.append(el("a", { href: `layer.html?layer=${encodeURIComponent(layer.name)}`, text: `units ${layer.name}` }));
     for (const a of run.atlases || []) h.append(el("a", { href: `atlas.html?layer=${encodeURIComponent(a.layer)}`, text: `atlas ${a.layer}` }));
     document.body.prepend(h);
+    if (served) staleNotice(h);
+  }
+
+  // Served, the page asks whether the report still describes the run: one built before the
+  // dataset last changed would otherwise show the images as they were, as if current.
+  async function staleNotice(after) {
+    try {
+      const response = await fetch("/api/report");
+      if (!response.ok) return;
+      const state = await response.json();
+      if (state.current) return;
+      after.after(el("p", { class: "stale", role: "alert",
+        text: `Not current: built from ${window.FS_RUN.images} images, the run has ${state.live_images} now; ${state.message}.` }));
+    } catch (e) { /* the service is gone: the page itself is unchanged */ }
   }
 
   async function index() {
