@@ -7,7 +7,7 @@ The public surface is `build_index` (streamed build with measured recall), `upda
 
 import faiss
 
-from featscope.index.build import TARGET_RECALL, BuildResult, build_index, options_of
+from featscope.index.build import TARGET_RECALL, BuildResult, build_index, options_of, recall_shortfall
 from featscope.index.factory import KINDS, METRICS, IndexPlan, choose_plan, parse_bytes
 from featscope.index.recall import exact_knn, recall_at_k
 from featscope.index.search import NeighbourIndex, Neighbours
@@ -21,5 +21,5 @@ faiss.cvar.distance_compute_blas_threshold = 800 * faiss.omp_get_max_threads()
 
 __all__ = [
     "BuildResult", "IndexPlan", "KINDS", "METRICS", "TARGET_RECALL", "NeighbourIndex", "Neighbours", "build_index", "choose_plan",
-    "exact_knn", "options_of", "parse_bytes", "recall_at_k", "update_index", "why_rebuild",
+    "exact_knn", "options_of", "parse_bytes", "recall_at_k", "recall_shortfall", "update_index", "why_rebuild",
 ]

@@ -53,6 +53,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from featscope.index import recall_shortfall
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.pipelines.core.cpus import usable_cpus
@@ -444,12 +445,19 @@ class QueryService:
     def answer(self, state: RunState, layer: str, query: int | None, found: tuple[np.ndarray, np.ndarray]) -> dict:
         """The JSON answer for one search's (neighbour ids, distances), with the number of the
         run's live images with features that the layer's index lacks (`unindexed`: added since
-        its last update), which no answer can name until the workflow updates it."""
+        its last update), which no answer can name until the workflow updates it, and the
+        index's measured recall@10 (1 for an exact one), with a `warning` when an approximate
+        index misses the recall aimed for (its answers miss some nearest neighbours)."""
         ids, distances = found
         kept = ids >= 0
         neighbours = [about | {"distance": float(d)}
                       for about, d in zip(state.catalogue.describe_many(ids[kept]), distances[kept])]
-        return {"layer": layer, "query": query, "neighbours": neighbours, "unindexed": state.unindexed.get(layer, 0)}
+        meta = state.indexes[layer].meta
+        answer = {"layer": layer, "query": query, "neighbours": neighbours, "unindexed": state.unindexed.get(layer, 0),
+                  "recall_at_10": 1.0 if meta["kind"] == "flat" else meta["recall_at_10"]}
+        if shortfall := recall_shortfall(meta):
+            answer["warning"] = f"the '{layer}' index's {shortfall}"
+        return answer
 
     def checked_query(self, state: RunState, image_id: int, layer: str, k: int) -> NeighbourIndex:
         """The index to search: 400 for a bad layer or k, 503 for a layer that cannot answer

@@ -20,11 +20,11 @@ from tqdm import tqdm
 from featscope.index import (
     KINDS,
     METRICS,
-    TARGET_RECALL,
     NeighbourIndex,
     build_index,
     options_of,
     parse_bytes,
+    recall_shortfall,
     update_index,
     why_rebuild,
 )
@@ -58,12 +58,7 @@ class IndexSummary:
 
     def warning(self) -> str:
         """Said when an approximate index misses the recall aimed for even at its widest search."""
-        recall = self.meta["recall_at_10"]
-        if self.meta["kind"] == "flat" or recall >= TARGET_RECALL:
-            return ""
-        return (f"recall@10 {recall:.3f} is below the {TARGET_RECALL} aimed for, even searching as widely as it can: "
-                f"its answers miss about {1 - recall:.0%} of each image's 10 nearest neighbours; {self.meta['factory']} "
-                "compresses the vectors to fit the memory budget, and a larger budget keeps more of them")
+        return recall_shortfall(self.meta)
 
 
 def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine", max_memory: str | int = "4GB",
@@ -267,7 +262,8 @@ def format_evaluation(result: dict) -> str:
 @dataclass
 class QueryAnswer:
     """`query`'s neighbours, best first, and a note when the layer's index lacks some of the
-    run's live images (added since it was last updated): no answer can name them."""
+    run's live images (added since it was last updated: no answer can name them), or misses
+    the recall aimed for."""
     neighbours: list[dict]
     note: str = ""
     as_json: bool = False
@@ -315,6 +311,8 @@ def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | No
     note = (f"{plural(unindexed, 'live image')} of the run not in the '{layer}' index yet (added since it was last "
             f"updated), which no answer names: update it with `featscope index build --run {rd.root} --layer "
             f"{layer}`" if unindexed else "")
+    if shortfall := recall_shortfall(index.meta):
+        note = "; ".join(filter(None, [note, f"the '{layer}' index's {shortfall}"]))
     return QueryAnswer([{"rank": rank + 1, "image_id": int(i), "path": rows[int(i)]["path"],
                          "label": rows[int(i)]["label"], "distance": float(d)}
                         for rank, (i, d) in enumerate(zip(found.image_ids[0], found.distances[0])) if i >= 0], note)
