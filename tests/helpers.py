@@ -41,6 +41,29 @@ def write_dataset(root: Path, digits, *, n_photos: int = 6, digits_per_label: in
 REPO = Path(__file__).resolve().parents[1]
 
 
+def lossy_pixel_run(tmp_path: Path):
+    """A run of 300 noise images (seeded) whose `pixels` index is PQ-compressed: isotropic
+    vectors do not compress, so its recall@10 stays near 0.5 at any search breadth. With
+    its report, so that it can be served."""
+    from featscope.pipelines.app import report
+    from featscope.pipelines.core import manifest
+    from featscope.pipelines.core.rundir import RunDir
+    from featscope.pipelines.stages import extract
+    from featscope.pipelines.stages import index as neighbours
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images" / "noise").mkdir(parents=True)
+    for i in range(300):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / "noise" / f"{i:03d}.png")
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", model="resnet18", weights="random")
+    extract.extract(rd, ["pixels"], workers=0, topk=0, progress=False)
+    built = neighbours.build(rd, "pixels", kind="ivfpq", max_memory=300 * 72, progress=False)
+    report.build(rd, k=2, progress=False)
+    return rd, built
+
+
 def snakemake(workdir: Path, configfile: Path, *extra: str) -> subprocess.CompletedProcess:
     """The workflow run by `snakemake` itself (2 cores), from `workdir`."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),

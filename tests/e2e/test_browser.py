@@ -312,3 +312,21 @@ def test_served_pages_say_when_the_report_predates_the_dataset(tmp_path, digits,
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_upload_through_the_page_says_when_the_index_misses_neighbours(tmp_path, page):
+    from helpers import lossy_pixel_run
+
+    rd, built = lossy_pixel_run(tmp_path)
+    server = make_server(rd, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/report/index.html")
+        page.locator("#upload").set_input_files(str(tmp_path / "images" / "noise" / "007.png"))
+        page.locator("#upload-results .thumb").first.wait_for(timeout=60_000)
+        said = page.locator("#upload-status").inner_text()
+        assert f"(the 'pixels' index's recall@10 {built.meta['recall_at_10']:.3f} is below the 0.95 aimed for" in said
+        assert page.errors == []
+    finally:
+        server.shutdown()
+        server.server_close()

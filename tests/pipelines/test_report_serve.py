@@ -363,24 +363,13 @@ def test_answers_from_an_index_short_of_its_recall_say_so(tmp_path):
     neighbours at any search breadth. The build said so once; `query` and the service's
     answers named the neighbours as if complete. Now each answer carries the index's
     measured recall@10 and a warning below the recall aimed for; an exact index's, 1."""
-    from PIL import Image
+    from helpers import lossy_pixel_run
 
-    from featscope.pipelines.stages import extract
-
-    rng = np.random.default_rng(0)
-    (tmp_path / "images" / "noise").mkdir(parents=True)
-    for i in range(300):
-        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(tmp_path / "images" / "noise" / f"{i:03d}.png")
-    rd = RunDir(tmp_path / "run")
-    manifest.run(rd, tmp_path / "images", model="resnet18", weights="random")
-    extract.extract(rd, ["pixels"], workers=0, topk=0, progress=False)
-    built = neighbours.build(rd, "pixels", kind="ivfpq", max_memory=300 * 72, progress=False)
+    rd, built = lossy_pixel_run(tmp_path)
     recall = built.meta["recall_at_10"]
     assert recall < 0.95 and built.warning()
     said = f"the 'pixels' index's recall@10 {recall:.3f} is below the 0.95 aimed for"
     assert neighbours.query(rd, "pixels", image_id=5, k=3).warning().startswith(said)
-    report.build(rd, k=2, progress=False)  # the service serves a run with its report
     server = make_server(rd, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"

@@ -161,7 +161,10 @@ const FS = (() => {
         { method: "POST", body: file });
       const answer = await response.json();
       if (!response.ok) { status.textContent = `error: ${answer.error}`; return; }
-      status.textContent = `${answer.neighbours.length} nearest images in ${answer.layer}:`;
+      const caveats = [answer.warning,
+        answer.unindexed ? `${answer.unindexed} of the run's images are not in its index yet, and no answer names them` : ""];
+      status.textContent = `${answer.neighbours.length} nearest images in ${answer.layer}:` +
+        caveats.filter(Boolean).map((c) => ` (${c})`).join("");
       for (const n of answer.neighbours) results.append(imageTile(n.image_id, `${n.label ?? n.image_id} · d ${figure(n.distance)}`));
     });
     s.append(el("p", { text: "An image of your own, embedded with the run's model: " }), choose, " ", input, status, results);
