@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # openTSNE (and scikit-learn, which it imports: 2 s) only whe
     from openTSNE import TSNE, TSNEEmbedding
 
 REFIT_GROWTH = 2.0  # a map is fitted anew once the images number this many times those of its fit still live
+QUALITY_DROP = 0.05  # a placement whose map measures this much worse than at its fit suggests a refit
 
 
 @dataclass
@@ -60,9 +61,21 @@ class EmbedSummary:
     placed: int = 0
     displacement: float | None = None  # old points' mean shift, share of the map's diagonal
     reason: str = ""  # why a map was refitted without --refit
+    at_fit: dict | None = None  # a placement's map: its trustworthiness and label accuracy when it was fitted
+
+    def _measured(self, name: str, label: str, value: float) -> str:
+        then = (self.at_fit or {}).get(name)
+        return f"{label} {value:.3f}" + (f" ({then:.3f} at its fit)" if then is not None else "")
+
+    def _fell(self) -> bool:
+        """Whether a placement's map measures clearly worse than when it was fitted."""
+        now = {"trustworthiness": self.trustworthiness, "knn_accuracy": self.knn_accuracy}
+        return any(then is not None and now[name] is not None and now[name] < then - QUALITY_DROP
+                   for name, then in (self.at_fit or {}).items())
 
     def line(self) -> str:
-        acc = f", 10-NN label accuracy in 2-D {self.knn_accuracy:.3f}" if self.knn_accuracy is not None else ""
+        acc = f", {self._measured('knn_accuracy', '10-NN label accuracy in 2-D', self.knn_accuracy)}" \
+            if self.knn_accuracy is not None else ""
         how = " (sample embedded, the rest placed into it)" if self.sampled else ""
         if self.how == "placed":
             how = f" ({self.placed} new placed into the previous map, old points fixed)"
@@ -70,8 +83,11 @@ class EmbedSummary:
             how = f" (refitted{': ' + self.reason if self.reason else ''}; aligned to the previous map)"
         moved = f"; old points moved {100 * self.displacement:.2f}% of the map's diagonal" \
             if self.displacement is not None else ""
-        return (f"embed {self.layer}: {self.points} points{how}; trustworthiness {self.trustworthiness:.3f}{acc}"
-                f"{moved}; {self.seconds:.1f}s")
+        fell = ("; it measures worse than when it was fitted (images placed into a map of others, new kinds of "
+                "images perhaps): `--refit` fits it anew on all of them") if self._fell() else ""
+        return (f"embed {self.layer}: {self.points} points{how}; "
+                f"{self._measured('trustworthiness', 'trustworthiness', self.trustworthiness)}{acc}{moved}{fell}; "
+                f"{self.seconds:.1f}s")
 
 
 def fit_pca(sample: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +293,7 @@ class PreviousMap(NamedTuple):
     mean: np.ndarray
     components: np.ndarray
     fitted_ids: np.ndarray | None  # the images of the last full fit (None: a state from before, unknown)
+    at_fit: dict | None  # the map's trustworthiness and label accuracy when it was fitted (None: not recorded)
 
 
 def _previous_map(rd: RunDir, layer: str, identity: RunIdentity, settings: dict) -> PreviousMap | None:
@@ -295,7 +312,8 @@ def _previous_map(rd: RunDir, layer: str, identity: RunIdentity, settings: dict)
                 fitted = state["fitted_ids"]
             else:  # from before fitted ids were kept: known only if nothing was placed since the fit
                 fitted = state["ids"] if len(state["ids"]) == int(state["fitted_points"]) else None
-            return PreviousMap(state["ids"], state["coords"], state["mean"], state["components"], fitted)
+            at_fit = json.loads(str(state["at_fit"])) if "at_fit" in state else None
+            return PreviousMap(state["ids"], state["coords"], state["mean"], state["components"], fitted, at_fit)
     except (OSError, ValueError, KeyError):
         return None  # unreadable or from before: a fresh fit replaces it
 
@@ -342,12 +360,14 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
             moved = displacement(before, coords[kept])
     labels_by_id = {r["image_id"]: r["label"] for r in manifest.read(rd).to_pylist()}
     trust, accuracy = quality(x, coords, [labels_by_id.get(int(i)) for i in ids], seed=seed)
+    at_fit = previous.at_fit if how == "placed" else {"trustworthiness": trust, "knn_accuracy": accuracy}
     table = pa.table({"image_id": ids, "tsne_x": coords[:, 0], "tsne_y": coords[:, 1],
                       "pca_x": reduced[:, 0], "pca_y": reduced[:, 1] if reduced.shape[1] > 1 else 0 * reduced[:, 0]},
                      schema=EMBEDDING_SCHEMA)
     with atomic_path(rd.embedding_pca(layer)) as tmp, open(tmp, "wb") as f:  # the state a rerun starts from
         np.savez(f, mean=mean.astype(np.float32), components=components.astype(np.float32), ids=ids, coords=coords,
-                 fitted_ids=fitted_ids, fitted_points=len(fitted_ids), settings=json.dumps(settings, sort_keys=True),
+                 fitted_ids=fitted_ids, fitted_points=len(fitted_ids), at_fit=json.dumps(at_fit),
+                 settings=json.dumps(settings, sort_keys=True),
                  identity=json.dumps(asdict(identity), sort_keys=True))
     meta = identity.metadata(layer=layer, pca_dims=int(components.shape[0]), perplexity=perplexity, seed=seed,
                              trustworthiness=round(trust, 4), knn_accuracy_2d=accuracy, sampled=sampled,
@@ -358,7 +378,7 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
         pq.write_table(table.replace_schema_metadata(meta), tmp, write_page_checksum=True)
     return EmbedSummary(layer, len(ids), trust, accuracy, sampled, time.perf_counter() - start, how,
                         int((~kept).sum()) if how == "placed" else 0, moved,
-                        reason if how == "refitted" else "")
+                        reason if how == "refitted" else "", at_fit if how == "placed" else None)
 
 
 def _refit_reason(previous: PreviousMap, ids: np.ndarray, kept: np.ndarray, refit_growth: float) -> str:

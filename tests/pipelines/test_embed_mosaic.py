@@ -130,6 +130,28 @@ def test_a_dataset_mostly_replaced_is_refitted_not_placed_around_the_few_images_
     assert embed.embed(mapped_run, "pool", perplexity=10).how == "placed"
 
 
+def test_a_placement_that_measures_worse_than_its_fit_says_so(mapped_run, digits):
+    """Images of kinds the map was not fitted on, placed into it, can land among others
+    (label accuracy in 2-D here falls by more than 0.05, and a refit does better): the line
+    used to print the new figures alone. It now gives them beside those of the fit and
+    says that a refit fits anew."""
+    first = embed.embed(mapped_run, "pool", perplexity=10)
+    images = mapped_run.root.parent / "images"
+    write_dataset(images, digits, n_photos=0, labels=(4, 5, 6, 8), digits_per_label=10)  # 47 -> 87: placed
+    manifest.run(mapped_run, images)
+    extract.extract(mapped_run, ["pool"], workers=0, progress=False)
+    placed = embed.embed(mapped_run, "pool", perplexity=10)
+    assert placed.how == "placed" and placed.at_fit == {"trustworthiness": first.trustworthiness,
+                                                        "knn_accuracy": first.knn_accuracy}
+    line = placed.line()
+    assert f"trustworthiness {placed.trustworthiness:.3f} ({first.trustworthiness:.3f} at its fit)" in line
+    assert f"accuracy in 2-D {placed.knn_accuracy:.3f} ({first.knn_accuracy:.3f} at its fit)" in line
+    assert placed.knn_accuracy < first.knn_accuracy - embed.QUALITY_DROP
+    assert "it measures worse than when it was fitted" in line and "`--refit` fits it anew" in line
+    refitted = embed.embed(mapped_run, "pool", perplexity=10, refit=True)
+    assert refitted.knn_accuracy > placed.knn_accuracy and "at its fit" not in refitted.line()
+
+
 def test_a_map_state_from_before_fitted_ids_were_kept_is_refitted_only_if_placed_into(mapped_run):
     embed.embed(mapped_run, "pool", perplexity=10)
     with np.load(mapped_run.embedding_pca("pool")) as saved:
