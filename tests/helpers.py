@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,35 @@ def write_dataset(root: Path, digits, *, n_photos: int = 6, digits_per_label: in
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def six_digit_reported_run(tmp_path: Path, digits):
+    """Six digits (labels 0 and 1) extracted at `pool` and reported: a run to serve."""
+    from featscope.pipelines.app import report
+    from featscope.pipelines.core import manifest
+    from featscope.pipelines.core.rundir import RunDir
+    from featscope.pipelines.stages import extract
+
+    write_dataset(tmp_path / "images", digits, n_photos=0, labels=(0, 1), digits_per_label=3)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", model="resnet18", weights="random")
+    extract.extract(rd, ["pool"], workers=0, topk=0, progress=False)
+    report.build(rd, k=2, progress=False)
+    return rd
+
+
+@contextmanager
+def serving(rd) -> Iterator[str]:
+    """`featscope serve` of `rd` on a free port of 127.0.0.1 while the block runs: its base URL."""
+    from featscope.pipelines.app.serve import make_server
+
+    server = make_server(rd, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def lossy_pixel_run(tmp_path: Path):

@@ -276,57 +276,40 @@ def test_atlas_page_zooms_and_a_cell_lists_its_images(trusted_run, page):
 
 
 def test_served_pages_say_when_the_report_predates_the_dataset(tmp_path, digits, page):
-    from helpers import write_dataset
+    from helpers import serving, six_digit_reported_run
 
     from featscope.pipelines.app import report
-    from featscope.pipelines.core.rundir import RunDir
-    from featscope.pipelines.stages import extract
 
-    write_dataset(tmp_path / "images", digits, n_photos=0, labels=(0, 1), digits_per_label=3)
-    rd = RunDir(tmp_path / "run")
-    manifest.run(rd, tmp_path / "images", model="resnet18", weights="random")
-    extract.extract(rd, ["pool"], workers=0, topk=0, progress=False)
-    report.build(rd, k=2, progress=False)
-    server = make_server(rd, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/report"
-    try:
-        page.goto(base + "/index.html")
+    rd = six_digit_reported_run(tmp_path, digits)
+    with serving(rd) as base:
+        page.goto(base + "/report/index.html")
         page.wait_for_load_state("networkidle")
         assert page.locator(".stale").count() == 0
         moved = next((tmp_path / "images" / "0").glob("*.png"))
         moved.rename(tmp_path / "images" / "1" / moved.name)  # relabelled: the report shows its old label
         manifest.run(rd, tmp_path / "images")
         image_id = manifest.read(rd)["image_id"][0].as_py()
-        for url in ("/index.html", f"/image.html?id={image_id}"):
+        for url in ("/report/index.html", f"/report/image.html?id={image_id}"):
             page.goto(base + url)
             notice = page.locator(".stale")
             notice.wait_for()
             assert notice.inner_text().startswith("Not current: built from 6 images, the run has 6 now; this report "
                                                   "was built before the dataset last changed")
         report.build(rd, k=2, progress=False)
-        page.goto(base + "/index.html")
+        page.goto(base + "/report/index.html")
         page.wait_for_load_state("networkidle")
         assert page.locator(".stale").count() == 0
         assert page.errors == []
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_an_upload_through_the_page_says_when_the_index_misses_neighbours(tmp_path, page):
-    from helpers import lossy_pixel_run
+    from helpers import lossy_pixel_run, serving
 
     rd, built = lossy_pixel_run(tmp_path)
-    server = make_server(rd, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        page.goto(f"http://127.0.0.1:{server.server_address[1]}/report/index.html")
+    with serving(rd) as base:
+        page.goto(base + "/report/index.html")
         page.locator("#upload").set_input_files(str(tmp_path / "images" / "noise" / "007.png"))
         page.locator("#upload-results .thumb").first.wait_for(timeout=60_000)
         said = page.locator("#upload-status").inner_text()
         assert f"(the 'pixels' index's recall@10 {built.meta['recall_at_10']:.3f} is below the 0.95 aimed for" in said
         assert page.errors == []
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -327,20 +327,12 @@ def test_the_service_says_when_the_report_predates_the_dataset(tmp_path, digits)
     """A report built before the dataset changed shows the images as they were; served, its
     pages used to look current. /api/report says whether it is (status's rule), for the
     pages' notice, until the report is built again."""
-    from helpers import write_dataset
+    from helpers import serving, six_digit_reported_run
 
     from featscope.pipelines.app.status import status
-    from featscope.pipelines.stages import extract
 
-    write_dataset(tmp_path / "images", digits, n_photos=0, labels=(0, 1), digits_per_label=3)
-    rd = RunDir(tmp_path / "run")
-    manifest.run(rd, tmp_path / "images", model="resnet18", weights="random")
-    extract.extract(rd, ["pool"], workers=0, topk=0, progress=False)
-    report.build(rd, k=2, progress=False)
-    server = make_server(rd, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    rd = six_digit_reported_run(tmp_path, digits)
+    with serving(rd) as base:
         answer = json.loads(fetch(f"{base}/api/report")[1])
         assert answer == {"current": True, "live_images": 6, "message": ""}
         moved = next((tmp_path / "images" / "0").glob("*.png"))
@@ -353,9 +345,6 @@ def test_the_service_says_when_the_report_predates_the_dataset(tmp_path, digits)
         assert any(line.startswith("report: stale") for line in status(rd).lines)  # the same rule
         report.build(rd, k=2, progress=False)
         assert json.loads(fetch(f"{base}/api/report")[1])["current"] is True
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_answers_from_an_index_short_of_its_recall_say_so(tmp_path):
@@ -363,23 +352,17 @@ def test_answers_from_an_index_short_of_its_recall_say_so(tmp_path):
     neighbours at any search breadth. The build said so once; `query` and the service's
     answers named the neighbours as if complete. Now each answer carries the index's
     measured recall@10 and a warning below the recall aimed for; an exact index's, 1."""
-    from helpers import lossy_pixel_run
+    from helpers import lossy_pixel_run, serving
 
     rd, built = lossy_pixel_run(tmp_path)
     recall = built.meta["recall_at_10"]
     assert recall < 0.95 and built.warning()
     said = f"the 'pixels' index's recall@10 {recall:.3f} is below the 0.95 aimed for"
     assert neighbours.query(rd, "pixels", image_id=5, k=3).warning().startswith(said)
-    server = make_server(rd, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(rd) as base:
         answer = json.loads(fetch(f"{base}/api/neighbours?id=5&layer=pixels&k=3")[1])
         assert answer["recall_at_10"] == recall and answer["warning"].startswith(said)
         neighbours.build(rd, "pixels", kind="flat", rebuild=True, progress=False)  # the service follows the rebuild
         answer = json.loads(fetch(f"{base}/api/neighbours?id=5&layer=pixels&k=3")[1])
         assert answer["recall_at_10"] == 1.0 and "warning" not in answer and len(answer["neighbours"]) == 3
         assert neighbours.query(rd, "pixels", image_id=5, k=3).warning() == ""
-    finally:
-        server.shutdown()
-        server.server_close()
