@@ -810,6 +810,13 @@ def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: in
     for layer, why in server.service.state.unavailable.items():
         print(f"featscope serve: warning: layer '{layer}' answers 503 until its index can answer: {why}",
               file=sys.stderr, flush=True)
+    for layer, index in server.service.state.indexes.items():
+        if shortfall := recall_shortfall(index.meta):
+            print(f"featscope serve: warning: the '{layer}' index's {shortfall}; every answer says so",
+                  file=sys.stderr, flush=True)
+    if rd.report_predates_dataset():
+        print("featscope serve: warning: the report was built before the dataset last changed: its pages say so "
+              "until the workflow or `featscope report` builds it again", file=sys.stderr, flush=True)
     if "precision" not in server.service.embedder.config:
         print("featscope serve: warning: run.json records no precision (extracted before featscope recorded it): "
               "uploads are embedded in this machine's `auto` one, and their distances may be a few percent off if "
@@ -842,7 +849,8 @@ COMMANDS = [
     Command("serve", ServeOptions, _serve, records_timing=False,
             help="serve a run's report and a JSON query API on 127.0.0.1",
             description="GET /api/neighbours?id=N&layer=L&k=K, POST /api/neighbours?layer=L&k=K with an image as the "
-                        "body, GET /api/image/N; the API is described at /docs. Serves the report and the pictures "
+                        "body, GET /api/image/N, GET /api/explain?a=N&b=M&layer=L, GET /api/report (whether the "
+                        "report is current); the API is described at /docs. Serves the report and the pictures "
                         "its pages show; raw run files only with --expose-run-files. Uploads are embedded in "
                         "dynamic batches. Leave it running across reruns: it answers from the run as it is on disk "
                         "(a layer whose index still holds images the rerun retired answers 503 until updated)."),

@@ -1,6 +1,8 @@
 """The report's data files, and the query service over real HTTP: answers, and refusals."""
 
 import json
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -359,6 +361,14 @@ def test_answers_from_an_index_short_of_its_recall_say_so(tmp_path):
     assert recall < 0.95 and built.warning()
     said = f"the 'pixels' index's recall@10 {recall:.3f} is below the 0.95 aimed for"
     assert neighbours.query(rd, "pixels", image_id=5, k=3).warning().startswith(said)
+    service = subprocess.Popen([sys.executable, "-m", "featscope.pipelines.app.cli", "serve", "--run", str(rd.root),
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # the service says so as it starts
+        assert service.stdout.readline().startswith("serving ")
+        assert service.stderr.readline().startswith(f"featscope serve: warning: {said}")
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
     with serving(rd) as base:
         answer = json.loads(fetch(f"{base}/api/neighbours?id=5&layer=pixels&k=3")[1])
         assert answer["recall_at_10"] == recall and answer["warning"].startswith(said)

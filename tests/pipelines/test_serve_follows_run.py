@@ -205,6 +205,7 @@ def test_a_service_started_mid_rerun_comes_up_and_follows_it_to_the_end(served_r
         err.seek(0)
         warnings = err.read()
         assert all(f"warning: layer '{layer}' answers 503" in warnings for layer in ("pool", "pixels")), warnings
+        assert "warning: the report was built before the dataset last changed" in warnings, warnings
         neighbours.build(rd, "pool", progress=False)
         time.sleep(2 * CHECK_EVERY)
         status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k={K}")
