@@ -34,8 +34,8 @@ TARGET_RECALL = 0.95  # recall@10 the search breadth is raised to reach
 def recall_shortfall(meta: dict) -> str:
     """What to tell whoever reads an approximate index's answers when its measured recall@10
     (`meta`: a built index's) is below TARGET_RECALL even at its widest search; "" if not."""
-    recall = meta["recall_at_10"]
-    if meta["kind"] == "flat" or recall >= TARGET_RECALL:
+    recall = meta.get("recall_at_10")
+    if meta.get("kind") == "flat" or recall is None or recall >= TARGET_RECALL:
         return ""
     return (f"recall@10 {recall:.3f} is below the {TARGET_RECALL} aimed for, even searching as widely as it can: "
             f"its answers miss about {1 - recall:.0%} of each image's 10 nearest neighbours; {meta['factory']} "

@@ -454,7 +454,7 @@ class QueryService:
                       for about, d in zip(state.catalogue.describe_many(ids[kept]), distances[kept])]
         meta = state.indexes[layer].meta
         answer = {"layer": layer, "query": query, "neighbours": neighbours, "unindexed": state.unindexed.get(layer, 0),
-                  "recall_at_10": 1.0 if meta["kind"] == "flat" else meta["recall_at_10"]}
+                  "recall_at_10": 1.0 if meta.get("kind") == "flat" else meta.get("recall_at_10")}
         if shortfall := recall_shortfall(meta):
             answer["warning"] = f"the '{layer}' index's {shortfall}"
         return answer
