@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from featscope.index import recall_shortfall
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app.report_lists import neighbour_lists, save_state
@@ -403,6 +404,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "weights_sha256": config.get("weights_sha256"), "featscope_version": config.get("featscope_version"),
         "layers": sorted({p.name for p in (rd.root / "features").iterdir()}) if (rd.root / "features").is_dir() else [],
         "spaces": list(neighbours), "pixels": PIXELS, "shard": SHARD, "k": k,
+        "space_warnings": {layer: f"the '{layer}' index's {said}" for layer in neighbours
+                           if (said := recall_shortfall(json.loads(rd.index_meta(layer).read_text())))},
         "bad_inputs": errors.num_rows,
         "errors": errors.slice(0, 200).to_pylist(),
         "timings": read_timings(rd),

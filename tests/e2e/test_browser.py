@@ -302,7 +302,7 @@ def test_served_pages_say_when_the_report_predates_the_dataset(tmp_path, digits,
         assert page.errors == []
 
 
-def test_an_upload_through_the_page_says_when_the_index_misses_neighbours(tmp_path, page):
+def test_the_page_says_when_the_index_misses_neighbours(tmp_path, page):
     from helpers import lossy_pixel_run, serving
 
     rd, built = lossy_pixel_run(tmp_path)
@@ -312,4 +312,8 @@ def test_an_upload_through_the_page_says_when_the_index_misses_neighbours(tmp_pa
         page.locator("#upload-results .thumb").first.wait_for(timeout=60_000)
         said = page.locator("#upload-status").inner_text()
         assert f"(the 'pixels' index's recall@10 {built.meta['recall_at_10']:.3f} is below the 0.95 aimed for" in said
+        page.goto(base + "/report/image.html?id=5")  # the report's own lists come from the same index
+        note = page.locator(".neighbours[data-space=pixels]").locator("xpath=..").locator(".recall")
+        assert note.inner_text().startswith(f"Approximate: the 'pixels' index's recall@10 "
+                                            f"{built.meta['recall_at_10']:.3f} is below")
         assert page.errors == []

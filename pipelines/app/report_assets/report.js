@@ -96,6 +96,7 @@ const FS = (() => {
           ["all labels", ...rows.map(([, r]) => share(r.precision_at_k))],
           ...labels.map((lab) => [lab, ...rows.map(([, r]) => at(r, lab))])]));
       }
+      for (const warning of Object.values(run.space_warnings || {})) v.append(el("p", { class: "stale recall", text: `Approximate: ${warning}.` }));
     }
     if (served && run.spaces.length) upload(section("Query by upload"));
     for (const m of run.mosaics) {
@@ -184,6 +185,8 @@ const FS = (() => {
     for (const [space, found] of Object.entries(entry.neighbours)) {
       const title = space === run.pixels ? "Neighbours in pixel space" : `Neighbours in ${space} feature space`;
       const n = section(title);
+      const warning = (run.space_warnings || {})[space];
+      if (warning) n.append(el("p", { class: "stale recall", text: `Approximate: ${warning}.` }));
       const pair = el("div", { class: "pair", "data-space": space });
       n.append(el("div", { class: "thumbs neighbours", "data-space": space }, ...found.map(([nid, d]) => {
         const tile = imageTile(nid, `${nid} · d ${figure(d)}`);
