@@ -168,8 +168,12 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         out.lines.append(f"{kind} {name}: {plural(len(ids), 'image')}{extra}, {state}")
 
     for layer in rd.index_layers():
+        from featscope.index import recall_shortfall  # faiss: only for a run with indexes
+
         meta = json.loads(rd.index_meta(layer).read_text())
         describe("index", layer, _ids(rd.index_dir(layer) / "ids.parquet"), f" ({meta.get('factory')})")
+        if shortfall := recall_shortfall(meta):
+            out.lines.append(f"  approximate: {shortfall}")
     for layer in sorted(p.stem for p in (rd.root / "neighbours").glob("*.jpg")):
         if greys := rd.greyed_neighbours(layer):
             out.stale.append(f"neighbours {layer}")

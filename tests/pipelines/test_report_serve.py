@@ -356,11 +356,15 @@ def test_answers_from_an_index_short_of_its_recall_say_so(tmp_path):
     measured recall@10 and a warning below the recall aimed for; an exact index's, 1."""
     from helpers import lossy_pixel_run, serving
 
+    from featscope.pipelines.app.status import status
+
     rd, built = lossy_pixel_run(tmp_path)
     recall = built.meta["recall_at_10"]
     assert recall < 0.95 and built.warning()
     said = f"the 'pixels' index's recall@10 {recall:.3f} is below the 0.95 aimed for"
     assert neighbours.query(rd, "pixels", image_id=5, k=3).warning().startswith(said)
+    assert any(line.startswith(f"  approximate: recall@10 {recall:.3f} is below the 0.95 aimed for")
+               for line in status(rd).lines)
     service = subprocess.Popen([sys.executable, "-m", "featscope.pipelines.app.cli", "serve", "--run", str(rd.root),
                                 "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:  # the service says so as it starts
