@@ -160,6 +160,16 @@ class RunState:
     # layer -> live images with features that its index lacks (added since its last update):
     # every answer says so, since its neighbours are searched among the others only
     unindexed: dict[str, int] = field(default_factory=dict)
+    failures: dict[int, str] | None = field(default=None, compare=False)  # read when first asked (`failure`)
+
+    def failure(self, rd: RunDir, image_id: int) -> str | None:
+        """Why extraction could not give the image features (errors.parquet), or None: read
+        once per state, when an answer first needs it."""
+        if self.failures is None:
+            from featscope.pipelines.core import manifest
+
+            object.__setattr__(self, "failures", manifest.extraction_failures(rd))
+        return self.failures.get(image_id)
 
     @classmethod
     def read(cls, rd: RunDir, previous: RunState | None = None) -> RunState:
@@ -465,8 +475,10 @@ class QueryService:
         index = self.checked_index(state, layer, k)
         state.catalogue.describe(image_id)  # 404 for an id the run does not have
         if image_id not in index:
-            raise ApiError(404, f"image {image_id} is in the run but not in the '{layer}' index (it could not be "
-                                "read when features were extracted, or the index is being updated)")
+            why = state.failure(self.rd, image_id)
+            raise ApiError(404, f"image {image_id} has no {layer} features: {why} (errors.parquet)" if why else
+                           f"image {image_id} is in the run but not in the '{layer}' index yet (added since it was "
+                           "last updated): the workflow's next run updates it")
         return index
 
     def neighbours_of_id(self, image_id: int, layer: str, k: int) -> dict:

@@ -35,7 +35,7 @@ from featscope.pipelines.core.atomic import write_bytes_atomic, write_json_atomi
 from featscope.pipelines.core.neighbours import image_rows, list_identity, lists_to_redo, neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features, read_errors
+from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
@@ -282,7 +282,7 @@ def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | No
         raise ParamError("id", "or <path> or <image>: give exactly one")
     index = open_index(rd, layer, mmap=mmap)
     rows = image_rows(rd)
-    failed = _extraction_failures(rd)
+    failed = manifest.extraction_failures(rd)
     if path is not None:
         wanted = str(Path(path).resolve())
         matches = sorted((r["removed"], i) for i, r in rows.items() if r["path"] == wanted)  # the live one first
@@ -316,16 +316,6 @@ def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | No
     return QueryAnswer([{"rank": rank + 1, "image_id": int(i), "path": rows[int(i)]["path"],
                          "label": rows[int(i)]["label"], "distance": float(d)}
                         for rank, (i, d) in enumerate(zip(found.image_ids[0], found.distances[0])) if i >= 0], note)
-
-
-def _extraction_failures(rd: RunDir) -> dict[int, str]:
-    """image_id -> why extract could not give it features (its errors.parquet message)."""
-    try:
-        table = read_errors(rd.errors_dir)
-    except (OSError, ValueError):  # a damaged part (pyarrow's errors are both): `featscope verify` names it
-        return {}
-    return {int(i): m for i, stage, m in zip(table["image_id"].to_pylist(), table["stage"].to_pylist(),
-                                             table["message"].to_pylist()) if stage == "extract" and i is not None}
 
 
 def format_answer(answer: list[dict], as_json: bool) -> str:

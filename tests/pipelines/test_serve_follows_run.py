@@ -139,12 +139,16 @@ def test_answers_say_how_many_new_images_their_index_does_not_hold_yet(served_ru
     new = [r["image_id"] for r in manifest.read(rd).to_pylist() if "/new/" in r["path"] and "broken" not in r["path"]]
     assert not set(new) & set(neighbour_ids(answer))
     status, answer, _ = fetch(f"{base}/api/neighbours?id={new[0]}&layer=pool&k=3")
-    assert status == 404 and "not in the 'pool' index" in answer["error"], answer
+    assert status == 404 and "not in the 'pool' index yet (added since it was last updated)" in answer["error"], answer
     extract.extract(rd, ["pool", "pixels"], batch_size=8, workers=0, progress=False)
     neighbours.build(rd, "pool", progress=False)
     time.sleep(2 * CHECK_EVERY)
     status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pool&k={K}")
     assert status == 200 and answer["unindexed"] == 0 and set(new) <= set(neighbour_ids(answer)), answer
+    broken = next(r["image_id"] for r in manifest.read(rd).to_pylist() if "broken" in r["path"])
+    status, answer, _ = fetch(f"{base}/api/neighbours?id={broken}&layer=pool&k=3")  # why, from errors.parquet
+    assert status == 404 and answer["error"] == (f"image {broken} has no pool features: not an image "
+                                                 "(unrecognised file format) (errors.parquet)"), answer
     status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pixels&k={K}")
     assert status == 200 and answer["unindexed"] == 2, answer  # that layer's index is not updated yet
 
