@@ -452,6 +452,21 @@ def _loud_run(tmp_path: Path, digits) -> tuple[RunDir, list[dict], set[int]]:
     return rd, rows, {r["image_id"] for r, p in zip(rows, peak) if p >= high}
 
 
+def _left_out_of_every_layer(rd: RunDir, good: set[int], expected: set[int]) -> None:
+    """`_loud_run`'s images whose fc values cannot be stored (`expected`) are in no layer,
+    not only in fc, and in no top-k; the others' values are stored as computed (below
+    65,504). Each sketch counts what it could store: pool every image, fc the good ones."""
+    from featscope.pipelines.core.store import read_sketch
+
+    for layer in ("pool", "fc"):
+        ids, cols = read_layer(rd, layer)
+        assert set(ids.tolist()) == good and np.abs(cols["feature"].astype(np.float32)).max() < 65504
+        assert not set(pq.read_table(rd.topk_candidates_part(layer, 0))["image_id"].to_pylist()) & expected
+    counted = {layer: set(json.loads(read_sketch(rd.topk_sketch_part(layer, 0))[1]["image_ids"]))
+               for layer in ("pool", "fc")}
+    assert counted == {"pool": good | expected, "fc": good}
+
+
 def test_images_whose_features_overflow_are_errors_in_no_layer_index_or_sketch(tmp_path, digits):
     """fp16 overflows past 65,504 (a GPU without bf16 picks it): the overflowing image's
     values are inf, or NaN after them. They used to be stored as if measured (an inf clamped
@@ -470,15 +485,8 @@ def test_images_whose_features_overflow_are_errors_in_no_layer_index_or_sketch(t
     assert all("NaN or inf in its fc features (fp16)" in e["message"] for e in errors)
     assert f"{len(expected)} with features that are not finite numbers (NaN or inf): fp16 overflows" in summary.line(rd)
     good = {r["image_id"] for r in rows} - expected
-    for layer in ("pool", "fc"):  # the image is in no layer, not only in the one that overflowed
-        ids, cols = read_layer(rd, layer)
-        assert set(ids.tolist()) == good and np.isfinite(cols["feature"].astype(np.float32)).all()
-        assert not set(pq.read_table(rd.topk_candidates_part(layer, 0))["image_id"].to_pylist()) & expected
+    _left_out_of_every_layer(rd, good, expected)
     assert set(read_predictions(rd)) == good
-    # each sketch counts what it saw finite: pool every image, fc the others
-    counted = {layer: set(json.loads(read_sketch(rd.topk_sketch_part(layer, 0))[1]["image_ids"]))
-               for layer in ("pool", "fc")}
-    assert counted == {"pool": good | expected, "fc": good}
     assert np.isfinite(read_sketch(rd.topk_sketch_part("fc", 0))[0].scale.numpy()).all()
     index_stage.build(rd, "fc", progress=False)
     assert set(open_index(rd, "fc").ids.tolist()) == good
@@ -499,7 +507,6 @@ def test_finite_features_past_float16s_range_are_errors_not_stored_clamped(tmp_p
     the model never computed, ranked by the index and counted by the unit's sketch. Such an
     image is now an error row named with its largest value, in no layer, top-k or sketch."""
     from featscope.pipelines.app.status import status
-    from featscope.pipelines.core.store import read_sketch
 
     rd, rows, expected = _loud_run(tmp_path, digits)
     summary = extract.extract(rd, ["pool", "fc"], model="resnet18", weights=str(tmp_path / "loud.pt"),
@@ -512,14 +519,7 @@ def test_finite_features_past_float16s_range_are_errors_not_stored_clamped(tmp_p
         largest = float(re.search(r"its fc features reach ([\d,]+), past the 65,504", e["message"])[1].replace(",", ""))
         assert largest > 65504
     assert f"{len(expected)} with features past 65,504, which the store's float16 cannot hold" in summary.line(rd)
-    good = {r["image_id"] for r in rows} - expected
-    for layer in ("pool", "fc"):
-        ids, cols = read_layer(rd, layer)
-        assert set(ids.tolist()) == good and np.abs(cols["feature"].astype(np.float32)).max() < 65504
-        assert not set(pq.read_table(rd.topk_candidates_part(layer, 0))["image_id"].to_pylist()) & expected
-    counted = {layer: set(json.loads(read_sketch(rd.topk_sketch_part(layer, 0))[1]["image_ids"]))
-               for layer in ("pool", "fc")}
-    assert counted == {"pool": good | expected, "fc": good}
+    _left_out_of_every_layer(rd, {r["image_id"] for r in rows} - expected, expected)
     line = next(x for x in status(rd).lines if "left out of every layer" in x)
     assert f"{len(expected)} live images left out of every layer: the model computed values past 65,504" in line
 
