@@ -51,6 +51,20 @@ def _ids(path: Path, column: str = "image_id") -> np.ndarray:
     return np.unique(pq.read_table(path, columns=[column])[column].to_numpy())
 
 
+def _written_again(rd: RunDir, layer: str, meta: dict) -> list[str]:
+    """The feature parts of `layer` written since its index recorded them (`feature_parts`):
+    extracted again, so the index may hold other vectors for their images."""
+    again = []
+    for name, stamp in (meta.get("feature_parts") or {}).items():
+        try:
+            found = (rd.root / "features" / layer / name).stat()
+        except FileNotFoundError:
+            continue  # a shard gone: its images are retired, as the line says
+        if f"{found.st_size}:{found.st_mtime_ns}" != stamp:
+            again.append(str(int(name.split("-")[1].split(".")[0])))
+    return again
+
+
 def _other_precision(rd: RunDir, layer: str, shards: list[int], precision: str | None) -> list[int]:
     """The shards whose part records another precision than the run's (extracted before
     run.json was edited under a lock, when two jobs of a fresh run could each record their
@@ -158,20 +172,25 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     # not decode was called stale for good, and "rerun the workflow" could not change that
     featured = np.setdiff1d(live, manifest.featureless(rd, extract_errors))
 
-    def describe(kind: str, name: str, ids: np.ndarray, extra: str = "") -> None:
+    def describe(kind: str, name: str, ids: np.ndarray, extra: str = "", also: str = "") -> None:
+        """A line for an output of the live images `ids`; `also`: another reason it is stale."""
         gone = int(np.isin(ids, live, invert=True).sum())
         lacking = int(np.isin(featured, ids, invert=True).sum())
-        if gone or lacking:
+        if gone or lacking or also:
             out.stale.append(f"{kind} {name}")
-        state = (f"stale: {plural(gone, 'retired image')} in it, {plural(lacking, 'live image')} missing"
-                 if gone or lacking else "current")
+        why = [f"{plural(gone, 'retired image')} in it, {plural(lacking, 'live image')} missing" if gone or lacking
+               else "", also]
+        state = f"stale: {'; '.join(w for w in why if w)}" if gone or lacking or also else "current"
         out.lines.append(f"{kind} {name}: {plural(len(ids), 'image')}{extra}, {state}")
 
     for layer in rd.index_layers():
         from featscope.index import recall_shortfall  # faiss: only for a run with indexes
 
         meta = json.loads(rd.index_meta(layer).read_text())
-        describe("index", layer, _ids(rd.index_dir(layer) / "ids.parquet"), f" ({meta.get('factory')})")
+        again = _written_again(rd, layer, meta)
+        describe("index", layer, _ids(rd.index_dir(layer) / "ids.parquet"), f" ({meta.get('factory')})",
+                 f"{plural(len(again), 'shard')} extracted again since it was built ({', '.join(again[:5])}): the "
+                 "next `featscope index build` takes their vectors" if again else "")
         if shortfall := recall_shortfall(meta):
             out.lines.append(f"  approximate: {shortfall}")
     for layer in sorted(p.stem for p in (rd.root / "neighbours").glob("*.jpg")):

@@ -79,6 +79,7 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
             yield ids[keep], vectors[keep]
 
     options = options_of(kind, metric, parse_bytes(max_memory), seed)
+    stamps = {p.name: _stamp(p) for p in parts}  # which feature files, as written, the index holds
     previous, how, result = None if rebuild else _previous(rd, layer, identity), "built", None
     with tqdm(total=n, unit="vec", desc=f"index {layer}", disable=not progress) as bar:
         steps = []
@@ -91,9 +92,17 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
             bar.update(read - bar.n)
 
         if previous is not None:
-            removed = previous.ids[~np.isin(previous.ids, indexed)]
-            added = indexed[~np.isin(indexed, previous.ids)]
-            reason = why_rebuild(previous.meta, n=n, removed=len(removed), options=options)
+            # images whose part was written again since (extracted again: their vectors may
+            # differ) go out and in again, as if retired and added
+            was = previous.meta.get("feature_parts") or {}
+            rewritten = [ids for p, ids in zip(parts, part_ids) if was.get(p.name, stamps[p.name]) != stamps[p.name]]
+            again = indexed[np.isin(indexed, np.concatenate([np.zeros(0, np.int64), *rewritten]))
+                            & np.isin(indexed, previous.ids)]
+            removed = np.union1d(previous.ids[~np.isin(previous.ids, indexed)], again)
+            added = np.union1d(indexed[~np.isin(indexed, previous.ids)], again)
+            reason = ("it does not record which feature files it holds (built by an older featscope)"
+                      if "feature_parts" not in previous.meta
+                      else why_rebuild(previous.meta, n=n, removed=len(removed), options=options))
             if reason is None:
                 with_new = [p for p, ids in zip(parts, part_ids) if np.isin(ids, added).any()]
                 result = update_index(previous.index, previous.ids, previous.meta, removed_ids=removed,
@@ -104,13 +113,20 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
         if result is None:
             result = build_index(chunks, n=n, dims=dims, kind=kind, metric=metric, max_memory=parse_bytes(max_memory),
                                  seed=seed, on_progress=show)
-    extra = asdict(identity) | {"layer": layer, "featscope_version": FEATSCOPE_VERSION}
+    extra = asdict(identity) | {"layer": layer, "featscope_version": FEATSCOPE_VERSION, "feature_parts": stamps}
     saved = NeighbourIndex.from_build(result)
     saved.save(rd.index_dir(layer), extra_meta=extra)
     stamp = {"layer": layer, "version": rd.index_dir(layer).resolve().name, "vectors": int(result.meta["vectors"]),
              "how": how}
     write_json_atomic(rd.index_stamp(layer), stamp)
     return IndexSummary(layer, result.meta, how)
+
+
+def _stamp(part: Path) -> str:
+    """A feature part's size and modification time: extract writes a part anew (a new file
+    renamed into place) whenever it extracts its shard again."""
+    found = part.stat()
+    return f"{found.st_size}:{found.st_mtime_ns}"
 
 
 def _previous(rd: RunDir, layer: str, identity: RunIdentity) -> NeighbourIndex | None:

@@ -128,6 +128,39 @@ def test_removed_images_leave_the_index(indexed_run, small_dataset):
     assert victim_id not in neighbours.open_index(indexed_run, "pool").ids
 
 
+def test_an_update_takes_the_vectors_of_a_part_written_again(indexed_run):
+    """An update used to follow ids only: a shard extracted again (its part written anew,
+    its values changed) kept its old vectors in the index, which still answered as current.
+    Here a part is written again with two images' vectors swapped: the updated index holds
+    the new ones, as a fresh build does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core.store import column_array
+
+    rd = indexed_run
+    part = rd.feature_part("pool", 0)
+    table = pq.read_table(part)
+    values = column_array(table, "feature").copy()
+    values[[0, 1]] = values[[1, 0]]
+    a = int(table["image_id"][0].as_py())
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float16()), values.shape[1])
+    pq.write_table(table.set_column(1, "feature", column), part)  # its metadata kept: the run's own file
+    assert "index pool: 9 images (Flat), stale: 1 shard extracted again since it was built (0): the next " \
+           "`featscope index build` takes their vectors" in status(rd).lines
+    summary = neighbours.build(rd, "pool", progress=False)
+    assert summary.how == "updated" and summary.meta["last_update"]["added"] == 4  # the part's four images
+    found = neighbours.open_index(rd, "pool").search_vectors(values[0].astype(np.float32), k=1)
+    assert found.image_ids[0][0] == a and found.distances[0][0] < 1e-3
+    assert "index pool: 9 images (Flat), current" in status(rd).lines
+    index_dir = rd.index_dir("pool")
+    meta = json.loads((index_dir / "meta.json").read_text())  # an index from before parts were recorded
+    del meta["feature_parts"]
+    (index_dir / "meta.json").write_text(json.dumps(meta))
+    assert neighbours.build(rd, "pool", progress=False).how.startswith("built (it does not record which feature")
+
+
 def test_precision_after_a_change_reuses_unreached_lists_and_equals_a_fresh_evaluation(monkeypatch):
     x = clustered(900, 16, clusters=12, seed=3)
     labels = {i: f"c{i % 5}" for i in range(900)}
