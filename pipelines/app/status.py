@@ -24,7 +24,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, read_record
-from featscope.pipelines.core.store import FLOAT16_MAX, NON_FINITE, OUT_OF_RANGE, file_metadata
+from featscope.pipelines.core.store import FLOAT16_MAX, NON_FINITE, OUT_OF_RANGE, file_metadata, part_stamp
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.trust import (
     current_evaluation,
@@ -57,11 +57,10 @@ def _written_again(rd: RunDir, layer: str, meta: dict) -> list[str]:
     again = []
     for name, stamp in (meta.get("feature_parts") or {}).items():
         try:
-            found = (rd.root / "features" / layer / name).stat()
+            if part_stamp(rd.root / "features" / layer / name) != stamp:
+                again.append(str(int(Path(name).stem.split("-")[1])))
         except FileNotFoundError:
             continue  # a shard gone: its images are retired, as the line says
-        if f"{found.st_size}:{found.st_mtime_ns}" != stamp:
-            again.append(str(int(name.split("-")[1].split(".")[0])))
     return again
 
 

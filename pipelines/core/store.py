@@ -98,6 +98,14 @@ def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=dtype), d)
 
 
+def part_stamp(path: Path) -> str:
+    """A file's size and modification time: a feature part is written anew (a new file renamed
+    into place) whenever its shard is extracted again, so a changed stamp means the vectors
+    may have changed while the ids did not (what an index records of the parts it holds)."""
+    found = path.stat()
+    return f"{found.st_size}:{found.st_mtime_ns}"
+
+
 def to_float16(values: np.ndarray) -> np.ndarray:
     """Store as float16. Extract keeps images with values past its range out of every part
     (`features.storable_rows`); the clamp guards any other writer against storing an inf."""

@@ -35,7 +35,7 @@ from featscope.pipelines.core.atomic import write_bytes_atomic, write_json_atomi
 from featscope.pipelines.core.neighbours import image_rows, list_identity, lists_to_redo, neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features
+from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features, part_stamp
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
@@ -79,7 +79,7 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
             yield ids[keep], vectors[keep]
 
     options = options_of(kind, metric, parse_bytes(max_memory), seed)
-    stamps = {p.name: _stamp(p) for p in parts}  # which feature files, as written, the index holds
+    stamps = {p.name: part_stamp(p) for p in parts}  # which feature files, as written, the index holds
     previous, how, result = None if rebuild else _previous(rd, layer, identity), "built", None
     with tqdm(total=n, unit="vec", desc=f"index {layer}", disable=not progress) as bar:
         steps = []
@@ -120,13 +120,6 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
              "how": how}
     write_json_atomic(rd.index_stamp(layer), stamp)
     return IndexSummary(layer, result.meta, how)
-
-
-def _stamp(part: Path) -> str:
-    """A feature part's size and modification time: extract writes a part anew (a new file
-    renamed into place) whenever it extracts its shard again."""
-    found = part.stat()
-    return f"{found.st_size}:{found.st_mtime_ns}"
 
 
 def _previous(rd: RunDir, layer: str, identity: RunIdentity) -> NeighbourIndex | None:
