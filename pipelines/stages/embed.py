@@ -39,7 +39,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import EMBEDDING_SCHEMA, RunIdentity, iter_features
+from featscope.pipelines.core.store import EMBEDDING_SCHEMA, RunIdentity, iter_features, part_stamp
 from featscope.pipelines.core.text import plural
 
 if TYPE_CHECKING:  # openTSNE (and scikit-learn, which it imports: 2 s) only where a map is fitted or points placed
@@ -61,6 +61,7 @@ class EmbedSummary:
     placed: int = 0
     displacement: float | None = None  # old points' mean shift, share of the map's diagonal
     reason: str = ""  # why a map was refitted without --refit
+    again: int = 0  # of those placed, images whose features were extracted again (their old place dropped)
     at_fit: dict | None = None  # a placement's map: its trustworthiness and label accuracy when it was fitted
 
     def _measured(self, name: str, label: str, value: float) -> str:
@@ -78,7 +79,8 @@ class EmbedSummary:
             if self.knn_accuracy is not None else ""
         how = " (sample embedded, the rest placed into it)" if self.sampled else ""
         if self.how == "placed":
-            how = f" ({self.placed} new placed into the previous map, old points fixed)"
+            again = f", {self.again} of them extracted again since" if self.again else ""
+            how = f" ({self.placed} new placed into the previous map{again}, old points fixed)"
         elif self.how == "refitted":
             how = f" (refitted{': ' + self.reason if self.reason else ''}; aligned to the previous map)"
         moved = f"; old points moved {100 * self.displacement:.2f}% of the map's diagonal" \
@@ -294,6 +296,7 @@ class PreviousMap(NamedTuple):
     components: np.ndarray
     fitted_ids: np.ndarray | None  # the images of the last full fit (None: a state from before, unknown)
     at_fit: dict | None  # the map's trustworthiness and label accuracy when it was fitted (None: not recorded)
+    feature_parts: dict  # part name -> `part_stamp` of the parts it was made from ({}: not recorded)
 
 
 def _previous_map(rd: RunDir, layer: str, identity: RunIdentity, settings: dict) -> PreviousMap | None:
@@ -313,7 +316,9 @@ def _previous_map(rd: RunDir, layer: str, identity: RunIdentity, settings: dict)
             else:  # from before fitted ids were kept: known only if nothing was placed since the fit
                 fitted = state["ids"] if len(state["ids"]) == int(state["fitted_points"]) else None
             at_fit = json.loads(str(state["at_fit"])) if "at_fit" in state else None
-            return PreviousMap(state["ids"], state["coords"], state["mean"], state["components"], fitted, at_fit)
+            parts = json.loads(str(state["feature_parts"])) if "feature_parts" in state else {}
+            return PreviousMap(state["ids"], state["coords"], state["mean"], state["components"], fitted, at_fit,
+                               parts)
     except (OSError, ValueError, KeyError):
         return None  # unreadable or from before: a fresh fit replaces it
 
@@ -333,12 +338,19 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
     identity = RunIdentity.of_run(rd.read_config())
     settings = {"pca_dims": pca_dims, "perplexity": perplexity, "seed": seed, "max_exact": max_exact}
     previous = _previous_map(rd, layer, identity, settings)
-    kept = np.isin(ids, previous.ids) if previous is not None else np.zeros(len(ids), bool)
+    stamps = {p.name: part_stamp(p) for p in manifest.feature_parts(rd, layer)}
+    # a part written again since (its shard extracted again) may hold other values: its
+    # images lose their old places and are placed anew
+    again = np.zeros(len(ids), bool)
+    if previous is not None:
+        for name in (n for n, stamp in previous.feature_parts.items() if stamps.get(n, stamp) != stamp):
+            again |= np.isin(ids, pq.read_table(rd.root / "features" / layer / name, columns=["image_id"])["image_id"])
+    kept = (np.isin(ids, previous.ids) & ~again) if previous is not None else np.zeros(len(ids), bool)
     how, moved, sampled = "fitted", None, False
     reason = "" if previous is None or refit else _refit_reason(previous, ids, kept, refit_growth)
     if previous is not None and not refit and not reason:
         how, mean, components = "placed", previous.mean, previous.components
-        fitted_ids = ids[np.isin(ids, previous.fitted_ids)]
+        fitted_ids = ids[np.isin(ids, previous.fitted_ids) & kept]
         reduced = ((x - mean) @ components.T).astype(np.float32)
         coords = np.empty((len(ids), 2), np.float32)
         coords[kept] = previous.coords[_rows_of(previous.ids, ids[kept])]
@@ -367,6 +379,7 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
     with atomic_path(rd.embedding_pca(layer)) as tmp, open(tmp, "wb") as f:  # the state a rerun starts from
         np.savez(f, mean=mean.astype(np.float32), components=components.astype(np.float32), ids=ids, coords=coords,
                  fitted_ids=fitted_ids, fitted_points=len(fitted_ids), at_fit=json.dumps(at_fit),
+                 feature_parts=json.dumps(stamps, sort_keys=True),
                  settings=json.dumps(settings, sort_keys=True),
                  identity=json.dumps(asdict(identity), sort_keys=True))
     meta = identity.metadata(layer=layer, pca_dims=int(components.shape[0]), perplexity=perplexity, seed=seed,
@@ -376,9 +389,11 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
                              displacement=None if moved is None else round(moved, 6))
     with atomic_path(rd.embedding(layer)) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp, write_page_checksum=True)
+    placing = how == "placed"
     return EmbedSummary(layer, len(ids), trust, accuracy, sampled, time.perf_counter() - start, how,
-                        int((~kept).sum()) if how == "placed" else 0, moved,
-                        reason if how == "refitted" else "", at_fit if how == "placed" else None)
+                        placed=int((~kept).sum()) if placing else 0, displacement=moved,
+                        reason=reason if how == "refitted" else "", again=int(again.sum()) if placing else 0,
+                        at_fit=at_fit if placing else None)
 
 
 def _refit_reason(previous: PreviousMap, ids: np.ndarray, kept: np.ndarray, refit_growth: float) -> str:
@@ -389,7 +404,7 @@ def _refit_reason(previous: PreviousMap, ids: np.ndarray, kept: np.ndarray, refi
         return f"only {int(kept.sum())} of its images are left"
     if previous.fitted_ids is None:
         return "its state does not say which images it was fitted on (written by an older featscope)"
-    fitted = int(np.isin(ids, previous.fitted_ids).sum())
+    fitted = int((np.isin(ids, previous.fitted_ids) & kept).sum())
     if len(ids) > refit_growth * fitted:
         return (f"{plural(fitted, 'image')} of its last fit left among {len(ids)}, fewer than 1 in "
                 f"{refit_growth:g} (--refit-growth)")

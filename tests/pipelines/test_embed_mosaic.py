@@ -152,6 +152,35 @@ def test_a_placement_that_measures_worse_than_its_fit_says_so(mapped_run, digits
     assert refitted.knn_accuracy > placed.knn_accuracy and "at its fit" not in refitted.line()
 
 
+def test_images_of_a_part_written_again_are_placed_anew_not_kept_where_they_were(mapped_run):
+    """A shard extracted again may hold other values for the same ids: a placement used to
+    keep their old places. Here a part is written again with two images' vectors swapped:
+    the part's images are placed anew (the rest stay put), so the two trade places."""
+    import pyarrow as pa
+
+    from featscope.pipelines.core.store import column_array
+
+    embed.embed(mapped_run, "pool", perplexity=10)
+    ids_a, a = coords(mapped_run)
+    part = mapped_run.feature_part("pool", 0)
+    table = pq.read_table(part)
+    values = column_array(table, "feature").copy()
+    values[[0, 1]] = values[[1, 0]]
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float16()), values.shape[1])
+    pq.write_table(table.set_column(1, "feature", column), part)  # its metadata kept: the run's own file
+    summary = embed.embed(mapped_run, "pool", perplexity=10)
+    in_part = table["image_id"].to_numpy()
+    assert summary.how == "placed" and summary.placed == summary.again == len(in_part) == 20
+    assert f"{len(in_part)} new placed into the previous map, {len(in_part)} of them extracted again since" \
+        in summary.line()
+    ids_b, b = coords(mapped_run)
+    others = ~np.isin(ids_b, in_part)
+    np.testing.assert_array_equal(b[others], a[others])  # the others stay put
+    first, second = (np.flatnonzero(ids_b == i)[0] for i in in_part[:2])
+    spread = np.linalg.norm(a[others] - a[others].mean(0), axis=1).mean()
+    assert np.linalg.norm(b[first] - a[second]) < 0.5 * spread  # image 0 lands where image 1 was
+
+
 def test_a_map_state_from_before_fitted_ids_were_kept_is_refitted_only_if_placed_into(mapped_run):
     embed.embed(mapped_run, "pool", perplexity=10)
     with np.load(mapped_run.embedding_pca("pool")) as saved:
