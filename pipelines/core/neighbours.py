@@ -74,10 +74,13 @@ TIE = 1e-4  # stored distances may be rounded to 4 decimals: a new image this cl
 
 def list_identity(index: NeighbourIndex) -> dict:
     """What stored neighbour lists were computed with: the same kind, metric and vectors'
-    model keep them valid (updates included)."""
+    model keep them valid (updates included), as long as no image's vector changed since
+    (`vectors_version`: new with each build, and with an update that took a feature part
+    written again)."""
     m = index.meta
     return {"kind": m.get("kind"), "metric": m.get("metric"), "dims": m.get("dims"),
-            "weights_sha256": m.get("weights_sha256"), "preprocessing": m.get("preprocessing")}
+            "weights_sha256": m.get("weights_sha256"), "preprocessing": m.get("preprocessing"),
+            "vectors_version": m.get("vectors_version")}
 
 
 def _distances(metric: str, squared_l2: np.ndarray) -> np.ndarray:

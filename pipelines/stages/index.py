@@ -9,6 +9,7 @@ what lets every query compare feature space with pixel space.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -81,6 +82,7 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
     options = options_of(kind, metric, parse_bytes(max_memory), seed)
     stamps = {p.name: part_stamp(p) for p in parts}  # which feature files, as written, the index holds
     previous, how, result = None if rebuild else _previous(rd, layer, identity), "built", None
+    again = np.zeros(0, np.int64)
     with tqdm(total=n, unit="vec", desc=f"index {layer}", disable=not progress) as bar:
         steps = []
 
@@ -113,7 +115,13 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
         if result is None:
             result = build_index(chunks, n=n, dims=dims, kind=kind, metric=metric, max_memory=parse_bytes(max_memory),
                                  seed=seed, on_progress=show)
-    extra = asdict(identity) | {"layer": layer, "featscope_version": FEATSCOPE_VERSION, "feature_parts": stamps}
+    # neighbour lists kept by the report and the evaluation stay valid while the vectors of the
+    # images they name do not change: a new version whenever they may have (a build, or an
+    # update that took a part written again)
+    same_vectors = how == "updated" and not len(again)
+    version = previous.meta.get("vectors_version") if same_vectors else None
+    extra = asdict(identity) | {"layer": layer, "featscope_version": FEATSCOPE_VERSION, "feature_parts": stamps,
+                                "vectors_version": version or uuid.uuid4().hex[:12]}
     saved = NeighbourIndex.from_build(result)
     saved.save(rd.index_dir(layer), extra_meta=extra)
     stamp = {"layer": layer, "version": rd.index_dir(layer).resolve().name, "vectors": int(result.meta["vectors"]),

@@ -13,7 +13,7 @@ from PIL import Image
 from featscope.index import NeighbourIndex, build_index
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.neighbours import neighbours_of, open_index
+from featscope.pipelines.core.neighbours import list_identity, neighbours_of, open_index
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.stages import extract
 from featscope.pipelines.stages import index as neighbours
@@ -149,8 +149,14 @@ def test_an_update_takes_the_vectors_of_a_part_written_again(indexed_run):
     pq.write_table(table.set_column(1, "feature", column), part)  # its metadata kept: the run's own file
     assert "index pool: 9 images (Flat), stale: 1 shard extracted again since it was built (0): the next " \
            "`featscope index build` takes their vectors" in status(rd).lines
+    before = list_identity(neighbours.open_index(rd, "pool"))
     summary = neighbours.build(rd, "pool", progress=False)
     assert summary.how == "updated" and summary.meta["last_update"]["added"] == 4  # the part's four images
+    # lists the report and the evaluation kept name vectors that changed: they are not reused
+    after = list_identity(neighbours.open_index(rd, "pool"))
+    assert after != before
+    assert neighbours.build(rd, "pool", progress=False).how == "updated"  # nothing changed since:
+    assert list_identity(neighbours.open_index(rd, "pool")) == after  # the lists stay valid
     found = neighbours.open_index(rd, "pool").search_vectors(values[0].astype(np.float32), k=1)
     assert found.image_ids[0][0] == a and found.distances[0][0] < 1e-3
     assert "index pool: 9 images (Flat), current" in status(rd).lines
