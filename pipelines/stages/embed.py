@@ -350,7 +350,7 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
     reason = "" if previous is None or refit else _refit_reason(previous, ids, kept, refit_growth)
     if previous is not None and not refit and not reason:
         how, mean, components = "placed", previous.mean, previous.components
-        fitted_ids = ids[np.isin(ids, previous.fitted_ids) & kept]
+        fitted_ids = ids[np.isin(ids, previous.fitted_ids)]  # placed anew or not, they shaped the fit
         reduced = ((x - mean) @ components.T).astype(np.float32)
         coords = np.empty((len(ids), 2), np.float32)
         coords[kept] = previous.coords[_rows_of(previous.ids, ids[kept])]
@@ -404,7 +404,7 @@ def _refit_reason(previous: PreviousMap, ids: np.ndarray, kept: np.ndarray, refi
         return f"only {int(kept.sum())} of its images are left"
     if previous.fitted_ids is None:
         return "its state does not say which images it was fitted on (written by an older featscope)"
-    fitted = int((np.isin(ids, previous.fitted_ids) & kept).sum())
+    fitted = int(np.isin(ids, previous.fitted_ids).sum())
     if len(ids) > refit_growth * fitted:
         return (f"{plural(fitted, 'image')} of its last fit left among {len(ids)}, fewer than 1 in "
                 f"{refit_growth:g} (--refit-growth)")
