@@ -403,7 +403,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "dataset": config.get("images"), "model": config.get("model"), "weights": config.get("weights"),
         "weights_sha256": config.get("weights_sha256"), "featscope_version": config.get("featscope_version"),
         "layers": sorted({p.name for p in (rd.root / "features").iterdir()}) if (rd.root / "features").is_dir() else [],
-        "spaces": list(neighbours), "pixels": PIXELS, "shard": SHARD, "k": k,
+        "spaces": list(neighbours), "pixels": PIXELS, "shard": SHARD, "k": k, "live_stamp": rd.live_stamp(),
         "space_warnings": {layer: f"the '{layer}' index's {said}" for layer in neighbours
                            if (said := recall_shortfall(json.loads(rd.index_meta(layer).read_text())))},
         "bad_inputs": errors.num_rows,

@@ -473,6 +473,7 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
             path.unlink(missing_ok=True)
     write_live_ids(rd, [r["image_id"] for r in rows if not r["removed"]])
     write_live_labels(rd, [(r["image_id"], r["label"]) for r in rows if not r["removed"]])
+    write_live_script(rd, sum(not r["removed"] for r in rows))
     ours = {"name": rd.name, "images": str(Path(images).resolve()), "images_root": str(root),
             "shard_size": shard_size, "check": check, "featscope_version": FEATSCOPE_VERSION,
             "next_id": next_id + len(new), "next_shard": max([next_shard, *(r["shard"] + 1 for r in rows)])}
@@ -649,6 +650,12 @@ def write_live_labels(rd: RunDir, labels: list[tuple[int, str | None]]) -> None:
     for image_id, label in sorted(labels, key=lambda pair: pair[0]):
         digest.update(f"{image_id}\0{'' if label is None else label}\0{label is None}\n".encode())
     _rewrite_if_changed(rd.live_labels, (digest.hexdigest() + "\n").encode())
+
+
+def write_live_script(rd: RunDir, images: int) -> None:
+    """manifest-live.js (see RunDir.live_script), rewritten only when the stamp changes."""
+    body = json.dumps({"stamp": rd.live_stamp(), "images": images})
+    _rewrite_if_changed(rd.live_script, f"window.FS_LIVE = {body};\n".encode())
 
 
 def write_listing(rd: RunDir, source: str | Path, check: str = "stat") -> bool:

@@ -12,6 +12,7 @@ saliency/faithfulness.parquet/ (directory datasets, one part per method), salien
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from contextlib import contextmanager
@@ -432,6 +433,22 @@ class RunDir:
     @property
     def report_dir(self) -> Path:
         return self.root / "report"
+
+    @property
+    def live_script(self) -> Path:
+        """The live images' stamp (`live_stamp`) and count as a script, which a report opened
+        from disk loads (../manifest-live.js) to tell whether it still describes the run:
+        browsers load scripts from file://, but fetch nothing."""
+        return self.root / "manifest-live.js"
+
+    def live_stamp(self) -> str:
+        """A digest of the live ids and of their labels' digest ("" before a manifest)."""
+        if not self.live_ids.exists():
+            return ""
+        digest = hashlib.sha256(self.live_ids.read_bytes())
+        if self.live_labels.exists():
+            digest.update(self.live_labels.read_bytes())
+        return digest.hexdigest()[:16]
 
     def report_predates_dataset(self) -> bool:
         """Whether the report was built before the live images or their labels last changed

@@ -317,3 +317,31 @@ def test_the_page_says_when_the_index_misses_neighbours(tmp_path, page):
         assert note.inner_text().startswith(f"Approximate: the 'pixels' index's recall@10 "
                                             f"{built.meta['recall_at_10']:.3f} is below")
         assert page.errors == []
+
+
+def test_pages_opened_from_disk_say_when_the_report_predates_the_dataset(tmp_path, digits, page):
+    """From file:// the page cannot ask a service: it loads the run's manifest-live.js (the
+    live images' stamp, which the manifest writes) and compares it with the report's own."""
+    from helpers import six_digit_reported_run
+
+    from featscope.pipelines.app import report
+
+    rd = six_digit_reported_run(tmp_path, digits)
+    front = (rd.report_dir / "index.html").as_uri()
+    page.goto(front)
+    page.wait_for_load_state("networkidle")
+    assert page.locator(".stale").count() == 0
+    moved = next((tmp_path / "images" / "0").glob("*.png"))
+    moved.rename(tmp_path / "images" / "1" / moved.name)
+    next((tmp_path / "images" / "1").glob("*.png")).unlink()  # and one image gone: 5 live now
+    manifest.run(rd, tmp_path / "images")
+    page.goto(front)
+    notice = page.locator(".stale")
+    notice.wait_for()
+    assert notice.inner_text().startswith("Not current: built from 6 images, the run has 5 now; this report was "
+                                          "built before the dataset last changed")
+    report.build(rd, k=2, progress=False)
+    page.goto(front)
+    page.wait_for_load_state("networkidle")
+    assert page.locator(".stale").count() == 0
+    assert page.errors == []

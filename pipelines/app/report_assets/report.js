@@ -38,20 +38,31 @@ const FS = (() => {
     for (const layer of run.topk) h.append(el("a", { href: `layer.html?layer=${encodeURIComponent(layer.name)}`, text: `units ${layer.name}` }));
     for (const a of run.atlases || []) h.append(el("a", { href: `atlas.html?layer=${encodeURIComponent(a.layer)}`, text: `atlas ${a.layer}` }));
     document.body.prepend(h);
-    if (served) staleNotice(h);
+    staleNotice(h);
   }
 
-  // Served, the page asks whether the report still describes the run: one built before the
-  // dataset last changed would otherwise show the images as they were, as if current.
+  // Whether the report still describes the run: one built before the dataset last changed
+  // would otherwise show the images as they were, as if current. Served, the service says;
+  // from disk, the run's manifest-live.js (beside the report folder) holds the live images'
+  // stamp, to compare with the one the report was built from.
   async function staleNotice(after) {
+    const notice = (live) => after.after(el("p", { class: "stale", role: "alert",
+      text: `Not current: built from ${window.FS_RUN.images} images, the run has ${live} now; this report was built ` +
+        "before the dataset last changed: its lists and pictures show the images as they were then" +
+        (served ? "; searches and uploads here answer from the run as it is now" : "") +
+        ". The next workflow run or `featscope report` builds it again." }));
     try {
-      const response = await fetch("/api/report");
-      if (!response.ok) return;
-      const state = await response.json();
-      if (state.current) return;
-      after.after(el("p", { class: "stale", role: "alert",
-        text: `Not current: built from ${window.FS_RUN.images} images, the run has ${state.live_images} now; ${state.message}.` }));
-    } catch (e) { /* the service is gone: the page itself is unchanged */ }
+      if (served) {
+        const response = await fetch("/api/report");
+        if (!response.ok) return;
+        const state = await response.json();
+        if (!state.current) notice(state.live_images);
+      } else {
+        await loadScript("../manifest-live.js");
+        const live = window.FS_LIVE;
+        if (live && window.FS_RUN.live_stamp && live.stamp !== window.FS_RUN.live_stamp) notice(live.images);
+      }
+    } catch (e) { /* no service, or a report copied away from its run: the page itself is unchanged */ }
   }
 
   async function index() {
