@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -42,6 +43,12 @@ def write_dataset(root: Path, digits, *, n_photos: int = 6, digits_per_label: in
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path):
+    """The object a report data file assigns (window.X = Object.assign(..., {...}))."""
+    text = path.read_text()
+    return json.loads(text[text.index("}, ") + 3: text.rindex(")")])
 
 
 def six_digit_reported_run(tmp_path: Path, digits):

@@ -35,7 +35,7 @@ from featscope.index import recall_shortfall
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app.report_lists import neighbour_lists, save_state
-from featscope.pipelines.core import manifest
+from featscope.pipelines.core import drawn, manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest, withdraw, write_bytes_atomic
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
@@ -273,6 +273,13 @@ def _mosaics(rd: RunDir) -> list[dict]:
             raise FeatscopeError(f"{picture} is not the picture {rd.mosaic(layer, 'grid', 'parquet').name} describes "
                                  f"(a mosaic run stopped between its two files?): rerun `featscope mosaic grid --run "
                                  f"{rd.root} --layer {layer}`")
+        if not drawn.drawn_from(picture, drawn.mosaic_sources(rd, layer, "grid")):
+            # drawn from an earlier map: it shows images retired since and not those added
+            mosaics.append({"layer": layer, "stale": f"The grid mosaic of {layer} was drawn from an earlier map, "
+                                                     "so it is not shown: the workflow's next run draws it again "
+                                                     f"(or `featscope mosaic all --run {rd.root} --layer {layer}`, "
+                                                     "then `featscope report`)."})
+            continue
         side = int(meta.get("side", 0))
         grid = [[-1] * side for _ in range(side)]
         for r, c, i in zip(table["cell_row"].to_pylist(), table["cell_col"].to_pylist(), table["image_id"].to_pylist()):
@@ -280,7 +287,7 @@ def _mosaics(rd: RunDir) -> list[dict]:
         _script(rd.report_dir / "data" / f"mosaic-{layer}.js", "FS_MOSAIC", {layer: grid})
         entry = {"layer": layer, "side": side, "grid": _relative(rd, rd.mosaic(layer, "grid"))}
         for kind, suffix in (("scatter", "jpg"), ("plot", "png")):
-            if rd.mosaic(layer, kind, suffix).exists():
+            if drawn.drawn_from(rd.mosaic(layer, kind, suffix), drawn.mosaic_sources(rd, layer, kind)):
                 entry[kind] = _relative(rd, rd.mosaic(layer, kind, suffix))
         mosaics.append(entry)
     return mosaics

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
-from featscope.pipelines.core import manifest
+from featscope.pipelines.core import drawn, manifest
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, read_record
@@ -193,7 +193,12 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         if shortfall := recall_shortfall(meta):
             out.lines.append(f"  approximate: {shortfall}")
     for layer in sorted(p.stem for p in (rd.root / "neighbours").glob("*.jpg")):
-        if greys := rd.greyed_neighbours(layer):
+        if not drawn.drawn_from(rd.neighbour_sheet(layer), drawn.sheet_sources(rd, layer)):
+            out.stale.append(f"neighbours {layer}")
+            out.lines.append(f"neighbours {layer}: sheet drawn from an earlier index or labels, which may show other "
+                             "neighbours and images retired since: the next workflow run or `featscope neighbours` "
+                             "draws it again")
+        elif greys := rd.greyed_neighbours(layer):
             out.stale.append(f"neighbours {layer}")
             out.lines.append(f"neighbours {layer}: sheet with {plural(len(greys), 'grey tile')}, images that could not "
                              f"be read when it was drawn (ids {', '.join(map(str, greys[:5]))}"
@@ -240,14 +245,17 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             _unfinished(out, f"patches {layer}")
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         describe("map", path.stem, _ids(path))
-    for layer in rd.mosaic_layers():
-        for kind in ("grid", "scatter"):
-            if left_out := read_record(rd.mosaic_unreadable(layer, kind)).get("ids"):
-                out.stale.append(f"mosaic {layer} {kind}")
-                out.lines.append(f"mosaic {layer} {kind}: {plural(len(left_out), 'image')} left out, unreadable when "
-                                 f"it was drawn (ids {', '.join(map(str, left_out[:5]))}"
-                                 f"{', ...' if len(left_out) > 5 else ''}): the next workflow run or `featscope "
-                                 f"mosaic {kind}` draws it again")
+    for layer, kind in _mosaics(rd):
+        if not drawn.drawn_from(rd.mosaic(layer, kind, MOSAIC_SUFFIX[kind]), drawn.mosaic_sources(rd, layer, kind)):
+            out.stale.append(f"mosaic {layer} {kind}")
+            out.lines.append(f"mosaic {layer} {kind}: stale: drawn from an earlier map of {layer}"
+                             + (" or other labels" if kind == "plot" else "") + _retired_tiles(rd, layer, kind, live)
+                             + f": the next workflow run or `featscope mosaic {kind}` draws it again")
+        elif kind != "plot" and (left_out := read_record(rd.mosaic_unreadable(layer, kind)).get("ids")):
+            out.stale.append(f"mosaic {layer} {kind}")
+            out.lines.append(f"mosaic {layer} {kind}: {plural(len(left_out), 'image')} left out, unreadable when it "
+                             f"was drawn (ids {', '.join(map(str, left_out[:5]))}{', ...' if len(left_out) > 5 else ''})"
+                             f": the next workflow run or `featscope mosaic {kind}` draws it again")
     live_set = set(live.tolist())
     for layer in rd.explain_layers():
         if not rd.explained_queries(layer).exists():
@@ -299,6 +307,27 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     if out.stale:
         out.lines.append(f"not current: {', '.join(out.stale)}; rerun the workflow")
     return out
+
+
+MOSAIC_SUFFIX = {"grid": "jpg", "scatter": "jpg", "plot": "png"}
+
+
+def _mosaics(rd: RunDir) -> list[tuple[str, str]]:
+    """(layer, kind) of every mosaic picture the run holds."""
+    found = []
+    for kind, suffix in MOSAIC_SUFFIX.items():
+        found += [(p.name[: -len(f"-{kind}.{suffix}")], kind) for p in (rd.root / "mosaic").glob(f"*-{kind}.{suffix}")]
+    return sorted(found)
+
+
+def _retired_tiles(rd: RunDir, layer: str, kind: str, live: np.ndarray) -> str:
+    """For a grid: how many of its tiles show images retired since it was drawn."""
+    cells = rd.mosaic(layer, "grid", "parquet")
+    if kind != "grid" or not cells.exists():
+        return ""
+    ids = _ids(cells)
+    gone = int(np.isin(ids, live, invert=True).sum())
+    return f" ({gone} of its {len(ids)} tiles show images retired since)" if gone else ""
 
 
 def _unfinished(out: Status, what: str) -> None:

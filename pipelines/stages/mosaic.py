@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.core import manifest
+from featscope.pipelines.core import drawn, manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, record_unreadable
@@ -77,6 +77,8 @@ def _positions(rd: RunDir, layer: str) -> tuple[np.ndarray, np.ndarray, dict[int
 def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 0,
          progress: bool = True) -> MosaicSummary:
     start = time.perf_counter()
+    drawn.forget(rd.mosaic(layer, "grid"))
+    sources = drawn.stamp(drawn.mosaic_sources(rd, layer, "grid"))
     ids, xy, paths = _positions(rd, layer)
     side = min(side, int(np.sqrt(len(ids))))
     if side < 1:
@@ -107,6 +109,7 @@ def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 
             "grid_sha256": file_digest(rd.mosaic(layer, "grid"))}  # the picture this table describes
     with atomic_path(rd.mosaic(layer, "grid", "parquet")) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp)
+    drawn.remember(rd.mosaic(layer, "grid"), sources)
     return MosaicSummary(rd.mosaic(layer, "grid"), len(chosen), time.perf_counter() - start, detail + ", ")
 
 
@@ -116,6 +119,8 @@ def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None
     thumbnail nearby or halves it before it is skipped). Sizes left out are chosen so that at
     most 2% of the images are skipped; above `max_images` an even-cover sample is drawn."""
     start = time.perf_counter()
+    drawn.forget(rd.mosaic(layer, "scatter"))
+    sources = drawn.stamp(drawn.mosaic_sources(rd, layer, "scatter"))
     ids, xy, paths = _positions(rd, layer)
     if not len(ids):
         raise FeatscopeError("no images to place")
@@ -123,7 +128,7 @@ def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None
     chosen = chosen[np.random.default_rng(seed).permutation(len(chosen))]  # drawing order
     size, tile, layout = fit(normalise(xy[chosen]), size=size, tile=tile, max_cover=max_cover)
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    drawn, unreadable = 0, []  # left out: the workflow's next run draws the mosaic again
+    pasted, unreadable = 0, []  # left out: the workflow's next run draws the mosaic again
     shown = np.flatnonzero(layout.side)
     tiles = square_tiles(rd, [(int(ids[chosen[i]]), paths[int(ids[chosen[i]])], int(layout.side[i])) for i in shown],
                          keep_as=f"scatter-{layer}")
@@ -132,15 +137,16 @@ def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None
             unreadable.append(int(ids[chosen[i]]))
             continue
         canvas.paste(thumb, (int(layout.x[i]), int(layout.y[i])))
-        drawn += 1
+        pasted += 1
     _save_jpeg(canvas, rd.mosaic(layer, "scatter"))
     record_unreadable(rd.mosaic_unreadable(layer, "scatter"), unreadable)
+    drawn.remember(rd.mosaic(layer, "scatter"), sources)
     left_out = [f"{layout.skipped} ({layout.skipped / len(chosen):.1%}) skipped as hidden"]
     if len(chosen) < len(ids):
         left_out.append(f"{len(ids) - len(chosen)} left out of the sample of {len(chosen)}")
     if unreadable:
         left_out.append(f"{len(unreadable)} unreadable")
-    return MosaicSummary(rd.mosaic(layer, "scatter"), drawn, time.perf_counter() - start,
+    return MosaicSummary(rd.mosaic(layer, "scatter"), pasted, time.perf_counter() - start,
                          f"{size} px canvas, {tile} px thumbnails; {', '.join(left_out)}; ")
 
 
@@ -152,6 +158,9 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
     import matplotlib.pyplot as plt
 
     start = time.perf_counter()
+    path = rd.mosaic(layer, "plot", "png")
+    drawn.forget(path)
+    sources = drawn.stamp(drawn.mosaic_sources(rd, layer, "plot"))
     table = read_embedding(rd, layer)
     labels_by_id = {r["image_id"]: r["label"] for r in manifest.read(rd).to_pylist()}
     labels = np.array([str(labels_by_id.get(int(i))) for i in table["image_id"].to_numpy()])
@@ -171,10 +180,10 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
     fig.suptitle(f"{rd.name}: {plural(len(labels), 'image')}; trustworthiness {_number(meta.get('trustworthiness'))}, "
                  f"10-NN label accuracy in 2-D {_number(meta.get('knn_accuracy_2d'))}")
     fig.tight_layout()
-    path = rd.mosaic(layer, "plot", "png")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+    drawn.remember(path, sources)
     return MosaicSummary(path, len(labels), time.perf_counter() - start)
 
 

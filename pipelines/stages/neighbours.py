@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
-from featscope.pipelines.core import manifest
+from featscope.pipelines.core import drawn, manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
@@ -57,6 +57,11 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     (`RunDir.neighbour_greys`), so status names them and the workflow draws it again."""
     if not image_ids:
         raise FeatscopeError("give at least one query image id")
+    path = Path(out) if out else rd.neighbour_sheet(layer)
+    own = path == rd.neighbour_sheet(layer)  # the run's own sheet: what status and the workflow read
+    if own:
+        drawn.forget(path)
+        sources = drawn.stamp(drawn.sheet_sources(rd, layer))
     spaces = [(layer, open_index(rd, layer))]
     if layer != PIXELS and rd.index_meta(PIXELS).exists():
         spaces.append((PIXELS, open_index(rd, PIXELS)))
@@ -97,11 +102,11 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
                 x += tile + MARGIN
             y += row_h
         y += MARGIN
-    path = Path(out) if out else rd.neighbour_sheet(layer)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="JPEG", quality=90)
-    if path == rd.neighbour_sheet(layer):  # the run's own sheet: what status and the workflow read
+    if own:
         record_unreadable(rd.neighbour_greys(layer), sorted(greys))
+        drawn.remember(path, sources)
     return path
 
 

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_dataset
+from helpers import load_script, write_dataset
 from PIL import Image
 
 from featscope.pipelines.core import manifest
@@ -281,6 +281,52 @@ def test_mosaics_drawn_while_an_image_could_not_be_read_are_named_until_drawn_ag
     mosaic.scatter(rd, "pool", progress=False)
     assert all(read_record(rd.mosaic_unreadable("pool", kind))["ids"] == [] for kind in ("grid", "scatter"))
     assert not {"mosaic pool grid", "mosaic pool scatter"} & set(status(rd).stale)
+
+
+def test_mosaics_drawn_from_an_earlier_map_are_stale_and_left_out_of_the_report(mapped_run, digits):
+    """After images retired and others were placed into the map, the mosaics drawn before
+    still showed the retired ones (and not the new), and status and the report called them
+    current."""
+    import shutil
+
+    from featscope.pipelines.app import report
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core import drawn
+
+    rd = mapped_run
+    embed.embed(rd, "pool", perplexity=10)
+    mosaic._all(rd, mosaic.AllOptions(layer="pool", side=6, tile=16), progress=False)
+    assert not {s for s in status(rd).stale if s.startswith("mosaic")}
+    shown = pq.read_table(rd.mosaic("pool", "grid", "parquet"))["image_id"].to_numpy()
+    images = rd.root.parent / "images"
+    shutil.rmtree(images / "7")
+    write_dataset(images, digits, n_photos=0, labels=(4,), digits_per_label=8)
+    manifest.run(rd, images, shard_size=20)
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    assert embed.embed(rd, "pool", perplexity=10).how == "placed"
+    live = manifest.read(rd)["image_id"].to_numpy()
+    gone = int(np.isin(shown, live, invert=True).sum())  # tiles of the 8 sevens retired
+    assert gone > 0
+    now = status(rd)
+    assert {"mosaic pool grid", "mosaic pool scatter", "mosaic pool plot"} <= set(now.stale)
+    assert f"mosaic pool grid: stale: drawn from an earlier map of pool ({gone} of its 36 tiles show images retired " \
+           "since)" in now.line()
+    report.build(rd, k=2, progress=False)
+    run = load_script(rd.report_dir / "data" / "run.js")
+    assert [set(m) for m in run["mosaics"]] == [{"layer", "stale"}]  # a notice, no picture to show
+    mosaic.grid(rd, "pool", side=6, tile=16, progress=False)
+    mosaic.scatter(rd, "pool", progress=False)
+    assert {s for s in status(rd).stale if s.startswith("mosaic")} == {"mosaic pool plot"}
+    mosaic.plot(rd, "pool")
+    assert not {s for s in status(rd).stale if s.startswith("mosaic")}
+    report.build(rd, k=2, progress=False)
+    run = load_script(rd.report_dir / "data" / "run.js")
+    assert set(run["mosaics"][0]) == {"layer", "side", "grid", "scatter", "plot"}
+    # a mosaic that a job stopped before it recorded its map counts as current only if newer than the map
+    drawn.record(rd.mosaic("pool", "grid")).unlink()
+    assert "mosaic pool grid" not in status(rd).stale
+    embed.embed(rd, "pool", perplexity=10, refit=True)
+    assert "mosaic pool grid" in status(rd).stale
 
 
 def test_kept_tiles_equal_fresh_ones_and_follow_the_images_asked_for(mapped_run):

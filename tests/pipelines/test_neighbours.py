@@ -322,3 +322,31 @@ def test_an_index_that_still_holds_retired_images_is_refused_until_updated(index
         neighbours.query(indexed_run, "pool", image_id=0, k=3)
     neighbours.build(indexed_run, "pool", progress=False)
     assert len(neighbours.query(indexed_run, "pool", image_id=0, k=3).neighbours) == 3
+
+
+def test_a_sheet_drawn_from_an_earlier_index_is_stale_until_drawn_again(indexed_run, small_dataset):
+    """A sheet drawn before the index changed shows the neighbours of then, retired images
+    included; status called it current."""
+    import os
+
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core import drawn
+
+    rd = indexed_run
+    sheets.render(rd, "pool", [1], k=3)
+    assert "neighbours pool" not in status(rd).stale
+    next(small_dataset.glob("photo/*.png")).unlink()
+    manifest.run(rd, small_dataset)
+    neighbours.build(rd, "pool", progress=False)  # the pixel index is not updated yet
+    now = status(rd)
+    assert "neighbours pool" in now.stale
+    assert any(ln.startswith("neighbours pool: sheet drawn from an earlier index") for ln in now.lines)
+    neighbours.build(rd, "pixels", progress=False)
+    sheets.render(rd, "pool", [1], k=3)
+    assert "neighbours pool" not in status(rd).stale
+    sheet = rd.neighbour_sheet("pool")
+    drawn.record(sheet).unlink()  # a sheet drawn before records were kept: judged by its age
+    assert "neighbours pool" not in status(rd).stale
+    later = sheet.stat().st_mtime_ns + 10**9
+    os.utime(rd.index_meta("pixels"), ns=(later, later))
+    assert "neighbours pool" in status(rd).stale

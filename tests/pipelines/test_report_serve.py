@@ -9,6 +9,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from helpers import load_script
 
 from featscope.pipelines.app import report
 from featscope.pipelines.app.report import SHARD
@@ -18,12 +19,6 @@ from featscope.pipelines.core.neighbours import neighbours_of
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import read_predictions
 from featscope.pipelines.stages import index as neighbours
-
-
-def load_script(path):
-    """The object a report data file assigns (window.X = Object.assign(..., {...}))."""
-    text = path.read_text()
-    return json.loads(text[text.index("}, ") + 3: text.rindex(")")])
 
 
 def test_report_holds_every_image_with_its_exact_neighbours(reported_run):

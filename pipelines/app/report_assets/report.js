@@ -111,6 +111,7 @@ const FS = (() => {
     }
     if (served && run.spaces.length) upload(section("Query by upload"));
     for (const m of run.mosaics) {
+      if (m.stale) { section(`t-SNE grid of ${m.layer}`).append(el("p", { class: "stale", text: m.stale })); continue; }
       const s2 = section(`t-SNE grid of ${m.layer} (click a tile)`);
       const img = el("img", { class: "mosaic", id: `mosaic-${m.layer}`, src: m.grid, alt: `grid mosaic of ${m.layer}` });
       img.addEventListener("click", (event) => openTile(event, m));
