@@ -306,35 +306,38 @@ def _toolbox_item(rd: RunDir, path: Path) -> dict:
     kind, name = parts[0], parts[-1]
     item = {"src": _relative(rd, path), "caption": name}
     first, _, rest = name.partition("-")
-    if kind == "activations":
-        item["caption"], item["image"] = f"layer {parts[1]}, image {name}", int(name)
+    image = rd.viz_image(path)
+    if image is not None:
+        item["image"] = image
+    if kind == "activations" and image is not None:
+        item["caption"] = f"layer {parts[1]}, image {name}"
     elif kind == "filters":
         item["caption"] = f"layer {name}"
-    elif kind == "adversarial" and first.isdigit():
+    elif kind == "adversarial" and image is not None:
         item["caption"] = f"image {first}, " + ("untargeted" if rest == "untargeted" else f"target class {rest}")
-        item["image"] = int(first)
-    elif kind in ("dream", "inversion") and name.isdigit():
-        item["caption"], item["image"] = f"image {name}", int(name)
+    elif kind in ("dream", "inversion") and image is not None:
+        item["caption"] = f"image {name}"
     elif kind == "style" and first == "switch":
         item["caption"] = f"style switching and mixing: {rest}"
-    elif kind == "style" and first.isdigit():
-        item["caption"], item["image"] = f"image {first} in the style of {rest}", int(first)
+    elif kind == "style" and image is not None:
+        item["caption"] = f"image {first} in the style of {rest}"
     elif kind == "class-models":
         item["caption"] = ""
     return item
 
 
-def _toolbox(rd: RunDir) -> list[dict]:
+def _toolbox(rd: RunDir, live: set[int]) -> list[dict]:
     """The toolbox pictures grouped under TOOLBOX headings (single-class models and the bare
-    adversarial images are left out: the galleries show them)."""
-    if not rd.viz_dir.is_dir():
-        return []
+    adversarial images are left out: the galleries show them; so are pictures of images that
+    left the dataset since they were drawn, which status names)."""
     groups: dict[str, list[dict]] = {}
-    for path in sorted(rd.viz_dir.rglob("*.png")):
+    for path in rd.viz_pictures():
         kind = path.relative_to(rd.viz_dir).with_suffix("").parts[0]
         if path.name.endswith("-adv.png") or path.parent.name == "class-models":
             continue
-        groups.setdefault(kind, []).append(_toolbox_item(rd, path))
+        item = _toolbox_item(rd, path)
+        if item.get("image") is None or item["image"] in live:
+            groups.setdefault(kind, []).append(item)
     order = list(TOOLBOX)
     return [{"heading": TOOLBOX.get(kind, kind), "items": items}
             for kind, items in sorted(groups.items(), key=lambda g: order.index(g[0]) if g[0] in order else 99)]
@@ -417,7 +420,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "errors": errors.slice(0, 200).to_pylist(),
         "timings": read_timings(rd),
         "history": read_history(rd)[-50:],
-        "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd), "toolbox": _toolbox(rd),
+        "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd), "toolbox": _toolbox(rd, set(ids.tolist())),
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
         "trust": {"faithfulness": trust, "sanity": _sanity(rd)} if trust or rd.sanity_verdicts.exists() else None,
         "explained_layers": explained_layers,

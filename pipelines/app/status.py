@@ -286,6 +286,12 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                              + (f", {behind} not (yet, or since their map was recomputed)" if behind else ""))
             if behind:
                 out.stale.append(f"saliency evaluate {method}")
+    shown = {picture: rd.viz_image(picture) for picture in rd.viz_pictures()}
+    if gone := sorted({i for i in shown.values() if i is not None and i not in live_set}):
+        out.lines.append(f"viz: {plural(sum(i in gone for i in shown.values()), 'picture')} of "
+                         f"{plural(len(gone), 'image')} that left the dataset (ids {', '.join(map(str, gone[:5]))}"
+                         f"{', ...' if len(gone) > 5 else ''}), which the report no longer shows: choose other "
+                         "images in the config's viz section, and delete those pictures under viz/")
     for method, verdict in read_sanity(rd).items():
         out.lines.append(f"sanity {method}: {verdict['verdict']} (mean rank correlation {verdict['score']:.2f})")
     run_js = rd.report_dir / "data" / "run.js"

@@ -425,6 +425,22 @@ class RunDir:
         """The fast network's strip for an image: each style alone, then mixes."""
         return self.viz_dir / "style" / f"switch-{name}.png"
 
+    def viz_image(self, picture: Path) -> int | None:
+        """The dataset image a toolbox picture shows, by its name (activations/<layer>/<id>,
+        adversarial/<id>-<target>, dream/<id>, inversion/<id>, style/<id>-<style>), or None."""
+        parts = picture.relative_to(self.viz_dir).with_suffix("").parts
+        kind, name = parts[0], parts[-1]
+        first = name.partition("-")[0]
+        if kind == "activations" and name.isdigit() or kind in ("dream", "inversion") and name.isdigit():
+            return int(name)
+        if kind in ("adversarial", "style") and first.isdigit():
+            return int(first)
+        return None
+
+    def viz_pictures(self) -> list[Path]:
+        """The toolbox's pictures, sorted (the adversarial images themselves, `-adv.png`, too)."""
+        return sorted(self.viz_dir.rglob("*.png")) if self.viz_dir.is_dir() else []
+
     @property
     def style_net_dir(self) -> Path:
         """The fast style network: net.pt (checkpoint), losses.csv, net.onnx."""

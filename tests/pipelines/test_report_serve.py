@@ -6,10 +6,11 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import load_script
+from helpers import load_script, six_digit_reported_run
 
 from featscope.pipelines.app import report
 from featscope.pipelines.app.report import SHARD
@@ -84,7 +85,8 @@ def test_toolbox_pictures_are_grouped_under_headings_with_captions(tmp_path):
         path = rd.viz_dir / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
-    groups = {g["heading"]: [(i["caption"], i.get("image")) for i in g["items"]] for g in report._toolbox(rd)}
+    groups = {g["heading"]: [(i["caption"], i.get("image")) for i in g["items"]]
+              for g in report._toolbox(rd, live={135, 5002, 5010})}
     assert list(groups) == ["Filters", "Activations", "Class models", "Adversarial examples", "DeepDream",
                             "Texture synthesis", "Style transfer"]
     assert groups["Adversarial examples"] == [("image 135, untargeted", 135), ("image 5002, target class 309", 5002)]
@@ -92,6 +94,31 @@ def test_toolbox_pictures_are_grouped_under_headings_with_captions(tmp_path):
     assert groups["Style transfer"] == [("image 5002 in the style of ihc", 5002),
                                         ("style switching and mixing: skimage-chelsea", None)]
     assert groups["Class models"] == [("", None)]  # the gallery only, not each class's picture
+    left = {g["heading"]: [i.get("image") for i in g["items"]] for g in report._toolbox(rd, live={135, 5010})}
+    assert left["Adversarial examples"] == [135] and "Activations" not in left  # 5002 left the dataset
+    assert left["Style transfer"] == [None]
+
+
+def test_toolbox_pictures_of_images_that_left_the_dataset_are_named_and_not_shown(tmp_path, digits):
+    """A picture of an image retired since it was drawn stayed in the report's gallery, with a
+    link to an image page that no longer exists; the workflow never draws it again."""
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.stages import viz
+
+    rd = six_digit_reported_run(tmp_path, digits)
+    rows = manifest.read(rd).to_pylist()
+    leaving, staying = rows[0], rows[1]
+    viz.activations(rd, ["layer1"], [leaving["image_id"], staying["image_id"]])
+    report.build(rd, k=2, progress=False)
+    shown = [i["image"] for g in load_script(rd.report_dir / "data" / "run.js")["toolbox"] for i in g["items"]]
+    assert shown == [leaving["image_id"], staying["image_id"]]
+    assert not any(line.startswith("viz:") for line in status(rd).lines)
+    Path(leaving["path"]).unlink()
+    manifest.run(rd, tmp_path / "images")
+    assert f"viz: 1 picture of 1 image that left the dataset (ids {leaving['image_id']})" in status(rd).line()
+    report.build(rd, k=2, progress=False)
+    shown = [i["image"] for g in load_script(rd.report_dir / "data" / "run.js")["toolbox"] for i in g["items"]]
+    assert shown == [staying["image_id"]]
 
 
 @pytest.fixture(scope="module")
