@@ -35,7 +35,7 @@ from featscope.index import recall_shortfall
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app.report_lists import neighbour_lists, save_state
-from featscope.pipelines.core import drawn, manifest
+from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest, withdraw, write_bytes_atomic
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
@@ -263,6 +263,19 @@ def _unit_labels(rd: RunDir, layer: str) -> dict[int, list]:
                         r["classes"], r.get("classes_from")] for r in rows or []}
 
 
+def _evaluation(rd: RunDir) -> dict | None:
+    """precision@k per space (`index evaluate`), or {"stale": why} where it was measured on an
+    earlier index or other labels: its figures are not shown then."""
+    if not rd.index_evaluation.exists():
+        return None
+    measured = json.loads(rd.index_evaluation.read_text())
+    if derived.current(rd.index_evaluation, derived.evaluation_sources(rd, list(measured.get("layers", {})))):
+        return measured
+    return {"stale": "precision@k was measured on an earlier index or other labels, so it is not shown: the "
+                     f"workflow's next run measures it again (or `featscope index evaluate --run {rd.root}`, then "
+                     "`featscope report`)."}
+
+
 def _mosaics(rd: RunDir) -> list[dict]:
     mosaics = []
     for layer in rd.mosaic_layers():
@@ -273,7 +286,7 @@ def _mosaics(rd: RunDir) -> list[dict]:
             raise FeatscopeError(f"{picture} is not the picture {rd.mosaic(layer, 'grid', 'parquet').name} describes "
                                  f"(a mosaic run stopped between its two files?): rerun `featscope mosaic grid --run "
                                  f"{rd.root} --layer {layer}`")
-        if not drawn.drawn_from(picture, drawn.mosaic_sources(rd, layer, "grid")):
+        if not derived.current(picture, derived.mosaic_sources(rd, layer, "grid")):
             # drawn from an earlier map: it shows images retired since and not those added
             mosaics.append({"layer": layer, "stale": f"The grid mosaic of {layer} was drawn from an earlier map, "
                                                      "so it is not shown: the workflow's next run draws it again "
@@ -287,7 +300,7 @@ def _mosaics(rd: RunDir) -> list[dict]:
         _script(rd.report_dir / "data" / f"mosaic-{layer}.js", "FS_MOSAIC", {layer: grid})
         entry = {"layer": layer, "side": side, "grid": _relative(rd, rd.mosaic(layer, "grid"))}
         for kind, suffix in (("scatter", "jpg"), ("plot", "png")):
-            if drawn.drawn_from(rd.mosaic(layer, kind, suffix), drawn.mosaic_sources(rd, layer, kind)):
+            if derived.current(rd.mosaic(layer, kind, suffix), derived.mosaic_sources(rd, layer, kind)):
                 entry[kind] = _relative(rd, rd.mosaic(layer, kind, suffix))
         mosaics.append(entry)
     return mosaics
@@ -424,7 +437,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
         "trust": {"faithfulness": trust, "sanity": _sanity(rd)} if trust or rd.sanity_verdicts.exists() else None,
         "explained_layers": explained_layers,
-        "evaluation": json.loads(rd.index_evaluation.read_text()) if rd.index_evaluation.exists() else None,
+        "evaluation": _evaluation(rd),
     }
     _script(out / "data" / "run.js", "FS_RUN", summary)
     return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start, written, len(chunks),

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
-from featscope.pipelines.core import drawn, manifest
+from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, read_record
@@ -192,8 +192,18 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                  "next `featscope index build` takes their vectors" if again else "")
         if shortfall := recall_shortfall(meta):
             out.lines.append(f"  approximate: {shortfall}")
+    if rd.index_evaluation.exists():
+        measured = json.loads(rd.index_evaluation.read_text())
+        if derived.current(rd.index_evaluation, derived.evaluation_sources(rd, list(measured.get("layers", {})))):
+            out.lines.append(f"index evaluation: current (precision@{measured.get('k')} " + (", ".join(
+                f"{layer} {space['precision_at_k']:.3f}" for layer, space in measured["layers"].items())
+                or measured.get("skipped", "")) + ")")
+        else:
+            out.stale.append("index evaluation")
+            out.lines.append("index evaluation: stale: measured on an earlier index or other labels: the next workflow "
+                             "run or `featscope index evaluate` measures it again")
     for layer in sorted(p.stem for p in (rd.root / "neighbours").glob("*.jpg")):
-        if not drawn.drawn_from(rd.neighbour_sheet(layer), drawn.sheet_sources(rd, layer)):
+        if not derived.current(rd.neighbour_sheet(layer), derived.sheet_sources(rd, layer)):
             out.stale.append(f"neighbours {layer}")
             out.lines.append(f"neighbours {layer}: sheet drawn from an earlier index or labels, which may show other "
                              "neighbours and images retired since: the next workflow run or `featscope neighbours` "
@@ -246,7 +256,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         describe("map", path.stem, _ids(path))
     for layer, kind in _mosaics(rd):
-        if not drawn.drawn_from(rd.mosaic(layer, kind, MOSAIC_SUFFIX[kind]), drawn.mosaic_sources(rd, layer, kind)):
+        if not derived.current(rd.mosaic(layer, kind, MOSAIC_SUFFIX[kind]), derived.mosaic_sources(rd, layer, kind)):
             out.stale.append(f"mosaic {layer} {kind}")
             out.lines.append(f"mosaic {layer} {kind}: stale: drawn from an earlier map of {layer}"
                              + (" or other labels" if kind == "plot" else "") + _retired_tiles(rd, layer, kind, live)

@@ -31,7 +31,7 @@ from featscope.index import (
 )
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
-from featscope.pipelines.core import manifest
+from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import write_bytes_atomic, write_json_atomic
 from featscope.pipelines.core.neighbours import image_rows, list_identity, lists_to_redo, neighbours_of, open_index
 from featscope.pipelines.core.options import Command, Group, Options, option
@@ -232,12 +232,15 @@ def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_qu
     layers = layers or built
     if not layers:
         raise FeatscopeError(f"no index in {rd.root}: run `featscope index build` first")
+    derived.forget(rd.index_evaluation)
+    sources = derived.stamp(derived.evaluation_sources(rd, layers))
     rows = manifest.read(rd).to_pylist()
     labels = {r["image_id"]: r["label"] for r in rows}
     result = {"k": k, "layers": {}}
     if not any(label is not None for label in labels.values()):
         result["skipped"] = "the images have no labels"
         write_json_atomic(rd.index_evaluation, result)
+        derived.remember(rd.index_evaluation, sources[-1:])  # the labels' stamp: measured no index
         return result
     last, kept = _kept_lists(rd), {"k": k, "max_queries": max_queries, "layers": {}}
     for layer in layers:
@@ -251,6 +254,7 @@ def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_qu
                                  "lists": {str(q): found for q, found in p.lists.items()}}
     write_bytes_atomic(rd.index_evaluation_lists, json.dumps(kept, separators=(",", ":")).encode())
     write_json_atomic(rd.index_evaluation, result)
+    derived.remember(rd.index_evaluation, sources)
     return result
 
 

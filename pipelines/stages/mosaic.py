@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.core import drawn, manifest
+from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, record_unreadable
@@ -77,8 +77,8 @@ def _positions(rd: RunDir, layer: str) -> tuple[np.ndarray, np.ndarray, dict[int
 def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 0,
          progress: bool = True) -> MosaicSummary:
     start = time.perf_counter()
-    drawn.forget(rd.mosaic(layer, "grid"))
-    sources = drawn.stamp(drawn.mosaic_sources(rd, layer, "grid"))
+    derived.forget(rd.mosaic(layer, "grid"))
+    sources = derived.stamp(derived.mosaic_sources(rd, layer, "grid"))
     ids, xy, paths = _positions(rd, layer)
     side = min(side, int(np.sqrt(len(ids))))
     if side < 1:
@@ -109,7 +109,7 @@ def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 
             "grid_sha256": file_digest(rd.mosaic(layer, "grid"))}  # the picture this table describes
     with atomic_path(rd.mosaic(layer, "grid", "parquet")) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp)
-    drawn.remember(rd.mosaic(layer, "grid"), sources)
+    derived.remember(rd.mosaic(layer, "grid"), sources)
     return MosaicSummary(rd.mosaic(layer, "grid"), len(chosen), time.perf_counter() - start, detail + ", ")
 
 
@@ -119,8 +119,8 @@ def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None
     thumbnail nearby or halves it before it is skipped). Sizes left out are chosen so that at
     most 2% of the images are skipped; above `max_images` an even-cover sample is drawn."""
     start = time.perf_counter()
-    drawn.forget(rd.mosaic(layer, "scatter"))
-    sources = drawn.stamp(drawn.mosaic_sources(rd, layer, "scatter"))
+    derived.forget(rd.mosaic(layer, "scatter"))
+    sources = derived.stamp(derived.mosaic_sources(rd, layer, "scatter"))
     ids, xy, paths = _positions(rd, layer)
     if not len(ids):
         raise FeatscopeError("no images to place")
@@ -140,7 +140,7 @@ def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None
         pasted += 1
     _save_jpeg(canvas, rd.mosaic(layer, "scatter"))
     record_unreadable(rd.mosaic_unreadable(layer, "scatter"), unreadable)
-    drawn.remember(rd.mosaic(layer, "scatter"), sources)
+    derived.remember(rd.mosaic(layer, "scatter"), sources)
     left_out = [f"{layout.skipped} ({layout.skipped / len(chosen):.1%}) skipped as hidden"]
     if len(chosen) < len(ids):
         left_out.append(f"{len(ids) - len(chosen)} left out of the sample of {len(chosen)}")
@@ -159,8 +159,8 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
 
     start = time.perf_counter()
     path = rd.mosaic(layer, "plot", "png")
-    drawn.forget(path)
-    sources = drawn.stamp(drawn.mosaic_sources(rd, layer, "plot"))
+    derived.forget(path)
+    sources = derived.stamp(derived.mosaic_sources(rd, layer, "plot"))
     table = read_embedding(rd, layer)
     labels_by_id = {r["image_id"]: r["label"] for r in manifest.read(rd).to_pylist()}
     labels = np.array([str(labels_by_id.get(int(i))) for i in table["image_id"].to_numpy()])
@@ -183,7 +183,7 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    drawn.remember(path, sources)
+    derived.remember(path, sources)
     return MosaicSummary(path, len(labels), time.perf_counter() - start)
 
 

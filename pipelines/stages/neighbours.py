@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
-from featscope.pipelines.core import drawn, manifest
+from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
@@ -60,8 +60,8 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     path = Path(out) if out else rd.neighbour_sheet(layer)
     own = path == rd.neighbour_sheet(layer)  # the run's own sheet: what status and the workflow read
     if own:
-        drawn.forget(path)
-        sources = drawn.stamp(drawn.sheet_sources(rd, layer))
+        derived.forget(path)
+        sources = derived.stamp(derived.sheet_sources(rd, layer))
     spaces = [(layer, open_index(rd, layer))]
     if layer != PIXELS and rd.index_meta(PIXELS).exists():
         spaces.append((PIXELS, open_index(rd, PIXELS)))
@@ -106,7 +106,7 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
         sheet.save(tmp, format="JPEG", quality=90)
     if own:
         record_unreadable(rd.neighbour_greys(layer), sorted(greys))
-        drawn.remember(path, sources)
+        derived.remember(path, sources)
     return path
 
 

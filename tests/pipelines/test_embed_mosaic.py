@@ -291,7 +291,7 @@ def test_mosaics_drawn_from_an_earlier_map_are_stale_and_left_out_of_the_report(
 
     from featscope.pipelines.app import report
     from featscope.pipelines.app.status import status
-    from featscope.pipelines.core import drawn
+    from featscope.pipelines.core import derived
 
     rd = mapped_run
     embed.embed(rd, "pool", perplexity=10)
@@ -323,7 +323,7 @@ def test_mosaics_drawn_from_an_earlier_map_are_stale_and_left_out_of_the_report(
     run = load_script(rd.report_dir / "data" / "run.js")
     assert set(run["mosaics"][0]) == {"layer", "side", "grid", "scatter", "plot"}
     # a mosaic that a job stopped before it recorded its map counts as current only if newer than the map
-    drawn.record(rd.mosaic("pool", "grid")).unlink()
+    derived.record(rd.mosaic("pool", "grid")).unlink()
     assert "mosaic pool grid" not in status(rd).stale
     embed.embed(rd, "pool", perplexity=10, refit=True)
     assert "mosaic pool grid" in status(rd).stale

@@ -330,7 +330,7 @@ def test_a_sheet_drawn_from_an_earlier_index_is_stale_until_drawn_again(indexed_
     import os
 
     from featscope.pipelines.app.status import status
-    from featscope.pipelines.core import drawn
+    from featscope.pipelines.core import derived
 
     rd = indexed_run
     sheets.render(rd, "pool", [1], k=3)
@@ -345,8 +345,37 @@ def test_a_sheet_drawn_from_an_earlier_index_is_stale_until_drawn_again(indexed_
     sheets.render(rd, "pool", [1], k=3)
     assert "neighbours pool" not in status(rd).stale
     sheet = rd.neighbour_sheet("pool")
-    drawn.record(sheet).unlink()  # a sheet drawn before records were kept: judged by its age
+    derived.record(sheet).unlink()  # a sheet drawn before records were kept: judged by its age
     assert "neighbours pool" not in status(rd).stale
     later = sheet.stat().st_mtime_ns + 10**9
     os.utime(rd.index_meta("pixels"), ns=(later, later))
     assert "neighbours pool" in status(rd).stale
+
+
+def test_precision_measured_on_an_earlier_index_is_stale_and_not_shown(indexed_run, small_dataset):
+    """The report showed the precision@k of an index since rebuilt over other images, and
+    status said nothing."""
+    from helpers import load_script
+
+    from featscope.pipelines.app import report
+    from featscope.pipelines.app.status import status
+
+    rd = indexed_run
+    measured = neighbours.evaluate(rd)
+    now = status(rd)
+    assert "index evaluation" not in now.stale
+    assert f"index evaluation: current (precision@10 pixels {measured['layers']['pixels']['precision_at_k']:.3f}, " \
+           f"pool {measured['layers']['pool']['precision_at_k']:.3f})" in now.lines
+    next(small_dataset.glob("photo/*.png")).unlink()
+    manifest.run(rd, small_dataset)
+    for layer in ("pool", "pixels"):
+        neighbours.build(rd, layer, progress=False)
+    now = status(rd)
+    assert "index evaluation" in now.stale
+    assert any(ln.startswith("index evaluation: stale: measured on an earlier index") for ln in now.lines)
+    report.build(rd, k=2, progress=False)
+    assert set(load_script(rd.report_dir / "data" / "run.js")["evaluation"]) == {"stale"}
+    again = neighbours.evaluate(rd)
+    assert "index evaluation" not in status(rd).stale
+    report.build(rd, k=2, progress=False)
+    assert load_script(rd.report_dir / "data" / "run.js")["evaluation"] == again

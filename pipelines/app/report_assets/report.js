@@ -92,7 +92,8 @@ const FS = (() => {
           ...run.history.slice().reverse().map((r) => [r.finished, r.status, r.seconds, r.images, r.added, r.edited,
             r.retired, r.jobs.length])])));
     }
-    if (run.evaluation) {
+    if (run.evaluation?.stale) section("Neighbours: feature space against pixel space").append(el("p", { class: "stale", text: run.evaluation.stale }));
+    else if (run.evaluation) {
       const v = section("Neighbours: feature space against pixel space");
       const rows = Object.entries(run.evaluation.layers);
       const labels = [...new Set(rows.flatMap(([, r]) => Object.keys(r.per_label || {})))].sort();
