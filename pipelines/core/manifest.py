@@ -57,7 +57,7 @@ from featscope.kernels.params import ParamError
 from featscope.pipelines.core.atomic import file_digest, holding, write_bytes_atomic
 from featscope.pipelines.core.images import is_image_name
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import candidates_run_short, file_metadata, read_errors, write_errors, write_table
+from featscope.pipelines.core.store import candidates_run_short, file_metadata, write_errors, write_table
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
@@ -513,23 +513,21 @@ def unreadable_at_extraction(rd: RunDir) -> dict[Path, list[int]]:
     return extraction_errors(rd, "unreadable")
 
 
-def _extract_error_tables(rd: RunDir) -> Iterator[tuple[Path, pa.Table]]:
-    """(part, its image_id and error columns) for each extract error part that can be read."""
+def _extract_error_tables(rd: RunDir, columns: tuple[str, ...] = ("image_id", "error")
+                          ) -> Iterator[tuple[Path, pa.Table]]:
+    """(part, its `columns`) for each extract error part that can be read (one damaged part
+    hides only its own rows)."""
     for part in sorted(rd.errors_dir.glob("extract-*.parquet")) if rd.errors_dir.is_dir() else []:
         try:
-            yield part, pq.read_table(part, columns=["image_id", "error"])
+            yield part, pq.read_table(part, columns=list(columns))
         except (OSError, pa.ArrowException):
             continue  # damaged: `featscope verify` names it
 
 
 def extraction_failures(rd: RunDir) -> dict[int, str]:
     """image_id -> why extract could not give it features (its errors.parquet message)."""
-    try:
-        table = read_errors(rd.errors_dir)
-    except (OSError, ValueError):  # a damaged part (pyarrow's errors are both): `featscope verify` names it
-        return {}
-    return {int(i): m for i, stage, m in zip(table["image_id"].to_pylist(), table["stage"].to_pylist(),
-                                             table["message"].to_pylist()) if stage == "extract" and i is not None}
+    return {int(i): m for _, table in _extract_error_tables(rd, ("image_id", "message"))
+            for i, m in zip(table["image_id"].to_pylist(), table["message"].to_pylist()) if i is not None}
 
 
 def extraction_errors(rd: RunDir, kind: str) -> dict[Path, list[int]]:

@@ -85,6 +85,9 @@ def test_query_names_the_live_images_its_index_lacks_and_why_an_id_has_no_answer
                               (ids["zz-broken.png"], "has no pool features: ")]:
         done = featscope("query", "--run", run, "--layer", "pool", "--id", image_id)
         assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1
+    indexed_run.error_part("extract", 99).write_bytes(b"damaged")  # another part: it hides no reason but its own
+    done = featscope("query", "--run", run, "--layer", "pool", "--id", ids["zz-broken.png"])
+    assert "has no pool features: not an image (unrecognised file format)" in done.stderr, done.stderr
     neighbours.build(indexed_run, "pool", progress=False)
     answer = neighbours.query(indexed_run, "pool", image_id=target["image_id"], k=3)
     assert answer.note == "" and answer.neighbours[0]["image_id"] == ids["zz-copy.png"]
