@@ -189,7 +189,11 @@ def _layers(rd: RunDir) -> list[dict]:
         # a strip drawn from another top-k (the dataset changed since) shows other images than
         # the unit's page lists: only strips of the current top-k are shown
         rendered, _ = current_strips(rd, layer)
-        layers.append({"name": layer, "units": int(channels.max()) + 1 if len(channels) else 0,
+        stale = None if derived.current(rd.topk(layer), derived.topk_sources(rd, layer)) else (
+            f"This top-k was merged before the dataset or a shard's candidates last changed: it may show images "
+            f"retired since and miss stronger ones. The workflow's next run merges it again (or `featscope topk merge "
+            f"--run {rd.root} --layer {layer}`, then `featscope report`).")
+        layers.append({"name": layer, "stale": stale, "units": int(channels.max()) + 1 if len(channels) else 0,
                        "k": max((len(v) for v in units.values()), default=0), "rendered": rendered,
                        "shown": _patches_show(rd, layer), "visualised": _visualised(rd, layer),
                        "labels": _unit_labels(rd, layer), "atlas": current_unit_table(

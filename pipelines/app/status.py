@@ -217,9 +217,10 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     for layer in rd.topk_layers():
         ids = _ids(rd.topk(layer))
         gone = int(np.isin(ids, live, invert=True).sum())
-        older = rd.live_ids.exists() and rd.topk(layer).stat().st_mtime < rd.live_ids.stat().st_mtime
-        state = ("stale: made before the last change of the dataset" if older
-                 else f"stale: {gone} retired images in it" if gone else "current")
+        older = not derived.current(rd.topk(layer), derived.topk_sources(rd, layer))
+        state = (f"stale: {gone} retired images in it" if gone else "stale: merged before the dataset or a shard's "
+                 "candidates last changed (a shard extracted again): the next `featscope topk merge` merges them"
+                 if older else "current")
         if state != "current":
             out.stale.append(f"top-k {layer}")
         out.lines.append(f"top-k {layer}: {plural(len(ids), 'distinct image')}, {state}")

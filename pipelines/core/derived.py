@@ -1,5 +1,6 @@
-"""Which files an output was made from: a mosaic from its layer's map, a neighbour sheet from
-its indexes, the precision@k evaluation from the indexes it measured. An output made from an
+"""Which files an output was made from: a layer's top-k from its shards' candidates, a mosaic
+from its layer's map, a neighbour sheet from its indexes, the precision@k evaluation from the
+indexes it measured. An output made from an
 earlier map or index shows images retired since, places that moved, neighbours and figures
 that changed; status and the report must not pass it off as current.
 
@@ -72,3 +73,9 @@ def evaluation_sources(rd: RunDir, layers: Sequence[str]) -> list[Path]:
     """The precision@k evaluation: the indexes of the layers it measured, and the labels it
     counts by."""
     return [rd.index_meta(layer) for layer in layers] + [rd.live_labels]
+
+
+def topk_sources(rd: RunDir, layer: str) -> list[Path]:
+    """A layer's merged top-k (and mask thresholds): the live images and every shard's
+    candidates and sketch (a shard extracted again, same ids or not, rewrites them)."""
+    return [rd.live_ids, *rd.topk_candidate_parts(layer), *rd.topk_sketch_parts(layer)]

@@ -28,7 +28,7 @@ from featscope.kernels.params import ParamError
 
 if TYPE_CHECKING:
     import torch
-from featscope.pipelines.core import manifest
+from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
 from featscope.pipelines.core.images import BadImage, image_size, open_image
 from featscope.pipelines.core.options import Command, Options, option, parse_units
@@ -71,6 +71,8 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None, quantile: float = MAS
     from featscope.kernels.topk import merge_topk
 
     start = time.perf_counter()
+    derived.forget(rd.topk(layer))
+    sources = derived.stamp(derived.topk_sources(rd, layer))
     config = rd.read_config()
     identity = RunIdentity.of_run(config)
     parts = rd.topk_candidate_parts(layer)
@@ -115,6 +117,7 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None, quantile: float = MAS
                                                              enumerate(("x0", "y0", "x1", "y1"))}
     write_topk(rd.topk(layer), columns, identity, layer=layer, k=k)
     unsketched = merge_sketches(rd, layer, identity, present["image_id"].to_numpy(), shards, quantile)
+    derived.remember(rd.topk(layer), sources)
     return MergeSummary(layer, len(torch.unique(channel)), k, len(torch.unique(out["image_id"])),
                         time.perf_counter() - start, unsketched)
 

@@ -226,6 +226,39 @@ def test_merge_after_removals_equals_brute_force_over_the_live_images(tmp_path, 
     assert got == brute_force_topk(rd, "resnet18", "layer2", 2)
 
 
+def test_a_topk_merged_before_a_shards_candidates_were_written_again_is_stale(tmp_path, small_dataset):
+    """A shard extracted again for the same images (after its parts of another precision were
+    deleted, as status advises) rewrote its candidates; the merged top-k kept the old values
+    and status called it current."""
+    from helpers import load_script
+
+    from featscope.pipelines.app import report
+    from featscope.pipelines.app.status import status
+
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, small_dataset, shard_size=4)
+    extract.extract(rd, ["layer2"], model="resnet18", weights="random", precision="fp32", batch_size=4,
+                    workers=0, topk=2, progress=False)
+    topk.merge(rd, "layer2")
+    assert "top-k layer2: 8 distinct images, current" in status(rd).line() and "top-k layer2" not in status(rd).stale
+    part = rd.topk_candidates_part("layer2", 0)
+    table = pq.read_table(part)
+    strongest = int(np.argmax(table["value"].to_numpy()))
+    values = table["value"].to_numpy().copy()
+    values[strongest] *= 2  # the values a new extraction of the shard gave
+    pq.write_table(table.set_column(table.schema.get_field_index("value"), "value", pa.array(values)), part)
+    now = status(rd)
+    assert "top-k layer2" in now.stale and "merged before the dataset or a shard's candidates last changed" in now.line()
+    report.build(rd, k=2, progress=False)
+    assert "merged before" in load_script(rd.report_dir / "data" / "run.js")["topk"][0]["stale"]  # unit pages say so
+    topk.merge(rd, "layer2")
+    assert "top-k layer2" not in status(rd).stale
+    report.build(rd, k=2, progress=False)
+    assert load_script(rd.report_dir / "data" / "run.js")["topk"][0]["stale"] is None
+    merged = pq.read_table(rd.topk("layer2"))
+    assert pc.max(merged["value"]).as_py() == pytest.approx(float(values[strongest]))
+
+
 def test_merge_refuses_candidates_that_ran_short(tmp_path, small_dataset):
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, small_dataset, shard_size=8)

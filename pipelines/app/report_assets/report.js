@@ -302,6 +302,7 @@ const FS = (() => {
     }
     const s = section(`${name}: ${info.units} units, each with its top ${info.k} images` +
       (info.shown === "mask" ? " (where each unit fires: its activation mask, top 0.5% over the dataset)" : ""));
+    if (info.stale) s.append(el("p", { class: "stale", text: info.stale }));
     for (let u = 0; u < info.units; u++) {
       const link = el("a", { class: "unit", href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u}` }, el("div", { text: `unit ${u}` }));
       if ((info.visualised || {})[u]) link.append(el("img", { class: "vis", src: `../units/${name}/unit-${pad(u, 4)}.png`,
@@ -320,6 +321,7 @@ const FS = (() => {
     await loadScript(`data/topk-${name}.js`);
     const info = window.FS_RUN.topk.find((l) => l.name === name);
     const s = section(`${name}, unit ${u}`);
+    if (info.stale) s.append(el("p", { class: "stale", text: info.stale }));
     const vis = (info.visualised || {})[u];
     if (vis) s.append(el("figure", { class: "vis" }, el("img", { src: `../units/${name}/unit-${pad(u, 4)}.png`,
       alt: "feature visualisation" }), el("figcaption", { text: `feature visualisation: activation ${figure(vis[0])}` +
