@@ -20,7 +20,7 @@ from pathlib import Path
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core.atomic import withdraw, write_json_atomic
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.trust import map_stamp
+from featscope.pipelines.core.trust import files_stamp
 
 
 def record(output: Path) -> Path:
@@ -30,7 +30,7 @@ def record(output: Path) -> Path:
 
 def stamp(sources: Sequence[Path]) -> list[str]:
     """The sources as they are now (name, size and modification time of each; "-" if absent)."""
-    return [f"{source.name} {map_stamp(source) if source.exists() else '-'}" for source in sources]
+    return files_stamp(list(sources))
 
 
 def forget(output: Path) -> None:

@@ -53,6 +53,17 @@ def read_sanity(rd: RunDir) -> dict[str, dict]:
     return json.loads(rd.sanity_verdicts.read_text()) if rd.sanity_verdicts.exists() else {}
 
 
+def files_stamp(files: list[Path]) -> list[str]:
+    """Files as they are now: the name, size and modification time of each ("-" if absent)."""
+    return [f"{f.name} {map_stamp(f) if f.exists() else '-'}" for f in files]
+
+
+def features_stamp(rd: RunDir, layer: str) -> str:
+    """The layer's feature parts as a table computed from them saw them (`units label`): a
+    shard extracted again, for the same images or not, makes the table stale."""
+    return json.dumps(files_stamp(rd.feature_parts(layer)))
+
+
 def dataset_stamp(rd: RunDir, layer: str, labels: bool = False) -> str:
     """The live images and the layer's top-k (and with `labels`, the live images' labels) as a
     unit table saw them: after the dataset changes, a table with another stamp is stale and
@@ -73,6 +84,8 @@ def current_unit_table(rd: RunDir, path: Path, layer: str) -> list[dict] | None:
     table = pq.read_table(path)
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     current = meta.get("dataset") == dataset_stamp(rd, layer, labels=uses_labels(rd, path, layer))
+    if current and "features" in meta:  # a table read from the features (tables from before: not recorded)
+        current = meta["features"] == features_stamp(rd, layer)
     return table.to_pylist() if current else None
 
 

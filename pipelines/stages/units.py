@@ -44,7 +44,7 @@ from featscope.pipelines.core.options import Command, Options, option, parse_uni
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_table
 from featscope.pipelines.core.text import plural, rate
-from featscope.pipelines.core.trust import dataset_stamp
+from featscope.pipelines.core.trust import dataset_stamp, features_stamp
 from featscope.pipelines.core.workers import model_ref, visualisation_layer, worker_model
 from featscope.pipelines.render.panels import to_image
 
@@ -286,6 +286,7 @@ def label(rd: RunDir, options: LabelOptions, progress: bool = True) -> LabelSumm
     maxima (conv channels) or values (vector units); no model pass."""
     from featscope.pipelines.core.store import RunIdentity, iter_features
 
+    features = features_stamp(rd, options.layer)  # before they are read: one written meanwhile makes it stale
     parts = manifest.feature_parts(rd, options.layer)
     if not parts:
         raise FeatscopeError(f"no features of layer '{options.layer}' in {rd.root}: run `featscope extract` first")
@@ -316,7 +317,8 @@ def label(rd: RunDir, options: LabelOptions, progress: bool = True) -> LabelSumm
                       "class_weights": weights[unit] if weights else None,
                       "classes_from": source})
     write_table(pa.Table.from_pylist(table, schema=LABELS), rd.units_labels(options.layer),
-                {"layer": options.layer, "column": column, "dataset": dataset_stamp(rd, options.layer, labels=True)})
+                {"layer": options.layer, "column": column, "dataset": dataset_stamp(rd, options.layer, labels=True),
+                 "features": features})
     return LabelSummary(options.layer, values.shape[1], len(names), len(image_ids),
                         float(np.median(aucs.max(0))), source)
 

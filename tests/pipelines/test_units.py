@@ -172,6 +172,29 @@ def test_unit_labels_go_stale_when_the_source_relabels_an_image(run):
     assert len(current_unit_table(run, run.units_labels("layer3"), "layer3")) == 256
 
 
+def test_unit_labels_go_stale_when_a_feature_part_is_written_again(run):
+    """units label reads the stored features: a shard extracted again (the same images, other
+    values) left its AUCs as they were, and status and the report called them current."""
+    import os
+
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core.trust import current_unit_table
+
+    units.label(run, units.LabelOptions(layer="layer3", classes=0))
+    units.render(run, units.RenderOptions(layer="layer3", units="0", size=16, steps=1), progress=False)
+    part = run.feature_parts("layer3")[0]
+    stat = part.stat()
+    os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # written again
+    try:
+        assert current_unit_table(run, run.units_labels("layer3"), "layer3") is None
+        assert current_unit_table(run, run.units_table("layer3"), "layer3") is not None  # reads no features
+        assert "units layer3 labels" in status(run).stale
+        units.label(run, units.LabelOptions(layer="layer3", classes=0))
+        assert len(current_unit_table(run, run.units_labels("layer3"), "layer3")) == 256
+    finally:
+        os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def test_diverse_variants_differ_more_than_without_the_diversity_term(run):
     """Lucid's diversity objective pushes a unit's images apart: their Gram matrices at the
     layer are less alike than the same seeds optimised without it."""
