@@ -57,7 +57,7 @@ from featscope.index import recall_shortfall
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.pipelines.core.cpus import usable_cpus
-from featscope.pipelines.core.neighbours import check_current, neighbours_of, open_index
+from featscope.pipelines.core.neighbours import check_current, neighbours_of, open_index, rewritten_note
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity
@@ -125,9 +125,10 @@ class Catalogue:
 
 def run_signature(rd: RunDir) -> tuple:
     """What a rerun changes of what the service answers from: the manifest and run.json (each
-    rewritten by an atomic rename: a new inode) and the index folder's entries (each index
-    save adds a version folder with a fresh name and switches the layer's link to it). Three
-    system calls, about 20 us."""
+    rewritten by an atomic rename: a new inode), the index folder's entries (each index save
+    adds a version folder with a fresh name and switches the layer's link to it) and each
+    layer's feature folder (a shard extracted again renames a new part into it, which the
+    answers of an index not updated since must mention). A few system calls, about 30 us."""
     def file_key(path: Path):
         try:
             found = os.stat(path)
@@ -139,7 +140,11 @@ def run_signature(rd: RunDir) -> tuple:
         entries = tuple(sorted(os.listdir(rd.index_root)))
     except FileNotFoundError:
         entries = ()
-    return file_key(rd.manifest), file_key(rd.run_json), entries
+    try:
+        features = tuple(sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(rd.root / "features") if e.is_dir()))
+    except FileNotFoundError:
+        features = ()
+    return file_key(rd.manifest), file_key(rd.run_json), entries, features
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,9 @@ class RunState:
     # layer -> live images with features that its index lacks (added since its last update):
     # every answer says so, since its neighbours are searched among the others only
     unindexed: dict[str, int] = field(default_factory=dict)
+    # layer -> what its answers lack while shards it holds were extracted again since it was
+    # built (`rewritten_note`; their vectors may have changed): every answer says so
+    rewritten: dict[str, str] = field(default_factory=dict)
     failures: dict[int, str] | None = field(default=None, compare=False)  # read when first asked (`failure`)
 
     def failure(self, rd: RunDir, image_id: int) -> str | None:
@@ -196,7 +204,8 @@ class RunState:
                 unavailable[layer] = str(e)
         featured = np.setdiff1d(live_ids, manifest.featureless(rd))  # the others have no vector to index
         unindexed = {layer: int(np.isin(featured, index.ids, invert=True).sum()) for layer, index in indexes.items()}
-        return cls(signature, identity, Catalogue(live), indexes, versions, unavailable, unindexed)
+        rewritten = {layer: note for layer, index in indexes.items() if (note := rewritten_note(rd, layer, index.meta))}
+        return cls(signature, identity, Catalogue(live), indexes, versions, unavailable, unindexed, rewritten)
 
     @property
     def layers(self) -> list[str]:
@@ -457,7 +466,8 @@ class QueryService:
         run's live images with features that the layer's index lacks (`unindexed`: added since
         its last update), which no answer can name until the workflow updates it, and the
         index's measured recall@10 (1 for an exact one), with a `warning` when an approximate
-        index misses the recall aimed for (its answers miss some nearest neighbours)."""
+        index misses the recall aimed for (its answers miss some nearest neighbours) or holds
+        shards extracted again since it was built (their images' vectors may have changed)."""
         ids, distances = found
         kept = ids >= 0
         neighbours = [about | {"distance": float(d)}
@@ -465,8 +475,9 @@ class QueryService:
         meta = state.indexes[layer].meta
         answer = {"layer": layer, "query": query, "neighbours": neighbours, "unindexed": state.unindexed.get(layer, 0),
                   "recall_at_10": 1.0 if meta.get("kind") == "flat" else meta.get("recall_at_10")}
-        if shortfall := recall_shortfall(meta):
-            answer["warning"] = f"the '{layer}' index's {shortfall}"
+        shortfall = recall_shortfall(meta)
+        if warnings := [w for w in (state.rewritten.get(layer), shortfall and f"the '{layer}' index's {shortfall}") if w]:
+            answer["warning"] = "; ".join(warnings)
         return answer
 
     def checked_query(self, state: RunState, image_id: int, layer: str, k: int) -> NeighbourIndex:
@@ -826,6 +837,8 @@ def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: in
         if shortfall := recall_shortfall(index.meta):
             print(f"featscope serve: warning: the '{layer}' index's {shortfall}; every answer says so",
                   file=sys.stderr, flush=True)
+    for note in server.service.state.rewritten.values():
+        print(f"featscope serve: warning: {note}; every answer says so until then", file=sys.stderr, flush=True)
     if rd.report_predates_dataset():
         print("featscope serve: warning: the report was built before the dataset last changed: its pages say so "
               "until the workflow or `featscope report` builds it again", file=sys.stderr, flush=True)

@@ -24,7 +24,7 @@ from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, read_record
-from featscope.pipelines.core.store import FLOAT16_MAX, NON_FINITE, OUT_OF_RANGE, file_metadata, part_stamp
+from featscope.pipelines.core.store import FLOAT16_MAX, NON_FINITE, OUT_OF_RANGE, file_metadata, parts_written_again
 from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.trust import (
     current_evaluation,
@@ -49,19 +49,6 @@ class Status:
 
 def _ids(path: Path, column: str = "image_id") -> np.ndarray:
     return np.unique(pq.read_table(path, columns=[column])[column].to_numpy())
-
-
-def _written_again(rd: RunDir, layer: str, meta: dict) -> list[str]:
-    """The feature parts of `layer` written since its index recorded them (`feature_parts`):
-    extracted again, so the index may hold other vectors for their images."""
-    again = []
-    for name, stamp in (meta.get("feature_parts") or {}).items():
-        try:
-            if part_stamp(rd.root / "features" / layer / name) != stamp:
-                again.append(str(int(Path(name).stem.split("-")[1])))
-        except FileNotFoundError:
-            continue  # a shard gone: its images are retired, as the line says
-    return again
 
 
 def _other_precision(rd: RunDir, layer: str, shards: list[int], precision: str | None) -> list[int]:
@@ -186,7 +173,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         from featscope.index import recall_shortfall  # faiss: only for a run with indexes
 
         meta = json.loads(rd.index_meta(layer).read_text())
-        again = _written_again(rd, layer, meta)
+        again = [str(shard) for shard in parts_written_again(rd.features_dir(layer), meta.get("feature_parts"))]
         describe("index", layer, _ids(rd.index_dir(layer) / "ids.parquet"), f" ({meta.get('factory')})",
                  f"{plural(len(again), 'shard')} extracted again since it was built ({', '.join(again[:5])}): the "
                  "next `featscope index build` takes their vectors" if again else "")

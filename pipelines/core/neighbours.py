@@ -17,7 +17,7 @@ from featscope.index import NeighbourIndex, Neighbours
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.store import RunIdentity
+from featscope.pipelines.core.store import RunIdentity, parts_written_again
 from featscope.pipelines.core.text import plural
 
 
@@ -119,3 +119,16 @@ def lists_to_redo(index: NeighbourIndex, old: dict[int, list], queries: np.ndarr
 def image_rows(rd: RunDir) -> dict[int, dict]:
     """image_id -> its manifest row (removed images too, so old ids still resolve)."""
     return {r["image_id"]: r for r in manifest.read(rd, include_removed=True).to_pylist()}
+
+
+def rewritten_note(rd: RunDir, layer: str, meta: dict) -> str:
+    """What answers from an index lack while shards it holds were extracted again since it was
+    built (their images' vectors may have changed; `featscope index build` takes the new
+    ones), or ""."""
+    again = parts_written_again(rd.features_dir(layer), meta.get("feature_parts"))
+    if not again:
+        return ""
+    return (f"the '{layer}' index holds the vectors of {plural(len(again), 'shard')} as they were before "
+            f"{'it was' if len(again) == 1 else 'they were'} extracted again ({', '.join(map(str, again[:5]))}"
+            f"{', ...' if len(again) > 5 else ''}): update it with `featscope index build --run {rd.root} --layer "
+            f"{layer}`")

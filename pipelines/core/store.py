@@ -106,6 +106,21 @@ def part_stamp(path: Path) -> str:
     return f"{found.st_size}:{found.st_mtime_ns}"
 
 
+def parts_written_again(features_dir: Path, recorded: dict[str, str] | None) -> list[int]:
+    """The shards whose feature part in `features_dir` (a layer's) was written since it was
+    recorded as {part name: `part_stamp`} (an index's `feature_parts`): extracted again, so
+    an index made from the record may hold other vectors for their images. A part gone is
+    not counted: its images are retired."""
+    again = []
+    for name, stamp in (recorded or {}).items():
+        try:
+            if part_stamp(features_dir / name) != stamp:
+                again.append(int(Path(name).stem.split("-")[1]))
+        except FileNotFoundError:
+            continue
+    return sorted(again)
+
+
 def to_float16(values: np.ndarray) -> np.ndarray:
     """Store as float16. Extract keeps images with values past its range out of every part
     (`features.storable_rows`); the clamp guards any other writer against storing an inf."""

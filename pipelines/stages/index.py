@@ -33,7 +33,14 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import write_bytes_atomic, write_json_atomic
-from featscope.pipelines.core.neighbours import image_rows, list_identity, lists_to_redo, neighbours_of, open_index
+from featscope.pipelines.core.neighbours import (
+    image_rows,
+    list_identity,
+    lists_to_redo,
+    neighbours_of,
+    open_index,
+    rewritten_note,
+)
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features, part_stamp
@@ -332,6 +339,8 @@ def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | No
     note = (f"{plural(unindexed, 'live image')} of the run not in the '{layer}' index yet (added since it was last "
             f"updated), which no answer names: update it with `featscope index build --run {rd.root} --layer "
             f"{layer}`" if unindexed else "")
+    if again := rewritten_note(rd, layer, index.meta):
+        note = "; ".join(filter(None, [note, again]))
     if shortfall := recall_shortfall(index.meta):
         note = "; ".join(filter(None, [note, f"the '{layer}' index's {shortfall}"]))
     return QueryAnswer([{"rank": rank + 1, "image_id": int(i), "path": rows[int(i)]["path"],

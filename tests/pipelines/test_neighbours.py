@@ -136,10 +136,17 @@ def test_an_update_takes_the_vectors_of_a_part_written_again(indexed_run):
     its values changed) kept its old vectors in the index, which still answered as current.
     Here a part is written again with two images' vectors swapped: the updated index holds
     the new ones, as a fresh build does."""
+    import time
+    import urllib.request
+
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from helpers import serving
 
+    from featscope.pipelines.app import report
+    from featscope.pipelines.app.serve import CHECK_EVERY
     from featscope.pipelines.app.status import status
+    from featscope.pipelines.core.atomic import atomic_path
     from featscope.pipelines.core.store import column_array
 
     rd = indexed_run
@@ -149,11 +156,21 @@ def test_an_update_takes_the_vectors_of_a_part_written_again(indexed_run):
     values[[0, 1]] = values[[1, 0]]
     a = int(table["image_id"][0].as_py())
     column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float16()), values.shape[1])
-    pq.write_table(table.set_column(1, "feature", column), part)  # its metadata kept: the run's own file
+    report.build(rd, k=2, progress=False)
+    with serving(rd) as base:  # started before: it notices the part written again
+        ask = lambda: json.loads(urllib.request.urlopen(f"{base}/api/neighbours?id={a}&layer=pool&k=2").read())  # noqa: E731
+        assert "warning" not in ask()
+        with atomic_path(part) as tmp:  # renamed into place, as extract writes it
+            pq.write_table(table.set_column(1, "feature", column), tmp)  # its metadata kept: the run's own file
+        time.sleep(2 * CHECK_EVERY)  # the service looks at the run at most this often
+        again = "the 'pool' index holds the vectors of 1 shard as they were before it was extracted again (0)"
+        assert ask()["warning"].startswith(again)
     assert "index pool: 9 images (Flat), stale: 1 shard extracted again since it was built (0): the next " \
            "`featscope index build` takes their vectors" in status(rd).lines
+    assert neighbours.query(rd, "pool", image_id=a, k=2).note.startswith(again)
     before = list_identity(neighbours.open_index(rd, "pool"))
     summary = neighbours.build(rd, "pool", progress=False)
+    assert neighbours.query(rd, "pool", image_id=a, k=2).note == ""
     assert summary.how == "updated" and summary.meta["last_update"]["added"] == 4  # the part's four images
     # lists the report and the evaluation kept name vectors that changed: they are not reused
     after = list_identity(neighbours.open_index(rd, "pool"))
