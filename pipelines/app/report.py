@@ -189,7 +189,7 @@ def _layers(rd: RunDir) -> list[dict]:
         # a strip drawn from another top-k (the dataset changed since) shows other images than
         # the unit's page lists: only strips of the current top-k are shown
         rendered, _ = current_strips(rd, layer)
-        stale = None if derived.current(rd.topk(layer), derived.topk_sources(rd, layer)) else (
+        stale = None if derived.current(rd, rd.topk(layer), derived.topk_sources(rd, layer)) else (
             f"This top-k was merged before the dataset or a shard's candidates last changed: it may show images "
             f"retired since and miss stronger ones. The workflow's next run merges it again (or `featscope topk merge "
             f"--run {rd.root} --layer {layer}`, then `featscope report`).")
@@ -273,7 +273,7 @@ def _evaluation(rd: RunDir) -> dict | None:
     if not rd.index_evaluation.exists():
         return None
     measured = json.loads(rd.index_evaluation.read_text())
-    if derived.current(rd.index_evaluation, derived.evaluation_sources(rd, list(measured.get("layers", {})))):
+    if derived.current(rd, rd.index_evaluation, derived.evaluation_sources(rd, list(measured.get("layers", {})))):
         return measured
     return {"stale": "precision@k was measured on an earlier index or other labels, so it is not shown: the "
                      f"workflow's next run measures it again (or `featscope index evaluate --run {rd.root}`, then "
@@ -290,7 +290,7 @@ def _mosaics(rd: RunDir) -> list[dict]:
             raise FeatscopeError(f"{picture} is not the picture {rd.mosaic(layer, 'grid', 'parquet').name} describes "
                                  f"(a mosaic run stopped between its two files?): rerun `featscope mosaic grid --run "
                                  f"{rd.root} --layer {layer}`")
-        if not derived.current(picture, derived.mosaic_sources(rd, layer, "grid")):
+        if not derived.current(rd, picture, derived.mosaic_sources(rd, layer, "grid")):
             # drawn from an earlier map: it shows images retired since and not those added
             mosaics.append({"layer": layer, "stale": f"The grid mosaic of {layer} was drawn from an earlier map, "
                                                      "so it is not shown: the workflow's next run draws it again "
@@ -304,7 +304,7 @@ def _mosaics(rd: RunDir) -> list[dict]:
         _script(rd.report_dir / "data" / f"mosaic-{layer}.js", "FS_MOSAIC", {layer: grid})
         entry = {"layer": layer, "side": side, "grid": _relative(rd, rd.mosaic(layer, "grid"))}
         for kind, suffix in (("scatter", "jpg"), ("plot", "png")):
-            if derived.current(rd.mosaic(layer, kind, suffix), derived.mosaic_sources(rd, layer, kind)):
+            if derived.current(rd, rd.mosaic(layer, kind, suffix), derived.mosaic_sources(rd, layer, kind)):
                 entry[kind] = _relative(rd, rd.mosaic(layer, kind, suffix))
         mosaics.append(entry)
     return mosaics

@@ -181,7 +181,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             out.lines.append(f"  approximate: {shortfall}")
     if rd.index_evaluation.exists():
         measured = json.loads(rd.index_evaluation.read_text())
-        if derived.current(rd.index_evaluation, derived.evaluation_sources(rd, list(measured.get("layers", {})))):
+        if derived.current(rd, rd.index_evaluation, derived.evaluation_sources(rd, list(measured.get("layers", {})))):
             out.lines.append(f"index evaluation: current (precision@{measured.get('k')} " + (", ".join(
                 f"{layer} {space['precision_at_k']:.3f}" for layer, space in measured["layers"].items())
                 or measured.get("skipped", "")) + ")")
@@ -190,7 +190,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             out.lines.append("index evaluation: stale: measured on an earlier index or other labels: the next workflow "
                              "run or `featscope index evaluate` measures it again")
     for layer in sorted(p.stem for p in (rd.root / "neighbours").glob("*.jpg")):
-        if not derived.current(rd.neighbour_sheet(layer), derived.sheet_sources(rd, layer)):
+        if not derived.current(rd, rd.neighbour_sheet(layer), derived.sheet_sources(rd, layer)):
             out.stale.append(f"neighbours {layer}")
             out.lines.append(f"neighbours {layer}: sheet drawn from an earlier index or labels, which may show other "
                              "neighbours and images retired since: the next workflow run or `featscope neighbours` "
@@ -204,7 +204,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     for layer in rd.topk_layers():
         ids = _ids(rd.topk(layer))
         gone = int(np.isin(ids, live, invert=True).sum())
-        older = not derived.current(rd.topk(layer), derived.topk_sources(rd, layer))
+        older = not derived.current(rd, rd.topk(layer), derived.topk_sources(rd, layer))
         state = (f"stale: {gone} retired images in it" if gone else "stale: merged before the dataset or a shard's "
                  "candidates last changed (a shard extracted again): the next `featscope topk merge` merges them"
                  if older else "current")
@@ -244,7 +244,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         describe("map", path.stem, _ids(path))
     for layer, kind in _mosaics(rd):
-        if not derived.current(rd.mosaic(layer, kind, MOSAIC_SUFFIX[kind]), derived.mosaic_sources(rd, layer, kind)):
+        if not derived.current(rd, rd.mosaic(layer, kind, MOSAIC_SUFFIX[kind]), derived.mosaic_sources(rd, layer, kind)):
             out.stale.append(f"mosaic {layer} {kind}")
             out.lines.append(f"mosaic {layer} {kind}: stale: drawn from an earlier map of {layer}"
                              + (" or other labels" if kind == "plot" else "") + _retired_tiles(rd, layer, kind, live)

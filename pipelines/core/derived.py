@@ -20,7 +20,7 @@ from pathlib import Path
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core.atomic import withdraw, write_json_atomic
 from featscope.pipelines.core.rundir import RunDir
-from featscope.pipelines.core.trust import files_stamp
+from featscope.pipelines.core.trust import map_stamp
 
 
 def record(output: Path) -> Path:
@@ -28,9 +28,17 @@ def record(output: Path) -> Path:
     return output.with_name(f".{output.name}.from.json")
 
 
-def stamp(sources: Sequence[Path]) -> list[str]:
-    """The sources as they are now (name, size and modification time of each; "-" if absent)."""
-    return files_stamp(list(sources))
+def stamp(rd: RunDir, sources: Sequence[Path]) -> list[str]:
+    """The sources as they are now: each one's path in the run, size and modification time
+    ("-" if absent)."""
+    return [f"{_in_run(rd, source)} {map_stamp(source) if source.exists() else '-'}" for source in sources]
+
+
+def _in_run(rd: RunDir, path: Path) -> str:
+    try:
+        return path.relative_to(rd.root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def forget(output: Path) -> None:
@@ -43,16 +51,23 @@ def remember(output: Path, stamped: list[str]) -> None:
     write_json_atomic(record(output), {"from": stamped})
 
 
-def current(output: Path, sources: Sequence[Path]) -> bool:
+def current(rd: RunDir, output: Path, sources: Sequence[Path]) -> bool:
     """Whether `output` was made from `sources` as they are now."""
-    if not output.exists():
-        return False
+    return output.exists() and not changed(rd, output, sources)
+
+
+def changed(rd: RunDir, output: Path, sources: Sequence[Path]) -> list[str]:
+    """The sources (paths in the run) that changed, appeared or went since `output` was made
+    from them; [] if none did."""
+    now = stamp(rd, sources)
     try:
-        return json.loads(record(output).read_text())["from"] == stamp(sources)
-    except FileNotFoundError:
-        return all(output.stat().st_mtime_ns >= source.stat().st_mtime_ns for source in sources if source.exists())
-    except (ValueError, KeyError, TypeError):  # a damaged record vouches for nothing
-        return False
+        then = json.loads(record(output).read_text())["from"]
+        return sorted({entry.rsplit(" ", 1)[0] for entry in set(now) ^ set(then)})
+    except FileNotFoundError:  # made before records were kept, or stopped before its record
+        made = output.stat().st_mtime_ns if output.exists() else -1
+        return [_in_run(rd, s) for s in sources if s.exists() and s.stat().st_mtime_ns > made]
+    except (ValueError, KeyError, TypeError, AttributeError):  # a damaged record vouches for nothing
+        return [_in_run(rd, s) for s in sources]
 
 
 def mosaic_sources(rd: RunDir, layer: str, kind: str) -> list[Path]:

@@ -240,7 +240,7 @@ def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_qu
     if not layers:
         raise FeatscopeError(f"no index in {rd.root}: run `featscope index build` first")
     derived.forget(rd.index_evaluation)
-    sources = derived.stamp(derived.evaluation_sources(rd, layers))
+    sources = derived.stamp(rd, derived.evaluation_sources(rd, layers))
     rows = manifest.read(rd).to_pylist()
     labels = {r["image_id"]: r["label"] for r in rows}
     result = {"k": k, "layers": {}}

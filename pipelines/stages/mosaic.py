@@ -78,7 +78,7 @@ def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 
          progress: bool = True) -> MosaicSummary:
     start = time.perf_counter()
     derived.forget(rd.mosaic(layer, "grid"))
-    sources = derived.stamp(derived.mosaic_sources(rd, layer, "grid"))
+    sources = derived.stamp(rd, derived.mosaic_sources(rd, layer, "grid"))
     ids, xy, paths = _positions(rd, layer)
     side = min(side, int(np.sqrt(len(ids))))
     if side < 1:
@@ -120,7 +120,7 @@ def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None
     most 2% of the images are skipped; above `max_images` an even-cover sample is drawn."""
     start = time.perf_counter()
     derived.forget(rd.mosaic(layer, "scatter"))
-    sources = derived.stamp(derived.mosaic_sources(rd, layer, "scatter"))
+    sources = derived.stamp(rd, derived.mosaic_sources(rd, layer, "scatter"))
     ids, xy, paths = _positions(rd, layer)
     if not len(ids):
         raise FeatscopeError("no images to place")
@@ -160,7 +160,7 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
     start = time.perf_counter()
     path = rd.mosaic(layer, "plot", "png")
     derived.forget(path)
-    sources = derived.stamp(derived.mosaic_sources(rd, layer, "plot"))
+    sources = derived.stamp(rd, derived.mosaic_sources(rd, layer, "plot"))
     table = read_embedding(rd, layer)
     labels_by_id = {r["image_id"]: r["label"] for r in manifest.read(rd).to_pylist()}
     labels = np.array([str(labels_by_id.get(int(i))) for i in table["image_id"].to_numpy()])

@@ -61,7 +61,7 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     own = path == rd.neighbour_sheet(layer)  # the run's own sheet: what status and the workflow read
     if own:
         derived.forget(path)
-        sources = derived.stamp(derived.sheet_sources(rd, layer))
+        sources = derived.stamp(rd, derived.sheet_sources(rd, layer))
     spaces = [(layer, open_index(rd, layer))]
     if layer != PIXELS and rd.index_meta(PIXELS).exists():
         spaces.append((PIXELS, open_index(rd, PIXELS)))

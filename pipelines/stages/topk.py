@@ -72,7 +72,7 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None, quantile: float = MAS
 
     start = time.perf_counter()
     derived.forget(rd.topk(layer))
-    sources = derived.stamp(derived.topk_sources(rd, layer))
+    sources = derived.stamp(rd, derived.topk_sources(rd, layer))
     config = rd.read_config()
     identity = RunIdentity.of_run(config)
     parts = rd.topk_candidate_parts(layer)
