@@ -377,6 +377,7 @@ def _predictions(rd: RunDir, config: dict, top: int = 3) -> dict[int, list]:
 def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) -> ReportSummary:
     """Write (or refresh) runs/<name>/report/ from whatever stages the run has."""
     start = time.perf_counter()
+    sources = derived.stamp(rd, derived.report_sources(rd))  # before they are read: see derived
     config = rd.read_config()
     table = manifest.read(rd)
     rows = table.to_pylist()
@@ -417,6 +418,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     # last, so the pages of a build stopped half way say so instead of mixing two builds (and
     # only now, so that the report before stays readable while this one is computed)
     withdraw(out / "data" / "run.js")
+    derived.forget(out / "data" / "run.js")
     written = sum(_script(out / "data" / f"images-{chunk:04d}.js", "FS_IMAGES", entries)
                   for chunk, entries in sorted(by_chunk.items()))
     chunks = sorted(by_chunk)
@@ -444,6 +446,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "evaluation": _evaluation(rd),
     }
     _script(out / "data" / "run.js", "FS_RUN", summary)
+    derived.remember(out / "data" / "run.js", sources)
     return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start, written, len(chunks),
                          recomputed)
 

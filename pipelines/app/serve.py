@@ -56,6 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from featscope.index import recall_shortfall
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
+from featscope.pipelines.core import derived
 from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.neighbours import check_current, neighbours_of, open_index, rewritten_note
 from featscope.pipelines.core.options import Command, Options, option
@@ -634,11 +635,12 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
     @app.get("/api/report", summary="Whether the report describes the run's images as they are now")
     async def report() -> JSONResponse:
         state = await service.current_state_async()
-        current = not service.rd.report_predates_dataset()  # two stats: the report may be rebuilt any time
-        return JSONResponse({"current": current, "live_images": len(state.catalogue), "message": "" if current else
-                             "this report was built before the dataset last changed: its lists and pictures show "
-                             "the images as they were then; searches and uploads here answer from the run as it is "
-                             "now. The next workflow run or `featscope report` builds it again"})
+        behind = derived.report_behind(service.rd)  # asked anew each time: the report may be rebuilt any time
+        return JSONResponse({"current": not behind, "live_images": len(state.catalogue),
+                             "dataset_changed": derived.dataset_changed(service.rd, behind), "behind": behind,
+                             "message": f"this report was {derived.report_staleness(service.rd, behind)}; "
+                                        "searches and uploads here answer from the run as it is now. The next "
+                                        "workflow run or `featscope report` builds it again" if behind else ""})
 
     @app.get("/api/explain", summary="Why two images of the run are alike at a layer: a map on each")
     def explain(a: int = Query(description="an image id of the run"),
@@ -839,8 +841,8 @@ def run(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: in
                   file=sys.stderr, flush=True)
     for note in server.service.state.rewritten.values():
         print(f"featscope serve: warning: {note}; every answer says so until then", file=sys.stderr, flush=True)
-    if rd.report_predates_dataset():
-        print("featscope serve: warning: the report was built before the dataset last changed: its pages say so "
+    if behind := derived.report_behind(rd):
+        print(f"featscope serve: warning: the report was {derived.report_staleness(rd, behind)}; its pages say so "
               "until the workflow or `featscope report` builds it again", file=sys.stderr, flush=True)
     if "precision" not in server.service.embedder.config:
         print("featscope serve: warning: run.json records no precision (extracted before featscope recorded it): "

@@ -294,13 +294,13 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         out.lines.append(f"sanity {method}: {verdict['verdict']} (mean rank correlation {verdict['score']:.2f})")
     run_js = rd.report_dir / "data" / "run.js"
     if run_js.exists():
-        older = rd.report_predates_dataset()
+        behind = derived.report_behind(rd)
         greys = read_record(rd.report_unreadable).get("ids", [])
-        out.lines.append("report: " + ("stale: made before the last change of the dataset" if older else "current")
+        out.lines.append("report: " + (f"stale: {derived.report_staleness(rd, behind)}" if behind else "current")
                          + (f"; {plural(len(greys), 'image')} shown as a grey square, unreadable when it was built "
                             f"(ids {', '.join(map(str, greys[:5]))}{', ...' if len(greys) > 5 else ''}): the next "
                             "workflow run or `featscope report` builds it again" if greys else ""))
-        if older or greys:
+        if behind or greys:
             out.stale.append("report")
     runs = read_history(rd)
     if runs:

@@ -1,6 +1,6 @@
 """Which files an output was made from: a layer's top-k from its shards' candidates, a mosaic
 from its layer's map, a neighbour sheet from its indexes, the precision@k evaluation from the
-indexes it measured. An output made from an
+indexes it measured, the report from all of those and more. An output made from an
 earlier map or index shows images retired since, places that moved, neighbours and figures
 that changed; status and the report must not pass it off as current.
 
@@ -94,3 +94,43 @@ def topk_sources(rd: RunDir, layer: str) -> list[Path]:
     """A layer's merged top-k (and mask thresholds): the live images and every shard's
     candidates and sketch (a shard extracted again, same ids or not, rewrites them)."""
     return [rd.live_ids, *rd.topk_candidate_parts(layer), *rd.topk_sketch_parts(layer)]
+
+
+def report_sources(rd: RunDir) -> list[Path]:
+    """What the report shows that other stages make: the live images and their labels, each
+    index and the evaluation, top-k tables, sketches and patch strips, mosaics, saliency maps'
+    summaries, AUCs and verdicts, explained pairs and unit tables. One that appears, changes
+    or goes after the report was built makes the report stale."""
+    files = [rd.live_ids, rd.live_labels, rd.index_evaluation, rd.sanity_verdicts]
+    files += [rd.index_meta(layer) for layer in rd.index_layers()]
+    for layer in rd.topk_layers():
+        files += [rd.topk(layer), rd.topk_sketch(layer), rd.patches_record(layer)]
+    for layer in rd.mosaic_layers():
+        files += [rd.mosaic(layer, "grid"), rd.mosaic(layer, "grid", "parquet"), rd.mosaic(layer, "scatter"),
+                  rd.mosaic(layer, "plot", "png")]
+    for method in rd.saliency_methods():
+        files += [rd.saliency_summary(method), rd.faithfulness(method)]
+    files += [rd.explained_queries(layer) for layer in rd.explain_layers()]
+    for folder in sorted(p for p in (rd.root / "units").glob("*") if p.is_dir()):
+        files += [rd.units_table(folder.name), rd.units_labels(folder.name), rd.atlas_table(folder.name)]
+    return files
+
+
+def report_behind(rd: RunDir) -> list[str]:
+    """What the report shows that changed since it was built (paths in the run); [] where it
+    is current or there is no report."""
+    run_js = rd.report_dir / "data" / "run.js"
+    return changed(rd, run_js, report_sources(rd)) if run_js.exists() else []
+
+
+def dataset_changed(rd: RunDir, behind: list[str]) -> bool:
+    """Whether the live images or their labels are among `report_behind`'s paths."""
+    return bool({_in_run(rd, rd.live_ids), _in_run(rd, rd.live_labels)} & set(behind))
+
+
+def report_staleness(rd: RunDir, behind: list[str]) -> str:
+    """`report_behind`'s paths in words: what the report was built before."""
+    if dataset_changed(rd, behind):
+        return "built before the dataset last changed: its lists and pictures show the images as they were then"
+    return (f"built before {', '.join(behind[:4])}{f' and {len(behind) - 4} more' if len(behind) > 4 else ''} "
+            "changed: it shows them as they were then")

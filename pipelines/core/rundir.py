@@ -466,17 +466,6 @@ class RunDir:
             digest.update(self.live_labels.read_bytes())
         return digest.hexdigest()[:16]
 
-    def report_predates_dataset(self) -> bool:
-        """Whether the report was built before the live images or their labels last changed
-        (its lists and pictures are of the dataset as it was). run.js is written last by every
-        build; the live files are rewritten only when their content changes."""
-        run_js = self.report_dir / "data" / "run.js"
-        try:
-            built = run_js.stat().st_mtime_ns
-        except FileNotFoundError:
-            return False
-        return any(f.exists() and built < f.stat().st_mtime_ns for f in (self.live_ids, self.live_labels))
-
     @property
     def report_unreadable(self) -> Path:
         """The images the last report build could not read, shown as grey squares

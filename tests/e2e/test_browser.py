@@ -279,6 +279,8 @@ def test_served_pages_say_when_the_report_predates_the_dataset(tmp_path, digits,
     from helpers import serving, six_digit_reported_run
 
     from featscope.pipelines.app import report
+    from featscope.pipelines.stages import extract
+    from featscope.pipelines.stages import index as neighbours
 
     rd = six_digit_reported_run(tmp_path, digits)
     with serving(rd) as base:
@@ -299,6 +301,12 @@ def test_served_pages_say_when_the_report_predates_the_dataset(tmp_path, digits,
         page.goto(base + "/report/index.html")
         page.wait_for_load_state("networkidle")
         assert page.locator(".stale").count() == 0
+        extract.extract(rd, ["pool"], workers=0, topk=0, progress=False)
+        neighbours.build(rd, "pool", progress=False)  # an output the report would show, made after it
+        page.goto(base + "/report/index.html")
+        notice = page.locator(".stale")
+        notice.wait_for()
+        assert notice.inner_text().startswith("Not current: this report was built before index/pool/meta.json changed")
         assert page.errors == []
 
 

@@ -350,15 +350,17 @@ def test_model_threads_embed_at_once_each_on_its_own_copy(reported_run):
 def test_the_service_says_when_the_report_predates_the_dataset(tmp_path, digits):
     """A report built before the dataset changed shows the images as they were; served, its
     pages used to look current. /api/report says whether it is (status's rule), for the
-    pages' notice, until the report is built again."""
+    pages' notice, until the report is built again; so it does after an output the report
+    shows changed (status called such a report current)."""
     from helpers import serving, six_digit_reported_run
 
     from featscope.pipelines.app.status import status
+    from featscope.pipelines.stages import extract
 
     rd = six_digit_reported_run(tmp_path, digits)
     with serving(rd) as base:
         answer = json.loads(fetch(f"{base}/api/report")[1])
-        assert answer == {"current": True, "live_images": 6, "message": ""}
+        assert answer == {"current": True, "live_images": 6, "dataset_changed": False, "behind": [], "message": ""}
         moved = next((tmp_path / "images" / "0").glob("*.png"))
         moved.rename(tmp_path / "images" / "1" / moved.name)  # relabelled: same bytes, another folder
         manifest.run(rd, tmp_path / "images")
@@ -369,6 +371,19 @@ def test_the_service_says_when_the_report_predates_the_dataset(tmp_path, digits)
         assert any(line.startswith("report: stale") for line in status(rd).lines)  # the same rule
         report.build(rd, k=2, progress=False)
         assert json.loads(fetch(f"{base}/api/report")[1])["current"] is True
+        # an output the report shows, made after it: its pages do not show it
+        extract.extract(rd, ["pool"], workers=0, topk=0, progress=False)  # features: not shown as such
+        assert json.loads(fetch(f"{base}/api/report")[1])["current"] is True
+        neighbours.build(rd, "pool", progress=False)
+        answer = json.loads(fetch(f"{base}/api/report")[1])
+        assert answer["current"] is False and answer["dataset_changed"] is False
+        assert answer["behind"] == ["index/pool/meta.json"]
+        assert answer["message"].startswith("this report was built before index/pool/meta.json changed")
+        assert "report: stale: built before index/pool/meta.json changed: it shows them as they were then" in \
+            status(rd).lines
+        report.build(rd, k=2, progress=False)
+        assert json.loads(fetch(f"{base}/api/report")[1])["current"] is True
+        assert "report: current" in status(rd).lines
 
 
 def test_answers_from_an_index_short_of_its_recall_say_so(tmp_path):

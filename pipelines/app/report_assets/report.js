@@ -41,8 +41,9 @@ const FS = (() => {
     staleNotice(h);
   }
 
-  // Whether the report still describes the run: one built before the dataset last changed
-  // would otherwise show the images as they were, as if current. Served, the service says;
+  // Whether the report still describes the run: one built before the dataset (or an output it
+  // shows) last changed would otherwise show them as they were, as if current. Served, the
+  // service says;
   // from disk, the run's manifest-live.js (beside the report folder) holds the live images'
   // stamp, to compare with the one the report was built from.
   async function staleNotice(after) {
@@ -56,7 +57,8 @@ const FS = (() => {
         const response = await fetch("/api/report");
         if (!response.ok) return;
         const state = await response.json();
-        if (!state.current) notice(state.live_images);
+        if (!state.current && state.dataset_changed) notice(state.live_images);
+        else if (!state.current) after.after(el("p", { class: "stale", role: "alert", text: `Not current: ${state.message}.` }));
       } else {
         await loadScript("../manifest-live.js");
         const live = window.FS_LIVE;
