@@ -302,6 +302,7 @@ def test_served_pages_say_when_the_report_predates_the_dataset(tmp_path, digits,
         page.wait_for_load_state("networkidle")
         assert page.locator(".stale").count() == 0
         extract.extract(rd, ["pool"], workers=0, topk=0, progress=False)
+        report.build(rd, k=2, progress=False)
         neighbours.build(rd, "pool", progress=False)  # an output the report would show, made after it
         page.goto(base + "/report/index.html")
         notice = page.locator(".stale")

@@ -372,8 +372,9 @@ def test_the_service_says_when_the_report_predates_the_dataset(tmp_path, digits)
         report.build(rd, k=2, progress=False)
         assert json.loads(fetch(f"{base}/api/report")[1])["current"] is True
         # an output the report shows, made after it: its pages do not show it
-        extract.extract(rd, ["pool"], workers=0, topk=0, progress=False)  # features: not shown as such
-        assert json.loads(fetch(f"{base}/api/report")[1])["current"] is True
+        extract.extract(rd, ["pool"], workers=0, topk=0, progress=False)  # the moved image's shard
+        assert json.loads(fetch(f"{base}/api/report")[1])["behind"] == ["predictions"]  # its page shows none
+        report.build(rd, k=2, progress=False)
         neighbours.build(rd, "pool", progress=False)
         answer = json.loads(fetch(f"{base}/api/report")[1])
         assert answer["current"] is False and answer["dataset_changed"] is False
