@@ -296,7 +296,8 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     if run_js.exists():
         behind = derived.report_behind(rd)
         greys = read_record(rd.report_unreadable).get("ids", [])
-        out.lines.append("report: " + (f"stale: {derived.report_staleness(rd, behind)}" if behind else "current")
+        out.lines.append("report: " + (f"stale: {derived.report_staleness(rd, behind)} (the next workflow run or "
+                                       "`featscope report` builds it again)" if behind else "current")
                          + (f"; {plural(len(greys), 'image')} shown as a grey square, unreadable when it was built "
                             f"(ids {', '.join(map(str, greys[:5]))}{', ...' if len(greys) > 5 else ''}): the next "
                             "workflow run or `featscope report` builds it again" if greys else ""))

@@ -97,13 +97,14 @@ def topk_sources(rd: RunDir, layer: str) -> list[Path]:
 
 
 def report_sources(rd: RunDir) -> list[Path]:
-    """What the report shows that other stages make: the live images and their labels, their
-    predictions and errors, each index and the evaluation, top-k tables, sketches and patch strips, mosaics, saliency maps'
-    summaries, AUCs and verdicts, explained pairs and unit tables. One that appears, changes
-    or goes after the report was built makes the report stale."""
-    # the folders of the images' predictions and errors: a shard extracted again renames its
-    # part into each (a folder's modification time changes with its entries)
-    files = [rd.live_ids, rd.live_labels, rd.predictions_dir, rd.errors_dir, rd.index_evaluation, rd.sanity_verdicts]
+    """What the report shows that other stages make: the live images, their labels and
+    predictions, each index and the evaluation, top-k tables, sketches and patch strips,
+    mosaics, saliency maps' summaries, AUCs and verdicts, explained pairs and unit tables. One
+    that appears, changes or goes after the report was built makes the report stale (each is
+    an input of the workflow's report rule, or made by a stage run by hand)."""
+    # the folder of the images' predictions, which only extract writes: a shard extracted
+    # again renames its part into it (a folder's modification time changes with its entries)
+    files = [rd.live_ids, rd.live_labels, rd.predictions_dir, rd.index_evaluation, rd.sanity_verdicts]
     files += [rd.index_meta(layer) for layer in rd.index_layers()]
     for layer in rd.topk_layers():
         files += [rd.topk(layer), rd.topk_sketch(layer), rd.patches_record(layer)]

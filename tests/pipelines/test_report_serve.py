@@ -380,8 +380,8 @@ def test_the_service_says_when_the_report_predates_the_dataset(tmp_path, digits)
         assert answer["current"] is False and answer["dataset_changed"] is False
         assert answer["behind"] == ["index/pool/meta.json"]
         assert answer["message"].startswith("this report was built before index/pool/meta.json changed")
-        assert "report: stale: built before index/pool/meta.json changed: it shows them as they were then" in \
-            status(rd).lines
+        assert "report: stale: built before index/pool/meta.json changed: it shows them as they were then (the " \
+               "next workflow run or `featscope report` builds it again)" in status(rd).lines
         report.build(rd, k=2, progress=False)
         assert json.loads(fetch(f"{base}/api/report")[1])["current"] is True
         assert "report: current" in status(rd).lines
