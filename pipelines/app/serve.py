@@ -477,8 +477,9 @@ class QueryService:
         answer = {"layer": layer, "query": query, "neighbours": neighbours, "unindexed": state.unindexed.get(layer, 0),
                   "recall_at_10": 1.0 if meta.get("kind") == "flat" else meta.get("recall_at_10")}
         shortfall = recall_shortfall(meta)
-        if warnings := [w for w in (state.rewritten.get(layer), shortfall and f"the '{layer}' index's {shortfall}") if w]:
-            answer["warning"] = "; ".join(warnings)
+        warnings = [state.rewritten.get(layer), shortfall and f"the '{layer}' index's {shortfall}"]
+        if any(warnings):
+            answer["warning"] = "; ".join(w for w in warnings if w)
         return answer
 
     def checked_query(self, state: RunState, image_id: int, layer: str, k: int) -> NeighbourIndex:

@@ -244,7 +244,8 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         describe("map", path.stem, _ids(path))
     for layer, kind in _mosaics(rd):
-        if not derived.current(rd, rd.mosaic(layer, kind, MOSAIC_SUFFIX[kind]), derived.mosaic_sources(rd, layer, kind)):
+        picture = rd.mosaic(layer, kind, MOSAIC_SUFFIX[kind])
+        if not derived.current(rd, picture, derived.mosaic_sources(rd, layer, kind)):
             out.stale.append(f"mosaic {layer} {kind}")
             out.lines.append(f"mosaic {layer} {kind}: stale: drawn from an earlier map of {layer}"
                              + (" or other labels" if kind == "plot" else "") + _retired_tiles(rd, layer, kind, live)
@@ -252,8 +253,9 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         elif kind != "plot" and (left_out := read_record(rd.mosaic_unreadable(layer, kind)).get("ids")):
             out.stale.append(f"mosaic {layer} {kind}")
             out.lines.append(f"mosaic {layer} {kind}: {plural(len(left_out), 'image')} left out, unreadable when it "
-                             f"was drawn (ids {', '.join(map(str, left_out[:5]))}{', ...' if len(left_out) > 5 else ''})"
-                             f": the next workflow run or `featscope mosaic {kind}` draws it again")
+                             f"was drawn (ids {', '.join(map(str, left_out[:5]))}"
+                             f"{', ...' if len(left_out) > 5 else ''}): the next workflow run or `featscope mosaic "
+                             f"{kind}` draws it again")
     live_set = set(live.tolist())
     for layer in rd.explain_layers():
         if not rd.explained_queries(layer).exists():

@@ -122,3 +122,26 @@ def test_a_cell_rendering_points_along_its_mean_direction(run, summary):
 def test_bad_layers_are_one_line(run):
     with pytest.raises(FeatscopeError, match="no activation vectors"):
         atlas.atlas(run, atlas.AtlasOptions(layer="pixels"), progress=False)
+
+
+def test_a_topk_merged_again_leaves_the_atlas_current(run, summary):
+    """The atlas reads no top-k, but its stamp counted it: merging the top-k again (another k
+    in the config) hid a current atlas from the report and called it stale for good, since
+    the workflow does not make the atlas again for that."""
+    import os
+
+    from featscope.pipelines.core.trust import current_unit_table
+
+    assert current_unit_table(run, run.atlas_table("layer3"), "layer3") is not None
+    stat = run.topk("layer3").stat()
+    os.utime(run.topk("layer3"), ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # merged again
+    try:
+        assert current_unit_table(run, run.atlas_table("layer3"), "layer3") is not None
+        stat_ids = run.live_ids.stat()
+        os.utime(run.live_ids, ns=(stat_ids.st_atime_ns, stat_ids.st_mtime_ns + 1))  # the dataset changed
+        try:
+            assert current_unit_table(run, run.atlas_table("layer3"), "layer3") is None
+        finally:
+            os.utime(run.live_ids, ns=(stat_ids.st_atime_ns, stat_ids.st_mtime_ns))
+    finally:
+        os.utime(run.topk("layer3"), ns=(stat.st_atime_ns, stat.st_mtime_ns))

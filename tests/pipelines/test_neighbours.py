@@ -158,7 +158,8 @@ def test_an_update_takes_the_vectors_of_a_part_written_again(indexed_run):
     column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float16()), values.shape[1])
     report.build(rd, k=2, progress=False)
     with serving(rd) as base:  # started before: it notices the part written again
-        ask = lambda: json.loads(urllib.request.urlopen(f"{base}/api/neighbours?id={a}&layer=pool&k=2").read())  # noqa: E731
+        url = f"{base}/api/neighbours?id={a}&layer=pool&k=2"
+        ask = lambda: json.loads(urllib.request.urlopen(url).read())  # noqa: E731
         assert "warning" not in ask()
         with atomic_path(part) as tmp:  # renamed into place, as extract writes it
             pq.write_table(table.set_column(1, "feature", column), tmp)  # its metadata kept: the run's own file

@@ -248,7 +248,8 @@ def test_a_topk_merged_before_a_shards_candidates_were_written_again_is_stale(tm
     values[strongest] *= 2  # the values a new extraction of the shard gave
     pq.write_table(table.set_column(table.schema.get_field_index("value"), "value", pa.array(values)), part)
     now = status(rd)
-    assert "top-k layer2" in now.stale and "merged before the dataset or a shard's candidates last changed" in now.line()
+    assert "top-k layer2" in now.stale
+    assert "merged before the dataset or a shard's candidates last changed" in now.line()
     report.build(rd, k=2, progress=False)
     assert "merged before" in load_script(rd.report_dir / "data" / "run.js")["topk"][0]["stale"]  # unit pages say so
     topk.merge(rd, "layer2")
