@@ -10,6 +10,7 @@ import pytest
 import yaml
 from helpers import snakemake, write_dataset
 
+from featscope.pipelines.app.status import status
 from featscope.pipelines.core.rundir import RunDir
 
 
@@ -89,6 +90,9 @@ def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
         "inversion/0.png"]
 
     assert (run / "report" / "index.html").exists() and (run / "report" / "data" / "run.js").exists()
+    # every output that records what it was made from (top-k, sheets, mosaics, evaluation,
+    # report) was made from what the run holds now: no record says stale after a full run
+    assert status(RunDir(run)).stale == []
 
     again = snakemake(tmp_path, configfile)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr
@@ -115,6 +119,7 @@ def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
     assert (run / "saliency" / "gradcam" / f"{photo_ids[0]}.npz").exists()
     rested = snakemake(tmp_path, configfile, "-n")
     assert "Nothing to be done" in rested.stdout + rested.stderr
+    assert status(grey).stale == []
 
     # growth, removals and edits: tests/e2e/test_changing_dataset.py
 
