@@ -201,6 +201,8 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                              f"be read when it was drawn (ids {', '.join(map(str, greys[:5]))}"
                              f"{', ...' if len(greys) > 5 else ''}): the next workflow run or `featscope neighbours` "
                              "draws it again")
+        else:
+            out.lines.append(f"neighbours {layer}: sheet, current")
     for layer in rd.topk_layers():
         ids = _ids(rd.topk(layer))
         gone = int(np.isin(ids, live, invert=True).sum())
@@ -243,6 +245,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             _unfinished(out, f"patches {layer}")
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         describe("map", path.stem, _ids(path))
+    fine: dict[str, list[str]] = {}  # layer -> its mosaics drawn from its map as it is, every image read
     for layer, kind in _mosaics(rd):
         picture = rd.mosaic(layer, kind, MOSAIC_SUFFIX[kind])
         if not derived.current(rd, picture, derived.mosaic_sources(rd, layer, kind)):
@@ -256,6 +259,10 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                              f"was drawn (ids {', '.join(map(str, left_out[:5]))}"
                              f"{', ...' if len(left_out) > 5 else ''}): the next workflow run or `featscope mosaic "
                              f"{kind}` draws it again")
+        else:
+            fine.setdefault(layer, []).append(kind)
+    for layer, kinds in sorted(fine.items()):
+        out.lines.append(f"mosaic {layer}: {', '.join(kinds)}, current")
     live_set = set(live.tolist())
     for layer in rd.explain_layers():
         if not rd.explained_queries(layer).exists():

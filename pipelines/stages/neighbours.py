@@ -3,6 +3,7 @@ them, in pixel space — the seed's picture of why CNN features beat raw pixels.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, open_image
-from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index
+from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index, rewritten_note
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, record_unreadable
 from featscope.pipelines.core.text import plural
@@ -130,6 +131,8 @@ def run(rd: RunDir, options: NeighboursOptions) -> str:
                  f"{', ...' if len(greys) > 5 else ''}; the next workflow run draws the sheet again)")
     if retired:
         line += f"; left out {plural(len(retired), 'query')} no longer in the dataset ({', '.join(map(str, retired))})"
+    if again := rewritten_note(rd, options.layer, json.loads(rd.index_meta(options.layer).read_text())):
+        line += f"; {again}"
     return line
 
 

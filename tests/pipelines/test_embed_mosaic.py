@@ -297,6 +297,7 @@ def test_mosaics_drawn_from_an_earlier_map_are_stale_and_left_out_of_the_report(
     embed.embed(rd, "pool", perplexity=10)
     mosaic._all(rd, mosaic.AllOptions(layer="pool", side=6, tile=16), progress=False)
     assert not {s for s in status(rd).stale if s.startswith("mosaic")}
+    assert "mosaic pool: grid, plot, scatter, current" in status(rd).lines
     shown = pq.read_table(rd.mosaic("pool", "grid", "parquet"))["image_id"].to_numpy()
     images = rd.root.parent / "images"
     shutil.rmtree(images / "7")

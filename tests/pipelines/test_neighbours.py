@@ -169,6 +169,7 @@ def test_an_update_takes_the_vectors_of_a_part_written_again(indexed_run):
     assert "index pool: 9 images (Flat), stale: 1 shard extracted again since it was built (0): the next " \
            "`featscope index build` takes their vectors" in status(rd).lines
     assert neighbours.query(rd, "pool", image_id=a, k=2).note.startswith(again)
+    assert again in sheets.run(rd, sheets.NeighboursOptions(layer="pool", ids=[a], k=2, out=rd.root / "a.jpg"))
     before = list_identity(neighbours.open_index(rd, "pool"))
     summary = neighbours.build(rd, "pool", progress=False)
     assert neighbours.query(rd, "pool", image_id=a, k=2).note == ""
@@ -355,7 +356,7 @@ def test_a_sheet_drawn_from_an_earlier_index_is_stale_until_drawn_again(indexed_
 
     rd = indexed_run
     sheets.render(rd, "pool", [1], k=3)
-    assert "neighbours pool" not in status(rd).stale
+    assert "neighbours pool" not in status(rd).stale and "neighbours pool: sheet, current" in status(rd).lines
     next(small_dataset.glob("photo/*.png")).unlink()
     manifest.run(rd, small_dataset)
     neighbours.build(rd, "pool", progress=False)  # the pixel index is not updated yet
