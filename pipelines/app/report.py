@@ -67,13 +67,16 @@ class ReportSummary:
     chunks_written: int = 0
     chunks: int = 0
     lists_recomputed: dict[str, int] = field(default_factory=dict)  # space -> neighbour lists computed afresh
+    stale: list[str] = field(default_factory=list)  # outputs made from earlier ones: a notice stands for them
 
     def line(self) -> str:
         lists = ", ".join(f"{n} {space}" for space, n in self.lists_recomputed.items())
         return (f"report: {self.path} ({self.images} images, {self.thumbnails_made} new thumbnails, "
                 f"neighbour lists recomputed: {lists or 'none'}, "
                 f"{self.chunks_written} of {self.chunks} image data files changed) in "
-                f"{self.seconds:.1f}s; open it in a browser, or `featscope serve --run {self.path.parent.parent}`")
+                f"{self.seconds:.1f}s; open it in a browser, or `featscope serve --run {self.path.parent.parent}`"
+                + (f"; made from earlier outputs, so shown with a notice: {', '.join(self.stale)} (`featscope "
+                   "status` says what makes them again)" if self.stale else ""))
 
 
 def _drop_retired(rd: RunDir, live: set[int], thumbnails: set[int]) -> None:
@@ -448,8 +451,11 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     }
     _script(out / "data" / "run.js", "FS_RUN", summary)
     derived.remember(out / "data" / "run.js", sources)
+    stale = ([f"top-k {layer['name']}" for layer in summary["topk"] if layer["stale"]]
+             + [f"mosaic {m['layer']}" for m in summary["mosaics"] if "stale" in m]
+             + (["precision@k"] if (summary["evaluation"] or {}).get("stale") else []))
     return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start, written, len(chunks),
-                         recomputed)
+                         recomputed, stale)
 
 
 # ---- the command ----------------------------------------------------------------------------

@@ -312,7 +312,8 @@ def test_mosaics_drawn_from_an_earlier_map_are_stale_and_left_out_of_the_report(
     assert {"mosaic pool grid", "mosaic pool scatter", "mosaic pool plot"} <= set(now.stale)
     assert f"mosaic pool grid: stale: drawn from an earlier map of pool ({gone} of its 36 tiles show images retired " \
            "since)" in now.line()
-    report.build(rd, k=2, progress=False)
+    built = report.build(rd, k=2, progress=False)
+    assert "made from earlier outputs, so shown with a notice: mosaic pool (`featscope status`" in built.line()
     run = load_script(rd.report_dir / "data" / "run.js")
     assert [set(m) for m in run["mosaics"]] == [{"layer", "stale"}]  # a notice, no picture to show
     mosaic.grid(rd, "pool", side=6, tile=16, progress=False)
