@@ -276,7 +276,7 @@ def _evaluation(rd: RunDir) -> dict | None:
     if not rd.index_evaluation.exists():
         return None
     measured = json.loads(rd.index_evaluation.read_text())
-    if derived.current(rd, rd.index_evaluation, derived.evaluation_sources(rd, list(measured.get("layers", {})))):
+    if derived.evaluation_current(rd, measured):
         return measured
     return {"stale": "precision@k was measured on an earlier index or other labels, so it is not shown: the "
                      f"workflow's next run measures it again (or `featscope index evaluate --run {rd.root}`, then "

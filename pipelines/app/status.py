@@ -181,10 +181,10 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             out.lines.append(f"  approximate: {shortfall}")
     if rd.index_evaluation.exists():
         measured = json.loads(rd.index_evaluation.read_text())
-        if derived.current(rd, rd.index_evaluation, derived.evaluation_sources(rd, list(measured.get("layers", {})))):
-            out.lines.append(f"index evaluation: current (precision@{measured.get('k')} " + (", ".join(
-                f"{layer} {space['precision_at_k']:.3f}" for layer, space in measured["layers"].items())
-                or measured.get("skipped", "")) + ")")
+        if derived.evaluation_current(rd, measured):
+            figures = ", ".join(f"{layer} {space['precision_at_k']:.3f}" for layer, space in measured["layers"].items())
+            out.lines.append(f"index evaluation: current (precision@{measured.get('k')} {figures})" if figures
+                             else f"index evaluation: skipped ({measured.get('skipped')})")
         else:
             out.stale.append("index evaluation")
             out.lines.append("index evaluation: stale: measured on an earlier index or other labels: the next workflow "
@@ -208,7 +208,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         gone = int(np.isin(ids, live, invert=True).sum())
         older = not derived.current(rd, rd.topk(layer), derived.topk_sources(rd, layer))
         state = (f"stale: {gone} retired images in it" if gone else "stale: merged before the dataset or a shard's "
-                 "candidates last changed (a shard extracted again): the next `featscope topk merge` merges them"
+                 "candidates last changed (a shard extracted again): the next `featscope topk merge` merges it again"
                  if older else "current")
         if state != "current":
             out.stale.append(f"top-k {layer}")

@@ -90,6 +90,11 @@ def evaluation_sources(rd: RunDir, layers: Sequence[str]) -> list[Path]:
     return [rd.index_meta(layer) for layer in layers] + [rd.live_labels]
 
 
+def evaluation_current(rd: RunDir, measured: dict) -> bool:
+    """Whether `measured` (index/evaluation.json) was measured on the indexes and labels of now."""
+    return current(rd, rd.index_evaluation, evaluation_sources(rd, list(measured.get("layers", {}))))
+
+
 def topk_sources(rd: RunDir, layer: str) -> list[Path]:
     """A layer's merged top-k (and mask thresholds): the live images and every shard's
     candidates and sketch (a shard extracted again, same ids or not, rewrites them)."""
