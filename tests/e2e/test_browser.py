@@ -354,3 +354,43 @@ def test_pages_opened_from_disk_say_when_the_report_predates_the_dataset(tmp_pat
     page.wait_for_load_state("networkidle")
     assert page.locator(".stale").count() == 0
     assert page.errors == []
+
+
+def test_pages_show_a_notice_where_an_output_was_made_from_an_earlier_one(tmp_path, digits, page):
+    """A mosaic drawn from an earlier map, precision measured on an earlier index and a top-k
+    merged before a shard's candidates changed: the pages say so in their place."""
+    from helpers import write_dataset
+
+    from featscope.pipelines.app import report
+    from featscope.pipelines.core.atomic import atomic_path
+    from featscope.pipelines.core.rundir import RunDir
+    from featscope.pipelines.stages import embed, extract, mosaic, topk
+
+    write_dataset(tmp_path / "images", digits, n_photos=2, labels=(0, 1), digits_per_label=4)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", model="resnet18", weights="random", shard_size=5)
+    extract.extract(rd, ["pool", "layer2"], workers=0, topk=2, progress=False)
+    topk.merge(rd, "layer2")
+    embed.embed(rd, "pool", perplexity=2)
+    mosaic.grid(rd, "pool", side=3, tile=16, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    neighbours.evaluate(rd)
+    embed.embed(rd, "pool", perplexity=2, refit=True)  # the map changed after the grid was drawn
+    neighbours.build(rd, "pool", rebuild=True, progress=False)  # the index, after the evaluation
+    part = rd.topk_candidates_part("layer2", 0)
+    table = pq.read_table(part)
+    with atomic_path(part) as tmp:  # the shard's candidates written again
+        pq.write_table(table, tmp)
+    built = report.build(rd, k=2, progress=False)
+    assert "shown with a notice: top-k layer2, mosaic pool, precision@k" in built.line()
+    page.goto((rd.report_dir / "index.html").as_uri())
+    page.wait_for_load_state("networkidle")
+    notices = page.locator("p.stale").all_inner_texts()
+    assert any(n.startswith("The grid mosaic of pool was drawn from an earlier map") for n in notices)
+    assert any(n.startswith("precision@k was measured on an earlier index") for n in notices)
+    assert page.locator("img.mosaic").count() == 0
+    for url in ("layer.html?layer=layer2", "unit.html?layer=layer2&unit=0"):
+        page.goto((rd.report_dir / url.split("?")[0]).as_uri() + "?" + url.split("?")[1])
+        page.locator("p.stale").first.wait_for()
+        assert page.locator("p.stale").first.inner_text().startswith("This top-k was merged before")
+    assert page.errors == []
