@@ -445,7 +445,10 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd),
         "toolbox": _toolbox(rd, set(ids.tolist())),
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
-        "trust": {"faithfulness": trust, "sanity": _sanity(rd)} if trust or rd.sanity_verdicts.exists() else None,
+        "trust": {"faithfulness": trust, "sanity": _sanity(rd), "sanity_stale": None if derived.sanity_current(
+            rd, read_sanity(rd)) else "These verdicts were reached on maps made again since (for other images or with "
+            "other options): the workflow's next run checks them again (or `featscope saliency sanity`, then "
+            "`featscope report`)."} if trust or rd.sanity_verdicts.exists() else None,
         "explained_layers": explained_layers,
         "evaluation": _evaluation(rd),
     }
@@ -453,7 +456,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     derived.remember(out / "data" / "run.js", sources)
     stale = ([f"top-k {layer['name']}" for layer in summary["topk"] if layer["stale"]]
              + [f"mosaic {m['layer']}" for m in summary["mosaics"] if "stale" in m]
-             + (["precision@k"] if (summary["evaluation"] or {}).get("stale") else []))
+             + (["precision@k"] if (summary["evaluation"] or {}).get("stale") else [])
+             + (["sanity verdicts"] if (summary["trust"] or {}).get("sanity_stale") else []))
     return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start, written, len(chunks),
                          recomputed, stale)
 

@@ -299,8 +299,14 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                          f"{plural(len(gone), 'image')} that left the dataset (ids {', '.join(map(str, gone[:5]))}"
                          f"{', ...' if len(gone) > 5 else ''}), which the report no longer shows: choose other "
                          "images in the config's viz section, and delete those pictures under viz/")
-    for method, verdict in read_sanity(rd).items():
-        out.lines.append(f"sanity {method}: {verdict['verdict']} (mean rank correlation {verdict['score']:.2f})")
+    verdicts = read_sanity(rd)
+    checked_now = derived.sanity_current(rd, verdicts)
+    for method, verdict in verdicts.items():
+        out.lines.append(f"sanity {method}: {verdict['verdict']} (mean rank correlation {verdict['score']:.2f})"
+                         + ("" if checked_now else "; stale: its maps were made again since (other images or "
+                            "options): the next workflow run or `featscope saliency sanity` checks them again"))
+    if verdicts and not checked_now:
+        out.stale.append("sanity")
     run_js = rd.report_dir / "data" / "run.js"
     if run_js.exists():
         behind = derived.report_behind(rd)

@@ -95,6 +95,18 @@ def evaluation_current(rd: RunDir, measured: dict) -> bool:
     return current(rd, rd.index_evaluation, evaluation_sources(rd, list(measured.get("layers", {}))))
 
 
+def sanity_sources(rd: RunDir, methods: Sequence[str]) -> list[Path]:
+    """The model-randomisation verdicts: each checked method's maps as their summary lists them
+    (rewritten whenever maps are made, with other options or for other images)."""
+    return [rd.saliency_summary(method) for method in sorted(methods)]
+
+
+def sanity_current(rd: RunDir, verdicts: dict) -> bool:
+    """Whether the verdicts (saliency/sanity.json) were reached on the maps there are now (so
+    where there are none)."""
+    return not rd.sanity_verdicts.exists() or current(rd, rd.sanity_verdicts, sanity_sources(rd, list(verdicts)))
+
+
 def topk_sources(rd: RunDir, layer: str) -> list[Path]:
     """A layer's merged top-k (and mask thresholds): the live images and every shard's
     candidates and sketch (a shard extracted again, same ids or not, rewrites them)."""

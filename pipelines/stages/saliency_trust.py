@@ -40,7 +40,7 @@ from featscope.kernels.map_similarity import spearman_abs, ssim, unit_range
 from featscope.kernels.randomisation import GRANULARITIES, cascading_randomisation, layer_groups, merge_groups
 from featscope.kernels.saliency import METHODS, attribute
 from featscope.kernels.scoring import SCORES
-from featscope.pipelines.core import manifest
+from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
 from featscope.pipelines.core.cpus import split
 from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, autocast_dtype
@@ -349,6 +349,7 @@ def sanity(rd: RunDir, options: SanityOptions, progress: bool = True) -> SanityS
     """The cascading model-randomisation test of each method on a sample of the run's images."""
     start = time.perf_counter()
     methods = _methods(rd, options.methods)
+    sources = derived.stamp(rd, derived.sanity_sources(rd, methods))  # the maps as they are now
     ref = model_ref(rd, options.device)
     loaded, device, _ = worker_model(ref)
     model, prep = loaded.module, loaded.preprocessing
@@ -386,6 +387,7 @@ def sanity(rd: RunDir, options: SanityOptions, progress: bool = True) -> SanityS
                 bar.update(1)
     table = pa.Table.from_pylist(rows, schema=SANITY_SCHEMA)
     withdraw(rd.sanity_table, rd.sanity_verdicts)  # they vouch for the plots below: written again last
+    derived.forget(rd.sanity_verdicts)
     verdicts = {}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
@@ -398,6 +400,7 @@ def sanity(rd: RunDir, options: SanityOptions, progress: bool = True) -> SanityS
         _plot(rd, method, mine, [names[n] for n, _ in groups], verdicts[method])
     write_table(table, rd.sanity_table, {"granularity": options.granularity, "seed": str(options.seed)})
     write_json_atomic(rd.sanity_verdicts, verdicts)
+    derived.remember(rd.sanity_verdicts, sources)
     return SanitySummary(verdicts, len(kept), len(groups), time.perf_counter() - start)
 
 

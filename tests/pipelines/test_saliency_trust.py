@@ -194,3 +194,24 @@ def test_curves_that_are_not_numbers_are_error_rows_not_areas(run, monkeypatch):
         p["image_id"] for p in photos)
     assert all(np.isfinite(v) for row in pq.read_table(rd.faithfulness(other)).to_pylist()
                for k, v in row.items() if k.endswith("_auc"))
+
+
+def test_verdicts_reached_before_the_maps_were_made_again_are_stale(run):
+    """A method's maps made again (other options, other images) left its sanity verdict as it
+    was; status and the trust page showed it as current."""
+    from featscope.pipelines.app import report
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core.atomic import write_bytes_atomic
+
+    rd, photos = run
+    trust.sanity(rd, trust.SanityOptions(methods=["gradient"], sample=1, steps=2), progress=False)
+    assert "sanity" not in status(rd).stale
+    summary = rd.saliency_summary("gradient")
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(summary, b"the maps' summary, written again by `saliency compute`")
+    now = status(rd)
+    assert "sanity" in now.stale and any(line.startswith("sanity gradient:") and "stale: its maps were made again"
+                                         in line for line in now.lines)
+    assert report._sanity(rd) and "sanity verdicts" in report.build(rd, k=2, progress=False).line()
+    trust.sanity(rd, trust.SanityOptions(methods=["gradient"], sample=1, steps=2), progress=False)
+    assert "sanity" not in status(rd).stale

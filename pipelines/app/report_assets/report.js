@@ -271,6 +271,7 @@ const FS = (() => {
     const verdicts = Object.entries(t.sanity || {});
     if (verdicts.length) {
       const s = section("Sanity check: model randomisation");
+      if (t.sanity_stale) s.append(el("p", { class: "stale", text: t.sanity_stale }));
       s.append(el("p", { class: "muted", text: "Each method's maps recomputed as the model's layers are re-initialised " +
         "from the top, and compared with the original maps (Adebayo et al. 2018). A map that barely changes while the " +
         "weights it should explain are destroyed shows the image, not the model." }));
