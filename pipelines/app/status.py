@@ -325,7 +325,8 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             out.lines.append(f"  {r['finished']}  {r['status']:<6} {r['seconds']:>7.1f}s  {r['images']} images, "
                              f"+{r['added']} ~{r['edited']} -{r['retired']}, {plural(len(r['jobs']), 'job')}")
     if out.stale:
-        out.lines.append(f"not current: {', '.join(out.stale)}; rerun the workflow")
+        out.lines.append(f"not current: {', '.join(out.stale)}; rerun the workflow (or, for an output made by hand "
+                         "that the config does not ask for, the command its line names)")
     return out
 
 
