@@ -157,8 +157,7 @@ def _mean_interval(values: np.ndarray) -> list[float]:
     return [round(mean, 4), round(mean - half, 4), round(mean + half, 4)]
 
 
-def _sanity(rd: RunDir) -> dict:
-    verdicts = read_sanity(rd)
+def _sanity(rd: RunDir, verdicts: dict[str, dict]) -> dict:
     return {m: v | {"plot": _relative(rd, rd.sanity_plot(m))} for m, v in verdicts.items()
             if rd.sanity_plot(m).exists()}
 
@@ -405,6 +404,10 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     saliency = _saliency(rd)
     aucs, trust = _aucs(rd)
     explained, explained_layers = _explained(rd, set(ids.tolist()))
+    verdicts = read_sanity(rd)
+    sanity_stale = None if derived.sanity_current(rd, verdicts) else (
+        "These verdicts were reached on maps made again since (for other images or with other options): the "
+        "workflow's next run checks them again (or `featscope saliency sanity`, then `featscope report`).")
     predictions = _predictions(rd, config)
     by_chunk: dict[int, dict[int, dict]] = {}
     for r in rows:
@@ -445,10 +448,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd),
         "toolbox": _toolbox(rd, set(ids.tolist())),
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
-        "trust": {"faithfulness": trust, "sanity": _sanity(rd), "sanity_stale": None if derived.sanity_current(
-            rd, read_sanity(rd)) else "These verdicts were reached on maps made again since (for other images or with "
-            "other options): the workflow's next run checks them again (or `featscope saliency sanity`, then "
-            "`featscope report`)."} if trust or rd.sanity_verdicts.exists() else None,
+        "trust": {"faithfulness": trust, "sanity": _sanity(rd, verdicts), "sanity_stale": sanity_stale}
+        if trust or rd.sanity_verdicts.exists() else None,
         "explained_layers": explained_layers,
         "evaluation": _evaluation(rd),
     }

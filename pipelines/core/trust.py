@@ -53,15 +53,12 @@ def read_sanity(rd: RunDir) -> dict[str, dict]:
     return json.loads(rd.sanity_verdicts.read_text()) if rd.sanity_verdicts.exists() else {}
 
 
-def files_stamp(files: list[Path]) -> list[str]:
-    """Files as they are now: the name, size and modification time of each ("-" if absent)."""
-    return [f"{f.name} {map_stamp(f) if f.exists() else '-'}" for f in files]
-
-
 def features_stamp(rd: RunDir, layer: str) -> str:
     """The layer's feature parts as a table computed from them saw them (`units label`): a
     shard extracted again, for the same images or not, makes the table stale."""
-    return json.dumps(files_stamp(rd.feature_parts(layer)))
+    from featscope.pipelines.core import derived  # here: derived stamps with this module's map_stamp
+
+    return json.dumps(derived.stamp(rd, rd.feature_parts(layer)))
 
 
 def dataset_stamp(rd: RunDir, layer: str, labels: bool = False) -> str:
