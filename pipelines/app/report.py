@@ -162,21 +162,27 @@ def _sanity(rd: RunDir, verdicts: dict[str, dict]) -> dict:
             if rd.sanity_plot(m).exists()}
 
 
-def _explained(rd: RunDir, live: set[int]) -> tuple[dict[int, dict], list[str]]:
+def _explained(rd: RunDir, live: set[int]) -> tuple[dict[int, dict], list[str], list[str]]:
     """image_id -> {layer: [[neighbour, similarity, method], ...]} of the pairs `featscope
     explain --queries` wrote (the pictures the image pages show from disk), leaving out
-    neighbours that left the dataset since (until explain runs again on the new index)."""
+    neighbours that left the dataset since (until explain runs again on the new index); then
+    the layers shown, and the layers left out because their pairs were chosen by an earlier
+    index (their neighbours are no longer the query's, their stored similarities perhaps not
+    the stored vectors')."""
     found: dict[int, dict] = {}
-    layers = []
+    layers, stale = [], []
     for layer in rd.explain_layers():
         path = rd.explained_queries(layer)
         if not path.exists():
+            continue
+        if not derived.current(rd, path, derived.explain_sources(rd, layer)):
+            stale.append(layer)
             continue
         layers.append(layer)
         for query, pairs in json.loads(path.read_text())["pairs"].items():
             kept = [p for p in pairs if p[0] in live and rd.explained_pair(layer, int(query), p[0]).exists()]
             found.setdefault(int(query), {})[layer] = kept
-    return found, layers
+    return found, layers, stale
 
 
 def _layers(rd: RunDir) -> list[dict]:
@@ -403,7 +409,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     neighbours, recomputed, lists_state = neighbour_lists(rd, ids, k, progress)
     saliency = _saliency(rd)
     aucs, trust = _aucs(rd)
-    explained, explained_layers = _explained(rd, set(ids.tolist()))
+    explained, explained_layers, explained_stale = _explained(rd, set(ids.tolist()))
     verdicts = read_sanity(rd)
     sanity_stale = None if derived.sanity_current(rd, verdicts) else (
         "These verdicts were reached on maps made again since (for other images or with other options): the "
@@ -450,7 +456,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
         "trust": {"faithfulness": trust, "sanity": _sanity(rd, verdicts), "sanity_stale": sanity_stale}
         if trust or rd.sanity_verdicts.exists() else None,
-        "explained_layers": explained_layers,
+        "explained_layers": explained_layers, "explained_stale": explained_stale,
         "evaluation": _evaluation(rd),
     }
     _script(out / "data" / "run.js", "FS_RUN", summary)
@@ -458,7 +464,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     stale = ([f"top-k {layer['name']}" for layer in summary["topk"] if layer["stale"]]
              + [f"mosaic {m['layer']}" for m in summary["mosaics"] if "stale" in m]
              + (["precision@k"] if (summary["evaluation"] or {}).get("stale") else [])
-             + (["sanity verdicts"] if (summary["trust"] or {}).get("sanity_stale") else []))
+             + (["sanity verdicts"] if (summary["trust"] or {}).get("sanity_stale") else [])
+             + [f"explained pairs {layer}" for layer in explained_stale])
     return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start, written, len(chunks),
                          recomputed, stale)
 

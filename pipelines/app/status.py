@@ -267,12 +267,21 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     for layer in rd.explain_layers():
         if not rd.explained_queries(layer).exists():
             continue
-        pairs = [(int(q), n[0]) for q, found in json.loads(rd.explained_queries(layer).read_text())["pairs"].items()
-                 for n in found]
+        listed = json.loads(rd.explained_queries(layer).read_text())["pairs"]
+        pairs = [(int(q), n[0]) for q, found in listed.items() for n in found]
         gone = sum(q not in live_set or n not in live_set for q, n in pairs)
-        out.lines.append(f"explain {layer}: {plural(len(pairs), 'pair')}, " + (
-            f"stale: {gone} with an image that left the dataset (the report leaves those out)" if gone else "current"))
-        if gone:
+        earlier = derived.changed(rd, rd.explained_queries(layer), derived.explain_sources(rd, layer))
+        again = (f"the next workflow run or `featscope explain --layer {layer} --queries {','.join(listed)}` explains "
+                 "them again")
+        if earlier:
+            said = (f"stale: their neighbours were found in an earlier index of {layer} (the report leaves them out): "
+                    + again)
+        elif gone:
+            said = f"stale: {gone} with an image that left the dataset (the report leaves those out)"
+        else:
+            said = "current"
+        out.lines.append(f"explain {layer}: {plural(len(pairs), 'pair')}, {said}")
+        if earlier or gone:
             out.stale.append(f"explain {layer}")
     for method in rd.saliency_methods():
         maps = rd.saliency_overlays(method)

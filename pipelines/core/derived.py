@@ -1,6 +1,7 @@
 """Which files an output was made from: a layer's top-k from its shards' candidates, a mosaic
 from its layer's map, a neighbour sheet from its indexes, the precision@k evaluation from the
-indexes it measured, the report from all of those and more. An output made from an
+indexes it measured, the explained queries from their layer's index, the report from all of
+those and more. An output made from an
 earlier map or index shows images retired since, places that moved, neighbours and figures
 that changed; status and the report must not pass it off as current.
 
@@ -105,6 +106,12 @@ def sanity_current(rd: RunDir, verdicts: dict) -> bool:
     """Whether the verdicts (saliency/sanity.json) were reached on the maps there are now (so
     where there are none)."""
     return not rd.sanity_verdicts.exists() or current(rd, rd.sanity_verdicts, sanity_sources(rd, list(verdicts)))
+
+
+def explain_sources(rd: RunDir, layer: str) -> list[Path]:
+    """The explained queries of a layer: its index, which chose each query's neighbours (an
+    update rewrites it, with the images it added, took out or took back with new vectors)."""
+    return [rd.index_meta(layer)]
 
 
 def topk_sources(rd: RunDir, layer: str) -> list[Path]:

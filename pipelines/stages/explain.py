@@ -27,7 +27,7 @@ from featscope.kernels.pair_similarity import EXACT, SIMILARITIES, PairMaps, pai
 from featscope.kernels.params import ParamError
 from featscope.kernels.saliency import gradcam_layer
 from featscope.kernels.spaces import PIXELS
-from featscope.pipelines.core import manifest
+from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.neighbours import neighbours_of, open_index
@@ -219,8 +219,11 @@ def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
     live = [q for q in options.queries if explainer.path(q) is not None]
     if not live:
         raise FeatscopeError(f"none of the query images ({', '.join(map(str, options.queries))}) is in the run")
+    listed = rd.explained_queries(options.layer)
+    withdraw(listed)  # the list of the pairs below: written again last
+    derived.forget(listed)
+    stamped = derived.stamp(rd, derived.explain_sources(rd, options.layer))  # the index that chose the neighbours
     found = neighbours_of(open_index(rd, options.layer), np.array(live, dtype=np.int64), options.k)
-    withdraw(rd.explained_queries(options.layer))  # the list of the pairs below: written again last
     done, pairs = [], {}
     for query, neighbours in zip(live, found.image_ids):
         pairs[str(query)] = []
@@ -230,7 +233,8 @@ def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
             done.append(explanation)
             pairs[str(query)].append([other, round(explanation.result.similarity, 4), explanation.result.method])
     retired = _drop_others(rd, options.layer, {(int(q), n[0]) for q, ns in pairs.items() for n in ns})
-    write_json_atomic(rd.explained_queries(options.layer), {"similarity": options.similarity, "pairs": pairs})
+    write_json_atomic(listed, {"similarity": options.similarity, "pairs": pairs})
+    derived.remember(listed, stamped)
     return ExplainSummary(options.layer, done, time.perf_counter() - start, retired)
 
 

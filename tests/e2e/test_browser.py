@@ -357,14 +357,15 @@ def test_pages_opened_from_disk_say_when_the_report_predates_the_dataset(tmp_pat
 
 
 def test_pages_show_a_notice_where_an_output_was_made_from_an_earlier_one(tmp_path, digits, page):
-    """A mosaic drawn from an earlier map, precision measured on an earlier index and a top-k
-    merged before a shard's candidates changed: the pages say so in their place."""
+    """A mosaic drawn from an earlier map, precision measured on an earlier index, a top-k
+    merged before a shard's candidates changed and pairs explained for an earlier index's
+    neighbours: the pages say so in their place."""
     from helpers import write_dataset
 
     from featscope.pipelines.app import report
     from featscope.pipelines.core.atomic import atomic_path
     from featscope.pipelines.core.rundir import RunDir
-    from featscope.pipelines.stages import embed, extract, mosaic, topk
+    from featscope.pipelines.stages import embed, explain, extract, mosaic, topk
 
     write_dataset(tmp_path / "images", digits, n_photos=2, labels=(0, 1), digits_per_label=4)
     rd = RunDir(tmp_path / "run")
@@ -375,6 +376,8 @@ def test_pages_show_a_notice_where_an_output_was_made_from_an_earlier_one(tmp_pa
     mosaic.grid(rd, "pool", side=3, tile=16, progress=False)
     neighbours.build(rd, "pool", progress=False)
     neighbours.evaluate(rd)
+    query = int(manifest.read(rd)["image_id"][0].as_py())
+    explain.run(rd, explain.ExplainOptions(layer="pool", queries=[query], k=2))
     embed.embed(rd, "pool", perplexity=2, refit=True)  # the map changed after the grid was drawn
     neighbours.build(rd, "pool", rebuild=True, progress=False)  # the index, after the evaluation
     part = rd.topk_candidates_part("layer2", 0)
@@ -382,7 +385,7 @@ def test_pages_show_a_notice_where_an_output_was_made_from_an_earlier_one(tmp_pa
     with atomic_path(part) as tmp:  # the shard's candidates written again
         pq.write_table(table, tmp)
     built = report.build(rd, k=2, progress=False)
-    assert "shown with a notice: top-k layer2, mosaic pool, precision@k" in built.line()
+    assert "shown with a notice: top-k layer2, mosaic pool, precision@k, explained pairs pool" in built.line()
     page.goto((rd.report_dir / "index.html").as_uri())
     page.wait_for_load_state("networkidle")
     notices = page.locator("p.stale").all_inner_texts()
@@ -393,4 +396,9 @@ def test_pages_show_a_notice_where_an_output_was_made_from_an_earlier_one(tmp_pa
         page.goto((rd.report_dir / url.split("?")[0]).as_uri() + "?" + url.split("?")[1])
         page.locator("p.stale").first.wait_for()
         assert page.locator("p.stale").first.inner_text().startswith("This top-k was merged before")
+    page.goto((rd.report_dir / "image.html").as_uri() + f"?id={query}")
+    page.locator(".neighbours[data-space=pool] .why").first.click()
+    page.locator(".pair p.stale").wait_for()
+    assert page.locator(".pair p.stale").inner_text().startswith("The pairs of pool on disk were explained for the "
+                                                                  "neighbours of an earlier index")
     assert page.errors == []

@@ -135,3 +135,61 @@ def test_a_fully_connected_layer_is_explained_even_with_frozen_weights(run, expl
     finally:
         for parameter in explainer.loaded.module.parameters():
             parameter.requires_grad_(True)
+
+
+def test_pairs_explained_on_an_earlier_index_are_stale_and_left_out_of_the_report(reported_run, tmp_path, capsys):
+    """A query's neighbours come from the layer's index. After the index took a shard
+    extracted again (here the query's vector swapped with a digit's), the pairs on disk were
+    no longer the query's neighbours, yet status called them current and the report showed
+    them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers import load_script
+
+    from featscope.pipelines.app import report
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core.atomic import atomic_path
+    from featscope.pipelines.core.store import column_array
+    from featscope.pipelines.stages import index as neighbours
+
+    shutil.copytree(reported_run.root, tmp_path / "run")
+    rd = RunDir(tmp_path / "run")
+    query = photo_ids(rd)[0]
+    assert cli(["explain", "--run", str(rd.root), "--layer", "pool", "--queries", str(query), "--k", "2"]) == 0
+    assert "explain pool: 2 pairs, current" in status(rd).lines
+    part = next(p for p in rd.feature_parts("pool") if query in pq.read_table(p)["image_id"].to_pylist())
+    table = pq.read_table(part)
+    ids = table["image_id"].to_pylist()
+    labels = dict(zip(*(manifest_column(rd, c) for c in ("image_id", "label"))))
+    digit = next(i for i in ids if labels[i] != "photo")
+    values = column_array(table, "feature").copy()
+    values[[ids.index(query), ids.index(digit)]] = values[[ids.index(digit), ids.index(query)]]
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float16()), values.shape[1])
+    with atomic_path(part) as tmp:  # as extract writes a shard extracted again
+        pq.write_table(table.set_column(table.schema.get_field_index("feature"), "feature", column), tmp)
+    neighbours.build(rd, "pool", progress=False)
+    before = [n[0] for n in explain.read_queries(rd, "pool")[query]]
+    now = neighbours_of(open_index(rd, "pool"), [query], 2).image_ids[0].tolist()
+    assert now != before  # the listed pairs are no longer the query's neighbours
+    said = status(rd)
+    assert "explain pool" in said.stale
+    assert (f"explain pool: 2 pairs, stale: their neighbours were found in an earlier index of pool (the report "
+            f"leaves them out): the next workflow run or `featscope explain --layer pool --queries {query}` explains "
+            "them again") in said.lines
+    summary = report.build(rd, k=2, progress=False)
+    assert "explained pairs pool" in summary.stale
+    run_js = load_script(rd.report_dir / "data" / "run.js")
+    assert run_js["explained_stale"] == ["pool"] and run_js["explained_layers"] == []
+    assert not any("explained" in entry for chunk in (rd.report_dir / "data").glob("images-*.js")
+                   for entry in load_script(chunk).values())
+    assert cli(["explain", "--run", str(rd.root), "--layer", "pool", "--queries", str(query), "--k", "2"]) == 0
+    assert [n[0] for n in explain.read_queries(rd, "pool")[query]] == now
+    assert "explain pool: 2 pairs, current" in status(rd).lines
+    report.build(rd, k=2, progress=False)
+    assert load_script(rd.report_dir / "data" / "run.js")["explained_stale"] == []
+
+
+def manifest_column(rd, column):
+    from featscope.pipelines.core import manifest
+
+    return manifest.read(rd)[column].to_pylist()

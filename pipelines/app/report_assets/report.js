@@ -238,6 +238,12 @@ const FS = (() => {
         el("img", { src: `../explain/${space}/${id}-${other}.png`, alt: "pair explanation" }));
       return;
     }
+    if (!served && (window.FS_RUN.explained_stale || []).includes(space)) {
+      box.replaceChildren(el("p", { class: "stale", text: `The pairs of ${space} on disk were explained for the ` +
+        "neighbours of an earlier index, so they are not shown: open the report through `featscope serve` to explain " +
+        "any pair, or see `featscope status` for what explains them again." }));
+      return;
+    }
     if (!served) {
       box.replaceChildren(el("p", { class: "muted", text: "This pair was not explained when the report was made: open " +
         "the report through `featscope serve` to explain any pair, or run `featscope explain --pair " + `${id},${other} ` +
