@@ -187,6 +187,7 @@ def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, size
     from featscope.kernels.faithfulness import perturbation_curves
     from featscope.pipelines.core.device import cpu_has_fast_bf16, inference_model
     from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
+    from featscope.pipelines.core.onnx_forward import fast_forward
     from featscope.pipelines.stages.saliency_trust import forward_batch
 
     height, width = size
@@ -210,18 +211,27 @@ def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, size
           f"maps; featscope on {lanes} lane(s) of {threads} thread(s), {forward_batch(x.device)} images a pass; "
           f"Quantus on {torch.get_num_threads()} threads")
 
-    def ours(dtype):
+    # as `saliency evaluate` runs it in float32 on a CPU: in ONNX Runtime, one session on each
+    # lane's thread (`workers.curves_model`)
+    onnx = fast_forward(folded, x[:1], threads=threads)
+
+    def ours(dtype, net=onnx):
         def curves(model, picked):
             return perturbation_curves(model, x[picked], maps[picked], target[picked], mode="deletion", steps=steps,
                                        replacement=0.0, score="probability", batch=forward_batch(x.device),
                                        dtype=dtype)
-        return torch.cat(list(map_in_lanes(curves, parts, lambda: copy.deepcopy(folded), lanes=lanes,
+        return torch.cat(list(map_in_lanes(curves, parts, lambda: copy.deepcopy(net), lanes=lanes,
                                            threads=threads)))
 
     ours(None)
     t_fp32, curves = best_of(repeats, lambda: ours(None))
+    ours(None, folded)
+    t_torch, curves_torch = best_of(repeats, lambda: ours(None, folded))
+    print(f"saliency/evaluate featscope ({type(onnx).__name__}) vs featscope (PyTorch, folded, channels-last): "
+          f"{t_torch / t_fp32:.2f} ({n / t_fp32:.2f} against {n / t_torch:.2f} img/s; curves differ by at most "
+          f"{(curves - curves_torch).abs().max():.1e})")
     bf16 = cpu_has_fast_bf16()  # elsewhere bf16 is emulated, many times slower than fp32: not worth timing
-    t_bf16, curves_bf16 = best_of(repeats, lambda: ours(torch.bfloat16)) if bf16 else (float("nan"), None)
+    t_bf16, curves_bf16 = best_of(repeats, lambda: ours(torch.bfloat16, folded)) if bf16 else (float("nan"), None)
     try:
         import quantus
     except ImportError:
@@ -241,7 +251,8 @@ def evaluate_against_quantus(arch: str, weights: str, n: int, repeats: int, size
     t_quantus, quantus_curves = best_of(max(1, repeats - 1), theirs)
     gap = np.abs(curves[:, 1:].numpy() - quantus_curves).max()
     print(f"saliency/evaluate vs quantus (fp32): {t_quantus / t_fp32:.2f} (featscope {n / t_fp32:.2f} img/s, "
-          f"quantus PixelFlipping {n / t_quantus:.2f} img/s; curves differ by at most {gap:.1e})")
+          f"quantus PixelFlipping {n / t_quantus:.2f} img/s; curves differ by at most {gap:.1e}); featscope in "
+          f"PyTorch: {t_quantus / t_torch:.2f}")
     if bf16:
         gap_bf16 = np.abs(curves_bf16[:, 1:].numpy() - quantus_curves).max()
         print(f"saliency/evaluate vs quantus (featscope bf16): {t_quantus / t_bf16:.2f} (featscope {n / t_bf16:.2f} "

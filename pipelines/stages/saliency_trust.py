@@ -52,6 +52,7 @@ from featscope.pipelines.core.text import plural, rate
 from featscope.pipelines.core.trust import BASELINES, CURVES, EVALUATION_SCHEMA, map_stamp, read_evaluation
 from featscope.pipelines.core.workers import (
     ModelRef,
+    curves_model,
     dask_client,
     forward_model,
     model_ref,
@@ -77,10 +78,11 @@ class EvaluateOptions(Options):
                               pattern=r"^(zeros|mean|blur|-?[0-9.]+)$")
     score: str = option("probability", help="the class score followed (RISE uses the probability)", choices=SCORES)
     seed: int = option(0, help="seed of the random baseline maps (one per image)")
-    batch: int | None = option(help="perturbed images per forward pass (default: 4 on a CPU, where a larger "
+    batch: int | None = option(help="perturbed images per forward pass (default: 2 on a CPU, where a larger "
                                     "batch's activations leave the cache; 128 on a GPU)", min=1)
-    precision: str = option("fp32", help="forward passes: fp32 (default: bf16 moved MobileNet-V2's deletion curves "
-                                         "by up to 0.05 on the demo photos), or auto | bf16 | fp16 for speed",
+    precision: str = option("fp32", help="forward passes: fp32 (default; on a CPU run by ONNX Runtime, outputs equal "
+                                         "to PyTorch's to 1e-5; bf16 moved MobileNet-V2's deletion curves by up to "
+                                         "0.05 on the demo photos), or auto | bf16 | fp16 (PyTorch autocast)",
                             choices=PRECISION_CHOICES)
     workers: int | None = option(help="local Dask worker processes (default: one per usable CPU)", min=1)
     scheduler: str | None = option(help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
@@ -110,8 +112,9 @@ def evaluate_batch(root: str, options: EvaluateOptions, ref: ModelRef, rows: lis
     through the model together, so each forward batch is full."""
     rd = RunDir(root)
     loaded, device, _ = worker_model(ref)
-    model, prep = forward_model(ref), loaded.preprocessing  # forward passes only: batch norms folded
     dtype = autocast_dtype(options.precision, device)
+    # forward passes only: batch norms folded, and in float32 on a CPU run by ONNX Runtime
+    model, prep = forward_model(ref) if dtype is not None else curves_model(ref), loaded.preprocessing
     wanted = evaluation_options(options)
     results, errors = [], []
     for row in rows:
@@ -163,10 +166,11 @@ def evaluate_batch(root: str, options: EvaluateOptions, ref: ModelRef, rows: lis
 def forward_batch(device: torch.device) -> int:
     """Perturbed images per forward pass when not given. On a CPU an image costs more in a
     larger batch once its activations leave the cache: a 4:3 photo (224x298) through
-    MobileNet-V2 with 11 maps and 20 steps took 12.1-12.4 s at batch 4 and 16.9-17.0 at 16 on
-    one thread of a 2-core AVX2 machine (the stage's worker), 8.8-9.0 against 11.4-12.4 on
-    two (batch 2 no better; at 192x192 the batch mattered little). 128 on a GPU."""
-    return 128 if device.type == "cuda" else 4
+    MobileNet-V2 in PyTorch with 11 maps and 20 steps took 12.1-12.4 s at batch 4 and
+    16.9-17.0 at 16 on one thread of a 2-core AVX2 machine (the stage's worker). In ONNX
+    Runtime (the float32 default on a CPU) 2 is best: 8.2-8.7 photos/s at 224x300 on two
+    lanes against 7.4-7.9 at 4 (benchmarks/saliency_bench.py, AVX-512). 128 on a GPU."""
+    return 128 if device.type == "cuda" else 2
 
 
 def _replacement(text: str) -> str | float:
