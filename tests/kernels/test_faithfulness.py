@@ -20,10 +20,10 @@ from featscope.kernels.saliency import attribute
 SIDE, STEPS = 24, 12  # 576 pixels, 48 per step (Quantus wants steps that divide H*W three times over)
 
 
-def small_cnn(seed: int = 0) -> nn.Module:
+def small_cnn(seed: int = 0, grid: int = 2) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10)).eval()
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(grid), nn.Flatten(), nn.Linear(16 * grid * grid, 10)).eval()
 
 
 class RegionModel(nn.Module):
@@ -46,15 +46,22 @@ def test_ranks_break_ties_by_pixel_order_and_cutoffs_end_at_every_pixel():
     assert cutoffs(10, 4).tolist() == [0, 3, 5, 8, 10]  # round(k * 10 / 4)
 
 
-def test_deletion_curve_equals_quantus_pixel_flipping(images, monkeypatch):
+@pytest.mark.parametrize("runner", ["pytorch", "onnxruntime"])
+def test_deletion_curve_equals_quantus_pixel_flipping(images, monkeypatch, runner):
+    """Quantus runs the PyTorch model; featscope runs it too, or (as `saliency evaluate` does in
+    float32 on a CPU) its ONNX Runtime export."""
+    from featscope.pipelines.core.onnx_forward import OnnxForward, fast_forward
+
     quantus = pytest.importorskip("quantus")
-    model = small_cnn()
+    model = small_cnn() if runner == "pytorch" else small_cnn(grid=1)  # a 2x2 pool grid does not export
     with torch.no_grad():
         target = model(images).argmax(1)
     maps = attribute(model, images, target, "gradient")
     flat = maps.flatten(1)
     assert all(len(torch.unique(row)) == row.numel() for row in flat)  # Quantus sorts unstably: no ties
-    ours = perturbation_curves(model, images, maps, target, mode="deletion", steps=STEPS, replacement=0.0,
+    net = model if runner == "pytorch" else fast_forward(model, images[:1])
+    assert isinstance(net, OnnxForward) == (runner == "onnxruntime")
+    ours = perturbation_curves(net, images, maps, target, mode="deletion", steps=STEPS, replacement=0.0,
                                score="probability", batch=7)
     colour = maps[:, None].expand_as(images).numpy()  # one value per pixel, on each channel
     metric = quantus.PixelFlipping(features_in_step=3 * SIDE * SIDE // STEPS, perturb_baseline=0.0,
