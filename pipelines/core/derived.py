@@ -1,9 +1,9 @@
 """Which files an output was made from: a layer's top-k from its shards' candidates, a mosaic
 from its layer's map, a neighbour sheet from its indexes, the precision@k evaluation from the
 indexes it measured, the explained queries from their layer's index, the report from all of
-those and more. An output made from an
-earlier map or index shows images retired since, places that moved, neighbours and figures
-that changed; status and the report must not pass it off as current.
+those and more. An output made from an earlier map or index shows images retired since,
+places that moved, neighbours and figures that changed; status and the report must not pass
+it off as current.
 
 A job `forget`s the record and `stamp`s its sources before it reads them, and `remember`s
 that stamp once its output is in place (a source rewritten meanwhile then makes the output

@@ -1,9 +1,10 @@
-"""A model's float32 forward pass in ONNX Runtime, for CPU work that only runs the whole model
-forward: the deletion and insertion curves, many perturbed copies of each image (occlusion
-runs the model from a cut block and stays in PyTorch). ONNX Runtime fuses each conv with its activation and picks its CPU kernels by shape;
-on MobileNet-V2 at 192 px, one thread, it took 17.3 ms a batch of 4 against 28.3 ms for
-PyTorch's eager pass of the same folded, channels-last model (4.0 against 8.1 at batch 1),
-with outputs equal to 1e-5. `benchmarks/saliency_bench.py` times both.
+"""A model's float32 forward pass in ONNX Runtime, for CPU work that only runs the whole
+model forward: the deletion and insertion curves, many perturbed copies of each image
+(occlusion runs the model from a cut block and stays in PyTorch). ONNX Runtime fuses each
+conv with its activation and picks its CPU kernels by shape: on MobileNet-V2 at 192 px, one
+thread, it took 17.3 ms a batch of 4 against 28.3 ms for PyTorch's eager pass of the same
+folded, channels-last model (4.0 against 8.1 at batch 1), with outputs equal to 1e-5.
+`benchmarks/saliency_bench.py` times both.
 
 Gradients, autocast and GPUs stay with PyTorch: `fast_forward` returns the PyTorch model
 wherever ONNX Runtime would not do the same work (or is not installed, or the export fails).

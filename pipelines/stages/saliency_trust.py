@@ -114,7 +114,8 @@ def evaluate_batch(root: str, options: EvaluateOptions, ref: ModelRef, rows: lis
     loaded, device, _ = worker_model(ref)
     dtype = autocast_dtype(options.precision, device)
     # forward passes only: batch norms folded, and in float32 on a CPU run by ONNX Runtime
-    model, prep = forward_model(ref) if dtype is not None else curves_model(ref), loaded.preprocessing
+    model = forward_model(ref) if dtype is not None else curves_model(ref)
+    prep = loaded.preprocessing
     wanted = evaluation_options(options)
     results, errors = [], []
     for row in rows:
