@@ -94,9 +94,25 @@ def fast_forward(model: nn.Module, example: torch.Tensor, dtype: torch.dtype | N
         import onnxruntime  # noqa: F401
     except ImportError:
         return model
+    if refused := _refused(model):  # the exporter would print its whole graph to stdout, then fail
+        log.info("running the model in PyTorch: %s", refused)
+        return model
     try:
         return OnnxForward(model, example.cpu(), threads or torch.get_num_threads())
     except Exception as e:  # noqa: BLE001 - any exporter failure: PyTorch's own pass is as right, only slower
         log.warning("running the model in PyTorch: its ONNX export failed (%s: %s)", type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "")
         return model
+
+
+def _refused(model: nn.Module) -> str | None:
+    """Why the exporter cannot take `model` with a dynamic height and width, where that is
+    known beforehand: an adaptive pool to a grid other than 1x1 (AlexNet's 6x6, VGG's 7x7)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            size = module.output_size
+            grid = (size, size) if isinstance(size, int) else tuple(size)
+            if grid != (1, 1):
+                shown = "x".join("input" if side is None else str(side) for side in grid)
+                return f"{name} pools to a {shown} grid, which ONNX export takes at a fixed input size only"
+    return None
