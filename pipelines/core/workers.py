@@ -111,14 +111,14 @@ def forward_model(ref: ModelRef) -> torch.nn.Module:
     return inference_model(loaded, []).to(memory_format=torch.channels_last)
 
 
-@functools.lru_cache(maxsize=2)
-def curves_model(ref: ModelRef) -> torch.nn.Module:
-    """`forward_model` as the deletion and insertion curves run it in float32: in ONNX Runtime
-    on a CPU (`onnx_forward`: 1.9x the images a second of PyTorch's pass on MobileNet-V2),
-    else the PyTorch model."""
+@functools.lru_cache(maxsize=4)
+def curves_model(ref: ModelRef, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """`forward_model` as the deletion and insertion curves run it: in float32 on a CPU in ONNX
+    Runtime (`onnx_forward`: 1.6-2.0x the images a second of PyTorch's pass on MobileNet-V2),
+    else (an autocast `dtype`, a GPU) the PyTorch model."""
     loaded, device, _ = worker_model(ref)
     side = loaded.preprocessing.crop
-    return fast_forward(forward_model(ref), torch.zeros(1, 3, side, side, device=device))
+    return fast_forward(forward_model(ref), torch.zeros(1, 3, side, side, device=device), dtype)
 
 
 def visualisation_model(loaded: LoadedModel, specs: list, device: torch.device | str = "cpu") -> PixelModel:

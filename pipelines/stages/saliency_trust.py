@@ -54,7 +54,6 @@ from featscope.pipelines.core.workers import (
     ModelRef,
     curves_model,
     dask_client,
-    forward_model,
     model_ref,
     model_view,
     one_task_at_a_time,
@@ -113,9 +112,7 @@ def evaluate_batch(root: str, options: EvaluateOptions, ref: ModelRef, rows: lis
     rd = RunDir(root)
     loaded, device, _ = worker_model(ref)
     dtype = autocast_dtype(options.precision, device)
-    # forward passes only: batch norms folded, and in float32 on a CPU run by ONNX Runtime
-    model = forward_model(ref) if dtype is not None else curves_model(ref)
-    prep = loaded.preprocessing
+    model, prep = curves_model(ref, dtype), loaded.preprocessing  # forward passes only: batch norms folded
     wanted = evaluation_options(options)
     results, errors = [], []
     for row in rows:

@@ -95,4 +95,6 @@ def test_pytorch_stays_where_onnx_runtime_would_not_do_the_same_work(caplog, cap
 
 def test_the_curves_of_saliency_evaluate_run_in_onnx_runtime_on_a_cpu():
     """What `test_saliency_trust`'s AUCs (equal to PyTorch's curves) then go through."""
-    assert isinstance(curves_model(ModelRef("resnet18", "random", 0, None)), OnnxForward)
+    ref = ModelRef("resnet18", "random", 0, None)
+    assert isinstance(curves_model(ref), OnnxForward)
+    assert not isinstance(curves_model(ref, torch.bfloat16), OnnxForward)  # autocast: PyTorch's folded model
