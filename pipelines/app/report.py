@@ -41,6 +41,7 @@ from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir, record_unreadable
 from featscope.pipelines.core.store import read_errors, read_predictions
+from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.timings import read_timings
 from featscope.pipelines.core.trust import (
     BASELINES,
@@ -288,7 +289,11 @@ def _evaluation(rd: RunDir) -> dict | None:
                      "`featscope report`)."}
 
 
-def _mosaics(rd: RunDir) -> list[dict]:
+def _mosaics(rd: RunDir, live: np.ndarray) -> list[dict]:
+    """The grid mosaics with their cell tables, a notice in place of one drawn from an earlier
+    map or from a map made before the dataset last changed (its tiles would open pages of
+    retired images), and the scatter and plot where they are current."""
+    featured = np.setdiff1d(live, manifest.featureless(rd))
     mosaics = []
     for layer in rd.mosaic_layers():
         table = pq.read_table(rd.mosaic(layer, "grid", "parquet"))
@@ -304,6 +309,14 @@ def _mosaics(rd: RunDir) -> list[dict]:
                                                      "so it is not shown: the workflow's next run draws it again "
                                                      f"(or `featscope mosaic all --run {rd.root} --layer {layer}`, "
                                                      "then `featscope report`)."})
+            continue
+        if any(behind := derived.map_behind(rd, layer, live, featured)):
+            mosaics.append({"layer": layer, "stale": f"The grid mosaic of {layer} was drawn from a map made before the "
+                                                     f"dataset last changed ({plural(behind[0], 'retired image')} in "
+                                                     f"it, {plural(behind[1], 'live image')} missing), so it is not "
+                                                     "shown: the workflow's next run draws it again (or `featscope "
+                                                     f"embed --run {rd.root} --layer {layer}` and `featscope mosaic "
+                                                     "all`, then `featscope report`)."})
             continue
         side = int(meta.get("side", 0))
         grid = [[-1] * side for _ in range(side)]
@@ -451,7 +464,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "errors": errors.slice(0, 200).to_pylist(),
         "timings": read_timings(rd),
         "history": read_history(rd)[-50:],
-        "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd),
+        "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd, ids),
         "toolbox": _toolbox(rd, set(ids.tolist())),
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
         "trust": {"faithfulness": trust, "sanity": _sanity(rd, verdicts), "sanity_stale": sanity_stale}

@@ -251,8 +251,15 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         if not derived.current(rd, picture, derived.mosaic_sources(rd, layer, kind)):
             out.stale.append(f"mosaic {layer} {kind}")
             out.lines.append(f"mosaic {layer} {kind}: stale: drawn from an earlier map of {layer}"
-                             + (" or other labels" if kind == "plot" else "") + _retired_tiles(rd, layer, kind, live)
+                             + (" or other labels" if kind == "plot" else "")
+                             + (f" ({tiles})" if (tiles := _retired_tiles(rd, layer, kind, live)) else "")
                              + f": the next workflow run or `featscope mosaic {kind}` draws it again")
+        elif any(behind := derived.map_behind(rd, layer, live, featured)):
+            out.stale.append(f"mosaic {layer} {kind}")
+            out.lines.append(f"mosaic {layer} {kind}: stale: drawn from a map of {layer} made before the dataset last "
+                             f"changed ({plural(behind[0], 'retired image')} in it, {plural(behind[1], 'live image')} "
+                             f"missing{'; ' + tiles if (tiles := _retired_tiles(rd, layer, kind, live)) else ''}): the "
+                             f"next workflow run, or `featscope embed` and then `featscope mosaic {kind}`, draws it again")
         elif kind != "plot" and (left_out := read_record(rd.mosaic_unreadable(layer, kind)).get("ids")):
             out.stale.append(f"mosaic {layer} {kind}")
             out.lines.append(f"mosaic {layer} {kind}: {plural(len(left_out), 'image')} left out, unreadable when it "
@@ -351,13 +358,13 @@ def _mosaics(rd: RunDir) -> list[tuple[str, str]]:
 
 
 def _retired_tiles(rd: RunDir, layer: str, kind: str, live: np.ndarray) -> str:
-    """For a grid: how many of its tiles show images retired since it was drawn."""
+    """For a grid: how many of its tiles show images retired since it was drawn ('' if none)."""
     cells = rd.mosaic(layer, "grid", "parquet")
     if kind != "grid" or not cells.exists():
         return ""
     ids = _ids(cells)
     gone = int(np.isin(ids, live, invert=True).sum())
-    return f" ({gone} of its {len(ids)} tiles show images retired since)" if gone else ""
+    return f"{gone} of its {len(ids)} tiles show images retired since" if gone else ""
 
 
 def _unfinished(out: Status, what: str) -> None:

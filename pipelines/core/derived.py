@@ -18,6 +18,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
+
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core.atomic import withdraw, write_json_atomic
 from featscope.pipelines.core.rundir import RunDir
@@ -75,6 +78,14 @@ def mosaic_sources(rd: RunDir, layer: str, kind: str) -> list[Path]:
     """A mosaic (`grid`, `scatter`) is drawn from its layer's map; the `plot` is coloured by
     label too."""
     return [rd.embedding(layer)] + ([rd.live_labels] if kind == "plot" else [])
+
+
+def map_behind(rd: RunDir, layer: str, live: np.ndarray, featured: np.ndarray) -> tuple[int, int]:
+    """(images of the layer's 2-D map retired since, live images with features that it lacks).
+    A map made before the dataset last changed stays the map its mosaics are drawn from, so
+    they count as current by their record alone: they are not, while the map is behind."""
+    ids = pq.read_table(rd.embedding(layer), columns=["image_id"])["image_id"].to_numpy()
+    return int(np.isin(ids, live, invert=True).sum()), int(np.isin(featured, ids, invert=True).sum())
 
 
 def sheet_sources(rd: RunDir, layer: str) -> list[Path]:

@@ -331,6 +331,46 @@ def test_mosaics_drawn_from_an_earlier_map_are_stale_and_left_out_of_the_report(
     assert "mosaic pool grid" in status(rd).stale
 
 
+def test_mosaics_of_a_map_made_before_the_dataset_changed_are_stale_and_left_out_of_the_report(mapped_run, digits):
+    """Mosaics drawn from the map as it is were called current while that map itself was
+    behind the dataset (the manifest retired images and added others, and embed had not run
+    since): status said "grid, plot, scatter, current" and the report showed the grid, whose
+    tiles of retired images opened pages that no longer exist."""
+    import shutil
+
+    from featscope.pipelines.app import report
+    from featscope.pipelines.app.status import status
+
+    rd = mapped_run
+    embed.embed(rd, "pool", perplexity=10)
+    mosaic._all(rd, mosaic.AllOptions(layer="pool", side=6, tile=16), progress=False)
+    shown = pq.read_table(rd.mosaic("pool", "grid", "parquet"))["image_id"].to_numpy()
+    images = rd.root.parent / "images"
+    shutil.rmtree(images / "7")
+    write_dataset(images, digits, n_photos=0, labels=(4,), digits_per_label=8)
+    manifest.run(rd, images, shard_size=20)
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    live = manifest.read(rd)["image_id"].to_numpy()
+    gone = int(np.isin(shown, live, invert=True).sum())
+    assert gone > 0
+    now = status(rd)
+    assert {"mosaic pool grid", "mosaic pool scatter", "mosaic pool plot"} <= set(now.stale)
+    assert ("mosaic pool grid: stale: drawn from a map of pool made before the dataset last changed (8 retired "
+            f"images in it, 8 live images missing; {gone} of its 36 tiles show images retired since): the next "
+            "workflow run, or `featscope embed` and then `featscope mosaic grid`, draws it again") in now.lines
+    built = report.build(rd, k=2, progress=False)
+    assert "mosaic pool" in built.line()
+    run = load_script(rd.report_dir / "data" / "run.js")
+    assert [set(m) for m in run["mosaics"]] == [{"layer", "stale"}]
+    assert "made before the dataset last changed (8 retired images in it" in run["mosaics"][0]["stale"]
+    embed.embed(rd, "pool", perplexity=10)
+    mosaic._all(rd, mosaic.AllOptions(layer="pool", side=6, tile=16), progress=False)
+    assert "mosaic pool: grid, plot, scatter, current" in status(rd).lines
+    report.build(rd, k=2, progress=False)
+    assert set(load_script(rd.report_dir / "data" / "run.js")["mosaics"][0]) == {"layer", "side", "grid", "scatter",
+                                                                                   "plot"}
+
+
 def test_kept_tiles_equal_fresh_ones_and_follow_the_images_asked_for(mapped_run):
     rows = manifest.read(mapped_run).to_pylist()
     items = [(r["image_id"], r["path"], 24 if r["image_id"] % 3 else 12) for r in rows]
