@@ -289,11 +289,10 @@ def _evaluation(rd: RunDir) -> dict | None:
                      "`featscope report`)."}
 
 
-def _mosaics(rd: RunDir, live: np.ndarray) -> list[dict]:
+def _mosaics(rd: RunDir, live: np.ndarray, featured: np.ndarray) -> list[dict]:
     """The grid mosaics with their cell tables, a notice in place of one drawn from an earlier
     map or from a map made before the dataset last changed (its tiles would open pages of
     retired images), and the scatter and plot where they are current."""
-    featured = np.setdiff1d(live, manifest.featureless(rd))
     mosaics = []
     for layer in rd.mosaic_layers():
         table = pq.read_table(rd.mosaic(layer, "grid", "parquet"))
@@ -420,6 +419,11 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     record_unreadable(rd.report_unreadable, [r["image_id"] for r in missing if is_grey(rd, r["image_id"])])
     ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
     neighbours, recomputed, lists_state = neighbour_lists(rd, ids, k, progress)
+    featured = np.setdiff1d(ids, manifest.featureless(rd))  # live images an index or map can hold
+    # an index that lacks images added since it was built (it holds none retired: open_index
+    # refuses those) gives them no list, and may leave a nearer one out of every other list
+    unindexed = {layer: lacking for layer in neighbours if (lacking := derived.index_behind(rd, layer, ids, featured)[1])}
+    featured_ids = set(featured.tolist()) if unindexed else set()
     saliency = _saliency(rd)
     aucs, trust = _aucs(rd)
     explained, explained_layers, explained_stale = _explained(rd, set(ids.tolist()))
@@ -439,6 +443,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
             by_chunk[i // SHARD][i]["auc"] = aucs[i]
         if i in explained:
             by_chunk[i // SHARD][i]["explained"] = explained[i]
+        if missing_from := [space for space in unindexed if i not in neighbours[space] and i in featured_ids]:
+            by_chunk[i // SHARD][i]["unindexed"] = missing_from  # added since the index was built
     # run.js (the summary every page starts from) vouches for the data files: written again
     # last, so the pages of a build stopped half way say so instead of mixing two builds (and
     # only now, so that the report before stays readable while this one is computed)
@@ -460,11 +466,12 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "spaces": list(neighbours), "pixels": PIXELS, "shard": SHARD, "k": k, "live_stamp": rd.live_stamp(),
         "space_warnings": {layer: f"the '{layer}' index's {said}" for layer in neighbours
                            if (said := recall_shortfall(json.loads(rd.index_meta(layer).read_text())))},
+        "unindexed": unindexed,
         "bad_inputs": errors.num_rows,
         "errors": errors.slice(0, 200).to_pylist(),
         "timings": read_timings(rd),
         "history": read_history(rd)[-50:],
-        "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd, ids),
+        "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd, ids, featured),
         "toolbox": _toolbox(rd, set(ids.tolist())),
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
         "trust": {"faithfulness": trust, "sanity": _sanity(rd, verdicts), "sanity_stale": sanity_stale}
@@ -474,7 +481,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     }
     _script(out / "data" / "run.js", "FS_RUN", summary)
     derived.remember(out / "data" / "run.js", sources)
-    stale = ([f"top-k {layer['name']}" for layer in summary["topk"] if layer["stale"]]
+    stale = ([f"neighbours {layer}" for layer in unindexed]
+             + [f"top-k {layer['name']}" for layer in summary["topk"] if layer["stale"]]
              + [f"mosaic {m['layer']}" for m in summary["mosaics"] if "stale" in m]
              + (["precision@k"] if (summary["evaluation"] or {}).get("stale") else [])
              + (["sanity verdicts"] if (summary["trust"] or {}).get("sanity_stale") else [])

@@ -169,12 +169,16 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         state = f"stale: {'; '.join(w for w in why if w)}" if gone or lacking or also else "current"
         out.lines.append(f"{kind} {name}: {plural(len(ids), 'image')}{extra}, {state}")
 
+    unindexed: dict[str, int] = {}  # layer -> live images its index lacks (the report lists neighbours from it)
     for layer in rd.index_layers():
         from featscope.index import recall_shortfall  # faiss: only for a run with indexes
 
         meta = json.loads(rd.index_meta(layer).read_text())
         again = [str(shard) for shard in parts_written_again(rd.features_dir(layer), meta.get("feature_parts"))]
-        describe("index", layer, _ids(rd.index_dir(layer) / "ids.parquet"), f" ({meta.get('factory')})",
+        indexed = _ids(rd.index_dir(layer) / "ids.parquet")
+        if lacking := int(np.isin(featured, indexed, invert=True).sum()):
+            unindexed[layer] = lacking
+        describe("index", layer, indexed, f" ({meta.get('factory')})",
                  f"{plural(len(again), 'shard')} extracted again since it was built ({', '.join(again[:5])}): the "
                  "next `featscope index build` takes their vectors" if again else "")
         if shortfall := recall_shortfall(meta):
@@ -195,6 +199,11 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             out.lines.append(f"neighbours {layer}: sheet drawn from an earlier index or labels, which may show other "
                              "neighbours and images retired since: the next workflow run or `featscope neighbours` "
                              "draws it again")
+        elif lacking := [f"{space}: {unindexed[space]}" for space in dict.fromkeys((layer, PIXELS)) if space in unindexed]:
+            out.stale.append(f"neighbours {layer}")
+            out.lines.append(f"neighbours {layer}: sheet drawn from an index that lacks live images added since it was "
+                             f"built ({', '.join(lacking)}), which may be nearer: the next workflow run, or `featscope "
+                             "index build` and then `featscope neighbours`, draws it again")
         elif greys := rd.greyed_neighbours(layer):
             out.stale.append(f"neighbours {layer}")
             out.lines.append(f"neighbours {layer}: sheet with {plural(len(greys), 'grey tile')}, images that could not "
@@ -327,12 +336,17 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
     if run_js.exists():
         behind = derived.report_behind(rd)
         greys = read_record(rd.report_unreadable).get("ids", [])
+        lacking = ", ".join(f"{layer}: {n}" for layer, n in unindexed.items())
         out.lines.append("report: " + (f"stale: {derived.report_staleness(rd, behind)} (the next workflow run or "
-                                       "`featscope report` builds it again)" if behind else "current")
+                                       "`featscope report` builds it again)" if behind else
+                                       f"stale: its neighbour lists come from indexes that lack live images added "
+                                       f"since they were built ({lacking}; its pages say so): the next workflow run, "
+                                       "or `featscope index build` and then `featscope report`, builds it again"
+                                       if unindexed else "current")
                          + (f"; {plural(len(greys), 'image')} shown as a grey square, unreadable when it was built "
                             f"(ids {', '.join(map(str, greys[:5]))}{', ...' if len(greys) > 5 else ''}): the next "
                             "workflow run or `featscope report` builds it again" if greys else ""))
-        if behind or greys:
+        if behind or greys or unindexed:
             out.stale.append("report")
     runs = read_history(rd)
     if runs:

@@ -356,6 +356,38 @@ def test_pages_opened_from_disk_say_when_the_report_predates_the_dataset(tmp_pat
     assert page.errors == []
 
 
+def test_image_pages_say_when_an_index_lacks_images_added_since_it_was_built(tmp_path, digits, page):
+    """A report built after images were added but before the indexes took them: a new image's
+    page says it is not in the index yet, and an older one's that its list may miss one."""
+    from helpers import write_dataset
+
+    from featscope.pipelines.app import report
+    from featscope.pipelines.core.rundir import RunDir
+    from featscope.pipelines.stages import extract
+
+    images = tmp_path / "images"
+    write_dataset(images, digits, n_photos=2, labels=(0, 1), digits_per_label=3)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, images, model="resnet18", weights="random", shard_size=5)
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    old = int(manifest.read(rd)["image_id"][0].as_py())
+    write_dataset(images, digits, n_photos=0, labels=(3,), digits_per_label=2)
+    manifest.run(rd, images)
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    new = max(manifest.read(rd)["image_id"].to_pylist())
+    report.build(rd, k=2, progress=False)
+    page.goto((rd.report_dir / "image.html").as_uri() + f"?id={new}")
+    page.locator("p.unindexed").wait_for()
+    assert page.locator("p.unindexed").inner_text().startswith("This image is not in the pool index yet (it lacks 2 of")
+    assert page.locator(".neighbours[data-space=pool]").count() == 0
+    page.goto((rd.report_dir / "image.html").as_uri() + f"?id={old}")
+    page.locator("p.unindexed").wait_for()
+    assert page.locator("p.unindexed").inner_text().startswith("The pool index lacks 2 of the run's images, added since")
+    assert page.locator(".neighbours[data-space=pool] img").count() == 2
+    assert page.errors == []
+
+
 def test_pages_show_a_notice_where_an_output_was_made_from_an_earlier_one(tmp_path, digits, page):
     """A mosaic drawn from an earlier map, precision measured on an earlier index, a top-k
     merged before a shard's candidates changed and pairs explained for an earlier index's

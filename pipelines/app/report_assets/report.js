@@ -197,9 +197,21 @@ const FS = (() => {
     s.append(el("div", { class: "hero" }, el("img", { src: thumb(id), alt: `image ${id}` })),
       table([["label", entry.label], ["predicted", (entry.prediction || []).map(([name, p]) => `${name} (${p.toFixed(2)})`).join(", ") || "-"],
         ["file", entry.name], ["shard", entry.shard]]));
-    for (const [space, found] of Object.entries(entry.neighbours)) {
+    for (const space of run.spaces || []) {
+      const found = entry.neighbours[space];
+      const unindexed = (run.unindexed || {})[space];  // live images the index lacks: added since it was built
+      if (!found && !(entry.unindexed || []).includes(space)) continue;
       const title = space === run.pixels ? "Neighbours in pixel space" : `Neighbours in ${space} feature space`;
       const n = section(title);
+      if (unindexed) {
+        const update = `\`featscope index build --layer ${space}\`, then \`featscope report\``;
+        n.append(el("p", { class: "stale unindexed", text: found
+          ? `The ${space} index lacks ${unindexed} of the run's images, added since it was built: they are in no ` +
+            `list, and this one may miss a nearer image among them. ${update} brings them in.`
+          : `This image is not in the ${space} index yet (it lacks ${unindexed} of the run's images, added since it ` +
+            `was built): ${update} lists its neighbours.` }));
+        if (!found) continue;
+      }
       const warning = (run.space_warnings || {})[space];
       if (warning) n.append(el("p", { class: "stale recall", text: `Approximate: ${warning}.` }));
       const pair = el("div", { class: "pair", "data-space": space });
