@@ -422,7 +422,8 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     featured = np.setdiff1d(ids, manifest.featureless(rd))  # live images an index or map can hold
     # an index that lacks images added since it was built (it holds none retired: open_index
     # refuses those) gives them no list, and may leave a nearer one out of every other list
-    unindexed = {layer: lacking for layer in neighbours if (lacking := derived.index_behind(rd, layer, ids, featured)[1])}
+    unindexed = {layer: lacking for layer in neighbours
+                 if (lacking := derived.index_behind(rd, layer, ids, featured)[1])}
     featured_ids = set(featured.tolist()) if unindexed else set()
     saliency = _saliency(rd)
     aucs, trust = _aucs(rd)

@@ -199,7 +199,8 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             out.lines.append(f"neighbours {layer}: sheet drawn from an earlier index or labels, which may show other "
                              "neighbours and images retired since: the next workflow run or `featscope neighbours` "
                              "draws it again")
-        elif lacking := [f"{space}: {unindexed[space]}" for space in dict.fromkeys((layer, PIXELS)) if space in unindexed]:
+        elif lacking := [f"{space}: {unindexed[space]}" for space in dict.fromkeys((layer, PIXELS))
+                         if space in unindexed]:
             out.stale.append(f"neighbours {layer}")
             out.lines.append(f"neighbours {layer}: sheet drawn from an index that lacks live images added since it was "
                              f"built ({', '.join(lacking)}), which may be nearer: the next workflow run, or `featscope "

@@ -383,7 +383,7 @@ def test_image_pages_say_when_an_index_lacks_images_added_since_it_was_built(tmp
     assert page.locator(".neighbours[data-space=pool]").count() == 0
     page.goto((rd.report_dir / "image.html").as_uri() + f"?id={old}")
     page.locator("p.unindexed").wait_for()
-    assert page.locator("p.unindexed").inner_text().startswith("The pool index lacks 2 of the run's images, added since")
+    assert page.locator("p.unindexed").inner_text().startswith("The pool index lacks 2 of the run's images, added")
     assert page.locator(".neighbours[data-space=pool] img").count() == 2
     assert page.errors == []
 
