@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 import faiss
 import numpy as np
+import pyarrow.parquet as pq
 
 from featscope.index import NeighbourIndex, Neighbours
 from featscope.kernels.errors import FeatscopeError
@@ -132,3 +133,25 @@ def rewritten_note(rd: RunDir, layer: str, meta: dict) -> str:
             f"{'it was' if len(again) == 1 else 'they were'} extracted again ({', '.join(map(str, again[:5]))}"
             f"{', ...' if len(again) > 5 else ''}): update it with `featscope index build --run {rd.root} --layer "
             f"{layer}`")
+
+
+def unindexed_note(rd: RunDir, layer: str, indexed: np.ndarray, live: np.ndarray | None = None) -> str:
+    """What answers from an index holding `indexed` lack while live images added since it was
+    built are not in it yet (`live`: the live ids with features, if read already), or ""."""
+    if live is None:
+        live = np.setdiff1d(manifest.read(rd).column("image_id").to_numpy(), manifest.featureless(rd))
+    unindexed = int(np.isin(live, indexed, invert=True).sum())
+    return (f"{plural(unindexed, 'live image')} of the run not in the '{layer}' index yet (added since it was last "
+            f"updated), which no answer names: update it with `featscope index build --run {rd.root} --layer "
+            f"{layer}`" if unindexed else "")
+
+
+def indexed_ids(rd: RunDir, layer: str) -> np.ndarray:
+    """The image ids the layer's index holds, from its id table alone (the index unopened)."""
+    return pq.read_table(rd.index_dir(layer) / "ids.parquet", columns=["image_id"])["image_id"].to_numpy()
+
+
+def not_in_index(rd: RunDir, layer: str, image_id: int) -> FeatscopeError:
+    """The error for a live image that the layer's index does not hold yet."""
+    return FeatscopeError(f"image {image_id} is not in the '{layer}' index yet (added since it was last updated): "
+                          f"update it with `featscope index build --run {rd.root} --layer {layer}`")

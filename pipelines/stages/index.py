@@ -38,13 +38,14 @@ from featscope.pipelines.core.neighbours import (
     list_identity,
     lists_to_redo,
     neighbours_of,
+    not_in_index,
     open_index,
     rewritten_note,
+    unindexed_note,
 )
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features, part_stamp
-from featscope.pipelines.core.text import plural
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
 
@@ -331,14 +332,10 @@ def query(rd: RunDir, layer: str, *, image_id: int | None = None, path: str | No
         if image_id in failed:
             raise FeatscopeError(f"image {image_id} has no {layer} features: {failed[image_id]} (errors.parquet)")
         if image_id not in index:
-            raise FeatscopeError(f"image {image_id} is not in the '{layer}' index yet (added since it was last "
-                                 f"updated): update it with `featscope index build --run {rd.root} --layer {layer}`")
+            raise not_in_index(rd, layer, image_id)
         found = neighbours_of(index, [image_id], k)
     live = np.fromiter((i for i, r in rows.items() if not r["removed"] and i not in failed), dtype=np.int64)
-    unindexed = int(np.isin(live, index.ids, invert=True).sum())
-    note = (f"{plural(unindexed, 'live image')} of the run not in the '{layer}' index yet (added since it was last "
-            f"updated), which no answer names: update it with `featscope index build --run {rd.root} --layer "
-            f"{layer}`" if unindexed else "")
+    note = unindexed_note(rd, layer, index.ids, live)
     if again := rewritten_note(rd, layer, index.meta):
         note = "; ".join(filter(None, [note, again]))
     if shortfall := recall_shortfall(index.meta):

@@ -14,7 +14,15 @@ from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path
 from featscope.pipelines.core.images import BadImage, open_image
-from featscope.pipelines.core.neighbours import image_rows, neighbours_of, open_index, rewritten_note
+from featscope.pipelines.core.neighbours import (
+    image_rows,
+    indexed_ids,
+    neighbours_of,
+    not_in_index,
+    open_index,
+    rewritten_note,
+    unindexed_note,
+)
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, record_unreadable
 from featscope.pipelines.core.text import plural
@@ -81,6 +89,9 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
             greys.add(image_id)
         sheet.paste(tile_image or Image.new("RGB", (tile, tile), GREY), (x, y))
 
+    for name, index in spaces:
+        if missing := [q for q in image_ids if q not in index]:
+            raise not_in_index(rd, name, missing[0])
     y = MARGIN
     for query in image_ids:
         for s, (name, index) in enumerate(spaces):
@@ -133,6 +144,9 @@ def run(rd: RunDir, options: NeighboursOptions) -> str:
         line += f"; left out {plural(len(retired), 'query')} no longer in the dataset ({', '.join(map(str, retired))})"
     if again := rewritten_note(rd, options.layer, json.loads(rd.index_meta(options.layer).read_text())):
         line += f"; {again}"
+    for space in dict.fromkeys((options.layer, PIXELS)):  # the sheet's rows
+        if rd.index_meta(space).exists() and (lacking := unindexed_note(rd, space, indexed_ids(rd, space))):
+            line += f"; {lacking}"
     return line
 
 

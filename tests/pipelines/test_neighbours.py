@@ -401,3 +401,27 @@ def test_precision_measured_on_an_earlier_index_is_stale_and_not_shown(indexed_r
     assert "index evaluation" not in status(rd).stale
     report.build(rd, k=2, progress=False)
     assert load_script(rd.report_dir / "data" / "run.js")["evaluation"] == again
+
+
+def test_a_sheet_from_an_index_that_lacks_new_images_says_so_and_refuses_them_as_queries(indexed_run, digits):
+    """After images were added and extracted but the indexes not yet updated, a sheet's line
+    said nothing (its neighbours may miss a nearer new image), and a new image as a query was
+    'not in this index (N images)', without saying why or what updates it."""
+    rd = indexed_run
+    images = Path(manifest.read(rd)["path"][0].as_py()).parents[1]
+    before = set(manifest.read(rd)["image_id"].to_pylist())
+    write_dataset(images, digits, n_photos=0, labels=(3,), digits_per_label=2)
+    manifest.run(rd, images)
+    extract.extract(rd, ["pool", "pixels"], workers=0, progress=False)
+    new = sorted(set(manifest.read(rd)["image_id"].to_pylist()) - before)
+    assert len(new) == 2
+    line = sheets.run(rd, sheets.NeighboursOptions(layer="pool", ids=[min(before)], k=3))
+    for space in ("pool", "pixels"):
+        assert (f"2 live images of the run not in the '{space}' index yet (added since it was last updated), which no "
+                f"answer names: update it with `featscope index build --run {rd.root} --layer {space}`") in line
+    with pytest.raises(FeatscopeError, match=f"image {new[0]} is not in the 'pool' index yet .* `featscope index build"):
+        sheets.run(rd, sheets.NeighboursOptions(layer="pool", ids=[new[0]], k=3))
+    for space in ("pool", "pixels"):
+        neighbours.build(rd, space, progress=False)
+    line = sheets.run(rd, sheets.NeighboursOptions(layer="pool", ids=new, k=3))
+    assert "index yet" not in line
