@@ -419,7 +419,7 @@ def test_a_sheet_from_an_index_that_lacks_new_images_says_so_and_refuses_them_as
     for space in ("pool", "pixels"):
         assert (f"2 live images of the run not in the '{space}' index yet (added since it was last updated), which no "
                 f"answer names: update it with `featscope index build --run {rd.root} --layer {space}`") in line
-    with pytest.raises(FeatscopeError, match=f"image {new[0]} is not in the 'pool' index yet .* `featscope index build"):
+    with pytest.raises(FeatscopeError, match=f"image {new[0]} is not in the 'pool' index yet .* `featscope index"):
         sheets.run(rd, sheets.NeighboursOptions(layer="pool", ids=[new[0]], k=3))
     for space in ("pool", "pixels"):
         neighbours.build(rd, space, progress=False)
