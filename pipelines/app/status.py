@@ -295,10 +295,15 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                     + again)
         elif gone:
             said = f"stale: {gone} with an image that left the dataset (the report leaves those out)"
+        elif layer in unindexed:
+            said = (f"stale: their neighbours were found in an index of {layer} that lacks "
+                    f"{plural(unindexed[layer], 'live image')} added since it was built, which may be nearer: the "
+                    f"next workflow run, or `featscope index build` and then `featscope explain --layer {layer} "
+                    f"--queries {','.join(listed)}`, explains them again")
         else:
             said = "current"
         out.lines.append(f"explain {layer}: {plural(len(pairs), 'pair')}, {said}")
-        if earlier or gone:
+        if earlier or gone or layer in unindexed:
             out.stale.append(f"explain {layer}")
     for method in rd.saliency_methods():
         maps = rd.saliency_overlays(method)

@@ -30,7 +30,7 @@ from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
 from featscope.pipelines.core.images import BadImage, read_pixels
-from featscope.pipelines.core.neighbours import neighbours_of, open_index
+from featscope.pipelines.core.neighbours import neighbours_of, not_in_index, open_index, unindexed_note
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import column_array
@@ -192,6 +192,7 @@ class ExplainSummary:
     explanations: list[Explanation]
     seconds: float
     retired: int = 0
+    unindexed: str = ""  # the index lacks images added since it was built: a nearer one may be among them
 
     def line(self) -> str:
         if len(self.explanations) == 1:
@@ -200,9 +201,9 @@ class ExplainSummary:
             return (f"explain {e.layer}: {e.a} ~ {e.b}: similarity {e.result.similarity:.4f}{stored}, by "
                     f"{e.how}; maps on a {e.result.grid[0]}x{e.result.grid[1]} grid, each summing to "
                     f"{float(e.result.maps[0].sum()):.4f} and {float(e.result.maps[1].sum()):.4f}")
+        notes = [f"{plural(self.retired, 'pair')} of older lists deleted" if self.retired else "", self.unindexed]
         return (f"explain {self.layer}: {plural(len(self.explanations), 'pair')} in {self.seconds:.1f}s into "
-                f"explain/{self.layer}/" + (f"; {plural(self.retired, 'pair')} of older lists deleted"
-                                             if self.retired else ""))
+                f"explain/{self.layer}/" + "".join(f"; {note}" for note in notes if note))
 
 
 def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
@@ -223,7 +224,10 @@ def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
     withdraw(listed)  # the list of the pairs below: written again last
     derived.forget(listed)
     stamped = derived.stamp(rd, derived.explain_sources(rd, options.layer))  # the index that chose the neighbours
-    found = neighbours_of(open_index(rd, options.layer), np.array(live, dtype=np.int64), options.k)
+    index = open_index(rd, options.layer)
+    if missing := [q for q in live if q not in index]:
+        raise not_in_index(rd, options.layer, missing[0])
+    found = neighbours_of(index, np.array(live, dtype=np.int64), options.k)
     done, pairs = [], {}
     for query, neighbours in zip(live, found.image_ids):
         pairs[str(query)] = []
@@ -235,7 +239,8 @@ def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
     retired = _drop_others(rd, options.layer, {(int(q), n[0]) for q, ns in pairs.items() for n in ns})
     write_json_atomic(listed, {"similarity": options.similarity, "pairs": pairs})
     derived.remember(listed, stamped)
-    return ExplainSummary(options.layer, done, time.perf_counter() - start, retired)
+    return ExplainSummary(options.layer, done, time.perf_counter() - start, retired,
+                          unindexed_note(rd, options.layer, index.ids))
 
 
 def _unlist_if_other(rd: RunDir, layer: str, a: int, b: int, similarity: str) -> None:

@@ -193,3 +193,41 @@ def manifest_column(rd, column):
     from featscope.pipelines.core import manifest
 
     return manifest.read(rd)[column].to_pylist()
+
+
+def test_pairs_explained_from_an_index_that_lacks_new_images_are_stale(reported_run, tmp_path, digits):
+    """Images added and extracted, the index not yet updated: `explain --queries` chose each
+    query's neighbours from an index without them (a nearer one may be among them), said
+    nothing, and status called the pairs current; a new image as a query failed on 'not in
+    this index'."""
+    from helpers import write_dataset
+
+    from featscope.kernels.errors import FeatscopeError
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core.manifest import run as update_manifest
+    from featscope.pipelines.stages import extract
+    from featscope.pipelines.stages import index as neighbours
+
+    shutil.copytree(reported_run.root, tmp_path / "run")
+    shutil.copytree(reported_run.root.parent / "images", tmp_path / "images")
+    rd = RunDir(tmp_path / "run")
+    query = photo_ids(rd)[0]
+    before = set(manifest_column(rd, "image_id"))
+    write_dataset(tmp_path / "images", digits, n_photos=0, labels=(3,), digits_per_label=2)
+    update_manifest(rd, tmp_path / "images")
+    extract.extract(rd, ["pool", "layer3", "pixels"], workers=0, topk=3, progress=False)
+    new = sorted(set(manifest_column(rd, "image_id")) - before)
+    summary = explain.run(rd, explain.ExplainOptions(layer="pool", queries=[query], k=2))
+    assert summary.line().endswith(f"; 2 live images of the run not in the 'pool' index yet (added since it was last "
+                                   f"updated), which no answer names: update it with `featscope index build --run "
+                                   f"{rd.root} --layer pool`")
+    said = status(rd)
+    assert "explain pool" in said.stale
+    assert (f"explain pool: 2 pairs, stale: their neighbours were found in an index of pool that lacks 2 live images "
+            f"added since it was built, which may be nearer: the next workflow run, or `featscope index build` and "
+            f"then `featscope explain --layer pool --queries {query}`, explains them again") in said.lines
+    with pytest.raises(FeatscopeError, match=f"image {new[0]} is not in the 'pool' index yet"):
+        explain.run(rd, explain.ExplainOptions(layer="pool", queries=[new[0]], k=2))
+    neighbours.build(rd, "pool", progress=False)
+    assert "index yet" not in explain.run(rd, explain.ExplainOptions(layer="pool", queries=[query], k=2)).line()
+    assert "explain pool: 2 pairs, current" in status(rd).lines
