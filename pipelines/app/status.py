@@ -61,9 +61,9 @@ def _other_precision(rd: RunDir, layer: str, shards: list[int], precision: str |
     return [s for s, p in found.items() if p not in (None, precision)]
 
 
-def _failed_maps(rd: RunDir, method: str, live: set[int], maps: dict) -> dict[str, int]:
-    """Error kind -> live images whose map the last saliency run of `method` could not make
-    (the stage records them, and tries them again on its next run)."""
+def _map_errors(rd: RunDir, method: str) -> dict[int, str]:
+    """image_id -> error kind, for the images whose map the last saliency run of `method`
+    could not make (the stage records them, and tries them again on its next run)."""
     part = rd.error_part(f"saliency-{method}", 0)
     if not part.exists():
         return {}
@@ -71,9 +71,31 @@ def _failed_maps(rd: RunDir, method: str, live: set[int], maps: dict) -> dict[st
         table = pq.read_table(part, columns=["image_id", "error"])
     except (OSError, pa.ArrowException):
         return {}  # damaged: `featscope verify` names it
-    kinds = {i: kind for i, kind in zip(table["image_id"].to_pylist(), table["error"].to_pylist())
-             if i in live and i not in maps}
+    return dict(zip(table["image_id"].to_pylist(), table["error"].to_pylist()))
+
+
+def _failed_maps(rd: RunDir, method: str, live: set[int], maps: dict) -> dict[str, int]:
+    """Error kind -> how many live images without a map it keeps from one (`_map_errors`)."""
+    kinds = {i: kind for i, kind in _map_errors(rd, method).items() if i in live and i not in maps}
     return dict(sorted(Counter(kinds.values()).items()))
+
+
+def _unmapped(rd: RunDir, method: str, maps: dict) -> tuple[str | None, int]:
+    """The selection the last saliency run of `method` was given, and how many live images it
+    chooses now that have no map and no recorded failure (added since it ran)."""
+    try:
+        selection = (pq.read_schema(rd.saliency_summary(method)).metadata or {}).get(b"select", b"").decode()
+    except (OSError, pa.ArrowException):
+        return None, 0  # no summary (a stopped run) or a damaged one: `featscope verify` names it
+    if not selection:
+        return None, 0  # made before the summary recorded it
+    rows = manifest.read(rd).select(["image_id", "label"]).to_pylist()
+    try:
+        chosen = manifest.choose(rows, selection)
+    except FeatscopeError:
+        return selection, 0  # chooses nothing now (a label gone): the stage itself says so
+    failed = _map_errors(rd, method)
+    return selection, sum(r["image_id"] not in maps and r["image_id"] not in failed for r in chosen)
 
 
 MAP_FAILURES = {"unreadable": "could not be read", "bad_image": "do not decode",
@@ -310,11 +332,15 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         gone = sum(i not in live_set for i in maps)
         failed = _failed_maps(rd, method, live_set, maps)
         why = ", ".join(f"{n} {MAP_FAILURES.get(kind, kind)}" for kind, n in failed.items())
+        selection, waiting = _unmapped(rd, method, maps)
         out.lines.append(f"saliency {method}: {plural(len(maps), 'map')}" + (f", {gone} of retired images" if gone
                                                                                else "")
                          + (f"; {plural(sum(failed.values()), 'selected image')} without one: {why} (errors.parquet; "
-                            "the workflow's next run or `featscope saliency compute` tries again)" if failed else ""))
-        if gone:
+                            "the workflow's next run or `featscope saliency compute` tries again)" if failed else "")
+                         + (f"; {plural(waiting, 'image')} that `--select {selection}` chooses now without one yet "
+                            f"(added since it ran): the next workflow run or `featscope saliency compute --method "
+                            f"{method} --select {selection}` makes them" if waiting else ""))
+        if gone or waiting:
             out.stale.append(f"saliency {method}")
         evaluated = read_evaluation(rd, method)
         if evaluated:

@@ -758,3 +758,28 @@ def made_for_other_images(recorded: str | None, digest: str) -> bool:
 def shards(rd: RunDir) -> list[int]:
     """Every shard id that has at least one image still present."""
     return sorted(set(read(rd)["shard"].to_pylist()))
+
+
+def choose(rows: list[dict], selection: str = "all") -> list[dict]:
+    """The manifest rows (with image_id and label) that `all`, `label=NAME` or `ids=1,2,3`
+    chooses: the saliency stages' `--select`. Without torch: status asks it too."""
+    if selection == "all":
+        return rows
+    key, _, value = selection.partition("=")
+    if key == "label" and value:
+        chosen = [r for r in rows if r["label"] == value]
+        if not chosen:
+            labels = sorted({str(r["label"]) for r in rows})
+            raise FeatscopeError(f"no image has label '{value}'; labels are: {', '.join(labels[:20])}")
+        return chosen
+    if key == "ids" and value:
+        try:
+            wanted = [int(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise ParamError("select", f"ids= needs comma-separated integers, got '{value}'") from None
+        by_id = {r["image_id"]: r for r in rows}
+        unknown = [i for i in wanted if i not in by_id]
+        if unknown:
+            raise FeatscopeError(f"unknown image ids: {', '.join(map(str, unknown[:10]))}")
+        return [by_id[i] for i in dict.fromkeys(wanted)]
+    raise ParamError("select", f"must be all, label=NAME or ids=1,2,3; got '{selection}'")

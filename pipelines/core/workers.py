@@ -18,7 +18,6 @@ from torchvision.transforms import functional as TF
 
 from featscope.kernels.cpu_gradients import for_cpu_gradients
 from featscope.kernels.errors import FeatscopeError
-from featscope.kernels.params import ParamError
 from featscope.kernels.transforms import PixelModel
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.cpus import split
@@ -33,27 +32,7 @@ T = TypeVar("T")
 
 def select(rd: RunDir, selection: str = "all") -> list[dict]:
     """Manifest rows (image_id, path, label) chosen by `all`, `label=NAME` or `ids=1,2,3`."""
-    rows = manifest.read(rd).select(["image_id", "path", "label"]).to_pylist()
-    if selection == "all":
-        return rows
-    key, _, value = selection.partition("=")
-    if key == "label" and value:
-        chosen = [r for r in rows if r["label"] == value]
-        if not chosen:
-            labels = sorted({str(r["label"]) for r in rows})
-            raise FeatscopeError(f"no image has label '{value}'; labels are: {', '.join(labels[:20])}")
-        return chosen
-    if key == "ids" and value:
-        try:
-            wanted = [int(x) for x in value.split(",") if x.strip()]
-        except ValueError:
-            raise ParamError("select", f"ids= needs comma-separated integers, got '{value}'") from None
-        by_id = {r["image_id"]: r for r in rows}
-        unknown = [i for i in wanted if i not in by_id]
-        if unknown:
-            raise FeatscopeError(f"unknown image ids: {', '.join(map(str, unknown[:10]))}")
-        return [by_id[i] for i in dict.fromkeys(wanted)]
-    raise ParamError("select", f"must be all, label=NAME or ids=1,2,3; got '{selection}'")
+    return manifest.choose(manifest.read(rd).select(["image_id", "path", "label"]).to_pylist(), selection)
 
 
 @dataclass(frozen=True)

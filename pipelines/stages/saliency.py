@@ -428,7 +428,8 @@ def _write_summary(rd: RunDir, options: SaliencyOptions, rows: list[dict], new: 
     ordered = [by_id[k] for k in sorted(by_id) if rd.saliency_map(options.method, k).exists()]
     table = pa.Table.from_pylist(ordered, schema=SUMMARY_SCHEMA)
     write_table(table, path, {"model": ref.arch, "weights": ref.weights,
-                              "options": json.dumps(recorded_options(options), sort_keys=True)})
+                              "options": json.dumps(recorded_options(options), sort_keys=True),
+                              "select": options.select})  # status: images it chooses now that have no map
 
 
 def _write_errors(rd: RunDir, method: str, live: set[int], new: list[dict], attempted: set[int]) -> None:

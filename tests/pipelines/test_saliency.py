@@ -169,6 +169,27 @@ def test_an_image_unreadable_for_a_while_is_named_by_status_and_mapped_by_the_ne
     assert read_record(run.saliency_unreadable("gradcam")).get(UNREADABLE_AT) == met
 
 
+def test_images_the_selection_chooses_since_the_last_run_are_named_by_status_until_mapped(run, small_dataset):
+    """A photo added after `--select label=photo` ran has no map: status said "6 maps" and
+    nothing else, as if the selection were done."""
+    from featscope.pipelines.app.status import status
+
+    options = saliency.SaliencyOptions(method="gradcam", select="label=photo", workers=1, images_per_task=64)
+    assert saliency.run(run, options, progress=False).computed == 6
+    assert [line for line in status(run).lines if line.startswith("saliency gradcam")] == ["saliency gradcam: 6 maps"]
+    photo = Path(photo_rows(run)[0]["path"])
+    Image.open(photo).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photo.with_name("flipped.png"))
+    manifest.run(run, small_dataset)
+    said = status(run)
+    assert "saliency gradcam" in said.stale
+    assert ("saliency gradcam: 6 maps; 1 image that `--select label=photo` chooses now without one yet (added since "
+            "it ran): the next workflow run or `featscope saliency compute --method gradcam --select label=photo` "
+            "makes them") in said.lines
+    assert saliency.run(run, options, progress=False).computed == 1
+    assert [line for line in status(run).lines if line.startswith("saliency gradcam")] == ["saliency gradcam: 7 maps"]
+    assert "saliency gradcam" not in status(run).stale
+
+
 def test_selection_by_label_and_ids_and_clear_errors(run):
     assert {r["label"] for r in photo_rows(run)} == {"photo"}
     ids = [r["image_id"] for r in manifest.read(run).to_pylist()][:2]
