@@ -80,22 +80,24 @@ def _failed_maps(rd: RunDir, method: str, live: set[int], maps: dict) -> dict[st
     return dict(sorted(Counter(kinds.values()).items()))
 
 
-def _unmapped(rd: RunDir, method: str, maps: dict) -> tuple[str | None, int]:
-    """The selection the last saliency run of `method` was given, and how many live images it
-    chooses now that have no map and no recorded failure (added since it ran)."""
+def _selection(rd: RunDir, method: str) -> str | None:
+    """The `--select` the last saliency run of `method` was given (its summary records it)."""
     try:
         selection = (pq.read_schema(rd.saliency_summary(method)).metadata or {}).get(b"select", b"").decode()
     except (OSError, pa.ArrowException):
-        return None, 0  # no summary (a stopped run) or a damaged one: `featscope verify` names it
-    if not selection:
-        return None, 0  # made before the summary recorded it
-    rows = manifest.read(rd).select(["image_id", "label"]).to_pylist()
+        return None  # no summary (a stopped run) or a damaged one: `featscope verify` names it
+    return selection or None  # none: made before the summary recorded it
+
+
+def _unmapped(rd: RunDir, method: str, maps: dict, selection: str, rows: list[dict]) -> int:
+    """How many live images (`rows`) `selection` chooses now that have no map of `method` and
+    no recorded failure: added since its last run."""
     try:
         chosen = manifest.choose(rows, selection)
     except FeatscopeError:
-        return selection, 0  # chooses nothing now (a label gone): the stage itself says so
+        return 0  # chooses nothing now (a label gone): the stage itself says so
     failed = _map_errors(rd, method)
-    return selection, sum(r["image_id"] not in maps and r["image_id"] not in failed for r in chosen)
+    return sum(r["image_id"] not in maps and r["image_id"] not in failed for r in chosen)
 
 
 MAP_FAILURES = {"unreadable": "could not be read", "bad_image": "do not decode",
@@ -327,12 +329,15 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         out.lines.append(f"explain {layer}: {plural(len(pairs), 'pair')}, {said}")
         if earlier or gone or layer in unindexed:
             out.stale.append(f"explain {layer}")
+    live_rows: list[dict] = []  # image_id and label of the live images, read once if a selection asks
     for method in rd.saliency_methods():
         maps = rd.saliency_overlays(method)
         gone = sum(i not in live_set for i in maps)
         failed = _failed_maps(rd, method, live_set, maps)
         why = ", ".join(f"{n} {MAP_FAILURES.get(kind, kind)}" for kind, n in failed.items())
-        selection, waiting = _unmapped(rd, method, maps)
+        if (selection := _selection(rd, method)) and not live_rows:
+            live_rows = table.filter(pa.array(~removed)).select(["image_id", "label"]).to_pylist()
+        waiting = _unmapped(rd, method, maps, selection, live_rows) if selection else 0
         out.lines.append(f"saliency {method}: {plural(len(maps), 'map')}" + (f", {gone} of retired images" if gone
                                                                                else "")
                          + (f"; {plural(sum(failed.values()), 'selected image')} without one: {why} (errors.parquet; "
