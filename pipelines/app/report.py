@@ -289,6 +289,21 @@ def _evaluation(rd: RunDir) -> dict | None:
                      "`featscope report`)."}
 
 
+def _kept_grid(rd: RunDir, layer: str, picture: Path, digest: str | None) -> Path:
+    """The grid picture copied into the report beside its cell table (data/mosaic-<layer>.js),
+    so a click always opens the image its tile shows: linked from the run, a grid drawn again
+    after the report was built (another --side, a workflow stopped before its report) showed
+    new tiles over the old table's images. The copy is checked against the table's digest."""
+    kept = rd.report_dir / "data" / f"mosaic-{layer}-grid.jpg"
+    if digest is not None and kept.exists() and file_digest(kept) == digest:
+        return kept
+    with atomic_path(kept) as tmp:
+        shutil.copyfile(picture, tmp)
+        if digest is not None and file_digest(tmp) != digest:  # drawn again since the check above
+            raise FeatscopeError(f"{picture} changed while the report was built: run `featscope report` again")
+    return kept
+
+
 def _mosaics(rd: RunDir, live: np.ndarray, featured: np.ndarray) -> list[dict]:
     """The grid mosaics with their cell tables, a notice in place of one drawn from an earlier
     map or from a map made before the dataset last changed (its tiles would open pages of
@@ -317,12 +332,13 @@ def _mosaics(rd: RunDir, live: np.ndarray, featured: np.ndarray) -> list[dict]:
                                                      f"embed --run {rd.root} --layer {layer}` and `featscope mosaic "
                                                      "all`, then `featscope report`)."})
             continue
+        kept = _kept_grid(rd, layer, picture, meta.get("grid_sha256"))
         side = int(meta.get("side", 0))
         grid = [[-1] * side for _ in range(side)]
         for r, c, i in zip(table["cell_row"].to_pylist(), table["cell_col"].to_pylist(), table["image_id"].to_pylist()):
             grid[r][c] = i
         _script(rd.report_dir / "data" / f"mosaic-{layer}.js", "FS_MOSAIC", {layer: grid})
-        entry = {"layer": layer, "side": side, "grid": _relative(rd, rd.mosaic(layer, "grid"))}
+        entry = {"layer": layer, "side": side, "grid": kept.relative_to(rd.report_dir).as_posix()}
         for kind, suffix in (("scatter", "jpg"), ("plot", "png")):
             if derived.current(rd, rd.mosaic(layer, kind, suffix), derived.mosaic_sources(rd, layer, kind)):
                 entry[kind] = _relative(rd, rd.mosaic(layer, kind, suffix))

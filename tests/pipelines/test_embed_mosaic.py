@@ -371,6 +371,29 @@ def test_mosaics_of_a_map_made_before_the_dataset_changed_are_stale_and_left_out
                                                                                    "plot"}
 
 
+def test_the_report_keeps_the_grid_its_cell_table_describes(mapped_run):
+    """The report linked the grid picture in the run: drawn again after the report was built
+    (another side), its page showed the new tiles over the old table, so a click opened
+    another image than the tile showed."""
+    from featscope.pipelines.app import report
+    from featscope.pipelines.core.atomic import file_digest
+
+    rd = mapped_run
+    embed.embed(rd, "pool", perplexity=10)
+    mosaic.grid(rd, "pool", side=6, tile=16, progress=False)
+    drawn = file_digest(rd.mosaic("pool", "grid"))
+    report.build(rd, k=2, progress=False)
+    entry = load_script(rd.report_dir / "data" / "run.js")["mosaics"][0]
+    assert entry["grid"] == "data/mosaic-pool-grid.jpg" and entry["side"] == 6
+    mosaic.grid(rd, "pool", side=4, tile=16, progress=False)  # drawn again; the report not built since
+    assert file_digest(rd.mosaic("pool", "grid")) != drawn
+    assert file_digest(rd.report_dir / entry["grid"]) == drawn  # the picture its 6x6 table describes
+    assert len(load_script(rd.report_dir / "data" / "mosaic-pool.js")["pool"]) == 6
+    report.build(rd, k=2, progress=False)
+    assert load_script(rd.report_dir / "data" / "run.js")["mosaics"][0]["side"] == 4
+    assert file_digest(rd.report_dir / "data" / "mosaic-pool-grid.jpg") == file_digest(rd.mosaic("pool", "grid"))
+
+
 def test_kept_tiles_equal_fresh_ones_and_follow_the_images_asked_for(mapped_run):
     rows = manifest.read(mapped_run).to_pylist()
     items = [(r["image_id"], r["path"], 24 if r["image_id"] % 3 else 12) for r in rows]
