@@ -283,17 +283,13 @@ def test_mosaics_drawn_while_an_image_could_not_be_read_are_named_until_drawn_ag
     assert not {"mosaic pool grid", "mosaic pool scatter"} & set(status(rd).stale)
 
 
-def test_mosaics_drawn_from_an_earlier_map_are_stale_and_left_out_of_the_report(mapped_run, digits):
-    """After images retired and others were placed into the map, the mosaics drawn before
-    still showed the retired ones (and not the new), and status and the report called them
-    current."""
+def draw_then_change_the_dataset(rd, digits) -> np.ndarray:
+    """Embed pool and draw its three mosaics (all current), then retire the eight 7s and add
+    eight 4s (manifest and extract; the map not made again): the grid's image ids as drawn."""
     import shutil
 
-    from featscope.pipelines.app import report
     from featscope.pipelines.app.status import status
-    from featscope.pipelines.core import derived
 
-    rd = mapped_run
     embed.embed(rd, "pool", perplexity=10)
     mosaic._all(rd, mosaic.AllOptions(layer="pool", side=6, tile=16), progress=False)
     assert not {s for s in status(rd).stale if s.startswith("mosaic")}
@@ -304,6 +300,19 @@ def test_mosaics_drawn_from_an_earlier_map_are_stale_and_left_out_of_the_report(
     write_dataset(images, digits, n_photos=0, labels=(4,), digits_per_label=8)
     manifest.run(rd, images, shard_size=20)
     extract.extract(rd, ["pool"], workers=0, progress=False)
+    return shown
+
+
+def test_mosaics_drawn_from_an_earlier_map_are_stale_and_left_out_of_the_report(mapped_run, digits):
+    """After images retired and others were placed into the map, the mosaics drawn before
+    still showed the retired ones (and not the new), and status and the report called them
+    current."""
+    from featscope.pipelines.app import report
+    from featscope.pipelines.app.status import status
+    from featscope.pipelines.core import derived
+
+    rd = mapped_run
+    shown = draw_then_change_the_dataset(rd, digits)
     assert embed.embed(rd, "pool", perplexity=10).how == "placed"
     live = manifest.read(rd)["image_id"].to_numpy()
     gone = int(np.isin(shown, live, invert=True).sum())  # tiles of the 8 sevens retired
@@ -336,20 +345,11 @@ def test_mosaics_of_a_map_made_before_the_dataset_changed_are_stale_and_left_out
     behind the dataset (the manifest retired images and added others, and embed had not run
     since): status said "grid, plot, scatter, current" and the report showed the grid, whose
     tiles of retired images opened pages that no longer exist."""
-    import shutil
-
     from featscope.pipelines.app import report
     from featscope.pipelines.app.status import status
 
     rd = mapped_run
-    embed.embed(rd, "pool", perplexity=10)
-    mosaic._all(rd, mosaic.AllOptions(layer="pool", side=6, tile=16), progress=False)
-    shown = pq.read_table(rd.mosaic("pool", "grid", "parquet"))["image_id"].to_numpy()
-    images = rd.root.parent / "images"
-    shutil.rmtree(images / "7")
-    write_dataset(images, digits, n_photos=0, labels=(4,), digits_per_label=8)
-    manifest.run(rd, images, shard_size=20)
-    extract.extract(rd, ["pool"], workers=0, progress=False)
+    shown = draw_then_change_the_dataset(rd, digits)
     live = manifest.read(rd)["image_id"].to_numpy()
     gone = int(np.isin(shown, live, invert=True).sum())
     assert gone > 0
