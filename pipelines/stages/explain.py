@@ -221,12 +221,12 @@ def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
     if not live:
         raise FeatscopeError(f"none of the query images ({', '.join(map(str, options.queries))}) is in the run")
     listed = rd.explained_queries(options.layer)
-    withdraw(listed)  # the list of the pairs below: written again last
-    derived.forget(listed)
     stamped = derived.stamp(rd, derived.explain_sources(rd, options.layer))  # the index that chose the neighbours
     index = open_index(rd, options.layer)
     if missing := [q for q in live if q not in index]:
-        raise not_in_index(rd, options.layer, missing[0])
+        raise not_in_index(rd, options.layer, missing[0])  # before anything of the list before is touched
+    withdraw(listed)  # the list of the pairs below: written again last
+    derived.forget(listed)
     found = neighbours_of(index, np.array(live, dtype=np.int64), options.k)
     done, pairs = [], {}
     for query, neighbours in zip(live, found.image_ids):

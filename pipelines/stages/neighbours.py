@@ -68,14 +68,17 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
         raise FeatscopeError("give at least one query image id")
     path = Path(out) if out else rd.neighbour_sheet(layer)
     own = path == rd.neighbour_sheet(layer)  # the run's own sheet: what status and the workflow read
-    if own:
-        derived.forget(path)
-        sources = derived.stamp(rd, derived.sheet_sources(rd, layer))
+    sources = derived.stamp(rd, derived.sheet_sources(rd, layer)) if own else []  # before they are read
     spaces = [(layer, open_index(rd, layer))]
     if layer != PIXELS and rd.index_meta(PIXELS).exists():
         spaces.append((PIXELS, open_index(rd, PIXELS)))
     rows = image_rows(rd)
     image_ids, _ = live_queries(rd, image_ids)
+    for name, index in spaces:
+        if missing := [q for q in image_ids if q not in index]:
+            raise not_in_index(rd, name, missing[0])  # before the sheet of before loses its record
+    if own:
+        derived.forget(path)
     font = ImageFont.load_default(size=11)
     row_h = tile + CAPTION + MARGIN
     width = LEGEND + (k + 1) * (tile + MARGIN) + MARGIN
@@ -89,9 +92,6 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
             greys.add(image_id)
         sheet.paste(tile_image or Image.new("RGB", (tile, tile), GREY), (x, y))
 
-    for name, index in spaces:
-        if missing := [q for q in image_ids if q not in index]:
-            raise not_in_index(rd, name, missing[0])
     y = MARGIN
     for query in image_ids:
         for s, (name, index) in enumerate(spaces):

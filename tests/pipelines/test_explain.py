@@ -226,8 +226,10 @@ def test_pairs_explained_from_an_index_that_lacks_new_images_are_stale(reported_
     assert (f"explain pool: 2 pairs, stale: their neighbours were found in an index of pool that lacks 2 live images "
             f"added since it was built, which may be nearer: the next workflow run, or `featscope index build` and "
             f"then `featscope explain --layer pool --queries {query}`, explains them again") in said.lines
+    listed = rd.explained_queries("pool").read_bytes()
     with pytest.raises(FeatscopeError, match=f"image {new[0]} is not in the 'pool' index yet"):
         explain.run(rd, explain.ExplainOptions(layer="pool", queries=[new[0]], k=2))
+    assert rd.explained_queries("pool").read_bytes() == listed  # refused before the list was touched
     neighbours.build(rd, "pool", progress=False)
     assert "index yet" not in explain.run(rd, explain.ExplainOptions(layer="pool", queries=[query], k=2)).line()
     assert "explain pool: 2 pairs, current" in status(rd).lines

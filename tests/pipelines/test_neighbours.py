@@ -407,6 +407,8 @@ def test_a_sheet_from_an_index_that_lacks_new_images_says_so_and_refuses_them_as
     """After images were added and extracted but the indexes not yet updated, a sheet's line
     said nothing (its neighbours may miss a nearer new image), and a new image as a query was
     'not in this index (N images)', without saying why or what updates it."""
+    from featscope.pipelines.core import derived
+
     rd = indexed_run
     images = Path(manifest.read(rd)["path"][0].as_py()).parents[1]
     before = set(manifest.read(rd)["image_id"].to_pylist())
@@ -419,8 +421,11 @@ def test_a_sheet_from_an_index_that_lacks_new_images_says_so_and_refuses_them_as
     for space in ("pool", "pixels"):
         assert (f"2 live images of the run not in the '{space}' index yet (added since it was last updated), which no "
                 f"answer names: update it with `featscope index build --run {rd.root} --layer {space}`") in line
+    record = derived.record(rd.neighbour_sheet("pool"))
+    kept = record.read_bytes()
     with pytest.raises(FeatscopeError, match=f"image {new[0]} is not in the 'pool' index yet .* `featscope index"):
         sheets.run(rd, sheets.NeighboursOptions(layer="pool", ids=[new[0]], k=3))
+    assert record.read_bytes() == kept  # refused before the sheet of before lost anything
     for space in ("pool", "pixels"):
         neighbours.build(rd, space, progress=False)
     line = sheets.run(rd, sheets.NeighboursOptions(layer="pool", ids=new, k=3))
