@@ -36,7 +36,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app.report_lists import neighbour_lists, save_state
 from featscope.pipelines.core import derived, manifest
-from featscope.pipelines.core.atomic import atomic_path, file_digest, withdraw, write_bytes_atomic
+from featscope.pipelines.core.atomic import atomic_path, file_digest, withdraw, write_bytes_atomic, write_json_atomic
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir, record_unreadable
@@ -49,6 +49,7 @@ from featscope.pipelines.core.trust import (
     current_evaluation,
     current_strips,
     current_unit_table,
+    map_stamp,
     read_sanity,
 )
 from featscope.pipelines.render.overlay import map_picture
@@ -241,14 +242,45 @@ def _histograms(rd: RunDir, layer: str, bins: int = 48) -> dict[int, list] | Non
     return out
 
 
+def _kept_cells(rd: RunDir, layer: str, cells: list[dict], table: Path, stamp: str) -> None:
+    """The atlas's rendered cell pictures copied into the report (data/atlas-<layer>/) beside
+    the cell table its page clicks through, as `_kept_grid` keeps the grid: linked from the
+    run, an atlas made again after the report was built put its cells' pictures over the old
+    table's counts and images. Copied again only when the table changed since (its stamp)."""
+    folder = rd.report_dir / "data" / f"atlas-{layer}"
+    made_from = folder / "made-from.json"
+    if made_from.exists() and json.loads(made_from.read_text()).get("table") == stamp:
+        return
+    made_from.unlink(missing_ok=True)  # a copy stopped half way is made again, not trusted
+    for old in folder.glob("cell-*.png"):
+        old.unlink()
+    for cell in (rd.atlas_cell(layer, c["gy"], c["gx"]) for c in cells if c["rendered"]):
+        if cell.exists():  # (one deleted by hand shows as a broken picture, as it did; verify names it)
+            with atomic_path(folder / cell.name) as tmp:
+                shutil.copyfile(cell, tmp)
+    _same_atlas(table, stamp, layer)  # not made again while its pictures were copied
+    write_json_atomic(made_from, {"table": stamp})
+
+
+def _same_atlas(table: Path, stamp: str, layer: str) -> None:
+    """Refuse to go on if the atlas table is no longer the one `stamp` saw (a units atlas job
+    rewrote it, or withdrew it to rewrite its pictures, meanwhile)."""
+    if not table.exists() or map_stamp(table) != stamp:
+        raise FeatscopeError(f"the atlas of {layer} changed while the report was built: run `featscope report` again")
+
+
 def _atlases(rd: RunDir) -> list[dict]:
-    """Layers with a current activation atlas; each one's cells go to data/atlas-<layer>.js."""
+    """Layers with a current activation atlas; each one's cells go to data/atlas-<layer>.js,
+    their pictures to data/atlas-<layer>/."""
     found = []
     for path in sorted((rd.root / "units").glob("*/atlas/cells.parquet")):
         layer = path.parent.parent.name
+        stamp = map_stamp(path)
         cells = current_unit_table(rd, path, layer)
         if cells is None or not rd.atlas_image(layer).exists():
             continue
+        _same_atlas(path, stamp, layer)  # the rows read are the table stamped
+        _kept_cells(rd, layer, cells, path, stamp)
         meta = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
         grid = int(meta.get("grid", 0))
         _script(rd.report_dir / "data" / f"atlas-{layer}.js", "FS_ATLAS", {"layer": layer, "grid": grid, "cells": [

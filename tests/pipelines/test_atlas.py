@@ -145,3 +145,30 @@ def test_a_topk_merged_again_leaves_the_atlas_current(run, summary):
             os.utime(run.live_ids, ns=(stat_ids.st_atime_ns, stat_ids.st_mtime_ns))
     finally:
         os.utime(run.topk("layer3"), ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_the_report_keeps_the_cell_pictures_its_atlas_table_describes(run, summary, tmp_path):
+    """The report linked the run's cell pictures: an atlas made again after the report was
+    built (another grid) put its cells' pictures over the old table's counts and images, so a
+    cell showed one direction and listed the images of another."""
+    from helpers import load_script
+
+    from featscope.pipelines.app import report
+
+    rd = RunDir(tmp_path / "run")
+    shutil.copytree(run.root, rd.root)
+    report.build(rd, k=2, progress=False)
+    cells = pq.read_table(rd.atlas_table("layer3")).to_pylist()
+    kept = rd.report_dir / "data" / "atlas-layer3"
+    drawn = {p.name: p.read_bytes() for p in sorted(rd.atlas_dir("layer3").glob("cell-*.png"))}
+    assert {p.name: p.read_bytes() for p in sorted(kept.glob("cell-*.png"))} == drawn
+    assert len(drawn) == sum(c["rendered"] for c in cells) > 0
+    atlas.atlas(rd, atlas.AtlasOptions(layer="layer3", grid=3, images=12, per_image=2, min_count=2, size=24, steps=2,
+                                       batch=8, perplexity=5), progress=False)  # made again; the report not built
+    assert {p.name: p.read_bytes() for p in rd.atlas_dir("layer3").glob("cell-*.png")} != drawn
+    assert {p.name: p.read_bytes() for p in sorted(kept.glob("cell-*.png"))} == drawn  # still its table's
+    assert load_script(rd.report_dir / "data" / "atlas-layer3.js")["grid"] == 4
+    report.build(rd, k=2, progress=False)
+    assert load_script(rd.report_dir / "data" / "atlas-layer3.js")["grid"] == 3
+    assert {p.name: p.read_bytes() for p in sorted(kept.glob("cell-*.png"))} == {
+        p.name: p.read_bytes() for p in sorted(rd.atlas_dir("layer3").glob("cell-*.png"))}
