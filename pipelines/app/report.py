@@ -466,13 +466,12 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     # grey squares of images that could not be read: status names them, the workflow builds again
     record_unreadable(rd.report_unreadable, [r["image_id"] for r in missing if is_grey(rd, r["image_id"])])
     ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
-    neighbours, recomputed, lists_state = neighbour_lists(rd, ids, k, progress)
-    featured = np.setdiff1d(ids, manifest.featureless(rd))  # live images an index or map can hold
+    neighbours, recomputed, lists_state, absent = neighbour_lists(rd, ids, k, progress)
+    featureless = manifest.featureless(rd)  # images no index or map can hold: extraction failed on them
     # an index that lacks images added since it was built (it holds none retired: open_index
     # refuses those) gives them no list, and may leave a nearer one out of every other list
-    unindexed = {layer: lacking for layer in neighbours
-                 if (lacking := derived.index_behind(rd, layer, ids, featured)[1])}
-    featured_ids = set(featured.tolist()) if unindexed else set()
+    lacking = {layer: set(np.setdiff1d(missing, featureless).tolist()) for layer, missing in absent.items()}
+    unindexed = {layer: len(missing) for layer, missing in lacking.items() if missing}
     saliency = _saliency(rd)
     aucs, trust = _aucs(rd)
     explained, explained_layers, explained_stale = _explained(rd, set(ids.tolist()))
@@ -492,7 +491,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
             by_chunk[i // SHARD][i]["auc"] = aucs[i]
         if i in explained:
             by_chunk[i // SHARD][i]["explained"] = explained[i]
-        if missing_from := [space for space in unindexed if i not in neighbours[space] and i in featured_ids]:
+        if missing_from := [space for space in unindexed if i in lacking[space]]:
             by_chunk[i // SHARD][i]["unindexed"] = missing_from  # added since the index was built
     # run.js (the summary every page starts from) vouches for the data files: written again
     # last, so the pages of a build stopped half way say so instead of mixing two builds (and
@@ -520,7 +519,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "errors": errors.slice(0, 200).to_pylist(),
         "timings": read_timings(rd),
         "history": read_history(rd)[-50:],
-        "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd, ids, featured),
+        "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd, ids, np.setdiff1d(ids, featureless)),
         "toolbox": _toolbox(rd, set(ids.tolist())),
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
         "trust": {"faithfulness": trust, "sanity": _sanity(rd, verdicts), "sanity_stale": sanity_stale}

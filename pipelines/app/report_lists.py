@@ -52,16 +52,19 @@ def _previous(rd: RunDir, k: int) -> tuple[dict[str, dict[int, list]], dict]:
 
 
 def neighbour_lists(rd: RunDir, ids: np.ndarray, k: int, progress: bool
-                    ) -> tuple[dict[str, dict[int, list]], dict[str, int], dict]:
+                    ) -> tuple[dict[str, dict[int, list]], dict[str, int], dict, dict[str, np.ndarray]]:
     """Per indexed space: each image's k nearest other images as [[id, distance], ...]; per
-    space how many lists were computed afresh; and the state to `save_state` once written."""
+    space how many lists were computed afresh; the state to `save_state` once written; and
+    per space the images of `ids` its index lacks (they have no list)."""
     previous, state = _previous(rd, k)
     found: dict[str, dict[int, list]] = {}
     computed: dict[str, int] = {}
+    absent: dict[str, np.ndarray] = {}
     new_state = {"k": k, "spaces": {}}
     for layer in rd.index_layers():
         index = open_index(rd, layer)
-        present = ids[np.isin(ids, index.ids)]
+        indexed = np.isin(ids, index.ids)
+        present, absent[layer] = ids[indexed], ids[~indexed]
         exact = index.meta.get("kind") == "flat"
         same = state.get("spaces", {}).get(layer) == list_identity(index)
         old = previous.get(layer, {}) if exact and same else {}
@@ -75,7 +78,7 @@ def neighbour_lists(rd: RunDir, ids: np.ndarray, k: int, progress: bool
                 found[layer][int(query)] = [[int(i), round(float(d), 4)] for i, d in zip(row_ids, row_d) if i >= 0]
         computed[layer] = len(redo)
         new_state["spaces"][layer] = list_identity(index)
-    return found, computed, new_state
+    return found, computed, new_state, absent
 
 
 def save_state(rd: RunDir, state: dict) -> None:

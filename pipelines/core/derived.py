@@ -80,23 +80,12 @@ def mosaic_sources(rd: RunDir, layer: str, kind: str) -> list[Path]:
     return [rd.embedding(layer)] + ([rd.live_labels] if kind == "plot" else [])
 
 
-def behind(ids_table: Path, live: np.ndarray, featured: np.ndarray) -> tuple[int, int]:
-    """(images of an output's `image_id` table retired since, live images with features that
-    it lacks). A map or index made before the dataset last changed is still the file that
-    the outputs drawn from it recorded, so their records call them current: they are not
-    while it is behind."""
-    ids = pq.read_table(ids_table, columns=["image_id"])["image_id"].to_numpy()
-    return int(np.isin(ids, live, invert=True).sum()), int(np.isin(featured, ids, invert=True).sum())
-
-
 def map_behind(rd: RunDir, layer: str, live: np.ndarray, featured: np.ndarray) -> tuple[int, int]:
-    """`behind` for the layer's 2-D map (its mosaics show it as it is)."""
-    return behind(rd.embedding(layer), live, featured)
-
-
-def index_behind(rd: RunDir, layer: str, live: np.ndarray, featured: np.ndarray) -> tuple[int, int]:
-    """`behind` for the layer's index (the report's neighbour lists come from it)."""
-    return behind(rd.index_dir(layer) / "ids.parquet", live, featured)
+    """(images of the layer's 2-D map retired since, live images with features that it lacks).
+    A map made before the dataset last changed is still the file its mosaics recorded, so
+    their records call them current: they are not while it is behind."""
+    ids = pq.read_table(rd.embedding(layer), columns=["image_id"])["image_id"].to_numpy()
+    return int(np.isin(ids, live, invert=True).sum()), int(np.isin(featured, ids, invert=True).sum())
 
 
 def sheet_sources(rd: RunDir, layer: str) -> list[Path]:
