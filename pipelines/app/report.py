@@ -10,6 +10,7 @@ rendered by report_assets/report.js), small JPEG thumbnails made once per image
   data/images-NNNN.js     per 1,000 images: label, path name, the model's top classes, neighbours
                           per space, saliency methods
   data/mosaic-<layer>.js  the grid mosaic's cell -> image_id table, for click-through
+  pictures/               the run's pictures the pages show, kept as they were (report_pictures)
 
 Pages read only what they show (an image page loads one 1,000-image shard), so a report of
 100k images opens as fast as one of 100. Stages a run did not produce are left out.
@@ -35,6 +36,7 @@ from featscope.index import recall_shortfall
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app.report_lists import neighbour_lists, save_state
+from featscope.pipelines.app.report_pictures import KeptPictures
 from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest, withdraw, write_bytes_atomic, write_json_atomic
 from featscope.pipelines.core.history import read_history
@@ -107,23 +109,21 @@ def _script(path: Path, variable: str, value: object) -> bool:
     return True
 
 
-def _relative(rd: RunDir, path: Path) -> str:
-    """A run file as the pages (in report/) link to it."""
-    return "../" + path.relative_to(rd.root).as_posix()
-
-
-def _saliency(rd: RunDir) -> dict[int, list[str]]:
-    """image_id -> its methods with overlays; the map-alone picture of each is made here where
-    an older saliency run did not write one."""
+def _saliency(rd: RunDir, pictures: KeptPictures) -> dict[int, list[str]]:
+    """image_id -> its methods with overlays (and both pictures kept); the map-alone picture
+    of each is made here where an older saliency run did not write one."""
     methods: dict[int, list[str]] = {}
     for method in rd.saliency_methods():
-        for image_id in rd.saliency_overlays(method):
-            methods.setdefault(image_id, []).append(method)
+        for image_id, overlay in rd.saliency_overlays(method).items():
             if not rd.saliency_map_picture(method, image_id).exists() and rd.saliency_map(method, image_id).exists():
                 with np.load(rd.saliency_map(method, image_id)) as stored:
                     heat = stored["saliency"].astype(np.float32)
                 with atomic_path(rd.saliency_map_picture(method, image_id)) as tmp:
                     map_picture(heat, diverging=bool((heat < 0).any()), title=method).save(tmp, format="PNG")
+            methods.setdefault(image_id, []).append(method)
+            pictures.keep(overlay)
+            if rd.saliency_map_picture(method, image_id).exists():
+                pictures.keep(rd.saliency_map_picture(method, image_id))
     return methods
 
 
@@ -159,12 +159,12 @@ def _mean_interval(values: np.ndarray) -> list[float]:
     return [round(mean, 4), round(mean - half, 4), round(mean + half, 4)]
 
 
-def _sanity(rd: RunDir, verdicts: dict[str, dict]) -> dict:
-    return {m: v | {"plot": _relative(rd, rd.sanity_plot(m))} for m, v in verdicts.items()
+def _sanity(rd: RunDir, verdicts: dict[str, dict], pictures: KeptPictures) -> dict:
+    return {m: v | {"plot": pictures.keep(rd.sanity_plot(m))} for m, v in verdicts.items()
             if rd.sanity_plot(m).exists()}
 
 
-def _explained(rd: RunDir, live: set[int]) -> tuple[dict[int, dict], list[str], list[str]]:
+def _explained(rd: RunDir, live: set[int], pictures: KeptPictures) -> tuple[dict[int, dict], list[str], list[str]]:
     """image_id -> {layer: [[neighbour, similarity, method], ...]} of the pairs `featscope
     explain --queries` wrote (the pictures the image pages show from disk), leaving out
     neighbours that left the dataset since (until explain runs again on the new index); then
@@ -183,12 +183,15 @@ def _explained(rd: RunDir, live: set[int]) -> tuple[dict[int, dict], list[str], 
         layers.append(layer)
         for query, pairs in json.loads(path.read_text())["pairs"].items():
             kept = [p for p in pairs if p[0] in live and rd.explained_pair(layer, int(query), p[0]).exists()]
+            for p in kept:
+                pictures.keep(rd.explained_pair(layer, int(query), p[0]))
             found.setdefault(int(query), {})[layer] = kept
     return found, layers, stale
 
 
-def _layers(rd: RunDir) -> list[dict]:
-    """Layers with merged top-k: units, k, and which units have patch PNGs."""
+def _layers(rd: RunDir, pictures: KeptPictures) -> list[dict]:
+    """Layers with merged top-k: units, k, and which units have patch PNGs (kept) and
+    visualisations."""
     layers = []
     for layer in rd.topk_layers():
         table = pq.read_table(rd.topk(layer), columns=["channel", "rank", "value", "image_id"])
@@ -199,13 +202,15 @@ def _layers(rd: RunDir) -> list[dict]:
         # a strip drawn from another top-k (the dataset changed since) shows other images than
         # the unit's page lists: only strips of the current top-k are shown
         rendered, _ = current_strips(rd, layer)
+        for unit in rendered:
+            pictures.keep(rd.unit_patches(layer, unit))
         stale = None if derived.current(rd, rd.topk(layer), derived.topk_sources(rd, layer)) else (
             f"This top-k was merged before the dataset or a shard's candidates last changed: it may show images "
             f"retired since and miss stronger ones. The workflow's next run merges it again (or `featscope topk merge "
             f"--run {rd.root} --layer {layer}`, then `featscope report`).")
         layers.append({"name": layer, "stale": stale, "units": int(channels.max()) + 1 if len(channels) else 0,
                        "k": max((len(v) for v in units.values()), default=0), "rendered": rendered,
-                       "shown": _patches_show(rd, layer), "visualised": _visualised(rd, layer),
+                       "shown": _patches_show(rd, layer), "visualised": _visualised(rd, layer, pictures),
                        "labels": _unit_labels(rd, layer), "atlas": current_unit_table(
                            rd, rd.atlas_table(layer), layer) is not None and rd.atlas_image(layer).exists()})
         _script(rd.report_dir / "data" / f"topk-{layer}.js", "FS_TOPK",
@@ -291,13 +296,18 @@ def _atlases(rd: RunDir) -> list[dict]:
     return found
 
 
-def _visualised(rd: RunDir, layer: str) -> dict[int, list]:
+def _visualised(rd: RunDir, layer: str, pictures: KeptPictures) -> dict[int, list]:
     """unit -> [activation on its visualisation, dataset top-1, rank, diverse variants] where `units render`
-    drew it (and its PNG is there), from a table made on the dataset as it is now."""
-    rows = current_unit_table(rd, rd.units_table(layer), layer)
-    return {r["unit"]: [round(r["activation"], 4), None if r["top1"] is None else round(r["top1"], 4), r["rank"],
-                        len(rd.unit_variants(layer, r["unit"]))]
-            for r in rows or [] if rd.unit_visualisation(layer, r["unit"]).exists()}
+    drew it (and its PNG is there, kept with its variants), from a table made on the dataset as it is now."""
+    found = {}
+    for r in current_unit_table(rd, rd.units_table(layer), layer) or []:
+        if rd.unit_visualisation(layer, r["unit"]).exists():
+            variants = rd.unit_variants(layer, r["unit"])
+            for picture in (rd.unit_visualisation(layer, r["unit"]), *variants):
+                pictures.keep(picture)
+            found[r["unit"]] = [round(r["activation"], 4), None if r["top1"] is None else round(r["top1"], 4),
+                                r["rank"], len(variants)]
+    return found
 
 
 def _unit_labels(rd: RunDir, layer: str) -> dict[int, list]:
@@ -336,7 +346,7 @@ def _kept_grid(rd: RunDir, layer: str, picture: Path, digest: str | None) -> Pat
     return kept
 
 
-def _mosaics(rd: RunDir, live: np.ndarray, featured: np.ndarray) -> list[dict]:
+def _mosaics(rd: RunDir, live: np.ndarray, featured: np.ndarray, pictures: KeptPictures) -> list[dict]:
     """The grid mosaics with their cell tables, a notice in place of one drawn from an earlier
     map or from a map made before the dataset last changed (its tiles would open pages of
     retired images), and the scatter and plot where they are current."""
@@ -373,7 +383,7 @@ def _mosaics(rd: RunDir, live: np.ndarray, featured: np.ndarray) -> list[dict]:
         entry = {"layer": layer, "side": side, "grid": kept.relative_to(rd.report_dir).as_posix()}
         for kind, suffix in (("scatter", "jpg"), ("plot", "png")):
             if derived.current(rd, rd.mosaic(layer, kind, suffix), derived.mosaic_sources(rd, layer, kind)):
-                entry[kind] = _relative(rd, rd.mosaic(layer, kind, suffix))
+                entry[kind] = pictures.keep(rd.mosaic(layer, kind, suffix))
         mosaics.append(entry)
     return mosaics
 
@@ -385,11 +395,11 @@ TOOLBOX = {  # folder (or file stem) under viz/ -> heading, in the order the gal
 }
 
 
-def _toolbox_item(rd: RunDir, path: Path) -> dict:
-    """A gallery picture: its link, its caption in words, and the image it shows (if one)."""
+def _toolbox_item(rd: RunDir, path: Path, pictures: KeptPictures) -> dict:
+    """A gallery picture: its link (kept), its caption in words, and the image it shows (if one)."""
     parts = path.relative_to(rd.viz_dir).with_suffix("").parts
     kind, name = parts[0], parts[-1]
-    item = {"src": _relative(rd, path), "caption": name}
+    item = {"src": pictures.keep(path), "caption": name}
     first, _, rest = name.partition("-")
     image = rd.viz_image(path)
     if image is not None:
@@ -411,7 +421,7 @@ def _toolbox_item(rd: RunDir, path: Path) -> dict:
     return item
 
 
-def _toolbox(rd: RunDir, live: set[int]) -> list[dict]:
+def _toolbox(rd: RunDir, live: set[int], pictures: KeptPictures) -> list[dict]:
     """The toolbox pictures grouped under TOOLBOX headings (single-class models and the bare
     adversarial images are left out: the galleries show them; so are pictures of images that
     left the dataset since they were drawn, which status names)."""
@@ -420,9 +430,9 @@ def _toolbox(rd: RunDir, live: set[int]) -> list[dict]:
         kind = path.relative_to(rd.viz_dir).with_suffix("").parts[0]
         if path.name.endswith("-adv.png") or path.parent.name == "class-models":
             continue
-        item = _toolbox_item(rd, path)
-        if item.get("image") is None or item["image"] in live:
-            groups.setdefault(kind, []).append(item)
+        image = rd.viz_image(path)
+        if image is None or image in live:
+            groups.setdefault(kind, []).append(_toolbox_item(rd, path, pictures))
     order = list(TOOLBOX)
     return [{"heading": TOOLBOX.get(kind, kind), "items": items}
             for kind, items in sorted(groups.items(), key=lambda g: order.index(g[0]) if g[0] in order else 99)]
@@ -472,9 +482,10 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     # refuses those) gives them no list, and may leave a nearer one out of every other list
     lacking = {layer: set(np.setdiff1d(missing, featureless).tolist()) for layer, missing in absent.items()}
     unindexed = {layer: len(missing) for layer, missing in lacking.items() if missing}
-    saliency = _saliency(rd)
+    pictures = KeptPictures(rd)
+    saliency = _saliency(rd, pictures)
     aucs, trust = _aucs(rd)
-    explained, explained_layers, explained_stale = _explained(rd, set(ids.tolist()))
+    explained, explained_layers, explained_stale = _explained(rd, set(ids.tolist()), pictures)
     verdicts = read_sanity(rd)
     sanity_stale = None if derived.sanity_current(rd, verdicts) else (
         "These verdicts were reached on maps made again since (for other images or with other options): the "
@@ -519,14 +530,16 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
         "errors": errors.slice(0, 200).to_pylist(),
         "timings": read_timings(rd),
         "history": read_history(rd)[-50:],
-        "topk": _layers(rd), "atlases": _atlases(rd), "mosaics": _mosaics(rd, ids, np.setdiff1d(ids, featureless)),
-        "toolbox": _toolbox(rd, set(ids.tolist())),
+        "topk": _layers(rd, pictures), "atlases": _atlases(rd),
+        "mosaics": _mosaics(rd, ids, np.setdiff1d(ids, featureless), pictures),
+        "toolbox": _toolbox(rd, set(ids.tolist()), pictures),
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
-        "trust": {"faithfulness": trust, "sanity": _sanity(rd, verdicts), "sanity_stale": sanity_stale}
+        "trust": {"faithfulness": trust, "sanity": _sanity(rd, verdicts, pictures), "sanity_stale": sanity_stale}
         if trust or rd.sanity_verdicts.exists() else None,
         "explained_layers": explained_layers, "explained_stale": explained_stale,
         "evaluation": _evaluation(rd),
     }
+    pictures.write()  # the pictures the data were computed with, kept beside them
     _script(out / "data" / "run.js", "FS_RUN", summary)
     derived.remember(out / "data" / "run.js", sources)
     stale = ([f"neighbours {layer}" for layer in unindexed]

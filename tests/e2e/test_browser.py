@@ -275,6 +275,29 @@ def test_atlas_page_zooms_and_a_cell_lists_its_images(trusted_run, page):
     assert page.errors == []
 
 
+def test_a_copy_of_the_report_away_from_its_run_shows_every_picture(trusted_run, page, tmp_path):
+    """The report keeps the run's pictures it shows (report/pictures/): its pages link to no run
+    file, so a picture drawn again later cannot appear beside the old lists, and the folder
+    alone (archived, mailed) shows every strip, visualisation, map, pair and plot."""
+    rd, photos = trusted_run
+    copy = tmp_path / "report"
+    shutil.copytree(rd.report_dir, copy)
+    for name, query, least in (("image", f"?id={photos[0]}", 3), ("layer", "?layer=layer3", 4),
+                               ("unit", "?layer=layer3&unit=1", 5), ("trust", "", 1), ("index", "", 1)):
+        page.goto((copy / f"{name}.html").as_uri() + query)
+        page.wait_for_load_state("networkidle")
+        if name == "image":
+            page.locator(".neighbours[data-space=pool] .why").first.click()  # the pair explained on disk
+            page.wait_for_function("(document.querySelector('.pair[data-space=pool] img') || {}).complete")
+        page.evaluate("document.querySelectorAll('img[loading=lazy]').forEach(i => { i.loading = 'eager'; })")
+        page.wait_for_function("[...document.images].every(i => i.complete)")
+        sources = page.evaluate("[...document.images].map(i => [i.src, i.naturalWidth > 0])")
+        assert len(sources) >= least, name
+        assert [s for s in sources if not (s[0].startswith(copy.as_uri()) and s[1])] == [], name
+    # the run's manifest-live.js is not beside a copy: the only load that fails, and quietly
+    assert all("manifest-live" in e or "ERR_FILE_NOT_FOUND" in e for e in page.errors), page.errors
+
+
 def test_served_pages_say_when_the_report_predates_the_dataset(tmp_path, digits, page):
     from helpers import serving, six_digit_reported_run
 

@@ -97,11 +97,13 @@ def test_queries_explain_each_query_with_its_index_neighbours(run, capsys):
     assert [n[0] for n in listed] == expected
     # the report shows them, less a neighbour that left the dataset since
     from featscope.pipelines.app import report
+    from featscope.pipelines.app.report_pictures import KeptPictures
     from featscope.pipelines.core import manifest
 
     live = set(manifest.read(run)["image_id"].to_pylist())
-    assert [n[0] for n in report._explained(run, live)[0][query]["pool"]] == expected
-    assert [n[0] for n in report._explained(run, live - {expected[0]})[0][query]["pool"]] == expected[1:]
+    explained = (lambda images: report._explained(run, images, KeptPictures(run))[0][query]["pool"])
+    assert [n[0] for n in explained(live)] == expected
+    assert [n[0] for n in explained(live - {expected[0]})] == expected[1:]
     for other in expected:
         with np.load(run.explained_pair("pool", query, other, "npz")) as stored:
             assert float(stored["maps_a"].sum()) == pytest.approx(float(stored["similarity"]), rel=1e-4)

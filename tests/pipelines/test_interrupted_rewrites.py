@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from featscope.pipelines.app import report
+from featscope.pipelines.app.report_pictures import KeptPictures
 from featscope.pipelines.app.status import status
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
@@ -114,7 +115,7 @@ def test_a_stopped_query_batch_lists_no_pairs_and_a_pair_of_another_similarity_l
         with pytest.raises(Stopped):
             explain.run(run, explain.ExplainOptions(layer="pool", queries=photos[:1], k=3, similarity="dot"))
     assert explain.read_queries(run, "pool") == {}  # one pair's files hold dot maps: the cosine list is gone
-    assert report._explained(run, set(manifest.read(run)["image_id"].to_pylist()))[0] == {}
+    assert report._explained(run, set(manifest.read(run)["image_id"].to_pylist()), KeptPictures(run))[0] == {}
 
     explain.run(run, explain.ExplainOptions(layer="pool", queries=photos[:1], k=3))
     first, second = (n[0] for n in explain.read_queries(run, "pool")[photos[0]][:2])

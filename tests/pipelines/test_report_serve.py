@@ -14,6 +14,7 @@ from helpers import load_script, six_digit_reported_run
 
 from featscope.pipelines.app import report
 from featscope.pipelines.app.report import SHARD
+from featscope.pipelines.app.report_pictures import KeptPictures
 from featscope.pipelines.app.serve import DynamicBatcher, make_server, search_batch
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.neighbours import neighbours_of
@@ -86,7 +87,7 @@ def test_toolbox_pictures_are_grouped_under_headings_with_captions(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
     groups = {g["heading"]: [(i["caption"], i.get("image")) for i in g["items"]]
-              for g in report._toolbox(rd, live={135, 5002, 5010})}
+              for g in report._toolbox(rd, live={135, 5002, 5010}, pictures=KeptPictures(rd))}
     assert list(groups) == ["Filters", "Activations", "Class models", "Adversarial examples", "DeepDream",
                             "Texture synthesis", "Style transfer"]
     assert groups["Adversarial examples"] == [("image 135, untargeted", 135), ("image 5002, target class 309", 5002)]
@@ -94,7 +95,8 @@ def test_toolbox_pictures_are_grouped_under_headings_with_captions(tmp_path):
     assert groups["Style transfer"] == [("image 5002 in the style of ihc", 5002),
                                         ("style switching and mixing: skimage-chelsea", None)]
     assert groups["Class models"] == [("", None)]  # the gallery only, not each class's picture
-    left = {g["heading"]: [i.get("image") for i in g["items"]] for g in report._toolbox(rd, live={135, 5010})}
+    left = {g["heading"]: [i.get("image") for i in g["items"]]
+            for g in report._toolbox(rd, live={135, 5010}, pictures=KeptPictures(rd))}
     assert left["Adversarial examples"] == [135] and "Activations" not in left  # 5002 left the dataset
     assert left["Style transfer"] == [None]
 

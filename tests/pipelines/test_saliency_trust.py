@@ -200,6 +200,7 @@ def test_verdicts_reached_before_the_maps_were_made_again_are_stale(run):
     """A method's maps made again (other options, other images) left its sanity verdict as it
     was; status and the trust page showed it as current."""
     from featscope.pipelines.app import report
+    from featscope.pipelines.app.report_pictures import KeptPictures
     from featscope.pipelines.app.status import status
     from featscope.pipelines.core.atomic import write_bytes_atomic
     from featscope.pipelines.core.trust import read_sanity
@@ -213,6 +214,7 @@ def test_verdicts_reached_before_the_maps_were_made_again_are_stale(run):
     now = status(rd)
     assert "sanity" in now.stale and any(line.startswith("sanity gradient:") and "stale: its maps were made again"
                                          in line for line in now.lines)
-    assert report._sanity(rd, read_sanity(rd)) and "sanity verdicts" in report.build(rd, k=2, progress=False).line()
+    assert report._sanity(rd, read_sanity(rd), KeptPictures(rd))
+    assert "sanity verdicts" in report.build(rd, k=2, progress=False).line()
     trust.sanity(rd, trust.SanityOptions(methods=["gradient"], sample=1, steps=2), progress=False)
     assert "sanity" not in status(rd).stale

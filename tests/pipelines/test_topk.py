@@ -151,6 +151,7 @@ def test_a_strip_drawn_while_an_image_could_not_be_read_is_drawn_again_once_it_c
 
 def test_the_report_shows_only_strips_drawn_from_the_current_topk(tmp_path, small_dataset):
     from featscope.pipelines.app import report
+    from featscope.pipelines.app.report_pictures import KeptPictures
     from featscope.pipelines.app.status import status
 
     rd = RunDir(tmp_path / "run")
@@ -159,7 +160,7 @@ def test_the_report_shows_only_strips_drawn_from_the_current_topk(tmp_path, smal
                     workers=0, topk=2, progress=False)
     topk.merge(rd, "layer2")
     topk.render(rd, "layer2", units=[0, 1, 2, 3], tile=16, progress=False)
-    assert report._layers(rd)[0]["rendered"] == [0, 1, 2, 3]
+    assert report._layers(rd, KeptPictures(rd))[0]["rendered"] == [0, 1, 2, 3]
 
     def top(unit_rows):  # unit -> image ids by rank
         out = {}
@@ -176,10 +177,12 @@ def test_the_report_shows_only_strips_drawn_from_the_current_topk(tmp_path, smal
     after = top(pq.read_table(rd.topk("layer2")).to_pylist())
     still = [u for u in range(4) if after[u] == before[u]]
     assert 0 not in still
-    assert report._layers(rd)[0]["rendered"] == still  # a strip of images the unit's page no longer lists is not shown
+    # a strip of images the unit's page no longer lists is not shown
+    assert report._layers(rd, KeptPictures(rd))[0]["rendered"] == still
     assert "patches layer2" in status(rd).stale  # and status says they are not current
     topk.render(rd, "layer2", units=[0, 1, 2, 3], tile=16, progress=False)
-    assert report._layers(rd)[0]["rendered"] == [0, 1, 2, 3] and "patches layer2" not in status(rd).stale
+    assert report._layers(rd, KeptPictures(rd))[0]["rendered"] == [0, 1, 2, 3]
+    assert "patches layer2" not in status(rd).stale
 
 
 def test_contact_sheets_are_about_square_and_never_too_wide():

@@ -232,8 +232,8 @@ const FS = (() => {
         const caption = auc ? `${m}: deletion ${auc[0].toFixed(3)} (random ${auc[2].toFixed(3)}) · insertion ` +
           `${auc[1].toFixed(3)} (random ${auc[3].toFixed(3)})` : m;
         return el("figure", { class: "saliency", "data-method": m },
-          el("img", { src: `../saliency/${m}/${id}.png`, alt: `${m} saliency overlay`, loading: "lazy" }),
-          el("img", { src: `../saliency/${m}/${id}-map.png`, alt: `${m} saliency map`, loading: "lazy" }),
+          el("img", { src: `pictures/saliency/${m}/${id}.png`, alt: `${m} saliency overlay`, loading: "lazy" }),
+          el("img", { src: `pictures/saliency/${m}/${id}-map.png`, alt: `${m} saliency map`, loading: "lazy" }),
           el("figcaption", { text: caption }));
       })));
     }
@@ -247,7 +247,7 @@ const FS = (() => {
     if (stored) {
       box.replaceChildren(el("p", { text: `${space}: similarity ${figure(stored[1])} (${stored[2]}); each map shows ` +
         "how much each region of its image adds to it (on a red-blue scale, blue regions take away)." }),
-        el("img", { src: `../explain/${space}/${id}-${other}.png`, alt: "pair explanation" }));
+        el("img", { src: `pictures/explain/${space}/${id}-${other}.png`, alt: "pair explanation" }));
       return;
     }
     if (!served && (window.FS_RUN.explained_stale || []).includes(space)) {
@@ -318,7 +318,7 @@ const FS = (() => {
       if (info.atlas) g.append(el("p", {}, el("a", { href: `atlas.html?layer=${encodeURIComponent(name)}`,
         text: `the activation atlas of ${name}` }), " — the space its activations fill, cell by cell"));
       g.append(el("div", { class: "vis-grid" }, ...visualised.map((u) => el("a", { href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u}`,
-        title: `unit ${u}` }, el("img", { src: `../units/${name}/unit-${pad(u, 4)}.png`, loading: "lazy", alt: `unit ${u} visualisation` }),
+        title: `unit ${u}` }, el("img", { src: `pictures/units/${name}/unit-${pad(u, 4)}.png`, loading: "lazy", alt: `unit ${u} visualisation` }),
         el("span", { text: String(u) })))));
     }
     const s = section(`${name}: ${info.units} units, each with its top ${info.k} images` +
@@ -326,9 +326,9 @@ const FS = (() => {
     if (info.stale) s.append(el("p", { class: "stale", text: info.stale }));
     for (let u = 0; u < info.units; u++) {
       const link = el("a", { class: "unit", href: `unit.html?layer=${encodeURIComponent(name)}&unit=${u}` }, el("div", { text: `unit ${u}` }));
-      if ((info.visualised || {})[u]) link.append(el("img", { class: "vis", src: `../units/${name}/unit-${pad(u, 4)}.png`,
+      if ((info.visualised || {})[u]) link.append(el("img", { class: "vis", src: `pictures/units/${name}/unit-${pad(u, 4)}.png`,
         loading: "lazy", alt: `unit ${u} visualisation` }));
-      if (rendered.has(u)) link.append(el("img", { src: `../patches/${name}/unit-${pad(u, 4)}.png`, loading: "lazy", alt: `unit ${u}` }));
+      if (rendered.has(u)) link.append(el("img", { src: `pictures/patches/${name}/unit-${pad(u, 4)}.png`, loading: "lazy", alt: `unit ${u}` }));
       else link.append(el("div", { class: "strip" }, ...(units[u] || []).slice(0, 5).map(([i]) =>
         el("img", { src: thumb(i), loading: "lazy", alt: `image ${i}` }))));
       s.append(link);
@@ -344,12 +344,12 @@ const FS = (() => {
     const s = section(`${name}, unit ${u}`);
     if (info.stale) s.append(el("p", { class: "stale", text: info.stale }));
     const vis = (info.visualised || {})[u];
-    if (vis) s.append(el("figure", { class: "vis" }, el("img", { src: `../units/${name}/unit-${pad(u, 4)}.png`,
+    if (vis) s.append(el("figure", { class: "vis" }, el("img", { src: `pictures/units/${name}/unit-${pad(u, 4)}.png`,
       alt: "feature visualisation" }), el("figcaption", { text: `feature visualisation: activation ${figure(vis[0])}` +
       (vis[1] ? ` (dataset top-1 ${figure(vis[1])}, ${figure(vis[0] / vis[1])}x)` : "") +
       (vis[2] ? `; on this image the unit ranks ${vis[2]} of the layer's units` : "") })));
     if (vis && vis[3]) s.append(el("figure", { class: "vis variants" }, ...Array.from({ length: vis[3] }, (_, k) =>
-      el("img", { src: `../units/${name}/unit-${pad(u, 4)}-v${k + 1}.png`, alt: `diverse visualisation ${k + 1}` })),
+      el("img", { src: `pictures/units/${name}/unit-${pad(u, 4)}-v${k + 1}.png`, alt: `diverse visualisation ${k + 1}` })),
       el("figcaption", { text: `${vis[3]} more, optimised together to differ from each other (diversity objective)` })));
     const named = (info.labels || {})[u];
     if (named) s.append(el("p", { class: "unit-label", text: `label: ${named[0]} (AUC ${named[1].toFixed(3)} of its ` +
@@ -357,7 +357,7 @@ const FS = (() => {
       (named[3] ? `; supports the classes ${named[3].join(", ")}` + (named[4] ? ` (${named[4]})` : "") : "") }));
     const histogram = (window.FS_TOPK[`${name}:histograms`] || {})[u];
     if (histogram) s.append(histogramFigure(histogram));
-    if (info.rendered.includes(u)) s.append(el("figure", { class: "patches" }, el("img", { src: `../patches/${name}/unit-${pad(u, 4)}.png`,
+    if (info.rendered.includes(u)) s.append(el("figure", { class: "patches" }, el("img", { src: `pictures/patches/${name}/unit-${pad(u, 4)}.png`,
       alt: "patches" }), el("figcaption", { text: info.shown === "mask" ? "its top images, outlined where its activation is " +
       "in its top 0.5% over the dataset (NetDissect's mask; the rest dimmed)" : "its top images, cropped to the receptive field of " +
       "its strongest cell" })));

@@ -1,0 +1,95 @@
+"""The report keeps the run's pictures it shows (report/pictures/): a picture a stage draws
+again after the report was built does not appear beside the old lists and numbers."""
+
+import errno
+import os
+
+import pytest
+from helpers import write_dataset
+from PIL import Image
+
+from featscope.kernels.errors import FeatscopeError
+from featscope.pipelines.app import report, report_pictures
+from featscope.pipelines.app.report_pictures import KeptPictures
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.stages import extract, saliency, topk
+
+
+def draw(path, colour):
+    """A picture written as the stages write theirs: a new file renamed over the old one."""
+    with atomic_path(path) as tmp:
+        Image.new("RGB", (8, 8), colour).save(tmp, format="PNG")
+
+
+def test_a_strip_drawn_again_after_the_report_leaves_the_reports_own_until_it_is_built_again(tmp_path, digits):
+    write_dataset(tmp_path / "images", digits, n_photos=2, labels=(0, 1), digits_per_label=3)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", model="resnet18", weights="random")
+    extract.extract(rd, ["layer3"], workers=0, topk=3, progress=False)
+    topk.merge(rd, "layer3")
+    topk.render(rd, "layer3", units=[0, 1], show="field", progress=False)
+    photos = saliency.select(rd, "label=photo")
+    saliency.explain_batch(str(rd.root), saliency.SaliencyOptions(method="gradcam"),
+                           saliency.ModelRef("resnet18", "random", 0, None), photos)
+    report.build(rd, k=2, progress=False)
+    strip = rd.unit_patches("layer3", 0)
+    kept = rd.report_dir / "pictures" / "patches" / "layer3" / "unit-0000.png"
+    overlay = rd.report_dir / "pictures" / "saliency" / "gradcam" / f"{photos[0]['image_id']}.png"
+    assert kept.read_bytes() == strip.read_bytes() and overlay.exists()
+    shown = strip.read_bytes()
+
+    topk.render(rd, "layer3", units=[0, 1], show="mask", progress=False)  # drawn again, other crops
+    assert strip.read_bytes() != shown
+    assert kept.read_bytes() == shown  # the report's page shows the strip its list was built with
+
+    for method in rd.saliency_methods():  # maps withdrawn: the next report no longer shows them
+        for path in rd.saliency_dir(method).iterdir():
+            path.unlink()
+    report.build(rd, k=2, progress=False)
+    assert kept.read_bytes() == strip.read_bytes() and os.path.samefile(kept, strip)
+    assert not overlay.exists() and not overlay.parent.exists()
+
+
+def test_kept_pictures_are_put_in_place_again_only_when_the_runs_picture_changed(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    picture = rd.root / "units" / "layer3" / "unit-0000.png"
+    draw(picture, "red")
+    pictures = KeptPictures(rd)
+    assert pictures.keep(picture) == "pictures/units/layer3/unit-0000.png"
+    assert pictures.write() == 1
+    kept = rd.report_dir / pictures.keep(picture)
+    assert os.path.samefile(kept, picture)  # a hard link: no space
+    assert pictures.write() == 0
+    draw(picture, "blue")
+    assert Image.open(kept).getpixel((0, 0)) == (255, 0, 0)  # the run's rename leaves the link as it was
+    assert pictures.write() == 1 and Image.open(kept).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_where_hard_links_fail_the_pictures_are_copied(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(report_pictures.os, "link", no_links)
+    rd = RunDir(tmp_path / "run")
+    picture = rd.root / "viz" / "dream" / "3.png"
+    draw(picture, "red")
+    pictures = KeptPictures(rd)
+    kept = rd.report_dir / pictures.keep(picture)
+    assert pictures.write() == 1
+    assert not os.path.samefile(kept, picture) and kept.read_bytes() == picture.read_bytes()
+    assert pictures.write() == 0  # the copy is the picture as it is: not copied again
+    draw(picture, "blue")
+    assert pictures.write() == 1 and kept.read_bytes() == picture.read_bytes()
+
+
+def test_a_picture_deleted_while_the_report_is_built_is_refused_not_shown_as_a_hole(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    picture = rd.root / "explain" / "pool" / "1-2.png"
+    draw(picture, "red")
+    pictures = KeptPictures(rd)
+    pictures.keep(picture)
+    picture.unlink()
+    with pytest.raises(FeatscopeError, match="went away while the report was built"):
+        pictures.write()
