@@ -38,7 +38,14 @@ from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.app.report_lists import neighbour_lists, save_state
 from featscope.pipelines.app.report_pictures import KeptPictures
 from featscope.pipelines.core import derived, manifest
-from featscope.pipelines.core.atomic import atomic_path, file_digest, withdraw, write_bytes_atomic, write_json_atomic
+from featscope.pipelines.core.atomic import (
+    atomic_path,
+    file_digest,
+    holding,
+    withdraw,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir, record_unreadable
@@ -453,7 +460,16 @@ def _predictions(rd: RunDir, config: dict, top: int = 3) -> dict[int, list]:
 
 
 def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) -> ReportSummary:
-    """Write (or refresh) runs/<name>/report/ from whatever stages the run has."""
+    """Write (or refresh) runs/<name>/report/ from whatever stages the run has. Two builds of
+    one run at once (the workflow's and one by hand, overlapping cluster jobs) take turns: each
+    would remove the pictures the other keeps, and write its data files over the other's."""
+    rd.report_dir.mkdir(parents=True, exist_ok=True)
+    with holding(rd.report_dir / ".build.lock", busy=f"report: another build of {rd.report_dir} is under way: "
+                                                      "waiting for it to finish"):
+        return _build(rd, k=k, threads=threads, progress=progress)
+
+
+def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary:
     start = time.perf_counter()
     sources = derived.stamp(rd, derived.report_sources(rd))  # before they are read: see derived
     config = rd.read_config()

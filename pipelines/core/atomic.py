@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import secrets
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,11 +107,17 @@ def write_json_atomic(path: Path, obj: object) -> None:
 
 
 @contextmanager
-def holding(lock: Path) -> Iterator[None]:
-    """An exclusive flock on `lock` (created if missing) for the block: one process at a time."""
+def holding(lock: Path, busy: str | None = None) -> Iterator[None]:
+    """An exclusive flock on `lock` (created if missing) for the block: one process at a time.
+    `busy`: a line printed (to stderr) where the lock is held by another, before waiting for it."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if busy:
+                print(busy, file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -3,9 +3,10 @@ again after the report was built does not appear beside the old lists and number
 
 import errno
 import os
+import threading
 
 import pytest
-from helpers import write_dataset
+from helpers import six_digit_reported_run, write_dataset
 from PIL import Image
 
 from featscope.kernels.errors import FeatscopeError
@@ -93,3 +94,33 @@ def test_a_picture_deleted_while_the_report_is_built_is_refused_not_shown_as_a_h
     picture.unlink()
     with pytest.raises(FeatscopeError, match="went away while the report was built"):
         pictures.write()
+
+
+def test_two_builds_of_one_report_take_turns(tmp_path, digits, monkeypatch, capfd):
+    """One build's pruning would remove the pictures another keeps (and each writes data files
+    over the other's): a second build waits, saying so, until the first is done."""
+    rd = six_digit_reported_run(tmp_path, digits)
+    inside, release = threading.Event(), threading.Event()
+    entered = []
+    layers = report._layers
+
+    def slow_layers(*args):
+        entered.append(threading.current_thread().name)
+        inside.set()
+        assert release.wait(60)
+        return layers(*args)
+
+    monkeypatch.setattr(report, "_layers", slow_layers)
+    first = threading.Thread(target=report.build, args=(rd,), kwargs={"k": 2, "progress": False}, name="first")
+    first.start()
+    assert inside.wait(60)
+    second = threading.Thread(target=report.build, args=(rd,), kwargs={"k": 2, "progress": False}, name="second")
+    second.start()
+    second.join(2.0)
+    assert entered == ["first"]  # the second has not begun while the first is under way
+    assert "another build of" in capfd.readouterr().err
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert entered == ["first", "second"] and not first.is_alive() and not second.is_alive()
+    assert (rd.report_dir / "data" / "run.js").exists()
