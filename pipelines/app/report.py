@@ -41,7 +41,7 @@ from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import (
     atomic_path,
     file_digest,
-    holding,
+    one_writer,
     withdraw,
     write_bytes_atomic,
     write_json_atomic,
@@ -463,9 +463,7 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     """Write (or refresh) runs/<name>/report/ from whatever stages the run has. Two builds of
     one run at once (the workflow's and one by hand, overlapping cluster jobs) take turns: each
     would remove the pictures the other keeps, and write its data files over the other's."""
-    rd.report_dir.mkdir(parents=True, exist_ok=True)
-    with holding(rd.report_dir / ".build.lock", busy=f"report: another build of {rd.report_dir} is under way: "
-                                                      "waiting for it to finish"):
+    with one_writer(rd.report_dir, "report"):
         return _build(rd, k=k, threads=threads, progress=progress)
 
 

@@ -19,6 +19,9 @@ must not leave the old table vouching for a mix of old and new files.
 
 A file that jobs of one run read, change and write back (run.json, the manifest) is
 changed only while `holding` its lock file: the second job then reads what the first wrote.
+Two jobs rewriting one such set of files (the workflow's and one run by hand) take turns
+likewise (`one_writer`): else the table of the one that finished last vouched for the other's
+files wherever they differed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 import secrets
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 REGISTRY = ".checksums.jsonl"
@@ -122,3 +125,10 @@ def holding(lock: Path, busy: str | None = None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def one_writer(folder: Path, job: str) -> AbstractContextManager[None]:
+    """Hold `folder`'s writer lock for the block: for a stage that rewrites a set of files in it
+    and the table that vouches for them (see `withdraw`). A second job waits, saying so."""
+    return holding(folder / ".writer.lock", busy=f"{job}: another job is writing {folder}: waiting for it to finish")
+

@@ -52,8 +52,9 @@ class RunDir:
 
     def id_keyed_outputs(self) -> list[str]:
         """The entries of `ID_KEYED` that hold a file: outputs that name images by id."""
-        def holds_a_file(path: Path) -> bool:
-            return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*")))
+        def holds_a_file(path: Path) -> bool:  # (a lock file names no image: see atomic.one_writer)
+            return path.is_file() or (path.is_dir() and any(p.is_file() and p.suffix != ".lock"
+                                                             for p in path.rglob("*")))
 
         return [name for name in ID_KEYED if holds_a_file(self.root / name)]
 

@@ -35,7 +35,7 @@ from featscope.kernels.render import feature_visualisations
 from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import directions
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, withdraw
+from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option
@@ -187,31 +187,30 @@ def atlas(rd: RunDir, options: AtlasOptions, progress: bool = True) -> AtlasSumm
     name = (lambda c: categories[c] if categories and c < len(categories) else str(c))
     class_of = {i: name(p[0][0]) for i, p in read_predictions(rd).items() if p}
     table = cell_table(cells, where, {r["image_id"]: r["label"] for r in live}, class_of, options.min_count)
-    out = rd.atlas_dir(options.layer)
-    out.mkdir(parents=True, exist_ok=True)
-    # the tables and the picture of the atlas before are written again last
-    withdraw(rd.atlas_table(options.layer), rd.atlas_samples(options.layer), rd.atlas_image(options.layer))
-    for stale in out.glob("cell-*.png"):
-        stale.unlink()
     to_render = [r for r in table if r["rendered"]]
     keys = cells[:, 0] * 100_000 + cells[:, 1]
     means = torch.stack([torch.from_numpy(vectors[keys == r["gy"] * 100_000 + r["gx"]].mean(0)) for r in to_render]) \
         if to_render else torch.zeros(0)
     pictures = _render(loaded, spec, device, means, to_render, options, progress)
-    for r, picture in zip(to_render, pictures):
-        with atomic_path(rd.atlas_cell(options.layer, r["gy"], r["gx"])) as tmp:
-            picture.save(tmp, format="PNG")
-    _mosaic(rd, options, to_render, pictures)
-    meta = {"layer": options.layer, "grid": str(options.grid), "layout": "openTSNE (cosine)",
-            "images": str(len(rows)), "per_image": str(options.per_image), "seed": str(options.seed),
-            "dataset": dataset_stamp(rd, options.layer, labels=True)}
-    write_table(pa.Table.from_pylist(
-        [{"image_id": int(i), "y": int(y), "x": int(x), "px": float(p[0]), "py": float(p[1]), "gy": int(c[0]),
-          "gx": int(c[1])} for (i, y, x), p, c in zip(where, points, cells)], schema=SAMPLES),
-        rd.atlas_samples(options.layer), meta)
-    write_table(pa.Table.from_pylist(table, schema=CELLS), rd.atlas_table(options.layer), meta)
-    return AtlasSummary(options.layer, len(vectors), len(set(where[:, 0].tolist())), len(table), len(to_render),
-                        time.perf_counter() - start)
+    with one_writer(rd.atlas_dir(options.layer), f"units atlas {options.layer}"):  # its tables vouch for its cells
+        # the tables and the picture of the atlas before are written again last
+        withdraw(rd.atlas_table(options.layer), rd.atlas_samples(options.layer), rd.atlas_image(options.layer))
+        for stale in rd.atlas_dir(options.layer).glob("cell-*.png"):
+            stale.unlink()
+        for r, picture in zip(to_render, pictures):
+            with atomic_path(rd.atlas_cell(options.layer, r["gy"], r["gx"])) as tmp:
+                picture.save(tmp, format="PNG")
+        _mosaic(rd, options, to_render, pictures)
+        meta = {"layer": options.layer, "grid": str(options.grid), "layout": "openTSNE (cosine)",
+                "images": str(len(rows)), "per_image": str(options.per_image), "seed": str(options.seed),
+                "dataset": dataset_stamp(rd, options.layer, labels=True)}
+        write_table(pa.Table.from_pylist(
+            [{"image_id": int(i), "y": int(y), "x": int(x), "px": float(p[0]), "py": float(p[1]), "gy": int(c[0]),
+              "gx": int(c[1])} for (i, y, x), p, c in zip(where, points, cells)], schema=SAMPLES),
+            rd.atlas_samples(options.layer), meta)
+        write_table(pa.Table.from_pylist(table, schema=CELLS), rd.atlas_table(options.layer), meta)
+        return AtlasSummary(options.layer, len(vectors), len(set(where[:, 0].tolist())), len(table), len(to_render),
+                            time.perf_counter() - start)
 
 
 def _render(loaded, spec, device: torch.device, means: torch.Tensor, cells: list[dict], options: AtlasOptions,

@@ -28,7 +28,7 @@ from featscope.kernels.params import ParamError
 from featscope.kernels.saliency import gradcam_layer
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import derived, manifest
-from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
+from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw, write_json_atomic
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.neighbours import neighbours_of, not_in_index, open_index, unindexed_note
 from featscope.pipelines.core.options import Command, Group, Options, option
@@ -212,35 +212,37 @@ def run(rd: RunDir, options: ExplainOptions) -> ExplainSummary:
     if options.pair:
         a, b = (int(v) for v in options.pair.split(","))
         explanation = explainer.explain(a, b, options.layer, options.similarity)
-        _unlist_if_other(rd, options.layer, a, b, options.similarity)  # before its files change
-        write(rd, explanation)
+        with one_writer(rd.explain_dir(options.layer), f"explain {options.layer}"):  # beside a job listing queries
+            _unlist_if_other(rd, options.layer, a, b, options.similarity)  # before its files change
+            write(rd, explanation)
         return ExplainSummary(options.layer, [explanation], time.perf_counter() - start)
     if not options.queries:
         raise ParamError("queries", "or <pair> must be given: the query image ids, or two ids A,B")
     live = [q for q in options.queries if explainer.path(q) is not None]
     if not live:
         raise FeatscopeError(f"none of the query images ({', '.join(map(str, options.queries))}) is in the run")
-    listed = rd.explained_queries(options.layer)
-    stamped = derived.stamp(rd, derived.explain_sources(rd, options.layer))  # the index that chose the neighbours
-    index = open_index(rd, options.layer)
-    if missing := [q for q in live if q not in index]:
-        raise not_in_index(rd, options.layer, missing[0])  # before anything of the list before is touched
-    withdraw(listed)  # the list of the pairs below: written again last
-    derived.forget(listed)
-    found = neighbours_of(index, np.array(live, dtype=np.int64), options.k)
-    done, pairs = [], {}
-    for query, neighbours in zip(live, found.image_ids):
-        pairs[str(query)] = []
-        for other in (int(n) for n in neighbours if n >= 0):
-            explanation = explainer.explain(query, other, options.layer, options.similarity)
-            write(rd, explanation)
-            done.append(explanation)
-            pairs[str(query)].append([other, round(explanation.result.similarity, 4), explanation.result.method])
-    retired = _drop_others(rd, options.layer, {(int(q), n[0]) for q, ns in pairs.items() for n in ns})
-    write_json_atomic(listed, {"similarity": options.similarity, "pairs": pairs})
-    derived.remember(listed, stamped)
-    return ExplainSummary(options.layer, done, time.perf_counter() - start, retired,
-                          unindexed_note(rd, options.layer, index.ids))
+    with one_writer(rd.explain_dir(options.layer), f"explain {options.layer}"):  # the list vouches for its pairs
+        listed = rd.explained_queries(options.layer)
+        stamped = derived.stamp(rd, derived.explain_sources(rd, options.layer))  # the index that chose the neighbours
+        index = open_index(rd, options.layer)
+        if missing := [q for q in live if q not in index]:
+            raise not_in_index(rd, options.layer, missing[0])  # before anything of the list before is touched
+        withdraw(listed)  # the list of the pairs below: written again last
+        derived.forget(listed)
+        found = neighbours_of(index, np.array(live, dtype=np.int64), options.k)
+        done, pairs = [], {}
+        for query, neighbours in zip(live, found.image_ids):
+            pairs[str(query)] = []
+            for other in (int(n) for n in neighbours if n >= 0):
+                explanation = explainer.explain(query, other, options.layer, options.similarity)
+                write(rd, explanation)
+                done.append(explanation)
+                pairs[str(query)].append([other, round(explanation.result.similarity, 4), explanation.result.method])
+        retired = _drop_others(rd, options.layer, {(int(q), n[0]) for q, ns in pairs.items() for n in ns})
+        write_json_atomic(listed, {"similarity": options.similarity, "pairs": pairs})
+        derived.remember(listed, stamped)
+        return ExplainSummary(options.layer, done, time.perf_counter() - start, retired,
+                              unindexed_note(rd, options.layer, index.ids))
 
 
 def _unlist_if_other(rd: RunDir, layer: str, a: int, b: int, similarity: str) -> None:

@@ -32,7 +32,7 @@ from featscope.kernels.params import Declared, ParamError
 from featscope.kernels.saliency import METHODS, attribute, class_score
 from featscope.kernels.segment import grabcut_mask
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
+from featscope.pipelines.core.atomic import atomic_path, one_writer, write_json_atomic
 from featscope.pipelines.core.cpus import split
 from featscope.pipelines.core.device import (
     DEVICES,
@@ -331,49 +331,50 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
     model_ref(rd)  # a run without a model fails before the cluster starts
     rows = select(rd, selection)
     live = set(manifest.read(rd)["image_id"].to_pylist())
-    retired = _drop_retired_maps(rd, options.method, live)
-    if slurm is not None:
-        threads = threads or slurm.cores
-    elif not scheduler:
-        workers, threads = split(workers, threads)
-    ref = model_ref(rd, options.device, threads)
-    method = options.method
-    made_with = _stored_options(rd, method, rows)
-    wanted = map_options(options, ref)
-    _check_options(rd, options, made_with, wanted, overwrite)
+    with one_writer(rd.saliency_dir(options.method), f"saliency {options.method}"):  # its summary vouches for its maps
+        retired = _drop_retired_maps(rd, options.method, live)
+        if slurm is not None:
+            threads = threads or slurm.cores
+        elif not scheduler:
+            workers, threads = split(workers, threads)
+        ref = model_ref(rd, options.device, threads)
+        method = options.method
+        made_with = _stored_options(rd, method, rows)
+        wanted = map_options(options, ref)
+        _check_options(rd, options, made_with, wanted, overwrite)
 
-    def done(row: dict) -> bool:
-        """Its map exists, was made with these options, and has its mask if one is wanted."""
-        return made_with.get(row["image_id"]) == wanted and (
-            not options.segment or rd.saliency_mask(method, row["image_id"]).exists())
+        def done(row: dict) -> bool:
+            """Its map exists, was made with these options, and has its mask if one is wanted."""
+            return made_with.get(row["image_id"]) == wanted and (
+                not options.segment or rd.saliency_mask(method, row["image_id"]).exists())
 
-    todo = [r for r in rows if not done(r)]
-    per_task = images_per_task or METHODS[method].images_per_task
-    batches = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
-    summaries, errors, used_workers = [], [], 0
-    if len(batches) == 1 and not scheduler and slurm is None:
-        # one task's worth (a scheduled rerun's few new images): starting worker processes,
-        # each importing torch and loading the model, would cost more than the task (5 s here)
-        result = explain_batch(str(rd.root), options, ref, batches[0])
-        summaries, errors = result["summaries"], result["errors"]
-    elif batches:
-        from distributed import as_completed
+        todo = [r for r in rows if not done(r)]
+        per_task = images_per_task or METHODS[method].images_per_task
+        batches = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
+        summaries, errors, used_workers = [], [], 0
+        if len(batches) == 1 and not scheduler and slurm is None:
+            # one task's worth (a scheduled rerun's few new images): starting worker processes,
+            # each importing torch and loading the model, would cost more than the task (5 s here)
+            result = explain_batch(str(rd.root), options, ref, batches[0])
+            summaries, errors = result["summaries"], result["errors"]
+        elif batches:
+            from distributed import as_completed
 
-        with dask_client(workers, scheduler, threads, slurm) as (client, used_workers):
-            futures = client.map(explain_batch, [str(rd.root)] * len(batches), [options] * len(batches),
-                                 [ref] * len(batches), batches, pure=False, retries=1)
-            with tqdm(total=len(todo), unit="img", desc=f"saliency {method}", disable=not progress) as bar:
-                for future in as_completed(futures):
-                    result = future.result()
-                    summaries += result["summaries"]
-                    errors += result["errors"]
-                    bar.update(len(result["summaries"]) + len(result["errors"]))
-    _write_summary(rd, options, rows, summaries, ref)
-    # the workflow's next run tries those again (see rundir.UNREADABLE_AT)
-    record_unreadable(rd.saliency_unreadable(method), [e["image_id"] for e in errors if e["error"] == "unreadable"])
-    _write_errors(rd, method, live, errors, attempted={r["image_id"] for r in todo})
-    return SaliencySummary(method, len(rows), len(summaries), len(rows) - len(todo), len(errors), used_workers,
-                           time.perf_counter() - start, rd.saliency_dir(method), retired)
+            with dask_client(workers, scheduler, threads, slurm) as (client, used_workers):
+                futures = client.map(explain_batch, [str(rd.root)] * len(batches), [options] * len(batches),
+                                     [ref] * len(batches), batches, pure=False, retries=1)
+                with tqdm(total=len(todo), unit="img", desc=f"saliency {method}", disable=not progress) as bar:
+                    for future in as_completed(futures):
+                        result = future.result()
+                        summaries += result["summaries"]
+                        errors += result["errors"]
+                        bar.update(len(result["summaries"]) + len(result["errors"]))
+        _write_summary(rd, options, rows, summaries, ref)
+        # the workflow's next run tries those again (see rundir.UNREADABLE_AT)
+        record_unreadable(rd.saliency_unreadable(method), [e["image_id"] for e in errors if e["error"] == "unreadable"])
+        _write_errors(rd, method, live, errors, attempted={r["image_id"] for r in todo})
+        return SaliencySummary(method, len(rows), len(summaries), len(rows) - len(todo), len(errors), used_workers,
+                               time.perf_counter() - start, rd.saliency_dir(method), retired)
 
 
 def _drop_retired_maps(rd: RunDir, method: str, live: set[int]) -> int:

@@ -41,7 +41,7 @@ from featscope.kernels.randomisation import GRANULARITIES, cascading_randomisati
 from featscope.kernels.saliency import METHODS, attribute
 from featscope.kernels.scoring import SCORES
 from featscope.pipelines.core import derived, manifest
-from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
+from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw, write_json_atomic
 from featscope.pipelines.core.cpus import split
 from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, autocast_dtype
 from featscope.pipelines.core.images import BadImage, read_pixels
@@ -259,8 +259,9 @@ def evaluate(rd: RunDir, options: EvaluateOptions, progress: bool = True) -> Eva
     live = set(manifest.read(rd)["image_id"].to_pylist())
     means = {}
     for method in methods:
-        table = _write_evaluation(rd, method, stored[method], [r for r in new if r["method"] == method],
-                                  stamps[method], live)
+        mine = [r for r in new if r["method"] == method]
+        with one_writer(rd.faithfulness_dir.parent, "saliency evaluate"):  # read again: another job's rows stay
+            table = _write_evaluation(rd, method, read_evaluation(rd, method), mine, stamps[method], live)
         if table.num_rows:
             means[method] = {c: float(np.mean(table[c].to_numpy())) for c in EVALUATION_SCHEMA.names if
                              c.endswith("_auc")}
@@ -388,8 +389,6 @@ def sanity(rd: RunDir, options: SanityOptions, progress: bool = True) -> SanityS
                           "spearman": float(rho[i]), "ssim": float(similarity[i])} for i in range(len(kept))]
                 bar.update(1)
     table = pa.Table.from_pylist(rows, schema=SANITY_SCHEMA)
-    withdraw(rd.sanity_table, rd.sanity_verdicts)  # they vouch for the plots below: written again last
-    derived.forget(rd.sanity_verdicts)
     verdicts = {}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
@@ -399,10 +398,15 @@ def sanity(rd: RunDir, options: SanityOptions, progress: bool = True) -> SanityS
         verdicts[method] = {"score": score, "threshold": options.threshold, "verdict": verdict(score, options.threshold),
                             "final_spearman": per_step[-1], "images": len(kept), "steps": len(groups),
                             "granularity": options.granularity}
-        _plot(rd, method, mine, [names[n] for n, _ in groups], verdicts[method])
-    write_table(table, rd.sanity_table, {"granularity": options.granularity, "seed": str(options.seed)})
-    write_json_atomic(rd.sanity_verdicts, verdicts)
-    derived.remember(rd.sanity_verdicts, sources)
+    with one_writer(rd.sanity_table.parent, "saliency sanity"):  # another job's verdicts would vouch for these plots
+        withdraw(rd.sanity_table, rd.sanity_verdicts)  # they vouch for the plots below: written again last
+        derived.forget(rd.sanity_verdicts)
+        for method in methods:
+            _plot(rd, method, [r for r in rows if r["method"] == method], [names[n] for n, _ in groups],
+                  verdicts[method])
+        write_table(table, rd.sanity_table, {"granularity": options.granularity, "seed": str(options.seed)})
+        write_json_atomic(rd.sanity_verdicts, verdicts)
+        derived.remember(rd.sanity_verdicts, sources)
     return SanitySummary(verdicts, len(kept), len(groups), time.perf_counter() - start)
 
 

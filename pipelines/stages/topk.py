@@ -29,7 +29,7 @@ from featscope.kernels.params import ParamError
 if TYPE_CHECKING:
     import torch
 from featscope.pipelines.core import derived, manifest
-from featscope.pipelines.core.atomic import atomic_path, withdraw, write_json_atomic
+from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw, write_json_atomic
 from featscope.pipelines.core.images import BadImage, image_size, open_image
 from featscope.pipelines.core.options import Command, Options, option, parse_units
 from featscope.pipelines.core.rundir import GREY_PATCH, UNREADABLE_AT, RunDir
@@ -254,70 +254,72 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
     units = [u for u in (units if units is not None else all_units) if u in available]
     if not units:
         raise FeatscopeError(f"none of the requested units is in topk/{layer}.parquet (units 0-{all_units[-1]})")
-    record = rd.read_patches_record(layer)
-    drawn = _drawn(record, k, tile, show)
-    met_unreadable = record.get(UNREADABLE_AT)  # kept until a render greys again
-    rows_of = defaultdict(list)
-    for r in table:
-        if r["rank"] < k:
-            rows_of[r["channel"]].append([r["rank"], r["image_id"], r["x0"], r["y0"], r["x1"], r["y1"],
-                                          round(r["value"], 6)])
-    thresholds = (read_thresholds(rd, layer) or {}) if show == "mask" else {}
-    # what a strip shows: its rows, and with masks the threshold they were cut at
-    signature = {unit: sorted(rows_of[unit]) + ([[round(thresholds[unit], 6)]] if unit in thresholds else [])
-                 for unit in available}
-    current = {u for u in available if drawn.get(str(u)) == signature[u] and rd.unit_patches(layer, u).exists()}
-    kept = current & set(units)
-    chosen = set(units) - kept
-    if chosen:  # the record and the sheet vouch for the strips: written again last
-        withdraw(rd.patches_record(layer), rd.patch_sheet(layer))
-    wanted = [r for r in table if r["channel"] in chosen and r["rank"] < k]
-    by_image = defaultdict(list)
-    for r in wanted:
-        by_image[r["image_id"]].append(r)
-    paths = {r["image_id"]: r["path"] for r in manifest.read(rd, include_removed=True).to_pylist()}
-    masks = _UnitMasks(rd, layer) if show == "mask" else None
-    patches: dict[tuple[int, int], Image.Image] = {}
-    greyed: set[int] = set()  # units with a grey patch: an image that could not be read
-    for image_id, rows in tqdm(by_image.items(), desc=f"patches {layer}", unit="img", disable=not progress):
-        try:
-            img = open_image(paths[image_id])
-        except BadImage:
-            img = None
-            greyed.update(r["channel"] for r in rows)
-        drawn_masks = masks.patches(img, paths[image_id], [r["channel"] for r in rows], tile) if masks and img else {}
-        for r in rows:
-            box = (r["x0"], r["y0"], r["x1"] + 1, r["y1"] + 1)
-            patch = drawn_masks.get(r["channel"])
-            if patch is None:  # the receptive field (also where a mask came out empty)
-                patch = img.crop(box) if img is not None else Image.new("RGB", (tile, tile), (90, 90, 90))
-                patch = ImageOps.pad(patch, (tile, tile), color=(255, 255, 255))
-            patches[(r["channel"], r["rank"])] = patch
-    values = {(r["channel"], r["rank"]): r["value"] for r in wanted}
-    font = ImageFont.load_default(size=10)
-    strips = {}
-    for unit in units:
-        if unit in kept:  # its top-k did not change since it was drawn
-            with Image.open(rd.unit_patches(layer, unit)) as png:
-                strips[unit] = png.convert("RGB")
-            continue
-        strip = _strip(unit, k, tile, patches, values, font)
-        strips[unit] = strip
-        with atomic_path(rd.unit_patches(layer, unit)) as tmp:
-            strip.save(tmp, format="PNG")
-    # the strips drawn before of units not asked for this time stay listed while still current
-    listed = sorted(set(units) | current)
-    # a strip with a grey patch is recorded apart from its signature, so the next render draws it
-    # again; UNREADABLE_AT: when a render last drew one (kept after)
-    write_json_atomic(rd.patches_record(layer), {
-        "k": k, "tile": tile, "show": show,
-        "units": {str(u): signature[u] + ([[GREY_PATCH]] if u in greyed else []) for u in listed},
-        UNREADABLE_AT: time.time_ns() if greyed else met_unreadable})
-    sheet = _contact_sheet([strips[u] for u in units])
-    with atomic_path(rd.patch_sheet(layer)) as tmp:
-        sheet.save(tmp, format="PNG")
-    return RenderSummary(layer, len(units), len(by_image), rd.patch_sheet(layer), time.perf_counter() - start,
-                         len(units) - len(kept), show)
+    with one_writer(rd.patches_dir(layer), f"topk render {layer}"):  # the record vouches for its strips
+        record = rd.read_patches_record(layer)
+        drawn = _drawn(record, k, tile, show)
+        met_unreadable = record.get(UNREADABLE_AT)  # kept until a render greys again
+        rows_of = defaultdict(list)
+        for r in table:
+            if r["rank"] < k:
+                rows_of[r["channel"]].append([r["rank"], r["image_id"], r["x0"], r["y0"], r["x1"], r["y1"],
+                                              round(r["value"], 6)])
+        thresholds = (read_thresholds(rd, layer) or {}) if show == "mask" else {}
+        # what a strip shows: its rows, and with masks the threshold they were cut at
+        signature = {unit: sorted(rows_of[unit]) + ([[round(thresholds[unit], 6)]] if unit in thresholds else [])
+                     for unit in available}
+        current = {u for u in available if drawn.get(str(u)) == signature[u] and rd.unit_patches(layer, u).exists()}
+        kept = current & set(units)
+        chosen = set(units) - kept
+        if chosen:  # the record and the sheet vouch for the strips: written again last
+            withdraw(rd.patches_record(layer), rd.patch_sheet(layer))
+        wanted = [r for r in table if r["channel"] in chosen and r["rank"] < k]
+        by_image = defaultdict(list)
+        for r in wanted:
+            by_image[r["image_id"]].append(r)
+        paths = {r["image_id"]: r["path"] for r in manifest.read(rd, include_removed=True).to_pylist()}
+        masks = _UnitMasks(rd, layer) if show == "mask" else None
+        patches: dict[tuple[int, int], Image.Image] = {}
+        greyed: set[int] = set()  # units with a grey patch: an image that could not be read
+        for image_id, rows in tqdm(by_image.items(), desc=f"patches {layer}", unit="img", disable=not progress):
+            try:
+                img = open_image(paths[image_id])
+            except BadImage:
+                img = None
+                greyed.update(r["channel"] for r in rows)
+            drawn_masks = (masks.patches(img, paths[image_id], [r["channel"] for r in rows], tile)
+                           if masks and img else {})
+            for r in rows:
+                box = (r["x0"], r["y0"], r["x1"] + 1, r["y1"] + 1)
+                patch = drawn_masks.get(r["channel"])
+                if patch is None:  # the receptive field (also where a mask came out empty)
+                    patch = img.crop(box) if img is not None else Image.new("RGB", (tile, tile), (90, 90, 90))
+                    patch = ImageOps.pad(patch, (tile, tile), color=(255, 255, 255))
+                patches[(r["channel"], r["rank"])] = patch
+        values = {(r["channel"], r["rank"]): r["value"] for r in wanted}
+        font = ImageFont.load_default(size=10)
+        strips = {}
+        for unit in units:
+            if unit in kept:  # its top-k did not change since it was drawn
+                with Image.open(rd.unit_patches(layer, unit)) as png:
+                    strips[unit] = png.convert("RGB")
+                continue
+            strip = _strip(unit, k, tile, patches, values, font)
+            strips[unit] = strip
+            with atomic_path(rd.unit_patches(layer, unit)) as tmp:
+                strip.save(tmp, format="PNG")
+        # the strips drawn before of units not asked for this time stay listed while still current
+        listed = sorted(set(units) | current)
+        # a strip with a grey patch is recorded apart from its signature, so the next render draws it
+        # again; UNREADABLE_AT: when a render last drew one (kept after)
+        write_json_atomic(rd.patches_record(layer), {
+            "k": k, "tile": tile, "show": show,
+            "units": {str(u): signature[u] + ([[GREY_PATCH]] if u in greyed else []) for u in listed},
+            UNREADABLE_AT: time.time_ns() if greyed else met_unreadable})
+        sheet = _contact_sheet([strips[u] for u in units])
+        with atomic_path(rd.patch_sheet(layer)) as tmp:
+            sheet.save(tmp, format="PNG")
+        return RenderSummary(layer, len(units), len(by_image), rd.patch_sheet(layer), time.perf_counter() - start,
+                             len(units) - len(kept), show)
 
 
 def _resolve_show(rd: RunDir, layer: str, show: str) -> str:

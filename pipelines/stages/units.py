@@ -38,7 +38,7 @@ from featscope.kernels.render import feature_visualisations
 from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import channels, diversity
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, withdraw
+from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, parse_units
 from featscope.pipelines.core.rundir import RunDir
@@ -109,7 +109,8 @@ def render(rd: RunDir, options: RenderOptions, progress: bool = True) -> RenderS
     spec = loaded.layer(options.layer)
     if spec.kind == "pixels" or spec.grid:
         raise FeatscopeError(f"layer '{options.layer}' has no units to visualise: give a conv or vector layer")
-    return _render(rd, options, loaded, device, spec, progress, start)
+    with one_writer(rd.units_dir(options.layer), f"units render {options.layer}"):  # its table vouches for its pictures
+        return _render(rd, options, loaded, device, spec, progress, start)
 
 
 def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, spec, progress: bool,

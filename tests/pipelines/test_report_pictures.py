@@ -118,7 +118,7 @@ def test_two_builds_of_one_report_take_turns(tmp_path, digits, monkeypatch, capf
     second.start()
     second.join(2.0)
     assert entered == ["first"]  # the second has not begun while the first is under way
-    assert "another build of" in capfd.readouterr().err
+    assert "another job is writing" in capfd.readouterr().err
     release.set()
     first.join(60)
     second.join(60)

@@ -1,0 +1,108 @@
+"""Two jobs rewriting one set of pictures and the table that vouches for them take turns
+(`atomic.one_writer`): else the table of the one that finished last vouched for the other's
+pictures wherever they differed (other options, another top-k). Table-driven: each stage,
+started while another job holds its folder's lock, says so and waits, then finishes."""
+
+import threading
+import time
+
+import pytest
+from helpers import write_dataset
+
+from featscope.pipelines.app import report
+from featscope.pipelines.core import manifest
+from featscope.pipelines.core.atomic import holding
+from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.trust import read_evaluation
+from featscope.pipelines.stages import atlas, explain, extract, saliency, topk, units
+from featscope.pipelines.stages import index as neighbours
+from featscope.pipelines.stages import saliency_trust as trust
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, digits):
+    """Nine digits and two photos: layer3 top-k and strips, a pool index, Grad-CAM maps."""
+    root = tmp_path_factory.mktemp("turns")
+    write_dataset(root / "images", digits, n_photos=2, labels=(0, 1, 7), digits_per_label=3)
+    rd = RunDir(root / "run")
+    manifest.run(rd, root / "images", model="resnet18", weights="random")
+    extract.extract(rd, ["pool", "layer3"], workers=0, topk=3, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    topk.merge(rd, "layer3")
+    saliency.run(rd, saliency.SaliencyOptions(method="gradcam", select="label=photo"), progress=False)
+    return rd
+
+
+def photo(rd) -> int:
+    return next(r["image_id"] for r in manifest.read(rd).to_pylist() if r["label"] == "photo")
+
+
+STAGES = {  # name -> (the folder whose lock it takes, the job)
+    "topk render": (lambda rd: rd.patches_dir("layer3"),
+                    lambda rd: topk.render(rd, "layer3", units=[0, 1], progress=False)),
+    "units render": (lambda rd: rd.units_dir("layer3"),
+                     lambda rd: units.render(rd, units.RenderOptions(layer="layer3", units="0", size=32, steps=2),
+                                             progress=False)),
+    "units atlas": (lambda rd: rd.atlas_dir("layer3"),
+                    lambda rd: atlas.atlas(rd, atlas.AtlasOptions(layer="layer3", grid=3, images=11, per_image=1,
+                                                                  min_count=2, size=24, steps=2, perplexity=3),
+                                           progress=False)),
+    "explain queries": (lambda rd: rd.explain_dir("pool"),
+                        lambda rd: explain.run(rd, explain.ExplainOptions(layer="pool", queries=[photo(rd)], k=2))),
+    "explain pair": (lambda rd: rd.explain_dir("pool"),
+                     lambda rd: explain.run(rd, explain.ExplainOptions(layer="pool", pair=f"{photo(rd)},0",
+                                                                       similarity="dot"))),
+    "saliency": (lambda rd: rd.saliency_dir("gradcam"),
+                 lambda rd: saliency.run(rd, saliency.SaliencyOptions(method="gradcam", select="all"),
+                                         progress=False)),
+    "saliency sanity": (lambda rd: rd.sanity_table.parent,
+                        lambda rd: trust.sanity(rd, trust.SanityOptions(sample=2), progress=False)),
+    "report": (lambda rd: rd.report_dir, lambda rd: report.build(rd, k=2, progress=False)),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_stage_waits_while_another_job_writes_its_pictures(run, stage, capfd):
+    folder, job = STAGES[stage]
+    failed = []
+
+    def work():
+        try:
+            job(run)
+        except BaseException as e:  # noqa: BLE001 (shown by the assertion below)
+            failed.append(e)
+
+    def files():
+        return {p: p.stat().st_mtime_ns for p in folder(run).rglob("*") if p.is_file() and p.suffix != ".lock"}
+
+    worker = threading.Thread(target=work)
+    with holding(folder(run) / ".writer.lock"):  # another job is writing
+        before = files()
+        worker.start()
+        said, deadline = "", time.monotonic() + 300
+        while "another job is writing" not in said and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            said += capfd.readouterr().err
+        assert "another job is writing" in said and str(folder(run)) in said, (said, failed)
+        assert worker.is_alive() and files() == before  # waiting, its set untouched
+    worker.join(300)
+    assert not worker.is_alive() and failed == []
+
+
+def test_an_evaluation_finished_while_another_ran_keeps_its_rows(run, monkeypatch):
+    """`saliency evaluate` reads the stored rows again when it writes: a job that evaluated other
+    images meanwhile (here, between this job's start and its write) keeps its rows."""
+    photos = [r["image_id"] for r in manifest.read(run).to_pylist() if r["label"] == "photo"]
+    options = {"steps": 4, "precision": "fp32", "images_per_task": 100, "methods": ["gradcam"]}
+    for path in run.faithfulness_dir.glob("*.parquet"):
+        path.unlink()
+    batch = trust.evaluate_batch
+
+    def with_another_job(*args):
+        monkeypatch.setattr(trust, "evaluate_batch", batch)
+        trust.evaluate(run, trust.EvaluateOptions(select=f"ids={photos[1]}", **options), progress=False)
+        return batch(*args)
+
+    monkeypatch.setattr(trust, "evaluate_batch", with_another_job)
+    trust.evaluate(run, trust.EvaluateOptions(select=f"ids={photos[0]}", **options), progress=False)
+    assert sorted(read_evaluation(run, "gradcam")) == sorted(photos)
