@@ -32,7 +32,7 @@ from featscope.kernels.objectives import layer_outputs, total_variation
 from featscope.kernels.params import ParamError
 from featscope.kernels.style_net import StyleNet, mix, one_hot
 from featscope.kernels.texture import gram
-from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.atomic import atomic_path, one_writer
 from featscope.pipelines.core.images import BadImage, is_image_name, read_pixels
 from featscope.pipelines.core.models import load_model
 from featscope.pipelines.core.options import Command, Group, Options, option
@@ -182,10 +182,17 @@ def train(out: str | Path, styles: list[str | Path], content: str | Path, option
     """Train (or resume) the network in `out`/net.pt for `options.steps` steps in all.
 
     train_style: train only that style's gamma/beta (after `add_style`); the rest is frozen.
+    Two trainings of one network take turns (a requeued job beside its first copy would mix
+    its loss rows and checkpoints with the other's); the second then resumes where it stopped.
     """
+    with one_writer(Path(out), "style train"):
+        return _train_network(Path(out), styles, content, options, train_style, progress)
+
+
+def _train_network(out: Path, styles: list[str | Path], content: str | Path, options: TrainOptions,
+                   train_style: int | None, progress: bool) -> TrainSummary:
     start = time.perf_counter()
     keep_freed_memory()
-    out = Path(out)
     checkpoint = out / "net.pt"
     files = _image_files(Path(content))
     if checkpoint.exists():
@@ -249,12 +256,13 @@ def train(out: str | Path, styles: list[str | Path], content: str | Path, option
 def add_style(checkpoint: str | Path, style: str | Path, *, init_from: int | None = 0) -> int:
     """Append a style to a trained network (its gamma/beta copied from style `init_from`);
     then `train(..., train_style=index)` fits only those. Returns the new style's index."""
-    state = load_checkpoint(checkpoint)
-    net = network(state)
-    index = net.add_style(init_from)
-    state["styles"].append({"path": str(style), "sha256": _sha(Path(style))})
-    state.pop("optimizer", None)
-    _save(Path(checkpoint), state | {"net": net.state_dict()})
+    with one_writer(Path(checkpoint).parent, "style add"):  # not while a training saves over it
+        state = load_checkpoint(checkpoint)
+        net = network(state)
+        index = net.add_style(init_from)
+        state["styles"].append({"path": str(style), "sha256": _sha(Path(style))})
+        state.pop("optimizer", None)
+        _save(Path(checkpoint), state | {"net": net.state_dict()})
     return index
 
 

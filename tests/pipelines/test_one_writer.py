@@ -14,7 +14,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import holding
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.trust import read_evaluation
-from featscope.pipelines.stages import atlas, explain, extract, saliency, topk, units
+from featscope.pipelines.stages import atlas, explain, extract, saliency, style, topk, units
 from featscope.pipelines.stages import index as neighbours
 from featscope.pipelines.stages import saliency_trust as trust
 
@@ -35,6 +35,10 @@ def run(tmp_path_factory, digits):
 
 def photo(rd) -> int:
     return next(r["image_id"] for r in manifest.read(rd).to_pylist() if r["label"] == "photo")
+
+
+def photos(rd) -> list[str]:
+    return [r["path"] for r in manifest.read(rd).to_pylist() if r["label"] == "photo"]
 
 
 STAGES = {  # name -> (the folder whose lock it takes, the job)
@@ -58,6 +62,12 @@ STAGES = {  # name -> (the folder whose lock it takes, the job)
     "saliency sanity": (lambda rd: rd.sanity_table.parent,
                         lambda rd: trust.sanity(rd, trust.SanityOptions(sample=2), progress=False)),
     "report": (lambda rd: rd.report_dir, lambda rd: report.build(rd, k=2, progress=False)),
+    "style train": (lambda rd: rd.root / "style-net",
+                    lambda rd: style.train(rd.root / "style-net", photos(rd), rd.root.parent / "images",
+                                           style.TrainOptions(steps=2, size=32, batch=1, width=8, blocks=1,
+                                                              model="resnet18", weights="random",
+                                                              content_layer="layer1", style_layers=["layer1"]),
+                                           progress=False)),
 }
 
 
