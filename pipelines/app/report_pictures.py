@@ -8,8 +8,8 @@ lists and numbers: a unit's strip showed other images than its page listed, and 
 opened from disk said nothing. Kept here, each picture stays the one its table was built with
 until the report is built again, and a report copied away from its run keeps its pictures.
 
-Hard links cost no space and hold the picture as it was: the stages never write into a
-picture, they rename a new file over it (`atomic_path`). Where the file system has no hard
+Hard links cost no space until the run's picture is drawn again, and then hold it as it
+was: the stages never write into a picture, they rename a new file over it (`atomic_path`). Where the file system has no hard
 links, a copy is made; either is made again only when the run's picture changed.
 """
 
