@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import derived, manifest
+from featscope.pipelines.core.atomic import WRITER_LOCK, writer
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, read_record
@@ -42,6 +43,7 @@ class Status:
     lines: list[str] = field(default_factory=list)
     pending: dict[str, int] = field(default_factory=dict)  # new, edited, vanished
     stale: list[str] = field(default_factory=list)  # outputs that do not describe the live images
+    written_now: list[Path] = field(default_factory=list)  # folders a job is writing (`atomic.one_writer`)
 
     def line(self) -> str:
         return "\n".join(self.lines)
@@ -266,7 +268,8 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                            ("atlas", rd.atlas_table(layer))):
             if not path.exists():
                 if name in pictures and next(rd.units_dir(layer).glob(pictures[name]), None):
-                    _unfinished(out, f"units {layer} {name}")
+                    _unfinished(out, f"units {layer} {name}", rd.atlas_dir(layer) if name == "atlas"
+                                else rd.units_dir(layer))
                 continue
             rows = current_unit_table(rd, path, layer)
             what = f"{plural(len(rows), 'cell' if name == 'atlas' else 'unit')}" if rows is not None else \
@@ -276,7 +279,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                 out.stale.append(f"units {layer} {name}")
     for layer in sorted(p.name for p in (rd.root / "patches").glob("*") if p.is_dir()):
         if not rd.patches_record(layer).exists() and next(rd.patches_dir(layer).glob("unit-*.png"), None):
-            _unfinished(out, f"patches {layer}")
+            _unfinished(out, f"patches {layer}", rd.patches_dir(layer))
     for path in sorted((rd.root / "embedding").glob("*.parquet")):
         describe("map", path.stem, _ids(path))
     fine: dict[str, list[str]] = {}  # layer -> its mosaics drawn from its map as it is, every image read
@@ -385,6 +388,18 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                             "workflow run or `featscope report` builds it again" if greys else ""))
         if behind or greys or unindexed:
             out.stale.append("report")
+    elif (rd.report_dir / "index.html").exists():  # its pages say so too
+        who = writer(rd.report_dir)
+        out.lines.append("report: " + (f"being built now ({who})" if who else "unfinished: a build was stopped before "
+                                       "it wrote data/run.js: the next workflow run or `featscope report` builds it "
+                                       "again"))
+        out.written_now += [rd.report_dir] if who else []
+        out.stale.append("report")
+    for lock in sorted({*rd.root.glob(f"*/{WRITER_LOCK}"), *rd.root.glob(f"*/*/{WRITER_LOCK}"),
+                        *rd.root.glob(f"units/*/atlas/{WRITER_LOCK}")}):
+        if lock.parent not in out.written_now and (who := writer(lock.parent)):
+            out.written_now.append(lock.parent)  # saliency maps, explained pairs, a style network, ...
+            out.lines.append(f"{lock.parent.relative_to(rd.root).as_posix()}: being written now ({who})")
     runs = read_history(rd)
     if runs:
         out.lines.append(f"history: {plural(len(runs), 'workflow run')}; the last {min(history, len(runs))}:")
@@ -418,10 +433,15 @@ def _retired_tiles(rd: RunDir, layer: str, kind: str, live: np.ndarray) -> str:
     return f"{gone} of its {len(ids)} tiles show images retired since" if gone else ""
 
 
-def _unfinished(out: Status, what: str) -> None:
-    """Pictures without the table that vouches for them: a job stopped while it rewrote them
-    (see core.atomic.withdraw), which the report does not show."""
-    out.lines.append(f"{what}: unfinished (pictures without their table: a job was stopped while it wrote them)")
+def _unfinished(out: Status, what: str, folder: Path) -> None:
+    """Pictures without the table that vouches for them: a job writing them now (it holds the
+    folder's writer lock), or one stopped while it rewrote them (see core.atomic.withdraw).
+    The report shows none of them."""
+    who = writer(folder)
+    if who:
+        out.written_now.append(folder)
+    out.lines.append(f"{what}: " + (f"being written now ({who}): shown once that job writes their table" if who else
+                                    "unfinished (pictures without their table: a job was stopped while it wrote them)"))
     out.stale.append(what)
 
 

@@ -31,7 +31,9 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -112,23 +114,52 @@ def write_json_atomic(path: Path, obj: object) -> None:
 @contextmanager
 def holding(lock: Path, busy: str | None = None) -> Iterator[None]:
     """An exclusive flock on `lock` (created if missing) for the block: one process at a time.
-    `busy`: a line printed (to stderr) where the lock is held by another, before waiting for it."""
+    `busy`: a line printed (to stderr) where the lock is held by another, before waiting for it.
+    The holder writes who it is into the file (`holder` reads it)."""
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
+    with open(lock, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if busy:
-                print(busy, file=sys.stderr, flush=True)
+                f.seek(0)
+                print(busy + (f" (held by {who})" if (who := f.read().strip()) else ""), file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def holder(lock: Path) -> str | None:
+    """Who holds `lock` now ("pid 123 on node7 since ..."), or None where no one does. Reads
+    only: `featscope status` tells a set being written now from one a stopped job left."""
+    try:
+        f = open(lock)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another job"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+WRITER_LOCK = ".writer.lock"
+
+
 def one_writer(folder: Path, job: str) -> AbstractContextManager[None]:
     """Hold `folder`'s writer lock for the block: for a stage that rewrites a set of files in it
     and the table that vouches for them (see `withdraw`). A second job waits, saying so."""
-    return holding(folder / ".writer.lock", busy=f"{job}: another job is writing {folder}: waiting for it to finish")
+    return holding(folder / WRITER_LOCK, busy=f"{job}: another job is writing {folder}: waiting for it to finish")
+
+
+def writer(folder: Path) -> str | None:
+    """Who is writing `folder`'s set now (`one_writer`), or None."""
+    return holder(folder / WRITER_LOCK)
 

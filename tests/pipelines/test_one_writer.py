@@ -3,6 +3,7 @@
 pictures wherever they differed (other options, another top-k). Table-driven: each stage,
 started while another job holds its folder's lock, says so and waits, then finishes."""
 
+import shutil
 import threading
 import time
 
@@ -116,3 +117,34 @@ def test_an_evaluation_finished_while_another_ran_keeps_its_rows(run, monkeypatc
     monkeypatch.setattr(trust, "evaluate_batch", with_another_job)
     trust.evaluate(run, trust.EvaluateOptions(select=f"ids={photos[0]}", **options), progress=False)
     assert sorted(read_evaluation(run, "gradcam")) == sorted(photos)
+
+
+def test_status_tells_a_set_being_written_now_from_one_a_stopped_job_left(run):
+    """Pictures without their table are unfinished work: being written now where a job holds
+    the folder's lock (who, since when), else left by a stopped job. Likewise the report."""
+    from featscope.pipelines.app.status import status
+
+    folder = run.root / "units" / "layerX"  # pictures of a render whose table is not written yet
+    folder.mkdir(parents=True)
+    (folder / "unit-0000.png").write_bytes(b"")
+    if not (run.report_dir / "data" / "run.js").exists():
+        report.build(run, k=2, progress=False)
+    summary = run.report_dir / "data" / "run.js"
+    summary.rename(summary.with_name("run.js.aside"))  # as a build does before it writes its data
+    try:
+        with holding(folder / ".writer.lock"), holding(run.report_dir / ".writer.lock"), \
+                holding(run.saliency_dir("gradcam") / ".writer.lock"):
+            said = status(run)
+            lines = said.line().splitlines()
+            assert next(x for x in lines if x.startswith("units layerX visualisations: being written now (pid "))
+            assert next(x for x in lines if x.startswith("report: being built now (pid "))
+            assert "saliency/gradcam: being written now (pid " in said.line()
+            assert "units layerX visualisations" in said.stale and "report" in said.stale
+        lines = status(run).line().splitlines()
+        assert "units layerX visualisations: unfinished (pictures without their table: a job was stopped while it " \
+               "wrote them)" in lines
+        assert next(x for x in lines if x.startswith("report: unfinished: a build was stopped"))
+        assert "being written now" not in "\n".join(lines)
+    finally:
+        summary.with_name("run.js.aside").rename(summary)
+        shutil.rmtree(folder)
