@@ -372,6 +372,8 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                             "options): the next workflow run or `featscope saliency sanity` checks them again"))
     if verdicts and not checked_now:
         out.stale.append("sanity")
+    if not verdicts and next((rd.root / "saliency").glob("sanity-*.png"), None):  # plots without their verdicts
+        _unfinished(out, "sanity", rd.sanity_table.parent)
     run_js = rd.report_dir / "data" / "run.js"
     if run_js.exists():
         behind = derived.report_behind(rd)

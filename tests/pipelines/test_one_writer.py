@@ -148,3 +148,19 @@ def test_status_tells_a_set_being_written_now_from_one_a_stopped_job_left(run):
     finally:
         summary.with_name("run.js.aside").rename(summary)
         shutil.rmtree(folder)
+
+
+def test_status_names_sanity_plots_left_without_their_verdicts(run):
+    from featscope.pipelines.app.status import status
+
+    if not run.sanity_verdicts.exists():
+        trust.sanity(run, trust.SanityOptions(sample=2), progress=False)
+    aside = run.sanity_verdicts.with_name("sanity.json.aside")
+    run.sanity_verdicts.rename(aside)  # as a sanity job does before it draws its plots again
+    try:
+        with holding(run.sanity_table.parent / ".writer.lock"):
+            assert next(x for x in status(run).line().splitlines() if x.startswith("sanity: being written now (pid "))
+        assert "sanity: unfinished (pictures without their table: a job was stopped while it wrote them)" in \
+            status(run).line().splitlines()
+    finally:
+        aside.rename(run.sanity_verdicts)
