@@ -532,7 +532,8 @@ def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary
     errors = errors.filter(pc.or_kleene(pc.is_null(errors["image_id"]), pc.is_in(errors["image_id"], pa.array(ids))))
     labels = table["label"].to_pylist()
     summary = {
-        "name": rd.name, "images": len(rows), "labels": len({x for x in labels if x is not None}),
+        "name": rd.name, "built": time.strftime("%Y-%m-%d %H:%M:%S %z"),  # what it shows is as of then
+        "images": len(rows), "labels": len({x for x in labels if x is not None}),
         "dataset": config.get("images"), "model": config.get("model"), "weights": config.get("weights"),
         "weights_sha256": config.get("weights_sha256"), "featscope_version": config.get("featscope_version"),
         "layers": sorted({p.name for p in (rd.root / "features").iterdir()}) if (rd.root / "features").is_dir() else [],

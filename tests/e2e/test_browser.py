@@ -117,6 +117,8 @@ def test_image_page_shows_the_prediction_and_timings_and_history_start_collapsed
     best = read_predictions(rd)[image_id][0]
     assert f"class {best[0]} ({best[1]:.2f})" in row  # random weights: classes shown by number
     page.goto((rd.report_dir / "index.html").as_uri())
+    built = page.evaluate("window.FS_RUN.built")
+    assert page.locator("tr", has_text="report built").inner_text().split("\t")[-1] == built
     history = page.locator("section", has_text="Run history").locator("summary").inner_text()
     assert history.startswith("1 workflow run; the last ") and ": ok, +" in history
     details = page.locator("section", has_text="Stage timings").locator("details")

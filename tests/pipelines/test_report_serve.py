@@ -6,6 +6,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,8 @@ def test_report_holds_every_image_with_its_exact_neighbours(reported_run):
     assert run["topk"][0]["name"] == "layer3" and run["topk"][0]["rendered"] == [0, 1, 2, 3]
     assert "viz" not in json.dumps(run["toolbox"])  # no toolbox in this run: the part is absent, not broken
     assert [h["status"] for h in run["history"]] == ["ok"] and run["history"][0]["images"] == len(rows)
+    built = datetime.strptime(run["built"], "%Y-%m-%d %H:%M:%S %z").timestamp()  # shown: the report is as of then
+    assert abs(built - (rd.report_dir / "data" / "run.js").stat().st_mtime) < 120
 
 
 def test_a_report_built_while_an_image_could_not_be_read_is_named_until_built_again(reported_run):

@@ -73,7 +73,7 @@ const FS = (() => {
     const s = section("Run");
     s.append(table([["dataset", run.dataset], ["images", run.images], ["labels", run.labels], ["model", run.model],
       ["weights", `${run.weights} (sha256 ${(run.weights_sha256 || "").slice(0, 12)}…)`], ["layers", run.layers.join(", ")],
-      ["bad inputs", run.bad_inputs], ["featscope", run.featscope_version]]));
+      ["bad inputs", run.bad_inputs], ["featscope", run.featscope_version], ["report built", run.built]]));
     if (run.errors.length) {
       const e = section(`Bad inputs (${run.bad_inputs})`);
       e.append(table([["image_id", "stage", "error", "message", "path"],
