@@ -162,4 +162,3 @@ def one_writer(folder: Path, job: str) -> AbstractContextManager[None]:
 def writer(folder: Path) -> str | None:
     """Who is writing `folder`'s set now (`one_writer`), or None."""
     return holder(folder / WRITER_LOCK)
-
