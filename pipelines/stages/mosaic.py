@@ -59,9 +59,13 @@ def _number(text: str | None) -> str:
         return "-"
 
 
-def _save_jpeg(img: Image.Image, path: Path) -> None:
+def _save_jpeg(img: Image.Image, path: Path) -> str:
+    """Write the picture; returns the sha256 of the bytes this call wrote (the file in place may
+    already be another's: a job drawing the same mosaic at once)."""
     with atomic_path(path) as tmp:
         img.save(tmp, format="JPEG", quality=88)
+        digest = file_digest(tmp)
+    return digest
 
 
 def _positions(rd: RunDir, layer: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
@@ -100,13 +104,13 @@ def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 
             continue
         row, col = divmod(int(cells[i]), side)
         canvas.paste(thumb, (col * tile, row * tile))
-    _save_jpeg(canvas, rd.mosaic(layer, "grid"))
+    drawn = _save_jpeg(canvas, rd.mosaic(layer, "grid"))
     record_unreadable(rd.mosaic_unreadable(layer, "grid"), unreadable)
     rows, cols = np.divmod(cells, side)
     table = pa.table({"cell_row": pa.array(rows, pa.int32()), "cell_col": pa.array(cols, pa.int32()),
                       "image_id": pa.array(ids[chosen], pa.int64())})
     meta = {"side": str(side), "tile": str(tile), "cost": str(cost),
-            "grid_sha256": file_digest(rd.mosaic(layer, "grid"))}  # the picture this table describes
+            "grid_sha256": drawn}  # the picture this table describes
     with atomic_path(rd.mosaic(layer, "grid", "parquet")) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp)
     derived.remember(rd.mosaic(layer, "grid"), sources)

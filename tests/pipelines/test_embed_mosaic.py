@@ -525,3 +525,24 @@ def test_tsne_progress_bar_counts_every_iteration_and_leaves_the_map_unchanged(c
     np.testing.assert_array_equal(quiet, shown)  # a callback returning True would have cut t-SNE short
     total = 750 + (embed.PLACE_ITERATIONS if sampled else 0)
     assert sampled == (max_exact < 60) and f"{total}/{total}" in capsys.readouterr().err
+
+
+def test_a_grid_picture_replaced_while_its_table_is_written_is_refused(mapped_run, monkeypatch):
+    """The table records the digest of the picture its own job drew, not of the file in place
+    when it looks: a job drawing the same mosaic at once may have put its own there in between,
+    whose tiles the table's cells would otherwise open as if they were these."""
+    from featscope.kernels.errors import FeatscopeError
+    from featscope.pipelines.app import report
+
+    embed.embed(mapped_run, "pool", perplexity=10)
+    picture = mapped_run.mosaic("pool", "grid")
+    record = mosaic.record_unreadable
+
+    def another_job_draws_its_own(*args):  # between this job's picture and its table
+        Image.new("RGB", (64, 64), (0, 90, 0)).save(picture, format="JPEG")
+        return record(*args)
+
+    monkeypatch.setattr(mosaic, "record_unreadable", another_job_draws_its_own)
+    mosaic.grid(mapped_run, "pool", side=4, tile=16, progress=False)
+    with pytest.raises(FeatscopeError, match="is not the picture pool-grid.parquet describes"):
+        report.build(mapped_run, progress=False)
