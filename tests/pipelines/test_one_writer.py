@@ -58,7 +58,7 @@ STAGES = {  # name -> (the folder whose lock it takes, the job)
                      lambda rd: explain.run(rd, explain.ExplainOptions(layer="pool", pair=f"{photo(rd)},0",
                                                                        similarity="dot"))),
     "saliency": (lambda rd: rd.saliency_dir("gradcam"),
-                 lambda rd: saliency.run(rd, saliency.SaliencyOptions(method="gradcam", select="all"),
+                 lambda rd: saliency.run(rd, saliency.SaliencyOptions(method="gradcam", select="label=photo"),
                                          progress=False)),
     "saliency sanity": (lambda rd: rd.sanity_table.parent,
                         lambda rd: trust.sanity(rd, trust.SanityOptions(sample=2), progress=False)),
