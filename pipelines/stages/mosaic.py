@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import derived, manifest
-from featscope.pipelines.core.atomic import atomic_path, file_digest
+from featscope.pipelines.core.atomic import atomic_path, file_digest, one_writer
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, record_unreadable
 from featscope.pipelines.core.store import read_embedding
@@ -104,16 +104,17 @@ def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 
             continue
         row, col = divmod(int(cells[i]), side)
         canvas.paste(thumb, (col * tile, row * tile))
-    drawn = _save_jpeg(canvas, rd.mosaic(layer, "grid"))
-    record_unreadable(rd.mosaic_unreadable(layer, "grid"), unreadable)
     rows, cols = np.divmod(cells, side)
     table = pa.table({"cell_row": pa.array(rows, pa.int32()), "cell_col": pa.array(cols, pa.int32()),
                       "image_id": pa.array(ids[chosen], pa.int64())})
-    meta = {"side": str(side), "tile": str(tile), "cost": str(cost),
-            "grid_sha256": drawn}  # the picture this table describes
-    with atomic_path(rd.mosaic(layer, "grid", "parquet")) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp)
-    derived.remember(rd.mosaic(layer, "grid"), sources)
+    with one_writer(rd.root / "mosaic", f"mosaic grid {layer}"):  # the picture, then the table that describes it
+        drawn = _save_jpeg(canvas, rd.mosaic(layer, "grid"))
+        record_unreadable(rd.mosaic_unreadable(layer, "grid"), unreadable)
+        meta = {"side": str(side), "tile": str(tile), "cost": str(cost),
+                "grid_sha256": drawn}  # the picture this table describes
+        with atomic_path(rd.mosaic(layer, "grid", "parquet")) as tmp:
+            pq.write_table(table.replace_schema_metadata(meta), tmp)
+        derived.remember(rd.mosaic(layer, "grid"), sources)
     return MosaicSummary(rd.mosaic(layer, "grid"), len(chosen), time.perf_counter() - start, detail + ", ")
 
 

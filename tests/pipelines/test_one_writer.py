@@ -15,14 +15,14 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import holding
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.trust import read_evaluation
-from featscope.pipelines.stages import atlas, explain, extract, saliency, style, topk, units
+from featscope.pipelines.stages import atlas, embed, explain, extract, mosaic, saliency, style, topk, units
 from featscope.pipelines.stages import index as neighbours
 from featscope.pipelines.stages import saliency_trust as trust
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, digits):
-    """Nine digits and two photos: layer3 top-k and strips, a pool index, Grad-CAM maps."""
+    """Nine digits and two photos: layer3 top-k, a pool index and map, Grad-CAM maps."""
     root = tmp_path_factory.mktemp("turns")
     write_dataset(root / "images", digits, n_photos=2, labels=(0, 1, 7), digits_per_label=3)
     rd = RunDir(root / "run")
@@ -30,6 +30,7 @@ def run(tmp_path_factory, digits):
     extract.extract(rd, ["pool", "layer3"], workers=0, topk=3, progress=False)
     neighbours.build(rd, "pool", progress=False)
     topk.merge(rd, "layer3")
+    embed.embed(rd, "pool", perplexity=3)
     saliency.run(rd, saliency.SaliencyOptions(method="gradcam", select="label=photo"), progress=False)
     return rd
 
@@ -63,6 +64,7 @@ STAGES = {  # name -> (the folder whose lock it takes, the job)
     "saliency sanity": (lambda rd: rd.sanity_table.parent,
                         lambda rd: trust.sanity(rd, trust.SanityOptions(sample=2), progress=False)),
     "report": (lambda rd: rd.report_dir, lambda rd: report.build(rd, k=2, progress=False)),
+    "mosaic grid": (lambda rd: rd.root / "mosaic", lambda rd: mosaic.grid(rd, "pool", side=2, tile=8, progress=False)),
     "style train": (lambda rd: rd.root / "style-net",
                     lambda rd: style.train(rd.root / "style-net", photos(rd), rd.root.parent / "images",
                                            style.TrainOptions(steps=2, size=32, batch=1, width=8, blocks=1,
