@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from featscope.index import NeighbourIndex, Neighbours
+from featscope.index.search import IDS_FILE
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
@@ -148,7 +149,7 @@ def unindexed_note(rd: RunDir, layer: str, indexed: np.ndarray, live: np.ndarray
 
 def indexed_ids(rd: RunDir, layer: str) -> np.ndarray:
     """The image ids the layer's index holds, from its id table alone (the index unopened)."""
-    return pq.read_table(rd.index_dir(layer) / "ids.parquet", columns=["image_id"])["image_id"].to_numpy()
+    return pq.read_table(rd.index_dir(layer) / IDS_FILE, columns=["image_id"])["image_id"].to_numpy()
 
 
 def not_in_index(rd: RunDir, layer: str, image_id: int) -> FeatscopeError:
