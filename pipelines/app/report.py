@@ -10,10 +10,14 @@ rendered by report_assets/report.js), small JPEG thumbnails made once per image
   data/images-NNNN.js     per 1,000 images: label, path name, the model's top classes, neighbours
                           per space, saliency methods
   data/mosaic-<layer>.js  the grid mosaic's cell -> image_id table, for click-through
+  data/atlas-<layer>.js   the activation atlas's cells: counts, labels, classes, images
   pictures/               the run's pictures the pages show, kept as they were (report_pictures)
 
 Pages read only what they show (an image page loads one 1,000-image shard), so a report of
 100k images opens as fast as one of 100. Stages a run did not produce are left out.
+
+A build computes all the pages show before it writes any of it (thumbnails aside), so that
+it can refuse, leaving the report before whole, where a table it read changed meanwhile.
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ from featscope.pipelines.core.atomic import (
     atomic_path,
     file_digest,
     one_writer,
+    reading,
     withdraw,
     write_bytes_atomic,
-    write_json_atomic,
 )
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
@@ -58,7 +62,6 @@ from featscope.pipelines.core.trust import (
     current_evaluation,
     current_strips,
     current_unit_table,
-    map_stamp,
     read_sanity,
 )
 from featscope.pipelines.render.overlay import map_picture
@@ -102,6 +105,9 @@ def _drop_retired(rd: RunDir, live: set[int], thumbnails: set[int]) -> None:
         number = path.stem.removeprefix("images-")
         if number.isdigit() and int(number) not in shards:
             path.unlink()
+
+
+Scripts = dict[str, tuple[str, object]]  # data file name -> (the window variable it sets, its value)
 
 
 def _script(path: Path, variable: str, value: object) -> bool:
@@ -196,9 +202,9 @@ def _explained(rd: RunDir, live: set[int], pictures: KeptPictures) -> tuple[dict
     return found, layers, stale
 
 
-def _layers(rd: RunDir, pictures: KeptPictures) -> list[dict]:
+def _layers(rd: RunDir, pictures: KeptPictures, scripts: Scripts) -> list[dict]:
     """Layers with merged top-k: units, k, and which units have patch PNGs (kept) and
-    visualisations."""
+    visualisations; each one's units' top-k and histograms go to data/topk-<layer>.js."""
     layers = []
     for layer in rd.topk_layers():
         table = pq.read_table(rd.topk(layer), columns=["channel", "rank", "value", "image_id"])
@@ -220,8 +226,7 @@ def _layers(rd: RunDir, pictures: KeptPictures) -> list[dict]:
                        "shown": _patches_show(rd, layer), "visualised": _visualised(rd, layer, pictures),
                        "labels": _unit_labels(rd, layer), "atlas": current_unit_table(
                            rd, rd.atlas_table(layer), layer) is not None and rd.atlas_image(layer).exists()})
-        _script(rd.report_dir / "data" / f"topk-{layer}.js", "FS_TOPK",
-                {layer: units, f"{layer}:histograms": _histograms(rd, layer)})
+        scripts[f"topk-{layer}.js"] = ("FS_TOPK", {layer: units, f"{layer}:histograms": _histograms(rd, layer)})
     return layers
 
 
@@ -254,48 +259,21 @@ def _histograms(rd: RunDir, layer: str, bins: int = 48) -> dict[int, list] | Non
     return out
 
 
-def _kept_cells(rd: RunDir, layer: str, cells: list[dict], table: Path, stamp: str) -> None:
-    """The atlas's rendered cell pictures copied into the report (data/atlas-<layer>/) beside
-    the cell table its page clicks through, as `_kept_grid` keeps the grid: linked from the
-    run, an atlas made again after the report was built put its cells' pictures over the old
-    table's counts and images. Copied again only when the table changed since (its stamp)."""
-    folder = rd.report_dir / "data" / f"atlas-{layer}"
-    made_from = folder / "made-from.json"
-    if made_from.exists() and json.loads(made_from.read_text()).get("table") == stamp:
-        return
-    made_from.unlink(missing_ok=True)  # a copy stopped half way is made again, not trusted
-    for old in folder.glob("cell-*.png"):
-        old.unlink()
-    for cell in (rd.atlas_cell(layer, c["gy"], c["gx"]) for c in cells if c["rendered"]):
-        if cell.exists():  # (one deleted by hand shows as a broken picture, as it did; verify names it)
-            with atomic_path(folder / cell.name) as tmp:
-                shutil.copyfile(cell, tmp)
-    _same_atlas(table, stamp, layer)  # not made again while its pictures were copied
-    write_json_atomic(made_from, {"table": stamp})
-
-
-def _same_atlas(table: Path, stamp: str, layer: str) -> None:
-    """Refuse to go on if the atlas table is no longer the one `stamp` saw (a units atlas job
-    rewrote it, or withdrew it to rewrite its pictures, meanwhile)."""
-    if not table.exists() or map_stamp(table) != stamp:
-        raise FeatscopeError(f"the atlas of {layer} changed while the report was built: run `featscope report` again")
-
-
-def _atlases(rd: RunDir) -> list[dict]:
+def _atlases(rd: RunDir, pictures: KeptPictures, scripts: Scripts) -> list[dict]:
     """Layers with a current activation atlas; each one's cells go to data/atlas-<layer>.js,
-    their pictures to data/atlas-<layer>/."""
+    their pictures are kept."""
     found = []
     for path in sorted((rd.root / "units").glob("*/atlas/cells.parquet")):
         layer = path.parent.parent.name
-        stamp = map_stamp(path)
         cells = current_unit_table(rd, path, layer)
         if cells is None or not rd.atlas_image(layer).exists():
             continue
-        _same_atlas(path, stamp, layer)  # the rows read are the table stamped
-        _kept_cells(rd, layer, cells, path, stamp)
+        for cell in (rd.atlas_cell(layer, c["gy"], c["gx"]) for c in cells if c["rendered"]):
+            if cell.exists():  # (one deleted by hand shows as a broken picture; verify names it)
+                pictures.keep(cell)
         meta = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
         grid = int(meta.get("grid", 0))
-        _script(rd.report_dir / "data" / f"atlas-{layer}.js", "FS_ATLAS", {"layer": layer, "grid": grid, "cells": [
+        scripts[f"atlas-{layer}.js"] = ("FS_ATLAS", {"layer": layer, "grid": grid, "cells": [
             [c["gy"], c["gx"], c["count"], c["label"], c["label_share"], c["class"], c["class_share"], c["rendered"],
              c["image_ids"][:60]] for c in cells]})
         found.append({"layer": layer, "grid": grid, "layout": meta.get("layout"), "images": meta.get("images"),
@@ -338,23 +316,9 @@ def _evaluation(rd: RunDir) -> dict | None:
                      "`featscope report`)."}
 
 
-def _kept_grid(rd: RunDir, layer: str, picture: Path, digest: str | None) -> Path:
-    """The grid picture copied into the report beside its cell table (data/mosaic-<layer>.js),
-    so a click always opens the image its tile shows: linked from the run, a grid drawn again
-    after the report was built (another --side, a workflow stopped before its report) showed
-    new tiles over the old table's images. The copy is checked against the table's digest."""
-    kept = rd.report_dir / "data" / f"mosaic-{layer}-grid.jpg"
-    if digest is not None and kept.exists() and file_digest(kept) == digest:
-        return kept
-    with atomic_path(kept) as tmp:
-        shutil.copyfile(picture, tmp)
-        if digest is not None and file_digest(tmp) != digest:  # drawn again since the check above
-            raise FeatscopeError(f"{picture} changed while the report was built: run `featscope report` again")
-    return kept
-
-
-def _mosaics(rd: RunDir, live: np.ndarray, featured: np.ndarray, pictures: KeptPictures) -> list[dict]:
-    """The grid mosaics with their cell tables, a notice in place of one drawn from an earlier
+def _mosaics(rd: RunDir, live: np.ndarray, featured: np.ndarray, pictures: KeptPictures,
+             scripts: Scripts) -> list[dict]:
+    """The grid mosaics with their cell tables (data/mosaic-<layer>.js), a notice in place of one drawn from an earlier
     map or from a map made before the dataset last changed (its tiles would open pages of
     retired images), and the scatter and plot where they are current."""
     mosaics = []
@@ -381,13 +345,12 @@ def _mosaics(rd: RunDir, live: np.ndarray, featured: np.ndarray, pictures: KeptP
                                                      f"embed --run {rd.root} --layer {layer}` and `featscope mosaic "
                                                      "all`, then `featscope report`)."})
             continue
-        kept = _kept_grid(rd, layer, picture, meta.get("grid_sha256"))
         side = int(meta.get("side", 0))
         grid = [[-1] * side for _ in range(side)]
         for r, c, i in zip(table["cell_row"].to_pylist(), table["cell_col"].to_pylist(), table["image_id"].to_pylist()):
             grid[r][c] = i
-        _script(rd.report_dir / "data" / f"mosaic-{layer}.js", "FS_MOSAIC", {layer: grid})
-        entry = {"layer": layer, "side": side, "grid": kept.relative_to(rd.report_dir).as_posix()}
+        scripts[f"mosaic-{layer}.js"] = ("FS_MOSAIC", {layer: grid})
+        entry = {"layer": layer, "side": side, "grid": pictures.keep(picture)}
         for kind, suffix in (("scatter", "jpg"), ("plot", "png")):
             if derived.current(rd, rd.mosaic(layer, kind, suffix), derived.mosaic_sources(rd, layer, kind)):
                 entry[kind] = pictures.keep(rd.mosaic(layer, kind, suffix))
@@ -476,12 +439,6 @@ def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary
     if not rows:
         raise FeatscopeError(f"run {rd.root} has no images")
     out = rd.report_dir
-    out.mkdir(parents=True, exist_ok=True)
-    for asset in ("report.js", "report.css"):
-        shutil.copyfile(ASSETS / asset, out / asset)
-    shell = (ASSETS / "page.html").read_text()
-    for page in PAGES:  # every page is the same shell; report.js renders it by name
-        write_bytes_atomic(out / f"{page}.html", shell.replace("{page}", page).encode())
     stored, grey = stored_thumbnails(rd)
     missing = [r for r in rows if r["image_id"] not in stored or r["image_id"] in grey]  # grey: read again
     with ThreadPoolExecutor(threads) as pool:
@@ -496,7 +453,8 @@ def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary
     # refuses those) gives them no list, and may leave a nearer one out of every other list
     lacking = {layer: set(np.setdiff1d(missing, featureless).tolist()) for layer, missing in absent.items()}
     unindexed = {layer: len(missing) for layer, missing in lacking.items() if missing}
-    pictures = KeptPictures(rd)
+    # what the pages show is computed first, without writing: the pictures to keep, the data files
+    pictures, scripts = KeptPictures(rd), {}
     saliency = _saliency(rd, pictures)
     aucs, trust = _aucs(rd)
     explained, explained_layers, explained_stale = _explained(rd, set(ids.tolist()), pictures)
@@ -518,16 +476,7 @@ def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary
             by_chunk[i // SHARD][i]["explained"] = explained[i]
         if missing_from := [space for space in unindexed if i in lacking[space]]:
             by_chunk[i // SHARD][i]["unindexed"] = missing_from  # added since the index was built
-    # run.js (the summary every page starts from) vouches for the data files: written again
-    # last, so the pages of a build stopped half way say so instead of mixing two builds (and
-    # only now, so that the report before stays readable while this one is computed)
-    withdraw(out / "data" / "run.js")
-    derived.forget(out / "data" / "run.js")
-    written = sum(_script(out / "data" / f"images-{chunk:04d}.js", "FS_IMAGES", entries)
-                  for chunk, entries in sorted(by_chunk.items()))
-    chunks = sorted(by_chunk)
-    _drop_retired(rd, set(ids.tolist()), stored)
-    save_state(rd, lists_state)
+    scripts |= {f"images-{chunk:04d}.js": ("FS_IMAGES", entries) for chunk, entries in sorted(by_chunk.items())}
     errors = read_errors(rd.errors_dir)
     errors = errors.filter(pc.or_kleene(pc.is_null(errors["image_id"]), pc.is_in(errors["image_id"], pa.array(ids))))
     labels = table["label"].to_pylist()
@@ -545,8 +494,8 @@ def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary
         "errors": errors.slice(0, 200).to_pylist(),
         "timings": read_timings(rd),
         "history": read_history(rd)[-50:],
-        "topk": _layers(rd, pictures), "atlases": _atlases(rd),
-        "mosaics": _mosaics(rd, ids, np.setdiff1d(ids, featureless), pictures),
+        "topk": _layers(rd, pictures, scripts), "atlases": _atlases(rd, pictures, scripts),
+        "mosaics": _mosaics(rd, ids, np.setdiff1d(ids, featureless), pictures, scripts),
         "toolbox": _toolbox(rd, set(ids.tolist()), pictures),
         "saliency_methods": sorted({m for ms in saliency.values() for m in ms}),
         "trust": {"faithfulness": trust, "sanity": _sanity(rd, verdicts, pictures), "sanity_stale": sanity_stale}
@@ -554,17 +503,51 @@ def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary
         "explained_layers": explained_layers, "explained_stale": explained_stale,
         "evaluation": _evaluation(rd),
     }
-    pictures.write()  # the pictures the data were computed with, kept beside them
-    _script(out / "data" / "run.js", "FS_RUN", summary)
-    derived.remember(out / "data" / "run.js", sources)
+    # then written, while no stage rewrites a set of pictures kept, and only if nothing read
+    # changed since it was stamped: a table rewritten meanwhile would not be the one its
+    # pictures are kept with (a refusal leaves the report before as it was)
+    with reading(pictures.folders(), "report"):
+        if moved := derived.since(rd, sources, derived.report_sources(rd)):
+            raise FeatscopeError(f"{', '.join(moved[:4])}{f' and {len(moved) - 4} more' if len(moved) > 4 else ''} "
+                                 "changed while the report was built: run `featscope report` again")
+        # run.js (the summary every page starts from) vouches for the rest: withdrawn first and
+        # written again last, so the pages of a build stopped half way say so instead of
+        # mixing two builds
+        withdraw(out / "data" / "run.js")
+        derived.forget(out / "data" / "run.js")
+        written = _write(rd, scripts, pictures)
+        _drop_retired(rd, set(ids.tolist()), stored)
+        save_state(rd, lists_state)
+        _script(out / "data" / "run.js", "FS_RUN", summary)
+        derived.remember(out / "data" / "run.js", sources)
     stale = ([f"neighbours {layer}" for layer in unindexed]
              + [f"top-k {layer['name']}" for layer in summary["topk"] if layer["stale"]]
              + [f"mosaic {m['layer']}" for m in summary["mosaics"] if "stale" in m]
              + (["precision@k"] if (summary["evaluation"] or {}).get("stale") else [])
              + (["sanity verdicts"] if (summary["trust"] or {}).get("sanity_stale") else [])
              + [f"explained pairs {layer}" for layer in explained_stale])
-    return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start, written, len(chunks),
+    return ReportSummary(out / "index.html", len(rows), made, time.perf_counter() - start, written, len(by_chunk),
                          recomputed, stale)
+
+
+def _write(rd: RunDir, scripts: Scripts, pictures: KeptPictures) -> int:
+    """The pages, the data files and the kept pictures; returns how many image data files
+    changed (a rerun rewrites only those)."""
+    out = rd.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    for asset in ("report.js", "report.css"):
+        shutil.copyfile(ASSETS / asset, out / asset)
+    shell = (ASSETS / "page.html").read_text()
+    for page in PAGES:  # every page is the same shell; report.js renders it by name
+        write_bytes_atomic(out / f"{page}.html", shell.replace("{page}", page).encode())
+    changed = [name for name, (variable, value) in scripts.items() if _script(out / "data" / name, variable, value)]
+    for old in (out / "data").glob("atlas-*"):  # cell copies of builds from before pictures/ was kept
+        if old.is_dir():
+            shutil.rmtree(old)
+    for old in (out / "data").glob("mosaic-*-grid.jpg"):
+        old.unlink()
+    pictures.write()  # the pictures the data were computed with, kept beside them
+    return sum(name.startswith("images-") for name in changed)
 
 
 # ---- the command ----------------------------------------------------------------------------

@@ -8,6 +8,11 @@ lists and numbers: a unit's strip showed other images than its page listed, and 
 opened from disk said nothing. Kept here, each picture stays the one its table was built with
 until the report is built again, and a report copied away from its run keeps its pictures.
 
+Each stage writes a set of pictures into one folder under that folder's writer lock
+(`atomic.one_writer`), and the table that vouches for them last. The report puts its
+pictures in place holding those locks shared (`folders`, `atomic.reading`), after it checked
+that no table it read changed since: a picture kept is one its table was read with.
+
 Hard links cost no space until the run's picture is drawn again, and then hold it as it
 was: the stages never write into a picture, they rename a new file over it (`atomic_path`). Where the file system has no hard
 links, a copy is made; either is made again only when the run's picture changed.
@@ -40,6 +45,10 @@ class KeptPictures:
         relative = picture.relative_to(self.rd.root)
         self.wanted[self.folder / relative] = picture
         return f"{FOLDER}/{relative.as_posix()}"
+
+    def folders(self) -> set[Path]:
+        """The folders the kept pictures are in: each is one stage's set (see above)."""
+        return {picture.parent for picture in self.wanted.values()}
 
     def write(self) -> int:
         """Put each picture in place where the kept one is not it; returns how many were."""

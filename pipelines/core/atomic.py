@@ -21,7 +21,8 @@ A file that jobs of one run read, change and write back (run.json, the manifest)
 changed only while `holding` its lock file: the second job then reads what the first wrote.
 Two jobs rewriting one such set of files (the workflow's and one run by hand) take turns
 likewise (`one_writer`): else the table of the one that finished last vouched for the other's
-files wherever they differed.
+files wherever they differed. A job that takes files from other stages' sets (the report,
+which keeps their pictures) holds their locks shared meanwhile (`reading`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
+from typing import IO
 
 REGISTRY = ".checksums.jsonl"
 
@@ -118,13 +120,7 @@ def holding(lock: Path, busy: str | None = None) -> Iterator[None]:
     The holder writes who it is into the file (`holder` reads it)."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if busy:
-                f.seek(0)
-                print(busy + (f" (held by {who})" if (who := f.read().strip()) else ""), file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
+        _lock(f, fcntl.LOCK_EX, busy)
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
@@ -132,6 +128,17 @@ def holding(lock: Path, busy: str | None = None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _lock(f: IO[str], mode: int, busy: str | None) -> None:
+    """flock `f` in `mode`; where another holds it, print `busy` (and who) first, then wait."""
+    try:
+        fcntl.flock(f, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if busy:
+            f.seek(0)
+            print(busy + (f" (held by {who})" if (who := f.read().strip()) else ""), file=sys.stderr, flush=True)
+        fcntl.flock(f, mode)
 
 
 def holder(lock: Path) -> str | None:
@@ -157,6 +164,20 @@ def one_writer(folder: Path, job: str) -> AbstractContextManager[None]:
     """Hold `folder`'s writer lock for the block: for a stage that rewrites a set of files in it
     and the table that vouches for them (see `withdraw`). A second job waits, saying so."""
     return holding(folder / WRITER_LOCK, busy=f"{job}: another job is writing {folder}: waiting for it to finish")
+
+
+@contextmanager
+def reading(folders: Iterable[Path], job: str) -> Iterator[None]:
+    """Shared holds on the writer locks of `folders` (those that exist) for the block: a job
+    that takes files from other stages' sets (the report, which keeps their pictures) waits
+    for a job writing any of them to finish, and none starts until the block ends. Readers do
+    not wait for each other, and `writer` does not count them."""
+    with ExitStack() as held:
+        for folder in sorted(set(folders)):
+            if folder.is_dir():
+                f = held.enter_context(open(folder / WRITER_LOCK, "a+"))
+                _lock(f, fcntl.LOCK_SH, f"{job}: another job is writing {folder}: waiting for it to finish")
+        yield
 
 
 def writer(folder: Path) -> str | None:

@@ -63,15 +63,18 @@ def current(rd: RunDir, output: Path, sources: Sequence[Path]) -> bool:
 def changed(rd: RunDir, output: Path, sources: Sequence[Path]) -> list[str]:
     """The sources (paths in the run) that changed, appeared or went since `output` was made
     from them; [] if none did."""
-    now = stamp(rd, sources)
     try:
-        then = json.loads(record(output).read_text())["from"]
-        return sorted({entry.rsplit(" ", 1)[0] for entry in set(now) ^ set(then)})
+        return since(rd, json.loads(record(output).read_text())["from"], sources)
     except FileNotFoundError:  # made before records were kept, or stopped before its record
         made = output.stat().st_mtime_ns if output.exists() else -1
         return [_in_run(rd, s) for s in sources if s.exists() and s.stat().st_mtime_ns > made]
     except (ValueError, KeyError, TypeError, AttributeError):  # a damaged record vouches for nothing
         return [_in_run(rd, s) for s in sources]
+
+
+def since(rd: RunDir, stamped: list[str], sources: Sequence[Path]) -> list[str]:
+    """The sources (paths in the run) that changed, appeared or went since they were `stamped`."""
+    return sorted({entry.rsplit(" ", 1)[0] for entry in set(stamp(rd, sources)) ^ set(stamped)})
 
 
 def mosaic_sources(rd: RunDir, layer: str, kind: str) -> list[Path]:

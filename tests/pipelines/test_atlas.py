@@ -159,7 +159,7 @@ def test_the_report_keeps_the_cell_pictures_its_atlas_table_describes(run, summa
     shutil.copytree(run.root, rd.root)
     report.build(rd, k=2, progress=False)
     cells = pq.read_table(rd.atlas_table("layer3")).to_pylist()
-    kept = rd.report_dir / "data" / "atlas-layer3"
+    kept = rd.report_dir / "pictures" / "units" / "layer3" / "atlas"
     drawn = {p.name: p.read_bytes() for p in sorted(rd.atlas_dir("layer3").glob("cell-*.png"))}
     assert {p.name: p.read_bytes() for p in sorted(kept.glob("cell-*.png"))} == drawn
     assert len(drawn) == sum(c["rendered"] for c in cells) > 0

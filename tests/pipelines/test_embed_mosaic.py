@@ -384,14 +384,14 @@ def test_the_report_keeps_the_grid_its_cell_table_describes(mapped_run):
     drawn = file_digest(rd.mosaic("pool", "grid"))
     report.build(rd, k=2, progress=False)
     entry = load_script(rd.report_dir / "data" / "run.js")["mosaics"][0]
-    assert entry["grid"] == "data/mosaic-pool-grid.jpg" and entry["side"] == 6
+    assert entry["grid"] == "pictures/mosaic/pool-grid.jpg" and entry["side"] == 6
     mosaic.grid(rd, "pool", side=4, tile=16, progress=False)  # drawn again; the report not built since
     assert file_digest(rd.mosaic("pool", "grid")) != drawn
     assert file_digest(rd.report_dir / entry["grid"]) == drawn  # the picture its 6x6 table describes
     assert len(load_script(rd.report_dir / "data" / "mosaic-pool.js")["pool"]) == 6
     report.build(rd, k=2, progress=False)
     assert load_script(rd.report_dir / "data" / "run.js")["mosaics"][0]["side"] == 4
-    assert file_digest(rd.report_dir / "data" / "mosaic-pool-grid.jpg") == file_digest(rd.mosaic("pool", "grid"))
+    assert file_digest(rd.report_dir / entry["grid"]) == file_digest(rd.mosaic("pool", "grid"))
 
 
 def test_kept_tiles_equal_fresh_ones_and_follow_the_images_asked_for(mapped_run):

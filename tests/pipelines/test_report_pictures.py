@@ -4,6 +4,7 @@ again after the report was built does not appear beside the old lists and number
 import errno
 import os
 import threading
+import time
 
 import pytest
 from helpers import six_digit_reported_run, write_dataset
@@ -13,7 +14,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.app import report, report_pictures
 from featscope.pipelines.app.report_pictures import KeptPictures
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.atomic import atomic_path, one_writer, reading, writer
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.stages import extract, saliency, topk
 
@@ -24,13 +25,19 @@ def draw(path, colour):
         Image.new("RGB", (8, 8), colour).save(tmp, format="PNG")
 
 
-def test_a_strip_drawn_again_after_the_report_leaves_the_reports_own_until_it_is_built_again(tmp_path, digits):
+def strips_run(tmp_path, digits) -> RunDir:
+    """Two photos and six digits extracted at layer3, its top-k merged and units 0 and 1 drawn."""
     write_dataset(tmp_path / "images", digits, n_photos=2, labels=(0, 1), digits_per_label=3)
     rd = RunDir(tmp_path / "run")
     manifest.run(rd, tmp_path / "images", model="resnet18", weights="random")
     extract.extract(rd, ["layer3"], workers=0, topk=3, progress=False)
     topk.merge(rd, "layer3")
     topk.render(rd, "layer3", units=[0, 1], show="field", progress=False)
+    return rd
+
+
+def test_a_strip_drawn_again_after_the_report_leaves_the_reports_own_until_it_is_built_again(tmp_path, digits):
+    rd = strips_run(tmp_path, digits)
     photos = saliency.select(rd, "label=photo")
     saliency.explain_batch(str(rd.root), saliency.SaliencyOptions(method="gradcam"),
                            saliency.ModelRef("resnet18", "random", 0, None), photos)
@@ -124,3 +131,48 @@ def test_two_builds_of_one_report_take_turns(tmp_path, digits, monkeypatch, capf
     second.join(60)
     assert entered == ["first", "second"] and not first.is_alive() and not second.is_alive()
     assert (rd.report_dir / "data" / "run.js").exists()
+
+
+def test_strips_drawn_again_while_the_report_is_computed_are_refused_and_the_report_before_stays(
+        tmp_path, digits, monkeypatch):
+    """The report reads the strips' record (field or mask) and names the strips, then puts them
+    in place: drawn again in between, it kept the new strips under the old record's caption.
+    Now it refuses, and the report before is left as it was."""
+    rd = strips_run(tmp_path, digits)
+    report.build(rd, k=2, progress=False)
+    run_js = (rd.report_dir / "data" / "run.js").read_bytes()
+    kept = rd.report_dir / "pictures" / "patches" / "layer3" / "unit-0000.png"
+    shown = kept.read_bytes()
+    evaluation = report._evaluation
+
+    def drawn_meanwhile(*args):  # the last of what the report reads
+        topk.render(rd, "layer3", units=[0, 1], show="mask", progress=False)
+        return evaluation(*args)
+
+    monkeypatch.setattr(report, "_evaluation", drawn_meanwhile)
+    with pytest.raises(FeatscopeError, match=r"patches/layer3/.drawn.json changed while the report was built"):
+        report.build(rd, k=2, progress=False)
+    assert (rd.report_dir / "data" / "run.js").read_bytes() == run_js
+    assert kept.read_bytes() == shown != rd.unit_patches("layer3", 0).read_bytes()
+    monkeypatch.setattr(report, "_evaluation", evaluation)
+    report.build(rd, k=2, progress=False)
+    assert kept.read_bytes() == rd.unit_patches("layer3", 0).read_bytes()
+
+
+def test_the_report_waits_for_a_job_writing_a_set_it_keeps_pictures_of(tmp_path, digits, capfd):
+    """While the report puts pictures in place it holds their folders' writer locks shared: it
+    waits for a stage writing one, saying so, and a status check does not count it a writer."""
+    rd = strips_run(tmp_path, digits)
+    with one_writer(rd.patches_dir("layer3"), "topk render layer3"):
+        build = threading.Thread(target=report.build, args=(rd,), kwargs={"k": 2, "progress": False})
+        build.start()
+        said, waited = "", time.monotonic() + 60
+        while "another job is writing" not in said and time.monotonic() < waited:
+            said += capfd.readouterr().err
+            time.sleep(0.05)
+        assert f"report: another job is writing {rd.patches_dir('layer3')}" in said
+        assert build.is_alive() and not (rd.report_dir / "data" / "run.js").exists()
+    build.join(60)
+    assert not build.is_alive() and (rd.report_dir / "data" / "run.js").exists()
+    with reading([rd.patches_dir("layer3")], "report"):
+        assert writer(rd.patches_dir("layer3")) is None

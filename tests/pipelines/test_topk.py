@@ -160,7 +160,7 @@ def test_the_report_shows_only_strips_drawn_from_the_current_topk(tmp_path, smal
                     workers=0, topk=2, progress=False)
     topk.merge(rd, "layer2")
     topk.render(rd, "layer2", units=[0, 1, 2, 3], tile=16, progress=False)
-    assert report._layers(rd, KeptPictures(rd))[0]["rendered"] == [0, 1, 2, 3]
+    assert report._layers(rd, KeptPictures(rd), {})[0]["rendered"] == [0, 1, 2, 3]
 
     def top(unit_rows):  # unit -> image ids by rank
         out = {}
@@ -178,10 +178,10 @@ def test_the_report_shows_only_strips_drawn_from_the_current_topk(tmp_path, smal
     still = [u for u in range(4) if after[u] == before[u]]
     assert 0 not in still
     # a strip of images the unit's page no longer lists is not shown
-    assert report._layers(rd, KeptPictures(rd))[0]["rendered"] == still
+    assert report._layers(rd, KeptPictures(rd), {})[0]["rendered"] == still
     assert "patches layer2" in status(rd).stale  # and status says they are not current
     topk.render(rd, "layer2", units=[0, 1, 2, 3], tile=16, progress=False)
-    assert report._layers(rd, KeptPictures(rd))[0]["rendered"] == [0, 1, 2, 3]
+    assert report._layers(rd, KeptPictures(rd), {})[0]["rendered"] == [0, 1, 2, 3]
     assert "patches layer2" not in status(rd).stale
 
 

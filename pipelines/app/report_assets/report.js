@@ -431,7 +431,7 @@ const FS = (() => {
           el("div", { class: "thumbs" }, ...ids.map((i) => imageTile(i, `image ${i}`))));
         detail.scrollIntoView({ block: "nearest" });
       } });
-      if (rendered) cell.append(el("img", { src: `data/atlas-${name}/cell-${pad(gy, 3)}-${pad(gx, 3)}.png`, alt: title, loading: "lazy" }));
+      if (rendered) cell.append(el("img", { src: `pictures/units/${name}/atlas/cell-${pad(gy, 3)}-${pad(gx, 3)}.png`, alt: title, loading: "lazy" }));
       else cell.append(el("span", { text: String(count) }));
       grid.append(cell);
     }
