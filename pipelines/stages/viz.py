@@ -17,6 +17,7 @@ in one batch, and writes captioned PNGs (plus JSON with the numbers) under <run>
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from featscope.kernels.render import class_models, deepdream, invert, layer_feat
 from featscope.kernels.texture import Term, gram, match, noise_like, targets_at
 from featscope.kernels.transforms import PixelModel
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, write_json_atomic
+from featscope.pipelines.core.atomic import atomic_path, one_writer, write_json_atomic
 from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.models import LoadedModel, load_run_model
@@ -129,6 +130,13 @@ def _save_png(picture: Image.Image, path: Path) -> Path:
     return path
 
 
+def _one_writer(rd: RunDir, kind: str) -> AbstractContextManager[None]:
+    """The writer lock of a method's folder (viz/<kind>/; viz/ itself for the class models,
+    whose gallery and record are there): two jobs of one method at once leave each picture
+    beside its own record, not another job's numbers."""
+    return one_writer(rd.viz_dir if kind == "class-models" else rd.viz_dir / kind, f"viz {kind}")
+
+
 def _conv_weight(ctx: _Context, layer: str) -> tuple[str, torch.Tensor]:
     """The conv that makes `layer`: the first Conv2d inside it, or (for an alias that names
     the ReLU after a conv) the last Conv2d before it in the model."""
@@ -210,22 +218,23 @@ def class_model(rd: RunDir, classes: list[int], *, size: int = 224, steps: int =
     with torch.no_grad():
         logits = ctx.pixel_model(images)  # the final images as saved, without jitter
     probabilities = logits.softmax(1)
-    written, pictures, captions, record = [], [], [], []
-    for b, c in enumerate(classes):
-        picture = to_image(images[b])
-        written.append(_save_png(picture, rd.viz_class_model(c)))
-        p, final = float(probabilities[b, c]), float(logits[b, c])
-        pictures.append(picture.resize((TILE, TILE), Image.Resampling.BICUBIC))
-        captions.append(f"{ctx.name(c)} ({c})\nscore {final:.1f}, p={p:.2f}")
-        record.append({"class": c, "name": ctx.name(c), "final_score": final, "probability": p,
-                       "scores": scores[:, b].tolist()})
-    curve = curves({f"{ctx.name(c)}": scores[:, b].tolist() for b, c in enumerate(classes)}, xlabel="step",
-                   ylabel="class score (logit)", title="score during gradient ascent")
-    gallery = stack([panel(pictures, captions, f"class models of {ctx.loaded.arch}: argmax_x score_c(x) - "
-                                               f"{l2:g} ||x||^2, {steps} steps, {octaves} octaves"),
-                     panel([curve], [""])])
-    written.insert(0, _save_png(gallery, rd.viz_class_models))
-    write_json_atomic(rd.viz_class_models.with_suffix(".json"), record)
+    with _one_writer(rd, "class-models"):  # the gallery, its record and each class's picture
+        written, pictures, captions, record = [], [], [], []
+        for b, c in enumerate(classes):
+            picture = to_image(images[b])
+            written.append(_save_png(picture, rd.viz_class_model(c)))
+            p, final = float(probabilities[b, c]), float(logits[b, c])
+            pictures.append(picture.resize((TILE, TILE), Image.Resampling.BICUBIC))
+            captions.append(f"{ctx.name(c)} ({c})\nscore {final:.1f}, p={p:.2f}")
+            record.append({"class": c, "name": ctx.name(c), "final_score": final, "probability": p,
+                           "scores": scores[:, b].tolist()})
+        curve = curves({f"{ctx.name(c)}": scores[:, b].tolist() for b, c in enumerate(classes)}, xlabel="step",
+                       ylabel="class score (logit)", title="score during gradient ascent")
+        gallery = stack([panel(pictures, captions, f"class models of {ctx.loaded.arch}: argmax_x score_c(x) - "
+                                                   f"{l2:g} ||x||^2, {steps} steps, {octaves} octaves"),
+                         panel([curve], [""])])
+        written.insert(0, _save_png(gallery, rd.viz_class_models))
+        write_json_atomic(rd.viz_class_models.with_suffix(".json"), record)
     return VizSummary("class-model", written, time.perf_counter() - start)
 
 
@@ -250,34 +259,35 @@ def adversarial(rd: RunDir, image_ids: list[int], *, target: int | None = None, 
     goal = torch.full_like(labels, target) if target is not None else None
     adv, _history = pgd(model, images, epsilon=epsilon, target=goal, labels=None if goal is not None else labels,
                         steps=steps, step=step)
-    written = []
-    for b, row in enumerate(rows):
-        name = str(target) if target is not None else "untargeted"
-        adv_path = _save_png(to_image(adv[b]), rd.viz_adversarial(row["image_id"], name, "-adv"))
-        reread = torch.from_numpy(np.array(Image.open(adv_path).convert("RGB"))).permute(2, 0, 1)[None]
-        with torch.no_grad():
-            after = model(reread.float() / 255).softmax(1)[0]
-        predicted, was = int(after.argmax()), int(labels[b])
-        success = predicted == target if target is not None else predicted != was
-        difference = adv[b] - images[b]
-        amplified = (difference / max(epsilon / 255, 1e-12) * 0.5 + 0.5).clamp(0, 1)
-        goal_text = f"target {ctx.name(target)}" if target is not None else "untargeted"
-        title = (f"{method.upper()} {goal_text}, L-inf budget {epsilon}/255 ({steps} steps): "
-                 f"{'fooled' if success else 'not fooled'} (checked on the saved 8-bit PNG)")
-        picture = panel(
-            [to_image(images[b]).resize((224, 224)), to_image(amplified), to_image(adv[b])],
-            [f"original: {ctx.name(was)}\np={float(before[b, was]):.3f}",
-             f"perturbation x{255 / (2 * epsilon):.0f}\nmax |d| = {float(difference.abs().max() * 255):.0f}/255",
-             f"adversarial: {ctx.name(predicted)}\np={float(after[predicted]):.3f}"
-             + (f", {ctx.name(was)} p={float(after[was]):.3f}" if predicted != was else "")],
-            title)
-        written.append(_save_png(picture, rd.viz_adversarial(row["image_id"], name)))
-        write_json_atomic(rd.viz_adversarial(row["image_id"], name, "", ".json"), {
-            "image_id": row["image_id"], "method": method, "epsilon": epsilon, "steps": steps, "step": step,
-            "target": target, "original_class": was, "original_probability": float(before[b, was]),
-            "adversarial_class": predicted, "adversarial_probability": float(after[predicted]),
-            "target_probability": float(after[target]) if target is not None else None,
-            "max_abs_change": float(difference.abs().max() * 255), "fooled": bool(success)})
+    with _one_writer(rd, "adversarial"):  # each picture, then its record
+        written = []
+        for b, row in enumerate(rows):
+            name = str(target) if target is not None else "untargeted"
+            adv_path = _save_png(to_image(adv[b]), rd.viz_adversarial(row["image_id"], name, "-adv"))
+            reread = torch.from_numpy(np.array(Image.open(adv_path).convert("RGB"))).permute(2, 0, 1)[None]
+            with torch.no_grad():
+                after = model(reread.float() / 255).softmax(1)[0]
+            predicted, was = int(after.argmax()), int(labels[b])
+            success = predicted == target if target is not None else predicted != was
+            difference = adv[b] - images[b]
+            amplified = (difference / max(epsilon / 255, 1e-12) * 0.5 + 0.5).clamp(0, 1)
+            goal_text = f"target {ctx.name(target)}" if target is not None else "untargeted"
+            title = (f"{method.upper()} {goal_text}, L-inf budget {epsilon}/255 ({steps} steps): "
+                     f"{'fooled' if success else 'not fooled'} (checked on the saved 8-bit PNG)")
+            picture = panel(
+                [to_image(images[b]).resize((224, 224)), to_image(amplified), to_image(adv[b])],
+                [f"original: {ctx.name(was)}\np={float(before[b, was]):.3f}",
+                 f"perturbation x{255 / (2 * epsilon):.0f}\nmax |d| = {float(difference.abs().max() * 255):.0f}/255",
+                 f"adversarial: {ctx.name(predicted)}\np={float(after[predicted]):.3f}"
+                 + (f", {ctx.name(was)} p={float(after[was]):.3f}" if predicted != was else "")],
+                title)
+            written.append(_save_png(picture, rd.viz_adversarial(row["image_id"], name)))
+            write_json_atomic(rd.viz_adversarial(row["image_id"], name, "", ".json"), {
+                "image_id": row["image_id"], "method": method, "epsilon": epsilon, "steps": steps, "step": step,
+                "target": target, "original_class": was, "original_probability": float(before[b, was]),
+                "adversarial_class": predicted, "adversarial_probability": float(after[predicted]),
+                "target_probability": float(after[target]) if target is not None else None,
+                "max_abs_change": float(difference.abs().max() * 255), "fooled": bool(success)})
     return VizSummary("adversarial", written, time.perf_counter() - start)
 
 
@@ -322,22 +332,23 @@ def inversion(rd: RunDir, image_ids: list[int], layers: list[str], *, steps: int
     with tqdm(total=1, desc="inversion", disable=not progress):
         recon, errors = invert(model, reference, per_image, tuple(images.shape[2:]), steps=steps, lr=lr,
                                tv=tv, beta=beta, seed=seed)
-    written = []
-    for b, row in enumerate(rows):
-        pictures, captions, record = [to_image(images[b])], [f"image {row['image_id']}"], []
-        for k, layer in enumerate(layers):
-            n = b * len(layers) + k
-            pixel_error = float(relative_error(recon[n:n + 1], images[b:b + 1])[0])
-            feature_error = float(errors[-1, n])
-            pictures.append(to_image(recon[n]))
-            captions.append(f"{layer}\nfeature err {feature_error:.3f}\npixel err {pixel_error:.3f}")
-            record.append({"layer": layer, "feature_error": feature_error, "pixel_error": pixel_error,
-                           "feature_errors": errors[:, n].tolist()})
-        title = (f"feature inversion: argmin ||Phi(x)-Phi0||^2/||Phi0||^2 + {tv:g} R_TV^{beta:g}(x)/HW, {steps} "
-                 "steps (errors relative: ||d||^2/||ref||^2)")
-        written.append(_save_png(panel(pictures, captions, title), rd.viz_inversion(row["image_id"])))
-        write_json_atomic(rd.viz_inversion(row["image_id"]).with_suffix(".json"),
-                          {"image_id": row["image_id"], "tv": tv, "beta": beta, "steps": steps, "layers": record})
+    with _one_writer(rd, "inversion"):  # each picture, then its record
+        written = []
+        for b, row in enumerate(rows):
+            pictures, captions, record = [to_image(images[b])], [f"image {row['image_id']}"], []
+            for k, layer in enumerate(layers):
+                n = b * len(layers) + k
+                pixel_error = float(relative_error(recon[n:n + 1], images[b:b + 1])[0])
+                feature_error = float(errors[-1, n])
+                pictures.append(to_image(recon[n]))
+                captions.append(f"{layer}\nfeature err {feature_error:.3f}\npixel err {pixel_error:.3f}")
+                record.append({"layer": layer, "feature_error": feature_error, "pixel_error": pixel_error,
+                               "feature_errors": errors[:, n].tolist()})
+            title = (f"feature inversion: argmin ||Phi(x)-Phi0||^2/||Phi0||^2 + {tv:g} R_TV^{beta:g}(x)/HW, {steps} "
+                     "steps (errors relative: ||d||^2/||ref||^2)")
+            written.append(_save_png(panel(pictures, captions, title), rd.viz_inversion(row["image_id"])))
+            write_json_atomic(rd.viz_inversion(row["image_id"]).with_suffix(".json"),
+                              {"image_id": row["image_id"], "tv": tv, "beta": beta, "steps": steps, "layers": record})
     return VizSummary("inversion", written, time.perf_counter() - start)
 
 
@@ -374,11 +385,12 @@ def texture(rd: RunDir, image: str | Path, layers: list[str], *, layer_weights: 
     captions += [f"{layer} only\nGram err {float(losses[-1, k + 1]):.3f}" for k, layer in enumerate(layers)]
     pictures = [to_image(example[0, :, :size, :size])] + [to_image(x) for x in images]
     title = f"Gram-matrix texture synthesis from noise, {steps} Adam steps (errors: ||G-G0||^2/||G0||^2)"
-    written = [_save_png(panel(pictures, captions, title), rd.viz_texture(name))]
-    write_json_atomic(rd.viz_texture(name).with_suffix(".json"), {
-        "image": str(image), "layers": layers, "weights": layer_weights, "steps": steps,
-        "loss_all_layers": losses[:, 0].tolist(),
-        "loss_single_layer": {layer: losses[:, k + 1].tolist() for k, layer in enumerate(layers)}})
+    with _one_writer(rd, "texture"):  # the picture, then its record
+        written = [_save_png(panel(pictures, captions, title), rd.viz_texture(name))]
+        write_json_atomic(rd.viz_texture(name).with_suffix(".json"), {
+            "image": str(image), "layers": layers, "weights": layer_weights, "steps": steps,
+            "loss_all_layers": losses[:, 0].tolist(),
+            "loss_single_layer": {layer: losses[:, k + 1].tolist() for k, layer in enumerate(layers)}})
     return VizSummary("texture", written, time.perf_counter() - start)
 
 
@@ -411,9 +423,10 @@ def style_transfer(rd: RunDir, content_id: int, style: str | Path, *, content_la
     picture = panel([to_image(content[0]), to_image(style_image[0, :, :h, :w]), to_image(images[0]), curve],
                     [f"content {rows[0]['image_id']}", f"style {name}", "stylised", ""], title)
     path = rd.viz_style(content_id, name)
-    written = [_save_png(picture, path)]
-    write_json_atomic(path.with_suffix(".json"), {"content_id": content_id, "style": str(style), "losses":
-                                                  losses[:, 0].tolist(), "init": init, "steps": steps})
+    with _one_writer(rd, "style"):  # the picture, then its record
+        written = [_save_png(picture, path)]
+        write_json_atomic(path.with_suffix(".json"), {"content_id": content_id, "style": str(style), "losses":
+                                                      losses[:, 0].tolist(), "init": init, "steps": steps})
     return VizSummary("style", written, time.perf_counter() - start)
 
 

@@ -1,7 +1,8 @@
 """Two jobs rewriting one set of pictures and the table that vouches for them take turns
 (`atomic.one_writer`): else the table of the one that finished last vouched for the other's
-pictures wherever they differed (other options, another top-k). Table-driven: each stage,
-started while another job holds its folder's lock, says so and waits, then finishes."""
+pictures wherever they differed (other options, another top-k), and a toolbox picture's
+record gave another job's numbers. Table-driven: each stage, started while another job holds
+its folder's lock, says so and waits, then finishes."""
 
 import shutil
 import threading
@@ -15,7 +16,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import holding
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.trust import read_evaluation
-from featscope.pipelines.stages import atlas, embed, explain, extract, mosaic, saliency, style, topk, units
+from featscope.pipelines.stages import atlas, embed, explain, extract, mosaic, saliency, style, topk, units, viz
 from featscope.pipelines.stages import index as neighbours
 from featscope.pipelines.stages import saliency_trust as trust
 
@@ -65,6 +66,10 @@ STAGES = {  # name -> (the folder whose lock it takes, the job)
                         lambda rd: trust.sanity(rd, trust.SanityOptions(sample=2), progress=False)),
     "report": (lambda rd: rd.report_dir, lambda rd: report.build(rd, k=2, progress=False)),
     "mosaic grid": (lambda rd: rd.root / "mosaic", lambda rd: mosaic.grid(rd, "pool", side=2, tile=8, progress=False)),
+    "viz adversarial": (lambda rd: rd.viz_dir / "adversarial",
+                        lambda rd: viz.adversarial(rd, [photo(rd)], method="fgsm")),
+    "viz inversion": (lambda rd: rd.viz_dir / "inversion",
+                      lambda rd: viz.inversion(rd, [photo(rd)], ["layer1"], steps=2, progress=False)),
     "style train": (lambda rd: rd.root / "style-net",
                     lambda rd: style.train(rd.root / "style-net", photos(rd), rd.root.parent / "images",
                                            style.TrainOptions(steps=2, size=32, batch=1, width=8, blocks=1,
