@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
-from featscope.pipelines.core.atomic import atomic_path, file_digest
+from featscope.pipelines.core.atomic import atomic_path, file_digest, one_writer
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import EMBEDDING_SCHEMA, RunIdentity, iter_features, part_stamp
@@ -376,21 +376,23 @@ def embed(rd: RunDir, layer: str, *, pca_dims: int = 50, perplexity: float = 30.
     table = pa.table({"image_id": ids, "tsne_x": coords[:, 0], "tsne_y": coords[:, 1],
                       "pca_x": reduced[:, 0], "pca_y": reduced[:, 1] if reduced.shape[1] > 1 else 0 * reduced[:, 0]},
                      schema=EMBEDDING_SCHEMA)
-    with atomic_path(rd.embedding_pca(layer)) as tmp:  # the state a rerun starts from
-        with open(tmp, "wb") as f:
-            np.savez(f, mean=mean.astype(np.float32), components=components.astype(np.float32), ids=ids,
-                     coords=coords, fitted_ids=fitted_ids, fitted_points=len(fitted_ids), at_fit=json.dumps(at_fit),
-                     feature_parts=json.dumps(stamps, sort_keys=True),
-                     settings=json.dumps(settings, sort_keys=True),
-                     identity=json.dumps(asdict(identity), sort_keys=True))
-        pca_sha256 = file_digest(tmp)  # what this job wrote: the file in place may be another job's by now
-    meta = identity.metadata(layer=layer, pca_dims=int(components.shape[0]), perplexity=perplexity, seed=seed,
-                             trustworthiness=round(trust, 4), knn_accuracy_2d=accuracy, sampled=sampled,
-                             settings=json.dumps(settings, sort_keys=True), fitted_points=len(fitted_ids),
-                             pca_sha256=pca_sha256, how=how,
-                             displacement=None if moved is None else round(moved, 6))
-    with atomic_path(rd.embedding(layer)) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp, write_page_checksum=True)
+    # the state and the map, one job's pair: two embeds of a layer at once write in turn
+    with one_writer(rd.embedding(layer).parent, f"embed {layer}"):
+        with atomic_path(rd.embedding_pca(layer)) as tmp:  # the state a rerun starts from
+            with open(tmp, "wb") as f:
+                np.savez(f, mean=mean.astype(np.float32), components=components.astype(np.float32), ids=ids,
+                         coords=coords, fitted_ids=fitted_ids, fitted_points=len(fitted_ids),
+                         at_fit=json.dumps(at_fit), feature_parts=json.dumps(stamps, sort_keys=True),
+                         settings=json.dumps(settings, sort_keys=True),
+                         identity=json.dumps(asdict(identity), sort_keys=True))
+            pca_sha256 = file_digest(tmp)  # what this job wrote: the file in place may be another job's by now
+        meta = identity.metadata(layer=layer, pca_dims=int(components.shape[0]), perplexity=perplexity, seed=seed,
+                                 trustworthiness=round(trust, 4), knn_accuracy_2d=accuracy, sampled=sampled,
+                                 settings=json.dumps(settings, sort_keys=True), fitted_points=len(fitted_ids),
+                                 pca_sha256=pca_sha256, how=how,
+                                 displacement=None if moved is None else round(moved, 6))
+        with atomic_path(rd.embedding(layer)) as tmp:
+            pq.write_table(table.replace_schema_metadata(meta), tmp, write_page_checksum=True)
     placing = how == "placed"
     return EmbedSummary(layer, len(ids), trust, accuracy, sampled, time.perf_counter() - start, how,
                         placed=int((~kept).sum()) if placing else 0, displacement=moved,

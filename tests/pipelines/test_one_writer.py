@@ -65,6 +65,7 @@ STAGES = {  # name -> (the folder whose lock it takes, the job)
     "saliency sanity": (lambda rd: rd.sanity_table.parent,
                         lambda rd: trust.sanity(rd, trust.SanityOptions(sample=2), progress=False)),
     "report": (lambda rd: rd.report_dir, lambda rd: report.build(rd, k=2, progress=False)),
+    "embed": (lambda rd: rd.embedding("pool").parent, lambda rd: embed.embed(rd, "pool", perplexity=3)),
     "mosaic grid": (lambda rd: rd.root / "mosaic", lambda rd: mosaic.grid(rd, "pool", side=2, tile=8, progress=False)),
     "viz adversarial": (lambda rd: rd.viz_dir / "adversarial",
                         lambda rd: viz.adversarial(rd, [photo(rd)], method="fgsm")),
