@@ -5,9 +5,10 @@ those and more. An output made from an earlier map or index shows images retired
 places that moved, neighbours and figures that changed; status and the report must not pass
 it off as current.
 
-A job `forget`s the record and `stamp`s its sources before it reads them, and `remember`s
-that stamp once its output is in place (a source rewritten meanwhile then makes the output
-stale, never current). An output without a record (a job killed between the two, or an
+A job `stamp`s its sources before it reads them. When it writes, it `forget`s the record,
+puts its output in place and `remember`s that stamp, all under the folder's writer lock
+(`atomic.one_writer`): a source rewritten meanwhile then makes the output stale, never
+current, and two jobs at once leave one job's output beside its own record. An output without a record (a job killed between the two, or an
 output made before records were kept) counts as current only if it is newer than each of
 its sources. Reads without torch: status and the report use it.
 """

@@ -32,7 +32,7 @@ from featscope.index import (
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.pipelines.core import derived, manifest
-from featscope.pipelines.core.atomic import write_bytes_atomic, write_json_atomic
+from featscope.pipelines.core.atomic import one_writer, write_bytes_atomic, write_json_atomic
 from featscope.pipelines.core.neighbours import (
     image_rows,
     list_identity,
@@ -131,10 +131,11 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
     extra = asdict(identity) | {"layer": layer, "featscope_version": FEATSCOPE_VERSION, "feature_parts": stamps,
                                 "vectors_version": version or uuid.uuid4().hex[:12]}
     saved = NeighbourIndex.from_build(result)
-    saved.save(rd.index_dir(layer), extra_meta=extra)
-    stamp = {"layer": layer, "version": rd.index_dir(layer).resolve().name, "vectors": int(result.meta["vectors"]),
-             "how": how}
-    write_json_atomic(rd.index_stamp(layer), stamp)
+    with one_writer(rd.index_root, f"index build {layer}"):  # the version and its stamp: one job's
+        saved.save(rd.index_dir(layer), extra_meta=extra)
+        stamp = {"layer": layer, "version": rd.index_dir(layer).resolve().name,
+                 "vectors": int(result.meta["vectors"]), "how": how}
+        write_json_atomic(rd.index_stamp(layer), stamp)
     return IndexSummary(layer, result.meta, how)
 
 
@@ -240,15 +241,16 @@ def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_qu
     layers = layers or built
     if not layers:
         raise FeatscopeError(f"no index in {rd.root}: run `featscope index build` first")
-    derived.forget(rd.index_evaluation)
     sources = derived.stamp(rd, derived.evaluation_sources(rd, layers))
     rows = manifest.read(rd).to_pylist()
     labels = {r["image_id"]: r["label"] for r in rows}
     result = {"k": k, "layers": {}}
     if not any(label is not None for label in labels.values()):
         result["skipped"] = "the images have no labels"
-        write_json_atomic(rd.index_evaluation, result)
-        derived.remember(rd.index_evaluation, sources[-1:])  # the labels' stamp: measured no index
+        with one_writer(rd.index_evaluation.parent, "index evaluate"):  # the figures and their record: one job's
+            derived.forget(rd.index_evaluation)
+            write_json_atomic(rd.index_evaluation, result)
+            derived.remember(rd.index_evaluation, sources[-1:])  # the labels' stamp: measured no index
         return result
     last, kept = _kept_lists(rd), {"k": k, "max_queries": max_queries, "layers": {}}
     for layer in layers:
@@ -260,9 +262,11 @@ def evaluate(rd: RunDir, layers: list[str] | None = None, *, k: int = 10, max_qu
                                                  for label, (v, n) in p.per_label.items()}}
         kept["layers"][layer] = {"identity": list_identity(index), "largest_id": int(index.ids.max()),
                                  "lists": {str(q): found for q, found in p.lists.items()}}
-    write_bytes_atomic(rd.index_evaluation_lists, json.dumps(kept, separators=(",", ":")).encode())
-    write_json_atomic(rd.index_evaluation, result)
-    derived.remember(rd.index_evaluation, sources)
+    with one_writer(rd.index_evaluation.parent, "index evaluate"):  # the figures and their record: one job's
+        derived.forget(rd.index_evaluation)
+        write_bytes_atomic(rd.index_evaluation_lists, json.dumps(kept, separators=(",", ":")).encode())
+        write_json_atomic(rd.index_evaluation, result)
+        derived.remember(rd.index_evaluation, sources)
     return result
 
 

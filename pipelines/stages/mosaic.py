@@ -81,7 +81,6 @@ def _positions(rd: RunDir, layer: str) -> tuple[np.ndarray, np.ndarray, dict[int
 def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 0,
          progress: bool = True) -> MosaicSummary:
     start = time.perf_counter()
-    derived.forget(rd.mosaic(layer, "grid"))
     sources = derived.stamp(rd, derived.mosaic_sources(rd, layer, "grid"))
     ids, xy, paths = _positions(rd, layer)
     side = min(side, int(np.sqrt(len(ids))))
@@ -108,6 +107,7 @@ def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 
     table = pa.table({"cell_row": pa.array(rows, pa.int32()), "cell_col": pa.array(cols, pa.int32()),
                       "image_id": pa.array(ids[chosen], pa.int64())})
     with one_writer(rd.root / "mosaic", f"mosaic grid {layer}"):  # the picture, then the table that describes it
+        derived.forget(rd.mosaic(layer, "grid"))
         drawn = _save_jpeg(canvas, rd.mosaic(layer, "grid"))
         record_unreadable(rd.mosaic_unreadable(layer, "grid"), unreadable)
         meta = {"side": str(side), "tile": str(tile), "cost": str(cost),
@@ -124,7 +124,6 @@ def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None
     thumbnail nearby or halves it before it is skipped). Sizes left out are chosen so that at
     most 2% of the images are skipped; above `max_images` an even-cover sample is drawn."""
     start = time.perf_counter()
-    derived.forget(rd.mosaic(layer, "scatter"))
     sources = derived.stamp(rd, derived.mosaic_sources(rd, layer, "scatter"))
     ids, xy, paths = _positions(rd, layer)
     if not len(ids):
@@ -143,9 +142,11 @@ def scatter(rd: RunDir, layer: str, *, size: int | None = None, tile: int | None
             continue
         canvas.paste(thumb, (int(layout.x[i]), int(layout.y[i])))
         pasted += 1
-    _save_jpeg(canvas, rd.mosaic(layer, "scatter"))
-    record_unreadable(rd.mosaic_unreadable(layer, "scatter"), unreadable)
-    derived.remember(rd.mosaic(layer, "scatter"), sources)
+    with one_writer(rd.root / "mosaic", f"mosaic scatter {layer}"):  # the picture and its records: one job's
+        derived.forget(rd.mosaic(layer, "scatter"))
+        _save_jpeg(canvas, rd.mosaic(layer, "scatter"))
+        record_unreadable(rd.mosaic_unreadable(layer, "scatter"), unreadable)
+        derived.remember(rd.mosaic(layer, "scatter"), sources)
     left_out = [f"{layout.skipped} ({layout.skipped / len(chosen):.1%}) skipped as hidden"]
     if len(chosen) < len(ids):
         left_out.append(f"{len(ids) - len(chosen)} left out of the sample of {len(chosen)}")
@@ -164,7 +165,6 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
 
     start = time.perf_counter()
     path = rd.mosaic(layer, "plot", "png")
-    derived.forget(path)
     sources = derived.stamp(rd, derived.mosaic_sources(rd, layer, "plot"))
     table = read_embedding(rd, layer)
     labels_by_id = {r["image_id"]: r["label"] for r in manifest.read(rd).to_pylist()}
@@ -185,10 +185,12 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
     fig.suptitle(f"{rd.name}: {plural(len(labels), 'image')}; trustworthiness {_number(meta.get('trustworthiness'))}, "
                  f"10-NN label accuracy in 2-D {_number(meta.get('knn_accuracy_2d'))}")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    with one_writer(rd.root / "mosaic", f"mosaic plot {layer}"):  # the picture and its record: one job's
+        derived.forget(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        derived.remember(path, sources)
     plt.close(fig)
-    derived.remember(path, sources)
     return MosaicSummary(path, len(labels), time.perf_counter() - start)
 
 

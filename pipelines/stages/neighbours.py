@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core import derived, manifest
-from featscope.pipelines.core.atomic import atomic_path
+from featscope.pipelines.core.atomic import atomic_path, one_writer
 from featscope.pipelines.core.images import BadImage, open_image
 from featscope.pipelines.core.neighbours import (
     image_rows,
@@ -76,9 +76,7 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
     image_ids, _ = live_queries(rd, image_ids)
     for name, index in spaces:
         if missing := [q for q in image_ids if q not in index]:
-            raise not_in_index(rd, name, missing[0])  # before the sheet of before loses its record
-    if own:
-        derived.forget(path)
+            raise not_in_index(rd, name, missing[0])
     font = ImageFont.load_default(size=11)
     row_h = tile + CAPTION + MARGIN
     width = LEGEND + (k + 1) * (tile + MARGIN) + MARGIN
@@ -114,9 +112,14 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
                 x += tile + MARGIN
             y += row_h
         y += MARGIN
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="JPEG", quality=90)
-    if own:
+    if not own:
+        with atomic_path(path) as tmp:
+            sheet.save(tmp, format="JPEG", quality=90)
+        return path
+    with one_writer(path.parent, f"neighbours {layer}"):  # the sheet and its records: one job's
+        derived.forget(path)
+        with atomic_path(path) as tmp:
+            sheet.save(tmp, format="JPEG", quality=90)
         record_unreadable(rd.neighbour_greys(layer), sorted(greys))
         derived.remember(path, sources)
     return path

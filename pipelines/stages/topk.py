@@ -71,7 +71,6 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None, quantile: float = MAS
     from featscope.kernels.topk import merge_topk
 
     start = time.perf_counter()
-    derived.forget(rd.topk(layer))
     sources = derived.stamp(rd, derived.topk_sources(rd, layer))
     config = rd.read_config()
     identity = RunIdentity.of_run(config)
@@ -115,9 +114,11 @@ def merge(rd: RunDir, layer: str, *, k: int | None = None, quantile: float = MAS
     boxes = _boxes(rd, config, layer, out)
     columns = {name: t.numpy() for name, t in out.items()} | {n: boxes[:, i].numpy() for i, n in
                                                              enumerate(("x0", "y0", "x1", "y1"))}
-    write_topk(rd.topk(layer), columns, identity, layer=layer, k=k)
-    unsketched = merge_sketches(rd, layer, identity, present["image_id"].to_numpy(), shards, quantile)
-    derived.remember(rd.topk(layer), sources)
+    with one_writer(rd.topk(layer).parent, f"topk merge {layer}"):  # the table and its record: one job's pair
+        derived.forget(rd.topk(layer))
+        write_topk(rd.topk(layer), columns, identity, layer=layer, k=k)
+        unsketched = merge_sketches(rd, layer, identity, present["image_id"].to_numpy(), shards, quantile)
+        derived.remember(rd.topk(layer), sources)
     return MergeSummary(layer, len(torch.unique(channel)), k, len(torch.unique(out["image_id"])),
                         time.perf_counter() - start, unsketched)
 

@@ -1,8 +1,9 @@
 """Two jobs rewriting one set of pictures and the table that vouches for them take turns
 (`atomic.one_writer`): else the table of the one that finished last vouched for the other's
-pictures wherever they differed (other options, another top-k), and a toolbox picture's
-record gave another job's numbers. Table-driven: each stage, started while another job holds
-its folder's lock, says so and waits, then finishes."""
+pictures wherever they differed (other options, another top-k), a toolbox picture's record
+gave another job's numbers, and an output's record (`derived`) named the sources of another
+job's output. Table-driven: each stage, started while another job holds its folder's lock,
+says so and waits, its folder untouched, then finishes."""
 
 import shutil
 import threading
@@ -18,6 +19,7 @@ from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.trust import read_evaluation
 from featscope.pipelines.stages import atlas, embed, explain, extract, mosaic, saliency, style, topk, units, viz
 from featscope.pipelines.stages import index as neighbours
+from featscope.pipelines.stages import neighbours as sheets
 from featscope.pipelines.stages import saliency_trust as trust
 
 
@@ -67,6 +69,14 @@ STAGES = {  # name -> (the folder whose lock it takes, the job)
     "report": (lambda rd: rd.report_dir, lambda rd: report.build(rd, k=2, progress=False)),
     "embed": (lambda rd: rd.embedding("pool").parent, lambda rd: embed.embed(rd, "pool", perplexity=3)),
     "mosaic grid": (lambda rd: rd.root / "mosaic", lambda rd: mosaic.grid(rd, "pool", side=2, tile=8, progress=False)),
+    "mosaic scatter": (lambda rd: rd.root / "mosaic",
+                       lambda rd: mosaic.scatter(rd, "pool", size=64, tile=8, progress=False)),
+    "mosaic plot": (lambda rd: rd.root / "mosaic", lambda rd: mosaic.plot(rd, "pool")),
+    "topk merge": (lambda rd: rd.topk("layer3").parent, lambda rd: topk.merge(rd, "layer3")),
+    "index build": (lambda rd: rd.index_root, lambda rd: neighbours.build(rd, "pool", progress=False)),
+    "index evaluate": (lambda rd: rd.index_evaluation.parent, lambda rd: neighbours.evaluate(rd, ["pool"], k=2)),
+    "neighbours sheet": (lambda rd: rd.neighbour_sheet("pool").parent,
+                         lambda rd: sheets.render(rd, "pool", [photo(rd)], k=2, tile=16)),
     "viz adversarial": (lambda rd: rd.viz_dir / "adversarial",
                         lambda rd: viz.adversarial(rd, [photo(rd)], method="fgsm")),
     "viz inversion": (lambda rd: rd.viz_dir / "inversion",
@@ -81,7 +91,7 @@ STAGES = {  # name -> (the folder whose lock it takes, the job)
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_a_stage_waits_while_another_job_writes_its_pictures(run, stage, capfd):
+def test_a_stage_waits_while_another_job_writes_its_set(run, stage, capfd):
     folder, job = STAGES[stage]
     failed = []
 
