@@ -8,8 +8,10 @@ Lucid's constants), transforms (Lucid's standard ones), optimiser (Adam, lr 0.05
 the CPU's lanes, `pipelines.core.lanes`).
 Prints units/s of each and their ratio (target >= 5), and the activation each reached on its
 images (the unit's spatial maximum on the image at the model's input size): the median of
-featscope's / Lucent's over the units. Lucent 0.1.8 pins kornia <= 0.4.1 (and with it an old
-torch); it runs on today's kornia with two aliases restored here:
+featscope's / Lucent's over the units. Both start from seeded noise (featscope's seed 0,
+Lucent's global generators, torch's and numpy's, seeded with the unit's number).
+Lucent 0.1.8 pins kornia <= 0.4.1 (and with it an old torch); it runs on today's kornia with
+two aliases restored here:
 
     pip install --no-deps torch-lucent==0.1.8 kornia kornia-rs ipython decorator
     python benchmarks/units_bench.py [--layer features.13] [--units 8] [--steps 64] [--batch 8]
@@ -52,6 +54,8 @@ def lucent_render(model: torch.nn.Module, layer: str, unit: int, size: int, step
             setattr(kornia, name, getattr(geometry, name))
     from lucent.optvis import param, render
 
+    torch.manual_seed(unit)  # Lucent's starting noise
+    np.random.seed(unit)  # and its transforms' jitter, scale and angle
     images = render.render_vis(model, f"{layer.replace('.', '_')}:{unit}",
                                param_f=lambda: param.image(size, fft=True, decorrelate=True), thresholds=(steps,),
                                show_image=False, progress=False)
