@@ -54,7 +54,7 @@ from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir, record_unreadable
 from featscope.pipelines.core.store import read_errors, read_predictions
-from featscope.pipelines.core.text import plural
+from featscope.pipelines.core.text import listed, plural
 from featscope.pipelines.core.timings import read_timings
 from featscope.pipelines.core.trust import (
     BASELINES,
@@ -508,8 +508,7 @@ def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary
     # pictures are kept with (a refusal leaves the report before as it was)
     with reading(pictures.folders(), "report"):
         if moved := derived.since(rd, sources, derived.report_sources(rd)):
-            raise FeatscopeError(f"{', '.join(moved[:4])}{f' and {len(moved) - 4} more' if len(moved) > 4 else ''} "
-                                 "changed while the report was built: run `featscope report` again")
+            raise FeatscopeError(f"{listed(moved)} changed while the report was built: run `featscope report` again")
         # run.js (the summary every page starts from) vouches for the rest: withdrawn first and
         # written again last, so the pages of a build stopped half way say so instead of
         # mixing two builds

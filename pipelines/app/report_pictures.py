@@ -14,8 +14,9 @@ pictures in place holding those locks shared (`folders`, `atomic.reading`), afte
 that no table it read changed since: a picture kept is one its table was read with.
 
 Hard links cost no space until the run's picture is drawn again, and then hold it as it
-was: the stages never write into a picture, they rename a new file over it (`atomic_path`). Where the file system has no hard
-links, a copy is made; either is made again only when the run's picture changed.
+was: the stages never write into a picture, they rename a new file over it (`atomic_path`).
+Where the file system has no hard links, a copy is made; either is made again only when the
+run's picture changed.
 """
 
 from __future__ import annotations

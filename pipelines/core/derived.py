@@ -8,9 +8,10 @@ it off as current.
 A job `stamp`s its sources before it reads them. When it writes, it `forget`s the record,
 puts its output in place and `remember`s that stamp, all under the folder's writer lock
 (`atomic.one_writer`): a source rewritten meanwhile then makes the output stale, never
-current, and two jobs at once leave one job's output beside its own record. An output without a record (a job killed between the two, or an
-output made before records were kept) counts as current only if it is newer than each of
-its sources. Reads without torch: status and the report use it.
+current, and two jobs at once leave one job's output beside its own record. An output
+without a record (a job killed between the two, or an output made before records were kept)
+counts as current only if it is newer than each of its sources. Reads without torch: status
+and the report use it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 from featscope.kernels.spaces import PIXELS
 from featscope.pipelines.core.atomic import withdraw, write_json_atomic
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.text import listed
 from featscope.pipelines.core.trust import map_stamp
 
 
@@ -174,5 +176,4 @@ def report_staleness(rd: RunDir, behind: list[str]) -> str:
     """`report_behind`'s paths in words: what the report was built before."""
     if dataset_changed(rd, behind):
         return "built before the dataset last changed: its lists and pictures show the images as they were then"
-    return (f"built before {', '.join(behind[:4])}{f' and {len(behind) - 4} more' if len(behind) > 4 else ''} "
-            "changed: it shows them as they were then")
+    return f"built before {listed(behind)} changed: it shows them as they were then"
