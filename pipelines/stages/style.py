@@ -189,6 +189,30 @@ def train(out: str | Path, styles: list[str | Path], content: str | Path, option
         return _train_network(Path(out), styles, content, options, train_style, progress)
 
 
+# Settings a resumed training may change: how far it goes and how often it saves.
+RESUMABLE = ("steps", "checkpoint_every")
+
+
+def _check_same_training(state: dict, styles: list[str], options: TrainOptions) -> None:
+    """Resume only the training the checkpoint began: its styles (paths and bytes) and
+    settings. Otherwise the network, its loss log and its summary would mix two trainings
+    under one name, the second's options silently replaced by the first's."""
+    recorded = [s["path"] for s in state["styles"]]
+    if styles != recorded:
+        raise ParamError("out", f"holds a network trained on styles {recorded}; use another one to train others")
+    changed = [s["path"] for s in state["styles"] if Path(s["path"]).is_file() and _sha(Path(s["path"])) != s["sha256"]]
+    if changed:
+        raise ParamError("styles", f"<styles> {', '.join(changed)} changed since the network in <out> was trained "
+                                   f"on {'them' if len(changed) > 1 else 'it'}: train on them as they are now into "
+                                   "another <out>")
+    then = state.get("settings", {})
+    differ = [name for name, value in then.items() if name not in RESUMABLE and getattr(options, name, value) != value]
+    if differ:
+        raise ParamError("out", "<out> holds a network trained with " + ", ".join(
+            f"<{name}> {then[name]} (asked: {getattr(options, name)})" for name in differ)
+            + ": resume it with those settings, or train another one into another <out>")
+
+
 def _train_network(out: Path, styles: list[str | Path], content: str | Path, options: TrainOptions,
                    train_style: int | None, progress: bool) -> TrainSummary:
     start = time.perf_counter()
@@ -197,10 +221,9 @@ def _train_network(out: Path, styles: list[str | Path], content: str | Path, opt
     files = _image_files(Path(content))
     if checkpoint.exists():
         state = load_checkpoint(checkpoint)
-        recorded = [s["path"] for s in state["styles"]]
-        if styles and [str(s) for s in styles] != recorded:
-            raise ParamError("out", f"holds a network trained on styles {recorded}; use another one to train others")
-        styles = recorded
+        if styles:  # `style add` (no styles) trains on with the checkpoint's own settings
+            _check_same_training(state, [str(s) for s in styles], options)
+        styles = [s["path"] for s in state["styles"]]
         options = TrainOptions(**state["settings"] | {"steps": options.steps})
         net = network(state).train()
     else:

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from featscope.kernels.params import ParamError
 from featscope.kernels.style_net import one_hot
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.rundir import RunDir
@@ -123,3 +124,39 @@ def test_style_cli_errors_are_one_line(tmp_path, capsys):
     assert cli(["style", "apply", "--checkpoint", str(tmp_path / "none.pt"), "--style", "0", "--images", "x.png",
                 "--out", str(tmp_path)]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_a_resumed_training_is_refused_other_settings_or_a_changed_style_and_the_network_stays(tmp_path, textures,
+                                                                                              content, capsys):
+    """Resuming with another setting used to train on silently with the checkpoint's settings
+    (the asked ones dropped, the summary none the wiser); a style image changed since was
+    trained on as it is now under the old record. Both are refused, naming what differs,
+    before a step; steps and checkpoint spacing may change."""
+    from featscope.pipelines.app.cli import main as cli
+
+    out = tmp_path / "net"
+    brick = tmp_path / "brick.png"
+    brick.write_bytes(textures["brick"].read_bytes())
+    styles = [brick, textures["ihc"]]
+    options = OPTIONS | {"checkpoint_every": 2}
+    style.train(out, styles, content, style.TrainOptions(steps=2, **options), progress=False)
+    saved = (out / "net.pt").read_bytes()
+
+    with pytest.raises(ParamError, match=r"out holds a network trained with style_weight 4.0 \(asked: 8.0\)"):
+        style.train(out, styles, content, style.TrainOptions(steps=4, **options | {"style_weight": 8.0}),
+                    progress=False)
+    command = ["style", "train", "--out", str(out), "--content", str(content), "--styles", *map(str, styles),
+               "--steps", "4", *(f"--{k.replace('_', '-')}={','.join(v) if isinstance(v, list) else v}"
+                                 for k, v in options.items())]
+    assert cli([*command, "--size", "40"]) == 2
+    assert "--out holds a network trained with --size 48 (asked: 40)" in capsys.readouterr().err
+    assert (out / "net.pt").read_bytes() == saved
+
+    brick.write_bytes(textures["gravel"].read_bytes())
+    with pytest.raises(ParamError, match="brick.png changed since the network in out was trained on it"):
+        style.train(out, styles, content, style.TrainOptions(steps=4, **options), progress=False)
+    assert (out / "net.pt").read_bytes() == saved
+
+    brick.write_bytes(textures["brick"].read_bytes())
+    assert cli([*command, "--checkpoint-every", "1"]) == 0  # the same training, saved more often: resumed
+    assert style.load_checkpoint(out / "net.pt")["step"] == 4
