@@ -534,8 +534,8 @@ def _write(rd: RunDir, scripts: Scripts, pictures: KeptPictures) -> int:
     changed (a rerun rewrites only those)."""
     out = rd.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    for asset in ("report.js", "report.css"):
-        shutil.copyfile(ASSETS / asset, out / asset)
+    for asset in ("report.js", "report.css"):  # registered, so verify finds one damaged since
+        write_bytes_atomic(out / asset, (ASSETS / asset).read_bytes())
     shell = (ASSETS / "page.html").read_text()
     for page in PAGES:  # every page is the same shell; report.js renders it by name
         write_bytes_atomic(out / f"{page}.html", shell.replace("{page}", page).encode())

@@ -151,6 +151,8 @@ def _generic_fix(rd: RunDir, path: Path) -> str:
     if path == rd.run_json:
         return "restore it from a backup, or rerun `featscope manifest` and `featscope extract` (ids are kept)"
     top = path.relative_to(rd.root).parts[0]
+    if top == "report":  # a build rewrites what is missing; a thumbnail or kept picture in place stays
+        return f"delete it, then featscope report --run {rd.root}"
     return f"delete it and rerun the workflow (or the stage that writes {top}/)"
 
 

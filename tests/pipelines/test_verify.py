@@ -88,3 +88,28 @@ def test_the_named_command_repairs_a_damaged_part(clean_run, tmp_path):
     part.unlink()
     extract.extract(copy, ["pool"], shard=1, workers=0, topk=2, progress=False)
     assert verify(copy).damaged == []
+
+
+def test_damaged_report_files_are_named_and_the_fix_repairs_them(clean_run, tmp_path):
+    """The report's script and style sheet were copied in place unregistered: a damaged
+    report.js (every page runs it) passed verify. Each report file found damaged is named with
+    the fix, which a build carries out (it skips thumbnails and kept pictures in place)."""
+    from featscope.pipelines.app import report
+
+    copy = RunDir(tmp_path / "copy")
+    shutil.copytree(clean_run.root, copy.root)
+    report.build(copy, progress=False)
+    assert verify(copy).damaged == []
+    targets = [copy.report_dir / "report.js", copy.report_dir / "report.css",
+               next((copy.report_dir / "thumbs").rglob("*.jpg"))]
+    for target in targets:
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 8
+        target.write_bytes(bytes(data))
+    damaged = verify(copy).damaged
+    assert [path for path, _, _ in damaged] == sorted(targets)
+    assert all(fix == f"delete it, then featscope report --run {copy.root}" for _, _, fix in damaged)
+    for target in targets:
+        target.unlink()
+    report.build(copy, progress=False)
+    assert verify(copy).damaged == []
