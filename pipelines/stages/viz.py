@@ -254,6 +254,8 @@ def adversarial(rd: RunDir, image_ids: list[int], *, target: int | None = None, 
     with torch.no_grad():
         before = model(images).softmax(1)
     labels = before.argmax(1)
+    if target is not None and target >= before.shape[1]:
+        raise ParamError("target", f"must be one of the model's classes, 0..{before.shape[1] - 1}; got {target}")
     if method == "fgsm":
         steps, step = 1, epsilon
     goal = torch.full_like(labels, target) if target is not None else None

@@ -90,6 +90,7 @@ CASES = [
     (("status", "--run", "{root}/nowhere"), "not a run"),
     (("report", "--run", R, "-k", "0"), "-k"),
     (("viz", "filters", "--run", R, "--layers", "nolayer"), "nolayer"),
+    (("viz", "adversarial", "--run", R, "--ids", "0", "--target", "1000"), "--target must be one of the model's"),
     (("config", "schema", "--check", "{root}/missing.yaml"), "missing.yaml"),
     (("nosuchcommand",), "invalid choice"),
     (("index", "build", "--run", R), "--layer"),
