@@ -24,6 +24,7 @@ from pathlib import Path
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.pipelines.core import options as opts
+from featscope.pipelines.core.atomic import meant
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
 
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a full disk, a read-only or missing folder: the path, and what to do
         what = "free some space there" if e.errno == errno.ENOSPC else "check it and its permissions"
-        print(f"featscope: error: {e.strerror or e} at {e.filename or run}: {what}", file=sys.stderr)
+        where = meant(e.filename) if isinstance(e.filename, (str, Path)) else run
+        print(f"featscope: error: {e.strerror or e} at {where}: {what}", file=sys.stderr)
         return 2
     if result is not None:
         print(result if isinstance(result, str) else result.line())

@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import sys
@@ -80,6 +81,14 @@ def registered(folder: Path) -> dict[str, dict]:
 
 def tmp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def meant(path: str | Path) -> Path:
+    """The file a temporary name of `tmp_path_for` stands for (any other path as it is): an
+    error writing one names the file the user knows."""
+    path = Path(path)
+    found = re.fullmatch(r"\.(.+)\.[0-9]+\.[0-9a-f]{8}\.tmp", path.name)
+    return path.with_name(found.group(1)) if found else path
 
 
 @contextmanager

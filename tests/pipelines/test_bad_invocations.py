@@ -90,6 +90,8 @@ CASES = [
     (("status", "--run", "{root}/nowhere"), "not a run"),
     (("report", "--run", R, "-k", "0"), "-k"),
     (("viz", "filters", "--run", R, "--layers", "nolayer"), "nolayer"),
+    (("neighbours", "--run", R, "--layer", "pool", "--ids", "0", "--out", "/proc/featscope-sheet.jpg"),
+     "at /proc/featscope-sheet.jpg: check it"),  # the file asked for, not its temporary name
     (("viz", "adversarial", "--run", R, "--ids", "0", "--target", "1000"), "--target must be one of the model's"),
     (("config", "schema", "--check", "{root}/missing.yaml"), "missing.yaml"),
     (("nosuchcommand",), "invalid choice"),
