@@ -63,7 +63,32 @@ def _nlist(n: int) -> int:
 
 
 def choose_plan(n: int, dims: int, *, kind: str = "auto", max_memory: int = 4 << 30) -> IndexPlan:
-    """An index plan for n vectors of `dims` dimensions within `max_memory` bytes."""
+    """An index plan for n vectors of `dims` dimensions within `max_memory` bytes; a plan
+    that cannot be trained on n vectors is refused with the reason (faiss would stop with
+    an assertion of its own)."""
+    plan = _plan(n, dims, kind=kind, max_memory=max_memory)
+    need, why = training_minimum(plan)
+    if n < need:
+        raise ParamError("kind", f"{plan.kind} ({plan.factory}) cannot be trained on {n} vectors: {why} needs at "
+                                 f"least {need}; an exact index (<kind> flat) is the right one at this size"
+                                 + ("" if kind != "auto" else ", within a larger <max_memory>"))
+    return plan
+
+
+def training_minimum(plan: IndexPlan) -> tuple[int, str]:
+    """(the fewest vectors that train `plan`, what needs them): PCA to r dimensions needs r,
+    k-means of an inverted file one a list, and 8-bit product quantisation 256 a sub-vector."""
+    needs = [(0, "")]
+    if plan.reduced_dims < plan.dims:
+        needs.append((plan.reduced_dims, f"PCA to {plan.reduced_dims} dimensions"))
+    if plan.nlist:
+        needs.append((plan.nlist, f"k-means into {plan.nlist} lists"))
+    if ",PQ" in plan.factory:
+        needs.append((256, "product quantisation (256 centroids a sub-vector)"))
+    return max(needs)
+
+
+def _plan(n: int, dims: int, *, kind: str, max_memory: int) -> IndexPlan:
     if kind not in KINDS:
         raise ParamError("kind", f"must be one of {', '.join(KINDS)}, got '{kind}'")
     flat_bytes = n * dims * 4
@@ -83,13 +108,21 @@ def choose_plan(n: int, dims: int, *, kind: str = "auto", max_memory: int = 4 <<
         if ivf_bytes <= max_memory:
             return IndexPlan("ivf", f"{prefix}IVF{nlist},{codec}", dims, width, nlist, ivf_bytes)
     if kind == "ivf":
-        raise FeatscopeError(f"IVF,Flat over {n} vectors needs {n * (reduced * 4 + 8) / 1e9:.1f} GB even after "
+        raise FeatscopeError(f"IVF,Flat over {n} vectors needs {_size(n * (reduced * 4 + 8))} even after "
                              "PCA; raise <max_memory> or use <kind> ivfpq")
     m = min(PQ_BYTES, reduced)
     while reduced % m:
         m -= 1
     bytes_ = n * (m + 8)
     if bytes_ > max_memory:
-        raise ParamError("max_memory", f"is too small: {n} vectors need at least {bytes_ / 1e9:.1f} GB even "
+        raise ParamError("max_memory", f"is too small: {n} vectors need at least {_size(bytes_)} even "
                          "compressed")
     return IndexPlan("ivfpq", f"{pca}IVF{nlist},PQ{m}x8", dims, reduced, nlist, bytes_)
+
+
+def _size(n_bytes: int) -> str:
+    """A byte count as a budget is given (4GB, 512MB): a small run's need is not "0.0 GB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n_bytes >= scale / 10:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes / 1e3:.1f} KB"

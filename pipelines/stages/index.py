@@ -23,6 +23,7 @@ from featscope.index import (
     METRICS,
     NeighbourIndex,
     build_index,
+    choose_plan,
     options_of,
     parse_bytes,
     recall_shortfall,
@@ -88,6 +89,8 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
             yield ids[keep], vectors[keep]
 
     options = options_of(kind, metric, parse_bytes(max_memory), seed)
+    if n:  # a plan that cannot be made (too small a budget, too few vectors to train) before any work
+        choose_plan(n, dims, kind=kind, max_memory=parse_bytes(max_memory))
     stamps = {p.name: part_stamp(p) for p in parts}  # which feature files, as written, the index holds
     previous, how, result = None if rebuild else _previous(rd, layer, identity), "built", None
     again = np.zeros(0, np.int64)

@@ -214,6 +214,22 @@ def test_plans_follow_size_and_memory():
         parse_bytes("lots")
 
 
+@pytest.mark.parametrize("kind, n, dims, factory, need", [
+    ("hnsw", 255, 512, "PCA256,HNSW32", 256),  # PCA to 256 dimensions: as many vectors
+    ("ivfpq", 255, 512, "PCA256,IVF16,PQ64x8", 256),  # 256 centroids a sub-vector
+    ("ivf", 15, 64, "IVF16,Flat", 16),  # a vector a list
+])
+def test_a_plan_too_few_vectors_train_is_refused_with_the_reason_and_one_more_builds(kind, n, dims, factory, need):
+    """faiss stopped these builds with an assertion (a traceback to the user); the plan now
+    says what needs more vectors, and one vector more is enough."""
+    with pytest.raises(FeatscopeError, match=rf"\({factory}\) cannot be trained on {n} vectors: .* at least {need}"):
+        choose_plan(n, dims, kind=kind)
+    x = clustered(n + 1, dims, seed=3)
+    result = build_index(as_chunks(x, np.arange(n + 1)), n=n + 1, dims=dims, kind=kind)
+    assert result.meta["factory"] == factory and result.meta["vectors"] == n + 1
+    assert choose_plan(n, 256, kind="hnsw").factory == "HNSW32"  # no PCA: any number of vectors
+
+
 @pytest.mark.parametrize("stop_after", range(1, 8))
 def test_a_save_stopped_at_any_step_leaves_the_old_index_or_the_new_one(tmp_path, monkeypatch, stop_after):
     """Fault injection: the writer stops after step i of `save` (not by timing: a hook), and a

@@ -96,6 +96,8 @@ CASES = [
     (("config", "schema", "--check", "{root}/missing.yaml"), "missing.yaml"),
     (("nosuchcommand",), "invalid choice"),
     (("index", "build", "--run", R), "--layer"),
+    (("index", "build", "--run", R, "--layer", "pool", "--max-memory", "100B"), "need at least 0.6 KB even compressed"),
+    (("index", "build", "--run", R, "--layer", "pool", "--kind", "hnsw"), "PCA to 256 dimensions needs at least 256"),
 ]
 
 
