@@ -165,9 +165,13 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FeatscopeError(f"no checkpoint at {path}: run `featscope style train` first")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # an unreadable or unsafe file is the user's, not a bug
-        raise FeatscopeError(f"cannot load checkpoint {path}: {e}") from None
+        raise FeatscopeError(f"cannot load checkpoint {path} (not a file `featscope style train` wrote, or "
+                             f"damaged): {e}") from None
+    if not isinstance(state, dict) or not {"net", "styles", "settings", "step"} <= state.keys():
+        raise FeatscopeError(f"{path} is not a style network `featscope style train` wrote")
+    return state
 
 
 def network(state: dict) -> StyleNet:

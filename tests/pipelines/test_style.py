@@ -124,6 +124,11 @@ def test_style_cli_errors_are_one_line(tmp_path, capsys):
     assert cli(["style", "apply", "--checkpoint", str(tmp_path / "none.pt"), "--style", "0", "--images", "x.png",
                 "--out", str(tmp_path)]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)  # a torch file, but no style network
+    for path, phrase in ((other, "is not a style network"), (tmp_path, "no checkpoint at")):
+        assert cli(["style", "strip", "--checkpoint", str(path), "--image", "x.png", "--out", str(tmp_path / "s.png")]) == 2
+        assert phrase in capsys.readouterr().err
 
 
 def test_a_resumed_training_is_refused_other_settings_or_a_changed_style_and_the_network_stays(tmp_path, textures,
