@@ -127,7 +127,8 @@ def test_style_cli_errors_are_one_line(tmp_path, capsys):
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)  # a torch file, but no style network
     for path, phrase in ((other, "is not a style network"), (tmp_path, "no checkpoint at")):
-        assert cli(["style", "strip", "--checkpoint", str(path), "--image", "x.png", "--out", str(tmp_path / "s.png")]) == 2
+        out = str(tmp_path / "s.png")
+        assert cli(["style", "strip", "--checkpoint", str(path), "--image", "x.png", "--out", out]) == 2
         assert phrase in capsys.readouterr().err
 
 
