@@ -157,6 +157,10 @@ def load(path: str | Path) -> dict:
     """Read and validate a YAML config file."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
+    except yaml.MarkedYAMLError as e:  # the place and the problem on one line, not YAML's caret drawing
+        at = f"line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}: " if e.problem_mark else ""
+        context = f" ({e.context} at line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+        raise FeatscopeError(f"cannot read config {path}: {at}{e.problem}{context}") from None
     except (OSError, yaml.YAMLError) as e:
         raise FeatscopeError(f"cannot read config {path}: {e}") from None
     return validate(raw)

@@ -49,3 +49,16 @@ def test_bad_configs_name_the_offending_key(change, message):
     change(cfg)
     with pytest.raises(FeatscopeError, match=message):
         config.validate(cfg)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("images: [unclosed\n", "line 2, column 1: expected ',' or ']', but got '<stream end>' (while parsing a flow "
+                            "sequence at line 1)"),
+    ("a: 1\n  b: 2\n", "line 2, column 4: mapping values are not allowed here"),
+])
+def test_a_config_that_is_not_yaml_is_one_line_naming_the_place(tmp_path, text, message):
+    path = tmp_path / "my.yaml"
+    path.write_text(text)
+    with pytest.raises(FeatscopeError) as e:
+        config.load(path)
+    assert str(e.value) == f"cannot read config {path}: {message}"
