@@ -383,7 +383,9 @@ def _toolbox_item(rd: RunDir, path: Path, pictures: KeptPictures) -> dict:
     elif kind in ("dream", "inversion") and image is not None:
         item["caption"] = f"image {name}"
     elif kind == "style" and first == "switch":
-        item["caption"] = f"style switching and mixing: {rest}"
+        item["caption"] = f"style switching and mixing: {rest}" + (
+            " (drawn from an earlier training of the network: `featscope style strip` draws it again)"
+            if derived.changed(rd, path, [rd.style_net_dir / "net.pt"]) else "")
     elif kind == "style" and image is not None:
         item["caption"] = f"image {first} in the style of {rest}"
     elif kind == "class-models":

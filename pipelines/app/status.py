@@ -26,7 +26,7 @@ from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir, read_record
 from featscope.pipelines.core.store import FLOAT16_MAX, NON_FINITE, OUT_OF_RANGE, file_metadata, parts_written_again
-from featscope.pipelines.core.text import plural
+from featscope.pipelines.core.text import listed, plural
 from featscope.pipelines.core.trust import (
     current_evaluation,
     current_strips,
@@ -364,6 +364,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
                          f"{plural(len(gone), 'image')} that left the dataset (ids {', '.join(map(str, gone[:5]))}"
                          f"{', ...' if len(gone) > 5 else ''}), which the report no longer shows: choose other "
                          "images in the config's viz section, and delete those pictures under viz/")
+    _style_network(rd, out)
     verdicts = read_sanity(rd)
     checked_now = derived.sanity_current(rd, verdicts)
     for method, verdict in verdicts.items():
@@ -415,6 +416,24 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
 
 
 MOSAIC_SUFFIX = {"grid": "jpg", "scatter": "jpg", "plot": "png"}
+
+
+def _style_network(rd: RunDir, out: Status) -> None:
+    """The fast style network and what was made from it: its ONNX export and switch strips,
+    each current or made from an earlier net.pt (trained on, or given a style, since)."""
+    checkpoint = rd.style_net_dir / "net.pt"
+    if not checkpoint.exists():
+        return
+    made = [p for p in (rd.style_net_dir / "net.onnx", *sorted((rd.viz_dir / "style").glob("switch-*.png")))
+            if p.exists()]
+    older = [p.relative_to(rd.root).as_posix() for p in made if derived.changed(rd, p, [checkpoint])]
+    out.lines.append("style network: " + (f"{plural(len(made) - len(older), 'output')} of it current (its ONNX "
+                                          "export, switch strips)" if made else "nothing exported or drawn from it")
+                     + (f"; stale: {listed(older)} made from an earlier net.pt (trained on or given a style "
+                        "since): the next workflow run, or `featscope style export` and `featscope style strip`, "
+                        "makes them again" if older else ""))
+    if older:
+        out.stale.append("style network outputs")
 
 
 def _mosaics(rd: RunDir) -> list[tuple[str, str]]:

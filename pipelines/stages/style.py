@@ -18,6 +18,8 @@ import csv
 import hashlib
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -32,10 +34,12 @@ from featscope.kernels.objectives import layer_outputs, total_variation
 from featscope.kernels.params import ParamError
 from featscope.kernels.style_net import StyleNet, mix, one_hot
 from featscope.kernels.texture import gram
+from featscope.pipelines.core import derived
 from featscope.pipelines.core.atomic import atomic_path, one_writer
 from featscope.pipelines.core.images import BadImage, is_image_name, read_pixels
 from featscope.pipelines.core.models import load_model
 from featscope.pipelines.core.options import Command, Group, Options, option
+from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.workers import visualisation_model
 
@@ -321,11 +325,38 @@ def save_images(images: torch.Tensor, paths: list[Path]) -> list[Path]:
     return paths
 
 
+def run_of(checkpoint: str | Path) -> RunDir | None:
+    """The run whose style network `checkpoint` is (`<run>/style-net/net.pt`), if it is one."""
+    folder = Path(checkpoint).resolve().parent
+    run = RunDir(folder.parent)
+    return run if folder == run.style_net_dir and run.run_json.exists() else None
+
+
+def _stamp_of(checkpoint: str | Path) -> list[str] | None:
+    """The run's checkpoint as it is now, for the record of what is drawn or exported from it."""
+    run = run_of(checkpoint)
+    return derived.stamp(run, [Path(checkpoint).resolve()]) if run else None
+
+
+@contextmanager
+def _recorded(out: Path, checkpoint: str | Path, made_from: list[str] | None, job: str) -> Iterator[Path]:
+    """Write `out` from a run's network with a record of the checkpoint it came from, so that
+    `featscope status` and the report can tell a strip or an ONNX file of an earlier network
+    (trained on, or given a style, since) from a current one. One job at a time per folder."""
+    with one_writer(out.parent, job):
+        derived.forget(out)
+        with atomic_path(out) as tmp:
+            yield tmp
+        if made_from is not None:
+            derived.remember(out, made_from)
+
+
 def strip(checkpoint: str | Path, image: str | Path, out: str | Path, *, size: int = 192) -> Path:
     """The image, each style alone, then mixes of styles 0 and 1 (0.25, 0.5, 0.75): switching
     and mixing in one picture."""
     from featscope.pipelines.render.panels import panel, to_image
 
+    made_from = _stamp_of(checkpoint)  # before it is read
     state = load_checkpoint(checkpoint)
     n = len(state["styles"])
     settings = [(f"style {i}\n{Path(state['styles'][i]['path']).stem}", one_hot(i, n)[0]) for i in range(n)]
@@ -342,7 +373,7 @@ def strip(checkpoint: str | Path, image: str | Path, out: str | Path, *, size: i
                     f"one network, {n} styles (conditional instance norm), {state['step']} training steps: "
                     "switch and mix by the style weights")
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with _recorded(out, checkpoint, made_from, "style strip") as tmp:
         picture.save(tmp, format="PNG")
     return out
 
@@ -352,11 +383,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, size: int = 256) -> 
     batch, height and width dynamic), by torch's TorchScript-based exporter."""
     import warnings
 
+    made_from = _stamp_of(checkpoint)  # before it is read
     net = network(load_checkpoint(checkpoint))
     n = net.styles
     example = (torch.rand(1, 3, size, size), one_hot(0, n))
     out = Path(out)
-    with atomic_path(out) as tmp, warnings.catch_warnings():
+    with _recorded(out, checkpoint, made_from, "style export") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, example, str(tmp), input_names=["image", "style"], output_names=["stylised"],
                           dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "style": {0: "batch"},

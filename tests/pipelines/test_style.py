@@ -166,3 +166,38 @@ def test_a_resumed_training_is_refused_other_settings_or_a_changed_style_and_the
     brick.write_bytes(textures["brick"].read_bytes())
     assert cli([*command, "--checkpoint-every", "1"]) == 0  # the same training, saved more often: resumed
     assert style.load_checkpoint(out / "net.pt")["step"] == 4
+
+
+def test_a_strip_and_export_of_an_earlier_network_are_called_stale_until_made_again(tmp_path, textures, content):
+    """A switch strip or ONNX file made from the run's network, which is then trained on (or
+    given a style), showed the earlier network as if current: status said nothing and the
+    report's caption neither. Each records the checkpoint it came from."""
+    from featscope.pipelines.app import report
+    from featscope.pipelines.app.status import status
+
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, content, shard_size=100, model="resnet18", weights="random")
+    checkpoint = rd.style_net_dir / "net.pt"
+    options = OPTIONS | {"checkpoint_every": 2}
+    styles = [textures["brick"], textures["ihc"]]
+    style.train(rd.style_net_dir, styles, content, style.TrainOptions(steps=2, **options), progress=False)
+    strip = style.strip(checkpoint, textures["grass"], rd.viz_style_switch("grass"), size=32)
+    made = [strip, style.export_onnx(checkpoint, rd.style_net_dir / "net.onnx", size=32)]
+
+    def style_line():
+        return next(line for line in status(rd).lines if line.startswith("style network:"))
+
+    assert style_line() == f"style network: {len(made)} outputs of it current (its ONNX export, switch strips)"
+    report.build(rd, progress=False)
+    assert "earlier training" not in (rd.report_dir / "data" / "run.js").read_text()
+
+    style.train(rd.style_net_dir, styles, content, style.TrainOptions(steps=4, **options), progress=False)
+    line = style_line()
+    assert line.startswith("style network: 0 outputs of it current") and "stale: " in line
+    assert all(p.relative_to(rd.root).as_posix() in line for p in made)
+    assert "style network outputs" in status(rd).stale
+    report.build(rd, progress=False)
+    assert "drawn from an earlier training of the network" in (rd.report_dir / "data" / "run.js").read_text()
+
+    style.strip(checkpoint, textures["grass"], strip, size=32)
+    assert "viz/style/switch-grass.png" not in style_line()
