@@ -339,16 +339,20 @@ def _stamp_of(checkpoint: str | Path) -> list[str] | None:
 
 
 @contextmanager
-def _recorded(out: Path, checkpoint: str | Path, made_from: list[str] | None, job: str) -> Iterator[Path]:
+def _recorded(out: Path, made_from: list[str] | None, job: str) -> Iterator[Path]:
     """Write `out` from a run's network with a record of the checkpoint it came from, so that
     `featscope status` and the report can tell a strip or an ONNX file of an earlier network
-    (trained on, or given a style, since) from a current one. One job at a time per folder."""
+    (trained on, or given a style, since) from a current one. One job at a time per folder.
+    A network outside a run is written plainly: nothing looks for a record there."""
+    if made_from is None:
+        with atomic_path(out) as tmp:
+            yield tmp
+        return
     with one_writer(out.parent, job):
         derived.forget(out)
         with atomic_path(out) as tmp:
             yield tmp
-        if made_from is not None:
-            derived.remember(out, made_from)
+        derived.remember(out, made_from)
 
 
 def strip(checkpoint: str | Path, image: str | Path, out: str | Path, *, size: int = 192) -> Path:
@@ -373,7 +377,7 @@ def strip(checkpoint: str | Path, image: str | Path, out: str | Path, *, size: i
                     f"one network, {n} styles (conditional instance norm), {state['step']} training steps: "
                     "switch and mix by the style weights")
     out = Path(out)
-    with _recorded(out, checkpoint, made_from, "style strip") as tmp:
+    with _recorded(out, made_from, "style strip") as tmp:
         picture.save(tmp, format="PNG")
     return out
 
@@ -388,7 +392,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, size: int = 256) -> 
     n = net.styles
     example = (torch.rand(1, 3, size, size), one_hot(0, n))
     out = Path(out)
-    with _recorded(out, checkpoint, made_from, "style export") as tmp, warnings.catch_warnings():
+    with _recorded(out, made_from, "style export") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, example, str(tmp), input_names=["image", "style"], output_names=["stylised"],
                           dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "style": {0: "batch"},
