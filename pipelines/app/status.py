@@ -44,8 +44,22 @@ class Status:
     pending: dict[str, int] = field(default_factory=dict)  # new, edited, vanished
     stale: list[str] = field(default_factory=list)  # outputs that do not describe the live images
     written_now: list[Path] = field(default_factory=list)  # folders a job is writing (`atomic.one_writer`)
+    check: bool = False  # `--check`: a run that is not current fails the command (exit 1)
+    as_json: bool = False  # `--json`: the facts as one JSON object instead of the lines
+
+    @property
+    def current(self) -> bool:
+        """Every output describes the image folder as it is now: no change pending, none stale."""
+        return not self.stale and not any(self.pending.values())
+
+    @property
+    def failed(self) -> bool:
+        return self.check and not self.current
 
     def line(self) -> str:
+        if self.as_json:
+            return json.dumps({"current": self.current, "pending": self.pending, "stale": self.stale,
+                               "written_now": [str(p) for p in self.written_now], "lines": self.lines}, indent=1)
         return "\n".join(self.lines)
 
 
@@ -469,12 +483,18 @@ def _unfinished(out: Status, what: str, folder: Path) -> None:
 @dataclass(frozen=True)
 class StatusOptions(Options):
     history: int = option(5, help="workflow runs of the history to show", min=0)
+    check: bool = option(False, help="exit 1 unless the run is current: no change of the image folder pending "
+                                     "and no output stale (a scheduled job's last step, or its alert)")
+    json: bool = option(False, help="print the facts as JSON: current, pending changes, stale outputs, folders "
+                                    "being written, and the lines")
 
 
 def run(rd: RunDir, options: StatusOptions) -> Status:
     if not rd.run_json.exists():
         raise FeatscopeError(f"{rd.root} is not a run: no run.json")
-    return status(rd, history=options.history)
+    out = status(rd, history=options.history)
+    out.check, out.as_json = options.check, options.json
+    return out
 
 
 COMMANDS = [

@@ -45,6 +45,36 @@ def test_status_names_pending_changes_and_stale_outputs_until_the_rerun(tmp_path
     assert status(rd).stale == []
 
 
+def test_status_check_fails_a_run_that_is_not_current_and_json_gives_the_facts(tmp_path, digits, capsys):
+    """A scheduled job's last step: `status --check` exits 1 while a change of the image folder
+    is pending or an output is stale, 0 once the run is current; `--json` says what."""
+    import json
+
+    from featscope.pipelines.app.cli import main as cli
+
+    images = tmp_path / "images"
+    write_dataset(images, digits, n_photos=1, labels=(0, 1), digits_per_label=2)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, images, shard_size=3, model="resnet18", weights="random")
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    check = ["status", "--run", str(rd.root), "--check"]
+    assert cli(check) == 0 and "index pool: 5 images (Flat), current" in capsys.readouterr().out
+
+    write_dataset(images, digits, n_photos=0, labels=(7,), digits_per_label=1)
+    assert cli([*check, "--json"]) == 1
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["current"] is False and facts["pending"]["new"] == 1 and facts["stale"] == []
+    manifest.run(rd, images)
+    assert cli([*check, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["stale"] == ["features pool", "index pool"]
+    assert cli(["status", "--run", str(rd.root)]) == 0  # without --check: the lines, and success
+    assert "not current: features pool, index pool" in capsys.readouterr().out
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    assert cli([*check, "--json"]) == 0 and json.loads(capsys.readouterr().out)["current"] is True
+
+
 def test_images_without_features_leave_the_index_current_and_are_named_once(tmp_path, digits):
     """One image that does not decode made status call the index stale for good, and ask
     for a rerun of the workflow that could not change it."""
