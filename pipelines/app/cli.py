@@ -16,6 +16,7 @@ import argparse
 import errno
 import importlib
 import inspect
+import os
 import shlex
 import sys
 import time
@@ -247,6 +248,16 @@ def _stage_name(command: opts.Command, options: opts.Options) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `featscope` command; its exit status. Output piped into a reader that stops early
+    (`featscope status ... | head`) ends quietly, not with a traceback."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor a second one as Python exits
+        return 141  # as a shell reports a command that a closed pipe stopped (128 + SIGPIPE)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     argv = [ALIASES.get(a, a) if i == 0 else a for i, a in enumerate(argv)]
     if len(argv) > 1 and argv[0] in BARE_GROUPS and argv[1].startswith("--") and argv[1] != "--help":

@@ -56,3 +56,14 @@ def test_bad_images_end_with_a_warning_count_not_a_failure(tmp_path, small_datas
     assert done.returncode == 0
     assert "1 image skipped (1 not decodable; see" in done.stdout
     assert "warning: 1 image skipped; see" in done.stderr
+
+
+def test_output_into_a_pipe_closed_early_ends_quietly(tmp_path, small_dataset):
+    """`featscope status ... | head` printed a BrokenPipeError traceback once head had its
+    lines: a reader that stops early is no error of the command."""
+    run = tmp_path / "run"
+    assert featscope("manifest", "--images", small_dataset, "--run", run, "--quiet").returncode == 0
+    done = subprocess.Popen([sys.executable, "-m", "featscope.pipelines.app.cli", "status", "--run", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done.stdout.close()  # the reader is gone before the command prints (it starts in about a second)
+    assert done.wait(timeout=120) == 141 and done.stderr.read() == ""
