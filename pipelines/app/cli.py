@@ -18,8 +18,12 @@ import importlib
 import inspect
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from featscope.kernels.errors import FeatscopeError
@@ -247,6 +251,33 @@ def _stage_name(command: opts.Command, options: opts.Options) -> str:
     return "-".join(parts).replace("/", "_")
 
 
+class Stopped(BaseException):
+    """SIGTERM (a cluster's `scancel` or requeue, Snakemake stopping its jobs), raised where
+    the command is, so that every `finally` and `except BaseException` on the way out
+    removes its temporary files (a half-written feature part can be hundreds of MB) and lets
+    go of its locks, instead of the process vanishing mid-write. A BaseException, so that no
+    `except Exception` takes it for an error to handle and carries on."""
+
+
+@contextmanager
+def _sigterm_stops(enabled: bool) -> Iterator[None]:
+    """Within the block, SIGTERM raises `Stopped` (once: a second one during the clean-up is
+    ignored, and SIGKILL still ends it). Only on the main thread, where signals arrive."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopped()
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `featscope` command; its exit status. Output piped into a reader that stops early
     (`featscope status ... | head`) ends quietly, not with a traceback."""
@@ -273,7 +304,12 @@ def _main(argv: list[str] | None) -> int:
     try:
         if run is not None:
             _check_run_path(run)
-        result = command.run(RunDir(run), options, **call) if command.needs_run else command.run(options, **call)
+        with _sigterm_stops(enabled=command.name != "serve"):  # serve shuts down gracefully on its own
+            result = command.run(RunDir(run), options, **call) if command.needs_run else command.run(options, **call)
+    except Stopped:
+        print(f"featscope: {command.name} stopped by SIGTERM: its temporary files are removed, and no output was "
+              "left half-written; run it again to finish", file=sys.stderr)
+        return 143  # as a shell reports a command that SIGTERM stopped (128 + 15)
     except ParamError as e:
         print(f"featscope: error: {e.said_as(flag)}", file=sys.stderr)
         return 2

@@ -332,6 +332,33 @@ def test_a_crash_inside_a_shard_leaves_no_finished_looking_file(tmp_path, small_
     assert not list(rd.features_dir("pool").glob("*"))
 
 
+def test_sigterm_mid_shard_removes_the_temporary_files_and_says_so_in_one_line(tmp_path, digits):
+    """A cluster's scancel or requeue sends SIGTERM: the process used to vanish mid-write and
+    leave its temporary feature parts behind (hundreds of MB each at scale, one more set each
+    requeue). Now every temporary file goes, exit 143, one line; the rerun finishes."""
+    import signal
+    import time
+
+    write_dataset(tmp_path / "images", digits, n_photos=0, labels=tuple(range(10)), digits_per_label=40)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=1000, model="resnet18", weights="random")
+    job = subprocess.Popen([sys.executable, "-m", "featscope.pipelines.app.cli", "extract", "--run", str(rd.root),
+                            "--layers", "pool,layer3", "--workers", "0", "--batch-size", "8", "--quiet"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(rd.root.rglob("*.tmp")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the shard's parts are being written
+    assert list(rd.root.rglob("*.tmp")), "no temporary part appeared before the job ended"
+    time.sleep(0.5)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 143
+    err = job.stderr.read()
+    assert err.count("\n") == 1 and err.startswith("featscope: extract stopped by SIGTERM"), err
+    assert list(rd.root.rglob("*.tmp")) == [] and not rd.feature_part("pool", 0).exists()
+    summary = extract.extract(rd, ["pool", "layer3"], workers=0, progress=False)
+    assert summary.done == [0] and pq.read_table(rd.feature_part("pool", 0)).num_rows == 400
+
+
 def test_growth_extracts_only_new_images_and_leaves_old_files_alone(tmp_path, digits):
     root = tmp_path / "images"
     write_dataset(root, digits, n_photos=3, labels=(0, 1))
