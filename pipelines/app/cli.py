@@ -306,10 +306,11 @@ def _main(argv: list[str] | None) -> int:
             _check_run_path(run)
         with _sigterm_stops(enabled=command.name != "serve"):  # serve shuts down gracefully on its own
             result = command.run(RunDir(run), options, **call) if command.needs_run else command.run(options, **call)
-    except Stopped:
-        print(f"featscope: {command.name} stopped by SIGTERM: its temporary files are removed, and no output was "
-              "left half-written; run it again to finish", file=sys.stderr)
-        return 143  # as a shell reports a command that SIGTERM stopped (128 + 15)
+    except (Stopped, KeyboardInterrupt) as e:
+        how = "stopped by SIGTERM" if isinstance(e, Stopped) else "interrupted (Ctrl-C)"
+        print(f"featscope: {command.name} {how}: its temporary files are removed, and no output was left "
+              "half-written; run it again to finish", file=sys.stderr)
+        return 143 if isinstance(e, Stopped) else 130  # as a shell reports it: 128 + SIGTERM's 15 or SIGINT's 2
     except ParamError as e:
         print(f"featscope: error: {e.said_as(flag)}", file=sys.stderr)
         return 2

@@ -332,10 +332,13 @@ def test_a_crash_inside_a_shard_leaves_no_finished_looking_file(tmp_path, small_
     assert not list(rd.features_dir("pool").glob("*"))
 
 
-def test_sigterm_mid_shard_removes_the_temporary_files_and_says_so_in_one_line(tmp_path, digits):
+@pytest.mark.parametrize("stop, code, said", [("SIGTERM", 143, "stopped by SIGTERM"),
+                                               ("SIGINT", 130, "interrupted (Ctrl-C)")])
+def test_a_stop_mid_shard_removes_the_temporary_files_and_says_so_in_one_line(tmp_path, digits, stop, code, said):
     """A cluster's scancel or requeue sends SIGTERM: the process used to vanish mid-write and
     leave its temporary feature parts behind (hundreds of MB each at scale, one more set each
-    requeue). Now every temporary file goes, exit 143, one line; the rerun finishes."""
+    requeue); Ctrl-C printed a traceback. Now every temporary file goes, exit 128 + the
+    signal, one line; the rerun finishes."""
     import signal
     import time
 
@@ -350,10 +353,10 @@ def test_sigterm_mid_shard_removes_the_temporary_files_and_says_so_in_one_line(t
         time.sleep(0.05)  # until the shard's parts are being written
     assert list(rd.root.rglob("*.tmp")), "no temporary part appeared before the job ended"
     time.sleep(0.5)
-    job.send_signal(signal.SIGTERM)
-    assert job.wait(timeout=120) == 143
+    job.send_signal(getattr(signal, stop))
+    assert job.wait(timeout=120) == code
     err = job.stderr.read()
-    assert err.count("\n") == 1 and err.startswith("featscope: extract stopped by SIGTERM"), err
+    assert err.count("\n") == 1 and err.startswith(f"featscope: extract {said}: "), err
     assert list(rd.root.rglob("*.tmp")) == [] and not rd.feature_part("pool", 0).exists()
     summary = extract.extract(rd, ["pool", "layer3"], workers=0, progress=False)
     assert summary.done == [0] and pq.read_table(rd.feature_part("pool", 0)).num_rows == 400
