@@ -118,7 +118,7 @@ class NeighbourIndex:
             meta = self.meta | (extra_meta or {}) | {"files": files}
             (version / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             _step(4)
-        except Exception as e:  # a full disk: leave no half-written version behind
+        except BaseException as e:  # a full disk, or a stop (SIGTERM, Ctrl-C): no half-written version left
             shutil.rmtree(version, ignore_errors=True)
             if isinstance(e, RuntimeError) and "write error" in str(e):  # how faiss reports a failed write
                 full = "No space left on device" in str(e)
@@ -131,11 +131,16 @@ class NeighbourIndex:
             retired = directory.with_name(f".{directory.name}.old.{os.getpid()}.{secrets.token_hex(4)}")
             os.replace(directory, retired)
             previous = retired
-        _step(5)
         link = directory.with_name(f".{directory.name}.link.{os.getpid()}.{secrets.token_hex(4)}")
-        os.symlink(version.name, link)
-        _step(6)
-        os.replace(link, directory)  # the switch
+        try:
+            _step(5)
+            os.symlink(version.name, link)
+            _step(6)
+            os.replace(link, directory)  # the switch
+        except BaseException:  # stopped before it: the new version is no one's, and goes
+            link.unlink(missing_ok=True)
+            shutil.rmtree(version, ignore_errors=True)
+            raise
         _step(7)
         if previous is not None and previous != version and previous.name.startswith("."):
             shutil.rmtree(previous, ignore_errors=True)

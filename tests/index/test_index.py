@@ -1,6 +1,7 @@
 """FAISS indexes: exact search equals brute force, recall is measured right, files round-trip."""
 
 import json
+import os
 
 import faiss
 import numpy as np
@@ -249,6 +250,9 @@ def test_a_save_stopped_at_any_step_leaves_the_old_index_or_the_new_one(tmp_path
     with pytest.raises(KeyboardInterrupt):
         new.save(tmp_path / "pool")
     monkeypatch.setattr(search, "_STEP_HOOK", None)
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    if stop_after < 7:  # stopped before the switch (Ctrl-C, SIGTERM): no version of its own left behind
+        assert hidden == [os.readlink(tmp_path / "pool")], hidden
     seen = NeighbourIndex.load(tmp_path / "pool")
     assert seen.ids.tolist() in (old.ids.tolist(), new.ids.tolist())
     assert len(seen) == len(seen.ids) == seen.meta["vectors"]

@@ -347,7 +347,9 @@ def test_a_stop_mid_shard_removes_the_temporary_files_and_says_so_in_one_line(tm
     manifest.run(rd, tmp_path / "images", shard_size=1000, model="resnet18", weights="random")
     job = subprocess.Popen([sys.executable, "-m", "featscope.pipelines.app.cli", "extract", "--run", str(rd.root),
                             "--layers", "pool,layer3", "--workers", "0", "--batch-size", "8", "--quiet"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           # a job started in the background inherits SIGINT ignored, as a shell leaves it
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(rd.root.rglob("*.tmp")) and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # until the shard's parts are being written
