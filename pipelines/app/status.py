@@ -10,6 +10,8 @@ model and reads only small files, so it answers in about a second.
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,6 +419,7 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
         if lock.parent not in out.written_now and (who := writer(lock.parent)):
             out.written_now.append(lock.parent)  # saliency maps, explained pairs, a style network, ...
             out.lines.append(f"{lock.parent.relative_to(rd.root).as_posix()}: being written now ({who})")
+    _leftovers(rd, out)
     runs = read_history(rd)
     if runs:
         out.lines.append(f"history: {plural(len(runs), 'workflow run')}; the last {min(history, len(runs))}:")
@@ -430,6 +433,37 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
 
 
 MOSAIC_SUFFIX = {"grid": "jpg", "scatter": "jpg", "plot": "png"}
+
+
+LEFT_FOR = 3600  # seconds a temporary file goes unwritten before status calls it left by a stopped job
+
+
+def _leftovers(rd: RunDir, out: Status) -> None:
+    """Temporary files and index versions that jobs killed outright (SIGKILL, a lost node)
+    left where the large files go, none written to for LEFT_FOR seconds: hidden from every
+    reader, they only take space, a half feature part or a whole index each. Named, not
+    deleted: a name holds a pid but no host, so a job on another node may still write one."""
+    now = time.time()
+    folders = [rd.root, rd.index_root, rd.predictions_dir, rd.root / "embedding", rd.root / "topk",
+               *rd.root.glob("features/*"), *rd.root.glob("topk/candidates/*")]
+    found = [p for folder in folders if folder.is_dir() for p in folder.glob(".*.tmp")]
+    if rd.index_root.is_dir():
+        current = {os.path.realpath(rd.index_dir(layer)) for layer in rd.index_layers()}
+        found += [p for p in rd.index_root.glob(".*.*") if p.is_dir() and str(p.resolve()) not in current]
+    left = []
+    for path in found:
+        try:
+            files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()] + [path]
+            if now - max(f.stat().st_mtime for f in files) > LEFT_FOR:
+                left.append((path, sum(f.stat().st_size for f in files if f.is_file())))
+        except OSError:  # removed meanwhile by the job that wrote it
+            continue
+    if left:
+        names = [p.relative_to(rd.root).as_posix() for p, _ in sorted(left)]
+        what = plural(len(left), "temporary file or index version", "temporary files or index versions")
+        out.lines.append(f"left by stopped jobs: {what}, {sum(size for _, size in left) / 1e6:.1f} MB, none written "
+                         f"to for over an hour ({listed(names, shown=2)}): nothing reads them; delete them once no "
+                         "job of this run is running")
 
 
 def _style_network(rd: RunDir, out: Status) -> None:

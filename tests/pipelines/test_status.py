@@ -114,3 +114,28 @@ def test_history_records_what_each_run_changed_and_which_jobs_ran(tmp_path, digi
         f.write('{"torn": ')  # a crash mid-line loses that line only
     assert len(read_history(rd)) == 2
     assert "history: 2 workflow runs" in status(rd).line()
+
+
+def test_status_names_what_killed_jobs_left_once_nothing_writes_it_for_an_hour(tmp_path, digits):
+    """SIGKILL (or a lost node) leaves hidden temporaries: a half feature part, a whole index
+    version. Nothing reads them, nothing named them, and they took space for good."""
+    import os
+
+    write_dataset(tmp_path / "images", digits, n_photos=0, labels=(0, 1), digits_per_label=2)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", model="resnet18", weights="random")
+    extract.extract(rd, ["pool"], workers=0, progress=False)
+    neighbours.build(rd, "pool", progress=False)
+    part = rd.feature_part("pool", 0).with_name(".part-00000.parquet.4242.0badc0de.tmp")
+    part.write_bytes(b"PAR1" + bytes(300_000))
+    version = rd.index_root / ".pool.4242.0badc0de"
+    version.mkdir()
+    (version / "index.faiss").write_bytes(bytes(200_000))
+    assert not any(line.startswith("left by stopped jobs") for line in status(rd).lines)  # written just now
+    hours_ago = time.time() - 7200
+    for path in (part, version / "index.faiss", version):
+        os.utime(path, (hours_ago, hours_ago))
+    line = next(line for line in status(rd).lines if line.startswith("left by stopped jobs"))
+    assert line.startswith("left by stopped jobs: 2 temporary files or index versions, 0.5 MB") and \
+        "features/pool/.part-00000.parquet.4242.0badc0de.tmp, index/.pool.4242.0badc0de" in line
+    assert status(rd).stale == []  # they make no output wrong
