@@ -48,7 +48,12 @@ OFFLINE_SOURCES = {
 
 def checkpoint_path(arch: str) -> Path:
     """Where torchvision looks for `arch`'s IMAGENET1K_V1 file."""
-    url = torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"].url
+    try:
+        url = torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"].url
+    except ValueError:  # torchvision's "Unknown model"
+        raise FeatscopeError(f"unknown architecture '{arch}': torchvision has no such model") from None
+    except KeyError:
+        raise FeatscopeError(f"torchvision has no ImageNet weights (IMAGENET1K_V1) for '{arch}'") from None
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest, one_writer
 from featscope.pipelines.core.options import Command, Options, option
@@ -38,6 +39,8 @@ from featscope.pipelines.render.scatter_layout import fit
 from featscope.pipelines.render.thumbnails import square_tiles
 
 EXACT_RATIO_MAX_CELLS = 1024  # above this the exact optimum costs too long to report
+MAX_TILE = 256  # thumbnails are stored at 128 px: a larger tile only enlarges them
+MAX_CANVAS = 16_384  # a mosaic's side at most: 805 MB of RGB while it is drawn (a larger one ran out of memory)
 
 
 @dataclass
@@ -86,6 +89,9 @@ def grid(rd: RunDir, layer: str, *, side: int = 40, tile: int = 48, seed: int = 
     side = min(side, int(np.sqrt(len(ids))))
     if side < 1:
         raise FeatscopeError("no images to place")
+    if side * tile > MAX_CANVAS:
+        raise ParamError("side", f"<side> {side} x <tile> {tile} px is a {side * tile:,} px canvas; at most "
+                                 f"{MAX_CANVAS:,}: lower one of them")
     chosen = cover_sample(xy, side * side, seed=seed)
     points = normalise(xy[chosen])
     cells = assign(points, side, side)
@@ -200,7 +206,7 @@ def plot(rd: RunDir, layer: str) -> MosaicSummary:
 class GridOptions(Options):
     layer: str = option(help="an embedded layer", required=True)
     side: int = option(40, help="cells per side", min=1)
-    tile: int = option(48, help="thumbnail size", min=8)
+    tile: int = option(48, help="thumbnail size", min=8, max=MAX_TILE)
     seed: int = option(0, help="seed of the cover sample")
 
 
@@ -208,9 +214,9 @@ class GridOptions(Options):
 class ScatterOptions(Options):
     layer: str = option(help="an embedded layer", required=True)
     size: int | None = option(help="canvas side in pixels (default: grows until at most 2% of the images are "
-                                   "hidden, up to 8192)", min=64)
+                                   "hidden, up to 8192)", min=64, max=MAX_CANVAS)
     tile: int | None = option(help="thumbnail side (default: 96 px at 150 images, 40 at 5,000, 22 at 50,000)",
-                              min=8)
+                              min=8, max=MAX_TILE)
     seed: int = option(0, help="seed of the sample and the drawing order")
 
 
@@ -235,7 +241,7 @@ def _plot(rd: RunDir, options: PlotOptions) -> MosaicSummary:
 class AllOptions(Options):
     layer: str = option(help="an embedded layer", required=True)
     side: int = option(40, help="grid cells per side", min=1)
-    tile: int = option(48, help="grid thumbnail size", min=8)
+    tile: int = option(48, help="grid thumbnail size", min=8, max=MAX_TILE)
     seed: int = option(0, help="seed of the samples and the scatter's drawing order")
 
 

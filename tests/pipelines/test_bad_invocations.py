@@ -95,7 +95,9 @@ CASES = [
     (("viz", "adversarial", "--run", R, "--ids", "0", "--target", "1000"), "--target must be one of the model's"),
     (("config", "schema", "--check", "{root}/missing.yaml"), "missing.yaml"),
     (("nosuchcommand",), "invalid choice"),
+    (("weights", "fetch", "nosuchmodel"), "unknown architecture 'nosuchmodel'"),
     (("index", "build", "--run", R), "--layer"),
+    (("mosaic", "scatter", "--run", R, "--layer", "pool", "--tile", "100000"), "--tile must be at most 256"),
     (("index", "build", "--run", R, "--layer", "pool", "--max-memory", "100B"), "need at least 0.6 KB even compressed"),
     (("index", "build", "--run", R, "--layer", "pool", "--kind", "hnsw"), "PCA to 256 dimensions needs at least 256"),
 ]

@@ -242,6 +242,19 @@ def test_grid_is_a_bijection_onto_cells_and_odd_images_become_tiles(mapped_run):
     assert np.abs(np.asarray(red)[10, 10].astype(int) - [255, 0, 0]).max() <= 3  # a JPEG thumbnail
 
 
+def test_a_grid_canvas_past_the_limit_is_refused_before_drawing(mapped_run, monkeypatch):
+    """A large --side x --tile used to run the machine out of memory (one RGB canvas)."""
+    from featscope.kernels.params import ParamError
+
+    embed.embed(mapped_run, "pool", perplexity=10)
+    before = mapped_run.mosaic("pool", "grid").read_bytes() if mapped_run.mosaic("pool", "grid").exists() else None
+    monkeypatch.setattr(mosaic, "MAX_CANVAS", 100)  # 6 x 20 = 120 px: past it
+    with pytest.raises(ParamError, match="side 6 x tile 20 px is a 120 px canvas; at most 100"):
+        mosaic.grid(mapped_run, "pool", side=6, tile=20, progress=False)
+    after = mapped_run.mosaic("pool", "grid").read_bytes() if mapped_run.mosaic("pool", "grid").exists() else None
+    assert after == before
+
+
 def test_scatter_and_plot_are_written(mapped_run):
     embed.embed(mapped_run, "pool", perplexity=10)
     s = mosaic.scatter(mapped_run, "pool", size=400, tile=40, progress=False)
