@@ -23,6 +23,8 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+MAX_SIDE = 4096  # the largest side of an image a command makes (class models, textures, stylised images):
+# optimised at full resolution, a larger one only runs the machine out of memory
 _BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as viewers do
 
 

@@ -36,7 +36,7 @@ from featscope.kernels.style_net import StyleNet, mix, one_hot
 from featscope.kernels.texture import gram
 from featscope.pipelines.core import derived
 from featscope.pipelines.core.atomic import atomic_path, one_writer
-from featscope.pipelines.core.images import BadImage, is_image_name, read_pixels
+from featscope.pipelines.core.images import MAX_SIDE, BadImage, is_image_name, read_pixels
 from featscope.pipelines.core.models import load_model
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
@@ -48,7 +48,7 @@ from featscope.pipelines.core.workers import visualisation_model
 class TrainOptions(Options):
     """How the fast style network is trained (Johnson et al. 2016; Dumoulin et al. 2017)."""
 
-    size: int = option(128, help="crop size (256 on a GPU)", min=16)
+    size: int = option(128, help="crop size (256 on a GPU)", min=16, max=MAX_SIDE)
     steps: int = option(300, help="total steps (a rerun continues up to this)", min=1)
     batch: int = option(4, help="content crops per step", min=1)
     lr: float = option(2e-3, help="Adam learning rate", min=0)
@@ -425,7 +425,7 @@ class StyleApplyOptions(Options):
     mix: list[float] | None = option(help="one weight per style, e.g. 0.3,0.7")
     images: list[Path] = option(help="images to stylise", required=True, spaced=True)
     out: Path = option(help="output folder", required=True)
-    size: int = option(256, help="shorter side of the output", min=16)
+    size: int = option(256, help="shorter side of the output", min=16, max=MAX_SIDE)
 
 
 @dataclass(frozen=True)
@@ -433,14 +433,14 @@ class StyleStripOptions(Options):
     checkpoint: Path = option(help="a trained network (net.pt)", required=True)
     image: Path = option(help="the image drawn through every style and mix", required=True)
     out: Path = option(help="output PNG", required=True)
-    size: int = option(192, help="side of each picture", min=16)
+    size: int = option(192, help="side of each picture", min=16, max=MAX_SIDE)
 
 
 @dataclass(frozen=True)
 class StyleExportOptions(Options):
     checkpoint: Path = option(help="a trained network (net.pt)", required=True)
     out: Path = option(help="output .onnx file", required=True)
-    size: int = option(256, help="example size (height and width stay dynamic)", min=16)
+    size: int = option(256, help="example size (height and width stay dynamic)", min=16, max=MAX_SIDE)
 
 
 def _train(o: StyleTrainOptions, progress: bool = True) -> TrainSummary:

@@ -469,7 +469,7 @@ class TopkRenderOptions(Options):
     layer: str = option(help="a merged layer", required=True)
     units: str | None = option(help="e.g. 0-63 or 3,7,10-12 (default: all)")
     k: int | None = option(help="patches per unit (default: all merged)", min=1)
-    tile: int = option(96, help="patch size in the PNGs", min=8)
+    tile: int = option(96, help="patch size in the PNGs", min=8, max=512)
     show: str = option("auto", help="field: the receptive field of the strongest cell; mask: where the unit is in "
                                     "its dataset-wide top quantile (NetDissect), drawn on the image; auto: mask for "
                                     "conv layers whose field spans half the input or more", choices=SHOW)

@@ -38,7 +38,7 @@ from featscope.kernels.transforms import PixelModel
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, write_json_atomic
 from featscope.pipelines.core.cpus import usable_cpus
-from featscope.pipelines.core.images import BadImage, read_pixels
+from featscope.pipelines.core.images import MAX_SIDE, BadImage, read_pixels
 from featscope.pipelines.core.models import LoadedModel, load_run_model
 from featscope.pipelines.core.options import Command, Options, option
 from featscope.pipelines.core.rundir import RunDir
@@ -452,7 +452,7 @@ class ActivationsOptions(Options):
 @dataclass(frozen=True)
 class ClassModelOptions(Options):
     classes: list[int] = option(help="comma-separated class ids, e.g. 130,309,417,980", required=True)
-    size: int = option(224, help="image side in pixels", min=16)
+    size: int = option(224, help="image side in pixels", min=16, max=MAX_SIDE)
     steps: int = option(150, help="gradient-ascent steps", min=1)
     lr: float = option(0.02, help="step size (the gradient is normalised per image)", min=0)
     l2: float = option(3e-3, help="weight of ||I||^2 (I: image minus the mean colour)", min=0)
@@ -503,7 +503,7 @@ class TextureOptions(Options):
     layers: list[str] = option(help=LAYERS_HELP, required=True)
     image: Path = option(help="the example texture", required=True)
     weights: list[float] | None = option(help="one weight per layer (default: equal)")
-    size: int = option(160, help="side of the synthesised texture", min=16)
+    size: int = option(160, help="side of the synthesised texture", min=16, max=MAX_SIDE)
     steps: int = option(300, help="Adam steps", min=1)
     lr: float = option(0.02, help="Adam learning rate", min=0)
     seed: int = option(0, help="random seed")

@@ -98,6 +98,7 @@ CASES = [
     (("weights", "fetch", "nosuchmodel"), "unknown architecture 'nosuchmodel'"),
     (("index", "build", "--run", R), "--layer"),
     (("mosaic", "scatter", "--run", R, "--layer", "pool", "--tile", "100000"), "--tile must be at most 256"),
+    (("viz", "class-model", "--run", R, "--classes", "1", "--size", "22400"), "--size must be at most 4096"),
     (("index", "build", "--run", R, "--layer", "pool", "--max-memory", "100B"), "need at least 0.6 KB even compressed"),
     (("index", "build", "--run", R, "--layer", "pool", "--kind", "hnsw"), "PCA to 256 dimensions needs at least 256"),
 ]
