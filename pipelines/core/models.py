@@ -165,6 +165,22 @@ def check_weights(weights: str) -> None:
         raise ParamError("weights", f"must be imagenet, random or a checkpoint file; '{weights}' is none of them")
 
 
+def load_problem(e: Exception) -> str:
+    """What `torch.load` found wrong with a file, in one line: its own message runs to many
+    lines and, for any file it cannot unpickle, opens with advice about `weights_only`."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    detail = "" if not first or first.startswith("Weights only load failed") else f": {first[:100]}"
+    return f"not a file torch.save wrote, or damaged ({type(e).__name__}{detail})"
+
+
+def check_checkpoint(arch: str, weights: str) -> None:
+    """A one-line error unless a checkpoint file loads into `arch` with finite values: said
+    when the run is made, not at its first extraction, after the workflow has planned it."""
+    _check_finite(_from_checkpoint(arch, Path(weights)), arch, weights)
+
+
 def _classifier_path(arch: str) -> str | None:
     """The module path of the architecture's final classifier layer (its profile's `fc`)."""
     profile = profile_for(arch)
@@ -182,11 +198,10 @@ def _from_checkpoint(arch: str, path: Path) -> nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable or unsafe checkpoint is the user's file, not a bug
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):  # a class pickled with it: torch.save(model) rather than its weights
             raise FeatscopeError(f"{path} holds a pickled model, not a state dict: save the weights with "
                                  "torch.save(model.state_dict(), path) and pass that file") from None
-        raise FeatscopeError(f"cannot load checkpoint {path}: {first}") from None
+        raise FeatscopeError(f"cannot load checkpoint {path}: {load_problem(e)}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

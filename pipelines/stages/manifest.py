@@ -42,12 +42,15 @@ def run(rd: RunDir, options: ManifestOptions, progress: bool = True) -> manifest
     # since is named by the extraction that needs it.)
     if options.model not in (None, recorded.get("model")) or options.classes or (
             options.weights not in (None, recorded.get("weights"))):
-        from featscope.pipelines.core.models import check_arch, check_weights, read_class_names
+        from featscope.pipelines.core.models import check_arch, check_checkpoint, check_weights, read_class_names
 
         if options.model is not None:
             check_arch(options.model)
         if options.weights is not None:
             check_weights(options.weights)
+            arch = options.model or recorded.get("model")
+            if arch and options.weights not in ("imagenet", "random"):
+                check_checkpoint(arch, options.weights)  # a file that is no state dict of it, or holds NaN
         names = read_class_names(options.classes) if options.classes else None
     summary = manifest.run(rd, options.images, num_shards=options.num_shards, shard_size=options.shard_size,
                            model=options.model, weights=options.weights, check=options.check,

@@ -37,7 +37,7 @@ from featscope.kernels.texture import gram
 from featscope.pipelines.core import derived
 from featscope.pipelines.core.atomic import atomic_path, one_writer
 from featscope.pipelines.core.images import MAX_SIDE, BadImage, is_image_name, read_pixels
-from featscope.pipelines.core.models import load_model
+from featscope.pipelines.core.models import load_model, load_problem
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
@@ -171,8 +171,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # an unreadable or unsafe file is the user's, not a bug
-        raise FeatscopeError(f"cannot load checkpoint {path} (not a file `featscope style train` wrote, or "
-                             f"damaged): {e}") from None
+        raise FeatscopeError(f"cannot load checkpoint {path}: {load_problem(e)}") from None
     if not isinstance(state, dict) or not {"net", "styles", "settings", "step"} <= state.keys():
         raise FeatscopeError(f"{path} is not a style network `featscope style train` wrote")
     return state

@@ -50,6 +50,8 @@ CASES = [
     (("manifest", "--images", "{images}", "--run", "{root}/r3", "--shard-size", "0"), "--shard-size"),
     (("manifest", "--images", "{images}", "--run", "{root}/r4", "--model", "nope"), "nope"),
     (("manifest", "--images", "{images}", "--run", "{root}/r5", "--weights", "banana"), "banana"),
+    (("manifest", "--images", "{images}", "--run", "{root}/r6", "--model", "resnet18", "--weights",
+      "{root}/binary.bin"), "cannot load checkpoint"),  # said when the run is made, not at its extraction
     (("manifest", "--images", "{root}/empty", "--run", R, "--quiet"), "--allow-empty"),  # (its bar: 0 files)
     (("manifest", "--images", "{images}", "--run", R, "--model", "mobilenet_v2"), "a run directory of its own"),
     (("extract", "--run", R, "--layers", "pool", "--threads", "-1"), "--threads"),
