@@ -8,6 +8,7 @@ derived. Nothing here knows about flags or files: a parameter has a name and a m
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import typing
 from collections.abc import Callable
@@ -39,6 +40,8 @@ class Param:
                 raise ParamError(name, f"must be one of {', '.join(map(str, self.choices))}, not {v!r}")
             if self.pattern and isinstance(v, str) and not re.search(self.pattern, v):
                 raise ParamError(name, f"must match {self.pattern}, not {v!r}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ParamError(name, f"must be a finite number, got {v}")
             if isinstance(v, (int, float)):
                 if self.min is not None and v < self.min:
                     raise ParamError(name, f"must be at least {self.min:g}, got {v}")

@@ -103,7 +103,7 @@ def _sha(path: Path) -> str:
 class _LossNetwork:
     """Features of the loss network at the content and style layers, and the style targets."""
 
-    def __init__(self, options: TrainOptions, styles: list[Path]):
+    def __init__(self, options: TrainOptions, styles: list[Path], trained: list[int] | None = None):
         loaded = load_model(options.model, options.weights)
         profile = profile_for(options.model)
         content = options.content_layer or (profile.content_layer if profile else None)
@@ -117,8 +117,11 @@ class _LossNetwork:
         specs = [loaded.layer(n) for n in self.names]
         self.model = visualisation_model(loaded, specs)
         self.layers = [self.model.model.get_submodule(spec.module_path) for spec in specs]
-        self.targets = []
-        for path in styles:
+        self.targets = []  # per style: its Gram matrices, or None for a frozen style (not trained on)
+        for i, path in enumerate(styles):
+            if trained is not None and i not in trained:
+                self.targets.append(None)
+                continue
             image = _pixels(path, options.size)[None]
             with torch.no_grad():
                 self.targets.append([gram(f) for f in layer_outputs(self.model, image, self.layers[1:])])
@@ -185,19 +188,24 @@ def network(state: dict) -> StyleNet:
 
 
 def train(out: str | Path, styles: list[str | Path], content: str | Path, options: TrainOptions, *,
-          train_style: int | None = None, progress: bool = True) -> TrainSummary:
+          progress: bool = True) -> TrainSummary:
     """Train (or resume) the network in `out`/net.pt for `options.steps` steps in all.
 
-    train_style: train only that style's gamma/beta (after `add_style`); the rest is frozen.
     Two trainings of one network take turns (a requeued job beside its first copy would mix
     its loss rows and checkpoints with the other's); the second then resumes where it stopped.
     """
     with one_writer(Path(out), "style train"):
-        return _train_network(Path(out), styles, content, options, train_style, progress)
+        return _train_network(Path(out), styles, content, options, None, progress)
 
 
 # Settings a resumed training may change: how far it goes and how often it saves.
 RESUMABLE = ("steps", "checkpoint_every")
+
+
+def _style_path(path: str | Path) -> str:
+    """A style image as the checkpoint records it: absolute, so that a training resumed or
+    given a style from another directory finds the same files."""
+    return str(Path(path).resolve())
 
 
 def _check_same_training(state: dict, styles: list[str], options: TrainOptions) -> None:
@@ -205,7 +213,7 @@ def _check_same_training(state: dict, styles: list[str], options: TrainOptions) 
     settings. Otherwise the network, its loss log and its summary would mix two trainings
     under one name, the second's options silently replaced by the first's."""
     recorded = [s["path"] for s in state["styles"]]
-    if styles != recorded:
+    if [_style_path(s) for s in styles] != [_style_path(s) for s in recorded]:
         raise ParamError("out", f"holds a network trained on styles {recorded}; use another one to train others")
     changed = [s["path"] for s in state["styles"] if Path(s["path"]).is_file() and _sha(Path(s["path"])) != s["sha256"]]
     if changed:
@@ -221,25 +229,31 @@ def _check_same_training(state: dict, styles: list[str], options: TrainOptions) 
 
 
 def _train_network(out: Path, styles: list[str | Path], content: str | Path, options: TrainOptions,
-                   train_style: int | None, progress: bool) -> TrainSummary:
+                   train_style: int | None, progress: bool, added: dict | None = None) -> TrainSummary:
+    """added: the checkpoint's state with a new style (`add_style`), trained as `train_style`
+    and saved once, at the end: net.pt never holds a style that was not trained."""
     start = time.perf_counter()
     keep_freed_memory()
     checkpoint = out / "net.pt"
     files = _image_files(Path(content))
-    if checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        if styles:  # `style add` (no styles) trains on with the checkpoint's own settings
-            _check_same_training(state, [str(s) for s in styles], options)
+    if added is not None:
+        state = added
         styles = [s["path"] for s in state["styles"]]
-        options = TrainOptions(**state["settings"] | {"steps": options.steps})
+        net = network(state).train()
+    elif checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        _check_same_training(state, [str(s) for s in styles], options)
+        styles = [s["path"] for s in state["styles"]]
+        options = TrainOptions(**state["settings"] | {name: getattr(options, name) for name in RESUMABLE})
         net = network(state).train()
     else:
         if not styles:
             raise ParamError("styles", "needs at least one image")
-        state = {"step": 0, "losses": [], "styles": [{"path": str(s), "sha256": _sha(Path(s))} for s in styles]}
+        state = {"step": 0, "losses": [], "styles": [{"path": _style_path(s), "sha256": _sha(Path(s))}
+                                                     for s in styles]}
         torch.manual_seed(options.seed)
         net = StyleNet(len(styles), width=options.width, blocks=options.blocks).train()
-    loss_network = _LossNetwork(options, [Path(s) for s in styles])
+    loss_network = _LossNetwork(options, [Path(s) for s in styles], None if train_style is None else [train_style])
     if train_style is not None:
         net.freeze_for_new_style(train_style)
     optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=options.lr)
@@ -274,7 +288,7 @@ def _train_network(out: Path, styles: list[str | Path], content: str | Path, opt
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             state["step"] = step + 1
-            if state["step"] % options.checkpoint_every == 0 or state["step"] == options.steps:
+            if (state["step"] % options.checkpoint_every == 0 and added is None) or state["step"] == options.steps:
                 f.flush()
                 _save(checkpoint, state | {"net": net.state_dict(), "optimizer": optimiser.state_dict(),
                                            "settings": asdict(options), "train_style": train_style})
@@ -283,17 +297,23 @@ def _train_network(out: Path, styles: list[str | Path], content: str | Path, opt
                         sum(losses[-20:]) / max(1, len(losses[-20:])), time.perf_counter() - start)
 
 
-def add_style(checkpoint: str | Path, style: str | Path, *, init_from: int | None = 0) -> int:
-    """Append a style to a trained network (its gamma/beta copied from style `init_from`);
-    then `train(..., train_style=index)` fits only those. Returns the new style's index."""
-    with one_writer(Path(checkpoint).parent, "style add"):  # not while a training saves over it
+def add_style(checkpoint: str | Path, style: str | Path, content: str | Path, *, steps: int,
+              init_from: int | None = 0, progress: bool = True) -> tuple[int, TrainSummary]:
+    """Append a style to a trained network (its gamma/beta copied from style `init_from`) and
+    train only those for `steps` steps; the other styles stay as they are. net.pt is written
+    once, when the new style is trained: a bad style image or a stopped job leaves it as it
+    was, never with a style that `style apply` would draw as a copy of another.
+    Returns the new style's index and the training's summary."""
+    out = Path(checkpoint).parent
+    with one_writer(out, "style train"):  # not while a training saves over it
         state = load_checkpoint(checkpoint)
         net = network(state)
         index = net.add_style(init_from)
-        state["styles"].append({"path": str(style), "sha256": _sha(Path(style))})
+        state["styles"].append({"path": _style_path(style), "sha256": _sha(Path(style))})
+        state["net"] = net.state_dict()
         state.pop("optimizer", None)
-        _save(Path(checkpoint), state | {"net": net.state_dict()})
-    return index
+        options = TrainOptions(**state["settings"] | {"steps": state["step"] + steps})
+        return index, _train_network(out, [], content, options, index, progress, added=state)
 
 
 def stylise(checkpoint: str | Path, images: list[str | Path], *, style: int | None = None,
@@ -448,9 +468,7 @@ def _train(o: StyleTrainOptions, progress: bool = True) -> TrainSummary:
 
 
 def _add(o: StyleAddOptions, progress: bool = True) -> str:
-    index = add_style(o.checkpoint, o.style)
-    options = TrainOptions(steps=load_checkpoint(o.checkpoint)["step"] + o.steps)
-    summary = train(Path(o.checkpoint).parent, [], o.content, options, train_style=index, progress=progress)
+    index, summary = add_style(o.checkpoint, o.style, o.content, steps=o.steps, progress=progress)
     return f"style add: style {index} ({o.style}); " + summary.line()
 
 

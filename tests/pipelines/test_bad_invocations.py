@@ -64,6 +64,8 @@ CASES = [
     (("embed", "--run", R, "--layer", "pool", "--pca-dims", "0"), "--pca-dims"),
     (("embed", "--run", R, "--layer", "pool", "--pca-dims", "-3"), "--pca-dims"),
     (("embed", "--run", R, "--layer", "nolayer"), "nolayer"),
+    (("embed", "--run", R, "--layer", "pool", "--perplexity", "nan"), "--perplexity must be a finite number"),
+    (("units", "render", "--run", R, "--layer", "pool", "--lr", "inf"), "--lr must be a finite number, got inf"),
     (("mosaic", "scatter", "--run", R, "--layer", "pool", "--size", "0"), "--size"),
     (("mosaic", "grid", "--run", R, "--layer", "pool", "--side", "0"), "--side"),
     (("mosaic", "grid", "--run", R, "--layer", "pool"), "embed"),

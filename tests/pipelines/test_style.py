@@ -2,6 +2,7 @@
 adds a style without touching the others, and exports to ONNX; `viz texture` and `viz style`."""
 
 import csv
+import os
 import json
 import random
 
@@ -56,8 +57,8 @@ def test_training_lowers_the_loss_resumes_and_adds_a_style(tmp_path, textures, c
 
     image = textures["grass"]
     net_before = style.network(style.load_checkpoint(out / "net.pt"))
-    index = style.add_style(out / "net.pt", textures["gravel"])
-    style.train(out, [], content, style.TrainOptions(steps=70, **OPTIONS), train_style=index, progress=False)
+    index, added = style.add_style(out / "net.pt", textures["gravel"], content, steps=10, progress=False)
+    assert index == 2 and added.steps_done == 70 and added.new_steps == 10
     net_after = style.network(style.load_checkpoint(out / "net.pt"))
     x = torch.rand(1, 3, 40, 40)
     with torch.no_grad():
@@ -201,3 +202,61 @@ def test_a_strip_and_export_of_an_earlier_network_are_called_stale_until_made_ag
 
     style.strip(checkpoint, textures["grass"], strip, size=32)
     assert "viz/style/switch-grass.png" not in style_line()
+
+
+def test_a_style_add_that_fails_or_stops_leaves_the_network_as_it_was(tmp_path, textures, content, monkeypatch):
+    """`style add` saved the network with the new style before training it: an image that did
+    not decode, or a job stopped in its first steps, left net.pt with a style that `style apply`
+    drew as a copy of style 0. Now net.pt changes once, when the new style is trained."""
+    from featscope.pipelines.app.cli import main as cli
+
+    out = tmp_path / "net"
+    style.train(out, [textures["brick"], textures["ihc"]], content, style.TrainOptions(steps=2, **OPTIONS),
+                progress=False)
+    saved = (out / "net.pt").read_bytes()
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(bytes(range(256)) * 4)
+    assert cli(["style", "add", "--checkpoint", str(out / "net.pt"), "--style", str(junk), "--content", str(content),
+                "--steps", "3", "--quiet"]) == 2
+    assert (out / "net.pt").read_bytes() == saved
+
+    calls = []
+
+    def stop_at_the_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return crops(*args, **kwargs)
+
+    crops = style._crops
+    monkeypatch.setattr(style, "_crops", stop_at_the_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        style.add_style(out / "net.pt", textures["gravel"], content, steps=3 * OPTIONS["checkpoint_every"],
+                        progress=False)
+    assert (out / "net.pt").read_bytes() == saved
+    monkeypatch.setattr(style, "_crops", crops)
+
+    # the styles are recorded whole: another working directory resumes and adds as well
+    monkeypatch.chdir(tmp_path)
+    index, summary = style.add_style(out / "net.pt", textures["gravel"], content, steps=2, progress=False)
+    state = style.load_checkpoint(out / "net.pt")
+    assert index == 2 and summary.steps_done == 4 and len(state["styles"]) == 3
+    assert all(os.path.isabs(s["path"]) for s in state["styles"])
+
+
+def test_a_training_begun_with_relative_style_paths_resumes_from_another_directory(tmp_path, textures, content,
+                                                                                   monkeypatch):
+    """The checkpoint recorded the style paths as typed; the same images named from another
+    directory (or absolutely) were refused as other styles, and `style add` there failed to
+    read the recorded ones."""
+    (tmp_path / "styles").mkdir()
+    for name in ("brick", "ihc"):
+        (tmp_path / "styles" / f"{name}.png").write_bytes(textures[name].read_bytes())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "net"
+    style.train(out, ["styles/brick.png", "styles/ihc.png"], content, style.TrainOptions(steps=2, **OPTIONS),
+                progress=False)
+    monkeypatch.chdir(tmp_path / "styles")
+    resumed = style.train(out, ["brick.png", str(tmp_path / "styles" / "ihc.png")], content,
+                          style.TrainOptions(steps=4, **OPTIONS), progress=False)
+    assert resumed.steps_done == 4 and resumed.new_steps == 2
