@@ -84,9 +84,11 @@ def tmp_path_for(path: Path) -> Path:
 
 
 def meant(path: str | Path) -> Path:
-    """The file a temporary name of `tmp_path_for` stands for (any other path as it is): an
-    error writing one names the file the user knows."""
+    """The file a temporary name of `tmp_path_for` stands for, the folder a writer lock guards
+    (any other path as it is): an error writing one names what the user knows."""
     path = Path(path)
+    if path.name == WRITER_LOCK:
+        return path.parent
     found = re.fullmatch(r"\.(.+)\.[0-9]+\.[0-9a-f]{8}\.tmp", path.name)
     return path.with_name(found.group(1)) if found else path
 

@@ -96,6 +96,8 @@ CASES = [
     (("viz", "filters", "--run", R, "--layers", "nolayer"), "nolayer"),
     (("neighbours", "--run", R, "--layer", "pool", "--ids", "0", "--out", "/proc/featscope-sheet.jpg"),
      "at /proc/featscope-sheet.jpg: check it"),  # the file asked for, not its temporary name
+    (("style", "train", "--styles", "{root}/binary.bin", "--content", "{images}", "--out", "/proc"),
+     "at /proc: check it"),  # the folder asked for, not its writer lock
     (("viz", "adversarial", "--run", R, "--ids", "0", "--target", "1000"), "--target must be one of the model's"),
     (("config", "schema", "--check", "{root}/missing.yaml"), "missing.yaml"),
     (("nosuchcommand",), "invalid choice"),
