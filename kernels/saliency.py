@@ -72,7 +72,7 @@ def guided(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *, scor
 def smoothgrad(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
                samples: Annotated[int, Param("smoothgrad: noisy copies averaged", min=1)] = 16,
                noise: Annotated[float, Param("smoothgrad: noise sd as a fraction of the image's range", min=0)] = 0.15,
-               seed: Annotated[int, Param("smoothgrad: noise seed")] = 0,
+               seed: Annotated[int, Param("smoothgrad: noise seed", min=0, max=2**32 - 1)] = 0,
                score: str = "logit", batch: int | None = None) -> torch.Tensor:
     """SmoothGrad: the mean `gradient` map of `samples` copies with Gaussian noise of standard
     deviation noise * (max - min) of each image, `batch` copies a pass (`copies_per_pass`).

@@ -161,7 +161,11 @@ def load(path: str | Path) -> dict:
         at = f"line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}: " if e.problem_mark else ""
         context = f" ({e.context} at line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
         raise FeatscopeError(f"cannot read config {path}: {at}{e.problem}{context}") from None
-    except (OSError, yaml.YAMLError) as e:
+    except OSError as e:
+        raise FeatscopeError(f"cannot read config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise FeatscopeError(f"cannot read config {path}: not UTF-8 text (a YAML file is)") from None
+    except yaml.YAMLError as e:
         raise FeatscopeError(f"cannot read config {path}: {e}") from None
     return validate(raw)
 

@@ -109,8 +109,10 @@ def read_class_names(path: str | Path) -> list[str]:
     """Class names from a text file (one per line) or a JSON list, in class-id order."""
     try:
         text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ParamError("classes", f"cannot be read from {path}: {e}") from None
+    except OSError as e:
+        raise ParamError("classes", f"cannot be read from {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ParamError("classes", f"cannot be read from {path}: not UTF-8 text") from None
     if text.lstrip().startswith("["):
         try:
             names = json.loads(text)

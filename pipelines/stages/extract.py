@@ -32,7 +32,7 @@ from featscope.pipelines.core.dataset import default_workers, image_batches
 from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, resolve_device, resolve_precision
 from featscope.pipelines.core.features import FeatureExtractor, storable_rows
 from featscope.pipelines.core.models import LoadedModel, checked_class_names, load_model
-from featscope.pipelines.core.options import Command, Options, option
+from featscope.pipelines.core.options import Command, Options, option, seed_option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.store import (
@@ -342,7 +342,7 @@ class ExtractOptions(Options):
     workers: int | None = option(help="image decoding threads (default: min(16, cores); 0 = inline)", min=0)
     threads: int | None = option(help="torch CPU threads (default: the CPUs this job may use: affinity, cgroup "
                                       "quota, OMP_NUM_THREADS)", min=1)
-    seed: int = option(0, help="seed for --weights random")
+    seed: int = seed_option(0, help="seed for --weights random")
     topk: int = option(0, help="also keep each unit's top-K images of every shard, in the same pass (0: off)",
                        min=0)
 

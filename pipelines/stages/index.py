@@ -44,7 +44,7 @@ from featscope.pipelines.core.neighbours import (
     rewritten_note,
     unindexed_note,
 )
-from featscope.pipelines.core.options import Command, Group, Options, option
+from featscope.pipelines.core.options import Command, Group, Options, option, seed_option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features, part_stamp
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
@@ -372,7 +372,7 @@ class IndexBuildOptions(Options):
     metric: str = option("cosine", help="distance between feature vectors", choices=METRICS)
     max_memory: str = option("4GB", help="memory budget of the index, e.g. 4GB or 512MB",
                              pattern=r"^\s*[0-9.eE+]+\s*[KMGTkmgt]?(i?[Bb])?\s*$")
-    seed: int = option(0, help="seed of the training and recall samples")
+    seed: int = seed_option(0, help="seed of the training and recall samples")
     rebuild: bool = option(False, help="build anew even where the previous index can be updated")
 
 

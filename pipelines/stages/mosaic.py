@@ -23,7 +23,7 @@ from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
 from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path, file_digest, one_writer
-from featscope.pipelines.core.options import Command, Options, option
+from featscope.pipelines.core.options import Command, Options, option, seed_option
 from featscope.pipelines.core.rundir import RunDir, record_unreadable
 from featscope.pipelines.core.store import read_embedding
 from featscope.pipelines.core.text import plural
@@ -207,7 +207,7 @@ class GridOptions(Options):
     layer: str = option(help="an embedded layer", required=True)
     side: int = option(40, help="cells per side", min=1)
     tile: int = option(48, help="thumbnail size", min=8, max=MAX_TILE)
-    seed: int = option(0, help="seed of the cover sample")
+    seed: int = seed_option(0, help="seed of the cover sample")
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ class ScatterOptions(Options):
                                    "hidden, up to 8192)", min=64, max=MAX_CANVAS)
     tile: int | None = option(help="thumbnail side (default: 96 px at 150 images, 40 at 5,000, 22 at 50,000)",
                               min=8, max=MAX_TILE)
-    seed: int = option(0, help="seed of the sample and the drawing order")
+    seed: int = seed_option(0, help="seed of the sample and the drawing order")
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ class AllOptions(Options):
     layer: str = option(help="an embedded layer", required=True)
     side: int = option(40, help="grid cells per side", min=1)
     tile: int = option(48, help="grid thumbnail size", min=8, max=MAX_TILE)
-    seed: int = option(0, help="seed of the samples and the scatter's drawing order")
+    seed: int = seed_option(0, help="seed of the samples and the scatter's drawing order")
 
 
 def _all(rd: RunDir, options: AllOptions, progress: bool = True) -> str:

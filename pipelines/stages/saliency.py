@@ -41,6 +41,7 @@ from featscope.pipelines.core.device import (
     resolve_precision,
 )
 from featscope.pipelines.core.images import BadImage, Unreadable, read_pixels
+from featscope.pipelines.core.models import class_names
 from featscope.pipelines.core.options import Command, Group, Options, option
 from featscope.pipelines.core.rundir import RunDir, record_unreadable
 from featscope.pipelines.core.store import FLOAT16_MAX, NON_FINITE, write_errors, write_table
@@ -83,8 +84,12 @@ class _StageOptions(Options):
     scheduler: str | None = option(help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
     slurm_jobs: int | None = option(help="start Dask workers as this many SLURM jobs (dask-jobqueue)", min=1)
     slurm_cores: int = option(4, help="with slurm_jobs: cores per worker job", min=1)
-    slurm_memory: str = option("16GB", help="with slurm_jobs: memory per worker job")
-    slurm_walltime: str = option("02:00:00", help="with slurm_jobs: time limit per worker job")
+    slurm_memory: str = option("16GB", help="with slurm_jobs: memory per worker job, e.g. 16GB or 500MiB",
+                               pattern=r"(?i)^[0-9]+(\.[0-9]+)? ?[kmgt]i?b$")
+    # SLURM's forms: minutes, [days-]hours:minutes[:seconds] and the rest; sbatch refuses any
+    # other, and the workers would then never start while the job waits for them
+    slurm_walltime: str = option("02:00:00", help="with slurm_jobs: time limit per worker job",
+                                 pattern=r"^([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}$")
     slurm_gpus: int = option(0, help="with slurm_jobs: GPUs per worker job (gres)", min=0)
     slurm_partition: str | None = option(help="with slurm_jobs: partition (queue)")
     slurm_account: str | None = option(help="with slurm_jobs: account")
@@ -133,7 +138,7 @@ def _check(options: SaliencyOptions) -> None:
     if options.target not in ("predicted", "label") and not options.target.isdigit():
         raise ParamError("target", f"must be predicted, label or a class id, not '{options.target}'")
     if not options.background < options.foreground:
-        raise ParamError("background", "must be below foreground (both are percentiles of the map)")
+        raise ParamError("background", "must be below <foreground> (both are percentiles of the map)")
     given = [n for n in ("workers", "scheduler", "slurm_jobs") if getattr(options, n) is not None]
     if len(given) > 1:
         raise ParamError(given[1], f"cannot be given with {given[0]}")
@@ -182,6 +187,15 @@ class SaliencySummary:
         if self.retired:
             text += f"; {plural(self.retired, 'map')} of retired images deleted"
         return text
+
+
+def _check_target(ref: ModelRef, target: str) -> None:
+    """A class id past the model's classes is a typo: one line before any work, not an error
+    row for every image (where the model's class names say how many there are)."""
+    names = ref.class_names or class_names(ref.arch, ref.weights)
+    if target.isdigit() and names and int(target) >= len(names):
+        raise ParamError("target", f"must be predicted, label or one of the model's classes, 0..{len(names) - 1}; "
+                                   f"got {target}")
 
 
 # ---- the worker side ---------------------------------------------------------------------
@@ -328,7 +342,7 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
         slurm = SlurmWorkers(jobs=options.slurm_jobs, cores=options.slurm_cores, memory=options.slurm_memory,
                              walltime=options.slurm_walltime, gpus=options.slurm_gpus, queue=options.slurm_partition,
                              account=options.slurm_account)
-    model_ref(rd)  # a run without a model fails before the cluster starts
+    _check_target(model_ref(rd), options.target)  # a run without a model fails before the cluster starts
     rows = select(rd, selection)
     live = set(manifest.read(rd)["image_id"].to_pylist())
     with one_writer(rd.saliency_dir(options.method), f"saliency {options.method}"):  # its summary vouches for its maps

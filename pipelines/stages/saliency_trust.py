@@ -45,7 +45,7 @@ from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw, w
 from featscope.pipelines.core.cpus import split
 from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, autocast_dtype
 from featscope.pipelines.core.images import BadImage, read_pixels
-from featscope.pipelines.core.options import Command, Group, Options, option
+from featscope.pipelines.core.options import Command, Group, Options, option, seed_option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import NON_FINITE, write_errors, write_table
 from featscope.pipelines.core.text import plural, rate
@@ -76,7 +76,7 @@ class EvaluateOptions(Options):
     replacement: str = option("blur", help="what a deleted pixel shows: " + baselines.HELP,
                               pattern=r"^(zeros|mean|blur|-?[0-9.]+)$")
     score: str = option("probability", help="the class score followed (RISE uses the probability)", choices=SCORES)
-    seed: int = option(0, help="seed of the random baseline maps (one per image)")
+    seed: int = seed_option(0, help="seed of the random baseline maps (one per image)")
     batch: int | None = option(help="perturbed images per forward pass (default: 2 on a CPU, where a larger "
                                     "batch's activations leave the cache; 128 on a GPU)", min=1)
     precision: str = option("fp32", help="forward passes: fp32 (default; on a CPU run by ONNX Runtime, outputs equal "
@@ -296,7 +296,7 @@ class SanityOptions(Options):
                                             "per module with weights (Quantus's steps)", choices=GRANULARITIES)
     steps: int = option(0, help="at most this many steps: adjacent groups are merged, evenly (0: every group is a "
                                 "step)", min=0)
-    seed: int = option(42, help="seed of the re-initialised weights")
+    seed: int = seed_option(42, help="seed of the re-initialised weights")
     threshold: float = option(0.5, help="verdict: a method whose maps keep a mean rank correlation above this "
                                         "with the original ones across the cascade barely changes", min=0, max=1)
     device: str = option("auto", help="where the model runs", choices=DEVICES)

@@ -38,7 +38,7 @@ from featscope.pipelines.core import derived
 from featscope.pipelines.core.atomic import atomic_path, one_writer
 from featscope.pipelines.core.images import MAX_SIDE, BadImage, is_image_name, read_pixels
 from featscope.pipelines.core.models import load_model, load_problem
-from featscope.pipelines.core.options import Command, Group, Options, option
+from featscope.pipelines.core.options import Command, Group, Options, option, seed_option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.workers import visualisation_model
@@ -62,7 +62,7 @@ class TrainOptions(Options):
     content_layer: str | None = option(help="default: by architecture (mobilenet_v2 block6, vgg16 conv2_2)")
     style_layers: list[str] = option([], help="comma-separated; default by architecture")
     checkpoint_every: int = option(100, help="save a checkpoint every N steps", min=1)
-    seed: int = option(0, help="random seed")
+    seed: int = seed_option(0, help="random seed")
 
 
 @dataclass

