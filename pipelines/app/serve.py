@@ -49,6 +49,7 @@ from urllib.parse import unquote
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as FastPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -69,6 +70,7 @@ if TYPE_CHECKING:  # imported where a service starts (it brings torch), not for 
     from featscope.index.search import NeighbourIndex
     from featscope.pipelines.core.features import ImageEmbedder
 
+MAX_ID = 2**63 - 1  # image ids are int64: a larger number is a bad request, not an overflow inside
 API_NEIGHBOURS = ("/api/neighbours", "/api/neighbors")  # the US spelling still answers, for this release
 PUBLIC_FOLDERS = {"report", "mosaic", "patches", "saliency", "viz", "neighbours", "explain", "units"}  # what report pages show
 PUBLIC_SUFFIXES = {".html", ".js", ".css", ".png", ".jpg", ".jpeg", ".svg", ".gif", ".webp"}
@@ -597,13 +599,13 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
     # from one state of the run, as it is on disk when the request arrives. Answers are
     # JSONResponses: returned as they are, not validated against a response model.
     @app.get("/api/image/{image_id}", summary="An image's label, file name and shard")
-    async def image(image_id: int) -> JSONResponse:
+    async def image(image_id: int = FastPath(ge=0, le=MAX_ID)) -> JSONResponse:
         state = await service.current_state_async()
         return JSONResponse(state.catalogue.describe(image_id))
 
     @app.get("/api/neighbours", summary="Nearest images to an image of the run")
     @app.get("/api/neighbors", include_in_schema=False)
-    async def neighbours(id: int = Query(description="an image id of the run"),  # noqa: A002 (the API's name)
+    async def neighbours(id: int = Query(description="an image id of the run", ge=0, le=MAX_ID),  # noqa: A002
                    layer: str = Query(description="an indexed layer"),
                    k: int = Query(10, description="neighbours returned")) -> JSONResponse:
         state = await service.current_state_async()
@@ -646,8 +648,8 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
                                         "workflow run or `featscope report` builds it again" if behind else ""})
 
     @app.get("/api/explain", summary="Why two images of the run are alike at a layer: a map on each")
-    def explain(a: int = Query(description="an image id of the run"),
-                b: int = Query(description="another image id of the run"),
+    def explain(a: int = Query(description="an image id of the run", ge=0, le=MAX_ID),
+                b: int = Query(description="another image id of the run", ge=0, le=MAX_ID),
                 layer: str = Query(description="a layer of the model, e.g. pool or block13"),
                 similarity: str = Query("cosine", description="cosine | dot")) -> JSONResponse:
         # a plain def: FastAPI runs it on its thread pool, so the model's work never blocks the loop

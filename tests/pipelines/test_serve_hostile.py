@@ -95,6 +95,10 @@ CASES = [  # (name, request, expected statuses, phrase in the JSON error)
     ("k huge", get("/api/neighbours?id=0&layer=pool&k=100000"), (400,), "k must be"),
     ("unknown layer", get("/api/neighbours?id=0&layer=fc9"), (400,), "no index for layer 'fc9'"),
     ("unknown image", get("/api/image/424242"), (404,), "no image"),
+    ("id past int64", get("/api/neighbours?id=9223372036854775808&layer=pool"), (422,), "id"),  # was a 500
+    ("image id past int64", get("/api/image/99999999999999999999"), (422,), "image_id"),
+    ("explain id past int64", get("/api/explain?a=99999999999999999999&b=0&layer=pool"), (422,), "a"),
+    ("negative id", get("/api/neighbours?id=-1&layer=pool"), (422,), "id"),
     ("unknown API", get("/api/nothing"), (404,), "no such API"),
     ("not a request", b"HELLO THERE\r\n\r\n", (400,), "malformed"),
 ]
