@@ -44,9 +44,14 @@ class Param:
                 raise ParamError(name, f"must be a finite number, got {v}")
             if isinstance(v, (int, float)):
                 if self.min is not None and v < self.min:
-                    raise ParamError(name, f"must be at least {self.min:g}, got {v}")
+                    raise ParamError(name, f"must be at least {_number(self.min)}, got {v}")
                 if self.max is not None and v > self.max:
-                    raise ParamError(name, f"must be at most {self.max:g}, got {v}")
+                    raise ParamError(name, f"must be at most {_number(self.max)}, got {v}")
+
+
+def _number(x: float) -> str:
+    """A bound as written: 4294967295, not 4.29497e+09; 0.5 as 0.5."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 class ParamError(FeatscopeError):

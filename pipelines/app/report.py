@@ -555,7 +555,7 @@ def _write(rd: RunDir, scripts: Scripts, pictures: KeptPictures) -> int:
 
 @dataclass(frozen=True)
 class ReportOptions(Options):
-    k: int = option(8, help="neighbours shown per image and space", min=1)
+    k: int = option(8, help="neighbours shown per image and space", min=1, max=100)
 
 
 def run(rd: RunDir, options: ReportOptions, progress: bool = True) -> ReportSummary:

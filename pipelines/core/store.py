@@ -262,6 +262,7 @@ def write_topk(path: Path, columns: dict[str, np.ndarray], identity: RunIdentity
         pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
 
 
+TOPK_MAX = 1000  # images a unit keeps at most: a patch sheet of more says nothing more
 TOPK_DEPTH = 2  # shards keep 2k candidates a unit, so retiring images rarely forces a re-extraction
 
 

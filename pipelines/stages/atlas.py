@@ -71,7 +71,7 @@ class AtlasOptions(Options):
     min_count: int = option(3, help="cells with fewer vectors are left empty (too few to average)", min=1)
     size: int = option(64, help="side of each cell's rendering in pixels", min=16, max=512)
     steps: int = option(128, help="optimisation steps per cell rendering", min=1)
-    batch: int = option(16, help="cells rendered together", min=1)
+    batch: int = option(16, help="cells rendered together", min=1, max=1024)
     model_size: int | None = option(help="side the renderings are shown to the model at while optimised (default: "
                                          "its input size; half of it renders 4x faster)", min=16, max=1024)
     lr: float = option(0.05, help="Adam's learning rate on the image's spectrum", min=0)

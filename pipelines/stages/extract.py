@@ -40,6 +40,7 @@ from featscope.pipelines.core.store import (
     NON_FINITE,
     OUT_OF_RANGE,
     TOPK_DEPTH,
+    TOPK_MAX,
     FeaturePartWriter,
     RunIdentity,
     file_metadata,
@@ -338,13 +339,13 @@ class ExtractOptions(Options):
     device: str = option("auto", help="where the model runs", choices=DEVICES)
     precision: str = option("auto", help="auto: the run's (recorded by its first extraction), else bf16 on CPUs "
                                          "with AVX512-BF16/AMX and on GPUs that support it", choices=PRECISION_CHOICES)
-    batch_size: int = option(64, help="images per forward pass", min=1)
+    batch_size: int = option(64, help="images per forward pass", min=1, max=4096)
     workers: int | None = option(help="image decoding threads (default: min(16, cores); 0 = inline)", min=0)
     threads: int | None = option(help="torch CPU threads (default: the CPUs this job may use: affinity, cgroup "
                                       "quota, OMP_NUM_THREADS)", min=1)
     seed: int = seed_option(0, help="seed for --weights random")
     topk: int = option(0, help="also keep each unit's top-K images of every shard, in the same pass (0: off)",
-                       min=0)
+                       min=0, max=TOPK_MAX)
 
 
 def run(rd: RunDir, options: ExtractOptions, progress: bool = True) -> ExtractSummary:

@@ -379,7 +379,7 @@ class IndexBuildOptions(Options):
 @dataclass(frozen=True)
 class IndexEvaluateOptions(Options):
     layers: list[str] | None = option(help="comma-separated (default: every built index)")
-    k: int = option(10, help="neighbours per query", min=1)
+    k: int = option(10, help="neighbours per query", min=1, max=1000)
     queries: int = option(2000, help="labelled images to query (a seeded sample)", min=1)
 
 
@@ -389,7 +389,7 @@ class QueryOptions(Options):
     id: int | None = option(help="an image_id of the run")
     path: str | None = option(help="the path of an image of the run")
     image: Path | None = option(help="any image file: embedded with the run's model")
-    k: int = option(10, help="neighbours returned", min=1)
+    k: int = option(10, help="neighbours returned", min=1, max=100_000)
     json: bool = option(False, help="machine-readable output")
     mmap: bool = option(False, help="memory-map the index instead of reading it")
 

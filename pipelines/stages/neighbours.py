@@ -131,7 +131,7 @@ def render(rd: RunDir, layer: str, image_ids: list[int], *, k: int = 8, tile: in
 class NeighboursOptions(Options):
     layer: str = option(help="an indexed layer", required=True)
     ids: list[int] = option(help="comma-separated query image ids", required=True)
-    k: int = option(8, help="neighbours per row", min=1)
+    k: int = option(8, help="neighbours per row", min=1, max=100)
     tile: int = option(112, help="tile size in pixels", min=8, max=512)
     out: Path | None = option(help="output JPEG (default: <run>/neighbours/<layer>.jpg)")
 

@@ -78,7 +78,7 @@ class EvaluateOptions(Options):
     score: str = option("probability", help="the class score followed (RISE uses the probability)", choices=SCORES)
     seed: int = seed_option(0, help="seed of the random baseline maps (one per image)")
     batch: int | None = option(help="perturbed images per forward pass (default: 2 on a CPU, where a larger "
-                                    "batch's activations leave the cache; 128 on a GPU)", min=1)
+                                    "batch's activations leave the cache; 128 on a GPU)", min=1, max=1024)
     precision: str = option("fp32", help="forward passes: fp32 (default; on a CPU run by ONNX Runtime, outputs equal "
                                          "to PyTorch's to 1e-5; bf16 moved MobileNet-V2's deletion curves by up to "
                                          "0.05 on the demo photos), or auto | bf16 | fp16 (PyTorch autocast)",

@@ -50,7 +50,7 @@ class TrainOptions(Options):
 
     size: int = option(128, help="crop size (256 on a GPU)", min=16, max=MAX_SIDE)
     steps: int = option(300, help="total steps (a rerun continues up to this)", min=1)
-    batch: int = option(4, help="content crops per step", min=1)
+    batch: int = option(4, help="content crops per step", min=1, max=1024)
     lr: float = option(2e-3, help="Adam learning rate", min=0)
     content_weight: float = option(1.0, help="weight of the content loss", min=0)
     style_weight: float = option(4.0, help="weight of the style loss", min=0)

@@ -34,6 +34,7 @@ from featscope.pipelines.core.images import BadImage, image_size, open_image
 from featscope.pipelines.core.options import Command, Options, option, parse_units
 from featscope.pipelines.core.rundir import GREY_PATCH, UNREADABLE_AT, RunDir
 from featscope.pipelines.core.store import (
+    TOPK_MAX,
     RunIdentity,
     candidates_run_short,
     file_metadata,
@@ -459,7 +460,7 @@ def _contact_sheet(strips: list[Image.Image]) -> Image.Image:
 @dataclass(frozen=True)
 class TopkMergeOptions(Options):
     layer: str = option(help="a layer extracted with --topk", required=True)
-    k: int | None = option(help="keep the top k (default: what extraction kept)", min=1)
+    k: int | None = option(help="keep the top k (default: what extraction kept)", min=1, max=TOPK_MAX)
     quantile: float = option(MASK_QUANTILE, help="each unit's mask threshold: this quantile of its activations "
                                                  "over the dataset (NetDissect: 0.995)", min=0, max=1)
 
@@ -468,7 +469,7 @@ class TopkMergeOptions(Options):
 class TopkRenderOptions(Options):
     layer: str = option(help="a merged layer", required=True)
     units: str | None = option(help="e.g. 0-63 or 3,7,10-12 (default: all)")
-    k: int | None = option(help="patches per unit (default: all merged)", min=1)
+    k: int | None = option(help="patches per unit (default: all merged)", min=1, max=TOPK_MAX)
     tile: int = option(96, help="patch size in the PNGs", min=8, max=512)
     show: str = option("auto", help="field: the receptive field of the strongest cell; mask: where the unit is in "
                                     "its dataset-wide top quantile (NetDissect), drawn on the image; auto: mask for "

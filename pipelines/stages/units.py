@@ -65,7 +65,7 @@ class RenderOptions(Options):
     size: int = option(128, help="side of each image in pixels (upsampled to the model's input size)", min=16,
                        max=512)
     steps: int = option(256, help="optimisation steps (Lucid's default 512)", min=1)
-    batch: int = option(16, help="units rendered together, one image each", min=1)
+    batch: int = option(16, help="units rendered together, one image each", min=1, max=1024)
     lr: float = option(0.05, help="Adam's learning rate on the image's spectrum", min=0)
     seed: int = seed_option(0, help="seed of the starting images and the random transforms")
     diversity: int = option(0, help="also render this many different images per unit, optimised together with "

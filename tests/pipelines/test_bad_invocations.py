@@ -94,6 +94,11 @@ CASES = [
     (("viz", "texture", "--run", R, "--layers", "layer1,layer2", "--image", "{root}/binary.bin", "--weights", "0,0"),
      "--weights must be 0 or more, one of them above 0"),
     (("index", "build", "--run", R, "--layer", "pool", "--seed", "-1"), "--seed must be at least 0"),
+    (("index", "build", "--run", R, "--layer", "pool", "--seed", str(2**64)), "--seed must be at most 4294967295"),
+    (("query", "--run", R, "--layer", "pool", "--id", "0", "-k", str(2**70)), "--k must be at most 100000"),  # numpy
+    (("neighbours", "--run", R, "--layer", "pool", "--ids", "0", "-k", "5000"), "--k must be at most 100"),  # JPEG
+    (("extract", "--run", R, "--layers", "pool", "--topk", "5000"), "--topk must be at most 1000"),
+    (("extract", "--run", R, "--layers", "pool", "--batch-size", "100000"), "--batch-size must be at most 4096"),
     (("config", "schema", "--check", "{root}/binary.bin"), "not UTF-8 text"),
     (("serve", "--run", R, "--port", "99999"), "--port"),
     (("serve", "--run", R, "--port", "-1"), "--port"),
