@@ -4,8 +4,10 @@ On the same JPEG photos (default 2,000 at about 500x375, made from the demo phot
 in one process run, after a warm-up (featscope, model-only and decode-only interleaved
 `--repeats` times, medians compared):
   model_only  the same model, batch size and precision on tensors already in memory: the
-              module featscope runs (batch norms folded, kernels/batchnorm_folding.py),
-              and torchvision's module as shipped (`model_as_shipped`)
+              module featscope runs (batch norms folded, kernels/batchnorm_folding.py, and
+              on a CPU each conv fused with its clamp, kernels/conv_fusion.py), the folded
+              module without that fusion (`fused/folded_only`), and torchvision's module
+              as shipped (`model_as_shipped`)
   featscope   `extract.run` end to end: decode, resize, forward, summaries, Parquet
   naive       torchvision ImageFolder + DataLoader + fp32 loop with forward hooks, in a
               fresh Python process as a notebook runs it
@@ -42,6 +44,7 @@ from torchvision import transforms as T
 from featscope.pipelines.core import device as device_mod
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.dataset import available_cores, default_workers, image_batches
+from featscope.pipelines.core.features import extraction_model
 from featscope.pipelines.core.models import Preprocessing, load_model
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.data.demo import PHOTOS, _package_file
@@ -175,25 +178,33 @@ def main() -> None:
             featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision, args.workers)  # warm-up
             naive(arch, images, args.batch_size, device, limit=args.batch_size)  # warm-up
             loaded = load_model(arch, "random")
-            same_model = device_mod.inference_model(loaded, [loaded.layer(LAYERS[arch][0])])
-            runs = {"ours": [], "alone": [], "shipped": [], "decode": [], "one_core": []}
+            specs = [loaded.layer(LAYERS[arch][0])]
+            same_model = extraction_model(loaded, specs, device)
+            folded_only = device_mod.inference_model(loaded, specs)  # before conv_fusion
+            runs = {"ours": [], "alone": [], "folded": [], "shipped": [], "decode": [], "one_core": []}
             for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits them all alike
                 runs["ours"].append(featscope_e2e(arch, images, Path(tmp), args.batch_size, device.type, precision,
                                                   args.workers))
                 runs["alone"].append(model_only(same_model, loaded.preprocessing, args.images, args.batch_size,
                                                 device, precision))
+                runs["folded"].append(model_only(folded_only, loaded.preprocessing, args.images, args.batch_size,
+                                                 device, precision))
                 runs["shipped"].append(model_only(loaded.module, loaded.preprocessing, args.images, args.batch_size,
                                                   device, precision))
                 runs["decode"].append(decode_only(paths, args.batch_size, args.workers, loaded.preprocessing))
                 if device.type == "cpu":
                     runs["one_core"].append(decode_only(paths, args.batch_size, 0, loaded.preprocessing))
-            ours, alone, shipped, decode, one_core = (float(np.median(runs[k])) if runs[k] else 0.0
-                                                      for k in ("ours", "alone", "shipped", "decode", "one_core"))
+            ours, alone, folded, shipped, decode, one_core = (
+                float(np.median(runs[k])) if runs[k] else 0.0
+                for k in ("ours", "alone", "folded", "shipped", "decode", "one_core"))
             cores = available_cores()
             same_process = naive(arch, images, args.batch_size, device)
             fresh = naive_fresh_process(arch, images, args.batch_size, device)
             print(f"pipeline/model_only {arch} {device.type} {precision}: {ours / alone:.2f} "
                   f"(featscope {ours:.0f} img/s, the same model alone {alone:.0f} img/s)")
+            print(f"fused/folded_only {arch} {device.type} {precision}: {alone / folded:.2f} "
+                  f"(the model featscope runs {alone:.0f} img/s, batch norms folded but no conv fused with its "
+                  f"clamp {folded:.0f} img/s)")
             print(f"pipeline/model_as_shipped {arch} {device.type} {precision}: {ours / shipped:.2f} "
                   f"(featscope {ours:.0f} img/s, torchvision's module without folded batch norms {shipped:.0f} img/s)")
             print(f"ceiling/model_only {arch} {device.type} {precision}: {1 / (1 + alone / decode):.2f} "

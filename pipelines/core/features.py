@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from featscope.kernels.conv_fusion import fuse_conv_clamps
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import LayerSpec, LayerTap
 from featscope.kernels.quantile_sketch import ActivationSketch
@@ -60,13 +61,23 @@ def checked_vector(vector: np.ndarray, layer: str) -> np.ndarray:
     return vector
 
 
+def extraction_model(loaded: LoadedModel, specs: list[LayerSpec], device: torch.device) -> torch.nn.Module:
+    """The module an extraction runs, channels-last: batch norms folded and, on a CPU, each
+    conv fused with the clamp after it (forward passes only; both leave every tapped layer's
+    output as it is: `kernels.batchnorm_folding`, `kernels.conv_fusion`)."""
+    model = inference_model(loaded, specs)
+    if device.type == "cpu":
+        fuse_conv_clamps(model, keep=[spec.module_path for spec in specs if spec.kind != "pixels"])
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
 class FeatureExtractor:
     """A model with its layer taps, ready to turn uint8 batches into stored summaries."""
 
     def __init__(self, loaded: LoadedModel, layers: list[str], device: torch.device, precision: str):
         self.loaded, self.device, self.precision = loaded, device, precision
         self.specs = [loaded.layer(name) for name in layers]
-        self.model = inference_model(loaded, self.specs).to(device).to(memory_format=torch.channels_last)
+        self.model = extraction_model(loaded, self.specs, device)
         self.cells: dict[str, int] = {}  # values per unit per image in each layer's whole output
         probe = self(torch.zeros((1, 3, loaded.preprocessing.crop, loaded.preprocessing.crop), dtype=torch.uint8))
         self.kinds = {name: "conv" if "max" in out else "vector" for name, out in probe.items()}
