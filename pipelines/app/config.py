@@ -14,6 +14,8 @@ second rather than in the first extraction job.
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -101,6 +103,18 @@ def _with_defaults(config: dict, schema: dict) -> dict:
     return out
 
 
+def _numbers(value: object, where: str = "") -> Iterator[tuple[str, float]]:
+    """Every float in a parsed config, with its dotted key."""
+    if isinstance(value, float):
+        yield where or "(top level)", value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{where}.{i}")
+
+
 def validate(config: dict, full_schema: dict | None = None) -> dict:
     """Return `config` with defaults filled in, or raise FeatscopeError naming the bad key."""
     import torch
@@ -115,7 +129,13 @@ def validate(config: dict, full_schema: dict | None = None) -> dict:
     if errors:
         err = errors[0]
         where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        if list(err.absolute_path) == ["run"] and err.validator == "pattern":  # the regular expression says less
+            raise FeatscopeError(f"config error at run: must be a folder name (letters, digits, '.', '_', '-'; "
+                                 f"not . or ..), not {err.instance!r}")
         raise FeatscopeError(f"config error at {where}: {err.message}")
+    for where, value in _numbers(config):  # JSON Schema lets NaN pass every bound (.nan in YAML)
+        if not math.isfinite(value):
+            raise FeatscopeError(f"config error at {where}: must be a finite number, got {value}")
     config = _with_defaults(config, full_schema)
     arch = config["model"]["arch"]
     if arch not in torchvision.models.list_models(module=torchvision.models):

@@ -42,6 +42,13 @@ def test_the_demo_config_is_valid_and_gets_defaults():
         (lambda c: c["units"]["atlas"].pop("layers"), r"units\.atlas: 'layers' is a required property"),
         (lambda c: c["units"]["render"].update(steps=0), r"units\.render\.steps: 0 is less than the minimum of 1"),
         (lambda c: c["units"].update(atlases={}), r"units: Additional properties are not allowed"),
+        # runs_dir itself, or the folder above it (the repository): the run's files would land there
+        (lambda c: c.update(run=".."), r"run: must be a folder name .*, not '\.\.'"),
+        (lambda c: c.update(run="."), r"run: must be a folder name .*, not '\.'"),
+        (lambda c: c.update(run="a/b"), r"run: must be a folder name"),
+        # JSON Schema lets NaN pass every bound (.nan in YAML)
+        (lambda c: c["embed"].update(perplexity=float("nan")), r"embed\.perplexity: must be a finite number, got nan"),
+        (lambda c: c["units"]["render"].update(lr=float("inf")), r"units\.render\.lr: must be a finite number"),
     ],
 )
 def test_bad_configs_name_the_offending_key(change, message):
