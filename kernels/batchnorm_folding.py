@@ -26,13 +26,21 @@ TRACING = threading.RLock()
 """Held while a model is traced (the trace patches `nn.Module.__call__` process-wide)."""
 
 
+def traced_graph(model: nn.Module) -> fx.Graph | None:
+    """The dataflow of `model`'s forward pass, or None where torch.fx cannot trace it
+    (data-dependent control flow): a pass that rewrites the model then changes nothing."""
+    try:
+        with TRACING:
+            return fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any failure to trace means: leave the model as it is
+        return None
+
+
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv path, BN path) for each BatchNorm2d whose only input is a Conv2d used nowhere
     else; [] when the model cannot be traced."""
-    try:
-        with TRACING:
-            graph = fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - data-dependent control flow: fold nothing
+    graph = traced_graph(model)
+    if graph is None:
         return []
     modules = dict(model.named_modules())
     pairs = []

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import fx, nn
 
-from featscope.kernels.batchnorm_folding import TRACING
+from featscope.kernels.batchnorm_folding import traced_graph
 
 
 def clamp_of(module: nn.Module) -> tuple[str, list[float]] | None:
@@ -71,10 +71,8 @@ def conv_clamp_chains(model: nn.Module) -> list[list[str]]:
     """Module paths [conv, (identities), clamp] where the clamp's only input is the conv,
     through Identity modules (folded batch norms) used nowhere else; [] when the model cannot
     be traced."""
-    try:
-        with TRACING:
-            graph = fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - data-dependent control flow: fuse nothing
+    graph = traced_graph(model)
+    if graph is None:
         return []
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
