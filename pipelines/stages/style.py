@@ -195,7 +195,7 @@ def train(out: str | Path, styles: list[str | Path], content: str | Path, option
     its loss rows and checkpoints with the other's); the second then resumes where it stopped.
     """
     with one_writer(Path(out), "style train"):
-        return _train_network(Path(out), styles, content, options, None, progress)
+        return _train_network(Path(out), styles, content, options, progress)
 
 
 # Settings a resumed training may change: how far it goes and how often it saves.
@@ -229,10 +229,11 @@ def _check_same_training(state: dict, styles: list[str], options: TrainOptions) 
 
 
 def _train_network(out: Path, styles: list[str | Path], content: str | Path, options: TrainOptions,
-                   train_style: int | None, progress: bool, added: dict | None = None) -> TrainSummary:
-    """added: the checkpoint's state with a new style (`add_style`), trained as `train_style`
-    and saved once, at the end: net.pt never holds a style that was not trained."""
+                   progress: bool, added: dict | None = None) -> TrainSummary:
+    """added: the checkpoint's state with a new style last (`add_style`): only that style is
+    trained, and saved once, at the end: net.pt never holds a style that was not trained."""
     start = time.perf_counter()
+    train_style = None if added is None else len(added["styles"]) - 1
     keep_freed_memory()
     checkpoint = out / "net.pt"
     files = _image_files(Path(content))
@@ -313,7 +314,7 @@ def add_style(checkpoint: str | Path, style: str | Path, content: str | Path, *,
         state["net"] = net.state_dict()
         state.pop("optimizer", None)
         options = TrainOptions(**state["settings"] | {"steps": state["step"] + steps})
-        return index, _train_network(out, [], content, options, index, progress, added=state)
+        return index, _train_network(out, [], content, options, progress, added=state)
 
 
 def stylise(checkpoint: str | Path, images: list[str | Path], *, style: int | None = None,
