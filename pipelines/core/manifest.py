@@ -340,9 +340,13 @@ def compare(rd: RunDir, images: str | Path, *, check: str = "stat", progress: bo
 
 def looks_unmounted(rd: RunDir, images: str | Path, found: Comparison) -> str | None:
     """Why the images an update would retire look unmounted rather than gone, or None: the
-    source lists no image while the run has some, or a folder of the run's images is there,
+    source lists no image for a new run, or none while the run has some, or a folder of the run's images is there,
     empty and untouched since the last update (`_emptied_folders`). An update refuses to
     retire them unless asked (`allow_empty`), and status says so."""
+    if not found.old and not found.new:
+        unread = f" ({plural(len(found.skipped), 'file')} it could not read)" if found.skipped else ""
+        return (f"{images} lists no image{unread}, and run {rd.root} is new: a run of no images analyses nothing, "
+                "and a folder whose file system is not mounted looks empty")
     live_before = sum(not r["removed"] for r in found.old)
     if live_before and not found.new and len(found.retired) == live_before:
         return (f"{images} lists no image now, but run {rd.root} has {live_before}: a folder whose file system is "
@@ -409,7 +413,7 @@ def run(rd: RunDir, images: str | Path, *, num_shards: int | None = None, shard_
     """Create or update `manifest.parquet` and `run.json` for the images in `images`; `check`:
     how a stored file's edit is told (stat | mtime | content, see the module's docstring);
     `allow_empty`: retire the run's images when `images` lists none, or those of a folder that
-    is empty now (otherwise refused: a folder whose file system is not mounted looks empty).
+    is empty now, or make a new run of no images (otherwise refused: a folder whose file system is not mounted looks empty).
     One update of a run at a time (`updating`)."""
     with updating(rd):
         return _update(rd, images, num_shards=num_shards, shard_size=shard_size, model=model, weights=weights,
@@ -435,8 +439,9 @@ def _update(rd: RunDir, images: str | Path, *, num_shards: int | None, shard_siz
     root, old, rows, new, edited, retired = (found.root, found.old, found.rows, found.new, found.edited,
                                              found.retired)
     if not allow_empty and (why := looks_unmounted(rd, images, found)):
-        raise ParamError("allow_empty", f"{why}. Nothing was changed; if they are gone for good, retire them with "
-                                        "<allow_empty>")
+        remedy = ("to make it anyway, to fill as images arrive, use <allow_empty>" if not old else
+                  "if they are gone for good, retire them with <allow_empty>")
+        raise ParamError("allow_empty", f"{why}. Nothing was changed; {remedy}")
     if shard_size is None:
         if num_shards is not None:
             shard_size = max(1, math.ceil(len(new) / num_shards))

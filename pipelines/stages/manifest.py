@@ -30,8 +30,8 @@ class ManifestOptions(Options):
                              "is read and hashed), mtime (size and mtime only: for filesystems whose ctime moves on "
                              "its own) or content (every file read and hashed: slow, catches anything)")
     allow_empty: bool = option(False, help="retire the run's images when the source lists none, or those of a "
-                                           "folder that is empty now (otherwise refused: a folder whose file system "
-                                           "is not mounted looks empty)")
+                                           "folder that is empty now, or make a new run of no images (otherwise "
+                                           "refused: a folder whose file system is not mounted looks empty)")
 
 
 def run(rd: RunDir, options: ManifestOptions, progress: bool = True) -> manifest.ManifestSummary:

@@ -602,3 +602,17 @@ def test_a_manifest_restored_from_an_older_backup_never_hands_an_id_out_again(tm
     rd.manifest.write_bytes(backup)  # restored once more: the next ids stay past every one used
     manifest.run(rd, tmp_path / "images")
     assert (rows(rd)["a/4.png"]["image_id"], rows(rd)["a/4.png"]["shard"]) == (4, 3)
+
+
+def test_a_new_run_of_no_images_is_refused_unless_asked(tmp_path):
+    """A new run over an empty folder (a mount point with nothing mounted, a typo'd subfolder)
+    used to be made with 0 images: every later stage ran, finished and analysed nothing."""
+    (tmp_path / "empty").mkdir()
+    rd = RunDir(tmp_path / "run")
+    with pytest.raises(ParamError, match=r"lists no image, and run .* is new.*Nothing was changed; to make it anyway"
+                       ) as refused:
+        manifest.run(rd, tmp_path / "empty")
+    assert refused.value.param == "allow_empty" and not rd.manifest.exists() and not rd.run_json.exists()
+    assert manifest.run(rd, tmp_path / "empty", allow_empty=True).total == 0  # as asked: it fills later
+    touch_images(tmp_path / "empty", ["a/1.png"])
+    assert manifest.run(rd, tmp_path / "empty").total == 1
