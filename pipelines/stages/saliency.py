@@ -83,14 +83,16 @@ class _StageOptions(Options):
                                       "single-threaded)", min=1)
     scheduler: str | None = option(help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
     slurm_jobs: int | None = option(help="start Dask workers as this many SLURM jobs (dask-jobqueue)", min=1)
-    slurm_cores: int = option(4, help="with slurm_jobs: cores per worker job", min=1)
-    slurm_memory: str = option("16GB", help="with slurm_jobs: memory per worker job, e.g. 16GB or 500MiB",
-                               pattern=r"(?i)^[0-9]+(\.[0-9]+)? ?[kmgt]i?b$")
+    # the other slurm options default to None, so that one given without slurm_jobs is told
+    # apart from its default and refused (it would change nothing)
+    slurm_cores: int | None = option(help="with slurm_jobs: cores per worker job (default 4)", min=1)
+    slurm_memory: str | None = option(help="with slurm_jobs: memory per worker job, e.g. 16GB (the default) or "
+                                           "500MiB", pattern=r"(?i)^[0-9]+(\.[0-9]+)? ?[kmgt]i?b$")
     # SLURM's forms: minutes, [days-]hours:minutes[:seconds] and the rest; sbatch refuses any
     # other, and the workers would then never start while the job waits for them
-    slurm_walltime: str = option("02:00:00", help="with slurm_jobs: time limit per worker job",
-                                 pattern=r"^([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}$")
-    slurm_gpus: int = option(0, help="with slurm_jobs: GPUs per worker job (gres)", min=0)
+    slurm_walltime: str | None = option(help="with slurm_jobs: time limit per worker job (default 02:00:00)",
+                                        pattern=r"^([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}$")
+    slurm_gpus: int | None = option(help="with slurm_jobs: GPUs per worker job (gres; default 0)", min=0)
     slurm_partition: str | None = option(help="with slurm_jobs: partition (queue)")
     slurm_account: str | None = option(help="with slurm_jobs: account")
     images_per_task: int | None = option(help="images per Dask task (default: by method, so a task takes >= "
@@ -134,6 +136,11 @@ def map_options(options: SaliencyOptions, ref: ModelRef) -> str:
     return json.dumps(wanted, sort_keys=True)
 
 
+# SlurmWorkers' fields and the options that set them
+SLURM_JOB_OPTIONS = {"cores": "slurm_cores", "memory": "slurm_memory", "walltime": "slurm_walltime",
+                     "gpus": "slurm_gpus", "queue": "slurm_partition", "account": "slurm_account"}
+
+
 def _check(options: SaliencyOptions) -> None:
     if options.target not in ("predicted", "label") and not options.target.isdigit():
         raise ParamError("target", f"must be predicted, label or a class id, not '{options.target}'")
@@ -142,6 +149,11 @@ def _check(options: SaliencyOptions) -> None:
     given = [n for n in ("workers", "scheduler", "slurm_jobs") if getattr(options, n) is not None]
     if len(given) > 1:
         raise ParamError(given[1], f"cannot be given with {given[0]}")
+    if options.slurm_jobs is None:
+        for name in SLURM_JOB_OPTIONS.values():
+            if getattr(options, name) is not None:
+                raise ParamError(name, "is for SLURM workers, started only with <slurm_jobs>: without it, it would "
+                                       "change nothing")
 
 
 def _kernel_options(options: SaliencyOptions, device: torch.device) -> dict:
@@ -339,9 +351,9 @@ def run(rd: RunDir, options: SaliencyOptions, progress: bool = True) -> Saliency
     threads, overwrite, images_per_task = options.threads, options.overwrite, options.images_per_task
     slurm = None
     if options.slurm_jobs:
-        slurm = SlurmWorkers(jobs=options.slurm_jobs, cores=options.slurm_cores, memory=options.slurm_memory,
-                             walltime=options.slurm_walltime, gpus=options.slurm_gpus, queue=options.slurm_partition,
-                             account=options.slurm_account)
+        given = {field: getattr(options, name) for field, name in SLURM_JOB_OPTIONS.items()}
+        slurm = SlurmWorkers(jobs=options.slurm_jobs, **{field: value for field, value in given.items()
+                                                         if value is not None})
     _check_target(model_ref(rd), options.target)  # a run without a model fails before the cluster starts
     rows = select(rd, selection)
     live = set(manifest.read(rd)["image_id"].to_pylist())
