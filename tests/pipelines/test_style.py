@@ -2,8 +2,8 @@
 adds a style without touching the others, and exports to ONNX; `viz texture` and `viz style`."""
 
 import csv
-import os
 import json
+import os
 import random
 
 import pytest
