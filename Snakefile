@@ -24,6 +24,8 @@ from featscope.pipelines.app import config as fsconfig
 from featscope.pipelines.app.workflow_cache import WorkflowCache, default_directory
 from featscope.pipelines.core import history as fshistory
 from featscope.pipelines.core import manifest as fsmanifest
+from featscope.pipelines.core import options as fsoptions
+from featscope.pipelines.core import rule_settings as fsrule_settings
 from featscope.pipelines.core.rundir import UNREADABLE_AT, RunDir, read_record
 
 # The validated config and every job's command line are kept between starts (see
@@ -187,6 +189,30 @@ if workflow.is_main_process:
         raise SystemExit(f"featscope: error: {e}")
 
 
+def deciding(name, section=None, **fixed):
+    """Command `name`'s line without its tuning options (threads, workers, batch size, ...):
+    what decides its outputs."""
+    def line():
+        spec = fscli.commands(name.split()[0])[name]
+        return fscli.command_line(name, fsoptions.deciding(fsconfig.options_for(section or {}, spec, **fixed)))
+    return CACHE.get("deciding", [name, section, fixed], line)
+
+
+# Snakemake records no params for a job whose params function takes `threads`, so a change of
+# `topk.k` or of a saliency option in the config used to rerun nothing: these rules take the
+# record of what decides their outputs as an input instead, rewritten (and so newer than
+# their outputs) when it changes. See core.rule_settings.
+DECIDING = {
+    "extract": deciding("extract", EXTRACT, layers=EXTRACT_LAYERS, seed=MODEL["seed"], topk=TOPK["k"]),
+    **{f"saliency-{method}": deciding("saliency compute", SALIENCY, method=method) for method in SALIENCY["methods"]},
+    **({"saliency_evaluate": deciding("saliency evaluate", EVALUATE, methods=SALIENCY["methods"],
+                                      select=SALIENCY["select"])} if EVALUATE is not None else {}),
+}
+if workflow.is_main_process:
+    for rule_name, settings in DECIDING.items():
+        fsrule_settings.record(RD, rule_name, settings)
+
+
 def unreadable_met(record):
     """A params value for a rule whose jobs can meet images they cannot read now (a share
     away): when one last did, as the job's bookkeeping `record` keeps it. A job that meets
@@ -235,9 +261,48 @@ wildcard_constraints:
     method=r"[a-z_]+",  # saliency methods (the command checks the name)
 
 
+def shown(wildcards=None):
+    """What the report shows: every stage's outputs but the features (known once the manifest
+    has run: `parts_of`) and those in between (`between`)."""
+    return [
+        *[index_meta(layer) for layer in EXTRACT_LAYERS],
+        str(RD.index_evaluation),
+        *([str(RD.neighbour_sheet(layer)) for layer in LAYERS] if INDEX["queries"] else []),
+        *[str(RD.patch_sheet(layer)) for layer in TOPK_LAYERS],
+        *[str(RD.mosaic(layer, kind, suffix)) for layer in EMBED_LAYERS
+          for kind, suffix in (("grid", "jpg"), ("scatter", "jpg"), ("plot", "png"))],
+        *[str(RD.saliency_summary(method)) for method in SALIENCY["methods"]],
+        *([str(RD.faithfulness(method)) for method in SALIENCY["methods"]] if EVALUATE is not None else []),
+        *([str(RD.sanity_verdicts)] if SANITY is not None and SALIENCY["methods"] else []),
+        *[str(RD.explained_queries(layer)) for layer in EXPLAIN_LAYERS],
+        *[str(RD.units_table(layer)) for layer in RENDER_LAYERS],
+        *[str(RD.units_labels(layer)) for layer in LABEL_LAYERS],
+        *[str(RD.atlas_table(layer)) for layer in ATLAS_LAYERS],
+        *viz_outputs(),
+    ]
+
+
+def between(wildcards=None):
+    """The outputs that only later stages read: each layer's merged top-k and 2-D map, and
+    the mosaic's cells (and each shard's top-k candidates, listed in `all`)."""
+    return [
+        *[str(RD.topk(layer)) for layer in TOPK_LAYERS],
+        *[str(RD.embedding(layer)) for layer in EMBED_LAYERS],
+        *[str(RD.mosaic(layer, "grid", "parquet")) for layer in EMBED_LAYERS],
+    ]
+
+
+# Every output, not only the report: Snakemake does not make a missing file again while
+# what was made from it is there and newer than the rest of its inputs (it treats it as it
+# would a temporary file). A stage's output deleted, or removed by Snakemake when a rerun of
+# its job failed, then stayed missing for good while every later run said "Nothing to be done".
 rule all:
     input:
         str(RD.report_dir / "index.html"),
+        shown,
+        between,
+        lambda wildcards: parts_of(EXTRACT_LAYERS),
+        lambda wildcards: [str(RD.topk_candidates_part(layer, shard)) for shard in shards() for layer in TOPK_LAYERS],
 
 
 # The report comes last: it shows whatever the stages above produced.
@@ -246,20 +311,7 @@ rule report:
         live_ids,
         live_labels,
         lambda wildcards: parts_of(EXTRACT_LAYERS),
-        [index_meta(layer) for layer in EXTRACT_LAYERS],
-        RD.index_evaluation,
-        [str(RD.neighbour_sheet(layer)) for layer in LAYERS] if INDEX["queries"] else [],
-        [str(RD.patch_sheet(layer)) for layer in TOPK_LAYERS],
-        [str(RD.mosaic(layer, kind, suffix)) for layer in EMBED_LAYERS
-         for kind, suffix in (("grid", "jpg"), ("scatter", "jpg"), ("plot", "png"))],
-        [str(RD.saliency_summary(method)) for method in SALIENCY["methods"]],
-        [str(RD.faithfulness(method)) for method in SALIENCY["methods"]] if EVALUATE is not None else [],
-        [str(RD.sanity_verdicts)] if SANITY is not None and SALIENCY["methods"] else [],
-        [str(RD.explained_queries(layer)) for layer in EXPLAIN_LAYERS],
-        [str(RD.units_table(layer)) for layer in RENDER_LAYERS],
-        [str(RD.units_labels(layer)) for layer in LABEL_LAYERS],
-        [str(RD.atlas_table(layer)) for layer in ATLAS_LAYERS],
-        viz_outputs(),
+        shown,
     output:
         str(RD.report_dir / "index.html"),
     priority: 10  # on the longest path of a rerun (extract, embed, mosaic, report): first when ready
@@ -294,6 +346,7 @@ checkpoint manifest:
 rule extract:
     input:
         ancient(RD.manifest),
+        lambda wildcards: fsrule_settings.as_input(RD, "extract"),
     output:
         [RD.feature_part_template(layer) for layer in EXTRACT_LAYERS],
         [RD.topk_candidates_template(layer) for layer in TOPK_LAYERS],
@@ -426,11 +479,14 @@ rule mosaic:
 
 # Saliency maps of the selected images, one job per method, on a local Dask cluster of
 # `workers` processes (or the cluster at saliency.scheduler). Finished images are skipped,
-# maps of images that left the dataset deleted.
+# maps of images that left the dataset deleted. `overwrite`: the config says what the maps
+# are made with, so a change of an option there remakes the maps made with the old one (by
+# hand, the command refuses to without --overwrite).
 rule saliency:
     input:
         live_ids,
         live_labels,  # select: label=NAME
+        lambda wildcards: fsrule_settings.as_input(RD, f"saliency-{wildcards.method}"),
     output:
         str(RD.saliency_summary("{method}")),
     threads: SALIENCY_THREADS
@@ -439,7 +495,7 @@ rule saliency:
         **res("saliency"),
     params:
         cmd=lambda wildcards, threads: command("saliency compute", SALIENCY, method=wildcards.method,
-                                               **LOCAL_WORKERS(threads)),
+                                               overwrite=True, **LOCAL_WORKERS(threads)),
         unreadable=lambda wildcards: unreadable_met(RD.saliency_unreadable(wildcards.method)),
     shell:
         "{params.cmd}"
@@ -451,6 +507,7 @@ rule saliency:
 rule saliency_evaluate:
     input:
         [str(RD.saliency_summary(method)) for method in SALIENCY["methods"]],
+        lambda wildcards: fsrule_settings.as_input(RD, "saliency_evaluate"),
     output:
         [str(RD.faithfulness(method)) for method in SALIENCY["methods"]],
     threads: SALIENCY_THREADS

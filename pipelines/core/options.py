@@ -32,13 +32,15 @@ SCALARS = (str, int, float, bool, Path)
 def option(default: object = MISSING, *, help: str = "", choices: tuple | list = (), min: float | None = None,
            max: float | None = None, pattern: str | None = None, required: bool = False, positional: bool = False,
            spaced: bool = False, param: Param | None = None,
-           json_type: tuple[str, ...] = ()) -> dataclasses.Field:
+           json_type: tuple[str, ...] = (), tuning: bool = False) -> dataclasses.Field:
     """A declared option. `required`: no default, must be given. `positional`: given without
     a name on the command line. `spaced`: a list given as separate words, not comma-joined.
     `param`: a whole description instead (a kernel parameter's). `json_type`: the JSON types a
-    config file may use for it (or each item), where they are wider than the field's type."""
+    config file may use for it (or each item), where they are wider than the field's type.
+    `tuning`: how the command runs (threads, workers, batch size, device), not what it makes:
+    the workflow redoes nothing when only such an option changes (`deciding`)."""
     meta = {"param": param or Param(help, tuple(choices), min, max, pattern), "required": required,
-            "positional": positional, "spaced": spaced, "json_type": json_type}
+            "positional": positional, "spaced": spaced, "json_type": json_type, "tuning": tuning}
     if required:
         default = None
     if isinstance(default, list):
@@ -66,6 +68,7 @@ class Spec:
     positional: bool
     spaced: bool
     json_type: tuple[str, ...] = ()
+    tuning: bool = False  # see `option`
 
     @property
     def help(self) -> str:
@@ -126,10 +129,11 @@ def _resolve(hint: object) -> tuple[type, bool, bool]:
 
 
 def spec_of(name: str, hint: object, default: object, param: Param, *, required: bool = False,
-            positional: bool = False, spaced: bool = False, json_type: tuple[str, ...] = ()) -> Spec:
+            positional: bool = False, spaced: bool = False, json_type: tuple[str, ...] = (),
+            tuning: bool = False) -> Spec:
     scalar, is_list, optional = _resolve(hint)
     return Spec(name, scalar, is_list, optional or default is None, default, param, required, positional, spaced,
-                json_type)
+                json_type, tuning)
 
 
 def specs(cls: type) -> list[Spec]:
@@ -143,8 +147,14 @@ def specs(cls: type) -> list[Spec]:
                                                                else None)
         out.append(spec_of(f.name, hints[f.name], default, f.metadata["param"], required=f.metadata["required"],
                            positional=f.metadata["positional"], spaced=f.metadata["spaced"],
-                           json_type=f.metadata.get("json_type", ())))
+                           json_type=f.metadata.get("json_type", ()), tuning=f.metadata.get("tuning", False)))
     return out
+
+
+def deciding(options: Options) -> Options:
+    """`options` with every tuning option back at its default: what decides the command's
+    outputs, so two option sets that make the same outputs compare equal."""
+    return dataclasses.replace(options, **{s.name: s.default for s in specs(type(options)) if s.tuning})
 
 
 class Options:

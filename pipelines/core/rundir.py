@@ -84,6 +84,11 @@ class RunDir:
         workflow's manifest rule reruns when it changes, whatever `.snakemake/` remembers."""
         return self.root / "listing.sha256"
 
+    def rule_settings(self, rule: str) -> Path:
+        """What decides a workflow rule's outputs (see core.rule_settings): its time reruns
+        the rule when the config changes them."""
+        return self.root / "settings" / f"{rule}.txt"
+
     def shard_files(self, shard: int) -> list[Path]:
         """Every file extract writes for a shard (of every layer): removed together when the
         shard must be extracted again (see `manifest.shards_to_redo`)."""

@@ -336,13 +336,14 @@ class ExtractOptions(Options):
     model: str | None = option(help="torchvision architecture (default: the run's)")
     weights: str | None = option(help="imagenet | random | checkpoint path (default: the run's, else imagenet)")
     shard: int | None = option(help="only this shard (default: every unfinished shard)", min=0)
-    device: str = option("auto", help="where the model runs", choices=DEVICES)
+    device: str = option("auto", help="where the model runs", choices=DEVICES, tuning=True)
     precision: str = option("auto", help="auto: the run's (recorded by its first extraction), else bf16 on CPUs "
                                          "with AVX512-BF16/AMX and on GPUs that support it", choices=PRECISION_CHOICES)
-    batch_size: int = option(64, help="images per forward pass", min=1, max=4096)
-    workers: int | None = option(help="image decoding threads (default: min(16, cores); 0 = inline)", min=0)
+    batch_size: int = option(64, help="images per forward pass", min=1, max=4096, tuning=True)
+    workers: int | None = option(help="image decoding threads (default: min(16, cores); 0 = inline)", min=0,
+                                 tuning=True)
     threads: int | None = option(help="torch CPU threads (default: the CPUs this job may use: affinity, cgroup "
-                                      "quota, OMP_NUM_THREADS)", min=1)
+                                      "quota, OMP_NUM_THREADS)", min=1, tuning=True)
     seed: int = seed_option(0, help="seed for --weights random")
     topk: int = option(0, help="also keep each unit's top-K images of every shard, in the same pass (0: off)",
                        min=0, max=TOPK_MAX)

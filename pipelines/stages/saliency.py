@@ -80,28 +80,32 @@ class _StageOptions(Options):
     background: float = option(30.0, help="GrabCut: sure background below this percentile of the map", min=0,
                                max=100)
     workers: int | None = option(help="local Dask worker processes (default: one per usable CPU, up to 8, each "
-                                      "single-threaded)", min=1)
-    scheduler: str | None = option(help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
-    slurm_jobs: int | None = option(help="start Dask workers as this many SLURM jobs (dask-jobqueue)", min=1)
+                                      "single-threaded)", min=1, tuning=True)
+    scheduler: str | None = option(help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786", tuning=True)
+    slurm_jobs: int | None = option(help="start Dask workers as this many SLURM jobs (dask-jobqueue)", min=1,
+                                    tuning=True)
     # the other slurm options default to None, so that one given without slurm_jobs is told
     # apart from its default and refused (it would change nothing)
-    slurm_cores: int | None = option(help="with slurm_jobs: cores per worker job (default 4)", min=1)
+    slurm_cores: int | None = option(help="with slurm_jobs: cores per worker job (default 4)", min=1,
+                                     tuning=True)
     slurm_memory: str | None = option(help="with slurm_jobs: memory per worker job, e.g. 16GB (the default) or "
-                                           "500MiB", pattern=r"(?i)^[0-9]+(\.[0-9]+)? ?[kmgt]i?b$")
+                                           "500MiB", pattern=r"(?i)^[0-9]+(\.[0-9]+)? ?[kmgt]i?b$", tuning=True)
     # SLURM's forms: minutes, [days-]hours:minutes[:seconds] and the rest; sbatch refuses any
     # other, and the workers would then never start while the job waits for them
     slurm_walltime: str | None = option(help="with slurm_jobs: time limit per worker job (default 02:00:00)",
-                                        pattern=r"^([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}$")
-    slurm_gpus: int | None = option(help="with slurm_jobs: GPUs per worker job (gres; default 0)", min=0)
-    slurm_partition: str | None = option(help="with slurm_jobs: partition (queue)")
-    slurm_account: str | None = option(help="with slurm_jobs: account")
+                                        pattern=r"^([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}$", tuning=True)
+    slurm_gpus: int | None = option(help="with slurm_jobs: GPUs per worker job (gres; default 0)", min=0,
+                                    tuning=True)
+    slurm_partition: str | None = option(help="with slurm_jobs: partition (queue)", tuning=True)
+    slurm_account: str | None = option(help="with slurm_jobs: account", tuning=True)
     images_per_task: int | None = option(help="images per Dask task (default: by method, so a task takes >= "
-                                               "~100 ms)", min=1)
-    device: str = option("auto", help="where the workers run the model", choices=DEVICES)
+                                               "~100 ms)", min=1, tuning=True)
+    device: str = option("auto", help="where the workers run the model", choices=DEVICES, tuning=True)
     threads: int | None = option(help="torch threads per worker (default: the usable CPUs / workers, 1 if "
-                                      "workers is not given)", min=1)
+                                      "workers is not given)", min=1, tuning=True)
     overwrite: bool = option(False, help="replace the selected images' maps made with other options (each is "
-                                         "replaced once its new map is written; other images are left alone)")
+                                         "replaced once its new map is written; other images are left alone)",
+                             tuning=True)
 
 
 def _method_fields() -> list[tuple]:

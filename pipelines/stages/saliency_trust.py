@@ -78,16 +78,19 @@ class EvaluateOptions(Options):
     score: str = option("probability", help="the class score followed (RISE uses the probability)", choices=SCORES)
     seed: int = seed_option(0, help="seed of the random baseline maps (one per image)")
     batch: int | None = option(help="perturbed images per forward pass (default: 2 on a CPU, where a larger "
-                                    "batch's activations leave the cache; 128 on a GPU)", min=1, max=1024)
+                                    "batch's activations leave the cache; 128 on a GPU)", min=1, max=1024,
+                                tuning=True)
     precision: str = option("fp32", help="forward passes: fp32 (default; on a CPU run by ONNX Runtime, outputs equal "
                                          "to PyTorch's to 1e-5; bf16 moved MobileNet-V2's deletion curves by up to "
                                          "0.05 on the demo photos), or auto | bf16 | fp16 (PyTorch autocast)",
                             choices=PRECISION_CHOICES)
-    workers: int | None = option(help="local Dask worker processes (default: one per usable CPU)", min=1)
-    scheduler: str | None = option(help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
-    images_per_task: int = option(2, help="images per Dask task", min=1)
-    device: str = option("auto", help="where the workers run the model", choices=DEVICES)
-    threads: int | None = option(help="torch threads per worker (default: the usable CPUs / workers)", min=1)
+    workers: int | None = option(help="local Dask worker processes (default: one per usable CPU)", min=1,
+                                 tuning=True)
+    scheduler: str | None = option(help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786", tuning=True)
+    images_per_task: int = option(2, help="images per Dask task", min=1, tuning=True)
+    device: str = option("auto", help="where the workers run the model", choices=DEVICES, tuning=True)
+    threads: int | None = option(help="torch threads per worker (default: the usable CPUs / workers)", min=1,
+                                 tuning=True)
 
 
 def evaluation_options(options: EvaluateOptions) -> str:

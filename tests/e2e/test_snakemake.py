@@ -133,3 +133,42 @@ def test_a_config_error_stops_the_workflow_before_any_job(tmp_path):
     assert done.returncode != 0
     assert "config error at extract.precision: 'fp8' is not one of" in done.stderr + done.stdout
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_config_change_reruns_what_it_decides_and_a_missing_output_is_made_again(tmp_path, digits):
+    """Snakemake records no params for a rule whose command takes the job's threads: a change
+    of `topk.k` or of a saliency option in the config used to rerun nothing, and the run kept
+    top-k and maps made with the old settings as if current. And a stage's output deleted (or
+    removed by Snakemake when a rerun of its job failed) stayed missing: every later run said
+    "Nothing to be done" while the report was there."""
+    images = tmp_path / "images"
+    write_dataset(images, digits, n_photos=2, labels=(0, 1, 2, 3))
+    cfg = {"run": "changed", "runs_dir": str(tmp_path / "runs"), "images": str(images),
+           "model": {"arch": "resnet18", "weights": "random"}, "layers": ["pool"],
+           "extract": {"workers": 0, "threads": 1}, "topk": {"k": 2, "units": "0-1"},
+           "embed": {"perplexity": 1, "grid_side": 2, "tile": 16},
+           "saliency": {"methods": ["gradient"], "select": "label=photo", "workers": 1}}
+    configfile = tmp_path / "config.yaml"
+    write = lambda: configfile.write_text(yaml.safe_dump(cfg))  # noqa: E731
+    write()
+    assert (first := snakemake(tmp_path, configfile)).returncode == 0, first.stderr[-3000:]
+    rd = RunDir(tmp_path / "runs" / "changed")
+    assert pq.read_table(rd.topk("pool")).num_rows == 512 * 2
+
+    cfg["extract"] |= {"batch_size": 2, "threads": 2}  # how it runs, not what it makes: nothing to redo
+    write()
+    assert "Nothing to be done" in snakemake(tmp_path, configfile, "-n").stdout
+
+    cfg["topk"]["k"], cfg["saliency"]["score"] = 3, "probability"
+    write()
+    assert (changed := snakemake(tmp_path, configfile)).returncode == 0, changed.stderr[-3000:]
+    assert pq.read_table(rd.topk("pool")).num_rows == 512 * 3
+    made_with = {json.loads(o)["score"] for o in pq.read_table(rd.saliency_summary("gradient"))["options"].to_pylist()}
+    assert made_with == {"probability"}
+    assert "Nothing to be done" in snakemake(tmp_path, configfile, "-n").stdout
+
+    rd.embedding("pool").unlink()
+    assert (again := snakemake(tmp_path, configfile)).returncode == 0, again.stderr[-3000:]
+    assert "rule embed:" in again.stderr and rd.embedding("pool").exists()
+    assert status(rd).stale == []

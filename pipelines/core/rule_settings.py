@@ -1,0 +1,45 @@
+"""What decides a workflow rule's outputs, kept in a file whose changes Snakemake sees.
+
+Snakemake reruns a rule whose params changed, but it records no params for a job whose
+params function takes `threads` (they count as derived): extract and the two saliency rules.
+A change of `topk.k`, of a saliency option or of the evaluation's steps in the config then
+redid nothing, and the run kept outputs made with the old settings as if they were current.
+
+Each such rule takes `as_input(rd, rule)` as an input: a file that `record` rewrites, at each
+invocation of the workflow, when the rule's deciding command line changes (its tuning
+options, threads and workers and the like, left out: see `options.deciding`). Its new time
+then reruns every job of the rule. A record written for the first time is given the time 0
+and is no input yet: the outputs there are (none in a new run; those of a run made before
+records were kept) count as made with the settings of now, since listing a new input would
+rerun them all, as any change to a rule's inputs does.
+"""
+
+from __future__ import annotations
+
+import os
+
+from featscope.pipelines.core.atomic import write_bytes_atomic
+from featscope.pipelines.core.rundir import RunDir
+
+
+def record(rd: RunDir, rule: str, settings: str) -> bool:
+    """Keep `settings` as what decides `rule`'s outputs; True where they changed (the file is
+    then rewritten, and its time reruns the rule)."""
+    path, data = rd.rule_settings(rule), (settings + "\n").encode()
+    if not path.exists():
+        write_bytes_atomic(path, data)
+        os.utime(path, ns=(0, 0))  # see the module's docstring
+        return False
+    if path.read_bytes() == data:
+        return False
+    write_bytes_atomic(path, data)
+    return True
+
+
+def as_input(rd: RunDir, rule: str) -> list[str]:
+    """The rule's record as a list of inputs: empty until its settings first changed."""
+    path = rd.rule_settings(rule)
+    try:
+        return [str(path)] if path.stat().st_mtime_ns > 0 else []
+    except FileNotFoundError:
+        return []
