@@ -6,6 +6,7 @@
 # line is built from the config section's values by the command's own options declaration
 # (`command(...)` below), never written out here.
 
+import json
 import shlex
 import sys
 import time
@@ -189,13 +190,16 @@ if workflow.is_main_process:
         raise SystemExit(f"featscope: error: {e}")
 
 
-def deciding(name, section=None, **fixed):
-    """Command `name`'s line without its tuning options (threads, workers, batch size, ...):
-    what decides its outputs."""
-    def line():
+def deciding(name, section=None, outputs=(), **fixed):
+    """What decides the outputs of command `name`, as JSON: its options but the tuning ones
+    (threads, workers, batch size, ...) and `outputs`, those that name which files it makes
+    (Snakemake sees a change of those itself: a file added is missing, and one dropped
+    leaves the others as they are)."""
+    def values():
         spec = fscli.commands(name.split()[0])[name]
-        return fscli.command_line(name, fsoptions.deciding(fsconfig.options_for(section or {}, spec, **fixed)))
-    return CACHE.get("deciding", [name, section, fixed], line)
+        chosen = fsoptions.deciding(fsconfig.options_for(section or {}, spec, **fixed))
+        return json.dumps({name: value for name, value in chosen.items() if name not in outputs}, sort_keys=True)
+    return CACHE.get("deciding", [name, section, outputs, fixed], values)
 
 
 # Snakemake records no params for a job whose params function takes `threads`, so a change of
@@ -203,10 +207,12 @@ def deciding(name, section=None, **fixed):
 # record of what decides their outputs as an input instead, rewritten (and so newer than
 # their outputs) when it changes. See core.rule_settings.
 DECIDING = {
-    "extract": deciding("extract", EXTRACT, layers=EXTRACT_LAYERS, seed=MODEL["seed"], topk=TOPK["k"]),
+    "extract": deciding("extract", EXTRACT, outputs=("layers",), layers=EXTRACT_LAYERS, seed=MODEL["seed"],
+                        topk=TOPK["k"]),
     **{f"saliency-{method}": deciding("saliency compute", SALIENCY, method=method) for method in SALIENCY["methods"]},
-    **({"saliency_evaluate": deciding("saliency evaluate", EVALUATE, methods=SALIENCY["methods"],
-                                      select=SALIENCY["select"])} if EVALUATE is not None else {}),
+    **({"saliency_evaluate": deciding("saliency evaluate", EVALUATE, outputs=("methods",),
+                                      methods=SALIENCY["methods"], select=SALIENCY["select"])}
+       if EVALUATE is not None else {}),
 }
 if workflow.is_main_process:
     for rule_name, settings in DECIDING.items():

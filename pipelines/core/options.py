@@ -151,10 +151,10 @@ def specs(cls: type) -> list[Spec]:
     return out
 
 
-def deciding(options: Options) -> Options:
-    """`options` with every tuning option back at its default: what decides the command's
-    outputs, so two option sets that make the same outputs compare equal."""
-    return dataclasses.replace(options, **{s.name: s.default for s in specs(type(options)) if s.tuning})
+def deciding(options: Options) -> dict[str, object]:
+    """{name: value} of `options` but the tuning ones: what decides the command's outputs, so
+    two option sets that make the same outputs give equal dicts."""
+    return {s.name: getattr(options, s.name) for s in specs(type(options)) if not s.tuning}
 
 
 class Options:

@@ -87,7 +87,7 @@ class RunDir:
     def rule_settings(self, rule: str) -> Path:
         """What decides a workflow rule's outputs (see core.rule_settings): its time reruns
         the rule when the config changes them."""
-        return self.root / "settings" / f"{rule}.txt"
+        return self.root / "settings" / f"{rule}.json"
 
     def shard_files(self, shard: int) -> list[Path]:
         """Every file extract writes for a shard (of every layer): removed together when the

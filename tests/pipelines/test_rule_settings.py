@@ -11,11 +11,12 @@ from featscope.pipelines.stages.saliency_trust import EvaluateOptions
 
 def test_only_tuning_options_are_left_out_of_what_decides_the_outputs():
     ran = ExtractOptions(layers=["pool"], topk=5, batch_size=8, workers=0, threads=3, device="cpu")
-    assert deciding(ran) == ExtractOptions(layers=["pool"], topk=5)
+    assert deciding(ran) == deciding(ExtractOptions(layers=["pool"], topk=5))
+    assert deciding(ran)["topk"] == 5 and "threads" not in deciding(ran)
     assert deciding(ran) != deciding(ExtractOptions(layers=["pool"], topk=6))
     assert deciding(ran) != deciding(ExtractOptions(layers=["pool"], topk=5, precision="fp32"))
     sliced = SaliencyOptions(method="gradient", score="probability", workers=2, images_per_task=3, overwrite=True)
-    assert deciding(sliced) == SaliencyOptions(method="gradient", score="probability")
+    assert deciding(sliced) == deciding(SaliencyOptions(method="gradient", score="probability"))
     tuning = {cls.__name__: sorted(s.name for s in specs(cls) if s.tuning)
               for cls in (ExtractOptions, SaliencyOptions, EvaluateOptions)}
     assert tuning == {
@@ -32,13 +33,13 @@ def test_a_record_is_an_input_from_its_first_change_on(tmp_path):
     an input."""
     rd = RunDir(tmp_path / "run")
     assert rule_settings.as_input(rd, "extract") == []
-    assert rule_settings.record(rd, "extract", "featscope extract --layers pool --topk 5") is False
+    assert rule_settings.record(rd, "extract", '{"topk": 5}') is False
     assert rd.rule_settings("extract").stat().st_mtime_ns == 0 and rule_settings.as_input(rd, "extract") == []
-    assert rule_settings.record(rd, "extract", "featscope extract --layers pool --topk 5") is False
+    assert rule_settings.record(rd, "extract", '{"topk": 5}') is False
     assert rule_settings.as_input(rd, "extract") == []
-    assert rule_settings.record(rd, "extract", "featscope extract --layers pool --topk 6") is True
+    assert rule_settings.record(rd, "extract", '{"topk": 6}') is True
     assert rule_settings.as_input(rd, "extract") == [str(rd.rule_settings("extract"))]
     changed = rd.rule_settings("extract").stat().st_mtime_ns
-    assert changed > 0 and rd.rule_settings("extract").read_text() == "featscope extract --layers pool --topk 6\n"
-    assert rule_settings.record(rd, "extract", "featscope extract --layers pool --topk 6") is False
+    assert changed > 0 and rd.rule_settings("extract").read_text() == '{"topk": 6}\n'
+    assert rule_settings.record(rd, "extract", '{"topk": 6}') is False
     assert rd.rule_settings("extract").stat().st_mtime_ns == changed  # unchanged: nothing reruns
