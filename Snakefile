@@ -185,21 +185,23 @@ onerror:
 # Under `check_images: content` it changes every time, so every run reads every image.
 if workflow.is_main_process:
     try:
+        fsconfig.check_against_run(CFG, RD.run_json)
         fsmanifest.write_listing(RD, CFG["images"], CFG["check_images"])
     except FeatscopeError as e:
         raise SystemExit(f"featscope: error: {e}")
 
 
-def deciding(name, section=None, outputs=(), **fixed):
+def deciding(name, section=None, leave_out=(), **fixed):
     """What decides the outputs of command `name`, as JSON: its options but the tuning ones
-    (threads, workers, batch size, ...) and `outputs`, those that name which files it makes
-    (Snakemake sees a change of those itself: a file added is missing, and one dropped
-    leaves the others as they are)."""
+    (threads, workers, batch size, ...) and `leave_out`: those that name which files it
+    makes (Snakemake sees a change of those itself: a file added is missing, and one dropped
+    leaves the others as they are), and those the run pins (a change is refused when the
+    workflow starts: `config.check_against_run`)."""
     def values():
         spec = fscli.commands(name.split()[0])[name]
         chosen = fsoptions.deciding(fsconfig.options_for(section or {}, spec, **fixed))
-        return json.dumps({name: value for name, value in chosen.items() if name not in outputs}, sort_keys=True)
-    return CACHE.get("deciding", [name, section, outputs, fixed], values)
+        return json.dumps({name: value for name, value in chosen.items() if name not in leave_out}, sort_keys=True)
+    return CACHE.get("deciding", [name, section, leave_out, fixed], values)
 
 
 # Snakemake records no params for a job whose params function takes `threads`, so a change of
@@ -207,10 +209,10 @@ def deciding(name, section=None, outputs=(), **fixed):
 # record of what decides their outputs as an input instead, rewritten (and so newer than
 # their outputs) when it changes. See core.rule_settings.
 DECIDING = {
-    "extract": deciding("extract", EXTRACT, outputs=("layers",), layers=EXTRACT_LAYERS, seed=MODEL["seed"],
-                        topk=TOPK["k"]),
+    "extract": deciding("extract", EXTRACT, leave_out=("layers", "precision", "seed"), layers=EXTRACT_LAYERS,
+                        seed=MODEL["seed"], topk=TOPK["k"]),
     **{f"saliency-{method}": deciding("saliency compute", SALIENCY, method=method) for method in SALIENCY["methods"]},
-    **({"saliency_evaluate": deciding("saliency evaluate", EVALUATE, outputs=("methods",),
+    **({"saliency_evaluate": deciding("saliency evaluate", EVALUATE, leave_out=("methods",),
                                       methods=SALIENCY["methods"], select=SALIENCY["select"])}
        if EVALUATE is not None else {}),
 }

@@ -14,6 +14,7 @@ second rather than in the first extraction job.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Iterator
 from importlib import resources
@@ -171,6 +172,27 @@ def validate(config: dict, full_schema: dict | None = None) -> dict:
                 raise FeatscopeError(f"config error at {section}.layers.{i}: '{layer}' is not one of the extracted "
                                      "layers")
     return config
+
+
+def check_against_run(config: dict, run_json: Path) -> None:
+    """Refuse, naming the key, an extraction setting that the run's record (run.json) already
+    rules out: another precision than its features', another seed for its random weights.
+    Its extract jobs would refuse it too, but only after Snakemake had deleted the feature
+    parts they were to make again: checked when the workflow starts, nothing is lost."""
+    try:
+        recorded = json.loads(run_json.read_text())
+    except (OSError, ValueError):
+        return  # a new run, or a damaged record that the jobs name
+    precision, held = config["extract"].get("precision", "auto"), recorded.get("precision")
+    if precision != "auto" and held and precision != held:
+        raise FeatscopeError(f"config error at extract.precision: run {run_json.parent} holds {held} features, and "
+                             f"{precision} ones would differ from them by a few percent; give {held} (or auto), or "
+                             "use another run directory")
+    seed = config["model"].get("seed", 0)
+    if recorded.get("weights") == "random" and recorded.get("weights_sha256") and recorded.get("seed", 0) != seed:
+        raise FeatscopeError(f"config error at model.seed: run {run_json.parent} holds features of random weights "
+                             f"drawn with seed {recorded.get('seed', 0)}, not {seed}; give {recorded.get('seed', 0)}, "
+                             "or use another run directory")
 
 
 def load(path: str | Path) -> dict:

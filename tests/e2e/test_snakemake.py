@@ -160,6 +160,19 @@ def test_a_config_change_reruns_what_it_decides_and_a_missing_output_is_made_aga
     write()
     assert "Nothing to be done" in snakemake(tmp_path, configfile, "-n").stdout
 
+    # what the run pins is refused before any job: an extract job refused it only after
+    # Snakemake had deleted the feature part it was to make again
+    parts = sorted(p.read_bytes() for p in (rd.root / "features" / "pool").glob("part-*.parquet"))
+    for key, section, value in (("extract.precision", "extract", {"precision": "fp32"}),
+                                ("model.seed", "model", {"seed": 1})):
+        cfg[section] |= value
+        write()
+        refused = snakemake(tmp_path, configfile)
+        assert refused.returncode != 0 and f"config error at {key}" in refused.stderr, refused.stderr[-2000:]
+        assert sorted(p.read_bytes() for p in (rd.root / "features" / "pool").glob("part-*.parquet")) == parts
+        for name in value:
+            del cfg[section][name]
+
     cfg["topk"]["k"], cfg["saliency"]["score"] = 3, "probability"
     write()
     assert (changed := snakemake(tmp_path, configfile)).returncode == 0, changed.stderr[-3000:]

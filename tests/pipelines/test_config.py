@@ -1,5 +1,6 @@
 """Config files are checked before any work, and errors name the key."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,21 @@ def test_a_config_that_is_not_yaml_is_one_line_naming_the_place(tmp_path, text, 
     with pytest.raises(FeatscopeError) as e:
         config.load(path)
     assert str(e.value) == f"cannot read config {path}: {message}"
+
+
+def test_what_the_run_pins_is_refused_against_its_record(tmp_path):
+    """Another precision than the features', another seed for random weights: refused by key
+    when the workflow starts, before Snakemake deletes any output of a job that would refuse."""
+    run_json = tmp_path / "run.json"
+    cfg = config.validate({"images": "x", "run": "r", "model": {"arch": "resnet18", "weights": "random"},
+                           "layers": ["pool"], "extract": {"precision": "fp32"}})
+    config.check_against_run(cfg, run_json)  # a new run: anything goes
+    run_json.write_text(json.dumps({"weights": "random", "weights_sha256": "ab", "seed": 0, "precision": "bf16"}))
+    with pytest.raises(FeatscopeError, match=r"config error at extract.precision: run .* holds bf16 features"):
+        config.check_against_run(cfg, run_json)
+    for precision in ("bf16", "auto"):
+        config.check_against_run(cfg | {"extract": {"precision": precision}}, run_json)
+    with pytest.raises(FeatscopeError, match=r"config error at model.seed: .* drawn with seed 0, not 3; give 0"):
+        config.check_against_run(cfg | {"extract": {}, "model": {"arch": "resnet18", "seed": 3}}, run_json)
+    run_json.write_text(json.dumps({"weights": "imagenet", "weights_sha256": "ab", "seed": 0}))
+    config.check_against_run(cfg | {"extract": {}, "model": {"arch": "resnet18", "seed": 3}}, run_json)  # no draw
