@@ -200,7 +200,7 @@ def deciding(name, section=None, leave_out=(), **fixed):
     def values():
         spec = fscli.commands(name.split()[0])[name]
         chosen = fsoptions.deciding(fsconfig.options_for(section or {}, spec, **fixed))
-        return json.dumps({name: value for name, value in chosen.items() if name not in leave_out}, sort_keys=True)
+        return json.dumps({key: value for key, value in chosen.items() if key not in leave_out}, sort_keys=True)
     return CACHE.get("deciding", [name, section, leave_out, fixed], values)
 
 
