@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.core.atomic import REGISTRY, file_digest, registered
+from featscope.pipelines.core.atomic import REGISTRY, file_digest, read_registry
 from featscope.pipelines.core.manifest import MANIFEST_SCHEMA, MANIFEST_SCHEMA_BEFORE_CTIME
 from featscope.pipelines.core.options import Command, Options
 from featscope.pipelines.core.rundir import RunDir
@@ -156,6 +156,12 @@ def _generic_fix(rd: RunDir, path: Path) -> str:
     return f"delete it and rerun the workflow (or the stage that writes {top}/)"
 
 
+def _registry_fix(rd: RunDir, registry: Path) -> str:
+    folder = registry.parent.relative_to(rd.root)
+    return (f"delete the lines that do not parse (the files they named are then checked by their kind only), or "
+            f"rerun the stage that writes {folder}/ to register its files again")
+
+
 def verify(rd: RunDir, *, progress: bool = False) -> Verification:
     """Check each known file by its kind (readable, checksummed pages, the columns of its
     kind, the run's model), and every file featscope registered (see core.atomic) against
@@ -173,8 +179,15 @@ def verify(rd: RunDir, *, progress: bool = False) -> Verification:
     damaged: dict[Path, tuple[str, str]] = {}
     fixes: dict[Path, str] = {}
     files = list(_files(rd))
-    entries = [(registry.parent / name, entry) for registry in sorted(rd.root.rglob(REGISTRY))
-               for name, entry in registered(registry.parent).items()]
+    entries = []
+    for registry in sorted(rd.root.rglob(REGISTRY)):
+        found, bad = read_registry(registry.parent)
+        entries += [(registry.parent / name, entry) for name, entry in found.items()]
+        if bad:  # a damaged line hides the checksum of the file it registered
+            which = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            damaged[registry] = (f"{plural(len(bad), 'line')} that {'does' if len(bad) == 1 else 'do'} not parse "
+                                 f"(line {which}): the files they registered cannot be checked against their "
+                                 "checksums", _registry_fix(rd, registry))
     with tqdm(total=len(files) + len(entries), desc="verify", unit="file", disable=not progress,
               mininterval=1.0) as bar:
         for path, check, fix in files:

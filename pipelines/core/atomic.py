@@ -67,16 +67,22 @@ def append_line(path: Path, text: str) -> None:
 
 def registered(folder: Path) -> dict[str, dict]:
     """name -> {"sha256", "size"} of the files last put in place in `folder` (torn lines skipped)."""
-    out = {}
+    return read_registry(folder)[0]
+
+
+def read_registry(folder: Path) -> tuple[dict[str, dict], list[int]]:
+    """`registered`, and the numbers (from 1) of the registry's lines that do not parse: the
+    files they registered cannot be checked against their checksums (verify says so)."""
+    out, bad = {}, []
     path = Path(folder) / REGISTRY
     if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             try:
                 entry = json.loads(line)
                 out[entry["name"]] = entry
             except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return out
+                bad.append(number)
+    return out, bad
 
 
 def tmp_path_for(path: Path) -> Path:

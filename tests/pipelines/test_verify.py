@@ -113,3 +113,17 @@ def test_damaged_report_files_are_named_and_the_fix_repairs_them(clean_run, tmp_
         target.unlink()
     report.build(copy, progress=False)
     assert verify(copy).damaged == []
+
+
+def test_a_registry_line_that_does_not_parse_is_named(clean_run, tmp_path):
+    """Each registry line holds a file's checksum; one damaged used to be skipped in silence,
+    and the file it registered went unchecked."""
+    copy = RunDir(tmp_path / "copy")
+    shutil.copytree(clean_run.root, copy.root)
+    picture = copy.viz_filters("conv1")
+    write_bytes_atomic(picture, b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    registry = picture.parent / ".checksums.jsonl"
+    lines = registry.read_text().splitlines()
+    registry.write_text("\n".join([lines[0][:-9] + "\x00garbage"] + lines[1:]) + "\n")
+    (path, problem, fix), = verify(copy).damaged
+    assert path == registry and "1 line that does not parse (line 1)" in problem and "viz/filters/" in fix
