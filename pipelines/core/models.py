@@ -24,6 +24,7 @@ from featscope.kernels.architectures import profile_for, tested_architectures
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import LayerSpec, resolve_layer
 from featscope.kernels.params import ParamError
+from featscope.pipelines.core.store import no_features
 
 TESTED_ARCHITECTURES = tested_architectures()
 IMAGENET_WEIGHTS = "IMAGENET1K_V1"  # the one file every tested architecture has
@@ -295,7 +296,7 @@ def load_run_model(config: dict, *, require_features: bool = False) -> LoadedMod
     if not config.get("model"):
         raise FeatscopeError("this run records no model: run `featscope manifest --model ...` first")
     if require_features and "weights_sha256" not in config:
-        raise FeatscopeError("this run has no features yet: run `featscope extract` first")
+        raise no_features(config)
     weights = config.get("weights") or "imagenet"
     loaded = load_model(config["model"], weights, seed=int(config.get("seed", 0)))
     loaded.class_names = checked_class_names(loaded, config.get("class_names"))

@@ -32,6 +32,15 @@ NON_FINITE = "non_finite"  # an extract error: the model computed NaN or inf for
 OUT_OF_RANGE = "out_of_range"  # an extract error: a value past FLOAT16_MAX, which the store cannot hold
 
 
+def no_features(config: dict) -> FeatscopeError:
+    """The error of a stage that needs features in a run without any: not extracted yet, or
+    no image to extract (a run made empty with `allow_empty`, waiting for images)."""
+    if config.get("next_id") == 0:
+        return FeatscopeError("this run has no images yet: its image source listed none when the manifest was last "
+                              "updated, so there is nothing to work on until images arrive")
+    return FeatscopeError("this run has no features yet: run `featscope extract` first")
+
+
 @dataclass(frozen=True)
 class RunIdentity:
     """What makes two feature files comparable: same model, same weights, same pixels in."""
@@ -44,7 +53,7 @@ class RunIdentity:
     def of_run(cls, config: dict) -> RunIdentity:
         """The identity run.json records once features were extracted."""
         if "weights_sha256" not in config:
-            raise FeatscopeError("this run has no features yet: run `featscope extract` first")
+            raise no_features(config)
         preprocessing = config["preprocessing"]
         if not isinstance(preprocessing, str):  # run.json holds an object; runs before 0.2 a JSON string
             preprocessing = json.dumps(preprocessing, sort_keys=True)

@@ -614,5 +614,9 @@ def test_a_new_run_of_no_images_is_refused_unless_asked(tmp_path):
         manifest.run(rd, tmp_path / "empty")
     assert refused.value.param == "allow_empty" and not rd.manifest.exists() and not rd.run_json.exists()
     assert manifest.run(rd, tmp_path / "empty", allow_empty=True).total == 0  # as asked: it fills later
+    from featscope.pipelines.stages import embed
+
+    with pytest.raises(FeatscopeError, match="no images yet: its image source listed none"):  # not "extract first"
+        embed.embed(rd, "pool")
     touch_images(tmp_path / "empty", ["a/1.png"])
     assert manifest.run(rd, tmp_path / "empty").total == 1
