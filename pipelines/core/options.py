@@ -152,9 +152,12 @@ def specs(cls: type) -> list[Spec]:
 
 
 def deciding(options: Options) -> dict[str, object]:
-    """{name: value} of `options` but the tuning ones: what decides the command's outputs, so
-    two option sets that make the same outputs give equal dicts."""
-    return {s.name: getattr(options, s.name) for s in specs(type(options)) if not s.tuning}
+    """{name: value} of `options` but the tuning ones, for those that differ from their
+    defaults (as a command line writes them): what decides the command's outputs. Two option
+    sets that make the same outputs give equal dicts, and an option added to the command
+    later, at a default that keeps what it made, changes none."""
+    return {s.name: value for s in specs(type(options))
+            if not s.tuning and (value := getattr(options, s.name)) != s.default}
 
 
 class Options:
