@@ -8,10 +8,10 @@ redid nothing, and the run kept outputs made with the old settings as if they we
 Each such rule takes `as_input(rd, rule)` as an input: a file that `record` rewrites, at each
 invocation of the workflow, when what decides the rule's outputs changes (its options that
 differ from their defaults, but the tuning ones, threads and workers and the like: see
-`options.deciding`). Its new time then reruns every job of the rule. A record written for the first time is given the time 0
-and is no input yet: the outputs there are (none in a new run; those of a run made before
-records were kept) count as made with the settings of now, since listing a new input would
-rerun them all, as any change to a rule's inputs does.
+`options.deciding`). Its new time then reruns every job of the rule. A record written for
+the first time is given the time 0 and is no input yet: the outputs there are (none in a new
+run; those of a run made before records were kept) count as made with the settings of now,
+since listing a new input would rerun them all, as any change to a rule's inputs does.
 """
 
 from __future__ import annotations
