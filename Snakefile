@@ -216,9 +216,11 @@ DECIDING = {
                                       methods=SALIENCY["methods"], select=SALIENCY["select"])}
        if EVALUATE is not None else {}),
 }
+# what outputs say of the settings they were made with, asked when a record is first written
+MADE_SO = {"extract": lambda: fsrule_settings.candidates_are(RD, TOPK_LAYERS, TOPK["k"])}
 if workflow.is_main_process:
     for rule_name, settings in DECIDING.items():
-        fsrule_settings.record(RD, rule_name, settings)
+        fsrule_settings.record(RD, rule_name, settings, made_so=MADE_SO.get(rule_name, lambda: True))
 
 
 def unreadable_met(record):

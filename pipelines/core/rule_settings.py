@@ -11,28 +11,50 @@ differ from their defaults, but the tuning ones, threads and workers and the lik
 `options.deciding`). Its new time then reruns every job of the rule. A record written for
 the first time is given the time 0 and is no input yet: the outputs there are (none in a new
 run; those of a run made before records were kept) count as made with the settings of now,
-since listing a new input would rerun them all, as any change to a rule's inputs does.
+since listing a new input would rerun them all, as any change to a rule's inputs does;
+unless the outputs tell otherwise (`made_so`: extract's candidates record their top-k).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
+from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core.atomic import write_bytes_atomic
 from featscope.pipelines.core.rundir import RunDir
+from featscope.pipelines.core.store import file_metadata
 
 
-def record(rd: RunDir, rule: str, settings: str) -> bool:
+def record(rd: RunDir, rule: str, settings: str, *, made_so: Callable[[], bool] = lambda: True) -> bool:
     """Keep `settings` as what decides `rule`'s outputs; True where they changed (the file is
-    then rewritten, and its time reruns the rule)."""
+    then rewritten, and its time reruns the rule). `made_so`: whether the outputs there are
+    were made with `settings`, as far as they tell, asked when the record is first written
+    (a run whose config changed before records were kept reruns the rule then)."""
     path, data = rd.rule_settings(rule), (settings + "\n").encode()
     if not path.exists():
         write_bytes_atomic(path, data)
+        if not made_so():
+            return True
         os.utime(path, ns=(0, 0))  # see the module's docstring
         return False
     if path.read_bytes() == data:
         return False
     write_bytes_atomic(path, data)
+    return True
+
+
+def candidates_are(rd: RunDir, layers: list[str], k: int) -> bool:
+    """Whether every shard's top-k candidates of `layers` there are keep the top `k`, as
+    their metadata says (extract's outputs: whether they were made with `topk.k` = k)."""
+    for layer in layers:
+        folder = rd.topk_candidates_part(layer, 0).parent
+        for part in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []:
+            try:
+                if int(file_metadata(part).get("k", -1)) != k:
+                    return False
+            except (FeatscopeError, ValueError):
+                return False  # damaged or foreign: its job makes it again
     return True
 
 

@@ -43,3 +43,26 @@ def test_a_record_is_an_input_from_its_first_change_on(tmp_path):
     assert changed > 0 and rd.rule_settings("extract").read_text() == '{"topk": 6}\n'
     assert rule_settings.record(rd, "extract", '{"topk": 6}') is False
     assert rd.rule_settings("extract").stat().st_mtime_ns == changed  # unchanged: nothing reruns
+
+
+def test_a_first_record_reruns_the_rule_where_its_outputs_say_other_settings(tmp_path):
+    """A run whose config changed before records were kept (top-k made 3 deep, the config
+    asking 5) kept its old top-k as if current: the first record now reruns extract then."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rd = RunDir(tmp_path / "run")
+    part = rd.topk_candidates_part("pool", 0)
+    part.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"channel": [0]}).replace_schema_metadata({"k": "3"}), part)
+    assert rule_settings.candidates_are(rd, ["pool"], 3) and not rule_settings.candidates_are(rd, ["pool"], 5)
+    made_so = lambda: rule_settings.candidates_are(rd, ["pool"], 5)  # noqa: E731
+    assert rule_settings.record(rd, "extract", '{"topk": 5}', made_so=made_so) is True
+    assert rule_settings.as_input(rd, "extract") == [str(rd.rule_settings("extract"))]
+    other = RunDir(tmp_path / "other")
+    part = other.topk_candidates_part("pool", 0)
+    part.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"channel": [0]}).replace_schema_metadata({"k": "5"}), part)
+    assert rule_settings.record(other, "extract", '{"topk": 5}',
+                                made_so=lambda: rule_settings.candidates_are(other, ["pool"], 5)) is False
+    assert rule_settings.as_input(other, "extract") == []
