@@ -121,6 +121,15 @@ def withdraw(*paths: Path) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+def rewrite_if_changed(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` only if it holds something else (True then): for files that
+    are workflow inputs, whose time, not a job's running, decides what reruns."""
+    if path.exists() and path.read_bytes() == data:
+        return False
+    write_bytes_atomic(path, data)
+    return True
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

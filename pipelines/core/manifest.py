@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
-from featscope.pipelines.core.atomic import file_digest, holding, write_bytes_atomic
+from featscope.pipelines.core.atomic import file_digest, holding, rewrite_if_changed
 from featscope.pipelines.core.images import is_image_name
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import candidates_run_short, file_metadata, write_errors, write_table
@@ -632,18 +632,9 @@ def read_rows(rd: RunDir, root: Path) -> list[dict]:
     return rows
 
 
-def _rewrite_if_changed(path: Path, data: bytes) -> bool:
-    """Write `data` to `path` only if it holds something else (True then): these files are
-    workflow inputs, and their time, not the manifest job's running, decides what reruns."""
-    if path.exists() and path.read_bytes() == data:
-        return False
-    write_bytes_atomic(path, data)
-    return True
-
-
 def write_live_ids(rd: RunDir, ids: list[int]) -> None:
     """manifest-live.txt: rewritten only when the set of live ids changes (see RunDir.live_ids)."""
-    _rewrite_if_changed(rd.live_ids, "".join(f"{i}\n" for i in sorted(ids)).encode())
+    rewrite_if_changed(rd.live_ids, "".join(f"{i}\n" for i in sorted(ids)).encode())
 
 
 def write_live_labels(rd: RunDir, labels: list[tuple[int, str | None]]) -> None:
@@ -652,13 +643,13 @@ def write_live_labels(rd: RunDir, labels: list[tuple[int, str | None]]) -> None:
     digest = hashlib.sha256()
     for image_id, label in sorted(labels, key=lambda pair: pair[0]):
         digest.update(f"{image_id}\0{'' if label is None else label}\0{label is None}\n".encode())
-    _rewrite_if_changed(rd.live_labels, (digest.hexdigest() + "\n").encode())
+    rewrite_if_changed(rd.live_labels, (digest.hexdigest() + "\n").encode())
 
 
 def write_live_script(rd: RunDir, images: int) -> None:
     """manifest-live.js (see RunDir.live_script), rewritten only when the stamp changes."""
     body = json.dumps({"stamp": rd.live_stamp(), "images": images})
-    _rewrite_if_changed(rd.live_script, f"window.FS_LIVE = {body};\n".encode())
+    rewrite_if_changed(rd.live_script, f"window.FS_LIVE = {body};\n".encode())
 
 
 def write_listing(rd: RunDir, source: str | Path, check: str = "stat") -> bool:
@@ -666,7 +657,7 @@ def write_listing(rd: RunDir, source: str | Path, check: str = "stat") -> bool:
     An extraction that could not read some images changes it too (each time it records
     them), so the workflow's next invocation updates the manifest, which tries them again."""
     retry = [f"{part.name} {part.stat().st_mtime_ns}" for part in unreadable_at_extraction(rd)]
-    return _rewrite_if_changed(rd.listing, "\n".join([listing_fingerprint(source, check), *retry, ""]).encode())
+    return rewrite_if_changed(rd.listing, "\n".join([listing_fingerprint(source, check), *retry, ""]).encode())
 
 
 def read(rd: RunDir, shard: int | None = None, *, include_removed: bool = False) -> pa.Table:

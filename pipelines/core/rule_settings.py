@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 
 from featscope.kernels.errors import FeatscopeError
-from featscope.pipelines.core.atomic import write_bytes_atomic
+from featscope.pipelines.core.atomic import rewrite_if_changed, write_bytes_atomic
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import file_metadata
 
@@ -38,10 +38,7 @@ def record(rd: RunDir, rule: str, settings: str, *, made_so: Callable[[], bool] 
             return True
         os.utime(path, ns=(0, 0))  # see the module's docstring
         return False
-    if path.read_bytes() == data:
-        return False
-    write_bytes_atomic(path, data)
-    return True
+    return rewrite_if_changed(path, data)
 
 
 def candidates_are(rd: RunDir, layers: list[str], k: int) -> bool:
