@@ -5,7 +5,12 @@ Synthetic clustered vectors with a decaying spectrum, as CNN features have (defa
 Prints build time, queries/s, recall@10 against exact flat search and index bytes, and the
 ratio `index/auto_vs_exact qps` (target >= 10 with recall@10 >= 0.95 for N >= 200k).
 
-    python benchmarks/index_bench.py [--sets 200000x1280,1000000x256] [--autofaiss-python PATH]
+With `--batched`: an exact index searched as the query service searches it, on one thread,
+in batches of 1-16 queries: FAISS's search (a pass over the index per query, or BLAS at the
+cost of several) against `NeighbourIndex.scan_batches_at_once` (one pass per batch of 2-8; FAISS's search
+for others), ms per query and the ratio `index/batched_scan_vs_faiss`.
+
+    python benchmarks/index_bench.py [--sets 200000x1280,1000000x256] [--autofaiss-python PATH] [--batched]
 
 autofaiss pins numpy 1.x, so it cannot live in featscope's environment; give the python
 of a separate venv with `pip install autofaiss` to compare, e.g. /tmp/afvenv/bin/python.
@@ -103,11 +108,48 @@ def run_set(n: int, dims: int, autofaiss_python: str | None) -> None:
               f"{af['qps']:,.0f} q/s, recall@10 {af_recall:.3f}, build {af['build']:.1f}s, {af['bytes'] / 1e6:.0f} MB)")
 
 
+def run_batched(n: int, dims: int) -> None:
+    """ms per query of an exact index on one thread, FAISS's search against one pass a batch."""
+    import torch
+
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    data = prepare(synthetic(n + 64, dims, seed=n), "cosine")
+    chunks = lambda: iter([(np.arange(n), data[:n])])  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:  # saved and memory-mapped, as the service opens it
+        NeighbourIndex.from_build(build_index(chunks, n=n, dims=dims, kind="flat", metric="cosine")).save(
+            f"{tmp}/flat")
+        ix, scanned = (NeighbourIndex.load(f"{tmp}/flat", mmap=True) for _ in range(2))
+        assert scanned.scan_batches_at_once()
+        _compare_batches(ix, scanned, data[n:], f"{n}x{dims}")
+
+
+def _compare_batches(ix: NeighbourIndex, scanned: NeighbourIndex, data: np.ndarray, name: str) -> None:
+    for batch in (1, 2, 4, 8, 16):
+        queries = data[:batch]
+        times, found = {}, {}
+        for how, index in (("faiss", ix), ("scan", scanned)):
+            found[how] = index.search_vectors(queries, 10)
+            start, rounds = time.perf_counter(), max(3, 64 // batch)
+            for _ in range(rounds):
+                index.search_vectors(queries, 10)
+            times[how] = (time.perf_counter() - start) / rounds / batch * 1000
+        same = np.mean(found["faiss"].image_ids == found["scan"].image_ids)
+        print(f"index/batched_scan_vs_faiss {name} batch {batch:2d}: {times['faiss'] / times['scan']:.2f} "
+              f"(faiss {times['faiss']:.2f} ms a query, with the scan {times['scan']:.2f}; "
+              f"same neighbours {same:.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default="200000x1280,1000000x256")
     parser.add_argument("--autofaiss-python", help="python of a venv where autofaiss is installed")
+    parser.add_argument("--batched", action="store_true", help="only exact searches of 1-16 queries (the service's)")
     args = parser.parse_args()
+    if args.batched:
+        for spec in args.sets.split(","):
+            run_batched(*map(int, spec.split("x")))
+        return
     print(f"# faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, 1000 batched queries, k=10")
     for spec in args.sets.split(","):
         n, dims = map(int, spec.split("x"))

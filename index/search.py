@@ -31,6 +31,7 @@ from featscope.index.build import BuildResult, prepare
 from featscope.kernels.errors import FeatscopeError
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "meta.json"
+SCAN_MAX_QUERIES = 8  # see NeighbourIndex.scan_batches_at_once
 
 
 class Neighbours(NamedTuple):
@@ -56,6 +57,7 @@ class NeighbourIndex:
         self.index, self.ids, self.meta, self.directory = index, ids, meta, directory
         self._order = np.argsort(ids, kind="stable")
         self._apply_search_params()
+        self._scan_vectors = self._scan_norms = None  # see scan_batches_at_once
 
     @classmethod
     def from_build(cls, result: BuildResult) -> NeighbourIndex:
@@ -191,11 +193,49 @@ class NeighbourIndex:
         """Neighbours of images in the index (each image is its own first neighbour)."""
         return self._search(self.vectors_of(image_ids), k)
 
+    def scan_batches_at_once(self) -> bool:
+        """Search later batches of 2 to SCAN_MAX_QUERIES queries on this exact (flat) index in
+        one pass over its vectors, through torch's matrix product, and return whether it will.
+        FAISS's exact search of a few queries either reads the index once per query or, from
+        `distance_compute_blas_threshold` on (2 queries of 1,280 dims here, see __init__),
+        goes through BLAS at a fixed cost of about 3.6 single-query passes.
+        For a process that has torch loaded and answers concurrent queries (the query
+        service); an index of another kind is left as it is. `benchmarks/index_bench.py
+        --batched`, one thread: the demo's 5,012 x 1,280 `pool` 3.4x FAISS's speed a query in
+        batches of 2, 1.8x in 4, 1.3-1.4x in 8; 200,000 x 1,280 2.9x, 1.5x, 1.0x; the same
+        neighbours. Larger batches stay with FAISS: the scan still searches them faster
+        alone, but its torch calls give up and take back the GIL, and in the service at 128
+        GET clients (batches of about 20) that cost 15% of its throughput."""
+        import torch
+
+        flat = faiss.downcast_index(self.index)
+        if not isinstance(flat, faiss.IndexFlat) or flat.metric_type != faiss.METRIC_L2 or len(self) == 0:
+            return False
+        vectors = faiss.rev_swig_ptr(flat.get_xb(), len(self) * flat.d).reshape(len(self), flat.d)
+        self._scan_vectors = torch.from_numpy(vectors)  # the index's memory (mapped or not): never written
+        self._scan_norms = torch.linalg.vector_norm(self._scan_vectors, dim=1).square_()  # a float per vector
+        return True
+
     def _search(self, prepared: np.ndarray, k: int) -> Neighbours:
         if k < 1:
             raise FeatscopeError("k must be at least 1")
-        dist, rows = self.index.search(np.ascontiguousarray(prepared), min(k, len(self)))
+        if 1 < len(prepared) <= SCAN_MAX_QUERIES and self._scan_vectors is not None:
+            dist, rows = self._scan(prepared, min(k, len(self)))
+        else:
+            dist, rows = self.index.search(np.ascontiguousarray(prepared), min(k, len(self)))
         image_ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
         dist = np.maximum(dist, 0.0)
         dist = dist / 2.0 if self.meta["metric"] == "cosine" else np.sqrt(dist)
         return Neighbours(image_ids, dist.astype(np.float32))
+
+    def _scan(self, prepared: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(squared L2 distances, rows) of the k nearest stored vectors of each query, as
+        IndexFlatL2.search gives them: |x|^2 - 2 q.x in one matrix product, ranked, plus |q|^2
+        (the same for a query's every row). Two torch calls: each gives up and takes back the
+        GIL, which costs while the service's event loop holds it."""
+        import torch
+
+        queries = np.ascontiguousarray(prepared, dtype=np.float32)
+        partial = torch.addmm(self._scan_norms, torch.from_numpy(queries), self._scan_vectors.T, alpha=-2)
+        dist, rows = torch.topk(partial, k, dim=1, largest=False)  # sorted, nearest first
+        return dist.numpy() + np.square(queries).sum(1, keepdims=True), rows.numpy()

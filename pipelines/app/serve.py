@@ -18,8 +18,8 @@ Uploads decode on a pool of threads, outside the model's lock, and the model emb
 dynamic batches (`DynamicBatcher`: the first waiting upload opens a batch that takes whoever
 arrives within a few milliseconds) on as many model threads as fill the cores, each with its
 own copy of the model, so throughput grows with concurrency. Searches are
-batched too, on one thread: those that arrive while one batch searches form the next (see
-`search_batch` for what that saves). GETs never wait for the model. Memory does not grow with the dataset beyond
+batched too, on one thread: those that arrive while one batch searches form the next, which
+an exact index searches in one pass over its vectors. GETs never wait for the model. Memory does not grow with the dataset beyond
 Arrow columns of the manifest (`Catalogue`) and the indexes, memory-mapped where the kind
 allows. Only the report and the pictures it shows are served: raw run files (manifest,
 run.json, features, indexes, checkpoints) only with `--expose-run-files`.
@@ -264,12 +264,8 @@ class DynamicBatcher:
 def search_batch(requests: list[tuple[NeighbourIndex, int | np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(index, image id or vector, k) requests -> (neighbour ids, distances) each, with one
     search call per index and kind of query. An image is never its own neighbour.
-    What a batch saves is the hand-offs and the cache, not passes over the index: FAISS's
-    exact search reads the whole index once per query below 100 queries of 1,280 dimensions
-    (`distance_compute_blas_threshold`; its BLAS path, 3.5 ms for 1 to 16 queries on the
-    demo's `pool`, costs more than that up to 4). Measured in the service on the demo run,
-    a GET's search costs 1.2 ms of CPU alone and 0.3 ms in the batches of 23 that 128
-    clients make, the index's 25 MB staying in the cache between its queries."""
+    An exact index searches a batch in one pass over its vectors (`_open_mapped`; FAISS's own
+    search of a few queries costs several: `NeighbourIndex.scan_batches_at_once`)."""
     answers: list = [None] * len(requests)
     for index in {id(index): index for index, _, _ in requests}.values():
         for by_id in (True, False):
@@ -560,11 +556,13 @@ def limit_threads(count: int) -> None:
 
 def _open_mapped(rd: RunDir, layer: str, live: np.ndarray, identity: RunIdentity) -> NeighbourIndex:
     """The layer's index memory-mapped (its pages shared with the page cache), or read if the
-    kind cannot be mapped."""
+    kind cannot be mapped; an exact one searches each batch of `searches` in one pass."""
     try:
-        return open_index(rd, layer, mmap=True, live=live, identity=identity)
+        index = open_index(rd, layer, mmap=True, live=live, identity=identity)
     except RuntimeError:
-        return open_index(rd, layer, live=live, identity=identity)
+        index = open_index(rd, layer, live=live, identity=identity)
+    index.scan_batches_at_once()
+    return index
 
 
 # ---- HTTP ---------------------------------------------------------------------------------
@@ -599,7 +597,7 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
         return RedirectResponse("/report/index.html", status_code=302)
 
     # Lookups run on the event loop; searches on the search batcher's thread (concurrent ones
-    # in one call: see search_batch); the model never runs for a GET. Each request answers
+    # share one pass over an exact index); the model never runs for a GET. Each request answers
     # from one state of the run, as it is on disk when the request arrives. Answers are
     # JSONResponses: returned as they are, not validated against a response model.
     @app.get("/api/image/{image_id}", summary="An image's label, file name and shard")

@@ -11,6 +11,7 @@ from helpers import as_chunks, clustered
 from featscope.index import NeighbourIndex, build_index, choose_plan, parse_bytes, recall_at_k
 from featscope.index.build import _without_polysemous_training
 from featscope.index.recall import exact_knn
+from featscope.index.search import SCAN_MAX_QUERIES
 from featscope.kernels.errors import FeatscopeError
 
 
@@ -35,6 +36,51 @@ def test_flat_search_equals_brute_force_numpy(metric):
     rows, dist = brute_force(x, q, 5, metric)
     np.testing.assert_array_equal(found.image_ids, ids[rows])
     np.testing.assert_allclose(found.distances, dist, rtol=1e-4, atol=1e-4)
+
+
+class _NoFaissSearch:
+    """An index whose FAISS search fails: what answers must be the scan."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def search(self, *args):
+        raise AssertionError("FAISS searched a batch the scan should have")
+
+    def __getattr__(self, name):
+        return getattr(self.index, name)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_a_batch_scanned_in_one_pass_equals_brute_force_and_other_batches_stay_with_faiss(tmp_path, metric):
+    x = clustered(3000, 24)
+    ids = np.arange(3000) * 5 + 2
+    NeighbourIndex.from_build(build_index(as_chunks(x, ids), n=3000, dims=24, kind="flat", metric=metric)).save(
+        tmp_path / "flat")
+    ix = NeighbourIndex.load(tmp_path / "flat", mmap=True)  # as the query service opens it
+    faiss_index = ix.index
+    assert ix.scan_batches_at_once()
+    q = clustered(SCAN_MAX_QUERIES + 1, 24, seed=3)
+    ix.index = _NoFaissSearch(faiss_index)
+    found = ix.search_vectors(q[:SCAN_MAX_QUERIES], k=7)
+    rows, dist = brute_force(x.astype(np.float64), q[:SCAN_MAX_QUERIES].astype(np.float64), 7, metric)
+    np.testing.assert_array_equal(found.image_ids, ids[rows])
+    np.testing.assert_allclose(found.distances, dist, rtol=1e-4, atol=1e-4)
+    # by id (each image its own first neighbour), and k past the index's size
+    np.testing.assert_array_equal(ix.search_ids(ids[[10, 20]], k=4).image_ids[:, 0], ids[[10, 20]])
+    assert ix.search_vectors(q[:2], k=5000).image_ids.shape == (2, 3000)
+    # one query, and a batch past SCAN_MAX_QUERIES, go to FAISS as before, with the same answers
+    ix.index = faiss_index
+    everything = ix.search_vectors(q, k=7)
+    np.testing.assert_array_equal(everything.image_ids[:SCAN_MAX_QUERIES], found.image_ids)
+    np.testing.assert_array_equal(ix.search_vectors(q[:1], k=7).image_ids, found.image_ids[:1])
+
+
+def test_an_approximate_index_is_not_scanned():
+    x = clustered(3000, 16)
+    ix = NeighbourIndex.from_build(build_index(as_chunks(x, np.arange(3000)), n=3000, dims=16, kind="hnsw"))
+    assert not ix.scan_batches_at_once()
+    assert ix._scan_vectors is None
 
 
 def test_auto_on_a_small_collection_is_exact():
