@@ -6,7 +6,8 @@ one after another over keep-alive for a fixed time) measures throughput and p50/
 latency, and counts errors (non-200 answers) and dropped connections:
 
 - GET /api/neighbours (random ids, layer pool, k=10) at concurrency 1, 8, 32, 128;
-- POST /api/neighbours (the demo photos, cycled) at concurrency 1, 4, 16.
+- POST /api/neighbours (the demo photos, cycled) at concurrency 1, 4, 16;
+- one upload client while 128 GET clients run (how long an upload waits in a GET storm).
 
 Each line prints featscope's figures beside the baseline's (`benchmarks/stdlib_server.py`,
 the server of before, unchanged), then `serve/<kind>_c<N>` ratios of throughput.
@@ -130,6 +131,26 @@ def measure(port: int, concurrency: int, seconds: float, make) -> dict:
             **counts}
 
 
+def measure_mixed(port: int, seconds: float, upload, get) -> dict:
+    """One upload client while 128 GET clients run (started first): the upload's figures."""
+    latencies, counts = [], {"ok": 0, "errors": 0, "dropped": 0}
+    ignored, ignored_counts = [], {"ok": 0, "errors": 0, "dropped": 0}
+
+    async def main():
+        until = time.perf_counter() + seconds + 1
+        gets = [client(port, until, get, ignored, ignored_counts) for _ in range(128)]
+        await asyncio.gather(*gets, uploads(until))
+
+    async def uploads(until: float):
+        await asyncio.sleep(1)  # the GET clients connected and busy
+        await client(port, until, upload, latencies, counts)
+
+    asyncio.run(main())
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {"rate": counts["ok"] / seconds, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+            **counts}
+
+
 def fmt(r: dict) -> str:
     return (f"{r['rate']:7.1f}/s p50 {r['p50']:7.1f} ms p99 {r['p99']:7.1f} ms "
             f"errors {r['errors']} dropped {r['dropped']}")
@@ -164,6 +185,7 @@ def main() -> None:
             measure(port, 2, 1.0, get)
             for name, concurrency, make in plan:
                 results[f"{kind} {name} {concurrency}"] = measure(port, concurrency, args.seconds, make)
+            results[f"{kind} mixed"] = measure_mixed(port, args.seconds, post, get)
         finally:
             server.send_signal(signal.SIGTERM)
             try:
@@ -174,6 +196,8 @@ def main() -> None:
     for name, concurrency, _ in plan:
         ours, theirs = results[f"featscope {name} {concurrency}"], results[f"stdlib {name} {concurrency}"]
         print(f"{name:6s} c={concurrency:<3d} featscope {fmt(ours)} | stdlib {fmt(theirs)}")
+    ours, theirs = results["featscope mixed"], results["stdlib mixed"]
+    print(f"upload c=1 while 128 GET clients: featscope {fmt(ours)} | stdlib {fmt(theirs)}")
     for name, concurrency, _ in plan:
         ours, theirs = results[f"featscope {name} {concurrency}"], results[f"stdlib {name} {concurrency}"]
         print(f"serve/{name}_c{concurrency} featscope_vs_stdlib: {ours['rate'] / max(theirs['rate'], 1e-9):.2f}")

@@ -694,19 +694,20 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"upload of {declared} bytes is over the limit of {limit}")
-    chunks, size = [], 0
-    stream = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), timeout)
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            raise ApiError(408, f"the body did not arrive within {timeout:g}s") from None
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"upload over the limit of {limit} bytes")
-        chunks.append(chunk)
+    # one deadline, moved on with each chunk: `asyncio.wait_for` per chunk would make each
+    # chunk a task of its own, and each costs a turn of the event loop, which under load
+    # (128 GET clients) is tens of milliseconds
+    chunks, size, loop = [], 0, asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout) as deadline:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"upload over the limit of {limit} bytes")
+                chunks.append(chunk)
+                deadline.reschedule(loop.time() + timeout)
+    except TimeoutError:
+        raise ApiError(408, f"the body did not arrive within {timeout:g}s") from None
     return b"".join(chunks)
 
 

@@ -122,6 +122,21 @@ def test_a_body_that_stalls_and_headers_that_never_end_are_answered_408(port):
     assert time.perf_counter() - start < 9
 
 
+def test_a_body_that_keeps_arriving_is_read_to_its_end_past_the_body_timeout(port):
+    """The 1 s body timeout is for a stall: four pieces 0.6 s apart (2.4 s in all) are read."""
+    body = b"not an image, " * 4
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(post(UPLOAD, b"", str(len(body))))
+        for piece in range(4):
+            time.sleep(0.6)
+            s.sendall(body[piece * 14:(piece + 1) * 14])
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status, answer = int(data.split(b" ", 2)[1]), json.loads(data.partition(b"\r\n\r\n")[2])
+    assert status == 415 and "not an image" in answer["error"], (status, answer)
+
+
 def test_raw_run_files_are_served_only_when_exposed(reported_run):
     server = make_server(reported_run, port=0, expose_run_files=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
