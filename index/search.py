@@ -197,11 +197,12 @@ class NeighbourIndex:
         """Search later batches of 2 to SCAN_MAX_QUERIES queries on this exact (flat) index in
         one pass over its vectors, through torch's matrix product, and return whether it will.
         FAISS's exact search of a few queries either reads the index once per query or, from
-        `distance_compute_blas_threshold` on (2 queries of 1,280 dims here, see __init__),
+        `distance_compute_blas_threshold` on (2 queries of 1,280 dims on 2 cores: __init__),
         goes through BLAS at a fixed cost of about 3.6 single-query passes.
         For a process that has torch loaded and answers concurrent queries (the query
-        service); an index of another kind is left as it is. `benchmarks/index_bench.py
-        --batched`, one thread: the demo's 5,012 x 1,280 `pool` 3.4x FAISS's speed a query in
+        service), on an index no one adds to afterwards (the scan reads the index's memory
+        where it is); an index of another kind is left as it is. `benchmarks/index_bench.py
+        --batched`, one thread: the demo's 5,012 x 1,280 `pool` 3.3x FAISS's speed a query in
         batches of 2, 1.8x in 4, 1.3-1.4x in 8; 200,000 x 1,280 2.9x, 1.5x, 1.0x; the same
         neighbours. Larger batches stay with FAISS: the scan still searches them faster
         alone, but its torch calls give up and take back the GIL, and in the service at 128

@@ -17,11 +17,11 @@ pixel count is checked from its header before it is decoded. Every error is a JS
 Uploads decode on a pool of threads, outside the model's lock, and the model embeds them in
 dynamic batches (`DynamicBatcher`: the first waiting upload opens a batch that takes whoever
 arrives within a few milliseconds) on as many model threads as fill the cores, each with its
-own copy of the model, so throughput grows with concurrency. Searches are
-batched too, on one thread: those that arrive while one batch searches form the next, which
-an exact index searches in one pass over its vectors. GETs never wait for the model. Memory does not grow with the dataset beyond
-Arrow columns of the manifest (`Catalogue`) and the indexes, memory-mapped where the kind
-allows. Only the report and the pictures it shows are served: raw run files (manifest,
+own copy of the model, so throughput grows with concurrency. Searches are batched too, on
+one thread: those that arrive while one batch searches form the next, which an exact index
+searches in one pass over its vectors (up to 8 queries). GETs never wait for the model.
+Memory does not grow with the dataset beyond Arrow columns of the manifest (`Catalogue`) and
+the indexes, memory-mapped where the kind allows. Only the report and the pictures it shows are served: raw run files (manifest,
 run.json, features, indexes, checkpoints) only with `--expose-run-files`.
 
 It follows the run while a rerun changes it (`RunState`): each request answers from the
