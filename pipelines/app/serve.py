@@ -21,8 +21,9 @@ own copy of the model, so throughput grows with concurrency. Searches are batche
 one thread: those that arrive while one batch searches form the next, which an exact index
 searches in one pass over its vectors (up to 8 queries). GETs never wait for the model.
 Memory does not grow with the dataset beyond Arrow columns of the manifest (`Catalogue`) and
-the indexes, memory-mapped where the kind allows. Only the report and the pictures it shows are served: raw run files (manifest,
-run.json, features, indexes, checkpoints) only with `--expose-run-files`.
+the indexes, memory-mapped where the kind allows. Only the report and the pictures it shows
+are served: raw run files (manifest, run.json, features, indexes, checkpoints) only with
+`--expose-run-files`.
 
 It follows the run while a rerun changes it (`RunState`): each request answers from the
 manifest and indexes as they are on disk, read together; a layer whose index still holds
