@@ -125,9 +125,13 @@ def measure(port: int, concurrency: int, seconds: float, make) -> dict:
 
     start = time.perf_counter()
     asyncio.run(main())
-    elapsed = time.perf_counter() - start
+    return summary(latencies, counts, time.perf_counter() - start)
+
+
+def summary(latencies: list, counts: dict, seconds: float) -> dict:
+    """Throughput over `seconds`, p50 and p99 latency in ms, and the counts."""
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {"rate": counts["ok"] / elapsed, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+    return {"rate": counts["ok"] / seconds, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
             **counts}
 
 
@@ -146,9 +150,7 @@ def measure_mixed(port: int, seconds: float, upload, get) -> dict:
         await client(port, until, upload, latencies, counts)
 
     asyncio.run(main())
-    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {"rate": counts["ok"] / seconds, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
-            **counts}
+    return summary(latencies, counts, seconds)
 
 
 def fmt(r: dict) -> str:
