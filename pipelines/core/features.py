@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from featscope.kernels.conv_fusion import fuse_conv_clamps
+from featscope.kernels.conv_fusion import fuse_conv_clamps, pack_weights
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import LayerSpec, LayerTap
 from featscope.kernels.quantile_sketch import ActivationSketch
@@ -63,11 +63,13 @@ def checked_vector(vector: np.ndarray, layer: str) -> np.ndarray:
 
 def extraction_model(loaded: LoadedModel, specs: list[LayerSpec], device: torch.device) -> torch.nn.Module:
     """The module an extraction runs, channels-last: batch norms folded and, on a CPU, each
-    conv fused with the clamp after it (forward passes only; both leave every tapped layer's
-    output as it is: `kernels.batchnorm_folding`, `kernels.conv_fusion`)."""
+    conv fused with the clamp after it and the other weights kept packed (forward passes only;
+    all leave every tapped layer's output as it is: `kernels.batchnorm_folding`,
+    `kernels.conv_fusion`)."""
     model = inference_model(loaded, specs)
     if device.type == "cpu":
         fuse_conv_clamps(model, keep=[spec.module_path for spec in specs if spec.kind != "pixels"])
+        pack_weights(model)
     return model.to(device).to(memory_format=torch.channels_last)
 
 

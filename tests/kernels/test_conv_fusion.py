@@ -1,7 +1,9 @@
-"""Fusing each conv with its clamp leaves every output bit-identical, in fp32 and bf16, and
-never touches a module that is called twice or tapped for its own output."""
+"""Fusing each conv with its clamp, and keeping the other weights packed, leave every output
+bit-identical, in fp32, bf16 and fp16; fusing never touches a module that is called twice or
+tapped for its own output."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -10,7 +12,14 @@ from helpers import trained_like_batchnorms
 from torch import nn
 
 from featscope.kernels.batchnorm_folding import fold_batchnorm
-from featscope.kernels.conv_fusion import FusedConv, clamp_of, conv_clamp_chains, fuse_conv_clamps
+from featscope.kernels.conv_fusion import (
+    AutocastLinear,
+    FusedConv,
+    clamp_of,
+    conv_clamp_chains,
+    fuse_conv_clamps,
+    pack_weights,
+)
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
 
@@ -48,6 +57,32 @@ def test_fused_model_is_bit_identical(arch, expected, dtype):
     ref, ours = outputs(model, x, [], dtype), outputs(fused, x, [], dtype)
     assert ours["logits"].dtype == ref["logits"].dtype
     assert torch.equal(ours["logits"], ref["logits"])
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("arch, convs, linears, taps", [
+    ("mobilenet_v2", 17, 1, ["features.2.conv.2", "features.13", "classifier.1"]),  # projection convs, classifier
+    ("resnet18", 19, 1, ["layer1.0.conv1", "layer2.0.downsample.0", "fc"]),  # all but the stem (fused)
+    ("vgg11", 0, 3, ["classifier.0", "classifier.3"])])  # every conv fused; fc6, fc7, fc8
+def test_packed_weights_leave_every_output_and_tap_bit_identical_at_any_input_shape(arch, convs, linears, taps, dtype):
+    """Against the model with its clamps fused (the extraction model before this; in float32,
+    fused and unfused differ on a batch of one, which PyTorch sends to its own kernels). The
+    weights are packed at the first call's shape; a later batch or image size gets the same
+    numbers. A used model still copies."""
+    model = folded(arch)
+    fuse_conv_clamps(model)
+    packed = copy.deepcopy(model)
+    assert pack_weights(packed) == convs + linears
+    assert sum(type(m) is FusedConv and m.attr == "none" for m in packed.modules()) == convs
+    assert sum(isinstance(m, AutocastLinear) for m in packed.modules()) == linears
+    for shape in [(1, 3, 64, 64), (3, 3, 64, 64), (2, 3, 80, 96)]:
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        ref, ours = outputs(model, x, taps, dtype), outputs(packed, x, taps, dtype)
+        for tap in [*taps, "logits"]:
+            assert ours[tap].dtype == ref[tap].dtype and torch.equal(ours[tap], ref[tap]), (shape, tap)
+    again = pickle.loads(pickle.dumps(copy.deepcopy(packed)))  # oneDNN's packed tensors cannot be copied
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(outputs(again, x, [], dtype)["logits"], outputs(model, x, [], dtype)["logits"])
 
 
 def test_a_tapped_conv_or_folded_norm_keeps_its_own_output_and_a_tapped_block_is_unchanged():
