@@ -13,13 +13,14 @@ PyTorch runs unfused on its own kernels, not oneDNN's). Activations that are not
 
 A fused conv also keeps its weights in the autocast dtype, instead of autocast casting them
 anew on every forward pass (10% of a bf16 pass here), and packed in the layout oneDNN's kernel
-reads, instead of oneDNN reordering them on every call. `pack_weights` does the same for the
-convs with no clamp after them and for the linear layers, under autocast. Those costs come
-once a call, whatever the batch: MobileNet-V2's extraction model in bf16 on one thread took
-8.3-8.6 ms for one image (an upload to the query service) against 11.8-11.9 before, 21.0
-against 24.7-25.1 for 4, 36.5-40.7 against 43.5-44.7 for 8 (with `kernels.layers`' cheaper
-tap lookup), every output bit-identical. Nothing here has a backward pass: gradient methods
-(saliency, visualisation) keep the model as folded.
+reads, instead of oneDNN reordering them on every call (for batches up to PACK_MAX_BATCH).
+`pack_weights` does the same for the convs with no clamp after them and for the linear
+layers, under autocast. Those costs come once a call, whatever the batch: MobileNet-V2's
+extraction model in bf16 on one thread took 7.8-8.8 ms for one image (an upload to the query
+service) against 11.8-11.9 before, 18.8-20.5 against 24.7-25.1 for 4, 32.7-37.2 against
+43.5-44.7 for 8 (with `kernels.layers`' cheaper tap lookup), every output bit-identical; 64
+images on two threads, as extraction runs, as fast as before. Nothing here has a backward
+pass: gradient methods (saliency, visualisation) keep the model as folded.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def clamp_of(module: nn.Module) -> tuple[str, list[float]] | None:
     return None
 
 
+# Batches up to this size take a conv's weight packed in oneDNN's layout for their shape,
+# saving a reorder of the weight on every call; a larger one takes it unpacked, the reorder
+# small beside its work. MobileNet-V2, bf16: a pass of one image on one thread 7.1-7.9 ms
+# packed against 8.4-9.9 unpacked; 64 images on two threads 5-10% slower with the weights
+# packed for another shape (oneDNN then picks a kernel that reads that layout).
+PACK_MAX_BATCH = 8
+PACK_MAX_SHAPES = 16  # packed copies kept, at most: a run's model sees one image size
+
+
 class FusedConv(nn.Module):
     """A Conv2d and the clamp after it as one oneDNN convolution (no gradient). attr "none":
     a conv with no clamp after it (`pack_weights`), which runs so only under autocast, where
@@ -56,19 +66,25 @@ class FusedConv(nn.Module):
     def __init__(self, conv: nn.Conv2d, attr: str, scalars: list[float]):
         super().__init__()
         self.conv, self.attr, self.scalars = conv, attr, scalars
-        self._packed: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}  # weight and bias in a dtype
+        self._packed: dict[tuple, torch.Tensor] = {}  # the weight packed for (dtype, input shape)
 
     def _weights_in(self, dtype: torch.dtype, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight in `dtype`, packed for inputs shaped as x (another shape gets the same
-        numbers: oneDNN reorders the weight again where its kernel needs another layout; the
-        first call's shape served batches of 1 to 64 as fast), and the bias in `dtype`."""
-        if dtype not in self._packed:
-            conv, bias = self.conv, self.conv.bias
-            weight = torch.ops.mkldnn._reorder_convolution_weight(
-                conv.weight.detach().to(dtype), list(conv.padding), list(conv.stride), list(conv.dilation),
-                conv.groups, list(x.shape))
-            self._packed[dtype] = (weight, None if bias is None else bias.detach().to(dtype))
-        return self._packed[dtype]
+        """The weight and bias in `dtype`, the weight packed for inputs shaped as x where the
+        batch is at most PACK_MAX_BATCH (oneDNN's layout depends on the shape; the same numbers
+        either way)."""
+        if dtype not in self._cast:
+            bias = self.conv.bias
+            self._cast[dtype] = (self.conv.weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype))
+        weight, bias = self._cast[dtype]
+        if len(x) > PACK_MAX_BATCH or len(self._packed) >= PACK_MAX_SHAPES:
+            return weight, bias
+        key = (dtype, tuple(x.shape))
+        if key not in self._packed:
+            conv = self.conv
+            self._packed[key] = torch.ops.mkldnn._reorder_convolution_weight(
+                weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
+        return self._packed[key], bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast = torch.is_autocast_enabled("cpu")

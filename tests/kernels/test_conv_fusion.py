@@ -13,6 +13,7 @@ from torch import nn
 
 from featscope.kernels.batchnorm_folding import fold_batchnorm
 from featscope.kernels.conv_fusion import (
+    PACK_MAX_BATCH,
     AutocastLinear,
     FusedConv,
     clamp_of,
@@ -67,15 +68,15 @@ def test_fused_model_is_bit_identical(arch, expected, dtype):
 def test_packed_weights_leave_every_output_and_tap_bit_identical_at_any_input_shape(arch, convs, linears, taps, dtype):
     """Against the model with its clamps fused (the extraction model before this; in float32,
     fused and unfused differ on a batch of one, which PyTorch sends to its own kernels). The
-    weights are packed at the first call's shape; a later batch or image size gets the same
-    numbers. A used model still copies."""
+    weights are packed for each small batch's shape, and left unpacked for a larger batch:
+    the same numbers either way. A used model still copies."""
     model = folded(arch)
     fuse_conv_clamps(model)
     packed = copy.deepcopy(model)
     assert pack_weights(packed) == convs + linears
     assert sum(type(m) is FusedConv and m.attr == "none" for m in packed.modules()) == convs
     assert sum(isinstance(m, AutocastLinear) for m in packed.modules()) == linears
-    for shape in [(1, 3, 64, 64), (3, 3, 64, 64), (2, 3, 80, 96)]:
+    for shape in [(1, 3, 64, 64), (3, 3, 64, 64), (2, 3, 80, 96), (PACK_MAX_BATCH + 1, 3, 64, 64)]:
         x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
         ref, ours = outputs(model, x, taps, dtype), outputs(packed, x, taps, dtype)
         for tap in [*taps, "logits"]:
