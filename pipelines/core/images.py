@@ -9,6 +9,7 @@ alpha) are converted, never rejected; EXIF orientation is applied.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,7 +74,7 @@ def _decode(data: bytes, max_pixels: int, min_size: int | None, *, tensor: bool)
                     if scaled:
                         img.draft(None, (min_size, min_size))
                 elif tensor and img.format == "PNG" and img.mode in ("RGB", "L") and "transparency" not in img.info \
-                        and b"eXIf" not in data:
+                        and b"eXIf" not in _png_chunk_types(data):
                     # opaque 8-bit colour or grey with no EXIF chunk (an orientation could be in
                     # it; Pillow's getexif would decode the whole image to look after the pixel
                     # data): torchvision's libpng decoder gives Pillow's pixels, 15% faster
@@ -95,6 +96,21 @@ def _decode(data: bytes, max_pixels: int, min_size: int | None, *, tensor: bool)
             raise BadImage("not an image (unrecognised file format)") from None
         except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as e:
             raise BadImage(f"cannot decode: {str(e).splitlines()[-1].split(', ')[-1]}") from None
+
+
+def _png_chunk_types(data: bytes) -> set[bytes]:
+    """The types of a PNG's chunks, from their headers alone, up to IEND; {b"eXIf"} (as if it
+    had one) where its chunks do not add up, which Pillow then reads or explains. Walking the
+    headers holds the GIL for 3-24 us on the demo PNGs; searching the whole file for b"eXIf"
+    took 0.24-0.72 ms, which the query service's other threads waited through."""
+    types, position = set(), 8  # after the signature
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        types.add(kind)
+        if kind == b"IEND":
+            return types
+        position += 12 + length  # length, type, data, CRC
+    return {b"eXIf"}
 
 
 def _png_pixels(data: bytes) -> torch.Tensor | None:

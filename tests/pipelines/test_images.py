@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, open_image, read_pixels
+from featscope.pipelines.core.images import DEFAULT_MAX_PIXELS, BadImage, decode_pixels, open_image, read_pixels
 
 
 def save(img: Image.Image, path, **kw):
@@ -146,6 +146,27 @@ def test_png_exif_orientation_is_applied_on_every_path(tmp_path):
     path = tmp_path / "rot.png"
     Image.fromarray(gradient(40, 30)).save(path, exif=exif.tobytes())
     assert tuple(read_pixels(path).shape) == (3, 40, 30) and open_image(path).size == (30, 40)
+
+
+def test_png_exif_after_the_pixel_data_is_applied_too(tmp_path):
+    """PNG allows the eXIf chunk after the image data; the fast path must look there too."""
+    import struct
+    import zlib
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = io.BytesIO()
+    Image.fromarray(gradient(40, 30)).save(data, format="PNG")
+    payload = exif.tobytes()[6:]  # without the "Exif\0\0" header, as PNG stores it
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    png = data.getvalue()
+    end = png.rindex(b"IEND") - 4  # before IEND's length field
+    path = tmp_path / "late.png"
+    path.write_bytes(png[:end] + chunk + png[end:])
+    assert png.index(b"IDAT") < path.read_bytes().index(b"eXIf")
+    assert open_image(path).size == (30, 40)  # Pillow finds it after the pixels
+    assert tuple(read_pixels(path).shape) == (3, 40, 30)
+    assert tuple(decode_pixels(path.read_bytes()).shape) == (3, 40, 30)
 
 
 def test_read_pixels_applies_exif_orientation_on_the_fast_path(tmp_path):
