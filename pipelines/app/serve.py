@@ -16,8 +16,10 @@ pixel count is checked from its header before it is decoded. Every error is a JS
 
 Uploads decode on a pool of threads, outside the model's lock, and the model embeds them in
 dynamic batches (`DynamicBatcher`: the first waiting upload opens a batch that takes whoever
-arrives within a few milliseconds) on as many model threads as fill the cores, each with its
-own copy of the model, so throughput grows with concurrency. Searches are batched too, on
+arrives within a few milliseconds), so throughput grows with concurrency: where a batch costs
+the model much less an image (a GPU; bf16 on a CPU with fast bf16) on one model thread, with
+the decoders yielding the CPU to it; elsewhere on as many model threads as fill the cores,
+each with its own copy of the model (`model_workers`). Searches are batched too, on
 one thread: those that arrive while one batch searches form the next, which an exact index
 searches in one pass over its vectors (up to 8 queries). GETs never wait for the model.
 Memory does not grow with the dataset beyond Arrow columns of the manifest (`Catalogue`) and
@@ -283,23 +285,37 @@ def search_batch(requests: list[tuple[NeighbourIndex, int | np.ndarray, int]]) -
     return answers
 
 
-# Uploads embedded in one forward pass, at most. On the CPU an image costs more in a larger
-# batch once its activations leave the cache: MobileNet-V2, one thread, 8 cost 7.2 ms an
-# image and 16 cost 8.9 on an AVX-512 machine; 2-4 cost 18-20 ms, 8 25-26 and 16 33 on a
-# 2-core AVX2 one (224 px). A smaller batch also holds the uploads behind it for less: on
-# the AVX2 machine, at 16 clients, 45/s and p99 491 ms with 4 against 41/s and 589 ms with 8
-# (means of four paired runs; 4 ahead in each).
-EMBED_BATCH = {"cpu": 4, "cuda": 16}
+def batching_pays(device: str, precision: str) -> bool:
+    """Whether the model embeds a batch of uploads for much less an image than one by one: on
+    a GPU, and on a CPU with fast bf16 running a bf16 run (oneDNN's AMX kernels; MobileNet-V2
+    on one core of an AMX Xeon: 4.3 ms an image in 4 and 4.2 in 8, against 7.3 alone). Not in
+    float32 on a CPU: 11.2 alone, 9.6 in 4 and 12.5 in 8 on the same core; 17.2 alone and
+    18.8 in 8 on a 2-core AVX2 machine."""
+    from featscope.pipelines.core.device import cpu_has_fast_bf16
+
+    return device == "cuda" or (precision == "bf16" and cpu_has_fast_bf16())
 
 
-def model_workers(device: str) -> int:
-    """Threads that run the model at once, each on its own copy and on `op_threads()` cores:
-    on the CPU, as many as fill the cores (2 of 1 thread on 2 cores; one OpenMP team over all
-    cores contends with the decoders, see `limit_threads`); one on a GPU, whose kernels queue
-    anyway. Batching alone does not fill a CPU: on a 2-core AVX2 machine a batch of 8 costs
-    as much an image as a batch of 1 (18.8 against 17.2 ms), and the one model thread was the
-    service's bottleneck at 95% of a core with the other core 60% idle."""
-    return 1 if device == "cuda" else max(1, usable_cpus() // op_threads())
+# Uploads embedded in one forward pass, at most, where batching pays and where it does not.
+# On the CPU an image costs more in a larger batch once its activations leave the cache
+# (in bf16 on the AMX Xeon, 16 cost 5.5 ms an image against 4.2 for 8); a smaller batch
+# also holds the uploads behind it for less: on the AVX2 machine, at 16 clients, 45/s and
+# p99 491 ms with 4 against 41/s and 589 ms with 8 (means of four paired runs).
+EMBED_BATCH = {"cpu": 8, "cuda": 16}
+EMBED_BATCH_UNBATCHED = 4
+
+
+def model_workers(device: str, batching: bool) -> int:
+    """Threads that run the model at once, each on its own copy and on `op_threads()` cores.
+    One where batching pays (a GPU, whose kernels queue anyway; a CPU in bf16), in batches of
+    8 on the CPU, with the decoders yielding to it (`decoder_setup`): the 2-core AMX Xeon
+    embedded 16 clients' uploads at 136.8-139.2/s (p50 107-110 ms) against 116.6-126.2/s
+    (p50 124-134 ms) with two threads of 4 (three paired runs). Elsewhere as many as fill the
+    cores (2 of 1 thread on 2 cores; one OpenMP team over all cores contends with the
+    decoders, see `limit_threads`): there batching alone does not fill a CPU, and on a 2-core
+    AVX2 machine the one model thread was the service's bottleneck at 95% of a core with the
+    other core 60% idle."""
+    return 1 if batching else max(1, usable_cpus() // op_threads())
 
 
 class QueryService:
@@ -308,7 +324,7 @@ class QueryService:
     def __init__(self, rd: RunDir, *, max_upload: int = 16 * 2**20, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_k: int = 100, expose_run_files: bool = False, decode_threads: int | None = None,
                  model_threads: int | None = None):
-        from featscope.pipelines.core.device import resolve_device
+        from featscope.pipelines.core.device import resolve_device, resolve_precision
         from featscope.pipelines.core.features import ImageEmbedder
 
         self.rd, self.root = rd, rd.root.resolve()
@@ -321,17 +337,21 @@ class QueryService:
         self._reading: Future | None = None  # the read of a changed run, when one is under way
         self._checked_at = time.monotonic()
         self.device = resolve_device("auto").type  # where uploads are embedded
-        self.model_threads = model_threads or model_workers(self.device)
         # the model embeds uploads into every layer indexed now; a layer indexed later is
         # searched by id only (POST answers 503 for it) until the service restarts
         config = rd.read_config()
+        precision = resolve_precision(config.get("precision", "auto"), resolve_device(self.device))
+        self.batching = batching_pays(self.device, precision)
+        self.model_threads = model_threads or model_workers(self.device, self.batching)
+        self.embed_batch = EMBED_BATCH[self.device] if self.batching else EMBED_BATCH_UNBATCHED
         self.embedded_layers, self.embedder_identity = self.state.layers, RunIdentity.of_run(config)
         self.embedder = ImageEmbedder(config, self.embedded_layers, device=self.device, copies=self.model_threads)
         # decoders run torch on themselves alone, the model and the searches on half the cores:
         # see limit_threads
         self.op_threads = op_threads()
         self.decoders = ThreadPoolExecutor(decode_threads or usable_cpus(), thread_name_prefix="decode",
-                                           initializer=limit_threads, initargs=(1,))
+                                           initializer=decoder_setup,
+                                           initargs=(self.model_threads == 1 and self.device == "cpu",))
         self._batcher: DynamicBatcher | None = None
         self._thread_models = threading.local()  # each model thread's embedder: see _embedder_of_this_thread
         self._spare_embedder: ImageEmbedder | None = self.embedder  # the first model thread takes this one
@@ -422,7 +442,7 @@ class QueryService:
         with self._batcher_lock:
             if self._batcher is None:
                 self._batcher = DynamicBatcher(self._embed_batch, name="embed", wait_s=0.004,
-                                               max_batch=EMBED_BATCH.get(self.device, 16), coming=lambda: self.decoding,
+                                               max_batch=self.embed_batch, coming=lambda: self.decoding,
                                                initializer=partial(limit_threads, self.op_threads),
                                                workers=self.model_threads)
             return self._batcher
@@ -553,6 +573,28 @@ def limit_threads(count: int) -> None:
 
     torch.set_num_threads(count)
     faiss.omp_set_num_threads(count)
+
+
+DECODER_NICENESS = 10  # how much lower a decoder thread's scheduling priority is, where it yields
+
+
+def decoder_setup(yield_to_model: bool) -> None:
+    """A decoder thread's setup: torch and faiss ops on itself alone (`limit_threads`) and,
+    where `yield_to_model` (one model thread on the CPU), a lower scheduling priority, so that
+    thread, the service's bottleneck under load, gets a core whenever it has a batch, and
+    decoding takes the time it and the event loop leave (Linux only: a thread's own nice
+    value; elsewhere the call could name a process). With two decoders at the same priority
+    the model thread ran about two thirds of the time it had work at 16 clients. On the 2-core
+    AMX Xeon, 16 clients' uploads: 134-141/s at +10, 129-133 at +5, 119-132 at the same
+    priority. The price: one upload among 128 GET clients, whose event loop and searches now
+    come first, p50 175-229 ms at +10 against 164-176 (two paired runs of two)."""
+    limit_threads(1)
+    if yield_to_model and sys.platform.startswith("linux"):
+        me = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + DECODER_NICENESS))
+        except OSError:  # not allowed here: decoding still works, at the same priority
+            pass
 
 
 def _open_mapped(rd: RunDir, layer: str, live: np.ndarray, identity: RunIdentity) -> NeighbourIndex:

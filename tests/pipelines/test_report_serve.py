@@ -323,6 +323,36 @@ def test_the_services_threads_share_the_cores_instead_of_each_taking_all(reporte
     assert torch.get_num_threads() == before  # the caller's own setting is left alone
 
 
+@pytest.mark.parametrize("batching", [True, False], ids=["batching-pays", "fp32-cpu"])
+def test_where_batching_pays_one_model_thread_takes_batches_of_8_and_the_decoders_yield_to_it(
+        reported_run, monkeypatch, batching):
+    """bf16 on a CPU with fast bf16: one model thread, batches of 8, decoders at a lower
+    priority (Linux); float32 on a CPU: a model thread per half of the cores, batches of 4,
+    decoders at the caller's priority."""
+    import os
+
+    from featscope.pipelines.app import serve
+    from featscope.pipelines.core.cpus import usable_cpus
+    from featscope.pipelines.core.device import cpu_has_fast_bf16
+
+    assert serve.batching_pays("cuda", "fp16") and not serve.batching_pays("cpu", "fp32")
+    assert serve.batching_pays("cpu", "bf16") == cpu_has_fast_bf16()
+    monkeypatch.setattr(serve, "batching_pays", lambda device, precision: batching)
+    service = serve.QueryService(reported_run, decode_threads=1)
+    if service.device != "cpu":
+        pytest.skip("the service embeds on a GPU here")
+    priority = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # noqa: E731
+    if batching:
+        assert (service.model_threads, service.embed_batch, service.batcher.max_batch) == (1, 8, 8)
+    else:
+        assert service.model_threads == max(1, usable_cpus() // serve.op_threads())
+        assert (service.embed_batch, service.batcher.max_batch) == (4, 4)
+    mine = priority()
+    lower = batching and sys.platform.startswith("linux")
+    assert service.decoders.submit(priority).result(10) == (min(19, mine + serve.DECODER_NICENESS) if lower else mine)
+    assert priority() == mine  # the caller's own thread is left alone
+
+
 def test_model_threads_embed_at_once_each_on_its_own_copy(reported_run):
     """With two model threads, a batch runs while another is held mid-forward, on a copy of
     the model (the layer taps are hooks on one model's modules), with the same vectors."""
