@@ -341,9 +341,9 @@ class QueryService:
         # searched by id only (POST answers 503 for it) until the service restarts
         config = rd.read_config()
         precision = resolve_precision(config.get("precision", "auto"), resolve_device(self.device))
-        self.batching = batching_pays(self.device, precision)
-        self.model_threads = model_threads or model_workers(self.device, self.batching)
-        self.embed_batch = EMBED_BATCH[self.device] if self.batching else EMBED_BATCH_UNBATCHED
+        batching = batching_pays(self.device, precision)
+        self.model_threads = model_threads or model_workers(self.device, batching)
+        self.embed_batch = EMBED_BATCH[self.device] if batching else EMBED_BATCH_UNBATCHED
         self.embedded_layers, self.embedder_identity = self.state.layers, RunIdentity.of_run(config)
         self.embedder = ImageEmbedder(config, self.embedded_layers, device=self.device, copies=self.model_threads)
         # decoders run torch on themselves alone, the model and the searches on half the cores:
