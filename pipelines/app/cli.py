@@ -322,6 +322,9 @@ def _main(argv: list[str] | None) -> int:
         where = meant(e.filename) if isinstance(e.filename, (str, Path)) else run
         print(f"featscope: error: {e.strerror or e} at {where}: {what}", file=sys.stderr)
         return 2
+    finally:  # after a stop or an error too: the outputs it put in place before that stay
+        if run is not None and command.records_timing:
+            _refresh_outputs_script(RunDir(run))
     if result is not None:
         print(result if isinstance(result, str) else result.line())
         warning = getattr(result, "warning", None)
@@ -336,6 +339,18 @@ def _main(argv: list[str] | None) -> int:
         except OSError as e:  # the work is done; a record that cannot be written never fails it
             print(f"warning: timing not recorded ({e.strerror or e})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _refresh_outputs_script(rd: RunDir) -> None:
+    """After a command that may have written outputs (or some, before it failed): the stamp a
+    report opened from disk compares its own with, so it says what changed since."""
+    from featscope.pipelines.core import derived
+
+    try:
+        derived.write_outputs_script(rd)
+    except OSError as e:  # a stamp that cannot be written never fails the work
+        print(f"warning: {rd.outputs_script.name} not updated ({e.strerror or e}): a report opened from disk "
+              "may not say which outputs changed since it was built", file=sys.stderr)
 
 
 def _check_run_path(run: Path) -> None:

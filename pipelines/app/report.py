@@ -429,7 +429,9 @@ def build(rd: RunDir, *, k: int = 8, threads: int = 4, progress: bool = True) ->
     one run at once (the workflow's and one by hand, overlapping cluster jobs) take turns: each
     would remove the pictures the other keeps, and write its data files over the other's."""
     with one_writer(rd.report_dir, "report"):
-        return _build(rd, k=k, threads=threads, progress=progress)
+        built = _build(rd, k=k, threads=threads, progress=progress)
+    derived.write_outputs_script(rd)
+    return built
 
 
 def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary:
@@ -489,6 +491,7 @@ def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary
         "weights_sha256": config.get("weights_sha256"), "featscope_version": config.get("featscope_version"),
         "layers": sorted({p.name for p in (rd.root / "features").iterdir()}) if (rd.root / "features").is_dir() else [],
         "spaces": list(neighbours), "pixels": PIXELS, "shard": SHARD, "k": k, "live_stamp": rd.live_stamp(),
+        "sources": sources,  # what a page opened from disk compares with outputs-live.js
         "space_warnings": {layer: f"the '{layer}' index's {said}" for layer in neighbours
                            if (said := recall_shortfall(json.loads(rd.index_meta(layer).read_text())))},
         "unindexed": unindexed,

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from featscope.kernels.spaces import PIXELS
-from featscope.pipelines.core.atomic import withdraw, write_json_atomic
+from featscope.pipelines.core.atomic import holding, rewrite_if_changed, withdraw, write_json_atomic
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.text import listed
 from featscope.pipelines.core.trust import map_stamp
@@ -165,6 +165,19 @@ def report_behind(rd: RunDir) -> list[str]:
     is current or there is no report."""
     run_js = rd.report_dir / "data" / "run.js"
     return changed(rd, run_js, report_sources(rd)) if run_js.exists() else []
+
+
+def write_outputs_script(rd: RunDir) -> bool:
+    """Rewrite outputs-live.js (`RunDir.outputs_script`) with the `stamp` of the report's
+    sources as they are now, where the run has a report; True if it changed. Every writing
+    `featscope` command calls it as it ends, and the report as it is built. One job at a
+    time: a job's stamp, taken after its own outputs were in place, is never written over
+    by an older one's."""
+    if not (rd.report_dir / "data" / "run.js").exists():
+        return False
+    with holding(rd.root / ".outputs-live.lock"):
+        body = json.dumps({"sources": stamp(rd, report_sources(rd))})
+        return rewrite_if_changed(rd.outputs_script, f"window.FS_OUTPUTS = {body};\n".encode())
 
 
 def dataset_changed(rd: RunDir, behind: list[str]) -> bool:

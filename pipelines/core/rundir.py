@@ -463,6 +463,13 @@ class RunDir:
         browsers load scripts from file://, but fetch nothing."""
         return self.root / "manifest-live.js"
 
+    @property
+    def outputs_script(self) -> Path:
+        """The stamp of every output the report shows, as a script beside `live_script`: a report
+        opened from disk compares it with the stamp it was built from, to say which outputs
+        changed since (the service asks `derived.report_behind` instead)."""
+        return self.root / "outputs-live.js"
+
     def live_stamp(self) -> str:
         """A digest of the live ids and of their labels' digest ("" before a manifest)."""
         if not self.live_ids.exists():

@@ -297,6 +297,7 @@ def test_a_copy_of_the_report_away_from_its_run_shows_every_picture(trusted_run,
         assert len(sources) >= least, name
         assert [s for s in sources if not (s[0].startswith(copy.as_uri()) and s[1])] == [], name
     # the run's manifest-live.js is not beside a copy: the only load that fails, and quietly
+    # (outputs-live.js, loaded after it, is not asked for)
     assert all("manifest-live" in e or "ERR_FILE_NOT_FOUND" in e for e in page.errors), page.errors
 
 
@@ -374,6 +375,32 @@ def test_pages_opened_from_disk_say_when_the_report_predates_the_dataset(tmp_pat
     notice.wait_for()
     assert notice.inner_text().startswith("Not current: built from 6 images, the run has 5 now; this report was "
                                           "built before the dataset last changed")
+    report.build(rd, k=2, progress=False)
+    page.goto(front)
+    page.wait_for_load_state("networkidle")
+    assert page.locator(".stale").count() == 0
+    assert page.errors == []
+
+
+def test_pages_opened_from_disk_say_when_an_output_they_show_changed_since(tmp_path, digits, page):
+    """The dataset unchanged, an output the report shows made after it: every `featscope`
+    command leaves the outputs' stamps in the run's outputs-live.js, which the page compares
+    with the report's own (the service's /api/report says the same when served)."""
+    from helpers import six_digit_reported_run
+
+    from featscope.pipelines.app import report
+    from featscope.pipelines.app.cli import main as cli
+
+    rd = six_digit_reported_run(tmp_path, digits)
+    front = (rd.report_dir / "index.html").as_uri()
+    assert cli(["index", "build", "--run", str(rd.root), "--layer", "pool", "--quiet"]) == 0
+    for url in (front, (rd.report_dir / "image.html").as_uri() + "?id=0"):
+        page.goto(url)
+        notice = page.locator(".stale")
+        notice.wait_for()
+        assert notice.inner_text() == ("Not current: this report was built before index/pool/meta.json changed: it "
+                                       "shows them as they were then. The next workflow run or `featscope report` "
+                                       "builds it again.")
     report.build(rd, k=2, progress=False)
     page.goto(front)
     page.wait_for_load_state("networkidle")

@@ -422,6 +422,37 @@ def test_the_service_says_when_the_report_predates_the_dataset(tmp_path, digits)
         assert "report: current" in status(rd).lines
 
 
+def test_every_writing_command_leaves_the_stamps_a_report_opened_from_disk_compares(tmp_path, digits):
+    """outputs-live.js: the report's sources as they are now, rewritten by the report and as
+    each writing `featscope` command ends, so a page opened from disk finds what the service's
+    /api/report finds (`report_behind`). Read-only commands leave it be."""
+    from featscope.pipelines.app.cli import main as cli
+    from featscope.pipelines.core import derived
+
+    def stamped():
+        text = rd.outputs_script.read_text()
+        return json.loads(text[text.index("= ") + 2: text.rindex(";")])["sources"]
+
+    def changed_paths(built, now):  # the page's rule (report.js changedSources)
+        return sorted({entry.rsplit(" ", 1)[0] for entry in set(built) ^ set(now)})
+
+    rd = six_digit_reported_run(tmp_path, digits)
+    built = load_script(rd.report_dir / "data" / "run.js")["sources"]
+    assert stamped() == built == derived.stamp(rd, derived.report_sources(rd))
+    assert cli(["index", "build", "--run", str(rd.root), "--layer", "pool", "--quiet"]) == 0
+    assert changed_paths(built, stamped()) == derived.report_behind(rd) == ["index/pool/meta.json"]
+    before = rd.outputs_script.stat().st_mtime_ns
+    assert cli(["status", "--run", str(rd.root)]) == 0
+    assert cli(["index", "build", "--run", str(rd.root), "--layer", "nope", "--quiet"]) == 2
+    assert rd.outputs_script.stat().st_mtime_ns == before
+    assert cli(["report", "--run", str(rd.root), "--quiet"]) == 0
+    assert stamped() == load_script(rd.report_dir / "data" / "run.js")["sources"] and derived.report_behind(rd) == []
+    other = RunDir(tmp_path / "unreported")  # no report, nothing to compare with: no file
+    manifest.run(other, tmp_path / "images", model="resnet18", weights="random")
+    assert cli(["extract", "--run", str(other.root), "--layers", "pool", "--workers", "0", "--quiet"]) == 0
+    assert not other.outputs_script.exists()
+
+
 def test_answers_from_an_index_short_of_its_recall_say_so(tmp_path):
     """PQ over isotropic vectors (noise images' pixels) misses half of each image's nearest
     neighbours at any search breadth. The build said so once; `query` and the service's

@@ -45,7 +45,8 @@ const FS = (() => {
   // shows) last changed would otherwise show them as they were, as if current. Served, the
   // service says;
   // from disk, the run's manifest-live.js (beside the report folder) holds the live images'
-  // stamp, to compare with the one the report was built from.
+  // stamp, to compare with the one the report was built from, and its outputs-live.js the
+  // stamps of the outputs the report shows (paths, sizes and times), each command's last.
   async function staleNotice(after) {
     const notice = (live) => after.after(el("p", { class: "stale", role: "alert",
       text: `Not current: built from ${window.FS_RUN.images} images, the run has ${live} now; this report was built ` +
@@ -62,10 +63,28 @@ const FS = (() => {
       } else {
         await loadScript("../manifest-live.js");
         const live = window.FS_LIVE;
-        if (live && window.FS_RUN.live_stamp && live.stamp !== window.FS_RUN.live_stamp) notice(live.images);
+        if (live && window.FS_RUN.live_stamp && live.stamp !== window.FS_RUN.live_stamp) return notice(live.images);
+        await loadScript("../outputs-live.js");
+        const changed = changedSources(window.FS_RUN.sources, (window.FS_OUTPUTS || {}).sources);
+        if (changed.length) after.after(el("p", { class: "stale", role: "alert", text: `Not current: this report was ` +
+          `built before ${listed(changed)} changed: it shows them as they were then. The next workflow run or ` +
+          "`featscope report` builds it again." }));
       }
     } catch (e) { /* no service, or a report copied away from its run: the page itself is unchanged */ }
   }
+
+  // The paths whose stamps differ between two lists of "path stamp" (derived.since's rule);
+  // none where either list is missing (a report built before they were kept).
+  function changedSources(built, now) {
+    if (!built || !now) return [];
+    const path = (entry) => entry.slice(0, entry.lastIndexOf(" "));
+    const a = new Set(built), b = new Set(now);
+    return [...new Set([...built.filter((x) => !b.has(x)), ...now.filter((x) => !a.has(x))].map(path))].sort();
+  }
+
+  // "a, b, c, d and 3 more" (text.listed)
+  const listed = (items, shown = 4) =>
+    items.slice(0, shown).join(", ") + (items.length > shown ? ` and ${items.length - shown} more` : "");
 
   async function index() {
     header();
