@@ -63,12 +63,27 @@ def _weight_and_bias_in(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Te
 PACK_MAX_BATCH = 8
 PACK_MAX_SHAPES = 16  # packed copies kept, at most: a run's model sees one image size
 
+# Whether this CPU's oneDNN computes in a dtype, asked once: its fp16 convolution needs
+# AVX512-FP16 or AVX-NE-CONVERT (a Sapphire Rapids Xeon has them, an AMD EPYC with AVX512-BF16
+# does not), its bf16 one AVX-512; elsewhere PyTorch runs the conv on its own kernels.
+_ONEDNN_RUNS: dict[torch.dtype, bool] = {}
+
+
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's convolution takes `dtype` on this CPU (the check its calls make)."""
+    if dtype not in _ONEDNN_RUNS:
+        supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                     torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype, lambda: True)
+        _ONEDNN_RUNS[dtype] = bool(supported())
+    return _ONEDNN_RUNS[dtype]
+
 
 class FusedConv(nn.Module):
     """A Conv2d and the clamp after it as one oneDNN convolution (no gradient). attr "none":
     a conv with no clamp after it (`pack_weights`), which runs so only under autocast, where
     PyTorch sends it to the same oneDNN kernel; in float32 it runs as the Conv2d does
-    (PyTorch's own kernels take some small float32 convs)."""
+    (PyTorch's own kernels take some small float32 convs). In a dtype this CPU's oneDNN does
+    not take (`onednn_runs`), the conv and then the clamp, as the model did before fusing."""
 
     def __init__(self, conv: nn.Conv2d, attr: str, scalars: list[float]):
         super().__init__()
@@ -97,11 +112,19 @@ class FusedConv(nn.Module):
         if self.attr == "none" and not autocast:
             return self.conv(x)
         dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+        if not onednn_runs(dtype):
+            return self._unfused(x)
         weight, bias = self._weights_in(dtype, x)
         conv = self.conv
         return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight, bias, list(conv.padding),
                                                        list(conv.stride), list(conv.dilation), conv.groups,
                                                        self.attr, self.scalars, "")
+
+    def _unfused(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.attr == "relu":
+            return F.relu(y)
+        return F.hardtanh(y, *self.scalars) if self.attr == "hardtanh" else y
 
     def __getstate__(self) -> dict:
         """Copies (deepcopy, pickle) leave the packed weights behind: oneDNN's opaque tensors

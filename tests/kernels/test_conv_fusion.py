@@ -11,6 +11,7 @@ import torchvision
 from helpers import trained_like_batchnorms
 from torch import nn
 
+from featscope.kernels import conv_fusion
 from featscope.kernels.batchnorm_folding import fold_batchnorm
 from featscope.kernels.conv_fusion import (
     PACK_MAX_BATCH,
@@ -89,6 +90,29 @@ def test_packed_weights_leave_every_output_and_tap_bit_identical_at_any_input_sh
     again = pickle.loads(pickle.dumps(copy.deepcopy(packed)))  # oneDNN's packed tensors cannot be copied
     x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     assert torch.equal(outputs(again, x, [], dtype)["logits"], outputs(model, x, [], dtype)["logits"])
+
+
+def test_where_this_cpus_onednn_lacks_the_dtype_fused_and_packed_convs_run_as_the_model_did(monkeypatch):
+    """oneDNN's fp16 convolution needs AVX512-FP16 or AVX-NE-CONVERT, which an AMD EPYC with
+    AVX512-BF16 lacks: there `--precision fp16` on the CPU was a traceback from the first
+    fused conv. Such a CPU is simulated here (oneDNN's own check says no, and its calls fail
+    as they do there): each conv, then its clamp, the numbers of the model as it was."""
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("mkldnn_convolution: fp16 path needs the cpu support avx_ne_convert or avx512_fp16")
+
+    model = folded("mobilenet_v2")
+    ours = copy.deepcopy(model)
+    fuse_conv_clamps(ours)
+    pack_weights(ours)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(conv_fusion, "_ONEDNN_RUNS", {})
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", refuse)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight", refuse)
+    ref, got = outputs(model, x, ["features.13"], torch.float16), outputs(ours, x, ["features.13"], torch.float16)
+    for tap in ("features.13", "logits"):
+        assert got[tap].dtype == ref[tap].dtype == torch.float16 and torch.equal(got[tap], ref[tap]), tap
+    assert conv_fusion._ONEDNN_RUNS == {torch.float16: False}
 
 
 def test_a_tapped_conv_or_folded_norm_keeps_its_own_output_and_a_tapped_block_is_unchanged():
