@@ -34,6 +34,27 @@ def test_manifest_and_extract_by_hand(tmp_path, small_dataset):
     assert "2 shards already done" in again.stdout
 
 
+def test_fp16_on_a_cpu_whose_onednn_lacks_it_works_and_says_it_is_slow(tmp_path, small_dataset, monkeypatch, capsys):
+    """oneDNN's fp16 needs AVX512-FP16 or AVX-NE-CONVERT (an AMD EPYC lacks them; simulated
+    here on any CPU): extraction works there, on PyTorch's kernels, 6x slower than fp32, and
+    ends with a warning saying so, since the run keeps its precision. bf16 says nothing."""
+    import torch
+
+    from featscope.kernels import conv_fusion
+    from featscope.pipelines.app.cli import main as cli
+
+    monkeypatch.setattr(conv_fusion, "_ONEDNN_RUNS", {torch.float16: False})
+    for precision in ("fp16", "bf16"):
+        run = tmp_path / precision
+        assert cli(["manifest", "--images", str(small_dataset), "--run", str(run), "--quiet"]) == 0
+        assert cli(["extract", "--run", str(run), "--model", "resnet18", "--weights", "random", "--layers", "pool",
+                    "--precision", precision, "--workers", "0", "--quiet"]) == 0
+        said = capsys.readouterr()
+        assert "extract: 9 images from 1 shard -> pool" in said.out and f"cpu {precision})" in said.out
+        slow = "warning: fp16 runs on PyTorch's slow reference kernels on this CPU"
+        assert (slow in said.err) == (precision == "fp16")
+
+
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path, small_dataset):
     cases = [
         ("extract", "--run", tmp_path / "nowhere", "--layers", "fc7"),
