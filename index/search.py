@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,6 +33,24 @@ from featscope.kernels.errors import FeatscopeError
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "meta.json"
 SCAN_MAX_QUERIES = 8  # see NeighbourIndex.scan_batches_at_once
+_SCAN_FROM: dict[tuple[int, int], int] = {}  # (dimension, bit length of the size) -> where the scan pays
+
+
+def scan_pays(one_query: float, scan: float, size: int) -> bool:
+    """Whether scanning a batch of `size` queries at once (taking `scan` seconds) beats
+    searching them one at a time (`one_query` seconds each)."""
+    return scan < size * one_query
+
+
+def _fastest(call, repeats: int) -> float:
+    """The shortest of `repeats` timings of `call()` (after one untimed call), in seconds."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 class Neighbours(NamedTuple):
@@ -58,6 +77,7 @@ class NeighbourIndex:
         self._order = np.argsort(ids, kind="stable")
         self._apply_search_params()
         self._scan_vectors = self._scan_norms = None  # see scan_batches_at_once
+        self._scan_from = 2  # the smallest batch the scan takes; smaller ones go a query at a time
 
     @classmethod
     def from_build(cls, result: BuildResult) -> NeighbourIndex:
@@ -194,19 +214,24 @@ class NeighbourIndex:
         return self._search(self.vectors_of(image_ids), k)
 
     def scan_batches_at_once(self) -> bool:
-        """Search later batches of 2 to SCAN_MAX_QUERIES queries on this exact (flat) index in
-        one pass over its vectors, through torch's matrix product, and return whether it will.
-        FAISS's exact search of a few queries either reads the index once per query or, from
-        `distance_compute_blas_threshold` on (2 queries of 1,280 dims on 2 cores: __init__),
-        goes through BLAS at a fixed cost of about 3.6 single-query passes.
+        """Search later batches of 2 to SCAN_MAX_QUERIES queries on this exact (flat) index
+        each in one pass over its vectors, through torch's matrix product, from the smallest
+        batch for which that costs less here than a pass per query; return whether it will
+        for any. FAISS's exact search of a few queries either reads the index once per query
+        or, from `distance_compute_blas_threshold` on (2 queries of 1,280 dims on 2 cores:
+        __init__), goes through BLAS at a fixed cost of about 3.6 single-query passes.
         For a process that has torch loaded and answers concurrent queries (the query
         service), on an index no one adds to afterwards (the scan reads the index's memory
         where it is); an index of another kind is left as it is. `benchmarks/index_bench.py
-        --batched`, one thread: the demo's 5,012 x 1,280 `pool` 3.3x FAISS's speed a query in
-        batches of 2, 1.8x in 4, 1.3-1.4x in 8; 200,000 x 1,280 2.9x, 1.5x, 1.0x; the same
-        neighbours. Larger batches stay with FAISS: the scan still searches them faster
+        --batched`, one thread of a Xeon: the demo's 5,012 x 1,280 `pool` 3.3x FAISS's speed a
+        query in batches of 2, 1.8x in 4, 1.3-1.4x in 8; 200,000 x 1,280 2.9x, 1.5x, 1.0x; the
+        same neighbours. Larger batches stay with FAISS: the scan still searches them faster
         alone, but its torch calls give up and take back the GIL, and in the service at 128
-        GET clients (batches of about 20) that cost 15% of its throughput."""
+        GET clients (batches of about 20) that cost 15% of its throughput.
+        Where the scan starts to pay is measured here (`_measure_scan_from`), not assumed: on
+        a 2-core AMD EPYC torch's small matrix products cost far more (a batch of 2 took 4.9
+        single-query passes of FAISS, against 1.1 on the Xeon), and scanning every batch made
+        the service's GETs at 8 clients 30% slower than a query at a time."""
         import torch
 
         flat = faiss.downcast_index(self.index)
@@ -215,13 +240,40 @@ class NeighbourIndex:
         vectors = faiss.rev_swig_ptr(flat.get_xb(), len(self) * flat.d).reshape(len(self), flat.d)
         self._scan_vectors = torch.from_numpy(vectors)  # the index's memory (mapped or not): never written
         self._scan_norms = torch.linalg.vector_norm(self._scan_vectors, dim=1).square_()  # a float per vector
-        return True
+        size = (flat.d, len(self).bit_length())  # measured once a process for indexes of a size (within 2x)
+        if size not in _SCAN_FROM:
+            _SCAN_FROM[size] = self._measure_scan_from()
+        self._scan_from = _SCAN_FROM[size]
+        return self._scan_from <= SCAN_MAX_QUERIES
+
+    def _measure_scan_from(self) -> int:
+        """The smallest batch (2 to SCAN_MAX_QUERIES) that the scan searches in less time than
+        FAISS searches its queries one at a time, on this machine and index (the best of 3
+        timings each; of one where a query takes over 5 ms, so opening a large index stays
+        quick); SCAN_MAX_QUERIES + 1 where none. The scan's time grows much more slowly with
+        the batch than a pass per query, so the first that pays ends the measuring (the demo's
+        `pool`: under 0.1 s; 200,000 x 1,280: about 0.3 s, as the service opens the index).
+        Near where the scan starts to pay the two cost about the same, so the noise of timing
+        them matters little. Indexes of about the same size share the answer in a process (the
+        service opens each index again after an update), so only the first pays for it."""
+        rng = np.random.default_rng(0)
+        queries = rng.standard_normal((SCAN_MAX_QUERIES, self.index.d)).astype(np.float32)
+        k = min(10, len(self))
+        one_query = _fastest(lambda: self.index.search(queries[:1], k), 3)
+        repeats = 3 if one_query < 0.005 else 1
+        return next((size for size in range(2, SCAN_MAX_QUERIES + 1)
+                     if scan_pays(one_query, _fastest(lambda: self._scan(queries[:size], k), repeats), size)),
+                    SCAN_MAX_QUERIES + 1)
 
     def _search(self, prepared: np.ndarray, k: int) -> Neighbours:
         if k < 1:
             raise FeatscopeError("k must be at least 1")
-        if 1 < len(prepared) <= SCAN_MAX_QUERIES and self._scan_vectors is not None:
+        if self._scan_from <= len(prepared) <= SCAN_MAX_QUERIES and self._scan_vectors is not None:
             dist, rows = self._scan(prepared, min(k, len(self)))
+        elif 1 < len(prepared) < self._scan_from and self._scan_vectors is not None:  # a pass per query
+            found = [self.index.search(np.ascontiguousarray(prepared[i:i + 1]), min(k, len(self)))
+                     for i in range(len(prepared))]
+            dist, rows = np.concatenate([d for d, _ in found]), np.concatenate([r for _, r in found])
         else:
             dist, rows = self.index.search(np.ascontiguousarray(prepared), min(k, len(self)))
         image_ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)

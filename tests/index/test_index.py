@@ -2,16 +2,17 @@
 
 import json
 import os
+import time
 
 import faiss
 import numpy as np
 import pytest
 from helpers import as_chunks, clustered
 
-from featscope.index import NeighbourIndex, build_index, choose_plan, parse_bytes, recall_at_k
+from featscope.index import NeighbourIndex, build_index, choose_plan, parse_bytes, recall_at_k, search
 from featscope.index.build import _without_polysemous_training
 from featscope.index.recall import exact_knn
-from featscope.index.search import SCAN_MAX_QUERIES
+from featscope.index.search import SCAN_MAX_QUERIES, scan_pays
 from featscope.kernels.errors import FeatscopeError
 
 
@@ -59,7 +60,8 @@ def test_a_batch_scanned_in_one_pass_equals_brute_force_and_other_batches_stay_w
         tmp_path / "flat")
     ix = NeighbourIndex.load(tmp_path / "flat", mmap=True)  # as the query service opens it
     faiss_index = ix.index
-    assert ix.scan_batches_at_once()
+    ix.scan_batches_at_once()
+    ix._scan_from = 2  # every batch the scan may take (where it starts to pay is measured: below)
     q = clustered(SCAN_MAX_QUERIES + 1, 24, seed=3)
     ix.index = _NoFaissSearch(faiss_index)
     found = ix.search_vectors(q[:SCAN_MAX_QUERIES], k=7)
@@ -74,6 +76,62 @@ def test_a_batch_scanned_in_one_pass_equals_brute_force_and_other_batches_stay_w
     everything = ix.search_vectors(q, k=7)
     np.testing.assert_array_equal(everything.image_ids[:SCAN_MAX_QUERIES], found.image_ids)
     np.testing.assert_array_equal(ix.search_vectors(q[:1], k=7).image_ids, found.image_ids[:1])
+
+
+class _Counted:
+    """A FAISS index that counts its searches by size, each taking `delay` seconds more."""
+
+    def __init__(self, index, delay: float = 0.0):
+        self.index, self.delay, self.sizes = index, delay, []
+
+    def search(self, queries, k):
+        self.sizes.append(len(queries))
+        time.sleep(self.delay)
+        return self.index.search(queries, k)
+
+    def __getattr__(self, name):
+        return getattr(self.index, name)
+
+
+def test_batches_below_where_the_scan_pays_go_a_query_at_a_time_with_the_same_answers(tmp_path):
+    """Where the scan does not pay for small batches (torch's small matrix products on an AMD
+    EPYC cost 4.9 FAISS single-query passes for 2 queries), they go to FAISS one query at a
+    time, not as one FAISS batch (which goes through BLAS at several passes' cost)."""
+    x = clustered(3000, 24)
+    ids = np.arange(3000) * 5 + 2
+    ix = NeighbourIndex.from_build(build_index(as_chunks(x, ids), n=3000, dims=24, kind="flat", metric="cosine"))
+    ix.scan_batches_at_once()
+    q = clustered(SCAN_MAX_QUERIES + 2, 24, seed=3)
+    rows, _ = brute_force(x, q, 6, "cosine")
+    for scan_from in (2, 5, SCAN_MAX_QUERIES + 1):
+        ix._scan_from, ix.index = scan_from, _Counted(ix.index)
+        for size in range(1, SCAN_MAX_QUERIES + 3):
+            np.testing.assert_array_equal(ix.search_vectors(q[:size], k=6).image_ids, ids[rows[:size]])
+        ix.index, counted = ix.index.index, ix.index.sizes
+        alone = [size for size in range(1, SCAN_MAX_QUERIES + 3) if size < scan_from]
+        beyond = [SCAN_MAX_QUERIES + 1, SCAN_MAX_QUERIES + 2]  # past the scan's batches: FAISS's own
+        assert counted == [1] + [1] * sum(alone[1:]) + beyond, scan_from
+
+
+def test_where_the_scan_starts_to_pay_is_measured(monkeypatch):
+    """A scan slower than a pass per query is never used; one faster is used from batches of 2."""
+    x = clustered(3000, 24)
+    ix = NeighbourIndex.from_build(build_index(as_chunks(x, np.arange(3000)), n=3000, dims=24, kind="flat"))
+    scan = NeighbourIndex._scan
+
+    def slow_scan(self, *args):
+        time.sleep(0.02)
+        return scan(self, *args)
+
+    monkeypatch.setattr(search, "_SCAN_FROM", {})  # measured anew, not the answer for another index of this size
+    with monkeypatch.context() as m:
+        m.setattr(NeighbourIndex, "_scan", slow_scan)
+        assert not ix.scan_batches_at_once() and ix._scan_from == SCAN_MAX_QUERIES + 1
+    ix.index = _Counted(ix.index, delay=0.02)  # now each FAISS search is the slow one
+    assert ix._measure_scan_from() == 2
+    again = NeighbourIndex.from_build(build_index(as_chunks(x[:2500], np.arange(2500)), n=2500, dims=24, kind="flat"))
+    assert not again.scan_batches_at_once()  # the same size within 2x: the answer measured above, not measured again
+    assert scan_pays(one_query=1.0, scan=1.9, size=2) and not scan_pays(one_query=1.0, scan=2.1, size=2)
 
 
 def test_an_approximate_index_is_not_scanned():
