@@ -230,8 +230,8 @@ class NeighbourIndex:
         GET clients (batches of about 20) that cost 15% of its throughput.
         Where the scan starts to pay is measured here (`_measure_scan_from`), not assumed: on
         a 2-core AMD EPYC torch's small matrix products cost far more (a batch of 2 took 4.9
-        single-query passes of FAISS, against 1.1 on the Xeon), and scanning every batch made
-        the service's GETs at 8 clients 30% slower than a query at a time."""
+        single-query passes of FAISS, against 1.1 on the Xeon), and scanning every batch cost
+        the service 15-30% of its GETs at 8 clients there."""
         import torch
 
         flat = faiss.downcast_index(self.index)
@@ -252,7 +252,7 @@ class NeighbourIndex:
         timings each; of one where a query takes over 5 ms, so opening a large index stays
         quick); SCAN_MAX_QUERIES + 1 where none. The scan's time grows much more slowly with
         the batch than a pass per query, so the first that pays ends the measuring (the demo's
-        `pool`: under 0.1 s; 200,000 x 1,280: about 0.3 s, as the service opens the index).
+        `pool`: under 0.1 s; 200,000 x 1,280: about 2 s, as the service opens the index).
         Near where the scan starts to pay the two cost about the same, so the noise of timing
         them matters little. Indexes of about the same size share the answer in a process (the
         service opens each index again after an update), so only the first pays for it."""
