@@ -301,6 +301,14 @@ def test_a_copy_of_the_report_away_from_its_run_shows_every_picture(trusted_run,
     assert all("manifest-live" in e or "ERR_FILE_NOT_FOUND" in e for e in page.errors), page.errors
 
 
+def stale_notice(page, url: str) -> str | None:
+    """The "Not current" notice of the page at `url` once it has loaded (None where it shows none)."""
+    page.goto(url)
+    page.wait_for_load_state("networkidle")
+    notice = page.locator(".stale")
+    return notice.inner_text() if notice.count() else None
+
+
 def test_served_pages_say_when_the_report_predates_the_dataset(tmp_path, digits, page):
     from helpers import serving, six_digit_reported_run
 
@@ -310,30 +318,22 @@ def test_served_pages_say_when_the_report_predates_the_dataset(tmp_path, digits,
 
     rd = six_digit_reported_run(tmp_path, digits)
     with serving(rd) as base:
-        page.goto(base + "/report/index.html")
-        page.wait_for_load_state("networkidle")
-        assert page.locator(".stale").count() == 0
+        assert stale_notice(page, base + "/report/index.html") is None
         moved = next((tmp_path / "images" / "0").glob("*.png"))
         moved.rename(tmp_path / "images" / "1" / moved.name)  # relabelled: the report shows its old label
         manifest.run(rd, tmp_path / "images")
         image_id = manifest.read(rd)["image_id"][0].as_py()
         for url in ("/report/index.html", f"/report/image.html?id={image_id}"):
-            page.goto(base + url)
-            notice = page.locator(".stale")
-            notice.wait_for()
-            assert notice.inner_text().startswith("Not current: built from 6 images, the run has 6 now; this report "
-                                                  "was built before the dataset last changed")
+            assert (stale_notice(page, base + url) or "").startswith(
+                "Not current: built from 6 images, the run has 6 now; this report was built before the dataset last "
+                "changed")
         report.build(rd, k=2, progress=False)
-        page.goto(base + "/report/index.html")
-        page.wait_for_load_state("networkidle")
-        assert page.locator(".stale").count() == 0
+        assert stale_notice(page, base + "/report/index.html") is None
         extract.extract(rd, ["pool"], workers=0, topk=0, progress=False)
         report.build(rd, k=2, progress=False)
         neighbours.build(rd, "pool", progress=False)  # an output the report would show, made after it
-        page.goto(base + "/report/index.html")
-        notice = page.locator(".stale")
-        notice.wait_for()
-        assert notice.inner_text().startswith("Not current: this report was built before index/pool/meta.json changed")
+        assert (stale_notice(page, base + "/report/index.html") or "").startswith(
+            "Not current: this report was built before index/pool/meta.json changed")
         assert page.errors == []
 
 
@@ -363,22 +363,15 @@ def test_pages_opened_from_disk_say_when_the_report_predates_the_dataset(tmp_pat
 
     rd = six_digit_reported_run(tmp_path, digits)
     front = (rd.report_dir / "index.html").as_uri()
-    page.goto(front)
-    page.wait_for_load_state("networkidle")
-    assert page.locator(".stale").count() == 0
+    assert stale_notice(page, front) is None
     moved = next((tmp_path / "images" / "0").glob("*.png"))
     moved.rename(tmp_path / "images" / "1" / moved.name)
     next((tmp_path / "images" / "1").glob("*.png")).unlink()  # and one image gone: 5 live now
     manifest.run(rd, tmp_path / "images")
-    page.goto(front)
-    notice = page.locator(".stale")
-    notice.wait_for()
-    assert notice.inner_text().startswith("Not current: built from 6 images, the run has 5 now; this report was "
-                                          "built before the dataset last changed")
+    assert (stale_notice(page, front) or "").startswith(
+        "Not current: built from 6 images, the run has 5 now; this report was built before the dataset last changed")
     report.build(rd, k=2, progress=False)
-    page.goto(front)
-    page.wait_for_load_state("networkidle")
-    assert page.locator(".stale").count() == 0
+    assert stale_notice(page, front) is None
     assert page.errors == []
 
 
@@ -395,16 +388,11 @@ def test_pages_opened_from_disk_say_when_an_output_they_show_changed_since(tmp_p
     front = (rd.report_dir / "index.html").as_uri()
     assert cli(["index", "build", "--run", str(rd.root), "--layer", "pool", "--quiet"]) == 0
     for url in (front, (rd.report_dir / "image.html").as_uri() + "?id=0"):
-        page.goto(url)
-        notice = page.locator(".stale")
-        notice.wait_for()
-        assert notice.inner_text() == ("Not current: this report was built before index/pool/meta.json changed: it "
-                                       "shows them as they were then. The next workflow run or `featscope report` "
-                                       "builds it again.")
+        assert stale_notice(page, url) == ("Not current: this report was built before index/pool/meta.json changed: it "
+                                           "shows them as they were then. The next workflow run or `featscope report` "
+                                           "builds it again.")
     report.build(rd, k=2, progress=False)
-    page.goto(front)
-    page.wait_for_load_state("networkidle")
-    assert page.locator(".stale").count() == 0
+    assert stale_notice(page, front) is None
     assert page.errors == []
 
 

@@ -48,27 +48,26 @@ const FS = (() => {
   // stamp, to compare with the one the report was built from, and its outputs-live.js the
   // stamps of the outputs the report shows (paths, sizes and times), each command's last.
   async function staleNotice(after) {
-    const notice = (live) => after.after(el("p", { class: "stale", role: "alert",
-      text: `Not current: built from ${window.FS_RUN.images} images, the run has ${live} now; this report was built ` +
-        "before the dataset last changed: its lists and pictures show the images as they were then" +
-        (served ? "; searches and uploads here answer from the run as it is now" : "") +
-        ". The next workflow run or `featscope report` builds it again." }));
+    const say = (text) => after.after(el("p", { class: "stale", role: "alert", text }));
+    const notice = (live) => say(`Not current: built from ${window.FS_RUN.images} images, the run has ${live} now; ` +
+      "this report was built before the dataset last changed: its lists and pictures show the images as they were " +
+      "then" + (served ? "; searches and uploads here answer from the run as it is now" : "") +
+      ". The next workflow run or `featscope report` builds it again.");
     try {
       if (served) {
         const response = await fetch("/api/report");
         if (!response.ok) return;
         const state = await response.json();
         if (!state.current && state.dataset_changed) notice(state.live_images);
-        else if (!state.current) after.after(el("p", { class: "stale", role: "alert", text: `Not current: ${state.message}.` }));
+        else if (!state.current) say(`Not current: ${state.message}.`);
       } else {
         await loadScript("../manifest-live.js");
         const live = window.FS_LIVE;
         if (live && window.FS_RUN.live_stamp && live.stamp !== window.FS_RUN.live_stamp) return notice(live.images);
         await loadScript("../outputs-live.js");
         const changed = changedSources(window.FS_RUN.sources, (window.FS_OUTPUTS || {}).sources);
-        if (changed.length) after.after(el("p", { class: "stale", role: "alert", text: `Not current: this report was ` +
-          `built before ${listed(changed)} changed: it shows them as they were then. The next workflow run or ` +
-          "`featscope report` builds it again." }));
+        if (changed.length) say(`Not current: this report was built before ${listed(changed)} changed: it shows ` +
+          "them as they were then. The next workflow run or `featscope report` builds it again.");
       }
     } catch (e) { /* no service, or a report copied away from its run: the page itself is unchanged */ }
   }
