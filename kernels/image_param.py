@@ -50,6 +50,8 @@ class FourierImage(torch.nn.Module):
     def forward(self) -> torch.Tensor:
         coefficients = torch.view_as_complex((self.scale * self.spectrum).contiguous())
         image = torch.fft.irfftn(coefficients, s=(self.size, self.size), norm="ortho") / SPECTRUM_DIVISOR
-        mixed = torch.einsum("bchw,dc->bdhw", image, COLOUR_MIX.to(image.device))
+        # a (3,3) x (3, H*W) product per image: einsum took it as one matrix of B*H*W rows,
+        # 7x slower (forward and backward, 4 images of 128 px on one thread), the same numbers
+        mixed = (COLOUR_MIX.to(image.device) @ image.flatten(2)).view_as(image)
         return torch.sigmoid(mixed)
 
