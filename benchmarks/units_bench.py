@@ -71,7 +71,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precision", default="fp32,bf16", help="featscope's precisions, each timed and judged")
     args = parser.parse_args()
+    precisions = args.precision.split(",")
     loaded = load_model(args.model, args.weights)
     net = loaded.module.eval()
     for p in net.parameters():
@@ -87,13 +89,17 @@ def main() -> None:
 
     feature_visualisations(ours_model, channels(ours_module, torch.tensor(units[:1])), [0], size=args.size,
                            steps=2)  # warm-up
-    options = RenderOptions(layer=args.layer, size=args.size, steps=args.steps, batch=args.batch, seed=0)
     lanes, threads, chunk = lane_plan(len(units), args.batch, torch.device("cpu"))
-    start = time.perf_counter()
-    ours = torch.cat([images for _, images, _, _ in render_units(loaded, spec, torch.device("cpu"), units, options)])
-    t_ours = time.perf_counter() - start
-    print(f"units/featscope: {len(units) / t_ours:.3f} units/s ({t_ours:.1f}s, batches of {args.batch} on {lanes} "
-          f"lane(s) of {threads} thread(s), {chunk} units each)")
+    ours, t_ours = {}, {}
+    for precision in precisions:
+        options = RenderOptions(layer=args.layer, size=args.size, steps=args.steps, batch=args.batch, seed=0,
+                                precision=precision)
+        start = time.perf_counter()
+        ours[precision] = torch.cat([images for _, images, _, _ in render_units(loaded, spec, torch.device("cpu"),
+                                                                                 units, options)])
+        t_ours[precision] = time.perf_counter() - start
+        print(f"units/featscope {precision}: {len(units) / t_ours[precision]:.3f} units/s ({t_ours[precision]:.1f}s, "
+              f"batches of {args.batch} on {lanes} lane(s) of {threads} thread(s), {chunk} units each)")
     try:
         import lucent  # noqa: F401
     except ImportError:
@@ -103,10 +109,13 @@ def main() -> None:
     theirs = torch.cat([lucent_render(net, args.layer, u, args.size, args.steps) for u in units])
     t_lucent = time.perf_counter() - start
     print(f"units/lucent: {len(units) / t_lucent:.3f} units/s ({t_lucent:.1f}s, one unit per call)")
-    ours_peak, their_peak = peak(model, module, ours, units), peak(model, module, theirs, units)
-    print(f"units/featscope vs lucent: {t_lucent / t_ours:.2f} (units/s ratio); activation reached: median "
-          f"featscope / lucent {np.median(ours_peak / their_peak):.2f} (featscope higher on "
-          f"{int((ours_peak >= their_peak).sum())} of {len(units)} units)")
+    their_peak = peak(model, module, theirs, units)
+    for precision in precisions:
+        ours_peak = peak(model, module, ours[precision], units)
+        print(f"units/featscope {precision} vs lucent: {t_lucent / t_ours[precision]:.2f} (units/s ratio); "
+              f"activation reached: median featscope / lucent {np.median(ours_peak / their_peak):.2f}, mean "
+              f"{ours_peak.mean() / their_peak.mean():.2f} (featscope higher on "
+              f"{int((ours_peak >= their_peak).sum())} of {len(units)} units)")
 
 
 if __name__ == "__main__":

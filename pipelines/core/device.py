@@ -19,6 +19,8 @@ from featscope.pipelines.core.models import LoadedModel
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)
+RENDER_PRECISION_HELP = ("the model's forward and backward passes while images are optimised: fp32, or bf16 "
+                         "(1.3x faster on a 2-core AMD EPYC with AVX512-BF16; other images, reaching about as high)")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -36,6 +36,7 @@ from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import directions
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
+from featscope.pipelines.core.device import PRECISIONS, RENDER_PRECISION_HELP
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, seed_option
@@ -77,6 +78,7 @@ class AtlasOptions(Options):
     lr: float = option(0.05, help="Adam's learning rate on the image's spectrum", min=0)
     perplexity: float = option(30.0, help="t-SNE perplexity (smaller with few vectors)", min=1)
     seed: int = seed_option(0, help="seed of the image and position sample, the layout and the renderings")
+    precision: str = option("fp32", help=RENDER_PRECISION_HELP, choices=("fp32", "bf16"))
     device: str = option("auto", help="where the model runs", choices=("auto", "cpu", "cuda"))
 
 
@@ -224,7 +226,8 @@ def _render(loaded, spec, device: torch.device, means: torch.Tensor, cells: list
         model, module = lane
         seeds = [options.seed * 1_000_003 + cells[i]["gy"] * options.grid + cells[i]["gx"] for i in rows]
         images, _ = feature_visualisations(model, directions(module, means[rows].to(device)), seeds, size=options.size,
-                                           steps=options.steps, lr=options.lr, seed=options.seed, model_size=model_size)
+                                           steps=options.steps, lr=options.lr, seed=options.seed, model_size=model_size,
+                                           dtype=PRECISIONS[options.precision])
         return images
 
     pictures = []

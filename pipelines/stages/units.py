@@ -39,6 +39,7 @@ from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import channels, diversity
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
+from featscope.pipelines.core.device import PRECISIONS, RENDER_PRECISION_HELP
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, parse_units, seed_option
 from featscope.pipelines.core.rundir import RunDir
@@ -71,6 +72,7 @@ class RenderOptions(Options):
     diversity: int = option(0, help="also render this many different images per unit, optimised together with "
                                     "Lucid's diversity objective (0: none)", min=0, max=16)
     diversity_weight: float = option(100.0, help="weight of the diversity term (Lucid's tutorial: 100)", min=0)
+    precision: str = option("fp32", help=RENDER_PRECISION_HELP, choices=("fp32", "bf16"))
     device: str = option("auto", help="where the model runs", choices=("auto", "cpu", "cuda"))
 
 
@@ -143,6 +145,7 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
     table = pa.Table.from_pylist(rows, schema=TABLE)
     write_table(table, rd.units_table(options.layer), {"layer": options.layer, "size": str(options.size),
                                                        "steps": str(options.steps), "seed": str(options.seed),
+                                                       "precision": options.precision,
                                                        "dataset": dataset_stamp(rd, options.layer)})
     _sheet(rd, options.layer, units)
     with_top1 = [r for r in rows if r["top1"] is not None and r["top1"] > 0]
@@ -172,7 +175,8 @@ def render_units(loaded, spec, device: torch.device, units: list[int], options: 
         own, module = lane
         images, trajectory = feature_visualisations(
             own, channels(module, torch.tensor(chosen, device=device)), [options.seed * 1_000_003 + u for u in chosen],
-            size=options.size, steps=options.steps, lr=options.lr, seed=options.seed, model_size=side)
+            size=options.size, steps=options.steps, lr=options.lr, seed=options.seed, model_size=side,
+            dtype=PRECISIONS[options.precision])
         return chosen, images, trajectory, _activations(own, module, images, side)
 
     return map_in_lanes(render_chunk, chunks_of(list(units), size), lane_model, lanes=lanes, threads=threads)
@@ -188,7 +192,8 @@ def diverse_variants(model: PixelModel, module: torch.nn.Module, unit: int, opti
         + options.diversity_weight * diversity(module)
     seeds = [options.seed * 1_000_003 + unit * 64 + k + 1 for k in range(n)]
     images, _ = feature_visualisations(model, objective, seeds, size=options.size, steps=options.steps,
-                                       lr=options.lr, seed=options.seed, model_size=model_size)
+                                       lr=options.lr, seed=options.seed, model_size=model_size,
+                                       dtype=PRECISIONS[options.precision])
     return images
 
 

@@ -23,17 +23,20 @@ def run(reported_run, tmp_path_factory):
     return RunDir(copy)
 
 
-def test_render_writes_images_and_checks_them_against_the_dataset(run):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_render_writes_images_and_checks_them_against_the_dataset(run, precision):
+    """In bf16 too: the model optimises in bf16, and the table measures in float32."""
     from featscope.pipelines.core.workers import model_ref, worker_model
 
     shared = worker_model(model_ref(run))[0].module  # the process's cached model, which explain also uses
     asked = [p.requires_grad for p in shared.parameters()]
-    summary = units.render(run, units.RenderOptions(layer="layer3", units="0-2,5", size=32, steps=4, batch=3),
-                           progress=False)
+    summary = units.render(run, units.RenderOptions(layer="layer3", units="0-2,5", size=32, steps=4, batch=3,
+                                                    precision=precision), progress=False)
     assert summary.units == 4
     assert [p.requires_grad for p in shared.parameters()] == asked  # left as it was found
     table = pq.read_table(run.units_table("layer3")).to_pylist()
     assert [r["unit"] for r in table] == [0, 1, 2, 5]
+    assert pq.read_schema(run.units_table("layer3")).metadata[b"precision"] == precision.encode()
     maxima = units.dataset_maxima(run, "layer3")
     loaded = load_model("resnet18", "random")
     prep = loaded.preprocessing
