@@ -135,7 +135,8 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
                     to_image(images[b]).save(tmp, format="PNG")
                 rows.append(_row(unit, float(trajectory[-1, b]), measured[b], maxima))
             bar.update(len(chosen))
-    for unit in tqdm(units if options.diversity else [], unit="unit", desc="diverse variants", disable=not progress):
+    for unit in tqdm(units if options.diversity else [], unit="unit", desc="diverse variants",
+                     disable=not progress or not options.diversity):  # no empty bar without them
         for k, image in enumerate(diverse_variants(model, module, unit, options, prep.crop), start=1):
             with atomic_path(rd.unit_variant(options.layer, unit, k)) as tmp:
                 to_image(image).save(tmp, format="PNG")

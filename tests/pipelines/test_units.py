@@ -67,6 +67,16 @@ def test_bad_layer_and_units_are_one_line(run, capsys):
     assert "256 units" in capsys.readouterr().err
 
 
+def test_the_progress_shows_the_variants_bar_only_when_variants_are_rendered(run, capsys):
+    args = ["units", "render", "--run", str(run.root), "--layer", "layer3", "--units", "1", "--size", "16",
+            "--steps", "1"]
+    assert cli(args) == 0
+    err = capsys.readouterr().err
+    assert "units render layer3" in err and "diverse variants" not in err  # it drew an empty bar
+    assert cli([*args, "--diversity", "1"]) == 0
+    assert "diverse variants" in capsys.readouterr().err
+
+
 def test_unit_labels_match_scikit_learn_and_the_classifier(run):
     from sklearn.metrics import roc_auc_score
 
