@@ -447,7 +447,7 @@ def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary
     missing = [r for r in rows if r["image_id"] not in stored or r["image_id"] in grey]  # grey: read again
     with ThreadPoolExecutor(threads) as pool:
         made = sum(tqdm(pool.map(lambda r: ensure_thumbnail(rd, r["image_id"], r["path"]), missing),
-                        total=len(missing), desc="thumbnails", unit="img", disable=not progress))
+                        total=len(missing), desc="thumbnails", unit="img", disable=not progress or not missing))
     # grey squares of images that could not be read: status names them, the workflow builds again
     record_unreadable(rd.report_unreadable, [r["image_id"] for r in missing if is_grey(rd, r["image_id"])])
     ids = np.array([r["image_id"] for r in rows], dtype=np.int64)

@@ -282,7 +282,8 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
         masks = _UnitMasks(rd, layer) if show == "mask" else None
         patches: dict[tuple[int, int], Image.Image] = {}
         greyed: set[int] = set()  # units with a grey patch: an image that could not be read
-        for image_id, rows in tqdm(by_image.items(), desc=f"patches {layer}", unit="img", disable=not progress):
+        for image_id, rows in tqdm(by_image.items(), desc=f"patches {layer}", unit="img",
+                                   disable=not progress or not by_image):  # no empty bar when all are drawn
             try:
                 img = open_image(paths[image_id])
             except BadImage:

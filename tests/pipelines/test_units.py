@@ -1,6 +1,7 @@
 """`featscope units render` on a small run: one PNG per unit, a sheet, and a table whose
 activation, dataset top-1, ratio and rank are recomputed here from the images and top-k."""
 
+import re
 import shutil
 
 import numpy as np
@@ -67,14 +68,22 @@ def test_bad_layer_and_units_are_one_line(run, capsys):
     assert "256 units" in capsys.readouterr().err
 
 
-def test_the_progress_shows_the_variants_bar_only_when_variants_are_rendered(run, capsys):
+def test_no_command_draws_an_empty_progress_bar(run, capsys):
+    """A bar over nothing ('thumbnails: 0img [00:00, ?img/s]') said only that there was no
+    work: units render without variants, a report or topk render with everything drawn."""
     args = ["units", "render", "--run", str(run.root), "--layer", "layer3", "--units", "1", "--size", "16",
             "--steps", "1"]
     assert cli(args) == 0
     err = capsys.readouterr().err
-    assert "units render layer3" in err and "diverse variants" not in err  # it drew an empty bar
+    assert "units render layer3" in err and "diverse variants" not in err
     assert cli([*args, "--diversity", "1"]) == 0
     assert "diverse variants" in capsys.readouterr().err
+    for again in (["report"], ["topk", "render", "--layer", "layer3", "--units", "0-1"]):
+        assert cli([*again, "--run", str(run.root)]) == 0
+        capsys.readouterr()
+        assert cli([*again, "--run", str(run.root)]) == 0  # nothing left to draw
+        err = capsys.readouterr().err
+        assert not re.search(r"\b0(it|img|unit) \[", err), err
 
 
 def test_unit_labels_match_scikit_learn_and_the_classifier(run):
