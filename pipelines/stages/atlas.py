@@ -36,7 +36,7 @@ from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import directions
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
-from featscope.pipelines.core.device import PRECISIONS, RENDER_PRECISION_HELP
+from featscope.pipelines.core.device import PRECISIONS, RENDER_PRECISION_HELP, slow_render_precision
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, seed_option
@@ -90,6 +90,10 @@ class AtlasSummary:
     cells: int
     rendered: int
     seconds: float
+    slow: str = ""  # why its precision ran slowly here (`slow_render_precision`), or ""
+
+    def warning(self) -> str:
+        return self.slow
 
     def line(self) -> str:
         return (f"units atlas {self.layer}: {plural(self.vectors, 'activation vector')} from "
@@ -205,6 +209,7 @@ def atlas(rd: RunDir, options: AtlasOptions, progress: bool = True) -> AtlasSumm
         _mosaic(rd, options, to_render, pictures)
         meta = {"layer": options.layer, "grid": str(options.grid), "layout": "openTSNE (cosine)",
                 "images": str(len(rows)), "per_image": str(options.per_image), "seed": str(options.seed),
+                "precision": options.precision,
                 "dataset": dataset_stamp(rd, options.layer, labels=True)}
         write_table(pa.Table.from_pylist(
             [{"image_id": int(i), "y": int(y), "x": int(x), "px": float(p[0]), "py": float(p[1]), "gy": int(c[0]),
@@ -212,7 +217,7 @@ def atlas(rd: RunDir, options: AtlasOptions, progress: bool = True) -> AtlasSumm
             rd.atlas_samples(options.layer), meta)
         write_table(pa.Table.from_pylist(table, schema=CELLS), rd.atlas_table(options.layer), meta)
         return AtlasSummary(options.layer, len(vectors), len(set(where[:, 0].tolist())), len(table), len(to_render),
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, slow_render_precision(options.precision, device))
 
 
 def _render(loaded, spec, device: torch.device, means: torch.Tensor, cells: list[dict], options: AtlasOptions,

@@ -39,7 +39,7 @@ from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import channels, diversity
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
-from featscope.pipelines.core.device import PRECISIONS, RENDER_PRECISION_HELP
+from featscope.pipelines.core.device import PRECISIONS, RENDER_PRECISION_HELP, slow_render_precision
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, parse_units, seed_option
 from featscope.pipelines.core.rundir import RunDir
@@ -84,6 +84,10 @@ class RenderSummary:
     wins: float | None
     median_ratio: float | None
     specific: float | None
+    slow: str = ""  # why its precision ran slowly here (`slow_render_precision`), or ""
+
+    def warning(self) -> str:
+        return self.slow
 
     def line(self) -> str:
         text = (f"units render {self.layer}: {plural(self.units, 'unit')} in {self.seconds:.1f}s "
@@ -154,7 +158,8 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
         options.layer, len(units), time.perf_counter() - start,
         float(np.mean([r["ratio"] > 1 for r in with_top1])) if with_top1 else None,
         float(np.median([r["ratio"] for r in with_top1])) if with_top1 else None,
-        float(np.mean([r["rank"] == 1 for r in rows if r["rank"] is not None])) if maxima else None)
+        float(np.mean([r["rank"] == 1 for r in rows if r["rank"] is not None])) if maxima else None,
+        slow_render_precision(options.precision, device))
 
 
 Lane = tuple[PixelModel, torch.nn.Module]  # a visualisation model and the module of it that the layer taps

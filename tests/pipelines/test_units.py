@@ -86,6 +86,19 @@ def test_no_command_draws_an_empty_progress_bar(run, capsys):
         assert not re.search(r"\b0(it|img|unit) \[", err), err
 
 
+def test_bf16_on_a_cpu_whose_onednn_lacks_it_renders_and_says_it_is_slow(run, capsys, monkeypatch):
+    from featscope.kernels import conv_fusion
+
+    args = ["units", "render", "--run", str(run.root), "--layer", "layer3", "--units", "1", "--size", "16",
+            "--steps", "1", "--precision", "bf16", "--quiet"]
+    assert cli(args) == 0
+    assert ("warning" in capsys.readouterr().err) == (not conv_fusion.onednn_runs(torch.bfloat16))
+    monkeypatch.setitem(conv_fusion._ONEDNN_RUNS, torch.bfloat16, False)  # as on a CPU without AVX-512
+    assert cli(args) == 0
+    assert "warning: bf16 runs on PyTorch's slow reference kernels on this CPU" in capsys.readouterr().err
+    assert pq.read_table(run.units_table("layer3"))["unit"].to_pylist() == [1]
+
+
 def test_unit_labels_match_scikit_learn_and_the_classifier(run):
     from sklearn.metrics import roc_auc_score
 
