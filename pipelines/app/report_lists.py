@@ -72,7 +72,7 @@ def neighbour_lists(rd: RunDir, ids: np.ndarray, k: int, progress: bool
         redo = lists_to_redo(index, old, present, k, added) if old else present
         found[layer] = {i: old[i] for i in present.tolist() if i in old}
         for start in tqdm(range(0, len(redo), 4096), desc=f"neighbours {layer}",
-                                  disable=not progress or not len(redo)):
+                          disable=not progress or not len(redo)):
             chunk = redo[start:start + 4096]
             result = neighbours_of(index, chunk, k)
             for query, row_ids, row_d in zip(chunk, result.image_ids, result.distances):

@@ -19,6 +19,10 @@ from featscope.pipelines.core.models import LoadedModel
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)
+RENDER_PRECISION_HELP = ("the model's forward and backward passes while images are optimised: fp32, or bf16 "
+                         "(1.3x faster on a 2-core AMD EPYC with AVX512-BF16; other images, reaching about as high)")
+
+
 def slow_render_precision(precision: str, device: torch.device) -> str:
     """Why images optimised in `precision` on `device` will be slow, or "": bf16 on a CPU whose
     oneDNN lacks it (no AVX-512) runs on PyTorch's reference kernels, as fp16 does on one
@@ -28,12 +32,8 @@ def slow_render_precision(precision: str, device: torch.device) -> str:
 
     if precision == "bf16" and device.type == "cpu" and not onednn_runs(torch.bfloat16):
         return ("bf16 runs on PyTorch's slow reference kernels on this CPU (oneDNN's bf16 needs AVX-512): "
-                "--precision fp32 is likely faster here")
+                "fp32 is likely faster here")
     return ""
-
-
-RENDER_PRECISION_HELP = ("the model's forward and backward passes while images are optimised: fp32, or bf16 "
-                         "(1.3x faster on a 2-core AMD EPYC with AVX512-BF16; other images, reaching about as high)")
 
 
 def resolve_device(device: str) -> torch.device:
