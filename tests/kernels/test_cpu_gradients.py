@@ -39,13 +39,18 @@ def ops_run(model: nn.Module, x: torch.Tensor) -> set[str]:
         f"{event.name} < {event.cpu_parent.name}" for event in trace.events() if event.cpu_parent is not None}
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
-def test_the_prepared_copy_computes_the_same_values_and_input_gradients(arch, one_thread):
+def model_copy_and_input(arch: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A seeded model with trained-like batch norms, its copy prepared for CPU gradients, and an input."""
     torch.manual_seed(0)
     model = trained_like_batchnorms(torchvision.models.get_model(arch, weights=None).eval())
     model = model.to(memory_format=torch.channels_last).requires_grad_(False)
-    prepared = for_cpu_gradients(copy.deepcopy(model))
-    x = torch.rand(2, 3, 64, 80).contiguous(memory_format=torch.channels_last)
+    return model, for_cpu_gradients(copy.deepcopy(model)), torch.rand(2, 3, 64, 80).contiguous(
+        memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
+def test_the_prepared_copy_computes_the_same_values_and_input_gradients(arch, one_thread):
+    model, prepared, x = model_copy_and_input(arch)
     (value, gradient), (ref_value, ref_gradient) = value_and_input_gradient(prepared, x), value_and_input_gradient(
         model, x)
     torch.testing.assert_close(value, ref_value, rtol=1e-4, atol=1e-5 * ref_value.abs().max().item())
@@ -81,11 +86,7 @@ needs_bf16 = pytest.mark.skipif(not onednn_runs(torch.bfloat16), reason="this CP
 @needs_bf16
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
 def test_under_bf16_autocast_the_copy_is_as_close_to_float32_as_autocast_on_the_model(arch, one_thread):
-    torch.manual_seed(0)
-    model = trained_like_batchnorms(torchvision.models.get_model(arch, weights=None).eval())
-    model = model.to(memory_format=torch.channels_last).requires_grad_(False)
-    prepared = for_cpu_gradients(copy.deepcopy(model))
-    x = torch.rand(2, 3, 64, 80).contiguous(memory_format=torch.channels_last)
+    model, prepared, x = model_copy_and_input(arch)
     exact = value_and_input_gradient(model, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours, theirs = value_and_input_gradient(prepared, x), value_and_input_gradient(model, x)
