@@ -34,7 +34,7 @@ def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
         "units": {"render": {"layers": ["layer3"], "units": "0-1", "size": 24, "steps": 2},
                   "label": {"gradient_images": 1},
                   "atlas": {"layers": ["layer3"], "grid": 2, "images": 8, "per_image": 1, "min_count": 1, "size": 16,
-                            "steps": 1, "perplexity": 2}},
+                            "steps": 1, "perplexity": 2, "precision": "bf16"}},
         "viz": {"filters": ["stem"], "activations": {"layers": ["layer1"], "ids": [0]},
                 "class_models": {"classes": [1, 2], "steps": 3, "octaves": 1},
                 "adversarial": {"ids": [0], "steps": 2}, "dream": {"layers": ["layer1"], "ids": [0],
@@ -81,6 +81,7 @@ def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
     assert pq.read_table(run / "units" / "pool" / "labels.parquet").num_rows == 512
     cells = pq.read_table(run / "units" / "layer3" / "atlas" / "cells.parquet").to_pylist()
     assert sum(c["count"] for c in cells) == 8 and (run / "units" / "layer3" / "atlas" / "atlas.png").exists()
+    assert pq.read_schema(run / "units" / "layer3" / "atlas" / "cells.parquet").metadata[b"precision"] == b"bf16"
     assert (run / "topk" / "sketches" / "layer3.parquet").exists()
 
     viz = run / "viz"
