@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from featscope.pipelines.app.cli import main as cli
+from featscope.pipelines.app.status import status
 from featscope.pipelines.core.models import load_model
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.stages import units
@@ -38,6 +39,8 @@ def test_render_writes_images_and_checks_them_against_the_dataset(run, precision
     table = pq.read_table(run.units_table("layer3")).to_pylist()
     assert [r["unit"] for r in table] == [0, 1, 2, 5]
     assert pq.read_schema(run.units_table("layer3")).metadata[b"precision"] == precision.encode()
+    said = "units layer3 visualisations: 4 units" + (", rendered in bf16" if precision == "bf16" else "")
+    assert said in status(run).lines
     maxima = units.dataset_maxima(run, "layer3")
     loaded = load_model("resnet18", "random")
     prep = loaded.preprocessing
