@@ -48,7 +48,7 @@ def clamp_of(module: nn.Module) -> tuple[str, list[float]] | None:
     return None
 
 
-def _weight_and_bias_in(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def weight_and_bias_in(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A conv's or linear layer's weight and bias (None where it has none) cast to `dtype`,
     detached: the copies a module below keeps, made once instead of on every call."""
     bias = module.bias
@@ -96,7 +96,7 @@ class FusedConv(nn.Module):
         batch is at most PACK_MAX_BATCH (oneDNN's layout depends on the shape; the same numbers
         either way)."""
         if dtype not in self._cast:
-            self._cast[dtype] = _weight_and_bias_in(self.conv, dtype)
+            self._cast[dtype] = weight_and_bias_in(self.conv, dtype)
         weight, bias = self._cast[dtype]
         if len(x) > PACK_MAX_BATCH or len(self._packed) >= PACK_MAX_SHAPES:
             return weight, bias
@@ -148,7 +148,7 @@ class AutocastLinear(nn.Module):
             return self.linear(x)
         dtype = torch.get_autocast_dtype(x.device.type)
         if dtype not in self._cast:
-            self._cast[dtype] = _weight_and_bias_in(self.linear, dtype)
+            self._cast[dtype] = weight_and_bias_in(self.linear, dtype)
         return F.linear(x, *self._cast[dtype])
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from featscope.kernels.conv_fusion import onednn_runs
+from featscope.kernels.conv_fusion import onednn_runs, weight_and_bias_in
 
 
 class OneDnnConv2d(nn.Conv2d):
@@ -58,11 +58,9 @@ class OneDnnConv2d(nn.Conv2d):
 
     def _weights_in_bf16(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight and bias in bf16, cast once (the copy's weights never change)."""
-        cast = self.__dict__.get("_bf16")
-        if cast is None:
-            bias = None if self.bias is None else self.bias.detach().to(torch.bfloat16)
-            cast = self.__dict__["_bf16"] = (self.weight.detach().to(torch.bfloat16), bias)
-        return cast
+        if "_bf16" not in self.__dict__:
+            self.__dict__["_bf16"] = weight_and_bias_in(self, torch.bfloat16)
+        return self.__dict__["_bf16"]
 
     def _slow_in_bf16(self) -> bool:
         """A depthwise conv with a stride: oneDNN's bf16 gradient of its input is 20-100x its

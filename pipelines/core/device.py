@@ -19,21 +19,35 @@ from featscope.pipelines.core.models import LoadedModel
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)
-RENDER_PRECISION_HELP = ("the model's forward and backward passes while images are optimised: fp32, or bf16 "
-                         "(1.3x faster on a 2-core AMD EPYC with AVX512-BF16; other images, reaching about as high)")
+ONEDNN_NEEDS = {"bf16": "AVX-512", "fp16": "AVX512-FP16 or AVX-NE-CONVERT"}  # what its kernels of a dtype need
+
+
+def render_precision_option():
+    """The `precision` option of the stages that optimise images (units render, units atlas)."""
+    from featscope.pipelines.core.options import option
+
+    return option("fp32", choices=("fp32", "bf16"), help=(
+        "the model's forward and backward passes while images are optimised: fp32, or bf16 (1.3x faster on a "
+        "2-core AMD EPYC with AVX512-BF16; other images, reaching about as high)"))
+
+
+def slow_on_this_cpu(precision: str, device: torch.device) -> str:
+    """Why `precision` runs slowly on `device`, or "": a reduced precision that this CPU's oneDNN
+    lacks runs on PyTorch's reference kernels (fp16 on a 2-core AMD EPYC without AVX512-FP16:
+    MobileNet-V2 extraction at 7 img/s against 45 in fp32)."""
+    from featscope.kernels.conv_fusion import onednn_runs
+
+    dtype = PRECISIONS.get(precision)
+    if dtype is None or device.type != "cpu" or onednn_runs(dtype):
+        return ""
+    return f"{precision} runs on PyTorch's slow reference kernels on this CPU (oneDNN's {precision} needs " \
+           f"{ONEDNN_NEEDS[precision]})"
 
 
 def slow_render_precision(precision: str, device: torch.device) -> str:
-    """Why images optimised in `precision` on `device` will be slow, or "": bf16 on a CPU whose
-    oneDNN lacks it (no AVX-512) runs on PyTorch's reference kernels, as fp16 does on one
-    without AVX512-FP16 (MobileNet-V2 extraction on a 2-core AMD EPYC: 7 img/s against 45 in
-    fp32)."""
-    from featscope.kernels.conv_fusion import onednn_runs
-
-    if precision == "bf16" and device.type == "cpu" and not onednn_runs(torch.bfloat16):
-        return ("bf16 runs on PyTorch's slow reference kernels on this CPU (oneDNN's bf16 needs AVX-512): "
-                "fp32 is likely faster here")
-    return ""
+    """`slow_on_this_cpu` for the stages that optimise images, with what to do instead, or ""."""
+    slow = slow_on_this_cpu(precision, device)
+    return f"{slow}: fp32 is likely faster here" if slow else ""
 
 
 def resolve_device(device: str) -> torch.device:

@@ -36,7 +36,7 @@ from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import directions
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
-from featscope.pipelines.core.device import PRECISIONS, RENDER_PRECISION_HELP, slow_render_precision
+from featscope.pipelines.core.device import PRECISIONS, render_precision_option, slow_render_precision
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, seed_option
@@ -78,7 +78,7 @@ class AtlasOptions(Options):
     lr: float = option(0.05, help="Adam's learning rate on the image's spectrum", min=0)
     perplexity: float = option(30.0, help="t-SNE perplexity (smaller with few vectors)", min=1)
     seed: int = seed_option(0, help="seed of the image and position sample, the layout and the renderings")
-    precision: str = option("fp32", help=RENDER_PRECISION_HELP, choices=("fp32", "bf16"))
+    precision: str = render_precision_option()
     device: str = option("auto", help="where the model runs", choices=("auto", "cpu", "cuda"))
 
 

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featscope.kernels.conv_fusion import onednn_runs
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.layers import PIXELS
 from featscope.kernels.params import ParamError
@@ -30,7 +29,13 @@ from featscope.kernels.topk import RunningTopK
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.dataset import default_workers, image_batches
-from featscope.pipelines.core.device import DEVICES, PRECISION_CHOICES, resolve_device, resolve_precision
+from featscope.pipelines.core.device import (
+    DEVICES,
+    PRECISION_CHOICES,
+    resolve_device,
+    resolve_precision,
+    slow_on_this_cpu,
+)
 from featscope.pipelines.core.features import FeatureExtractor, storable_rows
 from featscope.pipelines.core.models import LoadedModel, checked_class_names, load_model
 from featscope.pipelines.core.options import Command, Options, option, seed_option
@@ -74,11 +79,9 @@ class ExtractSummary:
 
     def warning(self) -> str:
         said = [f"{plural(self.bad, 'image')} skipped; see {self.errors_dir}" if self.bad else ""]
-        if self.device == "cpu" and self.precision == "fp16" and not onednn_runs(torch.float16):
-            said.append("fp16 runs on PyTorch's slow reference kernels on this CPU (oneDNN's fp16 needs AVX512-FP16 "
-                        "or AVX-NE-CONVERT): several times slower than fp32 or bf16 here (MobileNet-V2 on a 2-core "
-                        "AMD EPYC: 7 img/s against 45 and 61); a run keeps its precision, so for speed use another "
-                        "run directory")
+        if slow := slow_on_this_cpu(self.precision, torch.device(self.device)):
+            said.append(f"{slow}: several times slower than fp32 or bf16 here (MobileNet-V2 on a 2-core AMD EPYC: "
+                        "7 img/s against 45 and 61); a run keeps its precision, so for speed use another run directory")
         return "; ".join(s for s in said if s)
 
     def line(self, rd: RunDir | None = None) -> str:

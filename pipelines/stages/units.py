@@ -39,7 +39,7 @@ from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import channels, diversity
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
-from featscope.pipelines.core.device import PRECISIONS, RENDER_PRECISION_HELP, slow_render_precision
+from featscope.pipelines.core.device import PRECISIONS, render_precision_option, slow_render_precision
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, parse_units, seed_option
 from featscope.pipelines.core.rundir import RunDir
@@ -72,7 +72,7 @@ class RenderOptions(Options):
     diversity: int = option(0, help="also render this many different images per unit, optimised together with "
                                     "Lucid's diversity objective (0: none)", min=0, max=16)
     diversity_weight: float = option(100.0, help="weight of the diversity term (Lucid's tutorial: 100)", min=0)
-    precision: str = option("fp32", help=RENDER_PRECISION_HELP, choices=("fp32", "bf16"))
+    precision: str = render_precision_option()
     device: str = option("auto", help="where the model runs", choices=("auto", "cpu", "cuda"))
 
 

@@ -37,7 +37,7 @@ def test_manifest_and_extract_by_hand(tmp_path, small_dataset):
 def test_fp16_on_a_cpu_whose_onednn_lacks_it_works_and_says_it_is_slow(tmp_path, small_dataset, monkeypatch, capsys):
     """oneDNN's fp16 needs AVX512-FP16 or AVX-NE-CONVERT (an AMD EPYC lacks them; simulated
     here on any CPU): extraction works there, on PyTorch's kernels, 6x slower than fp32, and
-    ends with a warning saying so, since the run keeps its precision. bf16 says nothing."""
+    ends with a warning saying so, since the run keeps its precision; bf16 says nothing of fp16."""
     import torch
 
     from featscope.kernels import conv_fusion
