@@ -56,6 +56,7 @@ COMMAND_MODULES = {
     "serve": "featscope.pipelines.app.serve",
     "status": "featscope.pipelines.app.status",
     "verify": "featscope.pipelines.app.verify",
+    "clean": "featscope.pipelines.app.clean",
     "config": "featscope.pipelines.app.config_command",
 }
 # What each first word does, for `featscope --help`, which lists them without importing any
@@ -83,6 +84,7 @@ WORD_HELP = {
     "serve": "serve a run's report and a JSON query API on 127.0.0.1",
     "status": "where a run stands and what a rerun of the workflow would do",
     "verify": "read every file of a run back; name each damaged one and the command that rebuilds it",
+    "clean": "delete the temporary files and index versions that killed jobs left in a run",
     "config": "the workflow config: its schema",
 }
 # Old command names kept working for this release.

@@ -10,8 +10,6 @@ model and reads only small files, so it answers in about a second.
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ import pyarrow.parquet as pq
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
-from featscope.pipelines.core import derived, manifest
+from featscope.pipelines.core import derived, leftovers, manifest
 from featscope.pipelines.core.atomic import WRITER_LOCK, writer
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
@@ -438,35 +436,17 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
 MOSAIC_SUFFIX = {"grid": "jpg", "scatter": "jpg", "plot": "png"}
 
 
-LEFT_FOR = 3600  # seconds a temporary file goes unwritten before status calls it left by a stopped job
-
-
 def _leftovers(rd: RunDir, out: Status) -> None:
-    """Temporary files and index versions that jobs killed outright (SIGKILL, a lost node)
-    left where the large files go, none written to for LEFT_FOR seconds: hidden from every
-    reader, they only take space, a half feature part or a whole index each. Named, not
-    deleted: a name holds a pid but no host, so a job on another node may still write one."""
-    now = time.time()
-    folders = [rd.root, rd.index_root, rd.predictions_dir, rd.root / "embedding", rd.root / "topk",
-               *rd.root.glob("features/*"), *rd.root.glob("topk/candidates/*")]
-    found = [p for folder in folders if folder.is_dir() for p in folder.glob(".*.tmp")]
-    if rd.index_root.is_dir():
-        current = {os.path.realpath(rd.index_dir(layer)) for layer in rd.index_layers()}
-        found += [p for p in rd.index_root.glob(".*.*") if p.is_dir() and str(p.resolve()) not in current]
-    left = []
-    for path in found:
-        try:
-            files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()] + [path]
-            if now - max(f.stat().st_mtime for f in files) > LEFT_FOR:
-                left.append((path, sum(f.stat().st_size for f in files if f.is_file())))
-        except OSError:  # removed meanwhile by the job that wrote it
-            continue
+    """Temporary files and index versions that jobs killed outright left where the large files
+    go (see core.leftovers), none written to for an hour: they make no output wrong, but take
+    space until `featscope clean` deletes them."""
+    left = leftovers.find(rd)
     if left:
-        names = [p.relative_to(rd.root).as_posix() for p, _ in sorted(left)]
+        names = [item.path.relative_to(rd.root).as_posix() for item in left]
         what = plural(len(left), "temporary file or index version", "temporary files or index versions")
-        out.lines.append(f"left by stopped jobs: {what}, {sum(size for _, size in left) / 1e6:.1f} MB, none written "
-                         f"to for over an hour ({listed(names, shown=2)}): nothing reads them; delete them once no "
-                         "job of this run is running")
+        out.lines.append(f"left by stopped jobs: {what}, {sum(item.size for item in left) / 1e6:.1f} MB, none written "
+                         f"to for over an hour ({listed(names, shown=2)}): nothing reads them; `featscope clean` "
+                         "deletes them")
 
 
 def _style_network(rd: RunDir, out: Status) -> None:
