@@ -44,6 +44,7 @@ class Status:
     pending: dict[str, int] = field(default_factory=dict)  # new, edited, vanished
     stale: list[str] = field(default_factory=list)  # outputs that do not describe the live images
     written_now: list[Path] = field(default_factory=list)  # folders a job is writing (`atomic.one_writer`)
+    left_by_stopped_jobs: dict[str, int] = field(default_factory=lambda: {"count": 0, "bytes": 0})  # core.leftovers
     check: bool = False  # `--check`: a run that is not current fails the command (exit 1)
     as_json: bool = False  # `--json`: the facts as one JSON object instead of the lines
 
@@ -59,7 +60,8 @@ class Status:
     def line(self) -> str:
         if self.as_json:
             return json.dumps({"current": self.current, "pending": self.pending, "stale": self.stale,
-                               "written_now": [str(p) for p in self.written_now], "lines": self.lines}, indent=1)
+                               "written_now": [str(p) for p in self.written_now],
+                               "left_by_stopped_jobs": self.left_by_stopped_jobs, "lines": self.lines}, indent=1)
         return "\n".join(self.lines)
 
 
@@ -441,6 +443,7 @@ def _leftovers(rd: RunDir, out: Status) -> None:
     go (see core.leftovers), none written to for an hour: they make no output wrong, but take
     space until `featscope clean` deletes them."""
     left = leftovers.find(rd)
+    out.left_by_stopped_jobs = {"count": len(left), "bytes": sum(item.size for item in left)}
     if left:
         names = [item.path.relative_to(rd.root).as_posix() for item in left]
         what = plural(len(left), "temporary file or index version", "temporary files or index versions")
@@ -503,7 +506,7 @@ class StatusOptions(Options):
     check: bool = option(False, help="exit 1 unless the run is current: no change of the image folder pending "
                                      "and no output stale (a scheduled job's last step, or its alert)")
     json: bool = option(False, help="print the facts as JSON: current, pending changes, stale outputs, folders "
-                                    "being written, and the lines")
+                                    "being written, what stopped jobs left (count, bytes), and the lines")
 
 
 def run(rd: RunDir, options: StatusOptions) -> Status:

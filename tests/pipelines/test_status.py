@@ -1,6 +1,7 @@
 """`featscope status`: pending changes of the image folder and stale outputs are named; the
 history records each workflow run."""
 
+import json
 import time
 from pathlib import Path
 
@@ -139,3 +140,6 @@ def test_status_names_what_killed_jobs_left_once_nothing_writes_it_for_an_hour(t
     assert line.startswith("left by stopped jobs: 2 temporary files or index versions, 0.5 MB") and \
         "features/pool/.part-00000.parquet.4242.0badc0de.tmp, index/.pool.4242.0badc0de" in line
     assert status(rd).stale == []  # they make no output wrong
+    facts = status(rd)
+    facts.as_json = True  # `--json`, for an alert on the space they take
+    assert json.loads(facts.line())["left_by_stopped_jobs"] == {"count": 2, "bytes": 300_004 + 200_000}
