@@ -130,3 +130,32 @@ def test_a_job_whose_temporary_is_deleted_fails_and_leaves_its_output_as_it_was(
 def test_clean_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert cli(["clean", "--run", str(tmp_path)]) == 2
     assert "is not a run: no run.json" in capsys.readouterr().err
+
+
+def test_what_a_sigkilled_extract_leaves_is_cleaned_and_the_rerun_finishes(tmp_path, digits, capsys):
+    """The real thing: an extract killed mid-shard (SIGKILL runs no clean-up) leaves its
+    temporary parts; once they are an hour old, clean finds every one by its real name."""
+    import signal
+    import subprocess
+    import sys
+
+    write_dataset(tmp_path / "images", digits, n_photos=0, labels=tuple(range(10)), digits_per_label=30)
+    rd = RunDir(tmp_path / "run")
+    manifest.run(rd, tmp_path / "images", shard_size=1000, model="resnet18", weights="random")
+    job = subprocess.Popen([sys.executable, "-m", "featscope.pipelines.app.cli", "extract", "--run", str(rd.root),
+                            "--layers", "pool,layer3", "--workers", "0", "--batch-size", "8", "--quiet"])
+    deadline = time.monotonic() + 120
+    while not list(rd.root.rglob("*.tmp")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the shard's parts are being written
+    time.sleep(0.5)
+    job.send_signal(signal.SIGKILL)
+    assert job.wait(timeout=60) == -signal.SIGKILL
+    left = list(rd.root.rglob("*.tmp"))
+    assert left and not rd.feature_part("pool", 0).exists()
+    assert cli(["clean", "--run", str(rd.root)]) == 0
+    assert "deleted 0 leftovers" in capsys.readouterr().out  # not yet: a live job may write them
+    _age(*left)
+    assert cli(["clean", "--run", str(rd.root)]) == 0
+    assert f"deleted {len(left)} leftover" in capsys.readouterr().out and list(rd.root.rglob("*.tmp")) == []
+    assert extract.extract(rd, ["pool", "layer3"], workers=0, progress=False).done == [0]
+    assert verify(rd).damaged == []
