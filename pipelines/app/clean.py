@@ -38,6 +38,9 @@ class Cleaning:
         if self.kept:
             text += (f"; kept {plural(len(self.kept), 'leftover')} in folders another job is writing now "
                      f"({listed([item.path.relative_to(self.root).as_posix() for item in self.kept])})")
+        if self.dry_run:  # each one, to look over before deleting
+            text += "".join(f"\n  {name}  {item.size / 1e6:.1f} MB, idle {item.idle_s / 3600:.1f} h"
+                            for name, item in zip(names, self.deleted))
         return text
 
 
