@@ -448,8 +448,8 @@ def _leftovers(rd: RunDir, out: Status) -> None:
         names = [item.path.relative_to(rd.root).as_posix() for item in left]
         what = plural(len(left), "temporary file or index version", "temporary files or index versions")
         out.lines.append(f"left by stopped jobs: {what}, {sum(item.size for item in left) / 1e6:.1f} MB, none written "
-                         f"to for over an hour ({listed(names, shown=2)}): nothing reads them; `featscope clean` "
-                         "deletes them")
+                         f"to for over an hour ({listed(names, shown=2)}): nothing reads them; `featscope clean --run "
+                         f"{rd.root}` deletes them")
 
 
 def _style_network(rd: RunDir, out: Status) -> None:

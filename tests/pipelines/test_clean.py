@@ -90,7 +90,7 @@ def test_clean_deletes_what_killed_jobs_left_and_nothing_else(run_with_leftovers
 def test_status_points_at_clean_and_a_shorter_idle_time_takes_recent_ones(run_with_leftovers, capsys):
     rd, _, left, recent = run_with_leftovers
     line = next(line for line in status(rd).lines if line.startswith("left by stopped jobs"))
-    assert "`featscope clean` deletes them" in line
+    assert f"`featscope clean --run {rd.root}` deletes them" in line
     _age(recent, hours=0.5)
     assert cli(["clean", "--run", str(rd.root), "--idle-hours", "0.25"]) == 0
     assert "deleted 5 leftovers" in capsys.readouterr().out and not recent.exists()
