@@ -20,6 +20,7 @@ if not config:
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.spaces import PIXELS
+from featscope.pipelines.app import clean as fsclean
 from featscope.pipelines.app import cli as fscli
 from featscope.pipelines.app import config as fsconfig
 from featscope.pipelines.app.workflow_cache import WorkflowCache, default_directory
@@ -169,6 +170,20 @@ def live_labels(wildcards=None):
 # Each workflow run leaves one line in the run's history (history.jsonl): when, what the
 # manifest changed, which jobs ran, how long, and whether it succeeded.
 STARTED = time.time()
+
+
+# Jobs killed outright (SIGKILL, the OOM killer, a lost node) leave hidden temporaries: half
+# feature parts, whole index versions. A run that has work deletes those where the large files
+# go, idle for `clean.idle_hours`, before its first job (never in a dry run), as
+# `featscope clean` does: months of scheduled and requeued runs would otherwise fill the disk.
+CLEAN = CFG.get("clean")
+
+
+onstart:
+    if CLEAN is not None:
+        cleaned = fsclean.clean(RD, idle_hours=CLEAN["idle_hours"], everywhere=False)
+        if cleaned.deleted or cleaned.kept:
+            print(f"featscope {cleaned.line()}", file=sys.stderr)
 
 
 onsuccess:

@@ -44,13 +44,15 @@ class Cleaning:
         return text
 
 
-def clean(rd: RunDir, *, idle_hours: float = 1.0, dry_run: bool = False) -> Cleaning:
-    """Delete the run's leftovers idle for `idle_hours` (`dry_run`: only list them)."""
+def clean(rd: RunDir, *, idle_hours: float = 1.0, dry_run: bool = False, everywhere: bool = True) -> Cleaning:
+    """Delete the run's leftovers idle for `idle_hours` (`dry_run`: only list them).
+    `everywhere`: in every folder of the run, else only where the large files go (what the
+    workflow does as it starts: no walk over a large run's every file)."""
     if not rd.run_json.exists():
         raise FeatscopeError(f"{rd.root} is not a run: no run.json")
     out = Cleaning(dry_run=dry_run, root=str(rd.root))
     written_now: dict = {}
-    for item in leftovers.find(rd, everywhere=True, idle_for=idle_hours * 3600):
+    for item in leftovers.find(rd, everywhere=everywhere, idle_for=idle_hours * 3600):
         folder = item.path.parent
         if folder not in written_now:
             written_now[folder] = writer(folder) is not None

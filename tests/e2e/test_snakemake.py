@@ -1,8 +1,10 @@
 """The workflow through `snakemake` itself: a run of every stage, a no-op rerun, a config error."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -183,6 +185,18 @@ def test_a_config_change_reruns_what_it_decides_and_a_missing_output_is_made_aga
     assert "Nothing to be done" in snakemake(tmp_path, configfile, "-n").stdout
 
     rd.embedding("pool").unlink()
+    # with `clean` on, a run that has work first deletes what killed jobs left an hour ago or
+    # more (and only then: a dry run deletes nothing)
+    cfg["clean"] = {}
+    write()
+    left, recent = (rd.feature_part("pool", 0).with_name(f".part-0000{n}.parquet.4242.0badc0de.tmp") for n in (7, 8))
+    for path in (left, recent):
+        path.write_bytes(b"PAR1")
+    os.utime(left, (time.time() - 7200,) * 2)
+    assert "rule embed:" in snakemake(tmp_path, configfile, "-n").stdout and left.exists()
     assert (again := snakemake(tmp_path, configfile)).returncode == 0, again.stderr[-3000:]
     assert "rule embed:" in again.stderr and rd.embedding("pool").exists()
+    assert "featscope clean: deleted 1 leftover of stopped jobs" in again.stderr
+    assert not left.exists() and recent.exists()
+    recent.unlink()
     assert status(rd).stale == []
