@@ -13,6 +13,7 @@ See core.leftovers for what counts as left, and why deleting is safe."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.pipelines.core import leftovers
@@ -34,7 +35,7 @@ class Cleaning:
         size = sum(item.size for item in self.deleted) / 1e6
         verb = "would delete" if self.dry_run else "deleted"
         text = (f"clean: {verb} {plural(len(names), 'leftover')} of stopped jobs, {size:.1f} MB"
-                + (f" ({listed(names)})" if names else ""))
+                + (f" ({listed(names)})" if names and not self.dry_run else ""))
         if self.kept:
             text += (f"; kept {plural(len(self.kept), 'leftover')} in folders another job is writing now "
                      f"({listed([item.path.relative_to(self.root).as_posix() for item in self.kept])})")
@@ -51,7 +52,7 @@ def clean(rd: RunDir, *, idle_hours: float = 1.0, dry_run: bool = False, everywh
     if not rd.run_json.exists():
         raise FeatscopeError(f"{rd.root} is not a run: no run.json")
     out = Cleaning(dry_run=dry_run, root=str(rd.root))
-    written_now: dict = {}
+    written_now: dict[Path, bool] = {}  # folder -> whether a job holds its writer lock now
     for item in leftovers.find(rd, everywhere=everywhere, idle_for=idle_hours * 3600):
         folder = item.path.parent
         if folder not in written_now:

@@ -70,7 +70,7 @@ def test_clean_deletes_what_killed_jobs_left_and_nothing_else(run_with_leftovers
     rd, before, left, recent = run_with_leftovers
     assert cli(["clean", "--run", str(rd.root), "--dry-run"]) == 0
     said = capsys.readouterr().out
-    assert "clean: would delete 4 leftovers of stopped jobs, 0.5 MB" in said and "report/.thumb-3.png" in said
+    assert "clean: would delete 4 leftovers of stopped jobs, 0.5 MB\n" in said and "report/.thumb-3.png" in said
     assert "\n  features/pool/.part-00000.parquet.4242.0badc0de.tmp  0.3 MB, idle 2.0 h" in said  # each listed
     assert all(os.path.lexists(p) for p in left)
 
