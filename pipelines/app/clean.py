@@ -45,7 +45,8 @@ class Cleaning:
         return text
 
 
-def clean(rd: RunDir, *, idle_hours: float = 1.0, dry_run: bool = False, everywhere: bool = True) -> Cleaning:
+def clean(rd: RunDir, *, idle_hours: float = 1.0, dry_run: bool = False, everywhere: bool = True,
+          progress: bool = False) -> Cleaning:
     """Delete the run's leftovers idle for `idle_hours` (`dry_run`: only list them).
     `everywhere`: in every folder of the run, else only where the large files go (what the
     workflow does as it starts: no walk over a large run's every file)."""
@@ -53,7 +54,7 @@ def clean(rd: RunDir, *, idle_hours: float = 1.0, dry_run: bool = False, everywh
         raise FeatscopeError(f"{rd.root} is not a run: no run.json")
     out = Cleaning(dry_run=dry_run, root=str(rd.root))
     written_now: dict[Path, bool] = {}  # folder -> whether a job holds its writer lock now
-    for item in leftovers.find(rd, everywhere=everywhere, idle_for=idle_hours * 3600):
+    for item in leftovers.find(rd, everywhere=everywhere, idle_for=idle_hours * 3600, progress=progress):
         folder = item.path.parent
         if folder not in written_now:
             written_now[folder] = writer(folder) is not None
@@ -73,8 +74,8 @@ class CleanOptions(Options):
     dry_run: bool = option(False, help="list what would be deleted, and delete nothing")
 
 
-def run(rd: RunDir, options: CleanOptions) -> Cleaning:
-    return clean(rd, idle_hours=options.idle_hours, dry_run=options.dry_run)
+def run(rd: RunDir, options: CleanOptions, progress: bool = True) -> Cleaning:
+    return clean(rd, idle_hours=options.idle_hours, dry_run=options.dry_run, progress=progress)
 
 
 COMMANDS = [

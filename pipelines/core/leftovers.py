@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from featscope.pipelines.core.rundir import RunDir
 
 LEFT_FOR = 3600  # seconds a temporary goes unwritten before it counts as left by a stopped job
@@ -45,18 +47,21 @@ def _large_file_folders(rd: RunDir) -> list[Path]:
             *rd.root.glob("features/*"), *rd.root.glob("topk/candidates/*")]
 
 
-def _temporaries_everywhere(rd: RunDir) -> list[Path]:
-    return [Path(folder) / name for folder, _, names in os.walk(rd.root)
+def _temporaries_everywhere(rd: RunDir, progress: bool) -> list[Path]:
+    """Every hidden temporary in the run: a walk over all its folders (with a bar where it
+    takes over a second: a run with a saliency map per image has millions of files)."""
+    walk = tqdm(os.walk(rd.root), desc="looking through", unit=" folders", disable=not progress, delay=1.0)
+    return [Path(folder) / name for folder, _, names in walk
             for name in names if name.startswith(".") and name.endswith(".tmp")]
 
 
-def find(rd: RunDir, *, everywhere: bool = False, idle_for: float = LEFT_FOR) -> list[Leftover]:
+def find(rd: RunDir, *, everywhere: bool = False, idle_for: float = LEFT_FOR, progress: bool = False) -> list[Leftover]:
     """The run's leftovers, sorted by path: temporaries and index versions none of whose files
     was written for `idle_for` seconds. `everywhere`: every folder of the run (a walk of all its
     files), else only where the large ones go."""
     now = time.time()
     if everywhere:
-        found = _temporaries_everywhere(rd)
+        found = _temporaries_everywhere(rd, progress)
     else:
         found = [p for folder in _large_file_folders(rd) if folder.is_dir() for p in folder.glob(".*.tmp")]
     out = []
