@@ -180,7 +180,7 @@ CLEAN = CFG.get("clean")
 
 
 onstart:
-    if CLEAN is not None:
+    if CLEAN is not None and RD.run_json.exists():  # a new run has nothing to clean
         cleaned = fsclean.clean(RD, idle_hours=CLEAN["idle_hours"], everywhere=False)
         if cleaned.deleted or cleaned.kept:
             print(f"featscope {cleaned.line()}", file=sys.stderr)

@@ -33,6 +33,7 @@ def test_workflow_runs_every_stage_and_reruns_nothing(tmp_path, digits):
         "saliency": {"methods": ["gradcam"], "select": "label=photo", "workers": 1, "segment": True,
                      "evaluate": {"steps": 4}, "sanity": {"sample": 2, "steps": 3}},
         "explain": {"k": 2},
+        "clean": {},  # on from the first run, whose run directory does not exist yet as it starts
         "units": {"render": {"layers": ["layer3"], "units": "0-1", "size": 24, "steps": 2},
                   "label": {"gradient_images": 1},
                   "atlas": {"layers": ["layer3"], "grid": 2, "images": 8, "per_image": 1, "min_count": 1, "size": 16,
