@@ -181,9 +181,12 @@ CLEAN = CFG.get("clean")
 
 onstart:
     if CLEAN is not None and RD.run_json.exists():  # a new run has nothing to clean
-        cleaned = fsclean.clean(RD, idle_hours=CLEAN["idle_hours"], everywhere=False)
-        if cleaned.deleted or cleaned.kept:
-            print(f"featscope {cleaned.line()}", file=sys.stderr)
+        try:
+            cleaned = fsclean.clean(RD, idle_hours=CLEAN["idle_hours"], everywhere=False)
+            if cleaned.deleted or cleaned.kept:
+                print(f"featscope {cleaned.line()}", file=sys.stderr)
+        except OSError as e:  # housekeeping: it never stops the work
+            print(f"featscope: warning: leftovers of stopped jobs not cleaned ({e})", file=sys.stderr)
 
 
 onsuccess:
