@@ -34,7 +34,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from featscope.index import recall_shortfall
 from featscope.kernels.errors import FeatscopeError
@@ -52,6 +51,7 @@ from featscope.pipelines.core.atomic import (
 )
 from featscope.pipelines.core.history import read_history
 from featscope.pipelines.core.options import Command, Options, option
+from featscope.pipelines.core.progress import progress_bar
 from featscope.pipelines.core.rundir import THUMB_FOLDER, RunDir, record_unreadable
 from featscope.pipelines.core.store import read_errors, read_predictions
 from featscope.pipelines.core.text import listed, plural
@@ -446,8 +446,8 @@ def _build(rd: RunDir, *, k: int, threads: int, progress: bool) -> ReportSummary
     stored, grey = stored_thumbnails(rd)
     missing = [r for r in rows if r["image_id"] not in stored or r["image_id"] in grey]  # grey: read again
     with ThreadPoolExecutor(threads) as pool:
-        made = sum(tqdm(pool.map(lambda r: ensure_thumbnail(rd, r["image_id"], r["path"]), missing),
-                        total=len(missing), desc="thumbnails", unit="img", disable=not progress or not missing))
+        made = sum(progress_bar(pool.map(lambda r: ensure_thumbnail(rd, r["image_id"], r["path"]), missing),
+                                total=len(missing), desc="thumbnails", unit="img", progress=progress))
     # grey squares of images that could not be read: status names them, the workflow builds again
     record_unreadable(rd.report_unreadable, [r["image_id"] for r in missing if is_grey(rd, r["image_id"])])
     ids = np.array([r["image_id"] for r in rows], dtype=np.int64)

@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from featscope.pipelines.core.atomic import write_json_atomic
 from featscope.pipelines.core.neighbours import list_identity, lists_to_redo, neighbours_of, open_index
+from featscope.pipelines.core.progress import progress_bar
 from featscope.pipelines.core.rundir import RunDir
 
 
@@ -71,8 +71,7 @@ def neighbour_lists(rd: RunDir, ids: np.ndarray, k: int, progress: bool
         added = present[~np.isin(present, np.fromiter(old, np.int64, len(old)))]  # (and any list not kept)
         redo = lists_to_redo(index, old, present, k, added) if old else present
         found[layer] = {i: old[i] for i in present.tolist() if i in old}
-        for start in tqdm(range(0, len(redo), 4096), desc=f"neighbours {layer}",
-                          disable=not progress or not len(redo)):
+        for start in progress_bar(range(0, len(redo), 4096), desc=f"neighbours {layer}", progress=progress):
             chunk = redo[start:start + 4096]
             result = neighbours_of(index, chunk, k)
             for query, row_ids, row_d in zip(chunk, result.image_ids, result.distances):

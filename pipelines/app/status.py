@@ -443,11 +443,12 @@ def _leftovers(rd: RunDir, out: Status) -> None:
     go (see core.leftovers), none written to for an hour: they make no output wrong, but take
     space until `featscope clean` deletes them."""
     left = leftovers.find(rd)
-    out.left_by_stopped_jobs = {"count": len(left), "bytes": sum(item.size for item in left)}
+    size = sum(item.size for item in left)
+    out.left_by_stopped_jobs = {"count": len(left), "bytes": size}
     if left:
         names = [item.path.relative_to(rd.root).as_posix() for item in left]
         what = plural(len(left), "temporary file or index version", "temporary files or index versions")
-        out.lines.append(f"left by stopped jobs: {what}, {sum(item.size for item in left) / 1e6:.1f} MB, none written "
+        out.lines.append(f"left by stopped jobs: {what}, {size / 1e6:.1f} MB, none written "
                          f"to for over an hour ({listed(names, shown=2)}): nothing reads them; `featscope clean --run "
                          f"{rd.root}` deletes them")
 

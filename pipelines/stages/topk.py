@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from tqdm import tqdm
 
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
@@ -32,6 +31,7 @@ from featscope.pipelines.core import derived, manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw, write_json_atomic
 from featscope.pipelines.core.images import BadImage, image_size, open_image
 from featscope.pipelines.core.options import Command, Options, option, parse_units
+from featscope.pipelines.core.progress import progress_bar
 from featscope.pipelines.core.rundir import GREY_PATCH, UNREADABLE_AT, RunDir
 from featscope.pipelines.core.store import (
     TOPK_MAX,
@@ -282,8 +282,8 @@ def render(rd: RunDir, layer: str, *, units: list[int] | None = None, k: int | N
         masks = _UnitMasks(rd, layer) if show == "mask" else None
         patches: dict[tuple[int, int], Image.Image] = {}
         greyed: set[int] = set()  # units with a grey patch: an image that could not be read
-        for image_id, rows in tqdm(by_image.items(), desc=f"patches {layer}", unit="img",
-                                   disable=not progress or not by_image):  # no empty bar when all are drawn
+        for image_id, rows in progress_bar(by_image.items(), desc=f"patches {layer}", unit="img",
+                                           progress=progress):
             try:
                 img = open_image(paths[image_id])
             except BadImage:

@@ -42,6 +42,7 @@ from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
 from featscope.pipelines.core.device import PRECISIONS, render_precision_option, slow_render_precision
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, parse_units, seed_option
+from featscope.pipelines.core.progress import progress_bar
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import write_table
 from featscope.pipelines.core.text import plural, rate
@@ -139,8 +140,8 @@ def _render(rd: RunDir, options: RenderOptions, loaded, device: torch.device, sp
                     to_image(images[b]).save(tmp, format="PNG")
                 rows.append(_row(unit, float(trajectory[-1, b]), measured[b], maxima))
             bar.update(len(chosen))
-    for unit in tqdm(units if options.diversity else [], unit="unit", desc="diverse variants",
-                     disable=not progress or not options.diversity):  # no empty bar without them
+    for unit in progress_bar(units if options.diversity else [], unit="unit", desc="diverse variants",
+                             progress=progress):
         for k, image in enumerate(diverse_variants(model, module, unit, options, prep.crop), start=1):
             with atomic_path(rd.unit_variant(options.layer, unit, k)) as tmp:
                 to_image(image).save(tmp, format="PNG")
