@@ -8,6 +8,8 @@ import os
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from PIL import Image
@@ -135,6 +137,33 @@ def test_a_body_that_keeps_arriving_is_read_to_its_end_past_the_body_timeout(por
             data += chunk
     status, answer = int(data.split(b" ", 2)[1]), json.loads(data.partition(b"\r\n\r\n")[2])
     assert status == 415 and "not an image" in answer["error"], (status, answer)
+
+
+def test_an_upload_past_the_limit_is_answered_to_a_client_that_sends_it_whole_first(port):
+    """urllib asks to close the connection and sends the whole body before it reads. The
+    service answered 413 at the head and closed with the body unread, so the kernel reset the
+    connection and urllib said "Connection reset by peer" instead. Now the answer goes out, and
+    the rest of the request is read and dropped until it ends."""
+    for body in (b"\0" * 5_000_000, iter([b"\0" * 65536] * 40)):  # declared, and chunked (no length)
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{UPLOAD}", data=body), timeout=10)
+        assert answer.value.code == 413 and "over the limit" in json.loads(answer.value.read())["error"]
+    chunks = b"".join(b"10000\r\n" + b"\0" * 65536 + b"\r\n" for _ in range(40)) + b"0\r\n\r\n"
+    for _ in range(5):  # raw: the whole request, then read to the end; never a reset
+        start = time.perf_counter()
+        status, body = exchange(port, f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                      "Transfer-Encoding: chunked\r\n\r\n".encode() + chunks)
+        assert status == 413 and "over the limit" in body["error"]
+        assert time.perf_counter() - start < 1.5  # closed when the request ended, not after a wait
+
+
+def test_a_client_that_stops_sending_after_an_early_answer_is_let_go(port):
+    """The rest of a refused body is read only while it keeps coming: a client that declares
+    5 MB and stops after 100 KB gets its 413 and the end of the connection within seconds."""
+    start = time.perf_counter()
+    status, body = exchange(port, post(UPLOAD, b"\0" * 100_000, "5000000"))
+    assert status == 413 and "over the limit" in body["error"]
+    assert time.perf_counter() - start < 5
 
 
 def test_raw_run_files_are_served_only_when_exposed(reported_run):
