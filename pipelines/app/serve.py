@@ -7,15 +7,15 @@
   POST /api/neighbours?layer=L&k=K   -> body: an image file; embedded with the run's own model
   GET  /docs, /openapi.json          -> the API's description
 
-What it is built to survive: a 2048-connection backlog, keep-alive with idle, header and
-body deadlines (a client that does not finish its headers or body in time is answered 408
-and let go), a cap on requests in flight (503 past it), and graceful shutdown on SIGTERM
-(uvicorn's). An answer given before the request has wholly arrived (413 for a body past the
-limit) reaches a client that sends its whole body before it reads (urllib does): the rest is
-read and dropped while it keeps coming (a "lingering close", as nginx and Apache do).
-Bodies are counted as they arrive, whatever Content-Length says; an upload's pixel count is
-checked from its header before it is decoded. Every error is a JSON body {"error": ...}
-with its status.
+What it is built to survive (the connection level in `serve_connections`): a 2048-connection
+backlog, keep-alive with idle, header and body deadlines (a client that does not finish its
+headers or body in time is answered 408 and let go), a cap on requests in flight (503 past
+it), and graceful shutdown on SIGTERM (uvicorn's). An answer given before the request has
+wholly arrived (413 for a body past the limit) reaches a client that sends its whole body
+before it reads (urllib does): the rest is read and dropped while it keeps coming (a
+"lingering close", as nginx and Apache do). Bodies are counted as they arrive, whatever
+Content-Length says; an upload's pixel count is checked from its header before it is
+decoded. Every error is a JSON body {"error": ...} with its status.
 
 Uploads decode on a pool of threads, outside the model's lock, and the model embeds them in
 dynamic batches (`DynamicBatcher`: the first waiting upload opens a batch that takes whoever
@@ -63,6 +63,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from featscope.index import recall_shortfall
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
+from featscope.pipelines.app.serve_connections import HEADER_TIMEOUT, KEEP_ALIVE, InFlightLimit, guarded_protocol
 from featscope.pipelines.core import derived
 from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.neighbours import check_current, neighbours_of, open_index, rewritten_note
@@ -81,8 +82,7 @@ API_NEIGHBOURS = ("/api/neighbours", "/api/neighbors")  # the US spelling still 
 PUBLIC_FOLDERS = {"report", "mosaic", "patches", "saliency", "viz", "neighbours", "explain", "units"}  # what report pages show
 PUBLIC_SUFFIXES = {".html", ".js", ".css", ".png", ".jpg", ".jpeg", ".svg", ".gif", ".webp"}
 DEFAULT_MAX_PIXELS = 50_000_000  # an upload may declare at most this many pixels (Pillow's bomb limit: 89M)
-HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE = 10.0, 30.0, 5
-LINGER_IDLE, LINGER_MAX = 2.0, 30.0  # reading the rest of a request answered early: see _guarded_protocol
+BODY_TIMEOUT = 30.0  # seconds an upload's body may stall (then 408)
 CHECK_EVERY = 0.05  # seconds between looks at whether the run changed on disk (see RunState)
 
 
@@ -713,28 +713,6 @@ def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout:
     return app
 
 
-class InFlightLimit:
-    """ASGI middleware: past `limit` requests in flight, answer 503 (JSON, Retry-After) at once
-    instead of queueing without bound. (Plain ASGI: Starlette's BaseHTTPMiddleware costs a task
-    and a stream per request.)"""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit, self.in_flight = app, limit, 0
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if self.in_flight >= self.limit:
-            response = JSONResponse({"error": f"busy: {self.in_flight} requests in flight, try again"},
-                                    status_code=503, headers={"Retry-After": "1"})
-            return await response(scope, receive, send)
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
-
-
 async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The request body, counted as it arrives (Content-Length may lie or be absent): 413 past
     `limit`, 408 if it stalls for `timeout` seconds."""
@@ -756,147 +734,6 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     except TimeoutError:
         raise ApiError(408, f"the body did not arrive within {timeout:g}s") from None
     return b"".join(chunks)
-
-
-class _EndOfRequest(Exception):
-    """Raised from the parser's callback to stop it where a lingering request ends."""
-
-
-class _ClosingThroughProtocol:
-    """The transport as uvicorn sees it: the connection's own, except that `close()` asks the
-    protocol, which may linger first (`GuardedHttpToolsProtocol.close_connection`)."""
-
-    def __init__(self, transport, protocol):
-        self._transport, self._protocol = transport, protocol
-
-    def __getattr__(self, name: str):
-        return getattr(self._transport, name)
-
-    def close(self) -> None:
-        self._protocol.close_connection()
-
-    def is_closing(self) -> bool:
-        return self._protocol.lingering or self._transport.is_closing()
-
-
-def _guarded_protocol(header_timeout: float = HEADER_TIMEOUT, linger_idle: float = LINGER_IDLE,
-                      linger_max: float = LINGER_MAX):
-    """uvicorn's httptools protocol (a C parser: several times less CPU per request than
-    h11's pure Python) with a deadline for each request's head: a connection that has not
-    sent a whole request head within `header_timeout` seconds is answered 408 and closed
-    (slow-header clients would otherwise hold connections for ever); and a malformed request
-    (a negative Content-Length, say) is answered in JSON like every other error.
-
-    And a lingering close. A connection closed while the client is still sending (a 413 at
-    the head of a 5 MB upload whose client asked to close) has unread bytes, and the kernel
-    then resets it instead of closing: the answer still in flight is thrown away, and a
-    client that sends its whole body before it reads (urllib) reports "connection reset"
-    instead of the 413. So such a close sends the answer and a FIN, then reads and drops
-    what still comes, until the request ends (it is parsed on), the client stops sending
-    for `linger_idle` seconds or closes, or `linger_max` seconds have passed (nginx's
-    lingering_close; Apache's 2 s and 30 s)."""
-    import httptools
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        lingering = False
-
-        def send_400_response(self, msg: str) -> None:
-            body = ('{"error": "malformed request: ' + msg.replace('"', "'")[:200] + '"}').encode()
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                                 b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
-                                 + body)
-            self.close_connection(parse_on=False)  # what follows a malformed request cannot be parsed
-
-        def close_connection(self, parse_on: bool = True) -> None:
-            """Close, lingering if the client may still be sending this request (its body has
-            not wholly arrived, or it was malformed)."""
-            raw = self._raw_transport
-            unfinished = not parse_on or (self.cycle is not None and self.cycle.more_body)
-            if self.lingering or raw.is_closing() or not unfinished or not raw.can_write_eof():
-                raw.close()
-                return
-            self.lingering, self._linger_parse = True, parse_on and self.parser is not None
-            self._disarm()
-            raw.write_eof()  # the answer, then FIN: the client can read it whatever it still sends
-            self.flow.resume_reading()
-            self._heard_at, self._linger_until = self.loop.time(), self.loop.time() + linger_max
-            self._linger_check = self.loop.call_later(linger_idle, self._linger_timeout)
-
-        def _linger_timeout(self) -> None:
-            now = self.loop.time()
-            if now >= self._linger_until or now - self._heard_at >= linger_idle:
-                self._raw_transport.close()
-            else:
-                self._linger_check = self.loop.call_later(
-                    min(self._heard_at + linger_idle, self._linger_until) - now, self._linger_timeout)
-
-        def data_received(self, data: bytes) -> None:
-            if not self.lingering:
-                return super().data_received(data)
-            self._heard_at = self.loop.time()
-            if self._linger_parse:  # parsed on only to see where the request ends; its body is dropped
-                try:
-                    self.parser.feed_data(data)
-                except httptools.HttpParserError as e:
-                    self._linger_parse = False  # not HTTP, or the request ended (`_EndOfRequest`)
-                    if isinstance(e.__context__, _EndOfRequest):
-                        self._raw_transport.close()
-
-        def on_body(self, body: bytes) -> None:
-            if not self.lingering:
-                super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            if self.lingering:
-                raise _EndOfRequest  # nothing of it is left unread: close now (whatever follows stays unparsed)
-            super().on_message_complete()
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._raw_transport = transport
-            self.transport = _ClosingThroughProtocol(transport, self)  # uvicorn closes through it
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                # asyncio sets this only for sockets made with proto=IPPROTO_TCP, which a bound
-                # socket handed to uvicorn is not: without it a response's second segment waits
-                # for the client's delayed ACK (40 ms a request)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._arm()
-
-        def _arm(self) -> None:
-            self._head_deadline = self.loop.call_later(header_timeout, self._head_timeout)
-
-        def _disarm(self) -> None:
-            if getattr(self, "_head_deadline", None) is not None:
-                self._head_deadline.cancel()
-                self._head_deadline = None
-
-        def on_headers_complete(self) -> None:
-            self._disarm()  # a whole request head arrived
-            super().on_headers_complete()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._disarm()
-                self._arm()
-
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            if self.lingering:
-                self._linger_check.cancel()
-            super().connection_lost(exc)
-
-        def _head_timeout(self) -> None:
-            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
-                return
-            body = b'{"error": "request head not received in time"}'
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                 b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            self.transport.close()
-
-    return GuardedHttpToolsProtocol
 
 
 @dataclass
@@ -953,7 +790,7 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
     # while it walks torch's million objects.
     gc.collect()
     gc.freeze()
-    config = uvicorn.Config(create_app(service, body_timeout=body_timeout), http=_guarded_protocol(header_timeout),
+    config = uvicorn.Config(create_app(service, body_timeout=body_timeout), http=guarded_protocol(header_timeout),
                             loop="uvloop",  # libuv's event loop: less CPU per request than asyncio's
                             backlog=2048,
                             timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=10,
