@@ -63,7 +63,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from featscope.index import recall_shortfall
 from featscope.kernels.errors import FeatscopeError
 from featscope.kernels.params import ParamError
-from featscope.pipelines.app.serve_connections import HEADER_TIMEOUT, KEEP_ALIVE, InFlightLimit, guarded_protocol
+from featscope.pipelines.app.serve_connections import (
+    HEADER_TIMEOUT,
+    KEEP_ALIVE,
+    SEND_TIMEOUT,
+    InFlightLimit,
+    guarded_protocol,
+)
 from featscope.pipelines.core import derived
 from featscope.pipelines.core.cpus import usable_cpus
 from featscope.pipelines.core.neighbours import check_current, neighbours_of, open_index, rewritten_note
@@ -83,6 +89,7 @@ PUBLIC_FOLDERS = {"report", "mosaic", "patches", "saliency", "viz", "neighbours"
 PUBLIC_SUFFIXES = {".html", ".js", ".css", ".png", ".jpg", ".jpeg", ".svg", ".gif", ".webp"}
 DEFAULT_MAX_PIXELS = 50_000_000  # an upload may declare at most this many pixels (Pillow's bomb limit: 89M)
 BODY_TIMEOUT = 30.0  # seconds an upload's body may stall (then 408)
+MAX_IN_FLIGHT = 256  # requests at once; past it 503 (`InFlightLimit`)
 CHECK_EVERY = 0.05  # seconds between looks at whether the run changed on disk (see RunState)
 
 
@@ -614,7 +621,7 @@ def _open_mapped(rd: RunDir, layer: str, live: np.ndarray, identity: RunIdentity
 
 # ---- HTTP ---------------------------------------------------------------------------------
 
-def create_app(service: QueryService, *, max_in_flight: int = 256, body_timeout: float = BODY_TIMEOUT):
+def create_app(service: QueryService, *, max_in_flight: int = MAX_IN_FLIGHT, body_timeout: float = BODY_TIMEOUT):
     """The ASGI application over `service`."""
     app = FastAPI(title="featscope query service", version="1",
                   description="Neighbours in feature space of a featscope run, by image id or by uploaded image.")
@@ -767,7 +774,8 @@ class Server:
 
 def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_upload: int = 16 * 2**20,
                 max_pixels: int = DEFAULT_MAX_PIXELS, expose_run_files: bool = False, verbose: bool = False,
-                header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT) -> Server:
+                header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
+                send_timeout: float = SEND_TIMEOUT, max_in_flight: int = MAX_IN_FLIGHT) -> Server:
     """A bound server over the run (bad hosts and ports in use are one-line errors here)."""
     import uvicorn
 
@@ -790,7 +798,8 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
     # while it walks torch's million objects.
     gc.collect()
     gc.freeze()
-    config = uvicorn.Config(create_app(service, body_timeout=body_timeout), http=guarded_protocol(header_timeout),
+    config = uvicorn.Config(create_app(service, max_in_flight=max_in_flight, body_timeout=body_timeout),
+                            http=guarded_protocol(header_timeout, send_timeout),
                             loop="uvloop",  # libuv's event loop: less CPU per request than asyncio's
                             backlog=2048,
                             timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=10,

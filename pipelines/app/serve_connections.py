@@ -1,10 +1,11 @@
 """The query service's connections, kept in bounds below the application (`featscope serve`).
 
 uvicorn's httptools protocol with what it lacks for a service that meets hostile or broken
-clients: a deadline for each request's head (408), malformed requests answered in JSON, no
-Nagle delay on responses, and a lingering close, so that an answer given before the request
-has wholly arrived (a 413 at the head of an upload past the limit) reaches the client instead
-of being lost to the connection's reset. And a cap on the requests in flight (503 past it).
+clients: a deadline for each request's head (408), one for a client that stops reading its
+answer, malformed requests answered in JSON, no Nagle delay on responses, and a lingering
+close, so that an answer given before the request has wholly arrived (a 413 at the head of
+an upload past the limit) reaches the client instead of being lost to the connection's
+reset. And a cap on the requests in flight (503 past it).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 from fastapi.responses import JSONResponse
 
 HEADER_TIMEOUT, KEEP_ALIVE = 10.0, 5  # seconds for a request's head (then 408); idle keep-alive
+SEND_TIMEOUT = 30.0  # seconds an answer may wait for a client that reads none of it (then cut off)
 LINGER_IDLE, LINGER_MAX = 2.0, 30.0  # reading the rest of a request answered early: see guarded_protocol
 
 
@@ -38,13 +40,16 @@ class _ClosingThroughProtocol:
         return self._protocol.lingering or self._transport.is_closing()
 
 
-def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, linger_idle: float = LINGER_IDLE,
-                      linger_max: float = LINGER_MAX):
+def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, send_timeout: float = SEND_TIMEOUT,
+                     linger_idle: float = LINGER_IDLE, linger_max: float = LINGER_MAX):
     """uvicorn's httptools protocol (a C parser: several times less CPU per request than
     h11's pure Python) with a deadline for each request's head: a connection that has not
     sent a whole request head within `header_timeout` seconds is answered 408 and closed
     (slow-header clients would otherwise hold connections for ever); and a malformed request
-    (a negative Content-Length, say) is answered in JSON like every other error.
+    (a negative Content-Length, say) is answered in JSON like every other error. A client
+    that stops reading an answer is cut off once the answer has waited `send_timeout` seconds
+    for room in its connection (nginx's send_timeout): it held a request in flight for ever,
+    and enough of them (`InFlightLimit`) left every other client a 503.
 
     And a lingering close. A connection closed while the client is still sending (a 413 at
     the head of a 5 MB upload whose client asked to close) has unread bytes, and the kernel
@@ -59,6 +64,18 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, linger_idle: float 
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         lingering = False
+        _send_deadline = None
+
+        def pause_writing(self) -> None:  # the client's connection is full: it has not read
+            super().pause_writing()
+            if self._send_deadline is None:
+                self._send_deadline = self.loop.call_later(send_timeout, self._raw_transport.abort)
+
+        def resume_writing(self) -> None:
+            if self._send_deadline is not None:
+                self._send_deadline.cancel()
+                self._send_deadline = None
+            super().resume_writing()
 
         def send_400_response(self, msg: str) -> None:
             body = ('{"error": "malformed request: ' + msg.replace('"', "'")[:200] + '"}').encode()
@@ -143,6 +160,8 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, linger_idle: float 
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            if self._send_deadline is not None:
+                self._send_deadline.cancel()
             if self.lingering:
                 self._linger_check.cancel()
             super().connection_lost(exc)

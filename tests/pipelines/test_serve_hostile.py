@@ -166,6 +166,43 @@ def test_a_client_that_stops_sending_after_an_early_answer_is_let_go(port):
     assert time.perf_counter() - start < 5
 
 
+def test_clients_that_stop_reading_are_cut_off_and_free_their_places(reported_run):
+    """Two clients that ask for a large picture and read none of it held both places in flight
+    for ever, so every other request was answered 503. After the send timeout they are cut off."""
+    large = reported_run.root / "patches" / "zz-large.png"
+    large.write_bytes(os.urandom(30_000_000))  # past what the kernel's buffers hold for a client
+    server = make_server(reported_run, port=0, send_timeout=1, max_in_flight=2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port, stuck = server.server_address[1], []
+    try:
+        time.sleep(0.3)
+        for _ in range(2):
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", port))
+            client.sendall(get("/patches/zz-large.png"))
+            stuck.append(client)
+        time.sleep(0.5)
+        assert exchange(port, get("/api/image/0"))[0] == 503  # both places taken
+        time.sleep(2)
+        assert exchange(port, get("/api/image/0"))[0] == 200
+        for client in stuck:  # what the kernel held for it, then the end: not the whole file
+            client.settimeout(5)
+            received = 0
+            try:
+                while chunk := client.recv(1 << 20):
+                    received += len(chunk)
+            except ConnectionResetError:
+                pass
+            assert received < 30_000_000
+    finally:
+        for client in stuck:
+            client.close()
+        server.shutdown()
+        server.server_close()
+        large.unlink()
+
+
 def test_raw_run_files_are_served_only_when_exposed(reported_run):
     server = make_server(reported_run, port=0, expose_run_files=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
