@@ -68,6 +68,7 @@ from featscope.pipelines.app.serve_connections import (
     KEEP_ALIVE,
     SEND_TIMEOUT,
     InFlightLimit,
+    allow_open_connections,
     guarded_protocol,
 )
 from featscope.pipelines.core import derived
@@ -785,6 +786,7 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except (socket.gaierror, UnicodeError, OverflowError):
         raise ParamError("host", f"'{host}' is not an address or a host name of this network") from None
+    allow_open_connections()
     try:
         sock = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:

@@ -5,6 +5,7 @@ files are not served by default, and slow clients are let go."""
 import io
 import json
 import os
+import resource
 import socket
 import threading
 import time
@@ -201,6 +202,31 @@ def test_clients_that_stop_reading_are_cut_off_and_free_their_places(reported_ru
         server.shutdown()
         server.server_close()
         large.unlink()
+
+
+def test_a_thousand_idle_connections_leave_room_for_a_request(reported_run):
+    """With the usual soft limit on open files (1,024; 256 here), that many idle connections
+    made every new connection fail with a reset. The service raises the limit as it starts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"this machine's hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    idle = []
+    try:
+        server = make_server(reported_run, port=0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        time.sleep(0.3)
+        port = server.server_address[1]
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(600)]
+        time.sleep(0.5)
+        status, body = exchange(port, get("/api/image/0"))
+        assert status == 200 and body["image_id"] == 0
+        server.shutdown()
+        server.server_close()
+    finally:
+        for client in idle:
+            client.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_raw_run_files_are_served_only_when_exposed(reported_run):
