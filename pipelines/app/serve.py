@@ -648,6 +648,8 @@ def create_app(service: QueryService, *, max_in_flight: int = MAX_IN_FLIGHT, bod
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {str(e)[:200]}"}, status_code=500)
 
     @app.get("/", include_in_schema=False)
+    @app.get("/report", include_in_schema=False)
+    @app.get("/report/", include_in_schema=False)
     def home():
         return RedirectResponse("/report/index.html", status_code=302)
 
@@ -712,7 +714,7 @@ def create_app(service: QueryService, *, max_in_flight: int = MAX_IN_FLIGHT, bod
         # a plain def: FastAPI runs it on its thread pool, so the model's work never blocks the loop
         return JSONResponse(service.explain(a, b, layer, similarity))
 
-    @app.get("/{path:path}", include_in_schema=False)
+    @app.api_route("/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: link checkers, curl -I
     def file(path: str):
         if path.startswith("api/"):
             raise ApiError(404, f"no such API: /{path}")

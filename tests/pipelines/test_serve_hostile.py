@@ -229,6 +229,21 @@ def test_a_thousand_idle_connections_leave_room_for_a_request(reported_run):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def test_the_report_folder_leads_to_its_page_and_files_answer_head(port, reported_run):
+    """/report and /report/ were 404s; HEAD of a file (a link checker, `curl -I`) was a 405."""
+    for path in ("/", "/report", "/report/"):
+        answer = exchange(port, get(path))
+        assert answer[0] == 302, (path, answer)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"HEAD /report/index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    size = (reported_run.report_dir / "index.html").stat().st_size
+    assert head.startswith(b"HTTP/1.1 200") and f"content-length: {size}".encode() in head.lower() and body == b""
+
+
 def test_raw_run_files_are_served_only_when_exposed(reported_run):
     server = make_server(reported_run, port=0, expose_run_files=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
