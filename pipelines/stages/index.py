@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from featscope.index import (
     KINDS,
@@ -45,6 +45,7 @@ from featscope.pipelines.core.neighbours import (
     unindexed_note,
 )
 from featscope.pipelines.core.options import Command, Group, Options, option, seed_option
+from featscope.pipelines.core.progress import progress_bar
 from featscope.pipelines.core.rundir import RunDir
 from featscope.pipelines.core.store import RunIdentity, file_metadata, iter_features, part_stamp
 from featscope.pipelines.core.version import FEATSCOPE_VERSION
@@ -94,10 +95,14 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
     stamps = {p.name: part_stamp(p) for p in parts}  # which feature files, as written, the index holds
     previous, how, result = None if rebuild else _previous(rd, layer, identity), "built", None
     again = np.zeros(0, np.int64)
-    with tqdm(total=n, unit="vec", desc=f"index {layer}", disable=not progress) as bar:
-        steps = []
-
-        def show(step: str, read: int, total: int) -> None:  # one bar per pass over the vectors, named
+    # one bar, drawn when the first pass over the vectors starts and reset for each pass after,
+    # named by it: an update with nothing to add or remove drew "index pool: 0/5012" and stopped
+    bars, steps = [], []
+    with ExitStack() as closing:
+        def show(step: str, read: int, total: int) -> None:
+            if not bars:
+                bars.append(closing.enter_context(progress_bar(progress=progress, total=total, unit="vec")))
+            bar = bars[0]
             if steps[-1:] != [step]:
                 steps.append(step)
                 bar.reset(total)

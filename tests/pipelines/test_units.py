@@ -81,12 +81,14 @@ def test_no_command_draws_an_empty_progress_bar(run, capsys):
     assert "units render layer3" in err and "diverse variants" not in err
     assert cli([*args, "--diversity", "1"]) == 0
     assert "diverse variants" in capsys.readouterr().err
-    for again in (["report"], ["topk", "render", "--layer", "layer3", "--units", "0-1"]):
+    for again in (["report"], ["topk", "render", "--layer", "layer3", "--units", "0-1"],
+                  ["index", "build", "--layer", "layer3"]):  # (the second: an update adding nothing)
         assert cli([*again, "--run", str(run.root)]) == 0
-        capsys.readouterr()
+        first = capsys.readouterr().err
+        assert again[0] != "index" or "index layer3: " in first  # a build's bar, where there was work
         assert cli([*again, "--run", str(run.root)]) == 0  # nothing left to draw
         err = capsys.readouterr().err
-        assert not re.search(r"\b0(it|img|unit) \[", err), err
+        assert not re.search(r"\b0(it|img|unit) \[|\b0/\d+ \[", err), err
 
 
 def test_bf16_on_a_cpu_whose_onednn_lacks_it_renders_and_says_it_is_slow(run, capsys, monkeypatch):
