@@ -101,6 +101,8 @@ def build(rd: RunDir, layer: str, *, kind: str = "auto", metric: str = "cosine",
     with ExitStack() as closing:
         def show(step: str, read: int, total: int) -> None:
             if not bars:
+                if not total:  # a pass over nothing: no bar yet
+                    return
                 bars.append(closing.enter_context(progress_bar(progress=progress, total=total, unit="vec")))
             bar = bars[0]
             if steps[-1:] != [step]:
