@@ -30,6 +30,14 @@ from featscope.pipelines.core import options as fsoptions
 from featscope.pipelines.core import rule_settings as fsrule_settings
 from featscope.pipelines.core.rundir import UNREADABLE_AT, RunDir, read_record
 
+# Snakemake reads a config file as YAML does, keeping the last of a key given twice: each
+# file is read again here, where that is an error (a second `extract:` replaced the first unseen).
+for configfile in workflow.configfiles:
+    try:
+        fsconfig.read(configfile)
+    except FeatscopeError as e:
+        raise SystemExit(f"featscope: error: {e}")
+
 # The validated config and every job's command line are kept between starts (see
 # workflow_cache): working them out imports every stage module, torch included.
 CACHE = WorkflowCache(default_directory(), config, code=(Path(workflow.main_snakefile),))

@@ -195,10 +195,48 @@ def check_against_run(config: dict, run_json: Path) -> None:
                              "or use another run directory")
 
 
-def load(path: str | Path) -> dict:
-    """Read and validate a YAML config file."""
+class _OneValuePerKey(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error. YAML (and
+    so Snakemake) keeps the last value silently: a second `extract:` section further down a
+    long config, or `layers:` written twice, replaced the first unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"'{key}' is given twice in one mapping (first at line {first_line[key] + 1}): "
+                                    "YAML would keep only the last", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: the loader's own error follows
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict:
+    found: dict = {}
+    for key, value in pairs:
+        if key in found:
+            raise FeatscopeError(f"'{key}' is given twice in one object: JSON readers keep only the last")
+        found[key] = value
+    return found
+
+
+def read(path: str | Path) -> object:
+    """A YAML (or JSON, as Snakemake reads it first) config file as Python objects, without
+    validating it: a file that is neither, or gives a key twice, is a one-line error naming
+    the place."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
+        try:
+            return json.loads(text, object_pairs_hook=_json_object)
+        except json.JSONDecodeError:
+            pass  # YAML, then
+        return yaml.load(text, Loader=_OneValuePerKey)
+    except FeatscopeError as e:
+        raise FeatscopeError(f"cannot read config {path}: {e}") from None
     except yaml.MarkedYAMLError as e:  # the place and the problem on one line, not YAML's caret drawing
         at = f"line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}: " if e.problem_mark else ""
         context = f" ({e.context} at line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
@@ -209,7 +247,11 @@ def load(path: str | Path) -> dict:
         raise FeatscopeError(f"cannot read config {path}: not UTF-8 text (a YAML file is)") from None
     except yaml.YAMLError as e:
         raise FeatscopeError(f"cannot read config {path}: {e}") from None
-    return validate(raw)
+
+
+def load(path: str | Path) -> dict:
+    """Read and validate a YAML config file."""
+    return validate(read(path))
 
 
 def options_for(section: dict, command: opts.Command, **fixed: object) -> opts.Options:

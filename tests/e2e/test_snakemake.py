@@ -137,6 +137,11 @@ def test_a_config_error_stops_the_workflow_before_any_job(tmp_path):
     assert done.returncode != 0
     assert "config error at extract.precision: 'fp8' is not one of" in done.stderr + done.stdout
     assert not (tmp_path / "runs").exists()
+    # a key given twice: Snakemake reads YAML keeping the last, so the first section went unseen
+    configfile.write_text(yaml.safe_dump(cfg | {"extract": {"threads": 1}}) + "extract: {threads: 2}\n")
+    done = snakemake(tmp_path, configfile)
+    assert done.returncode != 0 and "'extract' is given twice in one mapping (first at line" in done.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

@@ -72,6 +72,30 @@ def test_a_config_that_is_not_yaml_is_one_line_naming_the_place(tmp_path, text, 
     assert str(e.value) == f"cannot read config {path}: {message}"
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("my.yaml", "run: a\nlayers: [pool]\nrun: b\n", "line 3, column 1: 'run' is given twice in one mapping (first at "
+                                                      "line 1): YAML would keep only the last"),
+    ("my.yaml", "extract:\n  threads: 1\n  batch_size: 4\n  threads: 2\n",
+     "line 4, column 3: 'threads' is given twice in one mapping (first at line 2): YAML would keep only the last"),
+    ("my.yaml", "extract: {threads: 1, threads: 2}\n", "line 1, column 23: 'threads' is given twice in one mapping"),
+    ("my.json", '{"run": "a", "run": "b"}', "'run' is given twice in one object: JSON readers keep only the last"),
+])
+def test_a_key_given_twice_is_refused_naming_the_place(tmp_path, name, text, message):
+    """YAML and JSON readers (Snakemake's too) keep the last value of a repeated key, silently."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(FeatscopeError) as e:
+        config.read(path)
+    assert str(e.value).startswith(f"cannot read config {path}: {message}")
+
+
+def test_a_json_config_indented_with_tabs_is_read(tmp_path):
+    """Snakemake reads JSON before YAML, and YAML refuses tabs: the check reads JSON first too."""
+    path = tmp_path / "my.json"
+    path.write_text('{\n\t"run": "a",\n\t"extract": {"threads": 2}\n}')
+    assert config.read(path) == {"run": "a", "extract": {"threads": 2}}
+
+
 def test_what_the_run_pins_is_refused_against_its_record(tmp_path):
     """Another precision than the features', another seed for random weights: refused by key
     when the workflow starts, before Snakemake deletes any output of a job that would refuse."""
