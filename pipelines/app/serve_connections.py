@@ -66,6 +66,7 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, send_timeout: float
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         lingering = False
         _send_deadline = None
+        _in_body = False  # a request's head has arrived, and its body is still arriving
 
         def pause_writing(self) -> None:  # the client's connection is full: it has not read
             super().pause_writing()
@@ -89,7 +90,7 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, send_timeout: float
             """Close, lingering if the client may still be sending this request (its body has
             not wholly arrived, or it was malformed)."""
             raw = self._raw_transport
-            unfinished = not parse_on or (self.cycle is not None and self.cycle.more_body)
+            unfinished = not parse_on or self._in_body
             if self.lingering or raw.is_closing() or not unfinished or not raw.can_write_eof():
                 raw.close()
                 return
@@ -125,9 +126,12 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, send_timeout: float
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
+            self._in_body = False
             if self.lingering:
                 raise _EndOfRequest  # nothing of it is left unread: close now (whatever follows stays unparsed)
             super().on_message_complete()
+            if self.cycle.response_complete and not self.transport.is_closing():
+                self._arm()  # answered before it ended (a 413): the next request's head is due from now
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -151,13 +155,15 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, send_timeout: float
 
         def on_headers_complete(self) -> None:
             self._disarm()  # a whole request head arrived
+            self._in_body = True
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing():
                 self._disarm()
-                self._arm()
+                if not self._in_body:  # else from the end of this request (`on_message_complete`)
+                    self._arm()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
@@ -173,7 +179,7 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, send_timeout: float
             body = b'{"error": "request head not received in time"}'
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                                  b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            self.transport.close()
+            self._raw_transport.close()  # no lingering: a slow head is what this deadline lets go
 
     return GuardedHttpToolsProtocol
 
