@@ -213,8 +213,11 @@ class InFlightLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.in_flight >= self.limit:
+            headers = {"Retry-After": "1"}
+            if any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]):
+                headers["Connection"] = "close"  # its body unread: dropped for a bounded time, not kept alive
             response = JSONResponse({"error": f"busy: {self.in_flight} requests in flight, try again"},
-                                    status_code=503, headers={"Retry-After": "1"})
+                                    status_code=503, headers=headers)
             return await response(scope, receive, send)
         self.in_flight += 1
         try:

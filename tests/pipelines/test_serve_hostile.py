@@ -207,6 +207,12 @@ def test_clients_that_stop_reading_are_cut_off_and_free_their_places(reported_ru
             stuck.append(client)
         time.sleep(0.5)
         assert exchange(port, get("/api/image/0"))[0] == 503  # both places taken
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # kept alive, but a body unread:
+            s.sendall(post(UPLOAD, b"\0" * 1000).replace(b"Connection: close\r\n", b""))  # the 503 ends it
+            busy = b""
+            while chunk := s.recv(65536):
+                busy += chunk
+        assert busy.startswith(b"HTTP/1.1 503") and b"connection: close" in busy.lower()
         time.sleep(2)
         assert exchange(port, get("/api/image/0"))[0] == 200
         for client in stuck:  # what the kernel held for it, then the end: not the whole file
