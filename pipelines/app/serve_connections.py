@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import resource
 import socket
+import sys
 
 from fastapi.responses import JSONResponse
 
@@ -80,6 +81,11 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, send_timeout: float
             super().resume_writing()
 
         def send_400_response(self, msg: str) -> None:
+            # uvicorn calls this in its except clause for the parser's error, whose own reason
+            # ("Duplicate Content-Length") says what is wrong where its message does not
+            error = sys.exc_info()[1]
+            if isinstance(error, httptools.HttpParserError) and str(error):
+                msg = str(error)
             body = ('{"error": "malformed request: ' + msg.replace('"', "'")[:200] + '"}').encode()
             self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
                                  b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"

@@ -81,7 +81,10 @@ CASES = [  # (name, request, expected statuses, phrase in the JSON error)
     ("manifest", get("/manifest.parquet"), (404,), "expose-run-files"),
     ("index meta", get("/index/pool/meta.json"), (404,), "expose-run-files"),
     ("features", get("/features/pool/part-00000.parquet"), (404,), "expose-run-files"),
-    ("negative length", post(UPLOAD, b"abc", "-1"), (400,), "malformed"),
+    ("negative length", post(UPLOAD, b"abc", "-1"), (400,), "malformed request: Invalid character in Content-Length"),
+    ("two lengths", post(UPLOAD, b"abcdefg", "5", "Content-Length: 7\r\n"), (400,), "Duplicate Content-Length"),
+    ("length and chunked", post(UPLOAD, b"0\r\n\r\n", "5", "Transfer-Encoding: chunked\r\n"), (400,),
+     "Transfer-Encoding can't be present with Content-Length"),
     ("declared over the limit", post(UPLOAD, b"\0" * 1000, "300000"), (413,), "over the limit"),
     ("chunked over the limit", f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
      "Transfer-Encoding: chunked\r\n\r\n".encode() + b"".join(b"10000\r\n" + b"\0" * 65536 + b"\r\n"
@@ -103,7 +106,7 @@ CASES = [  # (name, request, expected statuses, phrase in the JSON error)
     ("explain id past int64", get("/api/explain?a=99999999999999999999&b=0&layer=pool"), (422,), "a"),
     ("negative id", get("/api/neighbours?id=-1&layer=pool"), (422,), "id"),
     ("unknown API", get("/api/nothing"), (404,), "no such API"),
-    ("not a request", b"HELLO THERE\r\n\r\n", (400,), "malformed"),
+    ("not a request", b"HELLO THERE\r\n\r\n", (400,), "malformed request: Invalid method"),
 ]
 
 
