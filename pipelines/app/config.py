@@ -224,17 +224,20 @@ def _json_object(pairs: list[tuple[str, object]]) -> dict:
     return found
 
 
-def read(path: str | Path) -> object:
-    """A YAML (or JSON, as Snakemake reads it first) config file as Python objects, without
-    validating it: a file that is neither, or gives a key twice, is a one-line error naming
-    the place."""
+def _parse(text: str) -> object:
+    """JSON if it is JSON (as Snakemake reads a config file first), else YAML; a key given
+    twice is an error in either."""
     try:
-        text = Path(path).read_text()
-        try:
-            return json.loads(text, object_pairs_hook=_json_object)
-        except json.JSONDecodeError:
-            pass  # YAML, then
+        return json.loads(text, object_pairs_hook=_json_object)
+    except json.JSONDecodeError:
         return yaml.load(text, Loader=_OneValuePerKey)
+
+
+def read(path: str | Path) -> object:
+    """A YAML (or JSON) config file as Python objects, without validating it: a file that is
+    neither, or gives a key twice, is a one-line error naming the place."""
+    try:
+        return _parse(Path(path).read_text())
     except FeatscopeError as e:
         raise FeatscopeError(f"cannot read config {path}: {e}") from None
     except yaml.MarkedYAMLError as e:  # the place and the problem on one line, not YAML's caret drawing

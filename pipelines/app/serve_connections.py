@@ -13,6 +13,7 @@ from __future__ import annotations
 import resource
 import socket
 import sys
+from contextlib import suppress
 
 from fastapi.responses import JSONResponse
 
@@ -190,21 +191,17 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, send_timeout: float
     return GuardedHttpToolsProtocol
 
 
-def allow_open_connections() -> int:
-    """Raise this process's limit of open files to the most it may have (its hard limit), and
-    return it. Each connection is a file, and the usual soft limit of 1,024 let about a
-    thousand idle connections make every new one fail with "Connection reset by peer" until
-    their head deadline freed them, well short of the 2,048-connection backlog (nginx's
+def allow_open_connections() -> None:
+    """Raise this process's limit of open files to the most it may have (its hard limit). Each
+    connection is a file, and the usual soft limit of 1,024 let about a thousand idle
+    connections make every new one fail with "Connection reset by peer" until their head
+    deadline freed them, well short of the 2,048-connection backlog (nginx's
     worker_rlimit_nofile does the same)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        try:
+        with suppress(ValueError, OSError):  # not allowed here: the limit stays as it was
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (ValueError, OSError):  # not allowed here: the limit stays as it was
-            return soft
-        return wanted
-    return soft
 
 
 class InFlightLimit:
