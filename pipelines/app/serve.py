@@ -67,6 +67,7 @@ from featscope.pipelines.app.serve_connections import (
     HEADER_TIMEOUT,
     KEEP_ALIVE,
     SEND_TIMEOUT,
+    CloseWhileBodyArrives,
     InFlightLimit,
     allow_open_connections,
     guarded_protocol,
@@ -91,7 +92,6 @@ PUBLIC_SUFFIXES = {".html", ".js", ".css", ".png", ".jpg", ".jpeg", ".svg", ".gi
 DEFAULT_MAX_PIXELS = 50_000_000  # an upload may declare at most this many pixels (Pillow's bomb limit: 89M)
 BODY_TIMEOUT = 30.0  # seconds an upload's body may stall (then 408)
 MAX_IN_FLIGHT = 256  # requests at once; past it 503 (`InFlightLimit`)
-CLOSE = {"Connection": "close"}  # the headers of an answer after which the connection ends
 CHECK_EVERY = 0.05  # seconds between looks at whether the run changed on disk (see RunState)
 
 
@@ -628,6 +628,7 @@ def create_app(service: QueryService, *, max_in_flight: int = MAX_IN_FLIGHT, bod
     app = FastAPI(title="featscope query service", version="1",
                   description="Neighbours in feature space of a featscope run, by image id or by uploaded image.")
     app.add_middleware(InFlightLimit, limit=max_in_flight)
+    app.add_middleware(CloseWhileBodyArrives)  # the outer one: it sees InFlightLimit's 503s too
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -726,12 +727,11 @@ def create_app(service: QueryService, *, max_in_flight: int = MAX_IN_FLIGHT, bod
 
 async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The request body, counted as it arrives (Content-Length may lie or be absent): 413 past
-    `limit`, 408 if it stalls for `timeout` seconds. Either answer closes the connection: the
-    rest of the body is then read and dropped for a bounded time (`serve_connections`), where
-    a connection kept alive would read it for as long as the client sends."""
+    `limit`, 408 if it stalls for `timeout` seconds. Either answer, given while the body still
+    arrives, closes the connection (`CloseWhileBodyArrives`)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"upload of {declared} bytes is over the limit of {limit}", CLOSE)
+        raise ApiError(413, f"upload of {declared} bytes is over the limit of {limit}")
     # one deadline, moved on with each chunk: `asyncio.wait_for` per chunk would make each
     # chunk a task of its own, and each costs a turn of the event loop, which under load
     # (128 GET clients) is tens of milliseconds
@@ -741,11 +741,11 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(413, f"upload over the limit of {limit} bytes", CLOSE)
+                    raise ApiError(413, f"upload over the limit of {limit} bytes")
                 chunks.append(chunk)
                 deadline.reschedule(loop.time() + timeout)
     except TimeoutError:
-        raise ApiError(408, f"the body did not arrive within {timeout:g}s", CLOSE) from None
+        raise ApiError(408, f"the body did not arrive within {timeout:g}s") from None
     return b"".join(chunks)
 
 

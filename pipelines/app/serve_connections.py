@@ -5,7 +5,8 @@ clients: a deadline for each request's head (408), one for a client that stops r
 answer, malformed requests answered in JSON, no Nagle delay on responses, and a lingering
 close, so that an answer given before the request has wholly arrived (a 413 at the head of
 an upload past the limit) reaches the client instead of being lost to the connection's
-reset. And a cap on the requests in flight (503 past it).
+reset; an answer given while a body still arrives ends its connection. And a cap on the
+requests in flight (503 past it).
 """
 
 from __future__ import annotations
@@ -216,14 +217,49 @@ class InFlightLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.in_flight >= self.limit:
-            headers = {"Retry-After": "1"}
-            if any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]):
-                headers["Connection"] = "close"  # its body unread: dropped for a bounded time, not kept alive
             response = JSONResponse({"error": f"busy: {self.in_flight} requests in flight, try again"},
-                                    status_code=503, headers=headers)
+                                    status_code=503, headers={"Retry-After": "1"})
             return await response(scope, receive, send)
         self.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+
+class CloseWhileBodyArrives:
+    """ASGI middleware: an answer that starts while its request's body is still arriving (a 413
+    at the head of an upload, a 400 for its layer, a 503) says `Connection: close`. Kept alive,
+    the connection would read the rest of that body for as long as the client sends it; closed,
+    the rest is read and dropped for a bounded time (`guarded_protocol`'s lingering close). An
+    answer after the whole body was read keeps the connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not _has_body(scope["headers"]):
+            return await self.app(scope, receive, send)
+        arrived = False
+
+        async def receive_noting_the_end():
+            nonlocal arrived
+            message = await receive()
+            arrived = arrived or message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def send_closing_early(message):
+            if message["type"] == "http.response.start" and not arrived:
+                headers = [(name, value) for name, value in message.get("headers", []) if name.lower() != b"connection"]
+                message = message | {"headers": headers + [(b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_noting_the_end, send_closing_early)
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's headers announce a body (a Content-Length other than 0, or chunks)."""
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False

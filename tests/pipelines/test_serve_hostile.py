@@ -170,19 +170,24 @@ def test_a_client_that_stops_sending_after_an_early_answer_is_let_go(port):
     assert time.perf_counter() - start < 5
 
 
-def test_a_keep_alive_upload_answered_early_ends_its_connection_when_its_body_ends(port):
-    """A 413 at the head of an upload over the limit, on a keep-alive connection. The service
-    kept the connection and read the rest of the body for as long as it came, and the deadline
-    for the next request's head started at the 413: past it (1 s here) the service wrote a
-    stray 408 while the body still arrived. Now the 413 says the connection closes, and it
-    ends when the body has wholly arrived, with nothing written after the 413."""
+@pytest.mark.parametrize("path, status, phrase", [(UPLOAD, 413, b"over the limit"),
+                                                   ("/api/neighbours?layer=nope&k=3", 400, b"no index for layer")],
+                         ids=["over the limit", "unknown layer"])
+def test_a_keep_alive_upload_answered_early_ends_its_connection_when_its_body_ends(port, path, status, phrase):
+    """An answer given at the head of an upload on a keep-alive connection: a 413 for a body
+    over the limit, a 400 for a layer with no index. The service kept such a connection and
+    read the rest of the body for as long as it came (the 400 case until this change), and
+    for the 413 the deadline for the next request's head started at the answer: past it (1 s
+    here) the service wrote a stray 408 while the body still arrived. Now every answer given
+    while the body still arrives says the connection closes, and it ends when the body has
+    wholly arrived, with nothing written after the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n".encode()
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n".encode()
                   + b"\0" * 100_000)
         data = b""
-        while b"over the limit" not in data:
+        while phrase not in data:
             data += s.recv(65536)
-        assert data.startswith(b"HTTP/1.1 413") and b"connection: close" in data.lower()
+        assert data.startswith(f"HTTP/1.1 {status}".encode()) and b"connection: close" in data.lower(), data[:300]
         for _ in range(4):  # the rest of the body, slowly: 2 s in all, past the head deadline
             time.sleep(0.5)
             s.sendall(b"\0" * 50_000)
@@ -190,6 +195,18 @@ def test_a_keep_alive_upload_answered_early_ends_its_connection_when_its_body_en
         while chunk := s.recv(65536):
             data += chunk
     assert time.perf_counter() - ended < 1 and data.count(b"HTTP/1.1") == 1, data[:300]
+
+
+def test_a_keep_alive_request_whose_body_was_read_stays_alive(port):
+    """An error after the whole body was read (a picture that does not decode) keeps the
+    connection: only an answer given while the body still arrives ends it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for _ in range(2):
+            s.sendall(post(UPLOAD, b"not a picture").replace(b"Connection: close\r\n", b""))
+            data = b""
+            while b"}" not in data:
+                data += s.recv(65536)
+            assert data.startswith(b"HTTP/1.1 415") and b"connection: close" not in data.lower(), data[:300]
 
 
 def test_clients_that_stop_reading_are_cut_off_and_free_their_places(reported_run):
