@@ -5,7 +5,7 @@
   GET  /api/image/{id}               -> the image's label, file name and shard
   GET  /api/neighbours?id=N&layer=L&k=K
   POST /api/neighbours?layer=L&k=K   -> body: an image file; embedded with the run's own model
-  GET  /docs, /openapi.json          -> the API's description
+  GET  /docs, /openapi.json          -> the API's description (no CDN: it works offline)
 
 What it is built to survive (the connection level in `serve_connections`): a 2048-connection
 backlog, keep-alive with idle, header and body deadlines (a client that does not finish its
@@ -58,6 +58,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi import Path as FastPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from featscope.index import recall_shortfall
@@ -623,10 +624,13 @@ def _open_mapped(rd: RunDir, layer: str, live: np.ndarray, identity: RunIdentity
 
 # ---- HTTP ---------------------------------------------------------------------------------
 
-def create_app(service: QueryService, *, max_in_flight: int = MAX_IN_FLIGHT, body_timeout: float = BODY_TIMEOUT):
+def create_app(service: QueryService, *, max_in_flight: int = MAX_IN_FLIGHT, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
     """The ASGI application over `service`."""
-    app = FastAPI(title="featscope query service", version="1",
-                  description="Neighbours in feature space of a featscope run, by image id or by uploaded image.")
+    # FastAPI's /docs loads its script and styles from a CDN: blank on an offline machine.
+    # fastapi-offline is FastAPI's own self-hosting recipe with the files in its package. No
+    # /redoc: its page still fetches a logo from the web.
+    app = FastAPIOffline(title="featscope query service", version="1", static_url="/api-docs-assets", redoc_url=None,
+                         description="Neighbours in feature space of a featscope run, by image id or by uploaded image.")
     app.add_middleware(InFlightLimit, limit=max_in_flight)
     app.add_middleware(CloseWhileBodyArrives)  # the outer one: it sees InFlightLimit's 503s too
 

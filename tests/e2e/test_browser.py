@@ -209,6 +209,19 @@ def test_image_page_shows_maps_with_aucs_and_explains_a_neighbour(trusted_run, p
     assert page.errors == []
 
 
+def test_the_api_description_renders_offline(served, page):
+    """/docs (Swagger UI) loaded its script and styles from a CDN, so on a machine without
+    internet (an offline cluster, this one) the page stayed blank. They come from the service
+    now, and the page lists the JSON API's operations."""
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(served) else None)
+    page.goto(served + "/docs")
+    page.locator(".opblock-summary-path").first.wait_for(timeout=30_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert {"/api/neighbours", "/api/image/{image_id}"} <= {p.replace("\u200b", "") for p in paths}, paths
+    assert outside == [] and page.errors == [], (outside, page.errors)
+
+
 def test_served_image_page_explains_any_neighbour_through_the_api(reported_run, served, page):
     photo = next(r for r in manifest.read(reported_run).to_pylist() if r["label"] == "photo")
     page.goto(served + f"/report/image.html?id={photo['image_id']}")

@@ -1,6 +1,7 @@
 """The report's data files, and the query service over real HTTP: answers, and refusals."""
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -249,6 +250,21 @@ def test_served_files_are_byte_identical(server):
     status, body = fetch(f"{base}/mosaic/pool-grid.jpg")
     assert status == 200 and body == rd.mosaic("pool", "grid").read_bytes()
     assert np.frombuffer(body[:2], np.uint8).tolist() == [0xFF, 0xD8]
+
+
+def test_the_api_is_described_and_its_page_needs_nothing_from_the_web(server):
+    """/openapi.json lists the JSON API; /docs names only files the service itself serves (it
+    named a CDN, and on an offline machine the page stayed blank). The browser test renders it."""
+    base, _ = server
+    status, body = fetch(f"{base}/openapi.json")
+    assert status == 200 and {"/api/neighbours", "/api/image/{image_id}", "/api/explain"} <= set(json.loads(body)["paths"])
+    status, page = fetch(f"{base}/docs")
+    urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", page.decode())
+    assert status == 200 and len(urls) >= 3, urls  # the script, the styles, the description (and an icon)
+    for url in urls:
+        assert url.startswith("/"), url
+        status, content = fetch(base + url)
+        assert status == 200 and len(content) > 0, url
 
 
 def test_service_explains_a_pair_as_the_command_does(server):
