@@ -624,15 +624,16 @@ def _open_mapped(rd: RunDir, layer: str, live: np.ndarray, identity: RunIdentity
 
 # ---- HTTP ---------------------------------------------------------------------------------
 
-def create_app(service: QueryService, *, max_in_flight: int = MAX_IN_FLIGHT, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
+def create_app(service: QueryService, *, max_in_flight: int = MAX_IN_FLIGHT,
+               body_timeout: float = BODY_TIMEOUT) -> FastAPI:
     """The ASGI application over `service`."""
     # FastAPI's /docs loads its script and styles from a CDN: blank on an offline machine.
     # fastapi-offline is FastAPI's own self-hosting recipe with the files in its package. No
     # /redoc: its page still fetches a logo from the web.
     app = FastAPIOffline(title="featscope query service", version="1", static_url="/api-docs-assets", redoc_url=None,
-                         description="Neighbours in feature space of a featscope run, by image id or by uploaded image.")
+                         description="Neighbours in feature space of a featscope run, by image id or by uploaded "
+                                     "image.")
     app.add_middleware(InFlightLimit, limit=max_in_flight)
-    app.add_middleware(CloseWhileBodyArrives)  # the outer one: it sees InFlightLimit's 503s too
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -809,7 +810,10 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
     # while it walks torch's million objects.
     gc.collect()
     gc.freeze()
-    config = uvicorn.Config(create_app(service, max_in_flight=max_in_flight, body_timeout=body_timeout),
+    # outside the application, so that it sees every answer: InFlightLimit's 503s, and the 500
+    # of an unexpected error, which Starlette sends from outside every added middleware
+    app = CloseWhileBodyArrives(create_app(service, max_in_flight=max_in_flight, body_timeout=body_timeout))
+    config = uvicorn.Config(app,
                             http=guarded_protocol(header_timeout, send_timeout),
                             loop="uvloop",  # libuv's event loop: less CPU per request than asyncio's
                             backlog=2048,

@@ -257,7 +257,8 @@ def test_the_api_is_described_and_its_page_needs_nothing_from_the_web(server):
     named a CDN, and on an offline machine the page stayed blank). The browser test renders it."""
     base, _ = server
     status, body = fetch(f"{base}/openapi.json")
-    assert status == 200 and {"/api/neighbours", "/api/image/{image_id}", "/api/explain"} <= set(json.loads(body)["paths"])
+    paths = set(json.loads(body)["paths"])
+    assert status == 200 and {"/api/neighbours", "/api/image/{image_id}", "/api/explain"} <= paths, paths
     status, page = fetch(f"{base}/docs")
     urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", page.decode())
     assert status == 200 and len(urls) >= 3, urls  # the script, the styles, the description (and an icon)

@@ -200,6 +200,34 @@ def test_a_keep_alive_upload_answered_early_ends_its_connection_when_its_body_en
     assert time.perf_counter() - ended < 1 and data.count(b"HTTP/1.1") == 1, data[:300]
 
 
+def test_an_unexpected_error_while_a_body_arrives_ends_the_connection_too(reported_run, monkeypatch):
+    """Starlette answers an unexpected error (500) from outside the application's middleware;
+    the connection rule sits outside the application, so that answer ends the connection too."""
+    server = make_server(reported_run, port=0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.service, "checked_upload_layer", broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+            s.sendall(f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n".encode()
+                      + b"\0" * 100_000)
+            data = b""
+            while b"a bug" not in data:
+                data += s.recv(65536)
+            assert data.startswith(b"HTTP/1.1 500") and b"connection: close" in data.lower(), data[:300]
+            s.sendall(b"\0" * 200_000)
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.count(b"HTTP/1.1") == 1, data[:300]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_keep_alive_request_whose_body_was_read_stays_alive(port):
     """An error after the whole body was read (a picture that does not decode) keeps the
     connection: only an answer given while the body still arrives ends it."""
