@@ -228,11 +228,13 @@ class InFlightLimit:
 
 
 class CloseWhileBodyArrives:
-    """ASGI middleware: an answer that starts while its request's body is still arriving (a 413
-    at the head of an upload, a 400 for its layer, a 503) says `Connection: close`. Kept alive,
-    the connection would read the rest of that body for as long as the client sends it; closed,
-    the rest is read and dropped for a bounded time (`guarded_protocol`'s lingering close). An
-    answer after the whole body was read keeps the connection."""
+    """ASGI middleware: an answer that starts before the application has read its request's
+    whole body (a 413 at the head of an upload, a 400 for its layer, a 503) says `Connection:
+    close`. Kept alive, the connection would read the rest of that body for as long as the
+    client sends it; closed, the rest is read and dropped for a bounded time
+    (`guarded_protocol`'s lingering close). An answer after the whole body was read keeps the
+    connection. (A small body that has arrived but was not read closes it too: the application
+    cannot tell, and a client only connects again.)"""
 
     def __init__(self, app):
         self.app = app
