@@ -815,6 +815,7 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
     app = CloseWhileBodyArrives(create_app(service, max_in_flight=max_in_flight, body_timeout=body_timeout))
     config = uvicorn.Config(app,
                             http=guarded_protocol(header_timeout, send_timeout),
+                            ws="none",  # no WebSocket endpoints: an upgrade request is answered as plain HTTP
                             loop="uvloop",  # libuv's event loop: less CPU per request than asyncio's
                             backlog=2048,
                             timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=10,

@@ -94,6 +94,12 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, send_timeout: float
                                  + body)
             self.close_connection(parse_on=False)  # what follows a malformed request cannot be parsed
 
+        def _unsupported_upgrade_warning(self) -> None:
+            # uvicorn warns twice for every WebSocket upgrade request, the second time telling
+            # the operator to install a WebSocket library; this service has no WebSocket
+            # endpoint (the server runs with ws="none") and answers such a request as plain HTTP
+            self.logger.info("upgrade request answered as plain HTTP (no WebSocket endpoints here)")
+
         def close_connection(self, parse_on: bool = True) -> None:
             """Close, lingering if the client may still be sending this request (its body has
             not wholly arrived, or it was malformed)."""

@@ -4,6 +4,7 @@ files are not served by default, and slow clients are let go."""
 
 import io
 import json
+import logging
 import os
 import resource
 import socket
@@ -226,6 +227,27 @@ def test_an_unexpected_error_while_a_body_arrives_ends_the_connection_too(report
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_websocket_upgrade_is_answered_as_plain_http_without_advice_to_install_anything(port):
+    """uvicorn logged two warnings for each such request, one telling the operator to install a
+    WebSocket library, which this service has no use for."""
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    request = get("/api/image/0").replace(b"Connection: close\r\n", b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+                                          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(request)
+            data = b""
+            while b"}" not in data:
+                data += s.recv(65536)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert data.startswith(b"HTTP/1.1 200") and b'"image_id":0' in data, data[:300]
+    assert logged == [], logged
 
 
 def test_a_keep_alive_request_whose_body_was_read_stays_alive(port):
