@@ -236,8 +236,9 @@ def test_a_websocket_upgrade_is_answered_as_plain_http_without_advice_to_install
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())
     logging.getLogger("uvicorn.error").addHandler(handler)
-    request = get("/api/image/0").replace(b"Connection: close\r\n", b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
-                                          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    upgrade = (b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    request = get("/api/image/0").replace(b"Connection: close\r\n", upgrade)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(request)
