@@ -54,6 +54,17 @@ def exchange(port: int, request: bytes, *, pause: float = 0.0, rest: bytes = b""
         return status, body
 
 
+def received_until(s: socket.socket, phrase: bytes) -> bytes:
+    """What the server sent on `s` up to and including `phrase` (perhaps a little more); a
+    connection closed before it is a failure, not a loop that waits for ever."""
+    data = b""
+    while phrase not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"the connection closed before {phrase!r}: {data[:300]!r}"
+        data += chunk
+    return data
+
+
 def get(path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
 
@@ -188,9 +199,7 @@ def test_a_keep_alive_upload_answered_early_ends_its_connection_when_its_body_en
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n".encode()
                   + b"\0" * 100_000)
-        data = b""
-        while phrase not in data:
-            data += s.recv(65536)
+        data = received_until(s, phrase)
         assert data.startswith(f"HTTP/1.1 {status}".encode()) and b"connection: close" in data.lower(), data[:300]
         for _ in range(4):  # the rest of the body, slowly: 2 s in all, past the head deadline
             time.sleep(0.5)
@@ -216,9 +225,7 @@ def test_an_unexpected_error_while_a_body_arrives_ends_the_connection_too(report
         with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
             s.sendall(f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n".encode()
                       + b"\0" * 100_000)
-            data = b""
-            while b"a bug" not in data:
-                data += s.recv(65536)
+            data = received_until(s, b"a bug")
             assert data.startswith(b"HTTP/1.1 500") and b"connection: close" in data.lower(), data[:300]
             s.sendall(b"\0" * 200_000)
             while chunk := s.recv(65536):
@@ -242,9 +249,7 @@ def test_a_websocket_upgrade_is_answered_as_plain_http_without_advice_to_install
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(request)
-            data = b""
-            while b"}" not in data:
-                data += s.recv(65536)
+            data = received_until(s, b"}")
     finally:
         logging.getLogger("uvicorn.error").removeHandler(handler)
     assert data.startswith(b"HTTP/1.1 200") and b'"image_id":0' in data, data[:300]
@@ -257,9 +262,7 @@ def test_a_keep_alive_request_whose_body_was_read_stays_alive(port):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         for _ in range(2):
             s.sendall(post(UPLOAD, b"not a picture").replace(b"Connection: close\r\n", b""))
-            data = b""
-            while b"}" not in data:
-                data += s.recv(65536)
+            data = received_until(s, b"}")
             assert data.startswith(b"HTTP/1.1 415") and b"connection: close" not in data.lower(), data[:300]
 
 
