@@ -24,7 +24,8 @@ the model much less an image (a GPU; bf16 on a CPU with fast bf16) on one model 
 the decoders yielding the CPU to it; elsewhere on as many model threads as fill the cores,
 each with its own copy of the model (`model_workers`). Searches are batched too, on
 one thread: those that arrive while one batch searches form the next, which an exact index
-searches in one pass over its vectors (up to 8 queries). GETs never wait for the model.
+searches in one pass over its vectors (up to 8 queries). An upload passes from decoder to
+model to search thread without the event loop (`search_upload`). GETs never wait for the model.
 Memory does not grow with the dataset beyond Arrow columns of the manifest (`Catalogue`) and
 the indexes, memory-mapped where the kind allows. Only the report and the pictures it shows
 are served: raw run files (manifest, run.json, features, indexes, checkpoints) only with
@@ -38,6 +39,7 @@ images the rerun retired answers 503 until the workflow updates it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import os
@@ -46,7 +48,7 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -247,8 +249,10 @@ class DynamicBatcher:
         self.initializer = initializer  # run first on each of the batcher's threads
         self.waiting: queue.Queue = queue.Queue()
         self.batches: list[int] = []  # sizes, for the load test and tests
-        for n in range(workers):
-            threading.Thread(target=self._loop, name=f"{name}_{n}" if workers > 1 else name, daemon=True).start()
+        self.threads = [threading.Thread(target=self._loop, name=f"{name}_{n}" if workers > 1 else name, daemon=True)
+                        for n in range(workers)]
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, request) -> Future:
         done: Future = Future()
@@ -370,6 +374,7 @@ class QueryService:
         self._thread_models = threading.local()  # each model thread's embedder: see _embedder_of_this_thread
         self._spare_embedder: ImageEmbedder | None = self.embedder  # the first model thread takes this one
         self.decoding = 0  # uploads between arrival and the batcher (read by it, so lone ones never wait)
+        self._decoding_lock = threading.Lock()  # counted on the event loop, counted off on a decoder
         self._batcher_lock = threading.Lock()
         # searches need no wait: requests that arrive while one batch searches form the next
         self.searches = DynamicBatcher(search_batch, name="search", max_batch=64,
@@ -452,7 +457,9 @@ class QueryService:
 
     @property
     def batcher(self) -> DynamicBatcher:
-        """The model's batcher, started by the first upload (the model loads then)."""
+        """The model's batcher, started by the first upload (the model loads then), on the event
+        loop's thread: a thread inherits the scheduling priority of the thread that starts it,
+        and a decoder's is lower (`decoder_setup`)."""
         with self._batcher_lock:
             if self._batcher is None:
                 self._batcher = DynamicBatcher(self._embed_batch, name="embed", wait_s=0.004,
@@ -549,6 +556,39 @@ class QueryService:
             message = str(e)
             raise ApiError(422 if "too large" in message else 415, message) from None
 
+    def search_upload(self, upload: bytes, index: NeighbourIndex, layer: str, k: int) -> Future:
+        """(vector, (neighbour ids, distances)) of an upload at `layer`, in `index`, as a future:
+        decoded on a decoder thread, embedded in the model's next batch and searched in the
+        next search batch, each step started by the thread that ends the one before (`_then`).
+        The event loop waits for the last step alone: under a storm of GETs every return to it
+        waits its turn behind them, and an upload that came back between steps (three times)
+        waited three turns. Errors: as `model_input`'s; 422 for a vector that is not finite."""
+        answer: Future = Future()
+        batcher = self.batcher  # started here, not on a decoder: see `batcher`
+
+        def embed(model_input) -> None:
+            _then(batcher.submit(model_input), search, answer)
+
+        def search(vectors: dict[str, np.ndarray]) -> None:
+            from featscope.pipelines.core.features import checked_vector  # torch: loaded by the model by now
+
+            try:
+                vector = checked_vector(vectors[layer], layer)
+            except FeatscopeError as e:
+                raise ApiError(422, str(e)) from None
+            _then(self.searches.submit((index, vector, k)), lambda found: answer.set_result((vector, found)), answer)
+
+        with self._decoding_lock:
+            self.decoding += 1
+        decoded = self.decoders.submit(self.model_input, upload)
+        _then(decoded, embed, answer)
+        decoded.add_done_callback(self._count_decoded)  # after `embed` handed it to the batcher
+        return answer
+
+    def _count_decoded(self, _: Future) -> None:
+        with self._decoding_lock:
+            self.decoding -= 1
+
     def file(self, url_path: str) -> Path:
         """The file a URL path names, if it may be served: inside the run directory (after '..',
         encoded characters and symlinks: else 403), and one the report shows (else 404 unless
@@ -566,6 +606,23 @@ class QueryService:
         if not (public or self.expose_run_files):
             raise ApiError(404, "not served: raw run files are served only with `featscope serve --expose-run-files`")
         return candidate
+
+
+def _then(future: Future, step, answer: Future) -> None:
+    """Run `step(result)` on the thread that completes `future` (at once if it is done), unless
+    `answer` is done already (cancelled: its request went); `future`'s error, or `step`'s, ends
+    `answer` instead."""
+
+    def done(finished: Future) -> None:
+        if answer.done():
+            return
+        try:
+            step(finished.result())
+        except Exception as e:  # handed to whoever waits for the answer
+            with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+                answer.set_exception(e)
+
+    future.add_done_callback(done)
 
 
 def op_threads() -> int:
@@ -685,22 +742,14 @@ def create_app(service: QueryService, *, max_in_flight: int = MAX_IN_FLIGHT,
                                    k: int = Query(10, description="neighbours returned")) -> JSONResponse:
         service.checked_upload_layer(await service.current_state_async(), layer, k)  # before reading the body
         upload = await _read_body(request, service.max_upload, body_timeout)
-        loop = asyncio.get_running_loop()
-        service.decoding += 1
-        try:
-            model_input = await loop.run_in_executor(service.decoders, service.model_input, upload)
-        finally:
-            service.decoding -= 1
-        vectors = await asyncio.wrap_future(service.batcher.submit(model_input))
-        state = await service.current_state_async()  # the run may have changed while it was embedded
+        state = await service.current_state_async()
         index = service.checked_upload_layer(state, layer, k)
-        from featscope.pipelines.core.features import checked_vector  # torch: loaded by the model by now
-
-        try:
-            vector = checked_vector(vectors[layer], layer)
-        except FeatscopeError as e:
-            raise ApiError(422, str(e)) from None
-        found = await asyncio.wrap_future(service.searches.submit((index, vector, k)))
+        vector, found = await asyncio.wrap_future(service.search_upload(upload, index, layer, k))
+        now = await service.current_state_async()  # the run may have changed while it was embedded
+        if now is not state:
+            if service.checked_upload_layer(now, layer, k) is not index:
+                found = await asyncio.wrap_future(service.searches.submit((now.indexes[layer], vector, k)))
+            state = now
         return JSONResponse(service.answer(state, layer, None, found))
 
     @app.get("/api/report", summary="Whether the report describes the run as it is now, and what changed since")
