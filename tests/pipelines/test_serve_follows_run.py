@@ -40,7 +40,8 @@ def neighbour_ids(answer) -> list[int]:
 
 
 @pytest.fixture
-def served_run(tmp_path, digits):
+def served(tmp_path, digits):
+    """(run, its images folder, the service's URL, the in-process server) over a small run."""
     images = tmp_path / "images"
     write_dataset(images, digits, n_photos=2, labels=(0, 1, 7), digits_per_label=2)
     rd = RunDir(tmp_path / "run")
@@ -51,9 +52,14 @@ def served_run(tmp_path, digits):
     report.build(rd, k=4, progress=False)
     server = make_server(rd, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield rd, images, f"http://127.0.0.1:{server.server_address[1]}"
+    yield rd, images, f"http://127.0.0.1:{server.server_address[1]}", server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def served_run(served):
+    return served[:3]
 
 
 def test_a_rerun_under_a_running_service_is_followed_and_never_answers_with_retired_images(served_run, digits):
@@ -151,6 +157,42 @@ def test_answers_say_how_many_new_images_their_index_does_not_hold_yet(served_ru
                                                  "(unrecognised file format) (errors.parquet)"), answer
     status, answer, _ = fetch(f"{base}/api/neighbours?id={photo}&layer=pixels&k={K}")
     assert status == 200 and answer["unindexed"] == 2, answer  # that layer's index is not updated yet
+
+
+def test_an_upload_embedded_while_the_index_is_updated_is_searched_in_the_updated_one(served, digits):
+    """The run may change while an upload waits for the model: its vector is then searched in
+    the layer's index as it is after, and the answer names the images that index added."""
+    rd, images, base, server = served
+    photo = next(r for r in manifest.read(rd).to_pylist() if "/photo/" in r["path"])
+    upload = open(photo["path"], "rb").read()
+    assert fetch(f"{base}/api/neighbours?layer=pool&k={K}", upload)[0] == 200  # the model loads
+    running, release = threading.Event(), threading.Event()
+
+    def hold_once(*_):
+        if not running.is_set():
+            running.set()
+            release.wait(60)
+
+    hook = server.service.embedder.extractor.model.register_forward_pre_hook(hold_once)
+    answers = []
+    try:
+        asking = threading.Thread(target=lambda: answers.append(fetch(f"{base}/api/neighbours?layer=pool&k={K}",
+                                                                      upload)))
+        asking.start()
+        assert running.wait(60)  # the upload is in the model now: the workflow adds images and updates the index
+        write_dataset(images / "new", digits, n_photos=0, labels=(3,), digits_per_label=2)
+        manifest.run(rd, images)
+        extract.extract(rd, ["pool"], batch_size=8, workers=0, progress=False)
+        neighbours.build(rd, "pool", progress=False)
+        time.sleep(2 * CHECK_EVERY)
+    finally:
+        release.set()
+        hook.remove()
+    asking.join(60)
+    status, answer, _ = answers[0]
+    new = {r["image_id"] for r in manifest.read(rd).to_pylist() if "/new/" in r["path"]}
+    assert status == 200 and answer["unindexed"] == 0 and new <= set(neighbour_ids(answer)), answer
+    assert answer["neighbours"][0]["image_id"] == photo["image_id"]
 
 
 def test_answers_while_the_index_is_replaced_again_and_again_are_all_whole_and_right(served_run):
