@@ -59,17 +59,37 @@ def test_the_prepared_copy_computes_the_same_values_and_input_gradients(arch, on
     assert all(type(m) is OneDnnConv2d for m in prepared.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_one_thread_runs_1x1_convs_on_onednn_and_clones_no_relu6_input(one_thread):
+def test_one_thread_runs_1x1_convs_both_ways_on_onednn_and_clones_no_relu6_input(one_thread):
     """What the speed comes from (timings stay in benchmarks/units_bench.py): the model as it
-    was took PyTorch's im2col path for its 1x1 convs and cloned each in-place ReLU6's input."""
+    was took PyTorch's im2col path for its 1x1 convs, forward and backward, and cloned each
+    in-place ReLU6's input."""
     model = torchvision.models.mobilenet_v2(weights=None).features[:4].eval().requires_grad_(False)
     model = model.to(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     before = ops_run(model, x)
     after = ops_run(for_cpu_gradients(copy.deepcopy(model)), x)
-    assert {"aten::_slow_conv2d_forward", "aten::clone < aten::hardtanh_"} <= before
-    assert "aten::_slow_conv2d_forward" not in after  # (their backward still takes it: PyTorch's dispatch)
+    im2col = {"aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"}
+    assert im2col | {"aten::clone < aten::hardtanh_"} <= before
+    assert not im2col & after
     assert "aten::clone < aten::hardtanh_" not in after and "aten::hardtanh_" not in after
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_a_1x1_conv_gives_pytorchs_gradients_for_its_input_and_for_weights_that_learn(layout, one_thread):
+    """The pointwise backward by the transposed weight equals autograd's in either layout; a
+    conv whose weights learn keeps autograd's own backward, weight gradients included."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 40, 1).requires_grad_(False).to(memory_format=torch.channels_last)
+    x = torch.randn(3, 24, 9, 11).contiguous(memory_format=layout)
+    for learns in (False, True):
+        conv.requires_grad_(learns)
+        prepared = for_cpu_gradients(copy.deepcopy(conv))
+        (value, gradient), (ref_value, ref_gradient) = (value_and_input_gradient(m, x) for m in (prepared, conv))
+        torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gradient, ref_gradient, rtol=1e-5, atol=1e-5)
+        if learns:
+            torch.testing.assert_close(prepared.weight.grad, conv.weight.grad, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(prepared.bias.grad, conv.bias.grad, rtol=1e-5, atol=1e-4)
 
 
 def test_fp16_autocast_and_other_dtypes_keep_pytorchs_own_dispatch():
