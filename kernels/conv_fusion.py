@@ -20,7 +20,8 @@ extraction model in bf16 on one thread took 7.8-8.8 ms for one image (an upload 
 service) against 11.8-11.9 before, 18.8-20.5 against 24.7-25.1 for 4, 32.7-37.2 against
 43.5-44.7 for 8 (with `kernels.layers`' cheaper tap lookup), every output bit-identical; 64
 images on two threads, as extraction runs, as fast as before. Nothing here has a backward
-pass: gradient methods (saliency, visualisation) keep the model as folded.
+pass: the copies images are optimised through fuse the same chains with one of their own
+(`cpu_gradients`); saliency's gradients go through the model unfused.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def conv_clamp_chains(model: nn.Module) -> list[list[str]]:
     return chains
 
 
-def _changes_tap(tap: str, chain: list[str]) -> bool:
+def changes_tap(tap: str, chain: list[str]) -> bool:
     """Whether a hook on `tap` would see another tensor once the chain is one module: the
     conv's and the identities' outputs become clamped, and a module holding the conv but not
     the clamp would output the clamped tensor."""
@@ -202,7 +203,7 @@ def fuse_conv_clamps(model: nn.Module, keep: Iterable[str] = ()) -> int:
     taps = list(keep)
     fused = 0
     for chain in conv_clamp_chains(model):
-        if any(_changes_tap(tap, chain) for tap in taps):
+        if any(changes_tap(tap, chain) for tap in taps):
             continue
         attr, scalars = clamp_of(model.get_submodule(chain[-1]))
         model.set_submodule(chain[0], FusedConv(model.get_submodule(chain[0]), attr, scalars))

@@ -10,6 +10,7 @@ from helpers import trained_like_batchnorms
 from torch import nn
 from torch.profiler import profile
 
+from featscope.kernels.batchnorm_folding import fold_batchnorm
 from featscope.kernels.conv_fusion import onednn_runs
 from featscope.kernels.cpu_gradients import OneDnnConv2d, for_cpu_gradients
 
@@ -39,11 +40,18 @@ def ops_run(model: nn.Module, x: torch.Tensor) -> set[str]:
         f"{event.name} < {event.cpu_parent.name}" for event in trace.events() if event.cpu_parent is not None}
 
 
+def folded(model: nn.Module) -> nn.Module:
+    """`model` with trained-like batch norms folded into its convs, channels-last and frozen, as
+    `visualisation_model` makes its copy before `for_cpu_gradients`."""
+    model = trained_like_batchnorms(model.eval())
+    fold_batchnorm(model)
+    return model.to(memory_format=torch.channels_last).requires_grad_(False)
+
+
 def model_copy_and_input(arch: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    """A seeded model with trained-like batch norms, its copy prepared for CPU gradients, and an input."""
+    """A seeded model with trained-like batch norms folded, its copy prepared for CPU gradients, and an input."""
     torch.manual_seed(0)
-    model = trained_like_batchnorms(torchvision.models.get_model(arch, weights=None).eval())
-    model = model.to(memory_format=torch.channels_last).requires_grad_(False)
+    model = folded(torchvision.models.get_model(arch, weights=None))
     return model, for_cpu_gradients(copy.deepcopy(model)), torch.rand(2, 3, 64, 80).contiguous(
         memory_format=torch.channels_last)
 
@@ -57,6 +65,41 @@ def test_the_prepared_copy_computes_the_same_values_and_input_gradients(arch, on
     torch.testing.assert_close(gradient, ref_gradient, rtol=1e-4, atol=1e-5 * ref_gradient.abs().max().item())
     assert not any(getattr(m, "inplace", False) for m in prepared.modules())
     assert all(type(m) is OneDnnConv2d for m in prepared.modules() if isinstance(m, nn.Conv2d))
+    clamps = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.Hardtanh))]
+    fused = [m for m in prepared.modules() if getattr(m, "clamp", None)]
+    if arch == "mobilenet_v2":  # every ReLU6 follows a conv (ResNet-18's blocks call one ReLU twice: one fused)
+        assert len(fused) == len(clamps) == 35 and not any(isinstance(m, nn.Hardtanh) for m in prepared.modules())
+    else:
+        assert len(fused) == 1
+
+
+def test_a_conv_and_its_clamp_run_as_one_call_both_ways_unless_a_tap_reads_between(one_thread):
+    """Fused, a conv's clamp is a oneDNN post-op and its backward reads the clamped output: no
+    clamp pass of its own. A conv read by a hook (`keep`) keeps its clamp apart, so the hook
+    still sees the conv's own output; values and input gradients are the model's either way."""
+    torch.manual_seed(0)
+    model = folded(torchvision.models.mobilenet_v2(weights=None).features[:4])
+    x = torch.rand(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    prepared = for_cpu_gradients(copy.deepcopy(model))
+    assert not {"aten::clamp", "aten::hardtanh"} & ops_run(prepared, x)
+    tapped = "1.conv.0.0"  # the first block's depthwise conv, a ReLU6 after it
+    kept = for_cpu_gradients(copy.deepcopy(model), keep=[tapped])
+    assert kept.get_submodule(tapped).clamp is None and isinstance(kept.get_submodule("1.conv.0.2"), nn.Hardtanh)
+    seen = []
+    kept.get_submodule(tapped).register_forward_hook(lambda module, args, out: seen.append(out.detach()))
+    reference = value_and_input_gradient(model, x)
+    for copied in (prepared, kept):
+        value, gradient = value_and_input_gradient(copied, x)
+        torch.testing.assert_close(value, reference[0], rtol=1e-4, atol=1e-5 * reference[0].abs().max().item())
+        torch.testing.assert_close(gradient, reference[1], rtol=1e-4, atol=1e-5 * reference[1].abs().max().item())
+    assert seen[0].min() < 0  # the conv's output, before its ReLU6
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-4, atol=1e-5)
+    learning = copy.deepcopy(prepared).requires_grad_(True)  # a fused conv whose weights learn: autograd's backward
+    reference_model = copy.deepcopy(model).requires_grad_(True)
+    value_and_input_gradient(learning, x), value_and_input_gradient(reference_model, x)
+    stem, reference_stem = learning.get_submodule("0.0"), reference_model.get_submodule("0.0")
+    torch.testing.assert_close(stem.weight.grad, reference_stem.weight.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_one_thread_runs_1x1_convs_both_ways_on_onednn_and_clones_no_relu6_input(one_thread):
