@@ -79,7 +79,7 @@ class OneDnnConv2d(nn.Conv2d):
         if self.clamp is not None and frozen:
             return _ClampedConvInputGradient.apply(x, weight, bias, self)
         if self._pointwise() and differentiated and frozen:
-            return _PointwiseInputGradient.apply(x, weight, bias, self._transposed(weight))
+            return _PointwiseInputGradient.apply(x, weight, bias, self)
         return self._clamped(torch.mkldnn_convolution(x, weight, bias, list(self.padding), list(self.stride),
                                                       list(self.dilation), self.groups))
 
@@ -94,7 +94,7 @@ class OneDnnConv2d(nn.Conv2d):
                         layout: torch.memory_format) -> torch.Tensor:
         """The gradient of the conv's input (frozen weights): a pointwise conv's as the 1x1 conv
         by the transposed weight (see `_PointwiseInputGradient`), another's as autograd's."""
-        if self._pointwise():
+        if self._pointwise():  # laid out as the output (a sum's gradient is expanded)
             return torch.mkldnn_convolution(grad.contiguous(memory_format=layout), self._transposed(weight), None,
                                             [0, 0], [1, 1], [1, 1], 1)
         return torch.ops.aten.convolution_backward(grad, x, weight, None, list(self.stride), list(self.padding),
@@ -135,17 +135,16 @@ class _PointwiseInputGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                transposed: torch.Tensor) -> torch.Tensor:
+                conv: OneDnnConv2d) -> torch.Tensor:
         y = torch.mkldnn_convolution(x, weight, bias, [0, 0], [1, 1], [1, 1], 1)
-        ctx.save_for_backward(transposed)
-        ctx.layout = _layout_of(y)
+        ctx.save_for_backward(weight)
+        ctx.conv, ctx.layout = conv, _layout_of(y)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (transposed,) = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=ctx.layout)  # laid out as the output (a sum's gradient is expanded)
-        return torch.mkldnn_convolution(grad, transposed, None, [0, 0], [1, 1], [1, 1], 1), None, None, None
+        (weight,) = ctx.saved_tensors
+        return ctx.conv._input_gradient(grad, None, weight, ctx.layout), None, None, None
 
 
 class _ClampedConvInputGradient(torch.autograd.Function):
@@ -167,7 +166,7 @@ class _ClampedConvInputGradient(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, y = ctx.saved_tensors
         attr, scalars = ctx.conv.clamp
-        grad = grad.contiguous(memory_format=ctx.layout)
+        grad = grad.contiguous(memory_format=ctx.layout)  # laid out as the output (a sum's gradient is expanded)
         inside = torch.ops.aten.threshold_backward(grad, y, 0) if attr == "relu" else \
             torch.ops.aten.hardtanh_backward(grad, y, *scalars)
         return ctx.conv._input_gradient(inside, x, weight, ctx.layout), None, None, None

@@ -740,12 +740,11 @@ def create_app(service: QueryService, *, max_in_flight: int = MAX_IN_FLIGHT,
     @app.post("/api/neighbors", include_in_schema=False)
     async def neighbours_of_upload(request: Request, layer: str = Query(description="an indexed layer"),
                                    k: int = Query(10, description="neighbours returned")) -> JSONResponse:
-        service.checked_upload_layer(await service.current_state_async(), layer, k)  # before reading the body
-        upload = await _read_body(request, service.max_upload, body_timeout)
         state = await service.current_state_async()
-        index = service.checked_upload_layer(state, layer, k)
+        index = service.checked_upload_layer(state, layer, k)  # before reading the body
+        upload = await _read_body(request, service.max_upload, body_timeout)
         vector, found = await asyncio.wrap_future(service.search_upload(upload, index, layer, k))
-        now = await service.current_state_async()  # the run may have changed while it was embedded
+        now = await service.current_state_async()  # the run may have changed while its body came or it was embedded
         if now is not state:
             if service.checked_upload_layer(now, layer, k) is not index:
                 found = await asyncio.wrap_future(service.searches.submit((now.indexes[layer], vector, k)))
