@@ -108,7 +108,11 @@ def visualisation_model(loaded: LoadedModel, specs: list, device: torch.device |
     shared model is left alone), on a CPU `for_cpu_gradients`'s activations and convs, each
     conv's clamp fused in where no tapped layer reads between.
     1.7x faster per step than the model as loaded on MobileNet-V2 up to block13 on a CPU
-    (benchmarks/units_bench.py); the same function of the image."""
+    (benchmarks/units_bench.py); the same function of the image. Every step allocates the
+    same large activations again, so glibc is told to keep freed blocks (`keep_freed_memory`,
+    as a worker's model does): otherwise each comes back as fresh pages, faulted in anew
+    (bf16, one thread, batches of 4: 16-17 ms an image-step against 19-20)."""
+    keep_freed_memory()
     net = inference_model(loaded, specs).to(device).to(memory_format=torch.channels_last)
     for parameter in net.parameters():
         parameter.requires_grad_(False)

@@ -263,3 +263,34 @@ def test_diverse_variants_differ_more_than_without_the_diversity_term(run):
     assert gram_similarity(diverse) < gram_similarity(plain)
     units.render(run, units.RenderOptions(layer="layer3", units="4", size=32, steps=2, diversity=1), progress=False)
     assert len(run.unit_variants("layer3", 4)) == 1  # the render with fewer variants removed the others
+
+
+_PAGE_FAULTS = """
+import resource, sys, torch
+from featscope.kernels.layers import LayerSpec
+from featscope.pipelines.core.models import load_model
+from featscope.pipelines.core.workers import visualisation_model
+
+def faults_of_a_fresh_block() -> int:
+    torch.empty(16 << 20).fill_(1.0)  # 64 MB, freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 << 20).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+if sys.argv[1] == "prepared":
+    visualisation_model(load_model("resnet18", "random"), [LayerSpec("layer3", "layer3", "conv")])
+print(faults_of_a_fresh_block())
+"""
+
+
+def test_a_visualisation_model_makes_freed_activations_reusable_without_page_faults():
+    """Every optimisation step allocates the same activations again; glibc used to unmap each
+    large block when it was freed, so the next step faulted its pages in anew (a tenth of a
+    bf16 MobileNet-V2 step). The benchmark's process, which makes its models alone, did."""
+    import subprocess
+    import sys
+
+    pages = (64 << 20) // 4096
+    faults = {how: int(subprocess.run([sys.executable, "-c", _PAGE_FAULTS, how], check=True, capture_output=True,
+                                      text=True).stdout) for how in ("plain", "prepared")}
+    assert faults["plain"] > pages // 2 and faults["prepared"] < pages // 20, faults
