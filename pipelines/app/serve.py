@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import logging
 import os
 import queue
 import socket
@@ -72,6 +73,7 @@ from featscope.pipelines.app.serve_connections import (
     SEND_TIMEOUT,
     CloseWhileBodyArrives,
     InFlightLimit,
+    MalformedRequestLog,
     allow_open_connections,
     guarded_protocol,
 )
@@ -868,6 +870,9 @@ def make_server(rd: RunDir, *, host: str = "127.0.0.1", port: int = 8000, max_up
                             backlog=2048,
                             timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=10,
                             log_level="info" if verbose else "warning", access_log=verbose, lifespan="off")
+    error_log = logging.getLogger("uvicorn.error")  # configured by the line above
+    if not any(isinstance(f, MalformedRequestLog) for f in error_log.filters):
+        error_log.addFilter(MalformedRequestLog())
     return Server(uvicorn.Server(config), sock, service)
 
 

@@ -11,9 +11,11 @@ requests in flight (503 past it).
 
 from __future__ import annotations
 
+import logging
 import resource
 import socket
 import sys
+import time
 from contextlib import suppress
 
 from fastapi.responses import JSONResponse
@@ -21,6 +23,7 @@ from fastapi.responses import JSONResponse
 HEADER_TIMEOUT, KEEP_ALIVE = 10.0, 5  # seconds for a request's head (then 408); idle keep-alive
 SEND_TIMEOUT = 30.0  # seconds an answer may wait for a client that reads none of it (then cut off)
 LINGER_IDLE, LINGER_MAX = 2.0, 30.0  # reading the rest of a request answered early: see guarded_protocol
+MALFORMED_LOG_EVERY = 60.0  # seconds between two log lines about malformed requests (`MalformedRequestLog`)
 
 
 class _EndOfRequest(Exception):
@@ -196,6 +199,35 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, send_timeout: float
             self._raw_transport.close()  # no lingering: a slow head is what this deadline lets go
 
     return GuardedHttpToolsProtocol
+
+
+class MalformedRequestLog(logging.Filter):
+    """uvicorn logs a warning for every malformed request: a client that sends garbage in a
+    loop filled the log as fast as it sent. The first one is logged; after it, at most one
+    line each `every` seconds, saying how many came since the last line. Each request is
+    still answered 400; only the log is summed up."""
+
+    MESSAGE = "Invalid HTTP request received."
+
+    def __init__(self, every: float = MALFORMED_LOG_EVERY, clock=time.monotonic):
+        super().__init__()
+        self.every, self.clock = every, clock
+        self._last: float | None = None  # when the last line was let through
+        self._unlogged = 0  # malformed requests since then
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != self.MESSAGE:
+            return True
+        now = self.clock()
+        if self._last is not None and now - self._last < self.every:
+            self._unlogged += 1
+            return False
+        if self._unlogged:
+            record.msg = (f"{self.MESSAGE[:-1]}: {self._unlogged + 1} malformed requests in the last "
+                          f"{now - self._last:.0f} s, each answered 400")
+            record.args = ()
+        self._last, self._unlogged = now, 0
+        return True
 
 
 def allow_open_connections() -> None:

@@ -256,6 +256,43 @@ def test_a_websocket_upgrade_is_answered_as_plain_http_without_advice_to_install
     assert logged == [], logged
 
 
+def test_a_flood_of_malformed_requests_is_answered_each_and_logged_in_one_line(port):
+    """uvicorn logged a warning for each malformed request: a client sending garbage in a loop
+    filled the log as fast as it sent."""
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        answers = [exchange(port, b"HELLO THERE\r\n\r\n") for _ in range(30)]
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert all(status == 400 and "malformed request" in body["error"] for status, body in answers), answers[:3]
+    assert len(logged) <= 1, logged  # the first of a minute, unless an earlier test's was
+
+
+def test_malformed_request_lines_are_summed_up_once_a_minute():
+    from featscope.pipelines.app.serve_connections import MalformedRequestLog
+
+    now = [100.0]
+    summary = MalformedRequestLog(every=60, clock=lambda: now[0])
+    logger = logging.getLogger("featscope.test.malformed")
+    logger.propagate = False
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger.addHandler(handler)
+    logger.addFilter(summary)
+    for t in (100, 101, 130, 159, 161, 170, 300):
+        now[0] = t
+        logger.warning(MalformedRequestLog.MESSAGE)
+    logger.warning("something else")
+    assert logged == [MalformedRequestLog.MESSAGE,
+                      "Invalid HTTP request received: 4 malformed requests in the last 61 s, each answered 400",
+                      "Invalid HTTP request received: 2 malformed requests in the last 139 s, each answered 400",
+                      "something else"]
+
+
 def test_a_keep_alive_request_whose_body_was_read_stays_alive(port):
     """An error after the whole body was read (a picture that does not decode) keeps the
     connection: only an answer given while the body still arrives ends it."""
