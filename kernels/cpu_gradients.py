@@ -11,7 +11,7 @@ networks, and a copy made only for such optimisation can avoid both:
   `pipelines.core.lanes`) goes to PyTorch's own im2col kernel instead of oneDNN's, which
   first copies a channels-last input to contiguous, in float32 both ways: the forward and
   the backward, which PyTorch dispatches by the same rule. The forward is moved to oneDNN
-  directly; the backward of a stride-1 one (`_PointwiseInputGradient`) as the 1x1 conv that
+  directly; the backward of a stride-1 one (`_FrozenConvInputGradient`) as the 1x1 conv that
   it is, by the transposed weight. MobileNet-V2 spent a fifth of a float32 step in the
   im2col kernel's backward; on one thread of a 2-core AMD EPYC, batches of 4: 26-30 ms an
   image-step against 28-36 (six interleaved pairs), `render_units` on 2 lanes 0.89-0.96
@@ -19,9 +19,11 @@ networks, and a copy made only for such optimisation can avoid both:
 
 Under bf16 autocast (`units render --precision bf16`) a third choice matters: oneDNN's bf16
 gradient of a strided depthwise conv's input is 20-100x its float32 one on a CPU with
-AVX512-BF16 but no AMX, so those convs run in float32 (two casts), and every other conv keeps
-its weights in bf16 instead of autocast casting them on every call: `render_units` 1.27-1.34x
-faster than in float32 on a 2-core AMD EPYC (1.07x before).
+AVX512-BF16 but no AMX, so that gradient is computed in float32 (two casts); every conv runs
+forward in bf16, its weights cast once instead of by autocast on every call. `render_units`
+was 1.27-1.34x faster than in float32 on a 2-core AMD EPYC with those convs wholly in float32
+(1.07x before); their forward in bf16 too: 8 interleaved pairs, 1.47-1.73 units/s against
+1.39-1.66 (medians 1.63, 1.47).
 
 Each conv and the clamp after it (ReLU, ReLU6) run as one oneDNN call, the clamp a post-op,
 as `conv_fusion` does for forward passes, wherever no tapped module would see another tensor
@@ -52,7 +54,7 @@ class OneDnnConv2d(nn.Conv2d):
     """A Conv2d that runs CPU inputs on oneDNN whatever its kernel size, batch or thread count
     (PyTorch's dispatch sends small 1x1 float32 ones to its im2col kernel). Under bf16
     autocast it keeps its weights in bf16 (autocast would cast them again on every call) and
-    runs a strided depthwise conv in float32 (see `_slow_in_bf16`)."""
+    takes a strided depthwise conv's input gradient in float32 (see `_slow_in_bf16`)."""
 
     clamp: tuple[str, list[float]] | None = None  # the clamp after it, fused in (`for_cpu_gradients`)
 
@@ -63,8 +65,6 @@ class OneDnnConv2d(nn.Conv2d):
             dtype = torch.get_autocast_dtype("cpu")
             if dtype != torch.bfloat16 or not onednn_runs(dtype):
                 return self._clamped(super().forward(x))
-            if self._slow_in_bf16():
-                return self._onednn(x.float(), self.weight, self.bias).to(dtype)
             return self._onednn(x.to(dtype), *self._weights_in_bf16())
         if x.dtype != torch.float32:
             return self._clamped(super().forward(x))
@@ -78,8 +78,8 @@ class OneDnnConv2d(nn.Conv2d):
                                                            list(self.dilation), self.groups, *self.clamp, "")
         if self.clamp is not None and frozen:
             return _ClampedConvInputGradient.apply(x, weight, bias, self)
-        if self._pointwise() and differentiated and frozen:
-            return _PointwiseInputGradient.apply(x, weight, bias, self)
+        if differentiated and frozen and (self._pointwise() or self._slow_in_bf16(x.dtype)):
+            return _FrozenConvInputGradient.apply(x, weight, bias, self)
         return self._clamped(torch.mkldnn_convolution(x, weight, bias, list(self.padding), list(self.stride),
                                                       list(self.dilation), self.groups))
 
@@ -93,10 +93,14 @@ class OneDnnConv2d(nn.Conv2d):
     def _input_gradient(self, grad: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor,
                         layout: torch.memory_format) -> torch.Tensor:
         """The gradient of the conv's input (frozen weights): a pointwise conv's as the 1x1 conv
-        by the transposed weight (see `_PointwiseInputGradient`), another's as autograd's."""
+        by the transposed weight (see `_FrozenConvInputGradient`), a strided depthwise one's
+        in float32 where bf16 is slow (`_slow_in_bf16`), another's as autograd's."""
         if self._pointwise():  # laid out as the output (a sum's gradient is expanded)
             return torch.mkldnn_convolution(grad.contiguous(memory_format=layout), self._transposed(weight), None,
                                             [0, 0], [1, 1], [1, 1], 1)
+        if self._slow_in_bf16(grad.dtype):
+            return torch.nn.grad.conv2d_input(x.shape, self.weight, grad.float(), self.stride, self.padding,
+                                              self.dilation, self.groups).to(grad.dtype)
         return torch.ops.aten.convolution_backward(grad, x, weight, None, list(self.stride), list(self.padding),
                                                    list(self.dilation), False, [0, 0], self.groups,
                                                    [True, False, False])[0]
@@ -119,32 +123,35 @@ class OneDnnConv2d(nn.Conv2d):
             self.__dict__["_bf16"] = weight_and_bias_in(self, torch.bfloat16)
         return self.__dict__["_bf16"]
 
-    def _slow_in_bf16(self) -> bool:
-        """A depthwise conv with a stride: oneDNN's bf16 gradient of its input is 20-100x its
-        float32 one on an AVX512-BF16 CPU without AMX (2-core AMD EPYC, one thread, a batch of
-        4, channels-last: MobileNet-V2's 96 channels at 112 px 28.0 ms against 1.4, 576 at 14 px
-        12.8 against 0.1), 60% of a bf16 step through MobileNet-V2; in float32 it costs
-        two casts."""
-        return self.groups > 1 and self.groups == self.in_channels and self.stride != (1, 1)
+    def _slow_in_bf16(self, dtype: torch.dtype) -> bool:
+        """A bf16 depthwise conv with a stride: oneDNN's bf16 gradient of its input is 20-100x
+        its float32 one on an AVX512-BF16 CPU without AMX (2-core AMD EPYC, one thread, a batch
+        of 4, channels-last: MobileNet-V2's 96 channels at 112 px 28.7 ms against 2.6, 576 at
+        14 px 13.5 against 0.1), 60% of a bf16 step through MobileNet-V2; in float32 it costs
+        two casts. Its forward is fast in bf16 (0.5 ms against 2.8 at 96 channels, 112 px)."""
+        return dtype == torch.bfloat16 and self.groups > 1 and self.groups == self.in_channels \
+            and self.stride != (1, 1)
 
 
-class _PointwiseInputGradient(torch.autograd.Function):
-    """A frozen 1x1 conv on oneDNN whose input's gradient is the 1x1 conv by the transposed
-    weight on oneDNN too (PyTorch's autograd would send a float32 one of fewer than 16 images
-    on one thread to its im2col kernel). No gradient for the weight or the bias."""
+class _FrozenConvInputGradient(torch.autograd.Function):
+    """A frozen conv on oneDNN whose input's gradient is `_input_gradient`'s: for a 1x1 conv
+    the 1x1 conv by the transposed weight on oneDNN too (PyTorch's autograd would send a
+    float32 one of fewer than 16 images on one thread to its im2col kernel), for a bf16
+    strided depthwise conv in float32. No gradient for the weight or the bias."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 conv: OneDnnConv2d) -> torch.Tensor:
-        y = torch.mkldnn_convolution(x, weight, bias, [0, 0], [1, 1], [1, 1], 1)
-        ctx.save_for_backward(weight)
+        y = torch.mkldnn_convolution(x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+                                     conv.groups)
+        ctx.save_for_backward(None if conv._pointwise() else x, weight)
         ctx.conv, ctx.layout = conv, _layout_of(y)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        return ctx.conv._input_gradient(grad, None, weight, ctx.layout), None, None, None
+        x, weight = ctx.saved_tensors
+        return ctx.conv._input_gradient(grad, x, weight, ctx.layout), None, None, None
 
 
 class _ClampedConvInputGradient(torch.autograd.Function):
