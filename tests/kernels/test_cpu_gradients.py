@@ -185,3 +185,32 @@ def test_under_bf16_autocast_a_strided_depthwise_conv_takes_its_input_gradient_i
         pointwise = for_cpu_gradients(nn.Sequential(nn.Conv2d(8, 4, 1))).eval()
         assert pointwise(x).dtype == torch.bfloat16
         assert pointwise[0]._weights_in_bf16()[0] is pointwise[0]._weights_in_bf16()[0]
+
+
+@pytest.mark.parametrize("channels, side, kernel, stride, padding", [
+    (96, 112, 3, 2, 1),  # MobileNet-V2's first strided depthwise conv
+    (4, 257, 5, 2, 2),  # EfficientNet's and MNASNet's 5x5, an odd side
+    (4, 256, 3, 2, 0),  # no padding: the first row's phase starts one row in
+    (4, 256, 3, 3, 1),  # stride 3
+    (4, 256, 1, 2, 0),  # a stride longer than the kernel: some rows receive nothing
+])
+def test_a_large_strided_depthwise_conv_takes_its_bf16_input_gradient_by_phases(channels, side, kernel, stride, padding):
+    """Large inputs take the gradient in bf16 as stride-1 convs, one for each phase of the
+    input, interleaved: float32's gradient to bf16's rounding, and every position written."""
+    from featscope.kernels.cpu_gradients import _PHASES_FROM
+
+    assert channels * side * side >= _PHASES_FROM
+    conv = nn.Conv2d(channels, channels, kernel, stride=stride, padding=padding, groups=channels, bias=False)
+    prepared = for_cpu_gradients(nn.Sequential(copy.deepcopy(conv).eval().requires_grad_(False)))
+    x = torch.rand(2, channels, side, side).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prepared(x)
+    grad = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, x, grad)
+    exact = torch.nn.grad.conv2d_input(x.shape, conv.weight.detach(), grad.float(), stride, padding, 1, channels)
+    assert torch.isfinite(ours).all()
+    # bf16 weights and one rounding of the sum: the error of a bf16 dot product of <= 25 terms
+    assert float((ours - exact).abs().max() / exact.abs().max()) < 2e-2
+    assert not torch.equal(ours, exact.bfloat16().float())  # bf16 weights: not float32's path, rounded
+    if kernel < stride:
+        assert (ours[:, :, 1::stride] == 0).all() and (exact[:, :, 1::stride] == 0).all()
