@@ -22,11 +22,11 @@ gradient of a strided depthwise conv's input is 20-100x its float32 one on a CPU
 AVX512-BF16 but no AMX, so that gradient is computed in float32 (two casts), or, for large
 inputs, in bf16 as one stride-1 conv for each phase of the input
 (`_depthwise_input_gradient_by_phases`); every conv runs forward in bf16, its weights cast
-once instead of by autocast on every call. `render_units`
-was 1.27-1.34x faster than in float32 on a 2-core AMD EPYC with those convs wholly in float32
-(1.07x before); their forward in bf16 too: 8 interleaved pairs, 1.47-1.73 units/s against
-1.39-1.66 (medians 1.63, 1.47); then the phases for large inputs: 4 pairs, 1.78-1.85 against
-1.59-1.76 (one thread, batch 4, 8 pairs: 14.9-16.2 ms an image-step against 15.4-18.4).
+once instead of by autocast on every call. `render_units` was 1.27-1.34x faster than in
+float32 on a 2-core AMD EPYC with those convs wholly in float32 (1.07x before); their forward
+in bf16 too: 8 interleaved pairs, 1.47-1.73 units/s against 1.39-1.66 (medians 1.63, 1.47);
+then the phases for large inputs: 4 pairs, 1.78-1.85 against 1.59-1.76 (one thread, batch 4,
+8 pairs: 14.9-16.2 ms an image-step against 15.4-18.4).
 
 Each conv and the clamp after it (ReLU, ReLU6) run as one oneDNN call, the clamp a post-op,
 as `conv_fusion` does for forward passes, wherever no tapped module would see another tensor
@@ -96,8 +96,8 @@ class OneDnnConv2d(nn.Conv2d):
     def _input_gradient(self, grad: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor,
                         layout: torch.memory_format) -> torch.Tensor:
         """The gradient of the conv's input (frozen weights): a pointwise conv's as the 1x1 conv
-        by the transposed weight (see `_FrozenConvInputGradient`), a strided depthwise one's
-        in float32 where bf16 is slow (`_slow_in_bf16`), another's as autograd's."""
+        by the transposed weight (see `_FrozenConvInputGradient`), a bf16 strided depthwise
+        one's by phases or in float32 (`_slow_in_bf16`), another's as autograd's."""
         if self._pointwise():  # laid out as the output (a sum's gradient is expanded)
             return torch.mkldnn_convolution(grad.contiguous(memory_format=layout), self._transposed(weight), None,
                                             [0, 0], [1, 1], [1, 1], 1)
@@ -137,8 +137,9 @@ class OneDnnConv2d(nn.Conv2d):
         """A bf16 depthwise conv with a stride: oneDNN's bf16 gradient of its input is 20-100x
         its float32 one on an AVX512-BF16 CPU without AMX (2-core AMD EPYC, one thread, a batch
         of 4, channels-last: MobileNet-V2's 96 channels at 112 px 28.7 ms against 2.6, 576 at
-        14 px 13.5 against 0.1), 60% of a bf16 step through MobileNet-V2; in float32 it costs
-        two casts. Its forward is fast in bf16 (0.5 ms against 2.8 at 96 channels, 112 px)."""
+        14 px 13.5 against 0.1), 60% of a bf16 step through MobileNet-V2; so it is taken by
+        phases (`_depthwise_input_gradient_by_phases`), or in float32 at the cost of two casts.
+        Its forward is fast in bf16 (0.5 ms against 2.8 at 96 channels, 112 px)."""
         return dtype == torch.bfloat16 and self.groups > 1 and self.groups == self.in_channels \
             and self.stride != (1, 1)
 
@@ -147,7 +148,7 @@ class _FrozenConvInputGradient(torch.autograd.Function):
     """A frozen conv on oneDNN whose input's gradient is `_input_gradient`'s: for a 1x1 conv
     the 1x1 conv by the transposed weight on oneDNN too (PyTorch's autograd would send a
     float32 one of fewer than 16 images on one thread to its im2col kernel), for a bf16
-    strided depthwise conv in float32. No gradient for the weight or the bias."""
+    strided depthwise conv by phases or in float32. No gradient for the weight or the bias."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
