@@ -57,7 +57,8 @@ class OneDnnConv2d(nn.Conv2d):
     """A Conv2d that runs CPU inputs on oneDNN whatever its kernel size, batch or thread count
     (PyTorch's dispatch sends small 1x1 float32 ones to its im2col kernel). Under bf16
     autocast it keeps its weights in bf16 (autocast would cast them again on every call) and
-    takes a strided depthwise conv's input gradient in float32 (see `_slow_in_bf16`)."""
+    takes a strided depthwise conv's input gradient by phases or in float32 (see
+    `_slow_in_bf16`)."""
 
     clamp: tuple[str, list[float]] | None = None  # the clamp after it, fused in (`for_cpu_gradients`)
 
@@ -102,10 +103,10 @@ class OneDnnConv2d(nn.Conv2d):
             return torch.mkldnn_convolution(grad.contiguous(memory_format=layout), self._transposed(weight), None,
                                             [0, 0], [1, 1], [1, 1], 1)
         dtype = grad.dtype
-        if self._slow_in_bf16(dtype) and self.dilation == (1, 1) and x[0].numel() >= _PHASES_FROM:
-            return _depthwise_input_gradient_by_phases(grad.contiguous(memory_format=layout), weight, x.shape[2:],
-                                                       self.stride, self.padding)
         if self._slow_in_bf16(dtype):
+            if self.dilation == (1, 1) and x[0].numel() >= _PHASES_FROM:
+                return _depthwise_input_gradient_by_phases(grad.contiguous(memory_format=layout), weight,
+                                                           x.shape[2:], self.stride, self.padding)
             # The input's values are not read, only its shape and layout: an uninitialised
             # float32 stand-in laid out as x (torch.nn.grad.conv2d_input's expanded one made
             # oneDNN copy and convert it, 2.4x slower at 96 channels, 112 px)
