@@ -8,7 +8,9 @@ Lucid's constants), transforms (Lucid's standard ones), optimiser (Adam, lr 0.05
 the CPU's lanes, `pipelines.core.lanes`).
 Prints units/s of each and their ratio (target >= 5), and the activation each reached on its
 images (the unit's spatial maximum on the image at the model's input size): the median of
-featscope's / Lucent's over the units. Both start from seeded noise (featscope's seed 0,
+featscope's / Lucent's over the units, with a 95% bootstrap interval over the units (a single
+unit's ratio moves by tens of percent with any change of rounding, so a median of 16 units
+moves by a few percent: the interval says whether featscope's is below Lucent's or within noise). Both start from seeded noise (featscope's seed 0,
 Lucent's global generators, torch's and numpy's, seeded with the unit's number).
 Lucent 0.1.8 pins kornia <= 0.4.1 (and with it an old torch); it runs on today's kornia with
 two aliases restored here:
@@ -43,6 +45,13 @@ def peak(model: PixelModel, module: torch.nn.Module, images: torch.Tensor, units
         x = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=True)
         out = layer_outputs(model, x, [module])[0].float()
     return np.array([float(out[b, u].max()) for b, u in enumerate(units)])
+
+
+def median_interval(ratios: np.ndarray, draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """The 2.5 and 97.5 percentiles of the median of `ratios` resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(ratios, size=(draws, len(ratios))), axis=1)
+    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
 def lucent_render(model: torch.nn.Module, layer: str, unit: int, size: int, steps: int) -> torch.Tensor:
@@ -112,8 +121,10 @@ def main() -> None:
     their_peak = peak(model, module, theirs, units)
     for precision in precisions:
         ours_peak = peak(model, module, ours[precision], units)
+        low, high = median_interval(ours_peak / their_peak)
         print(f"units/featscope {precision} vs lucent: {t_lucent / t_ours[precision]:.2f} (units/s ratio); "
-              f"activation reached: median featscope / lucent {np.median(ours_peak / their_peak):.2f}, mean "
+              f"activation reached: median featscope / lucent {np.median(ours_peak / their_peak):.2f} "
+              f"(95% interval {low:.2f}-{high:.2f}), mean "
               f"{ours_peak.mean() / their_peak.mean():.2f} (featscope higher on "
               f"{int((ours_peak >= their_peak).sum())} of {len(units)} units)")
 

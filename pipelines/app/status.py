@@ -290,9 +290,8 @@ def status(rd: RunDir, *, history: int = 5) -> Status:
             rows = current_unit_table(rd, path, layer)
             what = f"{plural(len(rows), 'cell' if name == 'atlas' else 'unit')}" if rows is not None else \
                 "stale: made from the dataset as it was before"
-            precision = file_metadata(path).get("precision", "fp32") if name in pictures else "fp32"
-            if precision != "fp32":  # float32 is the default and goes unsaid
-                what += f", rendered in {precision}"
+            if name in pictures:  # `auto` is bf16 on some machines and fp32 on others: always said
+                what += f", rendered in {file_metadata(path).get('precision', 'fp32')}"
             out.lines.append(f"units {layer} {name}: {what}")
             if rows is None:
                 out.stale.append(f"units {layer} {name}")

@@ -1,7 +1,8 @@
 """Where and how precisely models run: device choice, autocast precision, inference copies.
 
 `auto` picks CUDA when present; precision `auto` picks bf16 on CPUs with AVX512-BF16/AMX
-(about 4x fp32 for ResNet-18 here) and on GPUs that support it, fp16 on older GPUs.
+(about 4x fp32 for ResNet-18 here) and on GPUs that support it, fp16 on older GPUs (fp32 for
+the stages that optimise images).
 """
 
 from __future__ import annotations
@@ -26,9 +27,20 @@ def render_precision_option():
     """The `precision` option of the stages that optimise images (units render, units atlas)."""
     from featscope.pipelines.core.options import option
 
-    return option("fp32", choices=("fp32", "bf16"), help=(
-        "the model's forward and backward passes while images are optimised: fp32, or bf16 (1.3x faster on a "
-        "2-core AMD EPYC with AVX512-BF16; other images, reaching about as high)"))
+    return option("auto", choices=("auto", "fp32", "bf16"), help=(
+        "the model's forward and backward passes while images are optimised: auto (bf16 where it runs fast: a GPU "
+        "with bf16, a CPU with AVX512-BF16 or AMX; else fp32), fp32 or bf16 (1.4-1.6x faster than fp32 on a 2-core "
+        "AMD EPYC with AVX512-BF16; other images, reaching about as high)"))
+
+
+def render_precision(precision: str, device: torch.device) -> str:
+    """The precision images are optimised in: `auto` is bf16 where it runs fast, else fp32.
+    Unlike extraction's `auto`, never fp16: gradient ascent in fp16 would need loss scaling."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() and not slow_on_this_cpu("bf16", device) else "fp32"
 
 
 def slow_on_this_cpu(precision: str, device: torch.device) -> str:

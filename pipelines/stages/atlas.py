@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,7 @@ from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import directions
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
-from featscope.pipelines.core.device import PRECISIONS, render_precision_option, slow_render_precision
+from featscope.pipelines.core.device import PRECISIONS, render_precision, render_precision_option, slow_render_precision
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, seed_option
@@ -172,6 +172,7 @@ def cell_table(cells: np.ndarray, where: np.ndarray, label_of: dict[int, str | N
 def atlas(rd: RunDir, options: AtlasOptions, progress: bool = True) -> AtlasSummary:
     start = time.perf_counter()
     loaded, device, categories = worker_model(model_ref(rd, options.device))
+    options = replace(options, precision=render_precision(options.precision, device))  # as its tables record it
     spec = loaded.layer(options.layer)
     if spec.kind == "pixels" or spec.grid:
         raise FeatscopeError(f"layer '{options.layer}' has no activation vectors to map: give a conv or vector layer")
@@ -232,7 +233,7 @@ def _render(loaded, spec, device: torch.device, means: torch.Tensor, cells: list
         seeds = [options.seed * 1_000_003 + cells[i]["gy"] * options.grid + cells[i]["gx"] for i in rows]
         images, _ = feature_visualisations(model, directions(module, means[rows].to(device)), seeds, size=options.size,
                                            steps=options.steps, lr=options.lr, seed=options.seed, model_size=model_size,
-                                           dtype=PRECISIONS[options.precision])
+                                           dtype=PRECISIONS[render_precision(options.precision, device)])
         return images
 
     pictures = []

@@ -39,7 +39,7 @@ def test_render_writes_images_and_checks_them_against_the_dataset(run, precision
     table = pq.read_table(run.units_table("layer3")).to_pylist()
     assert [r["unit"] for r in table] == [0, 1, 2, 5]
     assert pq.read_schema(run.units_table("layer3")).metadata[b"precision"] == precision.encode()
-    said = "units layer3 visualisations: 4 units" + (", rendered in bf16" if precision == "bf16" else "")
+    said = f"units layer3 visualisations: 4 units, rendered in {precision}"
     assert said in status(run).lines
     maxima = units.dataset_maxima(run, "layer3")
     loaded = load_model("resnet18", "random")
@@ -102,6 +102,30 @@ def test_bf16_on_a_cpu_whose_onednn_lacks_it_renders_and_says_it_is_slow(run, ca
     assert cli(args) == 0
     assert "warning: bf16 runs on PyTorch's slow reference kernels on this CPU" in capsys.readouterr().err
     assert pq.read_table(run.units_table("layer3"))["unit"].to_pylist() == [1]
+
+
+@pytest.mark.parametrize("flags, onednn, made", [(True, True, "bf16"), (False, True, "fp32"), (True, False, "fp32")])
+def test_auto_precision_is_bf16_only_where_it_runs_fast(run, monkeypatch, flags, onednn, made):
+    """The default: bf16 on a CPU with AVX512-BF16 or AMX whose oneDNN runs it, else fp32;
+    the table records what it ran in, never `auto`."""
+    from featscope.kernels import conv_fusion
+    from featscope.pipelines.core import device
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: flags)
+    monkeypatch.setitem(conv_fusion._ONEDNN_RUNS, torch.bfloat16, onednn)
+    assert cli(["units", "render", "--run", str(run.root), "--layer", "layer3", "--units", "2", "--size", "16",
+                "--steps", "1", "--quiet"]) == 0
+    assert pq.read_schema(run.units_table("layer3")).metadata[b"precision"] == made.encode()
+
+
+@pytest.mark.parametrize("supported, made", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_a_gpu_is_bf16_or_fp32_never_fp16(monkeypatch, supported, made):
+    """fp16, extraction's choice on a GPU without bf16, would need loss scaling to ascend."""
+    from featscope.pipelines.core.device import render_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: supported)
+    assert render_precision("auto", torch.device("cuda")) == made
+    assert render_precision("fp32", torch.device("cuda")) == "fp32"
 
 
 def test_unit_labels_match_scikit_learn_and_the_classifier(run):
