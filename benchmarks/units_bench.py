@@ -17,12 +17,17 @@ two aliases restored here:
 
     pip install --no-deps torch-lucent==0.1.8 kornia kornia-rs ipython decorator
     python benchmarks/units_bench.py [--layer features.13] [--units 8] [--steps 64] [--batch 8]
+
+`--seeds 0,1,2` renders featscope's images from each seed in turn (each timed and judged
+against the same Lucent images); `--lucent-images FILE` keeps Lucent's images (and time) in a
+file and reuses them when the settings match, since they depend only on the settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,6 +76,12 @@ def lucent_render(model: torch.nn.Module, layer: str, unit: int, size: int, step
     return torch.from_numpy(images[-1]).permute(0, 3, 1, 2)
 
 
+def name(run: tuple[str, int]) -> str:
+    """A featscope run's label: its precision, and its seed where not 0."""
+    precision, seed = run
+    return precision if seed == 0 else f"{precision} seed {seed}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mobilenet_v2")
@@ -81,8 +92,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--precision", default="fp32,bf16", help="featscope's precisions, each timed and judged")
+    parser.add_argument("--seeds", default="0", help="featscope's seeds (of its starting images and transforms)")
+    parser.add_argument("--lucent-images", help="a .pt file keeping Lucent's images and time for these settings")
     args = parser.parse_args()
-    precisions = args.precision.split(",")
+    runs = [(p, int(seed)) for seed in args.seeds.split(",") for p in args.precision.split(",")]
     loaded = load_model(args.model, args.weights)
     net = loaded.module.eval()
     for p in net.parameters():
@@ -100,29 +113,40 @@ def main() -> None:
                            steps=2)  # warm-up
     lanes, threads, chunk = lane_plan(len(units), args.batch, torch.device("cpu"))
     ours, t_ours = {}, {}
-    for precision in precisions:
-        options = RenderOptions(layer=args.layer, size=args.size, steps=args.steps, batch=args.batch, seed=0,
+    for run in runs:
+        precision, seed = run
+        options = RenderOptions(layer=args.layer, size=args.size, steps=args.steps, batch=args.batch, seed=seed,
                                 precision=precision)
         start = time.perf_counter()
-        ours[precision] = torch.cat([images for _, images, _, _ in render_units(loaded, spec, torch.device("cpu"),
-                                                                                 units, options)])
-        t_ours[precision] = time.perf_counter() - start
-        print(f"units/featscope {precision}: {len(units) / t_ours[precision]:.3f} units/s ({t_ours[precision]:.1f}s, "
+        ours[run] = torch.cat([images for _, images, _, _ in render_units(loaded, spec, torch.device("cpu"), units,
+                                                                           options)])
+        t_ours[run] = time.perf_counter() - start
+        print(f"units/featscope {name(run)}: {len(units) / t_ours[run]:.3f} units/s ({t_ours[run]:.1f}s, "
               f"batches of {args.batch} on {lanes} lane(s) of {threads} thread(s), {chunk} units each)")
-    try:
-        import lucent  # noqa: F401
-    except ImportError:
-        print("Lucent not installed: see this script's docstring")
-        return
-    start = time.perf_counter()
-    theirs = torch.cat([lucent_render(net, args.layer, u, args.size, args.steps) for u in units])
-    t_lucent = time.perf_counter() - start
-    print(f"units/lucent: {len(units) / t_lucent:.3f} units/s ({t_lucent:.1f}s, one unit per call)")
+    settings = {"model": args.model, "weights": args.weights, "layer": args.layer, "units": args.units,
+                "steps": args.steps, "size": args.size}
+    kept = torch.load(args.lucent_images) if args.lucent_images and Path(args.lucent_images).exists() else None
+    if kept is not None and kept["settings"] == settings:
+        theirs, t_lucent = kept["images"], kept["seconds"]
+        print(f"units/lucent: {len(units) / t_lucent:.3f} units/s ({t_lucent:.1f}s, one unit per call; images and "
+              f"time kept in {args.lucent_images})")
+    else:
+        try:
+            import lucent  # noqa: F401
+        except ImportError:
+            print("Lucent not installed: see this script's docstring")
+            return
+        start = time.perf_counter()
+        theirs = torch.cat([lucent_render(net, args.layer, u, args.size, args.steps) for u in units])
+        t_lucent = time.perf_counter() - start
+        print(f"units/lucent: {len(units) / t_lucent:.3f} units/s ({t_lucent:.1f}s, one unit per call)")
+        if args.lucent_images:
+            torch.save({"settings": settings, "images": theirs, "seconds": t_lucent}, args.lucent_images)
     their_peak = peak(model, module, theirs, units)
-    for precision in precisions:
-        ours_peak = peak(model, module, ours[precision], units)
+    for run in runs:
+        ours_peak = peak(model, module, ours[run], units)
         low, high = median_interval(ours_peak / their_peak)
-        print(f"units/featscope {precision} vs lucent: {t_lucent / t_ours[precision]:.2f} (units/s ratio); "
+        print(f"units/featscope {name(run)} vs lucent: {t_lucent / t_ours[run]:.2f} (units/s ratio); "
               f"activation reached: median featscope / lucent {np.median(ours_peak / their_peak):.2f} "
               f"(95% interval {low:.2f}-{high:.2f}), mean "
               f"{ours_peak.mean() / their_peak.mean():.2f} (featscope higher on "
