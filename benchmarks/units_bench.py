@@ -10,8 +10,9 @@ Prints units/s of each and their ratio (target >= 5), and the activation each re
 images (the unit's spatial maximum on the image at the model's input size): the median of
 featscope's / Lucent's over the units, with a 95% bootstrap interval over the units (a single
 unit's ratio moves by tens of percent with any change of rounding, so a median of 16 units
-moves by a few percent: the interval says whether featscope's is below Lucent's or within noise). Both start from seeded noise (featscope's seed 0,
-Lucent's global generators, torch's and numpy's, seeded with the unit's number).
+moves by a few percent: the interval says whether featscope's is below Lucent's or within
+noise). Both start from seeded noise (featscope's from `--seeds`, 0 unless given; Lucent's
+global generators, torch's and numpy's, seeded with the unit's number).
 Lucent 0.1.8 pins kornia <= 0.4.1 (and with it an old torch); it runs on today's kornia with
 two aliases restored here:
 
