@@ -8,6 +8,7 @@ the stages that optimise images).
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -43,6 +44,11 @@ def render_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() and not slow_on_this_cpu("bf16", device) else "fp32"
 
 
+def render_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype images are optimised in (`render_precision`; None: float32)."""
+    return PRECISIONS[render_precision(precision, device)]
+
+
 def slow_on_this_cpu(precision: str, device: torch.device) -> str:
     """Why `precision` runs slowly on `device`, or "": a reduced precision that this CPU's oneDNN
     lacks runs on PyTorch's reference kernels (fp16 on a 2-core AMD EPYC without AVX512-FP16:
@@ -72,6 +78,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with AVX512-BF16 or AMX-BF16 instructions (where bf16 is ~2-4x fp32)."""
     try:

@@ -36,7 +36,12 @@ from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import directions
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
-from featscope.pipelines.core.device import PRECISIONS, render_precision, render_precision_option, slow_render_precision
+from featscope.pipelines.core.device import (
+    render_dtype,
+    render_precision,
+    render_precision_option,
+    slow_render_precision,
+)
 from featscope.pipelines.core.images import BadImage, read_pixels
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, seed_option
@@ -233,7 +238,7 @@ def _render(loaded, spec, device: torch.device, means: torch.Tensor, cells: list
         seeds = [options.seed * 1_000_003 + cells[i]["gy"] * options.grid + cells[i]["gx"] for i in rows]
         images, _ = feature_visualisations(model, directions(module, means[rows].to(device)), seeds, size=options.size,
                                            steps=options.steps, lr=options.lr, seed=options.seed, model_size=model_size,
-                                           dtype=PRECISIONS[render_precision(options.precision, device)])
+                                           dtype=render_dtype(options.precision, device))
         return images
 
     pictures = []

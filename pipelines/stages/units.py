@@ -39,7 +39,12 @@ from featscope.kernels.transforms import PixelModel
 from featscope.kernels.unit_objectives import channels, diversity
 from featscope.pipelines.core import manifest
 from featscope.pipelines.core.atomic import atomic_path, one_writer, withdraw
-from featscope.pipelines.core.device import PRECISIONS, render_precision, render_precision_option, slow_render_precision
+from featscope.pipelines.core.device import (
+    render_dtype,
+    render_precision,
+    render_precision_option,
+    slow_render_precision,
+)
 from featscope.pipelines.core.lanes import chunks_of, lane_plan, map_in_lanes
 from featscope.pipelines.core.options import Command, Options, option, parse_units, seed_option
 from featscope.pipelines.core.progress import progress_bar
@@ -184,7 +189,7 @@ def render_units(loaded, spec, device: torch.device, units: list[int], options: 
         images, trajectory = feature_visualisations(
             own, channels(module, torch.tensor(chosen, device=device)), [options.seed * 1_000_003 + u for u in chosen],
             size=options.size, steps=options.steps, lr=options.lr, seed=options.seed, model_size=side,
-            dtype=PRECISIONS[render_precision(options.precision, device)])
+            dtype=render_dtype(options.precision, device))
         return chosen, images, trajectory, _activations(own, module, images, side)
 
     return map_in_lanes(render_chunk, chunks_of(list(units), size), lane_model, lanes=lanes, threads=threads)
@@ -201,7 +206,7 @@ def diverse_variants(model: PixelModel, module: torch.nn.Module, unit: int, opti
     seeds = [options.seed * 1_000_003 + unit * 64 + k + 1 for k in range(n)]
     images, _ = feature_visualisations(model, objective, seeds, size=options.size, steps=options.steps,
                                        lr=options.lr, seed=options.seed, model_size=model_size,
-                                       dtype=PRECISIONS[render_precision(options.precision, model.mean.device)])
+                                       dtype=render_dtype(options.precision, model.mean.device))
     return images
 
 
