@@ -24,13 +24,12 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from featscope.kernels.image_param import FourierImage
 from featscope.kernels.objectives import layer_energy, layer_outputs, relative_error, total_variation
 from featscope.kernels.scoring import class_score
-from featscope.kernels.transforms import PixelModel, blur, jitter, octave_sizes, resize, robustness
+from featscope.kernels.transforms import PixelModel, blur, jitter, octave_sizes, resize, robustness, stretch
 from featscope.kernels.unit_objectives import Objective
 
 
@@ -169,7 +168,7 @@ def feature_visualisations(model: PixelModel, objective: Objective, seeds: Seque
             if robust:
                 x = robustness(x, generator)
             if x.shape[2] < model_size:
-                x = F.interpolate(x, size=(model_size, model_size), mode="bilinear", align_corners=True)
+                x = stretch(x, (model_size, model_size))
             with autocast:
                 outputs = dict(zip(layers, layer_outputs(model, x, layers)))
             value = objective(outputs)

@@ -3,13 +3,15 @@ constants, the unit objectives against direct indexing, transformation robustnes
 rendering many units in one batch gives each the image it gets alone."""
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from featscope.kernels.image_param import COLOUR_CORRELATION_SQRT, FourierImage
 from featscope.kernels.objectives import layer_outputs
 from featscope.kernels.render import feature_visualisations
-from featscope.kernels.transforms import PixelModel, robustness
+from featscope.kernels.transforms import PixelModel, robustness, stretch
 from featscope.kernels.unit_objectives import channels, directions, diversity, neurons
 
 
@@ -33,6 +35,18 @@ def test_robustness_keeps_the_batch_and_repeats_with_its_seed():
     b = robustness(x, torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and a.shape[:2] == (3, 3) and a.shape[2] >= 50  # padded by 12 a side, scaled
     assert float(a.min()) >= 0 and float(a.max()) <= 1
+
+
+@pytest.mark.parametrize("source, target", [((152, 152), (224, 224)), ((152, 152), (137, 137)), ((152, 160), (168, 99)),
+                                            ((1, 5), (3, 7))])
+def test_stretch_is_bilinear_interpolation_with_aligned_corners_and_so_is_its_gradient(source, target):
+    x = torch.rand(2, 3, *source, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 3, *target, dtype=torch.float64)
+    ours = stretch(x, target)
+    theirs = F.interpolate(x, size=target, mode="bilinear", align_corners=True)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad((ours * weights).sum(), x)[0],
+                               torch.autograd.grad((theirs * weights).sum(), x)[0], rtol=0, atol=1e-12)
 
 
 def test_unit_objectives_read_what_they_say():
