@@ -20,12 +20,13 @@ two aliases restored here:
     python benchmarks/units_bench.py [--layer features.13] [--units 8] [--steps 64] [--batch 8]
 
 `--seeds 0,1,2` renders featscope's images from each seed in turn (each timed and judged
-against the same Lucent images), then judges them together: featscope draws one sequence of
-transforms per seed for all the units (Lucent one per unit), so a seed's luck moves every
-unit's activation at once, which the interval over units of one seed does not see (seeds
-0-4 of 64 units, bf16, 2-core Xeon: medians 0.97 to 1.01, each interval about +-0.03); over
-several seeds it averages out. `--lucent-images FILE` keeps Lucent's images (and time) in a
-file and reuses them when the settings match, since they depend only on the settings.
+against the same Lucent images), then judges them together, units resampled with their ratios
+under every seed: featscope draws one sequence of transforms per seed for all the units
+(Lucent one per unit), so a seed's luck can move every unit at once, which the interval over
+one seed's units does not see (seed 0 gave a median 0.97 in float32 and bf16 on two machines,
+seed 1 0.98-1.00; seeds 0-4 of 64 units, bf16: 0.97 to 1.01).
+`--lucent-images FILE` keeps Lucent's images (and time) in a file and reuses them when the
+settings match, since they depend only on the settings.
 """
 
 from __future__ import annotations
